@@ -1,0 +1,474 @@
+//! The model configuration edgelm works with, parsed once from a Hugging Face `config.json`.
+//!
+//! Everything after loading (the candle model, export, presets) reads [`ModelConfig`], never the
+//! raw JSON, so the many spellings transformers has used over the years are handled here only:
+//! `rope_theta` + `rope_scaling` (transformers 4) and `rope_parameters` (transformers 5),
+//! `num_key_value_heads` missing (plain multi-head attention), `head_dim` missing or explicit.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The architecture families edgelm can load; all are decoder-only transformers with RMSNorm,
+/// rotary embeddings, SwiGLU MLPs and (optionally grouped) multi-head attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// `LlamaForCausalLM` (also SmolLM, TinyLlama).
+    Llama,
+    /// `MistralForCausalLM`: Llama plus an optional sliding attention window.
+    Mistral,
+    /// `Qwen2ForCausalLM`: bias on the q/k/v projections.
+    Qwen2,
+}
+
+impl Architecture {
+    /// The `model_type` string transformers writes for this family.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+        }
+    }
+
+    /// The class name transformers writes into `architectures`.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Mistral => "MistralForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+
+    fn from_hf(model_type: Option<&str>, architectures: &[String]) -> Result<Self> {
+        let by_type = match model_type {
+            Some("llama") => Some(Architecture::Llama),
+            Some("mistral") => Some(Architecture::Mistral),
+            Some("qwen2") => Some(Architecture::Qwen2),
+            _ => None,
+        };
+        let by_class = architectures.iter().find_map(|a| match a.as_str() {
+            "LlamaForCausalLM" => Some(Architecture::Llama),
+            "MistralForCausalLM" => Some(Architecture::Mistral),
+            "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
+            _ => None,
+        });
+        by_type.or(by_class).ok_or_else(|| Error::UnsupportedArchitecture {
+            found: model_type
+                .map(str::to_owned)
+                .or_else(|| architectures.first().cloned())
+                .unwrap_or_else(|| "<none>".into()),
+        })
+    }
+}
+
+/// How rotary frequencies are adjusted for contexts longer than the model was trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Plain RoPE: `inv_freq[i] = theta^(-2i/d)`.
+    Default,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear {
+        /// Divisor applied to every frequency.
+        factor: f64,
+    },
+    /// Llama 3.1's band-wise scaling: low frequencies divided by `factor`, high ones kept,
+    /// a smooth blend in between.
+    Llama3 {
+        /// Divisor for the low-frequency band.
+        factor: f64,
+        /// Wavelengths longer than `original_max_position_embeddings / low_freq_factor` are scaled.
+        low_freq_factor: f64,
+        /// Wavelengths shorter than `original_max_position_embeddings / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// The context length the base model was trained with.
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// Rotary position embedding settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RopeConfig {
+    /// Base of the frequency ladder.
+    pub theta: f64,
+    /// Frequency adjustment.
+    pub scaling: RopeScaling,
+}
+
+impl RopeConfig {
+    /// Inverse frequencies for a rotary dimension `dim` (even), after scaling: `dim / 2` values.
+    pub fn inv_freq(&self, dim: usize) -> Vec<f64> {
+        let base: Vec<f64> = (0..dim / 2)
+            .map(|i| 1.0 / self.theta.powf(2.0 * i as f64 / dim as f64))
+            .collect();
+        match self.scaling {
+            RopeScaling::Default => base,
+            RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old = original_max_position_embeddings as f64;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.into_iter()
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// `(cos, sin)` tables of shape `[positions, dim / 2]`, row-major, in f32: the layout both
+    /// ONNX Runtime's rotary attention and the candle model use.
+    pub fn cos_sin(&self, dim: usize, positions: usize) -> (Vec<f32>, Vec<f32>) {
+        let inv = self.inv_freq(dim);
+        let mut cos = Vec::with_capacity(positions * inv.len());
+        let mut sin = Vec::with_capacity(positions * inv.len());
+        for p in 0..positions {
+            for f in &inv {
+                let angle = p as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        (cos, sin)
+    }
+}
+
+/// A llama-family model's shape and numerics, independent of how config.json spelled them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Architecture family.
+    pub architecture: Architecture,
+    /// Rows of the embedding table and of the LM head.
+    pub vocab_size: usize,
+    /// Residual stream width.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (equal to query heads without GQA).
+    pub num_key_value_heads: usize,
+    /// Width of one attention head.
+    pub head_dim: usize,
+    /// Longest context the model supports; the exported KV cache is sized to it.
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// Rotary embedding settings.
+    pub rope: RopeConfig,
+    /// Whether the LM head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Bias on the q, k and v projections (Qwen2; Llama with `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama with `attention_bias`).
+    pub o_bias: bool,
+    /// Bias on the MLP projections (Llama with `mlp_bias`).
+    pub mlp_bias: bool,
+    /// Attention window in tokens, when the model uses sliding-window attention.
+    pub sliding_window: Option<usize>,
+    /// Beginning-of-sequence token.
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence tokens: generation stops at any of them.
+    pub eos_token_ids: Vec<u32>,
+    /// Padding token.
+    pub pad_token_id: Option<u32>,
+}
+
+/// The subset of transformers' config.json that edgelm reads. Unknown keys are ignored because
+/// transformers writes dozens that do not change the computation.
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    #[serde(default)]
+    architectures: Vec<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_max_pos")]
+    max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    #[serde(default)]
+    tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    hidden_act: Option<String>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    pad_token_id: Option<Value>,
+}
+
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+
+/// Token ids in HF configs are a number, a list of numbers, or null.
+pub(crate) fn token_ids(v: &Option<Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn parse_rope(theta: Option<f64>, scaling: Option<&Value>, params: Option<&Value>) -> Result<RopeConfig> {
+    // transformers 5 folds theta and scaling into one `rope_parameters` object.
+    let (theta, scaling) = match params {
+        Some(p @ Value::Object(_)) => (p.get("rope_theta").and_then(Value::as_f64).or(theta), Some(p)),
+        _ => (theta, scaling),
+    };
+    let theta = theta.unwrap_or(10_000.0);
+    let Some(s) = scaling.filter(|s| !s.is_null()) else {
+        return Ok(RopeConfig { theta, scaling: RopeScaling::Default });
+    };
+    let kind = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let num = |key: &str| -> Result<f64> {
+        s.get(key).and_then(Value::as_f64).ok_or_else(|| Error::InvalidConfig {
+            what: format!("rope type `{kind}` needs a numeric `{key}`"),
+        })
+    };
+    let scaling = match kind {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear { factor: num("factor")? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+        },
+        other => return Err(Error::UnsupportedRope { rope_type: other.to_owned() }),
+    };
+    Ok(RopeConfig { theta, scaling })
+}
+
+impl ModelConfig {
+    /// Parses the text of a transformers `config.json`.
+    pub fn from_hf_json(text: &str) -> Result<Self> {
+        let raw: HfConfig = serde_json::from_str(text).map_err(|e| Error::InvalidConfig {
+            what: format!("config.json is not a llama-family config: {e}"),
+        })?;
+        let architecture = Architecture::from_hf(raw.model_type.as_deref(), &raw.architectures)?;
+        if let Some(act) = raw.hidden_act.as_deref() {
+            if act != "silu" && act != "swish" {
+                return Err(Error::InvalidConfig {
+                    what: format!("hidden_act `{act}` is not supported (edgelm implements SwiGLU with silu)"),
+                });
+            }
+        }
+        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
+        if raw.num_attention_heads == 0 || num_key_value_heads == 0 || raw.num_attention_heads % num_key_value_heads != 0 {
+            return Err(Error::InvalidConfig {
+                what: format!(
+                    "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
+                    raw.num_attention_heads, num_key_value_heads
+                ),
+            });
+        }
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(Error::InvalidConfig { what: format!("head_dim {head_dim} must be even and positive") });
+        }
+        let rope = parse_rope(raw.rope_theta, raw.rope_scaling.as_ref(), raw.rope_parameters.as_ref())?;
+        let sliding_window = match architecture {
+            Architecture::Mistral => raw.sliding_window,
+            Architecture::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
+            _ => None,
+        }
+        .filter(|w| *w < raw.max_position_embeddings);
+        let (qkv_bias, o_bias) = match architecture {
+            Architecture::Qwen2 => (true, false),
+            _ => (raw.attention_bias, raw.attention_bias),
+        };
+        Ok(ModelConfig {
+            architecture,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: raw.num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            max_position_embeddings: raw.max_position_embeddings,
+            rms_norm_eps: raw.rms_norm_eps,
+            rope,
+            // transformers' PretrainedConfig defaults tie_word_embeddings to true.
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(true),
+            qkv_bias,
+            o_bias,
+            mlp_bias: raw.mlp_bias,
+            sliding_window,
+            bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
+            eos_token_ids: token_ids(&raw.eos_token_id),
+            pad_token_id: token_ids(&raw.pad_token_id).first().copied(),
+        })
+    }
+
+    /// Writes a transformers-style config.json (transformers 4 spelling, which both 4 and 5 read).
+    pub fn to_hf_json(&self) -> Value {
+        let rope_scaling = match self.rope.scaling {
+            RopeScaling::Default => Value::Null,
+            RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                serde_json::json!({
+                    "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings
+                })
+            }
+        };
+        let eos = match self.eos_token_ids.as_slice() {
+            [] => Value::Null,
+            [one] => Value::from(*one),
+            many => Value::from(many.to_vec()),
+        };
+        let mut v = serde_json::json!({
+            "architectures": [self.architecture.class_name()],
+            "model_type": self.architecture.model_type(),
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope.theta,
+            "rope_scaling": rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": "float32",
+        });
+        let obj = v.as_object_mut().expect("literal object");
+        match self.architecture {
+            Architecture::Qwen2 => {
+                obj.insert("use_sliding_window".into(), Value::from(self.sliding_window.is_some()));
+                obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
+            }
+            Architecture::Mistral => {
+                obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
+            }
+            Architecture::Llama => {
+                obj.insert("attention_bias".into(), Value::from(self.qkv_bias));
+                obj.insert("mlp_bias".into(), Value::from(self.mlp_bias));
+            }
+        }
+        v
+    }
+
+    /// Query projection width (`num_attention_heads * head_dim`).
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    /// Key/value projection width (`num_key_value_heads * head_dim`).
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+
+    /// Number of parameters, counting a tied embedding once.
+    pub fn num_parameters(&self) -> usize {
+        let h = self.hidden_size;
+        let attn = h * self.q_dim() + 2 * h * self.kv_dim() + self.q_dim() * h
+            + if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 }
+            + if self.o_bias { h } else { 0 };
+        let mlp = 3 * h * self.intermediate_size
+            + if self.mlp_bias { 2 * self.intermediate_size + h } else { 0 };
+        let per_layer = attn + mlp + 2 * h;
+        let emb = self.vocab_size * h;
+        emb + if self.tie_word_embeddings { 0 } else { emb } + self.num_hidden_layers * per_layer + h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"{"model_type":"llama","vocab_size":100,"hidden_size":64,"intermediate_size":128,
+        "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,
+        "max_position_embeddings":256"#;
+
+    fn parse(extra: &str) -> Result<ModelConfig> {
+        ModelConfig::from_hf_json(&format!("{BASE}{extra}}}"))
+    }
+
+    #[test]
+    fn rope_theta_and_rope_parameters_agree() {
+        let old = parse(r#","rope_theta":50000.0,"rope_scaling":{"type":"linear","factor":2.0}"#).unwrap();
+        let new = parse(r#","rope_parameters":{"rope_type":"linear","rope_theta":50000.0,"factor":2.0}"#).unwrap();
+        assert_eq!(old.rope, new.rope);
+        assert_eq!(old.rope.scaling, RopeScaling::Linear { factor: 2.0 });
+        assert_eq!(old.head_dim, 16);
+        assert!(old.tie_word_embeddings, "transformers defaults to tied embeddings");
+    }
+
+    #[test]
+    fn unknown_rope_and_architecture_are_refused() {
+        let e = parse(r#","rope_scaling":{"rope_type":"yarn","factor":4.0}"#).unwrap_err();
+        assert!(matches!(e, Error::UnsupportedRope { ref rope_type } if rope_type == "yarn"), "{e}");
+        let e = ModelConfig::from_hf_json(&BASE.replace("llama", "gpt2").replace("\"max_position_embeddings\":256", "\"max_position_embeddings\":256}")).unwrap_err();
+        assert!(matches!(e, Error::UnsupportedArchitecture { .. }), "{e}");
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let r = RopeConfig {
+            theta: 500_000.0,
+            scaling: RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 },
+        };
+        let plain = RopeConfig { theta: 500_000.0, scaling: RopeScaling::Default }.inv_freq(128);
+        let scaled = r.inv_freq(128);
+        assert_eq!(scaled[0], plain[0]);
+        assert!((scaled[63] - plain[63] / 8.0).abs() < 1e-15);
+        assert!(scaled.iter().zip(&plain).any(|(s, p)| s < p && *s > p / 8.0), "a blended band exists");
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let c = parse(r#","rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":128},"eos_token_id":[1,2],"tie_word_embeddings":false"#).unwrap();
+        let back = ModelConfig::from_hf_json(&c.to_hf_json().to_string()).unwrap();
+        assert_eq!(c, back);
+        assert_eq!(back.eos_token_ids, vec![1, 2]);
+    }
+}

@@ -1,0 +1,150 @@
+//! Hugging Face checkpoints on disk: `config.json`, safetensors weights (single file or sharded
+//! with `model.safetensors.index.json`), and the optional tokenizer and generation config.
+
+pub mod config;
+pub mod preset;
+pub mod write;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+pub use write::write_checkpoint;
+
+use crate::error::{Error, IoContext, Result};
+
+/// A loaded checkpoint: its configuration and every weight as an f32 tensor on the CPU.
+pub struct Checkpoint {
+    /// Folder the checkpoint was read from.
+    pub dir: PathBuf,
+    /// Parsed model configuration.
+    pub config: ModelConfig,
+    /// Weights by their transformers names (`model.layers.0.self_attn.q_proj.weight`, ...).
+    pub tensors: HashMap<String, Tensor>,
+    /// `tokenizer.json`, when the checkpoint has one.
+    pub tokenizer_json: Option<PathBuf>,
+    /// Sampling defaults from `generation_config.json`, when present.
+    pub generation_config: Option<serde_json::Value>,
+    /// `tokenizer_config.json`, when present (carries the chat template).
+    pub tokenizer_config: Option<serde_json::Value>,
+}
+
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).at(path)?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::InvalidConfig { what: format!("{}: {e}", path.display()) })
+}
+
+/// The safetensors files of a checkpoint folder, in a stable order.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if let Some(v) = read_json(&index)? {
+        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::InvalidConfig {
+            what: format!("{} has no weight_map", index.display()),
+        })?;
+        let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(Error::InvalidConfig {
+        what: format!(
+            "{} has neither model.safetensors nor model.safetensors.index.json",
+            dir.display()
+        ),
+    })
+}
+
+impl Checkpoint {
+    /// Reads a checkpoint folder. Weights stored as f16 or bf16 are widened to f32.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
+        let config = ModelConfig::from_hf_json(&text)?;
+        let mut tensors = HashMap::new();
+        for file in weight_files(&dir)? {
+            let loaded = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| Error::Tensor {
+                name: file.display().to_string(),
+                what: format!("cannot read safetensors: {e}"),
+            })?;
+            for (name, t) in loaded {
+                let t = match t.dtype() {
+                    DType::F32 => t,
+                    DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
+                    other => {
+                        return Err(Error::Tensor { name, what: format!("dtype {other:?} is not a float weight") })
+                    }
+                };
+                tensors.insert(name, t);
+            }
+        }
+        let tokenizer_json = Some(dir.join("tokenizer.json")).filter(|p| p.exists());
+        Ok(Checkpoint {
+            generation_config: read_json(&dir.join("generation_config.json"))?,
+            tokenizer_config: read_json(&dir.join("tokenizer_config.json"))?,
+            dir,
+            config,
+            tensors,
+            tokenizer_json,
+        })
+    }
+
+    /// A weight by name, checked against the expected shape.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<&Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| Error::Tensor {
+            name: name.to_owned(),
+            what: "missing from the checkpoint".into(),
+        })?;
+        if t.dims() != shape {
+            return Err(Error::Tensor {
+                name: name.to_owned(),
+                what: format!("shape {:?}, expected {:?}", t.dims(), shape),
+            });
+        }
+        Ok(t)
+    }
+
+    /// The LM head matrix `[vocab, hidden]`: `lm_head.weight`, or the embedding when tied.
+    pub fn lm_head(&self) -> Result<&Tensor> {
+        let c = &self.config;
+        let shape = [c.vocab_size, c.hidden_size];
+        let name = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        self.get(name, &shape)
+    }
+
+    /// End-of-sequence ids: generation_config.json wins over config.json, as in transformers.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let from_gen = self
+            .generation_config
+            .as_ref()
+            .map(|g| config::token_ids(&g.get("eos_token_id").cloned()))
+            .unwrap_or_default();
+        if from_gen.is_empty() { self.config.eos_token_ids.clone() } else { from_gen }
+    }
+
+    /// Beginning-of-sequence id: generation_config.json wins over config.json.
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.generation_config
+            .as_ref()
+            .and_then(|g| config::token_ids(&g.get("bos_token_id").cloned()).first().copied())
+            .or(self.config.bos_token_id)
+    }
+
+    /// The chat template from tokenizer_config.json (or a `chat_template.jinja` file).
+    pub fn chat_template(&self) -> Option<String> {
+        let file = self.dir.join("chat_template.jinja");
+        if let Ok(t) = std::fs::read_to_string(file) {
+            return Some(t);
+        }
+        self.tokenizer_config.as_ref()?.get("chat_template")?.as_str().map(str::to_owned)
+    }
+}

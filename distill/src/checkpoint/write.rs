@@ -1,0 +1,76 @@
+//! Writing checkpoints in the Hugging Face layout, so transformers and every edgelm stage can
+//! read what another stage wrote.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+
+use super::ModelConfig;
+use crate::error::{Error, IoContext, Result};
+
+/// How the weights are stored.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions {
+    /// Storage dtype of the weights (F32, F16 or BF16).
+    pub dtype: DType,
+    /// Split into `model-0000N-of-0000M.safetensors` shards plus an index when the weights are
+    /// larger than this many bytes.
+    pub max_shard_bytes: Option<usize>,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions { dtype: DType::F32, max_shard_bytes: None }
+    }
+}
+
+/// Writes `config.json` and the weights of a checkpoint into `dir` (created if needed).
+pub fn write_checkpoint(
+    dir: &Path,
+    config: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    opts: WriteOptions,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).at(dir)?;
+    let cfg = serde_json::to_string_pretty(&config.to_hf_json()).expect("json value");
+    std::fs::write(dir.join("config.json"), cfg).at(dir.join("config.json"))?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut shards: Vec<Vec<&String>> = vec![vec![]];
+    let mut bytes = 0usize;
+    for name in names {
+        let size = tensors[name].elem_count() * opts.dtype.size_in_bytes();
+        if let Some(max) = opts.max_shard_bytes {
+            if bytes > 0 && bytes + size > max {
+                shards.push(vec![]);
+                bytes = 0;
+            }
+        }
+        bytes += size;
+        shards.last_mut().expect("non-empty").push(name);
+    }
+    let save = |names: &[&String], file: &Path| -> Result<()> {
+        let part: HashMap<String, Tensor> = names
+            .iter()
+            .map(|n| Ok(((*n).clone(), tensors[*n].to_dtype(opts.dtype)?)))
+            .collect::<Result<_>>()?;
+        candle_core::safetensors::save(&part, file)
+            .map_err(|e| Error::Other(format!("writing {}: {e}", file.display())))
+    };
+    if shards.len() == 1 {
+        return save(&shards[0], &dir.join("model.safetensors"));
+    }
+    let mut weight_map = serde_json::Map::new();
+    let total: usize = tensors.values().map(|t| t.elem_count() * opts.dtype.size_in_bytes()).sum();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards.len());
+        save(shard, &dir.join(&file))?;
+        for n in shard {
+            weight_map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    let path = dir.join("model.safetensors.index.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&index).expect("json")).at(&path)
+}

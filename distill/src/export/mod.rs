@@ -1,0 +1,215 @@
+//! Export: checkpoint -> edgelm bundle (`model.onnx`, `genai_config.json`, tokenizer files,
+//! `edgelm.json`), then a numerical check of the ONNX graph in ONNX Runtime against the candle
+//! model on a fixed prompt.
+
+mod graph;
+mod verify;
+
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use edgelm_runtime::bundle::{self, FileEntry, GenerationDefaults, Manifest, Source};
+use edgelm_runtime::genai_config::{DecoderInputs, DecoderOutputs, DecoderSection, GenaiConfig, ModelSection, SearchSection};
+
+pub use graph::{build_decoder, LogitsMode};
+pub use verify::{verify_bundle, VerifyReport};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, IoContext, Result};
+
+/// Export settings.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// Which positions get logits.
+    pub logits: LogitsMode,
+    /// Run the ORT-vs-candle check after writing (on by default).
+    pub verify: bool,
+    /// Largest allowed max-abs logit difference in the check.
+    pub tolerance: f32,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions { logits: LogitsMode::Last, verify: true, tolerance: 1e-4 }
+    }
+}
+
+/// What an export wrote and measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportReport {
+    /// Bundle folder.
+    pub bundle: PathBuf,
+    /// Size of model.onnx in bytes.
+    pub model_bytes: u64,
+    /// Number of parameters.
+    pub parameters: usize,
+    /// The numerical check, when it ran.
+    pub verify: Option<VerifyReport>,
+    /// Warnings for the user (e.g. no tokenizer).
+    pub warnings: Vec<String>,
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).at(path)
+}
+
+/// sha256 over the checkpoint's config.json and weight files, in name order.
+fn checkpoint_hash(dir: &Path) -> Result<String> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .at(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            n == "config.json" || n.ends_with(".safetensors") || n == "model.safetensors.index.json"
+        })
+        .collect();
+    names.sort();
+    let mut h = Sha256::new();
+    for p in names {
+        h.update(p.file_name().and_then(|n| n.to_str()).unwrap_or("").as_bytes());
+        h.update(bundle::sha256_file(&p)?.as_bytes());
+    }
+    Ok(bundle::hex(&h.finalize()))
+}
+
+/// The genai_config.json describing this export.
+fn genai_config(ck: &Checkpoint) -> GenaiConfig {
+    let c = &ck.config;
+    let eos = ck.eos_token_ids();
+    GenaiConfig {
+        model: ModelSection {
+            bos_token_id: ck.bos_token_id(),
+            context_length: c.max_position_embeddings,
+            decoder: DecoderSection {
+                filename: "model.onnx".into(),
+                head_size: c.head_dim,
+                hidden_size: c.hidden_size,
+                inputs: DecoderInputs {
+                    input_ids: "input_ids".into(),
+                    attention_mask: Some("attention_mask".into()),
+                    position_ids: None,
+                    past_key_names: "past_key_values.%d.key".into(),
+                    past_value_names: "past_key_values.%d.value".into(),
+                },
+                outputs: DecoderOutputs {
+                    logits: "logits".into(),
+                    present_key_names: "present.%d.key".into(),
+                    present_value_names: "present.%d.value".into(),
+                },
+                num_attention_heads: c.num_attention_heads,
+                num_hidden_layers: c.num_hidden_layers,
+                num_key_value_heads: c.num_key_value_heads,
+                session_options: Some(serde_json::json!({"log_id": "onnxruntime-genai", "provider_options": []})),
+            },
+            pad_token_id: c.pad_token_id.or(eos.first().copied()),
+            eos_token_id: eos,
+            model_type: c.architecture.model_type().into(),
+            vocab_size: c.vocab_size,
+        },
+        search: SearchSection {
+            max_length: Some(c.max_position_embeddings),
+            top_k: 1,
+            ..SearchSection::default()
+        },
+    }
+}
+
+/// Sampling defaults from generation_config.json (greedy when it does not ask to sample).
+fn generation_defaults(ck: &Checkpoint) -> GenerationDefaults {
+    let g = ck.generation_config.clone().unwrap_or_default();
+    let f = |k: &str, d: f64| g.get(k).and_then(|v| v.as_f64()).unwrap_or(d) as f32;
+    let sample = g.get("do_sample").and_then(|v| v.as_bool()).unwrap_or(false);
+    GenerationDefaults {
+        bos_token_id: ck.bos_token_id(),
+        eos_token_ids: ck.eos_token_ids(),
+        pad_token_id: ck.config.pad_token_id,
+        temperature: if sample { f("temperature", 1.0) } else { 0.0 },
+        top_k: if sample { g.get("top_k").and_then(|v| v.as_u64()).unwrap_or(50) as usize } else { 0 },
+        top_p: if sample { f("top_p", 1.0) } else { 1.0 },
+        repetition_penalty: f("repetition_penalty", 1.0),
+    }
+}
+
+/// Exports a loaded checkpoint into `out` and (by default) checks it numerically.
+pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
+    std::fs::create_dir_all(out).at(out)?;
+    let mut warnings = Vec::new();
+    let model = build_decoder(ck, opts.logits)?;
+    let model_path = out.join("model.onnx");
+    write_file(&model_path, &model.encode_to_vec())?;
+    drop(model);
+
+    let genai = genai_config(ck);
+    write_file(&out.join("genai_config.json"), serde_json::to_string_pretty(&genai).expect("json").as_bytes())?;
+    let mut files = vec!["model.onnx".to_owned(), "genai_config.json".to_owned()];
+
+    let tokenizer = match &ck.tokenizer_json {
+        Some(src) => {
+            std::fs::copy(src, out.join("tokenizer.json")).at(src)?;
+            files.push("tokenizer.json".into());
+            // genai's tokenizer loader needs tokenizer_config.json next to tokenizer.json.
+            let cfg = ck.tokenizer_config.clone().unwrap_or_else(|| serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast"}));
+            write_file(&out.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg).expect("json").as_bytes())?;
+            files.push("tokenizer_config.json".into());
+            Some("tokenizer.json".to_owned())
+        }
+        None => {
+            let w = format!("{} has no tokenizer.json: the bundle takes token ids only", ck.dir.display());
+            tracing::warn!("{w}");
+            warnings.push(w);
+            None
+        }
+    };
+
+    let mut entries = Vec::new();
+    for f in &files {
+        let p = out.join(f);
+        entries.push(FileEntry {
+            path: f.clone(),
+            sha256: bundle::sha256_file(&p)?,
+            bytes: std::fs::metadata(&p).at(&p)?.len(),
+        });
+    }
+    let manifest = Manifest {
+        format: "edgelm-bundle".into(),
+        format_version: bundle::FORMAT_VERSION,
+        kind: "causal-lm".into(),
+        model_file: "model.onnx".into(),
+        files: entries,
+        tokenizer,
+        generation: generation_defaults(ck),
+        chat_template: ck.chat_template(),
+        quantization: "fp32".into(),
+        source: Source {
+            checkpoint: ck.dir.display().to_string(),
+            sha256: checkpoint_hash(&ck.dir)?,
+            exporter: format!("edgelm-distill {}", env!("CARGO_PKG_VERSION")),
+        },
+        report: serde_json::json!({"architecture": ck.config.architecture, "parameters": ck.config.num_parameters(), "logits": opts.logits}),
+    };
+    write_file(&out.join(bundle::MANIFEST), serde_json::to_string_pretty(&manifest).expect("json").as_bytes())?;
+
+    let verify = if opts.verify {
+        let r = verify_bundle(ck, out, opts.tolerance)?;
+        if !r.passed {
+            return Err(Error::ExportMismatch {
+                what: format!(
+                    "ONNX and candle logits differ by {:.3e} (max abs) at step {}, tolerance {:.1e}",
+                    r.max_abs_diff, r.worst_step, opts.tolerance
+                ),
+            });
+        }
+        Some(r)
+    } else {
+        None
+    };
+    Ok(ExportReport {
+        bundle: out.to_path_buf(),
+        model_bytes: std::fs::metadata(&model_path).at(&model_path)?.len(),
+        parameters: ck.config.num_parameters(),
+        verify,
+        warnings,
+    })
+}

@@ -1,0 +1,14 @@
+//! edgelm-distill: the host side of edgelm. Reads Hugging Face checkpoints, runs them in candle,
+//! and exports ONNX bundles for the edgelm runtime.
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod error;
+pub mod export;
+pub mod model;
+pub mod onnx;
+mod rng;
+
+pub use checkpoint::{Checkpoint, ModelConfig};
+pub use error::{Error, Result};
+pub use model::LlamaModel;

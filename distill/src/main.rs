@@ -1,0 +1,140 @@
+//! `edgelm-distill`: host-side commands (create checkpoints, export bundles).
+//!
+//! Exit codes: 0 success, 1 any failure (the message says what to do), 2 bad arguments.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use edgelm_distill::checkpoint::preset::{write_preset, PRESETS};
+use edgelm_distill::checkpoint::write::WriteOptions;
+use edgelm_distill::export::{export, ExportOptions, LogitsMode};
+use edgelm_distill::Checkpoint;
+
+#[derive(Parser)]
+#[command(name = "edgelm-distill", version, about = "Build edgelm bundles from Hugging Face checkpoints")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a random checkpoint of a named shape in the Hugging Face layout.
+    Init {
+        /// Preset name (see `edgelm-distill presets`).
+        #[arg(long)]
+        preset: String,
+        /// Output folder.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Storage dtype of the weights.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Split weights into shards of at most this many MiB (with an index file).
+        #[arg(long)]
+        shard_mib: Option<usize>,
+    },
+    /// List the presets `init` knows.
+    Presets,
+    /// Export a checkpoint to an edgelm bundle (fp32 ONNX with KV cache) and check it.
+    Export {
+        /// Checkpoint folder (config.json, safetensors, tokenizer.json).
+        checkpoint: PathBuf,
+        /// Bundle folder to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Logits for the last position only (fast prefill) or for every position.
+        #[arg(long, value_enum, default_value = "last")]
+        logits: LogitsArg,
+        /// Skip the ONNX-vs-candle check.
+        #[arg(long)]
+        no_verify: bool,
+        /// Largest allowed max-abs logit difference in the check.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f32,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogitsArg {
+    Last,
+    All,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EDGELM_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init { preset, output, seed, dtype, shard_mib } => {
+            let dtype = match dtype {
+                Dtype::F32 => candle_core::DType::F32,
+                Dtype::F16 => candle_core::DType::F16,
+                Dtype::Bf16 => candle_core::DType::BF16,
+            };
+            let opts = WriteOptions { dtype, max_shard_bytes: shard_mib.map(|m| m << 20) };
+            let cfg = write_preset(&preset, &output, seed, opts).with_context(|| format!("creating preset `{preset}`"))?;
+            eprintln!("wrote {} ({} parameters) to {}", preset, cfg.num_parameters(), output.display());
+        }
+        Command::Presets => {
+            for (name, about) in PRESETS {
+                println!("{name:14} {about}");
+            }
+        }
+        Command::Export { checkpoint, output, logits, no_verify, tolerance, json } => {
+            let ck = Checkpoint::load(&checkpoint).with_context(|| format!("loading {}", checkpoint.display()))?;
+            let opts = ExportOptions {
+                logits: match logits {
+                    LogitsArg::Last => LogitsMode::Last,
+                    LogitsArg::All => LogitsMode::All,
+                },
+                verify: !no_verify,
+                tolerance,
+            };
+            let report = export(&ck, &output, &opts).with_context(|| format!("exporting to {}", output.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for w in &report.warnings {
+                    eprintln!("warning: {w}");
+                }
+                eprintln!(
+                    "exported {} parameters to {} (model.onnx {:.1} MiB)",
+                    report.parameters,
+                    report.bundle.display(),
+                    report.model_bytes as f64 / (1 << 20) as f64
+                );
+                if let Some(v) = &report.verify {
+                    eprintln!(
+                        "check: ONNX Runtime vs candle, {} prompt tokens + {} decode steps, max abs logit diff {:.2e}",
+                        v.prompt_tokens, v.decode_steps, v.max_abs_diff
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,357 @@
+//! The llama-family decoder in candle: the reference that export is checked against and the
+//! model that training differentiates.
+//!
+//! Written only with differentiable ops (no fused rms_norm, rope or softmax kernels, which cut
+//! candle's autograd graph), so the same code serves inference and training.
+//!
+//! Shapes: `input_ids [B, S]` -> `logits [B, S, vocab]`; the KV cache holds
+//! `[B, kv_heads, T, head_dim]` per layer.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::checkpoint::{Checkpoint, ModelConfig};
+use crate::error::Result;
+
+/// A linear layer `y = x W^T + b` with HF's `[out, in]` weight layout.
+#[derive(Clone)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(ck: &WeightSource, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        Ok(Linear {
+            weight: ck.get(&format!("{name}.weight"), &[out, inp])?,
+            bias: if bias { Some(ck.get(&format!("{name}.bias"), &[out])?) } else { None },
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// RMSNorm as `x / sqrt(mean(x^2) + eps) * w`, composed of differentiable ops.
+#[derive(Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        x.broadcast_div(&(ms + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Looks weights up by transformers name with a shape check.
+struct WeightSource<'a> {
+    tensors: &'a HashMap<String, Tensor>,
+}
+
+impl WeightSource<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| crate::Error::Tensor {
+            name: name.to_owned(),
+            what: "missing from the checkpoint".into(),
+        })?;
+        if t.dims() != shape {
+            return Err(crate::Error::Tensor {
+                name: name.to_owned(),
+                what: format!("shape {:?}, expected {:?}", t.dims(), shape),
+            });
+        }
+        Ok(t.clone())
+    }
+}
+
+/// Rotary tables `[positions, head_dim / 2]`.
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(cfg: &ModelConfig, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let (cos, sin) = cfg.rope.cos_sin(cfg.head_dim, cfg.max_position_embeddings);
+        Ok(Rotary {
+            cos: Tensor::from_vec(cos, (cfg.max_position_embeddings, half), device)?,
+            sin: Tensor::from_vec(sin, (cfg.max_position_embeddings, half), device)?,
+        })
+    }
+
+    /// Rotates `x [B, H, S, D]` for positions `start..start + S` (non-interleaved halves).
+    fn apply(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
+        let (_, _, s, d) = x.dims4()?;
+        let cos = self.cos.narrow(0, start, s)?;
+        let sin = self.sin.narrow(0, start, s)?;
+        let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
+        let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
+        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+/// Keys and values seen so far, one entry per layer: `[B, kv_heads, T, head_dim]`.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        KvCache::default()
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dims()[2])
+            .unwrap_or(0)
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(w: &WeightSource, p: &str, c: &ModelConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        Ok(Attention {
+            q_proj: Linear::load(w, &format!("{p}.q_proj"), c.q_dim(), h, c.qkv_bias)?,
+            k_proj: Linear::load(w, &format!("{p}.k_proj"), c.kv_dim(), h, c.qkv_bias)?,
+            v_proj: Linear::load(w, &format!("{p}.v_proj"), c.kv_dim(), h, c.qkv_bias)?,
+            o_proj: Linear::load(w, &format!("{p}.o_proj"), h, c.q_dim(), c.o_bias)?,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let start = cache.as_ref().map(|(k, _)| k.dims()[2]).unwrap_or(0);
+        let split = |t: Tensor, n: usize| t.reshape((b, s, n, self.head_dim))?.transpose(1, 2);
+        let q = split(self.q_proj.forward(x)?, self.heads)?;
+        let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
+        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        let q = rotary.apply(&q.contiguous()?, start)?;
+        let k = rotary.apply(&k.contiguous()?, start)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v.contiguous()?], 2)?),
+            None => (k, v.contiguous()?),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        // Grouped-query attention: each kv head serves `heads / kv_heads` query heads.
+        let groups = self.heads / self.kv_heads;
+        let t = k.dims()[2];
+        let expand = |t_: &Tensor| -> candle_core::Result<Tensor> {
+            if groups == 1 {
+                return Ok(t_.clone());
+            }
+            t_.unsqueeze(2)?
+                .broadcast_as((b, self.kv_heads, groups, t, self.head_dim))?
+                .reshape((b, self.heads, t, self.head_dim))
+        };
+        let (k, v) = (expand(&k)?, expand(&v)?);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(w: &WeightSource, p: &str, c: &ModelConfig) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Ok(Mlp {
+            gate_proj: Linear::load(w, &format!("{p}.gate_proj"), i, h, c.mlp_bias)?,
+            up_proj: Linear::load(w, &format!("{p}.up_proj"), i, h, c.mlp_bias)?,
+            down_proj: Linear::load(w, &format!("{p}.down_proj"), h, i, c.mlp_bias)?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = self.gate_proj.forward(x)?;
+        let silu = (&g * candle_nn::ops::sigmoid(&g)?)?;
+        self.down_proj.forward(&(silu * self.up_proj.forward(x)?)?)
+    }
+}
+
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A llama-family causal language model.
+pub struct LlamaModel {
+    config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rotary: Rotary,
+}
+
+impl LlamaModel {
+    /// Builds the model over a checkpoint's weights (shared, not copied).
+    pub fn new(ck: &Checkpoint) -> Result<Self> {
+        Self::from_tensors(&ck.config, &ck.tensors)
+    }
+
+    /// Builds the model over named weights in transformers' naming.
+    pub fn from_tensors(config: &ModelConfig, tensors: &HashMap<String, Tensor>) -> Result<Self> {
+        let c = config;
+        let w = WeightSource { tensors };
+        let h = c.hidden_size;
+        let norm = |name: String| -> Result<RmsNorm> { Ok(RmsNorm { weight: w.get(&name, &[h])?, eps: c.rms_norm_eps }) };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Block {
+                input_layernorm: norm(format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention::load(&w, &format!("{p}.self_attn"), c)?,
+                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp::load(&w, &format!("{p}.mlp"), c)?,
+            });
+        }
+        let embed_tokens = w.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings { embed_tokens.clone() } else { w.get("lm_head.weight", &[c.vocab_size, h])? };
+        Ok(LlamaModel {
+            rotary: Rotary::new(c, &Device::Cpu)?,
+            config: c.clone(),
+            embed_tokens,
+            layers,
+            norm: norm("model.norm.weight".into())?,
+            lm_head,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// A fresh cache with one slot per layer.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: (0..self.layers.len()).map(|_| None).collect() }
+    }
+
+    /// Runs `input_ids [B, S]` after the cached positions; returns logits `[B, S, vocab]` and
+    /// appends this step's keys and values to `cache`.
+    pub fn forward(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, s) = input_ids.dims2()?;
+        let start = cache.len();
+        if start + s > self.config.max_position_embeddings {
+            return Err(crate::Error::Other(format!(
+                "{} positions exceed the model's context of {}",
+                start + s,
+                self.config.max_position_embeddings
+            )));
+        }
+        if cache.layers.len() != self.layers.len() {
+            *cache = self.new_cache();
+        }
+        let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.reshape((
+            input_ids.dims()[0],
+            s,
+            self.config.hidden_size,
+        ))?;
+        let mask = self.mask(s, start)?;
+        for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let a = block.self_attn.forward(&block.input_layernorm.forward(&x)?, &self.rotary, mask.as_ref(), slot)?;
+            x = (x + a)?;
+            let m = block.mlp.forward(&block.post_attention_layernorm.forward(&x)?)?;
+            x = (x + m)?;
+        }
+        let x = self.norm.forward(&x)?;
+        Ok(x.broadcast_matmul(&self.lm_head.t()?)?)
+    }
+
+    /// Additive mask `[S, start + S]`: causal, and limited to the sliding window when the
+    /// model has one. None when no position needs masking (single-token steps without a window).
+    fn mask(&self, s: usize, start: usize) -> Result<Option<Tensor>> {
+        let window = self.config.sliding_window;
+        if s == 1 && window.is_none_or(|w| start < w) {
+            return Ok(None);
+        }
+        let t = start + s;
+        let mut m = vec![0f32; s * t];
+        for i in 0..s {
+            let pos = start + i;
+            for j in 0..t {
+                let too_far = window.is_some_and(|w| pos >= j + w);
+                if j > pos || too_far {
+                    m[i * t + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (s, t), &Device::Cpu)?))
+    }
+
+    /// Greedy continuation of `prompt` for `n` tokens using the KV cache (reference decoding).
+    pub fn greedy(&self, prompt: &[u32], n: usize, stop: &[u32]) -> Result<Vec<u32>> {
+        let mut cache = self.new_cache();
+        let mut out = Vec::with_capacity(n);
+        let mut input = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
+        for _ in 0..n {
+            let logits = self.forward(&input, &mut cache)?;
+            let last = logits.squeeze(0)?.get(logits.dims()[1] - 1)?.to_dtype(DType::F32)?;
+            let next = last.argmax(0)?.to_scalar::<u32>()?;
+            out.push(next);
+            if stop.contains(&next) {
+                break;
+            }
+            input = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,137 @@
+//! A small builder for ONNX graphs: names values, collects nodes and initializers, and
+//! produces a [`ModelProto`]. It knows nothing about language models.
+
+use super::proto::{
+    AttributeProto, DataType, Dim, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    ValueInfoProto,
+};
+
+/// Domain of ONNX Runtime's contrib operators.
+pub const MS_DOMAIN: &str = "com.microsoft";
+
+/// Builds one graph. Value names are made unique from a scope prefix and the operator name.
+pub struct GraphBuilder {
+    name: String,
+    nodes: Vec<NodeProto>,
+    initializers: Vec<TensorProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+    counter: usize,
+    scope: String,
+}
+
+impl GraphBuilder {
+    /// An empty graph called `name`.
+    pub fn new(name: &str) -> Self {
+        GraphBuilder {
+            name: name.to_owned(),
+            nodes: vec![],
+            initializers: vec![],
+            inputs: vec![],
+            outputs: vec![],
+            counter: 0,
+            scope: String::new(),
+        }
+    }
+
+    /// Sets the prefix of node and value names that follow (e.g. `/model/layers.3/attn`).
+    pub fn set_scope(&mut self, scope: impl Into<String>) {
+        self.scope = scope.into();
+    }
+
+    /// Declares a graph input.
+    pub fn input(&mut self, name: &str, elem: DataType, dims: &[Dim]) {
+        self.inputs.push(ValueInfoProto::tensor(name, elem, dims));
+    }
+
+    /// Declares a graph output.
+    pub fn output(&mut self, name: &str, elem: DataType, dims: &[Dim]) {
+        self.outputs.push(ValueInfoProto::tensor(name, elem, dims));
+    }
+
+    /// Adds an f32 initializer and returns its name.
+    pub fn init_f32(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+        self.initializers.push(TensorProto::from_f32(name, &dims, data));
+        name.to_owned()
+    }
+
+    /// Adds an i64 initializer and returns its name.
+    pub fn init_i64(&mut self, name: &str, dims: &[usize], data: &[i64]) -> String {
+        let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+        self.initializers.push(TensorProto::from_i64(name, &dims, data));
+        name.to_owned()
+    }
+
+    /// Adds an initializer built elsewhere (quantized weights, for example).
+    pub fn init_raw(&mut self, tensor: TensorProto) -> String {
+        let name = tensor.name.clone();
+        self.initializers.push(tensor);
+        name
+    }
+
+    /// Adds a node with `n_out` outputs named after the scope; returns the output names.
+    /// An empty input name marks an omitted optional input.
+    pub fn node(&mut self, op: &str, domain: &str, inputs: &[&str], n_out: usize, attrs: Vec<AttributeProto>) -> Vec<String> {
+        self.counter += 1;
+        let base = format!("{}/{}_{}", self.scope, op, self.counter);
+        let outputs: Vec<String> = (0..n_out).map(|i| format!("{base}/output_{i}")).collect();
+        self.node_named(op, domain, inputs, &outputs.iter().map(String::as_str).collect::<Vec<_>>(), attrs);
+        outputs
+    }
+
+    /// Adds a node whose outputs have the given names (graph outputs, or `""` to skip one).
+    pub fn node_named(&mut self, op: &str, domain: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<AttributeProto>) {
+        self.counter += 1;
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| (*s).to_owned()).collect(),
+            output: outputs.iter().map(|s| (*s).to_owned()).collect(),
+            name: format!("{}/{}_{}", self.scope, op, self.counter),
+            op_type: op.to_owned(),
+            domain: domain.to_owned(),
+            attribute: attrs,
+            ..Default::default()
+        });
+    }
+
+    /// A single-output standard ONNX node.
+    pub fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        self.node(op, "", inputs, 1, attrs).remove(0)
+    }
+
+    /// Edits the most recently added node (renaming or blanking its outputs).
+    pub fn with_last_node(&mut self, f: impl FnOnce(&mut NodeProto)) {
+        if let Some(n) = self.nodes.last_mut() {
+            f(n);
+        }
+    }
+
+    /// Total bytes of initializer data.
+    pub fn initializer_bytes(&self) -> usize {
+        self.initializers.iter().map(|t| t.raw_data.len()).sum()
+    }
+
+    /// The finished model with the given operator set versions.
+    pub fn finish(self, onnx_opset: i64, ms_opset: Option<i64>, producer_version: &str) -> ModelProto {
+        let mut opset_import = vec![OperatorSetIdProto { domain: String::new(), version: onnx_opset }];
+        if let Some(v) = ms_opset {
+            opset_import.push(OperatorSetIdProto { domain: MS_DOMAIN.into(), version: v });
+        }
+        ModelProto {
+            // IR version 10 goes with opset 21.
+            ir_version: 10,
+            producer_name: "edgelm".into(),
+            producer_version: producer_version.into(),
+            opset_import,
+            graph: Some(GraphProto {
+                name: self.name,
+                node: self.nodes,
+                initializer: self.initializers,
+                input: self.inputs,
+                output: self.outputs,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The one error type of the runtime crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading a bundle or generating from it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No usable ONNX Runtime library was found.
+    #[error("ONNX Runtime {wanted} could not be loaded: {reason}\n  looked in: {looked}\n  fix: run `just setup`, or point --ort-lib / EDGELM_ORT_LIB at libonnxruntime.so.{wanted}")]
+    OrtLibrary {
+        /// Version edgelm is built for.
+        wanted: &'static str,
+        /// Why the last candidate failed.
+        reason: String,
+        /// Every place that was tried, in order.
+        looked: String,
+    },
+    /// ONNX Runtime reported an error.
+    #[error("ONNX Runtime: {0}")]
+    Ort(#[from] ort::Error),
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bundle is malformed, incomplete or was modified after export.
+    #[error("bundle {path}: {what}")]
+    Bundle {
+        /// Bundle directory or file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        what: String,
+    },
+    /// A file's hash does not match the one recorded in edgelm.json.
+    #[error("bundle file {path} is corrupt: sha256 {actual}, edgelm.json records {expected}; re-export or re-copy the bundle")]
+    HashMismatch {
+        /// The file that changed.
+        path: PathBuf,
+        /// Recorded hash.
+        expected: String,
+        /// Hash of the bytes on disk.
+        actual: String,
+    },
+    /// The tokenizer could not be loaded or failed on input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The bundle has no tokenizer, so only token ids can be used.
+    #[error("this bundle has no tokenizer.json: pass token ids (--prompt-ids) instead of text")]
+    NoTokenizer,
+    /// The request cannot be served as given.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The prompt plus the requested tokens do not fit the model's context.
+    #[error("prompt of {prompt} tokens does not fit the context of {context} tokens (room for {max_new} new tokens was requested); shorten the prompt or lower --max-new-tokens")]
+    ContextOverflow {
+        /// Prompt length in tokens.
+        prompt: usize,
+        /// New tokens requested.
+        max_new: usize,
+        /// The model's context length.
+        context: usize,
+    },
+    /// A token id is outside the model's vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab} entries")]
+    TokenOutOfRange {
+        /// The offending id.
+        id: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+    /// The graph's outputs do not have the shape the runtime expects.
+    #[error("model output `{name}` has shape {shape:?}; expected {expected}")]
+    UnexpectedShape {
+        /// Output name.
+        name: String,
+        /// Shape received.
+        shape: Vec<i64>,
+        /// What was expected.
+        expected: String,
+    },
+    /// The chat template failed to render.
+    #[error("chat template: {0}")]
+    Template(String),
+}
+
+/// Result with the runtime's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|source| Error::Io { path: path.into(), source })
+    }
+}

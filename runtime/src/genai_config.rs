@@ -1,0 +1,175 @@
+//! onnxruntime-genai's `genai_config.json`: the decoder's shape and the graph's input and output
+//! names. edgelm writes it into every bundle and reads it from folders made by genai's builder,
+//! so both kinds of model go through one loading path.
+//!
+//! Unknown keys are accepted: genai adds keys between releases, and ignoring one it added for
+//! another execution provider is the compatible choice.
+
+use serde::{Deserialize, Serialize};
+
+/// The whole file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenaiConfig {
+    /// Model description.
+    pub model: ModelSection,
+    /// Search (sampling) defaults.
+    #[serde(default)]
+    pub search: SearchSection,
+}
+
+/// `model` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelSection {
+    /// Beginning-of-sequence token.
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// Longest sequence (prompt + generated) the model supports.
+    pub context_length: usize,
+    /// The decoder graph.
+    pub decoder: DecoderSection,
+    /// End-of-sequence token(s).
+    #[serde(default, with = "one_or_many")]
+    pub eos_token_id: Vec<u32>,
+    /// Padding token.
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    /// Architecture name (`llama`, `qwen2`, `mistral`, ...).
+    #[serde(rename = "type")]
+    pub model_type: String,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+}
+
+/// `model.decoder` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecoderSection {
+    /// ONNX file name, relative to the folder.
+    pub filename: String,
+    /// Width of one attention head.
+    pub head_size: usize,
+    /// Residual width.
+    pub hidden_size: usize,
+    /// Input names.
+    pub inputs: DecoderInputs,
+    /// Output names.
+    pub outputs: DecoderOutputs,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Decoder blocks.
+    pub num_hidden_layers: usize,
+    /// Key/value heads.
+    pub num_key_value_heads: usize,
+    /// ORT session options genai applies; kept so a rewritten file loses nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_options: Option<serde_json::Value>,
+}
+
+/// Graph input names; `%d` stands for the layer index.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecoderInputs {
+    /// Token ids, int64 `[batch, seq]`.
+    pub input_ids: String,
+    /// Mask over all positions so far, int64 `[batch, total]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_mask: Option<String>,
+    /// Positions, int64 `[batch, seq]`, when the graph takes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position_ids: Option<String>,
+    /// Past key per layer.
+    pub past_key_names: String,
+    /// Past value per layer.
+    pub past_value_names: String,
+}
+
+/// Graph output names; `%d` stands for the layer index.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecoderOutputs {
+    /// Logits `[batch, seq or 1, vocab]`.
+    pub logits: String,
+    /// Present key per layer.
+    pub present_key_names: String,
+    /// Present value per layer.
+    pub present_value_names: String,
+}
+
+/// `search` section (only the keys edgelm uses are typed; genai's defaults otherwise).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SearchSection {
+    /// Sample instead of greedy.
+    #[serde(default)]
+    pub do_sample: bool,
+    /// Default maximum total length.
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    /// Whether past and present share one preallocated buffer.
+    #[serde(default = "yes")]
+    pub past_present_share_buffer: bool,
+    /// Repetition penalty.
+    #[serde(default = "one")]
+    pub repetition_penalty: f32,
+    /// Temperature.
+    #[serde(default = "one")]
+    pub temperature: f32,
+    /// Top-k.
+    #[serde(default)]
+    pub top_k: usize,
+    /// Top-p.
+    #[serde(default = "one")]
+    pub top_p: f32,
+    /// Other keys, kept verbatim.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> f32 {
+    1.0
+}
+
+impl Default for SearchSection {
+    fn default() -> Self {
+        SearchSection {
+            do_sample: false,
+            max_length: None,
+            past_present_share_buffer: true,
+            repetition_penalty: 1.0,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            other: Default::default(),
+        }
+    }
+}
+
+/// Expands a `%d` name template for layer `i`.
+pub fn layer_name(template: &str, i: usize) -> String {
+    template.replacen("%d", &i.to_string(), 1)
+}
+
+mod one_or_many {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(u32),
+        Many(Vec<u32>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u32>, D::Error> {
+        Ok(match Option::<OneOrMany>::deserialize(d)? {
+            None => vec![],
+            Some(OneOrMany::One(x)) => vec![x],
+            Some(OneOrMany::Many(v)) => v,
+        })
+    }
+
+    pub fn serialize<S: Serializer>(v: &[u32], s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Puts libonnxruntime.so.<version> (version from ort-version.txt) into .ort/linux-<arch>/,
+# taken from the onnxruntime wheel on PyPI. Idempotent: does nothing when the library is there.
+# Usage: scripts/setup-ort.sh [arch]   (arch: x86_64 (default: this machine) or aarch64)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+version="$(tr -d '[:space:]' < "$root/ort-version.txt")"
+arch="${1:-$(uname -m)}"
+dest="$root/.ort/linux-$arch"
+lib="$dest/libonnxruntime.so.$version"
+if [ -f "$lib" ]; then
+  exit 0
+fi
+case "$arch" in
+  x86_64) platform=manylinux_2_27_x86_64 ;;
+  aarch64) platform=manylinux_2_27_aarch64 ;;
+  *) echo "setup-ort: no onnxruntime wheel for architecture $arch" >&2; exit 1 ;;
+esac
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
+  --platform "$platform" --platform "${platform/2_27/2_28}" --platform "${platform/2_27/2_17}" \
+  -d "$tmp" "onnxruntime==$version"
+wheel="$(ls "$tmp"/onnxruntime-*.whl)"
+python3 - "$wheel" "$tmp/x" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for n in z.namelist():
+        if "/capi/libonnxruntime.so" in n:
+            z.extract(n, sys.argv[2])
+PY
+mkdir -p "$dest"
+found="$(find "$tmp/x" -name "libonnxruntime.so.$version" | head -n1)"
+if [ -z "$found" ]; then
+  echo "setup-ort: the onnxruntime $version wheel has no libonnxruntime.so.$version" >&2
+  exit 1
+fi
+cp "$found" "$lib.part" && mv "$lib.part" "$lib"
+ln -sf "libonnxruntime.so.$version" "$dest/libonnxruntime.so"
+echo "setup-ort: installed $lib"
