@@ -1,13 +1,31 @@
 //! edgelm-runtime: runs edgelm bundles (and onnxruntime-genai model folders) on ONNX Runtime,
 //! loaded at run time.
+//!
+//! ```no_run
+//! use edgelm_runtime::{Engine, EngineOptions, GenerateParams};
+//! let mut engine = Engine::open("bundle/", &EngineOptions::default())?;
+//! let prompt = engine.encode("Turn on the kitchen light")?;
+//! let out = engine.generate(&prompt, &GenerateParams::default(), |ev| {
+//!     print!("{}", ev.text);
+//!     std::ops::ControlFlow::Continue(())
+//! })?;
+//! eprintln!("{:.1} tokens/s", out.metrics.decode_tokens_per_s);
+//! # Ok::<(), edgelm_runtime::Error>(())
+//! ```
 #![warn(missing_docs)]
 
 pub mod bundle;
 pub mod decoder;
 pub mod detokenize;
 pub mod error;
+pub mod generate;
 pub mod genai_config;
+pub mod metrics;
 pub mod ortlib;
 pub mod sampling;
+pub mod stop;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
+pub use generate::{Engine, EngineOptions, GenerateParams, Generation, StopReason, TokenEvent};
+pub use sampling::SamplingParams;

@@ -1,0 +1,73 @@
+//! The bundle's tokenizer (`tokenizer.json`, loaded with the `tokenizers` crate) and chat
+//! template rendering.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// A tokenizer plus what the bundle says about special tokens and chat formatting.
+pub struct TextCodec {
+    tokenizer: tokenizers::Tokenizer,
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+impl TextCodec {
+    /// Loads `tokenizer.json`.
+    pub fn load(path: &Path, chat_template: Option<String>, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
+        let tokenizer = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let name = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
+        Ok(TextCodec { bos_token: name(bos), eos_token: name(eos), tokenizer, chat_template })
+    }
+
+    /// The underlying tokenizer.
+    pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids for `text`, with the special tokens the tokenizer's post-processor adds
+    /// (BOS for Llama tokenizers) when `add_special` is set, as transformers does.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self.tokenizer.encode(text, add_special).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text for `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// Whether the bundle carries a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Renders `messages` (role, content) with the chat template and a generation prompt.
+    pub fn apply_chat_template(&self, messages: &[(String, String)]) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| Error::Template("this bundle has no chat template; use `edgelm run --prompt`".into()))?;
+        let mut env = minijinja::Environment::new();
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", template).map_err(|e| Error::Template(e.to_string()))?;
+        let msgs: Vec<_> = messages
+            .iter()
+            .map(|(role, content)| minijinja::context! { role => role, content => content })
+            .collect();
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => msgs,
+                    add_generation_prompt => true,
+                    bos_token => self.bos_token.clone().unwrap_or_default(),
+                    eos_token => self.eos_token.clone().unwrap_or_default(),
+                })
+            })
+            .map_err(|e| Error::Template(e.to_string()))
+    }
+}
