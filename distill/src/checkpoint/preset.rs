@@ -126,7 +126,8 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String,
     let h = c.hidden_size;
     // Unit-variance activations: std 1/sqrt(fan_in) keeps attention scores and logits spread.
     let lin = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
-    put("model.embed_tokens.weight".into(), &[c.vocab_size, h], 0.0, 1.0)?;
+    // Logits end up with a standard deviation of about 4, as in trained models.
+    put("model.embed_tokens.weight".into(), &[c.vocab_size, h], 0.0, 4.0 * lin(h))?;
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         put(format!("{p}.input_layernorm.weight"), &[h], 1.0, 0.1)?;
@@ -150,7 +151,7 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String,
     }
     put("model.norm.weight".into(), &[h], 1.0, 0.1)?;
     if !c.tie_word_embeddings {
-        put("lm_head.weight".into(), &[c.vocab_size, h], 0.0, lin(h) * 2.0)?;
+        put("lm_head.weight".into(), &[c.vocab_size, h], 0.0, 4.0 * lin(h))?;
     }
     Ok(out)
 }

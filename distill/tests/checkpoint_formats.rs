@@ -1,0 +1,78 @@
+//! Checkpoint storage variants load to the same model: sharded with an index, f16 and bf16
+//! weights, and transformers 5's `rope_parameters` spelling.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+use edgelm_distill::checkpoint::preset::{preset_config, random_weights};
+use edgelm_distill::checkpoint::write::{write_checkpoint, WriteOptions};
+use edgelm_distill::{Checkpoint, LlamaModel};
+
+fn logits(ck: &Checkpoint) -> Vec<f32> {
+    let model = LlamaModel::new(ck).unwrap();
+    let ids = Tensor::new(&[[1u32, 50, 60, 70]], &candle_core::Device::Cpu).unwrap();
+    model.forward(&ids, &mut model.new_cache()).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn rounded(w: &HashMap<String, Tensor>, dt: DType) -> HashMap<String, Tensor> {
+    w.iter().map(|(k, v)| (k.clone(), v.to_dtype(dt).unwrap().to_dtype(DType::F32).unwrap())).collect()
+}
+
+#[test]
+fn sharded_and_half_precision_checkpoints_load_the_same_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = preset_config("tiny-qwen2").unwrap();
+    let w = random_weights(&cfg, 3).unwrap();
+    let single = tmp.path().join("single");
+    write_checkpoint(&single, &cfg, &w, WriteOptions::default()).unwrap();
+    let sharded = tmp.path().join("sharded");
+    write_checkpoint(&sharded, &cfg, &w, WriteOptions { dtype: DType::F32, max_shard_bytes: Some(100_000) }).unwrap();
+    assert!(sharded.join("model.safetensors.index.json").exists());
+    assert!(std::fs::read_dir(&sharded).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".safetensors")).count() > 2);
+    let a = Checkpoint::load(&single).unwrap();
+    let b = Checkpoint::load(&sharded).unwrap();
+    assert_eq!(logits(&a), logits(&b));
+
+    for dt in [DType::F16, DType::BF16] {
+        let dir = tmp.path().join(format!("{dt:?}"));
+        write_checkpoint(&dir, &cfg, &w, WriteOptions { dtype: dt, max_shard_bytes: None }).unwrap();
+        let half = Checkpoint::load(&dir).unwrap();
+        let q = half.tensors["model.layers.0.self_attn.q_proj.weight"].clone();
+        assert_eq!(q.dtype(), DType::F32, "half weights are widened on load");
+        let expect = rounded(&w, dt);
+        let diff = (q - &expect["model.layers.0.self_attn.q_proj.weight"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{dt:?} weights load exactly");
+    }
+}
+
+#[test]
+fn rope_parameters_spelling_gives_the_same_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = preset_config("tiny-llama3").unwrap();
+    let w = random_weights(&cfg, 1).unwrap();
+    let dir = tmp.path().join("ck");
+    write_checkpoint(&dir, &cfg, &w, WriteOptions::default()).unwrap();
+    let old = Checkpoint::load(&dir).unwrap();
+    // Rewrite config.json the way transformers 5 does.
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let o = v.as_object_mut().unwrap();
+    let mut rp = o.remove("rope_scaling").unwrap();
+    rp["rope_theta"] = o.remove("rope_theta").unwrap();
+    o.insert("rope_parameters".into(), rp);
+    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+    let new = Checkpoint::load(&dir).unwrap();
+    assert_eq!(old.config, new.config);
+    assert_eq!(logits(&old), logits(&new));
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = preset_config("tiny").unwrap();
+    let mut w = random_weights(&cfg, 0).unwrap();
+    w.remove("model.layers.1.mlp.up_proj.weight");
+    write_checkpoint(tmp.path(), &cfg, &w, WriteOptions::default()).unwrap();
+    let ck = Checkpoint::load(tmp.path()).unwrap();
+    let e = LlamaModel::new(&ck).err().expect("missing tensor must fail").to_string();
+    assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"), "{e}");
+}

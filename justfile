@@ -1,0 +1,62 @@
+# edgelm tasks. `just` lists them; every recipe installs what it needs (ORT library, Python venv).
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# The built-in default checkpoint shape for the main job.
+default_preset := "smollm2-135m"
+out := "out"
+
+# List recipes.
+default:
+    @just --list
+
+# Put libonnxruntime (version in ort-version.txt) into .ort/ and the Python venv into .venv/.
+setup: setup-ort setup-py
+
+# Fetch the ONNX Runtime shared library from the PyPI wheel (idempotent).
+setup-ort arch="":
+    scripts/setup-ort.sh {{arch}}
+
+# Create .venv with the pinned Python packages (onnx, onnxruntime-genai) (idempotent).
+setup-py:
+    scripts/setup-py.sh
+
+# Build every crate in release mode.
+build:
+    cargo build --release --workspace
+
+# The main job on the built-in default: create the checkpoint, export it, generate with streaming.
+demo preset=default_preset prompt="Set the kitchen heater to 21.5 degrees at 7pm": setup-ort build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    ck={{out}}/{{preset}}/checkpoint
+    bundle={{out}}/{{preset}}/bundle
+    if [ ! -f "$ck/config.json" ]; then
+        target/release/edgelm-distill init --preset {{preset}} -o "$ck"
+    fi
+    target/release/edgelm-distill export "$ck" -o "$bundle"
+    target/release/edgelm run "$bundle" --prompt "{{prompt}}" --max-new-tokens 64
+
+# Run every test: unit, end-to-end (binaries, onnx.checker, onnxruntime-genai).
+test: setup
+    cargo build --workspace --bins
+    cargo test --workspace --no-fail-fast
+
+# Lints as CI would run them.
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Median TTFT / prefill / decode / peak RSS of a bundle.
+bench bundle *args: setup-ort build
+    target/release/edgelm bench {{bundle}} {{args}}
+
+# edgelm vs onnxruntime-genai on the same SmolLM2-135M-shaped bundle (prompt 128, 128 new tokens).
+bench-genai runs="5": setup build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    ck={{out}}/smollm2-135m/checkpoint
+    bundle={{out}}/smollm2-135m/bundle
+    [ -f "$ck/config.json" ] || target/release/edgelm-distill init --preset smollm2-135m -o "$ck"
+    [ -f "$bundle/edgelm.json" ] || target/release/edgelm-distill export "$ck" -o "$bundle"
+    .venv/bin/python scripts/bench_genai.py "$bundle" --edgelm target/release/edgelm --runs {{runs}}

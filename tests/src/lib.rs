@@ -1,0 +1,92 @@
+//! Helpers for the end-to-end tests: fixture checkpoints and bundles made once per test
+//! process, and the project's binaries and Python environment.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+
+use edgelm_distill::checkpoint::preset::write_preset;
+use edgelm_distill::checkpoint::write::WriteOptions;
+use edgelm_distill::export::{export, ExportOptions};
+use edgelm_distill::Checkpoint;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A binary of the workspace, built in the same profile as this test.
+pub fn bin(name: &str) -> PathBuf {
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    let p = target.join(profile).join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build{}` first (just test does)", p.display(), if profile == "release" { " --release" } else { "" });
+    p
+}
+
+/// The project's Python (the venv `just setup-py` makes).
+pub fn python() -> PathBuf {
+    let p = root().join(".venv/bin/python");
+    assert!(p.exists(), "{} is missing: run `just setup-py`", p.display());
+    p
+}
+
+/// Runs a command and returns its output.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// Runs `edgelm` with arguments.
+pub fn edgelm(args: &[&str]) -> Output {
+    run(Command::new(bin("edgelm")).args(args))
+}
+
+/// Stdout as JSON, panicking with stderr when the command failed.
+pub fn json_ok(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "command failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("stdout is JSON")
+}
+
+/// A fixture folder shared by the tests of one process.
+pub fn scratch() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir")).path()
+}
+
+/// A random checkpoint of `preset` (seed 0), created once.
+pub fn checkpoint(preset: &str) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch().join("ck").join(preset);
+    if !dir.join("config.json").exists() {
+        write_preset(preset, &dir, 0, WriteOptions::default()).expect("write preset");
+    }
+    dir
+}
+
+/// The exported bundle of `preset`, created once (export includes the ORT-vs-candle check).
+pub fn bundle(preset: &str) -> PathBuf {
+    let ck = checkpoint(preset);
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch().join("bundle").join(preset);
+    if !dir.join("edgelm.json").exists() {
+        let loaded = Checkpoint::load(&ck).expect("load checkpoint");
+        export(&loaded, &dir, &ExportOptions::default()).expect("export");
+    }
+    dir
+}
+
+/// Copies a folder (flat) so a test can damage the copy.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Token ids from a JSON array.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+}

@@ -1,0 +1,90 @@
+//! Bad input gets a typed error with a clear message, never a panic or a wrong answer.
+
+use edgelm_e2e::{bundle, checkpoint, copy_dir, edgelm, scratch};
+use edgelm_runtime::{Engine, EngineOptions, Error, GenerateParams};
+use std::ops::ControlFlow;
+
+fn fails_with(args: &[&str], needle: &str) {
+    let out = edgelm(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "expected failure for {args:?}, stderr: {err}");
+    assert!(err.contains(needle), "stderr of {args:?} lacks `{needle}`: {err}");
+    assert!(!err.contains("panicked"), "panic for {args:?}: {err}");
+}
+
+#[test]
+fn changed_byte_is_a_hash_mismatch() {
+    let dir = scratch().join("bad/changed");
+    copy_dir(&bundle("tiny"), &dir);
+    let model = dir.join("model.onnx");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&model, bytes).unwrap();
+    match Engine::open(&dir, &EngineOptions::default()) {
+        Err(Error::HashMismatch { path, .. }) => assert!(path.ends_with("model.onnx")),
+        other => panic!("expected HashMismatch, got {:?}", other.err()),
+    }
+    fails_with(&["run", dir.to_str().unwrap(), "--prompt-ids", "1,2"], "is corrupt");
+}
+
+#[test]
+fn truncated_model_is_refused_with_or_without_manifest() {
+    let dir = scratch().join("bad/truncated");
+    copy_dir(&bundle("tiny"), &dir);
+    let model = dir.join("model.onnx");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() / 3]).unwrap();
+    fails_with(&["run", dir.to_str().unwrap(), "--prompt-ids", "1,2"], "is corrupt");
+    // Without edgelm.json (a genai-style folder) the hash check cannot catch it; ONNX
+    // Runtime's parse error must come back as an error all the same.
+    std::fs::remove_file(dir.join("edgelm.json")).unwrap();
+    match Engine::open(&dir, &EngineOptions::default()) {
+        Err(Error::Ort(_)) => {}
+        other => panic!("expected an ONNX Runtime error, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn missing_tokenizer_file_and_tokenizerless_bundle() {
+    let dir = scratch().join("bad/no-tokenizer-file");
+    copy_dir(&bundle("tiny"), &dir);
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    fails_with(&["run", dir.to_str().unwrap(), "--prompt", "hi"], "tokenizer.json` listed in edgelm.json is missing");
+
+    // A checkpoint exported without a tokenizer gives an ids-only bundle.
+    let ck = scratch().join("bad/ck-no-tok");
+    copy_dir(&checkpoint("tiny"), &ck);
+    std::fs::remove_file(ck.join("tokenizer.json")).unwrap();
+    let loaded = edgelm_distill::Checkpoint::load(&ck).unwrap();
+    let out = scratch().join("bad/bundle-no-tok");
+    let report = edgelm_distill::export::export(&loaded, &out, &Default::default()).unwrap();
+    assert!(report.warnings.iter().any(|w| w.contains("token ids only")));
+    fails_with(&["run", out.to_str().unwrap(), "--prompt", "hi"], "no tokenizer.json");
+    let ok = edgelm(&["run", out.to_str().unwrap(), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--json"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}
+
+#[test]
+fn prompt_errors() {
+    let b = bundle("tiny");
+    let b = b.to_str().unwrap();
+    // tiny has a context of 256 tokens.
+    let long: Vec<String> = (0..300).map(|i| (3 + i % 300).to_string()).collect();
+    fails_with(&["run", b, "--prompt-ids", &long.join(",")], "does not fit the context");
+    fails_with(&["run", b, "--prompt", ""], "prompt is empty");
+    fails_with(&["run", b, "--prompt-ids", "1,99999"], "outside the vocabulary");
+
+    let mut engine = Engine::open(&b, &EngineOptions::default()).unwrap();
+    let p = GenerateParams::default();
+    assert!(matches!(engine.generate(&[], &p, |_| ControlFlow::Continue(())), Err(Error::InvalidRequest(_))));
+    assert!(matches!(engine.generate(&[5, 384], &p, |_| ControlFlow::Continue(())), Err(Error::TokenOutOfRange { id: 384, vocab: 384 })));
+    // The engine is still usable after refusing requests.
+    let g = engine.generate(&[5, 6, 7], &GenerateParams { max_new_tokens: 3, ignore_eos: true, ..p }, |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(g.generated_ids.len(), 3);
+}
+
+#[test]
+fn missing_ort_library_names_where_it_looked() {
+    fails_with(&["--ort-lib", "/nonexistent/libonnxruntime.so", "run", bundle("tiny").to_str().unwrap(), "--prompt-ids", "1"], "/nonexistent/libonnxruntime.so does not exist");
+}
