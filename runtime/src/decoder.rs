@@ -187,7 +187,6 @@ impl Decoder {
                     binding.bind_output(present.as_str(), &mut t)?;
                     buffers.push(t);
                 }
-                binding.bind_output_to_device(self.io.logits.as_str(), &alloc.memory_info())?;
                 Cache::Shared { binding, _buffers: buffers }
             }
             KvCacheMode::Growing => {
@@ -228,6 +227,9 @@ impl Decoder {
                 if let Some(n) = &self.io.position_ids {
                     binding.bind_input(n.as_str(), &positions)?;
                 }
+                // Bound afresh every step: its shape changes from prefill to decode in graphs
+                // that return logits for every position.
+                binding.bind_output_to_device(self.io.logits.as_str(), &self.session.allocator().memory_info())?;
                 let outputs = self.session.run_binding(binding)?;
                 copy_last_row(&self.io.logits, &outputs[self.io.logits.as_str()], vocab, &mut state.logits)?;
             }

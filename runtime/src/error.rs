@@ -18,7 +18,7 @@ pub enum Error {
     },
     /// ONNX Runtime reported an error.
     #[error("ONNX Runtime: {0}")]
-    Ort(#[from] ort::Error),
+    Ort(ort::Error),
     /// A file could not be read.
     #[error("{path}: {source}")]
     Io {
@@ -86,6 +86,14 @@ pub enum Error {
     /// The chat template failed to render.
     #[error("chat template: {0}")]
     Template(String),
+}
+
+// Not `#[from]`: that would also make the ORT error the `source`, and error reports would print
+// its message twice.
+impl From<ort::Error> for Error {
+    fn from(e: ort::Error) -> Self {
+        Error::Ort(e)
+    }
 }
 
 /// Result with the runtime's error.

@@ -84,7 +84,16 @@ fn load(explicit: Option<&Path>) -> std::result::Result<(PathBuf, ort::environme
     for path in tried {
         match ort::init_from(&path) {
             Ok(builder) => {
-                let env = builder.with_name("edgelm").with_telemetry(false).build();
+                // ORT's own log lines go to tracing: errors reach the caller as values already.
+                let logger: ort::logging::LoggerFunction = std::sync::Arc::new(|level, category, _id, location, message| {
+                    use ort::logging::LogLevel;
+                    match level {
+                        LogLevel::Fatal | LogLevel::Error => tracing::debug!(target: "onnxruntime", %category, %location, "{message}"),
+                        LogLevel::Warning => tracing::debug!(target: "onnxruntime", %category, "{message}"),
+                        _ => tracing::trace!(target: "onnxruntime", %category, "{message}"),
+                    }
+                });
+                let env = builder.with_name("edgelm").with_telemetry(false).with_logger(logger).build();
                 return match env {
                     Ok(env) => Ok((path, env)),
                     Err(e) => Err(format!("{}: {e}", path.display())),

@@ -1,0 +1,78 @@
+//! Agreement with the Python reference implementations, through committed fixtures made by
+//! `tests/fixtures/make_fixtures.py`: checkpoints saved by transformers (with its own logits and
+//! greedy tokens) and models built by onnxruntime-genai's builder (fp32, int8 and int4
+//! MatMulNBits, with genai's greedy tokens).
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use edgelm_distill::export::{export, ExportOptions};
+use edgelm_distill::{Checkpoint, LlamaModel};
+use edgelm_e2e::{edgelm, ids, json_ok, root, scratch};
+
+fn fixtures() -> PathBuf {
+    root().join("tests/fixtures")
+}
+
+fn expected() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
+}
+
+fn csv(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn edgelm_greedy(dir: &std::path::Path, prompt: &[u32], n: usize, kv: &str) -> Vec<u32> {
+    let out = edgelm(&["run", dir.to_str().unwrap(), "--prompt-ids", &csv(prompt), "--max-new-tokens", &n.to_string(), "--ignore-eos", "--temperature", "0", "--json", "--kv-cache", kv]);
+    ids(&json_ok(&out)["generated_ids"])
+}
+
+#[test]
+fn transformers_checkpoints_match_candle_and_the_exported_bundle() {
+    let e = expected();
+    let prompt = ids(&e["prompt_ids"]);
+    let n = e["new_tokens"].as_u64().unwrap() as usize;
+    for (name, m) in e["models"].as_object().unwrap() {
+        let ck = Checkpoint::load(fixtures().join("hf").join(name)).unwrap();
+        let model = LlamaModel::new(&ck).unwrap();
+        let input = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = model.forward(&input, &mut model.new_cache()).unwrap();
+        let last: Vec<f32> = logits.squeeze(0).unwrap().get(prompt.len() - 1).unwrap().to_vec1().unwrap();
+        let reference: Vec<f32> = m["last_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let diff = last.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "{name}: candle vs transformers logits differ by {diff}");
+        let greedy = ids(&m["transformers_greedy"]);
+        assert_eq!(model.greedy(&prompt, n, &[]).unwrap(), greedy, "{name}: candle greedy");
+
+        let bundle = scratch().join("hf-bundles").join(name);
+        export(&ck, &bundle, &ExportOptions::default()).unwrap();
+        assert_eq!(edgelm_greedy(&bundle, &prompt, n, "shared"), greedy, "{name}: edgelm greedy");
+    }
+}
+
+#[test]
+fn genai_builder_models_reproduce_genai_greedy_tokens() {
+    let e = expected();
+    let prompt = ids(&e["prompt_ids"]);
+    let n = e["new_tokens"].as_u64().unwrap() as usize;
+    let mut checked = 0;
+    for (name, m) in e["models"].as_object().unwrap() {
+        for (prec, want) in m["genai_greedy"].as_object().unwrap() {
+            let dir = fixtures().join("genai").join(format!("{name}-{prec}"));
+            let want = ids(want);
+            for kv in ["shared", "growing"] {
+                assert_eq!(edgelm_greedy(&dir, &prompt, n, kv), want, "{name}-{prec} ({kv} KV cache)");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 5, "fp32, int8 and int4 builds are all covered");
+}
+
+#[test]
+fn genai_folder_takes_text_prompts_with_its_tokenizer() {
+    let dir = fixtures().join("genai/llama-gqa-int4");
+    let out = json_ok(&edgelm(&["run", dir.to_str().unwrap(), "--prompt", "Open the garage door", "--max-new-tokens", "5", "--ignore-eos", "--json"]));
+    assert_eq!(ids(&out["generated_ids"]).len(), 5);
+    assert!(ids(&out["prompt_ids"]).len() >= 3, "the prompt was tokenized");
+}
