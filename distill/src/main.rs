@@ -96,7 +96,8 @@ fn run(cli: Cli) -> Result<()> {
                 Dtype::Bf16 => candle_core::DType::BF16,
             };
             let opts = WriteOptions { dtype, max_shard_bytes: shard_mib.map(|m| m << 20) };
-            let cfg = write_preset(&preset, &output, seed, opts).with_context(|| format!("creating preset `{preset}`"))?;
+            let cfg =
+                write_preset(&preset, &output, seed, opts).with_context(|| format!("creating preset `{preset}`"))?;
             eprintln!("wrote {} ({} parameters) to {}", preset, cfg.num_parameters(), output.display());
         }
         Command::Presets => {

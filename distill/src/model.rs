@@ -119,11 +119,7 @@ impl KvCache {
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dims()[2])
-            .unwrap_or(0)
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dims()[2]).unwrap_or(0)
     }
 
     /// Whether nothing is cached yet.
@@ -183,9 +179,12 @@ impl Attention {
             if groups == 1 {
                 return Ok(t_.clone());
             }
-            t_.unsqueeze(2)?
-                .broadcast_as((b, self.kv_heads, groups, t, self.head_dim))?
-                .reshape((b, self.heads, t, self.head_dim))
+            t_.unsqueeze(2)?.broadcast_as((b, self.kv_heads, groups, t, self.head_dim))?.reshape((
+                b,
+                self.heads,
+                t,
+                self.head_dim,
+            ))
         };
         let (k, v) = (expand(&k)?, expand(&v)?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
@@ -252,7 +251,8 @@ impl LlamaModel {
         let c = config;
         let w = WeightSource { tensors };
         let h = c.hidden_size;
-        let norm = |name: String| -> Result<RmsNorm> { Ok(RmsNorm { weight: w.get(&name, &[h])?, eps: c.rms_norm_eps }) };
+        let norm =
+            |name: String| -> Result<RmsNorm> { Ok(RmsNorm { weight: w.get(&name, &[h])?, eps: c.rms_norm_eps }) };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -264,7 +264,8 @@ impl LlamaModel {
             });
         }
         let embed_tokens = w.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let lm_head = if c.tie_word_embeddings { embed_tokens.clone() } else { w.get("lm_head.weight", &[c.vocab_size, h])? };
+        let lm_head =
+            if c.tie_word_embeddings { embed_tokens.clone() } else { w.get("lm_head.weight", &[c.vocab_size, h])? };
         Ok(LlamaModel {
             rotary: Rotary::new(c, &Device::Cpu)?,
             config: c.clone(),

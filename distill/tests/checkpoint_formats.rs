@@ -28,7 +28,13 @@ fn sharded_and_half_precision_checkpoints_load_the_same_weights() {
     let sharded = tmp.path().join("sharded");
     write_checkpoint(&sharded, &cfg, &w, WriteOptions { dtype: DType::F32, max_shard_bytes: Some(100_000) }).unwrap();
     assert!(sharded.join("model.safetensors.index.json").exists());
-    assert!(std::fs::read_dir(&sharded).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".safetensors")).count() > 2);
+    assert!(
+        std::fs::read_dir(&sharded)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".safetensors"))
+            .count()
+            > 2
+    );
     let a = Checkpoint::load(&single).unwrap();
     let b = Checkpoint::load(&sharded).unwrap();
     assert_eq!(logits(&a), logits(&b));
@@ -40,7 +46,14 @@ fn sharded_and_half_precision_checkpoints_load_the_same_weights() {
         let q = half.tensors["model.layers.0.self_attn.q_proj.weight"].clone();
         assert_eq!(q.dtype(), DType::F32, "half weights are widened on load");
         let expect = rounded(&w, dt);
-        let diff = (q - &expect["model.layers.0.self_attn.q_proj.weight"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (q - &expect["model.layers.0.self_attn.q_proj.weight"])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0, "{dt:?} weights load exactly");
     }
 }
@@ -54,7 +67,8 @@ fn rope_parameters_spelling_gives_the_same_model() {
     write_checkpoint(&dir, &cfg, &w, WriteOptions::default()).unwrap();
     let old = Checkpoint::load(&dir).unwrap();
     // Rewrite config.json the way transformers 5 does.
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let o = v.as_object_mut().unwrap();
     let mut rp = o.remove("rope_scaling").unwrap();
     rp["rope_theta"] = o.remove("rope_theta").unwrap();

@@ -137,10 +137,7 @@ fn bundle_err(dir: &Path, what: impl Into<String>) -> Error {
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).at(path)?;
-    serde_json::from_str(&text).map_err(|e| Error::Bundle {
-        path: path.to_path_buf(),
-        what: format!("not valid: {e}"),
-    })
+    serde_json::from_str(&text).map_err(|e| Error::Bundle { path: path.to_path_buf(), what: format!("not valid: {e}") })
 }
 
 /// A bundle path inside `dir`, refusing absolute paths and `..` so a manifest cannot point
@@ -158,7 +155,10 @@ impl Bundle {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
-            return Err(bundle_err(&dir, "is not a folder (expected a bundle folder with edgelm.json or genai_config.json)"));
+            return Err(bundle_err(
+                &dir,
+                "is not a folder (expected a bundle folder with edgelm.json or genai_config.json)",
+            ));
         }
         let manifest_path = dir.join(MANIFEST);
         let genai_path = dir.join("genai_config.json");
@@ -171,10 +171,13 @@ impl Bundle {
                 return Err(bundle_err(&dir, format!("edgelm.json format is `{}`, not `edgelm-bundle`", m.format)));
             }
             if m.format_version > FORMAT_VERSION {
-                return Err(bundle_err(&dir, format!(
-                    "format version {} is newer than this runtime's {FORMAT_VERSION}; update edgelm",
-                    m.format_version
-                )));
+                return Err(bundle_err(
+                    &dir,
+                    format!(
+                        "format version {} is newer than this runtime's {FORMAT_VERSION}; update edgelm",
+                        m.format_version
+                    ),
+                ));
             }
             if m.kind != "causal-lm" {
                 return Err(bundle_err(&dir, format!("kind `{}` is not supported by this runtime", m.kind)));
@@ -189,14 +192,17 @@ impl Bundle {
                     return Err(Error::HashMismatch { path, expected: f.sha256.clone(), actual });
                 }
             }
-            for required in [Some(&m.model_file), m.tokenizer.as_ref(), Some(&"genai_config.json".to_owned())].into_iter().flatten() {
+            for required in
+                [Some(&m.model_file), m.tokenizer.as_ref(), Some(&"genai_config.json".to_owned())].into_iter().flatten()
+            {
                 if !m.files.iter().any(|f| &f.path == required) {
                     return Err(bundle_err(&dir, format!("`{required}` is not covered by a hash in edgelm.json")));
                 }
             }
         }
         let genai: GenaiConfig = read_json(&genai_path)?;
-        let model_path = inside(&dir, manifest.as_ref().map(|m| m.model_file.as_str()).unwrap_or(&genai.model.decoder.filename))?;
+        let model_path =
+            inside(&dir, manifest.as_ref().map(|m| m.model_file.as_str()).unwrap_or(&genai.model.decoder.filename))?;
         if !model_path.exists() {
             return Err(bundle_err(&dir, format!("model file {} is missing", model_path.display())));
         }
@@ -206,7 +212,11 @@ impl Bundle {
         };
         let tok_cfg: Option<serde_json::Value> = {
             let p = dir.join("tokenizer_config.json");
-            if p.exists() { Some(read_json(&p)?) } else { None }
+            if p.exists() {
+                Some(read_json(&p)?)
+            } else {
+                None
+            }
         };
         let chat_template = manifest
             .as_ref()

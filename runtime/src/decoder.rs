@@ -80,7 +80,7 @@ pub struct DecodeState {
 }
 
 enum Cache {
-    Shared { binding: IoBinding, _buffers: Vec<Tensor<f32>> },
+    Shared { binding: Box<IoBinding>, _buffers: Vec<Tensor<f32>> },
     Growing { past: Vec<DynValue> },
 }
 
@@ -110,7 +110,12 @@ impl Decoder {
         let io = Io {
             input_ids: d.inputs.input_ids.clone(),
             attention_mask: d.inputs.attention_mask.clone().filter(|n| has_input(n)),
-            position_ids: d.inputs.position_ids.clone().or_else(|| Some("position_ids".into())).filter(|n| has_input(n)),
+            position_ids: d
+                .inputs
+                .position_ids
+                .clone()
+                .or_else(|| Some("position_ids".into()))
+                .filter(|n| has_input(n)),
             past_keys: names(&d.inputs.past_key_names),
             past_values: names(&d.inputs.past_value_names),
             present_keys: names(&d.outputs.present_key_names),
@@ -178,7 +183,12 @@ impl Decoder {
                 let alloc = Allocator::default();
                 let mut binding = self.session.create_binding()?;
                 let mut buffers = Vec::with_capacity(2 * self.io.past_keys.len());
-                let pairs = self.io.past_keys.iter().zip(&self.io.present_keys).chain(self.io.past_values.iter().zip(&self.io.present_values));
+                let pairs = self
+                    .io
+                    .past_keys
+                    .iter()
+                    .zip(&self.io.present_keys)
+                    .chain(self.io.past_values.iter().zip(&self.io.present_values));
                 for (past, present) in pairs {
                     let mut t = Tensor::<f32>::new(&alloc, [1usize, self.kv_heads, capacity, self.head_size])?;
                     // Positions past `pos` are never read; zeroing keeps runs reproducible.
@@ -187,7 +197,7 @@ impl Decoder {
                     binding.bind_output(present.as_str(), &mut t)?;
                     buffers.push(t);
                 }
-                Cache::Shared { binding, _buffers: buffers }
+                Cache::Shared { binding: Box::new(binding), _buffers: buffers }
             }
             KvCacheMode::Growing => {
                 let mut past = Vec::with_capacity(2 * self.io.past_keys.len());
@@ -229,12 +239,13 @@ impl Decoder {
                 }
                 // Bound afresh every step: its shape changes from prefill to decode in graphs
                 // that return logits for every position.
-                binding.bind_output_to_device(self.io.logits.as_str(), &self.session.allocator().memory_info())?;
+                binding.bind_output_to_device(self.io.logits.as_str(), self.session.allocator().memory_info())?;
                 let outputs = self.session.run_binding(binding)?;
                 copy_last_row(&self.io.logits, &outputs[self.io.logits.as_str()], vocab, &mut state.logits)?;
             }
             Cache::Growing { past } => {
-                let mut inputs: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(3 + past.len());
+                let mut inputs: Vec<(std::borrow::Cow<'_, str>, ort::session::SessionInputValue<'_>)> =
+                    Vec::with_capacity(3 + past.len());
                 inputs.push((self.io.input_ids.as_str().into(), input_ids.into()));
                 if let Some(n) = &self.io.attention_mask {
                     inputs.push((n.as_str().into(), mask.into()));
@@ -267,7 +278,11 @@ fn copy_last_row(name: &str, value: &DynValue, vocab: usize, out: &mut [f32]) ->
     let (shape, data) = value.try_extract_tensor::<f32>()?;
     let dims: Vec<i64> = shape.iter().copied().collect();
     if dims.len() != 3 || dims[2] as usize != vocab || data.len() < vocab {
-        return Err(Error::UnexpectedShape { name: name.to_owned(), shape: dims, expected: format!("[1, seq, {vocab}]") });
+        return Err(Error::UnexpectedShape {
+            name: name.to_owned(),
+            shape: dims,
+            expected: format!("[1, seq, {vocab}]"),
+        });
     }
     out.copy_from_slice(&data[data.len() - vocab..]);
     Ok(())

@@ -247,19 +247,12 @@ mod tests {
 
     /// Pushes every id and checks each piece. Returns the pieces and the
     /// flushed tail.
-    fn stream(
-        tok: &Tokenizer,
-        dec: &mut StreamDecoder,
-        ids: &[u32],
-    ) -> (Vec<String>, Option<String>) {
+    fn stream(tok: &Tokenizer, dec: &mut StreamDecoder, ids: &[u32]) -> (Vec<String>, Option<String>) {
         let mut pieces = Vec::new();
         for &id in ids {
             if let Some(piece) = dec.push(tok, id).expect("push") {
                 assert!(!piece.is_empty());
-                assert!(
-                    !piece.contains(REPLACEMENT),
-                    "piece {piece:?} contains U+FFFD"
-                );
+                assert!(!piece.contains(REPLACEMENT), "piece {piece:?} contains U+FFFD");
                 pieces.push(piece);
             }
         }
@@ -280,12 +273,8 @@ mod tests {
     #[test]
     fn streaming_roundtrip_never_emits_broken_utf8() {
         let tok = byte_tokenizer();
-        for text in [
-            "héllo wörld 日本語 🙂",
-            "🙂🙂 a🙂b ñ",
-            "plain ascii text",
-            "ends in emoji 👩‍👩‍👧",
-        ] {
+        for text in ["héllo wörld 日本語 🙂", "🙂🙂 a🙂b ñ", "plain ascii text", "ends in emoji 👩‍👩‍👧"]
+        {
             let ids = encode(&tok, text);
             let mut dec = StreamDecoder::new(&[]);
             let (pieces, tail) = stream(&tok, &mut dec, &ids);

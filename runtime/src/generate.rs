@@ -40,7 +40,12 @@ pub struct GenerateParams {
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        GenerateParams { max_new_tokens: 128, sampling: SamplingParams::default(), stop_strings: vec![], ignore_eos: false }
+        GenerateParams {
+            max_new_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop_strings: vec![],
+            ignore_eos: false,
+        }
     }
 }
 
@@ -100,7 +105,12 @@ impl Engine {
         let decoder = Decoder::load(&bundle.model_path, &bundle.genai, &opts.decoder)?;
         let g = &bundle.generation;
         let codec = match &bundle.tokenizer_path {
-            Some(p) => Some(TextCodec::load(p, bundle.chat_template.clone(), g.bos_token_id, g.eos_token_ids.first().copied())?),
+            Some(p) => Some(TextCodec::load(
+                p,
+                bundle.chat_template.clone(),
+                g.bos_token_id,
+                g.eos_token_ids.first().copied(),
+            )?),
             None => None,
         };
         Ok(Engine { bundle, decoder, codec })
@@ -134,7 +144,13 @@ impl Engine {
     /// Sampling defaults from the bundle.
     pub fn default_sampling(&self) -> SamplingParams {
         let g = &self.bundle.generation;
-        SamplingParams { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p, repetition_penalty: g.repetition_penalty, seed: 0 }
+        SamplingParams {
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+            repetition_penalty: g.repetition_penalty,
+            seed: 0,
+        }
     }
 
     /// Token ids for a text prompt (special tokens added as the tokenizer defines).
@@ -231,7 +247,8 @@ impl Engine {
         // Release text held back for a partial character or a possible stop string.
         if reason != StopReason::StopString {
             if let Some(codec) = &self.codec {
-                let tail = stream.flush(codec.tokenizer()).map_err(|e| Error::Tokenizer(e.to_string()))?.unwrap_or_default();
+                let tail =
+                    stream.flush(codec.tokenizer()).map_err(|e| Error::Tokenizer(e.to_string()))?.unwrap_or_default();
                 let tail = match stops.push(&tail) {
                     StopOutcome::Continue(t) => t + &stops.finish(),
                     StopOutcome::Stop(t) => {
@@ -251,7 +268,8 @@ impl Engine {
         metrics.ttft_ms = (first - start).as_secs_f64() * 1e3;
         metrics.prefill_tokens_per_s = prompt.len() as f64 / (first - start).as_secs_f64().max(1e-9);
         let decode_secs = (end - first).as_secs_f64();
-        metrics.decode_tokens_per_s = if generated.len() > 1 && decode_secs > 0.0 { (generated.len() - 1) as f64 / decode_secs } else { 0.0 };
+        metrics.decode_tokens_per_s =
+            if generated.len() > 1 && decode_secs > 0.0 { (generated.len() - 1) as f64 / decode_secs } else { 0.0 };
         metrics.total_ms = (end - start).as_secs_f64() * 1e3;
         metrics.peak_rss_bytes = peak_rss_bytes();
         Ok(Generation { prompt_ids: prompt.to_vec(), generated_ids: generated, text, stop_reason: reason, metrics })

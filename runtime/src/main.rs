@@ -259,7 +259,11 @@ fn median(mut v: Vec<f64>) -> f64 {
         return 0.0;
     }
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn bench(b: BenchArgs, ort_lib: Option<PathBuf>) -> Result<()> {
@@ -294,7 +298,10 @@ fn bench(b: BenchArgs, ort_lib: Option<PathBuf>) -> Result<()> {
         );
     } else {
         println!("bundle          {}", b.bundle.display());
-        println!("prompt / new    {} / {} tokens, {} runs (median), kv cache {kv}", b.prompt_tokens, b.new_tokens, b.runs);
+        println!(
+            "prompt / new    {} / {} tokens, {} runs (median), kv cache {kv}",
+            b.prompt_tokens, b.new_tokens, b.runs
+        );
         println!("load            {load_ms:.0} ms");
         println!("TTFT            {ttft:.1} ms");
         println!("prefill         {prefill:.1} tokens/s");

@@ -22,10 +22,7 @@ fn lib_names() -> [String; 2] {
 
 /// The folder `just setup` extracts the library into, for this machine's architecture.
 pub fn project_lib_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(".ort")
-        .join(format!("linux-{}", std::env::consts::ARCH))
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(".ort").join(format!("linux-{}", std::env::consts::ARCH))
 }
 
 /// Candidate library paths in search order. `explicit` is `--ort-lib` when given.
@@ -62,7 +59,12 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Enviro
         Err(reason) => Err(Error::OrtLibrary {
             wanted: ORT_VERSION,
             reason: reason.clone(),
-            looked: candidates(explicit).iter().map(|p| p.display().to_string()).chain(["system library path".into()]).collect::<Vec<_>>().join(", "),
+            looked: candidates(explicit)
+                .iter()
+                .map(|p| p.display().to_string())
+                .chain(["system library path".into()])
+                .collect::<Vec<_>>()
+                .join(", "),
         }),
     }
 }
@@ -85,14 +87,17 @@ fn load(explicit: Option<&Path>) -> std::result::Result<(PathBuf, ort::environme
         match ort::init_from(&path) {
             Ok(builder) => {
                 // ORT's own log lines go to tracing: errors reach the caller as values already.
-                let logger: ort::logging::LoggerFunction = std::sync::Arc::new(|level, category, _id, location, message| {
-                    use ort::logging::LogLevel;
-                    match level {
-                        LogLevel::Fatal | LogLevel::Error => tracing::debug!(target: "onnxruntime", %category, %location, "{message}"),
-                        LogLevel::Warning => tracing::debug!(target: "onnxruntime", %category, "{message}"),
-                        _ => tracing::trace!(target: "onnxruntime", %category, "{message}"),
-                    }
-                });
+                let logger: ort::logging::LoggerFunction =
+                    std::sync::Arc::new(|level, category, _id, location, message| {
+                        use ort::logging::LogLevel;
+                        match level {
+                            LogLevel::Fatal | LogLevel::Error => {
+                                tracing::debug!(target: "onnxruntime", %category, %location, "{message}")
+                            }
+                            LogLevel::Warning => tracing::debug!(target: "onnxruntime", %category, "{message}"),
+                            _ => tracing::trace!(target: "onnxruntime", %category, "{message}"),
+                        }
+                    });
                 let env = builder.with_name("edgelm").with_telemetry(false).with_logger(logger).build();
                 return match env {
                     Ok(env) => Ok((path, env)),

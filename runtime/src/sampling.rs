@@ -42,13 +42,7 @@ impl Default for SamplingParams {
     /// Greedy decoding: temperature 0, top_k 0, top_p 1.0,
     /// repetition_penalty 1.0, seed 0.
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            repetition_penalty: 1.0,
-            seed: 0,
-        }
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
     }
 }
 
@@ -146,9 +140,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// Scores in the scratch buffer are never NaN.
 #[inline]
 fn desc(a: &(f32, u32), b: &(f32, u32)) -> Ordering {
-    b.0.partial_cmp(&a.0)
-        .unwrap_or(Ordering::Equal)
-        .then(a.1.cmp(&b.1))
+    b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1))
 }
 
 /// The first nucleus pass sorts this many candidates. If their mass is short of
@@ -174,12 +166,7 @@ pub struct Sampler {
 impl Sampler {
     /// Creates a sampler with its random generator seeded from `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
-        Self {
-            rng: Rng::new(params.seed),
-            params,
-            scratch: Vec::new(),
-            seen: Vec::new(),
-        }
+        Self { rng: Rng::new(params.seed), params, scratch: Vec::new(), seen: Vec::new() }
     }
 
     /// The settings this sampler was built with.
@@ -214,15 +201,10 @@ impl Sampler {
 
         let temperature = self.params.temperature;
         self.scratch.clear();
-        self.scratch
-            .extend(logits.iter().enumerate().map(|(i, &v)| {
-                let x = if v.is_nan() {
-                    f32::NEG_INFINITY
-                } else {
-                    v / temperature
-                };
-                (x, i as u32)
-            }));
+        self.scratch.extend(logits.iter().enumerate().map(|(i, &v)| {
+            let x = if v.is_nan() { f32::NEG_INFINITY } else { v / temperature };
+            (x, i as u32)
+        }));
 
         // Top-k: partial selection, O(vocab) on average, no full sort.
         let k = self.params.top_k;
@@ -232,10 +214,7 @@ impl Sampler {
         }
 
         // Numerically stable softmax (unnormalised, the sum is kept aside).
-        let max = self
-            .scratch
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, &(x, _)| if x > m { x } else { m });
+        let max = self.scratch.iter().fold(f32::NEG_INFINITY, |m, &(x, _)| if x > m { x } else { m });
         if max == f32::NEG_INFINITY {
             // Every entry is -inf or NaN: nothing can be sampled meaningfully.
             return argmax(logits);
@@ -293,11 +272,7 @@ impl Sampler {
     fn apply_top_p(&mut self, top_p: f32, total: f64) -> f64 {
         let n = self.scratch.len();
         // NaN or top_p <= 0 gives a target of 0, so only the first token is kept.
-        let target = if top_p > 0.0 {
-            top_p as f64 * total
-        } else {
-            0.0
-        };
+        let target = if top_p > 0.0 { top_p as f64 * total } else { 0.0 };
         let mut window = TOP_P_FIRST_WINDOW.min(n);
         loop {
             if window < n {
@@ -352,20 +327,12 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams {
-            temperature,
-            top_k,
-            top_p,
-            repetition_penalty: 1.0,
-            seed,
-        }
+        SamplingParams { temperature, top_k, top_p, repetition_penalty: 1.0, seed }
     }
 
     /// Logits that follow a simple deterministic pattern, with a unique maximum at `peak`.
     fn test_logits(n: usize, peak: usize) -> Vec<f32> {
-        let mut v: Vec<f32> = (0..n)
-            .map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0)
-            .collect();
+        let mut v: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
         v[peak] = 5.0;
         v
     }
@@ -510,10 +477,7 @@ mod tests {
 
     #[test]
     fn repetition_penalty_changes_argmax() {
-        let rp = |r: f32| SamplingParams {
-            repetition_penalty: r,
-            ..SamplingParams::default()
-        };
+        let rp = |r: f32| SamplingParams { repetition_penalty: r, ..SamplingParams::default() };
         // Positive logit: divided.
         let mut s = Sampler::new(rp(1.2));
         let mut l = vec![2.0f32, 1.9, -1.0];
@@ -555,10 +519,7 @@ mod tests {
         }
         for (i, (&c, &p)) in counts.iter().zip(expect.iter()).enumerate() {
             let freq = c as f64 / draws as f64;
-            assert!(
-                (freq - p).abs() < 0.02,
-                "token {i}: freq {freq:.4} vs p {p:.4}"
-            );
+            assert!((freq - p).abs() < 0.02, "token {i}: freq {freq:.4} vs p {p:.4}");
         }
     }
 
@@ -581,10 +542,7 @@ mod tests {
             params(1.0, 0, 1.0, 1),
             params(0.8, 2, 0.9, 2),
             params(1.0, 0, 0.5, 3),
-            SamplingParams {
-                repetition_penalty: 1.3,
-                ..params(1.0, 3, 0.95, 4)
-            },
+            SamplingParams { repetition_penalty: 1.3, ..params(1.0, 3, 0.95, 4) },
         ] {
             let mut s = Sampler::new(p);
             for _ in 0..200 {

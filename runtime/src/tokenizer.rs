@@ -16,8 +16,8 @@ pub struct TextCodec {
 impl TextCodec {
     /// Loads `tokenizer.json`.
     pub fn load(path: &Path, chat_template: Option<String>, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
-        let tokenizer = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let tokenizer =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let name = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
         Ok(TextCodec { bos_token: name(bos), eos_token: name(eos), tokenizer, chat_template })
     }
@@ -55,10 +55,8 @@ impl TextCodec {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
         env.add_template("chat", template).map_err(|e| Error::Template(e.to_string()))?;
-        let msgs: Vec<_> = messages
-            .iter()
-            .map(|(role, content)| minijinja::context! { role => role, content => content })
-            .collect();
+        let msgs: Vec<_> =
+            messages.iter().map(|(role, content)| minijinja::context! { role => role, content => content }).collect();
         env.get_template("chat")
             .and_then(|t| {
                 t.render(minijinja::context! {

@@ -20,7 +20,12 @@ pub fn bin(name: &str) -> PathBuf {
     let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
     let p = target.join(profile).join(name);
-    assert!(p.exists(), "{} is missing: run `cargo build{}` first (just test does)", p.display(), if profile == "release" { " --release" } else { "" });
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build{}` first (just test does)",
+        p.display(),
+        if profile == "release" { " --release" } else { "" }
+    );
     p
 }
 

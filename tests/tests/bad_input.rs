@@ -75,16 +75,26 @@ fn prompt_errors() {
     fails_with(&["run", b, "--prompt", ""], "prompt is empty");
     fails_with(&["run", b, "--prompt-ids", "1,99999"], "outside the vocabulary");
 
-    let mut engine = Engine::open(&b, &EngineOptions::default()).unwrap();
+    let mut engine = Engine::open(b, &EngineOptions::default()).unwrap();
     let p = GenerateParams::default();
     assert!(matches!(engine.generate(&[], &p, |_| ControlFlow::Continue(())), Err(Error::InvalidRequest(_))));
-    assert!(matches!(engine.generate(&[5, 384], &p, |_| ControlFlow::Continue(())), Err(Error::TokenOutOfRange { id: 384, vocab: 384 })));
+    assert!(matches!(
+        engine.generate(&[5, 384], &p, |_| ControlFlow::Continue(())),
+        Err(Error::TokenOutOfRange { id: 384, vocab: 384 })
+    ));
     // The engine is still usable after refusing requests.
-    let g = engine.generate(&[5, 6, 7], &GenerateParams { max_new_tokens: 3, ignore_eos: true, ..p }, |_| ControlFlow::Continue(())).unwrap();
+    let g = engine
+        .generate(&[5, 6, 7], &GenerateParams { max_new_tokens: 3, ignore_eos: true, ..p }, |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
     assert_eq!(g.generated_ids.len(), 3);
 }
 
 #[test]
 fn missing_ort_library_names_where_it_looked() {
-    fails_with(&["--ort-lib", "/nonexistent/libonnxruntime.so", "run", bundle("tiny").to_str().unwrap(), "--prompt-ids", "1"], "/nonexistent/libonnxruntime.so does not exist");
+    fails_with(
+        &["--ort-lib", "/nonexistent/libonnxruntime.so", "run", bundle("tiny").to_str().unwrap(), "--prompt-ids", "1"],
+        "/nonexistent/libonnxruntime.so does not exist",
+    );
 }

@@ -29,7 +29,20 @@ fn candle_greedy(preset: &str) -> Vec<u32> {
 fn edgelm_greedy(preset: &str, kv: &str) -> Vec<u32> {
     let b = bundle(preset);
     let n = NEW.to_string();
-    let out = edgelm(&["run", b.to_str().unwrap(), "--prompt-ids", &csv(&prompt()), "--max-new-tokens", &n, "--ignore-eos", "--json", "--kv-cache", kv, "--temperature", "0"]);
+    let out = edgelm(&[
+        "run",
+        b.to_str().unwrap(),
+        "--prompt-ids",
+        &csv(&prompt()),
+        "--max-new-tokens",
+        &n,
+        "--ignore-eos",
+        "--json",
+        "--kv-cache",
+        kv,
+        "--temperature",
+        "0",
+    ]);
     ids(&json_ok(&out)["generated_ids"])
 }
 
@@ -48,10 +61,13 @@ fn edgelm_matches_candle_in_both_cache_modes() {
 fn onnxruntime_genai_matches_edgelm() {
     for preset in PRESETS {
         let b = bundle(preset);
-        let out = run(Command::new(python())
-            .arg(root().join("tests/python/genai_generate.py"))
-            .arg(&b)
-            .args(["--ids", &csv(&prompt()), "--max-new-tokens", &NEW.to_string(), "--ignore-eos"]));
+        let out = run(Command::new(python()).arg(root().join("tests/python/genai_generate.py")).arg(&b).args([
+            "--ids",
+            &csv(&prompt()),
+            "--max-new-tokens",
+            &NEW.to_string(),
+            "--ignore-eos",
+        ]));
         assert!(out.status.success(), "genai failed on {preset}: {}", String::from_utf8_lossy(&out.stderr));
         let genai: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(genai, edgelm_greedy(preset, "shared"), "{preset}: genai vs edgelm");

@@ -23,7 +23,20 @@ fn csv(ids: &[u32]) -> String {
 }
 
 fn edgelm_greedy(dir: &std::path::Path, prompt: &[u32], n: usize, kv: &str) -> Vec<u32> {
-    let out = edgelm(&["run", dir.to_str().unwrap(), "--prompt-ids", &csv(prompt), "--max-new-tokens", &n.to_string(), "--ignore-eos", "--temperature", "0", "--json", "--kv-cache", kv]);
+    let out = edgelm(&[
+        "run",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &csv(prompt),
+        "--max-new-tokens",
+        &n.to_string(),
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--json",
+        "--kv-cache",
+        kv,
+    ]);
     ids(&json_ok(&out)["generated_ids"])
 }
 
@@ -38,7 +51,8 @@ fn transformers_checkpoints_match_candle_and_the_exported_bundle() {
         let input = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let logits = model.forward(&input, &mut model.new_cache()).unwrap();
         let last: Vec<f32> = logits.squeeze(0).unwrap().get(prompt.len() - 1).unwrap().to_vec1().unwrap();
-        let reference: Vec<f32> = m["last_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let reference: Vec<f32> =
+            m["last_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         let diff = last.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-4, "{name}: candle vs transformers logits differ by {diff}");
         let greedy = ids(&m["transformers_greedy"]);
@@ -72,7 +86,16 @@ fn genai_builder_models_reproduce_genai_greedy_tokens() {
 #[test]
 fn genai_folder_takes_text_prompts_with_its_tokenizer() {
     let dir = fixtures().join("genai/llama-gqa-int4");
-    let out = json_ok(&edgelm(&["run", dir.to_str().unwrap(), "--prompt", "Open the garage door", "--max-new-tokens", "5", "--ignore-eos", "--json"]));
+    let out = json_ok(&edgelm(&[
+        "run",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Open the garage door",
+        "--max-new-tokens",
+        "5",
+        "--ignore-eos",
+        "--json",
+    ]));
     assert_eq!(ids(&out["generated_ids"]).len(), 5);
     assert!(ids(&out["prompt_ids"]).len() >= 3, "the prompt was tokenized");
 }

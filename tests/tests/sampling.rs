@@ -5,7 +5,16 @@ use edgelm_e2e::{bundle, edgelm, ids, json_ok};
 
 fn generate(extra: &[&str]) -> serde_json::Value {
     let b = bundle("tiny-tied");
-    let mut args = vec!["run", b.to_str().unwrap(), "--prompt", "Set the kitchen heater to 21.5 degrees at 7pm", "--max-new-tokens", "32", "--ignore-eos", "--json"];
+    let mut args = vec![
+        "run",
+        b.to_str().unwrap(),
+        "--prompt",
+        "Set the kitchen heater to 21.5 degrees at 7pm",
+        "--max-new-tokens",
+        "32",
+        "--ignore-eos",
+        "--json",
+    ];
     args.extend_from_slice(extra);
     json_ok(&edgelm(&args))
 }
@@ -19,7 +28,8 @@ fn top_k_one_is_greedy() {
 
 #[test]
 fn a_seed_repeats_and_seeds_differ() {
-    let run = |seed: &str| ids(&generate(&["--temperature", "1.5", "--top-p", "0.95", "--seed", seed])["generated_ids"]);
+    let run =
+        |seed: &str| ids(&generate(&["--temperature", "1.5", "--top-p", "0.95", "--seed", seed])["generated_ids"]);
     let a = run("1");
     assert_eq!(a, run("1"), "same seed, same tokens");
     let others: Vec<_> = ["2", "3", "4"].iter().map(|s| run(s)).collect();
@@ -29,7 +39,19 @@ fn a_seed_repeats_and_seeds_differ() {
 #[test]
 fn streamed_text_is_valid_utf8_and_equals_the_final_text() {
     let b = bundle("tiny-tied");
-    let args = ["run", b.to_str().unwrap(), "--prompt", "温度は二十一度です。 Le café est prêt.", "--max-new-tokens", "48", "--ignore-eos", "--temperature", "1.2", "--seed", "5"];
+    let args = [
+        "run",
+        b.to_str().unwrap(),
+        "--prompt",
+        "温度は二十一度です。 Le café est prêt.",
+        "--max-new-tokens",
+        "48",
+        "--ignore-eos",
+        "--temperature",
+        "1.2",
+        "--seed",
+        "5",
+    ];
     let streamed = edgelm(&args);
     assert!(streamed.status.success());
     let text = String::from_utf8(streamed.stdout).expect("stdout is valid UTF-8");

@@ -101,18 +101,11 @@ pub struct RopeConfig {
 impl RopeConfig {
     /// Inverse frequencies for a rotary dimension `dim` (even), after scaling: `dim / 2` values.
     pub fn inv_freq(&self, dim: usize) -> Vec<f64> {
-        let base: Vec<f64> = (0..dim / 2)
-            .map(|i| 1.0 / self.theta.powf(2.0 * i as f64 / dim as f64))
-            .collect();
+        let base: Vec<f64> = (0..dim / 2).map(|i| 1.0 / self.theta.powf(2.0 * i as f64 / dim as f64)).collect();
         match self.scaling {
             RopeScaling::Default => base,
             RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            } => {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 let old = original_max_position_embeddings as f64;
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
@@ -124,8 +117,7 @@ impl RopeConfig {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth = (old / wavelen - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -255,15 +247,11 @@ fn parse_rope(theta: Option<f64>, scaling: Option<&Value>, params: Option<&Value
     let Some(s) = scaling.filter(|s| !s.is_null()) else {
         return Ok(RopeConfig { theta, scaling: RopeScaling::Default });
     };
-    let kind = s
-        .get("rope_type")
-        .or_else(|| s.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |key: &str| -> Result<f64> {
-        s.get(key).and_then(Value::as_f64).ok_or_else(|| Error::InvalidConfig {
-            what: format!("rope type `{kind}` needs a numeric `{key}`"),
-        })
+        s.get(key)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| Error::InvalidConfig { what: format!("rope type `{kind}` needs a numeric `{key}`") })
     };
     let scaling = match kind {
         "default" => RopeScaling::Default,
@@ -282,9 +270,8 @@ fn parse_rope(theta: Option<f64>, scaling: Option<&Value>, params: Option<&Value
 impl ModelConfig {
     /// Parses the text of a transformers `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let raw: HfConfig = serde_json::from_str(text).map_err(|e| Error::InvalidConfig {
-            what: format!("config.json is not a llama-family config: {e}"),
-        })?;
+        let raw: HfConfig = serde_json::from_str(text)
+            .map_err(|e| Error::InvalidConfig { what: format!("config.json is not a llama-family config: {e}") })?;
         let architecture = Architecture::from_hf(raw.model_type.as_deref(), &raw.architectures)?;
         if let Some(act) = raw.hidden_act.as_deref() {
             if act != "silu" && act != "swish" {
@@ -294,7 +281,10 @@ impl ModelConfig {
             }
         }
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if raw.num_attention_heads == 0 || num_key_value_heads == 0 || raw.num_attention_heads % num_key_value_heads != 0 {
+        if raw.num_attention_heads == 0
+            || num_key_value_heads == 0
+            || !raw.num_attention_heads.is_multiple_of(num_key_value_heads)
+        {
             return Err(Error::InvalidConfig {
                 what: format!(
                     "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
@@ -303,7 +293,7 @@ impl ModelConfig {
             });
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::InvalidConfig { what: format!("head_dim {head_dim} must be even and positive") });
         }
         let rope = parse_rope(raw.rope_theta, raw.rope_scaling.as_ref(), raw.rope_parameters.as_ref())?;
@@ -410,11 +400,12 @@ impl ModelConfig {
     /// Number of parameters, counting a tied embedding once.
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;
-        let attn = h * self.q_dim() + 2 * h * self.kv_dim() + self.q_dim() * h
+        let attn = h * self.q_dim()
+            + 2 * h * self.kv_dim()
+            + self.q_dim() * h
             + if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 }
             + if self.o_bias { h } else { 0 };
-        let mlp = 3 * h * self.intermediate_size
-            + if self.mlp_bias { 2 * self.intermediate_size + h } else { 0 };
+        let mlp = 3 * h * self.intermediate_size + if self.mlp_bias { 2 * self.intermediate_size + h } else { 0 };
         let per_layer = attn + mlp + 2 * h;
         let emb = self.vocab_size * h;
         emb + if self.tie_word_embeddings { 0 } else { emb } + self.num_hidden_layers * per_layer + h
@@ -447,7 +438,12 @@ mod tests {
     fn unknown_rope_and_architecture_are_refused() {
         let e = parse(r#","rope_scaling":{"rope_type":"yarn","factor":4.0}"#).unwrap_err();
         assert!(matches!(e, Error::UnsupportedRope { ref rope_type } if rope_type == "yarn"), "{e}");
-        let e = ModelConfig::from_hf_json(&BASE.replace("llama", "gpt2").replace("\"max_position_embeddings\":256", "\"max_position_embeddings\":256}")).unwrap_err();
+        let e = ModelConfig::from_hf_json(
+            &BASE
+                .replace("llama", "gpt2")
+                .replace("\"max_position_embeddings\":256", "\"max_position_embeddings\":256}"),
+        )
+        .unwrap_err();
         assert!(matches!(e, Error::UnsupportedArchitecture { .. }), "{e}");
     }
 
@@ -455,7 +451,12 @@ mod tests {
     fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
         let r = RopeConfig {
             theta: 500_000.0,
-            scaling: RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 },
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            },
         };
         let plain = RopeConfig { theta: 500_000.0, scaling: RopeScaling::Default }.inv_freq(128);
         let scaled = r.inv_freq(128);

@@ -36,18 +36,17 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).at(path)?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::InvalidConfig { what: format!("{}: {e}", path.display()) })
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::InvalidConfig { what: format!("{}: {e}", path.display()) })
 }
 
 /// The safetensors files of a checkpoint folder, in a stable order.
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if let Some(v) = read_json(&index)? {
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::InvalidConfig {
-            what: format!("{} has no weight_map", index.display()),
-        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::InvalidConfig { what: format!("{} has no weight_map", index.display()) })?;
         let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
@@ -56,10 +55,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     Err(Error::InvalidConfig {
-        what: format!(
-            "{} has neither model.safetensors nor model.safetensors.index.json",
-            dir.display()
-        ),
+        what: format!("{} has neither model.safetensors nor model.safetensors.index.json", dir.display()),
     })
 }
 
@@ -100,10 +96,10 @@ impl Checkpoint {
 
     /// A weight by name, checked against the expected shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<&Tensor> {
-        let t = self.tensors.get(name).ok_or_else(|| Error::Tensor {
-            name: name.to_owned(),
-            what: "missing from the checkpoint".into(),
-        })?;
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::Tensor { name: name.to_owned(), what: "missing from the checkpoint".into() })?;
         if t.dims() != shape {
             return Err(Error::Tensor {
                 name: name.to_owned(),
@@ -128,7 +124,11 @@ impl Checkpoint {
             .as_ref()
             .map(|g| config::token_ids(&g.get("eos_token_id").cloned()))
             .unwrap_or_default();
-        if from_gen.is_empty() { self.config.eos_token_ids.clone() } else { from_gen }
+        if from_gen.is_empty() {
+            self.config.eos_token_ids.clone()
+        } else {
+            from_gen
+        }
     }
 
     /// Beginning-of-sequence id: generation_config.json wins over config.json.

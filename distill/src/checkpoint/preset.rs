@@ -86,12 +86,9 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
             },
             ..tiny
         },
-        "tiny-mistral" => ModelConfig {
-            architecture: Architecture::Mistral,
-            num_key_value_heads: 1,
-            head_dim: 32,
-            ..tiny
-        },
+        "tiny-mistral" => {
+            ModelConfig { architecture: Architecture::Mistral, num_key_value_heads: 1, head_dim: 32, ..tiny }
+        }
         "smollm2-135m" => ModelConfig {
             vocab_size: 49152,
             hidden_size: 576,
@@ -142,7 +139,11 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String,
         if c.o_bias {
             put(format!("{p}.self_attn.o_proj.bias"), &[h], 0.0, 0.1)?;
         }
-        for (proj, o, i_) in [("gate_proj", c.intermediate_size, h), ("up_proj", c.intermediate_size, h), ("down_proj", h, c.intermediate_size)] {
+        for (proj, o, i_) in [
+            ("gate_proj", c.intermediate_size, h),
+            ("up_proj", c.intermediate_size, h),
+            ("down_proj", h, c.intermediate_size),
+        ] {
             put(format!("{p}.mlp.{proj}.weight"), &[o, i_], 0.0, lin(i_))?;
             if c.mlp_bias {
                 put(format!("{p}.mlp.{proj}.bias"), &[o], 0.0, 0.1)?;

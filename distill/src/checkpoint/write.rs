@@ -51,10 +51,8 @@ pub fn write_checkpoint(
         shards.last_mut().expect("non-empty").push(name);
     }
     let save = |names: &[&String], file: &Path| -> Result<()> {
-        let part: HashMap<String, Tensor> = names
-            .iter()
-            .map(|n| Ok(((*n).clone(), tensors[*n].to_dtype(opts.dtype)?)))
-            .collect::<Result<_>>()?;
+        let part: HashMap<String, Tensor> =
+            names.iter().map(|n| Ok(((*n).clone(), tensors[*n].to_dtype(opts.dtype)?))).collect::<Result<_>>()?;
         candle_core::safetensors::save(&part, file)
             .map_err(|e| Error::Other(format!("writing {}: {e}", file.display())))
     };

@@ -46,17 +46,30 @@ pub fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<ModelProto> 
             "sliding-window attention is not exported yet; set sliding_window to null if the model never exceeds its window".into(),
         ));
     }
-    if c.head_dim % 16 != 0 {
+    if !c.head_dim.is_multiple_of(16) {
         return Err(Error::InvalidConfig {
-            what: format!("head_dim {} is not a multiple of 16, which ONNX Runtime's rotary attention needs", c.head_dim),
+            what: format!(
+                "head_dim {} is not a multiple of 16, which ONNX Runtime's rotary attention needs",
+                c.head_dim
+            ),
         });
     }
     let (h, layers) = (c.hidden_size, c.num_hidden_layers);
     let mut g = GraphBuilder::new("edgelm-decoder");
     g.input("input_ids", DataType::Int64, &[sym("batch_size"), sym("sequence_length")]);
     g.input("attention_mask", DataType::Int64, &[sym("batch_size"), sym("total_sequence_length")]);
-    let kv_past = [sym("batch_size"), Dim::Fixed(c.num_key_value_heads as i64), sym("past_sequence_length"), Dim::Fixed(c.head_dim as i64)];
-    let kv_present = [sym("batch_size"), Dim::Fixed(c.num_key_value_heads as i64), sym("total_sequence_length"), Dim::Fixed(c.head_dim as i64)];
+    let kv_past = [
+        sym("batch_size"),
+        Dim::Fixed(c.num_key_value_heads as i64),
+        sym("past_sequence_length"),
+        Dim::Fixed(c.head_dim as i64),
+    ];
+    let kv_present = [
+        sym("batch_size"),
+        Dim::Fixed(c.num_key_value_heads as i64),
+        sym("total_sequence_length"),
+        Dim::Fixed(c.head_dim as i64),
+    ];
     for i in 0..layers {
         for kind in ["key", "value"] {
             g.input(&format!("past_key_values.{i}.{kind}"), DataType::Float, &kv_past);
@@ -133,13 +146,19 @@ pub fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<ModelProto> 
         let past_v = format!("past_key_values.{i}.value");
         let present_k = format!("present.{i}.key");
         let present_v = format!("present.{i}.value");
-        let attn = g.node("GroupQueryAttention", MS_DOMAIN, &[&packed, "", "", &past_k, &past_v, &seqlens_k, &total, &cos, &sin], 1, vec![
-            Attr::int("num_heads", c.num_attention_heads as i64),
-            Attr::int("kv_num_heads", c.num_key_value_heads as i64),
-            Attr::float("scale", 1.0 / (c.head_dim as f32).sqrt()),
-            Attr::int("do_rotary", 1),
-            Attr::int("rotary_interleaved", 0),
-        ]);
+        let attn = g.node(
+            "GroupQueryAttention",
+            MS_DOMAIN,
+            &[&packed, "", "", &past_k, &past_v, &seqlens_k, &total, &cos, &sin],
+            1,
+            vec![
+                Attr::int("num_heads", c.num_attention_heads as i64),
+                Attr::int("kv_num_heads", c.num_key_value_heads as i64),
+                Attr::float("scale", 1.0 / (c.head_dim as f32).sqrt()),
+                Attr::int("do_rotary", 1),
+                Attr::int("rotary_interleaved", 0),
+            ],
+        );
         // The node above wrote its KV outputs under generated names; rename by re-emitting
         // the node with the graph's present names.
         let attn_out = attn[0].clone();
@@ -157,7 +176,8 @@ pub fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<ModelProto> 
         g.set_scope(format!("/model/layers.{i}/post_attention_layernorm"));
         let w = ck.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
         let w = g.init_f32(&format!("{p}.post_attention_layernorm.weight"), &[h], &flat(w)?);
-        let outs = g.node("SkipSimplifiedLayerNormalization", MS_DOMAIN, &[&attn_proj, &residual, &w], 4, vec![eps_attr()]);
+        let outs =
+            g.node("SkipSimplifiedLayerNormalization", MS_DOMAIN, &[&attn_proj, &residual, &w], 4, vec![eps_attr()]);
         let normed = outs[0].clone();
         residual = outs[3].clone();
         blank_outputs(&mut g, &[1, 2]);
@@ -184,7 +204,10 @@ pub fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<ModelProto> 
 
         // Residual add + the next norm (the next layer's input norm, or the final norm).
         let (scope, norm_name) = if i + 1 < layers {
-            (format!("/model/layers.{}/input_layernorm", i + 1), format!("model.layers.{}.input_layernorm.weight", i + 1))
+            (
+                format!("/model/layers.{}/input_layernorm", i + 1),
+                format!("model.layers.{}.input_layernorm.weight", i + 1),
+            )
         } else {
             ("/model/norm".to_owned(), "model.norm.weight".to_owned())
         };

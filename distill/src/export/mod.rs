@@ -11,7 +11,9 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 
 use edgelm_runtime::bundle::{self, FileEntry, GenerationDefaults, Manifest, Source};
-use edgelm_runtime::genai_config::{DecoderInputs, DecoderOutputs, DecoderSection, GenaiConfig, ModelSection, SearchSection};
+use edgelm_runtime::genai_config::{
+    DecoderInputs, DecoderOutputs, DecoderSection, GenaiConfig, ModelSection, SearchSection,
+};
 
 pub use graph::{build_decoder, LogitsMode};
 pub use verify::{verify_bundle, VerifyReport};
@@ -108,11 +110,7 @@ fn genai_config(ck: &Checkpoint) -> GenaiConfig {
             model_type: c.architecture.model_type().into(),
             vocab_size: c.vocab_size,
         },
-        search: SearchSection {
-            max_length: Some(c.max_position_embeddings),
-            top_k: 1,
-            ..SearchSection::default()
-        },
+        search: SearchSection { max_length: Some(c.max_position_embeddings), top_k: 1, ..SearchSection::default() },
     }
 }
 
@@ -150,8 +148,14 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
             std::fs::copy(src, out.join("tokenizer.json")).at(src)?;
             files.push("tokenizer.json".into());
             // genai's tokenizer loader needs tokenizer_config.json next to tokenizer.json.
-            let cfg = ck.tokenizer_config.clone().unwrap_or_else(|| serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast"}));
-            write_file(&out.join("tokenizer_config.json"), serde_json::to_string_pretty(&cfg).expect("json").as_bytes())?;
+            let cfg = ck
+                .tokenizer_config
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast"}));
+            write_file(
+                &out.join("tokenizer_config.json"),
+                serde_json::to_string_pretty(&cfg).expect("json").as_bytes(),
+            )?;
             files.push("tokenizer_config.json".into());
             Some("tokenizer.json".to_owned())
         }

@@ -58,5 +58,11 @@ pub fn verify_bundle(ck: &Checkpoint, dir: &Path, tolerance: f32) -> Result<Veri
         let next = edgelm_runtime::sampling::argmax(&reference);
         input = vec![next];
     }
-    Ok(VerifyReport { max_abs_diff: worst, worst_step, passed: worst <= tolerance, prompt_tokens: prompt.len(), decode_steps: DECODE_STEPS })
+    Ok(VerifyReport {
+        max_abs_diff: worst,
+        worst_step,
+        passed: worst <= tolerance,
+        prompt_tokens: prompt.len(),
+        decode_steps: DECODE_STEPS,
+    })
 }

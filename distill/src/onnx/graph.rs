@@ -2,8 +2,7 @@
 //! produces a [`ModelProto`]. It knows nothing about language models.
 
 use super::proto::{
-    AttributeProto, DataType, Dim, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    ValueInfoProto,
+    AttributeProto, DataType, Dim, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto,
 };
 
 /// Domain of ONNX Runtime's contrib operators.
@@ -72,7 +71,14 @@ impl GraphBuilder {
 
     /// Adds a node with `n_out` outputs named after the scope; returns the output names.
     /// An empty input name marks an omitted optional input.
-    pub fn node(&mut self, op: &str, domain: &str, inputs: &[&str], n_out: usize, attrs: Vec<AttributeProto>) -> Vec<String> {
+    pub fn node(
+        &mut self,
+        op: &str,
+        domain: &str,
+        inputs: &[&str],
+        n_out: usize,
+        attrs: Vec<AttributeProto>,
+    ) -> Vec<String> {
         self.counter += 1;
         let base = format!("{}/{}_{}", self.scope, op, self.counter);
         let outputs: Vec<String> = (0..n_out).map(|i| format!("{base}/output_{i}")).collect();
@@ -81,7 +87,14 @@ impl GraphBuilder {
     }
 
     /// Adds a node whose outputs have the given names (graph outputs, or `""` to skip one).
-    pub fn node_named(&mut self, op: &str, domain: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<AttributeProto>) {
+    pub fn node_named(
+        &mut self,
+        op: &str,
+        domain: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attrs: Vec<AttributeProto>,
+    ) {
         self.counter += 1;
         self.nodes.push(NodeProto {
             input: inputs.iter().map(|s| (*s).to_owned()).collect(),

@@ -324,10 +324,7 @@ impl Dim {
             Dim::Fixed(n) => Value::DimValue(*n),
             Dim::Symbolic(s) => Value::DimParam(s.clone()),
         };
-        tensor_shape_proto::Dimension {
-            value: Some(value),
-            denotation: String::new(),
-        }
+        tensor_shape_proto::Dimension { value: Some(value), denotation: String::new() }
     }
 }
 
@@ -348,17 +345,12 @@ impl From<&str> for Dim {
 /// # Panics
 /// If a dimension is negative.
 fn element_count(dims: &[i64]) -> usize {
-    dims.iter()
-        .map(|&d| usize::try_from(d).expect("tensor dimensions must be non-negative"))
-        .product()
+    dims.iter().map(|&d| usize::try_from(d).expect("tensor dimensions must be non-negative")).product()
 }
 
 fn check_len(dims: &[i64], len: usize) {
     let expected = element_count(dims);
-    assert_eq!(
-        len, expected,
-        "tensor data has {len} elements but shape {dims:?} needs {expected}"
-    );
+    assert_eq!(len, expected, "tensor data has {len} elements but shape {dims:?} needs {expected}");
 }
 
 impl TensorProto {
@@ -395,12 +387,7 @@ impl TensorProto {
     /// A tensor of any fixed-width type from bytes already in ONNX `raw_data`
     /// layout (little-endian; 4-bit types two per byte, low nibble first).
     /// The length is not checked against `dims`.
-    pub fn from_u8(
-        name: impl Into<String>,
-        dims: &[i64],
-        data_type: DataType,
-        bytes: Vec<u8>,
-    ) -> Self {
+    pub fn from_u8(name: impl Into<String>, dims: &[i64], data_type: DataType, bytes: Vec<u8>) -> Self {
         TensorProto {
             dims: dims.to_vec(),
             data_type: Some(data_type as i32),
@@ -413,59 +400,37 @@ impl TensorProto {
 
 impl AttributeProto {
     fn named(name: impl Into<String>, ty: AttributeType) -> Self {
-        AttributeProto {
-            name: name.into(),
-            r#type: ty as i32,
-            ..Default::default()
-        }
+        AttributeProto { name: name.into(), r#type: ty as i32, ..Default::default() }
     }
 
     /// An `INT` attribute (written even when `v` is 0).
     pub fn int(name: impl Into<String>, v: i64) -> Self {
-        AttributeProto {
-            i: Some(v),
-            ..Self::named(name, AttributeType::Int)
-        }
+        AttributeProto { i: Some(v), ..Self::named(name, AttributeType::Int) }
     }
 
     /// A `FLOAT` attribute (written even when `v` is 0.0).
     pub fn float(name: impl Into<String>, v: f32) -> Self {
-        AttributeProto {
-            f: Some(v),
-            ..Self::named(name, AttributeType::Float)
-        }
+        AttributeProto { f: Some(v), ..Self::named(name, AttributeType::Float) }
     }
 
     /// An `INTS` attribute.
     pub fn ints(name: impl Into<String>, v: Vec<i64>) -> Self {
-        AttributeProto {
-            ints: v,
-            ..Self::named(name, AttributeType::Ints)
-        }
+        AttributeProto { ints: v, ..Self::named(name, AttributeType::Ints) }
     }
 
     /// A `FLOATS` attribute.
     pub fn floats(name: impl Into<String>, v: Vec<f32>) -> Self {
-        AttributeProto {
-            floats: v,
-            ..Self::named(name, AttributeType::Floats)
-        }
+        AttributeProto { floats: v, ..Self::named(name, AttributeType::Floats) }
     }
 
     /// A `STRING` attribute (stored as UTF-8 bytes).
     pub fn string(name: impl Into<String>, s: &str) -> Self {
-        AttributeProto {
-            s: Some(s.as_bytes().to_vec()),
-            ..Self::named(name, AttributeType::String)
-        }
+        AttributeProto { s: Some(s.as_bytes().to_vec()), ..Self::named(name, AttributeType::String) }
     }
 
     /// A `TENSOR` attribute, e.g. the `value` of a `Constant` node.
     pub fn tensor(name: impl Into<String>, t: TensorProto) -> Self {
-        AttributeProto {
-            t: Some(t),
-            ..Self::named(name, AttributeType::Tensor)
-        }
+        AttributeProto { t: Some(t), ..Self::named(name, AttributeType::Tensor) }
     }
 }
 
@@ -473,19 +438,11 @@ impl ValueInfoProto {
     /// A tensor-typed value. The shape is always written, so `dims = &[]`
     /// declares a scalar (rank 0), not an unknown rank.
     pub fn tensor(name: impl Into<String>, elem: DataType, dims: &[Dim]) -> Self {
-        let shape = TensorShapeProto {
-            dim: dims.iter().map(Dim::to_proto).collect(),
-        };
-        let tensor = type_proto::Tensor {
-            elem_type: elem as i32,
-            shape: Some(shape),
-        };
+        let shape = TensorShapeProto { dim: dims.iter().map(Dim::to_proto).collect() };
+        let tensor = type_proto::Tensor { elem_type: elem as i32, shape: Some(shape) };
         ValueInfoProto {
             name: name.into(),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(tensor)),
-                denotation: String::new(),
-            }),
+            r#type: Some(TypeProto { value: Some(type_proto::Value::TensorType(tensor)), denotation: String::new() }),
             doc_string: String::new(),
         }
     }
@@ -520,30 +477,16 @@ mod tests {
                 TensorProto::from_f32("w", &[4], &[0.5, -1.0, 2.25, 0.0]),
                 TensorProto::from_i64("idx", &[2], &[3, 0]),
             ],
-            input: vec![ValueInfoProto::tensor(
-                "x",
-                DataType::Float,
-                &[Dim::Symbolic("batch".into()), Dim::Fixed(4)],
-            )],
-            output: vec![ValueInfoProto::tensor(
-                "z",
-                DataType::Float,
-                &[Dim::Symbolic("batch".into()), Dim::Fixed(2)],
-            )],
+            input: vec![ValueInfoProto::tensor("x", DataType::Float, &[Dim::Symbolic("batch".into()), Dim::Fixed(4)])],
+            output: vec![ValueInfoProto::tensor("z", DataType::Float, &[Dim::Symbolic("batch".into()), Dim::Fixed(2)])],
             ..Default::default()
         };
         ModelProto {
             ir_version: 10,
             producer_name: "edgelm-distill".into(),
             producer_version: "0.1.0".into(),
-            opset_import: vec![OperatorSetIdProto {
-                domain: String::new(),
-                version: 21,
-            }],
-            metadata_props: vec![StringStringEntryProto {
-                key: "k".into(),
-                value: "v".into(),
-            }],
+            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: 21 }],
+            metadata_props: vec![StringStringEntryProto { key: "k".into(), value: "v".into() }],
             graph: Some(graph),
             ..Default::default()
         }
@@ -568,11 +511,7 @@ mod tests {
     fn scalar_value_info_keeps_empty_shape() {
         let v = ValueInfoProto::tensor("s", DataType::Int64, &[]);
         let back = ValueInfoProto::decode(v.encode_to_vec().as_slice()).unwrap();
-        let Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(t)),
-            ..
-        }) = back.r#type
-        else {
+        let Some(TypeProto { value: Some(type_proto::Value::TensorType(t)), .. }) = back.r#type else {
             panic!("expected a tensor type");
         };
         assert_eq!(t.elem_type, DataType::Int64 as i32);
@@ -583,17 +522,11 @@ mod tests {
     fn opset_import_exact_bytes() {
         // Empty domain is a default value and is not written; version 21 is
         // field 2, varint: key (2 << 3) | 0 = 0x10, value 0x15.
-        let default_domain = OperatorSetIdProto {
-            domain: String::new(),
-            version: 21,
-        };
+        let default_domain = OperatorSetIdProto { domain: String::new(), version: 21 };
         assert_eq!(default_domain.encode_to_vec(), [0x10_u8, 0x15]);
 
         // Non-empty domain: field 1, length-delimited: key 0x0a, length 10.
-        let ml = OperatorSetIdProto {
-            domain: "ai.onnx.ml".into(),
-            version: 1,
-        };
+        let ml = OperatorSetIdProto { domain: "ai.onnx.ml".into(), version: 1 };
         let mut want: Vec<u8> = vec![0x0a, 10];
         want.extend_from_slice(b"ai.onnx.ml");
         want.extend_from_slice(&[0x10, 0x01]);
@@ -611,10 +544,7 @@ mod tests {
         // f (2) is fixed32: key (2 << 3) | 5 = 0x15, 0.5f32 LE = 00 00 00 3f.
         assert_eq!(
             AttributeProto::float("alpha", 0.5).encode_to_vec(),
-            [
-                0x0a, 0x05, b'a', b'l', b'p', b'h', b'a', 0x15, 0x00, 0x00, 0x00, 0x3f, 0xa0, 0x01,
-                0x01
-            ]
+            [0x0a, 0x05, b'a', b'l', b'p', b'h', b'a', 0x15, 0x00, 0x00, 0x00, 0x3f, 0xa0, 0x01, 0x01]
         );
         // ints (8) unpacked as in onnx.proto: one key 0x40 per element; type INTS = 7.
         assert_eq!(
@@ -630,20 +560,11 @@ mod tests {
         let t = TensorProto::from_f32("w", &[2], &[1.0, -2.0]);
         assert_eq!(
             t.encode_to_vec(),
-            [
-                0x08, 0x02, 0x10, 0x01, 0x42, 0x01, b'w', 0x4a, 0x08, 0x00, 0x00, 0x80, 0x3f, 0x00,
-                0x00, 0x00, 0xc0
-            ]
+            [0x08, 0x02, 0x10, 0x01, 0x42, 0x01, b'w', 0x4a, 0x08, 0x00, 0x00, 0x80, 0x3f, 0x00, 0x00, 0x00, 0xc0]
         );
         // float_data (4) is packed: one key 0x22, byte length, then the values.
-        let packed = TensorProto {
-            float_data: vec![1.0],
-            ..Default::default()
-        };
-        assert_eq!(
-            packed.encode_to_vec(),
-            [0x22_u8, 0x04, 0x00, 0x00, 0x80, 0x3f]
-        );
+        let packed = TensorProto { float_data: vec![1.0], ..Default::default() };
+        assert_eq!(packed.encode_to_vec(), [0x22_u8, 0x04, 0x00, 0x00, 0x80, 0x3f]);
     }
 
     #[test]
