@@ -38,7 +38,7 @@ demo preset=default_preset prompt="Set the kitchen heater to 21.5 degrees at 7pm
     target/release/edgelm run "$bundle" --prompt "{{prompt}}" --max-new-tokens 64
 
 # Run every test: unit, end-to-end (binaries, onnx.checker, onnxruntime-genai).
-test: setup
+test: setup lint
     cargo build --workspace --bins
     cargo test --workspace --no-fail-fast
 

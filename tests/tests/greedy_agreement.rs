@@ -80,3 +80,23 @@ fn exported_graphs_pass_onnx_checker() {
     let out = run(Command::new(python()).arg(root().join("tests/python/check_onnx.py")).args(&models));
     assert!(out.status.success(), "onnx.checker: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn all_position_logits_export_decodes_the_same() {
+    use edgelm_distill::export::{export, ExportOptions, LogitsMode};
+    let ck = Checkpoint::load(checkpoint("tiny-qwen2")).unwrap();
+    let dir = edgelm_e2e::scratch().join("bundle-all-logits");
+    export(&ck, &dir, &ExportOptions { logits: LogitsMode::All, ..ExportOptions::default() }).unwrap();
+    let n = NEW.to_string();
+    let out = edgelm(&[
+        "run",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &csv(&prompt()),
+        "--max-new-tokens",
+        &n,
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert_eq!(ids(&json_ok(&out)["generated_ids"]), candle_greedy("tiny-qwen2"));
+}

@@ -80,3 +80,32 @@ fn stop_string_ends_generation_before_it() {
     assert!(text.starts_with(t), "{t:?} is a prefix of {text:?}");
     assert!(!t.contains(&stop));
 }
+
+#[test]
+fn chat_applies_the_checkpoint_template() {
+    use edgelm_runtime::{Engine, EngineOptions};
+    let b = bundle("tiny");
+    let engine = Engine::open(&b, &EngineOptions::default()).unwrap();
+    let codec = engine.codec().unwrap();
+    let msgs = vec![("user".to_owned(), "Open the garage door".to_owned())];
+    let rendered = codec.apply_chat_template(&msgs).unwrap();
+    assert_eq!(rendered, "<|im_start|>user\nOpen the garage door<|im_end|>\n<|im_start|>assistant\n");
+    let ids = engine.encode_chat(&msgs).unwrap();
+    assert_eq!(ids[0], 1, "<|im_start|> is a special token with id 1");
+
+    // The chat command reads turns from stdin and streams an answer per turn.
+    let mut child = std::process::Command::new(edgelm_e2e::bin("edgelm"))
+        .args(["chat", b.to_str().unwrap(), "--max-new-tokens", "8"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"Open the garage door\nAnd close it\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A prompt marker before each turn and after the last one: both turns were answered.
+    assert_eq!(String::from_utf8_lossy(&out.stderr).matches("> ").count(), 3);
+    assert!(String::from_utf8(out.stdout).unwrap().ends_with('\n'));
+}
