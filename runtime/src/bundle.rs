@@ -109,6 +109,9 @@ pub struct Bundle {
     pub chat_template: Option<String>,
     /// Generation defaults (from the manifest, else from genai_config.json).
     pub generation: GenerationDefaults,
+    /// `add_bos_token` from tokenizer_config.json: text prompts must start with BOS even when
+    /// tokenizer.json's post-processor does not add it (transformers honours this flag).
+    pub add_bos_token: bool,
 }
 
 /// Lower-case hex sha256 of a file, streamed.
@@ -238,6 +241,8 @@ impl Bundle {
                 }
             }
         };
-        Ok(Bundle { dir, manifest, genai, model_path, tokenizer_path, chat_template, generation })
+        let add_bos_token =
+            tok_cfg.as_ref().and_then(|c| c.get("add_bos_token")).and_then(|v| v.as_bool()).unwrap_or(false);
+        Ok(Bundle { dir, manifest, genai, model_path, tokenizer_path, chat_template, generation, add_bos_token })
     }
 }

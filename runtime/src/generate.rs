@@ -158,7 +158,13 @@ impl Engine {
         if text.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty".into()));
         }
-        self.codec.as_ref().ok_or(Error::NoTokenizer)?.encode(text, true)
+        let mut ids = self.codec.as_ref().ok_or(Error::NoTokenizer)?.encode(text, true)?;
+        if let (true, Some(bos)) = (self.bundle.add_bos_token, self.bundle.generation.bos_token_id) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
     }
 
     /// Token ids for a conversation rendered with the chat template.

@@ -99,3 +99,24 @@ fn genai_folder_takes_text_prompts_with_its_tokenizer() {
     assert_eq!(ids(&out["generated_ids"]).len(), 5);
     assert!(ids(&out["prompt_ids"]).len() >= 3, "the prompt was tokenized");
 }
+
+#[test]
+fn add_bos_token_from_tokenizer_config_is_honoured() {
+    // The fixture tokenizer's post-processor adds nothing; tokenizer_config.json decides.
+    let prompt_ids = |add_bos: bool| {
+        let dir = scratch().join(format!("add-bos-{add_bos}"));
+        edgelm_e2e::copy_dir(&fixtures().join("genai/llama-gqa-fp32"), &dir);
+        let cfg_path = dir.join("tokenizer_config.json");
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        cfg["add_bos_token"] = add_bos.into();
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        let out =
+            edgelm(&["run", dir.to_str().unwrap(), "--prompt", "Open the door", "--max-new-tokens", "1", "--json"]);
+        ids(&json_ok(&out)["prompt_ids"])
+    };
+    let with = prompt_ids(true);
+    let without = prompt_ids(false);
+    assert_eq!(with[0], 1, "BOS (id 1 in genai_config.json) is prepended");
+    assert_eq!(&with[1..], without.as_slice());
+    assert_ne!(without[0], 1);
+}
