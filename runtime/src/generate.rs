@@ -141,6 +141,19 @@ impl Engine {
         self.decoder.kv_cache_mode()
     }
 
+    /// Bytes of weights on disk (the ONNX file plus any external data next to it).
+    pub fn weight_bytes(&self) -> u64 {
+        let model = &self.bundle.model_path;
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        size(model) + size(&model.with_extension("onnx.data"))
+    }
+
+    /// Bytes of a KV cache holding `positions` positions (f32 keys and values, every layer).
+    pub fn kv_cache_bytes(&self, positions: usize) -> u64 {
+        let d = &self.bundle.genai.model.decoder;
+        (2 * d.num_hidden_layers * d.num_key_value_heads * d.head_size * positions * 4) as u64
+    }
+
     /// Sampling defaults from the bundle.
     pub fn default_sampling(&self) -> SamplingParams {
         let g = &self.bundle.generation;

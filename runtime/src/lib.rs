@@ -14,6 +14,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod board;
 pub mod bundle;
 pub mod decoder;
 pub mod detokenize;

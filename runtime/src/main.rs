@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use edgelm_runtime::board::BoardProfile;
 use edgelm_runtime::decoder::{DecoderOptions, KvCacheMode};
 use edgelm_runtime::{Engine, EngineOptions, GenerateParams, Generation, SamplingParams};
 
@@ -19,6 +20,9 @@ struct Cli {
     /// executable, the project's .ort folder, the system).
     #[arg(long, global = true)]
     ort_lib: Option<PathBuf>,
+    /// Board profile (boards/*.toml): sets the thread count and checks the memory budget.
+    #[arg(long, global = true)]
+    board: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -135,7 +139,20 @@ fn main() {
     }
 }
 
-fn open(bundle: &PathBuf, ort_lib: Option<PathBuf>, threads: usize, kv: KvArg) -> Result<Engine> {
+fn open(
+    bundle: &PathBuf,
+    ort_lib: Option<PathBuf>,
+    board: Option<&BoardProfile>,
+    threads: usize,
+    kv: KvArg,
+) -> Result<Engine> {
+    let threads = match (threads, board) {
+        (0, Some(b)) => b.threads,
+        (t, _) => t,
+    };
+    if let Some(ep) = board.and_then(|b| b.execution_providers.first()).filter(|ep| *ep != "cpu") {
+        eprintln!("warning: execution provider `{ep}` is not built into this edgelm; running on the CPU");
+    }
     let opts = EngineOptions {
         ort_lib,
         decoder: DecoderOptions {
@@ -148,6 +165,14 @@ fn open(bundle: &PathBuf, ort_lib: Option<PathBuf>, threads: usize, kv: KvArg) -
         },
     };
     Engine::open(bundle, &opts).with_context(|| format!("opening {}", bundle.display()))
+}
+
+/// Refuses a request whose weights plus KV cache exceed the board's memory budget.
+fn check_budget(engine: &Engine, board: Option<&BoardProfile>, positions: usize) -> Result<()> {
+    if let Some(b) = board {
+        b.check_fits(engine.weight_bytes(), engine.kv_cache_bytes(positions.min(engine.context_length())))?;
+    }
+    Ok(())
 }
 
 fn params(engine: &Engine, g: &GenArgs) -> GenerateParams {
@@ -194,15 +219,18 @@ fn print_metrics(g: &Generation) {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let board = cli.board.as_deref().map(BoardProfile::load).transpose()?;
+    let board = board.as_ref();
     match cli.command {
         Command::Run(a) => {
-            let mut engine = open(&a.bundle, cli.ort_lib, a.gen.threads, a.gen.kv_cache)?;
+            let mut engine = open(&a.bundle, cli.ort_lib, board, a.gen.threads, a.gen.kv_cache)?;
             let prompt = match (&a.prompt, &a.prompt_ids) {
                 (Some(text), _) => engine.encode(text)?,
                 (None, Some(ids)) => ids.clone(),
                 (None, None) => bail!("give --prompt or --prompt-ids"),
             };
             let p = params(&engine, &a.gen);
+            check_budget(&engine, board, prompt.len() + p.max_new_tokens)?;
             if a.json {
                 let g = engine.generate(&prompt, &p, |_| ControlFlow::Continue(()))?;
                 let v = serde_json::json!({
@@ -226,7 +254,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Chat { bundle, gen } => {
-            let mut engine = open(&bundle, cli.ort_lib, gen.threads, gen.kv_cache)?;
+            let mut engine = open(&bundle, cli.ort_lib, board, gen.threads, gen.kv_cache)?;
             if !engine.codec().is_some_and(|c| c.has_chat_template()) {
                 bail!("{} has no chat template; use `edgelm run --prompt`", bundle.display());
             }
@@ -248,7 +276,7 @@ fn run(cli: Cli) -> Result<()> {
                 eprint!("> ");
             }
         }
-        Command::Bench(b) => bench(b, cli.ort_lib)?,
+        Command::Bench(b) => bench(b, cli.ort_lib, board)?,
     }
     Ok(())
 }
@@ -266,9 +294,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn bench(b: BenchArgs, ort_lib: Option<PathBuf>) -> Result<()> {
+fn bench(b: BenchArgs, ort_lib: Option<PathBuf>, board: Option<&BoardProfile>) -> Result<()> {
     let load_start = std::time::Instant::now();
-    let mut engine = open(&b.bundle, ort_lib, b.threads, b.kv_cache)?;
+    let mut engine = open(&b.bundle, ort_lib, board, b.threads, b.kv_cache)?;
+    check_budget(&engine, board, b.prompt_tokens + b.new_tokens)?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     let vocab = engine.vocab_size();
     // Synthetic prompt spread over the vocabulary, away from the special ids at the bottom.

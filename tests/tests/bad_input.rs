@@ -98,3 +98,27 @@ fn missing_ort_library_names_where_it_looked() {
         "/nonexistent/libonnxruntime.so does not exist",
     );
 }
+
+#[test]
+fn board_profiles_apply_and_bad_ones_are_refused() {
+    let b = bundle("tiny");
+    let board = edgelm_e2e::root().join("boards/x86_64-generic.toml");
+    let out = edgelm(&[
+        "--board",
+        board.to_str().unwrap(),
+        "run",
+        b.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2,3",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bad = scratch().join("bad-board.toml");
+    std::fs::write(&bad, "name = 'x'\n").unwrap();
+    fails_with(
+        &["--board", bad.to_str().unwrap(), "run", b.to_str().unwrap(), "--prompt-ids", "1"],
+        "not a valid board profile",
+    );
+}
