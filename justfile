@@ -37,10 +37,34 @@ demo preset=default_preset prompt="Set the kitchen heater to 21.5 degrees at 7pm
     target/release/edgelm-distill export "$ck" -o "$bundle"
     target/release/edgelm run "$bundle" --prompt "{{prompt}}" --max-new-tokens 64
 
-# Run every test: unit, end-to-end (binaries, onnx.checker, onnxruntime-genai).
-test: setup lint
-    cargo build --workspace --bins
+# Run every test: unit, end-to-end (binaries, C ABI under valgrind, onnx.checker,
+# onnxruntime-genai), and the firmware build for thumbv7em.
+test: setup setup-tools lint
+    cargo build --workspace
     cargo test --workspace --no-fail-fast
+
+# Host tools the tests use (gcc, valgrind), installed with apt when missing.
+setup-tools:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    missing=()
+    command -v gcc >/dev/null || missing+=(gcc)
+    command -v valgrind >/dev/null || missing+=(valgrind)
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt-get update -qq && apt-get install -y -qq "${missing[@]}"
+    fi
+
+# Regenerate include/edgelm.h from runtime/capi (cbindgen) after changing the C API.
+header:
+    EDGELM_BLESS=1 cargo test -p edgelm-capi --test header
+
+# Install the C library, header, pkg-config file and CMake snippet under PREFIX.
+capi-install prefix: build
+    mkdir -p {{prefix}}/lib/pkgconfig {{prefix}}/include {{prefix}}/lib/cmake/edgelm
+    cp target/release/libedgelm.so target/release/libedgelm.a {{prefix}}/lib/
+    cp include/edgelm.h {{prefix}}/include/
+    sed -e "s|@PREFIX@|$(realpath {{prefix}})|" -e "s|@VERSION@|$(cargo pkgid -p edgelm-capi | sed 's/.*[#@]//')|" runtime/capi/edgelm.pc.in > {{prefix}}/lib/pkgconfig/edgelm.pc
+    cp runtime/capi/edgelm.cmake {{prefix}}/lib/cmake/edgelm/
 
 # Lints as CI would run them.
 lint:

@@ -6,7 +6,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod export;
 pub mod model;
-pub mod onnx;
+pub(crate) mod onnx;
 mod rng;
 
 pub use checkpoint::{Checkpoint, ModelConfig};

@@ -47,15 +47,15 @@ impl BoardProfile {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).at(path)?;
         let p: BoardProfile = toml::from_str(&text)
-            .map_err(|e| Error::Bundle { path: path.to_path_buf(), what: format!("not a valid board profile: {e}") })?;
+            .map_err(|e| Error::Board { path: path.to_path_buf(), what: format!("not a valid board profile: {e}") })?;
         if p.threads == 0 || p.memory_budget_mib == 0 {
-            return Err(Error::Bundle {
+            return Err(Error::Board {
                 path: path.to_path_buf(),
                 what: "threads and memory_budget_mib must be positive".into(),
             });
         }
         if !matches!(p.ort.source.as_str(), "pypi-wheel" | "vendor") {
-            return Err(Error::Bundle {
+            return Err(Error::Board {
                 path: path.to_path_buf(),
                 what: format!("ort.source `{}` must be `pypi-wheel` or `vendor`", p.ort.source),
             });

@@ -190,6 +190,16 @@ impl Bundle {
                 if !path.exists() {
                     return Err(bundle_err(&dir, format!("file `{}` listed in edgelm.json is missing", f.path)));
                 }
+                let len = std::fs::metadata(&path).at(&path)?.len();
+                if len != f.bytes {
+                    return Err(bundle_err(
+                        &dir,
+                        format!(
+                        "file `{}` has {len} bytes, edgelm.json records {} (truncated or replaced); re-copy the bundle",
+                        f.path, f.bytes
+                    ),
+                    ));
+                }
                 let actual = sha256_file(&path)?;
                 if actual != f.sha256 {
                     return Err(Error::HashMismatch { path, expected: f.sha256.clone(), actual });
@@ -213,19 +223,19 @@ impl Bundle {
             Some(m) => m.tokenizer.as_deref().map(|t| inside(&dir, t)).transpose()?,
             None => Some(dir.join("tokenizer.json")).filter(|p| p.exists()),
         };
-        let tok_cfg: Option<serde_json::Value> = {
-            let p = dir.join("tokenizer_config.json");
-            if p.exists() {
-                Some(read_json(&p)?)
-            } else {
-                None
-            }
+        // In an edgelm bundle only hashed files are read; a genai folder has no hashes to check.
+        let readable = |name: &str| match &manifest {
+            Some(m) => m.files.iter().any(|f| f.path == name),
+            None => dir.join(name).exists(),
         };
-        let chat_template = manifest
-            .as_ref()
-            .and_then(|m| m.chat_template.clone())
-            .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok())
-            .or_else(|| tok_cfg.as_ref()?.get("chat_template")?.as_str().map(str::to_owned));
+        let tok_cfg: Option<serde_json::Value> =
+            if readable("tokenizer_config.json") { Some(read_json(&dir.join("tokenizer_config.json"))?) } else { None };
+        let chat_template = match &manifest {
+            Some(m) => m.chat_template.clone(),
+            None => std::fs::read_to_string(dir.join("chat_template.jinja"))
+                .ok()
+                .or_else(|| tok_cfg.as_ref()?.get("chat_template")?.as_str().map(str::to_owned)),
+        };
         let generation = match &manifest {
             Some(m) => m.generation.clone(),
             None => {

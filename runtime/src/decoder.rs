@@ -138,8 +138,12 @@ impl Decoder {
                 });
             }
         }
-        // In-place appends need an attention operator that recognises a shared buffer.
-        let mode = if opts.kv_cache == KvCacheMode::Shared && genai.search.past_present_share_buffer {
+        // In-place appends need an attention operator that recognises a shared buffer (the
+        // config says so) and a mask from which it learns the valid length.
+        let mode = if opts.kv_cache == KvCacheMode::Shared
+            && genai.search.past_present_share_buffer
+            && io.attention_mask.is_some()
+        {
             KvCacheMode::Shared
         } else {
             KvCacheMode::Growing
@@ -221,7 +225,7 @@ impl Decoder {
         }
         let total = state.pos + ids.len();
         if total > state.capacity {
-            return Err(Error::ContextOverflow { prompt: state.pos, max_new: ids.len(), context: state.capacity });
+            return Err(Error::CacheFull { position: state.pos, adding: ids.len(), capacity: state.capacity });
         }
         let s = ids.len();
         let input_ids = Tensor::from_array(([1usize, s], ids.iter().map(|&i| i as i64).collect::<Vec<_>>()))?;

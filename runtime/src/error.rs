@@ -56,7 +56,7 @@ pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     /// The prompt plus the requested tokens do not fit the model's context.
-    #[error("prompt of {prompt} tokens does not fit the context of {context} tokens (room for {max_new} new tokens was requested); shorten the prompt or lower --max-new-tokens")]
+    #[error("prompt of {prompt} tokens does not fit the context of {context} tokens (room for {max_new} new tokens was requested); shorten the prompt or ask for fewer new tokens")]
     ContextOverflow {
         /// Prompt length in tokens.
         prompt: usize,
@@ -64,6 +64,24 @@ pub enum Error {
         max_new: usize,
         /// The model's context length.
         context: usize,
+    },
+    /// A sequence's KV cache has no room for more positions.
+    #[error("the KV cache holds {capacity} positions; {position} are used and {adding} more were given")]
+    CacheFull {
+        /// Positions already cached.
+        position: usize,
+        /// Positions in this step.
+        adding: usize,
+        /// Positions the cache was sized for.
+        capacity: usize,
+    },
+    /// A board profile is malformed or does not fit the request.
+    #[error("board profile {path}: {what}")]
+    Board {
+        /// The profile file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
     },
     /// A token id is outside the model's vocabulary.
     #[error("token id {id} is outside the vocabulary of {vocab} entries")]

@@ -101,8 +101,8 @@ pub struct SearchSection {
     /// Default maximum total length.
     #[serde(default)]
     pub max_length: Option<usize>,
-    /// Whether past and present share one preallocated buffer.
-    #[serde(default = "yes")]
+    /// Whether past and present share one preallocated buffer (genai's default is false).
+    #[serde(default)]
     pub past_present_share_buffer: bool,
     /// Repetition penalty.
     #[serde(default = "one")]
@@ -121,9 +121,6 @@ pub struct SearchSection {
     pub other: serde_json::Map<String, serde_json::Value>,
 }
 
-fn yes() -> bool {
-    true
-}
 fn one() -> f32 {
     1.0
 }
@@ -133,7 +130,7 @@ impl Default for SearchSection {
         SearchSection {
             do_sample: false,
             max_length: None,
-            past_present_share_buffer: true,
+            past_present_share_buffer: false,
             repetition_penalty: 1.0,
             temperature: 1.0,
             top_k: 0,

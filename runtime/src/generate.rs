@@ -68,8 +68,8 @@ pub enum StopReason {
 /// One streamed step.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenEvent<'a> {
-    /// The token chosen.
-    pub id: u32,
+    /// The token chosen; None for the final event that releases held-back text.
+    pub id: Option<u32>,
     /// Text completed by this token (may be empty: a partial character, or held back while it
     /// might start a stop string).
     pub text: &'a str,
@@ -190,6 +190,11 @@ impl Engine {
 
     /// Generates after `prompt`, calling `on_token` for every token; the callback stops
     /// generation by returning `ControlFlow::Break(())`.
+    ///
+    /// After the last token, text that was held back (an incomplete character at the very end,
+    /// or the start of a stop string that never completed) arrives in one more event whose `id`
+    /// is None.
+    /// TTFT counts from the call, so it includes setting up the sequence's KV cache.
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -199,6 +204,12 @@ impl Engine {
         let start = Instant::now();
         if prompt.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty: give at least one token".into()));
+        }
+        if params.max_new_tokens == 0 {
+            return Err(Error::InvalidRequest("max_new_tokens must be at least 1".into()));
+        }
+        if self.codec.is_none() && params.stop_strings.iter().any(|s| !s.is_empty()) {
+            return Err(Error::InvalidRequest("stop strings need a tokenizer, and this bundle has none".into()));
         }
         let vocab = self.decoder.vocab_size();
         if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
@@ -247,7 +258,7 @@ impl Engine {
                 }
             }
             text.push_str(&piece);
-            let flow = on_token(TokenEvent { id, text: &piece });
+            let flow = on_token(TokenEvent { id: Some(id), text: &piece });
             if is_eos {
                 reason = StopReason::Eos;
                 break;
@@ -277,7 +288,10 @@ impl Engine {
                 };
                 if !tail.is_empty() {
                     text.push_str(&tail);
-                    let _ = on_token(TokenEvent { id: *generated.last().unwrap_or(&0), text: &tail });
+                    // A caller that cancelled gets no more callbacks; the text still has the tail.
+                    if reason != StopReason::Cancelled {
+                        let _ = on_token(TokenEvent { id: None, text: &tail });
+                    }
                 }
             }
         }

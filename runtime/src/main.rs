@@ -195,7 +195,11 @@ fn params(engine: &Engine, g: &GenArgs) -> GenerateParams {
 fn stream_to_stdout(has_text: bool) -> impl FnMut(edgelm_runtime::TokenEvent<'_>) -> ControlFlow<()> {
     let mut out = std::io::stdout();
     move |ev| {
-        let r = if has_text { write!(out, "{}", ev.text) } else { write!(out, "{} ", ev.id) };
+        let r = match (has_text, ev.id) {
+            (true, _) => write!(out, "{}", ev.text),
+            (false, Some(id)) => write!(out, "{id} "),
+            (false, None) => Ok(()),
+        };
         // A closed stdout (e.g. `| head`) ends generation instead of failing it.
         if r.and_then(|_| out.flush()).is_err() {
             return ControlFlow::Break(());
@@ -233,18 +237,14 @@ fn run(cli: Cli) -> Result<()> {
             check_budget(&engine, board, prompt.len() + p.max_new_tokens)?;
             if a.json {
                 let g = engine.generate(&prompt, &p, |_| ControlFlow::Continue(()))?;
-                let v = serde_json::json!({
-                    "prompt": a.prompt,
-                    "prompt_ids": g.prompt_ids,
-                    "generated_ids": g.generated_ids,
-                    "text": g.text,
-                    "stop_reason": g.stop_reason,
-                    "ttft_ms": g.metrics.ttft_ms,
-                    "prefill_tokens_per_s": g.metrics.prefill_tokens_per_s,
-                    "decode_tokens_per_s": g.metrics.decode_tokens_per_s,
-                    "peak_rss_bytes": g.metrics.peak_rss_bytes,
-                    "metrics": g.metrics,
-                });
+                // One flat object: the prompt, the generation and every metric at the top level.
+                let mut v = serde_json::json!({ "prompt": a.prompt });
+                for part in [serde_json::to_value(&g)?, serde_json::to_value(&g.metrics)?] {
+                    if let serde_json::Value::Object(fields) = part {
+                        v.as_object_mut().expect("object").extend(fields);
+                    }
+                }
+                v.as_object_mut().expect("object").remove("metrics");
                 println!("{v}");
             } else {
                 let has_text = engine.codec().is_some();
@@ -299,7 +299,13 @@ fn bench(b: BenchArgs, ort_lib: Option<PathBuf>, board: Option<&BoardProfile>) -
     let mut engine = open(&b.bundle, ort_lib, board, b.threads, b.kv_cache)?;
     check_budget(&engine, board, b.prompt_tokens + b.new_tokens)?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
+    if b.runs == 0 || b.prompt_tokens == 0 || b.new_tokens == 0 {
+        bail!("--runs, --prompt-tokens and --new-tokens must be at least 1");
+    }
     let vocab = engine.vocab_size();
+    if vocab < 4 {
+        bail!("vocabulary of {vocab} entries is too small for a synthetic prompt");
+    }
     // Synthetic prompt spread over the vocabulary, away from the special ids at the bottom.
     let prompt: Vec<u32> = (0..b.prompt_tokens).map(|i| ((1000 + i * 7919) % (vocab - 3) + 3) as u32).collect();
     let p = GenerateParams { max_new_tokens: b.new_tokens, ignore_eos: true, ..GenerateParams::default() };

@@ -35,7 +35,7 @@ fn truncated_model_is_refused_with_or_without_manifest() {
     let model = dir.join("model.onnx");
     let bytes = std::fs::read(&model).unwrap();
     std::fs::write(&model, &bytes[..bytes.len() / 3]).unwrap();
-    fails_with(&["run", dir.to_str().unwrap(), "--prompt-ids", "1,2"], "is corrupt");
+    fails_with(&["run", dir.to_str().unwrap(), "--prompt-ids", "1,2"], "truncated or replaced");
     // Without edgelm.json (a genai-style folder) the hash check cannot catch it; ONNX
     // Runtime's parse error must come back as an error all the same.
     std::fs::remove_file(dir.join("edgelm.json")).unwrap();

@@ -53,7 +53,7 @@ fn transformers_checkpoints_match_candle_and_the_exported_bundle() {
         let last: Vec<f32> = logits.squeeze(0).unwrap().get(prompt.len() - 1).unwrap().to_vec1().unwrap();
         let reference: Vec<f32> =
             m["last_logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-        let diff = last.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let diff = edgelm_distill::export::max_abs_diff(&last, &reference);
         assert!(diff < 1e-4, "{name}: candle vs transformers logits differ by {diff}");
         let greedy = ids(&m["transformers_greedy"]);
         assert_eq!(model.greedy(&prompt, n, &[]).unwrap(), greedy, "{name}: candle greedy");

@@ -292,6 +292,23 @@ impl ModelConfig {
                 ),
             });
         }
+        if raw.head_dim.is_none() && raw.hidden_size % raw.num_attention_heads != 0 {
+            return Err(Error::InvalidConfig {
+                what: format!(
+                    "hidden_size {} is not divisible by num_attention_heads {} and head_dim is not given",
+                    raw.hidden_size, raw.num_attention_heads
+                ),
+            });
+        }
+        if raw.vocab_size < 4 || raw.max_position_embeddings < 16 || raw.hidden_size == 0 || raw.num_hidden_layers == 0
+        {
+            return Err(Error::InvalidConfig {
+                what: format!(
+                    "implausible shape: vocab_size {}, max_position_embeddings {}, hidden_size {}, num_hidden_layers {}",
+                    raw.vocab_size, raw.max_position_embeddings, raw.hidden_size, raw.num_hidden_layers
+                ),
+            });
+        }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::InvalidConfig { what: format!("head_dim {head_dim} must be even and positive") });
@@ -319,8 +336,9 @@ impl ModelConfig {
             max_position_embeddings: raw.max_position_embeddings,
             rms_norm_eps: raw.rms_norm_eps,
             rope,
-            // transformers' PretrainedConfig defaults tie_word_embeddings to true.
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(true),
+            // Llama, Mistral and Qwen2 configs default to untied; Checkpoint::load treats a
+            // checkpoint without lm_head.weight as tied.
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias,
             o_bias,
             mlp_bias: raw.mlp_bias,
@@ -431,7 +449,7 @@ mod tests {
         assert_eq!(old.rope, new.rope);
         assert_eq!(old.rope.scaling, RopeScaling::Linear { factor: 2.0 });
         assert_eq!(old.head_dim, 16);
-        assert!(old.tie_word_embeddings, "transformers defaults to tied embeddings");
+        assert!(!old.tie_word_embeddings, "llama configs default to untied embeddings");
     }
 
     #[test]

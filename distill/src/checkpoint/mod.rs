@@ -84,6 +84,12 @@ impl Checkpoint {
             }
         }
         let tokenizer_json = Some(dir.join("tokenizer.json")).filter(|p| p.exists());
+        let mut config = config;
+        if !config.tie_word_embeddings && !tensors.contains_key("lm_head.weight") {
+            // Saved tied (transformers drops the shared head): the embedding is the head.
+            tracing::info!("no lm_head.weight in {}: using tied embeddings", dir.display());
+            config.tie_word_embeddings = true;
+        }
         Ok(Checkpoint {
             generation_config: read_json(&dir.join("generation_config.json"))?,
             tokenizer_config: read_json(&dir.join("tokenizer_config.json"))?,

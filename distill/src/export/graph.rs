@@ -8,6 +8,8 @@
 //! Shapes: `input_ids [batch, seq]`, `attention_mask [batch, total]` (int64),
 //! `past_key_values.N.key|value [batch, kv_heads, past, head_dim]` ->
 //! `logits [batch, seq|1, vocab]`, `present.N.key|value [batch, kv_heads, total, head_dim]`.
+//! When past and present are bound to one buffer (genai's `past_present_share_buffer`), that
+//! buffer's length is the sequence capacity and present has the same shape as past.
 
 use candle_core::Tensor;
 
@@ -39,7 +41,7 @@ fn sym(s: &str) -> Dim {
 }
 
 /// Builds the graph for a checkpoint.
-pub fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<ModelProto> {
+pub(crate) fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<ModelProto> {
     let c = &ck.config;
     if c.sliding_window.is_some() {
         return Err(Error::Other(
@@ -146,11 +148,12 @@ pub fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<ModelProto> 
         let past_v = format!("past_key_values.{i}.value");
         let present_k = format!("present.{i}.key");
         let present_v = format!("present.{i}.value");
-        let attn = g.node(
+        let attn_out = format!("/model/layers.{i}/attn/GroupQueryAttention/output_0");
+        g.node_named(
             "GroupQueryAttention",
             MS_DOMAIN,
             &[&packed, "", "", &past_k, &past_v, &seqlens_k, &total, &cos, &sin],
-            1,
+            &[&attn_out, &present_k, &present_v],
             vec![
                 Attr::int("num_heads", c.num_attention_heads as i64),
                 Attr::int("kv_num_heads", c.num_key_value_heads as i64),
@@ -159,10 +162,6 @@ pub fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<ModelProto> 
                 Attr::int("rotary_interleaved", 0),
             ],
         );
-        // The node above wrote its KV outputs under generated names; rename by re-emitting
-        // the node with the graph's present names.
-        let attn_out = attn[0].clone();
-        rename_last_node_outputs(&mut g, &[&attn_out, &present_k, &present_v]);
         let o = ck.get(&format!("{p}.self_attn.o_proj.weight"), &[h, c.q_dim()])?;
         let wo = g.init_f32(&format!("{p}.self_attn.o_proj.MatMul.weight"), &[c.q_dim(), h], &transposed(o)?);
         let mut attn_proj = g.op("MatMul", &[&attn_out, &wo], vec![]);
@@ -252,11 +251,6 @@ pub fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<ModelProto> 
         )));
     }
     Ok(g.finish(21, Some(1), env!("CARGO_PKG_VERSION")))
-}
-
-/// Gives the most recent node the given output names.
-fn rename_last_node_outputs(g: &mut GraphBuilder, names: &[&str]) {
-    g.with_last_node(|n| n.output = names.iter().map(|s| (*s).to_owned()).collect());
 }
 
 /// Marks optional outputs of the most recent node as not produced.

@@ -15,8 +15,9 @@ use edgelm_runtime::genai_config::{
     DecoderInputs, DecoderOutputs, DecoderSection, GenaiConfig, ModelSection, SearchSection,
 };
 
-pub use graph::{build_decoder, LogitsMode};
-pub use verify::{verify_bundle, VerifyReport};
+use graph::build_decoder;
+pub use graph::LogitsMode;
+pub use verify::{max_abs_diff, verify_bundle, VerifyReport};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Result};
@@ -110,7 +111,13 @@ fn genai_config(ck: &Checkpoint) -> GenaiConfig {
             model_type: c.architecture.model_type().into(),
             vocab_size: c.vocab_size,
         },
-        search: SearchSection { max_length: Some(c.max_position_embeddings), top_k: 1, ..SearchSection::default() },
+        search: SearchSection {
+            max_length: Some(c.max_position_embeddings),
+            // GroupQueryAttention appends in place when past and present are one buffer.
+            past_present_share_buffer: true,
+            top_k: 1,
+            ..SearchSection::default()
+        },
     }
 }
 
@@ -133,6 +140,12 @@ fn generation_defaults(ck: &Checkpoint) -> GenerationDefaults {
 /// Exports a loaded checkpoint into `out` and (by default) checks it numerically.
 pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
     std::fs::create_dir_all(out).at(out)?;
+    // The manifest is the mark of a checked bundle: remove a stale one first, write the new
+    // one only after the numerical check passed.
+    let manifest_path = out.join(bundle::MANIFEST);
+    if manifest_path.exists() {
+        std::fs::remove_file(&manifest_path).at(&manifest_path)?;
+    }
     let mut warnings = Vec::new();
     let model = build_decoder(ck, opts.logits)?;
     let model_path = out.join("model.onnx");
@@ -193,7 +206,6 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
         },
         report: serde_json::json!({"architecture": ck.config.architecture, "parameters": ck.config.num_parameters(), "logits": opts.logits}),
     };
-    write_file(&out.join(bundle::MANIFEST), serde_json::to_string_pretty(&manifest).expect("json").as_bytes())?;
 
     let verify = if opts.verify {
         let r = verify_bundle(ck, out, opts.tolerance)?;
@@ -209,6 +221,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
     } else {
         None
     };
+    write_file(&manifest_path, serde_json::to_string_pretty(&manifest).expect("json").as_bytes())?;
     Ok(ExportReport {
         bundle: out.to_path_buf(),
         model_bytes: std::fs::metadata(&model_path).at(&model_path)?.len(),

@@ -62,13 +62,6 @@ impl GraphBuilder {
         name.to_owned()
     }
 
-    /// Adds an initializer built elsewhere (quantized weights, for example).
-    pub fn init_raw(&mut self, tensor: TensorProto) -> String {
-        let name = tensor.name.clone();
-        self.initializers.push(tensor);
-        name
-    }
-
     /// Adds a node with `n_out` outputs named after the scope; returns the output names.
     /// An empty input name marks an omitted optional input.
     pub fn node(

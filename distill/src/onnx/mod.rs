@@ -4,4 +4,4 @@ pub mod graph;
 pub mod proto;
 
 pub use graph::{GraphBuilder, MS_DOMAIN};
-pub use proto::{AttributeProto, DataType, Dim, ModelProto, TensorProto};
+pub use proto::{AttributeProto, DataType, Dim, ModelProto};

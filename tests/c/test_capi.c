@@ -1,0 +1,185 @@
+/* Exercises the edgelm C API as a firmware or C program would, including misuse.
+ *
+ * usage: test_capi BUNDLE EXPECTED_IDS PROMPT_IDS
+ *   EXPECTED_IDS: comma-separated greedy ids the Rust runtime produced for PROMPT_IDS
+ *                 (with ignore_eos and as many new tokens as listed).
+ * Prints one line per check and a final "N passed, M failed" line; exits non-zero on failure. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "edgelm.h"
+
+static int passed, failed;
+
+#define CHECK(cond, ...)                                  \
+    do {                                                  \
+        if (cond) {                                       \
+            passed++;                                     \
+        } else {                                          \
+            failed++;                                     \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);   \
+            printf(__VA_ARGS__);                          \
+            printf(" (last error: %s)\n", edgelm_last_error()); \
+        }                                                 \
+    } while (0)
+
+static size_t parse_ids(const char *csv, uint32_t *out, size_t cap) {
+    size_t n = 0;
+    const char *p = csv;
+    while (*p && n < cap) {
+        out[n++] = (uint32_t)strtoul(p, (char **)&p, 10);
+        if (*p == ',') p++;
+    }
+    return n;
+}
+
+struct collect {
+    uint32_t ids[512];
+    size_t n;
+    char text[8192];
+    size_t text_len;
+    size_t stop_after; /* 0 = never */
+    useconds_t delay_us;
+};
+
+static bool on_token(const char *piece, size_t len, int32_t id, void *user) {
+    struct collect *c = user;
+    if (id >= 0 && c->n < 512) c->ids[c->n++] = (uint32_t)id; /* -1: trailing text only */
+    if (piece == NULL || strlen(piece) != len) return false; /* NUL-terminated, len bytes */
+    if (c->text_len + len < sizeof c->text) {
+        memcpy(c->text + c->text_len, piece, len);
+        c->text_len += len;
+        c->text[c->text_len] = 0;
+    }
+    if (c->delay_us) usleep(c->delay_us);
+    return !(c->stop_after && c->n >= c->stop_after);
+}
+
+struct cancel_args {
+    edgelm_model *model;
+    useconds_t after_us;
+};
+
+static void *cancel_later(void *arg) {
+    struct cancel_args *a = arg;
+    usleep(a->after_us);
+    edgelm_cancel(a->model);
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 4) {
+        fprintf(stderr, "usage: %s BUNDLE EXPECTED_IDS PROMPT_IDS\n", argv[0]);
+        return 2;
+    }
+    uint32_t expected[512], prompt[512];
+    size_t n_expected = parse_ids(argv[2], expected, 512);
+    size_t n_prompt = parse_ids(argv[3], prompt, 512);
+
+    CHECK(strlen(edgelm_version()) > 0, "version string");
+
+    /* Misuse before any model exists. */
+    edgelm_model *model = NULL;
+    CHECK(edgelm_model_load(NULL, NULL, &model) == EDGELM_ERR_INVALID_ARGUMENT, "NULL path");
+    CHECK(strstr(edgelm_last_error(), "path is NULL") != NULL, "message names the argument");
+    CHECK(edgelm_model_load(argv[1], NULL, NULL) == EDGELM_ERR_INVALID_ARGUMENT, "NULL out");
+    CHECK(edgelm_model_load("/nonexistent/bundle", NULL, &model) == EDGELM_ERR_BUNDLE, "missing bundle");
+    CHECK(model == NULL, "out untouched on failure");
+    CHECK(edgelm_model_load("\xff\xfe", NULL, &model) == EDGELM_ERR_INVALID_UTF8, "invalid UTF-8 path");
+
+    edgelm_load_options opts = edgelm_load_options_default();
+    opts.threads = 1;
+    edgelm_status st = edgelm_model_load(argv[1], &opts, &model);
+    CHECK(st == EDGELM_OK && model != NULL, "load bundle: %d", (int)st);
+    if (model == NULL) {
+        printf("%d passed, %d failed\n", passed, failed);
+        return 1;
+    }
+
+    /* Greedy ids equal the Rust runtime's. */
+    edgelm_gen_params params = edgelm_gen_params_default();
+    params.max_new_tokens = (uint32_t)n_expected;
+    params.ignore_eos = true;
+    struct collect c = {0};
+    edgelm_stats stats;
+    st = edgelm_generate_ids(model, prompt, n_prompt, &params, on_token, &c, &stats);
+    CHECK(st == EDGELM_OK, "generate_ids: %d", (int)st);
+    CHECK(c.n == n_expected, "token count %zu vs %zu", c.n, n_expected);
+    CHECK(stats.generated_tokens == n_expected && stats.prompt_tokens == n_prompt, "stats counts");
+    CHECK(stats.stop_reason == EDGELM_STOP_MAX_TOKENS, "stop reason max tokens");
+    CHECK(stats.ttft_ms > 0 && stats.peak_rss_bytes > 0, "stats timing and memory");
+    int same = c.n == n_expected;
+    for (size_t i = 0; same && i < n_expected; i++) same = c.ids[i] == expected[i];
+    CHECK(same, "greedy ids equal the Rust runtime's");
+
+    /* Text prompt streams text. */
+    struct collect t = {0};
+    params.max_new_tokens = 16;
+    st = edgelm_generate(model, "Open the garage door", &params, on_token, &t, NULL);
+    CHECK(st == EDGELM_OK && t.n == 16, "text generate: %d, %zu tokens", (int)st, t.n);
+
+    /* Bad arguments to generate. */
+    CHECK(edgelm_generate(model, "\xc3\x28", &params, on_token, &t, NULL) == EDGELM_ERR_INVALID_UTF8,
+          "invalid UTF-8 prompt");
+    CHECK(edgelm_generate(model, NULL, &params, on_token, &t, NULL) == EDGELM_ERR_INVALID_ARGUMENT, "NULL prompt");
+    CHECK(edgelm_generate(NULL, "hi", &params, on_token, &t, NULL) == EDGELM_ERR_INVALID_HANDLE, "NULL model");
+    int not_a_model = 42;
+    CHECK(edgelm_generate((edgelm_model *)&not_a_model, "hi", &params, NULL, NULL, NULL) == EDGELM_ERR_INVALID_HANDLE,
+          "foreign handle");
+    CHECK(edgelm_generate(model, "", &params, NULL, NULL, NULL) == EDGELM_ERR_INVALID_ARGUMENT, "empty prompt");
+    uint32_t huge = 1u << 30;
+    CHECK(edgelm_generate_ids(model, &huge, 1, &params, NULL, NULL, NULL) == EDGELM_ERR_CONTEXT_OVERFLOW,
+          "id outside the vocabulary");
+    params.n_stop_strings = 1;
+    params.stop_strings = NULL;
+    CHECK(edgelm_generate(model, "hi", &params, NULL, NULL, NULL) == EDGELM_ERR_INVALID_ARGUMENT,
+          "NULL stop_strings with a count");
+    params.n_stop_strings = 0;
+
+    /* The callback stops generation. */
+    struct collect s = {0};
+    s.stop_after = 3;
+    params.max_new_tokens = 50;
+    st = edgelm_generate_ids(model, prompt, n_prompt, &params, on_token, &s, &stats);
+    CHECK(st == EDGELM_OK && s.n == 3 && stats.stop_reason == EDGELM_STOP_CANCELLED, "callback stop: %zu", s.n);
+
+    /* edgelm_cancel from a second thread stops a long generation within a token. */
+    struct collect l = {0};
+    l.delay_us = 2000;
+    params.max_new_tokens = 200;
+    struct cancel_args ca = {model, 30000};
+    pthread_t th;
+    pthread_create(&th, NULL, cancel_later, &ca);
+    st = edgelm_generate_ids(model, prompt, n_prompt, &params, on_token, &l, &stats);
+    pthread_join(th, NULL);
+    CHECK(st == EDGELM_OK && stats.stop_reason == EDGELM_STOP_CANCELLED && l.n < 200,
+          "cancel from another thread: %zu tokens", l.n);
+    CHECK(stats.generated_tokens == l.n, "cancelled stats count the delivered tokens");
+
+    /* The model still works after all that. */
+    struct collect again = {0};
+    params.max_new_tokens = (uint32_t)n_expected;
+    st = edgelm_generate_ids(model, prompt, n_prompt, &params, on_token, &again, NULL);
+    same = st == EDGELM_OK && again.n == n_expected;
+    for (size_t i = 0; same && i < n_expected; i++) same = again.ids[i] == expected[i];
+    CHECK(same, "same greedy ids after misuse and cancellation");
+
+    /* Embeddings are refused for a causal LM, with checks first. */
+    float emb[8];
+    size_t emb_len = 0;
+    CHECK(edgelm_embed(model, "hi", emb, 8, &emb_len) == EDGELM_ERR_UNSUPPORTED, "embed unsupported");
+    CHECK(edgelm_embed(model, "hi", emb, 8, NULL) == EDGELM_ERR_INVALID_ARGUMENT, "embed NULL out_len");
+
+    /* Free, double free, use after free. */
+    CHECK(edgelm_model_free(model) == EDGELM_OK, "free");
+    CHECK(edgelm_model_free(model) == EDGELM_ERR_INVALID_HANDLE, "double free is an error");
+    CHECK(edgelm_generate(model, "hi", NULL, NULL, NULL, NULL) == EDGELM_ERR_INVALID_HANDLE, "use after free");
+    CHECK(edgelm_cancel(model) == EDGELM_ERR_INVALID_HANDLE, "cancel after free");
+    CHECK(edgelm_model_free(NULL) == EDGELM_ERR_INVALID_HANDLE, "free NULL");
+
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed == 0 ? 0 : 1;
+}

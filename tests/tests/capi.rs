@@ -1,0 +1,87 @@
+//! The C ABI from C: `tests/c/test_capi.c` compiled with gcc against `include/edgelm.h` and
+//! both the shared and the static library, checked against the Rust runtime's greedy tokens,
+//! and run under valgrind with zero errors.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use edgelm_e2e::{bundle, root, run, scratch};
+use edgelm_runtime::{Engine, EngineOptions, GenerateParams};
+
+const PROMPT: [u32; 6] = [1, 40, 97, 200, 31, 150];
+const NEW: usize = 12;
+
+fn lib_dir() -> PathBuf {
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let d =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target")).join(profile);
+    assert!(d.join("libedgelm.so").exists(), "build the C library first: cargo build -p edgelm-capi");
+    d
+}
+
+fn csv(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn rust_greedy(b: &Path) -> Vec<u32> {
+    let mut engine = Engine::open(b, &EngineOptions::default()).unwrap();
+    let p = GenerateParams { max_new_tokens: NEW, ignore_eos: true, ..GenerateParams::default() };
+    engine.generate(&PROMPT, &p, |_| ControlFlow::Continue(())).unwrap().generated_ids
+}
+
+fn compile(out: &Path, link: &[&str]) {
+    let status = run(Command::new("gcc")
+        .args(["-std=c11", "-D_DEFAULT_SOURCE", "-Wall", "-Wextra", "-Werror", "-g", "-I"])
+        .arg(root().join("include"))
+        .arg(root().join("tests/c/test_capi.c"))
+        .args(link)
+        .arg("-o")
+        .arg(out));
+    assert!(status.status.success(), "gcc failed: {}", String::from_utf8_lossy(&status.stderr));
+}
+
+fn run_c(cmd: &mut Command) {
+    let out = run(cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "C test failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn c_program_against_shared_and_static_library_and_under_valgrind() {
+    let b = bundle("tiny");
+    let expected = csv(&rust_greedy(&b));
+    let libs = lib_dir();
+    let dir = scratch().join("capi");
+    std::fs::create_dir_all(&dir).unwrap();
+    let shared = dir.join("test_shared");
+    let rpath = format!("-Wl,-rpath,{}", libs.display());
+    compile(&shared, &["-L", libs.to_str().unwrap(), "-ledgelm", &rpath, "-lpthread"]);
+    let static_ = dir.join("test_static");
+    let archive = libs.join("libedgelm.a");
+    compile(&static_, &[archive.to_str().unwrap(), "-lpthread", "-ldl", "-lm", "-lgcc_s"]);
+
+    let args = [b.to_str().unwrap(), expected.as_str(), &csv(&PROMPT)];
+    run_c(Command::new(&shared).args(args));
+    run_c(Command::new(&static_).args(args));
+
+    // valgrind: memory errors anywhere (edgelm, the C program, ONNX Runtime) fail the test.
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        panic!("valgrind is not installed (apt-get install valgrind); just test installs it");
+    }
+    let log = dir.join("valgrind.log");
+    let out = run(Command::new("valgrind")
+        .args(["--error-exitcode=99", "--leak-check=no", "--track-origins=no", "--quiet"])
+        .arg(format!("--suppressions={}", root().join("tests/c/valgrind.supp").display()))
+        .arg(format!("--log-file={}", log.display()))
+        .arg(&shared)
+        .args(args));
+    let report = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "valgrind reported errors:\n{report}\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
