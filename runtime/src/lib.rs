@@ -21,9 +21,11 @@ pub mod detokenize;
 pub mod error;
 pub mod genai_config;
 pub mod generate;
+pub mod link;
 pub mod metrics;
 pub mod ortlib;
 pub mod sampling;
+pub mod serve;
 pub mod stop;
 pub mod tokenizer;
 

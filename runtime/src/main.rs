@@ -40,6 +40,88 @@ enum Command {
     },
     /// Measure TTFT, prefill and decode speed and peak memory (median over runs).
     Bench(BenchArgs),
+    /// Serve the serial command protocol on a serial port (or TCP, for development).
+    Serve(ServeArgs),
+    /// Send a prompt to a board over the serial protocol and print the streamed answer.
+    Client(ClientArgs),
+}
+
+#[derive(Args)]
+struct LinkArgs {
+    /// Serial device (e.g. /dev/ttyUSB0).
+    #[arg(long, conflicts_with = "tcp", required_unless_present = "tcp")]
+    serial: Option<String>,
+    /// Line speed for --serial.
+    #[arg(long, default_value_t = 115_200)]
+    baud: u32,
+    /// TCP address instead of a serial port (serve: listen; client: connect).
+    #[arg(long)]
+    tcp: Option<String>,
+}
+
+impl LinkArgs {
+    fn addr(&self) -> edgelm_runtime::link::LinkAddr {
+        use edgelm_runtime::link::LinkAddr;
+        match (&self.serial, &self.tcp) {
+            (Some(path), _) => LinkAddr::Serial { path: path.clone(), baud: self.baud },
+            (None, Some(a)) => LinkAddr::Tcp(a.clone()),
+            (None, None) => unreachable!("clap requires one of --serial and --tcp"),
+        }
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    link: LinkArgs,
+    /// Bundle to load at start.
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// Folder whose bundles clients may load by name (LoadModel).
+    #[arg(long)]
+    models_dir: Option<PathBuf>,
+    /// Requests that may wait behind the running one.
+    #[arg(long, default_value_t = 4)]
+    queue: usize,
+    /// Intra-op threads; 0 = one per core.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Pace output to this line rate in bits/s (for PTY/TCP links standing in for a UART).
+    #[arg(long)]
+    line_rate: Option<u32>,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    #[command(flatten)]
+    link: LinkArgs,
+    /// Prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: u16,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep the k most likely tokens; 0 is off.
+    #[arg(long, default_value_t = 0)]
+    top_k: u16,
+    /// Nucleus mass; 1 is off.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u32,
+    /// Do not stop at end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Ask the board to load this bundle (a name inside its --models-dir) first.
+    #[arg(long)]
+    load: Option<String>,
+    /// Print the board's stats as JSON on stderr at the end.
+    #[arg(long)]
+    stats: bool,
 }
 
 #[derive(Args)]
@@ -277,6 +359,67 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Bench(b) => bench(b, cli.ort_lib, board)?,
+        Command::Serve(s) => {
+            let threads = match (s.threads, board) {
+                (0, Some(b)) => b.threads,
+                (t, _) => t,
+            };
+            let opts = edgelm_runtime::serve::ServeOptions {
+                bundle: s.bundle,
+                models_dir: s.models_dir,
+                engine: EngineOptions {
+                    ort_lib: cli.ort_lib,
+                    decoder: DecoderOptions { threads, ..DecoderOptions::default() },
+                },
+                queue: s.queue,
+                line_rate: s.line_rate,
+            };
+            edgelm_runtime::serve::serve(&s.link.addr(), opts)?;
+        }
+        Command::Client(c) => client(c)?,
+    }
+    Ok(())
+}
+
+fn client(c: ClientArgs) -> Result<()> {
+    use edgelm_protocol::client::Client;
+    use edgelm_runtime::link::{open_serial, tcp_link, EmbeddedIo, LinkAddr};
+    let link = match c.link.addr() {
+        LinkAddr::Serial { path, baud } => open_serial(&path, baud)?,
+        LinkAddr::Tcp(a) => tcp_link(std::net::TcpStream::connect(&a).with_context(|| format!("connecting to {a}"))?)?,
+    };
+    let mut client = Client::new(EmbeddedIo { reader: link.reader, writer: link.writer });
+    let info = client.hello("edgelm client").map_err(|e| anyhow::anyhow!("hello: {e}"))?;
+    eprintln!(
+        "board: edgelm {} protocol {}, model `{}`, context {}",
+        info.runtime, info.protocol, info.model, info.context
+    );
+    if let Some(name) = &c.load {
+        client.load_model(name).map_err(|e| anyhow::anyhow!("load {name}: {e}"))?;
+    }
+    let params = edgelm_protocol::GenParams {
+        max_new_tokens: c.max_new_tokens,
+        temperature: c.temperature,
+        top_k: c.top_k,
+        top_p: c.top_p,
+        seed: c.seed,
+        ignore_eos: c.ignore_eos,
+        ..edgelm_protocol::GenParams::default()
+    };
+    let mut out = std::io::stdout();
+    let stats = client
+        .generate(&c.prompt, &params, |piece| write!(out, "{piece}").and_then(|_| out.flush()).is_ok())
+        .map_err(|e| anyhow::anyhow!("generate: {e}"))?;
+    println!();
+    if c.stats {
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
+                "ttft_ms": stats.ttft_ms, "decode_tokens_per_s": stats.decode_tokens_per_s,
+                "peak_rss_kib": stats.peak_rss_kib, "stop_reason": format!("{:?}", stats.stop_reason),
+            })
+        );
     }
     Ok(())
 }

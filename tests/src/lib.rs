@@ -10,6 +10,8 @@ use edgelm_distill::checkpoint::write::WriteOptions;
 use edgelm_distill::export::{export, ExportOptions};
 use edgelm_distill::Checkpoint;
 
+pub mod line;
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -292,7 +292,7 @@ impl ModelConfig {
                 ),
             });
         }
-        if raw.head_dim.is_none() && raw.hidden_size % raw.num_attention_heads != 0 {
+        if raw.head_dim.is_none() && !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
             return Err(Error::InvalidConfig {
                 what: format!(
                     "hidden_size {} is not divisible by num_attention_heads {} and head_dim is not given",

@@ -1,0 +1,292 @@
+//! Framing: `COBS(body ++ crc16_le(body)) ++ 0x00`, where `body = postcard(Header) ++
+//! postcard(Message)`.
+//!
+//! Decoding order, and the error each step reports:
+//! 1. more than `MAX_FRAME - 1` bytes before the delimiter -> [`FrameError::TooLong`];
+//! 2. COBS chain invalid -> [`FrameError::Cobs`];
+//! 3. fewer than 2 bytes, or CRC mismatch -> [`FrameError::Crc`];
+//! 4. first body byte is not [`PROTOCOL_VERSION`] -> [`FrameError::Version`] (checked on the
+//!    raw byte, so a future header layout still yields a clean version error);
+//! 5. header or message does not decode, or bytes are left over -> [`FrameError::Malformed`].
+
+use crate::{cobs_decode_in_place, cobs_encode, cobs_encoded_len, crc16, FrameError, Header, Message};
+use crate::{MAX_FRAME, PROTOCOL_VERSION};
+
+/// Encodes one complete frame (COBS data and the closing `0x00`) into `out` and returns the
+/// written part of `out`.
+///
+/// Errors: [`FrameError::TooLong`] if the frame would exceed [`MAX_FRAME`] bytes (cannot happen
+/// for messages within the documented limits), [`FrameError::BufferTooSmall`] if `out` cannot
+/// hold it. Uses a `MAX_FRAME`-byte scratch buffer on the stack.
+///
+/// ```
+/// use edgelm_protocol::{encode_frame, Header, Message, MAX_FRAME};
+/// let mut out = [0u8; MAX_FRAME];
+/// let frame = encode_frame(&Header::new(0), &Message::Ack, &mut out).unwrap();
+/// assert_eq!(frame, &[0x02, 0x01, 0x04, 0x0D, 0x01, 0x2A, 0x00]);
+/// ```
+pub fn encode_frame<'a>(header: &Header, msg: &Message, out: &'a mut [u8]) -> Result<&'a [u8], FrameError> {
+    let mut scratch = [0u8; MAX_FRAME];
+    let body_room = MAX_FRAME - 2;
+    let head_len = postcard::to_slice(header, &mut scratch[..body_room]).map_err(|_| FrameError::TooLong)?.len();
+    let msg_len = postcard::to_slice(msg, &mut scratch[head_len..body_room]).map_err(|_| FrameError::TooLong)?.len();
+    let body_len = head_len + msg_len;
+    let crc = crc16(&scratch[..body_len]);
+    scratch[body_len..body_len + 2].copy_from_slice(&crc.to_le_bytes());
+    let raw = &scratch[..body_len + 2];
+
+    let encoded_len = cobs_encoded_len(raw);
+    if encoded_len + 1 > MAX_FRAME {
+        return Err(FrameError::TooLong);
+    }
+    if encoded_len + 1 > out.len() {
+        return Err(FrameError::BufferTooSmall);
+    }
+    let n = cobs_encode(raw, out).ok_or(FrameError::BufferTooSmall)?;
+    out[n] = 0;
+    Ok(&out[..n + 1])
+}
+
+/// Decodes the COBS bytes of one frame (everything between two delimiters, delimiter excluded)
+/// in place. `encoded` is clobbered. This is what [`FrameDecoder`] runs on each delimiter.
+pub fn decode_frame(encoded: &mut [u8]) -> Result<(Header, Message), FrameError> {
+    if encoded.len() >= MAX_FRAME {
+        return Err(FrameError::TooLong);
+    }
+    let n = cobs_decode_in_place(encoded).ok_or(FrameError::Cobs)?;
+    let Some(body_len) = n.checked_sub(2) else {
+        return Err(FrameError::Crc);
+    };
+    let (body, crc) = encoded[..n].split_at(body_len);
+    if crc16(body) != u16::from_le_bytes([crc[0], crc[1]]) {
+        return Err(FrameError::Crc);
+    }
+    match body.first() {
+        None => return Err(FrameError::Malformed),
+        Some(&v) if v != PROTOCOL_VERSION => return Err(FrameError::Version(v)),
+        Some(_) => {}
+    }
+    let (header, rest) = postcard::take_from_bytes::<Header>(body).map_err(|_| FrameError::Malformed)?;
+    let (msg, rest) = postcard::take_from_bytes::<Message>(rest).map_err(|_| FrameError::Malformed)?;
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed);
+    }
+    Ok((header, msg))
+}
+
+/// What [`FrameDecoder::push`] returns when a delimiter closes a frame.
+pub type FrameResult = Result<(Header, Message), FrameError>;
+
+/// Byte-at-a-time frame decoder with a fixed [`MAX_FRAME`]-byte buffer and no allocation.
+///
+/// Feed every received byte to [`push`](FrameDecoder::push). It answers only when a `0x00`
+/// delimiter closes a non-empty frame. After any error the decoder has dropped that frame and
+/// starts afresh with the next byte, so a receiver resynchronises on the next delimiter. A
+/// receiver that joins mid-stream gets at most one error for the partial first frame.
+#[derive(Clone)]
+pub struct FrameDecoder {
+    buf: [u8; MAX_FRAME],
+    len: usize,
+    overflow: bool,
+}
+
+impl FrameDecoder {
+    /// An empty decoder.
+    pub const fn new() -> Self {
+        FrameDecoder { buf: [0; MAX_FRAME], len: 0, overflow: false }
+    }
+
+    /// Drops any partly received frame.
+    pub fn reset(&mut self) {
+        self.len = 0;
+        self.overflow = false;
+    }
+
+    /// Number of bytes of the current, unfinished frame held so far.
+    pub fn pending(&self) -> usize {
+        self.len
+    }
+
+    /// Feeds one byte. Returns `Some` only when `byte` is a `0x00` that closes a non-empty frame:
+    /// the decoded header and message, or why the frame was dropped. Empty frames (two `0x00`
+    /// in a row) are skipped silently, so a sender may send extra delimiters to flush the line.
+    ///
+    /// A frame of more than `MAX_FRAME - 1` bytes before its delimiter is dropped as it arrives
+    /// and reported as [`FrameError::TooLong`] when its delimiter comes.
+    pub fn push(&mut self, byte: u8) -> Option<FrameResult> {
+        if byte == 0 {
+            let result = if self.overflow {
+                Some(Err(FrameError::TooLong))
+            } else if self.len == 0 {
+                None
+            } else {
+                Some(decode_frame(&mut self.buf[..self.len]))
+            };
+            self.reset();
+            return result;
+        }
+        if self.overflow {
+            return None;
+        }
+        if self.len == MAX_FRAME - 1 {
+            // With the delimiter this frame would exceed MAX_FRAME: drop it.
+            self.overflow = true;
+            return None;
+        }
+        self.buf[self.len] = byte;
+        self.len += 1;
+        None
+    }
+
+    /// Feeds a run of bytes; the iterator yields each completed frame's result. Bytes are
+    /// consumed only as the iterator advances: drive it to the end (e.g. with `for`) or the
+    /// bytes after the last yielded frame are not fed. [`Frames::remainder`] gives them back.
+    ///
+    /// ```
+    /// use edgelm_protocol::{encode_frame, FrameDecoder, Header, Message, MAX_FRAME};
+    /// let mut out = [0u8; MAX_FRAME];
+    /// let frame = encode_frame(&Header::new(7), &Message::GetStats, &mut out).unwrap();
+    /// let mut decoder = FrameDecoder::new();
+    /// let got: Vec<_> = decoder.push_slice(frame).collect();
+    /// assert_eq!(got, vec![Ok((Header::new(7), Message::GetStats))]);
+    /// ```
+    pub fn push_slice<'a>(&'a mut self, bytes: &'a [u8]) -> Frames<'a> {
+        Frames { decoder: self, bytes }
+    }
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl core::fmt::Debug for FrameDecoder {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("FrameDecoder").field("pending", &self.len).field("overflow", &self.overflow).finish()
+    }
+}
+
+/// Iterator returned by [`FrameDecoder::push_slice`].
+#[derive(Debug)]
+pub struct Frames<'a> {
+    decoder: &'a mut FrameDecoder,
+    bytes: &'a [u8],
+}
+
+impl<'a> Frames<'a> {
+    /// The bytes not fed to the decoder yet.
+    pub fn remainder(&self) -> &'a [u8] {
+        self.bytes
+    }
+}
+
+impl Iterator for Frames<'_> {
+    type Item = FrameResult;
+
+    fn next(&mut self) -> Option<FrameResult> {
+        while let Some((&byte, rest)) = self.bytes.split_first() {
+            self.bytes = rest;
+            if let Some(result) = self.decoder.push(byte) {
+                return Some(result);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GenParams, Stats};
+
+    fn encode(seq: u16, msg: &Message) -> std::vec::Vec<u8> {
+        let mut out = [0u8; MAX_FRAME];
+        encode_frame(&Header::new(seq), msg, &mut out).unwrap().to_vec()
+    }
+
+    #[test]
+    fn round_trip_through_decoder() {
+        let msg = Message::Generate { prompt: "hello".try_into().unwrap(), params: GenParams::default() };
+        let frame = encode(300, &msg);
+        let mut d = FrameDecoder::new();
+        let results: std::vec::Vec<_> = d.push_slice(&frame).collect();
+        assert_eq!(results, vec![Ok((Header::new(300), msg))]);
+    }
+
+    #[test]
+    fn empty_frames_are_skipped() {
+        let mut d = FrameDecoder::new();
+        assert!(d.push_slice(&[0, 0, 0]).next().is_none());
+        let frame = encode(1, &Message::Cancel);
+        let mut stream = vec![0, 0];
+        stream.extend_from_slice(&frame);
+        stream.push(0);
+        let results: std::vec::Vec<_> = d.push_slice(&stream).collect();
+        assert_eq!(results, vec![Ok((Header::new(1), Message::Cancel))]);
+    }
+
+    #[test]
+    fn too_long_then_resync() {
+        let mut d = FrameDecoder::new();
+        let mut stream = vec![0x55u8; MAX_FRAME + 40];
+        stream.push(0);
+        stream.extend_from_slice(&encode(2, &Message::Ack));
+        let results: std::vec::Vec<_> = d.push_slice(&stream).collect();
+        assert_eq!(results, vec![Err(FrameError::TooLong), Ok((Header::new(2), Message::Ack))]);
+    }
+
+    #[test]
+    fn longest_accepted_frame_length() {
+        // MAX_FRAME - 1 bytes plus the delimiter is accepted by the length check (it fails
+        // later, as this is not a real frame); one more byte is TooLong.
+        let mut d = FrameDecoder::new();
+        for _ in 0..MAX_FRAME - 1 {
+            assert!(d.push(0x01).is_none());
+        }
+        assert_ne!(d.push(0), Some(Err(FrameError::TooLong)));
+        for _ in 0..MAX_FRAME {
+            assert!(d.push(0x01).is_none());
+        }
+        assert_eq!(d.push(0), Some(Err(FrameError::TooLong)));
+    }
+
+    #[test]
+    fn wrong_version_is_reported_after_crc() {
+        let mut out = [0u8; MAX_FRAME];
+        let header = Header { version: 9, seq: 0 };
+        let frame = encode_frame(&header, &Message::Ack, &mut out).unwrap().to_vec();
+        let mut d = FrameDecoder::new();
+        assert_eq!(d.push_slice(&frame).next(), Some(Err(FrameError::Version(9))));
+    }
+
+    #[test]
+    fn trailing_bytes_are_malformed() {
+        // Body = header + Ack + one stray byte, with a valid CRC.
+        let mut raw = vec![PROTOCOL_VERSION, 0x00, 13, 0x42];
+        let crc = crc16(&raw);
+        raw.extend_from_slice(&crc.to_le_bytes());
+        let mut enc = [0u8; 32];
+        let n = cobs_encode(&raw, &mut enc).unwrap();
+        assert_eq!(decode_frame(&mut enc[..n]), Err(FrameError::Malformed));
+    }
+
+    #[test]
+    fn crc_and_cobs_errors() {
+        let mut frame = encode(5, &Message::Done { pieces: 3, stats: Stats::default() });
+        let last = frame.len() - 2;
+        frame[last] ^= 0x01; // inside the CRC bytes, stays non-zero
+        let mut d = FrameDecoder::new();
+        assert_eq!(d.push_slice(&frame).next(), Some(Err(FrameError::Crc)));
+        let mut short = [0x03, 0x11];
+        assert_eq!(decode_frame(&mut short), Err(FrameError::Cobs));
+        let mut one = [0x02, 0x11];
+        assert_eq!(decode_frame(&mut one), Err(FrameError::Crc));
+    }
+
+    #[test]
+    fn small_output_buffer() {
+        let mut out = [0u8; 4];
+        assert_eq!(encode_frame(&Header::new(0), &Message::Ack, &mut out), Err(FrameError::BufferTooSmall));
+    }
+}

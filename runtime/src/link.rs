@@ -1,0 +1,95 @@
+//! Byte links between a board and a client: a serial port or a TCP socket, split into a reader
+//! and a writer half, plus an adapter that gives std I/O the `embedded-io` traits the protocol
+//! crate's client driver is written against.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Where a link goes.
+#[derive(Debug, Clone)]
+pub enum LinkAddr {
+    /// A serial device (`/dev/ttyUSB0`, `/dev/pts/3`) at a baud rate.
+    Serial {
+        /// Device path.
+        path: String,
+        /// Line speed in bits per second.
+        baud: u32,
+    },
+    /// A TCP address (`127.0.0.1:7878`); for development without hardware.
+    Tcp(String),
+}
+
+/// The two halves of an open link. Reads time out now and then (returning
+/// `ErrorKind::TimedOut` or `WouldBlock`) so a reader can notice shutdown.
+pub struct Link {
+    /// Bytes from the other end.
+    pub reader: Box<dyn Read + Send>,
+    /// Bytes to the other end.
+    pub writer: Box<dyn Write + Send>,
+}
+
+/// How long a read waits before reporting a timeout.
+pub const READ_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Opens a serial port as a link.
+pub fn open_serial(path: &str, baud: u32) -> Result<Link> {
+    let port = serialport::new(path, baud)
+        .timeout(READ_TIMEOUT)
+        .open()
+        .map_err(|e| Error::InvalidRequest(format!("cannot open serial port {path} at {baud} baud: {e}")))?;
+    let reader = port
+        .try_clone()
+        .map_err(|e| Error::InvalidRequest(format!("cannot share serial port {path} between threads: {e}")))?;
+    Ok(Link { reader: Box::new(reader), writer: Box::new(port) })
+}
+
+/// Wraps a connected TCP stream as a link.
+pub fn tcp_link(stream: std::net::TcpStream) -> Result<Link> {
+    let _ = stream.set_nodelay(true);
+    stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(|e| Error::InvalidRequest(format!("tcp: {e}")))?;
+    let reader = stream.try_clone().map_err(|e| Error::InvalidRequest(format!("tcp: {e}")))?;
+    Ok(Link { reader: Box::new(reader), writer: Box::new(stream) })
+}
+
+/// Gives a std reader/writer pair the `embedded-io` traits (blocking, no timeouts surfaced:
+/// a timed-out read is retried).
+pub struct EmbeddedIo<R, W> {
+    /// Reading half.
+    pub reader: R,
+    /// Writing half.
+    pub writer: W,
+}
+
+impl<R, W> embedded_io::ErrorType for EmbeddedIo<R, W> {
+    type Error = std::io::Error;
+}
+
+impl<R: Read, W> embedded_io::Read for EmbeddedIo<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::result::Result<usize, std::io::Error> {
+        loop {
+            match self.reader.read(buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl<R, W: Write> embedded_io::Write for EmbeddedIo<R, W> {
+    fn write(&mut self, buf: &[u8]) -> std::result::Result<usize, std::io::Error> {
+        self.writer.write(buf)
+    }
+
+    fn flush(&mut self) -> std::result::Result<(), std::io::Error> {
+        self.writer.flush()
+    }
+}

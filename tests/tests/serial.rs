@@ -1,0 +1,160 @@
+//! The serial protocol end to end over a real PTY pair: `edgelm serve --serial` on one side,
+//! the firmware client driver (from edgelm-protocol) on the other, with a harness in between
+//! that can flip bits, drop bytes and inject garbage.
+
+use std::ops::ControlFlow;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use edgelm_e2e::line::{open_pty, Noise, NoisyLine, Pty};
+use edgelm_e2e::{bin, bundle};
+use edgelm_protocol::client::{Client, ClientError};
+use edgelm_protocol::{GenParams, StopReason};
+use edgelm_runtime::{Engine, EngineOptions, GenerateParams};
+
+const PROMPT: &str = "Set the kitchen heater to 21.5 degrees";
+const NEW: u16 = 40;
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(pty: &Pty, extra: &[&str]) -> Daemon {
+    let b = bundle("tiny");
+    let child = Command::new(bin("edgelm"))
+        .args(["serve", "--serial", &pty.slave_path, "--baud", "115200", "--bundle", b.to_str().unwrap()])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Daemon(child)
+}
+
+fn reference_text(max_new: u16) -> String {
+    let mut e = Engine::open(bundle("tiny"), &EngineOptions::default()).unwrap();
+    let ids = e.encode(PROMPT).unwrap();
+    let p = GenerateParams { max_new_tokens: max_new as usize, ignore_eos: true, ..GenerateParams::default() };
+    e.generate(&ids, &p, |_| ControlFlow::Continue(())).unwrap().text
+}
+
+fn params(max_new: u16) -> GenParams {
+    GenParams { max_new_tokens: max_new, ignore_eos: true, ..GenParams::default() }
+}
+
+fn connect(pty: &Pty, seed: u64) -> Client<NoisyLine> {
+    let mut c = Client::new(NoisyLine::new(&pty.master, seed, Duration::from_secs(5)));
+    // The daemon needs a moment to load the bundle and open the port.
+    for _ in 0..50 {
+        if c.hello("test").is_ok() {
+            return c;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the daemon does not answer Hello");
+}
+
+#[test]
+fn streamed_answer_equals_the_runtime_greedy_answer() {
+    let pty = open_pty();
+    let _d = start(&pty, &[]);
+    let mut c = connect(&pty, 1);
+    let info = c.hello("test").unwrap();
+    assert_eq!(info.model.as_str(), "tiny");
+    let mut text = String::new();
+    let stats = c.generate(PROMPT, &params(NEW), |p| {
+        text.push_str(p);
+        true
+    });
+    let stats = stats.unwrap();
+    assert_eq!(text, reference_text(NEW));
+    assert_eq!(stats.generated_tokens, NEW as u32);
+    assert_eq!(stats.stop_reason, StopReason::MaxTokens);
+    assert_eq!(c.get_stats().unwrap(), stats, "GetStats returns the last generation's stats");
+}
+
+#[test]
+fn cancel_stops_generation_mid_stream() {
+    let pty = open_pty();
+    // A 9600 baud line: generation is held one frame ahead of it, so a cancel lands mid-answer.
+    let _d = start(&pty, &["--line-rate", "9600"]);
+    let mut c = connect(&pty, 2);
+    let max_new = 240;
+    let mut pieces = 0;
+    let stats = c
+        .generate(PROMPT, &params(max_new), |_| {
+            pieces += 1;
+            false
+        })
+        .unwrap();
+    assert_eq!(stats.stop_reason, StopReason::Cancelled);
+    assert!(stats.generated_tokens < max_new as u32, "generation stopped early: {}", stats.generated_tokens);
+    assert_eq!(pieces, 1, "no piece is delivered after the callback said stop");
+    // The link is usable right after.
+    let mut text = String::new();
+    c.generate(PROMPT, &params(NEW), |p| {
+        text.push_str(p);
+        true
+    })
+    .unwrap();
+    assert_eq!(text, reference_text(NEW));
+}
+
+#[test]
+fn a_noisy_line_never_yields_a_wrong_answer_or_a_hung_daemon() {
+    let pty = open_pty();
+    let _d = start(&pty, &[]);
+    let clean = reference_text(NEW);
+    let (mut ok, mut failed) = (0, 0);
+    for seed in 1..=12u64 {
+        let mut line = NoisyLine::new(&pty.master, seed, Duration::from_secs(2));
+        line.drain();
+        let noise = Noise { flip: 0.004, drop: 0.003, garbage: 0.003 };
+        line.rx_noise = noise;
+        line.tx_noise = Noise { flip: 0.002, drop: 0.001, garbage: 0.001 };
+        let mut c = Client::new(line);
+        let mut text = String::new();
+        match c.generate(PROMPT, &params(NEW), |p| {
+            text.push_str(p);
+            true
+        }) {
+            Ok(_) => {
+                assert_eq!(text, clean, "seed {seed}: an accepted answer must be exact");
+                ok += 1;
+            }
+            Err(e) => {
+                // Refused or given up: allowed, as long as nothing wrong was accepted.
+                assert!(clean.starts_with(&text), "seed {seed}: delivered pieces are a prefix of the answer ({e})");
+                assert!(
+                    matches!(
+                        e,
+                        ClientError::Remote(_)
+                            | ClientError::TooManyRetries
+                            | ClientError::Io(_)
+                            | ClientError::Unexpected
+                    ),
+                    "seed {seed}: {e}"
+                );
+                failed += 1;
+            }
+        }
+    }
+    assert!(ok > 0, "some noisy runs must recover through Resend ({ok} ok, {failed} failed)");
+    // The daemon is alive and correct afterwards.
+    let mut line = NoisyLine::new(&pty.master, 99, Duration::from_secs(5));
+    line.drain();
+    let mut c = Client::new(line);
+    c.hello("after noise").unwrap();
+    let mut text = String::new();
+    c.generate(PROMPT, &params(NEW), |p| {
+        text.push_str(p);
+        true
+    })
+    .unwrap();
+    assert_eq!(text, clean);
+}
