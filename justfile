@@ -42,6 +42,32 @@ demo preset=default_preset prompt="Set the kitchen heater to 21.5 degrees at 7pm
 test: setup setup-tools lint
     cargo build --workspace
     cargo test --workspace --no-fail-fast
+    just firmware
+    just fuzz-smoke
+
+# The protocol crate and the example firmware for a Cortex-M4F (thumbv7em-none-eabihf), with
+# the firmware's code size checked against its 16 KB budget.
+firmware:
+    rustup target add thumbv7em-none-eabihf
+    cargo build -p edgelm-protocol --release --target thumbv7em-none-eabihf
+    boards/firmware-example/build.sh
+
+# A short bounded cargo-fuzz run of the frame decoder (needs a nightly toolchain; skipped with
+# a message where none can be installed). Long runs: see docs/protocol.md.
+fuzz-smoke seconds="30":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+        rustup toolchain install nightly --profile minimal >/dev/null 2>&1 || true
+    fi
+    if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+        echo "fuzz-smoke: skipped, no nightly toolchain on this machine (the stable fuzz test still ran)"
+        exit 0
+    fi
+    command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+    cd runtime/protocol
+    cargo +nightly fuzz run frame_decoder -- -max_total_time={{seconds}} -rss_limit_mb=1024
+    cargo +nightly fuzz run frame_body -- -max_total_time={{seconds}} -rss_limit_mb=1024
 
 # Host tools the tests use (gcc, valgrind), installed with apt when missing.
 setup-tools:
@@ -70,6 +96,13 @@ capi-install prefix: build
 lint:
     cargo fmt --all --check
     cargo clippy --workspace --all-targets -- -D warnings
+
+# Serial and C ABI benchmarks: line efficiency at 115200/921600 baud, C vs Rust per-token cost,
+# frame decoding speed.
+bench-device: setup-ort build
+    cargo bench -p edgelm-e2e --bench serial_line
+    cargo bench -p edgelm-e2e --bench capi_overhead
+    cargo bench -p edgelm-protocol --bench decode
 
 # Median TTFT / prefill / decode / peak RSS of a bundle.
 bench bundle *args: setup-ort build

@@ -158,3 +158,45 @@ fn a_noisy_line_never_yields_a_wrong_answer_or_a_hung_daemon() {
     .unwrap();
     assert_eq!(text, clean);
 }
+
+#[test]
+fn host_client_over_tcp_loads_a_model_and_prints_the_answer() {
+    use std::io::BufRead;
+    let b = bundle("tiny");
+    let models = b.parent().unwrap();
+    // No bundle at start: the client loads one by name from the models folder.
+    let mut child = Command::new(bin("edgelm"))
+        .args(["serve", "--tcp", "127.0.0.1:0", "--models-dir", models.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = lines
+        .find_map(|l| l.ok()?.strip_prefix("edgelm serve: listening on ").map(str::to_owned))
+        .expect("serve prints its address");
+    let _d = Daemon(child);
+    let client = |extra: &[&str]| {
+        Command::new(bin("edgelm"))
+            .args(["client", "--tcp", &addr, "--prompt", PROMPT, "--max-new-tokens", "20", "--ignore-eos"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = client(&["--load", "../tiny"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("invalid request"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let no_model = client(&[]);
+    assert!(
+        String::from_utf8_lossy(&no_model.stderr).contains("no model loaded"),
+        "{}",
+        String::from_utf8_lossy(&no_model.stderr)
+    );
+    let out = client(&["--load", "tiny"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.strip_suffix('\n').unwrap(), reference_text(20));
+}

@@ -171,8 +171,9 @@ impl<T: Read + Write> Client<T> {
     }
 
     /// Sends `Cancel` and returns without waiting. Use it after a `generate` call was cut short
-    /// (e.g. by a read timeout) while the board may still be generating; the board then ends
-    /// that answer, and the next call skips its leftover frames. A board that is idle ignores it.
+    /// (e.g. by a read timeout) while the board may still be generating: the board ends that
+    /// answer (an idle board ignores `Cancel`). Then call [`get_stats`](Client::get_stats), which
+    /// reads past the rest of that answer, before the next `generate`.
     pub fn cancel(&mut self) -> Result<(), ClientError<T::Error>> {
         self.send(&Message::Cancel)
     }
@@ -366,7 +367,11 @@ struct OpenResend {
 }
 
 impl Answer {
-    fn on_frame<E>(&mut self, frame: FrameResult, on_piece: &mut impl FnMut(&str) -> bool) -> Result<Step, ClientError<E>> {
+    fn on_frame<E>(
+        &mut self,
+        frame: FrameResult,
+        on_piece: &mut impl FnMut(&str) -> bool,
+    ) -> Result<Step, ClientError<E>> {
         let msg = match frame {
             Ok((_, msg)) => msg,
             Err(e @ FrameError::Version(_)) => return Err(ClientError::Frame(e)),

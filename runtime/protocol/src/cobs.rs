@@ -20,23 +20,21 @@ pub const fn cobs_max_encoded_len(n: usize) -> usize {
 
 /// Exact encoded size of `src` (without the frame delimiter), the length [`cobs_encode`] writes.
 pub fn cobs_encoded_len(src: &[u8]) -> usize {
-    let mut len = 1;
+    // One code byte to start, one output byte per input byte (a zero becomes the next block's
+    // code byte), and one more code byte after every run of 254 non-zero bytes.
+    let mut len = 1 + src.len();
     let mut run = 0;
     for &b in src {
-        len += 1;
         if b == 0 {
             run = 0;
         } else {
             run += 1;
             if run == 254 {
-                // A full 0xFF block: the next data needs a fresh code byte.
                 len += 1;
                 run = 0;
             }
         }
     }
-    // A zero at the end of a block is replaced by the next code byte, so zeros cost nothing; the
-    // loop counted each zero as one byte (the code byte it becomes).
     len
 }
 

@@ -74,7 +74,7 @@ pub use crc::crc16;
 pub use error::FrameError;
 pub use frame::{decode_frame, encode_frame, FrameDecoder, FrameResult, Frames};
 #[doc(hidden)]
-pub use fuzzing::fuzz_frame_decoder;
+pub use fuzzing::{fuzz_frame_body, fuzz_frame_decoder};
 pub use message::{ErrorCode, GenParams, Header, Message, Stats, StopReason};
 
 /// Protocol version spoken by this crate; the first byte of every frame body.

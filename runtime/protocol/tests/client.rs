@@ -165,9 +165,8 @@ impl Board {
                 let stats = self.finished_stats.unwrap_or_default();
                 self.send(Message::StatsReply { stats })
             }
-            Message::Generate { .. } if !self.model_loaded => {
-                self.send(Message::Error { code: ErrorCode::NoModel, message: "load a model first".try_into().unwrap() })
-            }
+            Message::Generate { .. } if !self.model_loaded => self
+                .send(Message::Error { code: ErrorCode::NoModel, message: "load a model first".try_into().unwrap() }),
             Message::Generate { .. } => {
                 self.produced = 0;
                 self.running = true;
@@ -327,8 +326,8 @@ fn corrupted_piece_is_resent() {
 
 #[test]
 fn corrupted_done_is_asked_for() {
-    let board = Board::new(ANSWER)
-        .with_fault(|m, n| (matches!(m, Message::Done { .. }) && n == 0).then_some(Fault::Corrupt));
+    let board =
+        Board::new(ANSWER).with_fault(|m, n| (matches!(m, Message::Done { .. }) && n == 0).then_some(Fault::Corrupt));
     let mut client = Client::new(board);
     let (result, text) = generate(&mut client);
     assert_eq!(result.unwrap().stop_reason, StopReason::Eos);

@@ -98,7 +98,11 @@ fn largest_frame_of_every_kind_fits() {
         (Message::Resend { from: u16::MAX }, 12),
         (Message::Embed { text: s::<MAX_PROMPT>() }, 396),
         (
-            Message::Embedding { index: u16::MAX, last: true, values: heapless::Vec::from_slice(&[f; MAX_EMBED]).unwrap() },
+            Message::Embedding {
+                index: u16::MAX,
+                last: true,
+                values: heapless::Vec::from_slice(&[f; MAX_EMBED]).unwrap(),
+            },
             206,
         ),
         (Message::GetStats, 9),

@@ -70,10 +70,8 @@ proptest! {
                 let touches_delimiter = frame[byte] == 0 || damaged[byte] == 0;
                 damaged.push(0); // close a frame whose delimiter was hit
                 let results = decode_all(&damaged);
-                for r in &results {
-                    if let Ok((h2, m2)) = r {
-                        prop_assert!(*h2 == h && *m2 == msg, "flip {byte}.{bit} gave another message: {m2:?}");
-                    }
+                for (h2, m2) in results.iter().flatten() {
+                    prop_assert!(*h2 == h && *m2 == msg, "flip {byte}.{bit} gave another message: {m2:?}");
                 }
                 if !touches_delimiter {
                     prop_assert_eq!(results.len(), 1);

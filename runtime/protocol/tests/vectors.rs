@@ -162,3 +162,21 @@ fn error_codes_and_stop_reasons_have_their_numbers_on_the_wire() {
         assert_eq!(usize::from(reason as u8), i);
     }
 }
+
+/// docs/protocol.md shows frames as lines "on the line (vector `name`): HEX"; they must equal
+/// the vectors file.
+#[test]
+fn examples_in_the_protocol_doc_match_the_vectors() {
+    const DOC: &str = include_str!("../../../docs/protocol.md");
+    let all = vectors();
+    let mut checked = 0;
+    for line in DOC.lines() {
+        let Some(rest) = line.strip_prefix("on the line (vector `") else { continue };
+        let (name, hex) = rest.split_once("`):").expect("(vector `name`): HEX");
+        let bytes: Vec<u8> = hex.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect();
+        let v = all.iter().find(|v| v.name == name).unwrap_or_else(|| panic!("doc names unknown vector `{name}`"));
+        assert_eq!(bytes, v.bytes, "doc example `{name}`");
+        checked += 1;
+    }
+    assert!(checked >= 2, "protocol.md shows only {checked} vector frames");
+}
