@@ -66,8 +66,14 @@ enum Outgoing {
 
 #[derive(Default)]
 struct AnswerBuf {
+    /// Text generated but not yet sent.
     pending: String,
+    /// Pieces sent, by index.
     pieces: Vec<String>,
+    /// Whether any answer was started on this link (Resend needs one).
+    started: bool,
+    /// The Done stats once the answer finished.
+    finished: Option<Stats>,
 }
 
 struct Shared {
@@ -312,18 +318,34 @@ fn write_loop(mut writer: Box<dyn Write + Send>, out_rx: Receiver<Outgoing>, sha
             Outgoing::Frame(m) => drain(&mut writer, &mut send) && send(&mut writer, &m),
             Outgoing::Done(stats) => {
                 let ok = drain(&mut writer, &mut send);
-                let pieces = shared.answer.lock().unwrap_or_else(|e| e.into_inner()).pieces.len() as u16;
+                let pieces = {
+                    let mut a = shared.answer.lock().unwrap_or_else(|e| e.into_inner());
+                    a.finished = Some(stats);
+                    a.pieces.len() as u16
+                };
                 ok && send(&mut writer, &Message::Done { pieces, stats })
             }
             Outgoing::Resend(from) => {
-                let again: Vec<(usize, String)> = {
+                // The pieces from `from` on, then Done again (finished) or Ack (still running),
+                // so the client sees its request was served.
+                let (started, again, finished, total) = {
                     let a = shared.answer.lock().unwrap_or_else(|e| e.into_inner());
-                    a.pieces.iter().enumerate().skip(from as usize).map(|(i, p)| (i, p.clone())).collect()
+                    let again: Vec<(usize, String)> =
+                        a.pieces.iter().enumerate().skip(from as usize).map(|(i, p)| (i, p.clone())).collect();
+                    (a.started, again, a.finished, a.pieces.len() as u16)
                 };
-                again.iter().all(|(i, p)| send(&mut writer, &Message::Token { index: *i as u16, text: bounded(p) }))
+                if !started {
+                    send(&mut writer, &error_frame(ErrorCode::InvalidRequest, "no answer to resend"))
+                } else {
+                    again.iter().all(|(i, p)| send(&mut writer, &Message::Token { index: *i as u16, text: bounded(p) }))
+                        && match finished {
+                            Some(stats) => send(&mut writer, &Message::Done { pieces: total, stats }),
+                            None => send(&mut writer, &Message::Ack),
+                        }
+                }
             }
             Outgoing::NewAnswer(ack) => {
-                *shared.answer.lock().unwrap_or_else(|e| e.into_inner()) = AnswerBuf::default();
+                *shared.answer.lock().unwrap_or_else(|e| e.into_inner()) = AnswerBuf { started: true, ..AnswerBuf::default() };
                 let _ = ack.send(());
                 true
             }
@@ -417,6 +439,8 @@ fn generate(board: &mut Board, prompt: &str, params: &GenParams, out_tx: &Sender
     if out_tx.send(Outgoing::NewAnswer(ack_tx)).is_err() || ack_rx.recv().is_err() {
         return; // the writer is gone: the link closed
     }
+    // Accepted: Ack first, then the pieces, then Done.
+    let _ = out_tx.send(Outgoing::Frame(Box::new(Message::Ack)));
     shared.cancel.store(false, Ordering::SeqCst);
     let result = engine.generate(&ids, &gp, |ev| {
         if !ev.text.is_empty() {
