@@ -53,6 +53,11 @@ pub fn tcp_link(stream: std::net::TcpStream) -> Result<Link> {
     Ok(Link { reader: Box::new(reader), writer: Box::new(stream) })
 }
 
+/// Whether a read error only means "nothing arrived yet" (a timeout or an interruption).
+pub fn is_idle(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted)
+}
+
 /// Gives a std reader/writer pair the `embedded-io` traits (blocking, no timeouts surfaced:
 /// a timed-out read is retried).
 pub struct EmbeddedIo<R, W> {
@@ -70,14 +75,7 @@ impl<R: Read, W> embedded_io::Read for EmbeddedIo<R, W> {
     fn read(&mut self, buf: &mut [u8]) -> std::result::Result<usize, std::io::Error> {
         loop {
             match self.reader.read(buf) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue
-                }
+                Err(e) if is_idle(&e) => continue,
                 other => return other,
             }
         }

@@ -24,7 +24,7 @@ use edgelm_protocol::{
 
 use crate::error::{Error, Result};
 use crate::generate::{Engine, EngineOptions, GenerateParams, StopReason};
-use crate::link::{open_serial, tcp_link, Link, LinkAddr};
+use crate::link::{is_idle, open_serial, tcp_link, Link, LinkAddr};
 use crate::sampling::SamplingParams;
 
 /// Server settings.
@@ -229,14 +229,7 @@ fn read_loop(mut reader: Box<dyn Read + Send>, req_tx: SyncSender<Message>, out_
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
+            Err(e) if is_idle(&e) => continue,
             Err(_) => break,
         };
         for frame in decoder.push_slice(&buf[..n]) {
@@ -345,7 +338,8 @@ fn write_loop(mut writer: Box<dyn Write + Send>, out_rx: Receiver<Outgoing>, sha
                 }
             }
             Outgoing::NewAnswer(ack) => {
-                *shared.answer.lock().unwrap_or_else(|e| e.into_inner()) = AnswerBuf { started: true, ..AnswerBuf::default() };
+                *shared.answer.lock().unwrap_or_else(|e| e.into_inner()) =
+                    AnswerBuf { started: true, ..AnswerBuf::default() };
                 let _ = ack.send(());
                 true
             }

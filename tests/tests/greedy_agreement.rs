@@ -27,22 +27,15 @@ fn candle_greedy(preset: &str) -> Vec<u32> {
 }
 
 fn edgelm_greedy(preset: &str, kv: &str) -> Vec<u32> {
-    let b = bundle(preset);
+    edgelm_greedy_in(&bundle(preset), kv)
+}
+
+fn edgelm_greedy_in(dir: &std::path::Path, kv: &str) -> Vec<u32> {
     let n = NEW.to_string();
-    let out = edgelm(&[
-        "run",
-        b.to_str().unwrap(),
-        "--prompt-ids",
-        &csv(&prompt()),
-        "--max-new-tokens",
-        &n,
-        "--ignore-eos",
-        "--json",
-        "--kv-cache",
-        kv,
-        "--temperature",
-        "0",
-    ]);
+    let ids_csv = csv(&prompt());
+    let args =
+        ["run", dir.to_str().unwrap(), "--prompt-ids", &ids_csv, "--max-new-tokens", &n, "--ignore-eos", "--json"];
+    let out = edgelm(&[&args[..], &["--kv-cache", kv, "--temperature", "0"]].concat());
     ids(&json_ok(&out)["generated_ids"])
 }
 
@@ -87,16 +80,5 @@ fn all_position_logits_export_decodes_the_same() {
     let ck = Checkpoint::load(checkpoint("tiny-qwen2")).unwrap();
     let dir = edgelm_e2e::scratch().join("bundle-all-logits");
     export(&ck, &dir, &ExportOptions { logits: LogitsMode::All, ..ExportOptions::default() }).unwrap();
-    let n = NEW.to_string();
-    let out = edgelm(&[
-        "run",
-        dir.to_str().unwrap(),
-        "--prompt-ids",
-        &csv(&prompt()),
-        "--max-new-tokens",
-        &n,
-        "--ignore-eos",
-        "--json",
-    ]);
-    assert_eq!(ids(&json_ok(&out)["generated_ids"]), candle_greedy("tiny-qwen2"));
+    assert_eq!(edgelm_greedy_in(&dir, "shared"), candle_greedy("tiny-qwen2"));
 }
