@@ -133,7 +133,7 @@ fn a_noisy_line_never_yields_a_wrong_answer_or_a_hung_daemon() {
                 assert!(
                     matches!(
                         e,
-                        ClientError::Remote(_)
+                        ClientError::Remote { .. }
                             | ClientError::TooManyRetries
                             | ClientError::Io(_)
                             | ClientError::Unexpected
@@ -185,7 +185,7 @@ fn host_client_over_tcp_loads_a_model_and_prints_the_answer() {
     let refused = client(&["--load", "../tiny"]);
     assert!(!refused.status.success());
     assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("invalid request"),
+        String::from_utf8_lossy(&refused.stderr).contains("plain relative path"),
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );

@@ -158,7 +158,7 @@ fn error_code(e: Error) -> u32 {
         ClientError::Unexpected => 4,
         ClientError::PromptTooLong | ClientError::ArgumentTooLong => 5,
         ClientError::Frame(_) => 6,
-        ClientError::Remote(code) => 0x100 | u32::from(code.as_u8()),
+        ClientError::Remote { code, .. } => 0x100 | u32::from(code.as_u8()),
         _ => 0xFF,
     }
 }

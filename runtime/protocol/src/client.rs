@@ -31,7 +31,7 @@ use heapless::String;
 
 use crate::{
     encode_frame, ErrorCode, FrameDecoder, FrameError, FrameResult, GenParams, Header, Message, Stats, MAX_FRAME,
-    MAX_NAME,
+    MAX_MESSAGE, MAX_NAME,
 };
 
 /// How many times in a row a request or a `Resend` is sent without progress before a call
@@ -62,15 +62,21 @@ pub struct Info {
 }
 
 /// Why a [`Client`] call failed. `E` is the stream's error type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClientError<E> {
     /// The stream failed to read or write; the value is its error.
     Io(E),
     /// The stream ended (`read` returned 0 bytes): the board is gone or the port was closed.
     Disconnected,
-    /// The board answered with [`Message::Error`]; the code says why.
-    Remote(ErrorCode),
+    /// The board answered with [`Message::Error`]: its code says why, its message gives the
+    /// board's detail (may be empty).
+    Remote {
+        /// The board's error code.
+        code: ErrorCode,
+        /// The board's human-readable detail, at most [`MAX_MESSAGE`] bytes.
+        message: String<MAX_MESSAGE>,
+    },
     /// [`MAX_RETRIES`] requests or resends in a row brought no progress; the line is too noisy
     /// or the board is not answering as the protocol says.
     TooManyRetries,
@@ -92,7 +98,10 @@ impl<E: core::fmt::Debug> core::fmt::Display for ClientError<E> {
         match self {
             ClientError::Io(e) => write!(f, "serial I/O error: {e:?}"),
             ClientError::Disconnected => f.write_str("serial stream closed; check the cable and that the board runs"),
-            ClientError::Remote(code) => write!(f, "board reported an error: {code}"),
+            ClientError::Remote { code, message } if message.is_empty() => {
+                write!(f, "board reported an error: {code}")
+            }
+            ClientError::Remote { code, message } => write!(f, "board reported an error: {code}: {message}"),
             ClientError::TooManyRetries => {
                 write!(f, "no progress after {MAX_RETRIES} retries; check baud rate, wiring and noise")
             }
@@ -248,7 +257,7 @@ impl<T: Read + Write> Client<T> {
         loop {
             let resend = match self.next_frame()? {
                 Ok((_, Message::Error { code: ErrorCode::Corrupt, .. })) => true,
-                Ok((_, Message::Error { code, .. })) => return Err(ClientError::Remote(code)),
+                Ok((_, Message::Error { code, message })) => return Err(ClientError::Remote { code, message }),
                 Ok((_, msg)) if is_client_kind(&msg) => return Err(ClientError::Unexpected),
                 Ok((_, msg)) => match accept(msg) {
                     Some(r) => return Ok(r),
@@ -437,7 +446,7 @@ impl Answer {
                     Ok(Step::Wait)
                 }
             }
-            Message::Error { code, .. } => Err(ClientError::Remote(code)),
+            Message::Error { code, message } => Err(ClientError::Remote { code, message }),
             msg if is_client_kind(&msg) => Err(ClientError::Unexpected),
             // Info, StatsReply, Embedding: stale answers to other requests.
             _ => Ok(Step::Wait),
@@ -631,5 +640,24 @@ mod tests {
         let r: Step2 = answer.on_frame(Ok((Header::new(0), Message::Done { pieces: 2, stats })), &mut cb);
         assert_eq!(r, Ok(Step::Finish(stats)));
         assert_eq!(seen, 1);
+    }
+
+    #[test]
+    fn remote_error_carries_the_board_message() {
+        let (_, steps) = run(&[Ok((
+            Header::new(0),
+            Message::Error { code: ErrorCode::Busy, message: "queue full (4 waiting)".try_into().unwrap() },
+        ))]);
+        let Err(err) = &steps[0] else { panic!("{:?}", steps[0]) };
+        assert_eq!(
+            *err,
+            ClientError::Remote { code: ErrorCode::Busy, message: "queue full (4 waiting)".try_into().unwrap() }
+        );
+        assert_eq!(
+            std::format!("{err}"),
+            "board reported an error: board busy, queue full (code 5): queue full (4 waiting)"
+        );
+        let empty: Err = ClientError::Remote { code: ErrorCode::NoModel, message: String::new() };
+        assert_eq!(std::format!("{empty}"), "board reported an error: no model loaded (code 6)");
     }
 }

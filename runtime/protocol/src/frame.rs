@@ -1,36 +1,77 @@
-//! Framing: `COBS(body ++ crc16_le(body)) ++ 0x00`, where `body = postcard(Header) ++
-//! postcard(Message)`.
+//! Framing: `COBS(body ++ crc16_le(body)) ++ 0x00`, where `body = vk ++ varint(seq) ++ fields`:
+//! `vk = (version << 5) | kind` packs the protocol version (3 bits, 1..=7) and the message kind
+//! (5 bits, 0..=31) into one byte, `seq` is a postcard varint, and `fields` is the postcard
+//! encoding of the message without its variant index (the kind already said it).
 //!
 //! Decoding order, and the error each step reports:
 //! 1. more than `MAX_FRAME - 1` bytes before the delimiter -> [`FrameError::TooLong`];
 //! 2. COBS chain invalid -> [`FrameError::Cobs`];
 //! 3. fewer than 2 bytes, or CRC mismatch -> [`FrameError::Crc`];
-//! 4. first body byte is not [`PROTOCOL_VERSION`] -> [`FrameError::Version`] (checked on the
-//!    raw byte, so a future header layout still yields a clean version error);
-//! 5. header or message does not decode, or bytes are left over -> [`FrameError::Malformed`].
+//! 4. top three bits of the first body byte are not [`PROTOCOL_VERSION`] ->
+//!    [`FrameError::Version`] (checked on the raw byte, so a future layout of the rest still
+//!    yields a clean version error);
+//! 5. empty body, kind above 13, `seq` or the fields do not decode, or bytes are left over ->
+//!    [`FrameError::Malformed`].
 
 use crate::{cobs_decode_in_place, cobs_encode, cobs_encoded_len, crc16, FrameError, Header, Message};
 use crate::{MAX_FRAME, PROTOCOL_VERSION};
 
+/// Bits of the first body byte that hold the kind; the version sits above them.
+const KIND_BITS: u32 = 5;
+
+/// Mask of the kind bits of the first body byte.
+const KIND_MASK: u8 = (1 << KIND_BITS) - 1;
+
+/// Largest version the 3 version bits hold.
+const MAX_VERSION: u8 = u8::MAX >> KIND_BITS;
+
+// Every kind fits the five kind bits (and so is a one-byte varint as postcard's variant index).
+const _: () = assert!(Message::LAST_KIND <= KIND_MASK && PROTOCOL_VERSION <= MAX_VERSION);
+
+/// `seq` as a postcard (LEB128) varint: the bytes and how many of them are used (1..=3).
+fn seq_varint(seq: u16) -> ([u8; 3], usize) {
+    let mut out = [0u8; 3];
+    let mut rest = seq;
+    let mut n = 0;
+    while rest >= 0x80 {
+        out[n] = (rest as u8 & 0x7F) | 0x80;
+        rest >>= 7;
+        n += 1;
+    }
+    out[n] = rest as u8;
+    (out, n + 1)
+}
+
 /// Encodes one complete frame (COBS data and the closing `0x00`) into `out` and returns the
 /// written part of `out`.
 ///
-/// Errors: [`FrameError::TooLong`] if the frame would exceed [`MAX_FRAME`] bytes (cannot happen
-/// for messages within the documented limits), [`FrameError::BufferTooSmall`] if `out` cannot
-/// hold it. Uses a `MAX_FRAME`-byte scratch buffer on the stack.
+/// Errors: [`FrameError::Version`] if `header.version` is not in `1..=7` (it must fit the
+/// three version bits), [`FrameError::TooLong`] if the frame would exceed [`MAX_FRAME`] bytes
+/// (cannot happen for messages within the documented limits), [`FrameError::BufferTooSmall`] if
+/// `out` cannot hold it. Uses a `MAX_FRAME`-byte scratch buffer on the stack.
 ///
 /// ```
 /// use edgelm_protocol::{encode_frame, Header, Message, MAX_FRAME};
 /// let mut out = [0u8; MAX_FRAME];
 /// let frame = encode_frame(&Header::new(0), &Message::Ack, &mut out).unwrap();
-/// assert_eq!(frame, &[0x02, 0x01, 0x04, 0x0D, 0x01, 0x2A, 0x00]);
+/// assert_eq!(frame, &[0x02, 0x2D, 0x03, 0xB5, 0x6D, 0x00]);
 /// ```
 pub fn encode_frame<'a>(header: &Header, msg: &Message, out: &'a mut [u8]) -> Result<&'a [u8], FrameError> {
+    if header.version == 0 || header.version > MAX_VERSION {
+        return Err(FrameError::Version(header.version));
+    }
+    let (seq, seq_len) = seq_varint(header.seq);
+    let kind = msg.kind();
     let mut scratch = [0u8; MAX_FRAME];
     let body_room = MAX_FRAME - 2;
-    let head_len = postcard::to_slice(header, &mut scratch[..body_room]).map_err(|_| FrameError::TooLong)?.len();
-    let msg_len = postcard::to_slice(msg, &mut scratch[head_len..body_room]).map_err(|_| FrameError::TooLong)?.len();
-    let body_len = head_len + msg_len;
+    // postcard(Message) is the kind (a varint, one byte as kind < 128) then the fields. Put it
+    // so that the kind byte lands where the last seq byte goes, then write vk and seq over the
+    // front: the fields are already in place, no copy.
+    let msg_len = postcard::to_slice(msg, &mut scratch[seq_len..body_room]).map_err(|_| FrameError::TooLong)?.len();
+    debug_assert_eq!(scratch[seq_len], kind, "the variant index is the kind, one byte");
+    scratch[0] = (header.version << KIND_BITS) | kind;
+    scratch[1..=seq_len].copy_from_slice(&seq[..seq_len]);
+    let body_len = seq_len + msg_len;
     let crc = crc16(&scratch[..body_len]);
     scratch[body_len..body_len + 2].copy_from_slice(&crc.to_le_bytes());
     let raw = &scratch[..body_len + 2];
@@ -57,21 +98,31 @@ pub fn decode_frame(encoded: &mut [u8]) -> Result<(Header, Message), FrameError>
     let Some(body_len) = n.checked_sub(2) else {
         return Err(FrameError::Crc);
     };
-    let (body, crc) = encoded[..n].split_at(body_len);
+    let (body, crc) = encoded[..n].split_at_mut(body_len);
     if crc16(body) != u16::from_le_bytes([crc[0], crc[1]]) {
         return Err(FrameError::Crc);
     }
-    match body.first() {
-        None => return Err(FrameError::Malformed),
-        Some(&v) if v != PROTOCOL_VERSION => return Err(FrameError::Version(v)),
-        Some(_) => {}
+    let Some((&vk, rest)) = body.split_first() else {
+        return Err(FrameError::Malformed);
+    };
+    let version = vk >> KIND_BITS;
+    if version != PROTOCOL_VERSION {
+        return Err(FrameError::Version(version));
     }
-    let (header, rest) = postcard::take_from_bytes::<Header>(body).map_err(|_| FrameError::Malformed)?;
-    let (msg, rest) = postcard::take_from_bytes::<Message>(rest).map_err(|_| FrameError::Malformed)?;
-    if !rest.is_empty() {
+    let kind = vk & KIND_MASK;
+    if kind > Message::LAST_KIND {
         return Err(FrameError::Malformed);
     }
-    Ok((header, msg))
+    let (seq, fields) = postcard::take_from_bytes::<u16>(rest).map_err(|_| FrameError::Malformed)?;
+    // The message decodes from `kind ++ fields`: write the kind over the last seq byte (at
+    // least one seq byte precedes the fields), in place.
+    let at = body_len - fields.len() - 1;
+    body[at] = kind;
+    let (msg, left) = postcard::take_from_bytes::<Message>(&body[at..]).map_err(|_| FrameError::Malformed)?;
+    if !left.is_empty() {
+        return Err(FrameError::Malformed);
+    }
+    Ok((Header { version, seq }, msg))
 }
 
 /// What [`FrameDecoder::push`] returns when a delimiter closes a frame.
@@ -251,24 +302,92 @@ mod tests {
         assert_eq!(d.push(0), Some(Err(FrameError::TooLong)));
     }
 
+    /// Wraps `body` in its CRC and COBS, without the delimiter.
+    fn frame_of_body(body: &[u8]) -> std::vec::Vec<u8> {
+        let mut raw = body.to_vec();
+        raw.extend_from_slice(&crc16(body).to_le_bytes());
+        let mut enc = [0u8; MAX_FRAME];
+        let n = cobs_encode(&raw, &mut enc).unwrap();
+        enc[..n].to_vec()
+    }
+
     #[test]
     fn wrong_version_is_reported_after_crc() {
         let mut out = [0u8; MAX_FRAME];
-        let header = Header { version: 9, seq: 0 };
-        let frame = encode_frame(&header, &Message::Ack, &mut out).unwrap().to_vec();
-        let mut d = FrameDecoder::new();
-        assert_eq!(d.push_slice(&frame).next(), Some(Err(FrameError::Version(9))));
+        for version in 2..=MAX_VERSION {
+            let header = Header { version, seq: 0 };
+            let frame = encode_frame(&header, &Message::Ack, &mut out).unwrap().to_vec();
+            let mut d = FrameDecoder::new();
+            assert_eq!(d.push_slice(&frame).next(), Some(Err(FrameError::Version(version))));
+        }
+        // Version 0 cannot be encoded but can arrive: vk = kind.
+        assert_eq!(decode_frame(&mut frame_of_body(&[13, 0x00])), Err(FrameError::Version(0)));
+    }
+
+    #[test]
+    fn unencodable_version_is_refused() {
+        let mut out = [0u8; MAX_FRAME];
+        for version in [0, 8, 9, 0xFF] {
+            let header = Header { version, seq: 0 };
+            assert_eq!(encode_frame(&header, &Message::Ack, &mut out), Err(FrameError::Version(version)));
+        }
+    }
+
+    #[test]
+    fn header_byte_packs_version_and_kind() {
+        let messages = [
+            Message::Cancel,
+            Message::Resend { from: 1 },
+            Message::GetStats,
+            Message::Ack,
+            Message::Token { index: 3, text: "x".try_into().unwrap() },
+        ];
+        for msg in messages {
+            for seq in [0u16, 127, 128, 16383, 16384, u16::MAX] {
+                let mut out = [0u8; MAX_FRAME];
+                let mut frame = encode_frame(&Header::new(seq), &msg, &mut out).unwrap().to_vec();
+                frame.pop();
+                let n = cobs_decode_in_place(&mut frame).unwrap();
+                let (seq_bytes, seq_len) = seq_varint(seq);
+                assert_eq!(frame[0], (PROTOCOL_VERSION << 5) | msg.kind(), "{msg:?}");
+                assert_eq!(&frame[1..=seq_len], &seq_bytes[..seq_len], "seq {seq}");
+                // The fields follow, then the CRC: postcard(Message) minus its one-byte kind.
+                let mut whole = [0u8; MAX_FRAME];
+                let whole = postcard::to_slice(&msg, &mut whole).unwrap();
+                assert_eq!(&frame[1 + seq_len..n - 2], &whole[1..], "{msg:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn seq_varint_matches_postcard() {
+        for seq in (0..=u16::MAX).step_by(7).chain([127, 128, 16383, 16384, u16::MAX]) {
+            let (bytes, len) = seq_varint(seq);
+            let mut buf = [0u8; 3];
+            assert_eq!(&bytes[..len], postcard::to_slice(&seq, &mut buf).unwrap(), "{seq}");
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_are_malformed() {
+        for kind in Message::LAST_KIND + 1..=KIND_MASK {
+            let vk = (PROTOCOL_VERSION << 5) | kind;
+            assert_eq!(decode_frame(&mut frame_of_body(&[vk, 0x00])), Err(FrameError::Malformed), "{kind}");
+        }
+        // Known kind, body cut short: no seq, or fields missing.
+        assert_eq!(decode_frame(&mut frame_of_body(&[0x2D])), Err(FrameError::Malformed));
+        assert_eq!(decode_frame(&mut frame_of_body(&[0x27, 0x00])), Err(FrameError::Malformed));
+        assert_eq!(decode_frame(&mut frame_of_body(&[0x2D, 0x80])), Err(FrameError::Malformed));
+        assert_eq!(decode_frame(&mut frame_of_body(&[])), Err(FrameError::Malformed));
+        // The smallest frames decode: Ack and Cancel with seq 0.
+        assert_eq!(decode_frame(&mut frame_of_body(&[0x2D, 0x00])), Ok((Header::new(0), Message::Ack)));
+        assert_eq!(decode_frame(&mut frame_of_body(&[0x26, 0x81, 0x01])), Ok((Header::new(129), Message::Cancel)));
     }
 
     #[test]
     fn trailing_bytes_are_malformed() {
-        // Body = header + Ack + one stray byte, with a valid CRC.
-        let mut raw = vec![PROTOCOL_VERSION, 0x00, 13, 0x42];
-        let crc = crc16(&raw);
-        raw.extend_from_slice(&crc.to_le_bytes());
-        let mut enc = [0u8; 32];
-        let n = cobs_encode(&raw, &mut enc).unwrap();
-        assert_eq!(decode_frame(&mut enc[..n]), Err(FrameError::Malformed));
+        // Body = Ack header (version 1, kind 13, seq 0) + one stray byte, with a valid CRC.
+        assert_eq!(decode_frame(&mut frame_of_body(&[0x2D, 0x00, 0x42])), Err(FrameError::Malformed));
     }
 
     #[test]

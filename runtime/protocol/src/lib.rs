@@ -9,9 +9,9 @@
 //!
 //! ```text
 //! on the line:  COBS( body ++ crc_lo ++ crc_hi ) ++ 0x00
-//! body:         postcard(Header) ++ postcard(Message)
-//! Header:       version: u8 (1 byte) | seq: u16 (varint, 1..=3 bytes)
-//! Message:      kind (varint variant index, 1 byte) | fields of that kind
+//! body:         vk (1 byte) | seq: u16 (postcard varint, 1..=3 bytes) | fields of that kind
+//! vk:           (version << 5) | kind   (version 1..=7 in the top 3 bits, kind 0..=31 below)
+//! fields:       postcard(Message) without its variant index (the kind already says it)
 //! crc:          CRC-16/IBM-3740 over body (poly 0x1021, init 0xFFFF, no reflection)
 //! ```
 //!
@@ -20,8 +20,11 @@
 //! * A frame is at most [`MAX_FRAME`] bytes including its delimiter. A receiver that has
 //!   buffered `MAX_FRAME - 1` bytes without seeing `0x00` drops the frame, reports
 //!   [`FrameError::TooLong`] at the next delimiter, and carries on.
-//! * The first body byte is always the protocol version, in every version to come. A frame with
-//!   a good CRC and another version is reported as [`FrameError::Version`].
+//! * The top three bits of the first body byte are always the protocol version, in every
+//!   version to come. A frame with a good CRC and another version is reported as
+//!   [`FrameError::Version`]; a kind above 13 as [`FrameError::Malformed`].
+//! * A `Token` with `seq` and `index` below 128 and 1 to 127 bytes of text costs 8 bytes on
+//!   the line beyond its text.
 //! * `seq` counts the frames each side sends (wrapping at 65536); it is informational.
 //!
 //! ## Kinds
@@ -77,7 +80,8 @@ pub use frame::{decode_frame, encode_frame, FrameDecoder, FrameResult, Frames};
 pub use fuzzing::{fuzz_frame_body, fuzz_frame_decoder};
 pub use message::{ErrorCode, GenParams, Header, Message, Stats, StopReason};
 
-/// Protocol version spoken by this crate; the first byte of every frame body.
+/// Protocol version spoken by this crate; the top three bits of the first byte of every frame
+/// body.
 pub const PROTOCOL_VERSION: u8 = 1;
 
 /// Largest frame on the line, in bytes, counting the `0x00` delimiter.

@@ -6,6 +6,11 @@
 //! varint element count + elements, structs as their fields in declaration order with no tags,
 //! and enums as a varint variant index followed by the variant's fields.
 //!
+//! A frame body is not simply postcard of these types: its first byte packs the version and the
+//! kind, `seq` follows as a varint, then the message's fields (see [`Header`] and
+//! [`crate::encode_frame`]). The fields are exactly postcard of the [`Message`] without its
+//! variant index.
+//!
 //! **Append only.** The variant index of [`Message`] is the message *kind* on the wire, so
 //! variants are never reordered or removed and fields are never changed; a new message or a new
 //! field is a new protocol version (see [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION)).
@@ -15,13 +20,16 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::{MAX_EMBED, MAX_MESSAGE, MAX_NAME, MAX_PATH, MAX_PIECE, MAX_PROMPT};
 
-/// The first bytes of every frame body: protocol version, then the sender's frame counter.
+/// The frame header: protocol version and the sender's frame counter.
 ///
-/// Encoded as `version` (one byte) followed by `seq` (varint, 1 to 3 bytes).
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+/// On the wire the version shares the first body byte with the message kind,
+/// `(version << 5) | kind`, and `seq` follows as a varint (1 to 3 bytes). So the version must
+/// be in `1..=7`; [`encode_frame`](crate::encode_frame) refuses others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
-    /// Protocol version of the sender; always the first byte of a body. A receiver rejects a
-    /// frame whose version it does not speak with [`FrameError::Version`](crate::FrameError).
+    /// Protocol version of the sender; always the top three bits of the first body byte. A
+    /// receiver rejects a frame whose version it does not speak with
+    /// [`FrameError::Version`](crate::FrameError).
     pub version: u8,
     /// The sender's frame counter: incremented (wrapping) for every frame sent, in each
     /// direction independently. It helps a log reader spot lost frames; no rule depends on it.
@@ -35,8 +43,8 @@ impl Header {
     }
 }
 
-/// One message. The variant index is the *kind* byte on the wire (a varint, one byte for all
-/// kinds below 128); the comment on each variant gives its kind and direction.
+/// One message. The variant index is the *kind*, the low five bits of the first body byte
+/// (so at most 32 kinds); the comment on each variant gives its kind and direction.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Message {
     /// Kind 0, client -> board: opens a session; the board answers [`Message::Info`].
@@ -140,7 +148,11 @@ pub enum Message {
 }
 
 impl Message {
-    /// The kind number of this message: its variant index, the byte after the header.
+    /// The highest kind number in use; a frame with a higher kind is malformed.
+    pub(crate) const LAST_KIND: u8 = 13;
+
+    /// The kind number of this message: its variant index, the low five bits of the first
+    /// body byte.
     pub fn kind(&self) -> u8 {
         match self {
             Message::Hello { .. } => 0,

@@ -391,7 +391,14 @@ fn board_error_is_returned() {
     board.model_loaded = false;
     let mut client = Client::new(board);
     let (result, text) = generate(&mut client);
-    assert_eq!(result, Err(ClientError::Remote(ErrorCode::NoModel)));
+    assert_eq!(
+        result,
+        Err(ClientError::Remote { code: ErrorCode::NoModel, message: "load a model first".try_into().unwrap() })
+    );
+    assert_eq!(
+        result.unwrap_err().to_string(),
+        "board reported an error: no model loaded (code 6): load a model first"
+    );
     assert!(text.is_empty());
 }
 
@@ -444,8 +451,8 @@ fn damaged_resend_is_sent_again() {
             let mut frame = buf.to_vec();
             let mut body = frame[..frame.len() - 1].to_vec();
             let n = edgelm_protocol::cobs_decode_in_place(&mut body).unwrap();
-            if body[..n].get(2) == Some(&7) {
-                // kind 7 = Resend: damage the first one
+            if body[..n].first() == Some(&0x27) {
+                // version 1, kind 7 = Resend: damage the first one
                 self.resends_seen += 1;
                 if self.resends_seen == 1 {
                     frame[1] ^= 0x40;

@@ -1,7 +1,7 @@
 //! Golden frames: docs/protocol-vectors.txt pins the exact bytes of every message kind.
 
 use edgelm_protocol::{
-    encode_frame, ErrorCode, FrameDecoder, GenParams, Header, Message, Stats, StopReason, MAX_FRAME,
+    encode_frame, ErrorCode, FrameDecoder, GenParams, Header, Message, Stats, StopReason, MAX_FRAME, PROTOCOL_VERSION,
 };
 
 const VECTORS: &str = include_str!("../../../docs/protocol-vectors.txt");
@@ -116,13 +116,14 @@ fn vectors_cover_every_kind() {
     for v in vectors() {
         let (_, msg) = expected(v.name).unwrap();
         kinds[usize::from(msg.kind())] = true;
-        // The kind is the byte after version and seq (all vector seqs but one fit one byte).
+        // The first body byte packs version (top 3 bits) and kind (low 5 bits).
         let mut buf = v.bytes.clone();
         buf.pop();
         let n = edgelm_protocol::cobs_decode_in_place(&mut buf).unwrap();
-        let seq_len = if buf[1] & 0x80 != 0 { 2 } else { 1 };
-        assert_eq!(buf[1 + seq_len], msg.kind(), "kind byte of `{}`", v.name);
-        assert!(n >= 3);
+        assert_eq!(buf[0] >> 5, PROTOCOL_VERSION, "version bits of `{}`", v.name);
+        assert_eq!(buf[0] & 0x1F, msg.kind(), "kind bits of `{}`", v.name);
+        assert_eq!(buf[0], 0x20 | msg.kind(), "header byte of `{}`", v.name);
+        assert!(n >= 4);
     }
     assert!(kinds.iter().all(|&k| k), "a kind has no golden vector: {kinds:?}");
 }
@@ -144,7 +145,8 @@ fn error_codes_and_stop_reasons_have_their_numbers_on_the_wire() {
         let frame = encode_frame(&Header::new(0), &msg, &mut out).unwrap().to_vec();
         let mut buf = frame[..frame.len() - 1].to_vec();
         edgelm_protocol::cobs_decode_in_place(&mut buf).unwrap();
-        assert_eq!(buf[3], code as u8, "{code:?}");
+        // vk, seq 0, then the code.
+        assert_eq!(buf[..3], [0x2C, 0x00, code as u8], "{code:?}");
         assert_eq!(ErrorCode::from_u8(code as u8), Some(code));
     }
     assert_eq!(ErrorCode::from_u8(0), None);
