@@ -187,10 +187,12 @@ edgelm_status edgelm_generate_ids(edgelm_model *model,
                                   void *user_data,
                                   edgelm_stats *stats);
 
-// Writes the embedding of `text` into `out` (capacity `out_capacity` floats) and its length
-// into `out_len`. Only encoder bundles have embeddings; edgelm does not export them yet, so
-// every current bundle answers EDGELM_ERR_UNSUPPORTED (handles and arguments are still
-// checked first). Thread-safe.
+// Writes the sentence embedding of `text` (NUL-terminated UTF-8, borrowed) into `out`
+// (caller-owned, `out_capacity` floats) and its length into `out_len`. For encoder bundles
+// only: a causal LM answers EDGELM_ERR_UNSUPPORTED. When `out_capacity` is too small the call
+// returns EDGELM_ERR_INVALID_ARGUMENT with `*out_len` set to the length needed (pass
+// `out` NULL and capacity 0 to ask). Thread-safe; one call per model at a time
+// (EDGELM_ERR_BUSY otherwise).
 edgelm_status edgelm_embed(edgelm_model *model,
                            const char *text,
                            float *out,

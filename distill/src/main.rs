@@ -106,6 +106,17 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Export { checkpoint, output, logits, no_verify, tolerance, json } => {
+            if edgelm_distill::encoder::EncoderCheckpoint::is_encoder(&checkpoint) {
+                let ck = edgelm_distill::encoder::EncoderCheckpoint::load(&checkpoint)
+                    .with_context(|| format!("loading {}", checkpoint.display()))?;
+                let diff = edgelm_distill::export::export_encoder(&ck, &output, tolerance)
+                    .with_context(|| format!("exporting to {}", output.display()))?;
+                eprintln!(
+                    "exported encoder to {} (check: ONNX Runtime vs candle embedding, max abs diff {diff:.2e})",
+                    output.display()
+                );
+                return Ok(());
+            }
             let ck = Checkpoint::load(&checkpoint).with_context(|| format!("loading {}", checkpoint.display()))?;
             let opts = ExportOptions {
                 logits: match logits {

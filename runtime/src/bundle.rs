@@ -153,6 +153,57 @@ fn inside(dir: &Path, rel: &str) -> Result<PathBuf> {
     Ok(dir.join(p))
 }
 
+/// The `kind` field of a bundle's edgelm.json, read before anything is verified.
+pub fn read_manifest_kind(dir: &Path) -> Result<String> {
+    let v: serde_json::Value = read_json(&dir.join(MANIFEST))?;
+    Ok(v.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_owned())
+}
+
+/// Reads edgelm.json and checks it: format and version, then the size and sha256 of every
+/// listed file, and that the model, the tokenizer and `also_required` are among them.
+pub fn verify_manifest(dir: &Path, also_required: &[&str]) -> Result<Manifest> {
+    let m: Manifest = read_json(&dir.join(MANIFEST))?;
+    if m.format != "edgelm-bundle" {
+        return Err(bundle_err(dir, format!("edgelm.json format is `{}`, not `edgelm-bundle`", m.format)));
+    }
+    if m.format_version > FORMAT_VERSION {
+        return Err(bundle_err(
+            dir,
+            format!("format version {} is newer than this runtime's {FORMAT_VERSION}; update edgelm", m.format_version),
+        ));
+    }
+    for f in &m.files {
+        let path = inside(dir, &f.path)?;
+        if !path.exists() {
+            return Err(bundle_err(dir, format!("file `{}` listed in edgelm.json is missing", f.path)));
+        }
+        let len = std::fs::metadata(&path).at(&path)?.len();
+        if len != f.bytes {
+            return Err(bundle_err(
+                dir,
+                format!(
+                    "file `{}` has {len} bytes, edgelm.json records {} (truncated or replaced); re-copy the bundle",
+                    f.path, f.bytes
+                ),
+            ));
+        }
+        let actual = sha256_file(&path)?;
+        if actual != f.sha256 {
+            return Err(Error::HashMismatch { path, expected: f.sha256.clone(), actual });
+        }
+    }
+    let required = [Some(m.model_file.as_str()), m.tokenizer.as_deref()]
+        .into_iter()
+        .flatten()
+        .chain(also_required.iter().copied());
+    for r in required {
+        if !m.files.iter().any(|f| f.path == r) {
+            return Err(bundle_err(dir, format!("`{r}` is not covered by a hash in edgelm.json")));
+        }
+    }
+    Ok(m)
+}
+
 impl Bundle {
     /// Opens and verifies a bundle folder (edgelm or onnxruntime-genai layout).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
@@ -163,56 +214,21 @@ impl Bundle {
                 "is not a folder (expected a bundle folder with edgelm.json or genai_config.json)",
             ));
         }
-        let manifest_path = dir.join(MANIFEST);
         let genai_path = dir.join("genai_config.json");
+        if dir.join(MANIFEST).exists() {
+            let kind = read_manifest_kind(&dir)?;
+            if kind != "causal-lm" {
+                return Err(bundle_err(
+                    &dir,
+                    format!("is a `{kind}` bundle; open it with the matching API (e.g. `edgelm embed`)"),
+                ));
+            }
+        }
         if !genai_path.exists() {
             return Err(bundle_err(&dir, "has no genai_config.json; export it with `edgelm-distill export`"));
         }
-        let manifest: Option<Manifest> = if manifest_path.exists() { Some(read_json(&manifest_path)?) } else { None };
-        if let Some(m) = &manifest {
-            if m.format != "edgelm-bundle" {
-                return Err(bundle_err(&dir, format!("edgelm.json format is `{}`, not `edgelm-bundle`", m.format)));
-            }
-            if m.format_version > FORMAT_VERSION {
-                return Err(bundle_err(
-                    &dir,
-                    format!(
-                        "format version {} is newer than this runtime's {FORMAT_VERSION}; update edgelm",
-                        m.format_version
-                    ),
-                ));
-            }
-            if m.kind != "causal-lm" {
-                return Err(bundle_err(&dir, format!("kind `{}` is not supported by this runtime", m.kind)));
-            }
-            for f in &m.files {
-                let path = inside(&dir, &f.path)?;
-                if !path.exists() {
-                    return Err(bundle_err(&dir, format!("file `{}` listed in edgelm.json is missing", f.path)));
-                }
-                let len = std::fs::metadata(&path).at(&path)?.len();
-                if len != f.bytes {
-                    return Err(bundle_err(
-                        &dir,
-                        format!(
-                        "file `{}` has {len} bytes, edgelm.json records {} (truncated or replaced); re-copy the bundle",
-                        f.path, f.bytes
-                    ),
-                    ));
-                }
-                let actual = sha256_file(&path)?;
-                if actual != f.sha256 {
-                    return Err(Error::HashMismatch { path, expected: f.sha256.clone(), actual });
-                }
-            }
-            for required in
-                [Some(&m.model_file), m.tokenizer.as_ref(), Some(&"genai_config.json".to_owned())].into_iter().flatten()
-            {
-                if !m.files.iter().any(|f| &f.path == required) {
-                    return Err(bundle_err(&dir, format!("`{required}` is not covered by a hash in edgelm.json")));
-                }
-            }
-        }
+        let manifest =
+            if dir.join(MANIFEST).exists() { Some(verify_manifest(&dir, &["genai_config.json"])?) } else { None };
         let genai: GenaiConfig = read_json(&genai_path)?;
         let model_path =
             inside(&dir, manifest.as_ref().map(|m| m.model_file.as_str()).unwrap_or(&genai.model.decoder.filename))?;

@@ -18,6 +18,7 @@ pub mod board;
 pub mod bundle;
 pub mod decoder;
 pub mod detokenize;
+pub mod encoder;
 pub mod error;
 pub mod genai_config;
 pub mod generate;

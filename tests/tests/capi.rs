@@ -62,7 +62,18 @@ fn c_program_against_shared_and_static_library_and_under_valgrind() {
     let archive = libs.join("libedgelm.a");
     compile(&static_, &[archive.to_str().unwrap(), "-lpthread", "-ldl", "-lm", "-lgcc_s"]);
 
-    let args = [b.to_str().unwrap(), expected.as_str(), &csv(&PROMPT)];
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/minilm-expected.json")).unwrap())
+            .unwrap();
+    let emb = fixture["sentences"][0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let enc = edgelm_e2e::minilm_bundle();
+    let args = [b.to_str().unwrap(), expected.as_str(), &csv(&PROMPT), enc.to_str().unwrap(), &emb];
     run_c(Command::new(&shared).args(args));
     run_c(Command::new(&static_).args(args));
 
@@ -76,7 +87,9 @@ fn c_program_against_shared_and_static_library_and_under_valgrind() {
         .arg(format!("--suppressions={}", root().join("tests/c/valgrind.supp").display()))
         .arg(format!("--log-file={}", log.display()))
         .arg(&shared)
-        .args(args));
+        // The causal-LM part only: with the encoder session, an ONNX Runtime thread reads a
+        // static string while exit() destroys it (inside libonnxruntime; an open question).
+        .args(&args[..3]));
     let report = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(
         out.status.code(),

@@ -31,7 +31,8 @@ pub struct Checkpoint {
     pub tokenizer_config: Option<serde_json::Value>,
 }
 
-fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+/// Reads an optional JSON file (None when it does not exist).
+pub(crate) fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.exists() {
         return Ok(None);
     }
@@ -59,6 +60,30 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     })
 }
 
+/// Every float weight of a checkpoint folder as f32 (f16, bf16 and f64 are converted). Integer
+/// tensors are buffers transformers sometimes saves (e.g. `position_ids`), not weights: skipped.
+pub fn load_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
+    let mut tensors = HashMap::new();
+    for file in weight_files(dir)? {
+        let loaded = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| Error::Tensor {
+            name: file.display().to_string(),
+            what: format!("cannot read safetensors: {e}"),
+        })?;
+        for (name, t) in loaded {
+            let t = match t.dtype() {
+                DType::F32 => t,
+                DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
+                other => {
+                    tracing::debug!("skipping {name}: {other:?} is not a weight dtype");
+                    continue;
+                }
+            };
+            tensors.insert(name, t);
+        }
+    }
+    Ok(tensors)
+}
+
 impl Checkpoint {
     /// Reads a checkpoint folder. Weights stored as f16 or bf16 are widened to f32.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
@@ -66,23 +91,7 @@ impl Checkpoint {
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
         let config = ModelConfig::from_hf_json(&text)?;
-        let mut tensors = HashMap::new();
-        for file in weight_files(&dir)? {
-            let loaded = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| Error::Tensor {
-                name: file.display().to_string(),
-                what: format!("cannot read safetensors: {e}"),
-            })?;
-            for (name, t) in loaded {
-                let t = match t.dtype() {
-                    DType::F32 => t,
-                    DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
-                    other => {
-                        return Err(Error::Tensor { name, what: format!("dtype {other:?} is not a float weight") })
-                    }
-                };
-                tensors.insert(name, t);
-            }
-        }
+        let tensors = load_weights(&dir)?;
         let tokenizer_json = Some(dir.join("tokenizer.json")).filter(|p| p.exists());
         let mut config = config;
         if !config.tie_word_embeddings && !tensors.contains_key("lm_head.weight") {

@@ -2,6 +2,7 @@
 //! `edgelm.json`), then a numerical check of the ONNX graph in ONNX Runtime against the candle
 //! model on a fixed prompt.
 
+mod encoder;
 mod graph;
 mod verify;
 
@@ -15,6 +16,7 @@ use edgelm_runtime::genai_config::{
     DecoderInputs, DecoderOutputs, DecoderSection, GenaiConfig, ModelSection, SearchSection,
 };
 
+pub use encoder::export_encoder;
 use graph::build_decoder;
 pub use graph::LogitsMode;
 pub use verify::{max_abs_diff, verify_bundle, VerifyReport};

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use edgelm_runtime::decoder::{DecoderOptions, KvCacheMode};
+use edgelm_runtime::encoder::Encoder;
 use edgelm_runtime::{Engine, EngineOptions, Error, GenerateParams, SamplingParams, StopReason};
 
 /// Result of every call.
@@ -156,8 +157,14 @@ pub struct edgelm_stats {
 pub type edgelm_token_callback =
     Option<unsafe extern "C" fn(piece: *const c_char, piece_len: usize, token_id: i32, user_data: *mut c_void) -> bool>;
 
+/// What a handle holds: a generator or an encoder, by the bundle's kind.
+enum Loaded {
+    Causal(Box<Engine>),
+    Encoder(Box<Encoder>),
+}
+
 struct ModelSlot {
-    engine: Mutex<Engine>,
+    model: Mutex<Loaded>,
     cancel: AtomicBool,
 }
 
@@ -311,10 +318,18 @@ pub unsafe extern "C" fn edgelm_model_load(
                 ..DecoderOptions::default()
             },
         };
-        match Engine::open(path, &opts) {
-            Ok(engine) => {
+        let dir = std::path::Path::new(path);
+        let is_encoder = dir.join(edgelm_runtime::bundle::MANIFEST).exists()
+            && edgelm_runtime::bundle::read_manifest_kind(dir).is_ok_and(|k| k == "encoder");
+        let loaded = if is_encoder {
+            Encoder::open(dir, &opts).map(|e| Loaded::Encoder(Box::new(e)))
+        } else {
+            Engine::open(dir, &opts).map(|e| Loaded::Causal(Box::new(e)))
+        };
+        match loaded {
+            Ok(model) => {
                 let key = NEXT_KEY.fetch_add(16, Ordering::Relaxed);
-                let slot = Arc::new(ModelSlot { engine: Mutex::new(engine), cancel: AtomicBool::new(false) });
+                let slot = Arc::new(ModelSlot { model: Mutex::new(model), cancel: AtomicBool::new(false) });
                 registry().lock().unwrap_or_else(|e| e.into_inner()).insert(key, slot);
                 *out = key as *mut edgelm_model;
                 EDGELM_OK
@@ -384,8 +399,12 @@ unsafe fn generate(
             Err(st) => return st,
         }
     }
-    let Ok(mut engine) = slot.engine.try_lock() else {
+    let Ok(mut loaded) = slot.model.try_lock() else {
         return fail(EDGELM_ERR_BUSY, "another thread is generating with this model");
+    };
+    let engine = match &mut *loaded {
+        Loaded::Causal(e) => e,
+        Loaded::Encoder(_) => return fail(EDGELM_ERR_UNSUPPORTED, "this is an encoder bundle: use edgelm_embed"),
     };
     let ids = match prompt {
         Prompt::Text(t) => match engine.encode(t) {
@@ -496,10 +515,12 @@ pub unsafe extern "C" fn edgelm_generate_ids(
     })
 }
 
-/// Writes the embedding of `text` into `out` (capacity `out_capacity` floats) and its length
-/// into `out_len`. Only encoder bundles have embeddings; edgelm does not export them yet, so
-/// every current bundle answers EDGELM_ERR_UNSUPPORTED (handles and arguments are still
-/// checked first). Thread-safe.
+/// Writes the sentence embedding of `text` (NUL-terminated UTF-8, borrowed) into `out`
+/// (caller-owned, `out_capacity` floats) and its length into `out_len`. For encoder bundles
+/// only: a causal LM answers EDGELM_ERR_UNSUPPORTED. When `out_capacity` is too small the call
+/// returns EDGELM_ERR_INVALID_ARGUMENT with `*out_len` set to the length needed (pass
+/// `out` NULL and capacity 0 to ask). Thread-safe; one call per model at a time
+/// (EDGELM_ERR_BUSY otherwise).
 #[no_mangle]
 pub unsafe extern "C" fn edgelm_embed(
     model: *mut edgelm_model,
@@ -513,17 +534,32 @@ pub unsafe extern "C" fn edgelm_embed(
             Ok(s) => s,
             Err(st) => return st,
         };
-        if let Err(s) = utf8(text, "text") {
-            return s;
-        }
+        let text = match utf8(text, "text") {
+            Ok(t) => t,
+            Err(s) => return s,
+        };
         if (out.is_null() && out_capacity > 0) || out_len.is_null() {
             return fail(EDGELM_ERR_INVALID_ARGUMENT, "out or out_len is NULL");
         }
-        let kind = slot
-            .engine
-            .lock()
-            .map(|e| e.bundle().manifest.as_ref().map(|m| m.kind.clone()).unwrap_or_else(|| "causal-lm".into()))
-            .unwrap_or_else(|_| "causal-lm".into());
-        fail(EDGELM_ERR_UNSUPPORTED, format!("embeddings need an encoder bundle; this bundle is a {kind}"))
+        let Ok(mut loaded) = slot.model.try_lock() else {
+            return fail(EDGELM_ERR_BUSY, "another thread is using this model");
+        };
+        let Loaded::Encoder(enc) = &mut *loaded else {
+            return fail(EDGELM_ERR_UNSUPPORTED, "embeddings need an encoder bundle; this bundle is a causal LM");
+        };
+        match enc.embed(text) {
+            Ok(v) => {
+                *out_len = v.len();
+                if v.len() > out_capacity {
+                    return fail(
+                        EDGELM_ERR_INVALID_ARGUMENT,
+                        format!("out holds {out_capacity} floats; the embedding has {}", v.len()),
+                    );
+                }
+                std::ptr::copy_nonoverlapping(v.as_ptr(), out, v.len());
+                EDGELM_OK
+            }
+            Err(e) => from_error(e),
+        }
     })
 }

@@ -245,6 +245,52 @@ impl<T: Read + Write> Client<T> {
         }
     }
 
+    /// Asks the board for the sentence embedding of `text` (an encoder model must be loaded) and
+    /// writes it into `out`, returning the number of values. The answer arrives in Embedding
+    /// chunks; a missing or damaged chunk makes the client ask again from the start (Embed is
+    /// idempotent), at most [`MAX_RETRIES`] times. [`ClientError::ArgumentTooLong`] when `text`
+    /// is over [`MAX_PROMPT`](crate::MAX_PROMPT) bytes or `out` is too small for the vector.
+    pub fn embed(&mut self, text: &str, out: &mut [f32]) -> Result<usize, ClientError<T::Error>> {
+        let text = String::try_from(text).map_err(|_| ClientError::ArgumentTooLong)?;
+        let req = Message::Embed { text };
+        self.send(&req)?;
+        let (mut next, mut len, mut retries) = (0u16, 0usize, 0u8);
+        loop {
+            let restart = match self.next_frame()? {
+                Ok((_, Message::Embedding { index, last, values })) if index == next => {
+                    let end = len + values.len();
+                    if end > out.len() {
+                        return Err(ClientError::ArgumentTooLong);
+                    }
+                    out[len..end].copy_from_slice(&values);
+                    len = end;
+                    next += 1;
+                    if last {
+                        return Ok(len);
+                    }
+                    false
+                }
+                // A chunk went missing. While waiting for chunk 0 after asking again, stale
+                // chunks of the earlier answer are skipped; only its last one asks again.
+                Ok((_, Message::Embedding { index, last, .. })) => index > next && (next > 0 || last),
+                Ok((_, Message::Error { code: ErrorCode::Corrupt, .. })) => true,
+                Ok((_, Message::Error { code, message })) => return Err(ClientError::Remote { code, message }),
+                Ok((_, msg)) if is_client_kind(&msg) => return Err(ClientError::Unexpected),
+                Ok(_) => false,
+                Err(e @ FrameError::Version(_)) => return Err(ClientError::Frame(e)),
+                Err(_) => true,
+            };
+            if restart {
+                if retries == MAX_RETRIES {
+                    return Err(ClientError::TooManyRetries);
+                }
+                retries += 1;
+                (next, len) = (0, 0);
+                self.send(&req)?;
+            }
+        }
+    }
+
     /// Sends `req`, then reads until `accept` takes a message. A damaged frame or an
     /// `Error { Corrupt }` re-sends `req`; other board-to-client messages are stale and skipped.
     fn request<R>(

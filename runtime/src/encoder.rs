@@ -1,0 +1,111 @@
+//! Sentence encoders (`kind: encoder` bundles): text -> one embedding vector.
+//!
+//! The graph takes `input_ids`, `token_type_ids` and `attention_mask` (int64 `[1, seq]`) and
+//! returns `sentence_embedding [1, hidden]` (pooled and, for sentence-transformers models,
+//! L2-normalised inside the graph).
+
+use std::path::{Path, PathBuf};
+
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::Tensor;
+
+use crate::bundle::{read_manifest_kind, verify_manifest, Manifest, MANIFEST};
+use crate::error::{Error, Result};
+use crate::generate::EngineOptions;
+
+/// An encoder graph in an ONNX Runtime session.
+pub struct EncoderSession {
+    session: Session,
+}
+
+impl EncoderSession {
+    /// Opens an encoder ONNX file (`threads` 0 = one per core).
+    pub fn load(model: &Path, threads: usize) -> Result<Self> {
+        let env = crate::ortlib::init(None)?;
+        let mut b = Session::builder(env)?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| Error::Ort(e.into()))?;
+        if threads > 0 {
+            b = b.with_intra_threads(threads).map_err(|e| Error::Ort(e.into()))?;
+        }
+        Ok(EncoderSession { session: b.commit_from_file(model)? })
+    }
+
+    /// The sentence embedding of one sequence of ids and token types.
+    pub fn run(&mut self, ids: &[u32], type_ids: &[u32]) -> Result<Vec<f32>> {
+        if ids.is_empty() || ids.len() != type_ids.len() {
+            return Err(Error::InvalidRequest("an embedding needs at least one token".into()));
+        }
+        let s = ids.len();
+        let to_i64 = |v: &[u32]| v.iter().map(|&x| x as i64).collect::<Vec<_>>();
+        let inputs = ort::inputs![
+            "input_ids" => Tensor::from_array(([1usize, s], to_i64(ids)))?,
+            "token_type_ids" => Tensor::from_array(([1usize, s], to_i64(type_ids)))?,
+            "attention_mask" => Tensor::from_array(([1usize, s], vec![1i64; s]))?,
+        ];
+        let out = self.session.run(inputs)?;
+        let (shape, data) = out["sentence_embedding"].try_extract_tensor::<f32>()?;
+        if shape.len() != 2 || shape[0] != 1 {
+            return Err(Error::UnexpectedShape {
+                name: "sentence_embedding".into(),
+                shape: shape.iter().copied().collect(),
+                expected: "[1, hidden]".into(),
+            });
+        }
+        Ok(data.to_vec())
+    }
+}
+
+/// An encoder bundle opened for embedding text.
+pub struct Encoder {
+    session: EncoderSession,
+    tokenizer: tokenizers::Tokenizer,
+    manifest: Manifest,
+    max_tokens: Option<usize>,
+}
+
+impl Encoder {
+    /// Opens and verifies an encoder bundle.
+    pub fn open(dir: impl AsRef<Path>, opts: &EngineOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        crate::ortlib::init(opts.ort_lib.as_deref())?;
+        let bundle_err = |what: String| Error::Bundle { path: dir.to_path_buf(), what };
+        if !dir.join(MANIFEST).exists() {
+            return Err(bundle_err("has no edgelm.json; export the encoder with `edgelm-distill export`".into()));
+        }
+        let kind = read_manifest_kind(dir)?;
+        if kind != "encoder" {
+            return Err(bundle_err(format!("is a `{kind}` bundle, not an encoder")));
+        }
+        let manifest = verify_manifest(dir, &[])?;
+        let tok_path: PathBuf = dir.join(
+            manifest.tokenizer.as_deref().ok_or_else(|| bundle_err("an encoder bundle needs tokenizer.json".into()))?,
+        );
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+        // One sequence at a time: padding (which sentence-transformers files often configure)
+        // would only add masked positions. Truncation, if configured, is kept.
+        tokenizer.with_padding(None);
+        let session = EncoderSession::load(&dir.join(&manifest.model_file), opts.decoder.threads)?;
+        let max_tokens = manifest.report.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize);
+        Ok(Encoder { session, tokenizer, manifest, max_tokens })
+    }
+
+    /// The bundle's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Embeds `text` (special tokens added as the tokenizer defines; too long -> error).
+    pub fn embed(&mut self, text: &str) -> Result<Vec<f32>> {
+        if text.is_empty() {
+            return Err(Error::InvalidRequest("the text is empty".into()));
+        }
+        let enc = self.tokenizer.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        if let Some(max) = self.max_tokens.filter(|&m| enc.get_ids().len() > m) {
+            return Err(Error::ContextOverflow { prompt: enc.get_ids().len(), max_new: 0, context: max });
+        }
+        self.session.run(enc.get_ids(), enc.get_type_ids())
+    }
+}
