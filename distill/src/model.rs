@@ -61,17 +61,7 @@ struct WeightSource<'a> {
 
 impl WeightSource<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self.tensors.get(name).ok_or_else(|| crate::Error::Tensor {
-            name: name.to_owned(),
-            what: "missing from the checkpoint".into(),
-        })?;
-        if t.dims() != shape {
-            return Err(crate::Error::Tensor {
-                name: name.to_owned(),
-                what: format!("shape {:?}, expected {:?}", t.dims(), shape),
-            });
-        }
-        Ok(t.clone())
+        crate::checkpoint::weight(self.tensors, name, shape).cloned()
     }
 }
 

@@ -31,6 +31,20 @@ pub struct Checkpoint {
     pub tokenizer_config: Option<serde_json::Value>,
 }
 
+/// A weight by name from a weight map, checked against the expected shape.
+pub fn weight<'a>(tensors: &'a HashMap<String, Tensor>, name: &str, shape: &[usize]) -> Result<&'a Tensor> {
+    let t = tensors
+        .get(name)
+        .ok_or_else(|| Error::Tensor { name: name.to_owned(), what: "missing from the checkpoint".into() })?;
+    if t.dims() != shape {
+        return Err(Error::Tensor {
+            name: name.to_owned(),
+            what: format!("shape {:?}, expected {:?}", t.dims(), shape),
+        });
+    }
+    Ok(t)
+}
+
 /// Reads an optional JSON file (None when it does not exist).
 pub(crate) fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.exists() {
@@ -111,17 +125,7 @@ impl Checkpoint {
 
     /// A weight by name, checked against the expected shape.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<&Tensor> {
-        let t = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| Error::Tensor { name: name.to_owned(), what: "missing from the checkpoint".into() })?;
-        if t.dims() != shape {
-            return Err(Error::Tensor {
-                name: name.to_owned(),
-                what: format!("shape {:?}, expected {:?}", t.dims(), shape),
-            });
-        }
-        Ok(t)
+        weight(&self.tensors, name, shape)
     }
 
     /// The LM head matrix `[vocab, hidden]`: `lm_head.weight`, or the embedding when tied.

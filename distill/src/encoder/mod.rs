@@ -154,17 +154,7 @@ impl EncoderCheckpoint {
 
     /// A weight by name with a shape check.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<&Tensor> {
-        let t = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| Error::Tensor { name: name.to_owned(), what: "missing from the checkpoint".into() })?;
-        if t.dims() != shape {
-            return Err(Error::Tensor {
-                name: name.to_owned(),
-                what: format!("shape {:?}, expected {:?}", t.dims(), shape),
-            });
-        }
-        Ok(t)
+        crate::checkpoint::weight(&self.tensors, name, shape)
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use prost::Message as _;
 
-use edgelm_runtime::bundle::{self, FileEntry, GenerationDefaults, Manifest, Source};
+use edgelm_runtime::bundle::{self, GenerationDefaults, Manifest, Source};
 
 use crate::encoder::{BertModel, EncoderCheckpoint, Pooling};
 use crate::error::{Error, IoContext, Result};
@@ -186,15 +186,7 @@ pub fn export_encoder(ck: &EncoderCheckpoint, out: &Path, tolerance: f32) -> Res
         });
     }
 
-    let mut entries = Vec::new();
-    for f in &files {
-        let p = out.join(f);
-        entries.push(FileEntry {
-            path: f.clone(),
-            sha256: bundle::sha256_file(&p)?,
-            bytes: std::fs::metadata(&p).at(&p)?.len(),
-        });
-    }
+    let entries = super::file_entries(out, &files)?;
     let c = &ck.config;
     let manifest = Manifest {
         format: "edgelm-bundle".into(),

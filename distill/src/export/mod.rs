@@ -60,6 +60,21 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).at(path)
 }
 
+/// Hash and size of each bundle file, for edgelm.json.
+fn file_entries(out: &Path, files: &[String]) -> Result<Vec<FileEntry>> {
+    files
+        .iter()
+        .map(|f| {
+            let p = out.join(f);
+            Ok(FileEntry {
+                path: f.clone(),
+                sha256: bundle::sha256_file(&p)?,
+                bytes: std::fs::metadata(&p).at(&p)?.len(),
+            })
+        })
+        .collect()
+}
+
 /// sha256 over the checkpoint's config.json and weight files, in name order.
 fn checkpoint_hash(dir: &Path) -> Result<String> {
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -182,15 +197,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
         }
     };
 
-    let mut entries = Vec::new();
-    for f in &files {
-        let p = out.join(f);
-        entries.push(FileEntry {
-            path: f.clone(),
-            sha256: bundle::sha256_file(&p)?,
-            bytes: std::fs::metadata(&p).at(&p)?.len(),
-        });
-    }
+    let entries = file_entries(out, &files)?;
     let manifest = Manifest {
         format: "edgelm-bundle".into(),
         format_version: bundle::FORMAT_VERSION,
