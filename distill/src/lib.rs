@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+pub mod data;
 pub mod encoder;
 pub mod error;
 pub mod export;

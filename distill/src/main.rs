@@ -48,6 +48,9 @@ enum Command {
     },
     /// List the presets `init` knows.
     Presets,
+    /// Training data: the built-in task, or your own data prepared for training.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Export a checkpoint to an edgelm bundle (fp32 ONNX with KV cache) and check it.
     Export {
         /// Checkpoint folder (config.json, safetensors, tokenizer.json).
@@ -67,6 +70,45 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Generate the built-in device-command task (train/validation/test JSONL).
+    Generate {
+        /// Output folder.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Seed; the same seed gives the same files.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Training examples (validation and test get a tenth each).
+        #[arg(long, default_value_t = 20_000)]
+        train: usize,
+    },
+    /// Normalise, deduplicate, split and optionally augment JSONL triples or plain text.
+    Prepare {
+        /// Input file (JSONL with instruction/input/output, or plain text lines).
+        input: PathBuf,
+        /// Output folder.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Share for validation.
+        #[arg(long, default_value_t = 0.05)]
+        validation: f64,
+        /// Share for test.
+        #[arg(long, default_value_t = 0.05)]
+        test: f64,
+        /// Shuffle seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Interchangeable entities, comma-separated (e.g. kitchen,garage,office).
+        #[arg(long, value_delimiter = ',')]
+        swap: Vec<String>,
+        /// Augmented copies per example that mentions one of the entities.
+        #[arg(long, default_value_t = 0)]
+        augment: usize,
     },
 }
 
@@ -99,6 +141,40 @@ fn run(cli: Cli) -> Result<()> {
             let cfg =
                 write_preset(&preset, &output, seed, opts).with_context(|| format!("creating preset `{preset}`"))?;
             eprintln!("wrote {} ({} parameters) to {}", preset, cfg.num_parameters(), output.display());
+        }
+        Command::Data(DataCommand::Generate { output, seed, train }) => {
+            use edgelm_distill::data::{task, write_jsonl};
+            let s = task::generate(seed, train);
+            for (name, set) in [("train", &s.train), ("validation", &s.validation), ("test", &s.test)] {
+                write_jsonl(&output.join(format!("{name}.jsonl")), set)?;
+            }
+            eprintln!(
+                "wrote {} train, {} validation, {} test examples to {}",
+                s.train.len(),
+                s.validation.len(),
+                s.test.len(),
+                output.display()
+            );
+        }
+        Command::Data(DataCommand::Prepare { input, output, validation, test, seed, swap, augment }) => {
+            use edgelm_distill::data::{prepare, write_jsonl};
+            let examples = prepare::read_any(&input)?;
+            let opts =
+                prepare::PrepareOptions { validation, test, seed, swap_entities: swap, augment_per_example: augment };
+            let p = prepare::prepare(examples, &opts);
+            for (name, set) in [("train", &p.train), ("validation", &p.validation), ("test", &p.test)] {
+                write_jsonl(&output.join(format!("{name}.jsonl")), set)?;
+            }
+            eprintln!(
+                "read {}, dropped {} duplicates, added {} by entity swaps: {} train, {} validation, {} test in {}",
+                p.read,
+                p.duplicates,
+                p.augmented,
+                p.train.len(),
+                p.validation.len(),
+                p.test.len(),
+                output.display()
+            );
         }
         Command::Presets => {
             for (name, about) in PRESETS {

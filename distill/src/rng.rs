@@ -24,6 +24,28 @@ impl Rng {
         ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
     }
 
+    /// Uniform integer in `0..n` (n > 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        self.uniform() <= p
+    }
+
+    /// A uniformly chosen element.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+
+    /// Fisher-Yates shuffle.
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.below(i + 1));
+        }
+    }
+
     /// `n` samples from N(mean, std^2).
     pub fn normal_vec(&mut self, n: usize, mean: f32, std: f32) -> Vec<f32> {
         let mut out = Vec::with_capacity(n + 1);
