@@ -108,7 +108,7 @@ fn time(rng: &mut Rng) -> (String, String) {
     let h = rng.below(24) as u32;
     let m = *rng.pick(&[0u32, 0, 0, 15, 30, 30, 45, 5, 20, 50]);
     let canonical = format!("{h:02}:{m:02}");
-    let h12 = if h % 12 == 0 { 12 } else { h % 12 };
+    let h12 = if h.is_multiple_of(12) { 12 } else { h % 12 };
     let ampm = if h < 12 { "am" } else { "pm" };
     let spoken = match rng.below(5) {
         0 => format!("at {h:02}:{m:02}"),
