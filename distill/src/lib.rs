@@ -10,6 +10,7 @@ pub mod export;
 pub mod model;
 pub(crate) mod onnx;
 mod rng;
+pub mod train;
 
 pub use checkpoint::{Checkpoint, ModelConfig};
 pub use error::{Error, Result};

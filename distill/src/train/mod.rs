@@ -1,0 +1,124 @@
+//! The training step machinery shared by pre-training, fine-tuning and distillation: AdamW over
+//! named parameters, the learning-rate schedule, gradient accumulation and global-norm clipping.
+//!
+//! A [`Trainer`] owns the trainable parameters as candle `Var`s; the model is rebuilt over
+//! their tensors (sharing storage), so gradients of any loss computed with it land on the
+//! parameters.
+
+pub mod schedule;
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+
+pub use schedule::CosineSchedule;
+
+use crate::error::Result;
+
+/// Optimizer settings.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainConfig {
+    /// Learning-rate schedule.
+    pub schedule: CosineSchedule,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Micro-batches whose gradients are summed before one optimizer step.
+    pub accumulation: usize,
+    /// Largest global gradient L2 norm; larger gradients are scaled down to it (0 = off).
+    pub clip_norm: f64,
+}
+
+/// Trainable parameters and their optimizer state.
+pub struct Trainer {
+    params: Vec<(String, Var)>,
+    optimizer: AdamW,
+    config: TrainConfig,
+    pending: Option<GradStore>,
+    micro: usize,
+    step: usize,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Optimizer step just taken (0-based).
+    pub step: usize,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+impl Trainer {
+    /// Makes every given weight trainable.
+    pub fn new(weights: HashMap<String, Tensor>, config: TrainConfig) -> Result<Self> {
+        let mut params: Vec<(String, Var)> =
+            weights.into_iter().map(|(k, t)| Ok((k, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let optimizer = AdamW::new(
+            params.iter().map(|(_, v)| v.clone()).collect(),
+            ParamsAdamW { lr: config.schedule.lr(0), weight_decay: config.weight_decay, ..ParamsAdamW::default() },
+        )?;
+        Ok(Trainer { params, optimizer, config, pending: None, micro: 0, step: 0 })
+    }
+
+    /// The parameters' current tensors by name (share storage with the parameters).
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        self.params.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// Adds the gradients of `loss` (divided by the accumulation count); after `accumulation`
+    /// calls, clips and takes one optimizer step and returns its report.
+    pub fn backward(&mut self, loss: &Tensor) -> Result<Option<StepReport>> {
+        let scaled = (loss / self.config.accumulation.max(1) as f64)?;
+        let grads = scaled.backward()?;
+        match self.pending.as_mut() {
+            None => self.pending = Some(grads),
+            Some(acc) => {
+                for (_, v) in &self.params {
+                    if let Some(g) = grads.get(v.as_tensor()) {
+                        let sum = match acc.get(v.as_tensor()) {
+                            Some(a) => (a + g)?,
+                            None => g.clone(),
+                        };
+                        acc.insert(v.as_tensor(), sum);
+                    }
+                }
+            }
+        }
+        self.micro += 1;
+        if self.micro < self.config.accumulation.max(1) {
+            return Ok(None);
+        }
+        let mut grads = self.pending.take().expect("gradients were accumulated");
+        self.micro = 0;
+        let mut sq = 0f64;
+        for (_, v) in &self.params {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            }
+        }
+        let grad_norm = sq.sqrt();
+        if self.config.clip_norm > 0.0 && grad_norm > self.config.clip_norm {
+            let scale = self.config.clip_norm / grad_norm;
+            for (_, v) in &self.params {
+                if let Some(g) = grads.remove(v.as_tensor()) {
+                    grads.insert(v.as_tensor(), (g * scale)?);
+                }
+            }
+        }
+        let lr = self.config.schedule.lr(self.step);
+        self.optimizer.set_learning_rate(lr);
+        self.optimizer.step(&grads)?;
+        let report = StepReport { step: self.step, lr, grad_norm };
+        self.step += 1;
+        Ok(Some(report))
+    }
+}
