@@ -87,6 +87,20 @@ enum DataCommand {
         #[arg(long, default_value_t = 20_000)]
         train: usize,
     },
+    /// Train a byte-level BPE tokenizer (ChatML special tokens and template) on a data set.
+    Tokenizer {
+        /// JSONL triples or plain text to learn from.
+        input: PathBuf,
+        /// Output folder (tokenizer.json, tokenizer_config.json).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Vocabulary size, special tokens included.
+        #[arg(long, default_value_t = 2048)]
+        vocab: usize,
+        /// Longest sequence recorded in tokenizer_config.json.
+        #[arg(long, default_value_t = 512)]
+        max_length: usize,
+    },
     /// Normalise, deduplicate, split and optionally augment JSONL triples or plain text.
     Prepare {
         /// Input file (JSONL with instruction/input/output, or plain text lines).
@@ -153,6 +167,20 @@ fn run(cli: Cli) -> Result<()> {
                 s.train.len(),
                 s.validation.len(),
                 s.test.len(),
+                output.display()
+            );
+        }
+        Command::Data(DataCommand::Tokenizer { input, output, vocab, max_length }) => {
+            use edgelm_distill::checkpoint::preset::{train_tokenizer, write_tokenizer};
+            let examples = edgelm_distill::data::prepare::read_any(&input)?;
+            let texts: Vec<String> =
+                examples.iter().flat_map(|e| [e.instruction.clone(), e.input.clone(), e.output.clone()]).collect();
+            let tok = train_tokenizer(texts.iter().map(String::as_str), vocab)?;
+            write_tokenizer(&output, &tok, max_length)?;
+            eprintln!(
+                "trained a {}-entry tokenizer on {} examples into {}",
+                tok.get_vocab_size(true),
+                examples.len(),
                 output.display()
             );
         }

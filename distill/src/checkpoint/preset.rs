@@ -188,14 +188,24 @@ pub fn write_preset(name: &str, dir: &Path, seed: u64, opts: WriteOptions) -> Re
     let weights = random_weights(&config, seed)?;
     write_checkpoint(dir, &config, &weights, opts)?;
     let tok = train_tokenizer(CORPUS.lines(), config.vocab_size)?;
-    let tok_path = dir.join("tokenizer.json");
-    tok.save(&tok_path, true).map_err(|e| Error::Other(format!("{}: {e}", tok_path.display())))?;
+    write_tokenizer(dir, &tok, config.max_position_embeddings)?;
     let gen = serde_json::json!({
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_ids.first(),
         "pad_token_id": config.pad_token_id,
         "do_sample": false,
     });
+    let p = dir.join("generation_config.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&gen).expect("json")).at(&p)?;
+    Ok(config)
+}
+
+/// Writes `tokenizer.json` and a `tokenizer_config.json` naming the special tokens and the
+/// ChatML template, as transformers' fast tokenizers save them.
+pub fn write_tokenizer(dir: &Path, tok: &Tokenizer, max_length: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).at(dir)?;
+    let tok_path = dir.join("tokenizer.json");
+    tok.save(&tok_path, true).map_err(|e| Error::Other(format!("{}: {e}", tok_path.display())))?;
     let tok_cfg = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": SPECIAL_TOKENS[1],
@@ -203,13 +213,10 @@ pub fn write_preset(name: &str, dir: &Path, seed: u64, opts: WriteOptions) -> Re
         "pad_token": SPECIAL_TOKENS[0],
         "unk_token": null,
         "add_bos_token": false,
-        "model_max_length": config.max_position_embeddings,
+        "model_max_length": max_length,
         "chat_template": CHATML_TEMPLATE,
         "clean_up_tokenization_spaces": false,
     });
-    for (file, v) in [("generation_config.json", gen), ("tokenizer_config.json", tok_cfg)] {
-        let p = dir.join(file);
-        std::fs::write(&p, serde_json::to_string_pretty(&v).expect("json")).at(&p)?;
-    }
-    Ok(config)
+    let p = dir.join("tokenizer_config.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&tok_cfg).expect("json")).at(&p)
 }

@@ -5,6 +5,7 @@
 //! their tensors (sharing storage), so gradients of any loss computed with it land on the
 //! parameters.
 
+pub mod kd;
 pub mod schedule;
 
 use std::collections::HashMap;
@@ -13,6 +14,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
+pub use kd::kd_loss;
 pub use schedule::CosineSchedule;
 
 use crate::error::Result;

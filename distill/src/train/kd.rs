@@ -1,0 +1,74 @@
+//! Knowledge-distillation loss:
+//! `alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, labels)`,
+//! KL averaged over positions (batchmean over rows), CE the mean next-token cross-entropy.
+//! The `T^2` keeps the soft-target gradients on the same scale as the hard ones when T changes.
+//!
+//! Shapes: `student_logits`, `teacher_logits` `[N, vocab]`, `labels` `[N]` (u32).
+
+use candle_core::{Tensor, D};
+
+use crate::error::Result;
+
+/// Distillation loss of a batch of positions.
+pub fn kd_loss(
+    student_logits: &Tensor,
+    teacher_logits: &Tensor,
+    labels: &Tensor,
+    temperature: f64,
+    alpha: f64,
+) -> Result<Tensor> {
+    let t = temperature;
+    let log_p_student = candle_nn::ops::log_softmax(&(student_logits / t)?, D::Minus1)?;
+    // The teacher is a constant target: no gradient flows into it.
+    let log_p_teacher = candle_nn::ops::log_softmax(&(teacher_logits.detach() / t)?, D::Minus1)?;
+    let p_teacher = log_p_teacher.exp()?;
+    let rows = student_logits.dim(0)? as f64;
+    let kl = ((&p_teacher * (log_p_teacher - &log_p_student)?)?.sum_all()? / rows)?;
+    let ce = candle_nn::loss::cross_entropy(student_logits, labels)?;
+    Ok(((kl * (alpha * t * t))? + (ce * (1.0 - alpha))?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn matches_a_hand_computed_value() {
+        // Two positions, three tokens.
+        let s = Tensor::new(&[[1.0f32, 2.0, 0.5], [0.0, -1.0, 1.0]], &Device::Cpu).unwrap();
+        let te = Tensor::new(&[[2.0f32, 1.0, 0.0], [0.5, 0.5, 0.5]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
+        let (t, alpha) = (2.0f64, 0.7f64);
+        // Same formula written out with f64 scalars.
+        let softmax = |row: &[f64]| {
+            let m = row.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = row.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            e.into_iter().map(|x| x / z).collect::<Vec<_>>()
+        };
+        let srows = [[1.0, 2.0, 0.5], [0.0, -1.0, 1.0]];
+        let trows = [[2.0, 1.0, 0.0], [0.5, 0.5, 0.5]];
+        let mut kl = 0.0;
+        let mut ce = 0.0;
+        for r in 0..2 {
+            let ps = softmax(&srows[r].map(|x| x / t));
+            let pt = softmax(&trows[r].map(|x| x / t));
+            kl += (0..3).map(|i| pt[i] * (pt[i].ln() - ps[i].ln())).sum::<f64>();
+            let p = softmax(&srows[r]);
+            ce -= p[[1, 2][r]].ln();
+        }
+        let expected = alpha * t * t * kl / 2.0 + (1.0 - alpha) * ce / 2.0;
+        let got = kd_loss(&s, &te, &labels, t, alpha).unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
+    }
+
+    #[test]
+    fn identical_logits_leave_only_the_hard_loss() {
+        let s = Tensor::new(&[[0.3f32, -0.2, 1.5, 0.0]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[2u32], &Device::Cpu).unwrap();
+        let kd = kd_loss(&s, &s, &labels, 3.0, 0.5).unwrap().to_scalar::<f32>().unwrap();
+        let ce = candle_nn::loss::cross_entropy(&s, &labels).unwrap().to_scalar::<f32>().unwrap();
+        assert!((kd - 0.5 * ce).abs() < 1e-6);
+    }
+}
