@@ -7,6 +7,7 @@ pub mod data;
 pub mod encoder;
 pub mod error;
 pub mod export;
+pub mod lora;
 pub mod model;
 pub(crate) mod onnx;
 mod rng;

@@ -19,20 +19,39 @@ use crate::error::Result;
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// LoRA update `(A [r, in], B [out, r], scale)`: `y += scale * x A^T B^T`.
+    lora: Option<(Tensor, Tensor, f64)>,
 }
 
 impl Linear {
     fn load(ck: &WeightSource, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        let lora = match ck.adapter.and_then(|a| a.modules.get(name).map(|m| (m, a.config.scale()))) {
+            Some(((a, b), scale)) => {
+                let r = a.dims()[0];
+                if a.dims() != [r, inp] || b.dims() != [out, r] {
+                    return Err(crate::Error::Tensor {
+                        name: format!("{name} (LoRA)"),
+                        what: format!("A {:?} / B {:?} do not fit a [{out}, {inp}] projection", a.dims(), b.dims()),
+                    });
+                }
+                Some((a.clone(), b.clone(), scale))
+            }
+            None => None,
+        };
         Ok(Linear {
             weight: ck.get(&format!("{name}.weight"), &[out, inp])?,
             bias: if bias { Some(ck.get(&format!("{name}.bias"), &[out])?) } else { None },
+            lora,
         })
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        let mut y = x.broadcast_matmul(&self.weight.t()?)?;
+        if let Some((a, b, scale)) = &self.lora {
+            y = (y + (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * *scale)?)?;
+        }
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -57,6 +76,7 @@ impl Module for RmsNorm {
 /// Looks weights up by transformers name with a shape check.
 struct WeightSource<'a> {
     tensors: &'a HashMap<String, Tensor>,
+    adapter: Option<&'a crate::lora::Adapter>,
 }
 
 impl WeightSource<'_> {
@@ -238,8 +258,17 @@ impl LlamaModel {
 
     /// Builds the model over named weights in transformers' naming.
     pub fn from_tensors(config: &ModelConfig, tensors: &HashMap<String, Tensor>) -> Result<Self> {
+        Self::with_adapter(config, tensors, None)
+    }
+
+    /// Builds the model with a LoRA adapter applied on top of the base weights (not merged).
+    pub fn with_adapter(
+        config: &ModelConfig,
+        tensors: &HashMap<String, Tensor>,
+        adapter: Option<&crate::lora::Adapter>,
+    ) -> Result<Self> {
         let c = config;
-        let w = WeightSource { tensors };
+        let w = WeightSource { tensors, adapter };
         let h = c.hidden_size;
         let norm =
             |name: String| -> Result<RmsNorm> { Ok(RmsNorm { weight: w.get(&name, &[h])?, eps: c.rms_norm_eps }) };

@@ -1,0 +1,157 @@
+//! LoRA adapters: low-rank updates `W' = W + (alpha / r) * B A` on chosen projections, stored in
+//! PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`, tensor names
+//! `base_model.model.<module>.lora_A.weight` `[r, in]` and `...lora_B.weight` `[out, r]`) so
+//! `peft` loads them, and merged into the base weights for export.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::ModelConfig;
+use crate::error::{Error, IoContext, Result};
+use crate::rng::Rng;
+
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// Rank, scale and targets of an adapter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    /// Rank of the update.
+    pub r: usize,
+    /// Scale numerator: the update is multiplied by `alpha / r`.
+    pub lora_alpha: f64,
+    /// Projection names the adapter applies to (`q_proj`, `v_proj`, ...).
+    pub target_modules: Vec<String>,
+}
+
+impl LoraConfig {
+    /// `alpha / r`.
+    pub fn scale(&self) -> f64 {
+        self.lora_alpha / self.r as f64
+    }
+}
+
+/// An adapter: its config and its A/B matrices by module name (`model.layers.0.self_attn.q_proj`).
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    /// Rank, scale, targets.
+    pub config: LoraConfig,
+    /// `(A [r, in], B [out, r])` per adapted module.
+    pub modules: HashMap<String, (Tensor, Tensor)>,
+}
+
+/// `(module name, out, in)` of every projection a target name selects.
+fn targets(cfg: &ModelConfig, lora: &LoraConfig) -> Result<Vec<(String, usize, usize)>> {
+    let h = cfg.hidden_size;
+    let mut out = Vec::new();
+    for t in &lora.target_modules {
+        let (group, out_dim, in_dim) = match t.as_str() {
+            "q_proj" => ("self_attn", cfg.q_dim(), h),
+            "k_proj" | "v_proj" => ("self_attn", cfg.kv_dim(), h),
+            "o_proj" => ("self_attn", h, cfg.q_dim()),
+            "gate_proj" | "up_proj" => ("mlp", cfg.intermediate_size, h),
+            "down_proj" => ("mlp", h, cfg.intermediate_size),
+            other => {
+                return Err(Error::InvalidConfig {
+                    what: format!("LoRA target `{other}` is not a projection of this model"),
+                })
+            }
+        };
+        for i in 0..cfg.num_hidden_layers {
+            out.push((format!("model.layers.{i}.{group}.{t}"), out_dim, in_dim));
+        }
+    }
+    Ok(out)
+}
+
+impl Adapter {
+    /// A fresh adapter as PEFT initialises one: A small random, B zero (so it starts as a no-op).
+    pub fn init(model: &ModelConfig, config: LoraConfig, seed: u64) -> Result<Self> {
+        let mut rng = Rng::new(seed);
+        let mut modules = HashMap::new();
+        for (name, out, inp) in targets(model, &config)? {
+            let a = Tensor::from_vec(
+                rng.normal_vec(config.r * inp, 0.0, 1.0 / (inp as f32).sqrt()),
+                (config.r, inp),
+                &Device::Cpu,
+            )?;
+            let b = Tensor::zeros((out, config.r), candle_core::DType::F32, &Device::Cpu)?;
+            modules.insert(name, (a, b));
+        }
+        Ok(Adapter { config, modules })
+    }
+
+    /// The low-rank update `scale * B A` of one module, `[out, in]`.
+    pub fn delta(&self, module: &str) -> Result<Option<Tensor>> {
+        match self.modules.get(module) {
+            Some((a, b)) => Ok(Some((b.matmul(a)? * self.config.scale())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Base weights with every update folded in (for export): `W + scale * B A`.
+    pub fn merge(&self, base: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+        let mut out = base.clone();
+        for module in self.modules.keys() {
+            let name = format!("{module}.weight");
+            let w = out
+                .get(&name)
+                .ok_or_else(|| Error::Tensor { name: name.clone(), what: "missing from the base".into() })?;
+            let merged = (w + self.delta(module)?.expect("module exists"))?;
+            out.insert(name, merged);
+        }
+        Ok(out)
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` in PEFT's layout.
+    pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
+        std::fs::create_dir_all(dir).at(dir)?;
+        let cfg = serde_json::json!({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": self.config.r, "lora_alpha": self.config.lora_alpha, "target_modules": self.config.target_modules,
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": false, "inference_mode": true,
+            "use_rslora": false, "init_lora_weights": true,
+        });
+        let p = dir.join("adapter_config.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&cfg).expect("json")).at(&p)?;
+        let mut tensors = HashMap::new();
+        for (m, (a, b)) in &self.modules {
+            tensors.insert(format!("{PEFT_PREFIX}{m}.lora_A.weight"), a.clone());
+            tensors.insert(format!("{PEFT_PREFIX}{m}.lora_B.weight"), b.clone());
+        }
+        let file = dir.join("adapter_model.safetensors");
+        candle_core::safetensors::save(&tensors, &file).map_err(|e| Error::Other(format!("{}: {e}", file.display())))
+    }
+
+    /// Reads an adapter saved by [`Adapter::save_peft`] or by `peft`.
+    pub fn load_peft(dir: &Path) -> Result<Self> {
+        let p = dir.join("adapter_config.json");
+        let config: LoraConfig = serde_json::from_str(&std::fs::read_to_string(&p).at(&p)?)
+            .map_err(|e| Error::InvalidConfig { what: format!("{}: {e}", p.display()) })?;
+        let file = dir.join("adapter_model.safetensors");
+        let raw = candle_core::safetensors::load(&file, &Device::Cpu)
+            .map_err(|e| Error::Tensor { name: file.display().to_string(), what: e.to_string() })?;
+        let mut halves: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+        for (name, t) in raw {
+            let t = t.to_dtype(candle_core::DType::F32)?;
+            let name = name.strip_prefix(PEFT_PREFIX).unwrap_or(&name).to_owned();
+            if let Some(m) = name.strip_suffix(".lora_A.weight") {
+                halves.entry(m.to_owned()).or_default().0 = Some(t);
+            } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
+                halves.entry(m.to_owned()).or_default().1 = Some(t);
+            }
+        }
+        let mut modules = HashMap::new();
+        for (m, (a, b)) in halves {
+            match (a, b) {
+                (Some(a), Some(b)) => {
+                    modules.insert(m, (a, b));
+                }
+                _ => return Err(Error::Tensor { name: m, what: "has only one of lora_A and lora_B".into() }),
+            }
+        }
+        Ok(Adapter { config, modules })
+    }
+}
