@@ -93,6 +93,11 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Token ids as the comma-separated list `--prompt-ids` takes.
+pub fn csv(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
 /// Token ids from a JSON array.
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use edgelm_e2e::{bundle, root, run, scratch};
+use edgelm_e2e::{bundle, csv, root, run, scratch};
 use edgelm_runtime::{Engine, EngineOptions, GenerateParams};
 
 const PROMPT: [u32; 6] = [1, 40, 97, 200, 31, 150];
@@ -18,10 +18,6 @@ fn lib_dir() -> PathBuf {
         std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target")).join(profile);
     assert!(d.join("libedgelm.so").exists(), "build the C library first: cargo build -p edgelm-capi");
     d
-}
-
-fn csv(ids: &[u32]) -> String {
-    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
 fn rust_greedy(b: &Path) -> Vec<u32> {

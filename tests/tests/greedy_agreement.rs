@@ -7,17 +7,13 @@ use std::process::Command;
 
 use candle_core::Device;
 use edgelm_distill::{Checkpoint, LlamaModel};
-use edgelm_e2e::{bundle, checkpoint, edgelm, ids, json_ok, python, root, run};
+use edgelm_e2e::{bundle, checkpoint, csv, edgelm, ids, json_ok, python, root, run};
 
 const PRESETS: [&str; 5] = ["tiny", "tiny-tied", "tiny-qwen2", "tiny-llama3", "tiny-mistral"];
 const NEW: usize = 24;
 
 fn prompt() -> Vec<u32> {
     vec![1, 40, 97, 200, 31, 150, 77, 12, 255, 300, 5]
-}
-
-fn csv(ids: &[u32]) -> String {
-    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
 fn candle_greedy(preset: &str) -> Vec<u32> {

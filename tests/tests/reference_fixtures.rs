@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use edgelm_distill::export::{export, ExportOptions};
 use edgelm_distill::{Checkpoint, LlamaModel};
-use edgelm_e2e::{edgelm, ids, json_ok, root, scratch};
+use edgelm_e2e::{csv, edgelm, ids, json_ok, root, scratch};
 
 fn fixtures() -> PathBuf {
     root().join("tests/fixtures")
@@ -16,10 +16,6 @@ fn fixtures() -> PathBuf {
 
 fn expected() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
-}
-
-fn csv(ids: &[u32]) -> String {
-    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
 fn edgelm_greedy(dir: &std::path::Path, prompt: &[u32], n: usize, kv: &str) -> Vec<u32> {

@@ -7,22 +7,14 @@
 
 use std::path::Path;
 
-use candle_core::Tensor;
 use prost::Message as _;
 
 use edgelm_runtime::bundle::{self, GenerationDefaults, Manifest, Source};
 
+use super::{flat, transposed};
 use crate::encoder::{BertModel, EncoderCheckpoint, Pooling};
 use crate::error::{Error, IoContext, Result};
 use crate::onnx::{AttributeProto as Attr, DataType, Dim, GraphBuilder, ModelProto};
-
-fn transposed(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
-}
-
-fn flat(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
-}
 
 /// Builds the encoder graph.
 fn build(ck: &EncoderCheckpoint) -> Result<ModelProto> {

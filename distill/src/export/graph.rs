@@ -13,6 +13,7 @@
 
 use candle_core::Tensor;
 
+use super::{flat, transposed};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::onnx::{AttributeProto as Attr, DataType, Dim, GraphBuilder, ModelProto, MS_DOMAIN};
@@ -25,15 +26,6 @@ pub enum LogitsMode {
     Last,
     /// Every position (needed for perplexity over a sequence).
     All,
-}
-
-/// `[out, in]` weight -> row-major `[in, out]` data for `MatMul(x, W)`.
-fn transposed(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
-}
-
-fn flat(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 fn sym(s: &str) -> Dim {

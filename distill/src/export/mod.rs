@@ -60,6 +60,16 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).at(path)
 }
 
+/// `[out, in]` weight -> row-major `[in, out]` data for `MatMul(x, W)`.
+pub(crate) fn transposed(t: &candle_core::Tensor) -> Result<Vec<f32>> {
+    Ok(t.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// A tensor's values in row-major order.
+pub(crate) fn flat(t: &candle_core::Tensor) -> Result<Vec<f32>> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
+}
+
 /// Hash and size of each bundle file, for edgelm.json.
 fn file_entries(out: &Path, files: &[String]) -> Result<Vec<FileEntry>> {
     files
