@@ -6,11 +6,16 @@ pub mod checkpoint;
 pub mod data;
 pub mod encoder;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod lora;
 pub mod model;
+pub mod pipeline;
+pub mod recipe;
+pub mod report;
 pub(crate) mod onnx;
 mod rng;
+pub mod student;
 pub mod train;
 
 pub use checkpoint::{Checkpoint, ModelConfig};

@@ -155,3 +155,29 @@ impl Adapter {
         Ok(Adapter { config, modules })
     }
 }
+
+impl Adapter {
+    /// The A and B matrices as one flat map (`<module>.lora_A`, `<module>.lora_B`), the form
+    /// the trainer optimises.
+    pub fn to_tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for (m, (a, b)) in &self.modules {
+            out.insert(format!("{m}.lora_A"), a.clone());
+            out.insert(format!("{m}.lora_B"), b.clone());
+        }
+        out
+    }
+
+    /// The inverse of [`Adapter::to_tensors`].
+    pub fn from_tensors(config: LoraConfig, tensors: &HashMap<String, Tensor>) -> Result<Self> {
+        let mut modules = HashMap::new();
+        for (name, a) in tensors {
+            let Some(m) = name.strip_suffix(".lora_A") else { continue };
+            let b = tensors
+                .get(&format!("{m}.lora_B"))
+                .ok_or_else(|| Error::Tensor { name: m.into(), what: "has only one of lora_A and lora_B".into() })?;
+            modules.insert(m.to_owned(), (a.clone(), b.clone()));
+        }
+        Ok(Adapter { config, modules })
+    }
+}

@@ -336,6 +336,32 @@ impl LlamaModel {
         Ok(x.broadcast_matmul(&self.lm_head.t()?)?)
     }
 
+    /// Training forward pass: runs `input_ids [B, S]` from position 0 and returns the logits of
+    /// the flat positions `rows` (`b * S + s`) only, `[N, vocab]`; the LM head is applied to
+    /// those rows alone.
+    pub fn logits_at(&self, input_ids: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        if s > self.config.max_position_embeddings {
+            return Err(crate::Error::Other(format!(
+                "{s} positions exceed the model's context of {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let h = self.config.hidden_size;
+        let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.reshape((b, s, h))?;
+        let mask = self.mask(s, 0)?;
+        for block in &self.layers {
+            let mut slot = None;
+            let a = block.self_attn.forward(&block.input_layernorm.forward(&x)?, &self.rotary, mask.as_ref(), &mut slot)?;
+            x = (x + a)?;
+            let m = block.mlp.forward(&block.post_attention_layernorm.forward(&x)?)?;
+            x = (x + m)?;
+        }
+        let picked = x.reshape((b * s, h))?.index_select(rows, 0)?;
+        let picked = self.norm.forward(&picked)?;
+        Ok(picked.matmul(&self.lm_head.t()?)?)
+    }
+
     /// Additive mask `[S, start + S]`: causal, and limited to the sliding window when the
     /// model has one. None when no position needs masking (single-token steps without a window).
     fn mask(&self, s: usize, start: usize) -> Result<Option<Tensor>> {

@@ -189,14 +189,7 @@ pub fn write_preset(name: &str, dir: &Path, seed: u64, opts: WriteOptions) -> Re
     write_checkpoint(dir, &config, &weights, opts)?;
     let tok = train_tokenizer(CORPUS.lines(), config.vocab_size)?;
     write_tokenizer(dir, &tok, config.max_position_embeddings)?;
-    let gen = serde_json::json!({
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_ids.first(),
-        "pad_token_id": config.pad_token_id,
-        "do_sample": false,
-    });
-    let p = dir.join("generation_config.json");
-    std::fs::write(&p, serde_json::to_string_pretty(&gen).expect("json")).at(&p)?;
+    super::write::write_generation_config(dir, &config)?;
     Ok(config)
 }
 

@@ -72,3 +72,37 @@ pub fn write_checkpoint(
     let path = dir.join("model.safetensors.index.json");
     std::fs::write(&path, serde_json::to_string_pretty(&index).expect("json")).at(&path)
 }
+
+/// Writes `generation_config.json` with the model's special ids and greedy decoding.
+pub fn write_generation_config(dir: &Path, config: &ModelConfig) -> Result<()> {
+    let gen = serde_json::json!({
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_ids.first(),
+        "pad_token_id": config.pad_token_id,
+        "do_sample": false,
+    });
+    let p = dir.join("generation_config.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&gen).expect("json")).at(&p)
+}
+
+/// Files that make up a checkpoint's tokenizer, chat formatting and decoding defaults.
+const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// Copies the tokenizer files and generation config of checkpoint `from` into `to` (a student
+/// keeps its teacher's).
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).at(to)?;
+    for f in TOKENIZER_FILES {
+        let src = from.join(f);
+        if src.exists() {
+            std::fs::copy(&src, to.join(f)).at(&src)?;
+        }
+    }
+    Ok(())
+}

@@ -5,19 +5,26 @@
 //! their tensors (sharing storage), so gradients of any loss computed with it land on the
 //! parameters.
 
+pub mod adamw;
+pub mod batch;
+pub mod distill;
+pub mod finetune;
+pub mod fit;
 pub mod kd;
+pub mod pretrain;
 pub mod schedule;
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
+pub use adamw::{AdamW, AdamWParams};
 pub use kd::kd_loss;
 pub use schedule::CosineSchedule;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Optimizer settings.
 #[derive(Debug, Clone, Copy)]
@@ -59,10 +66,7 @@ impl Trainer {
         let mut params: Vec<(String, Var)> =
             weights.into_iter().map(|(k, t)| Ok((k, Var::from_tensor(&t)?))).collect::<Result<_>>()?;
         params.sort_by(|a, b| a.0.cmp(&b.0));
-        let optimizer = AdamW::new(
-            params.iter().map(|(_, v)| v.clone()).collect(),
-            ParamsAdamW { lr: config.schedule.lr(0), weight_decay: config.weight_decay, ..ParamsAdamW::default() },
-        )?;
+        let optimizer = AdamW::new(AdamWParams { weight_decay: config.weight_decay, ..AdamWParams::default() });
         Ok(Trainer { params, optimizer, config, pending: None, micro: 0, step: 0 })
     }
 
@@ -117,10 +121,58 @@ impl Trainer {
             }
         }
         let lr = self.config.schedule.lr(self.step);
-        self.optimizer.set_learning_rate(lr);
-        self.optimizer.step(&grads)?;
+        self.optimizer.step(&self.params, &grads, lr)?;
         let report = StepReport { step: self.step, lr, grad_norm };
         self.step += 1;
         Ok(Some(report))
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_parameters(&self) -> usize {
+        self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Writes parameters and optimizer state into `dir` (`params.safetensors`,
+    /// `optimizer.safetensors`); only between optimizer steps.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        if self.micro != 0 {
+            return Err(Error::Other("training state can only be saved between optimizer steps".into()));
+        }
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.into(), source })?;
+        let save = |t: &HashMap<String, Tensor>, file: &str| {
+            let path = dir.join(file);
+            candle_core::safetensors::save(t, &path).map_err(|e| Error::Other(format!("writing {}: {e}", path.display())))
+        };
+        save(&self.tensors(), "params.safetensors")?;
+        let (t, mut state) = self.optimizer.state();
+        state.insert("step".into(), Tensor::new(&[self.step as u32, t as u32], &candle_core::Device::Cpu)?);
+        save(&state, "optimizer.safetensors")
+    }
+
+    /// Restores what [`Trainer::save`] wrote; the parameter names must match.
+    pub fn load(&mut self, dir: &Path) -> Result<()> {
+        let read = |file: &str| {
+            let path = dir.join(file);
+            candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
+                .map_err(|e| Error::Other(format!("reading {}: {e}", path.display())))
+        };
+        let params = read("params.safetensors")?;
+        for (name, var) in &self.params {
+            let t = params.get(name).ok_or_else(|| Error::Other(format!("saved state lacks parameter {name}")))?;
+            if t.dims() != var.dims() {
+                return Err(Error::Other(format!("saved {name} is {:?}, the model has {:?}", t.dims(), var.dims())));
+            }
+            var.set(t)?;
+        }
+        let mut state = read("optimizer.safetensors")?;
+        let steps = state
+            .remove("step")
+            .ok_or_else(|| Error::Other("optimizer state lacks its step count".into()))?
+            .to_vec1::<u32>()?;
+        self.step = steps[0] as usize;
+        self.optimizer.set_state(steps[1] as usize, &state)?;
+        self.pending = None;
+        self.micro = 0;
+        Ok(())
     }
 }

@@ -1,0 +1,355 @@
+//! Recipes: one TOML file that fixes everything a model's training depends on (data, tokenizer,
+//! shape, optimizer settings, seeds), so the committed model can be reproduced from it.
+//!
+//! ```toml
+//! name = "devcmd"
+//! [data]            # the built-in task (seed, size) or a folder of train/validation/test.jsonl
+//! seed = 1
+//! train = 20000
+//! [tokenizer]
+//! vocab_size = 1024
+//! [teacher]         # shape of the model `pretrain` trains from scratch
+//! hidden_size = 256
+//! ...
+//! [teacher.train]   # optimizer and loop settings (see TrainSettings)
+//! [student]         # which teacher layers to keep and how narrow to slice
+//! [student.train]
+//! [pipeline]        # where the committed teacher lives, what to show
+//! ```
+//! Relative paths are relative to the recipe file's folder.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::checkpoint::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+use crate::data::{read_jsonl, task, Example};
+use crate::error::{Error, IoContext, Result};
+use crate::train::fit::FitOptions;
+use crate::train::{CosineSchedule, TrainConfig};
+
+/// A parsed recipe.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Model family name.
+    pub name: String,
+    /// Training data.
+    pub data: DataSpec,
+    /// Tokenizer trained for the teacher.
+    pub tokenizer: TokenizerSpec,
+    /// Teacher shape and training.
+    pub teacher: TeacherSpec,
+    /// LoRA fine-tuning of the teacher before distillation (skipped when absent).
+    pub finetune: Option<FinetuneRecipe>,
+    /// Student derived from the teacher.
+    pub student: StudentSpec,
+    /// Main-command settings.
+    #[serde(default)]
+    pub pipeline: PipelineSpec,
+    /// Folder of the recipe file (set when loaded).
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+/// Where examples come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Folder with `train.jsonl`, `validation.jsonl`, `test.jsonl`; the built-in task when absent.
+    pub dir: Option<PathBuf>,
+    /// Seed of the built-in task.
+    #[serde(default)]
+    pub seed: u64,
+    /// Training examples of the built-in task.
+    #[serde(default = "default_train")]
+    pub train: usize,
+}
+
+fn default_train() -> usize {
+    20_000
+}
+
+/// Tokenizer settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerSpec {
+    /// Vocabulary size, special tokens included.
+    pub vocab_size: usize,
+}
+
+/// The teacher's shape and training.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherSpec {
+    /// Residual width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Decoder blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads.
+    pub num_key_value_heads: usize,
+    /// Context length.
+    #[serde(default = "default_context")]
+    pub max_position_embeddings: usize,
+    /// Rotary base.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// Seed of the initial weights.
+    #[serde(default)]
+    pub init_seed: u64,
+    /// Optimizer and loop settings.
+    pub train: TrainSettings,
+}
+
+fn default_context() -> usize {
+    256
+}
+
+fn default_theta() -> f64 {
+    10_000.0
+}
+
+/// LoRA fine-tuning settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneRecipe {
+    /// Adapter rank.
+    pub r: usize,
+    /// Adapter scale numerator (`alpha / r`).
+    pub alpha: f64,
+    /// Projections adapted.
+    pub targets: Vec<String>,
+    /// EWC strength (0 = off).
+    #[serde(default)]
+    pub ewc_lambda: f64,
+    /// Batches of base data for the Fisher estimate.
+    #[serde(default = "default_fisher_batches")]
+    pub fisher_batches: usize,
+    /// Training examples used (the first N of the training split; all when absent).
+    pub examples: Option<usize>,
+    /// Optimizer and loop settings.
+    pub train: TrainSettings,
+}
+
+fn default_fisher_batches() -> usize {
+    8
+}
+
+/// Which part of the teacher the student keeps.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentSpec {
+    /// Teacher layer indices kept, in order.
+    pub layers: Vec<usize>,
+    /// Narrower MLP (the first rows/columns by importance are kept); the teacher's when absent.
+    pub intermediate_size: Option<usize>,
+    /// Narrower residual width; the teacher's when absent.
+    pub hidden_size: Option<usize>,
+    /// Distillation temperature.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Weight of the soft-target term (1 - alpha goes to the hard labels).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Optimizer and loop settings.
+    pub train: TrainSettings,
+}
+
+fn default_temperature() -> f64 {
+    2.0
+}
+
+fn default_alpha() -> f64 {
+    0.5
+}
+
+/// Optimizer and loop settings of one training stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSettings {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    pub min_lr: f64,
+    /// Warm-up optimizer steps.
+    pub warmup: usize,
+    /// Passes over the training data (upper bound).
+    pub epochs: usize,
+    /// Cap on optimizer steps.
+    pub max_steps: Option<usize>,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one")]
+    pub accumulation: usize,
+    /// AdamW weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Gradient clipping norm (0 = off).
+    #[serde(default)]
+    pub clip_norm: f64,
+    /// Validate every this many steps.
+    pub eval_every: usize,
+    /// Validations without improvement before stopping (0 = off).
+    #[serde(default)]
+    pub patience: usize,
+    /// Checkpoint every this many steps (0 = only at the end).
+    #[serde(default)]
+    pub checkpoint_every: usize,
+    /// Validation examples used per validation (all when absent).
+    pub eval_examples: Option<usize>,
+    /// Seed of the data order.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl TrainSettings {
+    /// Loop options for `examples` training examples.
+    pub fn fit_options(&self, label: &str) -> FitOptions {
+        FitOptions {
+            batch_size: self.batch_size,
+            accumulation: self.accumulation,
+            epochs: self.epochs,
+            max_steps: self.max_steps,
+            eval_every: self.eval_every,
+            patience: self.patience,
+            checkpoint_every: self.checkpoint_every,
+            seed: self.seed,
+            halt_after: None,
+            progress: true,
+            label: label.into(),
+        }
+    }
+
+    /// Optimizer settings for a run of `total` optimizer steps.
+    pub fn train_config(&self, total: usize) -> TrainConfig {
+        TrainConfig {
+            schedule: CosineSchedule { peak: self.lr, floor: self.min_lr, warmup: self.warmup, total },
+            weight_decay: self.weight_decay,
+            accumulation: self.accumulation,
+            clip_norm: self.clip_norm,
+        }
+    }
+}
+
+/// Main-command settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    /// The committed teacher checkpoint; `pipeline` trains one with `pretrain` when absent.
+    pub teacher: Option<PathBuf>,
+    /// Held-out commands shown streaming at the end.
+    #[serde(default = "default_show")]
+    pub show: usize,
+    /// Test examples scored per stage (all when absent).
+    pub eval_examples: Option<usize>,
+}
+
+fn default_show() -> usize {
+    4
+}
+
+/// The three splits.
+pub struct Splits {
+    /// Training examples.
+    pub train: Vec<Example>,
+    /// Validation examples.
+    pub validation: Vec<Example>,
+    /// Held-out test examples.
+    pub test: Vec<Example>,
+}
+
+impl Recipe {
+    /// Reads and checks a recipe file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).at(path)?;
+        let mut r: Recipe =
+            toml::from_str(&text).map_err(|e| Error::Other(format!("recipe {}: {e}", path.display())))?;
+        r.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        r.check().map_err(|what| Error::Other(format!("recipe {}: {what}", path.display())))?;
+        Ok(r)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        let t = &self.teacher;
+        if t.hidden_size % t.num_attention_heads != 0 || t.num_attention_heads % t.num_key_value_heads != 0 {
+            return Err("teacher heads must divide hidden_size and be a multiple of the key/value heads".into());
+        }
+        if self.student.layers.is_empty() {
+            return Err("student.layers is empty".into());
+        }
+        if let Some(&l) = self.student.layers.iter().find(|&&l| l >= t.num_hidden_layers) {
+            return Err(format!("student layer {l} does not exist in a {}-layer teacher", t.num_hidden_layers));
+        }
+        for (name, s) in [("teacher", &t.train), ("student", &self.student.train)] {
+            if s.batch_size == 0 || s.epochs == 0 || s.lr <= 0.0 {
+                return Err(format!("{name}.train needs batch_size, epochs and lr above zero"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.student.alpha) || self.student.temperature <= 0.0 {
+            return Err("student.alpha must be in [0, 1] and temperature above zero".into());
+        }
+        Ok(())
+    }
+
+    /// A path from the recipe, made relative to the recipe's folder.
+    pub fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    /// The recipe's examples.
+    pub fn splits(&self) -> Result<Splits> {
+        match &self.data.dir {
+            Some(dir) => {
+                let dir = self.path(dir);
+                Ok(Splits {
+                    train: read_jsonl(&dir.join("train.jsonl"))?,
+                    validation: read_jsonl(&dir.join("validation.jsonl"))?,
+                    test: read_jsonl(&dir.join("test.jsonl"))?,
+                })
+            }
+            None => {
+                let s = task::generate(self.data.seed, self.data.train);
+                Ok(Splits { train: s.train, validation: s.validation, test: s.test })
+            }
+        }
+    }
+
+    /// The teacher's configuration for a tokenizer of `vocab_size` entries (ChatML ids 0-2).
+    pub fn teacher_config(&self, vocab_size: usize) -> ModelConfig {
+        let t = &self.teacher;
+        ModelConfig {
+            architecture: Architecture::Llama,
+            vocab_size,
+            hidden_size: t.hidden_size,
+            intermediate_size: t.intermediate_size,
+            num_hidden_layers: t.num_hidden_layers,
+            num_attention_heads: t.num_attention_heads,
+            num_key_value_heads: t.num_key_value_heads,
+            head_dim: t.hidden_size / t.num_attention_heads,
+            max_position_embeddings: t.max_position_embeddings,
+            rms_norm_eps: 1e-5,
+            rope: RopeConfig { theta: t.rope_theta, scaling: RopeScaling::Default },
+            tie_word_embeddings: true,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            sliding_window: None,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            pad_token_id: Some(0),
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! `distill`: trains a student initialised from the teacher's layers on
+//! `alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`, with the teacher's logits
+//! computed on the fly for the same positions. The student keeps the teacher's tokenizer.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+use super::batch::{fit_context, Batch, Formatter};
+use super::kd::kd_loss;
+use super::pretrain::{flop_parameters, lm_loss, load_best, train_stage, StageOptions, TrainLog};
+use super::Trainer;
+use crate::checkpoint::write::{copy_tokenizer_files, write_checkpoint, write_generation_config, WriteOptions};
+use crate::checkpoint::Checkpoint;
+use crate::data::Example;
+use crate::error::{Error, Result};
+use crate::model::LlamaModel;
+use crate::recipe::TrainSettings;
+use crate::student::{init_student, StudentShape};
+
+/// Distillation settings besides the loop.
+#[derive(Debug, Clone)]
+pub struct DistillSpec {
+    /// What the student keeps of the teacher.
+    pub shape: StudentShape,
+    /// Softmax temperature of the soft targets.
+    pub temperature: f64,
+    /// Weight of the soft-target term.
+    pub alpha: f64,
+    /// Optimizer and loop settings.
+    pub train: TrainSettings,
+}
+
+/// Distills `teacher` into a student written to `opts.output`.
+pub fn distill(
+    teacher: &Checkpoint,
+    data: (&[Example], &[Example]),
+    spec: &DistillSpec,
+    opts: &StageOptions,
+) -> Result<TrainLog> {
+    let fmt = Formatter::for_checkpoint(teacher)?;
+    let train = fit_context(fmt.encode_all(data.0)?, teacher.config.max_position_embeddings, "training set")?;
+    let validation = fit_context(fmt.encode_all(data.1)?, teacher.config.max_position_embeddings, "validation set")?;
+    let (config, weights) = init_student(&teacher.config, &teacher.tensors, &spec.shape)?;
+    let total = spec.train.fit_options("student").total_steps(train.len());
+    let mut trainer = Trainer::new(weights, spec.train.train_config(total))?;
+    let teacher_model = LlamaModel::new(teacher)?;
+    tracing::info!(
+        "student: {} parameters ({:.1}% of the teacher's {}), {total} steps",
+        config.num_parameters(),
+        100.0 * config.num_parameters() as f64 / teacher.config.num_parameters() as f64,
+        teacher.config.num_parameters()
+    );
+    let (t, alpha) = (spec.temperature, spec.alpha);
+    let mut loss = |p: &HashMap<String, Tensor>, b: &Batch| -> Result<Tensor> {
+        let soft = teacher_model.logits_at(&b.input_ids, &b.rows)?.detach();
+        let student = LlamaModel::from_tensors(&config, p)?.logits_at(&b.input_ids, &b.rows)?;
+        kd_loss(&student, &soft, &b.labels, t, alpha)
+    };
+    // Early stopping watches the student's own cross-entropy on the real answers.
+    let mut val = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
+    let report =
+        train_stage("student", &mut trainer, &spec.train, (&train, &validation), fmt.pad(), &mut loss, &mut val, opts)?;
+    if report.halted {
+        return Err(Error::Other(format!(
+            "halted after step {} as asked; continue with --resume (state in {})",
+            report.steps,
+            opts.run_dir().display()
+        )));
+    }
+    let out = &opts.output;
+    write_checkpoint(out, &config, &load_best(&report)?, WriteOptions::default())?;
+    write_generation_config(out, &config)?;
+    copy_tokenizer_files(&teacher.dir, out)?;
+    // Each step also runs the teacher forward: 2 x teacher parameters per token on top of the
+    // student's 6 x; the log counts the student's share only.
+    let log = TrainLog::new("distill", trainer.num_parameters(), flop_parameters(&config), &report);
+    log.write(out)?;
+    Ok(log)
+}

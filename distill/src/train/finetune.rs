@@ -1,0 +1,154 @@
+//! `finetune`: LoRA adapters trained on instruction data with the base frozen, optionally with
+//! an EWC penalty that keeps the adapted weights close where the base data needs them, and
+//! `merge`, which folds an adapter into its base for export.
+//!
+//! EWC with LoRA: the adapted weight is `W + dW` with `dW = (alpha / r) B A`; the penalty is
+//! `lambda / 2 * sum(F * dW^2)` with `F` the diagonal Fisher information of `W`, estimated as the
+//! mean squared gradient of the base model's loss on the base data.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Tensor, Var};
+
+use super::batch::{fit_context, Batch, Encoded, Formatter};
+use super::pretrain::{lm_loss, load_best, train_stage, StageOptions, TrainLog};
+use super::Trainer;
+use crate::checkpoint::write::{copy_tokenizer_files, write_checkpoint, write_generation_config, WriteOptions};
+use crate::checkpoint::Checkpoint;
+use crate::data::Example;
+use crate::error::{Error, Result};
+use crate::lora::{Adapter, LoraConfig};
+use crate::model::LlamaModel;
+use crate::recipe::TrainSettings;
+
+/// Fine-tuning settings besides the loop.
+#[derive(Debug, Clone)]
+pub struct FinetuneSpec {
+    /// Adapter rank, scale and targets.
+    pub lora: LoraConfig,
+    /// Seed of the adapter's A matrices.
+    pub seed: u64,
+    /// EWC strength (0 = off).
+    pub ewc_lambda: f64,
+    /// Batches of base data for the Fisher estimate.
+    pub fisher_batches: usize,
+    /// Optimizer and loop settings.
+    pub train: TrainSettings,
+}
+
+/// Diagonal Fisher estimate of the adapted modules' base weights: mean squared gradient of the
+/// base model's loss over `batches` batches of `data`.
+pub fn fisher_diagonal(
+    base: &Checkpoint,
+    modules: &[String],
+    data: &[Encoded],
+    pad: u32,
+    batches: usize,
+    batch_size: usize,
+) -> Result<HashMap<String, Tensor>> {
+    let mut tensors = base.tensors.clone();
+    let mut vars = Vec::new();
+    for m in modules {
+        let name = format!("{m}.weight");
+        let v = Var::from_tensor(&tensors[&name])?;
+        tensors.insert(name.clone(), v.as_tensor().clone());
+        vars.push((m.clone(), v));
+    }
+    let mut sums: HashMap<String, Tensor> = HashMap::new();
+    let mut n = 0;
+    for chunk in data.chunks(batch_size.max(1)).take(batches.max(1)) {
+        let refs: Vec<&Encoded> = chunk.iter().collect();
+        let grads = lm_loss(&base.config, &tensors, &Batch::new(&refs, pad)?)?.backward()?;
+        for (m, v) in &vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                let sq = g.sqr()?;
+                let s = match sums.remove(m) {
+                    Some(s) => (s + sq)?,
+                    None => sq,
+                };
+                sums.insert(m.clone(), s);
+            }
+        }
+        n += 1;
+    }
+    sums.into_iter().map(|(m, s)| Ok((m, (s / n.max(1) as f64)?))).collect()
+}
+
+/// The result of fine-tuning.
+pub struct Finetuned {
+    /// Training summary.
+    pub log: TrainLog,
+    /// The trained adapter (also written in PEFT's layout to the output folder).
+    pub adapter: Adapter,
+}
+
+/// Trains a LoRA adapter for `base` and writes it (PEFT layout) to `opts.output`.
+pub fn finetune(
+    base: &Checkpoint,
+    data: (&[Example], &[Example]),
+    ewc_data: &[Example],
+    spec: &FinetuneSpec,
+    opts: &StageOptions,
+) -> Result<Finetuned> {
+    let fmt = Formatter::for_checkpoint(base)?;
+    let train = fit_context(fmt.encode_all(data.0)?, base.config.max_position_embeddings, "training set")?;
+    let validation = fit_context(fmt.encode_all(data.1)?, base.config.max_position_embeddings, "validation set")?;
+    let fresh = Adapter::init(&base.config, spec.lora.clone(), spec.seed)?;
+    let mut modules: Vec<String> = fresh.modules.keys().cloned().collect();
+    modules.sort();
+    let fisher = if spec.ewc_lambda > 0.0 {
+        let ewc = fit_context(fmt.encode_all(ewc_data)?, base.config.max_position_embeddings, "EWC data")?;
+        fisher_diagonal(base, &modules, &ewc, fmt.pad(), spec.fisher_batches, spec.train.batch_size)?
+    } else {
+        HashMap::new()
+    };
+    let total = spec.train.fit_options("finetune").total_steps(train.len());
+    let mut trainer = Trainer::new(fresh.to_tensors(), spec.train.train_config(total))?;
+    let lora = spec.lora.clone();
+    let lambda = spec.ewc_lambda;
+    let adapted = |p: &HashMap<String, Tensor>| -> Result<(LlamaModel, Adapter)> {
+        let a = Adapter::from_tensors(lora.clone(), p)?;
+        Ok((LlamaModel::with_adapter(&base.config, &base.tensors, Some(&a))?, a))
+    };
+    let mut loss = |p: &HashMap<String, Tensor>, b: &Batch| -> Result<Tensor> {
+        let (model, adapter) = adapted(p)?;
+        let logits = model.logits_at(&b.input_ids, &b.rows)?;
+        let mut loss = candle_nn::loss::cross_entropy(&logits, &b.labels)?;
+        for (m, f) in &fisher {
+            let d = adapter.delta(m)?.expect("adapted module");
+            loss = (loss + ((f * d.sqr()?)?.sum_all()? * (lambda / 2.0))?)?;
+        }
+        Ok(loss)
+    };
+    let mut val = |p: &HashMap<String, Tensor>, b: &Batch| -> Result<Tensor> {
+        let (model, _) = adapted(p)?;
+        let logits = model.logits_at(&b.input_ids, &b.rows)?;
+        Ok(candle_nn::loss::cross_entropy(&logits, &b.labels)?)
+    };
+    let report =
+        train_stage("finetune", &mut trainer, &spec.train, (&train, &validation), fmt.pad(), &mut loss, &mut val, opts)?;
+    if report.halted {
+        return Err(Error::Other(format!(
+            "halted after step {} as asked; continue with --resume (state in {})",
+            report.steps,
+            opts.run_dir().display()
+        )));
+    }
+    let adapter = Adapter::from_tensors(spec.lora.clone(), &load_best(&report)?)?;
+    adapter.save_peft(&opts.output, &base.dir.display().to_string())?;
+    // Forward and backward still run through the frozen base: count its parameters.
+    let flop = crate::train::pretrain::flop_parameters(&base.config);
+    let log = TrainLog::new("finetune", trainer.num_parameters(), flop, &report);
+    log.write(&opts.output)?;
+    Ok(Finetuned { log, adapter })
+}
+
+/// Folds `adapter` into `base` and writes the merged checkpoint (with the base's tokenizer) to
+/// `output`.
+pub fn merge(base: &Checkpoint, adapter: &Adapter, output: &Path) -> Result<()> {
+    let merged = adapter.merge(&base.tensors)?;
+    write_checkpoint(output, &base.config, &merged, WriteOptions::default())?;
+    write_generation_config(output, &base.config)?;
+    copy_tokenizer_files(&base.dir, output)
+}

@@ -1,0 +1,365 @@
+//! The training loop shared by pre-training, fine-tuning and distillation: epochs over
+//! length-bucketed batches, validation with early stopping, checkpoints every N steps and exact
+//! resumption, a progress bar.
+//!
+//! Everything that decides what happens next (data order, step, best loss, patience) is in the
+//! saved state, and the data order of an epoch is a function of the seed and the epoch alone,
+//! so a resumed run takes the same steps, bit for bit, as one that was never interrupted.
+//!
+//! Layout of a run folder:
+//! `state/` (latest checkpoint: `params.safetensors`, `optimizer.safetensors`, `state.json`),
+//! `best.safetensors` (parameters with the lowest validation loss so far).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::batch::{Batch, Encoded};
+use super::Trainer;
+use crate::error::{Error, IoContext, Result};
+use crate::rng::Rng;
+
+/// How long and how to train.
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (must equal the trainer's accumulation).
+    pub accumulation: usize,
+    /// Passes over the training set (upper bound; early stopping may end sooner).
+    pub epochs: usize,
+    /// Cap on optimizer steps.
+    pub max_steps: Option<usize>,
+    /// Validate every this many optimizer steps (and at the end).
+    pub eval_every: usize,
+    /// Stop after this many validations without improvement (0 = never stop early).
+    pub patience: usize,
+    /// Write a resumable checkpoint every this many optimizer steps (0 = only at the end).
+    pub checkpoint_every: usize,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Leave the run after this optimizer step with a resumable state, as if interrupted.
+    pub halt_after: Option<usize>,
+    /// Draw a progress bar on stderr (when it is a terminal).
+    pub progress: bool,
+    /// Name shown in the progress bar and logs.
+    pub label: String,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions {
+            batch_size: 32,
+            accumulation: 1,
+            epochs: 1,
+            max_steps: None,
+            eval_every: 100,
+            patience: 0,
+            checkpoint_every: 0,
+            seed: 0,
+            halt_after: None,
+            progress: true,
+            label: "train".into(),
+        }
+    }
+}
+
+impl FitOptions {
+    /// Optimizer steps the run will take at most for `examples` training examples.
+    pub fn total_steps(&self, examples: usize) -> usize {
+        let per_epoch = examples.div_ceil(self.batch_size.max(1)) / self.accumulation.max(1);
+        let all = (per_epoch * self.epochs).max(1);
+        self.max_steps.map_or(all, |m| m.min(all))
+    }
+}
+
+/// One logged point of a run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogPoint {
+    /// Optimizer steps taken.
+    pub step: usize,
+    /// Mean training loss since the previous point.
+    pub train_loss: f64,
+    /// Validation loss, when this point is a validation.
+    pub val_loss: Option<f64>,
+    /// Learning rate of the last step.
+    pub lr: f64,
+}
+
+/// Progress that must survive an interruption.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct RunState {
+    step: usize,
+    epoch: usize,
+    /// Micro-batches of `epoch` already consumed.
+    cursor: usize,
+    best_val: Option<f64>,
+    bad_evals: usize,
+    history: Vec<LogPoint>,
+    tokens: u64,
+    seconds: f64,
+    finished: bool,
+}
+
+/// What a finished (or halted) run produced.
+#[derive(Debug, Clone)]
+pub struct FitReport {
+    /// Optimizer steps taken.
+    pub steps: usize,
+    /// Lowest validation loss.
+    pub best_val: Option<f64>,
+    /// Loss curve.
+    pub history: Vec<LogPoint>,
+    /// Tokens read by the model in training forward passes.
+    pub tokens: u64,
+    /// Seconds spent in training steps (validation excluded).
+    pub seconds: f64,
+    /// Whether early stopping ended the run.
+    pub stopped_early: bool,
+    /// Whether the run stopped at `halt_after` and can be resumed.
+    pub halted: bool,
+    /// Where the best parameters are.
+    pub best_path: PathBuf,
+}
+
+impl FitReport {
+    /// Training throughput in tokens per second.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// The micro-batches of one epoch: a seeded shuffle, sorted by length inside windows of 32
+/// batches (less padding), then the batches themselves shuffled.
+fn epoch_batches(lengths: &[usize], batch: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+    let mut rng = Rng::new(seed.wrapping_mul(0x9E37_79B9).wrapping_add(epoch as u64 + 1));
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    rng.shuffle(&mut order);
+    for window in order.chunks_mut(batch * 32) {
+        window.sort_by_key(|&i| lengths[i]);
+    }
+    let mut batches: Vec<Vec<usize>> = order.chunks(batch).map(<[usize]>::to_vec).collect();
+    rng.shuffle(&mut batches);
+    batches
+}
+
+/// Mean loss per scored token of `loss_fn` over `examples` (no parameter update).
+pub fn evaluate(
+    examples: &[Encoded],
+    batch_size: usize,
+    pad: u32,
+    loss_fn: &mut dyn FnMut(&Batch) -> Result<Tensor>,
+) -> Result<f64> {
+    let (mut sum, mut count) = (0f64, 0usize);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Encoded> = chunk.iter().collect();
+        let batch = Batch::new(&refs, pad)?;
+        let n = batch.targets();
+        sum += loss_fn(&batch)?.to_scalar::<f32>()? as f64 * n as f64;
+        count += n;
+    }
+    Ok(sum / count.max(1) as f64)
+}
+
+fn write_json(path: &Path, state: &RunState) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(state).expect("json")).at(path)
+}
+
+/// Trains until the epochs or steps run out, early stopping fires, or `halt_after` is reached.
+/// `loss_fn` gets the trainer's current parameters and a batch and returns the mean loss of
+/// its scored positions; `val_fn` is used for validation. With `resume`, a previous run's
+/// `state/` in `run_dir` is continued exactly.
+#[allow(clippy::too_many_arguments)]
+pub fn fit(
+    trainer: &mut Trainer,
+    train: &[Encoded],
+    validation: &[Encoded],
+    pad: u32,
+    loss_fn: &mut dyn FnMut(&HashMap<String, Tensor>, &Batch) -> Result<Tensor>,
+    val_fn: &mut dyn FnMut(&HashMap<String, Tensor>, &Batch) -> Result<Tensor>,
+    opts: &FitOptions,
+    run_dir: &Path,
+    resume: bool,
+) -> Result<FitReport> {
+    if train.is_empty() || validation.is_empty() {
+        return Err(Error::Other("training needs at least one training and one validation example".into()));
+    }
+    std::fs::create_dir_all(run_dir).at(run_dir)?;
+    let state_dir = run_dir.join("state");
+    let best_path = run_dir.join("best.safetensors");
+    let mut st = RunState {
+        step: 0,
+        epoch: 0,
+        cursor: 0,
+        best_val: None,
+        bad_evals: 0,
+        history: vec![],
+        tokens: 0,
+        seconds: 0.0,
+        finished: false,
+    };
+    if resume {
+        let p = state_dir.join("state.json");
+        let text = std::fs::read_to_string(&p).map_err(|e| {
+            Error::Other(format!("--resume: no saved run in {} ({e}); start without --resume", run_dir.display()))
+        })?;
+        st = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", p.display())))?;
+        trainer.load(&state_dir)?;
+        tracing::info!("{}: resumed at step {} (epoch {}, batch {})", opts.label, st.step, st.epoch, st.cursor);
+    }
+    let total = opts.total_steps(train.len());
+    let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
+    let bar = progress_bar(opts, total, st.step);
+    let mut window = (0f64, 0usize);
+    let mut stopped_early = false;
+    let mut halted = false;
+    let mut tick = Instant::now();
+    let mut tokens_at_tick = st.tokens;
+    'outer: while !st.finished && st.step < total && st.epoch < opts.epochs {
+        let batches = epoch_batches(&lengths, opts.batch_size, opts.seed, st.epoch);
+        let usable = batches.len() / opts.accumulation.max(1) * opts.accumulation.max(1);
+        if usable == 0 {
+            return Err(Error::Other(format!(
+                "{}: {} examples make no full optimizer step at batch {} x accumulation {}",
+                opts.label,
+                train.len(),
+                opts.batch_size,
+                opts.accumulation
+            )));
+        }
+        while st.cursor < usable {
+            let started = Instant::now();
+            let refs: Vec<&Encoded> = batches[st.cursor].iter().map(|&i| &train[i]).collect();
+            let batch = Batch::new(&refs, pad)?;
+            let loss = loss_fn(&trainer.tensors(), &batch)?;
+            let value = loss.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
+                return Err(Error::Other(format!(
+                    "{}: loss became {value} at step {}; lower the learning rate",
+                    opts.label, st.step
+                )));
+            }
+            let report = trainer.backward(&loss)?;
+            st.cursor += 1;
+            st.tokens += batch.tokens as u64;
+            st.seconds += started.elapsed().as_secs_f64();
+            window.0 += value;
+            window.1 += 1;
+            let Some(report) = report else { continue };
+            st.step = report.step + 1;
+            let at_end = st.step >= total || (st.cursor >= usable && st.epoch + 1 >= opts.epochs);
+            let mut point = LogPoint { step: st.step, train_loss: window.0 / window.1.max(1) as f64, val_loss: None, lr: report.lr };
+            if let Some(b) = &bar {
+                let rate = (st.tokens - tokens_at_tick) as f64 / tick.elapsed().as_secs_f64().max(1e-9);
+                b.set_position(st.step as u64);
+                b.set_message(format!("loss {:.4}  {:.0} tok/s", point.train_loss, rate));
+                if tick.elapsed().as_secs_f64() > 5.0 {
+                    tick = Instant::now();
+                    tokens_at_tick = st.tokens;
+                }
+            }
+            let eval_now = at_end || (opts.eval_every > 0 && st.step % opts.eval_every == 0);
+            if eval_now {
+                let params = trainer.tensors();
+                let val = evaluate(validation, opts.batch_size, pad, &mut |b| val_fn(&params, b))?;
+                point.val_loss = Some(val);
+                if st.best_val.is_none_or(|b| val < b) {
+                    st.best_val = Some(val);
+                    st.bad_evals = 0;
+                    candle_core::safetensors::save(&params, &best_path)
+                        .map_err(|e| Error::Other(format!("writing {}: {e}", best_path.display())))?;
+                } else {
+                    st.bad_evals += 1;
+                }
+                tracing::info!(
+                    "{} step {}/{}: train loss {:.4}, validation loss {:.4} (best {:.4}), lr {:.2e}, {:.0} tok/s",
+                    opts.label,
+                    st.step,
+                    total,
+                    point.train_loss,
+                    val,
+                    st.best_val.unwrap_or(val),
+                    report.lr,
+                    st.tokens as f64 / st.seconds.max(1e-9)
+                );
+                if opts.patience > 0 && st.bad_evals >= opts.patience {
+                    stopped_early = true;
+                }
+            }
+            if eval_now || window.1 >= 8 {
+                st.history.push(point);
+                window = (0.0, 0);
+            }
+            let epoch_done = st.cursor >= usable;
+            if epoch_done {
+                st.epoch += 1;
+                st.cursor = 0;
+            }
+            st.finished = at_end || stopped_early;
+            let checkpoint = st.finished
+                || (opts.checkpoint_every > 0 && st.step % opts.checkpoint_every == 0)
+                || opts.halt_after == Some(st.step);
+            if checkpoint {
+                save_state(trainer, &st, &state_dir)?;
+            }
+            if st.finished {
+                break 'outer;
+            }
+            if opts.halt_after == Some(st.step) {
+                halted = true;
+                break 'outer;
+            }
+            if epoch_done {
+                continue 'outer;
+            }
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(FitReport {
+        steps: st.step,
+        best_val: st.best_val,
+        history: st.history,
+        tokens: st.tokens,
+        seconds: st.seconds,
+        stopped_early,
+        halted,
+        best_path,
+    })
+}
+
+/// Writes the resumable state: into a fresh folder first, then swapped in, so an interruption
+/// while saving leaves the previous checkpoint intact.
+fn save_state(trainer: &Trainer, st: &RunState, dir: &Path) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    trainer.save(&tmp)?;
+    write_json(&tmp.join("state.json"), st)?;
+    let old = dir.with_extension("old");
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(dir, &old).at(dir)?;
+    }
+    std::fs::rename(&tmp, dir).at(dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn progress_bar(opts: &FitOptions, total: usize, at: usize) -> Option<indicatif::ProgressBar> {
+    if !opts.progress {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(opts.label.clone());
+    bar.set_position(at as u64);
+    Some(bar)
+}
