@@ -102,6 +102,8 @@ struct RunState {
     tokens: u64,
     seconds: f64,
     finished: bool,
+    /// Sum and count of training losses since the last logged point.
+    window: (f64, usize),
 }
 
 /// What a finished (or halted) run produced.
@@ -200,6 +202,7 @@ pub fn fit(
         tokens: 0,
         seconds: 0.0,
         finished: false,
+        window: (0.0, 0),
     };
     if resume {
         let p = state_dir.join("state.json");
@@ -213,7 +216,6 @@ pub fn fit(
     let total = opts.total_steps(train.len());
     let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
     let bar = progress_bar(opts, total, st.step);
-    let mut window = (0f64, 0usize);
     let mut stopped_early = false;
     let mut halted = false;
     let mut tick = Instant::now();
@@ -246,12 +248,12 @@ pub fn fit(
             st.cursor += 1;
             st.tokens += batch.tokens as u64;
             st.seconds += started.elapsed().as_secs_f64();
-            window.0 += value;
-            window.1 += 1;
+            st.window.0 += value;
+            st.window.1 += 1;
             let Some(report) = report else { continue };
             st.step = report.step + 1;
             let at_end = st.step >= total || (st.cursor >= usable && st.epoch + 1 >= opts.epochs);
-            let mut point = LogPoint { step: st.step, train_loss: window.0 / window.1.max(1) as f64, val_loss: None, lr: report.lr };
+            let mut point = LogPoint { step: st.step, train_loss: st.window.0 / st.window.1.max(1) as f64, val_loss: None, lr: report.lr };
             if let Some(b) = &bar {
                 let rate = (st.tokens - tokens_at_tick) as f64 / tick.elapsed().as_secs_f64().max(1e-9);
                 b.set_position(st.step as u64);
@@ -289,9 +291,9 @@ pub fn fit(
                     stopped_early = true;
                 }
             }
-            if eval_now || window.1 >= 8 {
+            if eval_now || st.window.1 >= 8 {
                 st.history.push(point);
-                window = (0.0, 0);
+                st.window = (0.0, 0);
             }
             let epoch_done = st.cursor >= usable;
             if epoch_done {

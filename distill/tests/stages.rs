@@ -1,0 +1,146 @@
+//! The training stages on the tiny recipe: an interrupted run resumes bit for bit, LoRA
+//! fine-tuning trains adapters only and EWC holds the adapted weights back, and a distilled
+//! student is smaller than its teacher and trained by the distillation loss.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use edgelm_distill::lora::{Adapter, LoraConfig};
+use edgelm_distill::recipe::Recipe;
+use edgelm_distill::student::StudentShape;
+use edgelm_distill::train::distill::{distill, DistillSpec};
+use edgelm_distill::train::finetune::{finetune, merge, FinetuneSpec};
+use edgelm_distill::train::pretrain::{pretrain, StageOptions};
+use edgelm_distill::Checkpoint;
+
+fn recipe() -> Recipe {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny/recipe.toml");
+    let mut r = Recipe::load(&path).unwrap();
+    r.data.train = 160;
+    r.teacher.train.epochs = 2;
+    r.teacher.train.eval_every = 5;
+    r
+}
+
+fn quiet(out: PathBuf) -> StageOptions {
+    StageOptions { progress: false, ..StageOptions::new(out) }
+}
+
+fn weights(dir: &Path) -> HashMap<String, Vec<f32>> {
+    let ck = Checkpoint::load(dir).unwrap();
+    ck.tensors.iter().map(|(k, t)| (k.clone(), t.flatten_all().unwrap().to_vec1().unwrap())).collect()
+}
+
+#[test]
+fn an_interrupted_run_resumes_bit_for_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe();
+    let whole = tmp.path().join("whole");
+    let log = pretrain(&r, &quiet(whole.clone())).unwrap();
+    assert!(log.steps >= 15, "{} steps", log.steps);
+
+    // Same run, stopped after step 7 (mid-epoch, between checkpoints), then resumed.
+    let split = tmp.path().join("split");
+    let mut first = quiet(split.clone());
+    first.halt_after = Some(7);
+    let err = pretrain(&r, &first).unwrap_err().to_string();
+    assert!(err.contains("--resume"), "{err}");
+    let halted = Checkpoint::load(&split).err();
+    assert!(halted.is_some(), "a halted run writes no checkpoint yet");
+    let mut second = quiet(split.clone());
+    second.resume = true;
+    let log2 = pretrain(&r, &second).unwrap();
+    assert_eq!(log2.steps, log.steps);
+    assert_eq!(log2.history, log.history, "the same losses at every logged step");
+    let (a, b) = (weights(&whole), weights(&split));
+    assert_eq!(a.len(), b.len());
+    for (name, wa) in &a {
+        assert!(wa == &b[name], "{name} differs after resuming");
+    }
+
+    // Without --resume the state is not silently reused, and a missing state is a clear error.
+    let mut bad = quiet(tmp.path().join("none"));
+    bad.resume = true;
+    let err = pretrain(&r, &bad).unwrap_err().to_string();
+    assert!(err.contains("no saved run"), "{err}");
+}
+
+fn adapter_norm(a: &Adapter) -> f32 {
+    let mut sum = 0f32;
+    for m in a.modules.keys() {
+        let d = a.delta(m).unwrap().unwrap();
+        sum += d.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    }
+    sum.sqrt()
+}
+
+#[test]
+fn lora_finetune_trains_adapters_only_and_ewc_holds_them_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe();
+    let base_dir = tmp.path().join("teacher");
+    pretrain(&r, &quiet(base_dir.clone())).unwrap();
+    let base = Checkpoint::load(&base_dir).unwrap();
+    let before = weights(&base_dir);
+    let splits = r.splits().unwrap();
+    let ft = r.finetune.clone().unwrap();
+    let spec = |lambda: f64| FinetuneSpec {
+        lora: LoraConfig { r: 4, lora_alpha: 8.0, target_modules: vec!["q_proj".into(), "v_proj".into()] },
+        seed: 1,
+        ewc_lambda: lambda,
+        fisher_batches: 4,
+        train: ft.train.clone(),
+    };
+    let free = finetune(&base, (&splits.train, &splits.validation), &splits.train, &spec(0.0), &quiet(tmp.path().join("a")))
+        .unwrap();
+    let held = finetune(&base, (&splits.train, &splits.validation), &splits.train, &spec(1e5), &quiet(tmp.path().join("b")))
+        .unwrap();
+    // PEFT layout on disk, with trained (non-zero) B matrices.
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert!(tmp.path().join("a").join(f).exists(), "{f}");
+    }
+    let loaded = Adapter::load_peft(&tmp.path().join("a")).unwrap();
+    assert_eq!(loaded.modules.len(), 2 * base.config.num_hidden_layers);
+    let (n_free, n_held) = (adapter_norm(&free.adapter), adapter_norm(&held.adapter));
+    assert!(n_free > 0.0, "the adapter learned something");
+    assert!(n_held < 0.5 * n_free, "EWC keeps the update small: {n_held} vs {n_free}");
+    // Per layer: q (A 4x64, B 64x4) and v (A 4x64, B 32x4).
+    assert_eq!(free.log.trainable_parameters, base.config.num_hidden_layers * (4 * 64 * 2 + 4 * 64 + 32 * 4));
+    // The base checkpoint is untouched; the merged one differs only in adapted projections.
+    assert_eq!(weights(&base_dir), before);
+    let merged_dir = tmp.path().join("merged");
+    merge(&base, &free.adapter, &merged_dir).unwrap();
+    let merged = weights(&merged_dir);
+    for (name, w) in &before {
+        let adapted = name.contains("q_proj") || name.contains("v_proj");
+        assert_eq!(&merged[name] != w, adapted, "{name}");
+    }
+    assert!(merged_dir.join("tokenizer.json").exists());
+}
+
+#[test]
+fn distilled_student_is_a_trained_subset_of_the_teacher() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe();
+    let teacher_dir = tmp.path().join("teacher");
+    pretrain(&r, &quiet(teacher_dir.clone())).unwrap();
+    let teacher = Checkpoint::load(&teacher_dir).unwrap();
+    let splits = r.splits().unwrap();
+    let spec = DistillSpec {
+        shape: StudentShape { layers: vec![1], intermediate_size: Some(64), hidden_size: None },
+        temperature: 2.0,
+        alpha: 0.5,
+        train: r.student.train.clone(),
+    };
+    let out = tmp.path().join("student");
+    let log = distill(&teacher, (&splits.train, &splits.validation), &spec, &quiet(out.clone())).unwrap();
+    let student = Checkpoint::load(&out).unwrap();
+    assert_eq!(student.config.num_hidden_layers, 1);
+    assert!(student.config.num_parameters() * 2 < teacher.config.num_parameters() + 1);
+    assert_eq!(log.trainable_parameters, student.config.num_parameters());
+    let vals: Vec<f64> = log.history.iter().filter_map(|p| p.val_loss).collect();
+    assert!(vals.len() >= 2 && log.best_val_loss.unwrap() < vals[0], "validation loss falls: {vals:?}");
+    // The student keeps the teacher's tokenizer and template.
+    let tok = |d: &Path| std::fs::read(d.join("tokenizer.json")).unwrap();
+    assert_eq!(tok(&out), tok(&teacher_dir));
+}

@@ -1,0 +1,68 @@
+//! The main command end to end on the tiny recipe: pre-train a teacher, LoRA fine-tune and
+//! merge it, distil a student, export it, score every stage, stream answers from the runtime,
+//! and write report.json and report.svg.
+
+use std::process::Command;
+
+use edgelm_e2e::{bin, root, run};
+
+fn answers(stage: &serde_json::Value) -> Vec<(String, String)> {
+    stage["misses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["input"].as_str().unwrap().to_owned(), m["got"].as_str().unwrap().trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn pipeline_runs_end_to_end_on_the_tiny_recipe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = root().join("models/tiny/recipe.toml");
+    let out = run(Command::new(bin("edgelm-distill")).args(["pipeline", "--quiet", "--recipe"]).arg(&recipe).arg("-o").arg(tmp.path()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "pipeline failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("held-out commands through the runtime"), "{stdout}");
+    assert!(stdout.contains("task completion"), "the summary table is printed: {stdout}");
+
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("report.json")).unwrap()).unwrap();
+    let stages = report["stages"].as_array().unwrap();
+    let names: Vec<&str> = stages.iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(names, ["teacher", "fine-tuned", "student", "bundle"]);
+    let params = |i: usize| stages[i]["parameters"].as_u64().unwrap();
+    assert!(params(2) < params(0), "the student is smaller");
+    assert_eq!(params(2), params(3));
+    // The bundle answers through ONNX Runtime exactly as the student does in candle.
+    assert_eq!(stages[2]["task_completion"], stages[3]["task_completion"]);
+    assert_eq!(answers(&stages[2]), answers(&stages[3]));
+    assert!(report["export_max_abs_diff"].as_f64().unwrap() < 1e-4);
+    // Every training stage left a falling validation curve.
+    let logs = report["training"].as_array().unwrap();
+    let kinds: Vec<&str> = logs.iter().map(|l| l["stage"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["pretrain", "finetune", "distill"]);
+    for l in logs {
+        let vals: Vec<f64> = l["history"].as_array().unwrap().iter().filter_map(|p| p["val_loss"].as_f64()).collect();
+        assert!(vals.len() >= 2, "{}: {vals:?}", l["stage"]);
+        assert!(l["best_val_loss"].as_f64().unwrap() <= vals[0], "{}: {vals:?}", l["stage"]);
+        assert!(l["tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    let pretrain_vals: Vec<f64> =
+        logs[0]["history"].as_array().unwrap().iter().filter_map(|p| p["val_loss"].as_f64()).collect();
+    assert!(pretrain_vals.last().unwrap() < &(pretrain_vals[0] * 0.8), "pre-training learns: {pretrain_vals:?}");
+    let svg = std::fs::read_to_string(tmp.path().join("report.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("student") && svg.contains("bundle"));
+    for f in ["adapter/adapter_model.safetensors", "finetuned/config.json", "student/model.safetensors", "bundle/edgelm.json"] {
+        assert!(tmp.path().join(f).exists(), "{f}");
+    }
+
+    // `eval` scores the bundle through the runtime the same way.
+    let eval = run(Command::new(bin("edgelm-distill"))
+        .args(["eval", "--json", "--examples", "16", "--recipe"])
+        .arg(&recipe)
+        .arg(tmp.path().join("bundle")));
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let scores: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert_eq!(scores[0]["score"]["task_completion"], stages[3]["task_completion"]);
+    assert_eq!(answers(&scores[0]["score"]), answers(&stages[3]));
+}
