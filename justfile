@@ -4,6 +4,8 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 # The built-in default checkpoint shape for the main job.
 default_preset := "smollm2-135m"
+# The built-in default recipe (teacher committed under models/devcmd/teacher).
+default_recipe := "models/devcmd/recipe.toml"
 out := "out"
 
 # List recipes.
@@ -25,7 +27,21 @@ setup-py:
 build:
     cargo build --release --workspace
 
-# The main job on the built-in default: create the checkpoint, export it, generate with streaming.
+# The main job on the built-in default recipe: distil the committed teacher into a student,
+# export it, answer held-out commands through the runtime (streaming), print the size /
+# accuracy / speed table and write out/<name>/report.json + report.svg.
+pipeline recipe=default_recipe *args: setup-ort build
+    target/release/edgelm-distill pipeline --recipe {{recipe}} -o {{out}}/$(basename $(dirname {{recipe}})) {{args}}
+
+# Re-train a recipe's teacher from scratch (what made the committed models/<name>/teacher).
+teacher recipe=default_recipe *args: build
+    target/release/edgelm-distill pretrain --recipe {{recipe}} -o $(dirname {{recipe}})/teacher --run-dir {{out}}/$(basename $(dirname {{recipe}}))/teacher.run {{args}}
+
+# Training throughput and achieved GFLOP/s against candle's f32 matmul peak on this machine.
+bench-train recipe=default_recipe:
+    cargo bench -p edgelm-distill --bench training -- {{recipe}}
+
+# Speed demo: a random checkpoint shaped like SmolLM2-135M, exported and run with streaming.
 demo preset=default_preset prompt="Set the kitchen heater to 21.5 degrees at 7pm": setup-ort build
     #!/usr/bin/env bash
     set -euo pipefail

@@ -352,7 +352,8 @@ impl LlamaModel {
         let mask = self.mask(s, 0)?;
         for block in &self.layers {
             let mut slot = None;
-            let a = block.self_attn.forward(&block.input_layernorm.forward(&x)?, &self.rotary, mask.as_ref(), &mut slot)?;
+            let a =
+                block.self_attn.forward(&block.input_layernorm.forward(&x)?, &self.rotary, mask.as_ref(), &mut slot)?;
             x = (x + a)?;
             let m = block.mlp.forward(&block.post_attention_layernorm.forward(&x)?)?;
             x = (x + m)?;

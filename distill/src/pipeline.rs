@@ -163,7 +163,10 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     let teacher = Checkpoint::load(&teacher_dir)?;
     logs.extend(read_log(&teacher_dir));
     let score = score_checkpoint(&teacher, test)?;
-    say(out, format!("teacher: {:.1}% task completion on {} held-out commands", 100.0 * score.task_completion, test.len()))?;
+    say(
+        out,
+        format!("teacher: {:.1}% task completion on {} held-out commands", 100.0 * score.task_completion, test.len()),
+    )?;
     rows.push(row("teacher", &teacher, score, t.elapsed().as_secs_f64()));
 
     // 2. LoRA fine-tune + merge.
@@ -178,7 +181,8 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
             train: ft.train.clone(),
         };
         let n = ft.examples.unwrap_or(splits.train.len()).min(splits.train.len());
-        let done = finetune(&source, (&splits.train[..n], &splits.validation), &splits.train, &spec, &stage("adapter"))?;
+        let done =
+            finetune(&source, (&splits.train[..n], &splits.validation), &splits.train, &spec, &stage("adapter"))?;
         merge(&source, &done.adapter, &dir.join("finetuned"))?;
         logs.push(serde_json::to_value(&done.log).expect("json"));
         let merged = Checkpoint::load(dir.join("finetuned"))?;
@@ -205,7 +209,10 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     logs.push(serde_json::to_value(&log).expect("json"));
     let student = Checkpoint::load(dir.join("student"))?;
     let score = score_checkpoint(&student, test)?;
-    say(out, format!("student: {:.1}% ({} parameters)", 100.0 * score.task_completion, student.config.num_parameters()))?;
+    say(
+        out,
+        format!("student: {:.1}% ({} parameters)", 100.0 * score.task_completion, student.config.num_parameters()),
+    )?;
     rows.push(row("student", &student, score, t.elapsed().as_secs_f64()));
 
     // 4. Export and score through the runtime.
@@ -272,7 +279,8 @@ fn show(
         return Ok(None);
     }
     let mut engine = edgelm_runtime::Engine::open(bundle, engine_opts)?;
-    let params = edgelm_runtime::GenerateParams { max_new_tokens: crate::eval::MAX_ANSWER_TOKENS, ..Default::default() };
+    let params =
+        edgelm_runtime::GenerateParams { max_new_tokens: crate::eval::MAX_ANSWER_TOKENS, ..Default::default() };
     let (mut ttft, mut decode) = (Vec::new(), Vec::new());
     writeln!(out, "\nheld-out commands through the runtime ({}):", bundle.display()).at("stdout")?;
     for e in test.iter().take(n) {

@@ -280,7 +280,9 @@ impl Recipe {
 
     fn check(&self) -> std::result::Result<(), String> {
         let t = &self.teacher;
-        if t.hidden_size % t.num_attention_heads != 0 || t.num_attention_heads % t.num_key_value_heads != 0 {
+        if !t.hidden_size.is_multiple_of(t.num_attention_heads)
+            || !t.num_attention_heads.is_multiple_of(t.num_key_value_heads)
+        {
             return Err("teacher heads must divide hidden_size and be a multiple of the key/value heads".into());
         }
         if self.student.layers.is_empty() {

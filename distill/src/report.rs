@@ -24,7 +24,7 @@ fn esc(s: &str) -> String {
 /// Renders the SVG. `curves` are (name, points); train loss is drawn thin, validation loss
 /// thick with dots. Loss is on a log scale.
 pub fn svg(title: &str, curves: &[(String, Vec<LogPoint>)], bars: &[Bar]) -> String {
-    let (w, h) = (960.0, 420.0);
+    let (w, h) = (960.0, 450.0);
     let mut s = String::new();
     let _ = write!(
         s,
@@ -44,19 +44,36 @@ pub fn svg(title: &str, curves: &[(String, Vec<LogPoint>)], bars: &[Bar]) -> Str
     let span = (hi - lo).max(1e-6);
     let y_of = |v: f64| y0 + ph - (v.max(1e-4).ln() - lo) / span * ph;
     let _ = write!(s, r##"<rect x="{x0}" y="{y0}" width="{pw}" height="{ph}" fill="none" stroke="#888"/>"##);
-    let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="middle">training progress (share of each stage's steps)</text>"#, x0 + pw / 2.0, y0 + ph + 30.0);
-    let _ = write!(s, r#"<text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">loss (log scale)</text>"#, y0 + ph / 2.0, y0 + ph / 2.0);
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">training progress (share of each stage's steps)</text>"#,
+        x0 + pw / 2.0,
+        y0 + ph + 30.0
+    );
+    let _ = write!(
+        s,
+        r#"<text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">loss (log scale)</text>"#,
+        y0 + ph / 2.0,
+        y0 + ph / 2.0
+    );
     for k in 0..=4 {
         let v = (lo + span * k as f64 / 4.0).exp();
         let y = y_of(v);
-        let _ = write!(s, r##"<line x1="{x0}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{v:.3}</text>"##, x0 + pw, x0 - 4.0, y + 4.0);
+        let _ = write!(
+            s,
+            r##"<line x1="{x0}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{v:.3}</text>"##,
+            x0 + pw,
+            x0 - 4.0,
+            y + 4.0
+        );
     }
     for (i, (name, pts)) in curves.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let last = pts.last().map_or(1, |p| p.step.max(1)) as f64;
         let x_of = |step: usize| x0 + step as f64 / last * pw;
         let train: Vec<String> = pts.iter().map(|p| format!("{:.1},{:.1}", x_of(p.step), y_of(p.train_loss))).collect();
-        let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-opacity="0.45" points="{}"/>"#, train.join(" "));
+        let _ =
+            write!(s, r#"<polyline fill="none" stroke="{color}" stroke-opacity="0.45" points="{}"/>"#, train.join(" "));
         let val: Vec<(f64, f64)> = pts.iter().filter_map(|p| p.val_loss.map(|v| (x_of(p.step), y_of(v)))).collect();
         let line: Vec<String> = val.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
         let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="2.5" points="{}"/>"#, line.join(" "));
@@ -64,15 +81,35 @@ pub fn svg(title: &str, curves: &[(String, Vec<LogPoint>)], bars: &[Bar]) -> Str
             let _ = write!(s, r#"<circle cx="{x:.1}" cy="{y:.1}" r="2.5" fill="{color}"/>"#);
         }
         let ly = y0 + 16.0 + 16.0 * i as f64;
-        let _ = write!(s, r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2.5"/><text x="{}" y="{}">{} (thick: validation)</text>"#, x0 + pw - 190.0, x0 + pw - 170.0, x0 + pw - 165.0, ly + 4.0, esc(name));
+        let _ = write!(
+            s,
+            r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2.5"/><text x="{}" y="{}">{} (thick: validation)</text>"#,
+            x0 + pw - 190.0,
+            x0 + pw - 170.0,
+            x0 + pw - 165.0,
+            ly + 4.0,
+            esc(name)
+        );
     }
     // Right panel: task completion bars.
     let (bx0, by0, bw, bh) = (540.0, 50.0, 390.0, 310.0);
     let _ = write!(s, r##"<rect x="{bx0}" y="{by0}" width="{bw}" height="{bh}" fill="none" stroke="#888"/>"##);
-    let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="middle">task completion on held-out commands (exact match)</text>"#, bx0 + bw / 2.0, by0 + bh + 30.0);
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">task completion on held-out commands (exact match)</text>"#,
+        bx0 + bw / 2.0,
+        by0 + bh + 50.0
+    );
     for k in 0..=4 {
         let y = by0 + bh - bh * k as f64 / 4.0;
-        let _ = write!(s, r##"<line x1="{bx0}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{}%</text>"##, bx0 + bw, bx0 - 4.0, y + 4.0, k * 25);
+        let _ = write!(
+            s,
+            r##"<line x1="{bx0}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{}%</text>"##,
+            bx0 + bw,
+            bx0 - 4.0,
+            y + 4.0,
+            k * 25
+        );
     }
     let n = bars.len().max(1) as f64;
     let slot = bw / n;
@@ -81,11 +118,23 @@ pub fn svg(title: &str, curves: &[(String, Vec<LogPoint>)], bars: &[Bar]) -> Str
         let x = bx0 + slot * i as f64 + slot * 0.15;
         let y = by0 + bh - bar_h;
         let color = COLORS[i % COLORS.len()];
-        let _ = write!(s, r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{bar_h:.1}" fill="{color}"/>"#, slot * 0.7);
+        let _ =
+            write!(s, r#"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{bar_h:.1}" fill="{color}"/>"#, slot * 0.7);
         let cx = x + slot * 0.35;
-        let _ = write!(s, r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" font-weight="bold">{:.1}%</text>"#, y - 6.0, 100.0 * b.value);
-        let _ = write!(s, r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" fill="white">{}</text>"#, by0 + bh - 22.0, esc(&b.name));
-        let _ = write!(s, r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" fill="white" font-size="10">{}</text>"#, by0 + bh - 8.0, esc(&b.size));
+        let _ = write!(
+            s,
+            r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" font-weight="bold">{:.1}%</text>"#,
+            y - 6.0,
+            100.0 * b.value
+        );
+        let _ =
+            write!(s, r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle">{}</text>"#, by0 + bh + 15.0, esc(&b.name));
+        let _ = write!(
+            s,
+            r##"<text x="{cx:.1}" y="{:.1}" text-anchor="middle" font-size="10" fill="#555">{}</text>"##,
+            by0 + bh + 29.0,
+            esc(&b.size)
+        );
     }
     s.push_str("</svg>\n");
     s

@@ -94,8 +94,7 @@ pub fn init_student(
         }
         let (gate, up, down) =
             (get(&src("mlp.gate_proj.weight"))?, get(&src("mlp.up_proj.weight"))?, get(&src("mlp.down_proj.weight"))?);
-        let score: Vec<f32> =
-            norms(up, 1)?.iter().zip(norms(down, 0)?).map(|(u, d)| u * d).collect();
+        let score: Vec<f32> = norms(up, 1)?.iter().zip(norms(down, 0)?).map(|(u, d)| u * d).collect();
         let unit_idx = Tensor::new(top_k(&score, inter).as_slice(), dev)?;
         out.insert(dst("mlp.gate_proj.weight"), cols(&gate.index_select(&unit_idx, 0)?)?);
         out.insert(dst("mlp.up_proj.weight"), cols(&up.index_select(&unit_idx, 0)?)?);
@@ -129,7 +128,8 @@ mod tests {
     fn keeping_every_layer_at_full_width_is_the_teacher() {
         let cfg = preset_config("tiny").unwrap();
         let w = random_weights(&cfg, 3).unwrap();
-        let all = StudentShape { layers: (0..cfg.num_hidden_layers).collect(), intermediate_size: None, hidden_size: None };
+        let all =
+            StudentShape { layers: (0..cfg.num_hidden_layers).collect(), intermediate_size: None, hidden_size: None };
         let (scfg, sw) = init_student(&cfg, &w, &all).unwrap();
         assert_eq!(scfg, cfg);
         let ids = Tensor::new(&[[3u32, 9, 27, 81]], &Device::Cpu).unwrap();

@@ -91,10 +91,12 @@ fn lora_finetune_trains_adapters_only_and_ewc_holds_them_back() {
         fisher_batches: 4,
         train: ft.train.clone(),
     };
-    let free = finetune(&base, (&splits.train, &splits.validation), &splits.train, &spec(0.0), &quiet(tmp.path().join("a")))
-        .unwrap();
-    let held = finetune(&base, (&splits.train, &splits.validation), &splits.train, &spec(1e5), &quiet(tmp.path().join("b")))
-        .unwrap();
+    let free =
+        finetune(&base, (&splits.train, &splits.validation), &splits.train, &spec(0.0), &quiet(tmp.path().join("a")))
+            .unwrap();
+    let held =
+        finetune(&base, (&splits.train, &splits.validation), &splits.train, &spec(1e5), &quiet(tmp.path().join("b")))
+            .unwrap();
     // PEFT layout on disk, with trained (non-zero) B matrices.
     for f in ["adapter_config.json", "adapter_model.safetensors"] {
         assert!(tmp.path().join("a").join(f).exists(), "{f}");

@@ -19,7 +19,11 @@ fn answers(stage: &serde_json::Value) -> Vec<(String, String)> {
 fn pipeline_runs_end_to_end_on_the_tiny_recipe() {
     let tmp = tempfile::tempdir().unwrap();
     let recipe = root().join("models/tiny/recipe.toml");
-    let out = run(Command::new(bin("edgelm-distill")).args(["pipeline", "--quiet", "--recipe"]).arg(&recipe).arg("-o").arg(tmp.path()));
+    let out = run(Command::new(bin("edgelm-distill"))
+        .args(["pipeline", "--quiet", "--recipe"])
+        .arg(&recipe)
+        .arg("-o")
+        .arg(tmp.path()));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "pipeline failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("held-out commands through the runtime"), "{stdout}");
@@ -52,7 +56,12 @@ fn pipeline_runs_end_to_end_on_the_tiny_recipe() {
     assert!(pretrain_vals.last().unwrap() < &(pretrain_vals[0] * 0.8), "pre-training learns: {pretrain_vals:?}");
     let svg = std::fs::read_to_string(tmp.path().join("report.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("student") && svg.contains("bundle"));
-    for f in ["adapter/adapter_model.safetensors", "finetuned/config.json", "student/model.safetensors", "bundle/edgelm.json"] {
+    for f in [
+        "adapter/adapter_model.safetensors",
+        "finetuned/config.json",
+        "student/model.safetensors",
+        "bundle/edgelm.json",
+    ] {
         assert!(tmp.path().join(f).exists(), "{f}");
     }
 

@@ -70,7 +70,8 @@ impl AdamW {
             mom.v = ((&mom.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let update = ((&mom.m / c1)? / ((&mom.v / c2)?.sqrt()? + eps)?)?;
             let p = var.as_tensor();
-            let decayed = if p.rank() >= 2 && weight_decay > 0.0 { (p * (1.0 - lr * weight_decay))? } else { p.clone() };
+            let decayed =
+                if p.rank() >= 2 && weight_decay > 0.0 { (p * (1.0 - lr * weight_decay))? } else { p.clone() };
             var.set(&(decayed - (update * lr)?)?)?;
         }
         Ok(())
@@ -92,9 +93,9 @@ impl AdamW {
         self.moments.clear();
         for (key, m) in tensors {
             let Some(name) = key.strip_prefix("m.") else { continue };
-            let v = tensors.get(&format!("v.{name}")).ok_or_else(|| {
-                crate::Error::Other(format!("optimizer state has m.{name} but no v.{name}"))
-            })?;
+            let v = tensors
+                .get(&format!("v.{name}"))
+                .ok_or_else(|| crate::Error::Other(format!("optimizer state has m.{name} but no v.{name}")))?;
             self.moments.insert(name.to_owned(), Moments { m: m.clone(), v: v.clone() });
         }
         Ok(())

@@ -48,9 +48,9 @@ impl Formatter {
         eos: &[u32],
         pad: Option<u32>,
     ) -> Result<Self> {
-        let eos_id = *eos
-            .first()
-            .ok_or_else(|| Error::Other("the checkpoint names no end-of-sequence token; answers could not end".into()))?;
+        let eos_id = *eos.first().ok_or_else(|| {
+            Error::Other("the checkpoint names no end-of-sequence token; answers could not end".into())
+        })?;
         let chat = chat_template.is_some();
         let codec = TextCodec::load(tokenizer, chat_template, bos, Some(eos_id))?;
         Ok(Formatter { codec, chat, eos: eos_id, pad: pad.unwrap_or(eos_id) })
@@ -153,6 +153,25 @@ impl Batch {
     }
 }
 
+/// Drops examples longer than the model's context (they could not be trained on whole), with
+/// a warning naming how many.
+pub fn fit_context(encoded: Vec<Encoded>, context: usize, what: &str) -> Result<Vec<Encoded>> {
+    let before = encoded.len();
+    let kept: Vec<Encoded> = encoded.into_iter().filter(|e| e.ids.len() <= context).collect();
+    if kept.len() < before {
+        tracing::warn!(
+            "{what}: dropped {} of {before} examples longer than the context of {context} tokens",
+            before - kept.len()
+        );
+    }
+    if kept.is_empty() && before > 0 {
+        return Err(Error::Other(format!(
+            "{what}: every example is longer than the model's context of {context} tokens"
+        )));
+    }
+    Ok(kept)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,18 +187,4 @@ mod tests {
         assert_eq!(batch.labels.to_vec1::<u32>().unwrap(), vec![8, 9, 3]);
         assert_eq!(batch.tokens, 8);
     }
-}
-
-/// Drops examples longer than the model's context (they could not be trained on whole), with
-/// a warning naming how many.
-pub fn fit_context(encoded: Vec<Encoded>, context: usize, what: &str) -> Result<Vec<Encoded>> {
-    let before = encoded.len();
-    let kept: Vec<Encoded> = encoded.into_iter().filter(|e| e.ids.len() <= context).collect();
-    if kept.len() < before {
-        tracing::warn!("{what}: dropped {} of {before} examples longer than the context of {context} tokens", before - kept.len());
-    }
-    if kept.is_empty() && before > 0 {
-        return Err(Error::Other(format!("{what}: every example is longer than the model's context of {context} tokens")));
-    }
-    Ok(kept)
 }

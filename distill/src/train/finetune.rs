@@ -126,8 +126,16 @@ pub fn finetune(
         let logits = model.logits_at(&b.input_ids, &b.rows)?;
         Ok(candle_nn::loss::cross_entropy(&logits, &b.labels)?)
     };
-    let report =
-        train_stage("finetune", &mut trainer, &spec.train, (&train, &validation), fmt.pad(), &mut loss, &mut val, opts)?;
+    let report = train_stage(
+        "finetune",
+        &mut trainer,
+        &spec.train,
+        (&train, &validation),
+        fmt.pad(),
+        &mut loss,
+        &mut val,
+        opts,
+    )?;
     if report.halted {
         return Err(Error::Other(format!(
             "halted after step {} as asked; continue with --resume (state in {})",

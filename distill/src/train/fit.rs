@@ -148,6 +148,9 @@ fn epoch_batches(lengths: &[usize], batch: usize, seed: u64, epoch: usize) -> Ve
     batches
 }
 
+/// A loss over the current parameters and a batch: the mean loss of its scored positions.
+pub type LossFn<'a> = dyn FnMut(&HashMap<String, Tensor>, &Batch) -> Result<Tensor> + 'a;
+
 /// Mean loss per scored token of `loss_fn` over `examples` (no parameter update).
 pub fn evaluate(
     examples: &[Encoded],
@@ -180,8 +183,8 @@ pub fn fit(
     train: &[Encoded],
     validation: &[Encoded],
     pad: u32,
-    loss_fn: &mut dyn FnMut(&HashMap<String, Tensor>, &Batch) -> Result<Tensor>,
-    val_fn: &mut dyn FnMut(&HashMap<String, Tensor>, &Batch) -> Result<Tensor>,
+    loss_fn: &mut LossFn,
+    val_fn: &mut LossFn,
     opts: &FitOptions,
     run_dir: &Path,
     resume: bool,
@@ -253,7 +256,12 @@ pub fn fit(
             let Some(report) = report else { continue };
             st.step = report.step + 1;
             let at_end = st.step >= total || (st.cursor >= usable && st.epoch + 1 >= opts.epochs);
-            let mut point = LogPoint { step: st.step, train_loss: st.window.0 / st.window.1.max(1) as f64, val_loss: None, lr: report.lr };
+            let mut point = LogPoint {
+                step: st.step,
+                train_loss: st.window.0 / st.window.1.max(1) as f64,
+                val_loss: None,
+                lr: report.lr,
+            };
             if let Some(b) = &bar {
                 let rate = (st.tokens - tokens_at_tick) as f64 / tick.elapsed().as_secs_f64().max(1e-9);
                 b.set_position(st.step as u64);
@@ -263,7 +271,7 @@ pub fn fit(
                     tokens_at_tick = st.tokens;
                 }
             }
-            let eval_now = at_end || (opts.eval_every > 0 && st.step % opts.eval_every == 0);
+            let eval_now = at_end || (opts.eval_every > 0 && st.step.is_multiple_of(opts.eval_every));
             if eval_now {
                 let params = trainer.tensors();
                 let val = evaluate(validation, opts.batch_size, pad, &mut |b| val_fn(&params, b))?;
@@ -302,7 +310,7 @@ pub fn fit(
             }
             st.finished = at_end || stopped_early;
             let checkpoint = st.finished
-                || (opts.checkpoint_every > 0 && st.step % opts.checkpoint_every == 0)
+                || (opts.checkpoint_every > 0 && st.step.is_multiple_of(opts.checkpoint_every))
                 || opts.halt_after == Some(st.step);
             if checkpoint {
                 save_state(trainer, &st, &state_dir)?;

@@ -141,7 +141,8 @@ impl Trainer {
         std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.into(), source })?;
         let save = |t: &HashMap<String, Tensor>, file: &str| {
             let path = dir.join(file);
-            candle_core::safetensors::save(t, &path).map_err(|e| Error::Other(format!("writing {}: {e}", path.display())))
+            candle_core::safetensors::save(t, &path)
+                .map_err(|e| Error::Other(format!("writing {}: {e}", path.display())))
         };
         save(&self.tensors(), "params.safetensors")?;
         let (t, mut state) = self.optimizer.state();

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use super::batch::{fit_context, Batch, Encoded, Formatter};
-use super::fit::{fit, FitReport};
+use super::fit::{fit, FitReport, LossFn};
 use super::Trainer;
 use crate::checkpoint::preset::{random_weights, train_tokenizer, write_tokenizer, CHATML_TEMPLATE};
 use crate::checkpoint::write::{write_checkpoint, write_generation_config, WriteOptions};
@@ -117,14 +117,15 @@ pub fn load_best(r: &FitReport) -> Result<HashMap<String, Tensor>> {
 }
 
 /// Trains with `settings` and returns the run's report (weights stay in the run folder).
+#[allow(clippy::too_many_arguments)]
 pub fn train_stage(
     label: &str,
     trainer: &mut Trainer,
     settings: &TrainSettings,
     data: (&[Encoded], &[Encoded]),
     pad: u32,
-    loss_fn: &mut dyn FnMut(&HashMap<String, Tensor>, &Batch) -> Result<Tensor>,
-    val_fn: &mut dyn FnMut(&HashMap<String, Tensor>, &Batch) -> Result<Tensor>,
+    loss_fn: &mut LossFn,
+    val_fn: &mut LossFn,
     opts: &StageOptions,
 ) -> Result<FitReport> {
     let mut fo = settings.fit_options(label);
@@ -151,11 +152,16 @@ pub fn pretrain(recipe: &Recipe, opts: &StageOptions) -> Result<TrainLog> {
         config.pad_token_id,
     )?;
     let train = fit_context(fmt.encode_all(&splits.train)?, config.max_position_embeddings, "training set")?;
-    let validation = fit_context(fmt.encode_all(&splits.validation)?, config.max_position_embeddings, "validation set")?;
+    let validation =
+        fit_context(fmt.encode_all(&splits.validation)?, config.max_position_embeddings, "validation set")?;
     let settings = &recipe.teacher.train;
     let total = settings.fit_options("teacher").total_steps(train.len());
     let mut trainer = Trainer::new(random_weights(&config, recipe.teacher.init_seed)?, settings.train_config(total))?;
-    tracing::info!("teacher: {} parameters, {} training sequences, {total} steps", config.num_parameters(), train.len());
+    tracing::info!(
+        "teacher: {} parameters, {} training sequences, {total} steps",
+        config.num_parameters(),
+        train.len()
+    );
     let mut loss = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
     let mut val = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
     let report =
