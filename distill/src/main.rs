@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use edgelm_distill::checkpoint::preset::{write_preset, PRESETS};
 use edgelm_distill::checkpoint::write::WriteOptions;
 use edgelm_distill::export::{export, ExportOptions, LogitsMode};
-use edgelm_distill::recipe::{Recipe, Splits, TrainSettings};
+use edgelm_distill::recipe::{Recipe, Splits, StudentSpec, TrainSettings};
 use edgelm_distill::train::pretrain::{pretrain, StageOptions, TrainLog};
 use edgelm_distill::Checkpoint;
 
@@ -116,6 +116,10 @@ enum Command {
         /// Student checkpoint folder to write.
         #[arg(short, long)]
         output: PathBuf,
+        /// Student settings as TOML (the `[student]` table of a recipe: layers,
+        /// intermediate_size, hidden_size, temperature, alpha, [train]); flags override it.
+        #[arg(long)]
+        student_config: Option<PathBuf>,
         /// Teacher layers the student keeps, e.g. 0,5 (default: the recipe's).
         #[arg(long, value_delimiter = ',')]
         layers: Vec<usize>,
@@ -537,6 +541,7 @@ fn run(cli: Cli) -> Result<()> {
             teacher,
             data,
             output,
+            student_config,
             layers,
             intermediate_size,
             hidden_size,
@@ -550,7 +555,10 @@ fn run(cli: Cli) -> Result<()> {
             let ck = Checkpoint::load(&teacher).with_context(|| format!("loading {}", teacher.display()))?;
             let splits = data.splits()?;
             let recipe = data.recipe()?;
-            let st = recipe.as_ref().map(|r| r.student.clone());
+            let st = match &student_config {
+                Some(p) => Some(StudentSpec::load(p)?),
+                None => recipe.as_ref().map(|r| r.student.clone()),
+            };
             let layers = if layers.is_empty() {
                 st.as_ref().map(|s| s.layers.clone()).context("give --layers (or a --recipe with [student])")?
             } else {

@@ -167,6 +167,14 @@ fn default_alpha() -> f64 {
     0.5
 }
 
+impl StudentSpec {
+    /// Reads student settings from a TOML file (a recipe's `[student]` table on its own).
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).at(path)?;
+        toml::from_str(&text).map_err(|e| Error::Other(format!("student config {}: {e}", path.display())))
+    }
+}
+
 /// Optimizer and loop settings of one training stage.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -269,13 +269,16 @@ pub struct TaskSplits {
     pub test: Vec<Example>,
 }
 
-/// The (device, place) pairs held out for the test split: every seventh pair in a seeded
-/// order, so every device and every place still occurs in training.
+/// The (device, place) pairs held out for the test split, balanced: every place is held out
+/// with exactly one device and every device with the same number of places (12 places over 6
+/// devices: two each), assigned in a seeded order. So every place is still seen with all other
+/// devices in training, and no device loses more of its places than another.
 fn held_out(rng: &mut Rng) -> BTreeSet<(Device, usize)> {
-    let mut pairs: Vec<(Device, usize)> =
-        DEVICES.iter().flat_map(|&d| (0..PLACES.len()).map(move |p| (d, p))).collect();
-    rng.shuffle(&mut pairs);
-    pairs.into_iter().step_by(7).collect()
+    let mut places: Vec<usize> = (0..PLACES.len()).collect();
+    rng.shuffle(&mut places);
+    let mut devices = DEVICES;
+    rng.shuffle(&mut devices);
+    places.into_iter().enumerate().map(|(i, p)| (devices[i % devices.len()], p)).collect()
 }
 
 /// Generates `train` training examples plus a tenth as many validation and test examples each,
@@ -334,6 +337,15 @@ mod tests {
         for e in &s.test {
             assert!(!train_pairs.contains(&pair(e)), "{} occurs in training", pair(e));
             assert!(!train_inputs.contains(e.input.as_str()));
+        }
+        // Balanced: each place held out with exactly one device, each device with two places.
+        let held: BTreeSet<String> = s.test.iter().map(pair).collect();
+        assert_eq!(held.len(), PLACES.len());
+        for d in DEVICES {
+            assert_eq!(held.iter().filter(|p| p.split(' ').next() == Some(d.canonical())).count(), 2);
+        }
+        for p in PLACES {
+            assert_eq!(held.iter().filter(|h| h.split(' ').nth(1) == Some(p[0])).count(), 1);
         }
         // Every device and every place still occurs in training.
         for d in DEVICES {

@@ -101,3 +101,49 @@ impl AdamW {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn two_steps_match_the_update_rule_and_vectors_are_not_decayed() {
+        let w = Var::new(&[[1.0f32, -2.0]], &Device::Cpu).unwrap();
+        let n = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let vars = vec![("n".to_owned(), n.clone()), ("w".to_owned(), w.clone())];
+        let p = AdamWParams { weight_decay: 0.5, ..AdamWParams::default() };
+        let mut opt = AdamW::new(p);
+        // loss = sum(3 * w) + sum(3 * n): gradient 3 everywhere.
+        let (lr, g) = (0.1f64, 3.0f64);
+        let mut expect_w = [1.0f64, -2.0];
+        let mut expect_n = [1.0f64, -2.0];
+        let (mut m, mut v) = (0.0f64, 0.0f64);
+        for t in 1..=2 {
+            let loss = ((w.as_tensor() * 3.0).unwrap().sum_all().unwrap()
+                + (n.as_tensor() * 3.0).unwrap().sum_all().unwrap())
+            .unwrap();
+            opt.step(&vars, &loss.backward().unwrap(), lr).unwrap();
+            m = 0.9 * m + 0.1 * g;
+            v = 0.999 * v + 0.001 * g * g;
+            let upd = (m / (1.0 - 0.9f64.powi(t))) / ((v / (1.0 - 0.999f64.powi(t))).sqrt() + 1e-8);
+            for x in &mut expect_w {
+                *x = *x * (1.0 - lr * 0.5) - lr * upd;
+            }
+            for x in &mut expect_n {
+                *x -= lr * upd;
+            }
+        }
+        let got_w = w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got_n = n.as_tensor().to_vec1::<f32>().unwrap();
+        for (g, e) in got_w.iter().zip(expect_w).chain(got_n.iter().zip(expect_n)) {
+            assert!((*g as f64 - e).abs() < 1e-6, "{g} vs {e}");
+        }
+        // The state round-trips.
+        let (t, state) = opt.state();
+        let mut other = AdamW::new(p);
+        other.set_state(t, &state).unwrap();
+        assert_eq!(other.state().0, 2);
+        assert_eq!(other.state().1.len(), 4);
+    }
+}
