@@ -253,6 +253,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         total_seconds: started.elapsed().as_secs_f64(),
     };
     table(&report, out)?;
+    record_in_bundle(&bundle, &report)?;
     let p = dir.join("report.json");
     std::fs::write(&p, serde_json::to_string_pretty(&report).expect("json")).at(&p)?;
     let curves: Vec<_> = report.training.iter().filter_map(curve).collect();
@@ -269,6 +270,30 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     std::fs::write(&p, svg(&format!("edgelm pipeline: {}", recipe.name), &curves, &bars)).at(&p)?;
     say(out, format!("report: {} and {}", dir.join("report.json").display(), p.display()))?;
     Ok(report)
+}
+
+/// Adds the stage summary to the bundle's `edgelm.json` (`report.pipeline`), so the bundle
+/// carries where it came from and how it scored. The manifest itself is not hashed.
+fn record_in_bundle(bundle: &Path, r: &PipelineReport) -> Result<()> {
+    let p = bundle.join(edgelm_runtime::bundle::MANIFEST);
+    let text = std::fs::read_to_string(&p).at(&p)?;
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", p.display())))?;
+    let stages: Vec<serde_json::Value> = r
+        .stages
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "stage": s.stage, "parameters": s.parameters, "bytes": s.bytes,
+                "task_completion": s.task_completion, "perplexity": s.perplexity,
+            })
+        })
+        .collect();
+    manifest["report"]["pipeline"] = serde_json::json!({
+        "recipe": r.recipe, "test_examples": r.test_examples, "stages": stages,
+        "student_share": r.student_share, "student_relative_completion": r.student_relative_completion,
+    });
+    std::fs::write(&p, serde_json::to_string_pretty(&manifest).expect("json")).at(&p)
 }
 
 /// Streams the bundle's answers to the first `n` test commands; returns median speed figures.
