@@ -12,7 +12,7 @@ use crate::checkpoint::Checkpoint;
 use crate::data::Example;
 use crate::error::Result;
 use crate::model::LlamaModel;
-use crate::train::batch::{fit_context, Formatter};
+use crate::train::batch::Formatter;
 use crate::train::fit::evaluate;
 use crate::train::pretrain::lm_loss;
 
@@ -69,7 +69,7 @@ pub fn score_checkpoint(ck: &Checkpoint, examples: &[Example]) -> Result<Score> 
         Ok(Answer { input: e.input.clone(), expected: e.output.clone(), got: fmt.codec().decode(&ids)? })
     });
     let (n, right, misses) = tally(answers)?;
-    let encoded = fit_context(fmt.encode_all(examples)?, ck.config.max_position_embeddings, "test set")?;
+    let encoded = fmt.encode_within(examples, ck.config.max_position_embeddings, "test set")?;
     let loss = evaluate(&encoded, 32, fmt.pad(), &mut |b| lm_loss(&ck.config, &ck.tensors, b))?;
     Ok(Score { examples: n, task_completion: right as f64 / n.max(1) as f64, perplexity: Some(loss.exp()), misses })
 }

@@ -104,6 +104,11 @@ impl Formatter {
     pub fn encode_all(&self, examples: &[Example]) -> Result<Vec<Encoded>> {
         examples.iter().map(|e| self.encode(e)).collect()
     }
+
+    /// Encodes many examples and drops those longer than `context` (see [`fit_context`]).
+    pub fn encode_within(&self, examples: &[Example], context: usize, what: &str) -> Result<Vec<Encoded>> {
+        fit_context(self.encode_all(examples)?, context, what)
+    }
 }
 
 /// A padded batch and its scored positions.
@@ -155,7 +160,7 @@ impl Batch {
 
 /// Drops examples longer than the model's context (they could not be trained on whole), with
 /// a warning naming how many.
-pub fn fit_context(encoded: Vec<Encoded>, context: usize, what: &str) -> Result<Vec<Encoded>> {
+fn fit_context(encoded: Vec<Encoded>, context: usize, what: &str) -> Result<Vec<Encoded>> {
     let before = encoded.len();
     let kept: Vec<Encoded> = encoded.into_iter().filter(|e| e.ids.len() <= context).collect();
     if kept.len() < before {

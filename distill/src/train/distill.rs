@@ -6,14 +6,14 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
-use super::batch::{fit_context, Batch, Formatter};
+use super::batch::{Batch, Formatter};
 use super::kd::kd_loss;
 use super::pretrain::{flop_parameters, lm_loss, load_best, train_stage, StageOptions, TrainLog};
 use super::Trainer;
 use crate::checkpoint::write::{copy_tokenizer_files, write_checkpoint, write_generation_config, WriteOptions};
 use crate::checkpoint::Checkpoint;
 use crate::data::Example;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::LlamaModel;
 use crate::recipe::TrainSettings;
 use crate::student::{init_student, StudentShape};
@@ -39,8 +39,8 @@ pub fn distill(
     opts: &StageOptions,
 ) -> Result<TrainLog> {
     let fmt = Formatter::for_checkpoint(teacher)?;
-    let train = fit_context(fmt.encode_all(data.0)?, teacher.config.max_position_embeddings, "training set")?;
-    let validation = fit_context(fmt.encode_all(data.1)?, teacher.config.max_position_embeddings, "validation set")?;
+    let train = fmt.encode_within(data.0, teacher.config.max_position_embeddings, "training set")?;
+    let validation = fmt.encode_within(data.1, teacher.config.max_position_embeddings, "validation set")?;
     let (config, weights) = init_student(&teacher.config, &teacher.tensors, &spec.shape)?;
     let total = spec.train.fit_options("student").total_steps(train.len());
     let mut trainer = Trainer::new(weights, spec.train.train_config(total))?;
@@ -61,13 +61,6 @@ pub fn distill(
     let mut val = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
     let report =
         train_stage("student", &mut trainer, &spec.train, (&train, &validation), fmt.pad(), &mut loss, &mut val, opts)?;
-    if report.halted {
-        return Err(Error::Other(format!(
-            "halted after step {} as asked; continue with --resume (state in {})",
-            report.steps,
-            opts.run_dir().display()
-        )));
-    }
     let out = &opts.output;
     write_checkpoint(out, &config, &load_best(&report)?, WriteOptions::default())?;
     write_generation_config(out, &config)?;

@@ -11,13 +11,13 @@ use std::path::Path;
 
 use candle_core::{Tensor, Var};
 
-use super::batch::{fit_context, Batch, Encoded, Formatter};
+use super::batch::{Batch, Encoded, Formatter};
 use super::pretrain::{lm_loss, load_best, train_stage, StageOptions, TrainLog};
 use super::Trainer;
 use crate::checkpoint::write::{copy_tokenizer_files, write_checkpoint, write_generation_config, WriteOptions};
 use crate::checkpoint::Checkpoint;
 use crate::data::Example;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::lora::{Adapter, LoraConfig};
 use crate::model::LlamaModel;
 use crate::recipe::TrainSettings;
@@ -92,13 +92,13 @@ pub fn finetune(
     opts: &StageOptions,
 ) -> Result<Finetuned> {
     let fmt = Formatter::for_checkpoint(base)?;
-    let train = fit_context(fmt.encode_all(data.0)?, base.config.max_position_embeddings, "training set")?;
-    let validation = fit_context(fmt.encode_all(data.1)?, base.config.max_position_embeddings, "validation set")?;
+    let train = fmt.encode_within(data.0, base.config.max_position_embeddings, "training set")?;
+    let validation = fmt.encode_within(data.1, base.config.max_position_embeddings, "validation set")?;
     let fresh = Adapter::init(&base.config, spec.lora.clone(), spec.seed)?;
     let mut modules: Vec<String> = fresh.modules.keys().cloned().collect();
     modules.sort();
     let fisher = if spec.ewc_lambda > 0.0 {
-        let ewc = fit_context(fmt.encode_all(ewc_data)?, base.config.max_position_embeddings, "EWC data")?;
+        let ewc = fmt.encode_within(ewc_data, base.config.max_position_embeddings, "EWC data")?;
         fisher_diagonal(base, &modules, &ewc, fmt.pad(), spec.fisher_batches, spec.train.batch_size)?
     } else {
         HashMap::new()
@@ -136,13 +136,6 @@ pub fn finetune(
         &mut val,
         opts,
     )?;
-    if report.halted {
-        return Err(Error::Other(format!(
-            "halted after step {} as asked; continue with --resume (state in {})",
-            report.steps,
-            opts.run_dir().display()
-        )));
-    }
     let adapter = Adapter::from_tensors(spec.lora.clone(), &load_best(&report)?)?;
     adapter.save_peft(&opts.output, &base.dir.display().to_string())?;
     // Forward and backward still run through the frozen base: count its parameters.

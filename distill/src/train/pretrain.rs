@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use serde::Serialize;
 
-use super::batch::{fit_context, Batch, Encoded, Formatter};
+use super::batch::{Batch, Encoded, Formatter};
 use super::fit::{fit, FitReport, LossFn};
 use super::Trainer;
 use crate::checkpoint::preset::{random_weights, train_tokenizer, write_tokenizer, CHATML_TEMPLATE};
@@ -116,7 +116,8 @@ pub fn load_best(r: &FitReport) -> Result<HashMap<String, Tensor>> {
         .map_err(|e| Error::Other(format!("reading {}: {e}", r.best_path.display())))
 }
 
-/// Trains with `settings` and returns the run's report (weights stay in the run folder).
+/// Trains with `settings` and returns the run's report (weights stay in the run folder); a run
+/// halted on request is an error that says how to continue it.
 #[allow(clippy::too_many_arguments)]
 pub fn train_stage(
     label: &str,
@@ -132,7 +133,15 @@ pub fn train_stage(
     fo.halt_after = opts.halt_after;
     fo.progress = opts.progress;
     let validation = take(data.1, settings.eval_examples);
-    fit(trainer, data.0, validation, pad, loss_fn, val_fn, &fo, &opts.run_dir(), opts.resume)
+    let report = fit(trainer, data.0, validation, pad, loss_fn, val_fn, &fo, &opts.run_dir(), opts.resume)?;
+    if report.halted {
+        return Err(Error::Other(format!(
+            "halted after step {} as asked; continue with --resume (state in {})",
+            report.steps,
+            opts.run_dir().display()
+        )));
+    }
+    Ok(report)
 }
 
 /// Trains the recipe's teacher and writes it to `opts.output`.
@@ -151,9 +160,8 @@ pub fn pretrain(recipe: &Recipe, opts: &StageOptions) -> Result<TrainLog> {
         &config.eos_token_ids,
         config.pad_token_id,
     )?;
-    let train = fit_context(fmt.encode_all(&splits.train)?, config.max_position_embeddings, "training set")?;
-    let validation =
-        fit_context(fmt.encode_all(&splits.validation)?, config.max_position_embeddings, "validation set")?;
+    let train = fmt.encode_within(&splits.train, config.max_position_embeddings, "training set")?;
+    let validation = fmt.encode_within(&splits.validation, config.max_position_embeddings, "validation set")?;
     let settings = &recipe.teacher.train;
     let total = settings.fit_options("teacher").total_steps(train.len());
     let mut trainer = Trainer::new(random_weights(&config, recipe.teacher.init_seed)?, settings.train_config(total))?;
@@ -166,13 +174,6 @@ pub fn pretrain(recipe: &Recipe, opts: &StageOptions) -> Result<TrainLog> {
     let mut val = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
     let report =
         train_stage("teacher", &mut trainer, settings, (&train, &validation), fmt.pad(), &mut loss, &mut val, opts)?;
-    if report.halted {
-        return Err(Error::Other(format!(
-            "halted after step {} as asked; continue with --resume (state in {})",
-            report.steps,
-            opts.run_dir().display()
-        )));
-    }
     let best = load_best(&report)?;
     write_checkpoint(out, &config, &best, WriteOptions::default())?;
     write_generation_config(out, &config)?;
