@@ -363,3 +363,37 @@ impl Recipe {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("recipe.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn the_shipped_recipes_load_and_bad_ones_say_what_is_wrong() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        for name in ["devcmd", "tiny"] {
+            let r = Recipe::load(&root.join(name).join("recipe.toml")).unwrap();
+            assert_eq!(r.name, name);
+        }
+        let good = std::fs::read_to_string(root.join("tiny/recipe.toml")).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let cases = [
+            (good.replace("[data]", "[data]\nshuffle = true"), "unknown field `shuffle`"),
+            (good.replace("layers = [1]", "layers = [9]"), "student layer 9 does not exist"),
+            (good.replace("alpha = 0.5", "alpha = 1.5"), "alpha must be in [0, 1]"),
+            (good.replace("num_key_value_heads = 2", "num_key_value_heads = 3"), "multiple of the key/value heads"),
+            (good.replace("name = \"tiny\"", ""), "missing field `name`"),
+        ];
+        for (text, want) in cases {
+            let err = Recipe::load(&write(tmp.path(), &text)).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+            assert!(err.contains("recipe.toml"), "names the file: {err}");
+        }
+    }
+}

@@ -146,3 +146,58 @@ fn distilled_student_is_a_trained_subset_of_the_teacher() {
     let tok = |d: &Path| std::fs::read(d.join("tokenizer.json")).unwrap();
     assert_eq!(tok(&out), tok(&teacher_dir));
 }
+
+#[test]
+fn stages_accept_checkpoints_saved_by_transformers() {
+    // Qwen2 with q/k/v bias and tied embeddings, and Llama 3 rope scaling, both written by
+    // transformers (tests/fixtures/make_fixtures.py), with their own tokenizers and templates.
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe();
+    let splits = r.splits().unwrap();
+    let data = (&splits.train[..64], &splits.validation[..16]);
+    let mut settings = r.student.train.clone();
+    settings.max_steps = Some(3);
+    settings.eval_every = 3;
+    for name in ["qwen2-bias", "llama3-rope"] {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf").join(name);
+        let base = Checkpoint::load(&src).unwrap();
+        let spec = FinetuneSpec {
+            lora: LoraConfig { r: 2, lora_alpha: 4.0, target_modules: vec!["q_proj".into(), "down_proj".into()] },
+            seed: 0,
+            ewc_lambda: 1.0,
+            fisher_batches: 1,
+            train: settings.clone(),
+        };
+        let ft = finetune(&base, data, data.0, &spec, &quiet(tmp.path().join(name).join("adapter"))).unwrap();
+        assert_eq!(ft.log.steps, 3);
+        let merged_dir = tmp.path().join(name).join("merged");
+        merge(&base, &ft.adapter, &merged_dir).unwrap();
+        let merged = Checkpoint::load(&merged_dir).unwrap();
+        assert_eq!(merged.config, base.config, "{name}: merge keeps the configuration");
+        let spec = DistillSpec {
+            shape: StudentShape {
+                layers: vec![base.config.num_hidden_layers - 1],
+                intermediate_size: None,
+                hidden_size: None,
+            },
+            temperature: 2.0,
+            alpha: 0.5,
+            train: settings.clone(),
+        };
+        let out = tmp.path().join(name).join("student");
+        distill(&merged, data, &spec, &quiet(out.clone())).unwrap();
+        let student = Checkpoint::load(&out).unwrap();
+        assert_eq!(student.config.architecture, base.config.architecture);
+        assert_eq!(student.config.qkv_bias, base.config.qkv_bias);
+        assert_eq!(student.config.rope, base.config.rope);
+        assert_eq!(student.chat_template(), base.chat_template(), "{name}: the teacher's template is kept");
+        // The student exports and its ONNX graph matches candle.
+        let report = edgelm_distill::export::export(
+            &student,
+            &tmp.path().join(name).join("bundle"),
+            &edgelm_distill::export::ExportOptions::default(),
+        )
+        .unwrap();
+        assert!(report.verify.unwrap().max_abs_diff < 1e-4);
+    }
+}
