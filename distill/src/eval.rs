@@ -57,33 +57,60 @@ fn tally(answers: impl Iterator<Item = Result<Answer>>) -> Result<(usize, usize,
     Ok((n, right, misses))
 }
 
+/// A progress bar over `n` answers (hidden unless `show`; indicatif also hides it when stderr
+/// is not a terminal).
+fn answer_bar(n: usize, label: &str, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(n as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} answers  eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("scoring {label}"));
+    bar
+}
+
 /// Scores a checkpoint in candle: greedy answers and perplexity.
-pub fn score_checkpoint(ck: &Checkpoint, examples: &[Example]) -> Result<Score> {
+pub fn score_checkpoint(ck: &Checkpoint, examples: &[Example], progress: bool) -> Result<Score> {
     let fmt = Formatter::for_checkpoint(ck)?;
     let model = LlamaModel::new(ck)?;
     let stop = ck.eos_token_ids();
+    let bar = answer_bar(examples.len(), &ck.dir.display().to_string(), progress);
     let answers = examples.iter().map(|e| {
+        bar.inc(1);
         let prompt = fmt.prompt(e)?;
         let mut ids = model.greedy(&prompt, MAX_ANSWER_TOKENS, &stop)?;
         ids.retain(|i| !stop.contains(i));
         Ok(Answer { input: e.input.clone(), expected: e.output.clone(), got: fmt.codec().decode(&ids)? })
     });
     let (n, right, misses) = tally(answers)?;
+    bar.finish_and_clear();
     let encoded = fmt.encode_within(examples, ck.config.max_position_embeddings, "test set")?;
     let loss = evaluate(&encoded, 32, fmt.pad(), &mut |b| lm_loss(&ck.config, &ck.tensors, b))?;
     Ok(Score { examples: n, task_completion: right as f64 / n.max(1) as f64, perplexity: Some(loss.exp()), misses })
 }
 
 /// Scores an exported bundle through the runtime (greedy, chat template of the bundle).
-pub fn score_bundle(bundle: &Path, examples: &[Example], opts: &edgelm_runtime::EngineOptions) -> Result<Score> {
+pub fn score_bundle(
+    bundle: &Path,
+    examples: &[Example],
+    opts: &edgelm_runtime::EngineOptions,
+    progress: bool,
+) -> Result<Score> {
     let mut engine = edgelm_runtime::Engine::open(bundle, opts)?;
     let params = edgelm_runtime::GenerateParams { max_new_tokens: MAX_ANSWER_TOKENS, ..Default::default() };
     let mut answers = Vec::with_capacity(examples.len());
+    let bar = answer_bar(examples.len(), &bundle.display().to_string(), progress);
     for e in examples {
+        bar.inc(1);
         let prompt = engine.encode_chat(&[("user".into(), Formatter::user_message(e))])?;
         let out = engine.generate(&prompt, &params, |_| std::ops::ControlFlow::Continue(()))?;
         answers.push(Ok(Answer { input: e.input.clone(), expected: e.output.clone(), got: out.text }));
     }
+    bar.finish_and_clear();
     let (n, right, misses) = tally(answers.into_iter())?;
     Ok(Score { examples: n, task_completion: right as f64 / n.max(1) as f64, perplexity: None, misses })
 }

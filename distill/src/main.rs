@@ -585,9 +585,9 @@ fn run(cli: Cli) -> Result<()> {
             let mut all = Vec::new();
             for m in &models {
                 let score = if m.join("edgelm.json").exists() || m.join("genai_config.json").exists() {
-                    score_bundle(m, test, &Default::default())
+                    score_bundle(m, test, &Default::default(), !json)
                 } else {
-                    Checkpoint::load(m).and_then(|ck| score_checkpoint(&ck, test))
+                    Checkpoint::load(m).and_then(|ck| score_checkpoint(&ck, test, !json))
                 }
                 .with_context(|| format!("scoring {}", m.display()))?;
                 if !json {

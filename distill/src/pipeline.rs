@@ -166,7 +166,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     };
     let teacher = Checkpoint::load(&teacher_dir)?;
     logs.extend(read_log(&teacher_dir));
-    let score = score_checkpoint(&teacher, test)?;
+    let score = score_checkpoint(&teacher, test, opts.progress)?;
     say(
         out,
         format!("teacher: {:.1}% task completion on {} held-out commands", 100.0 * score.task_completion, test.len()),
@@ -190,7 +190,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         merge(&source, &done.adapter, &dir.join("finetuned"))?;
         logs.push(serde_json::to_value(&done.log).expect("json"));
         let merged = Checkpoint::load(dir.join("finetuned"))?;
-        let score = score_checkpoint(&merged, test)?;
+        let score = score_checkpoint(&merged, test, opts.progress)?;
         say(out, format!("fine-tuned (LoRA r={}, merged): {:.1}%", ft.r, 100.0 * score.task_completion))?;
         rows.push(row("fine-tuned", &merged, score, t.elapsed().as_secs_f64()));
         source = merged;
@@ -212,7 +212,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     let log = distill(&source, (&splits.train, &splits.validation), &spec, &stage("student"))?;
     logs.push(serde_json::to_value(&log).expect("json"));
     let student = Checkpoint::load(dir.join("student"))?;
-    let score = score_checkpoint(&student, test)?;
+    let score = score_checkpoint(&student, test, opts.progress)?;
     say(
         out,
         format!("student: {:.1}% ({} parameters)", 100.0 * score.task_completion, student.config.num_parameters()),
@@ -224,7 +224,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     let bundle = dir.join("bundle");
     let exported = export(&student, &bundle, &ExportOptions::default())?;
     let diff = exported.verify.as_ref().map(|v| v.max_abs_diff);
-    let score = score_bundle(&bundle, test, &opts.engine)?;
+    let score = score_bundle(&bundle, test, &opts.engine, opts.progress)?;
     say(out, format!("bundle (ONNX Runtime): {:.1}%", 100.0 * score.task_completion))?;
     rows.push(StageRow {
         stage: "bundle".into(),
