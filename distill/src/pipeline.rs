@@ -136,6 +136,9 @@ fn row(stage: &str, ck: &Checkpoint, score: Score, seconds: f64) -> StageRow {
 /// Runs the whole pipeline, printing progress and the streamed answers to `out`.
 pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Result<PipelineReport> {
     let started = Instant::now();
+    // The export check and the last stages need ONNX Runtime: find it before training for
+    // minutes, not after.
+    edgelm_runtime::ortlib::init(opts.engine.ort_lib.as_deref())?;
     let dir = &opts.output;
     std::fs::create_dir_all(dir).at(dir)?;
     let splits = recipe.splits()?;

@@ -82,3 +82,20 @@ fn pipeline_runs_end_to_end_on_the_tiny_recipe() {
     assert_eq!(scores[0]["score"]["task_completion"], stages[3]["task_completion"]);
     assert_eq!(answers(&scores[0]["score"]), answers(&stages[3]));
 }
+
+#[test]
+fn pipeline_without_onnx_runtime_fails_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nowhere/libonnxruntime.so");
+    let out = run(Command::new(bin("edgelm-distill"))
+        .args(["pipeline", "--quiet", "--recipe"])
+        .arg(root().join("models/tiny/recipe.toml"))
+        .arg("-o")
+        .arg(tmp.path().join("out"))
+        .arg("--ort-lib")
+        .arg(&missing));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nowhere/libonnxruntime.so"), "names the library it tried: {err}");
+    assert!(!tmp.path().join("out/teacher").exists(), "nothing was trained");
+}
