@@ -135,6 +135,13 @@ enum Command {
         /// Weight of the soft-target term.
         #[arg(long)]
         alpha: Option<f64>,
+        /// Cache the teacher's top-k logits in this folder (built on first use, reused while
+        /// teacher and data are unchanged) instead of running the teacher every step.
+        #[arg(long)]
+        teacher_cache: Option<PathBuf>,
+        /// Logits kept per position in the teacher cache.
+        #[arg(long, default_value_t = 64)]
+        teacher_top_k: usize,
         #[command(flatten)]
         train: TrainArgs,
         #[command(flatten)]
@@ -547,6 +554,8 @@ fn run(cli: Cli) -> Result<()> {
             hidden_size,
             temperature,
             alpha,
+            teacher_cache,
+            teacher_top_k,
             train,
             run,
         } => {
@@ -572,6 +581,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 temperature: temperature.or(st.as_ref().map(|s| s.temperature)).unwrap_or(2.0),
                 alpha: alpha.or(st.as_ref().map(|s| s.alpha)).unwrap_or(0.5),
+                teacher_cache: teacher_cache.map(|d| (d, teacher_top_k)),
                 train: train.over(st.map(|s| s.train).unwrap_or_else(|| default_settings(2e-3))),
             };
             let log = distill(&ck, (&splits.train, &splits.validation), &spec, &run.stage(output.clone()))

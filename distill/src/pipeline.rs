@@ -211,6 +211,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         temperature: s.temperature,
         alpha: s.alpha,
         train: s.train.clone(),
+        teacher_cache: s.teacher_top_k.map(|k| (dir.join("teacher-cache"), k)),
     };
     let log = distill(&source, (&splits.train, &splits.validation), &spec, &stage("student"))?;
     logs.push(serde_json::to_value(&log).expect("json"));

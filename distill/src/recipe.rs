@@ -155,6 +155,9 @@ pub struct StudentSpec {
     /// Weight of the soft-target term (1 - alpha goes to the hard labels).
     #[serde(default = "default_alpha")]
     pub alpha: f64,
+    /// Cache the teacher's top-k logits on disk and train from the cache (on the fly when
+    /// absent).
+    pub teacher_top_k: Option<usize>,
     /// Optimizer and loop settings.
     pub train: TrainSettings,
 }

@@ -133,6 +133,7 @@ fn distilled_student_is_a_trained_subset_of_the_teacher() {
         temperature: 2.0,
         alpha: 0.5,
         train: r.student.train.clone(),
+        teacher_cache: None,
     };
     let out = tmp.path().join("student");
     let log = distill(&teacher, (&splits.train, &splits.validation), &spec, &quiet(out.clone())).unwrap();
@@ -183,6 +184,7 @@ fn stages_accept_checkpoints_saved_by_transformers() {
             temperature: 2.0,
             alpha: 0.5,
             train: settings.clone(),
+            teacher_cache: None,
         };
         let out = tmp.path().join(name).join("student");
         distill(&merged, data, &spec, &quiet(out.clone())).unwrap();
@@ -200,4 +202,49 @@ fn stages_accept_checkpoints_saved_by_transformers() {
         .unwrap();
         assert!(report.verify.unwrap().max_abs_diff < 1e-4);
     }
+}
+
+#[test]
+fn distilling_from_a_teacher_cache_matches_the_teacher_on_the_fly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe();
+    let teacher_dir = tmp.path().join("teacher");
+    pretrain(&r, &quiet(teacher_dir.clone())).unwrap();
+    let teacher = Checkpoint::load(&teacher_dir).unwrap();
+    let splits = r.splits().unwrap();
+    let mut train = r.student.train.clone();
+    train.max_steps = Some(6);
+    let spec = |cache: Option<(PathBuf, usize)>| DistillSpec {
+        shape: StudentShape { layers: vec![0], intermediate_size: None, hidden_size: None },
+        temperature: 2.0,
+        alpha: 0.5,
+        train: train.clone(),
+        teacher_cache: cache,
+    };
+    let data = (&splits.train[..], &splits.validation[..]);
+    let vocab = teacher.config.vocab_size;
+    distill(&teacher, data, &spec(None), &quiet(tmp.path().join("fly"))).unwrap();
+    let cache_dir = tmp.path().join("cache");
+    distill(&teacher, data, &spec(Some((cache_dir.clone(), vocab))), &quiet(tmp.path().join("cached"))).unwrap();
+    // With every logit cached the loss is the same function: the students agree (a cached row
+    // paired with the wrong example would not).
+    let (a, b) = (weights(&tmp.path().join("fly")), weights(&tmp.path().join("cached")));
+    let mut worst = 0f32;
+    for (name, wa) in &a {
+        worst = wa.iter().zip(&b[name]).map(|(x, y)| (x - y).abs()).fold(worst, f32::max);
+    }
+    assert!(worst < 1e-4, "students differ by {worst}");
+
+    // The cache is reused while teacher and data are unchanged, and rebuilt otherwise.
+    let file = cache_dir.join(format!("teacher-top{vocab}.safetensors"));
+    let stamp = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let first = stamp(&file);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    distill(&teacher, data, &spec(Some((cache_dir.clone(), vocab))), &quiet(tmp.path().join("again"))).unwrap();
+    assert_eq!(stamp(&file), first, "reused");
+    let fewer = (&splits.train[..100], data.1);
+    distill(&teacher, fewer, &spec(Some((cache_dir.clone(), vocab))), &quiet(tmp.path().join("other"))).unwrap();
+    assert_ne!(stamp(&file), first, "other data: rebuilt");
+    // A top-k cache with k = 8 trains too.
+    distill(&teacher, data, &spec(Some((cache_dir, 8))), &quiet(tmp.path().join("top8"))).unwrap();
 }

@@ -86,7 +86,7 @@ fn file_entries(out: &Path, files: &[String]) -> Result<Vec<FileEntry>> {
 }
 
 /// sha256 over the checkpoint's config.json and weight files, in name order.
-fn checkpoint_hash(dir: &Path) -> Result<String> {
+pub(crate) fn checkpoint_hash(dir: &Path) -> Result<String> {
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
         .at(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -121,6 +121,9 @@ pub struct Batch {
     pub labels: Tensor,
     /// Non-padding tokens in the batch (what the model reads).
     pub tokens: usize,
+    /// Indices of the batch's examples in the training set, in batch order (set by the
+    /// training loop; empty elsewhere).
+    pub examples: Vec<usize>,
 }
 
 impl Batch {
@@ -149,6 +152,7 @@ impl Batch {
             rows: Tensor::new(rows.as_slice(), dev)?,
             labels: Tensor::new(labels.as_slice(), dev)?,
             tokens,
+            examples: Vec::new(),
         })
     }
 

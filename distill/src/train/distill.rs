@@ -1,14 +1,18 @@
 //! `distill`: trains a student initialised from the teacher's layers on
 //! `alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`, with the teacher's logits
-//! computed on the fly for the same positions. The student keeps the teacher's tokenizer.
+//! computed on the fly for the same positions, or read from a top-k cache on disk
+//! ([`TeacherCache`]) for runs that read the data many times. The student keeps the teacher's
+//! tokenizer.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use candle_core::Tensor;
 
 use super::batch::{Batch, Formatter};
-use super::kd::kd_loss;
+use super::kd::{kd_loss, kd_loss_top_k};
 use super::pretrain::{flop_parameters, lm_loss, load_best, train_stage, StageOptions, TrainLog};
+use super::teacher_cache::TeacherCache;
 use super::Trainer;
 use crate::checkpoint::write::{copy_tokenizer_files, write_checkpoint, write_generation_config, WriteOptions};
 use crate::checkpoint::Checkpoint;
@@ -29,6 +33,9 @@ pub struct DistillSpec {
     pub alpha: f64,
     /// Optimizer and loop settings.
     pub train: TrainSettings,
+    /// Read the teacher's top-k logits from a cache on disk (built on first use) instead of
+    /// running the teacher every step: `(folder, k)`.
+    pub teacher_cache: Option<(PathBuf, usize)>,
 }
 
 /// Distills `teacher` into a student written to `opts.output`.
@@ -51,11 +58,25 @@ pub fn distill(
         100.0 * config.num_parameters() as f64 / teacher.config.num_parameters() as f64,
         teacher.config.num_parameters()
     );
+    let cache = match &spec.teacher_cache {
+        Some((dir, k)) => {
+            Some(TeacherCache::open_or_build(dir, &teacher.dir, &teacher_model, &train, *k, spec.train.batch_size)?)
+        }
+        None => None,
+    };
     let (t, alpha) = (spec.temperature, spec.alpha);
     let mut loss = |p: &HashMap<String, Tensor>, b: &Batch| -> Result<Tensor> {
-        let soft = teacher_model.logits_at(&b.input_ids, &b.rows)?.detach();
         let student = LlamaModel::from_tensors(&config, p)?.logits_at(&b.input_ids, &b.rows)?;
-        kd_loss(&student, &soft, &b.labels, t, alpha)
+        match &cache {
+            Some(c) => {
+                let (values, indices) = c.rows(&b.examples)?;
+                kd_loss_top_k(&student, &values, &indices, &b.labels, t, alpha)
+            }
+            None => {
+                let soft = teacher_model.logits_at(&b.input_ids, &b.rows)?.detach();
+                kd_loss(&student, &soft, &b.labels, t, alpha)
+            }
+        }
     };
     // Early stopping watches the student's own cross-entropy on the real answers.
     let mut val = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);

@@ -238,7 +238,8 @@ pub fn fit(
         while st.cursor < usable {
             let started = Instant::now();
             let refs: Vec<&Encoded> = batches[st.cursor].iter().map(|&i| &train[i]).collect();
-            let batch = Batch::new(&refs, pad)?;
+            let mut batch = Batch::new(&refs, pad)?;
+            batch.examples = batches[st.cursor].clone();
             let loss = loss_fn(&trainer.tensors(), &batch)?;
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {

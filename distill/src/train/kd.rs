@@ -28,6 +28,29 @@ pub fn kd_loss(
     Ok(((kl * (alpha * t * t))? + (ce * (1.0 - alpha))?)?)
 }
 
+/// Distillation loss against cached top-k teacher logits: the soft targets are the teacher's
+/// softmax over its k largest logits (renormalised), compared with the student's
+/// log-probabilities of those same tokens. With k equal to the vocabulary it is [`kd_loss`].
+/// `top_values`, `top_indices`: `[N, k]`.
+pub fn kd_loss_top_k(
+    student_logits: &Tensor,
+    top_values: &Tensor,
+    top_indices: &Tensor,
+    labels: &Tensor,
+    temperature: f64,
+    alpha: f64,
+) -> Result<Tensor> {
+    let t = temperature;
+    let log_p_student =
+        candle_nn::ops::log_softmax(&(student_logits / t)?, D::Minus1)?.gather(top_indices, D::Minus1)?;
+    let log_p_teacher = candle_nn::ops::log_softmax(&(top_values.detach() / t)?, D::Minus1)?;
+    let p_teacher = log_p_teacher.exp()?;
+    let rows = student_logits.dim(0)? as f64;
+    let kl = ((&p_teacher * (log_p_teacher - &log_p_student)?)?.sum_all()? / rows)?;
+    let ce = candle_nn::loss::cross_entropy(student_logits, labels)?;
+    Ok(((kl * (alpha * t * t))? + (ce * (1.0 - alpha))?)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,6 +84,23 @@ mod tests {
         let expected = alpha * t * t * kl / 2.0 + (1.0 - alpha) * ce / 2.0;
         let got = kd_loss(&s, &te, &labels, t, alpha).unwrap().to_scalar::<f32>().unwrap() as f64;
         assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
+    }
+
+    #[test]
+    fn top_k_over_the_whole_vocabulary_is_the_full_loss() {
+        let s = Tensor::new(&[[1.0f32, 2.0, 0.5, -1.0], [0.0, -1.0, 1.0, 3.0]], &Device::Cpu).unwrap();
+        let te = Tensor::new(&[[2.0f32, 1.0, 0.0, 0.3], [0.5, 0.1, 0.7, -2.0]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[1u32, 3], &Device::Cpu).unwrap();
+        let full = kd_loss(&s, &te, &labels, 2.0, 0.6).unwrap().to_scalar::<f32>().unwrap();
+        let idx = te.arg_sort_last_dim(false).unwrap();
+        let vals = te.gather(&idx, D::Minus1).unwrap();
+        let top = kd_loss_top_k(&s, &vals, &idx, &labels, 2.0, 0.6).unwrap().to_scalar::<f32>().unwrap();
+        assert!((full - top).abs() < 1e-6, "{full} vs {top}");
+        // Fewer entries: a different (approximate) value, still finite.
+        let idx2 = idx.narrow(1, 0, 2).unwrap().contiguous().unwrap();
+        let vals2 = te.gather(&idx2, D::Minus1).unwrap();
+        let approx = kd_loss_top_k(&s, &vals2, &idx2, &labels, 2.0, 0.6).unwrap().to_scalar::<f32>().unwrap();
+        assert!(approx.is_finite() && (approx - full).abs() > 1e-4);
     }
 
     #[test]

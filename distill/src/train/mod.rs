@@ -13,6 +13,7 @@ pub mod fit;
 pub mod kd;
 pub mod pretrain;
 pub mod schedule;
+pub mod teacher_cache;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,7 +22,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 pub use adamw::{AdamW, AdamWParams};
-pub use kd::kd_loss;
+pub use kd::{kd_loss, kd_loss_top_k};
 pub use schedule::CosineSchedule;
 
 use crate::error::{Error, Result};
