@@ -17,15 +17,8 @@ pub fn kd_loss(
     temperature: f64,
     alpha: f64,
 ) -> Result<Tensor> {
-    let t = temperature;
-    let log_p_student = candle_nn::ops::log_softmax(&(student_logits / t)?, D::Minus1)?;
-    // The teacher is a constant target: no gradient flows into it.
-    let log_p_teacher = candle_nn::ops::log_softmax(&(teacher_logits.detach() / t)?, D::Minus1)?;
-    let p_teacher = log_p_teacher.exp()?;
-    let rows = student_logits.dim(0)? as f64;
-    let kl = ((&p_teacher * (log_p_teacher - &log_p_student)?)?.sum_all()? / rows)?;
-    let ce = candle_nn::loss::cross_entropy(student_logits, labels)?;
-    Ok(((kl * (alpha * t * t))? + (ce * (1.0 - alpha))?)?)
+    let log_p_student = candle_nn::ops::log_softmax(&(student_logits / temperature)?, D::Minus1)?;
+    combine(student_logits, &log_p_student, teacher_logits, labels, temperature, alpha)
 }
 
 /// Distillation loss against cached top-k teacher logits: the soft targets are the teacher's
@@ -40,13 +33,26 @@ pub fn kd_loss_top_k(
     temperature: f64,
     alpha: f64,
 ) -> Result<Tensor> {
-    let t = temperature;
     let log_p_student =
-        candle_nn::ops::log_softmax(&(student_logits / t)?, D::Minus1)?.gather(top_indices, D::Minus1)?;
-    let log_p_teacher = candle_nn::ops::log_softmax(&(top_values.detach() / t)?, D::Minus1)?;
+        candle_nn::ops::log_softmax(&(student_logits / temperature)?, D::Minus1)?.gather(top_indices, D::Minus1)?;
+    combine(student_logits, &log_p_student, top_values, labels, temperature, alpha)
+}
+
+/// `alpha * T^2 * KL + (1 - alpha) * CE`, given the student's tempered log-probabilities of the
+/// tokens the teacher's logits cover (all of them, or its top k), column for column.
+fn combine(
+    student_logits: &Tensor,
+    log_p_student: &Tensor,
+    teacher_logits: &Tensor,
+    labels: &Tensor,
+    t: f64,
+    alpha: f64,
+) -> Result<Tensor> {
+    // The teacher is a constant target: no gradient flows into it.
+    let log_p_teacher = candle_nn::ops::log_softmax(&(teacher_logits.detach() / t)?, D::Minus1)?;
     let p_teacher = log_p_teacher.exp()?;
     let rows = student_logits.dim(0)? as f64;
-    let kl = ((&p_teacher * (log_p_teacher - &log_p_student)?)?.sum_all()? / rows)?;
+    let kl = ((&p_teacher * (log_p_teacher - log_p_student)?)?.sum_all()? / rows)?;
     let ce = candle_nn::loss::cross_entropy(student_logits, labels)?;
     Ok(((kl * (alpha * t * t))? + (ce * (1.0 - alpha))?)?)
 }
