@@ -1,5 +1,6 @@
-//! edgelm-distill: the host side of edgelm. Reads Hugging Face checkpoints, runs them in candle,
-//! and exports ONNX bundles for the edgelm runtime.
+//! edgelm-distill: the host side of edgelm. Reads Hugging Face checkpoints, runs and trains them
+//! in candle (pre-training, LoRA fine-tuning, distillation), scores them, and exports ONNX
+//! bundles for the edgelm runtime.
 #![warn(missing_docs)]
 
 pub mod checkpoint;

@@ -1,4 +1,5 @@
-//! `edgelm-distill`: host-side commands (create checkpoints, export bundles).
+//! `edgelm-distill`: host-side commands (data, training, distillation, evaluation, export, and
+//! the `pipeline` main command).
 //!
 //! Exit codes: 0 success, 1 any failure (the message says what to do), 2 bad arguments.
 
@@ -15,7 +16,7 @@ use edgelm_distill::train::pretrain::{pretrain, StageOptions, TrainLog};
 use edgelm_distill::Checkpoint;
 
 #[derive(Parser)]
-#[command(name = "edgelm-distill", version, about = "Build edgelm bundles from Hugging Face checkpoints")]
+#[command(name = "edgelm-distill", version, about = "Train, distil, score and export models for edgelm, from Hugging Face checkpoints")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
