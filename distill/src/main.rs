@@ -16,7 +16,11 @@ use edgelm_distill::train::pretrain::{pretrain, StageOptions, TrainLog};
 use edgelm_distill::Checkpoint;
 
 #[derive(Parser)]
-#[command(name = "edgelm-distill", version, about = "Train, distil, score and export models for edgelm, from Hugging Face checkpoints")]
+#[command(
+    name = "edgelm-distill",
+    version,
+    about = "Train, distil, score and export models for edgelm, from Hugging Face checkpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
