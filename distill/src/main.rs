@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use edgelm_distill::checkpoint::preset::{write_preset, PRESETS};
 use edgelm_distill::checkpoint::write::WriteOptions;
+use edgelm_distill::data::Example;
 use edgelm_distill::export::{export, ExportOptions, LogitsMode};
 use edgelm_distill::recipe::{Recipe, Splits, StudentSpec, TrainSettings};
 use edgelm_distill::train::pretrain::{pretrain, StageOptions, TrainLog};
@@ -280,16 +281,11 @@ impl DataArgs {
     }
 
     fn splits(&self) -> Result<Splits> {
-        use edgelm_distill::data::read_jsonl;
         if let Some(r) = self.recipe()? {
             return Ok(r.splits()?);
         }
         let dir = self.data.as_ref().context("give --data DIR (train/validation/test.jsonl) or --recipe FILE")?;
-        Ok(Splits {
-            train: read_jsonl(&dir.join("train.jsonl"))?,
-            validation: read_jsonl(&dir.join("validation.jsonl"))?,
-            test: read_jsonl(&dir.join("test.jsonl"))?,
-        })
+        Ok(Splits::read_dir(dir)?)
     }
 }
 
@@ -468,9 +464,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Tokenizer { input, output, vocab, max_length }) => {
             use edgelm_distill::checkpoint::preset::{train_tokenizer, write_tokenizer};
             let examples = edgelm_distill::data::prepare::read_any(&input)?;
-            let texts: Vec<String> =
-                examples.iter().flat_map(|e| [e.instruction.clone(), e.input.clone(), e.output.clone()]).collect();
-            let tok = train_tokenizer(texts.iter().map(String::as_str), vocab)?;
+            let tok = train_tokenizer(examples.iter().flat_map(Example::texts), vocab)?;
             write_tokenizer(&output, &tok, max_length)?;
             eprintln!(
                 "trained a {}-entry tokenizer on {} examples into {}",

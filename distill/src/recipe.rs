@@ -278,6 +278,17 @@ pub struct Splits {
     pub test: Vec<Example>,
 }
 
+impl Splits {
+    /// Reads `train.jsonl`, `validation.jsonl` and `test.jsonl` from a folder.
+    pub fn read_dir(dir: &Path) -> Result<Self> {
+        Ok(Splits {
+            train: read_jsonl(&dir.join("train.jsonl"))?,
+            validation: read_jsonl(&dir.join("validation.jsonl"))?,
+            test: read_jsonl(&dir.join("test.jsonl"))?,
+        })
+    }
+}
+
 impl Recipe {
     /// Reads and checks a recipe file.
     pub fn load(path: &Path) -> Result<Self> {
@@ -325,14 +336,7 @@ impl Recipe {
     /// The recipe's examples.
     pub fn splits(&self) -> Result<Splits> {
         match &self.data.dir {
-            Some(dir) => {
-                let dir = self.path(dir);
-                Ok(Splits {
-                    train: read_jsonl(&dir.join("train.jsonl"))?,
-                    validation: read_jsonl(&dir.join("validation.jsonl"))?,
-                    test: read_jsonl(&dir.join("test.jsonl"))?,
-                })
-            }
+            Some(dir) => Splits::read_dir(&self.path(dir)),
             None => {
                 let s = task::generate(self.data.seed, self.data.train);
                 Ok(Splits { train: s.train, validation: s.validation, test: s.test })

@@ -24,6 +24,13 @@ pub struct Example {
     pub output: String,
 }
 
+impl Example {
+    /// The example's three texts (instruction, input, output), e.g. to train a tokenizer on.
+    pub fn texts(&self) -> [&str; 3] {
+        [&self.instruction, &self.input, &self.output]
+    }
+}
+
 /// Writes examples as JSONL.
 pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<()> {
     if let Some(dir) = path.parent() {

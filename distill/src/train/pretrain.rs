@@ -13,6 +13,7 @@ use super::Trainer;
 use crate::checkpoint::preset::{random_weights, train_tokenizer, write_tokenizer, CHATML_TEMPLATE};
 use crate::checkpoint::write::{write_checkpoint, write_generation_config, WriteOptions};
 use crate::checkpoint::ModelConfig;
+use crate::data::Example;
 use crate::error::{Error, IoContext, Result};
 use crate::model::LlamaModel;
 use crate::recipe::{Recipe, TrainSettings};
@@ -147,9 +148,7 @@ pub fn train_stage(
 /// Trains the recipe's teacher and writes it to `opts.output`.
 pub fn pretrain(recipe: &Recipe, opts: &StageOptions) -> Result<TrainLog> {
     let splits = recipe.splits()?;
-    let texts: Vec<String> =
-        splits.train.iter().flat_map(|e| [e.instruction.clone(), e.input.clone(), e.output.clone()]).collect();
-    let tok = train_tokenizer(texts.iter().map(String::as_str), recipe.tokenizer.vocab_size)?;
+    let tok = train_tokenizer(splits.train.iter().flat_map(Example::texts), recipe.tokenizer.vocab_size)?;
     let config = recipe.teacher_config(tok.get_vocab_size(true));
     let out = &opts.output;
     write_tokenizer(out, &tok, config.max_position_embeddings)?;
