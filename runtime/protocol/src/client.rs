@@ -199,10 +199,33 @@ impl<T: Read + Write> Client<T> {
         &mut self,
         prompt: &str,
         params: &GenParams,
+        on_piece: impl FnMut(&str) -> bool,
+    ) -> Result<Stats, ClientError<T::Error>> {
+        self.answer(prompt, params, false, on_piece)
+    }
+
+    /// [`Client::generate`] with the prompt fed to the model as it is, without the bundle's
+    /// chat template ([`Message::GenerateRaw`], protocol version 2: a board whose
+    /// [`Info`]`.protocol` is 1 answers [`ClientError::Remote`] with code `Version`).
+    pub fn generate_raw(
+        &mut self,
+        prompt: &str,
+        params: &GenParams,
+        on_piece: impl FnMut(&str) -> bool,
+    ) -> Result<Stats, ClientError<T::Error>> {
+        self.answer(prompt, params, true, on_piece)
+    }
+
+    fn answer(
+        &mut self,
+        prompt: &str,
+        params: &GenParams,
+        raw: bool,
         mut on_piece: impl FnMut(&str) -> bool,
     ) -> Result<Stats, ClientError<T::Error>> {
         let prompt = String::try_from(prompt).map_err(|_| ClientError::PromptTooLong)?;
-        self.send(&Message::Generate { prompt, params: *params })?;
+        let params = *params;
+        self.send(&if raw { Message::GenerateRaw { prompt, params } } else { Message::Generate { prompt, params } })?;
         let mut answer = Answer::default();
         loop {
             let frame = self.next_frame()?;
@@ -323,7 +346,7 @@ impl<T: Read + Write> Client<T> {
     }
 
     fn send(&mut self, msg: &Message) -> Result<(), ClientError<T::Error>> {
-        let header = Header::new(self.seq);
+        let header = Header::for_message(self.seq, msg);
         self.seq = self.seq.wrapping_add(1);
         // Every message within the documented limits fits in MAX_FRAME (see the size test).
         let frame = encode_frame(&header, msg, &mut self.tx).map_err(ClientError::Frame)?;
@@ -364,6 +387,7 @@ fn is_client_kind(msg: &Message) -> bool {
         Message::Hello { .. }
             | Message::LoadModel { .. }
             | Message::Generate { .. }
+            | Message::GenerateRaw { .. }
             | Message::Cancel
             | Message::Resend { .. }
             | Message::Embed { .. }

@@ -7,10 +7,11 @@
 //! 1. more than `MAX_FRAME - 1` bytes before the delimiter -> [`FrameError::TooLong`];
 //! 2. COBS chain invalid -> [`FrameError::Cobs`];
 //! 3. fewer than 2 bytes, or CRC mismatch -> [`FrameError::Crc`];
-//! 4. top three bits of the first body byte are not [`PROTOCOL_VERSION`] ->
-//!    [`FrameError::Version`] (checked on the raw byte, so a future layout of the rest still
-//!    yields a clean version error);
-//! 5. empty body, kind above 13, `seq` or the fields do not decode, or bytes are left over ->
+//! 4. top three bits of the first body byte are not a version this crate speaks (1 to
+//!    [`PROTOCOL_VERSION`]) -> [`FrameError::Version`] (checked on the raw byte, so a future
+//!    layout of the rest still yields a clean version error);
+//! 5. empty body, a kind that the frame's version does not have, `seq` or the fields do not
+//!    decode, bytes are left over, or a varint is longer than it needs to be ->
 //!    [`FrameError::Malformed`].
 
 use crate::{cobs_decode_in_place, cobs_encode, cobs_encoded_len, crc16, FrameError, Header, Message};
@@ -46,7 +47,7 @@ fn seq_varint(seq: u16) -> ([u8; 3], usize) {
 /// written part of `out`.
 ///
 /// Errors: [`FrameError::Version`] if `header.version` is not in `1..=7` (it must fit the
-/// three version bits), [`FrameError::TooLong`] if the frame would exceed [`MAX_FRAME`] bytes
+/// three version bits) or is older than the message's kind ([`Message::first_version`]), [`FrameError::TooLong`] if the frame would exceed [`MAX_FRAME`] bytes
 /// (cannot happen for messages within the documented limits), [`FrameError::BufferTooSmall`] if
 /// `out` cannot hold it. Uses a `MAX_FRAME`-byte scratch buffer on the stack.
 ///
@@ -57,7 +58,7 @@ fn seq_varint(seq: u16) -> ([u8; 3], usize) {
 /// assert_eq!(frame, &[0x02, 0x2D, 0x03, 0xB5, 0x6D, 0x00]);
 /// ```
 pub fn encode_frame<'a>(header: &Header, msg: &Message, out: &'a mut [u8]) -> Result<&'a [u8], FrameError> {
-    if header.version == 0 || header.version > MAX_VERSION {
+    if header.version == 0 || header.version > MAX_VERSION || header.version < msg.first_version() {
         return Err(FrameError::Version(header.version));
     }
     let (seq, seq_len) = seq_varint(header.seq);
@@ -106,14 +107,15 @@ pub fn decode_frame(encoded: &mut [u8]) -> Result<(Header, Message), FrameError>
         return Err(FrameError::Malformed);
     };
     let version = vk >> KIND_BITS;
-    if version != PROTOCOL_VERSION {
+    if version == 0 || version > PROTOCOL_VERSION {
         return Err(FrameError::Version(version));
     }
     let kind = vk & KIND_MASK;
-    if kind > Message::LAST_KIND {
+    if kind > Message::LAST_KIND_OF[version as usize - 1] {
         return Err(FrameError::Malformed);
     }
     let (seq, fields) = postcard::take_from_bytes::<u16>(rest).map_err(|_| FrameError::Malformed)?;
+    let seq_len = rest.len() - fields.len();
     // The message decodes from `kind ++ fields`: write the kind over the last seq byte (at
     // least one seq byte precedes the fields), in place.
     let at = body_len - fields.len() - 1;
@@ -122,7 +124,20 @@ pub fn decode_frame(encoded: &mut [u8]) -> Result<(Header, Message), FrameError>
     if !left.is_empty() {
         return Err(FrameError::Malformed);
     }
+    // Only shortest-form varints: re-encoding must take exactly the bytes that came. This
+    // holds every length to 5 bytes on every platform (postcard alone reads up to 10 on a
+    // 64-bit host and 5 on a 32-bit MCU) and gives each message exactly one encoding.
+    if seq_varint(seq).1 != seq_len || encoded_size(&msg) != Some(body_len - at) {
+        return Err(FrameError::Malformed);
+    }
     Ok((Header { version, seq }, msg))
+}
+
+/// Bytes postcard writes for `msg` (its kind byte included). Encodes into a stack buffer with
+/// the same serializer `encode_frame` uses, so firmware carries one copy of that code.
+fn encoded_size(msg: &Message) -> Option<usize> {
+    let mut scratch = [0u8; MAX_FRAME];
+    postcard::to_slice(msg, &mut scratch).ok().map(|b| b.len())
 }
 
 /// What [`FrameDecoder::push`] returns when a delimiter closes a frame.
@@ -253,7 +268,7 @@ mod tests {
 
     fn encode(seq: u16, msg: &Message) -> std::vec::Vec<u8> {
         let mut out = [0u8; MAX_FRAME];
-        encode_frame(&Header::new(seq), msg, &mut out).unwrap().to_vec()
+        encode_frame(&Header::for_message(seq, msg), msg, &mut out).unwrap().to_vec()
     }
 
     #[test]
@@ -314,7 +329,7 @@ mod tests {
     #[test]
     fn wrong_version_is_reported_after_crc() {
         let mut out = [0u8; MAX_FRAME];
-        for version in 2..=MAX_VERSION {
+        for version in PROTOCOL_VERSION + 1..=MAX_VERSION {
             let header = Header { version, seq: 0 };
             let frame = encode_frame(&header, &Message::Ack, &mut out).unwrap().to_vec();
             let mut d = FrameDecoder::new();
@@ -322,6 +337,47 @@ mod tests {
         }
         // Version 0 cannot be encoded but can arrive: vk = kind.
         assert_eq!(decode_frame(&mut frame_of_body(&[13, 0x00])), Err(FrameError::Version(0)));
+    }
+
+    #[test]
+    fn every_spoken_version_is_read_and_kinds_belong_to_their_version() {
+        let raw = Message::GenerateRaw { prompt: "hi".try_into().unwrap(), params: crate::GenParams::default() };
+        assert_eq!(raw.first_version(), 2);
+        assert_eq!(Message::Ack.first_version(), 1);
+        // A version-2 frame of a version-1 kind is read (a newer sender may label it so).
+        let frame = encode(3, &raw);
+        let mut d = FrameDecoder::new();
+        assert_eq!(d.push_slice(&frame).next(), Some(Ok((Header { version: 2, seq: 3 }, raw.clone()))));
+        let mut out = [0u8; MAX_FRAME];
+        let v2_ack = encode_frame(&Header { version: 2, seq: 0 }, &Message::Ack, &mut out).unwrap().to_vec();
+        assert_eq!(d.push_slice(&v2_ack).next(), Some(Ok((Header { version: 2, seq: 0 }, Message::Ack))));
+        // Kind 14 does not exist in version 1: encoding refuses it, decoding calls it malformed.
+        assert_eq!(encode_frame(&Header::new(0), &raw, &mut out), Err(FrameError::Version(1)));
+        let mut body = std::vec::Vec::from([0x20 | 14, 0x00, 0x02, b'h', b'i']);
+        body.extend_from_slice(&[0x00; 16]); // GenParams: 1 + 4 + 1 + 4 + 4 + 1 + 1 bytes
+        assert_eq!(decode_frame(&mut frame_of_body(&body)), Err(FrameError::Malformed));
+        body[0] = 0x40 | 14;
+        assert!(decode_frame(&mut frame_of_body(&body)).is_ok(), "the same body as version 2 decodes");
+    }
+
+    #[test]
+    fn only_shortest_form_varints_are_accepted() {
+        // Resend { from: 1 } with seq 0: body 27 00 01.
+        assert_eq!(decode_frame(&mut frame_of_body(&[0x27, 0x00, 0x01])).unwrap().1, Message::Resend { from: 1 });
+        // The same value in two bytes, and seq 0 in two bytes: overlong.
+        assert_eq!(decode_frame(&mut frame_of_body(&[0x27, 0x00, 0x81, 0x00])), Err(FrameError::Malformed));
+        assert_eq!(decode_frame(&mut frame_of_body(&[0x27, 0x80, 0x00, 0x01])), Err(FrameError::Malformed));
+        // Embed { text: "hi" } with its length in 1, 5 and 10 bytes: only the first is valid.
+        for (len, ok) in [
+            (&[0x02u8][..], true),
+            (&[0x82, 0x80, 0x80, 0x80, 0x00], false),
+            (&[0x82, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00], false),
+        ] {
+            let mut body = std::vec::Vec::from([0x28, 0x00]);
+            body.extend_from_slice(len);
+            body.extend_from_slice(b"hi");
+            assert_eq!(decode_frame(&mut frame_of_body(&body)).is_ok(), ok, "length bytes {len:02X?}");
+        }
     }
 
     #[test]
@@ -349,7 +405,7 @@ mod tests {
                 frame.pop();
                 let n = cobs_decode_in_place(&mut frame).unwrap();
                 let (seq_bytes, seq_len) = seq_varint(seq);
-                assert_eq!(frame[0], (PROTOCOL_VERSION << 5) | msg.kind(), "{msg:?}");
+                assert_eq!(frame[0], (1 << 5) | msg.kind(), "{msg:?}: version-1 kinds carry version 1");
                 assert_eq!(&frame[1..=seq_len], &seq_bytes[..seq_len], "seq {seq}");
                 // The fields follow, then the CRC: postcard(Message) minus its one-byte kind.
                 let mut whole = [0u8; MAX_FRAME];

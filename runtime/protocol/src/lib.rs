@@ -82,7 +82,7 @@ pub use message::{ErrorCode, GenParams, Header, Message, Stats, StopReason};
 
 /// Protocol version spoken by this crate; the top three bits of the first byte of every frame
 /// body.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// Largest frame on the line, in bytes, counting the `0x00` delimiter.
 pub const MAX_FRAME: usize = 512;

@@ -37,9 +37,17 @@ pub struct Header {
 }
 
 impl Header {
-    /// A header for the current [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION) with `seq`.
+    /// A version-1 header with `seq`: right for every kind but
+    /// [`Message::GenerateRaw`]. [`Header::for_message`] picks the version for any message.
     pub const fn new(seq: u16) -> Self {
-        Header { version: crate::PROTOCOL_VERSION, seq }
+        Header { version: 1, seq }
+    }
+
+    /// The header a sender puts on `msg`: the first version that has its kind. So every
+    /// version-1 message keeps its version-1 bytes in every release, and a peer that speaks
+    /// only version 1 still reads them.
+    pub fn for_message(seq: u16, msg: &Message) -> Self {
+        Header { version: msg.first_version(), seq }
     }
 }
 
@@ -76,9 +84,13 @@ pub enum Message {
         /// Bundle directory or archive on the board's file system.
         path: String<MAX_PATH>,
     },
-    /// Kind 3, client -> board: generate an answer to `prompt`. The board answers with
+    /// Kind 3, client -> board: generate an answer to `prompt`, which the board renders as one
+    /// user turn with the loaded bundle's chat template (the format the model was trained
+    /// on; [`Message::GenerateRaw`] sends it as it is). The board answers with
     /// [`Message::Ack`] (accepted), then [`Message::Token`] pieces and a closing
-    /// [`Message::Done`]; or, if it rejects the request, with one [`Message::Error`].
+    /// [`Message::Done`]; or, if it refuses the request, with one [`Message::Error`] and
+    /// nothing else. After the Ack an Error comes only if the model fails mid-answer; it then
+    /// ends the answer in place of the Done.
     Generate {
         /// Prompt text (UTF-8), at most [`MAX_PROMPT`] bytes.
         prompt: String<MAX_PROMPT>,
@@ -131,7 +143,8 @@ pub enum Message {
     GetStats,
     /// Kind 11, board -> client: answer to [`Message::GetStats`].
     StatsReply {
-        /// Counters of the last generation (all zero when there was none).
+        /// Counters of the last generation; with none yet, [`Stats::default`]: every counter
+        /// zero and stop reason `MaxTokens`.
         stats: Stats,
     },
     /// Kind 12, board -> client: a request failed, or a frame from the client could not be read.
@@ -141,15 +154,39 @@ pub enum Message {
         /// Human-readable detail for logs, at most [`MAX_MESSAGE`] bytes.
         message: String<MAX_MESSAGE>,
     },
-    /// Kind 13, board -> client: a request was accepted (a model finished loading, a
-    /// generation was queued) or, after a [`Message::Resend`] during generation, the resent
-    /// pieces are complete.
+    /// Kind 13, board -> client: a request was accepted (a model finished loading; a
+    /// generation passed every check and starts: no [`Message::Token`] of it precedes this) or,
+    /// after a [`Message::Resend`] during generation, the resent pieces are complete.
     Ack,
+    /// Kind 14, client -> board, **version 2**: like [`Message::Generate`], with the prompt fed
+    /// to the model as it is. `Generate` renders the prompt with the bundle's chat template
+    /// first. A board that speaks only version 1 answers `Error` with code `Version`; check
+    /// [`Message::Info`]'s `protocol` first.
+    GenerateRaw {
+        /// Prompt text (UTF-8), at most [`MAX_PROMPT`] bytes, tokenized as it is.
+        prompt: String<MAX_PROMPT>,
+        /// Sampling and length settings.
+        params: GenParams,
+    },
 }
 
 impl Message {
     /// The highest kind number in use; a frame with a higher kind is malformed.
-    pub(crate) const LAST_KIND: u8 = 13;
+    pub(crate) const LAST_KIND: u8 = 14;
+
+    /// The highest kind of each protocol version: `LAST_KIND_OF[v - 1]` for version `v`.
+    pub(crate) const LAST_KIND_OF: [u8; crate::PROTOCOL_VERSION as usize] = [13, 14];
+
+    /// The protocol version that introduced this message's kind: the version its frames
+    /// carry.
+    pub fn first_version(&self) -> u8 {
+        let kind = self.kind();
+        let mut v = 0;
+        while Self::LAST_KIND_OF[v] < kind {
+            v += 1;
+        }
+        v as u8 + 1
+    }
 
     /// The kind number of this message: its variant index, the low five bits of the first
     /// body byte.
@@ -169,6 +206,7 @@ impl Message {
             Message::StatsReply { .. } => 11,
             Message::Error { .. } => 12,
             Message::Ack => 13,
+            Message::GenerateRaw { .. } => 14,
         }
     }
 }

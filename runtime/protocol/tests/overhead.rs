@@ -8,7 +8,7 @@ use edgelm_protocol::{
 
 fn frame_len(seq: u16, msg: &Message) -> usize {
     let mut out = [0u8; MAX_FRAME];
-    encode_frame(&Header::new(seq), msg, &mut out).unwrap().len()
+    encode_frame(&Header::for_message(seq, msg), msg, &mut out).unwrap().len()
 }
 
 fn token(index: u16, n: usize) -> Message {
@@ -122,8 +122,9 @@ fn largest_frame_of_every_kind_fits() {
         (Message::StatsReply { stats }, 32),
         (Message::Error { code: ErrorCode::Cancelled, message: s::<MAX_MESSAGE>() }, 106),
         (Message::Ack, 8),
+        (Message::GenerateRaw { prompt: s::<MAX_PROMPT>(), params }, 419),
     ];
-    assert_eq!(cases.len(), 14);
+    assert_eq!(cases.len(), 15);
     let got: Vec<(u8, usize)> = cases.iter().map(|(msg, _)| (msg.kind(), frame_len(u16::MAX, msg))).collect();
     let want: Vec<(u8, usize)> = cases.iter().map(|(msg, want)| (msg.kind(), *want)).collect();
     assert_eq!(got, want, "largest frame per kind");
