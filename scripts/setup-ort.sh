@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Puts libonnxruntime.so.<version> (version from ort-version.txt) into .ort/linux-<arch>/,
-# taken from the onnxruntime wheel on PyPI. Idempotent: does nothing when the library is there.
+# taken from the onnxruntime wheel on PyPI, and links .ort/host to this machine's folder.
+# Idempotent: downloads nothing when the library is there.
 # Usage: scripts/setup-ort.sh [arch]   (arch: x86_64 (default: this machine) or aarch64)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -8,7 +9,15 @@ version="$(tr -d '[:space:]' < "$root/ort-version.txt")"
 arch="${1:-$(uname -m)}"
 dest="$root/.ort/linux-$arch"
 lib="$dest/libonnxruntime.so.$version"
+# .ort/host points at this machine's folder; .cargo/config.toml and the justfile hand it to
+# the binaries through EDGELM_ORT_LIB.
+link_host() {
+  if [ "$arch" = "$(uname -m)" ]; then
+    ln -sfn "linux-$arch" "$root/.ort/host"
+  fi
+}
 if [ -f "$lib" ]; then
+  link_host
   exit 0
 fi
 case "$arch" in
@@ -37,4 +46,5 @@ if [ -z "$found" ]; then
 fi
 cp "$found" "$lib.part" && mv "$lib.part" "$lib"
 ln -sf "libonnxruntime.so.$version" "$dest/libonnxruntime.so"
+link_host
 echo "setup-ort: installed $lib"

@@ -106,7 +106,7 @@ pub fn score_bundle(
     let bar = answer_bar(examples.len(), &bundle.display().to_string(), progress);
     for e in examples {
         bar.inc(1);
-        let prompt = engine.encode_chat(&[("user".into(), Formatter::user_message(e))])?;
+        let prompt = engine.encode_chat(&[edgelm_runtime::ChatMessage::user(Formatter::user_message(e))])?;
         let out = engine.generate(&prompt, &params, |_| std::ops::ControlFlow::Continue(()))?;
         answers.push(Ok(Answer { input: e.input.clone(), expected: e.output.clone(), got: out.text }));
     }

@@ -205,6 +205,10 @@ enum Command {
         /// Largest allowed max-abs logit difference in the check.
         #[arg(long, default_value_t = 1e-4)]
         tolerance: f32,
+        /// Record that the model answers single requests, so `edgelm chat` sends each line
+        /// alone (models trained on single-turn {instruction, input, output} data).
+        #[arg(long)]
+        single_turn: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -424,6 +428,12 @@ enum LogitsArg {
 }
 
 fn main() {
+    // Rust ignores SIGPIPE, so printing to a closed pipe (`edgelm-distill eval ... | head`)
+    // would panic; the default action ends the process quietly, as Unix tools do.
+    // SAFETY: setting a signal's disposition touches no Rust state.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EDGELM_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
@@ -633,7 +643,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{name:14} {about}");
             }
         }
-        Command::Export { checkpoint, output, logits, no_verify, tolerance, json } => {
+        Command::Export { checkpoint, output, logits, no_verify, tolerance, single_turn, json } => {
             if edgelm_distill::encoder::EncoderCheckpoint::is_encoder(&checkpoint) {
                 let ck = edgelm_distill::encoder::EncoderCheckpoint::load(&checkpoint)
                     .with_context(|| format!("loading {}", checkpoint.display()))?;
@@ -653,6 +663,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 verify: !no_verify,
                 tolerance,
+                single_turn,
             };
             let report = export(&ck, &output, &opts).with_context(|| format!("exporting to {}", output.display()))?;
             if json {

@@ -226,7 +226,8 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     // 4. Export and score through the runtime.
     let t = Instant::now();
     let bundle = dir.join("bundle");
-    let exported = export(&student, &bundle, &ExportOptions::default())?;
+    // The pipeline's data are single requests ({instruction, input, output}).
+    let exported = export(&student, &bundle, &ExportOptions { single_turn: true, ..ExportOptions::default() })?;
     let diff = exported.verify.as_ref().map(|v| v.max_abs_diff);
     let score = score_bundle(&bundle, test, &opts.engine, opts.progress)?;
     say(out, format!("bundle (ONNX Runtime): {:.1}%", 100.0 * score.task_completion))?;
@@ -318,7 +319,7 @@ fn show(
     writeln!(out, "\nheld-out commands through the runtime ({}):", bundle.display()).at("stdout")?;
     for e in test.iter().take(n) {
         write!(out, "  > {}\n    ", e.input).at("stdout")?;
-        let prompt = engine.encode_chat(&[("user".into(), Formatter::user_message(e))])?;
+        let prompt = engine.encode_chat(&[edgelm_runtime::ChatMessage::user(Formatter::user_message(e))])?;
         let mut failed = None;
         let g = engine.generate(&prompt, &params, |ev| {
             if let Err(err) = write!(out, "{}", ev.text).and_then(|_| out.flush()) {
@@ -336,14 +337,11 @@ fn show(
         ttft.push(g.metrics.ttft_ms);
         decode.push(g.metrics.decode_tokens_per_s);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    use edgelm_runtime::metrics::median;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     Ok(Some(RuntimeFigures {
-        ttft_ms: median(&mut ttft),
-        decode_tokens_per_s: median(&mut decode),
+        ttft_ms: median(ttft),
+        decode_tokens_per_s: median(decode),
         weights_mib: mib(engine.weight_bytes()),
         kv_cache_mib: mib(engine.kv_cache_bytes(engine.context_length())),
         process_peak_rss_mib: mib(edgelm_runtime::metrics::peak_rss_bytes()),

@@ -26,8 +26,8 @@ pub struct Manifest {
     pub format: String,
     /// Manifest version; a runtime refuses versions newer than its own.
     pub format_version: u32,
-    /// `causal-lm` or `encoder`.
-    pub kind: String,
+    /// What the bundle holds.
+    pub kind: Kind,
     /// The ONNX graph, relative to the bundle folder.
     pub model_file: String,
     /// Every file of the bundle with its hash.
@@ -46,6 +46,55 @@ pub struct Manifest {
     /// Pipeline report entries (free-form, written by edgelm-distill).
     #[serde(default)]
     pub report: serde_json::Value,
+}
+
+/// What a bundle holds, from the `kind` field of edgelm.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// A causal language model (`causal-lm`): generation.
+    CausalLm,
+    /// A sentence encoder (`encoder`): embeddings.
+    Encoder,
+}
+
+impl Kind {
+    /// The kind of the bundle in `dir`, read before anything is verified: edgelm.json's
+    /// `kind`, or a causal LM for a folder made by onnxruntime-genai (which has no manifest).
+    pub fn of(dir: &Path) -> Result<Kind> {
+        if !dir.join(MANIFEST).exists() {
+            return Ok(Kind::CausalLm);
+        }
+        #[derive(Deserialize)]
+        struct KindOnly {
+            kind: String,
+        }
+        let k: KindOnly = read_json(&dir.join(MANIFEST))?;
+        match k.kind.as_str() {
+            "causal-lm" => Ok(Kind::CausalLm),
+            "encoder" => Ok(Kind::Encoder),
+            other => Err(bundle_err(
+                dir,
+                format!("edgelm.json has kind `{other}`, which this runtime does not know (causal-lm, encoder); update edgelm"),
+            )),
+        }
+    }
+
+    /// "a causal LM" or "an encoder", for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::CausalLm => "a causal LM",
+            Kind::Encoder => "an encoder",
+        }
+    }
+
+    /// The name edgelm.json uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::CausalLm => "causal-lm",
+            Kind::Encoder => "encoder",
+        }
+    }
 }
 
 /// One bundle file.
@@ -78,6 +127,10 @@ pub struct GenerationDefaults {
     pub top_p: f32,
     /// Default repetition penalty (1 = off).
     pub repetition_penalty: f32,
+    /// The model answers one request at a time (a command model trained on single-turn
+    /// data): chat front ends then send each line alone instead of the conversation so far.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub single_turn: bool,
 }
 
 /// Provenance of a bundle.
@@ -138,9 +191,14 @@ fn bundle_err(dir: &Path, what: impl Into<String>) -> Error {
     Error::Bundle { path: dir.to_path_buf(), what: what.into() }
 }
 
+/// Reads a JSON file of the bundle. Bytes that are not UTF-8 or not the expected JSON are a
+/// damaged bundle ([`Error::Bundle`]), not an I/O failure: the file was read fine.
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).at(path)?;
-    serde_json::from_str(&text).map_err(|e| Error::Bundle { path: path.to_path_buf(), what: format!("not valid: {e}") })
+    let bytes = std::fs::read(path).at(path)?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Bundle {
+        path: path.to_path_buf(),
+        what: format!("is damaged (not valid JSON of this kind: {e}); re-export or re-copy the bundle"),
+    })
 }
 
 /// A bundle path inside `dir`, refusing absolute paths and `..` so a manifest cannot point
@@ -151,12 +209,6 @@ fn inside(dir: &Path, rel: &str) -> Result<PathBuf> {
         return Err(bundle_err(dir, format!("file path `{rel}` leaves the bundle folder")));
     }
     Ok(dir.join(p))
-}
-
-/// The `kind` field of a bundle's edgelm.json, read before anything is verified.
-pub fn read_manifest_kind(dir: &Path) -> Result<String> {
-    let v: serde_json::Value = read_json(&dir.join(MANIFEST))?;
-    Ok(v.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_owned())
 }
 
 /// Reads edgelm.json and checks it: format and version, then the size and sha256 of every
@@ -215,14 +267,9 @@ impl Bundle {
             ));
         }
         let genai_path = dir.join("genai_config.json");
-        if dir.join(MANIFEST).exists() {
-            let kind = read_manifest_kind(&dir)?;
-            if kind != "causal-lm" {
-                return Err(bundle_err(
-                    &dir,
-                    format!("is a `{kind}` bundle; open it with the matching API (e.g. `edgelm embed`)"),
-                ));
-            }
+        let kind = Kind::of(&dir)?;
+        if kind != Kind::CausalLm {
+            return Err(Error::WrongKind { path: dir, found: kind, wanted: Kind::CausalLm });
         }
         if !genai_path.exists() {
             return Err(bundle_err(&dir, "has no genai_config.json; export it with `edgelm-distill export`"));
@@ -264,6 +311,7 @@ impl Bundle {
                     top_k: if s.do_sample { s.top_k } else { 0 },
                     top_p: if s.do_sample { s.top_p } else { 1.0 },
                     repetition_penalty: s.repetition_penalty,
+                    single_turn: false,
                 }
             }
         };

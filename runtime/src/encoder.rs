@@ -10,13 +10,15 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::Tensor;
 
-use crate::bundle::{read_manifest_kind, verify_manifest, Manifest, MANIFEST};
+use crate::bundle::{verify_manifest, Kind, Manifest, MANIFEST};
 use crate::error::{Error, Result};
 use crate::generate::EngineOptions;
 
 /// An encoder graph in an ONNX Runtime session.
 pub struct EncoderSession {
     session: Session,
+    /// Length of `sentence_embedding` as the graph declares it (0: not declared).
+    embedding_dim: usize,
 }
 
 impl EncoderSession {
@@ -29,7 +31,15 @@ impl EncoderSession {
         if threads > 0 {
             b = b.with_intra_threads(threads).map_err(|e| Error::Ort(e.into()))?;
         }
-        Ok(EncoderSession { session: b.commit_from_file(model)? })
+        let session = b.commit_from_file(model)?;
+        let embedding_dim = session
+            .outputs()
+            .iter()
+            .find(|o| o.name() == "sentence_embedding")
+            .and_then(|o| o.dtype().tensor_shape()?.last().copied())
+            .filter(|&d| d > 0)
+            .unwrap_or(0) as usize;
+        Ok(EncoderSession { session, embedding_dim })
     }
 
     /// The sentence embedding of one sequence of ids and token types.
@@ -74,9 +84,9 @@ impl Encoder {
         if !dir.join(MANIFEST).exists() {
             return Err(bundle_err("has no edgelm.json; export the encoder with `edgelm-distill export`".into()));
         }
-        let kind = read_manifest_kind(dir)?;
-        if kind != "encoder" {
-            return Err(bundle_err(format!("is a `{kind}` bundle, not an encoder")));
+        let kind = Kind::of(dir)?;
+        if kind != Kind::Encoder {
+            return Err(Error::WrongKind { path: dir.to_path_buf(), found: kind, wanted: Kind::Encoder });
         }
         let manifest = verify_manifest(dir, &[])?;
         let tok_path: PathBuf = dir.join(
@@ -87,7 +97,11 @@ impl Encoder {
         // One sequence at a time: padding (which sentence-transformers files often configure)
         // would only add masked positions. Truncation, if configured, is kept.
         tokenizer.with_padding(None);
-        let session = EncoderSession::load(&dir.join(&manifest.model_file), opts.decoder.threads)?;
+        let mut session = EncoderSession::load(&dir.join(&manifest.model_file), opts.decoder.threads)?;
+        if session.embedding_dim == 0 {
+            // The graph leaves the width open: measure it once on a one-token input.
+            session.embedding_dim = session.run(&[0], &[0])?.len();
+        }
         let max_tokens = manifest.report.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize);
         Ok(Encoder { session, tokenizer, manifest, max_tokens })
     }
@@ -95,6 +109,21 @@ impl Encoder {
     /// The bundle's manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The most tokens one text may have, when the bundle records it.
+    pub fn context_length(&self) -> Option<usize> {
+        self.max_tokens
+    }
+
+    /// Entries in the tokenizer's vocabulary (added tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Length of the embeddings [`Encoder::embed`] returns.
+    pub fn embedding_dim(&self) -> usize {
+        self.session.embedding_dim
     }
 
     /// Embeds `text` (special tokens added as the tokenizer defines; too long -> error).

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// No usable ONNX Runtime library was found.
-    #[error("ONNX Runtime {wanted} could not be loaded: {reason}\n  looked in: {looked}\n  fix: run `just setup`, or point --ort-lib / EDGELM_ORT_LIB at libonnxruntime.so.{wanted}")]
+    #[error("ONNX Runtime {wanted} could not be loaded: {reason}\n  looked in: {looked}\n  fix: set EDGELM_ORT_LIB to the path of libonnxruntime.so.{wanted} (or pass that path when loading), or install it next to the executable or on the system library path")]
     OrtLibrary {
         /// Version edgelm is built for.
         wanted: &'static str,
@@ -36,6 +36,16 @@ pub enum Error {
         /// What is wrong and what to do.
         what: String,
     },
+    /// The bundle holds another kind of model than the call needs.
+    #[error("bundle {path} holds {}, not {}: open it as what it is", found.describe(), wanted.describe())]
+    WrongKind {
+        /// The bundle folder.
+        path: PathBuf,
+        /// What it holds.
+        found: crate::bundle::Kind,
+        /// What the call needed.
+        wanted: crate::bundle::Kind,
+    },
     /// A file's hash does not match the one recorded in edgelm.json.
     #[error("bundle file {path} is corrupt: sha256 {actual}, edgelm.json records {expected}; re-export or re-copy the bundle")]
     HashMismatch {
@@ -50,7 +60,7 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     /// The bundle has no tokenizer, so only token ids can be used.
-    #[error("this bundle has no tokenizer.json: pass token ids (--prompt-ids) instead of text")]
+    #[error("this bundle has no tokenizer.json: give the prompt as token ids instead of text")]
     NoTokenizer,
     /// The request cannot be served as given.
     #[error("invalid request: {0}")]
@@ -74,14 +84,6 @@ pub enum Error {
         adding: usize,
         /// Positions the cache was sized for.
         capacity: usize,
-    },
-    /// A board profile is malformed or does not fit the request.
-    #[error("board profile {path}: {what}")]
-    Board {
-        /// The profile file.
-        path: PathBuf,
-        /// What is wrong.
-        what: String,
     },
     /// A token id is outside the model's vocabulary.
     #[error("token id {id} is outside the vocabulary of {vocab} entries")]

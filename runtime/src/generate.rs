@@ -25,6 +25,32 @@ pub struct EngineOptions {
     pub decoder: DecoderOptions,
 }
 
+/// One turn of a conversation, as chat templates take it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// What was said.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A turn with any role.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+
+    /// A user turn.
+    pub fn user(content: impl Into<String>) -> Self {
+        ChatMessage::new("user", content)
+    }
+
+    /// An assistant turn.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        ChatMessage::new("assistant", content)
+    }
+}
+
 /// Per-request settings.
 #[derive(Debug, Clone)]
 pub struct GenerateParams {
@@ -181,27 +207,29 @@ impl Engine {
     }
 
     /// Token ids for a conversation rendered with the chat template.
-    pub fn encode_chat(&self, messages: &[(String, String)]) -> Result<Vec<u32>> {
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let codec = self.codec.as_ref().ok_or(Error::NoTokenizer)?;
         let text = codec.apply_chat_template(messages)?;
         // The template already writes any BOS it wants, as transformers assumes.
         codec.encode(&text, false)
     }
 
-    /// Generates after `prompt`, calling `on_token` for every token; the callback stops
-    /// generation by returning `ControlFlow::Break(())`.
-    ///
-    /// After the last token, text that was held back (an incomplete character at the very end,
-    /// or the start of a stop string that never completed) arrives in one more event whose `id`
-    /// is None.
-    /// TTFT counts from the call, so it includes setting up the sequence's KV cache.
-    pub fn generate(
-        &mut self,
-        prompt: &[u32],
-        params: &GenerateParams,
-        mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
-    ) -> Result<Generation> {
-        let start = Instant::now();
+    /// Token ids for a one-shot text prompt, as every front end feeds it: rendered as one user
+    /// turn with the bundle's chat template (the format the model was trained on), or tokenized
+    /// as it is when `raw` is set or the bundle has no template.
+    pub fn encode_prompt(&self, text: &str, raw: bool) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        match self.codec.as_ref() {
+            Some(c) if !raw && c.has_chat_template() => self.encode_chat(&[ChatMessage::user(text)]),
+            _ => self.encode(text),
+        }
+    }
+
+    /// Checks a request as [`Engine::generate`] would before it starts: a front end that must
+    /// answer "accepted" before the first token (the serial link's Ack) calls this first.
+    pub fn check_request(&self, prompt: &[u32], params: &GenerateParams) -> Result<()> {
         if prompt.is_empty() {
             return Err(Error::InvalidRequest("the prompt is empty: give at least one token".into()));
         }
@@ -219,6 +247,38 @@ impl Engine {
         if prompt.len() >= context {
             return Err(Error::ContextOverflow { prompt: prompt.len(), max_new: params.max_new_tokens, context });
         }
+        Ok(())
+    }
+
+    /// Generates after `prompt`, calling `on_token` for every token; the callback stops
+    /// generation by returning `ControlFlow::Break(())`.
+    ///
+    /// After the last token, text that was held back (an incomplete character at the very end,
+    /// or the start of a stop string that never completed) arrives in one more event whose `id`
+    /// is None. No event follows a `Break`.
+    /// TTFT counts from the call, so it includes setting up the sequence's KV cache.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        self.generate_until(prompt, params, || false, on_token)
+    }
+
+    /// [`Engine::generate`] that also asks `cancelled` before every model step (the first
+    /// included) and stops with [`StopReason::Cancelled`] once it says true: how another
+    /// thread stops a generation.
+    pub fn generate_until(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        mut cancelled: impl FnMut() -> bool,
+        mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let start = Instant::now();
+        self.check_request(prompt, params)?;
+        let context = self.decoder.context_length();
         let capacity = (prompt.len() + params.max_new_tokens.max(1)).min(context);
         let mut state = self.decoder.start(capacity)?;
         let mut sampler = Sampler::new(params.sampling);
@@ -232,7 +292,12 @@ impl Engine {
         let mut first_token_at = None;
         let mut reason = StopReason::MaxTokens;
         let mut input: Vec<u32> = prompt.to_vec();
+        let mut caller_stopped = false;
         while generated.len() < params.max_new_tokens {
+            if cancelled() {
+                reason = StopReason::Cancelled;
+                break;
+            }
             if state.position() + input.len() > capacity {
                 reason = StopReason::ContextFull;
                 break;
@@ -259,6 +324,7 @@ impl Engine {
             }
             text.push_str(&piece);
             let flow = on_token(TokenEvent { id: Some(id), text: &piece });
+            caller_stopped = flow.is_break();
             if is_eos {
                 reason = StopReason::Eos;
                 break;
@@ -288,8 +354,9 @@ impl Engine {
                 };
                 if !tail.is_empty() {
                     text.push_str(&tail);
-                    // A caller that cancelled gets no more callbacks; the text still has the tail.
-                    if reason != StopReason::Cancelled {
+                    // A caller that stopped or cancelled gets no more callbacks; the text still
+                    // has the tail.
+                    if reason != StopReason::Cancelled && !caller_stopped {
                         let _ = on_token(TokenEvent { id: None, text: &tail });
                     }
                 }

@@ -14,7 +14,6 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod board;
 pub mod bundle;
 pub mod decoder;
 pub mod detokenize;
@@ -22,14 +21,14 @@ pub mod encoder;
 pub mod error;
 pub mod genai_config;
 pub mod generate;
-pub mod link;
 pub mod metrics;
+pub mod model;
 pub mod ortlib;
 pub mod sampling;
-pub mod serve;
 pub mod stop;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
-pub use generate::{Engine, EngineOptions, GenerateParams, Generation, StopReason, TokenEvent};
+pub use generate::{ChatMessage, Engine, EngineOptions, GenerateParams, Generation, StopReason, TokenEvent};
+pub use model::Model;
 pub use sampling::SamplingParams;

@@ -42,3 +42,15 @@ fn status_kib(key: &str) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// The median of `v` (the mean of the middle two for an even count; 0 for none), the one
+/// summary every benchmark of the project reports.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}

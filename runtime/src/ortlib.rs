@@ -1,31 +1,31 @@
 //! Finding and loading the ONNX Runtime shared library at run time.
 //!
-//! The search order is fixed and documented, so a board image can rely on it:
-//! an explicit path (`--ort-lib`), `EDGELM_ORT_LIB`, `ORT_DYLIB_PATH`, the executable's folder
-//! (and its `lib/`), the project-local folder that `just setup` fills, then the system's
-//! library path. A missing or too-old library is an [`Error::OrtLibrary`] naming every place
-//! that was tried.
+//! The search order is fixed and documented, so a board image can rely on it: an explicit path
+//! (the caller's option), `EDGELM_ORT_LIB`, `ORT_DYLIB_PATH`, the executable's folder (and its
+//! `lib/`), then the system's library path. Only run-time places: nothing of the machine that
+//! built edgelm is baked in (a development tree hands its `.ort/` over through
+//! `EDGELM_ORT_LIB`). A missing or too-old library is an [`Error::OrtLibrary`] naming every
+//! place that was tried; a failed attempt is not remembered, so a later call with a better path
+//! or environment can still succeed. The first successful load holds for the process.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 
 /// The ONNX Runtime version this build is pinned to (from `ort-version.txt`).
 pub const ORT_VERSION: &str = include_str!("../../ort-version.txt").trim_ascii();
 
-static ENV: OnceLock<std::result::Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
+/// The library that loaded and the global environment built on it.
+static LOADED: OnceLock<(PathBuf, ort::environment::Environment)> = OnceLock::new();
+/// Serialises load attempts, so two threads never load two libraries.
+static LOADING: Mutex<()> = Mutex::new(());
 
 fn lib_names() -> [String; 2] {
     [format!("libonnxruntime.so.{ORT_VERSION}"), "libonnxruntime.so".to_owned()]
 }
 
-/// The folder `just setup` extracts the library into, for this machine's architecture.
-pub fn project_lib_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(".ort").join(format!("linux-{}", std::env::consts::ARCH))
-}
-
-/// Candidate library paths in search order. `explicit` is `--ort-lib` when given.
+/// Candidate library paths in search order. `explicit` is the caller's path when given.
 pub fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Some(p) = explicit {
@@ -36,29 +36,32 @@ pub fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
             out.push(PathBuf::from(v));
         }
     }
-    let mut dirs = Vec::new();
     if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
-        dirs.push(exe_dir.join("lib"));
-        dirs.push(exe_dir);
-    }
-    dirs.push(project_lib_dir());
-    for d in dirs {
-        for n in lib_names() {
-            out.push(d.join(n));
+        for d in [exe_dir.join("lib"), exe_dir] {
+            for n in lib_names() {
+                out.push(d.join(n));
+            }
         }
     }
     out
 }
 
-/// Loads ONNX Runtime once per process and creates the global environment. Later calls return
-/// the outcome of the first (a process can hold only one ONNX Runtime).
+/// Loads ONNX Runtime and creates the global environment, once per process: after the first
+/// success every call returns that environment (a process can hold only one ONNX Runtime, so a
+/// later `explicit` path is ignored). A failure is returned and forgotten.
 pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Environment> {
-    let outcome = ENV.get_or_init(|| load(explicit));
-    match outcome {
-        Ok((_, env)) => Ok(env),
+    if let Some((_, env)) = LOADED.get() {
+        return Ok(env);
+    }
+    let _one_at_a_time = LOADING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, env)) = LOADED.get() {
+        return Ok(env);
+    }
+    match load(explicit) {
+        Ok(loaded) => Ok(&LOADED.get_or_init(|| loaded).1),
         Err(reason) => Err(Error::OrtLibrary {
             wanted: ORT_VERSION,
-            reason: reason.clone(),
+            reason,
             looked: candidates(explicit)
                 .iter()
                 .map(|p| p.display().to_string())
@@ -71,13 +74,13 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Enviro
 
 /// The library that [`init`] loaded, if it succeeded.
 pub fn loaded_path() -> Option<&'static Path> {
-    ENV.get()?.as_ref().ok().map(|(p, _)| p.as_path())
+    LOADED.get().map(|(p, _)| p.as_path())
 }
 
 fn load(explicit: Option<&Path>) -> std::result::Result<(PathBuf, ort::environment::Environment), String> {
     let mut tried: Vec<PathBuf> = candidates(explicit).into_iter().filter(|p| p.exists()).collect();
     if let Some(p) = explicit.filter(|p| !p.exists()) {
-        return Err(format!("--ort-lib {} does not exist", p.display()));
+        return Err(format!("the library path given, {}, does not exist", p.display()));
     }
     // Last resort: let the dynamic loader search LD_LIBRARY_PATH and the system folders.
     tried.push(PathBuf::from(format!("libonnxruntime.so.{ORT_VERSION}")));

@@ -47,19 +47,19 @@ impl TextCodec {
         self.chat_template.is_some()
     }
 
-    /// Renders `messages` (role, content) with the chat template and a generation prompt.
-    pub fn apply_chat_template(&self, messages: &[(String, String)]) -> Result<String> {
+    /// Renders `messages` with the chat template and a generation prompt.
+    pub fn apply_chat_template(&self, messages: &[crate::generate::ChatMessage]) -> Result<String> {
         let template = self
             .chat_template
             .as_deref()
-            .ok_or_else(|| Error::Template("this bundle has no chat template; use `edgelm run --prompt`".into()))?;
+            .ok_or_else(|| Error::Template("this bundle has no chat template; give the prompt raw".into()))?;
         let mut env = minijinja::Environment::new();
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
         env.add_template("chat", template).map_err(|e| Error::Template(e.to_string()))?;
         let msgs: Vec<_> =
-            messages.iter().map(|(role, content)| minijinja::context! { role => role, content => content }).collect();
+            messages.iter().map(|m| minijinja::context! { role => m.role, content => m.content }).collect();
         env.get_template("chat")
             .and_then(|t| {
                 t.render(minijinja::context! {

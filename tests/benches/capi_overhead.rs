@@ -7,12 +7,8 @@ use std::ops::ControlFlow;
 use std::process::Command;
 
 use edgelm_e2e::{bundle, root, scratch};
+use edgelm_runtime::metrics::median;
 use edgelm_runtime::{Engine, EngineOptions, GenerateParams};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 fn main() {
     let preset = std::env::var("EDGELM_BENCH_PRESET").unwrap_or_else(|_| "tiny".into());

@@ -1,4 +1,5 @@
-/* Exercises the edgelm C API as a firmware or C program would, including misuse.
+/* Exercises the edgelm C API as a firmware or C program would, including misuse. Builds as
+ * C99 and C11 with -pedantic-errors and as C++, as the header promises.
  *
  * usage: test_capi BUNDLE EXPECTED_IDS PROMPT_IDS [ENCODER_BUNDLE EXPECTED_EMBEDDING]
  *   EXPECTED_IDS: comma-separated greedy ids the Rust runtime produced for PROMPT_IDS
@@ -47,7 +48,7 @@ struct collect {
 };
 
 static bool on_token(const char *piece, size_t len, int32_t id, void *user) {
-    struct collect *c = user;
+    struct collect *c = (struct collect *)user;
     if (id >= 0 && c->n < 512) c->ids[c->n++] = (uint32_t)id; /* -1: trailing text only */
     if (piece == NULL || strlen(piece) != len) return false; /* NUL-terminated, len bytes */
     if (c->text_len + len < sizeof c->text) {
@@ -65,9 +66,16 @@ struct cancel_args {
 };
 
 static void *cancel_later(void *arg) {
-    struct cancel_args *a = arg;
+    struct cancel_args *a = (struct cancel_args *)arg;
     usleep(a->after_us);
     edgelm_cancel(a->model);
+    return NULL;
+}
+
+static void *free_later(void *arg) {
+    struct cancel_args *a = (struct cancel_args *)arg;
+    usleep(a->after_us);
+    edgelm_model_free(a->model);
     return NULL;
 }
 
@@ -80,10 +88,31 @@ int main(int argc, char **argv) {
     size_t n_expected = parse_ids(argv[2], expected, 512);
     size_t n_prompt = parse_ids(argv[3], prompt, 512);
 
-    CHECK(strlen(edgelm_version()) > 0, "version string");
+    char version[32];
+    snprintf(version, sizeof version, "%d.%d.%d", EDGELM_VERSION_MAJOR, EDGELM_VERSION_MINOR, EDGELM_VERSION_PATCH);
+    CHECK(strcmp(edgelm_version(), version) == 0, "version %s equals the header's %s", edgelm_version(), version);
+
+    /* A failed ONNX Runtime load is not remembered: a later load that finds the library (here
+       through EDGELM_ORT_LIB, which the test sets) succeeds. This must be the first load. */
+    edgelm_model *model = NULL;
+    edgelm_load_options bad_ort = edgelm_load_options_default();
+    bad_ort.ort_library = "/nonexistent/libonnxruntime.so";
+    CHECK(edgelm_model_load(argv[1], &bad_ort, &model) == EDGELM_ERR_RUNTIME, "wrong ort_library fails");
+    CHECK(strstr(edgelm_last_error(), "/nonexistent/libonnxruntime.so") != NULL, "message names the path");
+    CHECK(strstr(edgelm_last_error(), "--") == NULL, "message speaks of no command-line flag: %s",
+          edgelm_last_error());
+    CHECK(model == NULL, "out untouched on a failed load");
+    CHECK(edgelm_model_load(argv[1], NULL, &model) == EDGELM_OK && model != NULL, "then a load with defaults works");
+    CHECK(edgelm_model_free(model) == EDGELM_OK, "free it");
+    model = NULL;
+
+    /* kv_cache is a plain integer checked at the boundary. */
+    edgelm_load_options bad_kv = edgelm_load_options_default();
+    bad_kv.kv_cache = 7;
+    CHECK(edgelm_model_load(argv[1], &bad_kv, &model) == EDGELM_ERR_INVALID_ARGUMENT && model == NULL,
+          "kv_cache 7 is refused");
 
     /* Misuse before any model exists. */
-    edgelm_model *model = NULL;
     CHECK(edgelm_model_load(NULL, NULL, &model) == EDGELM_ERR_INVALID_ARGUMENT, "NULL path");
     CHECK(strstr(edgelm_last_error(), "path is NULL") != NULL, "message names the argument");
     CHECK(edgelm_model_load(argv[1], NULL, NULL) == EDGELM_ERR_INVALID_ARGUMENT, "NULL out");
@@ -99,6 +128,16 @@ int main(int argc, char **argv) {
         printf("%d passed, %d failed\n", passed, failed);
         return 1;
     }
+
+    /* What the model is. */
+    edgelm_kind kind = EDGELM_KIND_ENCODER;
+    uint32_t context = 0, vocab = 0, dim = 0;
+    CHECK(edgelm_model_kind(model, &kind) == EDGELM_OK && kind == EDGELM_KIND_CAUSAL_LM, "kind: causal LM");
+    CHECK(edgelm_model_context_length(model, &context) == EDGELM_OK && context > 0, "context length %u", context);
+    CHECK(edgelm_model_vocab_size(model, &vocab) == EDGELM_OK && vocab > 0, "vocabulary size %u", vocab);
+    CHECK(edgelm_model_embedding_dim(model, &dim) == EDGELM_ERR_UNSUPPORTED, "no embedding dim for a causal LM");
+    CHECK(edgelm_model_vocab_size(model, NULL) == EDGELM_ERR_INVALID_ARGUMENT, "NULL out");
+    CHECK(edgelm_model_context_length(NULL, &context) == EDGELM_ERR_INVALID_HANDLE, "NULL handle");
 
     /* Greedy ids equal the Rust runtime's. */
     edgelm_gen_params params = edgelm_gen_params_default();
@@ -119,8 +158,23 @@ int main(int argc, char **argv) {
     /* Text prompt streams text. */
     struct collect t = {0};
     params.max_new_tokens = 16;
-    st = edgelm_generate(model, "Open the garage door", &params, on_token, &t, NULL);
+    edgelm_stats chat_stats, raw_stats;
+    st = edgelm_generate(model, "Open the garage door", &params, on_token, &t, &chat_stats);
     CHECK(st == EDGELM_OK && t.n == 16, "text generate: %d, %zu tokens", (int)st, t.n);
+    /* By default the prompt is one user turn of the chat template; raw_prompt feeds it as is. */
+    params.raw_prompt = true;
+    st = edgelm_generate(model, "Open the garage door", &params, NULL, NULL, &raw_stats);
+    params.raw_prompt = false;
+    CHECK(st == EDGELM_OK && chat_stats.prompt_tokens > raw_stats.prompt_tokens,
+          "the chat template wraps the prompt: %u vs %u raw tokens", chat_stats.prompt_tokens, raw_stats.prompt_tokens);
+    edgelm_stats untouched;
+    memset(&untouched, 0xAB, sizeof untouched);
+    CHECK(edgelm_generate(model, "", &params, NULL, NULL, &untouched) == EDGELM_ERR_INVALID_ARGUMENT &&
+              untouched.prompt_tokens == 0xABABABABu,
+          "stats untouched on failure");
+    params.max_new_tokens = 0;
+    CHECK(edgelm_generate(model, "hi", &params, NULL, NULL, NULL) == EDGELM_ERR_INVALID_ARGUMENT, "max_new_tokens 0");
+    params.max_new_tokens = 16;
 
     /* Bad arguments to generate. */
     CHECK(edgelm_generate(model, "\xc3\x28", &params, on_token, &t, NULL) == EDGELM_ERR_INVALID_UTF8,
@@ -174,6 +228,21 @@ int main(int argc, char **argv) {
     CHECK(edgelm_embed(model, "hi", emb, 8, &emb_len) == EDGELM_ERR_UNSUPPORTED, "embed unsupported");
     CHECK(edgelm_embed(model, "hi", emb, 8, NULL) == EDGELM_ERR_INVALID_ARGUMENT, "embed NULL out_len");
 
+    /* Freeing a model while another thread generates with it returns at once and cancels
+       that generation, which still returns normally. */
+    edgelm_model *doomed = NULL;
+    CHECK(edgelm_model_load(argv[1], &opts, &doomed) == EDGELM_OK, "load a second handle");
+    struct collect d = {0};
+    d.delay_us = 2000;
+    params.max_new_tokens = 200;
+    struct cancel_args fa = {doomed, 30000};
+    pthread_create(&th, NULL, free_later, &fa);
+    st = edgelm_generate_ids(doomed, prompt, n_prompt, &params, on_token, &d, &stats);
+    pthread_join(th, NULL);
+    CHECK(st == EDGELM_OK && stats.stop_reason == EDGELM_STOP_CANCELLED && d.n < 200,
+          "free cancels the running generation: %zu tokens", d.n);
+    CHECK(edgelm_model_free(doomed) == EDGELM_ERR_INVALID_HANDLE, "the freed handle is dead");
+
     /* Free, double free, use after free. */
     CHECK(edgelm_model_free(model) == EDGELM_OK, "free");
     CHECK(edgelm_model_free(model) == EDGELM_ERR_INVALID_HANDLE, "double free is an error");
@@ -191,6 +260,9 @@ int main(int argc, char **argv) {
         }
         edgelm_model *enc = NULL;
         CHECK(edgelm_model_load(argv[4], &opts, &enc) == EDGELM_OK, "load encoder");
+        CHECK(edgelm_model_kind(enc, &kind) == EDGELM_OK && kind == EDGELM_KIND_ENCODER, "kind: encoder");
+        CHECK(edgelm_model_embedding_dim(enc, &dim) == EDGELM_OK && dim == n_want, "embedding dim %u", dim);
+        CHECK(edgelm_model_context_length(enc, &context) == EDGELM_OK && context > 0, "encoder context %u", context);
         size_t len = 0;
         CHECK(edgelm_embed(enc, "Turn on the hallway light", NULL, 0, &len) == EDGELM_ERR_INVALID_ARGUMENT &&
                   len == n_want,

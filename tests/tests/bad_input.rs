@@ -122,3 +122,54 @@ fn board_profiles_apply_and_bad_ones_are_refused() {
         "not a valid board profile",
     );
 }
+
+#[test]
+fn a_damaged_manifest_is_a_bad_bundle_whether_bytes_or_json_broke() {
+    let b = bundle("tiny");
+    let manifest = std::fs::read(b.join("edgelm.json")).unwrap();
+    let mut flipped = manifest.clone();
+    let at = flipped.iter().position(|&c| c == b'c').expect("a letter to damage");
+    flipped[at] = 0xFF; // no longer UTF-8
+    let half = manifest[..manifest.len() / 2].to_vec();
+    for (name, bytes) in [("not-utf8", flipped), ("half", half)] {
+        let dir = scratch().join(format!("bad/manifest-{name}"));
+        copy_dir(&b, &dir);
+        std::fs::write(dir.join("edgelm.json"), bytes).unwrap();
+        match Engine::open(&dir, &EngineOptions::default()) {
+            Err(Error::Bundle { path, what }) => {
+                assert!(path.ends_with("edgelm.json"), "{name}: {}", path.display());
+                assert!(what.contains("damaged"), "{name}: {what}");
+            }
+            other => panic!("{name}: expected a Bundle error, got {:?}", other.err()),
+        }
+        fails_with(&["run", dir.to_str().unwrap(), "--prompt-ids", "1,2"], "is damaged");
+    }
+}
+
+#[test]
+fn a_closed_stdout_ends_every_binary_quietly() {
+    use std::process::{Command, Stdio};
+    let enc = edgelm_e2e::minilm_bundle();
+    let runs: [(std::path::PathBuf, Vec<String>); 2] = [
+        (
+            edgelm_e2e::bin("edgelm"),
+            vec!["embed".into(), enc.display().to_string(), "--text".into(), "hi".into(), "--json".into()],
+        ),
+        (edgelm_e2e::bin("edgelm-distill"), vec!["presets".into()]),
+    ];
+    for (exe, args) in runs {
+        let mut child = Command::new(&exe).args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        // Close the reading end before the program prints, as `| head -c 0` would: its
+        // first write meets a closed pipe.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{exe:?} {args:?}: {err}");
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "{exe:?} {args:?} ended with {:?}: {err}",
+            out.status
+        );
+    }
+}

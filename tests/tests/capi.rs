@@ -26,15 +26,17 @@ fn rust_greedy(b: &Path) -> Vec<u32> {
     engine.generate(&PROMPT, &p, |_| ControlFlow::Continue(())).unwrap().generated_ids
 }
 
-fn compile(out: &Path, link: &[&str]) {
-    let status = run(Command::new("gcc")
-        .args(["-std=c11", "-D_DEFAULT_SOURCE", "-Wall", "-Wextra", "-Werror", "-g", "-I"])
+/// Builds the C test with `compiler` and `std`, strictly: the header must be ISO C (and C++).
+fn compile(compiler: &str, std: &[&str], out: &Path, link: &[&str]) {
+    let status = run(Command::new(compiler)
+        .args(std)
+        .args(["-pedantic-errors", "-D_DEFAULT_SOURCE", "-Wall", "-Wextra", "-Werror", "-g", "-I"])
         .arg(root().join("include"))
         .arg(root().join("tests/c/test_capi.c"))
         .args(link)
         .arg("-o")
         .arg(out));
-    assert!(status.status.success(), "gcc failed: {}", String::from_utf8_lossy(&status.stderr));
+    assert!(status.status.success(), "{compiler} {std:?} failed: {}", String::from_utf8_lossy(&status.stderr));
 }
 
 fn run_c(cmd: &mut Command) {
@@ -51,12 +53,15 @@ fn c_program_against_shared_and_static_library_and_under_valgrind() {
     let libs = lib_dir();
     let dir = scratch().join("capi");
     std::fs::create_dir_all(&dir).unwrap();
-    let shared = dir.join("test_shared");
     let rpath = format!("-Wl,-rpath,{}", libs.display());
-    compile(&shared, &["-L", libs.to_str().unwrap(), "-ledgelm", &rpath, "-lpthread"]);
+    let dynamic = ["-L", libs.to_str().unwrap(), "-ledgelm", &rpath, "-lpthread"];
+    let shared = dir.join("test_shared");
+    compile("gcc", &["-std=c99"], &shared, &dynamic);
+    let cxx = dir.join("test_cxx");
+    compile("g++", &["-x", "c++", "-std=c++11"], &cxx, &dynamic);
     let static_ = dir.join("test_static");
     let archive = libs.join("libedgelm.a");
-    compile(&static_, &[archive.to_str().unwrap(), "-lpthread", "-ldl", "-lm", "-lgcc_s"]);
+    compile("gcc", &["-std=c11"], &static_, &[archive.to_str().unwrap(), "-lpthread", "-ldl", "-lm", "-lgcc_s"]);
 
     let fixture: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/minilm-expected.json")).unwrap())
@@ -71,6 +76,7 @@ fn c_program_against_shared_and_static_library_and_under_valgrind() {
     let enc = edgelm_e2e::minilm_bundle();
     let args = [b.to_str().unwrap(), expected.as_str(), &csv(&PROMPT), enc.to_str().unwrap(), &emb];
     run_c(Command::new(&shared).args(args));
+    run_c(Command::new(&cxx).args(args));
     run_c(Command::new(&static_).args(args));
 
     // valgrind: memory errors anywhere (edgelm, the C program, ONNX Runtime) fail the test.
@@ -93,4 +99,22 @@ fn c_program_against_shared_and_static_library_and_under_valgrind() {
         "valgrind reported errors:\n{report}\n{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// A library shipped to boards searches only run-time places for ONNX Runtime: no path of the
+/// machine that built it is in its data (where `strings` finds it).
+#[test]
+fn the_library_carries_no_path_of_the_build_tree() {
+    let so = lib_dir().join("libedgelm.so");
+    let data = scratch().join("libedgelm.rodata");
+    let out = run(Command::new("objcopy").args(["-O", "binary", "--only-section=.rodata"]).arg(&so).arg(&data));
+    assert!(out.status.success(), "objcopy: {}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&data).unwrap();
+    let tree = std::fs::canonicalize(root()).unwrap();
+    for needle in [tree.to_str().unwrap(), ".ort/linux-"] {
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "libedgelm.so holds `{needle}`: the build machine's path must not ship"
+        );
+    }
 }

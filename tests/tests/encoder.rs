@@ -31,7 +31,7 @@ fn bundle_kinds_are_not_mixed_up() {
     let out = edgelm(&["run", enc.to_str().unwrap(), "--prompt", "hi"]);
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("is a `encoder` bundle"),
+        String::from_utf8_lossy(&out.stderr).contains("holds an encoder, not a causal LM"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

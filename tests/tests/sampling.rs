@@ -87,7 +87,7 @@ fn chat_applies_the_checkpoint_template() {
     let b = bundle("tiny");
     let engine = Engine::open(&b, &EngineOptions::default()).unwrap();
     let codec = engine.codec().unwrap();
-    let msgs = vec![("user".to_owned(), "Open the garage door".to_owned())];
+    let msgs = vec![edgelm_runtime::ChatMessage::user("Open the garage door")];
     let rendered = codec.apply_chat_template(&msgs).unwrap();
     assert_eq!(rendered, "<|im_start|>user\nOpen the garage door<|im_end|>\n<|im_start|>assistant\n");
     let ids = engine.encode_chat(&msgs).unwrap();

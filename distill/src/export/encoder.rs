@@ -183,7 +183,7 @@ pub fn export_encoder(ck: &EncoderCheckpoint, out: &Path, tolerance: f32) -> Res
     let manifest = Manifest {
         format: "edgelm-bundle".into(),
         format_version: bundle::FORMAT_VERSION,
-        kind: "encoder".into(),
+        kind: edgelm_runtime::bundle::Kind::Encoder,
         model_file: "model.onnx".into(),
         files: entries,
         tokenizer,
@@ -195,6 +195,7 @@ pub fn export_encoder(ck: &EncoderCheckpoint, out: &Path, tolerance: f32) -> Res
             top_k: 0,
             top_p: 1.0,
             repetition_penalty: 1.0,
+            single_turn: false,
         },
         chat_template: None,
         quantization: "fp32".into(),

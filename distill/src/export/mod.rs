@@ -33,11 +33,14 @@ pub struct ExportOptions {
     pub verify: bool,
     /// Largest allowed max-abs logit difference in the check.
     pub tolerance: f32,
+    /// Record in the bundle that the model answers single requests (trained on single-turn
+    /// data), so chat front ends do not feed it a conversation.
+    pub single_turn: bool,
 }
 
 impl Default for ExportOptions {
     fn default() -> Self {
-        ExportOptions { logits: LogitsMode::Last, verify: true, tolerance: 1e-4 }
+        ExportOptions { logits: LogitsMode::Last, verify: true, tolerance: 1e-4, single_turn: false }
     }
 }
 
@@ -161,6 +164,7 @@ fn generation_defaults(ck: &Checkpoint) -> GenerationDefaults {
         top_k: if sample { g.get("top_k").and_then(|v| v.as_u64()).unwrap_or(50) as usize } else { 0 },
         top_p: if sample { f("top_p", 1.0) } else { 1.0 },
         repetition_penalty: f("repetition_penalty", 1.0),
+        single_turn: false,
     }
 }
 
@@ -211,11 +215,11 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
     let manifest = Manifest {
         format: "edgelm-bundle".into(),
         format_version: bundle::FORMAT_VERSION,
-        kind: "causal-lm".into(),
+        kind: bundle::Kind::CausalLm,
         model_file: "model.onnx".into(),
         files: entries,
         tokenizer,
-        generation: generation_defaults(ck),
+        generation: GenerationDefaults { single_turn: opts.single_turn, ..generation_defaults(ck) },
         chat_template: ck.chat_template(),
         quantization: "fp32".into(),
         source: Source {

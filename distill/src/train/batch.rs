@@ -84,7 +84,7 @@ impl Formatter {
     pub fn prompt(&self, e: &Example) -> Result<Vec<u32>> {
         let user = Self::user_message(e);
         if self.chat {
-            let text = self.codec.apply_chat_template(&[("user".into(), user)])?;
+            let text = self.codec.apply_chat_template(&[edgelm_runtime::ChatMessage::user(user)])?;
             Ok(self.codec.encode(&text, false)?)
         } else {
             Ok(self.codec.encode(&format!("{user}\n"), true)?)

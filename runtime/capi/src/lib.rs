@@ -1,15 +1,10 @@
 //! The C ABI of the edgelm runtime: `libedgelm.so` / `libedgelm.a` with the header
-//! `include/edgelm.h` (generated from this file by cbindgen; a test keeps them in step).
+//! `include/edgelm.h` (generated from this file by cbindgen; a test keeps them in step). The
+//! conventions every function keeps are written at the top of the header (`cbindgen.toml`),
+//! where a C programmer reads first.
 //!
-//! Conventions, the same for every function:
-//! - Handles are opaque. A model handle is a key into a registry, not a pointer to memory, so a
-//!   freed, foreign or NULL handle is reported as `EDGELM_ERR_INVALID_HANDLE` instead of being
-//!   dereferenced. Keys are never reused.
-//! - Every function returns an `edgelm_status`; on failure the calling thread's
-//!   `edgelm_last_error` says why. No Rust panic crosses the boundary: one is caught and
-//!   reported as `EDGELM_ERR_INTERNAL`.
-//! - Strings passed in are NUL-terminated UTF-8 and only borrowed for the call. Strings passed
-//!   out are owned by the library (see each function for how long they stay valid).
+//! Values that C writes and Rust reads are plain integers checked at the boundary: a Rust enum
+//! read from C memory that holds an unlisted value would be undefined behaviour.
 #![allow(non_camel_case_types)]
 #![allow(clippy::missing_safety_doc)]
 
@@ -19,12 +14,18 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use edgelm_runtime::decoder::{DecoderOptions, KvCacheMode};
-use edgelm_runtime::encoder::Encoder;
-use edgelm_runtime::{Engine, EngineOptions, Error, GenerateParams, SamplingParams, StopReason};
+use edgelm_runtime::{EngineOptions, Error, GenerateParams, Generation, Model, SamplingParams, StopReason};
+
+/// Major version of the library this header belongs to (also in edgelm_version()).
+pub const EDGELM_VERSION_MAJOR: u32 = 0;
+/// Minor version: grows with every release that changes the ABI while the major is 0.
+pub const EDGELM_VERSION_MINOR: u32 = 2;
+/// Patch version.
+pub const EDGELM_VERSION_PATCH: u32 = 0;
 
 /// Result of every call.
 #[repr(C)]
@@ -74,7 +75,7 @@ pub enum edgelm_stop_reason {
     EDGELM_STOP_CANCELLED = 4,
 }
 
-/// KV cache strategy (in `edgelm_load_options`).
+/// KV cache strategy: the values of `edgelm_load_options.kv_cache`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum edgelm_kv_cache {
@@ -84,8 +85,18 @@ pub enum edgelm_kv_cache {
     EDGELM_KV_GROWING = 1,
 }
 
-/// Opaque model handle. Create with edgelm_model_load, destroy with edgelm_model_free.
+/// What a bundle holds (from edgelm_model_kind).
 #[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum edgelm_kind {
+    /// A causal language model: edgelm_generate and edgelm_generate_ids.
+    EDGELM_KIND_CAUSAL_LM = 0,
+    /// A sentence encoder: edgelm_embed.
+    EDGELM_KIND_ENCODER = 1,
+}
+
+/// Opaque model handle. Create with edgelm_model_load, destroy with edgelm_model_free. The
+/// struct is never defined: C code holds pointers to it only.
 pub struct edgelm_model {
     _private: [u8; 0],
 }
@@ -96,10 +107,13 @@ pub struct edgelm_model {
 pub struct edgelm_load_options {
     /// Intra-op threads; 0 = one per physical core.
     pub threads: u32,
-    /// KV cache strategy.
-    pub kv_cache: edgelm_kv_cache,
-    /// Path of libonnxruntime.so to load, or NULL to search (EDGELM_ORT_LIB, ORT_DYLIB_PATH,
-    /// next to the executable, the system). Only the first successful load in a process counts.
+    /// KV cache strategy: an edgelm_kv_cache value (EDGELM_KV_SHARED by default). Any other
+    /// value makes edgelm_model_load return EDGELM_ERR_INVALID_ARGUMENT.
+    pub kv_cache: u32,
+    /// Path of libonnxruntime.so to load, or NULL to search: EDGELM_ORT_LIB, ORT_DYLIB_PATH,
+    /// next to the executable (and its lib/), then the system library path. The first
+    /// successful load in a process holds for its lifetime (later paths are ignored); a failed
+    /// load is not remembered, so a later call may try another path or environment.
     pub ort_library: *const c_char,
 }
 
@@ -117,17 +131,26 @@ pub struct edgelm_gen_params {
     pub top_p: f32,
     /// Penalty on already seen tokens; 1 = off.
     pub repetition_penalty: f32,
-    /// Sampling seed.
+    /// Sampling seed (default 0, a seed like any other): the same seed, prompt and settings
+    /// give the same tokens. Unused when greedy.
     pub seed: u64,
     /// Keep generating past end-of-sequence tokens.
     pub ignore_eos: bool,
-    /// Array of n_stop_strings NUL-terminated UTF-8 stop strings, or NULL. Borrowed for the call.
+    /// Array of n_stop_strings NUL-terminated UTF-8 stop strings, or NULL. Borrowed for the
+    /// call. Generation ends when the text contains one; the stop string and anything after it
+    /// are never passed to the callback (text that might begin one is held back until it is
+    /// clear). Empty strings are ignored.
     pub stop_strings: *const *const c_char,
     /// Number of entries in stop_strings.
     pub n_stop_strings: usize,
+    /// false (the default): edgelm_generate renders the prompt as one user turn with the
+    /// bundle's chat template, as the model was trained (bundles without a template get the
+    /// text as it is). true: the prompt is tokenized as given. edgelm_generate_ids ignores it.
+    pub raw_prompt: bool,
 }
 
-/// What a generation cost (filled by edgelm_generate when the pointer is not NULL).
+/// What a generation cost: filled by edgelm_generate / edgelm_generate_ids on EDGELM_OK when
+/// the pointer is not NULL; left as it was on any failure.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct edgelm_stats {
@@ -151,21 +174,93 @@ pub struct edgelm_stats {
 /// with `token_id` -1 if text was held back at the end (an incomplete character, or the start
 /// of a stop string that never completed).
 /// `piece` is the text this token completed (NUL-terminated, `piece_len` bytes without the
-/// NUL, possibly empty); it is owned by edgelm and valid only during the call. Return true to
-/// continue, false to stop generation (the call then returns EDGELM_OK with stop reason
-/// EDGELM_STOP_CANCELLED).
+/// NUL, possibly empty); it is owned by edgelm and valid only during the call. An
+/// end-of-sequence token is passed with an empty piece; a stop string is never passed.
+/// Return true to continue, false to stop generation: the call then returns EDGELM_OK with
+/// stop reason EDGELM_STOP_CANCELLED, except on a token that ends generation anyway (an
+/// end-of-sequence token, or the one completing a stop string), whose own reason
+/// (EDGELM_STOP_EOS, EDGELM_STOP_STRING) is kept. No call follows a false.
 pub type edgelm_token_callback =
     Option<unsafe extern "C" fn(piece: *const c_char, piece_len: usize, token_id: i32, user_data: *mut c_void) -> bool>;
 
-/// What a handle holds: a generator or an encoder, by the bundle's kind.
-enum Loaded {
-    Causal(Box<Engine>),
-    Encoder(Box<Encoder>),
+struct ModelSlot {
+    model: Mutex<Model>,
+    info: ModelInfo,
+    cancel: Mutex<CancelState>,
 }
 
-struct ModelSlot {
-    model: Mutex<Loaded>,
-    cancel: AtomicBool,
+/// What the query functions report, read once at load (so they never wait on `model`).
+struct ModelInfo {
+    kind: edgelm_kind,
+    context_length: u32,
+    vocab_size: u32,
+    embedding_dim: Option<u32>,
+}
+
+impl ModelInfo {
+    fn of(m: &Model) -> Self {
+        match m {
+            Model::CausalLm(e) => ModelInfo {
+                kind: edgelm_kind::EDGELM_KIND_CAUSAL_LM,
+                context_length: e.context_length() as u32,
+                vocab_size: e.vocab_size() as u32,
+                embedding_dim: None,
+            },
+            Model::Encoder(e) => ModelInfo {
+                kind: edgelm_kind::EDGELM_KIND_ENCODER,
+                context_length: e.context_length().unwrap_or(0) as u32,
+                vocab_size: e.vocab_size() as u32,
+                embedding_dim: Some(e.embedding_dim() as u32),
+            },
+        }
+    }
+}
+
+/// Whether a cancel is pending for the generate calls now inside the library.
+#[derive(Default)]
+struct CancelState {
+    /// edgelm_generate / edgelm_generate_ids calls on this model between entry and return.
+    in_progress: usize,
+    /// Set by edgelm_cancel (or edgelm_model_free) while a call is in progress; cleared when
+    /// the last one returns, so a cancel never reaches a later generation.
+    cancelled: bool,
+}
+
+impl ModelSlot {
+    fn cancel_state(&self) -> std::sync::MutexGuard<'_, CancelState> {
+        self.cancel.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cancel(&self) {
+        let mut c = self.cancel_state();
+        if c.in_progress > 0 {
+            c.cancelled = true;
+        }
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancel_state().cancelled
+    }
+}
+
+/// Marks one generate call in progress from its entry to its return (drop).
+struct InProgress<'a>(&'a ModelSlot);
+
+impl<'a> InProgress<'a> {
+    fn enter(slot: &'a ModelSlot) -> Self {
+        slot.cancel_state().in_progress += 1;
+        InProgress(slot)
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        let mut c = self.0.cancel_state();
+        c.in_progress -= 1;
+        if c.in_progress == 0 {
+            c.cancelled = false;
+        }
+    }
 }
 
 fn registry() -> &'static Mutex<HashMap<usize, Arc<ModelSlot>>> {
@@ -202,6 +297,7 @@ fn status_of(e: &Error) -> edgelm_status {
         Error::ContextOverflow { .. } | Error::TokenOutOfRange { .. } | Error::CacheFull { .. } => {
             EDGELM_ERR_CONTEXT_OVERFLOW
         }
+        Error::WrongKind { .. } => EDGELM_ERR_UNSUPPORTED,
         _ => EDGELM_ERR_INVALID_ARGUMENT,
     }
 }
@@ -243,27 +339,35 @@ unsafe fn utf8<'a>(s: *const c_char, what: &str) -> Result<&'a str, edgelm_statu
     CStr::from_ptr(s).to_str().map_err(|e| fail(EDGELM_ERR_INVALID_UTF8, format!("{what} is not valid UTF-8: {e}")))
 }
 
-/// The library version, e.g. "0.1.0". Static string; never free it. Thread-safe.
+/// The library version, e.g. "0.2.0" (the EDGELM_VERSION_* macros of the header it was built
+/// with). Static string; never free it. Thread-safe.
 #[no_mangle]
 pub extern "C" fn edgelm_version() -> *const c_char {
     static V: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
     V.as_ptr().cast()
 }
 
-/// The message of the last failed call on this thread ("" if none). Owned by edgelm; valid
-/// until the next failing edgelm call on the same thread. Thread-safe (per-thread storage).
+/// The message of the last failed call on the calling thread, or "" if none failed yet.
+/// Owned by edgelm, never NULL: valid until the next failing edgelm call on the same thread
+/// (successful calls leave it as it is) and gone when the thread exits. Copy it to keep it.
+/// Thread-safe (one message per thread).
 #[no_mangle]
 pub extern "C" fn edgelm_last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
 }
 
-/// Default load options: threads 0 (one per core), shared KV cache, ORT library searched.
+/// Default load options: threads 0 (one per core), EDGELM_KV_SHARED, ORT library searched.
 #[no_mangle]
 pub extern "C" fn edgelm_load_options_default() -> edgelm_load_options {
-    edgelm_load_options { threads: 0, kv_cache: edgelm_kv_cache::EDGELM_KV_SHARED, ort_library: std::ptr::null() }
+    edgelm_load_options {
+        threads: 0,
+        kv_cache: edgelm_kv_cache::EDGELM_KV_SHARED as u32,
+        ort_library: std::ptr::null(),
+    }
 }
 
-/// Default generation settings: 128 new tokens, greedy, no penalties, no stop strings.
+/// Default generation settings: 128 new tokens, greedy, no penalties, seed 0, no stop strings,
+/// the prompt rendered with the chat template.
 #[no_mangle]
 pub extern "C" fn edgelm_gen_params_default() -> edgelm_gen_params {
     edgelm_gen_params {
@@ -276,14 +380,29 @@ pub extern "C" fn edgelm_gen_params_default() -> edgelm_gen_params {
         ignore_eos: false,
         stop_strings: std::ptr::null(),
         n_stop_strings: 0,
+        raw_prompt: false,
     }
 }
 
-/// Opens and verifies a bundle folder (edgelm bundle or onnxruntime-genai model folder).
+fn kv_cache_mode(value: u32) -> Result<KvCacheMode, edgelm_status> {
+    match value {
+        v if v == edgelm_kv_cache::EDGELM_KV_SHARED as u32 => Ok(KvCacheMode::Shared),
+        v if v == edgelm_kv_cache::EDGELM_KV_GROWING as u32 => Ok(KvCacheMode::Growing),
+        v => Err(fail(
+            EDGELM_ERR_INVALID_ARGUMENT,
+            format!("options->kv_cache is {v}; use EDGELM_KV_SHARED (0) or EDGELM_KV_GROWING (1)"),
+        )),
+    }
+}
+
+/// Opens and verifies a bundle folder of either kind (a causal LM or a sentence encoder; an
+/// edgelm bundle or an onnxruntime-genai model folder).
 ///
 /// `path`: NUL-terminated UTF-8, borrowed. `options`: NULL for defaults, borrowed. `out`:
 /// receives the new handle on EDGELM_OK (left untouched on failure); the caller owns it and
-/// must release it with edgelm_model_free. Thread-safe; loading is slow (verifies hashes).
+/// must release it with edgelm_model_free. A damaged bundle (a corrupt or incomplete
+/// edgelm.json, a file whose hash does not match) is EDGELM_ERR_BUNDLE; a file that cannot be
+/// read at all is EDGELM_ERR_IO. Thread-safe; loading is slow (verifies every hash).
 #[no_mangle]
 pub unsafe extern "C" fn edgelm_model_load(
     path: *const c_char,
@@ -299,6 +418,10 @@ pub unsafe extern "C" fn edgelm_model_load(
             Err(s) => return s,
         };
         let o = if options.is_null() { edgelm_load_options_default() } else { *options };
+        let kv_cache = match kv_cache_mode(o.kv_cache) {
+            Ok(k) => k,
+            Err(s) => return s,
+        };
         let ort_lib = if o.ort_library.is_null() {
             None
         } else {
@@ -309,27 +432,13 @@ pub unsafe extern "C" fn edgelm_model_load(
         };
         let opts = EngineOptions {
             ort_lib,
-            decoder: DecoderOptions {
-                threads: o.threads as usize,
-                kv_cache: match o.kv_cache {
-                    edgelm_kv_cache::EDGELM_KV_SHARED => KvCacheMode::Shared,
-                    edgelm_kv_cache::EDGELM_KV_GROWING => KvCacheMode::Growing,
-                },
-                ..DecoderOptions::default()
-            },
+            decoder: DecoderOptions { threads: o.threads as usize, kv_cache, ..DecoderOptions::default() },
         };
-        let dir = std::path::Path::new(path);
-        let is_encoder = dir.join(edgelm_runtime::bundle::MANIFEST).exists()
-            && edgelm_runtime::bundle::read_manifest_kind(dir).is_ok_and(|k| k == "encoder");
-        let loaded = if is_encoder {
-            Encoder::open(dir, &opts).map(|e| Loaded::Encoder(Box::new(e)))
-        } else {
-            Engine::open(dir, &opts).map(|e| Loaded::Causal(Box::new(e)))
-        };
-        match loaded {
+        match Model::open(path, &opts) {
             Ok(model) => {
                 let key = NEXT_KEY.fetch_add(16, Ordering::Relaxed);
-                let slot = Arc::new(ModelSlot { model: Mutex::new(model), cancel: AtomicBool::new(false) });
+                let info = ModelInfo::of(&model);
+                let slot = Arc::new(ModelSlot { model: Mutex::new(model), info, cancel: Mutex::default() });
                 registry().lock().unwrap_or_else(|e| e.into_inner()).insert(key, slot);
                 *out = key as *mut edgelm_model;
                 EDGELM_OK
@@ -340,8 +449,10 @@ pub unsafe extern "C" fn edgelm_model_load(
 }
 
 /// Releases a model. Returns EDGELM_ERR_INVALID_HANDLE for NULL, freed or foreign handles (so
-/// a double free is an error, not a crash). A generation running on another thread finishes
-/// first; the memory is released when it returns. Thread-safe.
+/// a double free is an error, not a crash). Never blocks: the handle is dead when this returns.
+/// A generation still running on it on another thread is cancelled (it returns soon with
+/// EDGELM_STOP_CANCELLED), and the model's memory is released when that call returns.
+/// Thread-safe.
 #[no_mangle]
 pub extern "C" fn edgelm_model_free(model: *mut edgelm_model) -> edgelm_status {
     guard(|| {
@@ -349,7 +460,10 @@ pub extern "C" fn edgelm_model_free(model: *mut edgelm_model) -> edgelm_status {
             return fail(EDGELM_ERR_INVALID_HANDLE, "model handle is NULL");
         }
         match registry().lock().unwrap_or_else(|e| e.into_inner()).remove(&(model as usize)) {
-            Some(_) => EDGELM_OK,
+            Some(slot) => {
+                slot.cancel();
+                EDGELM_OK
+            }
             None => {
                 fail(EDGELM_ERR_INVALID_HANDLE, "model handle is not live (double free, or not from edgelm_model_load)")
             }
@@ -357,17 +471,74 @@ pub extern "C" fn edgelm_model_free(model: *mut edgelm_model) -> edgelm_status {
     })
 }
 
-/// Asks the generation running on `model` (on any thread) to stop; it returns after the token
-/// in progress with stop reason EDGELM_STOP_CANCELLED. Without a running generation this does
-/// nothing. Thread-safe and async-signal-unsafe (takes a lock briefly).
+/// Asks the generation in progress on `model` to stop. A generate call is in progress from
+/// the moment it is entered until it returns, so a cancel that arrives while it is still
+/// tokenizing or waiting is not lost: it returns EDGELM_OK with EDGELM_STOP_CANCELLED after at
+/// most the token being computed (possibly before any token). With no generate call in
+/// progress this does nothing: a cancel never reaches a later call. Thread-safe (takes a lock
+/// briefly, so not async-signal-safe).
 #[no_mangle]
 pub extern "C" fn edgelm_cancel(model: *mut edgelm_model) -> edgelm_status {
     guard(|| match slot(model) {
         Ok(s) => {
-            s.cancel.store(true, Ordering::SeqCst);
+            s.cancel();
             EDGELM_OK
         }
         Err(st) => st,
+    })
+}
+
+/// Writes what `model` holds into `*out`. Thread-safe; never waits for a generation.
+#[no_mangle]
+pub unsafe extern "C" fn edgelm_model_kind(model: *const edgelm_model, out: *mut edgelm_kind) -> edgelm_status {
+    query(model, out, |i| Ok(i.kind))
+}
+
+/// Writes the model's context length into `*out`: the most tokens a causal LM's prompt plus
+/// its generated tokens may hold, or the most tokens an encoder reads (0 when the encoder's
+/// bundle does not say). Thread-safe; never waits for a generation.
+#[no_mangle]
+pub unsafe extern "C" fn edgelm_model_context_length(model: *const edgelm_model, out: *mut u32) -> edgelm_status {
+    query(model, out, |i| Ok(i.context_length))
+}
+
+/// Writes the size of the model's vocabulary into `*out` (valid token ids are 0 to this minus
+/// one). Thread-safe; never waits for a generation.
+#[no_mangle]
+pub unsafe extern "C" fn edgelm_model_vocab_size(model: *const edgelm_model, out: *mut u32) -> edgelm_status {
+    query(model, out, |i| Ok(i.vocab_size))
+}
+
+/// Writes the number of floats edgelm_embed returns into `*out`. Encoder bundles only: a causal
+/// LM answers EDGELM_ERR_UNSUPPORTED. Thread-safe; never waits for a generation.
+#[no_mangle]
+pub unsafe extern "C" fn edgelm_model_embedding_dim(model: *const edgelm_model, out: *mut u32) -> edgelm_status {
+    query(model, out, |i| {
+        i.embedding_dim.ok_or_else(|| fail(EDGELM_ERR_UNSUPPORTED, "a causal LM has no sentence embeddings"))
+    })
+}
+
+/// Reads one property of a live model, recorded when it was loaded, into `*out`.
+unsafe fn query<T>(
+    model: *const edgelm_model,
+    out: *mut T,
+    read: impl FnOnce(&ModelInfo) -> Result<T, edgelm_status>,
+) -> edgelm_status {
+    guard(|| {
+        let slot = match slot(model) {
+            Ok(s) => s,
+            Err(st) => return st,
+        };
+        if out.is_null() {
+            return fail(EDGELM_ERR_INVALID_ARGUMENT, "out is NULL");
+        }
+        match read(&slot.info) {
+            Ok(v) => {
+                *out = v;
+                EDGELM_OK
+            }
+            Err(st) => st,
+        }
     })
 }
 
@@ -388,6 +559,9 @@ unsafe fn generate(
         Ok(s) => s,
         Err(st) => return st,
     };
+    let _in_progress = InProgress::enter(&slot);
+    #[cfg(test)]
+    tests::entered_hook();
     let p = if params.is_null() { edgelm_gen_params_default() } else { *params };
     if p.n_stop_strings > 0 && p.stop_strings.is_null() {
         return fail(EDGELM_ERR_INVALID_ARGUMENT, "stop_strings is NULL but n_stop_strings > 0");
@@ -403,11 +577,11 @@ unsafe fn generate(
         return fail(EDGELM_ERR_BUSY, "another thread is generating with this model");
     };
     let engine = match &mut *loaded {
-        Loaded::Causal(e) => e,
-        Loaded::Encoder(_) => return fail(EDGELM_ERR_UNSUPPORTED, "this is an encoder bundle: use edgelm_embed"),
+        Model::CausalLm(e) => e,
+        Model::Encoder(_) => return fail(EDGELM_ERR_UNSUPPORTED, "this is an encoder bundle: use edgelm_embed"),
     };
     let ids = match prompt {
-        Prompt::Text(t) => match engine.encode(t) {
+        Prompt::Text(t) => match engine.encode_prompt(t, p.raw_prompt) {
             Ok(ids) => ids,
             Err(e) => return from_error(e),
         },
@@ -425,42 +599,28 @@ unsafe fn generate(
         stop_strings: stops,
         ignore_eos: p.ignore_eos,
     };
-    slot.cancel.store(false, Ordering::SeqCst);
     let mut piece = Vec::with_capacity(64);
-    let result = engine.generate(&ids, &gp, |ev| {
-        if let Some(cb) = callback {
-            piece.clear();
-            piece.extend_from_slice(ev.text.as_bytes());
-            piece.push(0);
-            let id = ev.id.map_or(-1, |i| i as i32);
-            if !cb(piece.as_ptr().cast(), ev.text.len(), id, user_data) {
-                return ControlFlow::Break(());
+    let result = engine.generate_until(
+        &ids,
+        &gp,
+        || slot.is_cancelled(),
+        |ev| {
+            if let Some(cb) = callback {
+                piece.clear();
+                piece.extend_from_slice(ev.text.as_bytes());
+                piece.push(0);
+                let id = ev.id.map_or(-1, |i| i as i32);
+                if !cb(piece.as_ptr().cast(), ev.text.len(), id, user_data) {
+                    return ControlFlow::Break(());
+                }
             }
-        }
-        if slot.cancel.load(Ordering::SeqCst) {
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
-    });
+            ControlFlow::Continue(())
+        },
+    );
     match result {
         Ok(g) => {
             if !stats.is_null() {
-                let m = &g.metrics;
-                *stats = edgelm_stats {
-                    prompt_tokens: m.prompt_tokens as u32,
-                    generated_tokens: m.generated_tokens as u32,
-                    ttft_ms: m.ttft_ms,
-                    prefill_tokens_per_s: m.prefill_tokens_per_s,
-                    decode_tokens_per_s: m.decode_tokens_per_s,
-                    peak_rss_bytes: m.peak_rss_bytes,
-                    stop_reason: match g.stop_reason {
-                        StopReason::Eos => edgelm_stop_reason::EDGELM_STOP_EOS,
-                        StopReason::StopString => edgelm_stop_reason::EDGELM_STOP_STRING,
-                        StopReason::MaxTokens => edgelm_stop_reason::EDGELM_STOP_MAX_TOKENS,
-                        StopReason::ContextFull => edgelm_stop_reason::EDGELM_STOP_CONTEXT_FULL,
-                        StopReason::Cancelled => edgelm_stop_reason::EDGELM_STOP_CANCELLED,
-                    },
-                };
+                *stats = edgelm_stats::from(&g);
             }
             EDGELM_OK
         }
@@ -468,14 +628,44 @@ unsafe fn generate(
     }
 }
 
+impl From<StopReason> for edgelm_stop_reason {
+    fn from(r: StopReason) -> Self {
+        match r {
+            StopReason::Eos => edgelm_stop_reason::EDGELM_STOP_EOS,
+            StopReason::StopString => edgelm_stop_reason::EDGELM_STOP_STRING,
+            StopReason::MaxTokens => edgelm_stop_reason::EDGELM_STOP_MAX_TOKENS,
+            StopReason::ContextFull => edgelm_stop_reason::EDGELM_STOP_CONTEXT_FULL,
+            StopReason::Cancelled => edgelm_stop_reason::EDGELM_STOP_CANCELLED,
+        }
+    }
+}
+
+impl From<&Generation> for edgelm_stats {
+    fn from(g: &Generation) -> Self {
+        let m = &g.metrics;
+        edgelm_stats {
+            prompt_tokens: m.prompt_tokens as u32,
+            generated_tokens: m.generated_tokens as u32,
+            ttft_ms: m.ttft_ms,
+            prefill_tokens_per_s: m.prefill_tokens_per_s,
+            decode_tokens_per_s: m.decode_tokens_per_s,
+            peak_rss_bytes: m.peak_rss_bytes,
+            stop_reason: g.stop_reason.into(),
+        }
+    }
+}
+
 /// Generates a continuation of a text prompt, streaming each token to `callback`.
 ///
 /// `model`: a live handle. `prompt`: NUL-terminated UTF-8, borrowed (the bundle needs a
-/// tokenizer). `params`: NULL for defaults, borrowed. `callback`: may be NULL (then the text is
-/// only counted in `stats`). `user_data`: passed to the callback untouched. `stats`: NULL or
-/// filled on EDGELM_OK. Blocks until generation ends. One generation per model at a time:
-/// a concurrent call on the same model returns EDGELM_ERR_BUSY; different models may generate
-/// in parallel on different threads.
+/// tokenizer); by default rendered with the bundle's chat template (see
+/// edgelm_gen_params.raw_prompt). An empty prompt is EDGELM_ERR_INVALID_ARGUMENT; one that
+/// leaves no room in the context is EDGELM_ERR_CONTEXT_OVERFLOW. `params`: NULL for defaults,
+/// borrowed; max_new_tokens 0 is EDGELM_ERR_INVALID_ARGUMENT. `callback`: may be NULL (then the
+/// text is only counted in `stats`). `user_data`: passed to the callback untouched. `stats`:
+/// NULL, or filled on EDGELM_OK and left as it was on failure. Blocks until generation ends.
+/// One generation per model at a time: a concurrent call on the same model returns
+/// EDGELM_ERR_BUSY; different models may generate in parallel on different threads.
 #[no_mangle]
 pub unsafe extern "C" fn edgelm_generate(
     model: *mut edgelm_model,
@@ -494,8 +684,9 @@ pub unsafe extern "C" fn edgelm_generate(
     })
 }
 
-/// Like edgelm_generate, with the prompt given as `n_ids` token ids (borrowed). Works for
-/// bundles without a tokenizer (the callback's pieces are then empty).
+/// Like edgelm_generate, with the prompt given as `n_ids` token ids (borrowed), used as they
+/// are (no chat template; `n_ids` 0 is EDGELM_ERR_INVALID_ARGUMENT). Works for bundles
+/// without a tokenizer (the callback's pieces are then empty).
 #[no_mangle]
 pub unsafe extern "C" fn edgelm_generate_ids(
     model: *mut edgelm_model,
@@ -516,7 +707,8 @@ pub unsafe extern "C" fn edgelm_generate_ids(
 }
 
 /// Writes the sentence embedding of `text` (NUL-terminated UTF-8, borrowed) into `out`
-/// (caller-owned, `out_capacity` floats) and its length into `out_len`. For encoder bundles
+/// (caller-owned, `out_capacity` floats; edgelm_model_embedding_dim says how many are needed)
+/// and its length into `out_len`. For encoder bundles
 /// only: a causal LM answers EDGELM_ERR_UNSUPPORTED. When `out_capacity` is too small the call
 /// returns EDGELM_ERR_INVALID_ARGUMENT with `*out_len` set to the length needed (pass
 /// `out` NULL and capacity 0 to ask). Thread-safe; one call per model at a time
@@ -544,7 +736,7 @@ pub unsafe extern "C" fn edgelm_embed(
         let Ok(mut loaded) = slot.model.try_lock() else {
             return fail(EDGELM_ERR_BUSY, "another thread is using this model");
         };
-        let Loaded::Encoder(enc) = &mut *loaded else {
+        let Model::Encoder(enc) = &mut *loaded else {
             return fail(EDGELM_ERR_UNSUPPORTED, "embeddings need an encoder bundle; this bundle is a causal LM");
         };
         match enc.embed(text) {
@@ -562,4 +754,109 @@ pub unsafe extern "C" fn edgelm_embed(
             Err(e) => from_error(e),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    thread_local! {
+        /// Runs inside generate right after the call counts as entered (tests only).
+        static ON_ENTERED: RefCell<Option<Box<dyn FnMut()>>> = RefCell::new(None);
+    }
+
+    pub(super) fn entered_hook() {
+        ON_ENTERED.with(|h| {
+            if let Some(f) = h.borrow_mut().as_mut() {
+                f()
+            }
+        });
+    }
+
+    fn load(path: &std::path::Path) -> *mut edgelm_model {
+        let c = CString::new(path.to_str().unwrap()).unwrap();
+        let mut m = std::ptr::null_mut();
+        let st = unsafe { edgelm_model_load(c.as_ptr(), std::ptr::null(), &mut m) };
+        assert_eq!(st, EDGELM_OK, "{:?}", unsafe { CStr::from_ptr(edgelm_last_error()) });
+        m
+    }
+
+    fn generate_ids(m: *mut edgelm_model, n: u32) -> (edgelm_status, edgelm_stats) {
+        let ids = [1u32, 40, 97];
+        let p = edgelm_gen_params { max_new_tokens: n, ignore_eos: true, ..edgelm_gen_params_default() };
+        let mut stats = std::mem::MaybeUninit::<edgelm_stats>::zeroed();
+        let st = unsafe {
+            edgelm_generate_ids(m, ids.as_ptr(), ids.len(), &p, None, std::ptr::null_mut(), stats.as_mut_ptr())
+        };
+        (st, unsafe { stats.assume_init() })
+    }
+
+    #[test]
+    fn a_cancel_that_arrives_once_generate_was_entered_stops_it() {
+        let m = load(&edgelm_e2e::bundle("tiny"));
+        // The cancel lands between entry and the first token, where it used to be wiped.
+        let handle = m as usize;
+        ON_ENTERED.with(|h| {
+            *h.borrow_mut() = Some(Box::new(move || {
+                assert_eq!(edgelm_cancel(handle as *mut edgelm_model), EDGELM_OK);
+            }))
+        });
+        let (st, stats) = generate_ids(m, 20);
+        ON_ENTERED.with(|h| *h.borrow_mut() = None);
+        assert_eq!(st, EDGELM_OK);
+        assert_eq!(stats.stop_reason, edgelm_stop_reason::EDGELM_STOP_CANCELLED);
+        assert!(stats.generated_tokens <= 1, "{} tokens after the cancel", stats.generated_tokens);
+
+        // A cancel with nothing in progress does nothing: the next call runs to its end.
+        assert_eq!(edgelm_cancel(m), EDGELM_OK);
+        let (st, stats) = generate_ids(m, 5);
+        assert_eq!(st, EDGELM_OK);
+        assert_eq!(stats.stop_reason, edgelm_stop_reason::EDGELM_STOP_MAX_TOKENS);
+        assert_eq!(stats.generated_tokens, 5);
+        assert_eq!(edgelm_model_free(m), EDGELM_OK);
+    }
+
+    #[test]
+    fn kv_cache_values_outside_the_enum_are_refused() {
+        let b = edgelm_e2e::bundle("tiny");
+        let c = CString::new(b.to_str().unwrap()).unwrap();
+        for bad in [2u32, 7, u32::MAX, 255] {
+            let o = edgelm_load_options { kv_cache: bad, ..edgelm_load_options_default() };
+            let mut m = std::ptr::null_mut();
+            let st = unsafe { edgelm_model_load(c.as_ptr(), &o, &mut m) };
+            assert_eq!(st, EDGELM_ERR_INVALID_ARGUMENT, "kv_cache {bad}");
+            assert!(m.is_null());
+            let msg = unsafe { CStr::from_ptr(edgelm_last_error()) }.to_str().unwrap().to_owned();
+            assert!(msg.contains("kv_cache"), "{msg}");
+        }
+        for good in [edgelm_kv_cache::EDGELM_KV_SHARED, edgelm_kv_cache::EDGELM_KV_GROWING] {
+            let o = edgelm_load_options { kv_cache: good as u32, ..edgelm_load_options_default() };
+            let mut m = std::ptr::null_mut();
+            assert_eq!(unsafe { edgelm_model_load(c.as_ptr(), &o, &mut m) }, EDGELM_OK);
+            assert_eq!(edgelm_model_free(m), EDGELM_OK);
+        }
+    }
+
+    #[test]
+    fn a_damaged_manifest_is_edgelm_err_bundle() {
+        let b = edgelm_e2e::bundle("tiny");
+        let manifest = std::fs::read(b.join("edgelm.json")).unwrap();
+        let mut flipped = manifest.clone();
+        flipped[manifest.len() / 3] = 0xFE;
+        for (name, bytes) in [("flipped", flipped), ("half", manifest[..manifest.len() / 2].to_vec())] {
+            let dir = edgelm_e2e::scratch().join(format!("capi-manifest-{name}"));
+            edgelm_e2e::copy_dir(&b, &dir);
+            std::fs::write(dir.join("edgelm.json"), bytes).unwrap();
+            let c = CString::new(dir.to_str().unwrap()).unwrap();
+            let mut m = std::ptr::null_mut();
+            assert_eq!(unsafe { edgelm_model_load(c.as_ptr(), std::ptr::null(), &mut m) }, EDGELM_ERR_BUNDLE, "{name}");
+        }
+    }
+
+    #[test]
+    fn version_macros_match_the_crate_version() {
+        let v = format!("{EDGELM_VERSION_MAJOR}.{EDGELM_VERSION_MINOR}.{EDGELM_VERSION_PATCH}");
+        assert_eq!(v, env!("CARGO_PKG_VERSION"));
+        assert_eq!(unsafe { CStr::from_ptr(edgelm_version()) }.to_str().unwrap(), v);
+    }
 }

@@ -1,18 +1,23 @@
-//! Board profiles (`boards/*.toml`): what a device is and how edgelm should run on it.
+//! Board profiles (`boards/*.toml`): what a device is and how edgelm should run on it, and
+//! the one place where a profile turns into engine settings for every subcommand.
 //!
 //! A profile fixes the settings that depend on the hardware rather than on the model: the
 //! Rust target and ONNX Runtime build to deploy, the execution providers to try in order, the
 //! number of intra-op threads, and the memory budget a bundle must fit in.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::error::{Error, IoContext, Result};
+use edgelm_runtime::decoder::{DecoderOptions, KvCacheMode};
+use edgelm_runtime::EngineOptions;
 
-/// One board.
+/// One board. Every key is parsed (unknown ones are refused); the deployment keys (`target`,
+/// `ort`, `notes`) are for the tools that build and copy a board image, not for running.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)]
 pub struct BoardProfile {
     /// Human-readable name.
     pub name: String,
@@ -34,6 +39,7 @@ pub struct BoardProfile {
 /// Where the board's ONNX Runtime library comes from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[allow(dead_code)]
 pub struct OrtBuild {
     /// Architecture folder `just setup-ort` fills (`x86_64`, `aarch64`).
     pub arch: String,
@@ -45,20 +51,15 @@ pub struct OrtBuild {
 impl BoardProfile {
     /// Reads and checks a profile.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).at(path)?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading board profile {}", path.display()))?;
         let p: BoardProfile = toml::from_str(&text)
-            .map_err(|e| Error::Board { path: path.to_path_buf(), what: format!("not a valid board profile: {e}") })?;
+            .with_context(|| format!("board profile {}: not a valid board profile", path.display()))?;
         if p.threads == 0 || p.memory_budget_mib == 0 {
-            return Err(Error::Board {
-                path: path.to_path_buf(),
-                what: "threads and memory_budget_mib must be positive".into(),
-            });
+            bail!("board profile {}: threads and memory_budget_mib must be positive", path.display());
         }
         if !matches!(p.ort.source.as_str(), "pypi-wheel" | "vendor") {
-            return Err(Error::Board {
-                path: path.to_path_buf(),
-                what: format!("ort.source `{}` must be `pypi-wheel` or `vendor`", p.ort.source),
-            });
+            bail!("board profile {}: ort.source `{}` must be `pypi-wheel` or `vendor`", path.display(), p.ort.source);
         }
         Ok(p)
     }
@@ -68,10 +69,48 @@ impl BoardProfile {
         let need_bytes = weight_bytes + kv_bytes;
         if need_bytes > self.memory_budget_mib << 20 {
             let need = need_bytes.div_ceil(1 << 20);
-            return Err(Error::InvalidRequest(format!(
+            bail!(
                 "the bundle needs about {need} MiB (weights + KV cache) but board `{}` has a budget of {} MiB; use a smaller or quantized bundle, or fewer new tokens",
-                self.name, self.memory_budget_mib
-            )));
+                self.name,
+                self.memory_budget_mib
+            );
+        }
+        Ok(())
+    }
+}
+
+/// How a subcommand opens bundles: the board profile, the ONNX Runtime library and the
+/// per-command thread and KV cache choices, resolved in one place for run, chat, bench, embed
+/// and serve alike.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// The board profile given with `--board`.
+    pub board: Option<BoardProfile>,
+    /// `--ort-lib`.
+    pub ort_lib: Option<PathBuf>,
+}
+
+impl Placement {
+    /// Engine options for `threads` (0: the board's count, else one per core) and `kv_cache`.
+    /// Warns once on stderr when the board asks for an execution provider this build lacks.
+    pub fn engine_options(&self, threads: usize, kv_cache: KvCacheMode) -> EngineOptions {
+        let threads = match (threads, &self.board) {
+            (0, Some(b)) => b.threads,
+            (t, _) => t,
+        };
+        if let Some(ep) = self.board.as_ref().and_then(|b| b.execution_providers.first()).filter(|ep| *ep != "cpu") {
+            eprintln!("warning: execution provider `{ep}` is not built into this edgelm; running on the CPU");
+        }
+        EngineOptions {
+            ort_lib: self.ort_lib.clone(),
+            decoder: DecoderOptions { threads, kv_cache, ..DecoderOptions::default() },
+        }
+    }
+
+    /// Refuses a request whose weights plus KV cache exceed the board's memory budget.
+    pub fn check_budget(&self, engine: &edgelm_runtime::Engine, positions: usize) -> Result<()> {
+        if let Some(b) = &self.board {
+            b.check_fits(engine.weight_bytes(), engine.kv_cache_bytes(positions.min(engine.context_length())))?;
         }
         Ok(())
     }
@@ -83,7 +122,7 @@ mod tests {
 
     #[test]
     fn shipped_profiles_parse() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../boards");
         let mut n = 0;
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();

@@ -5,7 +5,32 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use anyhow::{Context, Result};
+
+/// `--serial` / `--baud` / `--tcp`, for both ends of a link.
+#[derive(clap::Args)]
+pub struct LinkArgs {
+    /// Serial device (e.g. /dev/ttyUSB0).
+    #[arg(long, conflicts_with = "tcp", required_unless_present = "tcp")]
+    serial: Option<String>,
+    /// Line speed for --serial.
+    #[arg(long, default_value_t = 115_200)]
+    baud: u32,
+    /// TCP address instead of a serial port (serve: listen; client: connect).
+    #[arg(long)]
+    tcp: Option<String>,
+}
+
+impl LinkArgs {
+    /// Where the flags point.
+    pub fn addr(&self) -> LinkAddr {
+        match (&self.serial, &self.tcp) {
+            (Some(path), _) => LinkAddr::Serial { path: path.clone(), baud: self.baud },
+            (None, Some(a)) => LinkAddr::Tcp(a.clone()),
+            (None, None) => unreachable!("clap requires one of --serial and --tcp"),
+        }
+    }
+}
 
 /// Where a link goes.
 #[derive(Debug, Clone)]
@@ -38,18 +63,16 @@ pub fn open_serial(path: &str, baud: u32) -> Result<Link> {
     let port = serialport::new(path, baud)
         .timeout(READ_TIMEOUT)
         .open()
-        .map_err(|e| Error::InvalidRequest(format!("cannot open serial port {path} at {baud} baud: {e}")))?;
-    let reader = port
-        .try_clone()
-        .map_err(|e| Error::InvalidRequest(format!("cannot share serial port {path} between threads: {e}")))?;
+        .with_context(|| format!("cannot open serial port {path} at {baud} baud"))?;
+    let reader = port.try_clone().with_context(|| format!("cannot share serial port {path} between threads"))?;
     Ok(Link { reader: Box::new(reader), writer: Box::new(port) })
 }
 
 /// Wraps a connected TCP stream as a link.
 pub fn tcp_link(stream: std::net::TcpStream) -> Result<Link> {
     let _ = stream.set_nodelay(true);
-    stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(|e| Error::InvalidRequest(format!("tcp: {e}")))?;
-    let reader = stream.try_clone().map_err(|e| Error::InvalidRequest(format!("tcp: {e}")))?;
+    stream.set_read_timeout(Some(READ_TIMEOUT)).context("tcp: setting the read timeout")?;
+    let reader = stream.try_clone().context("tcp: sharing the socket between threads")?;
     Ok(Link { reader: Box::new(reader), writer: Box::new(stream) })
 }
 

@@ -1,0 +1,91 @@
+//! `edgelm`: the device-side command. Runs bundles, chats, benchmarks, embeds, and serves the
+//! serial protocol. One file per subcommand; board and thread policy in `board.rs`.
+//!
+//! Exit codes: 0 success, 1 failure (the message says what to do), 2 bad arguments. A closed
+//! stdout (`edgelm ... | head`) ends the process quietly, as it does for other Unix tools.
+
+mod bench;
+mod board;
+mod chat;
+mod client;
+mod embed;
+mod gen_args;
+mod link;
+mod run;
+mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use board::{BoardProfile, Placement};
+
+#[derive(Parser)]
+#[command(name = "edgelm", version, about = "Run edgelm bundles on ONNX Runtime")]
+struct Cli {
+    /// ONNX Runtime library to load (otherwise: EDGELM_ORT_LIB, ORT_DYLIB_PATH, next to the
+    /// executable and in its lib/, the system library path).
+    #[arg(long, global = true)]
+    ort_lib: Option<PathBuf>,
+    /// Board profile (boards/*.toml): sets the thread count and checks the memory budget.
+    #[arg(long, global = true)]
+    board: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt, streaming it to stdout.
+    Run(run::RunArgs),
+    /// Chat with a bundle that has a chat template (reads turns from stdin).
+    Chat(chat::ChatArgs),
+    /// Measure TTFT, prefill and decode speed and peak memory (median over runs).
+    Bench(bench::BenchArgs),
+    /// Print the sentence embedding of a text (encoder bundles).
+    Embed(embed::EmbedArgs),
+    /// Serve the serial command protocol on a serial port (or TCP, for development).
+    Serve(serve::ServeArgs),
+    /// Send a prompt to a board over the serial protocol and print the streamed answer.
+    Client(client::ClientArgs),
+}
+
+fn main() {
+    restore_default_sigpipe();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EDGELM_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = dispatch(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        if e.chain().any(|c| matches!(c.downcast_ref(), Some(edgelm_runtime::Error::OrtLibrary { .. }))) {
+            eprintln!(
+                "  (edgelm: give the library with --ort-lib PATH; in the source tree `just setup-ort` fetches it)"
+            );
+        }
+        std::process::exit(1);
+    }
+}
+
+/// Rust ignores SIGPIPE, so a print to a closed pipe fails and `println!` panics. The default
+/// action ends the process silently instead, as `head` and friends expect. Sockets and serial
+/// ports never raise it (std sends with MSG_NOSIGNAL; a tty reports errors as values).
+fn restore_default_sigpipe() {
+    // SAFETY: setting a signal's disposition to the default touches no Rust state.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let board = cli.board.as_deref().map(BoardProfile::load).transpose()?;
+    let place = Placement { board, ort_lib: cli.ort_lib };
+    match cli.command {
+        Command::Run(a) => run::run(a, &place),
+        Command::Chat(a) => chat::chat(a, &place),
+        Command::Bench(a) => bench::bench(a, &place),
+        Command::Embed(a) => embed::embed(a, &place),
+        Command::Serve(a) => serve::serve(a, &place),
+        Command::Client(a) => client::client(a),
+    }
+}

@@ -1,0 +1,181 @@
+//! The loaded model and the requests the worker runs on it, one at a time.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::Duration;
+
+use edgelm_protocol::{ErrorCode, GenParams, Message, Stats, MAX_EMBED, MAX_FRAME, MAX_PIECE, MAX_PROMPT};
+use edgelm_runtime::{EngineOptions, Model};
+
+use super::line::{Outgoing, Shared};
+use super::wire::{self, bounded, error_frame, runtime_error};
+
+/// State that outlives one connection: the loaded model and the last stats.
+pub struct Board {
+    /// Engine settings for every bundle loaded.
+    pub engine: EngineOptions,
+    /// Folder LoadModel paths are resolved in; LoadModel is refused without one.
+    pub models_dir: Option<PathBuf>,
+    model: Option<(String, Model)>,
+    last_stats: Stats,
+}
+
+impl Board {
+    pub fn new(engine: EngineOptions, models_dir: Option<PathBuf>) -> Self {
+        Board { engine, models_dir, model: None, last_stats: Stats::default() }
+    }
+
+    /// Loads a bundle of either kind, replacing the current model.
+    pub fn load(&mut self, dir: &Path) -> edgelm_runtime::Result<()> {
+        let m = Model::open(dir, &self.engine)?;
+        self.model = Some((model_name(dir), m));
+        Ok(())
+    }
+
+    fn info(&self) -> Message {
+        let (model, context) = match &self.model {
+            None => ("", 0),
+            Some((n, Model::CausalLm(e))) => (n.as_str(), e.context_length() as u32),
+            Some((n, Model::Encoder(e))) => (n.as_str(), e.context_length().unwrap_or(0) as u32),
+        };
+        Message::Info {
+            protocol: edgelm_protocol::PROTOCOL_VERSION,
+            runtime: bounded(env!("CARGO_PKG_VERSION")),
+            model: bounded(model),
+            context,
+            max_prompt: MAX_PROMPT as u16,
+            max_piece: MAX_PIECE as u16,
+            max_frame: MAX_FRAME as u16,
+        }
+    }
+}
+
+fn model_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+}
+
+/// A LoadModel path: relative, inside the models folder.
+pub fn resolve_model(root: Option<&Path>, rel: &str) -> Result<PathBuf, String> {
+    let root = root.ok_or("this board loads no models over the link (start edgelm serve with --models-dir)")?;
+    let p = Path::new(rel);
+    if rel.is_empty() || p.is_absolute() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(format!("model path `{rel}` must be a plain relative path inside the models folder"));
+    }
+    Ok(root.join(p))
+}
+
+/// Runs admitted requests until the link closes.
+pub fn work_loop(board: &mut Board, req_rx: Receiver<Message>, out_tx: &Sender<Outgoing>, shared: &Shared) {
+    loop {
+        let req = match req_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) if !shared.closed.load(Ordering::SeqCst) => continue,
+            Err(_) => return,
+        };
+        run(board, req, out_tx, shared);
+        shared.finished_request();
+    }
+}
+
+fn run(board: &mut Board, req: Message, out_tx: &Sender<Outgoing>, shared: &Shared) {
+    let reply = |m: Message| {
+        let _ = out_tx.send(Outgoing::Frame(Box::new(m)));
+    };
+    match req {
+        Message::Hello { .. } => reply(board.info()),
+        Message::GetStats => reply(Message::StatsReply { stats: board.last_stats }),
+        Message::Embed { text } => match &mut board.model {
+            Some((_, Model::Encoder(enc))) => match enc.embed(&text) {
+                Ok(v) => {
+                    let chunks: Vec<&[f32]> = v.chunks(MAX_EMBED).collect();
+                    for (i, c) in chunks.iter().enumerate() {
+                        let values = heapless::Vec::from_slice(c).unwrap_or_default();
+                        reply(Message::Embedding { index: i as u16, last: i + 1 == chunks.len(), values });
+                    }
+                }
+                Err(e) => reply(runtime_error(&e)),
+            },
+            Some(_) => reply(error_frame(ErrorCode::Unsupported, "embeddings need an encoder bundle")),
+            None => reply(error_frame(ErrorCode::NoModel, "no model loaded; send LoadModel")),
+        },
+        Message::LoadModel { path } => match resolve_model(board.models_dir.as_deref(), &path) {
+            Ok(dir) => match board.load(&dir) {
+                Ok(()) => reply(Message::Ack),
+                Err(e) => reply(error_frame(ErrorCode::Runtime, &e.to_string())),
+            },
+            Err(msg) => reply(error_frame(ErrorCode::InvalidRequest, &msg)),
+        },
+        Message::Generate { prompt, params } => generate(board, &prompt, &params, false, out_tx, shared),
+        Message::GenerateRaw { prompt, params } => generate(board, &prompt, &params, true, out_tx, shared),
+        _ => {}
+    }
+}
+
+/// Answers a Generate: one Error if the request is refused (checked in full before anything
+/// is sent), else Ack, the pieces and Done; an Error after the Ack only if the model fails
+/// while generating.
+fn generate(
+    board: &mut Board,
+    prompt: &str,
+    params: &GenParams,
+    raw: bool,
+    out_tx: &Sender<Outgoing>,
+    shared: &Shared,
+) {
+    let refuse = |m: Message| {
+        let _ = out_tx.send(Outgoing::Frame(Box::new(m)));
+    };
+    let engine = match &mut board.model {
+        Some((_, Model::CausalLm(e))) => e,
+        Some(_) => return refuse(error_frame(ErrorCode::Unsupported, "the loaded model is an encoder: send Embed")),
+        None => return refuse(error_frame(ErrorCode::NoModel, "no model loaded; send LoadModel")),
+    };
+    let gp = wire::generate_params(params);
+    let ids = match engine.encode_prompt(prompt, raw).and_then(|ids| engine.check_request(&ids, &gp).map(|()| ids)) {
+        Ok(ids) => ids,
+        Err(e) => return refuse(runtime_error(&e)),
+    };
+    // A Cancel from here on, even one sent before the Ack arrived, is for this answer.
+    shared.cancel.store(false, Ordering::SeqCst);
+    let (started_tx, started_rx) = mpsc::sync_channel(1);
+    if out_tx.send(Outgoing::NewAnswer(started_tx)).is_err() || started_rx.recv().is_err() {
+        return; // the writer is gone: the link closed
+    }
+    let result = engine.generate_until(
+        &ids,
+        &gp,
+        || shared.cancel.load(Ordering::SeqCst) || shared.closed.load(Ordering::SeqCst),
+        |ev| {
+            if !ev.text.is_empty() {
+                shared.push_text(ev.text, out_tx);
+            }
+            std::ops::ControlFlow::Continue(())
+        },
+    );
+    match result {
+        Ok(g) => {
+            let stats = wire::stats(&g);
+            board.last_stats = stats;
+            let _ = out_tx.send(Outgoing::Done(stats));
+        }
+        Err(e) => {
+            let _ = out_tx.send(Outgoing::Failed(Box::new(runtime_error(&e))));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_paths_stay_inside_the_models_folder() {
+        let root = Path::new("/models");
+        assert_eq!(resolve_model(Some(root), "tiny").unwrap(), Path::new("/models/tiny"));
+        for bad in ["../etc", "/abs", "a/../../b", ""] {
+            assert!(resolve_model(Some(root), bad).is_err(), "{bad}");
+        }
+        assert!(resolve_model(None, "tiny").is_err());
+    }
+}
