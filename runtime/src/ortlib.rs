@@ -80,7 +80,7 @@ pub fn loaded_path() -> Option<&'static Path> {
 fn load(explicit: Option<&Path>) -> std::result::Result<(PathBuf, ort::environment::Environment), String> {
     let mut tried: Vec<PathBuf> = candidates(explicit).into_iter().filter(|p| p.exists()).collect();
     if let Some(p) = explicit.filter(|p| !p.exists()) {
-        return Err(format!("the library path given, {}, does not exist", p.display()));
+        return Err(format!("{} does not exist (the library path given)", p.display()));
     }
     // Last resort: let the dynamic loader search LD_LIBRARY_PATH and the system folders.
     tried.push(PathBuf::from(format!("libonnxruntime.so.{ORT_VERSION}")));

@@ -143,7 +143,8 @@ int main(int argc, char **argv) {
     edgelm_gen_params params = edgelm_gen_params_default();
     params.max_new_tokens = (uint32_t)n_expected;
     params.ignore_eos = true;
-    struct collect c = {0};
+    struct collect c;
+    memset(&c, 0, sizeof c);
     edgelm_stats stats;
     st = edgelm_generate_ids(model, prompt, n_prompt, &params, on_token, &c, &stats);
     CHECK(st == EDGELM_OK, "generate_ids: %d", (int)st);
@@ -156,7 +157,8 @@ int main(int argc, char **argv) {
     CHECK(same, "greedy ids equal the Rust runtime's");
 
     /* Text prompt streams text. */
-    struct collect t = {0};
+    struct collect t;
+    memset(&t, 0, sizeof t);
     params.max_new_tokens = 16;
     edgelm_stats chat_stats, raw_stats;
     st = edgelm_generate(model, "Open the garage door", &params, on_token, &t, &chat_stats);
@@ -195,14 +197,16 @@ int main(int argc, char **argv) {
     params.n_stop_strings = 0;
 
     /* The callback stops generation. */
-    struct collect s = {0};
+    struct collect s;
+    memset(&s, 0, sizeof s);
     s.stop_after = 3;
     params.max_new_tokens = 50;
     st = edgelm_generate_ids(model, prompt, n_prompt, &params, on_token, &s, &stats);
     CHECK(st == EDGELM_OK && s.n == 3 && stats.stop_reason == EDGELM_STOP_CANCELLED, "callback stop: %zu", s.n);
 
     /* edgelm_cancel from a second thread stops a long generation within a token. */
-    struct collect l = {0};
+    struct collect l;
+    memset(&l, 0, sizeof l);
     l.delay_us = 2000;
     params.max_new_tokens = 200;
     struct cancel_args ca = {model, 30000};
@@ -215,7 +219,8 @@ int main(int argc, char **argv) {
     CHECK(stats.generated_tokens == l.n, "cancelled stats count the delivered tokens");
 
     /* The model still works after all that. */
-    struct collect again = {0};
+    struct collect again;
+    memset(&again, 0, sizeof again);
     params.max_new_tokens = (uint32_t)n_expected;
     st = edgelm_generate_ids(model, prompt, n_prompt, &params, on_token, &again, NULL);
     same = st == EDGELM_OK && again.n == n_expected;
@@ -232,7 +237,8 @@ int main(int argc, char **argv) {
        that generation, which still returns normally. */
     edgelm_model *doomed = NULL;
     CHECK(edgelm_model_load(argv[1], &opts, &doomed) == EDGELM_OK, "load a second handle");
-    struct collect d = {0};
+    struct collect d;
+    memset(&d, 0, sizeof d);
     d.delay_us = 2000;
     params.max_new_tokens = 200;
     struct cancel_args fa = {doomed, 30000};

@@ -106,8 +106,16 @@ fn add_bos_token_from_tokenizer_config_is_honoured() {
         let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
         cfg["add_bos_token"] = add_bos.into();
         std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-        let out =
-            edgelm(&["run", dir.to_str().unwrap(), "--prompt", "Open the door", "--max-new-tokens", "1", "--json"]);
+        let out = edgelm(&[
+            "run",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "Open the door",
+            "--raw",
+            "--max-new-tokens",
+            "1",
+            "--json",
+        ]);
         ids(&json_ok(&out)["prompt_ids"])
     };
     let with = prompt_ids(true);

@@ -38,7 +38,8 @@ fn start(pty: &Pty, extra: &[&str]) -> Daemon {
 
 fn reference_text(max_new: u16) -> String {
     let mut e = Engine::open(bundle("tiny"), &EngineOptions::default()).unwrap();
-    let ids = e.encode(PROMPT).unwrap();
+    // The board renders a Generate's prompt with the chat template, as the runtime does.
+    let ids = e.encode_prompt(PROMPT, false).unwrap();
     let p = GenerateParams { max_new_tokens: max_new as usize, ignore_eos: true, ..GenerateParams::default() };
     e.generate(&ids, &p, |_| ControlFlow::Continue(())).unwrap().text
 }
@@ -199,4 +200,152 @@ fn host_client_over_tcp_loads_a_model_and_prints_the_answer() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(text.strip_suffix('\n').unwrap(), reference_text(20));
+}
+
+/// Frames as they arrive, read straight off the line (no client driver in between).
+struct RawLine {
+    file: std::fs::File,
+    decoder: edgelm_protocol::FrameDecoder,
+    seq: u16,
+}
+
+impl RawLine {
+    fn new(pty: &Pty) -> Self {
+        RawLine { file: pty.master.try_clone().unwrap(), decoder: edgelm_protocol::FrameDecoder::new(), seq: 0 }
+    }
+
+    fn frames(msgs: &[edgelm_protocol::Message]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            let mut buf = [0u8; edgelm_protocol::MAX_FRAME];
+            let h = edgelm_protocol::Header::for_message(i as u16, m);
+            out.extend_from_slice(edgelm_protocol::encode_frame(&h, m, &mut buf).unwrap());
+        }
+        out
+    }
+
+    fn send(&mut self, msgs: &[edgelm_protocol::Message]) {
+        use std::io::Write;
+        self.seq += msgs.len() as u16;
+        self.file.write_all(&Self::frames(msgs)).unwrap();
+    }
+
+    /// The next message from the board (the test has a 30 s budget per frame).
+    fn next(&mut self) -> edgelm_protocol::Message {
+        use std::io::Read;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut byte = [0u8; 1];
+        loop {
+            assert!(std::time::Instant::now() < deadline, "no frame from the board");
+            self.file.read_exact(&mut byte).unwrap();
+            if let Some(r) = self.decoder.push(byte[0]) {
+                return r.expect("the board sends valid frames").1;
+            }
+        }
+    }
+}
+
+fn generate_msg(prompt: &str, max_new: u16) -> edgelm_protocol::Message {
+    edgelm_protocol::Message::Generate { prompt: prompt.try_into().unwrap(), params: params(max_new) }
+}
+
+#[test]
+fn the_ack_comes_first_refusals_get_one_error_and_the_queue_is_exact() {
+    use edgelm_protocol::{ErrorCode, Message};
+    let pty = open_pty();
+    let _d = start(&pty, &["--queue", "4"]);
+    drop(connect(&pty, 3));
+    let mut line = RawLine::new(&pty);
+    // Unpaced and at 2400 bit/s the Ack precedes every piece.
+    for round in 0..10 {
+        line.send(&[generate_msg(PROMPT, 12)]);
+        assert_eq!(line.next(), Message::Ack, "round {round}: the Ack comes first");
+        loop {
+            match line.next() {
+                Message::Token { .. } => {}
+                Message::Done { .. } => break,
+                other => panic!("round {round}: unexpected {other:?}"),
+            }
+        }
+    }
+    // Refused requests: one Error, no Ack (the StatsReply right after proves nothing else came).
+    // 380 bytes of symbols the tiny tokenizer never merged: more tokens than its 256 positions.
+    let too_long = "~^".repeat(190);
+    for (msg, code) in
+        [(generate_msg(PROMPT, 0), ErrorCode::InvalidRequest), (generate_msg(&too_long, 8), ErrorCode::TooLong)]
+    {
+        line.send(&[msg, Message::GetStats]);
+        match line.next() {
+            Message::Error { code: got, .. } => assert_eq!(got, code),
+            other => panic!("expected one Error, got {other:?}"),
+        }
+        assert!(matches!(line.next(), Message::StatsReply { .. }), "nothing follows the Error");
+    }
+    // Six Generates in one write with --queue 4: one runs, four wait, exactly one Busy.
+    for round in 0..3 {
+        let burst: Vec<Message> = (0..6).map(|_| generate_msg(PROMPT, 30)).collect();
+        line.send(&burst);
+        let (mut busy, mut done) = (0, 0);
+        while done < 5 {
+            match line.next() {
+                Message::Error { code: ErrorCode::Busy, .. } => busy += 1,
+                Message::Done { .. } => done += 1,
+                _ => {}
+            }
+        }
+        assert_eq!(busy, 1, "round {round}: --queue 4 refuses exactly the sixth");
+    }
+}
+
+#[test]
+fn a_second_tcp_client_is_refused_at_once() {
+    use std::io::{BufRead, Read};
+    let mut child = Command::new(bin("edgelm"))
+        .args(["serve", "--tcp", "127.0.0.1:0", "--bundle", bundle("tiny").to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = lines
+        .find_map(|l| l.ok()?.strip_prefix("edgelm serve: listening on ").map(str::to_owned))
+        .expect("serve prints its address");
+    let _d = Daemon(child);
+    let first = std::net::TcpStream::connect(&addr).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut second = std::net::TcpStream::connect(&addr).unwrap();
+    second.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut bytes = Vec::new();
+    second.read_to_end(&mut bytes).unwrap();
+    let mut d = edgelm_protocol::FrameDecoder::new();
+    let got: Vec<_> = d.push_slice(&bytes).collect();
+    assert!(
+        matches!(&got[..], [Ok((_, edgelm_protocol::Message::Error { code: edgelm_protocol::ErrorCode::Busy, .. }))]),
+        "{got:?}"
+    );
+    drop(first);
+}
+
+#[test]
+fn generate_uses_the_chat_template_and_generate_raw_does_not() {
+    let pty = open_pty();
+    let _d = start(&pty, &[]);
+    let mut c = connect(&pty, 4);
+    assert!(c.hello("test").unwrap().protocol >= 2);
+    let mut raw = String::new();
+    c.generate_raw(PROMPT, &params(NEW), |p| {
+        raw.push_str(p);
+        true
+    })
+    .unwrap();
+    let mut e = Engine::open(bundle("tiny"), &EngineOptions::default()).unwrap();
+    let ids = e.encode(PROMPT).unwrap();
+    let p = GenerateParams { max_new_tokens: NEW as usize, ignore_eos: true, ..GenerateParams::default() };
+    assert_eq!(raw, e.generate(&ids, &p, |_| ControlFlow::Continue(())).unwrap().text);
+    let mut chat = String::new();
+    c.generate(PROMPT, &params(NEW), |p| {
+        chat.push_str(p);
+        true
+    })
+    .unwrap();
+    assert_eq!(chat, reference_text(NEW));
 }

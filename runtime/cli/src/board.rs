@@ -139,7 +139,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("b.toml");
         std::fs::write(&p, "name='x'\ntarget='t'\nthreads=2\nmemory_budget_mib=100\nexecution_providers=['cpu']\nturbo=true\n[ort]\narch='x86_64'\nsource='pypi-wheel'\n").unwrap();
-        assert!(BoardProfile::load(&p).unwrap_err().to_string().contains("turbo"));
+        assert!(format!("{:#}", BoardProfile::load(&p).unwrap_err()).contains("turbo"));
         std::fs::write(&p, "name='x'\ntarget='t'\nthreads=2\nmemory_budget_mib=100\nexecution_providers=['cpu']\n[ort]\narch='x86_64'\nsource='pypi-wheel'\n").unwrap();
         let b = BoardProfile::load(&p).unwrap();
         assert!(b.check_fits(50 << 20, 10 << 20).is_ok());
