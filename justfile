@@ -7,6 +7,9 @@ default_preset := "smollm2-135m"
 # The built-in default recipe (teacher committed under models/devcmd/teacher).
 default_recipe := "models/devcmd/recipe.toml"
 out := "out"
+# The binaries search only run-time places for ONNX Runtime; in this tree they are pointed at
+# the library `just setup-ort` fetched (a value already in the environment wins).
+export EDGELM_ORT_LIB := env("EDGELM_ORT_LIB", justfile_directory() / ".ort/host/libonnxruntime.so")
 
 # List recipes.
 default:
