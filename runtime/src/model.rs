@@ -27,6 +27,15 @@ impl Model {
         })
     }
 
+    /// Its context in tokens: prompt plus answer for a causal LM, one text for an encoder (0
+    /// when the encoder's bundle does not say).
+    pub fn context_length(&self) -> usize {
+        match self {
+            Model::CausalLm(e) => e.context_length(),
+            Model::Encoder(e) => e.context_length().unwrap_or(0),
+        }
+    }
+
     /// What the model is.
     pub fn kind(&self) -> Kind {
         match self {

@@ -36,6 +36,24 @@ fn start(pty: &Pty, extra: &[&str]) -> Daemon {
     Daemon(child)
 }
 
+/// `edgelm serve --tcp` on a free local port with `extra` flags, and the address it listens on.
+fn serve_tcp(extra: &[&str]) -> (Daemon, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(bin("edgelm"))
+        .args(["serve", "--tcp", "127.0.0.1:0"])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = lines
+        .find_map(|l| l.ok()?.strip_prefix("edgelm serve: listening on ").map(str::to_owned))
+        .expect("serve prints its address");
+    // Keep reading its log, so the daemon never writes to a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (Daemon(child), addr)
+}
+
 fn reference_text(max_new: u16) -> String {
     let mut e = Engine::open(bundle("tiny"), &EngineOptions::default()).unwrap();
     // The board renders a Generate's prompt with the chat template, as the runtime does.
@@ -162,20 +180,10 @@ fn a_noisy_line_never_yields_a_wrong_answer_or_a_hung_daemon() {
 
 #[test]
 fn host_client_over_tcp_loads_a_model_and_prints_the_answer() {
-    use std::io::BufRead;
     let b = bundle("tiny");
     let models = b.parent().unwrap();
     // No bundle at start: the client loads one by name from the models folder.
-    let mut child = Command::new(bin("edgelm"))
-        .args(["serve", "--tcp", "127.0.0.1:0", "--models-dir", models.to_str().unwrap()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = lines
-        .find_map(|l| l.ok()?.strip_prefix("edgelm serve: listening on ").map(str::to_owned))
-        .expect("serve prints its address");
-    let _d = Daemon(child);
+    let (_d, addr) = serve_tcp(&["--models-dir", models.to_str().unwrap()]);
     let client = |extra: &[&str]| {
         Command::new(bin("edgelm"))
             .args(["client", "--tcp", &addr, "--prompt", PROMPT, "--max-new-tokens", "20", "--ignore-eos"])
@@ -299,17 +307,8 @@ fn the_ack_comes_first_refusals_get_one_error_and_the_queue_is_exact() {
 
 #[test]
 fn a_second_tcp_client_is_refused_at_once() {
-    use std::io::{BufRead, Read};
-    let mut child = Command::new(bin("edgelm"))
-        .args(["serve", "--tcp", "127.0.0.1:0", "--bundle", bundle("tiny").to_str().unwrap()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = lines
-        .find_map(|l| l.ok()?.strip_prefix("edgelm serve: listening on ").map(str::to_owned))
-        .expect("serve prints its address");
-    let _d = Daemon(child);
+    use std::io::Read;
+    let (_d, addr) = serve_tcp(&["--bundle", bundle("tiny").to_str().unwrap()]);
     let first = std::net::TcpStream::connect(&addr).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let mut second = std::net::TcpStream::connect(&addr).unwrap();

@@ -202,13 +202,13 @@ impl ModelInfo {
         match m {
             Model::CausalLm(e) => ModelInfo {
                 kind: edgelm_kind::EDGELM_KIND_CAUSAL_LM,
-                context_length: e.context_length() as u32,
+                context_length: m.context_length() as u32,
                 vocab_size: e.vocab_size() as u32,
                 embedding_dim: None,
             },
             Model::Encoder(e) => ModelInfo {
                 kind: edgelm_kind::EDGELM_KIND_ENCODER,
-                context_length: e.context_length().unwrap_or(0) as u32,
+                context_length: m.context_length() as u32,
                 vocab_size: e.vocab_size() as u32,
                 embedding_dim: Some(e.embedding_dim() as u32),
             },

@@ -27,8 +27,6 @@ pub enum Outgoing {
     Frame(Box<Message>),
     /// Send what is pending, then Done with the piece count.
     Done(Stats),
-    /// Send what is pending, then this Error, which ends the answer (a failure mid-generation).
-    Failed(Box<Message>),
     /// Send the pieces of the current answer again, from this index.
     Resend(u16),
     /// A new answer starts: forget the old pieces, send its Ack, then tell the worker. Through
@@ -196,7 +194,6 @@ pub fn write_loop(mut writer: Box<dyn Write + Send>, out_rx: Receiver<Outgoing>,
                 };
                 ok && frames.send(w, &Message::Done { pieces, stats })
             }
-            Outgoing::Failed(m) => frames.drain(w, shared) && frames.send(w, &m),
             Outgoing::Resend(from) => frames.resend(w, shared, from),
             Outgoing::NewAnswer(started) => {
                 *shared.answer() = AnswerBuf { started: true, ..AnswerBuf::default() };

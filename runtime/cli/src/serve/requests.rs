@@ -36,8 +36,7 @@ impl Board {
     fn info(&self) -> Message {
         let (model, context) = match &self.model {
             None => ("", 0),
-            Some((n, Model::CausalLm(e))) => (n.as_str(), e.context_length() as u32),
-            Some((n, Model::Encoder(e))) => (n.as_str(), e.context_length().unwrap_or(0) as u32),
+            Some((n, m)) => (n.as_str(), m.context_length() as u32),
         };
         Message::Info {
             protocol: edgelm_protocol::PROTOCOL_VERSION,
@@ -159,8 +158,9 @@ fn generate(
             board.last_stats = stats;
             let _ = out_tx.send(Outgoing::Done(stats));
         }
+        // After pending text, like any frame: the Error ends the answer in place of Done.
         Err(e) => {
-            let _ = out_tx.send(Outgoing::Failed(Box::new(runtime_error(&e))));
+            let _ = out_tx.send(Outgoing::Frame(Box::new(runtime_error(&e))));
         }
     }
 }
