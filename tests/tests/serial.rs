@@ -238,13 +238,19 @@ impl RawLine {
         self.file.write_all(&Self::frames(msgs)).unwrap();
     }
 
-    /// The next message from the board (the test has a 30 s budget per frame).
+    /// The next message from the board; fails the test when none completes within 30 s (the
+    /// wait is a poll, so a board that stops sending cannot hang the test).
     fn next(&mut self) -> edgelm_protocol::Message {
         use std::io::Read;
+        use std::os::fd::AsRawFd;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let mut byte = [0u8; 1];
         loop {
-            assert!(std::time::Instant::now() < deadline, "no frame from the board");
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut p = libc::pollfd { fd: self.file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let ready = unsafe { libc::poll(&mut p, 1, left.as_millis() as i32) } > 0;
+            assert!(ready, "no frame from the board within 30 s");
             self.file.read_exact(&mut byte).unwrap();
             if let Some(r) = self.decoder.push(byte[0]) {
                 return r.expect("the board sends valid frames").1;

@@ -72,42 +72,53 @@ pub fn work_loop(board: &mut Board, req_rx: Receiver<Message>, out_tx: &Sender<O
             Err(mpsc::RecvTimeoutError::Timeout) if !shared.closed.load(Ordering::SeqCst) => continue,
             Err(_) => return,
         };
-        run(board, req, out_tx, shared);
+        let last = run(board, req, out_tx, shared);
+        // The request stops counting against the queue before its last frame is queued: a
+        // client that has read that frame may send again and finds the room it left.
         shared.finished_request();
+        let _ = out_tx.send(last);
     }
 }
 
-fn run(board: &mut Board, req: Message, out_tx: &Sender<Outgoing>, shared: &Shared) {
-    let reply = |m: Message| {
-        let _ = out_tx.send(Outgoing::Frame(Box::new(m)));
-    };
+fn frame(m: Message) -> Outgoing {
+    Outgoing::Frame(Box::new(m))
+}
+
+/// Runs one request; returns what ends its answer (the worker sends it).
+fn run(board: &mut Board, req: Message, out_tx: &Sender<Outgoing>, shared: &Shared) -> Outgoing {
     match req {
-        Message::Hello { .. } => reply(board.info()),
-        Message::GetStats => reply(Message::StatsReply { stats: board.last_stats }),
+        Message::Hello { .. } => frame(board.info()),
+        Message::GetStats => frame(Message::StatsReply { stats: board.last_stats }),
         Message::Embed { text } => match &mut board.model {
             Some((_, Model::Encoder(enc))) => match enc.embed(&text) {
                 Ok(v) => {
-                    let chunks: Vec<&[f32]> = v.chunks(MAX_EMBED).collect();
+                    let mut chunks: Vec<&[f32]> = v.chunks(MAX_EMBED).collect();
+                    let last = chunks.pop().unwrap_or_default();
                     for (i, c) in chunks.iter().enumerate() {
                         let values = heapless::Vec::from_slice(c).unwrap_or_default();
-                        reply(Message::Embedding { index: i as u16, last: i + 1 == chunks.len(), values });
+                        let _ = out_tx.send(frame(Message::Embedding { index: i as u16, last: false, values }));
                     }
+                    let values = heapless::Vec::from_slice(last).unwrap_or_default();
+                    frame(Message::Embedding { index: chunks.len() as u16, last: true, values })
                 }
-                Err(e) => reply(runtime_error(&e)),
+                Err(e) => frame(runtime_error(&e)),
             },
-            Some(_) => reply(error_frame(ErrorCode::Unsupported, "embeddings need an encoder bundle")),
-            None => reply(error_frame(ErrorCode::NoModel, "no model loaded; send LoadModel")),
+            Some(_) => frame(error_frame(ErrorCode::Unsupported, "embeddings need an encoder bundle")),
+            None => frame(error_frame(ErrorCode::NoModel, "no model loaded; send LoadModel")),
         },
         Message::LoadModel { path } => match resolve_model(board.models_dir.as_deref(), &path) {
             Ok(dir) => match board.load(&dir) {
-                Ok(()) => reply(Message::Ack),
-                Err(e) => reply(error_frame(ErrorCode::Runtime, &e.to_string())),
+                Ok(()) => frame(Message::Ack),
+                Err(e) => frame(error_frame(ErrorCode::Runtime, &e.to_string())),
             },
-            Err(msg) => reply(error_frame(ErrorCode::InvalidRequest, &msg)),
+            Err(msg) => frame(error_frame(ErrorCode::InvalidRequest, &msg)),
         },
         Message::Generate { prompt, params } => generate(board, &prompt, &params, false, out_tx, shared),
         Message::GenerateRaw { prompt, params } => generate(board, &prompt, &params, true, out_tx, shared),
-        _ => {}
+        other => frame(error_frame(
+            ErrorCode::InvalidRequest,
+            &format!("a board does not accept message kind {}", other.kind()),
+        )),
     }
 }
 
@@ -121,10 +132,8 @@ fn generate(
     raw: bool,
     out_tx: &Sender<Outgoing>,
     shared: &Shared,
-) {
-    let refuse = |m: Message| {
-        let _ = out_tx.send(Outgoing::Frame(Box::new(m)));
-    };
+) -> Outgoing {
+    let refuse = frame;
     let engine = match &mut board.model {
         Some((_, Model::CausalLm(e))) => e,
         Some(_) => return refuse(error_frame(ErrorCode::Unsupported, "the loaded model is an encoder: send Embed")),
@@ -139,7 +148,7 @@ fn generate(
     shared.cancel.store(false, Ordering::SeqCst);
     let (started_tx, started_rx) = mpsc::sync_channel(1);
     if out_tx.send(Outgoing::NewAnswer(started_tx)).is_err() || started_rx.recv().is_err() {
-        return; // the writer is gone: the link closed
+        return Outgoing::Wake; // the writer is gone: the link closed
     }
     let result = engine.generate_until(
         &ids,
@@ -156,12 +165,10 @@ fn generate(
         Ok(g) => {
             let stats = wire::stats(&g);
             board.last_stats = stats;
-            let _ = out_tx.send(Outgoing::Done(stats));
+            Outgoing::Done(stats)
         }
         // After pending text, like any frame: the Error ends the answer in place of Done.
-        Err(e) => {
-            let _ = out_tx.send(Outgoing::Frame(Box::new(runtime_error(&e))));
-        }
+        Err(e) => frame(runtime_error(&e)),
     }
 }
 
