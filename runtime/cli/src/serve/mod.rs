@@ -3,7 +3,7 @@
 //! One link is served at a time, with three threads: a reader and a writer (`line.rs`) and the
 //! worker that runs requests on the loaded model (`requests.rs`). A serial port is reopened
 //! when it goes away; on TCP a second client, while one is connected, gets one Busy Error
-//! frame and is disconnected at once, rather than waiting unanswered.
+//! frame and is disconnected within half a second, rather than waiting unanswered.
 
 mod line;
 mod requests;
@@ -91,12 +91,27 @@ pub fn serve(a: ServeArgs, place: &Placement) -> Result<()> {
     }
 }
 
-/// Hands connections to the server one at a time; one arriving while another is served gets a
-/// Busy Error frame and is closed.
+/// How long a new connection waits for the link before it to finish closing. A client that
+/// disconnects and connects again at once finds the board still tearing down its old link for
+/// a few milliseconds; it is served, not refused.
+const HANDOVER: Duration = Duration::from_millis(500);
+
+/// Hands connections to the server one at a time; one arriving while another is served (and
+/// still served after [`HANDOVER`]) gets a Busy Error frame and is closed.
 fn accept_loop(listener: TcpListener, busy: &AtomicBool, conn_tx: &mpsc::Sender<TcpStream>) {
     for conn in listener.incoming() {
         let Ok(mut stream) = conn else { continue };
-        if busy.swap(true, Ordering::SeqCst) {
+        let waited = Instant::now();
+        let free = loop {
+            if !busy.swap(true, Ordering::SeqCst) {
+                break true;
+            }
+            if waited.elapsed() >= HANDOVER {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        if !free {
             refuse_busy(&mut stream);
         } else if conn_tx.send(stream).is_err() {
             return;
