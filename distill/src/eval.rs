@@ -101,7 +101,7 @@ pub fn score_bundle(
     progress: bool,
 ) -> Result<Score> {
     let mut engine = edgelm_runtime::Engine::open(bundle, opts)?;
-    let params = edgelm_runtime::GenerateParams { max_new_tokens: MAX_ANSWER_TOKENS, ..Default::default() };
+    let params = edgelm_runtime::GenerateParams::default().with_max_new_tokens(MAX_ANSWER_TOKENS);
     let mut answers = Vec::with_capacity(examples.len());
     let bar = answer_bar(examples.len(), &bundle.display().to_string(), progress);
     for e in examples {

@@ -630,10 +630,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pipeline { recipe, output, eval_examples, ort_lib, quiet } => {
             use edgelm_distill::pipeline::{run as run_pipeline, PipelineOptions};
             let r = Recipe::load(&recipe)?;
+            let mut engine = edgelm_runtime::EngineOptions::default();
+            if let Some(p) = ort_lib {
+                engine = engine.with_ort_library(p);
+            }
             let opts = PipelineOptions {
                 output: output.unwrap_or_else(|| PathBuf::from("out").join(&r.name)),
                 eval_examples,
-                engine: edgelm_runtime::EngineOptions { ort_lib, ..Default::default() },
+                engine,
                 progress: !quiet,
             };
             run_pipeline(&r, &opts, &mut std::io::stdout().lock()).context("pipeline")?;

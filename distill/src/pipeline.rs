@@ -313,8 +313,7 @@ fn show(
         return Ok(None);
     }
     let mut engine = edgelm_runtime::Engine::open(bundle, engine_opts)?;
-    let params =
-        edgelm_runtime::GenerateParams { max_new_tokens: crate::eval::MAX_ANSWER_TOKENS, ..Default::default() };
+    let params = edgelm_runtime::GenerateParams::default().with_max_new_tokens(crate::eval::MAX_ANSWER_TOKENS);
     let (mut ttft, mut decode) = (Vec::new(), Vec::new());
     writeln!(out, "\nheld-out commands through the runtime ({}):", bundle.display()).at("stdout")?;
     for e in test.iter().take(n) {

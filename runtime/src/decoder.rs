@@ -11,7 +11,6 @@
 use std::path::Path;
 
 use ort::memory::Allocator;
-use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{IoBinding, Session};
 use ort::value::{DynValue, Tensor};
 
@@ -28,8 +27,9 @@ pub enum KvCacheMode {
     Growing,
 }
 
-/// Session settings.
+/// Session settings. Start from [`DecoderOptions::default`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DecoderOptions {
     /// Intra-op threads; 0 lets ONNX Runtime use one per physical core.
     pub threads: usize,
@@ -94,16 +94,7 @@ impl DecodeState {
 impl Decoder {
     /// Opens `model_path` with the names and shape in `genai`.
     pub fn load(model_path: &Path, genai: &GenaiConfig, opts: &DecoderOptions) -> Result<Self> {
-        let env = crate::ortlib::init(None)?;
-        let mut builder = Session::builder(env)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(|e| Error::Ort(e.into()))?
-            .with_intra_op_spinning(opts.spin)
-            .map_err(|e| Error::Ort(e.into()))?;
-        if opts.threads > 0 {
-            builder = builder.with_intra_threads(opts.threads).map_err(|e| Error::Ort(e.into()))?;
-        }
-        let session = builder.commit_from_file(model_path)?;
+        let session = crate::session::open(model_path, opts.threads, opts.spin)?;
         let d = &genai.model.decoder;
         let names = |t: &str| (0..d.num_hidden_layers).map(|i| layer_name(t, i)).collect::<Vec<_>>();
         let has_input = |n: &str| session.inputs().iter().any(|o| o.name() == n);

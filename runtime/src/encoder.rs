@@ -6,13 +6,13 @@
 
 use std::path::{Path, PathBuf};
 
-use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::Tensor;
 
 use crate::bundle::{verify_manifest, Kind, Manifest, MANIFEST};
+use crate::decoder::DecoderOptions;
+use crate::engine::EngineOptions;
 use crate::error::{Error, Result};
-use crate::generate::EngineOptions;
 
 /// An encoder graph in an ONNX Runtime session.
 pub struct EncoderSession {
@@ -22,16 +22,9 @@ pub struct EncoderSession {
 }
 
 impl EncoderSession {
-    /// Opens an encoder ONNX file (`threads` 0 = one per core).
-    pub fn load(model: &Path, threads: usize) -> Result<Self> {
-        let env = crate::ortlib::init(None)?;
-        let mut b = Session::builder(env)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(|e| Error::Ort(e.into()))?;
-        if threads > 0 {
-            b = b.with_intra_threads(threads).map_err(|e| Error::Ort(e.into()))?;
-        }
-        let session = b.commit_from_file(model)?;
+    /// Opens an encoder ONNX file with the decoder's session settings.
+    pub fn load(model: &Path, opts: &DecoderOptions) -> Result<Self> {
+        let session = crate::session::open(model, opts.threads, opts.spin)?;
         let embedding_dim = session
             .outputs()
             .iter()
@@ -97,7 +90,7 @@ impl Encoder {
         // One sequence at a time: padding (which sentence-transformers files often configure)
         // would only add masked positions. Truncation, if configured, is kept.
         tokenizer.with_padding(None);
-        let mut session = EncoderSession::load(&dir.join(&manifest.model_file), opts.decoder.threads)?;
+        let mut session = EncoderSession::load(&dir.join(&manifest.model_file), &opts.decoder)?;
         if session.embedding_dim == 0 {
             // The graph leaves the width open: measure it once on a one-token input.
             session.embedding_dim = session.run(&[0], &[0])?.len();

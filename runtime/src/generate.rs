@@ -1,70 +1,36 @@
-//! Generation: a bundle opened for inference ([`Engine`]), and the token loop with sampling,
-//! stop conditions, streaming and metrics.
+//! The token loop: sampling, stop conditions, streaming and metrics over any model that turns
+//! token ids into next-token logits. [`crate::Engine`] runs it on an ONNX Runtime session; the
+//! tests below run it on a scripted model, without ONNX Runtime.
 
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::bundle::Bundle;
-use crate::decoder::{Decoder, DecoderOptions, KvCacheMode};
 use crate::detokenize::StreamDecoder;
 use crate::error::{Error, Result};
 use crate::metrics::{peak_rss_bytes, Metrics};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stop::{StopMatcher, StopOutcome};
-use crate::tokenizer::TextCodec;
 
-/// How to open a bundle.
-#[derive(Debug, Clone, Default)]
-pub struct EngineOptions {
-    /// ONNX Runtime library to load instead of searching (see [`crate::ortlib`]).
-    pub ort_lib: Option<PathBuf>,
-    /// Session settings (threads, KV cache strategy).
-    pub decoder: DecoderOptions,
-}
-
-/// One turn of a conversation, as chat templates take it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    /// What was said.
-    pub content: String,
-}
-
-impl ChatMessage {
-    /// A turn with any role.
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
-    }
-
-    /// A user turn.
-    pub fn user(content: impl Into<String>) -> Self {
-        ChatMessage::new("user", content)
-    }
-
-    /// An assistant turn.
-    pub fn assistant(content: impl Into<String>) -> Self {
-        ChatMessage::new("assistant", content)
-    }
-}
-
-/// Per-request settings.
+/// Per-request settings. Start from [`GenerateParams::default`] and change what you need:
+/// `GenerateParams::default().with_max_new_tokens(64).with_ignore_eos(true)`.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct GenerateParams {
     /// Most tokens to generate.
     pub max_new_tokens: usize,
     /// Token selection.
     pub sampling: SamplingParams,
-    /// Stop when the generated text contains any of these (the stop string is not returned).
+    /// Stop when the generated text contains any of these. The stop string and anything after
+    /// it is neither streamed nor returned; empty strings are ignored.
     pub stop_strings: Vec<String>,
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
 }
 
 impl Default for GenerateParams {
+    /// 128 new tokens, greedy, no stop strings, stop at end-of-sequence.
     fn default() -> Self {
         GenerateParams {
             max_new_tokens: 128,
@@ -72,6 +38,32 @@ impl Default for GenerateParams {
             stop_strings: vec![],
             ignore_eos: false,
         }
+    }
+}
+
+impl GenerateParams {
+    /// With at most `n` new tokens.
+    pub fn with_max_new_tokens(mut self, n: usize) -> Self {
+        self.max_new_tokens = n;
+        self
+    }
+
+    /// With these sampling settings.
+    pub fn with_sampling(mut self, sampling: SamplingParams) -> Self {
+        self.sampling = sampling;
+        self
+    }
+
+    /// With these stop strings.
+    pub fn with_stop_strings(mut self, stops: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.stop_strings = stops.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Going past end-of-sequence tokens (`true`) or stopping at them.
+    pub fn with_ignore_eos(mut self, ignore: bool) -> Self {
+        self.ignore_eos = ignore;
+        self
     }
 }
 
@@ -87,7 +79,7 @@ pub enum StopReason {
     MaxTokens,
     /// The model's context is full.
     ContextFull,
-    /// The caller's callback asked to stop.
+    /// The caller's callback asked to stop, or a cancel arrived.
     Cancelled,
 }
 
@@ -116,262 +108,358 @@ pub struct Generation {
     pub metrics: Metrics,
 }
 
-/// A bundle opened for generation.
-pub struct Engine {
-    bundle: Bundle,
-    decoder: Decoder,
-    codec: Option<TextCodec>,
+/// The seam between the token loop and a model: run `ids` after everything run so far on this
+/// sequence and give the logits of the last position.
+pub(crate) trait Forward {
+    fn forward(&mut self, ids: &[u32]) -> Result<&mut [f32]>;
 }
 
-impl Engine {
-    /// Opens and verifies a bundle folder (edgelm or onnxruntime-genai layout).
-    pub fn open(dir: impl AsRef<Path>, opts: &EngineOptions) -> Result<Self> {
-        crate::ortlib::init(opts.ort_lib.as_deref())?;
-        let bundle = Bundle::open(dir)?;
-        let decoder = Decoder::load(&bundle.model_path, &bundle.genai, &opts.decoder)?;
-        let g = &bundle.generation;
-        let codec = match &bundle.tokenizer_path {
-            Some(p) => Some(TextCodec::load(
-                p,
-                bundle.chat_template.clone(),
-                g.bos_token_id,
-                g.eos_token_ids.first().copied(),
-            )?),
-            None => None,
-        };
-        Ok(Engine { bundle, decoder, codec })
-    }
+/// What the loop knows of the model besides its logits.
+pub(crate) struct LoopSetup<'a> {
+    /// Positions the sequence may hold (prompt and generated tokens fed back).
+    pub capacity: usize,
+    /// Tokens that end the answer unless `ignore_eos` is set.
+    pub eos: &'a [u32],
+    /// Turns ids into text; without one, events carry no text and stop strings never match.
+    pub tokenizer: Option<&'a tokenizers::Tokenizer>,
+    /// When the request started (TTFT counts from here).
+    pub start: Instant,
+}
 
-    /// The opened bundle.
-    pub fn bundle(&self) -> &Bundle {
-        &self.bundle
-    }
-
-    /// The tokenizer, when the bundle has one.
-    pub fn codec(&self) -> Option<&TextCodec> {
-        self.codec.as_ref()
-    }
-
-    /// Longest sequence the model supports.
-    pub fn context_length(&self) -> usize {
-        self.decoder.context_length()
-    }
-
-    /// Vocabulary size.
-    pub fn vocab_size(&self) -> usize {
-        self.decoder.vocab_size()
-    }
-
-    /// The KV cache strategy in use.
-    pub fn kv_cache_mode(&self) -> KvCacheMode {
-        self.decoder.kv_cache_mode()
-    }
-
-    /// Bytes of weights on disk (the ONNX file plus any external data next to it).
-    pub fn weight_bytes(&self) -> u64 {
-        let model = &self.bundle.model_path;
-        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        size(model) + size(&model.with_extension("onnx.data"))
-    }
-
-    /// Bytes of a KV cache holding `positions` positions (f32 keys and values, every layer).
-    pub fn kv_cache_bytes(&self, positions: usize) -> u64 {
-        let d = &self.bundle.genai.model.decoder;
-        (2 * d.num_hidden_layers * d.num_key_value_heads * d.head_size * positions * 4) as u64
-    }
-
-    /// Sampling defaults from the bundle.
-    pub fn default_sampling(&self) -> SamplingParams {
-        let g = &self.bundle.generation;
-        SamplingParams {
-            temperature: g.temperature,
-            top_k: g.top_k,
-            top_p: g.top_p,
-            repetition_penalty: g.repetition_penalty,
-            seed: 0,
+/// Generates after `prompt` (already checked: non-empty, in range, shorter than capacity).
+///
+/// Event order: one event per generated token, then (unless a stop string ended the answer,
+/// the callback said stop, or a cancel arrived) one event with `id: None` carrying text that
+/// was held back. `cancelled` is asked before every model step, the first included.
+pub(crate) fn run(
+    model: &mut impl Forward,
+    setup: LoopSetup<'_>,
+    prompt: &[u32],
+    params: &GenerateParams,
+    mut cancelled: impl FnMut() -> bool,
+    mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let LoopSetup { capacity, eos, tokenizer, start } = setup;
+    let tokenizer_err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
+    let mut sampler = Sampler::new(params.sampling);
+    let mut stream = StreamDecoder::new(&prompt[prompt.len().saturating_sub(4)..]);
+    let mut stops = StopMatcher::new(&params.stop_strings);
+    let mut history: Vec<u32> = prompt.to_vec();
+    let mut generated = Vec::with_capacity(params.max_new_tokens);
+    let mut text = String::new();
+    let mut first_token_at = None;
+    let mut reason = StopReason::MaxTokens;
+    let mut input: Vec<u32> = prompt.to_vec();
+    let mut position = 0;
+    let mut caller_stopped = false;
+    while generated.len() < params.max_new_tokens {
+        if cancelled() {
+            reason = StopReason::Cancelled;
+            break;
         }
-    }
-
-    /// Token ids for a text prompt (special tokens added as the tokenizer defines).
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        if text.is_empty() {
-            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        if position + input.len() > capacity {
+            reason = StopReason::ContextFull;
+            break;
         }
-        let mut ids = self.codec.as_ref().ok_or(Error::NoTokenizer)?.encode(text, true)?;
-        if let (true, Some(bos)) = (self.bundle.add_bos_token, self.bundle.generation.bos_token_id) {
-            if ids.first() != Some(&bos) {
-                ids.insert(0, bos);
-            }
-        }
-        Ok(ids)
-    }
-
-    /// Token ids for a conversation rendered with the chat template.
-    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let codec = self.codec.as_ref().ok_or(Error::NoTokenizer)?;
-        let text = codec.apply_chat_template(messages)?;
-        // The template already writes any BOS it wants, as transformers assumes.
-        codec.encode(&text, false)
-    }
-
-    /// Token ids for a one-shot text prompt, as every front end feeds it: rendered as one user
-    /// turn with the bundle's chat template (the format the model was trained on), or tokenized
-    /// as it is when `raw` is set or the bundle has no template.
-    pub fn encode_prompt(&self, text: &str, raw: bool) -> Result<Vec<u32>> {
-        if text.is_empty() {
-            return Err(Error::InvalidRequest("the prompt is empty".into()));
-        }
-        match self.codec.as_ref() {
-            Some(c) if !raw && c.has_chat_template() => self.encode_chat(&[ChatMessage::user(text)]),
-            _ => self.encode(text),
-        }
-    }
-
-    /// Checks a request as [`Engine::generate`] would before it starts: a front end that must
-    /// answer "accepted" before the first token (the serial link's Ack) calls this first.
-    pub fn check_request(&self, prompt: &[u32], params: &GenerateParams) -> Result<()> {
-        if prompt.is_empty() {
-            return Err(Error::InvalidRequest("the prompt is empty: give at least one token".into()));
-        }
-        if params.max_new_tokens == 0 {
-            return Err(Error::InvalidRequest("max_new_tokens must be at least 1".into()));
-        }
-        if self.codec.is_none() && params.stop_strings.iter().any(|s| !s.is_empty()) {
-            return Err(Error::InvalidRequest("stop strings need a tokenizer, and this bundle has none".into()));
-        }
-        let vocab = self.decoder.vocab_size();
-        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::TokenOutOfRange { id, vocab });
-        }
-        let context = self.decoder.context_length();
-        if prompt.len() >= context {
-            return Err(Error::ContextOverflow { prompt: prompt.len(), max_new: params.max_new_tokens, context });
-        }
-        Ok(())
-    }
-
-    /// Generates after `prompt`, calling `on_token` for every token; the callback stops
-    /// generation by returning `ControlFlow::Break(())`.
-    ///
-    /// After the last token, text that was held back (an incomplete character at the very end,
-    /// or the start of a stop string that never completed) arrives in one more event whose `id`
-    /// is None. No event follows a `Break`.
-    /// TTFT counts from the call, so it includes setting up the sequence's KV cache.
-    pub fn generate(
-        &mut self,
-        prompt: &[u32],
-        params: &GenerateParams,
-        on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
-    ) -> Result<Generation> {
-        self.generate_until(prompt, params, || false, on_token)
-    }
-
-    /// [`Engine::generate`] that also asks `cancelled` before every model step (the first
-    /// included) and stops with [`StopReason::Cancelled`] once it says true: how another
-    /// thread stops a generation.
-    pub fn generate_until(
-        &mut self,
-        prompt: &[u32],
-        params: &GenerateParams,
-        mut cancelled: impl FnMut() -> bool,
-        mut on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
-    ) -> Result<Generation> {
-        let start = Instant::now();
-        self.check_request(prompt, params)?;
-        let context = self.decoder.context_length();
-        let capacity = (prompt.len() + params.max_new_tokens.max(1)).min(context);
-        let mut state = self.decoder.start(capacity)?;
-        let mut sampler = Sampler::new(params.sampling);
-        let eos = &self.bundle.generation.eos_token_ids;
-        let mut stream = StreamDecoder::new(&prompt[prompt.len().saturating_sub(4)..]);
-        let mut stops = StopMatcher::new(&params.stop_strings);
-        let mut history: Vec<u32> = prompt.to_vec();
-        let mut generated = Vec::with_capacity(params.max_new_tokens);
-        let mut text = String::new();
-        let mut metrics = Metrics { prompt_tokens: prompt.len(), ..Metrics::default() };
-        let mut first_token_at = None;
-        let mut reason = StopReason::MaxTokens;
-        let mut input: Vec<u32> = prompt.to_vec();
-        let mut caller_stopped = false;
-        while generated.len() < params.max_new_tokens {
-            if cancelled() {
-                reason = StopReason::Cancelled;
-                break;
-            }
-            if state.position() + input.len() > capacity {
-                reason = StopReason::ContextFull;
-                break;
-            }
-            let logits = self.decoder.forward(&mut state, &input)?;
-            let id = sampler.sample(logits, &history);
-            if first_token_at.is_none() {
-                first_token_at = Some(Instant::now());
-            }
-            generated.push(id);
-            history.push(id);
-            let is_eos = !params.ignore_eos && eos.contains(&id);
-            let mut piece = String::new();
-            let mut hit_stop = false;
-            if let (Some(codec), false) = (&self.codec, is_eos) {
-                let new = stream.push(codec.tokenizer(), id).map_err(|e| Error::Tokenizer(e.to_string()))?;
-                match stops.push(new.as_deref().unwrap_or("")) {
-                    StopOutcome::Continue(t) => piece = t,
-                    StopOutcome::Stop(t) => {
-                        piece = t;
-                        hit_stop = true;
-                    }
+        let logits = model.forward(&input)?;
+        position += input.len();
+        let id = sampler.sample(logits, &history);
+        first_token_at.get_or_insert_with(Instant::now);
+        generated.push(id);
+        history.push(id);
+        let is_eos = !params.ignore_eos && eos.contains(&id);
+        let mut piece = String::new();
+        let mut hit_stop = false;
+        if let (Some(tok), false) = (tokenizer, is_eos) {
+            let new = stream.push(tok, id).map_err(tokenizer_err)?;
+            match stops.push(new.as_deref().unwrap_or("")) {
+                StopOutcome::Continue(t) => piece = t,
+                StopOutcome::Stop(t) => {
+                    piece = t;
+                    hit_stop = true;
                 }
             }
-            text.push_str(&piece);
-            let flow = on_token(TokenEvent { id: Some(id), text: &piece });
-            caller_stopped = flow.is_break();
-            if is_eos {
-                reason = StopReason::Eos;
-                break;
-            }
-            if hit_stop {
+        }
+        text.push_str(&piece);
+        let flow = on_token(TokenEvent { id: Some(id), text: &piece });
+        caller_stopped = flow.is_break();
+        if is_eos {
+            reason = StopReason::Eos;
+            break;
+        }
+        if hit_stop {
+            reason = StopReason::StopString;
+            break;
+        }
+        if caller_stopped {
+            reason = StopReason::Cancelled;
+            break;
+        }
+        input.clear();
+        input.push(id);
+    }
+    // Release text held back for a partial character or a possible stop string.
+    if let (Some(tok), false) = (tokenizer, reason == StopReason::StopString) {
+        let tail = stream.flush(tok).map_err(tokenizer_err)?.unwrap_or_default();
+        let tail = match stops.push(&tail) {
+            StopOutcome::Continue(t) => t + &stops.finish(),
+            StopOutcome::Stop(t) => {
                 reason = StopReason::StopString;
-                break;
+                t
             }
-            if flow.is_break() {
-                reason = StopReason::Cancelled;
-                break;
+        };
+        if !tail.is_empty() {
+            text.push_str(&tail);
+            // A caller that stopped or cancelled gets no more callbacks; the text still has
+            // the tail.
+            if reason != StopReason::Cancelled && !caller_stopped {
+                let _ = on_token(TokenEvent { id: None, text: &tail });
             }
-            input.clear();
-            input.push(id);
         }
-        // Release text held back for a partial character or a possible stop string.
-        if reason != StopReason::StopString {
-            if let Some(codec) = &self.codec {
-                let tail =
-                    stream.flush(codec.tokenizer()).map_err(|e| Error::Tokenizer(e.to_string()))?.unwrap_or_default();
-                let tail = match stops.push(&tail) {
-                    StopOutcome::Continue(t) => t + &stops.finish(),
-                    StopOutcome::Stop(t) => {
-                        reason = StopReason::StopString;
-                        t
-                    }
-                };
-                if !tail.is_empty() {
-                    text.push_str(&tail);
-                    // A caller that stopped or cancelled gets no more callbacks; the text still
-                    // has the tail.
-                    if reason != StopReason::Cancelled && !caller_stopped {
-                        let _ = on_token(TokenEvent { id: None, text: &tail });
-                    }
+    }
+    let end = Instant::now();
+    let first = first_token_at.unwrap_or(end);
+    let mut metrics = Metrics { prompt_tokens: prompt.len(), generated_tokens: generated.len(), ..Metrics::default() };
+    metrics.ttft_ms = (first - start).as_secs_f64() * 1e3;
+    metrics.prefill_tokens_per_s = prompt.len() as f64 / (first - start).as_secs_f64().max(1e-9);
+    let decode_secs = (end - first).as_secs_f64();
+    metrics.decode_tokens_per_s =
+        if generated.len() > 1 && decode_secs > 0.0 { (generated.len() - 1) as f64 / decode_secs } else { 0.0 };
+    metrics.total_ms = (end - start).as_secs_f64() * 1e3;
+    metrics.peak_rss_bytes = peak_rss_bytes();
+    Ok(Generation { prompt_ids: prompt.to_vec(), generated_ids: generated, text, stop_reason: reason, metrics })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Byte-level vocabulary: `Ġ` is a space, `Ã` + `©` are the two bytes of `é`.
+    const VOCAB: [&str; 8] = ["</s>", "light", "Ġon", "Ġoff", "ĠEND", "Ã", "©", "Ġcaf"];
+    const EOS: u32 = 0;
+
+    fn tokenizer() -> tokenizers::Tokenizer {
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            VOCAB.iter().enumerate().map(|(i, t)| (t.to_string(), serde_json::json!(i))).collect();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 0, "content": "</s>", "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": []}
+        });
+        json.to_string().parse().expect("test tokenizer")
+    }
+
+    /// A model that answers a fixed script of tokens and records what it was fed.
+    struct Scripted {
+        script: Vec<u32>,
+        fed: Vec<Vec<u32>>,
+        fail_at: Option<usize>,
+        logits: Vec<f32>,
+    }
+
+    impl Scripted {
+        fn new(script: &[u32]) -> Self {
+            Scripted { script: script.to_vec(), fed: vec![], fail_at: None, logits: vec![0.0; VOCAB.len()] }
+        }
+    }
+
+    impl Forward for Scripted {
+        fn forward(&mut self, ids: &[u32]) -> Result<&mut [f32]> {
+            let step = self.fed.len();
+            self.fed.push(ids.to_vec());
+            if self.fail_at == Some(step) {
+                return Err(Error::InvalidRequest(format!("the model failed at step {step}")));
+            }
+            self.logits.fill(0.0);
+            self.logits[self.script[step] as usize] = 5.0;
+            Ok(&mut self.logits)
+        }
+    }
+
+    const PROMPT: [u32; 2] = [1, 2];
+
+    /// Runs the loop and returns the result plus every event as (id, text).
+    fn generate(
+        model: &mut Scripted,
+        params: &GenerateParams,
+        capacity: usize,
+        stop_after_events: Option<usize>,
+    ) -> (Result<Generation>, Vec<(Option<u32>, String)>) {
+        let tok = tokenizer();
+        let mut events = vec![];
+        let setup = LoopSetup { capacity, eos: &[EOS], tokenizer: Some(&tok), start: Instant::now() };
+        let out = run(
+            model,
+            setup,
+            &PROMPT,
+            params,
+            || false,
+            |ev| {
+                events.push((ev.id, ev.text.to_owned()));
+                match stop_after_events {
+                    Some(n) if events.len() >= n => ControlFlow::Break(()),
+                    _ => ControlFlow::Continue(()),
                 }
-            }
-        }
-        let end = Instant::now();
-        let first = first_token_at.unwrap_or(end);
-        metrics.generated_tokens = generated.len();
-        metrics.ttft_ms = (first - start).as_secs_f64() * 1e3;
-        metrics.prefill_tokens_per_s = prompt.len() as f64 / (first - start).as_secs_f64().max(1e-9);
-        let decode_secs = (end - first).as_secs_f64();
-        metrics.decode_tokens_per_s =
-            if generated.len() > 1 && decode_secs > 0.0 { (generated.len() - 1) as f64 / decode_secs } else { 0.0 };
-        metrics.total_ms = (end - start).as_secs_f64() * 1e3;
-        metrics.peak_rss_bytes = peak_rss_bytes();
-        Ok(Generation { prompt_ids: prompt.to_vec(), generated_ids: generated, text, stop_reason: reason, metrics })
+            },
+        );
+        (out, events)
+    }
+
+    fn params(max_new: usize) -> GenerateParams {
+        GenerateParams::default().with_max_new_tokens(max_new)
+    }
+
+    #[test]
+    fn follows_the_model_feeds_each_token_once_and_stops_at_max_tokens() {
+        let mut m = Scripted::new(&[1, 2, 3, 2, 2]);
+        let (out, events) = generate(&mut m, &params(3), 64, None);
+        let out = out.unwrap();
+        assert_eq!(out.generated_ids, [1, 2, 3]);
+        assert_eq!(out.stop_reason, StopReason::MaxTokens);
+        assert_eq!(out.text, "light on off");
+        // The prompt once, then each new token alone: the model keeps its own cache.
+        assert_eq!(m.fed, [vec![1, 2], vec![1], vec![2]]);
+        let streamed: String = events.iter().map(|(_, t)| t.as_str()).collect();
+        assert_eq!(streamed, out.text);
+        assert_eq!(events.iter().map(|e| e.0).collect::<Vec<_>>(), [Some(1), Some(2), Some(3)]);
+        assert_eq!((out.metrics.prompt_tokens, out.metrics.generated_tokens), (2, 3));
+    }
+
+    #[test]
+    fn eos_ends_the_answer_without_text_unless_ignored() {
+        let mut m = Scripted::new(&[1, EOS, 2]);
+        let (out, events) = generate(&mut m, &params(8), 64, None);
+        let out = out.unwrap();
+        assert_eq!((out.generated_ids.as_slice(), out.stop_reason), (&[1, EOS][..], StopReason::Eos));
+        assert_eq!(out.text, "light");
+        assert_eq!(events.last().unwrap(), &(Some(EOS), String::new()), "the EOS event carries no text");
+        let mut m = Scripted::new(&[1, EOS, 2]);
+        let (out, _) = generate(&mut m, &params(3).with_ignore_eos(true), 64, None);
+        let out = out.unwrap();
+        assert_eq!((out.generated_ids.as_slice(), out.stop_reason), (&[1, EOS, 2][..], StopReason::MaxTokens));
+        assert_eq!(out.text, "light on");
+    }
+
+    #[test]
+    fn a_stop_string_is_never_streamed_nor_returned() {
+        let mut m = Scripted::new(&[1, 2, 3, 4, 2]);
+        let (out, events) = generate(&mut m, &params(8).with_stop_strings([" off"]), 64, None);
+        let out = out.unwrap();
+        assert_eq!(out.stop_reason, StopReason::StopString);
+        assert_eq!(out.text, "light on");
+        assert_eq!(out.generated_ids, [1, 2, 3]);
+        let streamed: String = events.iter().map(|(_, t)| t.as_str()).collect();
+        assert_eq!(streamed, "light on");
+        assert!(events.iter().all(|e| e.0.is_some()), "no release event after a stop string");
+        // An empty stop string matches nothing.
+        let mut m = Scripted::new(&[1, 2]);
+        let (out, _) = generate(&mut m, &params(2).with_stop_strings([""]), 64, None);
+        assert_eq!(out.unwrap().text, "light on");
+    }
+
+    #[test]
+    fn text_held_for_a_possible_stop_string_is_released_last() {
+        let mut m = Scripted::new(&[1, 3]);
+        let (out, events) = generate(&mut m, &params(2).with_stop_strings([" offside"]), 64, None);
+        let out = out.unwrap();
+        assert_eq!(out.stop_reason, StopReason::MaxTokens);
+        assert_eq!(out.text, "light off");
+        let expected: Vec<(Option<u32>, String)> =
+            vec![(Some(1), "light".into()), (Some(3), String::new()), (None, " off".into())];
+        assert_eq!(events, expected);
+    }
+
+    #[test]
+    fn a_partial_character_waits_for_its_last_byte_or_the_end() {
+        let mut m = Scripted::new(&[7, 5, 6]);
+        let (out, events) = generate(&mut m, &params(3), 64, None);
+        let expected: Vec<(Option<u32>, String)> =
+            vec![(Some(7), " caf".into()), (Some(5), String::new()), (Some(6), "é".into())];
+        assert_eq!(events, expected);
+        assert_eq!(out.unwrap().text, " café");
+        // Cut after the first byte: the end releases what there is, marked as incomplete.
+        let mut m = Scripted::new(&[7, 5]);
+        let (out, events) = generate(&mut m, &params(2), 64, None);
+        assert_eq!(events.last().unwrap(), &(None, "\u{FFFD}".to_owned()));
+        assert_eq!(out.unwrap().text, " caf\u{FFFD}");
+    }
+
+    #[test]
+    fn the_callback_stops_generation_and_hears_nothing_after() {
+        let mut m = Scripted::new(&[1, 7, 5, 6, 2]);
+        let (out, events) = generate(&mut m, &params(8), 64, Some(3));
+        let out = out.unwrap();
+        assert_eq!(out.stop_reason, StopReason::Cancelled);
+        assert_eq!(events.len(), 3, "no event after the callback said stop");
+        assert_eq!(out.generated_ids, [1, 7, 5]);
+        assert_eq!(m.fed.len(), 3, "no model step after the callback said stop");
+        // The held-back byte is not streamed, but the returned text has it.
+        assert_eq!(out.text, "light caf\u{FFFD}");
+    }
+
+    #[test]
+    fn a_cancel_before_the_first_step_runs_nothing() {
+        let tok = tokenizer();
+        let mut m = Scripted::new(&[1, 2]);
+        let setup = LoopSetup { capacity: 64, eos: &[EOS], tokenizer: Some(&tok), start: Instant::now() };
+        let mut events = 0;
+        let out = run(
+            &mut m,
+            setup,
+            &PROMPT,
+            &params(4),
+            || true,
+            |_| {
+                events += 1;
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap();
+        assert_eq!(out.stop_reason, StopReason::Cancelled);
+        assert!(out.generated_ids.is_empty() && m.fed.is_empty() && events == 0);
+    }
+
+    #[test]
+    fn the_capacity_bounds_the_answer() {
+        // Room for 4 positions: the 2 prompt tokens and 2 fed back, so 3 tokens come out (the
+        // last one is never fed).
+        let mut m = Scripted::new(&[1, 2, 3, 4, 1]);
+        let (out, _) = generate(&mut m, &params(5), 4, None);
+        let out = out.unwrap();
+        assert_eq!(out.stop_reason, StopReason::ContextFull);
+        assert_eq!(out.generated_ids, [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_model_failure_ends_the_call_with_its_error() {
+        let mut m = Scripted::new(&[1, 2, 3]);
+        m.fail_at = Some(1);
+        let (out, events) = generate(&mut m, &params(3), 64, None);
+        assert!(matches!(out, Err(Error::InvalidRequest(ref s)) if s.contains("step 1")));
+        assert_eq!(events.len(), 1);
+    }
+
+    #[test]
+    fn without_a_tokenizer_ids_flow_and_text_stays_empty() {
+        let mut m = Scripted::new(&[1, 2]);
+        let setup = LoopSetup { capacity: 64, eos: &[EOS], tokenizer: None, start: Instant::now() };
+        let out = run(
+            &mut m,
+            setup,
+            &PROMPT,
+            &params(2),
+            || false,
+            |ev| {
+                assert!(ev.text.is_empty());
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap();
+        assert_eq!((out.generated_ids.as_slice(), out.text.as_str()), (&[1, 2][..], ""));
     }
 }

@@ -2,9 +2,10 @@
 //! loaded at run time.
 //!
 //! ```no_run
-//! use edgelm_runtime::{Engine, EngineOptions, GenerateParams};
-//! let mut engine = Engine::open("bundle/", &EngineOptions::default())?;
-//! let prompt = engine.encode("Turn on the kitchen light")?;
+//! use edgelm_runtime::{Engine, GenerateParams};
+//! let mut engine = Engine::builder("bundle/").threads(2).open()?;
+//! // As one user turn with the bundle's chat template, the way the model was trained.
+//! let prompt = engine.encode_prompt("Turn on the kitchen light", false)?;
 //! let out = engine.generate(&prompt, &GenerateParams::default(), |ev| {
 //!     print!("{}", ev.text);
 //!     std::ops::ControlFlow::Continue(())
@@ -18,6 +19,7 @@ pub mod bundle;
 pub mod decoder;
 pub mod detokenize;
 pub mod encoder;
+pub mod engine;
 pub mod error;
 pub mod genai_config;
 pub mod generate;
@@ -25,10 +27,13 @@ pub mod metrics;
 pub mod model;
 pub mod ortlib;
 pub mod sampling;
+mod session;
 pub mod stop;
 pub mod tokenizer;
 
+pub use engine::{Engine, EngineBuilder, EngineOptions};
 pub use error::{Error, Result};
-pub use generate::{ChatMessage, Engine, EngineOptions, GenerateParams, Generation, StopReason, TokenEvent};
+pub use generate::{GenerateParams, Generation, StopReason, TokenEvent};
 pub use model::Model;
 pub use sampling::SamplingParams;
+pub use tokenizer::ChatMessage;

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use crate::bundle::Kind;
 use crate::encoder::Encoder;
+use crate::engine::{Engine, EngineOptions};
 use crate::error::Result;
-use crate::generate::{Engine, EngineOptions};
 
 /// A bundle opened as what it holds.
 pub enum Model {

@@ -22,6 +22,7 @@ use std::cmp::Ordering;
 ///
 /// The defaults give greedy decoding (plain argmax) with every filter turned off.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct SamplingParams {
     /// Softmax temperature. A value of `0` or below (or NaN) means greedy decoding.
     pub temperature: f32,
@@ -47,6 +48,36 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// With this softmax temperature (0 or below: greedy).
+    pub fn with_temperature(mut self, t: f32) -> Self {
+        self.temperature = t;
+        self
+    }
+
+    /// Keeping the `k` most likely tokens (0: all).
+    pub fn with_top_k(mut self, k: usize) -> Self {
+        self.top_k = k;
+        self
+    }
+
+    /// With nucleus threshold `p` (1.0: off).
+    pub fn with_top_p(mut self, p: f32) -> Self {
+        self.top_p = p;
+        self
+    }
+
+    /// With this repetition penalty (1.0: off).
+    pub fn with_repetition_penalty(mut self, r: f32) -> Self {
+        self.repetition_penalty = r;
+        self
+    }
+
+    /// With this seed.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
     /// Returns `true` when these settings always choose the argmax token. That is
     /// so when the temperature is not above zero (NaN included) or when
     /// `top_k == 1`. No random numbers are drawn in that case.

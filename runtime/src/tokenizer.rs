@@ -3,7 +3,35 @@
 
 use std::path::Path;
 
+use serde::Serialize;
+
 use crate::error::{Error, Result};
+
+/// One turn of a conversation, as chat templates take it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// What was said.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A turn with any role.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+
+    /// A user turn.
+    pub fn user(content: impl Into<String>) -> Self {
+        ChatMessage::new("user", content)
+    }
+
+    /// An assistant turn.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        ChatMessage::new("assistant", content)
+    }
+}
 
 /// A tokenizer plus what the bundle says about special tokens and chat formatting.
 pub struct TextCodec {
@@ -48,7 +76,7 @@ impl TextCodec {
     }
 
     /// Renders `messages` with the chat template and a generation prompt.
-    pub fn apply_chat_template(&self, messages: &[crate::generate::ChatMessage]) -> Result<String> {
+    pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
         let template = self
             .chat_template
             .as_deref()

@@ -29,7 +29,7 @@ fn main() {
     let csv = prompt.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let (new, runs) = (128usize, 9usize);
     let mut engine = Engine::open(&b, &EngineOptions::default()).unwrap();
-    let p = GenerateParams { max_new_tokens: new, ignore_eos: true, ..GenerateParams::default() };
+    let p = GenerateParams::default().with_max_new_tokens(new).with_ignore_eos(true);
     let (mut rust, mut c) = (Vec::new(), Vec::new());
     for _ in 0..5 {
         let mut r = Vec::new();

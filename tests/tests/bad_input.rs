@@ -84,9 +84,7 @@ fn prompt_errors() {
     ));
     // The engine is still usable after refusing requests.
     let g = engine
-        .generate(&[5, 6, 7], &GenerateParams { max_new_tokens: 3, ignore_eos: true, ..p }, |_| {
-            ControlFlow::Continue(())
-        })
+        .generate(&[5, 6, 7], &p.clone().with_max_new_tokens(3).with_ignore_eos(true), |_| ControlFlow::Continue(()))
         .unwrap();
     assert_eq!(g.generated_ids.len(), 3);
 }

@@ -169,7 +169,7 @@ pub fn export_encoder(ck: &EncoderCheckpoint, out: &Path, tolerance: f32) -> Res
     let ids = check_ids(ck.config.vocab_size);
     let types = vec![0u32; ids.len()];
     let reference = BertModel::new(ck).embed(&ids, &types)?;
-    let mut enc = edgelm_runtime::encoder::EncoderSession::load(&model_path, 0)?;
+    let mut enc = edgelm_runtime::encoder::EncoderSession::load(&model_path, &Default::default())?;
     let onnx = enc.run(&ids, &types)?;
     let diff = super::max_abs_diff(&reference, &onnx);
     if diff > tolerance {

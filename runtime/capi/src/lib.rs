@@ -13,11 +13,10 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use edgelm_runtime::decoder::{DecoderOptions, KvCacheMode};
+use edgelm_runtime::decoder::KvCacheMode;
 use edgelm_runtime::{EngineOptions, Error, GenerateParams, Generation, Model, SamplingParams, StopReason};
 
 /// Major version of the library this header belongs to (also in edgelm_version()).
@@ -422,18 +421,13 @@ pub unsafe extern "C" fn edgelm_model_load(
             Ok(k) => k,
             Err(s) => return s,
         };
-        let ort_lib = if o.ort_library.is_null() {
-            None
-        } else {
+        let mut opts = EngineOptions::default().with_threads(o.threads as usize).with_kv_cache(kv_cache);
+        if !o.ort_library.is_null() {
             match utf8(o.ort_library, "options->ort_library") {
-                Ok(p) => Some(PathBuf::from(p)),
+                Ok(p) => opts = opts.with_ort_library(p),
                 Err(s) => return s,
             }
-        };
-        let opts = EngineOptions {
-            ort_lib,
-            decoder: DecoderOptions { threads: o.threads as usize, kv_cache, ..DecoderOptions::default() },
-        };
+        }
         match Model::open(path, &opts) {
             Ok(model) => {
                 let key = NEXT_KEY.fetch_add(16, Ordering::Relaxed);
@@ -587,18 +581,17 @@ unsafe fn generate(
         },
         Prompt::Ids(ids) => ids.to_vec(),
     };
-    let gp = GenerateParams {
-        max_new_tokens: p.max_new_tokens as usize,
-        sampling: SamplingParams {
-            temperature: p.temperature,
-            top_k: p.top_k as usize,
-            top_p: p.top_p,
-            repetition_penalty: p.repetition_penalty,
-            seed: p.seed,
-        },
-        stop_strings: stops,
-        ignore_eos: p.ignore_eos,
-    };
+    let sampling = SamplingParams::default()
+        .with_temperature(p.temperature)
+        .with_top_k(p.top_k as usize)
+        .with_top_p(p.top_p)
+        .with_repetition_penalty(p.repetition_penalty)
+        .with_seed(p.seed);
+    let gp = GenerateParams::default()
+        .with_max_new_tokens(p.max_new_tokens as usize)
+        .with_sampling(sampling)
+        .with_stop_strings(stops)
+        .with_ignore_eos(p.ignore_eos);
     let mut piece = Vec::with_capacity(64);
     let result = engine.generate_until(
         &ids,

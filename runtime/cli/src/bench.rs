@@ -53,7 +53,7 @@ pub fn bench(b: BenchArgs, place: &Placement) -> Result<()> {
     }
     // Synthetic prompt spread over the vocabulary, away from the special ids at the bottom.
     let prompt: Vec<u32> = (0..b.prompt_tokens).map(|i| ((1000 + i * 7919) % (vocab - 3) + 3) as u32).collect();
-    let p = GenerateParams { max_new_tokens: b.new_tokens, ignore_eos: true, ..GenerateParams::default() };
+    let p = GenerateParams::default().with_max_new_tokens(b.new_tokens).with_ignore_eos(true);
     let mut runs = Vec::new();
     for i in 0..b.warmup + b.runs {
         let g = engine.generate(&prompt, &p, |_| ControlFlow::Continue(()))?;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use edgelm_runtime::decoder::{DecoderOptions, KvCacheMode};
+use edgelm_runtime::decoder::KvCacheMode;
 use edgelm_runtime::EngineOptions;
 
 /// One board. Every key is parsed (unknown ones are refused); the deployment keys (`target`,
@@ -101,9 +101,10 @@ impl Placement {
         if let Some(ep) = self.board.as_ref().and_then(|b| b.execution_providers.first()).filter(|ep| *ep != "cpu") {
             eprintln!("warning: execution provider `{ep}` is not built into this edgelm; running on the CPU");
         }
-        EngineOptions {
-            ort_lib: self.ort_lib.clone(),
-            decoder: DecoderOptions { threads, kv_cache, ..DecoderOptions::default() },
+        let opts = EngineOptions::default().with_threads(threads).with_kv_cache(kv_cache);
+        match &self.ort_lib {
+            Some(p) => opts.with_ort_library(p),
+            None => opts,
         }
     }
 

@@ -79,18 +79,17 @@ impl GenArgs {
     pub fn params(&self, engine: &Engine, prompt_len: usize) -> GenerateParams {
         let d = engine.default_sampling();
         let room = engine.context_length().saturating_sub(prompt_len).max(1);
-        GenerateParams {
-            max_new_tokens: self.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW.min(room)),
-            sampling: SamplingParams {
-                temperature: self.temperature.unwrap_or(d.temperature),
-                top_k: self.top_k.unwrap_or(d.top_k),
-                top_p: self.top_p.unwrap_or(d.top_p),
-                repetition_penalty: self.repetition_penalty.unwrap_or(d.repetition_penalty),
-                seed: self.seed,
-            },
-            stop_strings: self.stop.clone(),
-            ignore_eos: self.ignore_eos,
-        }
+        let sampling = SamplingParams::default()
+            .with_temperature(self.temperature.unwrap_or(d.temperature))
+            .with_top_k(self.top_k.unwrap_or(d.top_k))
+            .with_top_p(self.top_p.unwrap_or(d.top_p))
+            .with_repetition_penalty(self.repetition_penalty.unwrap_or(d.repetition_penalty))
+            .with_seed(self.seed);
+        GenerateParams::default()
+            .with_max_new_tokens(self.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW.min(room)))
+            .with_sampling(sampling)
+            .with_stop_strings(self.stop.iter().cloned())
+            .with_ignore_eos(self.ignore_eos)
     }
 }
 

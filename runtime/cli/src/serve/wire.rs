@@ -60,18 +60,16 @@ pub fn stats(g: &Generation) -> Stats {
 
 /// The runtime's request settings for a Generate's params.
 pub fn generate_params(p: &GenParams) -> GenerateParams {
-    GenerateParams {
-        max_new_tokens: p.max_new_tokens as usize,
-        sampling: SamplingParams {
-            temperature: p.temperature,
-            top_k: p.top_k as usize,
-            top_p: p.top_p,
-            repetition_penalty: p.repetition_penalty,
-            seed: p.seed as u64,
-        },
-        stop_strings: vec![],
-        ignore_eos: p.ignore_eos,
-    }
+    let sampling = SamplingParams::default()
+        .with_temperature(p.temperature)
+        .with_top_k(p.top_k as usize)
+        .with_top_p(p.top_p)
+        .with_repetition_penalty(p.repetition_penalty)
+        .with_seed(p.seed as u64);
+    GenerateParams::default()
+        .with_max_new_tokens(p.max_new_tokens as usize)
+        .with_sampling(sampling)
+        .with_ignore_eos(p.ignore_eos)
 }
 
 #[cfg(test)]

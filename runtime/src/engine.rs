@@ -1,0 +1,280 @@
+//! A causal-LM bundle opened for generation ([`Engine`]), how to open one
+//! ([`Engine::builder`], [`EngineOptions`]), and its prompt encoding.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::bundle::Bundle;
+use crate::decoder::{DecodeState, Decoder, DecoderOptions, KvCacheMode};
+use crate::error::{Error, Result};
+use crate::generate::{self, Forward, GenerateParams, Generation, LoopSetup, TokenEvent};
+use crate::model::Model;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::{ChatMessage, TextCodec};
+
+/// How to open a bundle. Start from [`EngineOptions::default`] (or use [`Engine::builder`]).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct EngineOptions {
+    /// ONNX Runtime library to load instead of searching (see [`crate::ortlib`]).
+    pub ort_lib: Option<PathBuf>,
+    /// Session settings (threads, KV cache strategy).
+    pub decoder: DecoderOptions,
+}
+
+impl EngineOptions {
+    /// With `n` intra-op threads (0: one per physical core, ONNX Runtime's choice).
+    pub fn with_threads(mut self, n: usize) -> Self {
+        self.decoder.threads = n;
+        self
+    }
+
+    /// With this KV cache strategy.
+    pub fn with_kv_cache(mut self, mode: KvCacheMode) -> Self {
+        self.decoder.kv_cache = mode;
+        self
+    }
+
+    /// Loading ONNX Runtime from `path` (the first successful load in a process counts).
+    pub fn with_ort_library(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ort_lib = Some(path.into());
+        self
+    }
+}
+
+/// Opens a bundle with settings given one at a time:
+/// `Engine::builder("bundle/").threads(4).kv_cache(KvCacheMode::Shared).open()?`.
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until open() is called"]
+pub struct EngineBuilder {
+    dir: PathBuf,
+    options: EngineOptions,
+}
+
+impl EngineBuilder {
+    /// Intra-op threads (0: one per physical core).
+    pub fn threads(mut self, n: usize) -> Self {
+        self.options = self.options.with_threads(n);
+        self
+    }
+
+    /// KV cache strategy.
+    pub fn kv_cache(mut self, mode: KvCacheMode) -> Self {
+        self.options = self.options.with_kv_cache(mode);
+        self
+    }
+
+    /// ONNX Runtime library to load instead of searching.
+    pub fn ort_library(mut self, path: impl Into<PathBuf>) -> Self {
+        self.options = self.options.with_ort_library(path);
+        self
+    }
+
+    /// Every setting at once.
+    pub fn options(mut self, options: EngineOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Opens the bundle as a causal LM (an encoder bundle is [`Error::WrongKind`]).
+    pub fn open(self) -> Result<Engine> {
+        Engine::open(self.dir, &self.options)
+    }
+
+    /// Opens the bundle as whatever it holds.
+    pub fn open_model(self) -> Result<Model> {
+        Model::open(self.dir, &self.options)
+    }
+}
+
+/// One sequence on the decoder: what the token loop drives.
+struct Sequence<'a> {
+    decoder: &'a mut Decoder,
+    state: DecodeState,
+}
+
+impl Forward for Sequence<'_> {
+    fn forward(&mut self, ids: &[u32]) -> Result<&mut [f32]> {
+        self.decoder.forward(&mut self.state, ids)
+    }
+}
+
+/// A bundle opened for generation.
+pub struct Engine {
+    bundle: Bundle,
+    decoder: Decoder,
+    codec: Option<TextCodec>,
+}
+
+impl Engine {
+    /// A builder for opening the bundle in `dir` (edgelm or onnxruntime-genai layout).
+    pub fn builder(dir: impl Into<PathBuf>) -> EngineBuilder {
+        EngineBuilder { dir: dir.into(), options: EngineOptions::default() }
+    }
+
+    /// Opens and verifies a bundle folder (edgelm or onnxruntime-genai layout).
+    pub fn open(dir: impl AsRef<Path>, opts: &EngineOptions) -> Result<Self> {
+        crate::ortlib::init(opts.ort_lib.as_deref())?;
+        let bundle = Bundle::open(dir)?;
+        let decoder = Decoder::load(&bundle.model_path, &bundle.genai, &opts.decoder)?;
+        let g = &bundle.generation;
+        let codec = match &bundle.tokenizer_path {
+            Some(p) => Some(TextCodec::load(
+                p,
+                bundle.chat_template.clone(),
+                g.bos_token_id,
+                g.eos_token_ids.first().copied(),
+            )?),
+            None => None,
+        };
+        Ok(Engine { bundle, decoder, codec })
+    }
+
+    /// The opened bundle.
+    pub fn bundle(&self) -> &Bundle {
+        &self.bundle
+    }
+
+    /// The tokenizer, when the bundle has one.
+    pub fn codec(&self) -> Option<&TextCodec> {
+        self.codec.as_ref()
+    }
+
+    /// Longest sequence the model supports.
+    pub fn context_length(&self) -> usize {
+        self.decoder.context_length()
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.decoder.vocab_size()
+    }
+
+    /// The KV cache strategy in use.
+    pub fn kv_cache_mode(&self) -> KvCacheMode {
+        self.decoder.kv_cache_mode()
+    }
+
+    /// Bytes of weights on disk (the ONNX file plus any external data next to it).
+    pub fn weight_bytes(&self) -> u64 {
+        let model = &self.bundle.model_path;
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        size(model) + size(&model.with_extension("onnx.data"))
+    }
+
+    /// Bytes of a KV cache holding `positions` positions (f32 keys and values, every layer).
+    pub fn kv_cache_bytes(&self, positions: usize) -> u64 {
+        let d = &self.bundle.genai.model.decoder;
+        (2 * d.num_hidden_layers * d.num_key_value_heads * d.head_size * positions * 4) as u64
+    }
+
+    /// Sampling defaults from the bundle.
+    pub fn default_sampling(&self) -> SamplingParams {
+        let g = &self.bundle.generation;
+        SamplingParams {
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+            repetition_penalty: g.repetition_penalty,
+            seed: 0,
+        }
+    }
+
+    /// Token ids for a text prompt (special tokens added as the tokenizer defines).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        let mut ids = self.codec.as_ref().ok_or(Error::NoTokenizer)?.encode(text, true)?;
+        if let (true, Some(bos)) = (self.bundle.add_bos_token, self.bundle.generation.bos_token_id) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Token ids for a conversation rendered with the chat template.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let codec = self.codec.as_ref().ok_or(Error::NoTokenizer)?;
+        let text = codec.apply_chat_template(messages)?;
+        // The template already writes any BOS it wants, as transformers assumes.
+        codec.encode(&text, false)
+    }
+
+    /// Token ids for a one-shot text prompt, as every front end feeds it: rendered as one user
+    /// turn with the bundle's chat template (the format the model was trained on), or tokenized
+    /// as it is when `raw` is set or the bundle has no template.
+    pub fn encode_prompt(&self, text: &str, raw: bool) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty".into()));
+        }
+        match self.codec.as_ref() {
+            Some(c) if !raw && c.has_chat_template() => self.encode_chat(&[ChatMessage::user(text)]),
+            _ => self.encode(text),
+        }
+    }
+
+    /// Checks a request as [`Engine::generate`] would before it starts: a front end that must
+    /// answer "accepted" before the first token (the serial link's Ack) calls this first.
+    pub fn check_request(&self, prompt: &[u32], params: &GenerateParams) -> Result<()> {
+        if prompt.is_empty() {
+            return Err(Error::InvalidRequest("the prompt is empty: give at least one token".into()));
+        }
+        if params.max_new_tokens == 0 {
+            return Err(Error::InvalidRequest("max_new_tokens must be at least 1".into()));
+        }
+        if self.codec.is_none() && params.stop_strings.iter().any(|s| !s.is_empty()) {
+            return Err(Error::InvalidRequest("stop strings need a tokenizer, and this bundle has none".into()));
+        }
+        let vocab = self.decoder.vocab_size();
+        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::TokenOutOfRange { id, vocab });
+        }
+        let context = self.decoder.context_length();
+        if prompt.len() >= context {
+            return Err(Error::ContextOverflow { prompt: prompt.len(), max_new: params.max_new_tokens, context });
+        }
+        Ok(())
+    }
+
+    /// Generates after `prompt`, calling `on_token` for every token; the callback stops
+    /// generation by returning `ControlFlow::Break(())`.
+    ///
+    /// After the last token, text that was held back (an incomplete character at the very end,
+    /// or the start of a stop string that never completed) arrives in one more event whose `id`
+    /// is None. No event follows a `Break`.
+    /// TTFT counts from the call, so it includes setting up the sequence's KV cache.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        self.generate_until(prompt, params, || false, on_token)
+    }
+
+    /// [`Engine::generate`] that also asks `cancelled` before every model step (the first
+    /// included) and stops with [`StopReason::Cancelled`] once it says true: how another
+    /// thread stops a generation.
+    pub fn generate_until(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        cancelled: impl FnMut() -> bool,
+        on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        let start = Instant::now();
+        self.check_request(prompt, params)?;
+        let capacity = (prompt.len() + params.max_new_tokens).min(self.decoder.context_length());
+        let state = self.decoder.start(capacity)?;
+        let setup = LoopSetup {
+            capacity,
+            eos: &self.bundle.generation.eos_token_ids,
+            tokenizer: self.codec.as_ref().map(TextCodec::tokenizer),
+            start,
+        };
+        generate::run(&mut Sequence { decoder: &mut self.decoder, state }, setup, prompt, params, cancelled, on_token)
+    }
+}
