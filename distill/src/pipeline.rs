@@ -277,28 +277,29 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     Ok(report)
 }
 
-/// Adds the stage summary to the bundle's `edgelm.json` (`report.pipeline`), so the bundle
-/// carries where it came from and how it scored. The manifest itself is not hashed.
+/// Adds the stage summary to the bundle's `edgelm.json` (`pipeline`), so the bundle carries
+/// where it came from and how it scored. The manifest itself is not hashed.
 fn record_in_bundle(bundle: &Path, r: &PipelineReport) -> Result<()> {
-    let p = bundle.join(edgelm_runtime::bundle::MANIFEST);
-    let text = std::fs::read_to_string(&p).at(&p)?;
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", p.display())))?;
-    let stages: Vec<serde_json::Value> = r
-        .stages
-        .iter()
-        .map(|s| {
-            serde_json::json!({
-                "stage": s.stage, "parameters": s.parameters, "bytes": s.bytes,
-                "task_completion": s.task_completion, "perplexity": s.perplexity,
+    use edgelm_runtime::bundle::{update_manifest, PipelineSummary, StageSummary};
+    let summary = PipelineSummary {
+        recipe: r.recipe.clone(),
+        test_examples: r.test_examples,
+        stages: r
+            .stages
+            .iter()
+            .map(|s| StageSummary {
+                stage: s.stage.clone(),
+                parameters: s.parameters,
+                bytes: s.bytes,
+                task_completion: s.task_completion,
+                perplexity: s.perplexity,
             })
-        })
-        .collect();
-    manifest["report"]["pipeline"] = serde_json::json!({
-        "recipe": r.recipe, "test_examples": r.test_examples, "stages": stages,
-        "student_share": r.student_share, "student_relative_completion": r.student_relative_completion,
-    });
-    std::fs::write(&p, serde_json::to_string_pretty(&manifest).expect("json")).at(&p)
+            .collect(),
+        student_share: r.student_share,
+        student_relative_completion: r.student_relative_completion,
+    };
+    update_manifest(bundle, |m| m.pipeline = Some(summary))?;
+    Ok(())
 }
 
 /// Streams the bundle's answers to the first `n` test commands; returns median speed figures.

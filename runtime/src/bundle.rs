@@ -2,7 +2,8 @@
 //! made by onnxruntime-genai's builder (`genai_config.json` + ONNX + tokenizer files).
 //!
 //! Loading an edgelm bundle verifies every recorded hash before ONNX Runtime reads a byte, so a
-//! corrupt copy is reported as such instead of as a confusing graph error.
+//! corrupt copy is reported as such instead of as a confusing graph error. The format is
+//! written here too ([`BundleWriter`]), next to the code that reads it.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -15,8 +16,11 @@ use crate::genai_config::GenaiConfig;
 
 /// Name of the manifest file.
 pub const MANIFEST: &str = "edgelm.json";
-/// Manifest format version this runtime reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The `format` value of every manifest.
+const FORMAT: &str = "edgelm-bundle";
+/// Manifest format version this runtime writes and the newest it reads. Version 2 moved the
+/// encoder's settings and the pipeline summary out of the free-form `report` into typed fields.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// `edgelm.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,13 +43,81 @@ pub struct Manifest {
     /// Chat template (Jinja), when the source checkpoint had one.
     #[serde(default)]
     pub chat_template: Option<String>,
-    /// Weight format: `fp32`, `int8`, `int4`, ...
-    pub quantization: String,
+    /// Weight format of the graph.
+    pub quantization: Precision,
     /// Where the bundle came from.
     pub source: Source,
-    /// Pipeline report entries (free-form, written by edgelm-distill).
+    /// How an encoder bundle takes its text (encoder bundles only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<EncoderInfo>,
+    /// The pipeline that made the bundle and how each stage scored, when a pipeline did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<PipelineSummary>,
+    /// Notes for people (architecture, parameter count, export check); nothing reads them.
     #[serde(default)]
     pub report: serde_json::Value,
+}
+
+/// Weight format of a bundle's graph (`quantization` in edgelm.json).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Precision {
+    /// 32-bit floats.
+    #[default]
+    Fp32,
+    /// 16-bit floats.
+    Fp16,
+    /// 8-bit integer weights.
+    Int8,
+    /// 4-bit integer weights.
+    Int4,
+}
+
+/// An encoder's input limit and output, as exported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderInfo {
+    /// Most tokens one text may have (the model's position table).
+    pub max_tokens: usize,
+    /// Length of an embedding.
+    pub hidden_size: usize,
+    /// How token states become one vector (`mean`, `cls`).
+    pub pooling: String,
+    /// Whether embeddings are L2-normalised inside the graph.
+    pub normalize: bool,
+}
+
+/// What the pipeline recorded in the bundle it made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSummary {
+    /// Recipe name.
+    pub recipe: String,
+    /// Held-out examples each stage was scored on.
+    pub test_examples: usize,
+    /// One entry per stage, in order.
+    pub stages: Vec<StageSummary>,
+    /// Student parameters as a share of the teacher's.
+    pub student_share: f64,
+    /// Student task completion relative to the teacher's.
+    pub student_relative_completion: f64,
+}
+
+/// One pipeline stage's size and score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSummary {
+    /// Stage name.
+    pub stage: String,
+    /// Parameters.
+    pub parameters: usize,
+    /// Weight bytes on disk.
+    pub bytes: u64,
+    /// Exact-match rate on the held-out examples.
+    pub task_completion: f64,
+    /// Perplexity of the expected answers, where measured.
+    pub perplexity: Option<f64>,
 }
 
 /// What a bundle holds, from the `kind` field of edgelm.json.
@@ -211,12 +283,12 @@ fn inside(dir: &Path, rel: &str) -> Result<PathBuf> {
     Ok(dir.join(p))
 }
 
-/// Reads edgelm.json and checks it: format and version, then the size and sha256 of every
-/// listed file, and that the model, the tokenizer and `also_required` are among them.
-pub fn verify_manifest(dir: &Path, also_required: &[&str]) -> Result<Manifest> {
-    let m: Manifest = read_json(&dir.join(MANIFEST))?;
-    if m.format != "edgelm-bundle" {
-        return Err(bundle_err(dir, format!("edgelm.json format is `{}`, not `edgelm-bundle`", m.format)));
+/// Reads edgelm.json without checking the files it lists (version 1 manifests are brought to
+/// the current shape).
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let mut m: Manifest = read_json(&dir.join(MANIFEST))?;
+    if m.format != FORMAT {
+        return Err(bundle_err(dir, format!("edgelm.json format is `{}`, not `{FORMAT}`", m.format)));
     }
     if m.format_version > FORMAT_VERSION {
         return Err(bundle_err(
@@ -224,6 +296,177 @@ pub fn verify_manifest(dir: &Path, also_required: &[&str]) -> Result<Manifest> {
             format!("format version {} is newer than this runtime's {FORMAT_VERSION}; update edgelm", m.format_version),
         ));
     }
+    if m.format_version < 2 && m.kind == Kind::Encoder && m.encoder.is_none() {
+        // Version 1 kept an encoder's settings among the report's notes.
+        let r = &m.report;
+        let num = |k: &str| r.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+        if let (Some(max_tokens), Some(hidden_size)) = (num("max_position_embeddings"), num("hidden_size")) {
+            m.encoder = Some(EncoderInfo {
+                max_tokens,
+                hidden_size,
+                pooling: r.get("pooling").and_then(|v| v.as_str()).unwrap_or("mean").to_owned(),
+                normalize: r.get("normalize").and_then(|v| v.as_bool()).unwrap_or(false),
+            });
+        }
+    }
+    Ok(m)
+}
+
+/// Rewrites the manifest of a bundle after `change` (the manifest is not among the hashed
+/// files, so the files stay verified). The new manifest replaces the old one atomically.
+pub fn update_manifest(dir: &Path, change: impl FnOnce(&mut Manifest)) -> Result<Manifest> {
+    let mut m = read_manifest(dir)?;
+    change(&mut m);
+    m.format_version = FORMAT_VERSION;
+    write_manifest(dir, &m)?;
+    Ok(m)
+}
+
+fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
+    let path = dir.join(MANIFEST);
+    let tmp = dir.join(format!("{MANIFEST}.tmp"));
+    let text = serde_json::to_string_pretty(m).map_err(|e| bundle_err(dir, format!("manifest: {e}")))?;
+    std::fs::write(&tmp, text).at(&tmp)?;
+    std::fs::rename(&tmp, &path).at(&path)
+}
+
+/// What a [`BundleWriter`] records besides the files.
+#[derive(Debug, Clone)]
+pub struct BundleInfo {
+    /// Generation defaults.
+    pub generation: GenerationDefaults,
+    /// Chat template, when the source had one.
+    pub chat_template: Option<String>,
+    /// Weight format of the graph.
+    pub precision: Precision,
+    /// Checkpoint folder the bundle was made from.
+    pub checkpoint: PathBuf,
+    /// sha256 over the checkpoint's config and weights.
+    pub checkpoint_sha256: String,
+    /// Encoder settings (encoder bundles).
+    pub encoder: Option<EncoderInfo>,
+    /// Notes for people.
+    pub report: serde_json::Value,
+}
+
+impl GenerationDefaults {
+    /// Greedy, no special tokens: what an encoder bundle records.
+    pub fn none() -> Self {
+        GenerationDefaults {
+            bos_token_id: None,
+            eos_token_ids: vec![],
+            pad_token_id: None,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            single_turn: false,
+        }
+    }
+}
+
+/// Writes a bundle folder: the files first, each recorded with its size and sha256, and the
+/// manifest last. Creating a writer removes a stale manifest, so a folder holds an
+/// `edgelm.json` only once every file is written and the exporter's checks have passed.
+#[derive(Debug)]
+pub struct BundleWriter {
+    dir: PathBuf,
+    kind: Kind,
+    files: Vec<String>,
+    model_file: Option<String>,
+    tokenizer: Option<String>,
+}
+
+impl BundleWriter {
+    /// Starts a bundle of `kind` in `dir` (created when missing).
+    pub fn create(dir: impl Into<PathBuf>, kind: Kind) -> Result<Self> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).at(&dir)?;
+        let manifest = dir.join(MANIFEST);
+        if manifest.exists() {
+            std::fs::remove_file(&manifest).at(&manifest)?;
+        }
+        Ok(BundleWriter { dir, kind, files: vec![], model_file: None, tokenizer: None })
+    }
+
+    /// The folder being written.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes a file of the bundle; returns its path.
+    pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<PathBuf> {
+        let path = inside(&self.dir, name)?;
+        std::fs::write(&path, bytes).at(&path)?;
+        self.record(name);
+        Ok(path)
+    }
+
+    /// Copies `from` into the bundle as `name`; returns its path.
+    pub fn copy(&mut self, name: &str, from: &Path) -> Result<PathBuf> {
+        let path = inside(&self.dir, name)?;
+        std::fs::copy(from, &path).at(from)?;
+        self.record(name);
+        Ok(path)
+    }
+
+    /// Writes the ONNX graph.
+    pub fn model(&mut self, name: &str, bytes: &[u8]) -> Result<PathBuf> {
+        self.model_file = Some(name.to_owned());
+        self.write(name, bytes)
+    }
+
+    /// Copies the tokenizer in as `tokenizer.json`.
+    pub fn tokenizer(&mut self, from: &Path) -> Result<PathBuf> {
+        self.tokenizer = Some("tokenizer.json".into());
+        self.copy("tokenizer.json", from)
+    }
+
+    fn record(&mut self, name: &str) {
+        if !self.files.iter().any(|f| f == name) {
+            self.files.push(name.to_owned());
+        }
+    }
+
+    /// Hashes every file and writes the manifest, which completes the bundle.
+    pub fn finish(self, info: BundleInfo) -> Result<Manifest> {
+        let model_file = self.model_file.ok_or_else(|| bundle_err(&self.dir, "the writer was given no model file"))?;
+        let files = self
+            .files
+            .iter()
+            .map(|f| {
+                let p = self.dir.join(f);
+                Ok(FileEntry { path: f.clone(), sha256: sha256_file(&p)?, bytes: std::fs::metadata(&p).at(&p)?.len() })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let m = Manifest {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            kind: self.kind,
+            model_file,
+            files,
+            tokenizer: self.tokenizer,
+            generation: info.generation,
+            chat_template: info.chat_template,
+            quantization: info.precision,
+            source: Source {
+                checkpoint: info.checkpoint.display().to_string(),
+                sha256: info.checkpoint_sha256,
+                exporter: concat!("edgelm-distill ", env!("CARGO_PKG_VERSION")).into(),
+            },
+            encoder: info.encoder,
+            pipeline: None,
+            report: info.report,
+        };
+        write_manifest(&self.dir, &m)?;
+        Ok(m)
+    }
+}
+
+/// Reads edgelm.json and checks it: format and version, then the size and sha256 of every
+/// listed file, and that the model, the tokenizer and `also_required` are among them.
+pub fn verify_manifest(dir: &Path, also_required: &[&str]) -> Result<Manifest> {
+    let m = read_manifest(dir)?;
     for f in &m.files {
         let path = inside(dir, &f.path)?;
         if !path.exists() {
@@ -318,5 +561,81 @@ impl Bundle {
         let add_bos_token =
             tok_cfg.as_ref().and_then(|c| c.get("add_bos_token")).and_then(|v| v.as_bool()).unwrap_or(false);
         Ok(Bundle { dir, manifest, genai, model_path, tokenizer_path, chat_template, generation, add_bos_token })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> BundleInfo {
+        BundleInfo {
+            generation: GenerationDefaults::none(),
+            chat_template: None,
+            precision: Precision::Int8,
+            checkpoint: PathBuf::from("ck"),
+            checkpoint_sha256: "00".into(),
+            encoder: None,
+            report: serde_json::json!({}),
+        }
+    }
+
+    #[test]
+    fn what_the_writer_writes_the_reader_verifies_and_a_new_writer_unmarks_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = BundleWriter::create(dir.path(), Kind::CausalLm).unwrap();
+        w.model("model.onnx", b"graph").unwrap();
+        w.write("genai_config.json", b"{}").unwrap();
+        let written = w.finish(info()).unwrap();
+        let read = verify_manifest(dir.path(), &["genai_config.json"]).unwrap();
+        assert_eq!(read.files.len(), 2);
+        assert_eq!(read.files[0].bytes, 5);
+        assert_eq!(read.files[0].sha256, written.files[0].sha256);
+        assert_eq!((read.quantization, read.format_version), (Precision::Int8, FORMAT_VERSION));
+        let text = std::fs::read_to_string(dir.path().join(MANIFEST)).unwrap();
+        assert!(text.contains("\"quantization\": \"int8\""), "{text}");
+        // A new export into the folder removes the old mark before writing anything.
+        let w = BundleWriter::create(dir.path(), Kind::CausalLm).unwrap();
+        assert!(!dir.path().join(MANIFEST).exists());
+        assert!(w.finish(info()).is_err(), "a bundle needs a model file");
+        // Files may not leave the folder.
+        let mut w = BundleWriter::create(dir.path(), Kind::CausalLm).unwrap();
+        assert!(w.write("../outside", b"x").is_err());
+    }
+
+    #[test]
+    fn a_version_1_encoder_manifest_reads_as_version_2_and_newer_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = BundleWriter::create(dir.path(), Kind::Encoder).unwrap();
+        w.model("model.onnx", b"graph").unwrap();
+        let mut m = w.finish(info()).unwrap();
+        m.format_version = 1;
+        m.report = serde_json::json!({"max_position_embeddings": 512, "hidden_size": 384, "pooling": "mean", "normalize": true});
+        std::fs::write(dir.path().join(MANIFEST), serde_json::to_string(&m).unwrap()).unwrap();
+        let read = read_manifest(dir.path()).unwrap();
+        let e = read.encoder.unwrap();
+        assert_eq!((e.max_tokens, e.hidden_size, e.pooling.as_str(), e.normalize), (512, 384, "mean", true));
+        m.format_version = FORMAT_VERSION + 1;
+        std::fs::write(dir.path().join(MANIFEST), serde_json::to_string(&m).unwrap()).unwrap();
+        let err = read_manifest(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("newer than this runtime"), "{err}");
+    }
+
+    #[test]
+    fn updating_the_manifest_keeps_the_files_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = BundleWriter::create(dir.path(), Kind::CausalLm).unwrap();
+        w.model("model.onnx", b"graph").unwrap();
+        w.finish(info()).unwrap();
+        let summary = PipelineSummary {
+            recipe: "r".into(),
+            test_examples: 3,
+            stages: vec![],
+            student_share: 0.5,
+            student_relative_completion: 1.0,
+        };
+        update_manifest(dir.path(), |m| m.pipeline = Some(summary.clone())).unwrap();
+        assert_eq!(verify_manifest(dir.path(), &[]).unwrap().pipeline, Some(summary));
+        assert!(!dir.path().join(format!("{MANIFEST}.tmp")).exists());
     }
 }

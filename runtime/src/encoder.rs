@@ -95,7 +95,7 @@ impl Encoder {
             // The graph leaves the width open: measure it once on a one-token input.
             session.embedding_dim = session.run(&[0], &[0])?.len();
         }
-        let max_tokens = manifest.report.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|v| v as usize);
+        let max_tokens = manifest.encoder.as_ref().map(|e| e.max_tokens);
         Ok(Encoder { session, tokenizer, manifest, max_tokens })
     }
 

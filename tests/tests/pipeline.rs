@@ -68,7 +68,7 @@ fn pipeline_runs_end_to_end_on_the_tiny_recipe() {
     // The bundle's manifest carries the stage summary (and still verifies: eval loads it below).
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tmp.path().join("bundle/edgelm.json")).unwrap()).unwrap();
-    let recorded = &manifest["report"]["pipeline"];
+    let recorded = &manifest["pipeline"];
     assert_eq!(recorded["recipe"], "tiny");
     assert_eq!(recorded["stages"][3]["task_completion"], stages[3]["task_completion"]);
 

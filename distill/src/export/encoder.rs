@@ -9,11 +9,11 @@ use std::path::Path;
 
 use prost::Message as _;
 
-use edgelm_runtime::bundle::{self, GenerationDefaults, Manifest, Source};
+use edgelm_runtime::bundle::{BundleInfo, BundleWriter, EncoderInfo, GenerationDefaults, Kind, Precision};
 
 use super::{flat, transposed};
 use crate::encoder::{BertModel, EncoderCheckpoint, Pooling};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::onnx::{AttributeProto as Attr, DataType, Dim, GraphBuilder, ModelProto};
 
 /// Builds the encoder graph.
@@ -148,22 +148,11 @@ fn check_ids(vocab: usize) -> Vec<u32> {
 /// Exports an encoder checkpoint into `out` (model.onnx, tokenizer files, edgelm.json with
 /// kind `encoder`) after checking ONNX Runtime's embedding against candle's.
 pub fn export_encoder(ck: &EncoderCheckpoint, out: &Path, tolerance: f32) -> Result<f32> {
-    std::fs::create_dir_all(out).at(out)?;
-    let manifest_path = out.join(bundle::MANIFEST);
-    if manifest_path.exists() {
-        std::fs::remove_file(&manifest_path).at(&manifest_path)?;
+    let mut w = BundleWriter::create(out, Kind::Encoder)?;
+    let model_path = w.model("model.onnx", &build(ck)?.encode_to_vec())?;
+    if let Some(t) = &ck.tokenizer_json {
+        w.tokenizer(t)?;
     }
-    let model_path = out.join("model.onnx");
-    std::fs::write(&model_path, build(ck)?.encode_to_vec()).at(&model_path)?;
-    let mut files = vec!["model.onnx".to_owned()];
-    let tokenizer = match &ck.tokenizer_json {
-        Some(t) => {
-            std::fs::copy(t, out.join("tokenizer.json")).at(t)?;
-            files.push("tokenizer.json".into());
-            Some("tokenizer.json".to_owned())
-        }
-        None => None,
-    };
 
     // The check: ORT on the exported file against the candle reference.
     let ids = check_ids(ck.config.vocab_size);
@@ -178,37 +167,24 @@ pub fn export_encoder(ck: &EncoderCheckpoint, out: &Path, tolerance: f32) -> Res
         });
     }
 
-    let entries = super::file_entries(out, &files)?;
     let c = &ck.config;
-    let manifest = Manifest {
-        format: "edgelm-bundle".into(),
-        format_version: bundle::FORMAT_VERSION,
-        kind: edgelm_runtime::bundle::Kind::Encoder,
-        model_file: "model.onnx".into(),
-        files: entries,
-        tokenizer,
-        generation: GenerationDefaults {
-            bos_token_id: None,
-            eos_token_ids: vec![],
-            pad_token_id: None,
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            repetition_penalty: 1.0,
-            single_turn: false,
-        },
+    w.finish(BundleInfo {
+        generation: GenerationDefaults::none(),
         chat_template: None,
-        quantization: "fp32".into(),
-        source: Source {
-            checkpoint: ck.dir.display().to_string(),
-            sha256: super::checkpoint_hash(&ck.dir)?,
-            exporter: format!("edgelm-distill {}", env!("CARGO_PKG_VERSION")),
-        },
-        report: serde_json::json!({
-            "architecture": "bert", "hidden_size": c.hidden_size, "max_position_embeddings": c.max_position_embeddings,
-            "pooling": c.pooling, "normalize": c.normalize, "check_max_abs_diff": diff,
+        precision: Precision::Fp32,
+        checkpoint: ck.dir.clone(),
+        checkpoint_sha256: super::checkpoint_hash(&ck.dir)?,
+        encoder: Some(EncoderInfo {
+            max_tokens: c.max_position_embeddings,
+            hidden_size: c.hidden_size,
+            pooling: match c.pooling {
+                Pooling::Mean => "mean",
+                Pooling::Cls => "cls",
+            }
+            .into(),
+            normalize: c.normalize,
         }),
-    };
-    std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest).expect("json")).at(&manifest_path)?;
+        report: serde_json::json!({"architecture": "bert", "check_max_abs_diff": diff}),
+    })?;
     Ok(diff)
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use edgelm_runtime::bundle::{self, FileEntry, GenerationDefaults, Manifest, Source};
+use edgelm_runtime::bundle::{self, BundleInfo, BundleWriter, GenerationDefaults, Precision};
 use edgelm_runtime::genai_config::{
     DecoderInputs, DecoderOutputs, DecoderSection, GenaiConfig, ModelSection, SearchSection,
 };
@@ -59,10 +59,6 @@ pub struct ExportReport {
     pub warnings: Vec<String>,
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).at(path)
-}
-
 /// `[out, in]` weight -> row-major `[in, out]` data for `MatMul(x, W)`.
 pub(crate) fn transposed(t: &candle_core::Tensor) -> Result<Vec<f32>> {
     Ok(t.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
@@ -71,21 +67,6 @@ pub(crate) fn transposed(t: &candle_core::Tensor) -> Result<Vec<f32>> {
 /// A tensor's values in row-major order.
 pub(crate) fn flat(t: &candle_core::Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1::<f32>()?)
-}
-
-/// Hash and size of each bundle file, for edgelm.json.
-fn file_entries(out: &Path, files: &[String]) -> Result<Vec<FileEntry>> {
-    files
-        .iter()
-        .map(|f| {
-            let p = out.join(f);
-            Ok(FileEntry {
-                path: f.clone(),
-                sha256: bundle::sha256_file(&p)?,
-                bytes: std::fs::metadata(&p).at(&p)?.len(),
-            })
-        })
-        .collect()
 }
 
 /// sha256 over the checkpoint's config.json and weight files, in name order.
@@ -170,65 +151,31 @@ fn generation_defaults(ck: &Checkpoint) -> GenerationDefaults {
 
 /// Exports a loaded checkpoint into `out` and (by default) checks it numerically.
 pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
-    std::fs::create_dir_all(out).at(out)?;
-    // The manifest is the mark of a checked bundle: remove a stale one first, write the new
-    // one only after the numerical check passed.
-    let manifest_path = out.join(bundle::MANIFEST);
-    if manifest_path.exists() {
-        std::fs::remove_file(&manifest_path).at(&manifest_path)?;
-    }
+    // The manifest is the mark of a checked bundle: the writer removes a stale one, and writes
+    // the new one only after the numerical check passed.
+    let mut w = BundleWriter::create(out, bundle::Kind::CausalLm)?;
     let mut warnings = Vec::new();
     let model = build_decoder(ck, opts.logits)?;
-    let model_path = out.join("model.onnx");
-    write_file(&model_path, &model.encode_to_vec())?;
+    let model_path = w.model("model.onnx", &model.encode_to_vec())?;
     drop(model);
-
     let genai = genai_config(ck);
-    write_file(&out.join("genai_config.json"), serde_json::to_string_pretty(&genai).expect("json").as_bytes())?;
-    let mut files = vec!["model.onnx".to_owned(), "genai_config.json".to_owned()];
-
-    let tokenizer = match &ck.tokenizer_json {
+    w.write("genai_config.json", serde_json::to_string_pretty(&genai).expect("json").as_bytes())?;
+    match &ck.tokenizer_json {
         Some(src) => {
-            std::fs::copy(src, out.join("tokenizer.json")).at(src)?;
-            files.push("tokenizer.json".into());
+            w.tokenizer(src)?;
             // genai's tokenizer loader needs tokenizer_config.json next to tokenizer.json.
             let cfg = ck
                 .tokenizer_config
                 .clone()
                 .unwrap_or_else(|| serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast"}));
-            write_file(
-                &out.join("tokenizer_config.json"),
-                serde_json::to_string_pretty(&cfg).expect("json").as_bytes(),
-            )?;
-            files.push("tokenizer_config.json".into());
-            Some("tokenizer.json".to_owned())
+            w.write("tokenizer_config.json", serde_json::to_string_pretty(&cfg).expect("json").as_bytes())?;
         }
         None => {
             let w = format!("{} has no tokenizer.json: the bundle takes token ids only", ck.dir.display());
             tracing::warn!("{w}");
             warnings.push(w);
-            None
         }
-    };
-
-    let entries = file_entries(out, &files)?;
-    let manifest = Manifest {
-        format: "edgelm-bundle".into(),
-        format_version: bundle::FORMAT_VERSION,
-        kind: bundle::Kind::CausalLm,
-        model_file: "model.onnx".into(),
-        files: entries,
-        tokenizer,
-        generation: GenerationDefaults { single_turn: opts.single_turn, ..generation_defaults(ck) },
-        chat_template: ck.chat_template(),
-        quantization: "fp32".into(),
-        source: Source {
-            checkpoint: ck.dir.display().to_string(),
-            sha256: checkpoint_hash(&ck.dir)?,
-            exporter: format!("edgelm-distill {}", env!("CARGO_PKG_VERSION")),
-        },
-        report: serde_json::json!({"architecture": ck.config.architecture, "parameters": ck.config.num_parameters(), "logits": opts.logits}),
-    };
+    }
 
     let verify = if opts.verify {
         let r = verify_bundle(ck, out, opts.tolerance)?;
@@ -244,7 +191,15 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
     } else {
         None
     };
-    write_file(&manifest_path, serde_json::to_string_pretty(&manifest).expect("json").as_bytes())?;
+    w.finish(BundleInfo {
+        generation: GenerationDefaults { single_turn: opts.single_turn, ..generation_defaults(ck) },
+        chat_template: ck.chat_template(),
+        precision: Precision::Fp32,
+        checkpoint: ck.dir.clone(),
+        checkpoint_sha256: checkpoint_hash(&ck.dir)?,
+        encoder: None,
+        report: serde_json::json!({"architecture": ck.config.architecture, "parameters": ck.config.num_parameters(), "logits": opts.logits}),
+    })?;
     Ok(ExportReport {
         bundle: out.to_path_buf(),
         model_bytes: std::fs::metadata(&model_path).at(&model_path)?.len(),
