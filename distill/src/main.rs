@@ -358,26 +358,6 @@ impl TrainArgs {
     }
 }
 
-/// Settings used when neither a recipe nor a flag gives one.
-fn default_settings(lr: f64) -> TrainSettings {
-    TrainSettings {
-        lr,
-        min_lr: lr / 10.0,
-        warmup: 50,
-        epochs: 1,
-        max_steps: None,
-        batch_size: 32,
-        accumulation: 1,
-        weight_decay: 0.0,
-        clip_norm: 1.0,
-        eval_every: 100,
-        patience: 3,
-        checkpoint_every: 100,
-        eval_examples: Some(256),
-        seed: 0,
-    }
-}
-
 /// Resumable-run flags shared by the training commands.
 #[derive(clap::Args)]
 struct RunArgs {
@@ -527,7 +507,7 @@ fn run(cli: Cli) -> Result<()> {
             let splits = data.splits()?;
             let base_settings = match data.recipe()?.and_then(|r| r.finetune) {
                 Some(f) => f.train,
-                None => default_settings(1e-3),
+                None => TrainSettings::default(),
             };
             let settings = train.over(base_settings);
             let ewc = match &ewc_data {
@@ -591,7 +571,7 @@ fn run(cli: Cli) -> Result<()> {
                 temperature: temperature.or(st.as_ref().map(|s| s.temperature)).unwrap_or(2.0),
                 alpha: alpha.or(st.as_ref().map(|s| s.alpha)).unwrap_or(0.5),
                 teacher_cache: teacher_cache.map(|d| (d, teacher_top_k)),
-                train: train.over(st.map(|s| s.train).unwrap_or_else(|| default_settings(2e-3))),
+                train: train.over(st.map(|s| s.train).unwrap_or_else(|| TrainSettings::default().with_lr(2e-3))),
             };
             let log = distill(&ck, (&splits.train, &splits.validation), &spec, &run.stage(output.clone()))
                 .context("distilling")?;

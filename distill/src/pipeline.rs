@@ -96,20 +96,6 @@ pub struct PipelineReport {
     pub total_seconds: f64,
 }
 
-fn weight_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|it| {
-            it.flatten()
-                .filter(|e| {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    n.ends_with(".safetensors") || n == "model.onnx" || n == "model.onnx.data"
-                })
-                .filter_map(|e| e.metadata().ok().map(|m| m.len()))
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 fn read_log(dir: &Path) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(dir.join("train_log.json")).ok()?;
     serde_json::from_str(&text).ok()
@@ -125,7 +111,7 @@ fn row(stage: &str, ck: &Checkpoint, score: Score, seconds: f64) -> StageRow {
     StageRow {
         stage: stage.into(),
         parameters: ck.config.num_parameters(),
-        bytes: weight_bytes(&ck.dir),
+        bytes: edgelm_runtime::bundle::weight_bytes(&ck.dir),
         task_completion: score.task_completion,
         perplexity: score.perplexity,
         seconds,
@@ -234,7 +220,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     rows.push(StageRow {
         stage: "bundle".into(),
         parameters: student.config.num_parameters(),
-        bytes: weight_bytes(&bundle),
+        bytes: edgelm_runtime::bundle::weight_bytes(&bundle),
         task_completion: score.task_completion,
         perplexity: None,
         seconds: t.elapsed().as_secs_f64(),

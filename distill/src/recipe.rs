@@ -178,9 +178,11 @@ impl StudentSpec {
     }
 }
 
-/// Optimizer and loop settings of one training stage.
+/// Optimizer and loop settings of one training stage: the recipe's `[*.train]` tables, the
+/// training commands' flags and the pipeline all start from [`TrainSettings::default`], so a
+/// setting left out means the same everywhere.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TrainSettings {
     /// Peak learning rate.
     pub lr: f64,
@@ -195,31 +197,52 @@ pub struct TrainSettings {
     /// Examples per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
-    #[serde(default = "one")]
     pub accumulation: usize,
     /// AdamW weight decay.
-    #[serde(default)]
     pub weight_decay: f64,
     /// Gradient clipping norm (0 = off).
-    #[serde(default)]
     pub clip_norm: f64,
     /// Validate every this many steps.
     pub eval_every: usize,
     /// Validations without improvement before stopping (0 = off).
-    #[serde(default)]
     pub patience: usize,
     /// Checkpoint every this many steps (0 = only at the end).
-    #[serde(default)]
     pub checkpoint_every: usize,
     /// Validation examples used per validation (all when absent).
     pub eval_examples: Option<usize>,
     /// Seed of the data order.
-    #[serde(default)]
     pub seed: u64,
 }
 
-fn one() -> usize {
-    1
+impl Default for TrainSettings {
+    /// Learning rate 1e-3 decaying to 1e-4 after 50 warm-up steps, one epoch of 32-example
+    /// batches, clipping at norm 1, validation on 256 examples every 100 steps with a patience
+    /// of 3, a checkpoint every 100 steps, seed 0.
+    fn default() -> Self {
+        TrainSettings {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup: 50,
+            epochs: 1,
+            max_steps: None,
+            batch_size: 32,
+            accumulation: 1,
+            weight_decay: 0.0,
+            clip_norm: 1.0,
+            eval_every: 100,
+            patience: 3,
+            checkpoint_every: 100,
+            eval_examples: Some(256),
+            seed: 0,
+        }
+    }
+}
+
+impl TrainSettings {
+    /// With peak learning rate `lr`, decaying to a tenth of it.
+    pub fn with_lr(self, lr: f64) -> Self {
+        TrainSettings { lr, min_lr: lr / 10.0, ..self }
+    }
 }
 
 impl TrainSettings {
@@ -374,6 +397,16 @@ impl Recipe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_train_table_fills_what_it_leaves_out_from_the_one_default() {
+        let t: TrainSettings = toml::from_str("lr = 0.5\nbatch_size = 8").unwrap();
+        let d = TrainSettings::default();
+        assert_eq!((t.lr, t.batch_size), (0.5, 8));
+        assert_eq!((t.clip_norm, t.patience, t.checkpoint_every), (d.clip_norm, d.patience, d.checkpoint_every));
+        assert_eq!((d.clip_norm, d.patience), (1.0, 3), "the documented defaults");
+        assert_eq!(TrainSettings::default().with_lr(2e-3).min_lr, 2e-4);
+    }
 
     fn write(dir: &Path, text: &str) -> PathBuf {
         let p = dir.join("recipe.toml");

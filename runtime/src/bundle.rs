@@ -239,6 +239,20 @@ pub struct Bundle {
     pub add_bos_token: bool,
 }
 
+/// Bytes of model weights in a folder: ONNX graphs with their external data, and safetensors
+/// files. The one measure of model size, for bundles and checkpoints alike.
+pub fn weight_bytes(dir: &Path) -> u64 {
+    let is_weights = |n: &str| n.ends_with(".safetensors") || n.ends_with(".onnx") || n.ends_with(".onnx.data");
+    std::fs::read_dir(dir)
+        .map(|it| {
+            it.flatten()
+                .filter(|e| is_weights(&e.file_name().to_string_lossy()))
+                .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Lower-case hex sha256 of a file, streamed.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).at(path)?;

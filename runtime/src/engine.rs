@@ -156,11 +156,9 @@ impl Engine {
         self.decoder.kv_cache_mode()
     }
 
-    /// Bytes of weights on disk (the ONNX file plus any external data next to it).
+    /// Bytes of weights on disk (see [`crate::bundle::weight_bytes`]).
     pub fn weight_bytes(&self) -> u64 {
-        let model = &self.bundle.model_path;
-        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        size(model) + size(&model.with_extension("onnx.data"))
+        crate::bundle::weight_bytes(&self.bundle.dir)
     }
 
     /// Bytes of a KV cache holding `positions` positions (f32 keys and values, every layer).
