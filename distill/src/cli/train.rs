@@ -1,0 +1,308 @@
+//! `pretrain`, `finetune` and `distill`, with the optimizer and run flags they share.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use edgelm_distill::recipe::{Recipe, StudentSpec, TrainSettings};
+use edgelm_distill::train::pretrain::{pretrain as run_pretrain, StageOptions, TrainLog};
+use edgelm_distill::Checkpoint;
+
+use super::data::DataArgs;
+
+/// Optimizer and loop flags; unset flags keep the recipe's (or built-in) values.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Learning rate at the end of the cosine decay.
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// Linear warm-up steps.
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Passes over the training data.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Cap on optimizer steps.
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Examples per micro-batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    accumulation: Option<usize>,
+    /// AdamW weight decay.
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Gradient clipping norm (0 = off).
+    #[arg(long)]
+    clip_norm: Option<f64>,
+    /// Validate every N steps.
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Stop after N validations without improvement (0 = off).
+    #[arg(long)]
+    patience: Option<usize>,
+    /// Checkpoint every N steps.
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Seed of the data order (and of the adapter init).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl TrainArgs {
+    fn over(&self, base: TrainSettings) -> TrainSettings {
+        TrainSettings {
+            lr: self.lr.unwrap_or(base.lr),
+            min_lr: self.min_lr.unwrap_or(base.min_lr),
+            warmup: self.warmup.unwrap_or(base.warmup),
+            epochs: self.epochs.unwrap_or(base.epochs),
+            max_steps: self.max_steps.or(base.max_steps),
+            batch_size: self.batch_size.unwrap_or(base.batch_size),
+            accumulation: self.accumulation.unwrap_or(base.accumulation),
+            weight_decay: self.weight_decay.unwrap_or(base.weight_decay),
+            clip_norm: self.clip_norm.unwrap_or(base.clip_norm),
+            eval_every: self.eval_every.unwrap_or(base.eval_every),
+            patience: self.patience.unwrap_or(base.patience),
+            checkpoint_every: self.checkpoint_every.unwrap_or(base.checkpoint_every),
+            eval_examples: base.eval_examples,
+            seed: self.seed.unwrap_or(base.seed),
+        }
+    }
+}
+
+/// Resumable-run flags shared by the training commands.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Folder for checkpoints of the run (default: <output>.run).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Continue the run saved in the run folder exactly where it stopped.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this optimizer step, leaving a state `--resume` continues.
+    #[arg(long)]
+    halt_after: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl RunArgs {
+    fn stage(self, output: PathBuf) -> StageOptions {
+        StageOptions {
+            output,
+            run_dir: self.run_dir,
+            resume: self.resume,
+            halt_after: self.halt_after,
+            progress: !self.quiet,
+        }
+    }
+}
+
+fn print_log(log: &TrainLog, output: &std::path::Path) {
+    eprintln!(
+        "{}: {} steps, best validation loss {:.4}{}, {:.0} tokens/s ({:.2} GFLOP/s), {} trainable parameters -> {}",
+        log.stage,
+        log.steps,
+        log.best_val_loss.unwrap_or(f64::NAN),
+        if log.stopped_early { " (stopped early)" } else { "" },
+        log.tokens_per_s,
+        log.gflops,
+        log.trainable_parameters,
+        output.display()
+    );
+}
+
+/// Train the recipe's teacher from scratch (tokenizer, weights) into a checkpoint.
+#[derive(clap::Args)]
+pub struct PretrainArgs {
+    /// Recipe file (models/<name>/recipe.toml).
+    #[arg(long)]
+    recipe: PathBuf,
+    /// Checkpoint folder to write.
+    #[arg(short, long)]
+    output: PathBuf,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Trains the recipe's teacher.
+pub fn pretrain(a: PretrainArgs) -> Result<()> {
+    let PretrainArgs { recipe, output, run } = a;
+    let r = Recipe::load(&recipe)?;
+    let log = run_pretrain(&r, &run.stage(output.clone())).context("pretraining")?;
+    print_log(&log, &output);
+    Ok(())
+}
+
+/// Train LoRA adapters on instruction data with the base frozen (PEFT layout output).
+#[derive(clap::Args)]
+pub struct FinetuneArgs {
+    /// Base checkpoint.
+    #[arg(long)]
+    base: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Adapter folder to write (adapter_config.json, adapter_model.safetensors).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Adapter rank.
+    #[arg(long, default_value_t = 8)]
+    lora_r: usize,
+    /// Adapter scale numerator (the update is scaled by alpha / r).
+    #[arg(long, default_value_t = 32.0)]
+    lora_alpha: f64,
+    /// Projections to adapt.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
+    target: Vec<String>,
+    /// EWC penalty strength against forgetting (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    ewc_lambda: f64,
+    /// Data the base should not forget (JSONL; default: the training split).
+    #[arg(long)]
+    ewc_data: Option<PathBuf>,
+    /// Batches of that data for the Fisher estimate.
+    #[arg(long, default_value_t = 8)]
+    fisher_batches: usize,
+    #[command(flatten)]
+    train: TrainArgs,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Trains LoRA adapters.
+pub fn finetune(a: FinetuneArgs) -> Result<()> {
+    let FinetuneArgs {
+        base,
+        data,
+        output,
+        lora_r,
+        lora_alpha,
+        target,
+        ewc_lambda,
+        ewc_data,
+        fisher_batches,
+        train,
+        run,
+    } = a;
+    use edgelm_distill::lora::LoraConfig;
+    use edgelm_distill::train::finetune::{finetune, FinetuneSpec};
+    let ck = Checkpoint::load(&base).with_context(|| format!("loading {}", base.display()))?;
+    let splits = data.splits()?;
+    let base_settings = match data.recipe()?.and_then(|r| r.finetune) {
+        Some(f) => f.train,
+        None => TrainSettings::default(),
+    };
+    let settings = train.over(base_settings);
+    let ewc = match &ewc_data {
+        Some(p) => edgelm_distill::data::prepare::read_any(p)?,
+        None => splits.train.clone(),
+    };
+    let spec = FinetuneSpec {
+        lora: LoraConfig { r: lora_r, lora_alpha, target_modules: target },
+        seed: settings.seed,
+        ewc_lambda,
+        fisher_batches,
+        train: settings,
+    };
+    let done = finetune(&ck, (&splits.train, &splits.validation), &ewc, &spec, &run.stage(output.clone()))
+        .context("fine-tuning")?;
+    print_log(&done.log, &output);
+    Ok(())
+}
+
+/// Distil a teacher into a student made of a subset of its layers (optionally narrower).
+#[derive(clap::Args)]
+pub struct DistillArgs {
+    /// Teacher checkpoint.
+    #[arg(long)]
+    teacher: PathBuf,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Student checkpoint folder to write.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Student settings as TOML (the `[student]` table of a recipe: layers,
+    /// intermediate_size, hidden_size, temperature, alpha, [train]); flags override it.
+    #[arg(long)]
+    student_config: Option<PathBuf>,
+    /// Teacher layers the student keeps, e.g. 0,5 (default: the recipe's).
+    #[arg(long, value_delimiter = ',')]
+    layers: Vec<usize>,
+    /// Student MLP width (sliced from the teacher's).
+    #[arg(long)]
+    intermediate_size: Option<usize>,
+    /// Student residual width (sliced from the teacher's).
+    #[arg(long)]
+    hidden_size: Option<usize>,
+    /// Soft-target temperature.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Weight of the soft-target term.
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Cache the teacher's top-k logits in this folder (built on first use, reused while
+    /// teacher and data are unchanged) instead of running the teacher every step.
+    #[arg(long)]
+    teacher_cache: Option<PathBuf>,
+    /// Logits kept per position in the teacher cache.
+    #[arg(long, default_value_t = 64)]
+    teacher_top_k: usize,
+    #[command(flatten)]
+    train: TrainArgs,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Distils a student.
+pub fn distill(a: DistillArgs) -> Result<()> {
+    let DistillArgs {
+        teacher,
+        data,
+        output,
+        student_config,
+        layers,
+        intermediate_size,
+        hidden_size,
+        temperature,
+        alpha,
+        teacher_cache,
+        teacher_top_k,
+        train,
+        run,
+    } = a;
+    use edgelm_distill::student::StudentShape;
+    use edgelm_distill::train::distill::{distill, DistillSpec};
+    let ck = Checkpoint::load(&teacher).with_context(|| format!("loading {}", teacher.display()))?;
+    let splits = data.splits()?;
+    let recipe = data.recipe()?;
+    let st = match &student_config {
+        Some(p) => Some(StudentSpec::load(p)?),
+        None => recipe.as_ref().map(|r| r.student.clone()),
+    };
+    let layers = if layers.is_empty() {
+        st.as_ref().map(|s| s.layers.clone()).context("give --layers (or a --recipe with [student])")?
+    } else {
+        layers
+    };
+    let spec = DistillSpec {
+        shape: StudentShape {
+            layers,
+            intermediate_size: intermediate_size.or(st.as_ref().and_then(|s| s.intermediate_size)),
+            hidden_size: hidden_size.or(st.as_ref().and_then(|s| s.hidden_size)),
+        },
+        temperature: temperature.or(st.as_ref().map(|s| s.temperature)).unwrap_or(2.0),
+        alpha: alpha.or(st.as_ref().map(|s| s.alpha)).unwrap_or(0.5),
+        teacher_cache: teacher_cache.map(|d| (d, teacher_top_k)),
+        train: train.over(st.map(|s| s.train).unwrap_or_else(|| TrainSettings::default().with_lr(2e-3))),
+    };
+    let log =
+        distill(&ck, (&splits.train, &splits.validation), &spec, &run.stage(output.clone())).context("distilling")?;
+    print_log(&log, &output);
+    Ok(())
+}
