@@ -53,9 +53,80 @@ pub enum Error {
     /// Running the bundle through the runtime failed.
     #[error(transparent)]
     Runtime(#[from] edgelm_runtime::Error),
-    /// Any other failure, with its context.
-    #[error("{0}")]
-    Other(String),
+    /// A recipe or student settings file is unreadable or inconsistent.
+    #[error("recipe {path}: {what}")]
+    Recipe {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// Saved training state cannot be written or used to resume.
+    #[error("run state {path}: {what}")]
+    RunState {
+        /// The file or run folder.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// A line of a data file is not an example.
+    #[error("{path} line {line}: {what}")]
+    DataLine {
+        /// The data file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        what: String,
+    },
+    /// A weights or data file could not be encoded or decoded (the format's own error).
+    #[error("{path}: {what}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// The format library's message.
+        what: String,
+    },
+    /// The examples or settings given cannot train a model.
+    #[error("cannot train: {what}")]
+    Training {
+        /// What is missing or wrong.
+        what: String,
+    },
+    /// A run stopped after the step it was asked to stop at (`halt_after`): not a failure, but
+    /// the stage has no result yet.
+    #[error("halted after step {step} as asked; continue with --resume (state in {})", run_dir.display())]
+    Halted {
+        /// The last optimizer step taken.
+        step: usize,
+        /// Where the state to resume from is.
+        run_dir: PathBuf,
+    },
+    /// A tokenizer could not be trained.
+    #[error("tokenizer training failed: {0}")]
+    Tokenizer(String),
+    /// `init` was given a preset name it does not know.
+    #[error("unknown preset `{name}`; known: {known}")]
+    UnknownPreset {
+        /// The name given.
+        name: String,
+        /// The names known, comma-separated.
+        known: String,
+    },
+    /// A sequence longer than the model's position table.
+    #[error("{positions} positions exceed the model's context of {context}")]
+    ContextOverflow {
+        /// Positions asked for.
+        positions: usize,
+        /// The model's context.
+        context: usize,
+    },
+    /// A model feature or size the exporter does not handle yet.
+    #[error("not supported yet: {what}")]
+    Unsupported {
+        /// The feature, and what to do instead.
+        what: String,
+    },
 }
 
 /// Result with the crate's error.

@@ -122,7 +122,8 @@ impl Adapter {
             tensors.insert(format!("{PEFT_PREFIX}{m}.lora_B.weight"), b.clone());
         }
         let file = dir.join("adapter_model.safetensors");
-        candle_core::safetensors::save(&tensors, &file).map_err(|e| Error::Other(format!("{}: {e}", file.display())))
+        candle_core::safetensors::save(&tensors, &file)
+            .map_err(|e| Error::Format { path: file.clone(), what: e.to_string() })
     }
 
     /// Reads an adapter saved by [`Adapter::save_peft`] or by `peft`.

@@ -69,6 +69,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(Cli::parse()) {
+        // A run stopped where it was asked to stop is not a failure: say how to go on.
+        if let Some(halted @ edgelm_distill::Error::Halted { .. }) = e.downcast_ref::<edgelm_distill::Error>() {
+            eprintln!("{halted}");
+            return;
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

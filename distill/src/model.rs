@@ -311,11 +311,10 @@ impl LlamaModel {
         let (_, s) = input_ids.dims2()?;
         let start = cache.len();
         if start + s > self.config.max_position_embeddings {
-            return Err(crate::Error::Other(format!(
-                "{} positions exceed the model's context of {}",
-                start + s,
-                self.config.max_position_embeddings
-            )));
+            return Err(crate::Error::ContextOverflow {
+                positions: start + s,
+                context: self.config.max_position_embeddings,
+            });
         }
         if cache.layers.len() != self.layers.len() {
             *cache = self.new_cache();
@@ -342,10 +341,7 @@ impl LlamaModel {
     pub fn logits_at(&self, input_ids: &Tensor, rows: &Tensor) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         if s > self.config.max_position_embeddings {
-            return Err(crate::Error::Other(format!(
-                "{s} positions exceed the model's context of {}",
-                self.config.max_position_embeddings
-            )));
+            return Err(crate::Error::ContextOverflow { positions: s, context: self.config.max_position_embeddings });
         }
         let h = self.config.hidden_size;
         let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.reshape((b, s, h))?;

@@ -174,7 +174,7 @@ impl StudentSpec {
     /// Reads student settings from a TOML file (a recipe's `[student]` table on its own).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).at(path)?;
-        toml::from_str(&text).map_err(|e| Error::Other(format!("student config {}: {e}", path.display())))
+        toml::from_str(&text).map_err(|e| Error::Recipe { path: path.to_path_buf(), what: e.to_string() })
     }
 }
 
@@ -317,9 +317,9 @@ impl Recipe {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).at(path)?;
         let mut r: Recipe =
-            toml::from_str(&text).map_err(|e| Error::Other(format!("recipe {}: {e}", path.display())))?;
+            toml::from_str(&text).map_err(|e| Error::Recipe { path: path.to_path_buf(), what: e.to_string() })?;
         r.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        r.check().map_err(|what| Error::Other(format!("recipe {}: {what}", path.display())))?;
+        r.check().map_err(|what| Error::Recipe { path: path.to_path_buf(), what })?;
         Ok(r)
     }
 

@@ -99,3 +99,20 @@ fn pipeline_without_onnx_runtime_fails_before_training() {
     assert!(err.contains("nowhere/libonnxruntime.so"), "names the library it tried: {err}");
     assert!(!tmp.path().join("out/teacher").exists(), "nothing was trained");
 }
+
+#[test]
+fn a_run_halted_as_asked_exits_cleanly_and_says_how_to_go_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let recipe = root().join("models/tiny/recipe.toml");
+    let teacher = tmp.path().join("teacher");
+    let out = run(Command::new(bin("edgelm-distill"))
+        .args(["pretrain", "--quiet", "--halt-after", "2", "--recipe"])
+        .arg(&recipe)
+        .arg("-o")
+        .arg(&teacher));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "halting is not a failure: {stderr}");
+    assert!(stderr.contains("halted after step 2") && stderr.contains("--resume"), "{stderr}");
+    assert!(!stderr.contains("error"), "{stderr}");
+    assert!(!teacher.join("model.safetensors").exists(), "a halted run has no checkpoint yet");
+}

@@ -104,7 +104,7 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
         },
         other => {
             let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
-            return Err(Error::Other(format!("unknown preset `{other}`; known: {}", names.join(", "))));
+            return Err(Error::UnknownPreset { name: other.to_owned(), known: names.join(", ") });
         }
     })
 }
@@ -160,7 +160,7 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String,
 /// Trains a byte-level BPE tokenizer on `lines` with at most `vocab_size` entries, the
 /// [`SPECIAL_TOKENS`] first.
 pub fn train_tokenizer<'a>(lines: impl Iterator<Item = &'a str> + Send, vocab_size: usize) -> Result<Tokenizer> {
-    let err = |e: tokenizers::Error| Error::Other(format!("tokenizer training failed: {e}"));
+    let err = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
     let mut tok: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel> = TokenizerBuilder::new()
         .with_model(BPE::default())
         .with_normalizer(None)
@@ -198,7 +198,7 @@ pub fn write_preset(name: &str, dir: &Path, seed: u64, opts: WriteOptions) -> Re
 pub fn write_tokenizer(dir: &Path, tok: &Tokenizer, max_length: usize) -> Result<()> {
     std::fs::create_dir_all(dir).at(dir)?;
     let tok_path = dir.join("tokenizer.json");
-    tok.save(&tok_path, true).map_err(|e| Error::Other(format!("{}: {e}", tok_path.display())))?;
+    tok.save(&tok_path, true).map_err(|e| Error::Format { path: tok_path.clone(), what: e.to_string() })?;
     let tok_cfg = serde_json::json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": SPECIAL_TOKENS[1],

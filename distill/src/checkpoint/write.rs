@@ -54,7 +54,7 @@ pub fn write_checkpoint(
         let part: HashMap<String, Tensor> =
             names.iter().map(|n| Ok(((*n).clone(), tensors[*n].to_dtype(opts.dtype)?))).collect::<Result<_>>()?;
         candle_core::safetensors::save(&part, file)
-            .map_err(|e| Error::Other(format!("writing {}: {e}", file.display())))
+            .map_err(|e| Error::Format { path: file.to_path_buf(), what: e.to_string() })
     };
     if shards.len() == 1 {
         return save(&shards[0], &dir.join("model.safetensors"));

@@ -39,7 +39,8 @@ pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<()> {
     let file = std::fs::File::create(path).at(path)?;
     let mut w = std::io::BufWriter::new(file);
     for e in examples {
-        serde_json::to_writer(&mut w, e).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+        serde_json::to_writer(&mut w, e)
+            .map_err(|e| Error::Format { path: path.to_path_buf(), what: e.to_string() })?;
         w.write_all(b"\n").at(path)?;
     }
     w.flush().at(path)
@@ -54,8 +55,11 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
         if line.trim().is_empty() {
             continue;
         }
-        let e: Example = serde_json::from_str(&line)
-            .map_err(|e| Error::Other(format!("{} line {}: not an instruction triple: {e}", path.display(), i + 1)))?;
+        let e: Example = serde_json::from_str(&line).map_err(|e| Error::DataLine {
+            path: path.to_path_buf(),
+            line: i + 1,
+            what: format!("not an instruction triple: {e}"),
+        })?;
         out.push(e);
     }
     Ok(out)

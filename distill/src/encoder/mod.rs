@@ -191,10 +191,7 @@ impl<'a> BertModel<'a> {
         let c = &self.ck.config;
         let (h, s) = (c.hidden_size, ids.len());
         if s == 0 || s > c.max_position_embeddings {
-            return Err(Error::Other(format!(
-                "sequence of {s} tokens; the encoder takes 1..={}",
-                c.max_position_embeddings
-            )));
+            return Err(Error::ContextOverflow { positions: s, context: c.max_position_embeddings });
         }
         let dev = Device::Cpu;
         let word = self.ck.get("embeddings.word_embeddings.weight", &[c.vocab_size, h])?;

@@ -36,9 +36,11 @@ fn sym(s: &str) -> Dim {
 pub(crate) fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<ModelProto> {
     let c = &ck.config;
     if c.sliding_window.is_some() {
-        return Err(Error::Other(
-            "sliding-window attention is not exported yet; set sliding_window to null if the model never exceeds its window".into(),
-        ));
+        return Err(Error::Unsupported {
+            what:
+                "sliding-window attention in export; set sliding_window to null if the model never exceeds its window"
+                    .into(),
+        });
     }
     if !c.head_dim.is_multiple_of(16) {
         return Err(Error::InvalidConfig {
@@ -238,9 +240,9 @@ pub(crate) fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<Model
 
     let bytes = g.initializer_bytes();
     if bytes > 2_000_000_000 {
-        return Err(Error::Other(format!(
-            "{bytes} bytes of weights exceed protobuf's 2 GB limit; external-data export is not implemented yet"
-        )));
+        return Err(Error::Unsupported {
+            what: format!("{bytes} bytes of weights exceed protobuf's 2 GB limit, and external-data export is missing"),
+        });
     }
     Ok(g.finish(21, Some(1), env!("CARGO_PKG_VERSION")))
 }

@@ -93,9 +93,10 @@ impl AdamW {
         self.moments.clear();
         for (key, m) in tensors {
             let Some(name) = key.strip_prefix("m.") else { continue };
-            let v = tensors
-                .get(&format!("v.{name}"))
-                .ok_or_else(|| crate::Error::Other(format!("optimizer state has m.{name} but no v.{name}")))?;
+            let v = tensors.get(&format!("v.{name}")).ok_or_else(|| crate::Error::RunState {
+                path: "optimizer.safetensors".into(),
+                what: format!("has m.{name} but no v.{name}"),
+            })?;
             self.moments.insert(name.to_owned(), Moments { m: m.clone(), v: v.clone() });
         }
         Ok(())

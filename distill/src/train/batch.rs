@@ -34,8 +34,8 @@ pub struct Formatter {
 impl Formatter {
     /// The formatter of a checkpoint (its tokenizer.json, chat template and EOS id).
     pub fn for_checkpoint(ck: &Checkpoint) -> Result<Self> {
-        let tok = ck.tokenizer_json.as_deref().ok_or_else(|| {
-            Error::Other(format!("{} has no tokenizer.json; training needs the tokenizer", ck.dir.display()))
+        let tok = ck.tokenizer_json.as_deref().ok_or_else(|| Error::Training {
+            what: format!("{} has no tokenizer.json, and training needs one", ck.dir.display()),
         })?;
         Self::load(tok, ck.chat_template(), ck.bos_token_id(), &ck.eos_token_ids(), ck.config.pad_token_id)
     }
@@ -48,8 +48,8 @@ impl Formatter {
         eos: &[u32],
         pad: Option<u32>,
     ) -> Result<Self> {
-        let eos_id = *eos.first().ok_or_else(|| {
-            Error::Other("the checkpoint names no end-of-sequence token; answers could not end".into())
+        let eos_id = *eos.first().ok_or_else(|| Error::Training {
+            what: "the checkpoint names no end-of-sequence token, so answers could not end".into(),
         })?;
         let chat = chat_template.is_some();
         let codec = TextCodec::load(tokenizer, chat_template, bos, Some(eos_id))?;
@@ -130,7 +130,7 @@ impl Batch {
     /// Pads `examples` to the longest and marks every target token for scoring.
     pub fn new(examples: &[&Encoded], pad: u32) -> Result<Self> {
         if examples.is_empty() {
-            return Err(Error::Other("empty batch".into()));
+            return Err(Error::Training { what: "a batch needs at least one example".into() });
         }
         let s = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(examples.len() * s);
@@ -174,9 +174,9 @@ fn fit_context(encoded: Vec<Encoded>, context: usize, what: &str) -> Result<Vec<
         );
     }
     if kept.is_empty() && before > 0 {
-        return Err(Error::Other(format!(
-            "{what}: every example is longer than the model's context of {context} tokens"
-        )));
+        return Err(Error::Training {
+            what: format!("{what}: every example is longer than the model's context of {context} tokens"),
+        });
     }
     Ok(kept)
 }

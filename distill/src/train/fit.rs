@@ -190,7 +190,7 @@ pub fn fit(
     resume: bool,
 ) -> Result<FitReport> {
     if train.is_empty() || validation.is_empty() {
-        return Err(Error::Other("training needs at least one training and one validation example".into()));
+        return Err(Error::Training { what: "give at least one training and one validation example".into() });
     }
     std::fs::create_dir_all(run_dir).at(run_dir)?;
     let state_dir = run_dir.join("state");
@@ -209,10 +209,11 @@ pub fn fit(
     };
     if resume {
         let p = state_dir.join("state.json");
-        let text = std::fs::read_to_string(&p).map_err(|e| {
-            Error::Other(format!("--resume: no saved run in {} ({e}); start without --resume", run_dir.display()))
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::RunState {
+            path: run_dir.to_path_buf(),
+            what: format!("no saved run to resume ({e}); start without --resume"),
         })?;
-        st = serde_json::from_str(&text).map_err(|e| Error::Other(format!("{}: {e}", p.display())))?;
+        st = serde_json::from_str(&text).map_err(|e| Error::RunState { path: p.clone(), what: e.to_string() })?;
         trainer.load(&state_dir)?;
         tracing::info!("{}: resumed at step {} (epoch {}, batch {})", opts.label, st.step, st.epoch, st.cursor);
     }
@@ -227,13 +228,15 @@ pub fn fit(
         let batches = epoch_batches(&lengths, opts.batch_size, opts.seed, st.epoch);
         let usable = batches.len() / opts.accumulation.max(1) * opts.accumulation.max(1);
         if usable == 0 {
-            return Err(Error::Other(format!(
-                "{}: {} examples make no full optimizer step at batch {} x accumulation {}",
-                opts.label,
-                train.len(),
-                opts.batch_size,
-                opts.accumulation
-            )));
+            return Err(Error::Training {
+                what: format!(
+                    "{}: {} examples make no full optimizer step at batch {} x accumulation {}",
+                    opts.label,
+                    train.len(),
+                    opts.batch_size,
+                    opts.accumulation
+                ),
+            });
         }
         while st.cursor < usable {
             let started = Instant::now();
@@ -243,10 +246,9 @@ pub fn fit(
             let loss = loss_fn(&trainer.tensors(), &batch)?;
             let value = loss.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
-                return Err(Error::Other(format!(
-                    "{}: loss became {value} at step {}; lower the learning rate",
-                    opts.label, st.step
-                )));
+                return Err(Error::Training {
+                    what: format!("{}: loss became {value} at step {}; lower the learning rate", opts.label, st.step),
+                });
             }
             let report = trainer.backward(&loss)?;
             st.cursor += 1;
@@ -281,7 +283,7 @@ pub fn fit(
                     st.best_val = Some(val);
                     st.bad_evals = 0;
                     candle_core::safetensors::save(&params, &best_path)
-                        .map_err(|e| Error::Other(format!("writing {}: {e}", best_path.display())))?;
+                        .map_err(|e| Error::Format { path: best_path.clone(), what: e.to_string() })?;
                 } else {
                     st.bad_evals += 1;
                 }

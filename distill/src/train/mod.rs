@@ -137,13 +137,16 @@ impl Trainer {
     /// `optimizer.safetensors`); only between optimizer steps.
     pub fn save(&self, dir: &Path) -> Result<()> {
         if self.micro != 0 {
-            return Err(Error::Other("training state can only be saved between optimizer steps".into()));
+            return Err(Error::RunState {
+                path: dir.to_path_buf(),
+                what: "training state can only be saved between optimizer steps".into(),
+            });
         }
         std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.into(), source })?;
         let save = |t: &HashMap<String, Tensor>, file: &str| {
             let path = dir.join(file);
             candle_core::safetensors::save(t, &path)
-                .map_err(|e| Error::Other(format!("writing {}: {e}", path.display())))
+                .map_err(|e| Error::Format { path: path.clone(), what: e.to_string() })
         };
         save(&self.tensors(), "params.safetensors")?;
         let (t, mut state) = self.optimizer.state();
@@ -156,20 +159,24 @@ impl Trainer {
         let read = |file: &str| {
             let path = dir.join(file);
             candle_core::safetensors::load(&path, &candle_core::Device::Cpu)
-                .map_err(|e| Error::Other(format!("reading {}: {e}", path.display())))
+                .map_err(|e| Error::RunState { path: path.clone(), what: e.to_string() })
         };
         let params = read("params.safetensors")?;
         for (name, var) in &self.params {
-            let t = params.get(name).ok_or_else(|| Error::Other(format!("saved state lacks parameter {name}")))?;
+            let state = |what: String| Error::RunState { path: dir.join("params.safetensors"), what };
+            let t = params.get(name).ok_or_else(|| state(format!("lacks parameter {name}")))?;
             if t.dims() != var.dims() {
-                return Err(Error::Other(format!("saved {name} is {:?}, the model has {:?}", t.dims(), var.dims())));
+                return Err(state(format!("{name} is {:?}, the model has {:?}", t.dims(), var.dims())));
             }
             var.set(t)?;
         }
         let mut state = read("optimizer.safetensors")?;
         let steps = state
             .remove("step")
-            .ok_or_else(|| Error::Other("optimizer state lacks its step count".into()))?
+            .ok_or_else(|| Error::RunState {
+                path: dir.join("optimizer.safetensors"),
+                what: "lacks its step count".into(),
+            })?
             .to_vec1::<u32>()?;
         self.step = steps[0] as usize;
         self.optimizer.set_state(steps[1] as usize, &state)?;

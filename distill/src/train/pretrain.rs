@@ -114,11 +114,11 @@ pub fn take(examples: &[Encoded], n: Option<usize>) -> &[Encoded] {
 /// Loads the best parameters a run saved.
 pub fn load_best(r: &FitReport) -> Result<HashMap<String, Tensor>> {
     candle_core::safetensors::load(&r.best_path, &candle_core::Device::Cpu)
-        .map_err(|e| Error::Other(format!("reading {}: {e}", r.best_path.display())))
+        .map_err(|e| Error::RunState { path: r.best_path.clone(), what: e.to_string() })
 }
 
 /// Trains with `settings` and returns the run's report (weights stay in the run folder); a run
-/// halted on request is an error that says how to continue it.
+/// halted on request ends with [`Error::Halted`], which says how to continue it.
 #[allow(clippy::too_many_arguments)]
 pub fn train_stage(
     label: &str,
@@ -136,11 +136,7 @@ pub fn train_stage(
     let validation = take(data.1, settings.eval_examples);
     let report = fit(trainer, data.0, validation, pad, loss_fn, val_fn, &fo, &opts.run_dir(), opts.resume)?;
     if report.halted {
-        return Err(Error::Other(format!(
-            "halted after step {} as asked; continue with --resume (state in {})",
-            report.steps,
-            opts.run_dir().display()
-        )));
+        return Err(Error::Halted { step: report.steps, run_dir: opts.run_dir() });
     }
     Ok(report)
 }

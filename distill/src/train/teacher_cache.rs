@@ -51,7 +51,9 @@ impl TeacherCache {
     ) -> Result<Self> {
         let vocab = model.config().vocab_size;
         if k == 0 || k > vocab {
-            return Err(Error::Other(format!("teacher cache: top-k must be between 1 and the vocabulary ({vocab})")));
+            return Err(Error::Training {
+                what: format!("teacher cache top-k must be between 1 and the vocabulary ({vocab})"),
+            });
         }
         let want = key(&crate::export::checkpoint_hash(teacher_dir)?, data, k);
         let path: PathBuf = dir.join(format!("teacher-top{k}.safetensors"));
@@ -83,13 +85,15 @@ impl TeacherCache {
         std::fs::create_dir_all(dir).at(dir)?;
         let tmp = path.with_extension("tmp");
         candle_core::safetensors::save(&tensors, &tmp)
-            .map_err(|e| Error::Other(format!("writing {}: {e}", tmp.display())))?;
+            .map_err(|e| Error::Format { path: tmp.clone(), what: e.to_string() })?;
         std::fs::rename(&tmp, &path).at(&path)?;
         Self::from_tensors(tensors)
     }
 
     fn from_tensors(mut t: HashMap<String, Tensor>) -> Result<Self> {
-        let mut take = |n: &str| t.remove(n).ok_or_else(|| Error::Other(format!("teacher cache lacks `{n}`")));
+        let mut take = |n: &str| {
+            t.remove(n).ok_or_else(|| Error::Format { path: "teacher cache".into(), what: format!("lacks `{n}`") })
+        };
         Ok(TeacherCache { values: take("values")?, indices: take("indices")?, offsets: take("offsets")?.to_vec1()? })
     }
 
