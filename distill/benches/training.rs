@@ -15,7 +15,7 @@ use edgelm_distill::recipe::Recipe;
 use edgelm_distill::student::{init_student, StudentShape};
 use edgelm_distill::train::batch::{Batch, Encoded};
 use edgelm_distill::train::kd_loss;
-use edgelm_distill::train::pretrain::{flop_parameters, lm_loss};
+use edgelm_distill::train::stage::{flop_parameters, lm_loss};
 use edgelm_distill::train::Trainer;
 use edgelm_distill::LlamaModel;
 

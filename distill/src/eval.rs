@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::model::LlamaModel;
 use crate::train::batch::Formatter;
 use crate::train::fit::evaluate;
-use crate::train::pretrain::lm_loss;
+use crate::train::stage::lm_loss;
 
 /// Longest answer generated when scoring (the task's answers are far shorter).
 pub const MAX_ANSWER_TOKENS: usize = 32;

@@ -24,7 +24,8 @@ use crate::train::batch::Formatter;
 use crate::train::distill::{distill, DistillSpec};
 use crate::train::finetune::{finetune, merge, FinetuneSpec};
 use crate::train::fit::LogPoint;
-use crate::train::pretrain::{pretrain, StageOptions};
+use crate::train::pretrain::pretrain;
+use crate::train::stage::StageOptions;
 
 /// Pipeline settings besides the recipe.
 #[derive(Debug, Clone)]

@@ -260,6 +260,7 @@ impl TrainSettings {
             halt_after: None,
             progress: true,
             label: label.into(),
+            ..FitOptions::default()
         }
     }
 

@@ -10,7 +10,8 @@ use edgelm_distill::recipe::Recipe;
 use edgelm_distill::student::StudentShape;
 use edgelm_distill::train::distill::{distill, DistillSpec};
 use edgelm_distill::train::finetune::{finetune, merge, FinetuneSpec};
-use edgelm_distill::train::pretrain::{pretrain, StageOptions};
+use edgelm_distill::train::pretrain::pretrain;
+use edgelm_distill::train::stage::StageOptions;
 use edgelm_distill::Checkpoint;
 
 fn recipe() -> Recipe {

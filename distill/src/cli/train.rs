@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 use edgelm_distill::recipe::{Recipe, StudentSpec, TrainSettings};
-use edgelm_distill::train::pretrain::{pretrain as run_pretrain, StageOptions, TrainLog};
+use edgelm_distill::train::pretrain::pretrain as run_pretrain;
+use edgelm_distill::train::stage::{StageOptions, TrainLog};
 use edgelm_distill::Checkpoint;
 
 use super::data::DataArgs;

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use candle_core::Tensor;
 
 use super::batch::{Batch, Formatter};
+use super::fit::FitData;
 use super::kd::{kd_loss, kd_loss_top_k};
-use super::pretrain::{flop_parameters, lm_loss, load_best, train_stage, StageOptions, TrainLog};
+use super::stage::{flop_parameters, lm_loss, load_best, train_stage, Stage, StageOptions, TrainLog};
 use super::teacher_cache::TeacherCache;
 use super::Trainer;
 use crate::checkpoint::write::{copy_tokenizer_files, write_checkpoint, write_generation_config, WriteOptions};
@@ -80,8 +81,9 @@ pub fn distill(
     };
     // Early stopping watches the student's own cross-entropy on the real answers.
     let mut val = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
-    let report =
-        train_stage("student", &mut trainer, &spec.train, (&train, &validation), fmt.pad(), &mut loss, &mut val, opts)?;
+    let data = FitData { train: &train, validation: &validation, pad: fmt.pad() };
+    let stage = Stage { label: "student", settings: &spec.train, data, opts };
+    let report = train_stage(stage, &mut trainer, &mut loss, &mut val)?;
     let out = &opts.output;
     write_checkpoint(out, &config, &load_best(&report)?, WriteOptions::default())?;
     write_generation_config(out, &config)?;

@@ -12,7 +12,8 @@ use std::path::Path;
 use candle_core::{Tensor, Var};
 
 use super::batch::{Batch, Encoded, Formatter};
-use super::pretrain::{lm_loss, load_best, train_stage, StageOptions, TrainLog};
+use super::fit::FitData;
+use super::stage::{flop_parameters, lm_loss, load_best, train_stage, Stage, StageOptions, TrainLog};
 use super::Trainer;
 use crate::checkpoint::write::{copy_tokenizer_files, write_checkpoint, write_generation_config, WriteOptions};
 use crate::checkpoint::Checkpoint;
@@ -126,20 +127,13 @@ pub fn finetune(
         let logits = model.logits_at(&b.input_ids, &b.rows)?;
         Ok(candle_nn::loss::cross_entropy(&logits, &b.labels)?)
     };
-    let report = train_stage(
-        "finetune",
-        &mut trainer,
-        &spec.train,
-        (&train, &validation),
-        fmt.pad(),
-        &mut loss,
-        &mut val,
-        opts,
-    )?;
+    let data = FitData { train: &train, validation: &validation, pad: fmt.pad() };
+    let stage = Stage { label: "finetune", settings: &spec.train, data, opts };
+    let report = train_stage(stage, &mut trainer, &mut loss, &mut val)?;
     let adapter = Adapter::from_tensors(spec.lora.clone(), &load_best(&report)?)?;
     adapter.save_peft(&opts.output, &base.dir.display().to_string())?;
     // Forward and backward still run through the frozen base: count its parameters.
-    let flop = crate::train::pretrain::flop_parameters(&base.config);
+    let flop = flop_parameters(&base.config);
     let log = TrainLog::new("finetune", trainer.num_parameters(), flop, &report);
     log.write(&opts.output)?;
     Ok(Finetuned { log, adapter })

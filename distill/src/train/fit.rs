@@ -47,6 +47,21 @@ pub struct FitOptions {
     pub progress: bool,
     /// Name shown in the progress bar and logs.
     pub label: String,
+    /// Folder of the run's resumable state and best parameters.
+    pub run_dir: PathBuf,
+    /// Continue the run saved in `run_dir` exactly where it stopped.
+    pub resume: bool,
+}
+
+/// The examples a run trains and validates on, and the id that pads a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct FitData<'a> {
+    /// Training examples.
+    pub train: &'a [Encoded],
+    /// Validation examples.
+    pub validation: &'a [Encoded],
+    /// Padding token id.
+    pub pad: u32,
 }
 
 impl Default for FitOptions {
@@ -63,6 +78,8 @@ impl Default for FitOptions {
             halt_after: None,
             progress: true,
             label: "train".into(),
+            run_dir: PathBuf::from("train.run"),
+            resume: false,
         }
     }
 }
@@ -175,20 +192,17 @@ fn write_json(path: &Path, state: &RunState) -> Result<()> {
 
 /// Trains until the epochs or steps run out, early stopping fires, or `halt_after` is reached.
 /// `loss_fn` gets the trainer's current parameters and a batch and returns the mean loss of
-/// its scored positions; `val_fn` is used for validation. With `resume`, a previous run's
-/// `state/` in `run_dir` is continued exactly.
-#[allow(clippy::too_many_arguments)]
+/// its scored positions; `val_fn` is used for validation. With `opts.resume`, a previous run's
+/// `state/` in `opts.run_dir` is continued exactly.
 pub fn fit(
     trainer: &mut Trainer,
-    train: &[Encoded],
-    validation: &[Encoded],
-    pad: u32,
+    data: FitData<'_>,
     loss_fn: &mut LossFn,
     val_fn: &mut LossFn,
     opts: &FitOptions,
-    run_dir: &Path,
-    resume: bool,
 ) -> Result<FitReport> {
+    let FitData { train, validation, pad } = data;
+    let (run_dir, resume) = (opts.run_dir.as_path(), opts.resume);
     if train.is_empty() || validation.is_empty() {
         return Err(Error::Training { what: "give at least one training and one validation example".into() });
     }

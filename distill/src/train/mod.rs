@@ -13,6 +13,7 @@ pub mod fit;
 pub mod kd;
 pub mod pretrain;
 pub mod schedule;
+pub mod stage;
 pub mod teacher_cache;
 
 use std::collections::HashMap;
