@@ -25,7 +25,7 @@ use crate::train::distill::{distill, DistillSpec};
 use crate::train::finetune::{finetune, merge, FinetuneSpec};
 use crate::train::fit::LogPoint;
 use crate::train::pretrain::pretrain;
-use crate::train::stage::StageOptions;
+use crate::train::stage::{StageOptions, TrainLog};
 
 /// Pipeline settings besides the recipe.
 #[derive(Debug, Clone)]
@@ -84,7 +84,7 @@ pub struct PipelineReport {
     /// One row per stage.
     pub stages: Vec<StageRow>,
     /// Training logs (`train_log.json` contents) by stage.
-    pub training: Vec<serde_json::Value>,
+    pub training: Vec<TrainLog>,
     /// Largest ONNX-vs-candle logit difference of the export check.
     pub export_max_abs_diff: Option<f32>,
     /// Runtime speed on the shown examples.
@@ -97,15 +97,15 @@ pub struct PipelineReport {
     pub total_seconds: f64,
 }
 
-fn read_log(dir: &Path) -> Option<serde_json::Value> {
-    let text = std::fs::read_to_string(dir.join("train_log.json")).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-fn curve(log: &serde_json::Value) -> Option<(String, Vec<LogPoint>)> {
-    let name = log.get("stage")?.as_str()?.to_owned();
-    let pts: Vec<LogPoint> = serde_json::from_value(log.get("history")?.clone()).ok()?;
-    Some((name, pts))
+/// The log a checkpoint's training left next to it, when there is one (a teacher trained
+/// elsewhere has none).
+fn read_log(dir: &Path) -> Result<Option<TrainLog>> {
+    let p = dir.join("train_log.json");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).at(&p)?;
+    serde_json::from_str(&text).map(Some).map_err(|e| Error::Format { path: p, what: e.to_string() })
 }
 
 fn row(stage: &str, ck: &Checkpoint, score: Score, seconds: f64) -> StageRow {
@@ -155,7 +155,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         }
     };
     let teacher = Checkpoint::load(&teacher_dir)?;
-    logs.extend(read_log(&teacher_dir));
+    logs.extend(read_log(&teacher_dir)?);
     let score = score_checkpoint(&teacher, test, opts.progress)?;
     say(
         out,
@@ -178,7 +178,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         let done =
             finetune(&source, (&splits.train[..n], &splits.validation), &splits.train, &spec, &stage("adapter"))?;
         merge(&source, &done.adapter, &dir.join("finetuned"))?;
-        logs.push(serde_json::to_value(&done.log).expect("json"));
+        logs.push(done.log.clone());
         let merged = Checkpoint::load(dir.join("finetuned"))?;
         let score = score_checkpoint(&merged, test, opts.progress)?;
         say(out, format!("fine-tuned (LoRA r={}, merged): {:.1}%", ft.r, 100.0 * score.task_completion))?;
@@ -201,7 +201,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         teacher_cache: s.teacher_top_k.map(|k| (dir.join("teacher-cache"), k)),
     };
     let log = distill(&source, (&splits.train, &splits.validation), &spec, &stage("student"))?;
-    logs.push(serde_json::to_value(&log).expect("json"));
+    logs.push(log.clone());
     let student = Checkpoint::load(dir.join("student"))?;
     let score = score_checkpoint(&student, test, opts.progress)?;
     say(
@@ -248,7 +248,8 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     record_in_bundle(&bundle, &report)?;
     let p = dir.join("report.json");
     std::fs::write(&p, serde_json::to_string_pretty(&report).expect("json")).at(&p)?;
-    let curves: Vec<_> = report.training.iter().filter_map(curve).collect();
+    let curves: Vec<(String, Vec<LogPoint>)> =
+        report.training.iter().map(|l| (l.stage.clone(), l.history.clone())).collect();
     let bars: Vec<Bar> = report
         .stages
         .iter()

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::batch::{Batch, Encoded};
 use super::fit::{fit, FitData, FitReport, LossFn};
@@ -44,7 +44,7 @@ impl StageOptions {
 }
 
 /// What a training stage did, kept next to the checkpoint as `train_log.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainLog {
     /// Stage name.
     pub stage: String,
