@@ -12,6 +12,12 @@
 //! The encoder here always closes the data with a block whose code is below `0xFF` (a zero-free
 //! input of exactly 254 bytes encodes as `FF <254 bytes> 01`). The decoder also accepts a
 //! chain that ends right after an `0xFF` block, as some other encoders write it.
+//!
+//! Why not the `cobs` crate that postcard uses: its encoder (0.3) writes an empty input as no
+//! bytes and ends a trailing run of 254 non-zero bytes without the closing `01` block, so
+//! frames that end in such a run would change their bytes on the wire; its in-place decoder
+//! takes a zero as the end of the chain instead of refusing it. Both were tried against this
+//! module's tests.
 
 /// Largest encoded size of `n` input bytes (without the frame delimiter).
 pub const fn cobs_max_encoded_len(n: usize) -> usize {
