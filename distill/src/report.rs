@@ -21,6 +21,38 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// Round values for a log axis from `lo` to `hi`: 1, 2 and 5 times powers of ten; only powers
+/// of ten past two decades; every whole multiple below a factor of 5.
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    if !(lo > 0.0 && hi > lo && lo.is_finite() && hi.is_finite()) {
+        return vec![];
+    }
+    let within = |steps: &[f64]| {
+        let mut out = vec![];
+        for e in lo.log10().floor() as i32..=hi.log10().ceil() as i32 {
+            for m in steps {
+                let v = m * 10f64.powi(e);
+                if v >= lo * (1.0 - 1e-9) && v <= hi * (1.0 + 1e-9) {
+                    out.push(v);
+                }
+            }
+        }
+        out
+    };
+    match hi / lo {
+        r if r > 100.0 => within(&[1.0]),
+        r if r > 5.0 => within(&[1.0, 2.0, 5.0]),
+        // Less than a factor of 5: every whole multiple of the power of ten.
+        _ => within(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]),
+    }
+}
+
+/// A tick value as people write it: `0.01`, `0.2`, `5`, `20`.
+fn tick_label(v: f64) -> String {
+    let digits = (-v.log10().floor()).max(0.0) as usize;
+    format!("{v:.digits$}")
+}
+
 /// Renders the SVG. `curves` are (name, points); train loss is drawn thin, validation loss
 /// thick with dots. Loss is on a log scale.
 pub fn svg(title: &str, curves: &[(String, Vec<LogPoint>)], bars: &[Bar]) -> String {
@@ -56,15 +88,15 @@ pub fn svg(title: &str, curves: &[(String, Vec<LogPoint>)], bars: &[Bar]) -> Str
         y0 + ph / 2.0,
         y0 + ph / 2.0
     );
-    for k in 0..=4 {
-        let v = (lo + span * k as f64 / 4.0).exp();
+    for v in log_ticks(lo.exp(), hi.exp()) {
         let y = y_of(v);
         let _ = write!(
             s,
-            r##"<line x1="{x0}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{v:.3}</text>"##,
+            r##"<line x1="{x0}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
             x0 + pw,
             x0 - 4.0,
-            y + 4.0
+            y + 4.0,
+            tick_label(v)
         );
     }
     for (i, (name, pts)) in curves.iter().enumerate() {
@@ -159,5 +191,18 @@ mod tests {
         assert!(out.contains("97.0%") && out.contains("50.0%"));
         assert!(out.contains("a&lt;b") && !out.contains("a<b"));
         assert_eq!(out.matches("<circle").count(), 1, "one validation point");
+    }
+
+    #[test]
+    fn loss_ticks_are_round_numbers_inside_the_range() {
+        assert_eq!(log_ticks(0.3, 6.0), [0.5, 1.0, 2.0, 5.0]);
+        assert_eq!(log_ticks(0.012, 10.7), [0.1, 1.0, 10.0]);
+        assert_eq!(tick_label(0.30000000000000004), "0.3");
+        assert!(log_ticks(1.0, 1.0).is_empty());
+        let fine = log_ticks(0.25, 0.95);
+        let want = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
+        assert!(fine.len() == want.len() && fine.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12), "{fine:?}");
+        let labels: Vec<String> = [0.01, 0.2, 5.0, 20.0].iter().map(|&v| tick_label(v)).collect();
+        assert_eq!(labels, ["0.01", "0.2", "5", "20"]);
     }
 }
