@@ -60,7 +60,8 @@ demo preset=default_preset prompt="Set the kitchen heater to 21.5 degrees at 7pm
 # onnxruntime-genai), and the firmware build for thumbv7em.
 test: setup setup-tools lint
     cargo build --workspace
-    cargo test --workspace --no-fail-fast
+    # A hung test fails the run after 40 minutes instead of holding CI to its limit.
+    timeout --kill-after=30 2400 cargo test --workspace --no-fail-fast
     just firmware
     just fuzz-smoke
 
