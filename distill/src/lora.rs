@@ -47,12 +47,12 @@ fn targets(cfg: &ModelConfig, lora: &LoraConfig) -> Result<Vec<(String, usize, u
     let h = cfg.hidden_size;
     let mut out = Vec::new();
     for t in &lora.target_modules {
-        let (group, out_dim, in_dim) = match t.as_str() {
-            "q_proj" => ("self_attn", cfg.q_dim(), h),
-            "k_proj" | "v_proj" => ("self_attn", cfg.kv_dim(), h),
-            "o_proj" => ("self_attn", h, cfg.q_dim()),
-            "gate_proj" | "up_proj" => ("mlp", cfg.intermediate_size, h),
-            "down_proj" => ("mlp", h, cfg.intermediate_size),
+        let (out_dim, in_dim) = match t.as_str() {
+            "q_proj" => (cfg.q_dim(), h),
+            "k_proj" | "v_proj" => (cfg.kv_dim(), h),
+            "o_proj" => (h, cfg.q_dim()),
+            "gate_proj" | "up_proj" => (cfg.intermediate_size, h),
+            "down_proj" => (h, cfg.intermediate_size),
             other => {
                 return Err(Error::InvalidConfig {
                     what: format!("LoRA target `{other}` is not a projection of this model"),
@@ -60,7 +60,7 @@ fn targets(cfg: &ModelConfig, lora: &LoraConfig) -> Result<Vec<(String, usize, u
             }
         };
         for i in 0..cfg.num_hidden_layers {
-            out.push((format!("model.layers.{i}.{group}.{t}"), out_dim, in_dim));
+            out.push((crate::checkpoint::names::projection(i, t), out_dim, in_dim));
         }
     }
     Ok(out)

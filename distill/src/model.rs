@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
-use crate::checkpoint::{Checkpoint, ModelConfig};
+use crate::checkpoint::{names, Checkpoint, ModelConfig};
 use crate::error::Result;
 
 /// A linear layer `y = x W^T + b` with HF's `[out, in]` weight layout.
@@ -149,13 +149,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(w: &WeightSource, p: &str, c: &ModelConfig) -> Result<Self> {
+    fn load(w: &WeightSource, layer: usize, c: &ModelConfig) -> Result<Self> {
         let h = c.hidden_size;
+        let p = |proj: &str| names::projection(layer, proj);
         Ok(Attention {
-            q_proj: Linear::load(w, &format!("{p}.q_proj"), c.q_dim(), h, c.qkv_bias)?,
-            k_proj: Linear::load(w, &format!("{p}.k_proj"), c.kv_dim(), h, c.qkv_bias)?,
-            v_proj: Linear::load(w, &format!("{p}.v_proj"), c.kv_dim(), h, c.qkv_bias)?,
-            o_proj: Linear::load(w, &format!("{p}.o_proj"), h, c.q_dim(), c.o_bias)?,
+            q_proj: Linear::load(w, &p("q_proj"), c.q_dim(), h, c.qkv_bias)?,
+            k_proj: Linear::load(w, &p("k_proj"), c.kv_dim(), h, c.qkv_bias)?,
+            v_proj: Linear::load(w, &p("v_proj"), c.kv_dim(), h, c.qkv_bias)?,
+            o_proj: Linear::load(w, &p("o_proj"), h, c.q_dim(), c.o_bias)?,
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
@@ -215,12 +216,13 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(w: &WeightSource, p: &str, c: &ModelConfig) -> Result<Self> {
+    fn load(w: &WeightSource, layer: usize, c: &ModelConfig) -> Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
+        let p = |proj: &str| names::projection(layer, proj);
         Ok(Mlp {
-            gate_proj: Linear::load(w, &format!("{p}.gate_proj"), i, h, c.mlp_bias)?,
-            up_proj: Linear::load(w, &format!("{p}.up_proj"), i, h, c.mlp_bias)?,
-            down_proj: Linear::load(w, &format!("{p}.down_proj"), h, i, c.mlp_bias)?,
+            gate_proj: Linear::load(w, &p("gate_proj"), i, h, c.mlp_bias)?,
+            up_proj: Linear::load(w, &p("up_proj"), i, h, c.mlp_bias)?,
+            down_proj: Linear::load(w, &p("down_proj"), h, i, c.mlp_bias)?,
         })
     }
 }
@@ -274,23 +276,22 @@ impl LlamaModel {
             |name: String| -> Result<RmsNorm> { Ok(RmsNorm { weight: w.get(&name, &[h])?, eps: c.rms_norm_eps }) };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
             layers.push(Block {
-                input_layernorm: norm(format!("{p}.input_layernorm.weight"))?,
-                self_attn: Attention::load(&w, &format!("{p}.self_attn"), c)?,
-                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm.weight"))?,
-                mlp: Mlp::load(&w, &format!("{p}.mlp"), c)?,
+                input_layernorm: norm(names::in_layer(i, names::INPUT_NORM))?,
+                self_attn: Attention::load(&w, i, c)?,
+                post_attention_layernorm: norm(names::in_layer(i, names::POST_ATTENTION_NORM))?,
+                mlp: Mlp::load(&w, i, c)?,
             });
         }
-        let embed_tokens = w.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed_tokens = w.get(names::EMBED, &[c.vocab_size, h])?;
         let lm_head =
-            if c.tie_word_embeddings { embed_tokens.clone() } else { w.get("lm_head.weight", &[c.vocab_size, h])? };
+            if c.tie_word_embeddings { embed_tokens.clone() } else { w.get(names::LM_HEAD, &[c.vocab_size, h])? };
         Ok(LlamaModel {
             rotary: Rotary::new(c, &Device::Cpu)?,
             config: c.clone(),
             embed_tokens,
             layers,
-            norm: norm("model.norm.weight".into())?,
+            norm: norm(names::FINAL_NORM.into())?,
             lm_head,
         })
     }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
 
-use crate::checkpoint::ModelConfig;
+use crate::checkpoint::{names, ModelConfig};
 use crate::error::{Error, Result};
 
 /// Which part of the teacher to keep.
@@ -64,47 +64,46 @@ pub fn init_student(
     };
     let dev = &Device::Cpu;
     // Residual dimensions to keep (all of them unless narrowed).
-    let embed = get("model.embed_tokens.weight")?;
+    let embed = get(names::EMBED)?;
     let hid_idx = Tensor::new(top_k(&norms(embed, 0)?, hidden).as_slice(), dev)?;
     let narrow_h = hidden < t.hidden_size;
     let cols = |w: &Tensor| -> Result<Tensor> { Ok(if narrow_h { w.index_select(&hid_idx, 1)? } else { w.clone() }) };
     let rows = |w: &Tensor| -> Result<Tensor> { Ok(if narrow_h { w.index_select(&hid_idx, 0)? } else { w.clone() }) };
     let mut out = HashMap::new();
-    out.insert("model.embed_tokens.weight".to_owned(), cols(embed)?);
-    out.insert("model.norm.weight".to_owned(), rows(get("model.norm.weight")?)?);
+    out.insert(names::EMBED.to_owned(), cols(embed)?);
+    out.insert(names::FINAL_NORM.to_owned(), rows(get(names::FINAL_NORM)?)?);
     if !t.tie_word_embeddings {
-        out.insert("lm_head.weight".to_owned(), cols(get("lm_head.weight")?)?);
+        out.insert(names::LM_HEAD.to_owned(), cols(get(names::LM_HEAD)?)?);
     }
     for (i, &l) in shape.layers.iter().enumerate() {
-        let src = |s: &str| format!("model.layers.{l}.{s}");
-        let dst = |s: &str| format!("model.layers.{i}.{s}");
-        for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
-            out.insert(dst(n), rows(get(&src(n))?)?);
+        // A tensor of the teacher's layer `l` and the same tensor of the student's layer `i`.
+        let src = |proj: &str, part: &str| format!("{}.{part}", names::projection(l, proj));
+        let dst = |proj: &str, part: &str| format!("{}.{part}", names::projection(i, proj));
+        for n in [names::INPUT_NORM, names::POST_ATTENTION_NORM] {
+            out.insert(names::in_layer(i, n), rows(get(&names::in_layer(l, n))?)?);
         }
         for p in ["q_proj", "k_proj", "v_proj"] {
-            let n = format!("self_attn.{p}");
-            out.insert(dst(&format!("{n}.weight")), cols(get(&src(&format!("{n}.weight")))?)?);
+            out.insert(dst(p, "weight"), cols(get(&src(p, "weight"))?)?);
             if t.qkv_bias {
-                out.insert(dst(&format!("{n}.bias")), get(&src(&format!("{n}.bias")))?.clone());
+                out.insert(dst(p, "bias"), get(&src(p, "bias"))?.clone());
             }
         }
-        out.insert(dst("self_attn.o_proj.weight"), rows(get(&src("self_attn.o_proj.weight"))?)?);
+        out.insert(dst("o_proj", "weight"), rows(get(&src("o_proj", "weight"))?)?);
         if t.o_bias {
-            out.insert(dst("self_attn.o_proj.bias"), rows(get(&src("self_attn.o_proj.bias"))?)?);
+            out.insert(dst("o_proj", "bias"), rows(get(&src("o_proj", "bias"))?)?);
         }
         let (gate, up, down) =
-            (get(&src("mlp.gate_proj.weight"))?, get(&src("mlp.up_proj.weight"))?, get(&src("mlp.down_proj.weight"))?);
+            (get(&src("gate_proj", "weight"))?, get(&src("up_proj", "weight"))?, get(&src("down_proj", "weight"))?);
         let score: Vec<f32> = norms(up, 1)?.iter().zip(norms(down, 0)?).map(|(u, d)| u * d).collect();
         let unit_idx = Tensor::new(top_k(&score, inter).as_slice(), dev)?;
-        out.insert(dst("mlp.gate_proj.weight"), cols(&gate.index_select(&unit_idx, 0)?)?);
-        out.insert(dst("mlp.up_proj.weight"), cols(&up.index_select(&unit_idx, 0)?)?);
-        out.insert(dst("mlp.down_proj.weight"), rows(&down.index_select(&unit_idx, 1)?)?);
+        out.insert(dst("gate_proj", "weight"), cols(&gate.index_select(&unit_idx, 0)?)?);
+        out.insert(dst("up_proj", "weight"), cols(&up.index_select(&unit_idx, 0)?)?);
+        out.insert(dst("down_proj", "weight"), rows(&down.index_select(&unit_idx, 1)?)?);
         if t.mlp_bias {
             for p in ["gate_proj", "up_proj"] {
-                let n = format!("mlp.{p}.bias");
-                out.insert(dst(&n), get(&src(&n))?.index_select(&unit_idx, 0)?);
+                out.insert(dst(p, "bias"), get(&src(p, "bias"))?.index_select(&unit_idx, 0)?);
             }
-            out.insert(dst("mlp.down_proj.bias"), rows(get(&src("mlp.down_proj.bias"))?)?);
+            out.insert(dst("down_proj", "bias"), rows(get(&src("down_proj", "bias"))?)?);
         }
     }
     let config = ModelConfig {

@@ -2,6 +2,7 @@
 //! with `model.safetensors.index.json`), and the optional tokenizer and generation config.
 
 pub mod config;
+pub mod names;
 pub mod preset;
 pub mod write;
 
@@ -108,7 +109,7 @@ impl Checkpoint {
         let tensors = load_weights(&dir)?;
         let tokenizer_json = Some(dir.join("tokenizer.json")).filter(|p| p.exists());
         let mut config = config;
-        if !config.tie_word_embeddings && !tensors.contains_key("lm_head.weight") {
+        if !config.tie_word_embeddings && !tensors.contains_key(names::LM_HEAD) {
             // Saved tied (transformers drops the shared head): the embedding is the head.
             tracing::info!("no lm_head.weight in {}: using tied embeddings", dir.display());
             config.tie_word_embeddings = true;
@@ -132,7 +133,7 @@ impl Checkpoint {
     pub fn lm_head(&self) -> Result<&Tensor> {
         let c = &self.config;
         let shape = [c.vocab_size, c.hidden_size];
-        let name = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        let name = if c.tie_word_embeddings { names::EMBED } else { names::LM_HEAD };
         self.get(name, &shape)
     }
 

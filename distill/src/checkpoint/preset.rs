@@ -14,6 +14,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, NormalizerWrapper, Tokenizer, TokenizerBuilder, TokenizerImpl};
 
 use super::config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+use super::names;
 use super::write::{write_checkpoint, WriteOptions};
 use crate::error::{Error, IoContext, Result};
 use crate::rng::Rng;
@@ -124,35 +125,34 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String,
     // Unit-variance activations: std 1/sqrt(fan_in) keeps attention scores and logits spread.
     let lin = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
     // Logits end up with a standard deviation of about 4, as in trained models.
-    put("model.embed_tokens.weight".into(), &[c.vocab_size, h], 0.0, 4.0 * lin(h))?;
+    put(names::EMBED.into(), &[c.vocab_size, h], 0.0, 4.0 * lin(h))?;
     for i in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        put(format!("{p}.input_layernorm.weight"), &[h], 1.0, 0.1)?;
-        put(format!("{p}.post_attention_layernorm.weight"), &[h], 1.0, 0.1)?;
+        put(names::in_layer(i, names::INPUT_NORM), &[h], 1.0, 0.1)?;
+        put(names::in_layer(i, names::POST_ATTENTION_NORM), &[h], 1.0, 0.1)?;
         for (proj, out_dim) in [("q_proj", c.q_dim()), ("k_proj", c.kv_dim()), ("v_proj", c.kv_dim())] {
-            put(format!("{p}.self_attn.{proj}.weight"), &[out_dim, h], 0.0, lin(h))?;
+            put(format!("{}.weight", names::projection(i, proj)), &[out_dim, h], 0.0, lin(h))?;
             if c.qkv_bias {
-                put(format!("{p}.self_attn.{proj}.bias"), &[out_dim], 0.0, 0.1)?;
+                put(format!("{}.bias", names::projection(i, proj)), &[out_dim], 0.0, 0.1)?;
             }
         }
-        put(format!("{p}.self_attn.o_proj.weight"), &[h, c.q_dim()], 0.0, lin(c.q_dim()))?;
+        put(format!("{}.weight", names::projection(i, "o_proj")), &[h, c.q_dim()], 0.0, lin(c.q_dim()))?;
         if c.o_bias {
-            put(format!("{p}.self_attn.o_proj.bias"), &[h], 0.0, 0.1)?;
+            put(format!("{}.bias", names::projection(i, "o_proj")), &[h], 0.0, 0.1)?;
         }
         for (proj, o, i_) in [
             ("gate_proj", c.intermediate_size, h),
             ("up_proj", c.intermediate_size, h),
             ("down_proj", h, c.intermediate_size),
         ] {
-            put(format!("{p}.mlp.{proj}.weight"), &[o, i_], 0.0, lin(i_))?;
+            put(format!("{}.weight", names::projection(i, proj)), &[o, i_], 0.0, lin(i_))?;
             if c.mlp_bias {
-                put(format!("{p}.mlp.{proj}.bias"), &[o], 0.0, 0.1)?;
+                put(format!("{}.bias", names::projection(i, proj)), &[o], 0.0, 0.1)?;
             }
         }
     }
-    put("model.norm.weight".into(), &[h], 1.0, 0.1)?;
+    put(names::FINAL_NORM.into(), &[h], 1.0, 0.1)?;
     if !c.tie_word_embeddings {
-        put("lm_head.weight".into(), &[c.vocab_size, h], 0.0, 4.0 * lin(h))?;
+        put(names::LM_HEAD.into(), &[c.vocab_size, h], 0.0, 4.0 * lin(h))?;
     }
     Ok(out)
 }

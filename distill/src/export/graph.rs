@@ -14,7 +14,7 @@
 use candle_core::Tensor;
 
 use super::{flat, transposed};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{names, Checkpoint};
 use crate::error::{Error, Result};
 use crate::onnx::{AttributeProto as Attr, DataType, Dim, GraphBuilder, ModelProto, MS_DOMAIN};
 
@@ -57,8 +57,8 @@ pub(crate) fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<Model
     let h = c.hidden_size;
 
     g.set_scope("/model/embed_tokens");
-    let embed = ck.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
-    let embed_name = g.init_f32("model.embed_tokens.weight", &[c.vocab_size, h], &flat(embed)?);
+    let embed = ck.get(names::EMBED, &[c.vocab_size, h])?;
+    let embed_name = g.init_f32(names::EMBED, &[c.vocab_size, h], &flat(embed)?);
     let mut residual = g.op("Gather", &[&embed_name, "input_ids"], vec![Attr::int("axis", 0)]);
     let mut x = first_norm(&mut g, ck, &residual)?;
 
@@ -69,7 +69,7 @@ pub(crate) fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<Model
             &mut g,
             ck,
             &format!("/model/layers.{i}/post_attention_layernorm"),
-            &format!("model.layers.{i}.post_attention_layernorm.weight"),
+            &names::in_layer(i, names::POST_ATTENTION_NORM),
             (&attn, &residual),
             &[1, 2],
         )?;
@@ -77,13 +77,9 @@ pub(crate) fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<Model
         let down = mlp(&mut g, ck, i, &normed)?;
         // The next layer's input norm, or the final norm (whose residual output is unused).
         let (scope, norm_name, unused): (String, String, &[usize]) = if i + 1 < layers {
-            (
-                format!("/model/layers.{}/input_layernorm", i + 1),
-                format!("model.layers.{}.input_layernorm.weight", i + 1),
-                &[1, 2],
-            )
+            (format!("/model/layers.{}/input_layernorm", i + 1), names::in_layer(i + 1, names::INPUT_NORM), &[1, 2])
         } else {
-            ("/model/norm".to_owned(), "model.norm.weight".to_owned(), &[1, 2, 3])
+            ("/model/norm".to_owned(), names::FINAL_NORM.to_owned(), &[1, 2, 3])
         };
         let (next, r) = skip_norm(&mut g, ck, &scope, &norm_name, (&down, &residual), unused)?;
         x = next;
@@ -163,8 +159,9 @@ fn first_norm(g: &mut GraphBuilder, ck: &Checkpoint, input: &str) -> Result<Stri
     let c = &ck.config;
     let h = c.hidden_size;
     g.set_scope("/model/layers.0/input_layernorm");
-    let w0 = ck.get("model.layers.0.input_layernorm.weight", &[h])?;
-    let w0 = g.init_f32("model.layers.0.input_layernorm.weight", &[h], &flat(w0)?);
+    let name = names::in_layer(0, names::INPUT_NORM);
+    let w0 = ck.get(&name, &[h])?;
+    let w0 = g.init_f32(&name, &[h], &flat(w0)?);
     let two = g.init_f32("/model/constants/two", &[], &[2.0]);
     let eps = g.init_f32("/model/constants/rms_eps", &[], &[c.rms_norm_eps as f32]);
     let axis_last = g.init_i64("/model/constants/axes_last", &[1], &[-1]);
@@ -181,20 +178,20 @@ fn first_norm(g: &mut GraphBuilder, ck: &Checkpoint, input: &str) -> Result<Stri
 fn attention(g: &mut GraphBuilder, ck: &Checkpoint, i: usize, x: &str, shared: &AttentionInputs) -> Result<String> {
     let c = &ck.config;
     let h = c.hidden_size;
-    let p = format!("model.layers.{i}");
+    let p = names::layer(i);
     g.set_scope(format!("/model/layers.{i}/attn"));
-    let q = ck.get(&format!("{p}.self_attn.q_proj.weight"), &[c.q_dim(), h])?;
-    let k = ck.get(&format!("{p}.self_attn.k_proj.weight"), &[c.kv_dim(), h])?;
-    let v = ck.get(&format!("{p}.self_attn.v_proj.weight"), &[c.kv_dim(), h])?;
+    let q = ck.get(&format!("{}.weight", names::projection(i, "q_proj")), &[c.q_dim(), h])?;
+    let k = ck.get(&format!("{}.weight", names::projection(i, "k_proj")), &[c.kv_dim(), h])?;
+    let v = ck.get(&format!("{}.weight", names::projection(i, "v_proj")), &[c.kv_dim(), h])?;
     let qkv_dim = c.q_dim() + 2 * c.kv_dim();
     let qkv = Tensor::cat(&[q, k, v], 0)?;
     let wqkv = g.init_f32(&format!("{p}.self_attn.qkv_proj.MatMul.weight"), &[h, qkv_dim], &transposed(&qkv)?);
     let mut packed = g.op("MatMul", &[x, &wqkv], vec![]);
     if c.qkv_bias {
-        let bias: Vec<Tensor> = ["q", "k", "v"]
+        let bias: Vec<Tensor> = ["q_proj", "k_proj", "v_proj"]
             .iter()
             .zip([c.q_dim(), c.kv_dim(), c.kv_dim()])
-            .map(|(n, d)| ck.get(&format!("{p}.self_attn.{n}_proj.bias"), &[d]).cloned())
+            .map(|(n, d)| ck.get(&format!("{}.bias", names::projection(i, n)), &[d]).cloned())
             .collect::<Result<_>>()?;
         let b = g.init_f32(&format!("{p}.self_attn.qkv_proj.bias"), &[qkv_dim], &flat(&Tensor::cat(&bias, 0)?)?);
         packed = g.op("Add", &[&packed, &b], vec![]);
@@ -224,11 +221,11 @@ fn attention(g: &mut GraphBuilder, ck: &Checkpoint, i: usize, x: &str, shared: &
             Attr::int("rotary_interleaved", 0),
         ],
     );
-    let o = ck.get(&format!("{p}.self_attn.o_proj.weight"), &[h, c.q_dim()])?;
+    let o = ck.get(&format!("{}.weight", names::projection(i, "o_proj")), &[h, c.q_dim()])?;
     let wo = g.init_f32(&format!("{p}.self_attn.o_proj.MatMul.weight"), &[c.q_dim(), h], &transposed(o)?);
     let mut attn_proj = g.op("MatMul", &[&attn_out, &wo], vec![]);
     if c.o_bias {
-        let b = ck.get(&format!("{p}.self_attn.o_proj.bias"), &[h])?;
+        let b = ck.get(&format!("{}.bias", names::projection(i, "o_proj")), &[h])?;
         let b = g.init_f32(&format!("{p}.self_attn.o_proj.bias"), &[h], &flat(b)?);
         attn_proj = g.op("Add", &[&attn_proj, &b], vec![]);
     }
@@ -261,14 +258,14 @@ fn skip_norm(
 fn mlp(g: &mut GraphBuilder, ck: &Checkpoint, i: usize, normed: &str) -> Result<String> {
     let c = &ck.config;
     let (h, inter) = (c.hidden_size, c.intermediate_size);
-    let p = format!("model.layers.{i}");
+    let p = names::layer(i);
     g.set_scope(format!("/model/layers.{i}/mlp"));
     let proj = |g: &mut GraphBuilder, name: &str, input: &str, out_dim: usize, in_dim: usize| -> Result<String> {
-        let w = ck.get(&format!("{p}.mlp.{name}.weight"), &[out_dim, in_dim])?;
+        let w = ck.get(&format!("{}.weight", names::projection(i, name)), &[out_dim, in_dim])?;
         let w = g.init_f32(&format!("{p}.mlp.{name}.MatMul.weight"), &[in_dim, out_dim], &transposed(w)?);
         let mut y = g.op("MatMul", &[input, &w], vec![]);
         if c.mlp_bias {
-            let b = ck.get(&format!("{p}.mlp.{name}.bias"), &[out_dim])?;
+            let b = ck.get(&format!("{}.bias", names::projection(i, name)), &[out_dim])?;
             let b = g.init_f32(&format!("{p}.mlp.{name}.bias"), &[out_dim], &flat(b)?);
             y = g.op("Add", &[&y, &b], vec![]);
         }
@@ -304,8 +301,8 @@ fn lm_head(
     let head_name = if c.tie_word_embeddings {
         embed_name.to_owned()
     } else {
-        let w = ck.get("lm_head.weight", &[c.vocab_size, h])?;
-        g.init_f32("lm_head.weight", &[c.vocab_size, h], &flat(w)?)
+        let w = ck.get(names::LM_HEAD, &[c.vocab_size, h])?;
+        g.init_f32(names::LM_HEAD, &[c.vocab_size, h], &flat(w)?)
     };
     let shape_2d = g.init_i64("/model/constants/shape_rows_hidden", &[2], &[-1, h as i64]);
     let rows = g.op("Reshape", &[&x, &shape_2d], vec![]);
