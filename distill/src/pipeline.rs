@@ -178,7 +178,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         let done =
             finetune(&source, (&splits.train[..n], &splits.validation), &splits.train, &spec, &stage("adapter"))?;
         merge(&source, &done.adapter, &dir.join("finetuned"))?;
-        logs.push(done.log.clone());
+        logs.push(done.log);
         let merged = Checkpoint::load(dir.join("finetuned"))?;
         let score = score_checkpoint(&merged, test, opts.progress)?;
         say(out, format!("fine-tuned (LoRA r={}, merged): {:.1}%", ft.r, 100.0 * score.task_completion))?;
@@ -201,7 +201,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         teacher_cache: s.teacher_top_k.map(|k| (dir.join("teacher-cache"), k)),
     };
     let log = distill(&source, (&splits.train, &splits.validation), &spec, &stage("student"))?;
-    logs.push(log.clone());
+    logs.push(log);
     let student = Checkpoint::load(dir.join("student"))?;
     let score = score_checkpoint(&student, test, opts.progress)?;
     say(

@@ -403,11 +403,6 @@ impl BundleWriter {
         Ok(BundleWriter { dir, kind, files: vec![], model_file: None, tokenizer: None })
     }
 
-    /// The folder being written.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Writes a file of the bundle; returns its path.
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<PathBuf> {
         let path = inside(&self.dir, name)?;

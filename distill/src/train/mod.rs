@@ -180,7 +180,11 @@ impl Trainer {
             })?
             .to_vec1::<u32>()?;
         self.step = steps[0] as usize;
-        self.optimizer.set_state(steps[1] as usize, &state)?;
+        // The optimizer names what is wrong; the file is known here.
+        self.optimizer.set_state(steps[1] as usize, &state).map_err(|e| match e {
+            Error::RunState { what, .. } => Error::RunState { path: dir.join("optimizer.safetensors"), what },
+            other => other,
+        })?;
         self.pending = None;
         self.micro = 0;
         Ok(())

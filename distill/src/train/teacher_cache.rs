@@ -60,7 +60,7 @@ impl TeacherCache {
         if let Ok(t) = candle_core::safetensors::load(&path, &Device::Cpu) {
             if t.get("key").and_then(|k| k.to_vec1::<u8>().ok()).as_deref() == Some(want.as_slice()) {
                 tracing::info!("teacher cache: reusing {}", path.display());
-                return Self::from_tensors(t);
+                return Self::from_tensors(&path, t);
             }
             tracing::info!("teacher cache: {} is for other data or another teacher; rebuilding", path.display());
         }
@@ -87,12 +87,12 @@ impl TeacherCache {
         candle_core::safetensors::save(&tensors, &tmp)
             .map_err(|e| Error::Format { path: tmp.clone(), what: e.to_string() })?;
         std::fs::rename(&tmp, &path).at(&path)?;
-        Self::from_tensors(tensors)
+        Self::from_tensors(&path, tensors)
     }
 
-    fn from_tensors(mut t: HashMap<String, Tensor>) -> Result<Self> {
+    fn from_tensors(path: &Path, mut t: HashMap<String, Tensor>) -> Result<Self> {
         let mut take = |n: &str| {
-            t.remove(n).ok_or_else(|| Error::Format { path: "teacher cache".into(), what: format!("lacks `{n}`") })
+            t.remove(n).ok_or_else(|| Error::Format { path: path.to_path_buf(), what: format!("lacks `{n}`") })
         };
         Ok(TeacherCache { values: take("values")?, indices: take("indices")?, offsets: take("offsets")?.to_vec1()? })
     }

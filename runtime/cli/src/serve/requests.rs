@@ -133,16 +133,15 @@ fn generate(
     out_tx: &Sender<Outgoing>,
     shared: &Shared,
 ) -> Outgoing {
-    let refuse = frame;
     let engine = match &mut board.model {
         Some((_, Model::CausalLm(e))) => e,
-        Some(_) => return refuse(error_frame(ErrorCode::Unsupported, "the loaded model is an encoder: send Embed")),
-        None => return refuse(error_frame(ErrorCode::NoModel, "no model loaded; send LoadModel")),
+        Some(_) => return frame(error_frame(ErrorCode::Unsupported, "the loaded model is an encoder: send Embed")),
+        None => return frame(error_frame(ErrorCode::NoModel, "no model loaded; send LoadModel")),
     };
     let gp = wire::generate_params(params);
     let ids = match engine.encode_prompt(prompt, raw).and_then(|ids| engine.check_request(&ids, &gp).map(|()| ids)) {
         Ok(ids) => ids,
-        Err(e) => return refuse(runtime_error(&e)),
+        Err(e) => return frame(runtime_error(&e)),
     };
     // A Cancel from here on, even one sent before the Ack arrived, is for this answer.
     shared.cancel.store(false, Ordering::SeqCst);
