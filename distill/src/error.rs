@@ -7,13 +7,14 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    // The OS error is part of the message and deliberately not the `source`, so error reports
+    // that print the cause chain do not print it twice.
+    #[error("{path}: {err}")]
     Io {
         /// The file involved.
         path: PathBuf,
         /// The OS error.
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// config.json names an architecture edgelm does not implement.
     #[error("unsupported architecture `{found}`: edgelm loads llama, mistral and qwen2 checkpoints")]
@@ -43,7 +44,7 @@ pub enum Error {
     },
     /// A computation in candle failed.
     #[error("tensor computation failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
     /// The exported graph and the reference model disagree.
     #[error("export check failed: {what}")]
     ExportMismatch {
@@ -129,6 +130,13 @@ pub enum Error {
     },
 }
 
+// Not `#[from]`: the candle message is already in ours; as the `source` too it would print twice.
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
+}
+
 /// Result with the crate's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -139,6 +147,6 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
-        self.map_err(|source| Error::Io { path: path.into(), source })
+        self.map_err(|err| Error::Io { path: path.into(), err })
     }
 }

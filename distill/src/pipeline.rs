@@ -317,7 +317,7 @@ fn show(
             std::ops::ControlFlow::Continue(())
         })?;
         if let Some(err) = failed {
-            return Err(Error::Io { path: "stdout".into(), source: err });
+            return Err(Error::Io { path: "stdout".into(), err });
         }
         let mark = if g.text.trim() == e.output { "ok" } else { "expected" };
         writeln!(out, "   [{mark}{}]", if mark == "ok" { String::new() } else { format!(": {}", e.output) })

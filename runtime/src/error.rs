@@ -20,13 +20,14 @@ pub enum Error {
     #[error("ONNX Runtime: {0}")]
     Ort(ort::Error),
     /// A file could not be read.
-    #[error("{path}: {source}")]
+    // The OS error is part of the message and deliberately not the `source`, so error reports
+    // that print the cause chain do not print it twice.
+    #[error("{path}: {err}")]
     Io {
         /// The file involved.
         path: PathBuf,
         /// The OS error.
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// The bundle is malformed, incomplete or was modified after export.
     #[error("bundle {path}: {what}")]
@@ -125,6 +126,6 @@ pub(crate) trait IoContext<T> {
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
-        self.map_err(|source| Error::Io { path: path.into(), source })
+        self.map_err(|err| Error::Io { path: path.into(), err })
     }
 }

@@ -143,7 +143,7 @@ impl Trainer {
                 what: "training state can only be saved between optimizer steps".into(),
             });
         }
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.into(), source })?;
+        std::fs::create_dir_all(dir).map_err(|err| Error::Io { path: dir.into(), err })?;
         let save = |t: &HashMap<String, Tensor>, file: &str| {
             let path = dir.join(file);
             candle_core::safetensors::save(t, &path)
