@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
-use crate::checkpoint::{names, Checkpoint, ModelConfig};
+use crate::checkpoint::{Checkpoint, DecoderWeights, LayerWeights, ModelConfig, Projection};
 use crate::error::Result;
 
 /// A linear layer `y = x W^T + b` with HF's `[out, in]` weight layout.
@@ -24,8 +24,9 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(ck: &WeightSource, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
-        let lora = match ck.adapter.and_then(|a| a.modules.get(name).map(|m| (m, a.config.scale()))) {
+    fn load(p: &Projection, adapter: Option<&crate::lora::Adapter>) -> Result<Self> {
+        let (name, (out, inp)) = (&p.name, p.weight.dims2()?);
+        let lora = match adapter.and_then(|a| a.modules.get(name).map(|m| (m, a.config.scale()))) {
             Some(((a, b), scale)) => {
                 let r = a.dims()[0];
                 if a.dims() != [r, inp] || b.dims() != [out, r] {
@@ -38,11 +39,7 @@ impl Linear {
             }
             None => None,
         };
-        Ok(Linear {
-            weight: ck.get(&format!("{name}.weight"), &[out, inp])?,
-            bias: if bias { Some(ck.get(&format!("{name}.bias"), &[out])?) } else { None },
-            lora,
-        })
+        Ok(Linear { weight: p.weight.clone(), bias: p.bias.clone(), lora })
     }
 }
 
@@ -70,18 +67,6 @@ impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         x.broadcast_div(&(ms + self.eps)?.sqrt()?)?.broadcast_mul(&self.weight)
-    }
-}
-
-/// Looks weights up by transformers name with a shape check.
-struct WeightSource<'a> {
-    tensors: &'a HashMap<String, Tensor>,
-    adapter: Option<&'a crate::lora::Adapter>,
-}
-
-impl WeightSource<'_> {
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        crate::checkpoint::weight(self.tensors, name, shape).cloned()
     }
 }
 
@@ -149,14 +134,12 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(w: &WeightSource, layer: usize, c: &ModelConfig) -> Result<Self> {
-        let h = c.hidden_size;
-        let p = |proj: &str| names::projection(layer, proj);
+    fn load(w: &LayerWeights, adapter: Option<&crate::lora::Adapter>, c: &ModelConfig) -> Result<Self> {
         Ok(Attention {
-            q_proj: Linear::load(w, &p("q_proj"), c.q_dim(), h, c.qkv_bias)?,
-            k_proj: Linear::load(w, &p("k_proj"), c.kv_dim(), h, c.qkv_bias)?,
-            v_proj: Linear::load(w, &p("v_proj"), c.kv_dim(), h, c.qkv_bias)?,
-            o_proj: Linear::load(w, &p("o_proj"), h, c.q_dim(), c.o_bias)?,
+            q_proj: Linear::load(&w.q, adapter)?,
+            k_proj: Linear::load(&w.k, adapter)?,
+            v_proj: Linear::load(&w.v, adapter)?,
+            o_proj: Linear::load(&w.o, adapter)?,
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
@@ -216,13 +199,11 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(w: &WeightSource, layer: usize, c: &ModelConfig) -> Result<Self> {
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let p = |proj: &str| names::projection(layer, proj);
+    fn load(w: &LayerWeights, adapter: Option<&crate::lora::Adapter>) -> Result<Self> {
         Ok(Mlp {
-            gate_proj: Linear::load(w, &p("gate_proj"), i, h, c.mlp_bias)?,
-            up_proj: Linear::load(w, &p("up_proj"), i, h, c.mlp_bias)?,
-            down_proj: Linear::load(w, &p("down_proj"), h, i, c.mlp_bias)?,
+            gate_proj: Linear::load(&w.gate, adapter)?,
+            up_proj: Linear::load(&w.up, adapter)?,
+            down_proj: Linear::load(&w.down, adapter)?,
         })
     }
 }
@@ -270,29 +251,24 @@ impl LlamaModel {
         adapter: Option<&crate::lora::Adapter>,
     ) -> Result<Self> {
         let c = config;
-        let w = WeightSource { tensors, adapter };
-        let h = c.hidden_size;
-        let norm =
-            |name: String| -> Result<RmsNorm> { Ok(RmsNorm { weight: w.get(&name, &[h])?, eps: c.rms_norm_eps }) };
+        let w = DecoderWeights::from_map(tensors, c)?;
+        let norm = |weight: &Tensor| RmsNorm { weight: weight.clone(), eps: c.rms_norm_eps };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for i in 0..c.num_hidden_layers {
+        for l in &w.layers {
             layers.push(Block {
-                input_layernorm: norm(names::in_layer(i, names::INPUT_NORM))?,
-                self_attn: Attention::load(&w, i, c)?,
-                post_attention_layernorm: norm(names::in_layer(i, names::POST_ATTENTION_NORM))?,
-                mlp: Mlp::load(&w, i, c)?,
+                input_layernorm: norm(&l.input_norm),
+                self_attn: Attention::load(l, adapter, c)?,
+                post_attention_layernorm: norm(&l.post_attention_norm),
+                mlp: Mlp::load(l, adapter)?,
             });
         }
-        let embed_tokens = w.get(names::EMBED, &[c.vocab_size, h])?;
-        let lm_head =
-            if c.tie_word_embeddings { embed_tokens.clone() } else { w.get(names::LM_HEAD, &[c.vocab_size, h])? };
         Ok(LlamaModel {
             rotary: Rotary::new(c, &Device::Cpu)?,
             config: c.clone(),
-            embed_tokens,
+            lm_head: w.head().clone(),
+            norm: norm(&w.final_norm),
+            embed_tokens: w.embed,
             layers,
-            norm: norm(names::FINAL_NORM.into())?,
-            lm_head,
         })
     }
 

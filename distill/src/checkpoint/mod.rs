@@ -4,6 +4,7 @@
 pub mod config;
 pub mod names;
 pub mod preset;
+pub mod weights;
 pub mod write;
 
 use std::collections::{BTreeSet, HashMap};
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+pub use weights::{DecoderWeights, LayerWeights, Projection};
 pub use write::write_checkpoint;
 
 use crate::error::{Error, IoContext, Result};

@@ -14,7 +14,7 @@
 use candle_core::Tensor;
 
 use super::{flat, transposed};
-use crate::checkpoint::{names, Checkpoint};
+use crate::checkpoint::{names, Checkpoint, DecoderWeights, LayerWeights, ModelConfig, Projection};
 use crate::error::{Error, Result};
 use crate::onnx::{AttributeProto as Attr, DataType, Dim, GraphBuilder, ModelProto, MS_DOMAIN};
 
@@ -51,41 +51,45 @@ pub(crate) fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<Model
             ),
         });
     }
+    let w = DecoderWeights::from_map(&ck.tensors, c)?;
     let mut g = GraphBuilder::new("edgelm-decoder");
-    declare_io(&mut g, ck, logits);
-    let shared = attention_inputs(&mut g, ck);
+    declare_io(&mut g, c, logits);
+    let shared = attention_inputs(&mut g, c);
     let h = c.hidden_size;
 
     g.set_scope("/model/embed_tokens");
-    let embed = ck.get(names::EMBED, &[c.vocab_size, h])?;
-    let embed_name = g.init_f32(names::EMBED, &[c.vocab_size, h], &flat(embed)?);
+    let embed_name = g.init_f32(names::EMBED, &[c.vocab_size, h], &flat(&w.embed)?);
     let mut residual = g.op("Gather", &[&embed_name, "input_ids"], vec![Attr::int("axis", 0)]);
-    let mut x = first_norm(&mut g, ck, &residual)?;
+    let mut x = first_norm(&mut g, c, &w.layers[0].input_norm, &residual)?;
 
     let layers = c.num_hidden_layers;
-    for i in 0..layers {
-        let attn = attention(&mut g, ck, i, &x, &shared)?;
+    for (i, layer) in w.layers.iter().enumerate() {
+        let attn = attention(&mut g, c, i, layer, &x, &shared)?;
         let (normed, r) = skip_norm(
             &mut g,
-            ck,
+            c,
             &format!("/model/layers.{i}/post_attention_layernorm"),
-            &names::in_layer(i, names::POST_ATTENTION_NORM),
+            (&names::in_layer(i, names::POST_ATTENTION_NORM), &layer.post_attention_norm),
             (&attn, &residual),
             &[1, 2],
         )?;
         residual = r;
-        let down = mlp(&mut g, ck, i, &normed)?;
+        let down = mlp(&mut g, i, layer, &normed)?;
         // The next layer's input norm, or the final norm (whose residual output is unused).
-        let (scope, norm_name, unused): (String, String, &[usize]) = if i + 1 < layers {
-            (format!("/model/layers.{}/input_layernorm", i + 1), names::in_layer(i + 1, names::INPUT_NORM), &[1, 2])
+        let (scope, norm, unused): (String, (String, &Tensor), &[usize]) = if i + 1 < layers {
+            (
+                format!("/model/layers.{}/input_layernorm", i + 1),
+                (names::in_layer(i + 1, names::INPUT_NORM), &w.layers[i + 1].input_norm),
+                &[1, 2],
+            )
         } else {
-            ("/model/norm".to_owned(), names::FINAL_NORM.to_owned(), &[1, 2, 3])
+            ("/model/norm".to_owned(), (names::FINAL_NORM.to_owned(), &w.final_norm), &[1, 2, 3])
         };
-        let (next, r) = skip_norm(&mut g, ck, &scope, &norm_name, (&down, &residual), unused)?;
+        let (next, r) = skip_norm(&mut g, c, &scope, (&norm.0, norm.1), (&down, &residual), unused)?;
         x = next;
         residual = r;
     }
-    lm_head(&mut g, ck, &x, &embed_name, logits, &shared.axis1)?;
+    lm_head(&mut g, c, &w, &x, &embed_name, logits, &shared.axis1)?;
 
     let bytes = g.initializer_bytes();
     if bytes > 2_000_000_000 {
@@ -97,8 +101,7 @@ pub(crate) fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<Model
 }
 
 /// Graph inputs and outputs with onnxruntime-genai's names and shapes.
-fn declare_io(g: &mut GraphBuilder, ck: &Checkpoint, logits: LogitsMode) {
-    let c = &ck.config;
+fn declare_io(g: &mut GraphBuilder, c: &ModelConfig, logits: LogitsMode) {
     g.input("input_ids", DataType::Int64, &[sym("batch_size"), sym("sequence_length")]);
     g.input("attention_mask", DataType::Int64, &[sym("batch_size"), sym("total_sequence_length")]);
     let kv = |len: &str| {
@@ -136,8 +139,7 @@ struct AttentionInputs {
 
 /// The mask bookkeeping shared by every layer, computed as genai's models do, and the rotary
 /// tables.
-fn attention_inputs(g: &mut GraphBuilder, ck: &Checkpoint) -> AttentionInputs {
-    let c = &ck.config;
+fn attention_inputs(g: &mut GraphBuilder, c: &ModelConfig) -> AttentionInputs {
     g.set_scope("/model/attn_mask_reformat");
     let one = g.init_i64("/model/constants/one", &[], &[1]);
     let axis1 = g.init_i64("/model/constants/axes_1", &[1], &[1]);
@@ -155,13 +157,10 @@ fn attention_inputs(g: &mut GraphBuilder, ck: &Checkpoint) -> AttentionInputs {
 
 /// The first RMSNorm, which has no residual to add: plain ops in the pattern ORT fuses into one
 /// SimplifiedLayerNormalization (kept standard so onnx.checker accepts the file).
-fn first_norm(g: &mut GraphBuilder, ck: &Checkpoint, input: &str) -> Result<String> {
-    let c = &ck.config;
+fn first_norm(g: &mut GraphBuilder, c: &ModelConfig, weight: &Tensor, input: &str) -> Result<String> {
     let h = c.hidden_size;
     g.set_scope("/model/layers.0/input_layernorm");
-    let name = names::in_layer(0, names::INPUT_NORM);
-    let w0 = ck.get(&name, &[h])?;
-    let w0 = g.init_f32(&name, &[h], &flat(w0)?);
+    let w0 = g.init_f32(&names::in_layer(0, names::INPUT_NORM), &[h], &flat(weight)?);
     let two = g.init_f32("/model/constants/two", &[], &[2.0]);
     let eps = g.init_f32("/model/constants/rms_eps", &[], &[c.rms_norm_eps as f32]);
     let axis_last = g.init_i64("/model/constants/axes_last", &[1], &[-1]);
@@ -175,24 +174,23 @@ fn first_norm(g: &mut GraphBuilder, ck: &Checkpoint, input: &str) -> Result<Stri
 
 /// Layer `i`'s attention: packed q/k/v projection, GroupQueryAttention (rotary and the KV cache
 /// inside), output projection. Returns the projected output.
-fn attention(g: &mut GraphBuilder, ck: &Checkpoint, i: usize, x: &str, shared: &AttentionInputs) -> Result<String> {
-    let c = &ck.config;
+fn attention(
+    g: &mut GraphBuilder,
+    c: &ModelConfig,
+    i: usize,
+    layer: &LayerWeights,
+    x: &str,
+    shared: &AttentionInputs,
+) -> Result<String> {
     let h = c.hidden_size;
     let p = names::layer(i);
     g.set_scope(format!("/model/layers.{i}/attn"));
-    let q = ck.get(&format!("{}.weight", names::projection(i, "q_proj")), &[c.q_dim(), h])?;
-    let k = ck.get(&format!("{}.weight", names::projection(i, "k_proj")), &[c.kv_dim(), h])?;
-    let v = ck.get(&format!("{}.weight", names::projection(i, "v_proj")), &[c.kv_dim(), h])?;
     let qkv_dim = c.q_dim() + 2 * c.kv_dim();
-    let qkv = Tensor::cat(&[q, k, v], 0)?;
+    let qkv = Tensor::cat(&[&layer.q.weight, &layer.k.weight, &layer.v.weight], 0)?;
     let wqkv = g.init_f32(&format!("{p}.self_attn.qkv_proj.MatMul.weight"), &[h, qkv_dim], &transposed(&qkv)?);
     let mut packed = g.op("MatMul", &[x, &wqkv], vec![]);
-    if c.qkv_bias {
-        let bias: Vec<Tensor> = ["q_proj", "k_proj", "v_proj"]
-            .iter()
-            .zip([c.q_dim(), c.kv_dim(), c.kv_dim()])
-            .map(|(n, d)| ck.get(&format!("{}.bias", names::projection(i, n)), &[d]).cloned())
-            .collect::<Result<_>>()?;
+    if let (Some(bq), Some(bk), Some(bv)) = (&layer.q.bias, &layer.k.bias, &layer.v.bias) {
+        let bias = [bq, bk, bv];
         let b = g.init_f32(&format!("{p}.self_attn.qkv_proj.bias"), &[qkv_dim], &flat(&Tensor::cat(&bias, 0)?)?);
         packed = g.op("Add", &[&packed, &b], vec![]);
     }
@@ -221,32 +219,22 @@ fn attention(g: &mut GraphBuilder, ck: &Checkpoint, i: usize, x: &str, shared: &
             Attr::int("rotary_interleaved", 0),
         ],
     );
-    let o = ck.get(&format!("{}.weight", names::projection(i, "o_proj")), &[h, c.q_dim()])?;
-    let wo = g.init_f32(&format!("{p}.self_attn.o_proj.MatMul.weight"), &[c.q_dim(), h], &transposed(o)?);
-    let mut attn_proj = g.op("MatMul", &[&attn_out, &wo], vec![]);
-    if c.o_bias {
-        let b = ck.get(&format!("{}.bias", names::projection(i, "o_proj")), &[h])?;
-        let b = g.init_f32(&format!("{p}.self_attn.o_proj.bias"), &[h], &flat(b)?);
-        attn_proj = g.op("Add", &[&attn_proj, &b], vec![]);
-    }
-    Ok(attn_proj)
+    projection(g, &format!("{p}.self_attn.o_proj"), &layer.o, &attn_out)
 }
 
 /// Residual add + RMSNorm in one SkipSimplifiedLayerNormalization under `scope` with the weight
 /// `weight`; `unused` outputs are blanked. Returns (normed, new residual).
 fn skip_norm(
     g: &mut GraphBuilder,
-    ck: &Checkpoint,
+    c: &ModelConfig,
     scope: &str,
-    weight: &str,
+    (name, weight): (&str, &Tensor),
     (input, residual): (&str, &str),
     unused: &[usize],
 ) -> Result<(String, String)> {
-    let c = &ck.config;
     let h = c.hidden_size;
     g.set_scope(scope);
-    let w = ck.get(weight, &[h])?;
-    let w = g.init_f32(weight, &[h], &flat(w)?);
+    let w = g.init_f32(name, &[h], &flat(weight)?);
     let eps = Attr::float("epsilon", c.rms_norm_eps as f32);
     let outs = g.node("SkipSimplifiedLayerNormalization", MS_DOMAIN, &[input, residual, &w], 4, vec![eps]);
     let (normed, residual) = (outs[0].clone(), outs[3].clone());
@@ -255,41 +243,41 @@ fn skip_norm(
 }
 
 /// Layer `i`'s SwiGLU MLP: down(silu(gate(x)) * up(x)).
-fn mlp(g: &mut GraphBuilder, ck: &Checkpoint, i: usize, normed: &str) -> Result<String> {
-    let c = &ck.config;
-    let (h, inter) = (c.hidden_size, c.intermediate_size);
-    let p = names::layer(i);
+fn mlp(g: &mut GraphBuilder, i: usize, layer: &LayerWeights, normed: &str) -> Result<String> {
+    let p = format!("{}.mlp", names::layer(i));
     g.set_scope(format!("/model/layers.{i}/mlp"));
-    let proj = |g: &mut GraphBuilder, name: &str, input: &str, out_dim: usize, in_dim: usize| -> Result<String> {
-        let w = ck.get(&format!("{}.weight", names::projection(i, name)), &[out_dim, in_dim])?;
-        let w = g.init_f32(&format!("{p}.mlp.{name}.MatMul.weight"), &[in_dim, out_dim], &transposed(w)?);
-        let mut y = g.op("MatMul", &[input, &w], vec![]);
-        if c.mlp_bias {
-            let b = ck.get(&format!("{}.bias", names::projection(i, name)), &[out_dim])?;
-            let b = g.init_f32(&format!("{p}.mlp.{name}.bias"), &[out_dim], &flat(b)?);
-            y = g.op("Add", &[&y, &b], vec![]);
-        }
-        Ok(y)
-    };
-    let gate = proj(g, "gate_proj", normed, inter, h)?;
-    let up = proj(g, "up_proj", normed, inter, h)?;
+    let gate = projection(g, &format!("{p}.gate_proj"), &layer.gate, normed)?;
+    let up = projection(g, &format!("{p}.up_proj"), &layer.up, normed)?;
     let sig = g.op("Sigmoid", &[&gate], vec![]);
     let silu = g.op("Mul", &[&gate, &sig], vec![]);
     let act = g.op("Mul", &[&silu, &up], vec![]);
-    proj(g, "down_proj", &act, h, inter)
+    projection(g, &format!("{p}.down_proj"), &layer.down, &act)
+}
+
+/// `input` times a projection's weight (stored transposed, `[in, out]`, for `MatMul`), plus its
+/// bias when it has one; initializers are named `{prefix}.MatMul.weight` and `{prefix}.bias`.
+fn projection(g: &mut GraphBuilder, prefix: &str, proj: &Projection, input: &str) -> Result<String> {
+    let (out_dim, in_dim) = proj.weight.dims2()?;
+    let w = g.init_f32(&format!("{prefix}.MatMul.weight"), &[in_dim, out_dim], &transposed(&proj.weight)?);
+    let mut y = g.op("MatMul", &[input, &w], vec![]);
+    if let Some(bias) = &proj.bias {
+        let b = g.init_f32(&format!("{prefix}.bias"), &[out_dim], &flat(bias)?);
+        y = g.op("Add", &[&y, &b], vec![]);
+    }
+    Ok(y)
 }
 
 /// The LM head as Gemm with transB over the `[vocab, hidden]` matrix, so a tied head shares the
 /// embedding initializer instead of storing a transposed copy; writes the `logits` output.
 fn lm_head(
     g: &mut GraphBuilder,
-    ck: &Checkpoint,
+    c: &ModelConfig,
+    w: &DecoderWeights,
     x: &str,
     embed_name: &str,
     logits: LogitsMode,
     axis1: &str,
 ) -> Result<()> {
-    let c = &ck.config;
     let h = c.hidden_size;
     g.set_scope("/lm_head");
     let mut x = x.to_owned();
@@ -298,11 +286,9 @@ fn lm_head(
         let end = g.init_i64("/model/constants/int64_max", &[1], &[i64::MAX]);
         x = g.op("Slice", &[&x, &start, &end, axis1], vec![]);
     }
-    let head_name = if c.tie_word_embeddings {
-        embed_name.to_owned()
-    } else {
-        let w = ck.get(names::LM_HEAD, &[c.vocab_size, h])?;
-        g.init_f32(names::LM_HEAD, &[c.vocab_size, h], &flat(w)?)
+    let head_name = match &w.lm_head {
+        None => embed_name.to_owned(),
+        Some(head) => g.init_f32(names::LM_HEAD, &[c.vocab_size, h], &flat(head)?),
     };
     let shape_2d = g.init_i64("/model/constants/shape_rows_hidden", &[2], &[-1, h as i64]);
     let rows = g.op("Reshape", &[&x, &shape_2d], vec![]);

@@ -1,0 +1,140 @@
+//! A llama-family decoder's weights as a typed struct: the one place that turns transformers'
+//! tensor names into fields, checking every shape against the configuration once. The candle
+//! model and the ONNX export read fields, not names.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+use super::{names, weight, ModelConfig};
+use crate::error::Result;
+
+/// The projections of a decoder layer, in the order transformers lists them.
+pub const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// One linear projection: `weight [out, in]` as transformers stores it, optional `bias [out]`.
+#[derive(Clone)]
+pub struct Projection {
+    /// Module name (`model.layers.3.self_attn.q_proj`), the key LoRA adapters use.
+    pub name: String,
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`, when the architecture has one.
+    pub bias: Option<Tensor>,
+}
+
+/// One decoder layer.
+#[derive(Clone)]
+pub struct LayerWeights {
+    /// RMSNorm before attention `[hidden]`.
+    pub input_norm: Tensor,
+    /// RMSNorm before the MLP `[hidden]`.
+    pub post_attention_norm: Tensor,
+    /// Query projection `[heads * head_dim, hidden]`.
+    pub q: Projection,
+    /// Key projection `[kv_heads * head_dim, hidden]`.
+    pub k: Projection,
+    /// Value projection `[kv_heads * head_dim, hidden]`.
+    pub v: Projection,
+    /// Attention output projection `[hidden, heads * head_dim]`.
+    pub o: Projection,
+    /// MLP gate `[intermediate, hidden]`.
+    pub gate: Projection,
+    /// MLP up `[intermediate, hidden]`.
+    pub up: Projection,
+    /// MLP down `[hidden, intermediate]`.
+    pub down: Projection,
+}
+
+impl LayerWeights {
+    /// The seven projections with their short names (`q_proj`, ...), in [`PROJECTIONS`] order.
+    pub fn projections(&self) -> [(&'static str, &Projection); 7] {
+        let p = PROJECTIONS;
+        [
+            (p[0], &self.q),
+            (p[1], &self.k),
+            (p[2], &self.v),
+            (p[3], &self.o),
+            (p[4], &self.gate),
+            (p[5], &self.up),
+            (p[6], &self.down),
+        ]
+    }
+}
+
+/// Every weight of a llama-family decoder.
+#[derive(Clone)]
+pub struct DecoderWeights {
+    /// Token embedding `[vocab, hidden]`.
+    pub embed: Tensor,
+    /// The decoder layers, first to last.
+    pub layers: Vec<LayerWeights>,
+    /// Final RMSNorm `[hidden]`.
+    pub final_norm: Tensor,
+    /// LM head `[vocab, hidden]`; `None` when tied to the embedding.
+    pub lm_head: Option<Tensor>,
+}
+
+impl DecoderWeights {
+    /// Picks the decoder's tensors out of a transformers-named map, checking each shape against
+    /// `config`. Tensors are shared, not copied.
+    pub fn from_map(tensors: &HashMap<String, Tensor>, c: &ModelConfig) -> Result<Self> {
+        let get = |name: &str, shape: &[usize]| weight(tensors, name, shape).cloned();
+        let h = c.hidden_size;
+        let proj = |layer: usize, short: &str, out: usize, inp: usize, bias: bool| -> Result<Projection> {
+            let name = names::projection(layer, short);
+            Ok(Projection {
+                weight: get(&format!("{name}.weight"), &[out, inp])?,
+                bias: if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None },
+                name,
+            })
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let inter = c.intermediate_size;
+            layers.push(LayerWeights {
+                input_norm: get(&names::in_layer(i, names::INPUT_NORM), &[h])?,
+                post_attention_norm: get(&names::in_layer(i, names::POST_ATTENTION_NORM), &[h])?,
+                q: proj(i, "q_proj", c.q_dim(), h, c.qkv_bias)?,
+                k: proj(i, "k_proj", c.kv_dim(), h, c.qkv_bias)?,
+                v: proj(i, "v_proj", c.kv_dim(), h, c.qkv_bias)?,
+                o: proj(i, "o_proj", h, c.q_dim(), c.o_bias)?,
+                gate: proj(i, "gate_proj", inter, h, c.mlp_bias)?,
+                up: proj(i, "up_proj", inter, h, c.mlp_bias)?,
+                down: proj(i, "down_proj", h, inter, c.mlp_bias)?,
+            });
+        }
+        Ok(DecoderWeights {
+            embed: get(names::EMBED, &[c.vocab_size, h])?,
+            layers,
+            final_norm: get(names::FINAL_NORM, &[h])?,
+            lm_head: if c.tie_word_embeddings { None } else { Some(get(names::LM_HEAD, &[c.vocab_size, h])?) },
+        })
+    }
+
+    /// The LM head matrix `[vocab, hidden]`: its own, or the embedding when tied.
+    pub fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::preset;
+
+    #[test]
+    fn a_missing_or_misshapen_tensor_is_named() {
+        let config = preset::preset_config("tiny").unwrap();
+        let mut tensors = preset::random_weights(&config, 7).unwrap();
+        assert!(DecoderWeights::from_map(&tensors, &config).is_ok());
+        let name = names::projection(1, "up_proj") + ".weight";
+        tensors
+            .insert(name.clone(), Tensor::zeros((3, 3), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap());
+        let err = DecoderWeights::from_map(&tensors, &config).err().unwrap().to_string();
+        assert!(err.contains(&name) && err.contains("[3, 3]"), "{err}");
+        tensors.remove(&name);
+        let err = DecoderWeights::from_map(&tensors, &config).err().unwrap().to_string();
+        assert!(err.contains(&name) && err.contains("missing"), "{err}");
+    }
+}
