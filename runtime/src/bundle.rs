@@ -15,12 +15,12 @@ use crate::error::{Error, IoContext, Result};
 use crate::genai_config::GenaiConfig;
 
 /// Name of the manifest file.
-pub const MANIFEST: &str = "edgelm.json";
+pub(crate) const MANIFEST: &str = "edgelm.json";
 /// The `format` value of every manifest.
 const FORMAT: &str = "edgelm-bundle";
 /// Manifest format version this runtime writes and the newest it reads. Version 2 moved the
 /// encoder's settings and the pipeline summary out of the free-form `report` into typed fields.
-pub const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 /// `edgelm.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,7 +153,7 @@ impl Kind {
     }
 
     /// "a causal LM" or "an encoder", for messages.
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Kind::CausalLm => "a causal LM",
             Kind::Encoder => "an encoder",
@@ -299,7 +299,7 @@ fn inside(dir: &Path, rel: &str) -> Result<PathBuf> {
 
 /// Reads edgelm.json without checking the files it lists (version 1 manifests are brought to
 /// the current shape).
-pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+pub(crate) fn read_manifest(dir: &Path) -> Result<Manifest> {
     let mut m: Manifest = read_json(&dir.join(MANIFEST))?;
     if m.format != FORMAT {
         return Err(bundle_err(dir, format!("edgelm.json format is `{}`, not `{FORMAT}`", m.format)));
@@ -474,7 +474,7 @@ impl BundleWriter {
 
 /// Reads edgelm.json and checks it: format and version, then the size and sha256 of every
 /// listed file, and that the model, the tokenizer and `also_required` are among them.
-pub fn verify_manifest(dir: &Path, also_required: &[&str]) -> Result<Manifest> {
+pub(crate) fn verify_manifest(dir: &Path, also_required: &[&str]) -> Result<Manifest> {
     let m = read_manifest(dir)?;
     for f in &m.files {
         let path = inside(dir, &f.path)?;

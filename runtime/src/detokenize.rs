@@ -71,6 +71,7 @@ impl StreamDecoder {
     }
 
     /// The ids added with [`push`](Self::push) so far, without the context.
+    #[cfg(test)]
     pub fn generated_ids(&self) -> &[u32] {
         &self.ids[self.context_len..]
     }
@@ -132,6 +133,7 @@ impl StreamDecoder {
     /// character is not complete yet. It is not cheap, because the whole
     /// answer is decoded again. Use it for logging or for the final text, not
     /// at every step.
+    #[cfg(test)]
     pub fn text_so_far(&self, tok: &Tokenizer) -> Result<String, tokenizers::Error> {
         let full = tok.decode(&self.ids, true)?;
         if self.context_len == 0 {

@@ -9,7 +9,6 @@ use crate::bundle::Bundle;
 use crate::decoder::{DecodeState, Decoder, DecoderOptions, KvCacheMode};
 use crate::error::{Error, Result};
 use crate::generate::{self, Forward, GenerateParams, Generation, LoopSetup, TokenEvent};
-use crate::model::Model;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{ChatMessage, TextCodec};
 
@@ -80,11 +79,6 @@ impl EngineBuilder {
     /// Opens the bundle as a causal LM (an encoder bundle is [`Error::WrongKind`]).
     pub fn open(self) -> Result<Engine> {
         Engine::open(self.dir, &self.options)
-    }
-
-    /// Opens the bundle as whatever it holds.
-    pub fn open_model(self) -> Result<Model> {
-        Model::open(self.dir, &self.options)
     }
 }
 

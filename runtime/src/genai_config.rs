@@ -141,7 +141,7 @@ impl Default for SearchSection {
 }
 
 /// Expands a `%d` name template for layer `i`.
-pub fn layer_name(template: &str, i: usize) -> String {
+pub(crate) fn layer_name(template: &str, i: usize) -> String {
     template.replacen("%d", &i.to_string(), 1)
 }
 

@@ -17,7 +17,7 @@
 
 pub mod bundle;
 pub mod decoder;
-pub mod detokenize;
+pub(crate) mod detokenize;
 pub mod encoder;
 pub mod engine;
 pub mod error;
@@ -28,7 +28,7 @@ pub mod model;
 pub mod ortlib;
 pub mod sampling;
 mod session;
-pub mod stop;
+pub(crate) mod stop;
 pub mod tokenizer;
 
 pub use engine::{Engine, EngineBuilder, EngineOptions};

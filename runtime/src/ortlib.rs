@@ -26,7 +26,7 @@ fn lib_names() -> [String; 2] {
 }
 
 /// Candidate library paths in search order. `explicit` is the caller's path when given.
-pub fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
+pub(crate) fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Some(p) = explicit {
         out.push(p.to_path_buf());
@@ -70,11 +70,6 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Enviro
                 .join(", "),
         }),
     }
-}
-
-/// The library that [`init`] loaded, if it succeeded.
-pub fn loaded_path() -> Option<&'static Path> {
-    LOADED.get().map(|(p, _)| p.as_path())
 }
 
 fn load(explicit: Option<&Path>) -> std::result::Result<(PathBuf, ort::environment::Environment), String> {

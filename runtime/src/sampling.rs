@@ -97,7 +97,7 @@ impl SamplingParams {
 /// It is not suitable for cryptography. Its only purpose is sampling that can be
 /// reproduced.
 #[derive(Debug, Clone)]
-pub struct Rng {
+pub(crate) struct Rng {
     s: [u64; 4],
 }
 
@@ -140,6 +140,7 @@ impl Rng {
     }
 
     /// Returns a uniform `f32` in `[0, 1)`, built from 24 random bits.
+    #[cfg(test)]
     pub fn next_f32(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 * (1.0 / 16_777_216.0)
     }
@@ -184,7 +185,7 @@ const TOP_P_FIRST_WINDOW: usize = 64;
 /// calls, so picking a token does not allocate once the buffers have grown to
 /// the vocabulary size.
 #[derive(Debug, Clone)]
-pub struct Sampler {
+pub(crate) struct Sampler {
     params: SamplingParams,
     rng: Rng,
     /// (score, token id) candidates. Scores are scaled logits at first and
@@ -198,17 +199,6 @@ impl Sampler {
     /// Creates a sampler with its random generator seeded from `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
         Self { rng: Rng::new(params.seed), params, scratch: Vec::new(), seen: Vec::new() }
-    }
-
-    /// The settings this sampler was built with.
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
-    }
-
-    /// Seeds the random generator again, here with `seed`. The buffers are kept.
-    pub fn reseed(&mut self, seed: u64) {
-        self.params.seed = seed;
-        self.rng = Rng::new(seed);
     }
 
     /// Picks the next token id from `logits`, one row of length `vocab`.

@@ -20,8 +20,13 @@ use clap::{Parser, Subcommand};
 
 use board::{BoardProfile, Placement};
 
+/// `edgelm --version`: ours and the ONNX Runtime release the board must provide.
+static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("{} (needs ONNX Runtime {})", env!("CARGO_PKG_VERSION"), edgelm_runtime::ortlib::ORT_VERSION)
+});
+
 #[derive(Parser)]
-#[command(name = "edgelm", version, about = "Run edgelm bundles on ONNX Runtime")]
+#[command(name = "edgelm", version = VERSION.as_str(), about = "Run edgelm bundles on ONNX Runtime")]
 struct Cli {
     /// ONNX Runtime library to load (otherwise: EDGELM_ORT_LIB, ORT_DYLIB_PATH, next to the
     /// executable and in its lib/, the system library path).
