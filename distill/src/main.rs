@@ -43,8 +43,10 @@ enum Command {
     /// Training data: the built-in task, or your own data prepared for training.
     #[command(subcommand)]
     Data(DataCommand),
-    /// Export a checkpoint to an edgelm bundle (fp32 ONNX with KV cache) and check it.
+    /// Export a checkpoint to an edgelm bundle (ONNX with KV cache, fp32 or INT8/INT4) and check it.
     Export(export::ExportArgs),
+    /// Quantize an exported fp32 bundle to INT8/INT4 weights and check it against the source.
+    Quantize(export::QuantizeArgs),
 }
 
 #[derive(Subcommand)]
@@ -86,6 +88,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(a) => train::pretrain(a),
         Command::Finetune(a) => train::finetune(a),
         Command::Merge(a) => checkpoint::merge(a),
+        Command::Quantize(a) => export::quantize(a),
         Command::Distill(a) => train::distill(a),
         Command::Eval(a) => eval::eval(a),
         Command::Pipeline(a) => eval::pipeline(a),

@@ -45,6 +45,9 @@ pub struct Manifest {
     pub chat_template: Option<String>,
     /// Weight format of the graph.
     pub quantization: Precision,
+    /// How quantized weights are stored (quantized bundles only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<WeightScheme>,
     /// Where the bundle came from.
     pub source: Source,
     /// How an encoder bundle takes its text (encoder bundles only).
@@ -72,6 +75,32 @@ pub enum Precision {
     Int8,
     /// 4-bit integer weights.
     Int4,
+}
+
+/// How a quantized graph stores its weights (`weights` in edgelm.json): every parameter of the
+/// scheme, so a bundle says exactly what was done to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightScheme {
+    /// The ONNX Runtime operator the matrices run on (`MatMulNBits`).
+    pub operator: String,
+    /// Bits per weight.
+    pub bits: u8,
+    /// Weights per block, each block with its own scale.
+    pub block_size: usize,
+    /// Scales only (`true`) or scales and zero points.
+    pub symmetric: bool,
+    /// `MatMulNBits`' `accuracy_level` (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations).
+    pub accuracy_level: u8,
+    /// Matrices quantized.
+    pub matrices: usize,
+    /// Whether the embedding table is quantized (`GatherBlockQuantized`).
+    pub embedding: bool,
+    /// Whether the embedding and a tied LM head share one quantized table.
+    pub shared_embedding_head: bool,
+    /// Weights kept in fp32, with the reason.
+    #[serde(default)]
+    pub kept_fp32: Vec<String>,
 }
 
 /// An encoder's input limit and output, as exported.
@@ -353,6 +382,8 @@ pub struct BundleInfo {
     pub chat_template: Option<String>,
     /// Weight format of the graph.
     pub precision: Precision,
+    /// How quantized weights are stored.
+    pub weights: Option<WeightScheme>,
     /// Checkpoint folder the bundle was made from.
     pub checkpoint: PathBuf,
     /// sha256 over the checkpoint's config and weights.
@@ -458,6 +489,7 @@ impl BundleWriter {
             generation: info.generation,
             chat_template: info.chat_template,
             quantization: info.precision,
+            weights: info.weights,
             source: Source {
                 checkpoint: info.checkpoint.display().to_string(),
                 sha256: info.checkpoint_sha256,
@@ -582,6 +614,7 @@ mod tests {
             generation: GenerationDefaults::none(),
             chat_template: None,
             precision: Precision::Int8,
+            weights: None,
             checkpoint: PathBuf::from("ck"),
             checkpoint_sha256: "00".into(),
             encoder: None,

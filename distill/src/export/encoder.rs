@@ -172,6 +172,7 @@ pub fn export_encoder(ck: &EncoderCheckpoint, out: &Path, tolerance: f32) -> Res
         generation: GenerationDefaults::none(),
         chat_template: None,
         precision: Precision::Fp32,
+        weights: None,
         checkpoint: ck.dir.clone(),
         checkpoint_sha256: super::checkpoint_hash(&ck.dir)?,
         encoder: Some(EncoderInfo {

@@ -4,6 +4,7 @@
 
 mod encoder;
 mod graph;
+mod quantized;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use edgelm_runtime::bundle::{self, BundleInfo, BundleWriter, GenerationDefaults, Precision};
+use edgelm_runtime::bundle::{self, BundleInfo, BundleWriter, GenerationDefaults};
 use edgelm_runtime::genai_config::{
     DecoderInputs, DecoderOutputs, DecoderSection, GenaiConfig, ModelSection, SearchSection,
 };
@@ -19,10 +20,13 @@ use edgelm_runtime::genai_config::{
 pub use encoder::export_encoder;
 use graph::build_decoder;
 pub use graph::LogitsMode;
-pub use verify::{max_abs_diff, verify_bundle, VerifyReport};
+pub use quantized::{quantize_bundle, QuantizedReport};
+pub use verify::{kl_divergence, max_abs_diff, verify_against_bundle, verify_bundle, VerifyReport};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Result};
+use crate::quantize::{quantize_model, QuantizeOptions};
+use quantized::{check_quantized, precision_of, weight_scheme};
 
 /// Export settings.
 #[derive(Debug, Clone)]
@@ -36,11 +40,23 @@ pub struct ExportOptions {
     /// Record in the bundle that the model answers single requests (trained on single-turn
     /// data), so chat front ends do not feed it a conversation.
     pub single_turn: bool,
+    /// Quantize the weights after the fp32 graph passed its check (`None`: fp32 bundle).
+    pub quantize: Option<QuantizeOptions>,
+    /// Largest mean KL divergence (nats) of the quantized bundle's next-token distribution from
+    /// the fp32 source's, on the check prompt.
+    pub max_kl: f64,
 }
 
 impl Default for ExportOptions {
     fn default() -> Self {
-        ExportOptions { logits: LogitsMode::Last, verify: true, tolerance: 1e-4, single_turn: false }
+        ExportOptions {
+            logits: LogitsMode::Last,
+            verify: true,
+            tolerance: 1e-4,
+            single_turn: false,
+            quantize: None,
+            max_kl: 0.05,
+        }
     }
 }
 
@@ -53,8 +69,10 @@ pub struct ExportReport {
     pub model_bytes: u64,
     /// Number of parameters.
     pub parameters: usize,
-    /// The numerical check, when it ran.
+    /// The numerical check of the fp32 graph, when it ran.
     pub verify: Option<VerifyReport>,
+    /// The quantization and the check of the quantized graph against the fp32 source.
+    pub quantized: Option<QuantizedReport>,
     /// Warnings for the user (e.g. no tokenizer).
     pub warnings: Vec<String>,
 }
@@ -157,7 +175,9 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
     let mut warnings = Vec::new();
     let model = build_decoder(ck, opts.logits)?;
     let model_path = w.model("model.onnx", &model.encode_to_vec())?;
-    drop(model);
+    let fp32_bytes = std::fs::metadata(&model_path).at(&model_path)?.len();
+    // Kept for quantizing after the fp32 check, else freed before it.
+    let mut model = opts.quantize.is_some().then_some(model);
     let genai = genai_config(ck);
     w.write("genai_config.json", serde_json::to_string_pretty(&genai).expect("json").as_bytes())?;
     match &ck.tokenizer_json {
@@ -191,10 +211,23 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
     } else {
         None
     };
+    let quantized = match &opts.quantize {
+        None => None,
+        Some(q) => {
+            let mut model = model.take().expect("kept for quantizing");
+            let summary = quantize_model(&mut model, q)?;
+            w.model("model.onnx", &model.encode_to_vec())?;
+            drop(model);
+            let check = if opts.verify { Some(check_quantized(ck, out, opts.max_kl)?) } else { None };
+            Some(QuantizedReport { summary, verify: check, fp32_bytes })
+        }
+    };
+    let weights = opts.quantize.as_ref().zip(quantized.as_ref()).map(|(q, r)| weight_scheme(q, &r.summary));
     w.finish(BundleInfo {
         generation: GenerationDefaults { single_turn: opts.single_turn, ..generation_defaults(ck) },
         chat_template: ck.chat_template(),
-        precision: Precision::Fp32,
+        precision: precision_of(opts.quantize.as_ref()),
+        weights,
         checkpoint: ck.dir.clone(),
         checkpoint_sha256: checkpoint_hash(&ck.dir)?,
         encoder: None,
@@ -205,6 +238,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
         model_bytes: std::fs::metadata(&model_path).at(&model_path)?.len(),
         parameters: ck.config.num_parameters(),
         verify,
+        quantized,
         warnings,
     })
 }

@@ -28,6 +28,22 @@ pub struct VerifyReport {
     pub prompt_tokens: usize,
     /// Decode steps compared.
     pub decode_steps: usize,
+    /// Mean KL divergence of the bundle's next-token distribution from the reference's, in
+    /// nats, over every checked position.
+    pub mean_kl: f64,
+    /// Share of checked positions where both pick the same greedy token.
+    pub top1_agreement: f64,
+}
+
+/// KL(p || q) of the softmax distributions of two logit rows, in nats.
+pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+    let log_softmax = |l: &[f32]| -> Vec<f64> {
+        let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z = l.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+        l.iter().map(|&x| x as f64 - z).collect()
+    };
+    let (lp, lq) = (log_softmax(p_logits), log_softmax(q_logits));
+    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>().max(0.0)
 }
 
 /// The fixed check prompt: spread over the vocabulary, never the special ids at the bottom.
@@ -50,24 +66,59 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Runs the bundle in `dir` and the candle model side by side.
 pub fn verify_bundle(ck: &Checkpoint, dir: &Path, tolerance: f32) -> Result<VerifyReport> {
     let model = LlamaModel::new(ck)?;
+    let mut cache = model.new_cache();
+    let mut reference = |input: &[u32]| -> Result<Vec<f32>> {
+        let logits = model.forward(&Tensor::new(input, &Device::Cpu)?.unsqueeze(0)?, &mut cache)?;
+        Ok(logits.squeeze(0)?.get(input.len() - 1)?.to_vec1()?)
+    };
+    let (vocab, context) = (ck.config.vocab_size, ck.config.max_position_embeddings);
+    compare(&mut reference, dir, vocab, context, tolerance)
+}
+
+/// Runs the bundle in `dir` against the bundle in `reference_dir`, both in ONNX Runtime (a
+/// quantized bundle against the fp32 one it came from).
+pub fn verify_against_bundle(reference_dir: &Path, dir: &Path, tolerance: f32) -> Result<VerifyReport> {
+    let bundle = Bundle::open(reference_dir)?;
+    let mut decoder = Decoder::load(&bundle.model_path, &bundle.genai, &DecoderOptions::default())?;
+    let m = &bundle.genai.model;
+    let (vocab, context) = (m.vocab_size, m.context_length);
+    let mut state = decoder.start(check_prompt_len(context) + DECODE_STEPS)?;
+    let mut reference = |input: &[u32]| -> Result<Vec<f32>> { Ok(decoder.forward(&mut state, input)?.to_vec()) };
+    compare(&mut reference, dir, vocab, context, tolerance)
+}
+
+fn check_prompt_len(context: usize) -> usize {
+    12.min(context - DECODE_STEPS)
+}
+
+/// Feeds the check prompt, then the reference's greedy tokens one at a time, to `reference`
+/// (which keeps its own cache and returns the last position's logits) and to the bundle.
+fn compare(
+    reference: &mut dyn FnMut(&[u32]) -> Result<Vec<f32>>,
+    dir: &Path,
+    vocab: usize,
+    context: usize,
+    tolerance: f32,
+) -> Result<VerifyReport> {
     let bundle = Bundle::open(dir)?;
     let mut decoder = Decoder::load(&bundle.model_path, &bundle.genai, &DecoderOptions::default())?;
-    let prompt = check_prompt(ck.config.vocab_size, 12.min(ck.config.max_position_embeddings - DECODE_STEPS));
+    let prompt = check_prompt(vocab, check_prompt_len(context));
     let mut state = decoder.start(prompt.len() + DECODE_STEPS)?;
-    let mut cache = model.new_cache();
     let mut input = prompt.clone();
     let (mut worst, mut worst_step) = (0f32, 0usize);
+    let (mut kl, mut agree) = (0f64, 0usize);
     for step in 0..=DECODE_STEPS {
-        let reference = model.forward(&Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?, &mut cache)?;
-        let reference: Vec<f32> = reference.squeeze(0)?.get(input.len() - 1)?.to_vec1()?;
+        let reference = reference(&input)?;
         let onnx = decoder.forward(&mut state, &input)?;
         let diff = max_abs_diff(&reference, onnx);
+        kl += kl_divergence(&reference, onnx);
+        // Follow the reference's greedy choice so both sides see the same tokens.
+        let next = edgelm_runtime::sampling::argmax(&reference);
+        agree += usize::from(edgelm_runtime::sampling::argmax(onnx) == next);
         if diff > worst {
             worst = diff;
             worst_step = step;
         }
-        // Follow the reference's greedy choice so both sides see the same tokens.
-        let next = edgelm_runtime::sampling::argmax(&reference);
         input = vec![next];
     }
     Ok(VerifyReport {
@@ -76,5 +127,20 @@ pub fn verify_bundle(ck: &Checkpoint, dir: &Path, tolerance: f32) -> Result<Veri
         passed: worst <= tolerance,
         prompt_tokens: prompt.len(),
         decode_steps: DECODE_STEPS,
+        mean_kl: kl / (DECODE_STEPS + 1) as f64,
+        top1_agreement: agree as f64 / (DECODE_STEPS + 1) as f64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_is_zero_for_equal_rows_and_matches_a_hand_value() {
+        assert!(kl_divergence(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0]).abs() < 1e-12);
+        // p = (0.5, 0.5), q = softmax(0, ln 3) = (0.25, 0.75): KL = 0.5 ln 2 + 0.5 ln(2/3).
+        let want = 0.5 * 2f64.ln() + 0.5 * (2.0f64 / 3.0).ln();
+        assert!((kl_divergence(&[0.0, 0.0], &[0.0, 3f32.ln()]) - want).abs() < 1e-6);
+    }
 }

@@ -138,7 +138,12 @@ fn store(g: &mut GraphProto, name: &str, q: &QuantizedMatrix) -> Stored {
     let s = q.scheme;
     let (rows, blocks) = (q.rows as i64, s.blocks(q.cols) as i64);
     let data = format!("{name}_Q{}", s.bits);
-    g.initializer.push(TensorProto::from_u8(&data, &[rows, blocks, s.block_bytes() as i64], DataType::Uint8, q.data.clone()));
+    g.initializer.push(TensorProto::from_u8(
+        &data,
+        &[rows, blocks, s.block_bytes() as i64],
+        DataType::Uint8,
+        q.data.clone(),
+    ));
     let scales = format!("{name}_scales");
     g.initializer.push(TensorProto::from_f32(&scales, &[rows, blocks], &q.scales));
     let zero_points = q.zero_points.as_ref().map(|z| {
@@ -264,10 +269,14 @@ fn to_gather_block_quantized(
 
 /// Quantizes the weights of `model` in place.
 pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<QuantizeSummary> {
-    let g = model.graph.as_mut().ok_or_else(|| Error::Unsupported { what: "quantizing a model without a graph".into() })?;
-    let mut summary = QuantizeSummary { bytes_before: g.initializer.iter().map(tensor_bytes).sum(), ..Default::default() };
+    let g =
+        model.graph.as_mut().ok_or_else(|| Error::Unsupported { what: "quantizing a model without a graph".into() })?;
+    let mut summary =
+        QuantizeSummary { bytes_before: g.initializer.iter().map(tensor_bytes).sum(), ..Default::default() };
     if !(0..=4).contains(&opts.accuracy_level) {
-        return Err(Error::Unsupported { what: format!("accuracy level {}: ONNX Runtime takes 0 to 4", opts.accuracy_level) });
+        return Err(Error::Unsupported {
+            what: format!("accuracy level {}: ONNX Runtime takes 0 to 4", opts.accuracy_level),
+        });
     }
     // Every use of every initializer.
     let mut uses: HashMap<String, Vec<Use>> = HashMap::new();
@@ -286,9 +295,12 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
         if graph_inputs.contains(&name) || u.contains(&Use::Other) {
             continue;
         }
-        let matmuls: Vec<usize> = u.iter().filter_map(|x| if let Use::MatMul(i) = x { Some(*i) } else { None }).collect();
-        let gemms: Vec<usize> = u.iter().filter_map(|x| if let Use::GemmTransB(i) = x { Some(*i) } else { None }).collect();
-        let gathers: Vec<usize> = u.iter().filter_map(|x| if let Use::Gather(i) = x { Some(*i) } else { None }).collect();
+        let matmuls: Vec<usize> =
+            u.iter().filter_map(|x| if let Use::MatMul(i) = x { Some(*i) } else { None }).collect();
+        let gemms: Vec<usize> =
+            u.iter().filter_map(|x| if let Use::GemmTransB(i) = x { Some(*i) } else { None }).collect();
+        let gathers: Vec<usize> =
+            u.iter().filter_map(|x| if let Use::Gather(i) = x { Some(*i) } else { None }).collect();
         if !matmuls.is_empty() && !(gemms.is_empty() && gathers.is_empty()) {
             continue; // read both ways round: leave it.
         }
@@ -301,15 +313,22 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
                 Use::Other => None,
             })
             .collect();
-        if let Some(k) =
-            opts.keep_fp32.iter().find(|k| name.contains(k.as_str()) || node_names.iter().any(|n| n.contains(k.as_str())))
+        if let Some(k) = opts
+            .keep_fp32
+            .iter()
+            .find(|k| name.contains(k.as_str()) || node_names.iter().any(|n| n.contains(k.as_str())))
         {
             summary.kept.push(format!("{name}: kept in fp32 as asked (`{k}`)"));
             continue;
         }
+        // An embedding left in fp32 keeps its table, also when a tied head is quantized.
+        let fp32_reader = !gathers.is_empty() && !opts.embedding;
         let gathers = if opts.embedding { gathers } else { vec![] };
         if matmuls.is_empty() && gemms.is_empty() && gathers.is_empty() {
             continue;
+        }
+        if fp32_reader {
+            summary.kept.push(format!("{name}: embedding kept in fp32 as asked"));
         }
         // [N, K]: one row per output (or per table entry), quantized along K.
         let (rows, cols, w) = if matmuls.is_empty() { (r, c, values) } else { (c, r, transpose(&values, r, c)) };
@@ -328,7 +347,9 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
             summary.embeddings += 1;
             summary.shared_embedding_head |= shared;
         }
-        removed.push(name);
+        if !fp32_reader {
+            removed.push(name);
+        }
     }
     g.initializer.retain(|t| !removed.contains(&t.name));
     splices.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
@@ -341,4 +362,130 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
     let g = model.graph.as_ref().expect("checked above");
     summary.bytes_after = g.initializer.iter().map(tensor_bytes).sum();
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use ort::session::Session;
+    use ort::value::Tensor;
+
+    use super::*;
+    use crate::onnx::{Dim, GraphBuilder};
+
+    const K: usize = 80; // not a multiple of 32 or 64: the last block is padded
+    const N: usize = 24;
+    const V: usize = 40;
+
+    fn weights(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 9) as f32 / 8_388_608.0 - 0.5) * 0.8
+            })
+            .collect()
+    }
+
+    /// `y = x W` (`W [K, N]`), a tied table read by `Gather` and by `Gemm(transB)`, and an
+    /// untied table read by `Gather` only.
+    fn model(w: &[f32], tied: &[f32], untied: &[f32]) -> ModelProto {
+        let mut g = GraphBuilder::new("test");
+        let d = |v: usize| Dim::Fixed(v as i64);
+        g.input("x", DataType::Float, &[d(2), d(K)]);
+        g.input("ids", DataType::Int64, &[d(3)]);
+        g.output("y", DataType::Float, &[d(2), d(N)]);
+        g.output("logits", DataType::Float, &[d(2), d(V)]);
+        g.output("e", DataType::Float, &[d(3), d(K)]);
+        g.output("e2", DataType::Float, &[d(3), d(K)]);
+        let w = g.init_f32("w", &[K, N], w);
+        let t = g.init_f32("tied", &[V, K], tied);
+        let u = g.init_f32("untied", &[V, K], untied);
+        g.node_named("MatMul", "", &["x", &w], &["y"], vec![]);
+        g.node_named("Gemm", "", &["x", &t], &["logits"], vec![Attr::int("transB", 1)]);
+        g.set_scope("/embed");
+        g.node_named("Gather", "", &[&t, "ids"], &["e"], vec![Attr::int("axis", 0)]);
+        g.node_named("Gather", "", &[&u, "ids"], &["e2"], vec![Attr::int("axis", 0)]);
+        g.finish(21, None, "test")
+    }
+
+    fn run(m: &ModelProto, x: &[f32], ids: &[i64]) -> Vec<Vec<f32>> {
+        use prost::Message;
+        let env = edgelm_runtime::ortlib::init(None).expect("ONNX Runtime (EDGELM_ORT_LIB)");
+        let mut s = Session::builder(env).unwrap().commit_from_memory(&m.encode_to_vec()).unwrap();
+        let out = s
+            .run(ort::inputs![
+                "x" => Tensor::from_array(([2usize, K], x.to_vec())).unwrap(),
+                "ids" => Tensor::from_array(([3usize], ids.to_vec())).unwrap(),
+            ])
+            .unwrap();
+        ["y", "logits", "e", "e2"].iter().map(|n| out[*n].try_extract_tensor::<f32>().unwrap().1.to_vec()).collect()
+    }
+
+    fn matmul_t(x: &[f32], w_nk: &[f32], rows: usize) -> Vec<f32> {
+        (0..2).flat_map(|i| (0..rows).map(move |r| (0..K).map(|k| x[i * K + k] * w_nk[r * K + k]).sum())).collect()
+    }
+
+    /// The rewritten graph in ONNX Runtime (fp32 compute) gives exactly what our dequantized
+    /// weights give: the packed layout, scales, zero points, padding and the shared table.
+    #[test]
+    fn onnx_runtime_reads_the_packed_layout_as_we_wrote_it() {
+        let (w, tied, untied) = (weights(K * N, 1), weights(V * K, 2), weights(V * K, 3));
+        let x = weights(2 * K, 4);
+        let ids = [0i64, 17, 39];
+        for bits in [4u8, 8] {
+            for symmetric in [true, false] {
+                for block in [16usize, 32, 64] {
+                    let scheme = BlockScheme::new(bits, block, symmetric).unwrap();
+                    let opts = QuantizeOptions { scheme, accuracy_level: 1, embedding: true, keep_fp32: vec![] };
+                    let mut m = model(&w, &tied, &untied);
+                    let s = quantize_model(&mut m, &opts).unwrap();
+                    assert_eq!((s.matmuls, s.embeddings, s.shared_embedding_head), (2, 2, true));
+                    let inits = &m.graph.as_ref().unwrap().initializer;
+                    assert!(
+                        inits.iter().all(|t| t.data_type != Some(DataType::Float as i32)
+                            || t.dims.len() != 2
+                            || t.dims[1] == 1
+                            || t.name.ends_with("_scales")),
+                        "an fp32 matrix is left"
+                    );
+                    assert_eq!(
+                        inits.iter().filter(|t| t.name.starts_with("tied_Q")).count(),
+                        1,
+                        "the tied table is stored once"
+                    );
+                    let got = run(&m, &x, &ids);
+                    let wq = quantize(&transpose(&w, K, N), N, K, scheme).dequantize();
+                    let tq = quantize(&tied, V, K, scheme).dequantize();
+                    let uq = quantize(&untied, V, K, scheme).dequantize();
+                    let rows = |t: &[f32]| {
+                        ids.iter().flat_map(|&i| t[i as usize * K..(i as usize + 1) * K].to_vec()).collect::<Vec<_>>()
+                    };
+                    let want = [matmul_t(&x, &wq, N), matmul_t(&x, &tq, V), rows(&tq), rows(&uq)];
+                    for (name, (g, e)) in ["y", "logits", "e", "e2"].iter().zip(got.iter().zip(&want)) {
+                        let diff = g.iter().zip(e).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                        assert!(
+                            diff < 1e-5,
+                            "{bits}-bit block {block} symmetric {symmetric}: {name} differs by {diff}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_kept_embedding_keeps_its_table_for_a_quantized_tied_head() {
+        let (w, tied, untied) = (weights(K * N, 1), weights(V * K, 2), weights(V * K, 3));
+        let mut opts = QuantizeOptions::for_bits(4).unwrap();
+        opts.embedding = false;
+        opts.keep_fp32 = vec!["untied".into()];
+        let mut m = model(&w, &tied, &untied);
+        let s = quantize_model(&mut m, &opts).unwrap();
+        assert_eq!((s.matmuls, s.embeddings), (2, 0));
+        assert!(
+            s.kept.iter().any(|k| k.starts_with("untied:")) && s.kept.iter().any(|k| k.starts_with("tied:")),
+            "{:?}",
+            s.kept
+        );
+        let got = run(&m, &weights(2 * K, 4), &[1, 2, 3]);
+        assert_eq!(got[2], tied[K..4 * K].to_vec(), "the fp32 embedding is read as it was");
+    }
 }
