@@ -137,3 +137,19 @@ bench-genai runs="5": setup build
     [ -f "$ck/config.json" ] || target/release/edgelm-distill init --preset smollm2-135m -o "$ck"
     [ -f "$bundle/edgelm.json" ] || target/release/edgelm-distill export "$ck" -o "$bundle"
     .venv/bin/python scripts/bench_genai.py "$bundle" --edgelm target/release/edgelm --runs {{runs}}
+
+# Our INT8/INT4 quantizer against ONNX Runtime's (MatMulNBitsQuantizer, quantize_dynamic) on the
+# same fp32 ONNX: size, TTFT, decode speed on the SmolLM2-135M-shaped export, task completion on
+# the committed teacher's export.
+bench-quant runs="3": setup build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    ck={{out}}/smollm2-135m/checkpoint
+    bundle={{out}}/smollm2-135m/bundle
+    [ -f "$ck/config.json" ] || target/release/edgelm-distill init --preset smollm2-135m -o "$ck"
+    [ -f "$bundle/edgelm.json" ] || target/release/edgelm-distill export "$ck" -o "$bundle"
+    teacher={{out}}/devcmd-teacher/bundle
+    [ -f "$teacher/edgelm.json" ] || target/release/edgelm-distill export models/devcmd/teacher -o "$teacher"
+    .venv/bin/python scripts/bench_quant.py "$bundle" "$teacher" --edgelm target/release/edgelm \
+        --distill target/release/edgelm-distill --runs {{runs}}
+

@@ -51,6 +51,14 @@ pub enum Error {
         /// Which step and by how much.
         what: String,
     },
+    /// A pipeline stage lost more accuracy than its recipe allows.
+    #[error("stage {stage} failed its accuracy gate: {what}")]
+    Gate {
+        /// The stage.
+        stage: String,
+        /// What it lost, against which limit.
+        what: String,
+    },
     /// Running the bundle through the runtime failed.
     #[error(transparent)]
     Runtime(#[from] edgelm_runtime::Error),

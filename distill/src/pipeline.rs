@@ -2,7 +2,9 @@
 //!
 //! teacher (committed, or pre-trained when the recipe's teacher folder is absent) -> LoRA
 //! fine-tune + merge (when the recipe has `[finetune]`) -> distilled student -> exported bundle
-//! (checked against candle) -> held-out commands answered through the runtime, streaming.
+//! (checked against candle) -> quantized bundles (the recipe's `[[quantize]]`, each gated on
+//! task completion and KL against the fp32 bundle) -> held-out commands answered through the
+//! runtime from the smallest bundle that passed, streaming.
 //! Every stage is scored on the same held-out test examples; `report.json` and `report.svg`
 //! are written to the output folder.
 
@@ -15,7 +17,7 @@ use serde::Serialize;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Result};
 use crate::eval::{score_bundle, score_checkpoint, Answer, Score};
-use crate::export::{export, ExportOptions};
+use crate::export::{export, quantize_bundle, verify_against_bundle, ExportOptions};
 use crate::lora::LoraConfig;
 use crate::recipe::Recipe;
 use crate::report::{svg, Bar};
@@ -55,8 +57,48 @@ pub struct StageRow {
     pub perplexity: Option<f64>,
     /// Seconds the stage took (training or export, plus its scoring).
     pub seconds: f64,
+    /// Median time to first token on a few test commands (bundles only).
+    pub ttft_ms: Option<f64>,
+    /// Median decode speed on a few test commands (bundles only).
+    pub decode_tokens_per_s: Option<f64>,
     /// Up to 10 wrong answers.
     pub misses: Vec<Answer>,
+}
+
+/// A quantized bundle against the fp32 bundle it came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct GateResult {
+    /// Stage name (`int8`, `int4`).
+    pub stage: String,
+    /// Task completion lost, in percentage points (negative: gained).
+    pub drop_points: f64,
+    /// The recipe's limit.
+    pub max_drop: f64,
+    /// Mean KL divergence of next-token distributions on the check prompt, nats.
+    pub mean_kl: f64,
+    /// The recipe's limit.
+    pub max_kl: f64,
+    /// Share of checked positions with the same greedy token.
+    pub top1_agreement: f64,
+    /// Whether both limits held.
+    pub passed: bool,
+}
+
+impl GateResult {
+    /// The error for a failed gate, naming what was lost against which limit.
+    fn error(&self) -> Error {
+        Error::Gate {
+            stage: self.stage.clone(),
+            what: format!(
+                "task completion dropped {:.1} points against the fp32 bundle (max_drop {}), mean KL {:.4} nats (max_kl {}), top-1 agreement {:.0}%",
+                self.drop_points,
+                self.max_drop,
+                self.mean_kl,
+                self.max_kl,
+                100.0 * self.top1_agreement
+            ),
+        }
+    }
 }
 
 /// Runtime figures of the streamed demonstration.
@@ -83,6 +125,10 @@ pub struct PipelineReport {
     pub test_examples: usize,
     /// One row per stage.
     pub stages: Vec<StageRow>,
+    /// The accuracy gates of the quantized bundles.
+    pub gates: Vec<GateResult>,
+    /// The bundle the pipeline ships: the last (smallest) one that passed its gate.
+    pub shipped: PathBuf,
     /// Training logs (`train_log.json` contents) by stage.
     pub training: Vec<TrainLog>,
     /// Largest ONNX-vs-candle logit difference of the export check.
@@ -116,6 +162,8 @@ fn row(stage: &str, ck: &Checkpoint, score: Score, seconds: f64) -> StageRow {
         task_completion: score.task_completion,
         perplexity: score.perplexity,
         seconds,
+        ttft_ms: None,
+        decode_tokens_per_s: None,
         misses: score.misses,
     }
 }
@@ -218,18 +266,61 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     let diff = exported.verify.as_ref().map(|v| v.max_abs_diff);
     let score = score_bundle(&bundle, test, &opts.engine, opts.progress)?;
     say(out, format!("bundle (ONNX Runtime): {:.1}%", 100.0 * score.task_completion))?;
-    rows.push(StageRow {
-        stage: "bundle".into(),
-        parameters: student.config.num_parameters(),
-        bytes: edgelm_runtime::bundle::weight_bytes(&bundle),
-        task_completion: score.task_completion,
-        perplexity: None,
-        seconds: t.elapsed().as_secs_f64(),
-        misses: score.misses,
-    });
+    let fp32_completion = score.task_completion;
+    let bundle_row = |stage: &str, dir: &Path, score: Score, t: Instant| -> Result<StageRow> {
+        let (ttft, decode) = speed(dir, test, &opts.engine)?;
+        Ok(StageRow {
+            stage: stage.into(),
+            parameters: student.config.num_parameters(),
+            bytes: edgelm_runtime::bundle::weight_bytes(dir),
+            task_completion: score.task_completion,
+            perplexity: None,
+            seconds: t.elapsed().as_secs_f64(),
+            ttft_ms: Some(ttft),
+            decode_tokens_per_s: Some(decode),
+            misses: score.misses,
+        })
+    };
+    rows.push(bundle_row("bundle", &bundle, score, t)?);
 
-    // 5. Held-out commands, streamed from the runtime.
-    let runtime = show(&bundle, &splits.test, recipe.pipeline.show, &opts.engine, out)?;
+    // 5. Quantized bundles, each gated against the fp32 one.
+    let mut shipped = bundle.clone();
+    let mut gates = Vec::new();
+    for q in &recipe.quantize {
+        let t = Instant::now();
+        let name = q.name();
+        let qdir = dir.join(format!("bundle-{name}"));
+        quantize_bundle(&bundle, &qdir, &q.options()?, None)?;
+        let check = verify_against_bundle(&bundle, &qdir, f32::INFINITY)?;
+        let score = score_bundle(&qdir, test, &opts.engine, opts.progress)?;
+        let gate = gate(&name, fp32_completion, score.task_completion, &check, q.max_drop, q.max_kl);
+        say(
+            out,
+            format!(
+                "{name} bundle: {:.1}% ({:+.1} points), mean KL {:.4}, top-1 {:.0}%: gate {}",
+                100.0 * score.task_completion,
+                -gate.drop_points,
+                gate.mean_kl,
+                100.0 * gate.top1_agreement,
+                if gate.passed { "passed" } else { "FAILED" }
+            ),
+        )?;
+        rows.push(bundle_row(&name, &qdir, score, t)?);
+        let passed = gate.passed;
+        gates.push(gate);
+        if !passed {
+            let failed = gates.last().expect("just pushed").error();
+            let p = dir.join("report.json");
+            let partial =
+                serde_json::json!({"recipe": recipe.name, "stages": rows, "gates": gates, "error": failed.to_string()});
+            std::fs::write(&p, serde_json::to_string_pretty(&partial).expect("json")).at(&p)?;
+            return Err(failed);
+        }
+        shipped = qdir;
+    }
+
+    // 6. Held-out commands, streamed from the runtime.
+    let runtime = show(&shipped, &splits.test, recipe.pipeline.show, &opts.engine, out)?;
 
     let teacher_row = &rows[0];
     let student_row = rows.iter().find(|r| r.stage == "student").expect("student row");
@@ -239,6 +330,8 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         student_share: student_row.parameters as f64 / teacher_row.parameters as f64,
         student_relative_completion: student_row.task_completion / teacher_row.task_completion.max(1e-9),
         stages: rows,
+        gates,
+        shipped: shipped.clone(),
         training: logs,
         export_max_abs_diff: diff,
         runtime,
@@ -246,6 +339,9 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     };
     table(&report, out)?;
     record_in_bundle(&bundle, &report)?;
+    if shipped != bundle {
+        record_in_bundle(&shipped, &report)?;
+    }
     let p = dir.join("report.json");
     std::fs::write(&p, serde_json::to_string_pretty(&report).expect("json")).at(&p)?;
     let curves: Vec<(String, Vec<LogPoint>)> =
@@ -288,6 +384,48 @@ fn record_in_bundle(bundle: &Path, r: &PipelineReport) -> Result<()> {
     };
     update_manifest(bundle, |m| m.pipeline = Some(summary))?;
     Ok(())
+}
+
+/// A quantized stage's gate: task completion against the fp32 bundle's, and the KL check.
+fn gate(
+    stage: &str,
+    fp32_completion: f64,
+    completion: f64,
+    check: &crate::export::VerifyReport,
+    max_drop: f64,
+    max_kl: f64,
+) -> GateResult {
+    let drop_points = 100.0 * (fp32_completion - completion);
+    GateResult {
+        stage: stage.into(),
+        drop_points,
+        max_drop,
+        mean_kl: check.mean_kl,
+        max_kl,
+        top1_agreement: check.top1_agreement,
+        passed: drop_points <= max_drop && check.mean_kl <= max_kl && check.max_abs_diff.is_finite(),
+    }
+}
+
+/// Median TTFT and decode speed of a bundle on the first three test commands.
+fn speed(
+    bundle: &Path,
+    test: &[crate::data::Example],
+    engine_opts: &edgelm_runtime::EngineOptions,
+) -> Result<(f64, f64)> {
+    let mut engine = edgelm_runtime::Engine::open(bundle, engine_opts)?;
+    let params = edgelm_runtime::GenerateParams::default()
+        .with_max_new_tokens(crate::eval::MAX_ANSWER_TOKENS)
+        .with_ignore_eos(true);
+    let (mut ttft, mut decode) = (Vec::new(), Vec::new());
+    for e in test.iter().take(3) {
+        let prompt = engine.encode_chat(&[edgelm_runtime::ChatMessage::user(Formatter::user_message(e))])?;
+        let g = engine.generate(&prompt, &params, |_| std::ops::ControlFlow::Continue(()))?;
+        ttft.push(g.metrics.ttft_ms);
+        decode.push(g.metrics.decode_tokens_per_s);
+    }
+    use edgelm_runtime::metrics::median;
+    Ok((median(ttft), median(decode)))
 }
 
 /// Streams the bundle's answers to the first `n` test commands; returns median speed figures.
@@ -339,20 +477,36 @@ fn show(
 fn table(r: &PipelineReport, out: &mut dyn Write) -> Result<()> {
     let mut t = String::new();
     t.push_str(&format!(
-        "\n{:<11} {:>11} {:>9} {:>16} {:>10} {:>8}\n",
-        "stage", "parameters", "MiB", "task completion", "perplexity", "seconds"
+        "\n{:<11} {:>11} {:>9} {:>16} {:>10} {:>8} {:>9} {:>9}\n",
+        "stage", "parameters", "MiB", "task completion", "perplexity", "TTFT ms", "tokens/s", "seconds"
     ));
+    let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
     for s in &r.stages {
         t.push_str(&format!(
-            "{:<11} {:>11} {:>9.2} {:>15.1}% {:>10} {:>8.1}\n",
+            "{:<11} {:>11} {:>9.2} {:>15.1}% {:>10} {:>8} {:>9} {:>8.1}\n",
             s.stage,
             s.parameters,
             s.bytes as f64 / (1 << 20) as f64,
             100.0 * s.task_completion,
-            s.perplexity.map_or("-".into(), |p| format!("{p:.3}")),
+            opt(s.perplexity, 3),
+            opt(s.ttft_ms, 1),
+            opt(s.decode_tokens_per_s, 0),
             s.seconds
         ));
     }
+    for g in &r.gates {
+        t.push_str(&format!(
+            "gate {}: {:+.1} points (max drop {}), mean KL {:.4} (max {}), top-1 {:.0}%: {}\n",
+            g.stage,
+            -g.drop_points,
+            g.max_drop,
+            g.mean_kl,
+            g.max_kl,
+            100.0 * g.top1_agreement,
+            if g.passed { "passed" } else { "failed" }
+        ));
+    }
+    t.push_str(&format!("shipped: {}\n", r.shipped.display()));
     t.push_str(&format!(
         "student: {:.1}% of the teacher's parameters, {:.1}% of its task completion\n",
         100.0 * r.student_share,
@@ -367,4 +521,47 @@ fn table(r: &PipelineReport, out: &mut dyn Write) -> Result<()> {
     }
     t.push_str(&format!("total: {:.0} s\n", r.total_seconds));
     write!(out, "{t}").at("stdout")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::{names, preset, write::WriteOptions};
+
+    /// An fp32 bundle of the tiny preset, and one whose first MLP was damaged (down projection
+    /// negated): the gate lets an honest int8 bundle through and stops the damaged one, naming
+    /// the stage and what it lost.
+    #[test]
+    fn the_gate_stops_a_damaged_model_and_passes_an_honest_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let good = tmp.path().join("good");
+        preset::write_preset("tiny", &good, 3, WriteOptions::default()).unwrap();
+        let ck = Checkpoint::load(&good).unwrap();
+        let fp32 = tmp.path().join("fp32");
+        export(&ck, &fp32, &ExportOptions::default()).unwrap();
+
+        let int8 = tmp.path().join("int8");
+        quantize_bundle(&fp32, &int8, &crate::quantize::QuantizeOptions::for_bits(8).unwrap(), None).unwrap();
+        let check = verify_against_bundle(&fp32, &int8, f32::INFINITY).unwrap();
+        let honest = gate("int8", 0.9, 0.9, &check, 1.0, 0.1);
+        assert!(honest.passed, "{honest:?}");
+
+        let mut tensors = ck.tensors.clone();
+        let down = names::projection(0, "down_proj") + ".weight";
+        let damaged_weight = (tensors[&down].clone() * -1.0).unwrap();
+        tensors.insert(down, damaged_weight);
+        let bad = tmp.path().join("bad");
+        crate::checkpoint::write_checkpoint(&bad, &ck.config, &tensors, WriteOptions::default()).unwrap();
+        std::fs::copy(good.join("tokenizer.json"), bad.join("tokenizer.json")).unwrap();
+        let damaged = tmp.path().join("damaged");
+        export(&Checkpoint::load(&bad).unwrap(), &damaged, &ExportOptions::default()).unwrap();
+        let check = verify_against_bundle(&fp32, &damaged, f32::INFINITY).unwrap();
+        let failed = gate("int8", 0.9, 0.9, &check, 1.0, 0.1);
+        assert!(!failed.passed && failed.mean_kl > 0.1, "{failed:?}");
+        let msg = failed.error().to_string();
+        assert!(msg.contains("stage int8") && msg.contains("mean KL") && msg.contains("max_kl 0.1"), "{msg}");
+        // A drop in task completion past max_drop fails on its own.
+        let dropped = gate("int4", 0.9, 0.85, &check, 3.0, f64::INFINITY);
+        assert!(!dropped.passed && (dropped.drop_points - 5.0).abs() < 1e-9, "{dropped:?}");
+    }
 }

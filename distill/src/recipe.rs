@@ -44,6 +44,10 @@ pub struct Recipe {
     pub finetune: Option<FinetuneRecipe>,
     /// Student derived from the teacher.
     pub student: StudentSpec,
+    /// Quantized bundles made from the fp32 student bundle, each with its accuracy gate
+    /// (`[[quantize]]` tables; none: the pipeline ships the fp32 bundle).
+    #[serde(default)]
+    pub quantize: Vec<QuantizeStage>,
     /// Main-command settings.
     #[serde(default)]
     pub pipeline: PipelineSpec,
@@ -272,6 +276,53 @@ impl TrainSettings {
             accumulation: self.accumulation,
             clip_norm: self.clip_norm,
         }
+    }
+}
+
+/// One quantized bundle of the pipeline and the accuracy it may lose.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizeStage {
+    /// Bits per weight: 8 or 4.
+    pub bits: u8,
+    /// Weights per block [default: 64 at 8 bits, 32 at 4].
+    pub block_size: Option<usize>,
+    /// Scales only (default) or scales and zero points.
+    #[serde(default = "default_true")]
+    pub symmetric: bool,
+    /// `MatMulNBits` accuracy level (4: int8 activations).
+    #[serde(default = "default_accuracy_level")]
+    pub accuracy_level: u8,
+    /// Largest drop in task completion against the fp32 bundle, in percentage points.
+    pub max_drop: f64,
+    /// Largest mean KL divergence (nats) of next-token distributions from the fp32 bundle.
+    pub max_kl: f64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_accuracy_level() -> u8 {
+    4
+}
+
+impl QuantizeStage {
+    /// The quantizer's settings.
+    pub fn options(&self) -> Result<crate::quantize::QuantizeOptions> {
+        let mut o = crate::quantize::QuantizeOptions::for_bits(self.bits)?;
+        o.scheme = crate::quantize::BlockScheme::new(
+            self.bits,
+            self.block_size.unwrap_or(o.scheme.block_size),
+            self.symmetric,
+        )?;
+        o.accuracy_level = self.accuracy_level;
+        Ok(o)
+    }
+
+    /// Stage name: `int8`, `int4`.
+    pub fn name(&self) -> String {
+        format!("int{}", self.bits)
     }
 }
 
