@@ -5,7 +5,6 @@ teacher's export) this makes, from the same fp32 model.onnx:
   edgelm int8 / int4     `edgelm-distill quantize` (MatMulNBits + GatherBlockQuantized)
   ORT int8 / int4        onnxruntime.quantization.MatMulNBitsQuantizer, same bits, block,
                          symmetry and accuracy level, MatMul and Gather
-  ORT dynamic int8       onnxruntime.quantization.quantize_dynamic (MatMulInteger, per channel)
 and prints size, TTFT, prefill and decode speed (`edgelm bench`, runs interleaved so every
 variant sees the same machine) and task completion on the test split (`edgelm-distill eval`).
 
@@ -30,6 +29,8 @@ ap.add_argument("accuracy_bundle")
 ap.add_argument("--edgelm", required=True)
 ap.add_argument("--distill", required=True)
 ap.add_argument("--runs", type=int, default=3)
+ap.add_argument("--recipe", default="models/devcmd/recipe.toml", help="whose test split scores accuracy")
+ap.add_argument("--examples", type=int, default=300, help="test commands scored per variant")
 ap.add_argument("--work", default="out/bench-quant")
 ap.add_argument("--prompt-tokens", type=int, default=128)
 ap.add_argument("--new-tokens", type=int, default=128)
@@ -65,14 +66,19 @@ def ort_nbits(src, dst, precision):
 
 def ort_dynamic(src, dst, _precision):
     copy_without_manifest(src, dst)
-    quantize_dynamic(f"{src}/model.onnx", f"{dst}/model.onnx", weight_type=QuantType.QInt8, per_channel=True)
+    # MatMul only (its Gather rewrite breaks the graph's shapes); the contrib attention operators
+    # have no ONNX type inference, so the weights are declared fp32.
+    quantize_dynamic(f"{src}/model.onnx", f"{dst}/model.onnx", weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul"],
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 VARIANTS = [
     ("edgelm fp32", None, None),
     ("edgelm int8", ours, "int8"),
     ("ORT MatMulNBits int8", ort_nbits, "int8"),
-    ("ORT quantize_dynamic int8", ort_dynamic, "int8"),
+    # quantize_dynamic's output of our decoder does not load (ONNX Runtime's shape inference
+    # refuses the first norm's Mul); kept for the encoder comparison, not run here.
     ("edgelm int4", ours, "int4"),
     ("ORT MatMulNBits int4", ort_nbits, "int4"),
 ]
@@ -109,7 +115,8 @@ fp32_bytes = os.path.getsize(f"{speed['edgelm fp32']}/model.onnx")
 for name, _, _ in VARIANTS:
     size = os.path.getsize(f"{speed[name]}/model.onnx")
     med = lambda k: statistics.median(x[k] for x in runs[name])
-    ev = subprocess.run([a.distill, "eval", accuracy[name], "--json"], check=True, capture_output=True, text=True)
+    ev = subprocess.run([a.distill, "eval", accuracy[name], "--json", "--recipe", a.recipe,
+                         "--examples", str(a.examples)], check=True, capture_output=True, text=True)
     score = json.loads(ev.stdout)[0]["score"]
     rows.append({
         "variant": name, "mib": size / 2**20, "x_fp32": size / fp32_bytes, "ttft_ms": med("ttft_ms"),
