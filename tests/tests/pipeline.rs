@@ -1,6 +1,6 @@
 //! The main command end to end on the tiny recipe: pre-train a teacher, LoRA fine-tune and
-//! merge it, distil a student, export it, score every stage, stream answers from the runtime,
-//! and write report.json and report.svg.
+//! merge it, distil a student, export it, quantize it to int8 and int4 behind accuracy gates,
+//! score every stage, stream answers from the runtime, and write report.json and report.svg.
 
 use std::process::Command;
 
@@ -33,7 +33,26 @@ fn pipeline_runs_end_to_end_on_the_tiny_recipe() {
         serde_json::from_slice(&std::fs::read(tmp.path().join("report.json")).unwrap()).unwrap();
     let stages = report["stages"].as_array().unwrap();
     let names: Vec<&str> = stages.iter().map(|s| s["stage"].as_str().unwrap()).collect();
-    assert_eq!(names, ["teacher", "fine-tuned", "student", "bundle"]);
+    assert_eq!(names, ["teacher", "fine-tuned", "student", "bundle", "int8", "int4"]);
+    // Each quantized bundle is smaller than the one before (the tokenizer and the rotary tables
+    // stay, so a tiny bundle shrinks by less than its weights), was gated, and has speed figures.
+    let bytes = |i: usize| stages[i]["bytes"].as_u64().unwrap();
+    assert!(bytes(4) * 2 < bytes(3) && bytes(5) < bytes(4), "sizes {} {} {}", bytes(3), bytes(4), bytes(5));
+    for s in &stages[3..] {
+        assert!(s["ttft_ms"].as_f64().unwrap() > 0.0 && s["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    let gates = report["gates"].as_array().unwrap();
+    let gated: Vec<&str> = gates.iter().map(|g| g["stage"].as_str().unwrap()).collect();
+    assert_eq!(gated, ["int8", "int4"]);
+    assert!(gates
+        .iter()
+        .all(|g| g["passed"] == true && g["mean_kl"].as_f64().unwrap() <= g["max_kl"].as_f64().unwrap()));
+    // The smallest bundle that passed is the one shipped, with the stage summary in its manifest.
+    assert!(report["shipped"].as_str().unwrap().ends_with("bundle-int4"), "{}", report["shipped"]);
+    let shipped: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("bundle-int4/edgelm.json")).unwrap()).unwrap();
+    assert_eq!((shipped["quantization"].as_str(), shipped["weights"]["bits"].as_u64()), (Some("int4"), Some(4)));
+    assert_eq!(shipped["pipeline"]["stages"][5]["stage"], "int4");
     let params = |i: usize| stages[i]["parameters"].as_u64().unwrap();
     assert!(params(2) < params(0), "the student is smaller");
     assert_eq!(params(2), params(3));

@@ -58,7 +58,8 @@ pub(crate) fn check_quantized(ck: &Checkpoint, dir: &Path, max_kl: f64) -> Resul
 
 /// Fails a check whose logits are not finite or whose mean KL is past `max_kl`.
 fn within_kl(r: VerifyReport, max_kl: f64) -> Result<VerifyReport> {
-    if !r.max_abs_diff.is_finite() || !(r.mean_kl <= max_kl) {
+    // NaN KL counts as past the limit.
+    if !r.max_abs_diff.is_finite() || r.mean_kl.is_nan() || r.mean_kl > max_kl {
         return Err(Error::ExportMismatch {
             what: format!(
                 "the quantized graph is too far from the fp32 model: mean KL {:.4} nats (limit {max_kl}), top-1 agreement {:.0}%, max abs logit difference {:.3}; try 8 bits, a smaller block size or --keep-fp32",

@@ -194,7 +194,7 @@ fn pack(values: &[u8], bits: u8, out: &mut [u8]) {
 fn unpack(bytes: &[u8], bits: u8, i: usize) -> u8 {
     if bits == 8 {
         bytes[i]
-    } else if i % 2 == 0 {
+    } else if i.is_multiple_of(2) {
         bytes[i / 2] & 0x0F
     } else {
         bytes[i / 2] >> 4

@@ -301,7 +301,8 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
             u.iter().filter_map(|x| if let Use::GemmTransB(i) = x { Some(*i) } else { None }).collect();
         let gathers: Vec<usize> =
             u.iter().filter_map(|x| if let Use::Gather(i) = x { Some(*i) } else { None }).collect();
-        if !matmuls.is_empty() && !(gemms.is_empty() && gathers.is_empty()) {
+        let transposed_reader = !gemms.is_empty() || !gathers.is_empty();
+        if !matmuls.is_empty() && transposed_reader {
             continue; // read both ways round: leave it.
         }
         let t = g.initializer.iter().find(|t| t.name == name).expect("listed above");
