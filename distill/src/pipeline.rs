@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Result};
 use crate::eval::{score_bundle, score_checkpoint, Answer, Score};
-use crate::export::{export, quantize_bundle, verify_against_bundle, ExportOptions};
+use crate::export::{compare_bundles_on, export, quantize_bundle, ExportOptions};
 use crate::lora::LoraConfig;
 use crate::recipe::Recipe;
 use crate::report::{svg, Bar};
@@ -74,8 +74,11 @@ pub struct GateResult {
     pub drop_points: f64,
     /// The recipe's limit.
     pub max_drop: f64,
-    /// Mean KL divergence of next-token distributions on the check prompt, nats.
+    /// Mean KL divergence of next-token distributions over the first test commands (prompt
+    /// and expected answer), nats.
     pub mean_kl: f64,
+    /// Token positions the KL and top-1 agreement were measured on.
+    pub kl_positions: usize,
     /// The recipe's limit.
     pub max_kl: f64,
     /// Share of checked positions with the same greedy token.
@@ -283,15 +286,27 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     };
     rows.push(bundle_row("bundle", &bundle, score, t)?);
 
-    // 5. Quantized bundles, each gated against the fp32 one.
+    // 5. Quantized bundles, each gated against the fp32 one: task completion on the test
+    // commands, and next-token distributions over the first of them as the model reads them
+    // (prompt and expected answer, teacher-forced).
     let mut shipped = bundle.clone();
+    let kl_sequences: Vec<Vec<u32>> = if recipe.quantize.is_empty() {
+        vec![]
+    } else {
+        let f = Formatter::for_checkpoint(&student)?;
+        let ctx = student.config.max_position_embeddings;
+        test.iter()
+            .take(KL_EXAMPLES)
+            .map(|e| f.encode(e).map(|x| x.ids.into_iter().take(ctx).collect()))
+            .collect::<Result<_>>()?
+    };
     let mut gates = Vec::new();
     for q in &recipe.quantize {
         let t = Instant::now();
         let name = q.name();
         let qdir = dir.join(format!("bundle-{name}"));
         quantize_bundle(&bundle, &qdir, &q.options()?, None)?;
-        let check = verify_against_bundle(&bundle, &qdir, f32::INFINITY)?;
+        let check = compare_bundles_on(&bundle, &qdir, &kl_sequences)?;
         let score = score_bundle(&qdir, test, &opts.engine, opts.progress)?;
         let gate = gate(&name, fp32_completion, score.task_completion, &check, q.max_drop, q.max_kl);
         say(
@@ -386,6 +401,9 @@ fn record_in_bundle(bundle: &Path, r: &PipelineReport) -> Result<()> {
     Ok(())
 }
 
+/// Test commands the gates' KL is measured on.
+const KL_EXAMPLES: usize = 8;
+
 /// A quantized stage's gate: task completion against the fp32 bundle's, and the KL check.
 fn gate(
     stage: &str,
@@ -401,6 +419,7 @@ fn gate(
         drop_points,
         max_drop,
         mean_kl: check.mean_kl,
+        kl_positions: check.prompt_tokens,
         max_kl,
         top1_agreement: check.top1_agreement,
         passed: drop_points <= max_drop && check.mean_kl <= max_kl && check.max_abs_diff.is_finite(),
@@ -540,11 +559,13 @@ mod tests {
         let fp32 = tmp.path().join("fp32");
         export(&ck, &fp32, &ExportOptions::default()).unwrap();
 
+        // Two token sequences read teacher-forced by both bundles.
+        let seqs: Vec<Vec<u32>> = vec![(3..40).collect(), (100..130).collect()];
         let int8 = tmp.path().join("int8");
         quantize_bundle(&fp32, &int8, &crate::quantize::QuantizeOptions::for_bits(8).unwrap(), None).unwrap();
-        let check = verify_against_bundle(&fp32, &int8, f32::INFINITY).unwrap();
+        let check = compare_bundles_on(&fp32, &int8, &seqs).unwrap();
         let honest = gate("int8", 0.9, 0.9, &check, 1.0, 0.1);
-        assert!(honest.passed, "{honest:?}");
+        assert!(honest.passed && honest.kl_positions == 67, "{honest:?}");
 
         let mut tensors = ck.tensors.clone();
         let down = names::projection(0, "down_proj") + ".weight";
@@ -555,7 +576,7 @@ mod tests {
         std::fs::copy(good.join("tokenizer.json"), bad.join("tokenizer.json")).unwrap();
         let damaged = tmp.path().join("damaged");
         export(&Checkpoint::load(&bad).unwrap(), &damaged, &ExportOptions::default()).unwrap();
-        let check = verify_against_bundle(&fp32, &damaged, f32::INFINITY).unwrap();
+        let check = compare_bundles_on(&fp32, &damaged, &seqs).unwrap();
         let failed = gate("int8", 0.9, 0.9, &check, 1.0, 0.1);
         assert!(!failed.passed && failed.mean_kl > 0.1, "{failed:?}");
         let msg = failed.error().to_string();

@@ -295,7 +295,8 @@ pub struct QuantizeStage {
     pub accuracy_level: u8,
     /// Largest drop in task completion against the fp32 bundle, in percentage points.
     pub max_drop: f64,
-    /// Largest mean KL divergence (nats) of next-token distributions from the fp32 bundle.
+    /// Largest mean KL divergence (nats) of next-token distributions from the fp32 bundle's,
+    /// over the first test commands read teacher-forced.
     pub max_kl: f64,
 }
 

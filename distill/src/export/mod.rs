@@ -21,7 +21,7 @@ pub use encoder::export_encoder;
 use graph::build_decoder;
 pub use graph::LogitsMode;
 pub use quantized::{quantize_bundle, QuantizedReport};
-pub use verify::{kl_divergence, max_abs_diff, verify_against_bundle, verify_bundle, VerifyReport};
+pub use verify::{compare_bundles_on, kl_divergence, max_abs_diff, verify_against_bundle, verify_bundle, VerifyReport};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Result};

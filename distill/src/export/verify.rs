@@ -87,6 +87,44 @@ pub fn verify_against_bundle(reference_dir: &Path, dir: &Path, tolerance: f32) -
     compare(&mut reference, dir, vocab, context, tolerance)
 }
 
+/// Runs two bundles over real token sequences, teacher-forced: each reads every sequence one
+/// token at a time, and the next-token distributions are compared at every position (mean KL
+/// of `dir`'s from `reference_dir`'s, top-1 agreement, largest logit difference). `passed` is
+/// left true: the caller holds the limits.
+pub fn compare_bundles_on(reference_dir: &Path, dir: &Path, sequences: &[Vec<u32>]) -> Result<VerifyReport> {
+    let open = |d: &Path| -> Result<Decoder> {
+        let b = Bundle::open(d)?;
+        Ok(Decoder::load(&b.model_path, &b.genai, &DecoderOptions::default())?)
+    };
+    let (mut reference, mut candidate) = (open(reference_dir)?, open(dir)?);
+    let (mut worst, mut worst_step, mut kl, mut agree, mut positions) = (0f32, 0usize, 0f64, 0usize, 0usize);
+    for seq in sequences.iter().filter(|s| !s.is_empty()) {
+        let mut rs = reference.start(seq.len())?;
+        let mut cs = candidate.start(seq.len())?;
+        for &id in seq {
+            let r = reference.forward(&mut rs, &[id])?.to_vec();
+            let c = candidate.forward(&mut cs, &[id])?;
+            let diff = max_abs_diff(&r, c);
+            if diff > worst {
+                (worst, worst_step) = (diff, positions);
+            }
+            kl += kl_divergence(&r, c);
+            agree += usize::from(edgelm_runtime::sampling::argmax(&r) == edgelm_runtime::sampling::argmax(c));
+            positions += 1;
+        }
+    }
+    let n = positions.max(1) as f64;
+    Ok(VerifyReport {
+        max_abs_diff: worst,
+        worst_step,
+        passed: true,
+        prompt_tokens: positions,
+        decode_steps: 0,
+        mean_kl: kl / n,
+        top1_agreement: agree as f64 / n,
+    })
+}
+
 fn check_prompt_len(context: usize) -> usize {
     12.min(context - DECODE_STEPS)
 }
