@@ -153,3 +153,18 @@ bench-quant runs="3": setup build
     .venv/bin/python scripts/bench_quant.py "$bundle" "$teacher" --edgelm target/release/edgelm \
         --distill target/release/edgelm-distill --runs {{runs}}
 
+
+# edgelm against llama.cpp (built once from the llama-cpp-python sdist) on the same
+# SmolLM2-135M-shaped weights: GGUF F32/Q8_0/Q4_0 with llama-bench, bundles fp32/int8/int4 with
+# edgelm bench, side by side.
+bench-llamacpp runs="3": setup build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    ck={{out}}/smollm2-135m/checkpoint
+    b={{out}}/smollm2-135m
+    [ -f "$ck/config.json" ] || target/release/edgelm-distill init --preset smollm2-135m -o "$ck"
+    [ -f "$b/bundle/edgelm.json" ] || target/release/edgelm-distill export "$ck" -o "$b/bundle"
+    for p in int8 int4; do
+        [ -f "$b/bundle-$p/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-$p" --precision $p --max-kl 10
+    done
+    scripts/bench_llamacpp.sh "$ck" "$b/bundle" "$b/bundle-int8" "$b/bundle-int4" {{runs}}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# edgelm against llama.cpp on the same weights, side by side in one run: the SmolLM2-135M-shaped
+# checkpoint as GGUF F32 / Q8_0 / Q4_0 (llama-bench) and as edgelm bundles fp32 / int8 / int4
+# (edgelm bench), prompt 128, 128 new tokens, 2 threads, the two engines alternating.
+#
+# llama.cpp is built from the vendored tree of the llama-cpp-python sdist on PyPI (cmake from
+# Debian), once, into .llama.cpp/.
+#
+# usage: bench_llamacpp.sh CHECKPOINT FP32_BUNDLE INT8_BUNDLE INT4_BUNDLE [RUNS]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+ck=$1 fp32=$2 int8=$3 int4=$4 runs=${5:-3}
+version=0.3.36
+src="$root/.llama.cpp/llama_cpp_python-$version/vendor/llama.cpp"
+bin="$root/.llama.cpp/build/bin"
+if [ ! -x "$bin/llama-bench" ] || [ ! -x "$bin/llama-quantize" ]; then
+  command -v cmake >/dev/null || sudo_apt=1
+  if [ -n "${sudo_apt:-}" ]; then
+    if [ "$(id -u)" = 0 ]; then apt-get install -y cmake >/dev/null; else sudo apt-get install -y cmake >/dev/null; fi
+  fi
+  mkdir -p "$root/.llama.cpp"
+  if [ ! -d "$src" ]; then
+    # The project's JSON lists every release; a mirror may give URLs relative to it.
+    index="https://pypi.org/pypi/llama-cpp-python/json"
+    url=$(curl -fsSL "$index" | python3 -c 'import json, sys, urllib.parse
+d = json.load(sys.stdin)
+print(urllib.parse.urljoin(sys.argv[1], [u["url"] for u in d["releases"][sys.argv[2]] if u["packagetype"] == "sdist"][0]))' "$index" "$version")
+    curl -fsSL "$url" | tar xz -C "$root/.llama.cpp"
+  fi
+  cmake -S "$src" -B "$root/.llama.cpp/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
+  cmake --build "$root/.llama.cpp/build" --target llama-bench llama-quantize -j "$(nproc)" >/dev/null
+fi
+
+work="$root/out/bench-llamacpp"
+mkdir -p "$work"
+[ -f "$work/f32.gguf" ] || "$root/.venv/bin/python" "$root/scripts/hf_to_gguf.py" "$ck" "$work/f32.gguf" --gguf-py "$src/gguf-py"
+for q in Q8_0 Q4_0; do
+  [ -f "$work/$q.gguf" ] || "$bin/llama-quantize" "$work/f32.gguf" "$work/$q.gguf" "$q" >/dev/null 2>&1
+done
+
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; prompt 128, 128 new tokens, 2 threads, median of $runs"
+printf '%-22s %8s %9s %9s\n' files MiB "TTFT ms" "decode/s"
+for pair in "f32.gguf:$fp32" "Q8_0.gguf:$int8" "Q4_0.gguf:$int4"; do
+  gg=${pair%%:*} bundle=${pair#*:}
+  # llama-bench: pp128 on an empty context gives the prompt's time (its TTFT); tg128 with 128
+  # tokens already in the context (-d 128) the decode rate after that prompt, as edgelm measures.
+  lj=$("$bin/llama-bench" -m "$work/$gg" -p 128 -n 128 -d 0,128 -t 2 -r "$runs" -o json 2>/dev/null)
+  ej=$("$root/target/release/edgelm" bench "$bundle" --runs "$runs" --json --threads 2)
+  python3 - "$lj" "$ej" "$work/$gg" "$bundle" <<'EOF'
+import json, os, sys
+l, e = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+pp = next(r for r in l if r["n_prompt"] > 0 and r.get("n_depth", 0) == 0)
+tg = next(r for r in l if r["n_gen"] > 0 and r.get("n_depth", 0) == 128)
+mib = lambda p: os.path.getsize(p) / 2**20
+print(f"{'llama.cpp ' + os.path.basename(sys.argv[3]):22} {mib(sys.argv[3]):8.1f} {128e3 / pp['avg_ts']:9.1f} {tg['avg_ts']:9.1f}")
+print(f"{'edgelm ' + os.path.basename(sys.argv[4].rstrip('/')):22} {mib(sys.argv[4] + '/model.onnx'):8.1f} {e['ttft_ms']:9.1f} {e['decode_tokens_per_s']:9.1f}")
+EOF
+done
