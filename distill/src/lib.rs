@@ -13,6 +13,7 @@ pub mod lora;
 pub mod model;
 pub(crate) mod onnx;
 pub mod pipeline;
+pub mod prune;
 pub mod quantize;
 pub mod recipe;
 pub mod report;

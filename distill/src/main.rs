@@ -45,6 +45,9 @@ enum Command {
     Data(DataCommand),
     /// Export a checkpoint to an edgelm bundle (ONNX with KV cache, fp32 or INT8/INT4) and check it.
     Export(export::ExportArgs),
+    /// Zero the smallest weights of a checkpoint's projections (magnitude pruning, global or per
+    /// layer; embeddings and norms left alone by default).
+    Prune(checkpoint::PruneArgs),
     /// Quantize an exported fp32 bundle to INT8/INT4 weights and check it against the source.
     Quantize(export::QuantizeArgs),
 }
@@ -89,6 +92,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Finetune(a) => train::finetune(a),
         Command::Merge(a) => checkpoint::merge(a),
         Command::Quantize(a) => export::quantize(a),
+        Command::Prune(a) => checkpoint::prune(a),
         Command::Distill(a) => train::distill(a),
         Command::Eval(a) => eval::eval(a),
         Command::Pipeline(a) => eval::pipeline(a),

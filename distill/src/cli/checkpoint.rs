@@ -84,3 +84,68 @@ pub fn presets() -> Result<()> {
     }
     Ok(())
 }
+
+/// Where a sparsity's magnitude cut is chosen.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ScopeArg {
+    /// One cut over every targeted weight.
+    Global,
+    /// The same share in every layer.
+    Layer,
+}
+
+/// Zero the smallest weights of a checkpoint's projections (magnitude pruning).
+#[derive(clap::Args)]
+pub struct PruneArgs {
+    /// Checkpoint folder.
+    checkpoint: PathBuf,
+    /// Pruned checkpoint folder to write (with prune_report.json).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Share of the targeted weights to zero, smallest magnitudes first (0 up to 1).
+    #[arg(long, conflicts_with = "threshold", required_unless_present = "threshold")]
+    sparsity: Option<f64>,
+    /// Zero every targeted weight whose magnitude is below this instead.
+    #[arg(long)]
+    threshold: Option<f32>,
+    /// One magnitude cut for the whole model, or the same share in every layer.
+    #[arg(long, value_enum, default_value = "global")]
+    scope: ScopeArg,
+    /// Prune the embedding and an untied LM head too (left alone by default).
+    #[arg(long)]
+    include_embeddings: bool,
+    /// Print the per-tensor report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prunes a checkpoint by magnitude.
+pub fn prune(a: PruneArgs) -> Result<()> {
+    use edgelm_distill::prune::{prune_checkpoint, PruneAmount, PruneOptions, PruneScope};
+    let ck = Checkpoint::load(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let amount = match (a.sparsity, a.threshold) {
+        (Some(s), _) => PruneAmount::Sparsity(s),
+        (None, Some(t)) => PruneAmount::Threshold(t),
+        (None, None) => anyhow::bail!("give --sparsity or --threshold"),
+    };
+    let scope = match a.scope {
+        ScopeArg::Global => PruneScope::Global,
+        ScopeArg::Layer => PruneScope::Layer,
+    };
+    let r = prune_checkpoint(&ck, &a.output, &PruneOptions { amount, scope, embeddings: a.include_embeddings })
+        .with_context(|| format!("pruning into {}", a.output.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    for t in &r.tensors {
+        eprintln!("  {:<48} {:>9} weights {:>6.1}% zero", t.name, t.weights, 100.0 * t.sparsity);
+    }
+    eprintln!(
+        "pruned into {}: {:.1}% of the targeted weights and {:.1}% of the model are zero",
+        a.output.display(),
+        100.0 * r.targeted_sparsity,
+        100.0 * r.model_sparsity
+    );
+    Ok(())
+}
