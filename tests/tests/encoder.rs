@@ -75,3 +75,38 @@ fn embeddings_over_the_serial_protocol_and_the_c_abi() {
     let got: Vec<f32> = got["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
     assert!(max_abs_diff(&got, &want) < 1e-4);
 }
+
+/// The real MiniLM quantized to int8 by our quantizer: an encoder bundle again (same kind,
+/// width and pooling), a quarter of the size, and sentence embeddings within cosine 0.995 of
+/// fp32 on transformers' reference sentences; the CLI's `embed` reads it.
+#[test]
+fn minilm_int8_keeps_its_embeddings() {
+    use edgelm_distill::quantize::QuantizeOptions;
+    let fp32 = minilm_bundle();
+    let tmp = tempfile::tempdir().unwrap();
+    let int8 = tmp.path().join("int8");
+    let r = edgelm_distill::export::quantize_bundle(&fp32, &int8, &QuantizeOptions::for_bits(8).unwrap(), Some(0.0))
+        .unwrap();
+    let q = r.quantized.unwrap();
+    assert!(q.encoder.unwrap().mean_cosine > 0.995);
+    assert!((r.model_bytes as f64) < 0.28 * q.fp32_bytes as f64, "{} of {}", r.model_bytes, q.fp32_bytes);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(int8.join("edgelm.json")).unwrap()).unwrap();
+    assert_eq!((manifest["kind"].as_str(), manifest["quantization"].as_str()), (Some("encoder"), Some("int8")));
+    assert_eq!(
+        manifest["encoder"],
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(fp32.join("edgelm.json")).unwrap()).unwrap()
+            ["encoder"]
+    );
+    for s in expected()["sentences"].as_array().unwrap() {
+        let text = s["text"].as_str().unwrap();
+        let embed = |b: &std::path::Path| -> Vec<f32> {
+            let v = json_ok(&edgelm(&["embed", b.to_str().unwrap(), "--text", text, "--json"]));
+            v["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+        };
+        let (a, b) = (embed(&fp32), embed(&int8));
+        let cos: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>()
+            / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt());
+        assert!(cos > 0.99, "{text}: cosine {cos}");
+    }
+}

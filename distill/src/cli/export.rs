@@ -76,7 +76,7 @@ impl QuantArgs {
 /// against the source bundle.
 #[derive(clap::Args)]
 pub struct QuantizeArgs {
-    /// fp32 bundle folder (written by `export`).
+    /// fp32 bundle folder written by `export` (a causal LM or a sentence encoder).
     bundle: PathBuf,
     /// Bundle folder to write.
     #[arg(short, long)]
@@ -122,6 +122,12 @@ fn print_quantized(q: &Option<edgelm_distill::export::QuantizedReport>, model_by
     );
     for k in &s.kept {
         eprintln!("  {k}");
+    }
+    if let Some(e) = &q.encoder {
+        eprintln!(
+            "check: quantized vs fp32 sentence embeddings of {} sentences: mean cosine {:.4}, lowest {:.4}",
+            e.texts, e.mean_cosine, e.min_cosine
+        );
     }
     if let Some(v) = &q.verify {
         eprintln!(

@@ -20,7 +20,7 @@ use edgelm_runtime::genai_config::{
 pub use encoder::export_encoder;
 use graph::build_decoder;
 pub use graph::LogitsMode;
-pub use quantized::{quantize_bundle, QuantizedReport};
+pub use quantized::{check_encoder, quantize_bundle, EncoderCheck, QuantizedReport, ENCODER_MIN_COSINE};
 pub use verify::{compare_bundles_on, kl_divergence, max_abs_diff, verify_against_bundle, verify_bundle, VerifyReport};
 
 use crate::checkpoint::Checkpoint;
@@ -219,7 +219,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
             w.model("model.onnx", &model.encode_to_vec())?;
             drop(model);
             let check = if opts.verify { Some(check_quantized(ck, out, opts.max_kl)?) } else { None };
-            Some(QuantizedReport { summary, verify: check, fp32_bytes })
+            Some(QuantizedReport { summary, verify: check, encoder: None, fp32_bytes })
         }
     };
     let weights = opts.quantize.as_ref().zip(quantized.as_ref()).map(|(q, r)| weight_scheme(q, &r.summary));

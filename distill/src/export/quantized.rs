@@ -21,6 +21,8 @@ pub struct QuantizedReport {
     pub summary: QuantizeSummary,
     /// The quantized graph against the candle model (mean KL, top-1 agreement), when checked.
     pub verify: Option<VerifyReport>,
+    /// A quantized encoder against its fp32 source (sentence-embedding cosine), when checked.
+    pub encoder: Option<EncoderCheck>,
     /// Size of the fp32 model.onnx it replaced.
     pub fp32_bytes: u64,
 }
@@ -72,11 +74,78 @@ fn within_kl(r: VerifyReport, max_kl: f64) -> Result<VerifyReport> {
     Ok(r)
 }
 
-/// Quantizes the fp32 bundle in `src` into `out` and, with `max_kl`, checks the result against
-/// `src` in ONNX Runtime (mean KL and top-1 agreement of next-token distributions).
+/// Sentences an encoder bundle's quantization is checked on: short and long, commands,
+/// questions and prose, so no single kind of input decides.
+const ENCODER_CHECK_TEXTS: [&str; 10] = [
+    "Turn on the kitchen light.",
+    "What is the weather like in Lisbon tomorrow morning?",
+    "The quarterly report shows revenue grew by twelve percent while costs stayed flat.",
+    "Set the bedroom heater to 21 degrees at 6:15 am.",
+    "A small dog ran across the park chasing a red ball.",
+    "How do I reset the firmware on the sensor board?",
+    "Neural networks can be compressed by quantizing their weights to eight or four bits.",
+    "Please remind me to call my sister on Sunday.",
+    "The train to the airport leaves every twenty minutes from platform four.",
+    "Close the garage door.",
+];
+
+/// Smallest mean cosine between an encoder bundle's fp32 and quantized sentence embeddings that
+/// the quantize check accepts: a guard against a broken graph (int8 of all-MiniLM-L6-v2 is
+/// above 0.99), not an accuracy target.
+pub const ENCODER_MIN_COSINE: f64 = 0.95;
+
+/// A quantized encoder against its fp32 source.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EncoderCheck {
+    /// Sentences embedded by both.
+    pub texts: usize,
+    /// Mean cosine similarity of the two embeddings of a sentence.
+    pub mean_cosine: f64,
+    /// The lowest of them.
+    pub min_cosine: f64,
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b)).max(1e-12)
+}
+
+/// Embeds the check sentences with both encoder bundles and compares them.
+pub fn check_encoder(reference: &Path, candidate: &Path) -> Result<EncoderCheck> {
+    let opts = edgelm_runtime::EngineOptions::default();
+    let mut r = edgelm_runtime::encoder::Encoder::open(reference, &opts)?;
+    let mut c = edgelm_runtime::encoder::Encoder::open(candidate, &opts)?;
+    let mut cos = Vec::new();
+    for t in ENCODER_CHECK_TEXTS {
+        cos.push(cosine(&r.embed(t)?, &c.embed(t)?));
+    }
+    Ok(EncoderCheck {
+        texts: cos.len(),
+        mean_cosine: cos.iter().sum::<f64>() / cos.len() as f64,
+        min_cosine: cos.iter().copied().fold(f64::INFINITY, f64::min),
+    })
+}
+
+/// Quantizes the fp32 bundle in `src` (causal LM or encoder) into `out` and, with `max_kl`,
+/// checks the result against `src` in ONNX Runtime: for a causal LM the mean KL and top-1
+/// agreement of next-token distributions, for an encoder the cosine of sentence embeddings
+/// (at least [`ENCODER_MIN_COSINE`] on average).
 pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: Option<f64>) -> Result<ExportReport> {
-    let bundle = Bundle::open(src)?;
-    let Some(manifest) = bundle.manifest.clone() else {
+    let kind = Kind::of(src)?;
+    let (manifest, model_path) = match kind {
+        Kind::Encoder => {
+            let e = edgelm_runtime::encoder::Encoder::open(src, &edgelm_runtime::EngineOptions::default())?;
+            let m = e.manifest().clone();
+            let p = src.join(&m.model_file);
+            (Some(m), p)
+        }
+        _ => {
+            let b = Bundle::open(src)?;
+            (b.manifest, b.model_path)
+        }
+    };
+    let Some(manifest) = manifest else {
         return Err(Error::Unsupported {
             what: format!(
                 "{} has no edgelm.json (an onnxruntime-genai folder?): export the checkpoint with `edgelm-distill export --precision ...`",
@@ -89,13 +158,13 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
             what: format!("{} is already {:?}: quantize from the fp32 bundle", src.display(), manifest.quantization),
         });
     }
-    let bytes = std::fs::read(&bundle.model_path).at(&bundle.model_path)?;
+    let bytes = std::fs::read(&model_path).at(&model_path)?;
     let fp32_bytes = bytes.len() as u64;
     let mut model = ModelProto::decode(bytes.as_slice())
-        .map_err(|e| Error::Format { path: bundle.model_path.clone(), what: format!("not an ONNX model: {e}") })?;
+        .map_err(|e| Error::Format { path: model_path.clone(), what: format!("not an ONNX model: {e}") })?;
     drop(bytes);
     let summary = quantize_model(&mut model, opts)?;
-    let mut w = BundleWriter::create(out, Kind::CausalLm)?;
+    let mut w = BundleWriter::create(out, kind)?;
     for f in manifest.files.iter().filter(|f| f.path != manifest.model_file) {
         w.copy(&f.path, &src.join(&f.path))?;
     }
@@ -105,8 +174,10 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     let model_path = w.model(&manifest.model_file, &model.encode_to_vec())?;
     drop(model);
     let verify = match max_kl {
-        Some(limit) => Some(within_kl(verify_against_bundle(src, out, f32::INFINITY)?, limit)?),
-        None => None,
+        Some(limit) if kind == Kind::CausalLm => {
+            Some(within_kl(verify_against_bundle(src, out, f32::INFINITY)?, limit)?)
+        }
+        _ => None,
     };
     let parameters = manifest.report.get("parameters").and_then(|p| p.as_u64()).unwrap_or(0) as usize;
     let mut report = manifest.report.clone();
@@ -120,15 +191,33 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
         weights: Some(weight_scheme(opts, &summary)),
         checkpoint: manifest.source.checkpoint.clone().into(),
         checkpoint_sha256: manifest.source.sha256.clone(),
-        encoder: None,
+        encoder: manifest.encoder.clone(),
         report,
     })?;
+    // An encoder is checked through the runtime's own loader, which needs the manifest: a
+    // failed check takes the manifest away again, so the folder is not a usable bundle.
+    let encoder_check = match max_kl {
+        Some(_) if kind == Kind::Encoder => {
+            let c = check_encoder(src, out)?;
+            if !(c.mean_cosine >= ENCODER_MIN_COSINE) {
+                let _ = std::fs::remove_file(out.join("edgelm.json"));
+                return Err(Error::ExportMismatch {
+                    what: format!(
+                        "the quantized encoder's embeddings are too far from fp32: mean cosine {:.4} (at least {ENCODER_MIN_COSINE}), lowest {:.4}",
+                        c.mean_cosine, c.min_cosine
+                    ),
+                });
+            }
+            Some(c)
+        }
+        _ => None,
+    };
     Ok(ExportReport {
         bundle: out.to_path_buf(),
         model_bytes: std::fs::metadata(&model_path).at(&model_path)?.len(),
         parameters,
         verify: None,
-        quantized: Some(QuantizedReport { summary, verify, fp32_bytes }),
+        quantized: Some(QuantizedReport { summary, verify, encoder: encoder_check, fp32_bytes }),
         warnings: vec![],
     })
 }
