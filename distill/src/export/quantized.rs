@@ -199,7 +199,7 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     let encoder_check = match max_kl {
         Some(_) if kind == Kind::Encoder => {
             let c = check_encoder(src, out)?;
-            if !(c.mean_cosine >= ENCODER_MIN_COSINE) {
+            if c.mean_cosine.is_nan() || c.mean_cosine < ENCODER_MIN_COSINE {
                 let _ = std::fs::remove_file(out.join("edgelm.json"));
                 return Err(Error::ExportMismatch {
                     what: format!(
