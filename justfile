@@ -182,4 +182,5 @@ bench-encoder-quant: setup build
     fi
     [ -f "$b/bundle/edgelm.json" ] || target/release/edgelm-distill export "$ck" -o "$b/bundle"
     [ -f "$b/bundle-int8/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8" --precision int8
-    .venv/bin/python scripts/bench_encoder_quant.py "$b/bundle" "$b/bundle-int8" --work "$b/bench" 2>/dev/null
+    [ -f "$b/bundle-int8-dynamic/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8-dynamic" --precision int8-dynamic
+    .venv/bin/python scripts/bench_encoder_quant.py "$b/bundle" "$b/bundle-int8" --ours-dynamic "$b/bundle-int8-dynamic" --work "$b/bench" 2>/dev/null

@@ -26,6 +26,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("fp32")
 ap.add_argument("ours")
 ap.add_argument("--work", required=True)
+ap.add_argument("--ours-dynamic", help="our int8-dynamic bundle, compared too")
 ap.add_argument("--sentences", type=int, default=188)
 a = ap.parse_args()
 
@@ -67,6 +68,8 @@ def nearest(e):
 
 
 variants = [("fp32", f"{a.fp32}/model.onnx"), ("edgelm int8", f"{a.ours}/model.onnx"), ("ORT quantize_dynamic int8", theirs)]
+if a.ours_dynamic:
+    variants.insert(2, ("edgelm int8-dynamic", f"{a.ours_dynamic}/model.onnx"))
 base, _ = embed(variants[0][1])
 base_nn = nearest(base)
 fp32_size = os.path.getsize(variants[0][1])

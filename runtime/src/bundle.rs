@@ -86,7 +86,8 @@ pub struct WeightScheme {
     pub operator: String,
     /// Bits per weight.
     pub bits: u8,
-    /// Weights per block, each block with its own scale.
+    /// Weights per block, each block with its own scale; 0: one scale per output column
+    /// (`DynamicQuantizeMatMul`).
     pub block_size: usize,
     /// Scales only (`true`) or scales and zero points.
     pub symmetric: bool,

@@ -18,6 +18,10 @@ pub enum PrecisionArg {
     Int8,
     /// 4-bit weights in blocks (MatMulNBits).
     Int4,
+    /// 8-bit weights with a scale per output column and activations quantized at run time
+    /// (DynamicQuantizeMatMul): fastest over many tokens, for encoders.
+    #[value(name = "int8-dynamic")]
+    Int8Dynamic,
 }
 
 /// How to quantize (shared by `export` and `quantize`).
@@ -37,6 +41,10 @@ pub struct QuantArgs {
     /// fp32, 2 fp16, 3 bf16, 0 leaves it to ONNX Runtime.
     #[arg(long, default_value_t = 4)]
     accuracy_level: u8,
+    /// int8-dynamic: weights over the full -127..127 instead of 7 bits (for ARM boards and x86
+    /// CPUs with VNNI; without VNNI the full range saturates and gives wrong sums).
+    #[arg(long)]
+    full_range: bool,
     /// Leave embedding tables in fp32 (a tied LM head is then quantized alone).
     #[arg(long)]
     fp32_embedding: bool,
@@ -55,7 +63,7 @@ impl QuantArgs {
     pub fn options(&self) -> Result<Option<QuantizeOptions>> {
         let bits = match self.precision {
             PrecisionArg::Fp32 => return Ok(None),
-            PrecisionArg::Int8 => 8,
+            PrecisionArg::Int8 | PrecisionArg::Int8Dynamic => 8,
             PrecisionArg::Int4 => 4,
         };
         let mut o = QuantizeOptions::for_bits(bits)?;
@@ -63,12 +71,16 @@ impl QuantArgs {
         o.accuracy_level = self.accuracy_level;
         o.embedding = !self.fp32_embedding;
         o.keep_fp32 = self.keep_fp32.clone();
+        if self.precision == PrecisionArg::Int8Dynamic {
+            o.method = edgelm_distill::quantize::graph::Method::DynamicInt8;
+            o.full_range_int8 = self.full_range;
+        }
         Ok(Some(o))
     }
 
     /// The KL limit of the check.
     pub fn max_kl(&self) -> f64 {
-        self.max_kl.unwrap_or(if self.precision == PrecisionArg::Int8 { 0.1 } else { 1.0 })
+        self.max_kl.unwrap_or(if self.precision == PrecisionArg::Int4 { 1.0 } else { 0.1 })
     }
 }
 

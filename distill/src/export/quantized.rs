@@ -38,10 +38,13 @@ pub(crate) fn precision_of(q: Option<&QuantizeOptions>) -> Precision {
 
 /// The manifest's record of a quantization.
 pub(crate) fn weight_scheme(q: &QuantizeOptions, s: &QuantizeSummary) -> WeightScheme {
+    let dynamic = q.method == crate::quantize::graph::Method::DynamicInt8;
     WeightScheme {
-        operator: "MatMulNBits".into(),
-        bits: q.scheme.bits,
-        block_size: q.scheme.block_size,
+        operator: if dynamic { "DynamicQuantizeMatMul" } else { "MatMulNBits" }.into(),
+        // Dynamic int8 weights use 7 of their 8 bits unless the full range was asked for.
+        bits: if dynamic && !q.full_range_int8 { 7 } else { q.scheme.bits },
+        // Per output column when dynamic: one block the height of the matrix, recorded as 0.
+        block_size: if dynamic { 0 } else { q.scheme.block_size },
         symmetric: q.scheme.symmetric,
         accuracy_level: q.accuracy_level,
         matrices: s.matmuls,

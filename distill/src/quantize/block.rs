@@ -229,8 +229,42 @@ impl QuantizedMatrix {
     }
 }
 
+/// Per-column symmetric int8 of a `[K, N]` matrix (the layout `MatMul(x, W)` reads): one scale
+/// per output column, `max |w| / qmax`, values rounded into `-qmax..=qmax` (127 for the full
+/// range, 63 for 7 bits). Returns the values row-major `[K, N]` and the `N` scales.
+pub fn quantize_per_column(w: &[f32], k: usize, n: usize, qmax: i8) -> (Vec<i8>, Vec<f32>) {
+    let qmax = qmax as f32;
+    assert_eq!(w.len(), k * n, "matrix data does not match its shape");
+    let mut scales = vec![0f32; n];
+    for row in w.chunks_exact(n) {
+        for (s, x) in scales.iter_mut().zip(row) {
+            *s = s.max(x.abs());
+        }
+    }
+    scales.iter_mut().for_each(|s| *s /= qmax);
+    let q = w
+        .chunks_exact(n)
+        .flat_map(|row| {
+            row.iter().zip(&scales).map(|(x, s)| if *s == 0.0 { 0 } else { (x / s).round().clamp(-qmax, qmax) as i8 })
+        })
+        .collect();
+    (q, scales)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn per_column_int8_by_hand() {
+        // Column 0: max 2.54 -> scale 0.02 (0.009 is 0.45 steps: 0); column 1 all zero -> scale 0.
+        let w = [2.54f32, 0.0, -1.0, 0.0, 0.009, 0.0];
+        let (q, s) = super::quantize_per_column(&w, 3, 2, 127);
+        assert_eq!(s, [2.54 / 127.0, 0.0]);
+        assert_eq!(q, [127, 0, -50, 0, 0, 0]);
+        // 7 bits: scale 2.54 / 63, -1.0 -> -24.8 -> -25.
+        let (q, s) = super::quantize_per_column(&w, 3, 2, 63);
+        assert_eq!((s[0], q[..3].to_vec()), (2.54 / 63.0, vec![63, 0, -25]));
+    }
+
     use super::*;
 
     fn scheme(bits: u8, symmetric: bool) -> BlockScheme {

@@ -10,15 +10,35 @@
 
 use std::collections::HashMap;
 
-use super::block::{quantize, BlockScheme, QuantizedMatrix};
+use super::block::{quantize, quantize_per_column, BlockScheme, QuantizedMatrix};
 use crate::error::{Error, Result};
 use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
 use crate::onnx::{AttributeProto as Attr, DataType, ModelProto, MS_DOMAIN};
 
+/// Which operators the matrices run on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// `MatMulNBits`: weights in blocks of `scheme`, 4 or 8 bits (fast decode).
+    #[default]
+    Blockwise,
+    /// `DynamicQuantizeMatMul`: int8 weights with one scale per output column, activations
+    /// quantized to 8 bits at run time (fast over many tokens: encoders, prompts).
+    DynamicInt8,
+}
+
 /// What to quantize and how.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QuantizeOptions {
-    /// Bits, block size and symmetry.
+    /// Operators the matrices run on.
+    #[serde(default)]
+    pub method: Method,
+    /// Dynamic int8 only: use all of -127..=127 for weights instead of 7 bits. x86 CPUs without
+    /// VNNI multiply unsigned activations by signed weights in 16-bit pairs, which saturate on
+    /// full-range weights and give wrong sums; ARM and VNNI CPUs gain the extra bit.
+    #[serde(default)]
+    pub full_range_int8: bool,
+    /// Bits, block size and symmetry (matrices when blockwise; embeddings always).
     pub scheme: BlockScheme,
     /// `MatMulNBits`' `accuracy_level`: the type the CPU kernel computes in (0 unset, 1 fp32,
     /// 2 fp16, 3 bf16, 4 int8 activations, the fastest on x86 and ARM).
@@ -35,6 +55,8 @@ impl QuantizeOptions {
     pub fn for_bits(bits: u8) -> Result<Self> {
         let block = if bits == 8 { 64 } else { 32 };
         Ok(QuantizeOptions {
+            method: Method::Blockwise,
+            full_range_int8: false,
             scheme: BlockScheme::new(bits, block, true)?,
             accuracy_level: 4,
             embedding: true,
@@ -331,6 +353,39 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
         if fp32_reader {
             summary.kept.push(format!("{name}: embedding kept in fp32 as asked"));
         }
+        if opts.method == Method::DynamicInt8 && !(matmuls.is_empty() && gemms.is_empty()) {
+            // [K, N] int8 with per-column scales; a table also gathered keeps a block copy.
+            let (k, n, w_kn) =
+                if matmuls.is_empty() { (c, r, transpose(&values, r, c)) } else { (r, c, values.clone()) };
+            let (q, scales) = quantize_per_column(&w_kn, k, n, if opts.full_range_int8 { 127 } else { 63 });
+            let (qn, sn) = (format!("{name}_Qint8"), format!("{name}_col_scales"));
+            let bytes: Vec<u8> = q.iter().map(|v| *v as u8).collect();
+            g.initializer.push(TensorProto::from_u8(&qn, &[k as i64, n as i64], DataType::Int8, bytes));
+            // [1, N]: ONNX Runtime reads a 1-D scale differently (not per column).
+            g.initializer.push(TensorProto::from_f32(&sn, &[1, n as i64], &scales));
+            for &i in matmuls.iter().chain(&gemms) {
+                let node = &mut g.node[i];
+                let a = node.input[0].clone();
+                node.op_type = "DynamicQuantizeMatMul".into();
+                node.domain = MS_DOMAIN.into();
+                node.input = vec![a, qn.clone(), sn.clone()];
+                node.attribute.clear();
+            }
+            summary.matmuls += 1;
+            if !gathers.is_empty() {
+                let tq = quantize(&values, r, c, opts.scheme);
+                let stored = store(g, &format!("{name}_table"), &tq);
+                for &i in &gathers {
+                    let node = g.node[i].clone();
+                    splices.push((i, to_gather_block_quantized(g, &node, &stored, &tq, false)));
+                }
+                summary.embeddings += 1;
+            }
+            if !fp32_reader {
+                removed.push(name);
+            }
+            continue;
+        }
         // [N, K]: one row per output (or per table entry), quantized along K.
         let (rows, cols, w) = if matmuls.is_empty() { (r, c, values) } else { (c, r, transpose(&values, r, c)) };
         let q = quantize(&w, rows, cols, opts.scheme);
@@ -435,7 +490,14 @@ mod tests {
             for symmetric in [true, false] {
                 for block in [16usize, 32, 64] {
                     let scheme = BlockScheme::new(bits, block, symmetric).unwrap();
-                    let opts = QuantizeOptions { scheme, accuracy_level: 1, embedding: true, keep_fp32: vec![] };
+                    let opts = QuantizeOptions {
+                        method: Method::Blockwise,
+                        full_range_int8: false,
+                        scheme,
+                        accuracy_level: 1,
+                        embedding: true,
+                        keep_fp32: vec![],
+                    };
                     let mut m = model(&w, &tied, &untied);
                     let s = quantize_model(&mut m, &opts).unwrap();
                     assert_eq!((s.matmuls, s.embeddings, s.shared_embedding_head), (2, 2, true));
@@ -488,5 +550,27 @@ mod tests {
         );
         let got = run(&m, &weights(2 * K, 4), &[1, 2, 3]);
         assert_eq!(got[2], tied[K..4 * K].to_vec(), "the fp32 embedding is read as it was");
+    }
+
+    /// Dynamic int8: every matrix on DynamicQuantizeMatMul with per-column scales, within the
+    /// error of 8-bit activations of the fp32 result; embeddings block-quantized apart.
+    #[test]
+    fn dynamic_int8_runs_and_stays_close() {
+        let (w, tied, untied) = (weights(K * N, 1), weights(V * K, 2), weights(V * K, 3));
+        let x = weights(2 * K, 4);
+        let mut opts = QuantizeOptions::for_bits(8).unwrap();
+        opts.method = Method::DynamicInt8;
+        let mut m = model(&w, &tied, &untied);
+        let s = quantize_model(&mut m, &opts).unwrap();
+        assert_eq!((s.matmuls, s.embeddings, s.shared_embedding_head), (2, 2, false));
+        let ops: Vec<&str> = m.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops.iter().filter(|o| **o == "DynamicQuantizeMatMul").count(), 2, "{ops:?}");
+        let got = run(&m, &x, &[0, 17, 39]);
+        let want = [matmul_t(&x, &transpose(&w, K, N), N), matmul_t(&x, &tied, V)];
+        for (g, e) in got.iter().zip(&want) {
+            let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = g.iter().zip(e).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 0.02 * scale, "{diff} vs {scale}: {:?} vs {:?}", &g[..4], &e[..4]);
+        }
     }
 }
