@@ -102,6 +102,9 @@ pub struct WeightScheme {
     /// Weights kept in fp32, with the reason.
     #[serde(default)]
     pub kept_fp32: Vec<String>,
+    /// With `DynamicQuantizeMatMul`: name patterns of the weights stored block-wise instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blockwise: Vec<String>,
 }
 
 /// An encoder's input limit and output, as exported.

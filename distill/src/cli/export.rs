@@ -45,6 +45,10 @@ pub struct QuantArgs {
     /// CPUs with VNNI; without VNNI the full range saturates and gives wrong sums).
     #[arg(long)]
     full_range: bool,
+    /// int8-dynamic: weights whose name contains this run block-wise 8-bit instead (repeatable),
+    /// e.g. an encoder's FFN output projections, whose inputs have outliers.
+    #[arg(long, value_name = "NAME")]
+    blockwise: Vec<String>,
     /// Leave embedding tables in fp32 (a tied LM head is then quantized alone).
     #[arg(long)]
     fp32_embedding: bool,
@@ -74,6 +78,7 @@ impl QuantArgs {
         if self.precision == PrecisionArg::Int8Dynamic {
             o.method = edgelm_distill::quantize::graph::Method::DynamicInt8;
             o.full_range_int8 = self.full_range;
+            o.blockwise = self.blockwise.clone();
         }
         Ok(Some(o))
     }

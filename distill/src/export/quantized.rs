@@ -51,6 +51,7 @@ pub(crate) fn weight_scheme(q: &QuantizeOptions, s: &QuantizeSummary) -> WeightS
         embedding: s.embeddings > 0,
         shared_embedding_head: s.shared_embedding_head,
         kept_fp32: s.kept.clone(),
+        blockwise: if dynamic { q.blockwise.clone() } else { vec![] },
     }
 }
 

@@ -47,6 +47,10 @@ pub struct QuantizeOptions {
     pub embedding: bool,
     /// Weights to keep in fp32: a node or initializer whose name contains one of these.
     pub keep_fp32: Vec<String>,
+    /// With `DynamicInt8`: weights whose name contains one of these use the block-wise scheme
+    /// instead (the few layers whose activations have outliers, e.g. an encoder's FFN output).
+    #[serde(default)]
+    pub blockwise: Vec<String>,
 }
 
 impl QuantizeOptions {
@@ -61,6 +65,7 @@ impl QuantizeOptions {
             accuracy_level: 4,
             embedding: true,
             keep_fp32: vec![],
+            blockwise: vec![],
         })
     }
 }
@@ -353,7 +358,8 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
         if fp32_reader {
             summary.kept.push(format!("{name}: embedding kept in fp32 as asked"));
         }
-        if opts.method == Method::DynamicInt8 && !(matmuls.is_empty() && gemms.is_empty()) {
+        let blockwise_here = opts.blockwise.iter().any(|p| name.contains(p.as_str()));
+        if opts.method == Method::DynamicInt8 && !blockwise_here && !(matmuls.is_empty() && gemms.is_empty()) {
             // [K, N] int8 with per-column scales; a table also gathered keeps a block copy.
             let (k, n, w_kn) =
                 if matmuls.is_empty() { (c, r, transpose(&values, r, c)) } else { (r, c, values.clone()) };
@@ -497,6 +503,7 @@ mod tests {
                         accuracy_level: 1,
                         embedding: true,
                         keep_fp32: vec![],
+                        blockwise: vec![],
                     };
                     let mut m = model(&w, &tied, &untied);
                     let s = quantize_model(&mut m, &opts).unwrap();
@@ -566,7 +573,20 @@ mod tests {
         let ops: Vec<&str> = m.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
         assert_eq!(ops.iter().filter(|o| **o == "DynamicQuantizeMatMul").count(), 2, "{ops:?}");
         let got = run(&m, &x, &[0, 17, 39]);
+        // A weight named for block-wise goes to MatMulNBits (sharing its table with the Gather).
+        opts.blockwise = vec!["tied".into()];
+        let mut mixed = model(&w, &tied, &untied);
+        let s = quantize_model(&mut mixed, &opts).unwrap();
+        assert!(s.shared_embedding_head);
+        let ops: Vec<&str> = mixed.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops.iter().filter(|o| **o == "DynamicQuantizeMatMul" || **o == "MatMulNBits").count(), 2, "{ops:?}");
+        assert!(ops.contains(&"MatMulNBits") && ops.contains(&"DynamicQuantizeMatMul"), "{ops:?}");
+        let mixed_got = run(&mixed, &x, &[0, 17, 39]);
         let want = [matmul_t(&x, &transpose(&w, K, N), N), matmul_t(&x, &tied, V)];
+        for (g, e) in mixed_got.iter().zip(&want) {
+            let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(g.iter().zip(e).all(|(a, b)| (a - b).abs() < 0.02 * scale));
+        }
         for (g, e) in got.iter().zip(&want) {
             let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
             let diff = g.iter().zip(e).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
