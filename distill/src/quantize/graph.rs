@@ -294,6 +294,43 @@ fn to_gather_block_quantized(
     nodes
 }
 
+/// The rank of graph input `name`, when the graph declares it.
+fn input_rank(g: &GraphProto, name: &str) -> Option<usize> {
+    use crate::onnx::proto::type_proto::Value;
+    let v = g.input.iter().find(|v| v.name == name)?;
+    let Some(Value::TensorType(t)) = v.r#type.as_ref()?.value.as_ref() else { return None };
+    Some(t.shape.as_ref()?.dim.len())
+}
+
+/// Replaces an embedding `Gather` over a table `[N, K]` whose int8 transpose `[K, N]` with
+/// per-column scales `[1, N]` already serves a `DynamicQuantizeMatMul` (a tied LM head): the
+/// rows are gathered as columns of that matrix and scaled, so the table is stored once. Needs
+/// the rank of the ids (`rank`) for the transposes.
+fn to_gather_columns(node: &NodeProto, q: &str, scales: &str, rank: usize) -> Vec<NodeProto> {
+    let base = format!("{}/columns", node.name);
+    let ids = node.input[1].clone();
+    let mk = |op: &str, inputs: Vec<String>, output: String, attrs: Vec<Attr>| NodeProto {
+        name: format!("{base}/{op}_{}", output.rsplit('/').next().unwrap_or("")),
+        op_type: op.into(),
+        input: inputs,
+        output: vec![output],
+        attribute: attrs,
+        ..Default::default()
+    };
+    // [K, ids...] -> [ids..., K]
+    let perm: Vec<i64> = (1..=rank as i64).chain([0]).collect();
+    let (cols, floats, rows) = (format!("{base}/int8"), format!("{base}/float"), format!("{base}/rows"));
+    let (sc, sct) = (format!("{base}/scales"), format!("{base}/scales_t"));
+    vec![
+        mk("Gather", vec![q.to_owned(), ids.clone()], cols.clone(), vec![Attr::int("axis", 1)]),
+        mk("Cast", vec![cols], floats.clone(), vec![Attr::int("to", DataType::Float as i64)]),
+        mk("Transpose", vec![floats], rows.clone(), vec![Attr::ints("perm", perm.clone())]),
+        mk("Gather", vec![scales.to_owned(), ids], sc.clone(), vec![Attr::int("axis", 1)]),
+        mk("Transpose", vec![sc], sct.clone(), vec![Attr::ints("perm", perm)]),
+        mk("Mul", vec![rows, sct], node.output[0].clone(), vec![]),
+    ]
+}
+
 /// Quantizes the weights of `model` in place.
 pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<QuantizeSummary> {
     let g =
@@ -378,7 +415,16 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
                 node.attribute.clear();
             }
             summary.matmuls += 1;
-            if !gathers.is_empty() {
+            let ranks: Vec<Option<usize>> = gathers.iter().map(|&i| input_rank(g, &g.node[i].input[1])).collect();
+            if !gathers.is_empty() && !gemms.is_empty() && ranks.iter().all(Option::is_some) {
+                // A tied table: the Gathers read the head's int8 columns.
+                for (&i, rank) in gathers.iter().zip(ranks) {
+                    let node = g.node[i].clone();
+                    splices.push((i, to_gather_columns(&node, &qn, &sn, rank.expect("checked"))));
+                }
+                summary.embeddings += 1;
+                summary.shared_embedding_head = true;
+            } else if !gathers.is_empty() {
                 let tq = quantize(&values, r, c, opts.scheme);
                 let stored = store(g, &format!("{name}_table"), &tq);
                 for &i in &gathers {
@@ -569,10 +615,20 @@ mod tests {
         opts.method = Method::DynamicInt8;
         let mut m = model(&w, &tied, &untied);
         let s = quantize_model(&mut m, &opts).unwrap();
-        assert_eq!((s.matmuls, s.embeddings, s.shared_embedding_head), (2, 2, false));
+        assert_eq!((s.matmuls, s.embeddings, s.shared_embedding_head), (2, 2, true));
         let ops: Vec<&str> = m.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
         assert_eq!(ops.iter().filter(|o| **o == "DynamicQuantizeMatMul").count(), 2, "{ops:?}");
+        assert!(!m.graph.as_ref().unwrap().initializer.iter().any(|t| t.name.starts_with("tied_table")), "stored once");
         let got = run(&m, &x, &[0, 17, 39]);
+        // The tied rows come from the head's int8 columns: within a 7-bit step of fp32.
+        let col_max: Vec<f32> =
+            (0..V).map(|v| tied[v * K..(v + 1) * K].iter().fold(0f32, |m, x| m.max(x.abs()))).collect();
+        for (j, &id) in [0usize, 17, 39].iter().enumerate() {
+            for k in 0..K {
+                let (g, e) = (got[2][j * K + k], tied[id * K + k]);
+                assert!((g - e).abs() <= 0.51 * col_max[id] / 63.0 + 1e-6, "row {id} col {k}: {g} vs {e}");
+            }
+        }
         // A weight named for block-wise goes to MatMulNBits (sharing its table with the Gather).
         opts.blockwise = vec!["tied".into()];
         let mut mixed = model(&w, &tied, &untied);
