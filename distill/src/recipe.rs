@@ -285,6 +285,10 @@ impl TrainSettings {
 pub struct QuantizeStage {
     /// Bits per weight: 8 or 4.
     pub bits: u8,
+    /// `blockwise` (MatMulNBits, 8 or 4 bits) or `dynamic-int8` (DynamicQuantizeMatMul, 8 bits:
+    /// the faster prompt on x86).
+    #[serde(default)]
+    pub method: crate::quantize::graph::Method,
     /// Weights per block [default: 64 at 8 bits, 32 at 4].
     pub block_size: Option<usize>,
     /// Scales only (default) or scales and zero points.
@@ -318,12 +322,21 @@ impl QuantizeStage {
             self.symmetric,
         )?;
         o.accuracy_level = self.accuracy_level;
+        o.method = self.method;
+        if self.method == crate::quantize::graph::Method::DynamicInt8 && self.bits != 8 {
+            return Err(crate::Error::InvalidConfig {
+                what: format!("dynamic-int8 quantizes to 8 bits, not {}", self.bits),
+            });
+        }
         Ok(o)
     }
 
-    /// Stage name: `int8`, `int4`.
+    /// Stage name: `int8`, `int4`, `int8-dynamic`.
     pub fn name(&self) -> String {
-        format!("int{}", self.bits)
+        match self.method {
+            crate::quantize::graph::Method::DynamicInt8 => "int8-dynamic".into(),
+            _ => format!("int{}", self.bits),
+        }
     }
 }
 

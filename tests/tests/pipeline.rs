@@ -1,5 +1,5 @@
 //! The main command end to end on the tiny recipe: pre-train a teacher, LoRA fine-tune and
-//! merge it, distil a student, export it, quantize it to int8 and int4 behind accuracy gates,
+//! merge it, distil a student, export it, quantize it to int8 (dynamic) and int4 behind gates,
 //! score every stage, stream answers from the runtime, and write report.json and report.svg.
 
 use std::process::Command;
@@ -33,7 +33,7 @@ fn pipeline_runs_end_to_end_on_the_tiny_recipe() {
         serde_json::from_slice(&std::fs::read(tmp.path().join("report.json")).unwrap()).unwrap();
     let stages = report["stages"].as_array().unwrap();
     let names: Vec<&str> = stages.iter().map(|s| s["stage"].as_str().unwrap()).collect();
-    assert_eq!(names, ["teacher", "fine-tuned", "student", "bundle", "int8", "int4"]);
+    assert_eq!(names, ["teacher", "fine-tuned", "student", "bundle", "int8-dynamic", "int4"]);
     // Each quantized bundle is smaller than the one before (the tokenizer and the rotary tables
     // stay, so a tiny bundle shrinks by less than its weights), was gated, and has speed figures.
     let bytes = |i: usize| stages[i]["bytes"].as_u64().unwrap();
@@ -43,7 +43,7 @@ fn pipeline_runs_end_to_end_on_the_tiny_recipe() {
     }
     let gates = report["gates"].as_array().unwrap();
     let gated: Vec<&str> = gates.iter().map(|g| g["stage"].as_str().unwrap()).collect();
-    assert_eq!(gated, ["int8", "int4"]);
+    assert_eq!(gated, ["int8-dynamic", "int4"]);
     assert!(gates
         .iter()
         .all(|g| g["passed"] == true && g["mean_kl"].as_f64().unwrap() <= g["max_kl"].as_f64().unwrap()));
