@@ -164,10 +164,10 @@ bench-llamacpp runs="3": setup build
     b={{out}}/smollm2-135m
     [ -f "$ck/config.json" ] || target/release/edgelm-distill init --preset smollm2-135m -o "$ck"
     [ -f "$b/bundle/edgelm.json" ] || target/release/edgelm-distill export "$ck" -o "$b/bundle"
-    for p in int8 int4; do
+    for p in int8 int4 int8-dynamic; do
         [ -f "$b/bundle-$p/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-$p" --precision $p --max-kl 10
     done
-    scripts/bench_llamacpp.sh "$ck" "$b/bundle" "$b/bundle-int8" "$b/bundle-int4" {{runs}}
+    scripts/bench_llamacpp.sh "$ck" "$b/bundle" "$b/bundle-int8" "$b/bundle-int4" {{runs}} "$b/bundle-int8-dynamic"
 
 # all-MiniLM-L6-v2 int8: ours against ONNX Runtime's quantize_dynamic (cosine to fp32,
 # nearest-neighbour agreement, size, sentences/s on the repository's prose).

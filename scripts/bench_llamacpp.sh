@@ -6,10 +6,10 @@
 # llama.cpp is built from the vendored tree of the llama-cpp-python sdist on PyPI (cmake from
 # Debian), once, into .llama.cpp/.
 #
-# usage: bench_llamacpp.sh CHECKPOINT FP32_BUNDLE INT8_BUNDLE INT4_BUNDLE [RUNS]
+# usage: bench_llamacpp.sh CHECKPOINT FP32_BUNDLE INT8_BUNDLE INT4_BUNDLE [RUNS] [INT8_DYNAMIC_BUNDLE]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-ck=$1 fp32=$2 int8=$3 int4=$4 runs=${5:-3}
+ck=$1 fp32=$2 int8=$3 int4=$4 runs=${5:-3} int8d=${6:-}
 version=0.3.36
 src="$root/.llama.cpp/llama_cpp_python-$version/vendor/llama.cpp"
 bin="$root/.llama.cpp/build/bin"
@@ -41,7 +41,10 @@ done
 
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; prompt 128, 128 new tokens, 2 threads, median of $runs"
 printf '%-22s %8s %9s %9s\n' files MiB "TTFT ms" "decode/s"
-for pair in "f32.gguf:$fp32" "Q8_0.gguf:$int8" "Q4_0.gguf:$int4"; do
+pairs=("f32.gguf:$fp32" "Q8_0.gguf:$int8")
+[ -n "$int8d" ] && pairs+=("Q8_0.gguf:$int8d")
+pairs+=("Q4_0.gguf:$int4")
+for pair in "${pairs[@]}"; do
   gg=${pair%%:*} bundle=${pair#*:}
   # llama-bench: pp128 on an empty context gives the prompt's time (its TTFT); tg128 with 128
   # tokens already in the context (-d 128) the decode rate after that prompt, as edgelm measures.
