@@ -48,6 +48,9 @@ enum Command {
     /// Zero the smallest weights of a checkpoint's projections (magnitude pruning, global or per
     /// layer; embeddings and norms left alone by default).
     Prune(checkpoint::PruneArgs),
+    /// Remove whole MLP units and KV groups, ranked on calibration data, and optionally recover
+    /// by distilling from the unpruned model (the matrices shrink, so dense kernels run faster).
+    PruneStructured(train::PruneStructuredArgs),
     /// Quantize an exported fp32 bundle to INT8/INT4 weights and check it against the source.
     Quantize(export::QuantizeArgs),
 }
@@ -93,6 +96,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => checkpoint::merge(a),
         Command::Quantize(a) => export::quantize(a),
         Command::Prune(a) => checkpoint::prune(a),
+        Command::PruneStructured(a) => train::prune_structured(a),
         Command::Distill(a) => train::distill(a),
         Command::Eval(a) => eval::eval(a),
         Command::Pipeline(a) => eval::pipeline(a),

@@ -146,7 +146,8 @@ impl Attention {
         })
     }
 
-    fn forward(
+    /// The heads' outputs before the output projection, `[B, S, heads * head_dim]`.
+    fn heads_out(
         &self,
         x: &Tensor,
         rotary: &Rotary,
@@ -187,8 +188,32 @@ impl Attention {
             scores = scores.broadcast_add(m)?;
         }
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))?;
-        self.o_proj.forward(&out)
+        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, self.heads * self.head_dim))
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: Option<&Tensor>,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        self.o_proj.forward(&self.heads_out(x, rotary, mask, cache)?)
+    }
+
+    /// Per query head, the summed L2 norm over tokens of what the head writes into the residual
+    /// stream (its slice of `heads_out` through its columns of `o_proj`).
+    fn head_contributions(&self, heads_out: &Tensor) -> candle_core::Result<Vec<f64>> {
+        let d = self.head_dim;
+        let flat = heads_out.flatten_to(1)?;
+        (0..self.heads)
+            .map(|h| {
+                let part = flat.narrow(1, h * d, d)?;
+                let cols = self.o_proj.weight.narrow(1, h * d, d)?;
+                let written = part.matmul(&cols.t()?)?;
+                Ok(written.sqr()?.sum(1)?.sqrt()?.sum_all()?.to_scalar::<f32>()? as f64)
+            })
+            .collect()
     }
 }
 
@@ -208,12 +233,39 @@ impl Mlp {
     }
 }
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl Mlp {
+    /// The gated hidden units `silu(gate x) * up x`, `[B, S, intermediate]`.
+    fn units(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let g = self.gate_proj.forward(x)?;
         let silu = (&g * candle_nn::ops::sigmoid(&g)?)?;
-        self.down_proj.forward(&(silu * self.up_proj.forward(x)?)?)
+        silu * self.up_proj.forward(x)?
     }
+
+    /// Per hidden unit, `sum over tokens |unit| * ||down_proj column||`: how much it writes into
+    /// the residual stream on these tokens.
+    fn unit_contributions(&self, units: &Tensor) -> candle_core::Result<Vec<f64>> {
+        let column_norms = self.down_proj.weight.sqr()?.sum(0)?.sqrt()?;
+        let summed = units.abs()?.flatten_to(1)?.sum(0)?;
+        Ok((summed * column_norms)?.to_vec1::<f32>()?.into_iter().map(f64::from).collect())
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.down_proj.forward(&self.units(x)?)
+    }
+}
+
+/// What the units structured pruning can remove contributed on calibration tokens, summed
+/// over those tokens; one entry per layer.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct UnitImportance {
+    /// Per layer, per MLP hidden unit (see `Mlp::unit_contributions`).
+    pub mlp: Vec<Vec<f64>>,
+    /// Per layer, per query head (see `Attention::head_contributions`).
+    pub heads: Vec<Vec<f64>>,
+    /// Tokens summed over.
+    pub tokens: usize,
 }
 
 struct Block {
@@ -334,6 +386,38 @@ impl LlamaModel {
         let picked = x.reshape((b * s, h))?.index_select(rows, 0)?;
         let picked = self.norm.forward(&picked)?;
         Ok(picked.matmul(&self.lm_head.t()?)?)
+    }
+
+    /// Adds what every MLP unit and attention head of every layer contributes on
+    /// `input_ids [1, S]` (one unpadded sequence) to `acc`.
+    pub fn accumulate_importance(&self, input_ids: &Tensor, acc: &mut UnitImportance) -> Result<()> {
+        let (b, s) = input_ids.dims2()?;
+        if s > self.config.max_position_embeddings {
+            return Err(crate::Error::ContextOverflow { positions: s, context: self.config.max_position_embeddings });
+        }
+        if acc.mlp.is_empty() {
+            acc.mlp = self.layers.iter().map(|_| vec![0.0; self.config.intermediate_size]).collect();
+            acc.heads = self.layers.iter().map(|_| vec![0.0; self.config.num_attention_heads]).collect();
+        }
+        let h = self.config.hidden_size;
+        let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.reshape((b, s, h))?;
+        let mask = self.mask(s, 0)?;
+        for (l, block) in self.layers.iter().enumerate() {
+            let attn = &block.self_attn;
+            let heads_out =
+                attn.heads_out(&block.input_layernorm.forward(&x)?, &self.rotary, mask.as_ref(), &mut None)?;
+            for (a, c) in acc.heads[l].iter_mut().zip(attn.head_contributions(&heads_out)?) {
+                *a += c;
+            }
+            x = (x + attn.o_proj.forward(&heads_out)?)?;
+            let units = block.mlp.units(&block.post_attention_layernorm.forward(&x)?)?;
+            for (a, c) in acc.mlp[l].iter_mut().zip(block.mlp.unit_contributions(&units)?) {
+                *a += c;
+            }
+            x = (x + block.mlp.down_proj.forward(&units)?)?;
+        }
+        acc.tokens += b * s;
+        Ok(())
     }
 
     /// Additive mask `[S, start + S]`: causal, and limited to the sliding window when the

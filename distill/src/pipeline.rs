@@ -17,13 +17,16 @@ use serde::Serialize;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Result};
 use crate::eval::{score_bundle, score_checkpoint, Answer, Score};
-use crate::export::{compare_bundles_on, export, quantize_bundle, ExportOptions};
+use crate::export::{
+    compare_bundles_on, compare_checkpoints_on, export, quantize_bundle, ExportOptions, SequenceComparison,
+};
 use crate::lora::LoraConfig;
+use crate::prune::structured::{measure_importance, prune_structured};
 use crate::recipe::Recipe;
 use crate::report::{svg, Bar};
 use crate::student::StudentShape;
 use crate::train::batch::Formatter;
-use crate::train::distill::{distill, DistillSpec};
+use crate::train::distill::{distill, DistillSpec, StudentInit};
 use crate::train::finetune::{finetune, merge, FinetuneSpec};
 use crate::train::fit::LogPoint;
 use crate::train::pretrain::pretrain;
@@ -65,40 +68,62 @@ pub struct StageRow {
     pub misses: Vec<Answer>,
 }
 
-/// A quantized bundle against the fp32 bundle it came from.
+/// A pruned or quantized model against the model it came from.
 #[derive(Debug, Clone, Serialize)]
 pub struct GateResult {
-    /// Stage name (`int8`, `int4`).
+    /// Stage name (`pruned`, `int8`, `int4`).
     pub stage: String,
+    /// What it is measured against (`student`, `fp32 bundle`).
+    pub against: String,
     /// Task completion lost, in percentage points (negative: gained).
     pub drop_points: f64,
     /// The recipe's limit.
     pub max_drop: f64,
     /// Mean KL divergence of next-token distributions over the first test commands (prompt
-    /// and expected answer), nats.
+    /// and expected answer, read teacher-forced), nats.
     pub mean_kl: f64,
     /// Token positions the KL and top-1 agreement were measured on.
     pub kl_positions: usize,
-    /// The recipe's limit.
-    pub max_kl: f64,
+    /// The recipe's limit (null: not limited).
+    pub max_kl: Option<f64>,
     /// Share of checked positions with the same greedy token.
     pub top1_agreement: f64,
+    /// Perplexity of those commands' own next tokens: the source's and this stage's.
+    pub perplexity: (f64, f64),
     /// Whether both limits held.
     pub passed: bool,
 }
 
 impl GateResult {
+    /// One line for the progress log: completion, its change, KL, top-1, perplexity, verdict.
+    fn summary(&self, completion: f64) -> String {
+        format!(
+            "{:.1}% ({:+.1} points against the {}), mean KL {:.4}, top-1 {:.0}%, perplexity {:.3} -> {:.3}: gate {}",
+            100.0 * completion,
+            -self.drop_points,
+            self.against,
+            self.mean_kl,
+            100.0 * self.top1_agreement,
+            self.perplexity.0,
+            self.perplexity.1,
+            if self.passed { "passed" } else { "FAILED" }
+        )
+    }
+
     /// The error for a failed gate, naming what was lost against which limit.
     fn error(&self) -> Error {
+        let kl_limit = self.max_kl.map(|k| format!(" (max_kl {k})")).unwrap_or_default();
         Error::Gate {
             stage: self.stage.clone(),
             what: format!(
-                "task completion dropped {:.1} points against the fp32 bundle (max_drop {}), mean KL {:.4} nats (max_kl {}), top-1 agreement {:.0}%",
+                "task completion dropped {:.1} points against the {} (max_drop {}), mean KL {:.4} nats{kl_limit}, top-1 agreement {:.0}%, perplexity {:.3} -> {:.3}",
                 self.drop_points,
+                self.against,
                 self.max_drop,
                 self.mean_kl,
-                self.max_kl,
-                100.0 * self.top1_agreement
+                100.0 * self.top1_agreement,
+                self.perplexity.0,
+                self.perplexity.1,
             ),
         }
     }
@@ -241,11 +266,11 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     let t = Instant::now();
     let s = &recipe.student;
     let spec = DistillSpec {
-        shape: StudentShape {
+        student: StudentInit::Slice(StudentShape {
             layers: s.layers.clone(),
             intermediate_size: s.intermediate_size,
             hidden_size: s.hidden_size,
-        },
+        }),
         temperature: s.temperature,
         alpha: s.alpha,
         train: s.train.clone(),
@@ -260,6 +285,77 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         format!("student: {:.1}% ({} parameters)", 100.0 * score.task_completion, student.config.num_parameters()),
     )?;
     rows.push(row("student", &student, score, t.elapsed().as_secs_f64()));
+
+    // The gates' fixed token set: the first test commands as the model reads them (prompt and
+    // expected answer, teacher-forced).
+    let kl_sequences: Vec<Vec<u32>> = {
+        let f = Formatter::for_checkpoint(&student)?;
+        let ctx = student.config.max_position_embeddings;
+        test.iter()
+            .take(KL_EXAMPLES)
+            .map(|e| f.encode(e).map(|x| x.ids.into_iter().take(ctx).collect()))
+            .collect::<Result<_>>()?
+    };
+    let mut gates = Vec::new();
+
+    // 3b. Structured pruning with a recovery distillation from the unpruned student, gated.
+    let mut student = student;
+    if let Some(p) = &recipe.prune {
+        let t = Instant::now();
+        // The unpruned student's speed, for the table: exported but not scored.
+        let unpruned = dir.join("bundle-student");
+        export(&student, &unpruned, &ExportOptions { single_turn: true, verify: false, ..ExportOptions::default() })?;
+        let (ttft, decode) = speed(&unpruned, test, &opts.engine)?;
+        if let Some(r) = rows.last_mut() {
+            (r.ttft_ms, r.decode_tokens_per_s) = (Some(ttft), Some(decode));
+        }
+        let f = Formatter::for_checkpoint(&student)?;
+        let ctx = student.config.max_position_embeddings;
+        let calibration: Vec<Vec<u32>> = splits
+            .train
+            .iter()
+            .take(p.calibration)
+            .map(|e| f.encode(e).map(|x| x.ids.into_iter().take(ctx).collect()))
+            .collect::<Result<_>>()?;
+        let importance = measure_importance(&student.config, &student.tensors, &calibration)?;
+        let (config, weights, cut) = prune_structured(&student.config, &student.tensors, &importance, &p.options())?;
+        say(
+            out,
+            format!(
+                "pruning: MLP {} -> {} units, heads {} -> {} ({} -> {} KV groups), {} -> {} parameters; recovering",
+                cut.intermediate_size.0,
+                cut.intermediate_size.1,
+                cut.attention_heads.0,
+                cut.attention_heads.1,
+                cut.kv_heads.0,
+                cut.kv_heads.1,
+                cut.parameters.0,
+                cut.parameters.1
+            ),
+        )?;
+        let spec = DistillSpec {
+            student: StudentInit::Weights(config, weights),
+            temperature: p.temperature,
+            alpha: p.alpha,
+            train: p.train.clone(),
+            teacher_cache: None,
+        };
+        logs.push(distill(&student, (&splits.train, &splits.validation), &spec, &stage("pruned"))?);
+        let pruned_dir = dir.join("pruned");
+        let report_path = pruned_dir.join("structured_prune_report.json");
+        std::fs::write(&report_path, serde_json::to_string_pretty(&cut).expect("json")).at(&report_path)?;
+        let pruned = Checkpoint::load(&pruned_dir)?;
+        let score = score_checkpoint(&pruned, test, opts.progress)?;
+        let check = compare_checkpoints_on(&student, &pruned, &kl_sequences)?;
+        let student_completion = rows.last().map(|r| r.task_completion).unwrap_or(0.0);
+        let limits = Limits { max_drop: p.max_drop, max_kl: p.max_kl };
+        let g = gate(("pruned", "student"), (student_completion, score.task_completion), &check, limits);
+        say(out, format!("pruned (recovered): {}", g.summary(score.task_completion)))?;
+        rows.push(row("pruned", &pruned, score, t.elapsed().as_secs_f64()));
+        gates.push(g);
+        stop_at_failed_gate(dir, recipe, &rows, &gates)?;
+        student = pruned;
+    }
 
     // 4. Export and score through the runtime.
     let t = Instant::now();
@@ -290,17 +386,6 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     // commands, and next-token distributions over the first of them as the model reads them
     // (prompt and expected answer, teacher-forced).
     let mut shipped = bundle.clone();
-    let kl_sequences: Vec<Vec<u32>> = if recipe.quantize.is_empty() {
-        vec![]
-    } else {
-        let f = Formatter::for_checkpoint(&student)?;
-        let ctx = student.config.max_position_embeddings;
-        test.iter()
-            .take(KL_EXAMPLES)
-            .map(|e| f.encode(e).map(|x| x.ids.into_iter().take(ctx).collect()))
-            .collect::<Result<_>>()?
-    };
-    let mut gates = Vec::new();
     for q in &recipe.quantize {
         let t = Instant::now();
         let name = q.name();
@@ -308,29 +393,12 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         quantize_bundle(&bundle, &qdir, &q.options()?, None)?;
         let check = compare_bundles_on(&bundle, &qdir, &kl_sequences)?;
         let score = score_bundle(&qdir, test, &opts.engine, opts.progress)?;
-        let gate = gate(&name, fp32_completion, score.task_completion, &check, q.max_drop, q.max_kl);
-        say(
-            out,
-            format!(
-                "{name} bundle: {:.1}% ({:+.1} points), mean KL {:.4}, top-1 {:.0}%: gate {}",
-                100.0 * score.task_completion,
-                -gate.drop_points,
-                gate.mean_kl,
-                100.0 * gate.top1_agreement,
-                if gate.passed { "passed" } else { "FAILED" }
-            ),
-        )?;
+        let limits = Limits { max_drop: q.max_drop, max_kl: Some(q.max_kl) };
+        let gate = gate((&name, "fp32 bundle"), (fp32_completion, score.task_completion), &check, limits);
+        say(out, format!("{name} bundle: {}", gate.summary(score.task_completion)))?;
         rows.push(bundle_row(&name, &qdir, score, t)?);
-        let passed = gate.passed;
         gates.push(gate);
-        if !passed {
-            let failed = gates.last().expect("just pushed").error();
-            let p = dir.join("report.json");
-            let partial =
-                serde_json::json!({"recipe": recipe.name, "stages": rows, "gates": gates, "error": failed.to_string()});
-            std::fs::write(&p, serde_json::to_string_pretty(&partial).expect("json")).at(&p)?;
-            return Err(failed);
-        }
+        stop_at_failed_gate(dir, recipe, &rows, &gates)?;
         shipped = qdir;
     }
 
@@ -404,25 +472,49 @@ fn record_in_bundle(bundle: &Path, r: &PipelineReport) -> Result<()> {
 /// Test commands the gates' KL is measured on.
 const KL_EXAMPLES: usize = 8;
 
-/// A quantized stage's gate: task completion against the fp32 bundle's, and the KL check.
-fn gate(
-    stage: &str,
-    fp32_completion: f64,
-    completion: f64,
-    check: &crate::export::VerifyReport,
+/// When the last gate failed: writes what was measured so far to `report.json` and returns
+/// the gate's error.
+fn stop_at_failed_gate(dir: &Path, recipe: &Recipe, rows: &[StageRow], gates: &[GateResult]) -> Result<()> {
+    match gates.last() {
+        Some(g) if !g.passed => {
+            let failed = g.error();
+            let p = dir.join("report.json");
+            let partial =
+                serde_json::json!({"recipe": recipe.name, "stages": rows, "gates": gates, "error": failed.to_string()});
+            std::fs::write(&p, serde_json::to_string_pretty(&partial).expect("json")).at(&p)?;
+            Err(failed)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Limits a stage is held to.
+struct Limits {
     max_drop: f64,
-    max_kl: f64,
+    max_kl: Option<f64>,
+}
+
+/// A stage's gate: task completion against its source's, and the teacher-forced comparison.
+fn gate(
+    (stage, against): (&str, &str),
+    (source_completion, completion): (f64, f64),
+    check: &SequenceComparison,
+    limits: Limits,
 ) -> GateResult {
-    let drop_points = 100.0 * (fp32_completion - completion);
+    let drop_points = 100.0 * (source_completion - completion);
     GateResult {
         stage: stage.into(),
+        against: against.into(),
         drop_points,
-        max_drop,
+        max_drop: limits.max_drop,
         mean_kl: check.mean_kl,
-        kl_positions: check.prompt_tokens,
-        max_kl,
+        kl_positions: check.positions,
+        max_kl: limits.max_kl,
         top1_agreement: check.top1_agreement,
-        passed: drop_points <= max_drop && check.mean_kl <= max_kl && check.max_abs_diff.is_finite(),
+        perplexity: (check.reference_perplexity, check.perplexity),
+        passed: drop_points <= limits.max_drop
+            && limits.max_kl.is_none_or(|k| check.mean_kl <= k)
+            && check.max_abs_diff.is_finite(),
     }
 }
 
@@ -515,13 +607,17 @@ fn table(r: &PipelineReport, out: &mut dyn Write) -> Result<()> {
     }
     for g in &r.gates {
         t.push_str(&format!(
-            "gate {}: {:+.1} points (max drop {}), mean KL {:.4} (max {}), top-1 {:.0}%: {}\n",
+            "gate {} (against the {}): {:+.1} points (max drop {}), mean KL {:.4} (max {}), top-1 {:.0}%, \
+             perplexity {:.3} -> {:.3}: {}\n",
             g.stage,
+            g.against,
             -g.drop_points,
             g.max_drop,
             g.mean_kl,
-            g.max_kl,
+            g.max_kl.map(|k| k.to_string()).unwrap_or_else(|| "none".into()),
             100.0 * g.top1_agreement,
+            g.perplexity.0,
+            g.perplexity.1,
             if g.passed { "passed" } else { "failed" }
         ));
     }
@@ -564,7 +660,8 @@ mod tests {
         let int8 = tmp.path().join("int8");
         quantize_bundle(&fp32, &int8, &crate::quantize::QuantizeOptions::for_bits(8).unwrap(), None).unwrap();
         let check = compare_bundles_on(&fp32, &int8, &seqs).unwrap();
-        let honest = gate("int8", 0.9, 0.9, &check, 1.0, 0.1);
+        let limits = || Limits { max_drop: 1.0, max_kl: Some(0.1) };
+        let honest = gate(("int8", "fp32 bundle"), (0.9, 0.9), &check, limits());
         assert!(honest.passed && honest.kl_positions == 67, "{honest:?}");
 
         let mut tensors = ck.tensors.clone();
@@ -577,12 +674,13 @@ mod tests {
         let damaged = tmp.path().join("damaged");
         export(&Checkpoint::load(&bad).unwrap(), &damaged, &ExportOptions::default()).unwrap();
         let check = compare_bundles_on(&fp32, &damaged, &seqs).unwrap();
-        let failed = gate("int8", 0.9, 0.9, &check, 1.0, 0.1);
+        let failed = gate(("int8", "fp32 bundle"), (0.9, 0.9), &check, limits());
         assert!(!failed.passed && failed.mean_kl > 0.1, "{failed:?}");
+        assert!(failed.perplexity.1 > failed.perplexity.0, "{failed:?}");
         let msg = failed.error().to_string();
         assert!(msg.contains("stage int8") && msg.contains("mean KL") && msg.contains("max_kl 0.1"), "{msg}");
         // A drop in task completion past max_drop fails on its own.
-        let dropped = gate("int4", 0.9, 0.85, &check, 3.0, f64::INFINITY);
+        let dropped = gate(("int4", "fp32 bundle"), (0.9, 0.85), &check, Limits { max_drop: 3.0, max_kl: None });
         assert!(!dropped.passed && (dropped.drop_points - 5.0).abs() < 1e-9, "{dropped:?}");
     }
 }

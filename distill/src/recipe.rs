@@ -44,6 +44,9 @@ pub struct Recipe {
     pub finetune: Option<FinetuneRecipe>,
     /// Student derived from the teacher.
     pub student: StudentSpec,
+    /// Structured pruning of the student with a recovery distillation, gated (skipped when
+    /// absent).
+    pub prune: Option<PruneStage>,
     /// Quantized bundles made from the fp32 student bundle, each with its accuracy gate
     /// (`[[quantize]]` tables; none: the pipeline ships the fp32 bundle).
     #[serde(default)]
@@ -276,6 +279,47 @@ impl TrainSettings {
             accumulation: self.accumulation,
             clip_norm: self.clip_norm,
         }
+    }
+}
+
+/// Structured pruning of the distilled student: which share of MLP units and attention heads
+/// to remove, the calibration it is measured on, the recovery distillation from the unpruned
+/// student and the accuracy it may lose.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneStage {
+    /// Share of each layer's MLP units to remove.
+    #[serde(default)]
+    pub mlp: f64,
+    /// Share of each layer's attention heads to remove (whole KV groups).
+    #[serde(default)]
+    pub heads: f64,
+    /// Training examples the importance is measured on.
+    #[serde(default = "default_calibration")]
+    pub calibration: usize,
+    /// Distillation temperature of the recovery.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Weight of the soft-target term of the recovery.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Largest drop in task completion against the unpruned student, in percentage points.
+    pub max_drop: f64,
+    /// Largest mean KL divergence (nats) from the unpruned student's next-token distributions
+    /// over the first test commands (not limited when absent).
+    pub max_kl: Option<f64>,
+    /// Recovery optimizer and loop settings.
+    pub train: TrainSettings,
+}
+
+fn default_calibration() -> usize {
+    256
+}
+
+impl PruneStage {
+    /// The pruning shares.
+    pub fn options(&self) -> crate::prune::structured::StructuredOptions {
+        crate::prune::structured::StructuredOptions { mlp: self.mlp, heads: self.heads }
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use edgelm_distill::lora::{Adapter, LoraConfig};
 use edgelm_distill::recipe::Recipe;
 use edgelm_distill::student::StudentShape;
-use edgelm_distill::train::distill::{distill, DistillSpec};
+use edgelm_distill::train::distill::{distill, DistillSpec, StudentInit};
 use edgelm_distill::train::finetune::{finetune, merge, FinetuneSpec};
 use edgelm_distill::train::pretrain::pretrain;
 use edgelm_distill::train::stage::StageOptions;
@@ -130,7 +130,7 @@ fn distilled_student_is_a_trained_subset_of_the_teacher() {
     let teacher = Checkpoint::load(&teacher_dir).unwrap();
     let splits = r.splits().unwrap();
     let spec = DistillSpec {
-        shape: StudentShape { layers: vec![1], intermediate_size: Some(64), hidden_size: None },
+        student: StudentInit::Slice(StudentShape { layers: vec![1], intermediate_size: Some(64), hidden_size: None }),
         temperature: 2.0,
         alpha: 0.5,
         train: r.student.train.clone(),
@@ -177,11 +177,11 @@ fn stages_accept_checkpoints_saved_by_transformers() {
         let merged = Checkpoint::load(&merged_dir).unwrap();
         assert_eq!(merged.config, base.config, "{name}: merge keeps the configuration");
         let spec = DistillSpec {
-            shape: StudentShape {
+            student: StudentInit::Slice(StudentShape {
                 layers: vec![base.config.num_hidden_layers - 1],
                 intermediate_size: None,
                 hidden_size: None,
-            },
+            }),
             temperature: 2.0,
             alpha: 0.5,
             train: settings.clone(),
@@ -216,7 +216,7 @@ fn distilling_from_a_teacher_cache_matches_the_teacher_on_the_fly() {
     let mut train = r.student.train.clone();
     train.max_steps = Some(6);
     let spec = |cache: Option<(PathBuf, usize)>| DistillSpec {
-        shape: StudentShape { layers: vec![0], intermediate_size: None, hidden_size: None },
+        student: StudentInit::Slice(StudentShape { layers: vec![0], intermediate_size: None, hidden_size: None }),
         temperature: 2.0,
         alpha: 0.5,
         train: train.clone(),

@@ -1,5 +1,5 @@
 //! The main command end to end on the tiny recipe: pre-train a teacher, LoRA fine-tune and
-//! merge it, distil a student, export it, quantize it to int8 (dynamic) and int4 behind gates,
+//! merge it, distil a student, prune it structurally and recover, export it, quantize it to int8 (dynamic) and int4 behind gates,
 //! score every stage, stream answers from the runtime, and write report.json and report.svg.
 
 use std::process::Command;
@@ -33,37 +33,43 @@ fn pipeline_runs_end_to_end_on_the_tiny_recipe() {
         serde_json::from_slice(&std::fs::read(tmp.path().join("report.json")).unwrap()).unwrap();
     let stages = report["stages"].as_array().unwrap();
     let names: Vec<&str> = stages.iter().map(|s| s["stage"].as_str().unwrap()).collect();
-    assert_eq!(names, ["teacher", "fine-tuned", "student", "bundle", "int8-dynamic", "int4"]);
+    assert_eq!(names, ["teacher", "fine-tuned", "student", "pruned", "bundle", "int8-dynamic", "int4"]);
     // Each quantized bundle is smaller than the one before (the tokenizer and the rotary tables
     // stay, so a tiny bundle shrinks by less than its weights), was gated, and has speed figures.
     let bytes = |i: usize| stages[i]["bytes"].as_u64().unwrap();
-    assert!(bytes(4) * 2 < bytes(3) && bytes(5) < bytes(4), "sizes {} {} {}", bytes(3), bytes(4), bytes(5));
-    for s in &stages[3..] {
+    assert!(bytes(5) * 2 < bytes(4) && bytes(6) < bytes(5), "sizes {} {} {}", bytes(4), bytes(5), bytes(6));
+    // The unpruned student was exported for its speed too.
+    for s in stages[2..].iter().filter(|s| s["stage"] != "pruned") {
         assert!(s["ttft_ms"].as_f64().unwrap() > 0.0 && s["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     }
     let gates = report["gates"].as_array().unwrap();
     let gated: Vec<&str> = gates.iter().map(|g| g["stage"].as_str().unwrap()).collect();
-    assert_eq!(gated, ["int8-dynamic", "int4"]);
-    assert!(gates
-        .iter()
-        .all(|g| g["passed"] == true && g["mean_kl"].as_f64().unwrap() <= g["max_kl"].as_f64().unwrap()));
+    assert_eq!(gated, ["pruned", "int8-dynamic", "int4"]);
+    assert!(gates.iter().all(|g| g["passed"] == true
+        && g["max_kl"].as_f64().is_none_or(|max| g["mean_kl"].as_f64().unwrap() <= max)
+        && g["perplexity"][1].as_f64().unwrap() > 1.0));
+    assert_eq!((gates[0]["against"].as_str(), gates[1]["against"].as_str()), (Some("student"), Some("fp32 bundle")));
     // The smallest bundle that passed is the one shipped, with the stage summary in its manifest.
     assert!(report["shipped"].as_str().unwrap().ends_with("bundle-int4"), "{}", report["shipped"]);
     let shipped: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tmp.path().join("bundle-int4/edgelm.json")).unwrap()).unwrap();
     assert_eq!((shipped["quantization"].as_str(), shipped["weights"]["bits"].as_u64()), (Some("int4"), Some(4)));
-    assert_eq!(shipped["pipeline"]["stages"][5]["stage"], "int4");
+    assert_eq!(shipped["pipeline"]["stages"][6]["stage"], "int4");
     let params = |i: usize| stages[i]["parameters"].as_u64().unwrap();
     assert!(params(2) < params(0), "the student is smaller");
-    assert_eq!(params(2), params(3));
-    // The bundle answers through ONNX Runtime exactly as the student does in candle.
-    assert_eq!(stages[2]["task_completion"], stages[3]["task_completion"]);
-    assert_eq!(answers(&stages[2]), answers(&stages[3]));
+    assert!(params(3) < params(2), "pruning made it smaller still");
+    assert_eq!(params(3), params(4));
+    let pruned: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("pruned/config.json")).unwrap()).unwrap();
+    assert_eq!((pruned["num_key_value_heads"].as_u64(), pruned["head_dim"].as_u64()), (Some(1), Some(16)));
+    // The bundle answers through ONNX Runtime exactly as the pruned student does in candle.
+    assert_eq!(stages[3]["task_completion"], stages[4]["task_completion"]);
+    assert_eq!(answers(&stages[3]), answers(&stages[4]));
     assert!(report["export_max_abs_diff"].as_f64().unwrap() < 1e-4);
     // Every training stage left a falling validation curve.
     let logs = report["training"].as_array().unwrap();
     let kinds: Vec<&str> = logs.iter().map(|l| l["stage"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["pretrain", "finetune", "distill"]);
+    assert_eq!(kinds, ["pretrain", "finetune", "distill", "recover"]);
     for l in logs {
         let vals: Vec<f64> = l["history"].as_array().unwrap().iter().filter_map(|p| p["val_loss"].as_f64()).collect();
         assert!(vals.len() >= 2, "{}: {vals:?}", l["stage"]);
@@ -79,6 +85,7 @@ fn pipeline_runs_end_to_end_on_the_tiny_recipe() {
         "adapter/adapter_model.safetensors",
         "finetuned/config.json",
         "student/model.safetensors",
+        "pruned/structured_prune_report.json",
         "bundle/edgelm.json",
     ] {
         assert!(tmp.path().join(f).exists(), "{f}");
@@ -89,7 +96,7 @@ fn pipeline_runs_end_to_end_on_the_tiny_recipe() {
         serde_json::from_slice(&std::fs::read(tmp.path().join("bundle/edgelm.json")).unwrap()).unwrap();
     let recorded = &manifest["pipeline"];
     assert_eq!(recorded["recipe"], "tiny");
-    assert_eq!(recorded["stages"][3]["task_completion"], stages[3]["task_completion"]);
+    assert_eq!(recorded["stages"][4]["task_completion"], stages[4]["task_completion"]);
 
     // `eval` scores the bundle through the runtime the same way.
     let eval = run(Command::new(bin("edgelm-distill"))
@@ -98,8 +105,8 @@ fn pipeline_runs_end_to_end_on_the_tiny_recipe() {
         .arg(tmp.path().join("bundle")));
     assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
     let scores: serde_json::Value = serde_json::from_slice(&eval.stdout).unwrap();
-    assert_eq!(scores[0]["score"]["task_completion"], stages[3]["task_completion"]);
-    assert_eq!(answers(&scores[0]["score"]), answers(&stages[3]));
+    assert_eq!(scores[0]["score"]["task_completion"], stages[4]["task_completion"]);
+    assert_eq!(answers(&scores[0]["score"]), answers(&stages[4]));
 }
 
 #[test]

@@ -278,7 +278,7 @@ pub fn distill(a: DistillArgs) -> Result<()> {
         run,
     } = a;
     use edgelm_distill::student::StudentShape;
-    use edgelm_distill::train::distill::{distill, DistillSpec};
+    use edgelm_distill::train::distill::{distill, DistillSpec, StudentInit};
     let ck = Checkpoint::load(&teacher).with_context(|| format!("loading {}", teacher.display()))?;
     let splits = data.splits()?;
     let recipe = data.recipe()?;
@@ -292,11 +292,11 @@ pub fn distill(a: DistillArgs) -> Result<()> {
         layers
     };
     let spec = DistillSpec {
-        shape: StudentShape {
+        student: StudentInit::Slice(StudentShape {
             layers,
             intermediate_size: intermediate_size.or(st.as_ref().and_then(|s| s.intermediate_size)),
             hidden_size: hidden_size.or(st.as_ref().and_then(|s| s.hidden_size)),
-        },
+        }),
         temperature: temperature.or(st.as_ref().map(|s| s.temperature)).unwrap_or(2.0),
         alpha: alpha.or(st.as_ref().map(|s| s.alpha)).unwrap_or(0.5),
         teacher_cache: teacher_cache.map(|d| (d, teacher_top_k)),
@@ -305,5 +305,99 @@ pub fn distill(a: DistillArgs) -> Result<()> {
     let log =
         distill(&ck, (&splits.train, &splits.validation), &spec, &run.stage(output.clone())).context("distilling")?;
     print_log(&log, &output);
+    Ok(())
+}
+
+/// Remove whole MLP units and KV groups (structured pruning), ranked by their contribution on
+/// calibration examples, optionally followed by a recovery distillation from the unpruned model.
+#[derive(clap::Args)]
+pub struct PruneStructuredArgs {
+    /// Checkpoint to prune.
+    checkpoint: PathBuf,
+    /// Examples the importance is measured on (and the recovery trains on).
+    #[command(flatten)]
+    data: DataArgs,
+    /// Pruned checkpoint folder to write (with structured_prune_report.json).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Share of each layer's MLP units to remove (0 up to 1) [default: the recipe's [prune]].
+    #[arg(long)]
+    mlp: Option<f64>,
+    /// Share of each layer's attention heads to remove, in whole KV groups [default: the
+    /// recipe's [prune]].
+    #[arg(long)]
+    heads: Option<f64>,
+    /// Training examples the importance is measured on.
+    #[arg(long)]
+    calibration: Option<usize>,
+    /// Distil the pruned model from the unpruned one afterwards (settings: the recipe's
+    /// [prune.train], then the flags).
+    #[arg(long)]
+    recover: bool,
+    #[command(flatten)]
+    train: TrainArgs,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Prunes whole units and groups, and recovers when asked.
+pub fn prune_structured(a: PruneStructuredArgs) -> Result<()> {
+    use edgelm_distill::prune::structured::{measure_importance, prune_structured, StructuredOptions};
+    use edgelm_distill::train::batch::Formatter;
+    use edgelm_distill::train::distill::{distill, DistillSpec, StudentInit};
+    let ck = Checkpoint::load(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let splits = a.data.splits()?;
+    let stage = a.data.recipe()?.and_then(|r| r.prune);
+    let opts = StructuredOptions {
+        mlp: a.mlp.or(stage.as_ref().map(|s| s.mlp)).unwrap_or(0.0),
+        heads: a.heads.or(stage.as_ref().map(|s| s.heads)).unwrap_or(0.0),
+    };
+    if opts.mlp == 0.0 && opts.heads == 0.0 {
+        anyhow::bail!("nothing to prune: give --mlp and/or --heads (or a --recipe with [prune])");
+    }
+    let n = a.calibration.or(stage.as_ref().map(|s| s.calibration)).unwrap_or(256);
+    let f = Formatter::for_checkpoint(&ck)?;
+    let ctx = ck.config.max_position_embeddings;
+    let calibration: Vec<Vec<u32>> = splits
+        .train
+        .iter()
+        .take(n)
+        .map(|e| f.encode(e).map(|x| x.ids.into_iter().take(ctx).collect()))
+        .collect::<edgelm_distill::Result<_>>()?;
+    let importance = measure_importance(&ck.config, &ck.tensors, &calibration).context("measuring importance")?;
+    let (config, weights, report) = prune_structured(&ck.config, &ck.tensors, &importance, &opts)?;
+    eprintln!(
+        "pruned: MLP {} -> {} units, heads {} -> {} ({} -> {} KV groups), {} -> {} parameters, on {} calibration tokens",
+        report.intermediate_size.0,
+        report.intermediate_size.1,
+        report.attention_heads.0,
+        report.attention_heads.1,
+        report.kv_heads.0,
+        report.kv_heads.1,
+        report.parameters.0,
+        report.parameters.1,
+        report.calibration_tokens
+    );
+    if a.recover {
+        let base = stage.as_ref().map(|s| s.train.clone()).unwrap_or_else(|| TrainSettings::default().with_lr(1e-3));
+        let spec = DistillSpec {
+            student: StudentInit::Weights(config, weights),
+            temperature: stage.as_ref().map(|s| s.temperature).unwrap_or(2.0),
+            alpha: stage.as_ref().map(|s| s.alpha).unwrap_or(0.5),
+            train: a.train.over(base),
+            teacher_cache: None,
+        };
+        let log = distill(&ck, (&splits.train, &splits.validation), &spec, &a.run.stage(a.output.clone()))
+            .context("recovering")?;
+        print_log(&log, &a.output);
+    } else {
+        use edgelm_distill::checkpoint::write::{copy_tokenizer_files, write_checkpoint, write_generation_config};
+        write_checkpoint(&a.output, &config, &weights, Default::default())?;
+        write_generation_config(&a.output, &config)?;
+        copy_tokenizer_files(&ck.dir, &a.output)?;
+    }
+    let p = a.output.join("structured_prune_report.json");
+    std::fs::write(&p, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", p.display()))?;
+    eprintln!("wrote {}", a.output.display());
     Ok(())
 }

@@ -21,7 +21,10 @@ pub use encoder::export_encoder;
 use graph::build_decoder;
 pub use graph::LogitsMode;
 pub use quantized::{check_encoder, quantize_bundle, EncoderCheck, QuantizedReport, ENCODER_MIN_COSINE};
-pub use verify::{compare_bundles_on, kl_divergence, max_abs_diff, verify_against_bundle, verify_bundle, VerifyReport};
+pub use verify::{
+    compare_bundles_on, compare_checkpoints_on, kl_divergence, max_abs_diff, verify_against_bundle, verify_bundle,
+    SequenceComparison, VerifyReport,
+};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Result};

@@ -87,42 +87,111 @@ pub fn verify_against_bundle(reference_dir: &Path, dir: &Path, tolerance: f32) -
     compare(&mut reference, dir, vocab, context, tolerance)
 }
 
-/// Runs two bundles over real token sequences, teacher-forced: each reads every sequence one
-/// token at a time, and the next-token distributions are compared at every position (mean KL
-/// of `dir`'s from `reference_dir`'s, top-1 agreement, largest logit difference). `passed` is
-/// left true: the caller holds the limits.
-pub fn compare_bundles_on(reference_dir: &Path, dir: &Path, sequences: &[Vec<u32>]) -> Result<VerifyReport> {
+/// Two models read the same token sequences teacher-forced: how far apart their next-token
+/// distributions are, and how well each predicts the sequences' own next tokens.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SequenceComparison {
+    /// Token positions compared.
+    pub positions: usize,
+    /// Mean KL divergence of the candidate's distribution from the reference's, nats.
+    pub mean_kl: f64,
+    /// Share of positions where both pick the same greedy token.
+    pub top1_agreement: f64,
+    /// Largest absolute logit difference (infinite when either side is not finite).
+    pub max_abs_diff: f32,
+    /// Perplexity of the sequences' next tokens under the reference.
+    pub reference_perplexity: f64,
+    /// Perplexity of the sequences' next tokens under the candidate.
+    pub perplexity: f64,
+}
+
+/// Running sums behind a `SequenceComparison`.
+#[derive(Default)]
+struct ComparisonSum {
+    positions: usize,
+    kl: f64,
+    agree: usize,
+    worst: f32,
+    scored: usize,
+    reference_nll: f64,
+    nll: f64,
+}
+
+/// `-log softmax(logits)[id]`.
+fn nll(logits: &[f32], id: u32) -> f64 {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z = logits.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+    z - logits.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY) as f64
+}
+
+impl ComparisonSum {
+    /// One position: both models' logits and, unless it is the last, the token that follows.
+    fn add(&mut self, reference: &[f32], candidate: &[f32], next: Option<u32>) {
+        self.worst = self.worst.max(max_abs_diff(reference, candidate));
+        self.kl += kl_divergence(reference, candidate);
+        let argmax = edgelm_runtime::sampling::argmax;
+        self.agree += usize::from(argmax(reference) == argmax(candidate));
+        self.positions += 1;
+        if let Some(id) = next {
+            self.reference_nll += nll(reference, id);
+            self.nll += nll(candidate, id);
+            self.scored += 1;
+        }
+    }
+
+    fn finish(self) -> SequenceComparison {
+        let n = self.positions.max(1) as f64;
+        let s = self.scored.max(1) as f64;
+        SequenceComparison {
+            positions: self.positions,
+            mean_kl: self.kl / n,
+            top1_agreement: self.agree as f64 / n,
+            max_abs_diff: self.worst,
+            reference_perplexity: (self.reference_nll / s).exp(),
+            perplexity: (self.nll / s).exp(),
+        }
+    }
+}
+
+/// Runs two bundles in ONNX Runtime over real token sequences, teacher-forced, one token at a
+/// time through the KV cache (a quantized bundle against the fp32 one it came from).
+pub fn compare_bundles_on(reference_dir: &Path, dir: &Path, sequences: &[Vec<u32>]) -> Result<SequenceComparison> {
     let open = |d: &Path| -> Result<Decoder> {
         let b = Bundle::open(d)?;
         Ok(Decoder::load(&b.model_path, &b.genai, &DecoderOptions::default())?)
     };
     let (mut reference, mut candidate) = (open(reference_dir)?, open(dir)?);
-    let (mut worst, mut worst_step, mut kl, mut agree, mut positions) = (0f32, 0usize, 0f64, 0usize, 0usize);
+    let mut sum = ComparisonSum::default();
     for seq in sequences.iter().filter(|s| !s.is_empty()) {
         let mut rs = reference.start(seq.len())?;
         let mut cs = candidate.start(seq.len())?;
-        for &id in seq {
+        for (i, &id) in seq.iter().enumerate() {
             let r = reference.forward(&mut rs, &[id])?.to_vec();
             let c = candidate.forward(&mut cs, &[id])?;
-            let diff = max_abs_diff(&r, c);
-            if diff > worst {
-                (worst, worst_step) = (diff, positions);
-            }
-            kl += kl_divergence(&r, c);
-            agree += usize::from(edgelm_runtime::sampling::argmax(&r) == edgelm_runtime::sampling::argmax(c));
-            positions += 1;
+            sum.add(&r, c, seq.get(i + 1).copied());
         }
     }
-    let n = positions.max(1) as f64;
-    Ok(VerifyReport {
-        max_abs_diff: worst,
-        worst_step,
-        passed: true,
-        prompt_tokens: positions,
-        decode_steps: 0,
-        mean_kl: kl / n,
-        top1_agreement: agree as f64 / n,
-    })
+    Ok(sum.finish())
+}
+
+/// The same comparison for two checkpoints in candle, each sequence in one forward pass (a
+/// pruned model against the one it was cut from).
+pub fn compare_checkpoints_on(
+    reference: &Checkpoint,
+    candidate: &Checkpoint,
+    sequences: &[Vec<u32>],
+) -> Result<SequenceComparison> {
+    let (rm, cm) = (LlamaModel::new(reference)?, LlamaModel::new(candidate)?);
+    let mut sum = ComparisonSum::default();
+    for seq in sequences.iter().filter(|s| !s.is_empty()) {
+        let ids = Tensor::new(seq.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let r = rm.forward(&ids, &mut rm.new_cache())?.squeeze(0)?.to_vec2::<f32>()?;
+        let c = cm.forward(&ids, &mut cm.new_cache())?.squeeze(0)?.to_vec2::<f32>()?;
+        for (i, (r, c)) in r.iter().zip(&c).enumerate() {
+            sum.add(r, c, seq.get(i + 1).copied());
+        }
+    }
+    Ok(sum.finish())
 }
 
 fn check_prompt_len(context: usize) -> usize {

@@ -16,7 +16,7 @@ use super::stage::{flop_parameters, lm_loss, load_best, train_stage, Stage, Stag
 use super::teacher_cache::TeacherCache;
 use super::Trainer;
 use crate::checkpoint::write::{copy_tokenizer_files, write_checkpoint, write_generation_config, WriteOptions};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, ModelConfig};
 use crate::data::Example;
 use crate::error::Result;
 use crate::model::LlamaModel;
@@ -26,8 +26,8 @@ use crate::student::{init_student, StudentShape};
 /// Distillation settings besides the loop.
 #[derive(Debug, Clone)]
 pub struct DistillSpec {
-    /// What the student keeps of the teacher.
-    pub shape: StudentShape,
+    /// Where the student's starting weights come from.
+    pub student: StudentInit,
     /// Softmax temperature of the soft targets.
     pub temperature: f64,
     /// Weight of the soft-target term.
@@ -37,6 +37,15 @@ pub struct DistillSpec {
     /// Read the teacher's top-k logits from a cache on disk (built on first use) instead of
     /// running the teacher every step: `(folder, k)`.
     pub teacher_cache: Option<(PathBuf, usize)>,
+}
+
+/// The student before training.
+#[derive(Debug, Clone)]
+pub enum StudentInit {
+    /// Layers and units sliced from the teacher.
+    Slice(StudentShape),
+    /// Weights made elsewhere (a structurally pruned copy of the teacher, recovering).
+    Weights(ModelConfig, HashMap<String, Tensor>),
 }
 
 /// Distills `teacher` into a student written to `opts.output`.
@@ -49,7 +58,22 @@ pub fn distill(
     let fmt = Formatter::for_checkpoint(teacher)?;
     let train = fmt.encode_within(data.0, teacher.config.max_position_embeddings, "training set")?;
     let validation = fmt.encode_within(data.1, teacher.config.max_position_embeddings, "validation set")?;
-    let (config, weights) = init_student(&teacher.config, &teacher.tensors, &spec.shape)?;
+    let (config, weights) = match &spec.student {
+        StudentInit::Slice(shape) => init_student(&teacher.config, &teacher.tensors, shape)?,
+        StudentInit::Weights(c, w) => {
+            if c.vocab_size != teacher.config.vocab_size {
+                return Err(crate::Error::InvalidConfig {
+                    what: format!(
+                        "student vocabulary {} differs from the teacher's {}",
+                        c.vocab_size, teacher.config.vocab_size
+                    ),
+                });
+            }
+            // Copies, so training never writes into storage the caller still holds.
+            let w = w.iter().map(|(k, v)| Ok((k.clone(), v.copy()?))).collect::<Result<_>>()?;
+            (c.clone(), w)
+        }
+    };
     let total = spec.train.fit_options("student").total_steps(train.len());
     let mut trainer = Trainer::new(weights, spec.train.train_config(total))?;
     let teacher_model = LlamaModel::new(teacher)?;
@@ -90,7 +114,11 @@ pub fn distill(
     copy_tokenizer_files(&teacher.dir, out)?;
     // Each step also runs the teacher forward: 2 x teacher parameters per token on top of the
     // student's 6 x; the log counts the student's share only.
-    let log = TrainLog::new("distill", trainer.num_parameters(), flop_parameters(&config), &report);
+    let kind = match spec.student {
+        StudentInit::Slice(_) => "distill",
+        StudentInit::Weights(..) => "recover",
+    };
+    let log = TrainLog::new(kind, trainer.num_parameters(), flop_parameters(&config), &report);
     log.write(out)?;
     Ok(log)
 }
