@@ -25,7 +25,7 @@ use crate::prune::structured::{measure_importance, prune_structured};
 use crate::recipe::Recipe;
 use crate::report::{svg, Bar};
 use crate::student::StudentShape;
-use crate::train::batch::Formatter;
+use crate::train::batch::{Encoded, Formatter};
 use crate::train::distill::{distill, DistillSpec, StudentInit};
 use crate::train::finetune::{finetune, merge, FinetuneSpec};
 use crate::train::fit::LogPoint;
@@ -144,6 +144,46 @@ pub struct RuntimeFigures {
     pub process_peak_rss_mib: f64,
 }
 
+/// What the fine-tune taught and what it kept.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetuneReport {
+    /// Fine-tuning examples (new ones and replayed original ones).
+    pub new_examples: usize,
+    /// Of those, examples of the original training split.
+    pub replayed: usize,
+    /// Test commands of the new data scored (0: the fine-tune used the original data).
+    pub new_test_examples: usize,
+    /// Task completion on the new data's test commands before and after.
+    pub new_before: Option<f64>,
+    /// See `new_before`.
+    pub new_after: Option<f64>,
+    /// Task completion on the original test commands before and after (forgetting).
+    pub original_before: f64,
+    /// See `original_before`.
+    pub original_after: f64,
+    /// EWC strength of the kept fine-tune.
+    pub ewc_lambda: f64,
+    /// The same fine-tune without EWC, when the recipe asks for the comparison.
+    pub without_ewc: Option<FinetuneOutcome>,
+}
+
+/// Task completion after a fine-tune: on the new data and on the original test commands.
+#[derive(Debug, Clone, Serialize)]
+pub struct FinetuneOutcome {
+    /// On the new data's test commands.
+    pub new: Option<f64>,
+    /// On the original test commands.
+    pub original: f64,
+}
+
+/// "x% on the new commands, y% on the original ones".
+fn learned(new: Option<f64>, original: f64) -> String {
+    match new {
+        Some(n) => format!("{:.1}% on the new commands, {:.1}% on the original ones", 100.0 * n, 100.0 * original),
+        None => format!("{:.1}%", 100.0 * original),
+    }
+}
+
 /// Everything the pipeline measured (`report.json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct PipelineReport {
@@ -153,8 +193,10 @@ pub struct PipelineReport {
     pub test_examples: usize,
     /// One row per stage.
     pub stages: Vec<StageRow>,
-    /// The accuracy gates of the quantized bundles.
+    /// The accuracy gates of the pruned model and the quantized bundles.
     pub gates: Vec<GateResult>,
+    /// What the LoRA fine-tune taught and kept (when the recipe has one).
+    pub finetune: Option<FinetuneReport>,
     /// The bundle the pipeline ships: the last (smallest) one that passed its gate.
     pub shipped: PathBuf,
     /// Training logs (`train_log.json` contents) by stage.
@@ -239,28 +281,82 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     )?;
     rows.push(row("teacher", &teacher, score, t.elapsed().as_secs_f64()));
 
-    // 2. LoRA fine-tune + merge.
+    // 2. LoRA fine-tune + merge: on new data (the user's own home) when the recipe brings
+    // some, measuring what it taught and, with EWC, what of the original task it kept.
     let mut source = teacher;
+    let new_data = recipe.finetune_splits()?;
+    let mut finetune_report = None;
     if let Some(ft) = &recipe.finetune {
         let t = Instant::now();
-        let spec = FinetuneSpec {
+        let replayed: Vec<crate::data::Example>;
+        let (ft_train, ft_validation) = match &new_data {
+            Some(d) => {
+                let replay = &splits.train[..ft.replay.min(splits.train.len())];
+                replayed = d.train.iter().chain(replay).cloned().collect();
+                (&replayed[..], &d.validation[..])
+            }
+            None => {
+                let n = ft.examples.unwrap_or(splits.train.len()).min(splits.train.len());
+                (&splits.train[..n], &splits.validation[..])
+            }
+        };
+        let new_test = new_data.as_ref().map(|d| &d.test[..n_eval.min(d.test.len())]);
+        let score_new = |ck: &Checkpoint| -> Result<Option<f64>> {
+            new_test.map(|t| score_checkpoint(ck, t, opts.progress).map(|s| s.task_completion)).transpose()
+        };
+        let new_before = score_new(&source)?;
+        if let Some(b) = new_before {
+            say(out, format!("teacher on the fine-tuning data's test commands (never seen): {:.1}%", 100.0 * b))?;
+        }
+        let spec = |ewc_lambda: f64| FinetuneSpec {
             lora: LoraConfig { r: ft.r, lora_alpha: ft.alpha, target_modules: ft.targets.clone() },
             seed: ft.train.seed,
-            ewc_lambda: ft.ewc_lambda,
+            ewc_lambda,
             fisher_batches: ft.fisher_batches,
             train: ft.train.clone(),
         };
-        let n = ft.examples.unwrap_or(splits.train.len()).min(splits.train.len());
+        // Without EWC first, when asked: the baseline forgetting is measured against.
+        let baseline = if ft.ewc_baseline && ft.ewc_lambda > 0.0 {
+            let done =
+                finetune(&source, (ft_train, ft_validation), &splits.train, &spec(0.0), &stage("adapter-no-ewc"))?;
+            merge(&source, &done.adapter, &dir.join("finetuned-no-ewc"))?;
+            let merged = Checkpoint::load(dir.join("finetuned-no-ewc"))?;
+            let original = score_checkpoint(&merged, test, opts.progress)?.task_completion;
+            let new = score_new(&merged)?;
+            say(out, format!("fine-tuned without EWC: {}", learned(new, original)))?;
+            Some((new, original))
+        } else {
+            None
+        };
         let done =
-            finetune(&source, (&splits.train[..n], &splits.validation), &splits.train, &spec, &stage("adapter"))?;
+            finetune(&source, (ft_train, ft_validation), &splits.train, &spec(ft.ewc_lambda), &stage("adapter"))?;
         merge(&source, &done.adapter, &dir.join("finetuned"))?;
         logs.push(done.log);
         let merged = Checkpoint::load(dir.join("finetuned"))?;
         let score = score_checkpoint(&merged, test, opts.progress)?;
-        say(out, format!("fine-tuned (LoRA r={}, merged): {:.1}%", ft.r, 100.0 * score.task_completion))?;
+        let new_after = score_new(&merged)?;
+        let with = if ft.ewc_lambda > 0.0 { format!(", EWC lambda {}", ft.ewc_lambda) } else { String::new() };
+        say(out, format!("fine-tuned (LoRA r={}{with}, merged): {}", ft.r, learned(new_after, score.task_completion)))?;
+        let original_before = rows[0].task_completion;
+        finetune_report = Some(FinetuneReport {
+            new_examples: ft_train.len(),
+            replayed: if new_data.is_some() { ft.replay.min(splits.train.len()) } else { 0 },
+            new_test_examples: new_test.map(<[_]>::len).unwrap_or(0),
+            new_before,
+            new_after,
+            original_before,
+            original_after: score.task_completion,
+            ewc_lambda: ft.ewc_lambda,
+            without_ewc: baseline.map(|(new, original)| FinetuneOutcome { new, original }),
+        });
         rows.push(row("fine-tuned", &merged, score, t.elapsed().as_secs_f64()));
         source = merged;
     }
+    // The student learns everything the fine-tuned teacher knows: the original data and the new.
+    let distill_train: Vec<crate::data::Example> = match &new_data {
+        Some(d) => splits.train.iter().chain(&d.train).cloned().collect(),
+        None => splits.train.clone(),
+    };
 
     // 3. Distil.
     let t = Instant::now();
@@ -276,7 +372,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         train: s.train.clone(),
         teacher_cache: s.teacher_top_k.map(|k| (dir.join("teacher-cache"), k)),
     };
-    let log = distill(&source, (&splits.train, &splits.validation), &spec, &stage("student"))?;
+    let log = distill(&source, (&distill_train, &splits.validation), &spec, &stage("student"))?;
     logs.push(log);
     let student = Checkpoint::load(dir.join("student"))?;
     let score = score_checkpoint(&student, test, opts.progress)?;
@@ -288,12 +384,12 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
 
     // The gates' fixed token set: the first test commands as the model reads them (prompt and
     // expected answer, teacher-forced).
-    let kl_sequences: Vec<Vec<u32>> = {
+    let kl_sequences: Vec<Encoded> = {
         let f = Formatter::for_checkpoint(&student)?;
         let ctx = student.config.max_position_embeddings;
         test.iter()
             .take(KL_EXAMPLES)
-            .map(|e| f.encode(e).map(|x| x.ids.into_iter().take(ctx).collect()))
+            .map(|e| f.encode(e).map(|x| Encoded { ids: x.ids.into_iter().take(ctx).collect(), ..x }))
             .collect::<Result<_>>()?
     };
     let mut gates = Vec::new();
@@ -340,7 +436,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
             train: p.train.clone(),
             teacher_cache: None,
         };
-        logs.push(distill(&student, (&splits.train, &splits.validation), &spec, &stage("pruned"))?);
+        logs.push(distill(&student, (&distill_train, &splits.validation), &spec, &stage("pruned"))?);
         let pruned_dir = dir.join("pruned");
         let report_path = pruned_dir.join("structured_prune_report.json");
         std::fs::write(&report_path, serde_json::to_string_pretty(&cut).expect("json")).at(&report_path)?;
@@ -414,6 +510,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         student_relative_completion: student_row.task_completion / teacher_row.task_completion.max(1e-9),
         stages: rows,
         gates,
+        finetune: finetune_report,
         shipped: shipped.clone(),
         training: logs,
         export_max_abs_diff: diff,
@@ -621,6 +718,22 @@ fn table(r: &PipelineReport, out: &mut dyn Write) -> Result<()> {
             if g.passed { "passed" } else { "failed" }
         ));
     }
+    if let Some(f) = &r.finetune {
+        let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v));
+        t.push_str(&format!(
+            "fine-tune on {} new examples: new commands {} -> {}, original commands {:.1}% -> {:.1}% (EWC lambda {})",
+            f.new_examples,
+            pct(f.new_before),
+            pct(f.new_after),
+            100.0 * f.original_before,
+            100.0 * f.original_after,
+            f.ewc_lambda
+        ));
+        if let Some(w) = &f.without_ewc {
+            t.push_str(&format!("; without EWC: new {}, original {:.1}%", pct(w.new), 100.0 * w.original));
+        }
+        t.push('\n');
+    }
     t.push_str(&format!("shipped: {}\n", r.shipped.display()));
     t.push_str(&format!(
         "student: {:.1}% of the teacher's parameters, {:.1}% of its task completion\n",
@@ -656,7 +769,10 @@ mod tests {
         export(&ck, &fp32, &ExportOptions::default()).unwrap();
 
         // Two token sequences read teacher-forced by both bundles.
-        let seqs: Vec<Vec<u32>> = vec![(3..40).collect(), (100..130).collect()];
+        let seqs: Vec<Encoded> = [(3..40).collect(), (100..130).collect()]
+            .into_iter()
+            .map(|ids: Vec<u32>| Encoded { ids, prompt_len: 4 })
+            .collect();
         let int8 = tmp.path().join("int8");
         quantize_bundle(&fp32, &int8, &crate::quantize::QuantizeOptions::for_bits(8).unwrap(), None).unwrap();
         let check = compare_bundles_on(&fp32, &int8, &seqs).unwrap();

@@ -138,8 +138,45 @@ pub struct FinetuneRecipe {
     pub fisher_batches: usize,
     /// Training examples used (the first N of the training split; all when absent).
     pub examples: Option<usize>,
+    /// New data to teach (the recipe's own training data when absent).
+    pub data: Option<FinetuneData>,
+    /// Examples of the original training split mixed into new fine-tuning data (replay: the
+    /// plainest guard against forgetting).
+    #[serde(default)]
+    pub replay: usize,
+    /// Also fine-tune without EWC, to measure what EWC keeps of the original task.
+    #[serde(default)]
+    pub ewc_baseline: bool,
     /// Optimizer and loop settings.
     pub train: TrainSettings,
+}
+
+/// Data a fine-tune teaches: a built-in task or a folder of JSONL splits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneData {
+    /// A built-in task (`home`: commands naming devices and places the base task never has).
+    pub task: Option<BuiltinTask>,
+    /// Folder with `train.jsonl`, `validation.jsonl`, `test.jsonl` instead.
+    pub dir: Option<PathBuf>,
+    /// Seed of the built-in task.
+    #[serde(default)]
+    pub seed: u64,
+    /// Training examples of the built-in task (validation and test get a fifth each).
+    #[serde(default = "default_home_train")]
+    pub train: usize,
+}
+
+fn default_home_train() -> usize {
+    2000
+}
+
+/// Built-in fine-tuning tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuiltinTask {
+    /// "The user's own home": new devices and places (`task::generate_home`).
+    Home,
 }
 
 fn default_fisher_batches() -> usize {
@@ -294,6 +331,9 @@ pub struct PruneStage {
     /// Share of each layer's attention heads to remove (whole KV groups).
     #[serde(default)]
     pub heads: f64,
+    /// Share of the query heads of each KV group to remove (keys and values stay).
+    #[serde(default)]
+    pub query_heads: f64,
     /// Training examples the importance is measured on.
     #[serde(default = "default_calibration")]
     pub calibration: usize,
@@ -319,7 +359,7 @@ fn default_calibration() -> usize {
 impl PruneStage {
     /// The pruning shares.
     pub fn options(&self) -> crate::prune::structured::StructuredOptions {
-        crate::prune::structured::StructuredOptions { mlp: self.mlp, heads: self.heads }
+        crate::prune::structured::StructuredOptions { mlp: self.mlp, heads: self.heads, query_heads: self.query_heads }
     }
 }
 
@@ -474,6 +514,23 @@ impl Recipe {
                 let s = task::generate(self.data.seed, self.data.train);
                 Ok(Splits { train: s.train, validation: s.validation, test: s.test })
             }
+        }
+    }
+
+    /// The fine-tuning data's splits, when `[finetune.data]` names new data.
+    pub fn finetune_splits(&self) -> Result<Option<Splits>> {
+        let Some(d) = self.finetune.as_ref().and_then(|f| f.data.as_ref()) else {
+            return Ok(None);
+        };
+        match (d.task, &d.dir) {
+            (Some(BuiltinTask::Home), None) => {
+                let s = task::generate_home(d.seed, d.train);
+                Ok(Some(Splits { train: s.train, validation: s.validation, test: s.test }))
+            }
+            (None, Some(dir)) => Splits::read_dir(&self.path(dir)).map(Some),
+            _ => Err(Error::InvalidConfig {
+                what: format!("{}: [finetune.data] needs exactly one of task and dir", self.name),
+            }),
         }
     }
 

@@ -79,6 +79,19 @@ fn pipeline_runs_end_to_end_on_the_tiny_recipe() {
     let pretrain_vals: Vec<f64> =
         logs[0]["history"].as_array().unwrap().iter().filter_map(|p| p["val_loss"].as_f64()).collect();
     assert!(pretrain_vals.last().unwrap() < &(pretrain_vals[0] * 0.8), "pre-training learns: {pretrain_vals:?}");
+    // The fine-tune taught the home data, scored before and after, with and without EWC.
+    let ft = &report["finetune"];
+    assert_eq!(
+        (ft["new_examples"].as_u64(), ft["replayed"].as_u64(), ft["new_test_examples"].as_u64()),
+        (Some(128), Some(32), Some(16)),
+        "{ft}"
+    );
+    for v in [&ft["new_before"], &ft["new_after"], &ft["without_ewc"]["new"], &ft["without_ewc"]["original"]] {
+        assert!((0.0..=1.0).contains(&v.as_f64().unwrap()), "{ft}");
+    }
+    assert_eq!(ft["original_after"], stages[1]["task_completion"]);
+    assert!(tmp.path().join("finetuned-no-ewc/config.json").exists());
+    assert!(stdout.contains("without EWC"), "{stdout}");
     let svg = std::fs::read_to_string(tmp.path().join("report.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("student") && svg.contains("bundle"));
     for f in [

@@ -42,16 +42,32 @@ pub struct GenerateArgs {
     /// Seed; the same seed gives the same files.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Training examples (validation and test get a tenth each).
+    /// Training examples (validation and test get a tenth each; a fifth for `home`).
     #[arg(long, default_value_t = 20_000)]
     train: usize,
+    /// `commands` (the base task) or `home` (devices and places the base task never has: data
+    /// for a fine-tune to teach).
+    #[arg(long, value_enum, default_value = "commands")]
+    task: TaskArg,
+}
+
+/// Which built-in task to write.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum TaskArg {
+    /// The device-command task the teachers are trained on.
+    Commands,
+    /// The user's own home: new devices and places.
+    Home,
 }
 
 /// Writes the built-in task.
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let GenerateArgs { output, seed, train } = a;
+    let GenerateArgs { output, seed, train, task: which } = a;
     use edgelm_distill::data::{task, write_jsonl};
-    let s = task::generate(seed, train);
+    let s = match which {
+        TaskArg::Commands => task::generate(seed, train),
+        TaskArg::Home => task::generate_home(seed, train),
+    };
     for (name, set) in [("train", &s.train), ("validation", &s.validation), ("test", &s.test)] {
         write_jsonl(&output.join(format!("{name}.jsonl")), set)?;
     }

@@ -327,6 +327,10 @@ pub struct PruneStructuredArgs {
     /// recipe's [prune]].
     #[arg(long)]
     heads: Option<f64>,
+    /// Share of each KV group's query heads to remove, keys and values kept [default: the
+    /// recipe's [prune]].
+    #[arg(long)]
+    query_heads: Option<f64>,
     /// Training examples the importance is measured on.
     #[arg(long)]
     calibration: Option<usize>,
@@ -351,9 +355,10 @@ pub fn prune_structured(a: PruneStructuredArgs) -> Result<()> {
     let opts = StructuredOptions {
         mlp: a.mlp.or(stage.as_ref().map(|s| s.mlp)).unwrap_or(0.0),
         heads: a.heads.or(stage.as_ref().map(|s| s.heads)).unwrap_or(0.0),
+        query_heads: a.query_heads.or(stage.as_ref().map(|s| s.query_heads)).unwrap_or(0.0),
     };
-    if opts.mlp == 0.0 && opts.heads == 0.0 {
-        anyhow::bail!("nothing to prune: give --mlp and/or --heads (or a --recipe with [prune])");
+    if opts.mlp == 0.0 && opts.heads == 0.0 && opts.query_heads == 0.0 {
+        anyhow::bail!("nothing to prune: give --mlp, --heads or --query-heads (or a --recipe with [prune])");
     }
     let n = a.calibration.or(stage.as_ref().map(|s| s.calibration)).unwrap_or(256);
     let f = Formatter::for_checkpoint(&ck)?;

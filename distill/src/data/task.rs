@@ -123,10 +123,27 @@ fn time(rng: &mut Rng) -> (String, String) {
     (canonical, spoken)
 }
 
+/// A device as the user names it: how it behaves (`kind`), its canonical word and the names
+/// people call it by.
+#[derive(Clone, Copy)]
+struct DeviceWords {
+    kind: Device,
+    canonical: &'static str,
+    names: &'static [&'static str],
+}
+
+impl From<Device> for DeviceWords {
+    fn from(d: Device) -> Self {
+        DeviceWords { kind: d, canonical: d.canonical(), names: d.names() }
+    }
+}
+
 /// One command: its canonical answer and a phrasing of it.
-fn command(rng: &mut Rng, device: Device, place: &[&str]) -> (String, String) {
+fn command(rng: &mut Rng, device: impl Into<DeviceWords>, place: &[&str]) -> (String, String) {
+    let words = device.into();
+    let device = words.kind;
     let p = place[1 + rng.below(place.len() - 1)];
-    let d = *rng.pick(device.names());
+    let d = *rng.pick(words.names);
     let the = |rng: &mut Rng| if rng.chance(0.85) { "the " } else { "" };
     let (action, value, phrase) = match device {
         Device::Heater => {
@@ -217,7 +234,7 @@ fn command(rng: &mut Rng, device: Device, place: &[&str]) -> (String, String) {
             ("run", Some(format!("{n}min")), format!("{verb} {}{p} {d} for {} {minutes}", the(rng), spoken_int(rng, n)))
         }
     };
-    let mut out = format!("{} {} {action}", device.canonical(), place[0]);
+    let mut out = format!("{} {} {action}", words.canonical, place[0]);
     if let Some(v) = value {
         out.push(' ');
         out.push_str(&v);
@@ -311,6 +328,62 @@ pub fn generate(seed: u64, train: usize) -> TaskSplits {
     TaskSplits { train: train_set, validation, test }
 }
 
+/// Places of "the user's own home" that the built-in task never mentions.
+const HOME_PLACES: &[&[&str]] = &[
+    &["greenhouse", "greenhouse", "glasshouse"],
+    &["sauna", "sauna", "steam room"],
+    &["workshop", "workshop", "shed"],
+    &["pantry", "pantry", "larder"],
+    &["guestroom", "guest room", "spare room"],
+    &["balcony", "balcony", "terrace"],
+];
+
+/// Devices of the user's home that the built-in task never mentions, each behaving like one
+/// it knows (so the command grammar is the same and only the words are new).
+const HOME_DEVICES: &[DeviceWords] = &[
+    DeviceWords { kind: Device::Fan, canonical: "dehumidifier", names: &["dehumidifier", "air dryer"] },
+    DeviceWords { kind: Device::Heater, canonical: "aircon", names: &["aircon", "air conditioner", "ac unit"] },
+    DeviceWords { kind: Device::Blinds, canonical: "awning", names: &["awning", "sunshade", "canopy"] },
+    DeviceWords { kind: Device::Lock, canonical: "gate", names: &["gate", "side gate"] },
+    DeviceWords { kind: Device::Sprinkler, canonical: "pump", names: &["pump", "water pump"] },
+    DeviceWords { kind: Device::Light, canonical: "spotlight", names: &["spotlight", "spotlights", "floodlight"] },
+];
+
+/// Fine-tuning data from "the user's own home": commands naming devices and places the
+/// built-in task never has (a new device in a known place, a known device in a new place, or
+/// both, a third each), `train` training examples and a fifth as many validation and test
+/// examples each, deterministically from `seed`. No input text appears in two splits, and none
+/// can occur in `generate`'s splits, as every one names a new device or place.
+pub fn generate_home(seed: u64, train: usize) -> TaskSplits {
+    let mut rng = Rng::new(seed ^ 0x686f_6d65);
+    let n_eval = (train / 5).max(1);
+    let mut seen = std::collections::HashSet::new();
+    let mut make = |rng: &mut Rng, n: usize| {
+        let mut out = Vec::with_capacity(n);
+        let mut attempts = 0usize;
+        while out.len() < n && attempts < n * 50 {
+            attempts += 1;
+            let (new_device, new_place) = match rng.below(3) {
+                0 => (true, false),
+                1 => (false, true),
+                _ => (true, true),
+            };
+            let device = if new_device { *rng.pick(HOME_DEVICES) } else { (*rng.pick(&DEVICES)).into() };
+            let place =
+                if new_place { HOME_PLACES[rng.below(HOME_PLACES.len())] } else { PLACES[rng.below(PLACES.len())] };
+            let (output, input) = command(rng, device, place);
+            if seen.insert(input.clone()) {
+                out.push(Example { instruction: INSTRUCTION.to_owned(), input, output });
+            }
+        }
+        out
+    };
+    let train_set = make(&mut rng, train);
+    let validation = make(&mut rng, n_eval);
+    let test = make(&mut rng, n_eval);
+    TaskSplits { train: train_set, validation, test }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,6 +427,29 @@ mod tests {
         for p in PLACES {
             assert!(s.train.iter().any(|e| e.output.split(' ').nth(1) == Some(p[0])));
         }
+    }
+
+    #[test]
+    fn home_data_names_only_what_the_built_in_task_never_does() {
+        let home = generate_home(2, 1000);
+        assert_eq!((home.train.len(), home.validation.len(), home.test.len()), (1000, 200, 200));
+        let base = generate(1, 20_000);
+        let base_words: BTreeSet<&str> = base.train.iter().flat_map(|e| e.output.split(' ').take(2)).collect();
+        let all: Vec<&Example> = home.train.iter().chain(&home.validation).chain(&home.test).collect();
+        for e in &all {
+            let mut words = e.output.split(' ');
+            let (device, place) = (words.next().unwrap(), words.next().unwrap());
+            assert!(!base_words.contains(device) || !base_words.contains(place), "{} names nothing new", e.output);
+        }
+        // New devices appear in known places, known devices in new places, and both together.
+        let new_dev = |e: &&Example| HOME_DEVICES.iter().any(|d| e.output.starts_with(&format!("{} ", d.canonical)));
+        let new_place = |e: &&Example| HOME_PLACES.iter().any(|p| e.output.split(' ').nth(1) == Some(p[0]));
+        assert!(all.iter().any(|e| new_dev(e) && !new_place(e)));
+        assert!(all.iter().any(|e| !new_dev(e) && new_place(e)));
+        assert!(all.iter().any(|e| new_dev(e) && new_place(e)));
+        let inputs: BTreeSet<&str> = all.iter().map(|e| e.input.as_str()).collect();
+        assert_eq!(inputs.len(), all.len(), "no sentence in two splits");
+        assert_eq!(generate_home(2, 1000).test, home.test);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use edgelm_runtime::decoder::{Decoder, DecoderOptions};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::model::LlamaModel;
+use crate::train::batch::Encoded;
 
 /// Decode steps checked after the prefill.
 pub const DECODE_STEPS: usize = 8;
@@ -99,9 +100,9 @@ pub struct SequenceComparison {
     pub top1_agreement: f64,
     /// Largest absolute logit difference (infinite when either side is not finite).
     pub max_abs_diff: f32,
-    /// Perplexity of the sequences' next tokens under the reference.
+    /// Perplexity of the sequences' target tokens (those after each prompt) under the reference.
     pub reference_perplexity: f64,
-    /// Perplexity of the sequences' next tokens under the candidate.
+    /// The same under the candidate.
     pub perplexity: f64,
 }
 
@@ -153,22 +154,27 @@ impl ComparisonSum {
     }
 }
 
+/// The token that follows position `i` when it is a target (past the prompt) of `seq`.
+fn target_after(seq: &Encoded, i: usize) -> Option<u32> {
+    seq.ids.get(i + 1).copied().filter(|_| i + 1 >= seq.prompt_len)
+}
+
 /// Runs two bundles in ONNX Runtime over real token sequences, teacher-forced, one token at a
 /// time through the KV cache (a quantized bundle against the fp32 one it came from).
-pub fn compare_bundles_on(reference_dir: &Path, dir: &Path, sequences: &[Vec<u32>]) -> Result<SequenceComparison> {
+pub fn compare_bundles_on(reference_dir: &Path, dir: &Path, sequences: &[Encoded]) -> Result<SequenceComparison> {
     let open = |d: &Path| -> Result<Decoder> {
         let b = Bundle::open(d)?;
         Ok(Decoder::load(&b.model_path, &b.genai, &DecoderOptions::default())?)
     };
     let (mut reference, mut candidate) = (open(reference_dir)?, open(dir)?);
     let mut sum = ComparisonSum::default();
-    for seq in sequences.iter().filter(|s| !s.is_empty()) {
-        let mut rs = reference.start(seq.len())?;
-        let mut cs = candidate.start(seq.len())?;
-        for (i, &id) in seq.iter().enumerate() {
+    for seq in sequences.iter().filter(|s| !s.ids.is_empty()) {
+        let mut rs = reference.start(seq.ids.len())?;
+        let mut cs = candidate.start(seq.ids.len())?;
+        for (i, &id) in seq.ids.iter().enumerate() {
             let r = reference.forward(&mut rs, &[id])?.to_vec();
             let c = candidate.forward(&mut cs, &[id])?;
-            sum.add(&r, c, seq.get(i + 1).copied());
+            sum.add(&r, c, target_after(seq, i));
         }
     }
     Ok(sum.finish())
@@ -179,16 +185,16 @@ pub fn compare_bundles_on(reference_dir: &Path, dir: &Path, sequences: &[Vec<u32
 pub fn compare_checkpoints_on(
     reference: &Checkpoint,
     candidate: &Checkpoint,
-    sequences: &[Vec<u32>],
+    sequences: &[Encoded],
 ) -> Result<SequenceComparison> {
     let (rm, cm) = (LlamaModel::new(reference)?, LlamaModel::new(candidate)?);
     let mut sum = ComparisonSum::default();
-    for seq in sequences.iter().filter(|s| !s.is_empty()) {
-        let ids = Tensor::new(seq.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    for seq in sequences.iter().filter(|s| !s.ids.is_empty()) {
+        let ids = Tensor::new(seq.ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
         let r = rm.forward(&ids, &mut rm.new_cache())?.squeeze(0)?.to_vec2::<f32>()?;
         let c = cm.forward(&ids, &mut cm.new_cache())?.squeeze(0)?.to_vec2::<f32>()?;
         for (i, (r, c)) in r.iter().zip(&c).enumerate() {
-            sum.add(r, c, seq.get(i + 1).copied());
+            sum.add(r, c, target_after(seq, i));
         }
     }
     Ok(sum.finish())

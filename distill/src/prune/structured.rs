@@ -28,6 +28,10 @@ pub struct StructuredOptions {
     /// Share of each layer's attention heads to remove (0..1), rounded to whole KV groups; at
     /// least one group stays.
     pub heads: f64,
+    /// Share of the query heads of every remaining KV group to remove (0..1), the same number in
+    /// each group; keys and values stay. At least one query head per group stays.
+    #[serde(default)]
+    pub query_heads: f64,
 }
 
 /// What structured pruning did.
@@ -77,9 +81,9 @@ fn keep_top(scores: &[f64], k: usize) -> Vec<usize> {
     idx
 }
 
-/// Units and groups each layer keeps: `(mlp width, kv groups)`.
-fn kept_counts(config: &ModelConfig, opts: &StructuredOptions) -> Result<(usize, usize)> {
-    for (what, share) in [("mlp", opts.mlp), ("heads", opts.heads)] {
+/// Units, groups and query heads per group each layer keeps.
+fn kept_counts(config: &ModelConfig, opts: &StructuredOptions) -> Result<(usize, usize, usize)> {
+    for (what, share) in [("mlp", opts.mlp), ("heads", opts.heads), ("query_heads", opts.query_heads)] {
         if !(0.0..1.0).contains(&share) {
             return Err(Error::InvalidConfig {
                 what: format!("structured pruning: {what} share {share} is not in [0, 1)"),
@@ -90,7 +94,9 @@ fn kept_counts(config: &ModelConfig, opts: &StructuredOptions) -> Result<(usize,
     let mlp = (inter - (inter as f64 * opts.mlp).round() as usize).max(1);
     let kv = config.num_key_value_heads;
     let groups = (kv - (kv as f64 * opts.heads).round() as usize).max(1);
-    Ok((mlp, groups))
+    let per_group = config.num_attention_heads / kv;
+    let queries = (per_group - (per_group as f64 * opts.query_heads).round() as usize).max(1);
+    Ok((mlp, groups, queries))
 }
 
 /// The pruned configuration and weights. `importance` must come from this model.
@@ -111,7 +117,7 @@ pub fn prune_structured(
             what: "structured pruning: the importance scores were measured on a model of another shape".into(),
         });
     }
-    let (mlp_keep, groups_keep) = kept_counts(c, opts)?;
+    let (mlp_keep, groups_keep, queries_keep) = kept_counts(c, opts)?;
     let per_group = c.num_attention_heads / c.num_key_value_heads;
     let d = c.head_dim;
     let get = |name: &str| -> Result<&Tensor> {
@@ -133,8 +139,18 @@ pub fn prune_structured(
             .collect();
         let groups = keep_top(&group_scores, groups_keep);
         removed_groups.push((0..c.num_key_value_heads).filter(|g| !groups.contains(g)).collect());
-        // Rows of q (and columns of o_proj) of the kept groups' query heads; rows of k and v.
-        let q_rows: Vec<usize> = groups.iter().flat_map(|&g| g * per_group * d..(g + 1) * per_group * d).collect();
+        // In each kept group its most important query heads; the rows of q (and columns of
+        // o_proj) of those heads, and the rows of k and v of the kept groups.
+        let heads: Vec<usize> = groups
+            .iter()
+            .flat_map(|&g| {
+                let first = g * per_group;
+                keep_top(&importance.heads[l][first..first + per_group], queries_keep)
+                    .into_iter()
+                    .map(move |h| first + h)
+            })
+            .collect();
+        let q_rows: Vec<usize> = heads.iter().flat_map(|&h| h * d..(h + 1) * d).collect();
         let kv_rows: Vec<usize> = groups.iter().flat_map(|&g| g * d..(g + 1) * d).collect();
         let (q_idx, kv_idx) = (index(&q_rows)?, index(&kv_rows)?);
         for (proj, idx) in [("q_proj", &q_idx), ("k_proj", &kv_idx), ("v_proj", &kv_idx)] {
@@ -160,7 +176,7 @@ pub fn prune_structured(
     }
     let pruned = ModelConfig {
         intermediate_size: mlp_keep,
-        num_attention_heads: groups_keep * per_group,
+        num_attention_heads: groups_keep * queries_keep,
         num_key_value_heads: groups_keep,
         // head_dim stays; the config states it, as hidden / heads no longer gives it.
         ..c.clone()
@@ -218,7 +234,8 @@ mod tests {
         let cfg = preset_config("tiny").unwrap();
         let w = random_weights(&cfg, 1).unwrap();
         let imp = measure_importance(&cfg, &w, &[ids(12, 1, cfg.vocab_size)]).unwrap();
-        let (pcfg, pw, rep) = prune_structured(&cfg, &w, &imp, &StructuredOptions { mlp: 0.0, heads: 0.0 }).unwrap();
+        let (pcfg, pw, rep) =
+            prune_structured(&cfg, &w, &imp, &StructuredOptions { mlp: 0.0, heads: 0.0, query_heads: 0.0 }).unwrap();
         assert_eq!(pcfg, cfg);
         assert_eq!(rep.parameters.0, rep.parameters.1);
         let x = Tensor::new(ids(9, 2, cfg.vocab_size).as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
@@ -261,7 +278,7 @@ mod tests {
         let imp = measure_importance(&cfg, &w, &calib).unwrap();
         assert_eq!(imp.tokens, 30);
         let share_groups = 1.0 / cfg.num_key_value_heads as f64;
-        let opts = StructuredOptions { mlp: 0.5, heads: share_groups };
+        let opts = StructuredOptions { mlp: 0.5, heads: share_groups, query_heads: 0.0 };
         let (pcfg, pw, rep) = prune_structured(&cfg, &w, &imp, &opts).unwrap();
         assert_eq!(pcfg.intermediate_size, cfg.intermediate_size / 2);
         assert_eq!(pcfg.num_key_value_heads, cfg.num_key_value_heads - 1);
@@ -270,6 +287,30 @@ mod tests {
         assert!(rep.removed_groups.iter().all(|g| g == &vec![dead_group]), "{:?}", rep.removed_groups);
         assert!(rep.mlp_importance_kept.iter().all(|&k| (k - 1.0).abs() < 1e-9));
         assert!(rep.parameters.1 < rep.parameters.0);
+        // Query heads: zero the o_proj columns of the second query head of every group; pruning
+        // half of each group's queries removes exactly those and keeps every KV group.
+        let mut wq = random_weights(&cfg, 8).unwrap();
+        for l in 0..cfg.num_hidden_layers {
+            let o = format!("{}.weight", names::projection(l, "o_proj"));
+            let mut ov = wq[&o].to_vec2::<f32>().unwrap();
+            for row in ov.iter_mut() {
+                for g in 0..cfg.num_key_value_heads {
+                    let h = g * per_group + 1;
+                    row[h * d..(h + 1) * d].iter_mut().for_each(|v| *v = 0.0);
+                }
+            }
+            wq.insert(o, Tensor::new(ov, &Device::Cpu).unwrap());
+        }
+        let impq = measure_importance(&cfg, &wq, &calib).unwrap();
+        let qopts = StructuredOptions { mlp: 0.0, heads: 0.0, query_heads: 0.5 };
+        let (qcfg, qw, _) = prune_structured(&cfg, &wq, &impq, &qopts).unwrap();
+        assert_eq!(qcfg.num_key_value_heads, cfg.num_key_value_heads);
+        assert_eq!(qcfg.num_attention_heads, cfg.num_attention_heads / 2);
+        let x0 = Tensor::new(ids(11, 3, cfg.vocab_size).as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let a = LlamaModel::from_tensors(&cfg, &wq).unwrap().forward(&x0, &mut Default::default()).unwrap();
+        let b = LlamaModel::from_tensors(&qcfg, &qw).unwrap().forward(&x0, &mut Default::default()).unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-4, "query-pruned model differs by {diff}");
         // Same outputs (up to summation order) from a smaller model.
         let x = Tensor::new(ids(11, 9, cfg.vocab_size).as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let a = LlamaModel::from_tensors(&cfg, &w).unwrap().forward(&x, &mut Default::default()).unwrap();
@@ -284,11 +325,13 @@ mod tests {
         let w = random_weights(&cfg, 1).unwrap();
         let imp = measure_importance(&cfg, &w, &[ids(5, 1, cfg.vocab_size)]).unwrap();
         for (mlp, heads) in [(1.0, 0.0), (-0.1, 0.0), (0.0, 1.5)] {
-            let e = prune_structured(&cfg, &w, &imp, &StructuredOptions { mlp, heads }).unwrap_err();
+            let e = prune_structured(&cfg, &w, &imp, &StructuredOptions { mlp, heads, query_heads: 0.0 }).unwrap_err();
             assert!(e.to_string().contains("not in [0, 1)"), "{e}");
         }
         let other = UnitImportance { mlp: vec![vec![1.0; 3]], heads: vec![vec![1.0; 2]], tokens: 1 };
-        assert!(prune_structured(&cfg, &w, &other, &StructuredOptions { mlp: 0.5, heads: 0.0 }).is_err());
+        assert!(
+            prune_structured(&cfg, &w, &other, &StructuredOptions { mlp: 0.5, heads: 0.0, query_heads: 0.0 }).is_err()
+        );
         assert!(measure_importance(&cfg, &w, &[vec![]]).is_err());
     }
 }
