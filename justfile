@@ -154,6 +154,11 @@ bench-quant runs="3": setup build
         --distill target/release/edgelm-distill --runs {{runs}}
 
 
+# Structured pruning's speed: the SmolLM2-135M-shaped checkpoint before and after removing 30%
+# of its MLP units and one KV group of three, fp32 and int8-dynamic, side by side.
+bench-prune runs="3": setup-ort build
+    scripts/bench_prune.sh {{runs}}
+
 # edgelm against llama.cpp (built once from the llama-cpp-python sdist) on the same
 # SmolLM2-135M-shaped weights: GGUF F32/Q8_0/Q4_0 with llama-bench, bundles fp32/int8/int4 with
 # edgelm bench, side by side.

@@ -9,7 +9,9 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{CustomOp1, DType, Device, Module, Tensor, D};
 
 use crate::checkpoint::{Checkpoint, DecoderWeights, LayerWeights, ModelConfig, Projection};
 use crate::error::Result;
@@ -21,10 +23,19 @@ struct Linear {
     bias: Option<Tensor>,
     /// LoRA update `(A [r, in], B [out, r], scale)`: `y += scale * x A^T B^T`.
     lora: Option<(Tensor, Tensor, f64)>,
+    /// The weight held packed (QLoRA): `weight` is then a placeholder of its shape.
+    packed: Option<Arc<Box<dyn CustomOp1 + Send + Sync>>>,
 }
 
+/// Packed projection weights by module name (QLoRA's base).
+type Packed<'a> = Option<&'a HashMap<String, Arc<crate::quantize::QuantizedMatrix>>>;
+
 impl Linear {
-    fn load(p: &Projection, adapter: Option<&crate::lora::Adapter>) -> Result<Self> {
+    fn load(p: &Projection, adapter: Option<&crate::lora::Adapter>, packed: Packed<'_>) -> Result<Self> {
+        let packed = packed.and_then(|m| m.get(&p.name)).map(|m| {
+            let op: Box<dyn CustomOp1 + Send + Sync> = Box::new(crate::train::qlora::PackedMatmul(m.clone()));
+            Arc::new(op)
+        });
         let (name, (out, inp)) = (&p.name, p.weight.dims2()?);
         let lora = match adapter.and_then(|a| a.modules.get(name).map(|m| (m, a.config.scale()))) {
             Some(((a, b), scale)) => {
@@ -39,13 +50,16 @@ impl Linear {
             }
             None => None,
         };
-        Ok(Linear { weight: p.weight.clone(), bias: p.bias.clone(), lora })
+        Ok(Linear { weight: p.weight.clone(), bias: p.bias.clone(), lora, packed })
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = x.broadcast_matmul(&self.weight.t()?)?;
+        let mut y = match &self.packed {
+            Some(op) => x.contiguous()?.apply_op1_arc(op.clone())?,
+            None => x.broadcast_matmul(&self.weight.t()?)?,
+        };
         if let Some((a, b, scale)) = &self.lora {
             y = (y + (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * *scale)?)?;
         }
@@ -134,12 +148,17 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(w: &LayerWeights, adapter: Option<&crate::lora::Adapter>, c: &ModelConfig) -> Result<Self> {
+    fn load(
+        w: &LayerWeights,
+        adapter: Option<&crate::lora::Adapter>,
+        c: &ModelConfig,
+        packed: Packed<'_>,
+    ) -> Result<Self> {
         Ok(Attention {
-            q_proj: Linear::load(&w.q, adapter)?,
-            k_proj: Linear::load(&w.k, adapter)?,
-            v_proj: Linear::load(&w.v, adapter)?,
-            o_proj: Linear::load(&w.o, adapter)?,
+            q_proj: Linear::load(&w.q, adapter, packed)?,
+            k_proj: Linear::load(&w.k, adapter, packed)?,
+            v_proj: Linear::load(&w.v, adapter, packed)?,
+            o_proj: Linear::load(&w.o, adapter, packed)?,
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
@@ -224,11 +243,11 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(w: &LayerWeights, adapter: Option<&crate::lora::Adapter>) -> Result<Self> {
+    fn load(w: &LayerWeights, adapter: Option<&crate::lora::Adapter>, packed: Packed<'_>) -> Result<Self> {
         Ok(Mlp {
-            gate_proj: Linear::load(&w.gate, adapter)?,
-            up_proj: Linear::load(&w.up, adapter)?,
-            down_proj: Linear::load(&w.down, adapter)?,
+            gate_proj: Linear::load(&w.gate, adapter, packed)?,
+            up_proj: Linear::load(&w.up, adapter, packed)?,
+            down_proj: Linear::load(&w.down, adapter, packed)?,
         })
     }
 }
@@ -302,6 +321,21 @@ impl LlamaModel {
         tensors: &HashMap<String, Tensor>,
         adapter: Option<&crate::lora::Adapter>,
     ) -> Result<Self> {
+        Self::build(config, tensors, adapter, None)
+    }
+
+    /// Builds the model over a QLoRA base (projections packed, dequantized on the fly) with an
+    /// optional LoRA adapter on top.
+    pub fn qlora(base: &crate::train::qlora::QuantizedBase, adapter: Option<&crate::lora::Adapter>) -> Result<Self> {
+        Self::build(&base.config, &base.tensors, adapter, Some(&base.packed))
+    }
+
+    fn build(
+        config: &ModelConfig,
+        tensors: &HashMap<String, Tensor>,
+        adapter: Option<&crate::lora::Adapter>,
+        packed: Packed<'_>,
+    ) -> Result<Self> {
         let c = config;
         let w = DecoderWeights::from_map(tensors, c)?;
         let norm = |weight: &Tensor| RmsNorm { weight: weight.clone(), eps: c.rms_norm_eps };
@@ -309,9 +343,9 @@ impl LlamaModel {
         for l in &w.layers {
             layers.push(Block {
                 input_layernorm: norm(&l.input_norm),
-                self_attn: Attention::load(l, adapter, c)?,
+                self_attn: Attention::load(l, adapter, c, packed)?,
                 post_attention_layernorm: norm(&l.post_attention_norm),
-                mlp: Mlp::load(l, adapter)?,
+                mlp: Mlp::load(l, adapter, packed)?,
             });
         }
         Ok(LlamaModel {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
-pub use weights::{DecoderWeights, LayerWeights, Projection};
+pub use weights::{DecoderWeights, LayerWeights, Projection, PROJECTIONS};
 pub use write::write_checkpoint;
 
 use crate::error::{Error, IoContext, Result};

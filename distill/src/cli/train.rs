@@ -170,6 +170,13 @@ pub struct FinetuneArgs {
     /// Batches of that data for the Fisher estimate.
     #[arg(long, default_value_t = 8)]
     fisher_batches: usize,
+    /// QLoRA: hold the base's projections as 4-bit blocks, dequantized on the fly (the fp32
+    /// projections are freed after packing).
+    #[arg(long, conflicts_with = "ewc_lambda")]
+    qlora: bool,
+    /// Weights per 4-bit block for --qlora.
+    #[arg(long, default_value_t = 64, requires = "qlora")]
+    qlora_block_size: usize,
     #[command(flatten)]
     train: TrainArgs,
     #[command(flatten)]
@@ -188,12 +195,14 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         ewc_lambda,
         ewc_data,
         fisher_batches,
+        qlora,
+        qlora_block_size,
         train,
         run,
     } = a;
     use edgelm_distill::lora::LoraConfig;
-    use edgelm_distill::train::finetune::{finetune, FinetuneSpec};
-    let ck = Checkpoint::load(&base).with_context(|| format!("loading {}", base.display()))?;
+    use edgelm_distill::train::finetune::{finetune, finetune_qlora, FinetuneSpec};
+    let mut ck = Checkpoint::load(&base).with_context(|| format!("loading {}", base.display()))?;
     let splits = data.splits()?;
     let base_settings = match data.recipe()?.and_then(|r| r.finetune) {
         Some(f) => f.train,
@@ -211,9 +220,22 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         fisher_batches,
         train: settings,
     };
-    let done = finetune(&ck, (&splits.train, &splits.validation), &ewc, &spec, &run.stage(output.clone()))
-        .context("fine-tuning")?;
+    let data = (&splits.train[..], &splits.validation[..]);
+    let done = if qlora {
+        use edgelm_distill::quantize::BlockScheme;
+        use edgelm_distill::train::qlora::QuantizedBase;
+        let tensors = std::mem::take(&mut ck.tensors);
+        let packed = QuantizedBase::quantize(&ck.config, tensors, BlockScheme::new(4, qlora_block_size, true)?)?;
+        eprintln!(
+            "QLoRA: projections held as 4-bit blocks of {qlora_block_size}: {:.1} MiB",
+            packed.packed_bytes() as f64 / (1 << 20) as f64
+        );
+        finetune_qlora(&ck, &packed, data, &spec, &run.stage(output.clone())).context("fine-tuning (QLoRA)")?
+    } else {
+        finetune(&ck, data, &ewc, &spec, &run.stage(output.clone())).context("fine-tuning")?
+    };
     print_log(&done.log, &output);
+    eprintln!("peak resident memory: {:.1} MiB", edgelm_runtime::metrics::peak_rss_bytes() as f64 / (1 << 20) as f64);
     Ok(())
 }
 

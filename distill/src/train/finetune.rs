@@ -13,6 +13,7 @@ use candle_core::{Tensor, Var};
 
 use super::batch::{Batch, Encoded, Formatter};
 use super::fit::FitData;
+use super::qlora::QuantizedBase;
 use super::stage::{flop_parameters, lm_loss, load_best, train_stage, Stage, StageOptions, TrainLog};
 use super::Trainer;
 use crate::checkpoint::write::{copy_tokenizer_files, write_checkpoint, write_generation_config, WriteOptions};
@@ -93,30 +94,78 @@ pub fn finetune(
     opts: &StageOptions,
 ) -> Result<Finetuned> {
     let fmt = Formatter::for_checkpoint(base)?;
-    let train = fmt.encode_within(data.0, base.config.max_position_embeddings, "training set")?;
-    let validation = fmt.encode_within(data.1, base.config.max_position_embeddings, "validation set")?;
-    let fresh = Adapter::init(&base.config, spec.lora.clone(), spec.seed)?;
-    let mut modules: Vec<String> = fresh.modules.keys().cloned().collect();
-    modules.sort();
+    let modules = adapted_modules(&base.config, spec)?;
     let fisher = if spec.ewc_lambda > 0.0 {
         let ewc = fmt.encode_within(ewc_data, base.config.max_position_embeddings, "EWC data")?;
         fisher_diagonal(base, &modules, &ewc, fmt.pad(), spec.fisher_batches, spec.train.batch_size)?
     } else {
         HashMap::new()
     };
+    let model = |a: Option<&Adapter>| LlamaModel::with_adapter(&base.config, &base.tensors, a);
+    let frozen = Frozen { config: &base.config, dir: &base.dir, model: &model };
+    train_adapter(frozen, &fmt, data, &fisher, spec, opts)
+}
+
+/// QLoRA: trains a LoRA adapter over a base held as packed 4-bit projections (see
+/// `train::qlora`). `source` is the checkpoint the base came from, for its tokenizer and
+/// folder; its weights may already have been moved into `base`. EWC is not available here
+/// (its Fisher estimate needs the fp32 weights' gradients).
+pub fn finetune_qlora(
+    source: &Checkpoint,
+    base: &QuantizedBase,
+    data: (&[Example], &[Example]),
+    spec: &FinetuneSpec,
+    opts: &StageOptions,
+) -> Result<Finetuned> {
+    if spec.ewc_lambda > 0.0 {
+        return Err(crate::Error::InvalidConfig { what: "EWC needs the fp32 base: turn it off for QLoRA".into() });
+    }
+    let fmt = Formatter::for_checkpoint(source)?;
+    let model = |a: Option<&Adapter>| LlamaModel::qlora(base, a);
+    let frozen = Frozen { config: &base.config, dir: &source.dir, model: &model };
+    train_adapter(frozen, &fmt, data, &HashMap::new(), spec, opts)
+}
+
+/// The frozen base an adapter is trained over.
+struct Frozen<'a> {
+    config: &'a crate::checkpoint::ModelConfig,
+    dir: &'a Path,
+    /// The base with an adapter on top.
+    model: &'a dyn Fn(Option<&Adapter>) -> Result<LlamaModel>,
+}
+
+/// Module names the spec adapts.
+fn adapted_modules(config: &crate::checkpoint::ModelConfig, spec: &FinetuneSpec) -> Result<Vec<String>> {
+    let mut modules: Vec<String> =
+        Adapter::init(config, spec.lora.clone(), spec.seed)?.modules.keys().cloned().collect();
+    modules.sort();
+    Ok(modules)
+}
+
+fn train_adapter(
+    base: Frozen<'_>,
+    fmt: &Formatter,
+    data: (&[Example], &[Example]),
+    fisher: &HashMap<String, Tensor>,
+    spec: &FinetuneSpec,
+    opts: &StageOptions,
+) -> Result<Finetuned> {
+    let train = fmt.encode_within(data.0, base.config.max_position_embeddings, "training set")?;
+    let validation = fmt.encode_within(data.1, base.config.max_position_embeddings, "validation set")?;
+    let fresh = Adapter::init(base.config, spec.lora.clone(), spec.seed)?;
     let total = spec.train.fit_options("finetune").total_steps(train.len());
     let mut trainer = Trainer::new(fresh.to_tensors(), spec.train.train_config(total))?;
     let lora = spec.lora.clone();
     let lambda = spec.ewc_lambda;
     let adapted = |p: &HashMap<String, Tensor>| -> Result<(LlamaModel, Adapter)> {
         let a = Adapter::from_tensors(lora.clone(), p)?;
-        Ok((LlamaModel::with_adapter(&base.config, &base.tensors, Some(&a))?, a))
+        Ok(((base.model)(Some(&a))?, a))
     };
     let mut loss = |p: &HashMap<String, Tensor>, b: &Batch| -> Result<Tensor> {
         let (model, adapter) = adapted(p)?;
         let logits = model.logits_at(&b.input_ids, &b.rows)?;
         let mut loss = candle_nn::loss::cross_entropy(&logits, &b.labels)?;
-        for (m, f) in &fisher {
+        for (m, f) in fisher {
             let d = adapter.delta(m)?.expect("adapted module");
             loss = (loss + ((f * d.sqr()?)?.sum_all()? * (lambda / 2.0))?)?;
         }
@@ -133,7 +182,7 @@ pub fn finetune(
     let adapter = Adapter::from_tensors(spec.lora.clone(), &load_best(&report)?)?;
     adapter.save_peft(&opts.output, &base.dir.display().to_string())?;
     // Forward and backward still run through the frozen base: count its parameters.
-    let flop = flop_parameters(&base.config);
+    let flop = flop_parameters(base.config);
     let log = TrainLog::new("finetune", trainer.num_parameters(), flop, &report);
     log.write(&opts.output)?;
     Ok(Finetuned { log, adapter })

@@ -12,6 +12,7 @@ pub mod finetune;
 pub mod fit;
 pub mod kd;
 pub mod pretrain;
+pub mod qlora;
 pub mod schedule;
 pub mod stage;
 pub mod teacher_cache;
