@@ -1,4 +1,5 @@
-"""all-MiniLM-L6-v2 int8: our quantizer against ONNX Runtime's quantize_dynamic, one run.
+"""all-MiniLM-L6-v2 int8: our quantizer against ONNX Runtime's quantize_dynamic, one run, and a
+shallower distilled student (fp32 and int8) when given.
 
 Embeds an English text set (sentences of this repository's prose docs) with the fp32 encoder
 bundle, our `edgelm-distill quantize --precision int8` of it, and
@@ -27,6 +28,8 @@ ap.add_argument("fp32")
 ap.add_argument("ours")
 ap.add_argument("--work", required=True)
 ap.add_argument("--ours-dynamic", help="our int8-dynamic bundle, compared too")
+ap.add_argument("--student", help="a shallower student bundle (edgelm-distill distill-encoder), compared too")
+ap.add_argument("--student-int8", help="its int8-dynamic bundle, compared too")
 ap.add_argument("--sentences", type=int, default=188)
 a = ap.parse_args()
 
@@ -70,6 +73,10 @@ def nearest(e):
 variants = [("fp32", f"{a.fp32}/model.onnx"), ("edgelm int8", f"{a.ours}/model.onnx"), ("ORT quantize_dynamic int8", theirs)]
 if a.ours_dynamic:
     variants.insert(2, ("edgelm int8-dynamic", f"{a.ours_dynamic}/model.onnx"))
+for name, b in [("student", a.student), ("student int8-dynamic", a.student_int8)]:
+    if b:
+        layers = json.load(open(f"{b}/genai_config.json")).get("model", {}).get("num_hidden_layers") if os.path.exists(f"{b}/genai_config.json") else None
+        variants.append((f"{name}" + (f" ({layers} layers)" if layers else ""), f"{b}/model.onnx"))
 base, _ = embed(variants[0][1])
 base_nn = nearest(base)
 fp32_size = os.path.getsize(variants[0][1])

@@ -51,6 +51,8 @@ enum Command {
     /// Remove whole MLP units and KV groups, ranked on calibration data, and optionally recover
     /// by distilling from the unpruned model (the matrices shrink, so dense kernels run faster).
     PruneStructured(train::PruneStructuredArgs),
+    /// Distil a sentence encoder into one with fewer layers on unlabelled text.
+    DistillEncoder(train::DistillEncoderArgs),
     /// Quantize an exported fp32 bundle to INT8/INT4 weights and check it against the source.
     Quantize(export::QuantizeArgs),
 }
@@ -97,6 +99,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Quantize(a) => export::quantize(a),
         Command::Prune(a) => checkpoint::prune(a),
         Command::PruneStructured(a) => train::prune_structured(a),
+        Command::DistillEncoder(a) => train::distill_encoder(a),
         Command::Distill(a) => train::distill(a),
         Command::Eval(a) => eval::eval(a),
         Command::Pipeline(a) => eval::pipeline(a),

@@ -428,3 +428,64 @@ pub fn prune_structured(a: PruneStructuredArgs) -> Result<()> {
     eprintln!("wrote {}", a.output.display());
     Ok(())
 }
+
+/// Distil a sentence encoder (BERT family, e.g. all-MiniLM-L6-v2) into one with fewer layers on
+/// unlabelled text: cosine and squared error against the teacher's embeddings.
+#[derive(clap::Args)]
+pub struct DistillEncoderArgs {
+    /// Teacher encoder checkpoint (sentence-transformers or transformers layout).
+    #[arg(long)]
+    teacher: PathBuf,
+    /// Text to train on, one sentence per line.
+    #[arg(long)]
+    text: PathBuf,
+    /// Student checkpoint folder to write (with distill_report.json).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Teacher layers the student keeps, e.g. 1,3,5.
+    #[arg(long, value_delimiter = ',', required = true)]
+    layers: Vec<usize>,
+    /// Passes over the text.
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    /// Sentences per optimizer step.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// Longest sentence in tokens.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Seed of the sentence order and the held-out split.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Distils an encoder.
+pub fn distill_encoder(a: DistillEncoderArgs) -> Result<()> {
+    use edgelm_distill::encoder::student::{distill_encoder, read_sentences, EncoderDistillSpec};
+    use edgelm_distill::encoder::EncoderCheckpoint;
+    let teacher = EncoderCheckpoint::load(&a.teacher).with_context(|| format!("loading {}", a.teacher.display()))?;
+    let text = read_sentences(&a.text)?;
+    let spec = EncoderDistillSpec {
+        layers: a.layers,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        max_tokens: a.max_tokens,
+        seed: a.seed,
+    };
+    let r = distill_encoder(&teacher, &text, &spec, &a.output).context("distilling the encoder")?;
+    eprintln!(
+        "encoder student (layers {:?}): {} sentences, {} steps in {:.0} s; held-out cosine to the teacher {:.4} -> {:.4} -> {}",
+        r.layers,
+        r.train_sentences,
+        r.steps,
+        r.seconds,
+        r.held_out_cosine.0,
+        r.held_out_cosine.1,
+        a.output.display()
+    );
+    Ok(())
+}

@@ -15,6 +15,8 @@ use serde::Deserialize;
 use crate::checkpoint::{load_weights, read_json};
 use crate::error::{Error, IoContext, Result};
 
+pub mod student;
+
 /// How token states become one sentence vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -222,15 +224,18 @@ impl<'a> BertModel<'a> {
         Ok(x)
     }
 
-    /// The sentence embedding of one sequence.
-    pub fn embed(&self, ids: &[u32], type_ids: &[u32]) -> Result<Vec<f32>> {
+    /// The sentence embedding of one sequence `[H]`, differentiable.
+    pub fn sentence(&self, ids: &[u32], type_ids: &[u32]) -> Result<Tensor> {
         let x = self.hidden_states(ids, type_ids)?.squeeze(0)?;
         let v = match self.ck.config.pooling {
             Pooling::Mean => x.mean(0)?,
             Pooling::Cls => x.get(0)?,
         };
-        let v =
-            if self.ck.config.normalize { v.broadcast_div(&v.sqr()?.sum_all()?.sqrt()?.maximum(1e-12)?)? } else { v };
-        Ok(v.to_dtype(DType::F32)?.to_vec1()?)
+        Ok(if self.ck.config.normalize { v.broadcast_div(&v.sqr()?.sum_all()?.sqrt()?.maximum(1e-12)?)? } else { v })
+    }
+
+    /// The sentence embedding of one sequence.
+    pub fn embed(&self, ids: &[u32], type_ids: &[u32]) -> Result<Vec<f32>> {
+        Ok(self.sentence(ids, type_ids)?.to_dtype(DType::F32)?.to_vec1()?)
     }
 }

@@ -1,0 +1,221 @@
+//! A shallower sentence encoder distilled from a deeper one on unlabelled text: the student
+//! keeps some of the teacher's layers (initialised from them) and its embeddings (frozen), and
+//! learns to give each sentence the teacher's embedding. Loss per sentence:
+//! `(1 - cos(s, t)) + ||s - t||^2`, averaged over a batch.
+//!
+//! The student is written in the teacher's layout (config.json with the new depth, the
+//! sentence-transformers pooling files, the tokenizer), so `export` and `quantize` take it as
+//! they take the teacher.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use super::{BertModel, EncoderCheckpoint};
+use crate::error::{Error, IoContext, Result};
+use crate::rng::Rng;
+use crate::train::{CosineSchedule, TrainConfig, Trainer};
+
+/// Student shape and training settings.
+#[derive(Debug, Clone)]
+pub struct EncoderDistillSpec {
+    /// Teacher layers the student keeps, in order.
+    pub layers: Vec<usize>,
+    /// Passes over the text.
+    pub epochs: usize,
+    /// Sentences per optimizer step.
+    pub batch_size: usize,
+    /// Peak learning rate (cosine decay to a tenth, 5% warm-up).
+    pub lr: f64,
+    /// Longest sentence in tokens (longer ones are cut).
+    pub max_tokens: usize,
+    /// Seed of the sentence order and the held-out split.
+    pub seed: u64,
+}
+
+/// What the distillation did.
+#[derive(Debug, Clone, Serialize)]
+pub struct EncoderDistillReport {
+    /// Teacher layers kept.
+    pub layers: Vec<usize>,
+    /// Sentences trained on.
+    pub train_sentences: usize,
+    /// Sentences held out.
+    pub held_out_sentences: usize,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Mean cosine to the teacher on the held-out sentences, before and after training.
+    pub held_out_cosine: (f64, f64),
+    /// Seconds of training.
+    pub seconds: f64,
+}
+
+/// One tokenized sentence and the teacher's embedding of it.
+struct Target {
+    ids: Vec<u32>,
+    type_ids: Vec<u32>,
+    embedding: Tensor,
+}
+
+fn is_weight_file(name: &str) -> bool {
+    [".safetensors", ".bin", ".onnx", ".h5", ".msgpack", ".ot", ".pt"].iter().any(|s| name.ends_with(s))
+}
+
+/// Copies the teacher's folder without its weights (and without folders other than the
+/// sentence-transformers module folders such as `1_Pooling`).
+fn copy_layout(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).at(to)?;
+    for entry in std::fs::read_dir(from).at(from)? {
+        let entry = entry.at(from)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if path.is_dir() {
+            if name.chars().next().is_some_and(|c| c.is_ascii_digit()) && name.contains('_') {
+                copy_layout(&path, &to.join(&name))?;
+            }
+        } else if !is_weight_file(&name) {
+            std::fs::copy(&path, to.join(&name)).at(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// Mean cosine of the student's embeddings to the targets'.
+fn mean_cosine(ck: &EncoderCheckpoint, targets: &[Target]) -> Result<f64> {
+    let model = BertModel::new(ck);
+    let mut sum = 0.0;
+    for t in targets {
+        let s = model.sentence(&t.ids, &t.type_ids)?;
+        sum += cosine(&s, &t.embedding)?.to_scalar::<f32>()? as f64;
+    }
+    Ok(sum / targets.len().max(1) as f64)
+}
+
+fn cosine(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let dot = (a * b)?.sum_all()?;
+    let norms = (a.sqr()?.sum_all()?.sqrt()? * b.sqr()?.sum_all()?.sqrt()?)?;
+    dot / norms.maximum(1e-12)?
+}
+
+/// Distils `teacher` into a student of `spec.layers` on `text` (one sentence per entry) and
+/// writes it to `out`.
+pub fn distill_encoder(
+    teacher: &EncoderCheckpoint,
+    text: &[String],
+    spec: &EncoderDistillSpec,
+    out: &Path,
+) -> Result<EncoderDistillReport> {
+    let c = &teacher.config;
+    let bad = |what: String| Error::InvalidConfig { what: format!("encoder student: {what}") };
+    if spec.layers.is_empty() {
+        return Err(bad("no layers kept".into()));
+    }
+    if let Some(l) = spec.layers.iter().find(|&&l| l >= c.num_hidden_layers) {
+        return Err(bad(format!("layer {l} does not exist in a {}-layer teacher", c.num_hidden_layers)));
+    }
+    let tok_path = teacher.tokenizer_json.as_ref().ok_or_else(|| bad("the teacher has no tokenizer.json".into()))?;
+    let tokenizer = tokenizers::Tokenizer::from_file(tok_path)
+        .map_err(|e| Error::Format { path: tok_path.clone(), what: e.to_string() })?;
+    // Teacher targets, computed once.
+    let model = BertModel::new(teacher);
+    let mut targets = Vec::new();
+    for s in text.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let enc = tokenizer.encode(s, true).map_err(|e| bad(format!("tokenizing {s:?}: {e}")))?;
+        let n = enc.get_ids().len().min(spec.max_tokens).min(c.max_position_embeddings);
+        let (ids, type_ids) = (enc.get_ids()[..n].to_vec(), enc.get_type_ids()[..n].to_vec());
+        let embedding = model.sentence(&ids, &type_ids)?.detach();
+        targets.push(Target { ids, type_ids, embedding });
+    }
+    if targets.len() < 10 {
+        return Err(bad(format!("{} sentences are too few to train on", targets.len())));
+    }
+    let mut rng = Rng::new(spec.seed);
+    rng.shuffle(&mut targets);
+    let held = targets.split_off(targets.len() - (targets.len() / 10).max(1));
+
+    // The student: the teacher's embeddings (frozen) and its kept layers renumbered (trained).
+    let mut frozen = HashMap::new();
+    let mut trained = HashMap::new();
+    for (name, t) in &teacher.tensors {
+        if name.starts_with("embeddings.") {
+            frozen.insert(name.clone(), t.clone());
+        } else if let Some(rest) = name.strip_prefix("encoder.layer.") {
+            let (idx, tail) = rest.split_once('.').ok_or_else(|| bad(format!("unexpected tensor {name}")))?;
+            let idx: usize = idx.parse().map_err(|_| bad(format!("unexpected tensor {name}")))?;
+            if let Some(i) = spec.layers.iter().position(|&l| l == idx) {
+                trained.insert(format!("encoder.layer.{i}.{tail}"), t.copy()?);
+            }
+        }
+    }
+    let student_config = super::EncoderConfig { num_hidden_layers: spec.layers.len(), ..c.clone() };
+    let student_at = |weights: HashMap<String, Tensor>| EncoderCheckpoint {
+        dir: out.to_path_buf(),
+        config: student_config.clone(),
+        tensors: weights,
+        tokenizer_json: teacher.tokenizer_json.clone(),
+        tokenizer_config: teacher.tokenizer_config.clone(),
+    };
+    let with = |trained: HashMap<String, Tensor>| -> HashMap<String, Tensor> {
+        frozen.iter().map(|(k, v)| (k.clone(), v.clone())).chain(trained).collect()
+    };
+    let before = mean_cosine(&student_at(with(trained.clone())), &held)?;
+
+    let batch = spec.batch_size.max(1);
+    let total = spec.epochs.max(1) * targets.len().div_ceil(batch);
+    let schedule =
+        CosineSchedule { peak: spec.lr, floor: spec.lr / 10.0, warmup: (total / 20).max(1), total };
+    let mut trainer = Trainer::new(trained, TrainConfig { schedule, weight_decay: 0.01, accumulation: 1, clip_norm: 1.0 })?;
+    let started = Instant::now();
+    for _ in 0..spec.epochs.max(1) {
+        rng.shuffle(&mut targets);
+        for chunk in targets.chunks(batch) {
+            let ck = student_at(with(trainer.tensors()));
+            let m = BertModel::new(&ck);
+            let mut loss: Option<Tensor> = None;
+            for t in chunk {
+                let s = m.sentence(&t.ids, &t.type_ids)?;
+                let one = ((1.0 - cosine(&s, &t.embedding)?)? + (&s - &t.embedding)?.sqr()?.sum_all()?)?;
+                loss = Some(match loss {
+                    Some(l) => (l + one)?,
+                    None => one,
+                });
+            }
+            let loss = (loss.expect("chunks are not empty") / chunk.len() as f64)?;
+            trainer.backward(&loss)?;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let weights = with(trainer.tensors());
+    let after = mean_cosine(&student_at(weights.clone()), &held)?;
+
+    copy_layout(&teacher.dir, out)?;
+    let cfg_path = out.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).at(&cfg_path)?)
+        .map_err(|e| Error::Format { path: cfg_path.clone(), what: e.to_string() })?;
+    cfg["num_hidden_layers"] = spec.layers.len().into();
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).expect("json")).at(&cfg_path)?;
+    let weights: HashMap<String, Tensor> =
+        weights.into_iter().map(|(k, v)| Ok((k, v.contiguous()?))).collect::<Result<_>>()?;
+    let st = out.join("model.safetensors");
+    candle_core::safetensors::save(&weights, &st).map_err(|e| Error::Format { path: st.clone(), what: e.to_string() })?;
+    let report = EncoderDistillReport {
+        layers: spec.layers.clone(),
+        train_sentences: targets.len(),
+        held_out_sentences: held.len(),
+        steps: trainer.step(),
+        held_out_cosine: (before, after),
+        seconds,
+    };
+    let rp = out.join("distill_report.json");
+    std::fs::write(&rp, serde_json::to_string_pretty(&report).expect("json")).at(&rp)?;
+    Ok(report)
+}
+
+/// Reads one sentence per line (blank lines skipped).
+pub fn read_sentences(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).at(path)?;
+    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect())
+}

@@ -1,0 +1,57 @@
+"""Unlabelled English text for distilling a sentence encoder: sentences from the docstrings of
+the Python packages pinned in scripts/requirements.txt (numpy, onnx, ...), so the same pins give
+the same text on every machine. The repository's own docs, which the encoder benchmark scores
+on, are not used.
+
+usage: encoder_text.py OUT.txt [--sentences 3000]
+"""
+import argparse
+import ast
+import glob
+import os
+import re
+import sys
+
+ap = argparse.ArgumentParser()
+ap.add_argument("out")
+ap.add_argument("--sentences", type=int, default=3000)
+a = ap.parse_args()
+
+site = sorted(glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages")))
+if not site:
+    sys.exit(f"no site-packages under {sys.prefix}")
+files = []
+for pkg in ["numpy", "onnx", "onnxruntime", "yaml", "onnx_ir"]:
+    files += sorted(glob.glob(os.path.join(site[0], pkg, "**", "*.py"), recursive=True))
+
+seen, out = set(), []
+for path in files:
+    try:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        continue
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        doc = ast.get_docstring(node)
+        if not doc:
+            continue
+        # Prose only: the paragraphs before numpydoc's section headers, without code and markup.
+        prose = re.split(r"\n\s*(Parameters|Returns|Examples|See Also|Notes|Raises|Yields|Attributes|References)\s*\n\s*-{3,}", doc)[0]
+        prose = re.sub(r"``[^`]*``|`[^`]*`|:[a-z]+:|>>>.*|\.\.\s+\w+::.*", " ", prose)
+        prose = re.sub(r"\s+", " ", prose)
+        for s in re.split(r"(?<=[.!?])\s+", prose):
+            s = s.strip()
+            letters = sum(ch.isalpha() or ch == " " for ch in s)
+            if 40 <= len(s) <= 300 and letters / len(s) > 0.9 and s[0].isupper() and s not in seen:
+                seen.add(s)
+                out.append(s)
+
+if len(out) < a.sentences:
+    print(f"encoder_text: only {len(out)} sentences found", file=sys.stderr)
+# A spread over all packages rather than the first files only.
+step = max(1, len(out) // a.sentences)
+picked = out[::step][: a.sentences]
+with open(a.out, "w") as f:
+    f.write("\n".join(picked) + "\n")
+print(f"encoder_text: {len(picked)} sentences -> {a.out}")
