@@ -778,7 +778,8 @@ mod tests {
         let check = compare_bundles_on(&fp32, &int8, &seqs).unwrap();
         let limits = || Limits { max_drop: 1.0, max_kl: Some(0.1) };
         let honest = gate(("int8", "fp32 bundle"), (0.9, 0.9), &check, limits());
-        assert!(honest.passed && honest.kl_positions == 67, "{honest:?}");
+        // Two sequences of 37 and 30 tokens with 4-token prompts: 33 + 26 answer positions.
+        assert!(honest.passed && honest.kl_positions == 59, "{honest:?}");
 
         let mut tensors = ck.tensors.clone();
         let down = names::projection(0, "down_proj") + ".weight";

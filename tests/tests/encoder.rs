@@ -143,7 +143,8 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(student.join("distill_report.json")).unwrap()).unwrap();
-    let (before, after) = (report["held_out_cosine"][0].as_f64().unwrap(), report["held_out_cosine"][1].as_f64().unwrap());
+    let (before, after) =
+        (report["held_out_cosine"][0].as_f64().unwrap(), report["held_out_cosine"][1].as_f64().unwrap());
     assert!(after > before, "training moved the student towards the teacher: {before} -> {after}");
     assert_eq!((report["train_sentences"].as_u64(), report["held_out_sentences"].as_u64()), (Some(54), Some(6)));
     let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(student.join("config.json")).unwrap()).unwrap();

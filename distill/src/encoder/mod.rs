@@ -174,7 +174,7 @@ impl<'a> BertModel<'a> {
     fn linear(&self, x: &Tensor, name: &str, out: usize, inp: usize) -> Result<Tensor> {
         let w = self.ck.get(&format!("{name}.weight"), &[out, inp])?;
         let b = self.ck.get(&format!("{name}.bias"), &[out])?;
-        Ok(x.broadcast_matmul(&w.t()?)?.broadcast_add(b)?)
+        Ok(crate::model::times_transposed(x, w)?.broadcast_add(b)?)
     }
 
     fn layer_norm(&self, x: &Tensor, name: &str) -> Result<Tensor> {

@@ -165,11 +165,12 @@ pub fn distill_encoder(
 
     let batch = spec.batch_size.max(1);
     let total = spec.epochs.max(1) * targets.len().div_ceil(batch);
-    let schedule =
-        CosineSchedule { peak: spec.lr, floor: spec.lr / 10.0, warmup: (total / 20).max(1), total };
-    let mut trainer = Trainer::new(trained, TrainConfig { schedule, weight_decay: 0.01, accumulation: 1, clip_norm: 1.0 })?;
+    let schedule = CosineSchedule { peak: spec.lr, floor: spec.lr / 10.0, warmup: (total / 20).max(1), total };
+    let mut trainer =
+        Trainer::new(trained, TrainConfig { schedule, weight_decay: 0.01, accumulation: 1, clip_norm: 1.0 })?;
     let started = Instant::now();
-    for _ in 0..spec.epochs.max(1) {
+    tracing::info!("encoder student: {} sentences, {total} steps", targets.len());
+    for epoch in 0..spec.epochs.max(1) {
         rng.shuffle(&mut targets);
         for chunk in targets.chunks(batch) {
             let ck = student_at(with(trainer.tensors()));
@@ -186,6 +187,13 @@ pub fn distill_encoder(
             let loss = (loss.expect("chunks are not empty") / chunk.len() as f64)?;
             trainer.backward(&loss)?;
         }
+        let cos = mean_cosine(&student_at(with(trainer.tensors())), &held)?;
+        eprintln!(
+            "encoder student: epoch {} of {}: held-out cosine to the teacher {cos:.4} ({:.0} s)",
+            epoch + 1,
+            spec.epochs.max(1),
+            started.elapsed().as_secs_f64()
+        );
     }
     let seconds = started.elapsed().as_secs_f64();
     let weights = with(trainer.tensors());
@@ -200,7 +208,8 @@ pub fn distill_encoder(
     let weights: HashMap<String, Tensor> =
         weights.into_iter().map(|(k, v)| Ok((k, v.contiguous()?))).collect::<Result<_>>()?;
     let st = out.join("model.safetensors");
-    candle_core::safetensors::save(&weights, &st).map_err(|e| Error::Format { path: st.clone(), what: e.to_string() })?;
+    candle_core::safetensors::save(&weights, &st)
+        .map_err(|e| Error::Format { path: st.clone(), what: e.to_string() })?;
     let report = EncoderDistillReport {
         layers: spec.layers.clone(),
         train_sentences: targets.len(),

@@ -89,10 +89,11 @@ pub fn verify_against_bundle(reference_dir: &Path, dir: &Path, tolerance: f32) -
 }
 
 /// Two models read the same token sequences teacher-forced: how far apart their next-token
-/// distributions are, and how well each predicts the sequences' own next tokens.
+/// distributions are where they predict an answer token (the positions after each prompt,
+/// which is what the model is trained and used for), and how well each predicts those tokens.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SequenceComparison {
-    /// Token positions compared.
+    /// Answer-token positions compared.
     pub positions: usize,
     /// Mean KL divergence of the candidate's distribution from the reference's, nats.
     pub mean_kl: f64,
@@ -126,18 +127,21 @@ fn nll(logits: &[f32], id: u32) -> f64 {
 }
 
 impl ComparisonSum {
-    /// One position: both models' logits and, unless it is the last, the token that follows.
+    /// One position: both models' logits and, when it predicts an answer token, that token.
+    /// Logit differences count everywhere (a NaN anywhere fails); the distributions are
+    /// compared where an answer token is predicted.
     fn add(&mut self, reference: &[f32], candidate: &[f32], next: Option<u32>) {
         self.worst = self.worst.max(max_abs_diff(reference, candidate));
+        let Some(id) = next else {
+            return;
+        };
         self.kl += kl_divergence(reference, candidate);
         let argmax = edgelm_runtime::sampling::argmax;
         self.agree += usize::from(argmax(reference) == argmax(candidate));
         self.positions += 1;
-        if let Some(id) = next {
-            self.reference_nll += nll(reference, id);
-            self.nll += nll(candidate, id);
-            self.scored += 1;
-        }
+        self.reference_nll += nll(reference, id);
+        self.nll += nll(candidate, id);
+        self.scored += 1;
     }
 
     fn finish(self) -> SequenceComparison {
