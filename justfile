@@ -191,8 +191,8 @@ bench-encoder-quant: setup build
     # A 3-layer student (teacher layers 1, 3, 5) distilled on docstring sentences of the pinned
     # Python packages (not the benchmark's sentences).
     if [ ! -f "$b/student/model.safetensors" ]; then
-        .venv/bin/python scripts/encoder_text.py "$b/text.txt"
-        target/release/edgelm-distill distill-encoder --teacher "$ck" --text "$b/text.txt" --layers 1,3,5 -o "$b/student"
+        .venv/bin/python scripts/encoder_text.py "$b/text.txt" --sentences 1500
+        target/release/edgelm-distill distill-encoder --teacher "$ck" --text "$b/text.txt" --layers 1,3,5 --lr 3e-4 -o "$b/student"
     fi
     [ -f "$b/student-bundle/edgelm.json" ] || target/release/edgelm-distill export "$b/student" -o "$b/student-bundle"
     [ -f "$b/student-int8-dynamic/edgelm.json" ] || target/release/edgelm-distill quantize "$b/student-bundle" -o "$b/student-int8-dynamic" --precision int8-dynamic

@@ -721,8 +721,10 @@ fn table(r: &PipelineReport, out: &mut dyn Write) -> Result<()> {
     if let Some(f) = &r.finetune {
         let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v));
         t.push_str(&format!(
-            "fine-tune on {} new examples: new commands {} -> {}, original commands {:.1}% -> {:.1}% (EWC lambda {})",
+            "fine-tune on {} examples ({} of them replayed originals): new commands {} -> {}, original commands \
+             {:.1}% -> {:.1}% (EWC lambda {})",
             f.new_examples,
+            f.replayed,
             pct(f.new_before),
             pct(f.new_after),
             100.0 * f.original_before,

@@ -117,8 +117,13 @@ pub fn distill_encoder(
         return Err(bad(format!("layer {l} does not exist in a {}-layer teacher", c.num_hidden_layers)));
     }
     let tok_path = teacher.tokenizer_json.as_ref().ok_or_else(|| bad("the teacher has no tokenizer.json".into()))?;
-    let tokenizer = tokenizers::Tokenizer::from_file(tok_path)
+    let mut tokenizer = tokenizers::Tokenizer::from_file(tok_path)
         .map_err(|e| Error::Format { path: tok_path.clone(), what: e.to_string() })?;
+    // Sentence-transformers tokenizers often pad every input to a fixed length; the model runs
+    // one unpadded sentence at a time (as the runtime does), so padded ids would be attended
+    // and pooled as if they were words.
+    tokenizer.with_padding(None);
+    tokenizer.with_truncation(None).map_err(|e| Error::Format { path: tok_path.clone(), what: e.to_string() })?;
     // Teacher targets, computed once.
     let model = BertModel::new(teacher);
     let mut targets = Vec::new();
