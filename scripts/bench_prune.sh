@@ -15,8 +15,9 @@ pruned=$work/pruned
 [ -f "$ck/config.json" ] || "$bin/edgelm-distill" init --preset "$preset" -o "$ck"
 # Importance on a few recipe commands (random weights: any text ranks the units the same way).
 "$bin/edgelm-distill" prune-structured "$ck" --recipe "$root/models/devcmd/recipe.toml" \
-  --mlp 0.3 --heads 0.3 --calibration 16 -o "$pruned"
+  --mlp 0.3 --heads 0.3 --query-heads 0 --calibration 16 -o "$pruned"
 [ -f "$work/bundle/model.onnx" ] || "$bin/edgelm-distill" export "$ck" -o "$work/bundle"
+rm -rf "$work/bundle-pruned" "$work/bundle-pruned-int8-dynamic"
 "$bin/edgelm-distill" export "$pruned" -o "$work/bundle-pruned"
 for b in bundle bundle-pruned; do
   [ -f "$work/$b-int8-dynamic/model.onnx" ] ||

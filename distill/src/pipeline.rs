@@ -21,7 +21,7 @@ use crate::export::{
     compare_bundles_on, compare_checkpoints_on, export, quantize_bundle, ExportOptions, SequenceComparison,
 };
 use crate::lora::LoraConfig;
-use crate::prune::structured::{measure_importance, prune_structured};
+use crate::prune::structured::{calibration_sequences, measure_importance, prune_structured};
 use crate::recipe::Recipe;
 use crate::report::{svg, Bar};
 use crate::student::StudentShape;
@@ -405,14 +405,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         if let Some(r) = rows.last_mut() {
             (r.ttft_ms, r.decode_tokens_per_s) = (Some(ttft), Some(decode));
         }
-        let f = Formatter::for_checkpoint(&student)?;
-        let ctx = student.config.max_position_embeddings;
-        let calibration: Vec<Vec<u32>> = splits
-            .train
-            .iter()
-            .take(p.calibration)
-            .map(|e| f.encode(e).map(|x| x.ids.into_iter().take(ctx).collect()))
-            .collect::<Result<_>>()?;
+        let calibration = calibration_sequences(&student, &splits.train, p.calibration)?;
         let importance = measure_importance(&student.config, &student.tensors, &calibration)?;
         let (config, weights, cut) = prune_structured(&student.config, &student.tensors, &importance, &p.options())?;
         say(

@@ -368,8 +368,9 @@ pub struct PruneStructuredArgs {
 
 /// Prunes whole units and groups, and recovers when asked.
 pub fn prune_structured(a: PruneStructuredArgs) -> Result<()> {
-    use edgelm_distill::prune::structured::{measure_importance, prune_structured, StructuredOptions};
-    use edgelm_distill::train::batch::Formatter;
+    use edgelm_distill::prune::structured::{
+        calibration_sequences, measure_importance, prune_structured, StructuredOptions,
+    };
     use edgelm_distill::train::distill::{distill, DistillSpec, StudentInit};
     let ck = Checkpoint::load(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
     let splits = a.data.splits()?;
@@ -383,14 +384,7 @@ pub fn prune_structured(a: PruneStructuredArgs) -> Result<()> {
         anyhow::bail!("nothing to prune: give --mlp, --heads or --query-heads (or a --recipe with [prune])");
     }
     let n = a.calibration.or(stage.as_ref().map(|s| s.calibration)).unwrap_or(256);
-    let f = Formatter::for_checkpoint(&ck)?;
-    let ctx = ck.config.max_position_embeddings;
-    let calibration: Vec<Vec<u32>> = splits
-        .train
-        .iter()
-        .take(n)
-        .map(|e| f.encode(e).map(|x| x.ids.into_iter().take(ctx).collect()))
-        .collect::<edgelm_distill::Result<_>>()?;
+    let calibration = calibration_sequences(&ck, &splits.train, n)?;
     let importance = measure_importance(&ck.config, &ck.tensors, &calibration).context("measuring importance")?;
     let (config, weights, report) = prune_structured(&ck.config, &ck.tensors, &importance, &opts)?;
     eprintln!(

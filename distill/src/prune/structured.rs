@@ -53,6 +53,14 @@ pub struct StructuredReport {
     pub calibration_tokens: usize,
 }
 
+/// The first `n` of `examples` as `ck` reads them (prompt and answer), cut to its context:
+/// the calibration sequences importance is measured on.
+pub fn calibration_sequences(ck: &Checkpoint, examples: &[crate::data::Example], n: usize) -> Result<Vec<Vec<u32>>> {
+    let f = crate::train::batch::Formatter::for_checkpoint(ck)?;
+    let ctx = ck.config.max_position_embeddings;
+    examples.iter().take(n).map(|e| f.encode(e).map(|x| x.ids.into_iter().take(ctx).collect())).collect()
+}
+
 /// Sums the importance of every unit over `sequences` (token ids, each run on its own so no
 /// padding enters the statistics).
 pub fn measure_importance(
