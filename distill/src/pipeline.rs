@@ -288,11 +288,12 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     let mut finetune_report = None;
     if let Some(ft) = &recipe.finetune {
         let t = Instant::now();
+        // Original examples mixed into new data.
+        let n_replay = if new_data.is_some() { ft.replay.min(splits.train.len()) } else { 0 };
         let replayed: Vec<crate::data::Example>;
         let (ft_train, ft_validation) = match &new_data {
             Some(d) => {
-                let replay = &splits.train[..ft.replay.min(splits.train.len())];
-                replayed = d.train.iter().chain(replay).cloned().collect();
+                replayed = d.train.iter().chain(&splits.train[..n_replay]).cloned().collect();
                 (&replayed[..], &d.validation[..])
             }
             None => {
@@ -340,7 +341,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         let original_before = rows[0].task_completion;
         finetune_report = Some(FinetuneReport {
             new_examples: ft_train.len(),
-            replayed: if new_data.is_some() { ft.replay.min(splits.train.len()) } else { 0 },
+            replayed: n_replay,
             new_test_examples: new_test.map(<[_]>::len).unwrap_or(0),
             new_before,
             new_after,
@@ -408,20 +409,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         let calibration = calibration_sequences(&student, &splits.train, p.calibration)?;
         let importance = measure_importance(&student.config, &student.tensors, &calibration)?;
         let (config, weights, cut) = prune_structured(&student.config, &student.tensors, &importance, &p.options())?;
-        say(
-            out,
-            format!(
-                "pruning: MLP {} -> {} units, heads {} -> {} ({} -> {} KV groups), {} -> {} parameters; recovering",
-                cut.intermediate_size.0,
-                cut.intermediate_size.1,
-                cut.attention_heads.0,
-                cut.attention_heads.1,
-                cut.kv_heads.0,
-                cut.kv_heads.1,
-                cut.parameters.0,
-                cut.parameters.1
-            ),
-        )?;
+        say(out, format!("pruning: {}; recovering", cut.summary()))?;
         let spec = DistillSpec {
             student: StudentInit::Weights(config, weights),
             temperature: p.temperature,
@@ -431,8 +419,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         };
         logs.push(distill(&student, (&distill_train, &splits.validation), &spec, &stage("pruned"))?);
         let pruned_dir = dir.join("pruned");
-        let report_path = pruned_dir.join("structured_prune_report.json");
-        std::fs::write(&report_path, serde_json::to_string_pretty(&cut).expect("json")).at(&report_path)?;
+        cut.write(&pruned_dir)?;
         let pruned = Checkpoint::load(&pruned_dir)?;
         let score = score_checkpoint(&pruned, test, opts.progress)?;
         let check = compare_checkpoints_on(&student, &pruned, &kl_sequences)?;

@@ -369,7 +369,7 @@ pub struct PruneStructuredArgs {
 /// Prunes whole units and groups, and recovers when asked.
 pub fn prune_structured(a: PruneStructuredArgs) -> Result<()> {
     use edgelm_distill::prune::structured::{
-        calibration_sequences, measure_importance, prune_structured, StructuredOptions,
+        calibration_sequences, measure_importance, prune_structured, write_pruned, StructuredOptions,
     };
     use edgelm_distill::train::distill::{distill, DistillSpec, StudentInit};
     let ck = Checkpoint::load(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
@@ -387,18 +387,7 @@ pub fn prune_structured(a: PruneStructuredArgs) -> Result<()> {
     let calibration = calibration_sequences(&ck, &splits.train, n)?;
     let importance = measure_importance(&ck.config, &ck.tensors, &calibration).context("measuring importance")?;
     let (config, weights, report) = prune_structured(&ck.config, &ck.tensors, &importance, &opts)?;
-    eprintln!(
-        "pruned: MLP {} -> {} units, heads {} -> {} ({} -> {} KV groups), {} -> {} parameters, on {} calibration tokens",
-        report.intermediate_size.0,
-        report.intermediate_size.1,
-        report.attention_heads.0,
-        report.attention_heads.1,
-        report.kv_heads.0,
-        report.kv_heads.1,
-        report.parameters.0,
-        report.parameters.1,
-        report.calibration_tokens
-    );
+    eprintln!("pruned: {}, on {} calibration tokens", report.summary(), report.calibration_tokens);
     if a.recover {
         let base = stage.as_ref().map(|s| s.train.clone()).unwrap_or_else(|| TrainSettings::default().with_lr(1e-3));
         let spec = DistillSpec {
@@ -411,14 +400,10 @@ pub fn prune_structured(a: PruneStructuredArgs) -> Result<()> {
         let log = distill(&ck, (&splits.train, &splits.validation), &spec, &a.run.stage(a.output.clone()))
             .context("recovering")?;
         print_log(&log, &a.output);
+        report.write(&a.output)?;
     } else {
-        use edgelm_distill::checkpoint::write::{copy_tokenizer_files, write_checkpoint, write_generation_config};
-        write_checkpoint(&a.output, &config, &weights, Default::default())?;
-        write_generation_config(&a.output, &config)?;
-        copy_tokenizer_files(&ck.dir, &a.output)?;
+        write_pruned(&ck.dir, &a.output, (&config, &weights), &report)?;
     }
-    let p = a.output.join("structured_prune_report.json");
-    std::fs::write(&p, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", p.display()))?;
     eprintln!("wrote {}", a.output.display());
     Ok(())
 }

@@ -175,6 +175,7 @@ pub fn distill_encoder(
         Trainer::new(trained, TrainConfig { schedule, weight_decay: 0.01, accumulation: 1, clip_norm: 1.0 })?;
     let started = Instant::now();
     tracing::info!("encoder student: {} sentences, {total} steps", targets.len());
+    let mut after = before;
     for epoch in 0..spec.epochs.max(1) {
         rng.shuffle(&mut targets);
         for chunk in targets.chunks(batch) {
@@ -192,9 +193,9 @@ pub fn distill_encoder(
             let loss = (loss.expect("chunks are not empty") / chunk.len() as f64)?;
             trainer.backward(&loss)?;
         }
-        let cos = mean_cosine(&student_at(with(trainer.tensors())), &held)?;
+        after = mean_cosine(&student_at(with(trainer.tensors())), &held)?;
         eprintln!(
-            "encoder student: epoch {} of {}: held-out cosine to the teacher {cos:.4} ({:.0} s)",
+            "encoder student: epoch {} of {}: held-out cosine to the teacher {after:.4} ({:.0} s)",
             epoch + 1,
             spec.epochs.max(1),
             started.elapsed().as_secs_f64()
@@ -202,7 +203,6 @@ pub fn distill_encoder(
     }
     let seconds = started.elapsed().as_secs_f64();
     let weights = with(trainer.tensors());
-    let after = mean_cosine(&student_at(weights.clone()), &held)?;
 
     copy_layout(&teacher.dir, out)?;
     let cfg_path = out.join("config.json");

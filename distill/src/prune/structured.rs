@@ -202,6 +202,45 @@ pub fn prune_structured(
     Ok((pruned, out, report))
 }
 
+impl StructuredReport {
+    /// What was removed, in one line: widths, heads, groups and parameters before and after.
+    pub fn summary(&self) -> String {
+        format!(
+            "MLP {} -> {} units, heads {} -> {} ({} -> {} KV groups), {} -> {} parameters",
+            self.intermediate_size.0,
+            self.intermediate_size.1,
+            self.attention_heads.0,
+            self.attention_heads.1,
+            self.kv_heads.0,
+            self.kv_heads.1,
+            self.parameters.0,
+            self.parameters.1
+        )
+    }
+
+    /// Writes the report as `structured_prune_report.json` into the checkpoint folder `dir`.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("structured_prune_report.json");
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::Format { path: path.clone(), what: e.to_string() })?;
+        std::fs::write(&path, text).at(&path)
+    }
+}
+
+/// Writes a pruned checkpoint (weights, generation config, the source's tokenizer files and
+/// the report) to `out`; `source` is the folder of the model it was cut from.
+pub fn write_pruned(
+    source: &Path,
+    out: &Path,
+    (config, tensors): (&ModelConfig, &HashMap<String, Tensor>),
+    report: &StructuredReport,
+) -> Result<()> {
+    write_checkpoint(out, config, tensors, WriteOptions::default())?;
+    write_generation_config(out, config)?;
+    copy_tokenizer_files(source, out)?;
+    report.write(out)
+}
+
 /// Measures importance on `calibration`, prunes `ck` and writes the smaller checkpoint (with
 /// its tokenizer and `structured_prune_report.json`) to `out`.
 pub fn prune_checkpoint_structured(
@@ -212,13 +251,7 @@ pub fn prune_checkpoint_structured(
 ) -> Result<StructuredReport> {
     let importance = measure_importance(&ck.config, &ck.tensors, calibration)?;
     let (config, tensors, report) = prune_structured(&ck.config, &ck.tensors, &importance, opts)?;
-    write_checkpoint(out, &config, &tensors, WriteOptions::default())?;
-    write_generation_config(out, &config)?;
-    copy_tokenizer_files(&ck.dir, out)?;
-    let path = out.join("structured_prune_report.json");
-    let text =
-        serde_json::to_string_pretty(&report).map_err(|e| Error::Format { path: path.clone(), what: e.to_string() })?;
-    std::fs::write(&path, text).at(&path)?;
+    write_pruned(&ck.dir, out, (&config, &tensors), &report)?;
     Ok(report)
 }
 

@@ -94,8 +94,10 @@ pub fn finetune(
     opts: &StageOptions,
 ) -> Result<Finetuned> {
     let fmt = Formatter::for_checkpoint(base)?;
-    let modules = adapted_modules(&base.config, spec)?;
+    let fresh = Adapter::init(&base.config, spec.lora.clone(), spec.seed)?;
     let fisher = if spec.ewc_lambda > 0.0 {
+        let mut modules: Vec<String> = fresh.modules.keys().cloned().collect();
+        modules.sort();
         let ewc = fmt.encode_within(ewc_data, base.config.max_position_embeddings, "EWC data")?;
         fisher_diagonal(base, &modules, &ewc, fmt.pad(), spec.fisher_batches, spec.train.batch_size)?
     } else {
@@ -103,7 +105,7 @@ pub fn finetune(
     };
     let model = |a: Option<&Adapter>| LlamaModel::with_adapter(&base.config, &base.tensors, a);
     let frozen = Frozen { config: &base.config, dir: &base.dir, model: &model };
-    train_adapter(frozen, &fmt, data, &fisher, spec, opts)
+    train_adapter(frozen, &fmt, data, fresh, &fisher, spec, opts)
 }
 
 /// QLoRA: trains a LoRA adapter over a base held as packed 4-bit projections (see
@@ -123,7 +125,8 @@ pub fn finetune_qlora(
     let fmt = Formatter::for_checkpoint(source)?;
     let model = |a: Option<&Adapter>| LlamaModel::qlora(base, a);
     let frozen = Frozen { config: &base.config, dir: &source.dir, model: &model };
-    train_adapter(frozen, &fmt, data, &HashMap::new(), spec, opts)
+    let fresh = Adapter::init(&base.config, spec.lora.clone(), spec.seed)?;
+    train_adapter(frozen, &fmt, data, fresh, &HashMap::new(), spec, opts)
 }
 
 /// The frozen base an adapter is trained over.
@@ -134,25 +137,18 @@ struct Frozen<'a> {
     model: &'a dyn Fn(Option<&Adapter>) -> Result<LlamaModel>,
 }
 
-/// Module names the spec adapts.
-fn adapted_modules(config: &crate::checkpoint::ModelConfig, spec: &FinetuneSpec) -> Result<Vec<String>> {
-    let mut modules: Vec<String> =
-        Adapter::init(config, spec.lora.clone(), spec.seed)?.modules.keys().cloned().collect();
-    modules.sort();
-    Ok(modules)
-}
-
+/// Trains `fresh` over the frozen base (with the EWC penalty when `fisher` is not empty).
 fn train_adapter(
     base: Frozen<'_>,
     fmt: &Formatter,
     data: (&[Example], &[Example]),
+    fresh: Adapter,
     fisher: &HashMap<String, Tensor>,
     spec: &FinetuneSpec,
     opts: &StageOptions,
 ) -> Result<Finetuned> {
     let train = fmt.encode_within(data.0, base.config.max_position_embeddings, "training set")?;
     let validation = fmt.encode_within(data.1, base.config.max_position_embeddings, "validation set")?;
-    let fresh = Adapter::init(base.config, spec.lora.clone(), spec.seed)?;
     let total = spec.train.fit_options("finetune").total_steps(train.len());
     let mut trainer = Trainer::new(fresh.to_tensors(), spec.train.train_config(total))?;
     let lora = spec.lora.clone();
