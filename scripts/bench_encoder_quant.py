@@ -9,6 +9,7 @@ lowest cosine to the fp32 embeddings, nearest-neighbour agreement (does each sen
 other sentence stay the same) and sentences per second.
 
 usage: bench_encoder_quant.py FP32_BUNDLE INT8_BUNDLE --work DIR [--sentences 188]
+       [--variant NAME=BUNDLE ...] [--calibration TEXT_FILE]
 """
 import argparse
 import glob
@@ -30,6 +31,10 @@ ap.add_argument("--work", required=True)
 ap.add_argument("--ours-dynamic", help="our int8-dynamic bundle, compared too")
 ap.add_argument("--student", help="a shallower student bundle (edgelm-distill distill-encoder), compared too")
 ap.add_argument("--student-int8", help="its int8-dynamic bundle, compared too")
+ap.add_argument("--variant", action="append", default=[], metavar="NAME=BUNDLE",
+                help="another bundle to compare (repeatable), e.g. 'edgelm int8-static=out/minilm/bundle-int8-static'")
+ap.add_argument("--calibration", help="text file (one text per line): also run ONNX Runtime's quantize_static "
+                "(QDQ, per channel, min-max) calibrated on its first 256 lines, as our int8-static is")
 ap.add_argument("--sentences", type=int, default=188)
 a = ap.parse_args()
 
@@ -47,6 +52,24 @@ if not os.path.exists(theirs):
 tok = Tokenizer.from_file(f"{a.fp32}/tokenizer.json")
 tok.no_padding()
 max_tokens = json.load(open(f"{a.fp32}/edgelm.json"))["encoder"]["max_tokens"]
+
+theirs_static = f"{a.work}/minilm-quantize-static.onnx"
+if a.calibration and not os.path.exists(theirs_static):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Lines(CalibrationDataReader):
+        def __init__(self):
+            lines = [l.strip() for l in open(a.calibration) if l.strip()][:256]
+            self.feeds = iter([
+                {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "attention_mask": np.ones_like(ids)}
+                for ids in (np.array([tok.encode(l).ids[:max_tokens]], dtype=np.int64) for l in lines)
+            ])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(f"{a.fp32}/model.onnx", theirs_static, Lines(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
 encoded = [tok.encode(s) for s in sentences]
 
 
@@ -73,6 +96,11 @@ def nearest(e):
 variants = [("fp32", f"{a.fp32}/model.onnx"), ("edgelm int8", f"{a.ours}/model.onnx"), ("ORT quantize_dynamic int8", theirs)]
 if a.ours_dynamic:
     variants.insert(2, ("edgelm int8-dynamic", f"{a.ours_dynamic}/model.onnx"))
+for v in a.variant:
+    name, _, b = v.partition("=")
+    variants.insert(len(variants) - 1, (name, f"{b}/model.onnx"))
+if a.calibration:
+    variants.append(("ORT quantize_static int8", theirs_static))
 for name, b in [("student", a.student), ("student int8-dynamic", a.student_int8)]:
     if b:
         layers = json.load(open(f"{b}/genai_config.json")).get("model", {}).get("num_hidden_layers") if os.path.exists(f"{b}/genai_config.json") else None

@@ -407,6 +407,11 @@ impl QuantizeStage {
         )?;
         o.accuracy_level = self.accuracy_level;
         o.method = self.method;
+        if self.method == crate::quantize::graph::Method::StaticInt8 {
+            return Err(crate::Error::InvalidConfig {
+                what: "static-int8 is for encoder bundles (`edgelm-distill quantize --precision int8-static`); a causal LM's stages use blockwise or dynamic-int8".into(),
+            });
+        }
         if self.method == crate::quantize::graph::Method::DynamicInt8 && self.bits != 8 {
             return Err(crate::Error::InvalidConfig {
                 what: format!("dynamic-int8 quantizes to 8 bits, not {}", self.bits),
@@ -419,6 +424,7 @@ impl QuantizeStage {
     pub fn name(&self) -> String {
         match self.method {
             crate::quantize::graph::Method::DynamicInt8 => "int8-dynamic".into(),
+            crate::quantize::graph::Method::StaticInt8 => "int8-static".into(),
             _ => format!("int{}", self.bits),
         }
     }

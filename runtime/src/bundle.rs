@@ -102,9 +102,27 @@ pub struct WeightScheme {
     /// Weights kept in fp32, with the reason.
     #[serde(default)]
     pub kept_fp32: Vec<String>,
-    /// With `DynamicQuantizeMatMul`: name patterns of the weights stored block-wise instead.
+    /// With `DynamicQuantizeMatMul` or `QDQ`: name patterns of the weights stored block-wise
+    /// (`MatMulNBits`) instead.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blockwise: Vec<String>,
+    /// Static quantization (`QDQ`): how the activations' fixed ranges were calibrated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activations: Option<ActivationScheme>,
+}
+
+/// Activations quantized with ranges fixed at export (`weights.activations` in edgelm.json).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivationScheme {
+    /// Element type of the quantized activations (`uint8`, asymmetric).
+    pub element: String,
+    /// How each range was chosen (`min-max`, `percentile 99.999`).
+    pub calibration: String,
+    /// Calibration texts run through the fp32 graph.
+    pub samples: usize,
+    /// Activation tensors given a fixed range.
+    pub tensors: usize,
 }
 
 /// An encoder's input limit and output, as exported.

@@ -22,6 +22,19 @@ pub enum PrecisionArg {
     /// (DynamicQuantizeMatMul): fastest over many tokens, for encoders.
     #[value(name = "int8-dynamic")]
     Int8Dynamic,
+    /// 8-bit weights per output column and 8-bit activations with ranges fixed by calibration
+    /// (QDQ form; encoders; needs --calibration).
+    #[value(name = "int8-static")]
+    Int8Static,
+}
+
+/// How int8-static picks each activation range from the calibration run.
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+pub enum RangeArg {
+    /// The smallest and largest value seen.
+    MinMax,
+    /// Percentiles (--percentile) of the values seen: outliers are clipped.
+    Percentile,
 }
 
 /// How to quantize (shared by `export` and `quantize`).
@@ -45,7 +58,7 @@ pub struct QuantArgs {
     /// CPUs with VNNI; without VNNI the full range saturates and gives wrong sums).
     #[arg(long)]
     full_range: bool,
-    /// int8-dynamic: weights whose name contains this run block-wise 8-bit instead (repeatable),
+    /// int8-dynamic / int8-static: weights whose name contains this run block-wise 8-bit instead (repeatable),
     /// e.g. an encoder's FFN output projections, whose inputs have outliers.
     #[arg(long, value_name = "NAME")]
     blockwise: Vec<String>,
@@ -60,6 +73,20 @@ pub struct QuantArgs {
     /// the fp32 one on the check prompt, a guard against a broken graph (the pipeline gates measure the task) [default: 0.1 at int8, 1.0 at int4].
     #[arg(long)]
     max_kl: Option<f64>,
+    /// int8-static: text file with one calibration text per line, run through the fp32 graph to
+    /// fix the activation ranges (a few hundred lines like the texts the model will see).
+    #[arg(long, value_name = "FILE")]
+    calibration: Option<PathBuf>,
+    /// int8-static: at most this many calibration lines are used.
+    #[arg(long, default_value_t = 256)]
+    calibration_samples: usize,
+    /// int8-static: how each activation range is chosen.
+    #[arg(long, value_enum, default_value = "min-max")]
+    range: RangeArg,
+    /// int8-static with --range percentile: the share of values kept inside the range, in
+    /// percent (the rest, on both ends, is clipped).
+    #[arg(long, default_value_t = 99.999)]
+    percentile: f32,
 }
 
 impl QuantArgs {
@@ -67,7 +94,7 @@ impl QuantArgs {
     pub fn options(&self) -> Result<Option<QuantizeOptions>> {
         let bits = match self.precision {
             PrecisionArg::Fp32 => return Ok(None),
-            PrecisionArg::Int8 | PrecisionArg::Int8Dynamic => 8,
+            PrecisionArg::Int8 | PrecisionArg::Int8Dynamic | PrecisionArg::Int8Static => 8,
             PrecisionArg::Int4 => 4,
         };
         let mut o = QuantizeOptions::for_bits(bits)?;
@@ -79,6 +106,29 @@ impl QuantArgs {
             o.method = edgelm_distill::quantize::graph::Method::DynamicInt8;
             o.full_range_int8 = self.full_range;
             o.blockwise = self.blockwise.clone();
+        }
+        if self.precision == PrecisionArg::Int8Static {
+            o.method = edgelm_distill::quantize::graph::Method::StaticInt8;
+            o.full_range_int8 = self.full_range;
+            o.blockwise = self.blockwise.clone();
+            let Some(path) = &self.calibration else {
+                anyhow::bail!("--precision int8-static needs --calibration FILE (one text per line)");
+            };
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            o.calibration = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .take(self.calibration_samples)
+                .map(String::from)
+                .collect();
+            o.range = match self.range {
+                RangeArg::MinMax => edgelm_distill::quantize::RangeMethod::MinMax,
+                RangeArg::Percentile => {
+                    edgelm_distill::quantize::RangeMethod::Percentile { percentile: self.percentile }
+                }
+            };
+        } else if self.calibration.is_some() {
+            anyhow::bail!("--calibration is for --precision int8-static");
         }
         Ok(Some(o))
     }

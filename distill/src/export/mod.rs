@@ -172,6 +172,11 @@ fn generation_defaults(ck: &Checkpoint) -> GenerationDefaults {
 
 /// Exports a loaded checkpoint into `out` and (by default) checks it numerically.
 pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
+    if opts.quantize.as_ref().is_some_and(|q| q.method == crate::quantize::graph::Method::StaticInt8) {
+        return Err(Error::Unsupported {
+            what: "int8-static is for encoder bundles; a causal LM exports as int8, int4 or int8-dynamic".into(),
+        });
+    }
     // The manifest is the mark of a checked bundle: the writer removes a stale one, and writes
     // the new one only after the numerical check passed.
     let mut w = BundleWriter::create(out, bundle::Kind::CausalLm)?;

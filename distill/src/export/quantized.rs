@@ -12,6 +12,7 @@ use super::ExportReport;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Result};
 use crate::onnx::ModelProto;
+use crate::quantize::graph::Method;
 use crate::quantize::{quantize_model, QuantizeOptions, QuantizeSummary};
 
 /// What quantizing an export did and cost.
@@ -38,9 +39,15 @@ pub(crate) fn precision_of(q: Option<&QuantizeOptions>) -> Precision {
 
 /// The manifest's record of a quantization.
 pub(crate) fn weight_scheme(q: &QuantizeOptions, s: &QuantizeSummary) -> WeightScheme {
-    let dynamic = q.method == crate::quantize::graph::Method::DynamicInt8;
+    // Both int8 schemes with a scale per output column.
+    let dynamic = matches!(q.method, Method::DynamicInt8 | Method::StaticInt8);
     WeightScheme {
-        operator: if dynamic { "DynamicQuantizeMatMul" } else { "MatMulNBits" }.into(),
+        operator: match q.method {
+            Method::Blockwise => "MatMulNBits",
+            Method::DynamicInt8 => "DynamicQuantizeMatMul",
+            Method::StaticInt8 => "QDQ",
+        }
+        .into(),
         // Dynamic int8 weights use 7 of their 8 bits unless the full range was asked for.
         bits: if dynamic && !q.full_range_int8 { 7 } else { q.scheme.bits },
         // Per output column when dynamic: one block the height of the matrix, recorded as 0.
@@ -51,7 +58,8 @@ pub(crate) fn weight_scheme(q: &QuantizeOptions, s: &QuantizeSummary) -> WeightS
         embedding: s.embeddings > 0,
         shared_embedding_head: s.shared_embedding_head,
         kept_fp32: s.kept.clone(),
-        blockwise: if dynamic { q.blockwise.clone() } else { vec![] },
+        blockwise: if q.method == Method::Blockwise { vec![] } else { q.blockwise.clone() },
+        activations: s.activations.clone(),
     }
 }
 
@@ -131,6 +139,72 @@ pub fn check_encoder(reference: &Path, candidate: &Path) -> Result<EncoderCheck>
     })
 }
 
+/// Static int8 of an encoder graph: activation ranges from running the fp32 graph on the
+/// calibration texts (tokenized by the bundle's tokenizer), matrices in QDQ form, embedding
+/// tables block-quantized as the other schemes do.
+fn quantize_encoder_static(
+    model: &mut ModelProto,
+    src: &Path,
+    manifest: &edgelm_runtime::bundle::Manifest,
+    opts: &QuantizeOptions,
+) -> Result<QuantizeSummary> {
+    let texts: Vec<&String> = opts.calibration.iter().filter(|t| !t.trim().is_empty()).collect();
+    if texts.is_empty() {
+        return Err(Error::Unsupported {
+            what: "int8-static needs calibration texts (`--calibration FILE`, one text per line)".into(),
+        });
+    }
+    let tok_path = src.join(manifest.tokenizer.as_deref().unwrap_or("tokenizer.json"));
+    let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+        .map_err(|e| Error::Format { path: tok_path.clone(), what: format!("not a tokenizer: {e}") })?;
+    tokenizer.with_padding(None);
+    let max = manifest.encoder.as_ref().map_or(usize::MAX, |e| e.max_tokens);
+    let inputs: Vec<String> =
+        model.graph.as_ref().map(|g| g.input.iter().map(|v| v.name.clone()).collect()).unwrap_or_default();
+    let mut samples = vec![];
+    for t in &texts {
+        let enc = tokenizer.encode(t.as_str(), true).map_err(|e| Error::Format {
+            path: tok_path.clone(),
+            what: format!("tokenizing a calibration text: {e}"),
+        })?;
+        let n = enc.get_ids().len().min(max);
+        let as_i64 = |v: &[u32]| v[..n].iter().map(|&x| x as i64).collect::<Vec<_>>();
+        let mut sample = vec![];
+        for name in &inputs {
+            let values = match name.as_str() {
+                "input_ids" => as_i64(enc.get_ids()),
+                "token_type_ids" => as_i64(enc.get_type_ids()),
+                "attention_mask" => vec![1; n],
+                other => {
+                    return Err(Error::Unsupported {
+                        what: format!("calibrating an encoder with input `{other}` (known: input_ids, token_type_ids, attention_mask)"),
+                    })
+                }
+            };
+            sample.push((name.clone(), values));
+        }
+        samples.push(sample);
+    }
+    let tensors = crate::quantize::qdq::activation_tensors(model, opts);
+    let ranges = crate::quantize::calibrate::calibrate(model, &tensors, &samples, opts.range)?;
+    let mut summary = crate::quantize::qdq::quantize_static(model, &ranges, opts)?;
+    // Embedding tables (and anything else only a Gather reads) as the block quantizer does.
+    let rest = QuantizeOptions { method: Method::Blockwise, ..opts.clone() };
+    let tables = quantize_model(model, &rest)?;
+    summary.matmuls += tables.matmuls;
+    summary.embeddings = tables.embeddings;
+    summary.shared_embedding_head = tables.shared_embedding_head;
+    summary.kept = tables.kept;
+    summary.bytes_after = tables.bytes_after;
+    summary.activations = Some(edgelm_runtime::bundle::ActivationScheme {
+        element: "uint8".into(),
+        calibration: opts.range.describe(),
+        samples: samples.len(),
+        tensors: tensors.len(),
+    });
+    Ok(summary)
+}
+
 /// Quantizes the fp32 bundle in `src` (causal LM or encoder) into `out` and, with `max_kl`,
 /// checks the result against `src` in ONNX Runtime: for a causal LM the mean KL and top-1
 /// agreement of next-token distributions, for an encoder the cosine of sentence embeddings
@@ -167,7 +241,19 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     let mut model = ModelProto::decode(bytes.as_slice())
         .map_err(|e| Error::Format { path: model_path.clone(), what: format!("not an ONNX model: {e}") })?;
     drop(bytes);
-    let summary = quantize_model(&mut model, opts)?;
+    let summary = if opts.method == Method::StaticInt8 {
+        if kind != Kind::Encoder {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "{} is a {kind:?} bundle: int8-static is for encoders (a causal LM decodes one token at a time, where int8 or int8-dynamic is faster)",
+                    src.display()
+                ),
+            });
+        }
+        quantize_encoder_static(&mut model, src, &manifest, opts)?
+    } else {
+        quantize_model(&mut model, opts)?
+    };
     let mut w = BundleWriter::create(out, kind)?;
     for f in manifest.files.iter().filter(|f| f.path != manifest.model_file) {
         w.copy(&f.path, &src.join(&f.path))?;

@@ -25,6 +25,9 @@ pub enum Method {
     /// `DynamicQuantizeMatMul`: int8 weights with one scale per output column, activations
     /// quantized to 8 bits at run time (fast over many tokens: encoders, prompts).
     DynamicInt8,
+    /// QDQ int8: weights per output column, activations with scales fixed by calibration
+    /// (`range` over `calibration`): no run-time range search, for encoders.
+    StaticInt8,
 }
 
 /// What to quantize and how.
@@ -47,10 +50,20 @@ pub struct QuantizeOptions {
     pub embedding: bool,
     /// Weights to keep in fp32: a node or initializer whose name contains one of these.
     pub keep_fp32: Vec<String>,
-    /// With `DynamicInt8`: weights whose name contains one of these use the block-wise scheme
+    /// With `DynamicInt8` or `StaticInt8`: weights whose name contains one of these use the block-wise scheme
     /// instead (the few layers whose activations have outliers, e.g. an encoder's FFN output).
     #[serde(default)]
     pub blockwise: Vec<String>,
+    /// With `StaticInt8`: how activation ranges are chosen.
+    #[serde(default = "default_range")]
+    pub range: super::RangeMethod,
+    /// With `StaticInt8`: the texts the fp32 graph is calibrated on.
+    #[serde(skip)]
+    pub calibration: Vec<String>,
+}
+
+fn default_range() -> super::RangeMethod {
+    super::RangeMethod::MinMax
 }
 
 impl QuantizeOptions {
@@ -66,6 +79,8 @@ impl QuantizeOptions {
             embedding: true,
             keep_fp32: vec![],
             blockwise: vec![],
+            range: default_range(),
+            calibration: vec![],
         })
     }
 }
@@ -85,6 +100,9 @@ pub struct QuantizeSummary {
     pub bytes_before: usize,
     /// Initializer bytes after.
     pub bytes_after: usize,
+    /// Static int8: how the activation ranges were calibrated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activations: Option<edgelm_runtime::bundle::ActivationScheme>,
 }
 
 /// How a weight initializer is used.
@@ -127,7 +145,7 @@ fn classify(n: &NodeProto, idx: usize, slot: usize) -> Use {
 }
 
 /// An fp32 initializer's values, when it is a plain fp32 matrix held in the file.
-fn f32_matrix(t: &TensorProto) -> Option<(usize, usize, Vec<f32>)> {
+pub(super) fn f32_matrix(t: &TensorProto) -> Option<(usize, usize, Vec<f32>)> {
     if t.data_type != Some(DataType::Float as i32) || t.dims.len() != 2 || !t.external_data.is_empty() {
         return None;
     }
@@ -150,7 +168,7 @@ fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-fn tensor_bytes(t: &TensorProto) -> usize {
+pub(super) fn tensor_bytes(t: &TensorProto) -> usize {
     t.raw_data.len() + 4 * t.float_data.len() + 8 * t.int64_data.len() + 4 * t.int32_data.len()
 }
 
@@ -335,6 +353,11 @@ fn to_gather_columns(node: &NodeProto, q: &str, scales: &str, rank: usize) -> Ve
 pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<QuantizeSummary> {
     let g =
         model.graph.as_mut().ok_or_else(|| Error::Unsupported { what: "quantizing a model without a graph".into() })?;
+    if opts.method == Method::StaticInt8 {
+        return Err(Error::Unsupported {
+            what: "static int8 needs calibration: use `quantize_bundle` (or `qdq::quantize_static`)".into(),
+        });
+    }
     let mut summary =
         QuantizeSummary { bytes_before: g.initializer.iter().map(tensor_bytes).sum(), ..Default::default() };
     if !(0..=4).contains(&opts.accuracy_level) {
@@ -550,6 +573,8 @@ mod tests {
                         embedding: true,
                         keep_fp32: vec![],
                         blockwise: vec![],
+                        range: default_range(),
+                        calibration: vec![],
                     };
                     let mut m = model(&w, &tied, &untied);
                     let s = quantize_model(&mut m, &opts).unwrap();

@@ -1,0 +1,245 @@
+//! Activation ranges for static quantization, measured by running the fp32 graph in ONNX
+//! Runtime on calibration inputs: every tensor to be quantized is made a graph output, the
+//! graph is run on each sample, and the values seen give a range (min-max, or percentiles of a
+//! histogram, which ignores the few outliers that would otherwise stretch the scale).
+
+use std::collections::HashMap;
+
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::Tensor;
+use prost::Message;
+
+use crate::error::{Error, Result};
+use crate::onnx::proto::{type_proto, TypeProto, ValueInfoProto};
+use crate::onnx::{DataType, ModelProto};
+
+/// How a tensor's range is chosen from the values calibration saw.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "method")]
+pub enum RangeMethod {
+    /// The smallest and largest value seen.
+    MinMax,
+    /// The `percentile`-th percentile of the values seen (and the `100 - percentile`-th below).
+    Percentile {
+        /// In (50, 100], e.g. 99.999.
+        percentile: f32,
+    },
+}
+
+impl RangeMethod {
+    /// The method's name as the manifest records it (`min-max`, `percentile 99.999`).
+    pub fn describe(&self) -> String {
+        match self {
+            RangeMethod::MinMax => "min-max".into(),
+            RangeMethod::Percentile { percentile } => format!("percentile {percentile}"),
+        }
+    }
+}
+
+/// The range of one activation tensor, and the uint8 quantization it implies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActivationRange {
+    /// Lowest value to represent.
+    pub min: f32,
+    /// Highest value to represent.
+    pub max: f32,
+}
+
+impl ActivationRange {
+    /// Scale and zero point of an asymmetric uint8 quantization covering the range, widened to
+    /// contain 0 so that zero (padding, ReLU output) is exact: `x = (q - zero_point) * scale`.
+    pub fn uint8_params(&self) -> (f32, u8) {
+        let (lo, hi) = (self.min.min(0.0), self.max.max(0.0));
+        if !(hi - lo).is_finite() || hi - lo <= 0.0 {
+            return (1.0, 0);
+        }
+        let scale = (hi - lo) / 255.0;
+        let zero_point = (-lo / scale).round().clamp(0.0, 255.0) as u8;
+        (scale, zero_point)
+    }
+}
+
+/// Bins of the histogram percentiles are read from.
+const BINS: usize = 4096;
+
+/// Values seen for one tensor over the calibration samples.
+#[derive(Debug, Clone)]
+pub struct RangeCollector {
+    min: f32,
+    max: f32,
+    /// Counts over `[lo, hi]` (second pass of a percentile calibration).
+    histogram: Option<(f32, f32, Vec<u64>)>,
+}
+
+impl Default for RangeCollector {
+    fn default() -> Self {
+        RangeCollector { min: f32::INFINITY, max: f32::NEG_INFINITY, histogram: None }
+    }
+}
+
+impl RangeCollector {
+    /// First pass: the extremes.
+    pub fn observe(&mut self, values: &[f32]) {
+        for &v in values.iter().filter(|v| v.is_finite()) {
+            self.min = self.min.min(v);
+            self.max = self.max.max(v);
+        }
+    }
+
+    /// Second pass (percentiles only): counts in bins spanning the extremes of the first.
+    pub fn count(&mut self, values: &[f32]) {
+        let (lo, hi) = (self.min, self.max);
+        let (_, _, bins) = self.histogram.get_or_insert_with(|| (lo, hi, vec![0; BINS]));
+        let width = (hi - lo) / BINS as f32;
+        for &v in values.iter().filter(|v| v.is_finite()) {
+            let b = if width > 0.0 { ((v - lo) / width) as usize } else { 0 };
+            bins[b.min(BINS - 1)] += 1;
+        }
+    }
+
+    /// The range by `method` (min-max if no histogram was counted).
+    pub fn range(&self, method: RangeMethod) -> ActivationRange {
+        if !self.min.is_finite() {
+            return ActivationRange { min: 0.0, max: 0.0 };
+        }
+        let (RangeMethod::Percentile { percentile }, Some((lo, hi, bins))) = (method, &self.histogram) else {
+            return ActivationRange { min: self.min, max: self.max };
+        };
+        let total: u64 = bins.iter().sum();
+        let width = (hi - lo) / BINS as f32;
+        // Values beyond the kept share on either side are clipped.
+        let tail = ((100.0 - percentile as f64) / 100.0 * total as f64).floor() as u64;
+        let mut below = 0;
+        let mut first = 0;
+        for (i, c) in bins.iter().enumerate() {
+            if below + c > tail {
+                first = i;
+                break;
+            }
+            below += c;
+        }
+        let mut above = 0;
+        let mut last = BINS - 1;
+        for (i, c) in bins.iter().enumerate().rev() {
+            if above + c > tail {
+                last = i;
+                break;
+            }
+            above += c;
+        }
+        ActivationRange { min: lo + first as f32 * width, max: (lo + (last + 1) as f32 * width).min(*hi) }
+    }
+}
+
+/// One calibration input: named int64 tensors `[1, len]` (e.g. `input_ids`, `attention_mask`).
+pub type Sample = Vec<(String, Vec<i64>)>;
+
+/// Runs `model` in ONNX Runtime on every sample and returns the range of each of `tensors`.
+pub fn calibrate(
+    model: &ModelProto,
+    tensors: &[String],
+    samples: &[Sample],
+    method: RangeMethod,
+) -> Result<HashMap<String, ActivationRange>> {
+    if samples.is_empty() {
+        return Err(Error::Unsupported { what: "static quantization needs at least one calibration sample".into() });
+    }
+    if let RangeMethod::Percentile { percentile } = method {
+        if !(percentile > 50.0 && percentile <= 100.0) {
+            return Err(Error::Unsupported { what: format!("percentile {percentile}: choose one in (50, 100]") });
+        }
+    }
+    let mut probe = model.clone();
+    let g = probe
+        .graph
+        .as_mut()
+        .ok_or_else(|| Error::Unsupported { what: "calibrating a model without a graph".into() })?;
+    let float = TypeProto {
+        value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+            elem_type: DataType::Float as i32,
+            shape: None,
+        })),
+        ..Default::default()
+    };
+    for t in tensors {
+        if !g.output.iter().any(|o| &o.name == t) {
+            g.output.push(ValueInfoProto { name: t.clone(), r#type: Some(float.clone()), ..Default::default() });
+        }
+    }
+    let env = edgelm_runtime::ortlib::init(None)?;
+    let setting =
+        |e: ort::Error<ort::session::builder::SessionBuilder>| Error::from(edgelm_runtime::Error::Ort(e.into()));
+    // No graph rewrites: the tensors asked for must keep their names and their fp32 values.
+    let mut session = Session::builder(env)
+        .map_err(edgelm_runtime::Error::from)?
+        .with_optimization_level(GraphOptimizationLevel::Disable)
+        .map_err(setting)?
+        .commit_from_memory(&probe.encode_to_vec())
+        .map_err(edgelm_runtime::Error::from)?;
+    drop(probe);
+    let mut collectors: HashMap<String, RangeCollector> =
+        tensors.iter().map(|t| (t.clone(), RangeCollector::default())).collect();
+    let passes = if matches!(method, RangeMethod::Percentile { .. }) { 2 } else { 1 };
+    for pass in 0..passes {
+        for sample in samples {
+            let mut inputs: Vec<(String, ort::session::SessionInputValue)> = vec![];
+            for (name, values) in sample {
+                let t = Tensor::from_array(([1usize, values.len()], values.clone()))
+                    .map_err(edgelm_runtime::Error::from)?;
+                inputs.push((name.clone(), t.into()));
+            }
+            let out = session.run(inputs).map_err(edgelm_runtime::Error::from)?;
+            for (name, c) in collectors.iter_mut() {
+                let (_, data) = out[name.as_str()].try_extract_tensor::<f32>().map_err(edgelm_runtime::Error::from)?;
+                if pass == 0 {
+                    c.observe(data);
+                } else {
+                    c.count(data);
+                }
+            }
+        }
+    }
+    Ok(collectors.into_iter().map(|(n, c)| (n, c.range(method))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uint8_params_by_hand() {
+        // [-1, 3]: 4 / 255 per step, zero at 1 / (4/255) = 63.75 -> 64.
+        let (s, z) = ActivationRange { min: -1.0, max: 3.0 }.uint8_params();
+        assert!((s - 4.0 / 255.0).abs() < 1e-9);
+        assert_eq!(z, 64);
+        // All positive: widened to [0, 2.55], zero point 0, step 0.01.
+        let (s, z) = ActivationRange { min: 0.5, max: 2.55 }.uint8_params();
+        assert!((s - 0.01).abs() < 1e-7);
+        assert_eq!(z, 0);
+        // All negative: widened to [-5.1, 0], zero point 255.
+        let (s, z) = ActivationRange { min: -5.1, max: -1.0 }.uint8_params();
+        assert!((s - 0.02).abs() < 1e-7);
+        assert_eq!(z, 255);
+        // Nothing seen or constant zero: a harmless scale.
+        assert_eq!(ActivationRange { min: 0.0, max: 0.0 }.uint8_params(), (1.0, 0));
+    }
+
+    #[test]
+    fn percentile_clips_outliers_min_max_keeps_them() {
+        // 10 000 values spread over [0, 1) and one outlier at 100.
+        let mut values: Vec<f32> = (0..10_000).map(|i| i as f32 / 10_000.0).collect();
+        values.push(100.0);
+        let mut c = RangeCollector::default();
+        c.observe(&values);
+        assert_eq!(c.range(RangeMethod::MinMax), ActivationRange { min: 0.0, max: 100.0 });
+        c.count(&values);
+        // 99.9%: 10 values may be clipped on each side; the outlier is one of them.
+        let r = c.range(RangeMethod::Percentile { percentile: 99.9 });
+        assert_eq!(r.min, 0.0);
+        // The bin holding 0.9999 ends within one bin width (100 / 4096) above it.
+        assert!(r.max >= 0.9999 && r.max < 0.9999 + 100.0 / 4096.0 + 1e-4, "{r:?}");
+        // 100%: nothing clipped.
+        assert_eq!(c.range(RangeMethod::Percentile { percentile: 100.0 }).max, 100.0);
+    }
+}

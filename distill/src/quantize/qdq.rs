@@ -1,0 +1,278 @@
+//! Static int8 in the QDQ form: every `MatMul(x, W)` over an fp32 weight becomes
+//! `MatMul(DequantizeLinear(QuantizeLinear(x)), DequantizeLinear(W_int8))`, with `x`'s scale and
+//! zero point fixed from calibration ([`super::calibrate`]) and `W` in int8 with one scale per
+//! output column. ONNX Runtime fuses each group into an integer matmul at load; the same file
+//! runs on any runtime that reads QDQ (TensorRT, QNN, XNNPACK), which is why this form and not
+//! `QLinearMatMul` is written.
+
+use std::collections::{HashMap, HashSet};
+
+use super::block::quantize_per_column;
+use super::calibrate::ActivationRange;
+use super::graph::{f32_matrix, tensor_bytes, QuantizeOptions, QuantizeSummary};
+use crate::error::{Error, Result};
+use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
+use crate::onnx::{AttributeProto as Attr, DataType, ModelProto};
+
+fn is_std(n: &NodeProto) -> bool {
+    n.domain.is_empty() || n.domain == "ai.onnx"
+}
+
+/// The `MatMul`s static quantization rewrites, as (node index, activation, weight): the weight
+/// a 2-D fp32 initializer read by nothing but `MatMul`s as their second input, neither asked to
+/// stay fp32 nor to be stored block-wise (`opts.blockwise`, left for the block quantizer).
+fn targets(g: &GraphProto, opts: &QuantizeOptions) -> Vec<(usize, String, String)> {
+    let inits: HashSet<&str> = g.initializer.iter().map(|t| t.name.as_str()).collect();
+    let inputs: HashSet<&str> = g.input.iter().map(|v| v.name.as_str()).collect();
+    let mut other_use: HashSet<&str> = HashSet::new();
+    for n in &g.node {
+        for (slot, i) in n.input.iter().enumerate() {
+            if !(n.op_type == "MatMul" && is_std(n) && slot == 1) {
+                other_use.insert(i.as_str());
+            }
+        }
+    }
+    let kept = |s: &str| opts.keep_fp32.iter().chain(&opts.blockwise).any(|k| s.contains(k.as_str()));
+    g.node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.op_type == "MatMul" && is_std(n) && n.input.len() == 2)
+        .filter(|(_, n)| {
+            let w = n.input[1].as_str();
+            inits.contains(w) && !inputs.contains(w) && !other_use.contains(w) && !kept(w) && !kept(&n.name)
+        })
+        .filter(|(_, n)| {
+            let t = g.initializer.iter().find(|t| t.name == n.input[1]).expect("an initializer");
+            f32_matrix(t).is_some()
+        })
+        .map(|(i, n)| (i, n.input[0].clone(), n.input[1].clone()))
+        .collect()
+}
+
+/// The activation tensors whose ranges [`quantize_static`] needs (calibrate these).
+pub fn activation_tensors(model: &ModelProto, opts: &QuantizeOptions) -> Vec<String> {
+    let Some(g) = model.graph.as_ref() else { return vec![] };
+    let mut seen = HashSet::new();
+    targets(g, opts).into_iter().map(|(_, x, _)| x).filter(|x| seen.insert(x.clone())).collect()
+}
+
+fn node(name: String, op: &str, input: Vec<String>, output: String, attribute: Vec<Attr>) -> NodeProto {
+    NodeProto { name, op_type: op.into(), input, output: vec![output], attribute, ..Default::default() }
+}
+
+/// Rewrites the `MatMul`s over fp32 weights into QDQ form with the activation `ranges`
+/// (one per tensor [`activation_tensors`] names). Weights use `qmax` = 127, or 63 unless
+/// `opts.full_range_int8` (see [`QuantizeOptions::full_range_int8`]). Other weights are left
+/// alone: run the block quantizer afterwards for embedding tables.
+pub fn quantize_static(
+    model: &mut ModelProto,
+    ranges: &HashMap<String, ActivationRange>,
+    opts: &QuantizeOptions,
+) -> Result<QuantizeSummary> {
+    // DequantizeLinear with `axis` and int8 zero points needs opset 13; raising the opset would
+    // change what other operators mean.
+    let opset =
+        model.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map_or(0, |o| o.version);
+    if opset < 13 {
+        return Err(Error::Unsupported {
+            what: format!("static int8 needs ONNX opset 13 or later; the model has {opset}"),
+        });
+    }
+    let g =
+        model.graph.as_mut().ok_or_else(|| Error::Unsupported { what: "quantizing a model without a graph".into() })?;
+    let bytes_before = g.initializer.iter().map(tensor_bytes).sum();
+    let targets = targets(g, opts);
+    let qmax = if opts.full_range_int8 { 127 } else { 63 };
+    // Weights: int8 [K, N] with per-column scales, dequantized along axis 1.
+    let mut weight_nodes = vec![];
+    let mut weight_out: HashMap<String, String> = HashMap::new();
+    for (_, _, w) in &targets {
+        if weight_out.contains_key(w) {
+            continue;
+        }
+        let t = g.initializer.iter().find(|t| &t.name == w).expect("a target's weight");
+        let (k, n, values) = f32_matrix(t).expect("checked by targets");
+        let (q, scales) = quantize_per_column(&values, k, n, qmax);
+        let (qn, sn, zn, out) =
+            (format!("{w}_int8"), format!("{w}_scale"), format!("{w}_zero_point"), format!("{w}_dequantized"));
+        g.initializer.push(TensorProto::from_u8(
+            &qn,
+            &[k as i64, n as i64],
+            DataType::Int8,
+            q.iter().map(|v| *v as u8).collect(),
+        ));
+        g.initializer.push(TensorProto::from_f32(&sn, &[n as i64], &scales));
+        g.initializer.push(TensorProto::from_u8(&zn, &[n as i64], DataType::Int8, vec![0; n]));
+        weight_nodes.push(node(
+            format!("{w}/DequantizeLinear"),
+            "DequantizeLinear",
+            vec![qn, sn, zn],
+            out.clone(),
+            vec![Attr::int("axis", 1)],
+        ));
+        weight_out.insert(w.clone(), out);
+    }
+    // Activations: one QuantizeLinear per tensor, one DequantizeLinear per consumer (ONNX
+    // Runtime fuses a DequantizeLinear into one node only).
+    let mut quantized: HashMap<String, (String, String, String)> = HashMap::new();
+    let mut before: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    for (i, x, w) in &targets {
+        let range = ranges.get(x).ok_or_else(|| Error::Unsupported {
+            what: format!("no calibrated range for `{x}`, the input of `{}`", g.node[*i].name),
+        })?;
+        let at = before.entry(*i).or_default();
+        if !quantized.contains_key(x) {
+            let (scale, zero_point) = range.uint8_params();
+            let (sn, zn, qn) = (format!("{x}_scale"), format!("{x}_zero_point"), format!("{x}_quantized"));
+            g.initializer.push(TensorProto::from_f32(&sn, &[], &[scale]));
+            g.initializer.push(TensorProto::from_u8(&zn, &[], DataType::Uint8, vec![zero_point]));
+            at.push(node(
+                format!("{x}/QuantizeLinear"),
+                "QuantizeLinear",
+                vec![x.clone(), sn.clone(), zn.clone()],
+                qn.clone(),
+                vec![],
+            ));
+            quantized.insert(x.clone(), (qn, sn, zn));
+        }
+        let (qn, sn, zn) = quantized[x].clone();
+        let mm = &g.node[*i].name;
+        let dq = format!("{mm}/{x}_dequantized");
+        at.push(node(format!("{mm}/DequantizeLinear"), "DequantizeLinear", vec![qn, sn, zn], dq.clone(), vec![]));
+        let n = &mut g.node[*i];
+        n.input = vec![dq, weight_out[w].clone()];
+    }
+    let nodes = std::mem::take(&mut g.node);
+    g.node = weight_nodes;
+    for (i, n) in nodes.into_iter().enumerate() {
+        if let Some(q) = before.remove(&i) {
+            g.node.extend(q);
+        }
+        g.node.push(n);
+    }
+    g.initializer.retain(|t| !weight_out.contains_key(&t.name));
+    let g = model.graph.as_ref().expect("checked above");
+    Ok(QuantizeSummary {
+        matmuls: weight_out.len(),
+        bytes_before,
+        bytes_after: g.initializer.iter().map(tensor_bytes).sum(),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use ort::session::Session;
+    use ort::value::Tensor;
+    use prost::Message;
+
+    use super::*;
+    use crate::onnx::{Dim, GraphBuilder};
+    use crate::quantize::calibrate::{calibrate, RangeMethod};
+
+    const V: usize = 30;
+    const K: usize = 16;
+    const N: usize = 12;
+    const M: usize = 8;
+
+    fn values(len: usize, seed: u32, spread: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 9) as f32 / 8_388_608.0 - 0.5) * spread
+            })
+            .collect()
+    }
+
+    /// `ids -> Gather(table) = x -> MatMul(W1) -> Relu = h -> MatMul(W2) = y`.
+    fn model(table: &[f32], w1: &[f32], w2: &[f32]) -> ModelProto {
+        let mut g = GraphBuilder::new("test");
+        g.input("input_ids", DataType::Int64, &[Dim::Fixed(1), Dim::Symbolic("s".into())]);
+        g.output("y", DataType::Float, &[Dim::Fixed(1), Dim::Symbolic("s".into()), Dim::Fixed(M as i64)]);
+        let t = g.init_f32("table", &[V, K], table);
+        let w1 = g.init_f32("w1", &[K, N], w1);
+        let w2 = g.init_f32("w2", &[N, M], w2);
+        g.node_named("Gather", "", &[&t, "input_ids"], &["x"], vec![Attr::int("axis", 0)]);
+        g.node_named("MatMul", "", &["x", &w1], &["pre"], vec![]);
+        g.node_named("Relu", "", &["pre"], &["h"], vec![]);
+        g.node_named("MatMul", "", &["h", &w2], &["y"], vec![]);
+        g.finish(21, None, "test")
+    }
+
+    fn run(m: &ModelProto, ids: &[i64]) -> Vec<f32> {
+        let env = edgelm_runtime::ortlib::init(None).expect("ONNX Runtime (EDGELM_ORT_LIB)");
+        let mut s = Session::builder(env).unwrap().commit_from_memory(&m.encode_to_vec()).unwrap();
+        let out = s
+            .run(ort::inputs!["input_ids" => Tensor::from_array(([1usize, ids.len()], ids.to_vec())).unwrap()])
+            .unwrap();
+        out["y"].try_extract_tensor::<f32>().unwrap().1.to_vec()
+    }
+
+    /// What QuantizeLinear + DequantizeLinear do to `x` with `range`.
+    fn fake_quant(x: &[f32], range: ActivationRange) -> Vec<f32> {
+        let (s, z) = range.uint8_params();
+        x.iter().map(|v| (((v / s).round_ties_even() + z as f32).clamp(0.0, 255.0) - z as f32) * s).collect()
+    }
+
+    fn matmul(x: &[f32], w: &[f32], k: usize, n: usize) -> Vec<f32> {
+        x.chunks_exact(k)
+            .flat_map(|row| (0..n).map(move |j| (0..k).map(|i| row[i] * w[i * n + j]).sum::<f32>()))
+            .collect()
+    }
+
+    fn dequantized(w: &[f32], k: usize, n: usize) -> Vec<f32> {
+        let (q, s) = quantize_per_column(w, k, n, 63);
+        q.iter().enumerate().map(|(i, v)| *v as f32 * s[i % n]).collect()
+    }
+
+    /// Calibration in ONNX Runtime finds the ranges of the tensors feeding each MatMul, and the
+    /// QDQ graph computes what fake-quantizing those tensors and the weights computes.
+    #[test]
+    fn calibrated_qdq_graph_matches_fake_quantization() {
+        let (table, w1, w2) = (values(V * K, 1, 4.0), values(K * N, 2, 1.0), values(N * M, 3, 1.0));
+        let m = model(&table, &w1, &w2);
+        let opts = QuantizeOptions::for_bits(8).unwrap();
+        let tensors = activation_tensors(&m, &opts);
+        assert_eq!(tensors, ["x", "h"]);
+        let samples: Vec<_> = [vec![1i64, 5, 7], vec![29, 0, 3, 3, 12]]
+            .into_iter()
+            .map(|ids| vec![("input_ids".to_string(), ids)])
+            .collect();
+        let ranges = calibrate(&m, &tensors, &samples, RangeMethod::MinMax).unwrap();
+        // x's range is that of the table rows the samples gathered.
+        let rows: Vec<f32> =
+            [1usize, 5, 7, 29, 0, 3, 12].iter().flat_map(|&r| table[r * K..(r + 1) * K].to_vec()).collect();
+        let lo = rows.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = rows.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        assert_eq!(ranges["x"], ActivationRange { min: lo, max: hi });
+        assert!(ranges["h"].min >= 0.0, "h follows a Relu");
+
+        let mut q = m.clone();
+        let s = quantize_static(&mut q, &ranges, &opts).unwrap();
+        assert_eq!(s.matmuls, 2);
+        let ops: Vec<&str> = q.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops.iter().filter(|o| **o == "QuantizeLinear").count(), 2);
+        assert_eq!(ops.iter().filter(|o| **o == "DequantizeLinear").count(), 4);
+        assert!(q.graph.as_ref().unwrap().initializer.iter().all(|t| t.name != "w1" && t.name != "w2"));
+
+        let ids = [3i64, 29, 12, 5];
+        let x: Vec<f32> = ids.iter().flat_map(|&r| table[r as usize * K..(r as usize + 1) * K].to_vec()).collect();
+        let h: Vec<f32> =
+            matmul(&fake_quant(&x, ranges["x"]), &dequantized(&w1, K, N), K, N).iter().map(|v| v.max(0.0)).collect();
+        let want = matmul(&fake_quant(&h, ranges["h"]), &dequantized(&w2, N, M), N, M);
+        let got = run(&q, &ids);
+        let fp32 = run(&m, &ids);
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "QDQ graph vs fake quantization: {worst}");
+        let err = got.iter().zip(&fp32).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err > 0.0 && err < 0.1, "int8 vs fp32: {err}");
+    }
+
+    #[test]
+    fn a_missing_range_is_an_error_naming_the_tensor() {
+        let m = model(&values(V * K, 1, 4.0), &values(K * N, 2, 1.0), &values(N * M, 3, 1.0));
+        let mut q = m.clone();
+        let ranges = HashMap::from([("x".to_string(), ActivationRange { min: -1.0, max: 1.0 })]);
+        let e = quantize_static(&mut q, &ranges, &QuantizeOptions::for_bits(8).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("`h`"), "{e}");
+    }
+}
