@@ -425,6 +425,7 @@ impl QuantizeStage {
         match self.method {
             crate::quantize::graph::Method::DynamicInt8 => "int8-dynamic".into(),
             crate::quantize::graph::Method::StaticInt8 => "int8-static".into(),
+            crate::quantize::graph::Method::Fp16 => "fp16".into(),
             _ => format!("int{}", self.bits),
         }
     }

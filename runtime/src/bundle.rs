@@ -82,7 +82,8 @@ pub enum Precision {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeightScheme {
-    /// The ONNX Runtime operator the matrices run on (`MatMulNBits`).
+    /// What the matrices run on: `MatMulNBits`, `DynamicQuantizeMatMul`, `QDQ` (static int8) or
+    /// `fp16` (every tensor inside the graph in fp16; `matrices` counts the weights converted).
     pub operator: String,
     /// Bits per weight.
     pub bits: u8,

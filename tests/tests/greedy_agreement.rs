@@ -78,3 +78,35 @@ fn all_position_logits_export_decodes_the_same() {
     export(&ck, &dir, &ExportOptions { logits: LogitsMode::All, ..ExportOptions::default() }).unwrap();
     assert_eq!(edgelm_greedy_in(&dir, "shared"), candle_greedy("tiny-qwen2"));
 }
+
+/// fp16 bundles (every internal tensor fp16, inputs and outputs fp32) of every preset load in
+/// the runtime unchanged, hold half the bytes, and decode like the fp32 graph: the export's own
+/// check bounds the KL of next-token distributions, and greedy decoding agrees with candle on
+/// nearly every token (random weights leave near-ties that fp16 rounding may flip).
+#[test]
+fn fp16_bundles_decode_like_fp32() {
+    use edgelm_distill::export::{export, ExportOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    for preset in PRESETS {
+        let ck = Checkpoint::load(checkpoint(preset)).unwrap();
+        let mut q = edgelm_distill::quantize::QuantizeOptions::for_bits(8).unwrap();
+        q.method = edgelm_distill::quantize::graph::Method::Fp16;
+        let dir = tmp.path().join(preset);
+        let r = export(&ck, &dir, &ExportOptions { quantize: Some(q), max_kl: 0.01, ..Default::default() }).unwrap();
+        let qr = r.quantized.unwrap();
+        assert!(
+            (r.model_bytes as f64) < 0.55 * qr.fp32_bytes as f64,
+            "{preset}: {} of {}",
+            r.model_bytes,
+            qr.fp32_bytes
+        );
+        assert!(qr.verify.unwrap().mean_kl < 0.01);
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("edgelm.json")).unwrap()).unwrap();
+        assert_eq!(m["quantization"], "fp16");
+        let reference = candle_greedy(preset);
+        let got = edgelm_greedy_in(&dir, "shared");
+        let same = got.iter().zip(&reference).take_while(|(a, b)| a == b).count();
+        eprintln!("{preset}: fp16 greedy agrees with candle on the first {same} of {NEW} tokens");
+        assert!(same >= NEW / 2, "{preset}: fp16 {got:?} vs {reference:?}");
+    }
+}

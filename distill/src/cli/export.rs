@@ -14,6 +14,9 @@ use edgelm_distill::Checkpoint;
 pub enum PrecisionArg {
     /// 32-bit floats.
     Fp32,
+    /// 16-bit floats inside the graph, inputs and outputs fp32 (GPU boards; CPUs run it
+    /// through casts). --keep-fp32 names nodes (or operator types) to leave in fp32.
+    Fp16,
     /// 8-bit weights in blocks (MatMulNBits).
     Int8,
     /// 4-bit weights in blocks (MatMulNBits).
@@ -66,7 +69,8 @@ pub struct QuantArgs {
     #[arg(long)]
     fp32_embedding: bool,
     /// Keep in fp32 every weight whose initializer or node name contains this (repeatable),
-    /// e.g. `lm_head` or `layers.0.`.
+    /// e.g. `lm_head` or `layers.0.`; with fp16, every node whose name contains this or whose
+    /// operator type is this (e.g. `Pow`).
     #[arg(long, value_name = "NAME")]
     keep_fp32: Vec<String>,
     /// Largest mean KL divergence (nats) of the quantized model's next-token distribution from
@@ -94,6 +98,12 @@ impl QuantArgs {
     pub fn options(&self) -> Result<Option<QuantizeOptions>> {
         let bits = match self.precision {
             PrecisionArg::Fp32 => return Ok(None),
+            PrecisionArg::Fp16 => {
+                let mut o = QuantizeOptions::for_bits(8)?;
+                o.method = edgelm_distill::quantize::graph::Method::Fp16;
+                o.keep_fp32 = self.keep_fp32.clone();
+                return Ok(Some(o));
+            }
             PrecisionArg::Int8 | PrecisionArg::Int8Dynamic | PrecisionArg::Int8Static => 8,
             PrecisionArg::Int4 => 4,
         };
@@ -179,14 +189,24 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
 fn print_quantized(q: &Option<edgelm_distill::export::QuantizedReport>, model_bytes: u64) {
     let Some(q) = q else { return };
     let s = &q.summary;
-    eprintln!(
-        "quantized {} matrices{}{}: model.onnx {:.1} MiB, {:.2}x of fp32",
-        s.matmuls,
-        if s.embeddings > 0 { " and the embedding" } else { "" },
-        if s.shared_embedding_head { " (one table shared with the LM head)" } else { "" },
-        model_bytes as f64 / (1 << 20) as f64,
-        model_bytes as f64 / q.fp32_bytes as f64
-    );
+    let ratio = model_bytes as f64 / q.fp32_bytes as f64;
+    let mib = model_bytes as f64 / (1 << 20) as f64;
+    if q.precision == edgelm_runtime::bundle::Precision::Fp16 {
+        eprintln!("stored {} weights in fp16: model.onnx {mib:.1} MiB, {ratio:.2}x of fp32", s.matmuls);
+    } else {
+        eprintln!(
+            "quantized {} matrices{}{}: model.onnx {mib:.1} MiB, {ratio:.2}x of fp32",
+            s.matmuls,
+            if s.embeddings > 0 { " and the embedding" } else { "" },
+            if s.shared_embedding_head { " (one table shared with the LM head)" } else { "" },
+        );
+    }
+    if let Some(a) = &s.activations {
+        eprintln!(
+            "activations: {} tensors in {}, ranges by {} over {} texts",
+            a.tensors, a.element, a.calibration, a.samples
+        );
+    }
     for k in &s.kept {
         eprintln!("  {k}");
     }

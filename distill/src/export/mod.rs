@@ -227,7 +227,13 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
             w.model("model.onnx", &model.encode_to_vec())?;
             drop(model);
             let check = if opts.verify { Some(check_quantized(ck, out, opts.max_kl)?) } else { None };
-            Some(QuantizedReport { summary, verify: check, encoder: None, fp32_bytes })
+            Some(QuantizedReport {
+                precision: precision_of(Some(q)),
+                summary,
+                verify: check,
+                encoder: None,
+                fp32_bytes,
+            })
         }
     };
     let weights = opts.quantize.as_ref().zip(quantized.as_ref()).map(|(q, r)| weight_scheme(q, &r.summary));

@@ -18,6 +18,8 @@ use crate::quantize::{quantize_model, QuantizeOptions, QuantizeSummary};
 /// What quantizing an export did and cost.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct QuantizedReport {
+    /// The precision written.
+    pub precision: Precision,
     /// What the rewrite did.
     pub summary: QuantizeSummary,
     /// The quantized graph against the candle model (mean KL, top-1 agreement), when checked.
@@ -30,8 +32,9 @@ pub struct QuantizedReport {
 
 /// The bundle's precision for a quantization choice.
 pub(crate) fn precision_of(q: Option<&QuantizeOptions>) -> Precision {
-    match q.map(|q| q.scheme.bits) {
+    match q.map(|q| if q.method == Method::Fp16 { 16 } else { q.scheme.bits }) {
         None => Precision::Fp32,
+        Some(16) => Precision::Fp16,
         Some(8) => Precision::Int8,
         Some(_) => Precision::Int4,
     }
@@ -39,6 +42,21 @@ pub(crate) fn precision_of(q: Option<&QuantizeOptions>) -> Precision {
 
 /// The manifest's record of a quantization.
 pub(crate) fn weight_scheme(q: &QuantizeOptions, s: &QuantizeSummary) -> WeightScheme {
+    if q.method == Method::Fp16 {
+        return WeightScheme {
+            operator: "fp16".into(),
+            bits: 16,
+            block_size: 0,
+            symmetric: true,
+            accuracy_level: 0,
+            matrices: s.matmuls,
+            embedding: false,
+            shared_embedding_head: false,
+            kept_fp32: s.kept.clone(),
+            blockwise: vec![],
+            activations: None,
+        };
+    }
     // Both int8 schemes with a scale per output column.
     let dynamic = matches!(q.method, Method::DynamicInt8 | Method::StaticInt8);
     WeightScheme {
@@ -46,6 +64,7 @@ pub(crate) fn weight_scheme(q: &QuantizeOptions, s: &QuantizeSummary) -> WeightS
             Method::Blockwise => "MatMulNBits",
             Method::DynamicInt8 => "DynamicQuantizeMatMul",
             Method::StaticInt8 => "QDQ",
+            Method::Fp16 => "fp16",
         }
         .into(),
         // Dynamic int8 weights use 7 of their 8 bits unless the full range was asked for.
@@ -307,7 +326,13 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
         model_bytes: std::fs::metadata(&model_path).at(&model_path)?.len(),
         parameters,
         verify: None,
-        quantized: Some(QuantizedReport { summary, verify, encoder: encoder_check, fp32_bytes }),
+        quantized: Some(QuantizedReport {
+            precision: precision_of(Some(opts)),
+            summary,
+            verify,
+            encoder: encoder_check,
+            fp32_bytes,
+        }),
         warnings: vec![],
     })
 }

@@ -28,6 +28,9 @@ pub enum Method {
     /// QDQ int8: weights per output column, activations with scales fixed by calibration
     /// (`range` over `calibration`): no run-time range search, for encoders.
     StaticInt8,
+    /// No integers: every fp32 tensor inside the graph in fp16 (GPU boards), `keep_fp32` nodes
+    /// excepted.
+    Fp16,
 }
 
 /// What to quantize and how.
@@ -360,6 +363,16 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
     }
     let mut summary =
         QuantizeSummary { bytes_before: g.initializer.iter().map(tensor_bytes).sum(), ..Default::default() };
+    if opts.method == Method::Fp16 {
+        let s = super::fp16::to_fp16(model, &opts.keep_fp32)?;
+        let g = model.graph.as_ref().expect("checked above");
+        return Ok(QuantizeSummary {
+            matmuls: s.initializers,
+            kept: s.kept.iter().map(|n| format!("{n}: computes in fp32 as asked")).collect(),
+            bytes_after: g.initializer.iter().map(tensor_bytes).sum(),
+            ..summary
+        });
+    }
     if !(0..=4).contains(&opts.accuracy_level) {
         return Err(Error::Unsupported {
             what: format!("accuracy level {}: ONNX Runtime takes 0 to 4", opts.accuracy_level),
