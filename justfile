@@ -188,13 +188,17 @@ bench-encoder-quant: setup build
     [ -f "$b/bundle/edgelm.json" ] || target/release/edgelm-distill export "$ck" -o "$b/bundle"
     [ -f "$b/bundle-int8/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8" --precision int8
     [ -f "$b/bundle-int8-dynamic/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8-dynamic" --precision int8-dynamic
-    # A 3-layer student (teacher layers 1, 3, 5) distilled on docstring sentences of the pinned
-    # Python packages (not the benchmark's sentences).
+    # Unlabelled text: docstring sentences of the pinned Python packages (not the benchmark's
+    # sentences), for static int8's calibration and the student's distillation.
+    [ -f "$b/text.txt" ] || .venv/bin/python scripts/encoder_text.py "$b/text.txt" --sentences 1500
+    [ -f "$b/bundle-int8-static/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8-static" --precision int8-static --calibration "$b/text.txt" --range percentile
+    [ -f "$b/bundle-fp16/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-fp16" --precision fp16
+    # A 3-layer student (teacher layers 1, 3, 5).
     if [ ! -f "$b/student/model.safetensors" ]; then
-        .venv/bin/python scripts/encoder_text.py "$b/text.txt" --sentences 1500
         target/release/edgelm-distill distill-encoder --teacher "$ck" --text "$b/text.txt" --layers 1,3,5 --lr 3e-4 -o "$b/student"
     fi
     [ -f "$b/student-bundle/edgelm.json" ] || target/release/edgelm-distill export "$b/student" -o "$b/student-bundle"
     [ -f "$b/student-int8-dynamic/edgelm.json" ] || target/release/edgelm-distill quantize "$b/student-bundle" -o "$b/student-int8-dynamic" --precision int8-dynamic
     .venv/bin/python scripts/bench_encoder_quant.py "$b/bundle" "$b/bundle-int8" --ours-dynamic "$b/bundle-int8-dynamic" \
+        --variant "edgelm int8-static=$b/bundle-int8-static" --variant "edgelm fp16=$b/bundle-fp16" --calibration "$b/text.txt" \
         --student "$b/student-bundle" --student-int8 "$b/student-int8-dynamic" --work "$b/bench" 2>/dev/null
