@@ -191,7 +191,7 @@ bench-encoder-quant: setup build
     # Unlabelled text: docstring sentences of the pinned Python packages (not the benchmark's
     # sentences), for static int8's calibration and the student's distillation.
     [ -f "$b/text.txt" ] || .venv/bin/python scripts/encoder_text.py "$b/text.txt" --sentences 1500
-    [ -f "$b/bundle-int8-static/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8-static" --precision int8-static --calibration "$b/text.txt" --range percentile
+    [ -f "$b/bundle-int8-static/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8-static" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8
     [ -f "$b/bundle-fp16/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-fp16" --precision fp16
     # A 3-layer student (teacher layers 1, 3, 5).
     if [ ! -f "$b/student/model.safetensors" ]; then

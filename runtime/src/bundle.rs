@@ -124,6 +124,10 @@ pub struct ActivationScheme {
     pub samples: usize,
     /// Activation tensors given a fixed range.
     pub tensors: usize,
+    /// Strength with which activation outliers were moved into the weights (SmoothQuant's
+    /// alpha), when they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smoothing: Option<f32>,
 }
 
 /// An encoder's input limit and output, as exported.

@@ -91,6 +91,11 @@ pub struct QuantArgs {
     /// percent (the rest, on both ends, is clipped).
     #[arg(long, default_value_t = 99.999)]
     percentile: f32,
+    /// int8-static: first move activation outliers into the weights with this strength (0 to
+    /// 1, SmoothQuant's alpha; 0.5 is the usual choice). Adds one elementwise Mul per
+    /// quantized activation.
+    #[arg(long, value_name = "ALPHA")]
+    smooth: Option<f32>,
 }
 
 impl QuantArgs {
@@ -131,6 +136,7 @@ impl QuantArgs {
                 .take(self.calibration_samples)
                 .map(String::from)
                 .collect();
+            o.smooth = self.smooth;
             o.range = match self.range {
                 RangeArg::MinMax => edgelm_distill::quantize::RangeMethod::MinMax,
                 RangeArg::Percentile => {

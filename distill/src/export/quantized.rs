@@ -204,7 +204,12 @@ fn quantize_encoder_static(
         }
         samples.push(sample);
     }
-    let tensors = crate::quantize::qdq::activation_tensors(model, opts);
+    let mut tensors = crate::quantize::qdq::activation_tensors(model, opts);
+    if let Some(alpha) = opts.smooth {
+        let absmax = crate::quantize::calibrate::channel_absmax(model, &tensors, &samples)?;
+        crate::quantize::qdq::smooth(model, &absmax, alpha, opts)?;
+        tensors = crate::quantize::qdq::activation_tensors(model, opts);
+    }
     let ranges = crate::quantize::calibrate::calibrate(model, &tensors, &samples, opts.range)?;
     let mut summary = crate::quantize::qdq::quantize_static(model, &ranges, opts)?;
     // Embedding tables (and anything else only a Gather reads) as the block quantizer does.
@@ -220,6 +225,7 @@ fn quantize_encoder_static(
         calibration: opts.range.describe(),
         samples: samples.len(),
         tensors: tensors.len(),
+        smoothing: opts.smooth,
     });
     Ok(summary)
 }

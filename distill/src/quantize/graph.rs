@@ -60,6 +60,10 @@ pub struct QuantizeOptions {
     /// With `StaticInt8`: how activation ranges are chosen.
     #[serde(default = "default_range")]
     pub range: super::RangeMethod,
+    /// With `StaticInt8`: move activation outliers into the weights first with this strength
+    /// (0 to 1; see [`super::qdq::smooth`]).
+    #[serde(default)]
+    pub smooth: Option<f32>,
     /// With `StaticInt8`: the texts the fp32 graph is calibrated on.
     #[serde(skip)]
     pub calibration: Vec<String>,
@@ -83,6 +87,7 @@ impl QuantizeOptions {
             keep_fp32: vec![],
             blockwise: vec![],
             range: default_range(),
+            smooth: None,
             calibration: vec![],
         })
     }
@@ -587,6 +592,7 @@ mod tests {
                         keep_fp32: vec![],
                         blockwise: vec![],
                         range: default_range(),
+                        smooth: None,
                         calibration: vec![],
                     };
                     let mut m = model(&w, &tied, &untied);

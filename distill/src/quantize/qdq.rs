@@ -56,6 +56,105 @@ pub fn activation_tensors(model: &ModelProto, opts: &QuantizeOptions) -> Vec<Str
     targets(g, opts).into_iter().map(|(_, x, _)| x).filter(|x| seen.insert(x.clone())).collect()
 }
 
+/// Moves activation outliers into the weights before static quantization (as SmoothQuant
+/// does): for an activation `x` whose channel `j` reaches `a_j` and whose weights' row `j`
+/// reaches `w_j`, `x` is divided by `s_j = a_j^alpha / w_j^(1 - alpha)` (a `Mul` node) and row `j`
+/// of every weight it feeds multiplied by `s_j`. The product is unchanged; the activation's range
+/// flattens, so one uint8 scale fits it better. `absmax` holds the `a_j` of each tensor
+/// [`activation_tensors`] names ([`super::calibrate::channel_absmax`]). Returns the activations
+/// smoothed; call [`activation_tensors`] again for the names to calibrate.
+pub fn smooth(
+    model: &mut ModelProto,
+    absmax: &HashMap<String, Vec<f32>>,
+    alpha: f32,
+    opts: &QuantizeOptions,
+) -> Result<usize> {
+    if !(0.0..=1.0).contains(&alpha) {
+        return Err(Error::Unsupported { what: format!("smoothing strength {alpha}: choose one in [0, 1]") });
+    }
+    let g =
+        model.graph.as_mut().ok_or_else(|| Error::Unsupported { what: "smoothing a model without a graph".into() })?;
+    let targets = targets(g, opts);
+    // Activation -> its weights; a weight fed by two different activations is left alone.
+    let mut feeds: HashMap<String, Vec<String>> = HashMap::new();
+    let mut readers: HashMap<String, HashSet<String>> = HashMap::new();
+    for (_, x, w) in &targets {
+        let ws = feeds.entry(x.clone()).or_default();
+        if !ws.contains(w) {
+            ws.push(w.clone());
+        }
+        readers.entry(w.clone()).or_default().insert(x.clone());
+    }
+    let mut inserted: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    let mut renamed: HashMap<String, String> = HashMap::new();
+    for (x, ws) in &feeds {
+        let Some(a) = absmax.get(x) else { continue };
+        if ws.iter().any(|w| readers[w].len() > 1) {
+            continue;
+        }
+        let mut mats: Vec<(usize, usize, Vec<f32>)> = ws
+            .iter()
+            .map(|w| {
+                f32_matrix(g.initializer.iter().find(|t| &t.name == w).expect("a target's weight")).expect("checked")
+            })
+            .collect();
+        let k = mats[0].0;
+        if a.len() != k || mats.iter().any(|m| m.0 != k) {
+            continue;
+        }
+        let w_max: Vec<f32> = (0..k)
+            .map(|j| {
+                mats.iter().flat_map(|(_, n, v)| v[j * n..(j + 1) * n].iter().map(|x| x.abs())).fold(0.0, f32::max)
+            })
+            .collect();
+        let s: Vec<f32> = a
+            .iter()
+            .zip(&w_max)
+            .map(|(&a, &w)| {
+                let s = a.powf(alpha) / w.powf(1.0 - alpha);
+                if s.is_finite() && s > 1e-5 {
+                    s
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        for ((_, n, v), w) in mats.iter_mut().zip(ws) {
+            for (j, row) in v.chunks_exact_mut(*n).enumerate() {
+                row.iter_mut().for_each(|x| *x *= s[j]);
+            }
+            let t = g.initializer.iter_mut().find(|t| &t.name == w).expect("a target's weight");
+            t.float_data.clear();
+            t.raw_data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        }
+        let (inv, out) = (format!("{x}_smooth_scale"), format!("{x}_smoothed"));
+        let inv_s: Vec<f32> = s.iter().map(|s| 1.0 / s).collect();
+        g.initializer.push(TensorProto::from_f32(&inv, &[k as i64], &inv_s));
+        let first = targets.iter().filter(|(_, t, _)| t == x).map(|(i, _, _)| *i).min().expect("x has a target");
+        inserted.entry(first).or_default().push(node(
+            format!("{x}/Smooth"),
+            "Mul",
+            vec![x.clone(), inv],
+            out.clone(),
+            vec![],
+        ));
+        renamed.insert(x.clone(), out);
+    }
+    for (i, x, _) in &targets {
+        if let Some(out) = renamed.get(x) {
+            g.node[*i].input[0] = out.clone();
+        }
+    }
+    let nodes = std::mem::take(&mut g.node);
+    for (i, n) in nodes.into_iter().enumerate() {
+        if let Some(q) = inserted.remove(&i) {
+            g.node.extend(q);
+        }
+        g.node.push(n);
+    }
+    Ok(renamed.len())
+}
+
 fn node(name: String, op: &str, input: Vec<String>, output: String, attribute: Vec<Attr>) -> NodeProto {
     NodeProto { name, op_type: op.into(), input, output: vec![output], attribute, ..Default::default() }
 }
@@ -265,6 +364,43 @@ mod tests {
         assert!(worst < 1e-4, "QDQ graph vs fake quantization: {worst}");
         let err = got.iter().zip(&fp32).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(err > 0.0 && err < 0.1, "int8 vs fp32: {err}");
+    }
+
+    /// Smoothing leaves the fp32 function unchanged (a Mul on the activation, the inverse in the
+    /// weight rows) and narrows the range of an activation with an outlier channel.
+    #[test]
+    fn smoothing_keeps_the_product_and_flattens_outlier_channels() {
+        use crate::quantize::calibrate::channel_absmax;
+        // Channel 3 of the table is 50x the others: x has one outlier channel.
+        let mut table = values(V * K, 1, 1.0);
+        table.iter_mut().skip(3).step_by(K).for_each(|v| *v *= 50.0);
+        let m = model(&table, &values(K * N, 2, 1.0), &values(N * M, 3, 1.0));
+        let opts = QuantizeOptions::for_bits(8).unwrap();
+        let samples: Vec<_> = [vec![1i64, 5, 7, 20], vec![29, 0, 3]]
+            .into_iter()
+            .map(|ids| vec![("input_ids".to_string(), ids)])
+            .collect();
+        let tensors = activation_tensors(&m, &opts);
+        let absmax = channel_absmax(&m, &tensors, &samples).unwrap();
+        assert_eq!(absmax["x"].len(), K);
+        assert!(absmax["x"][3] > 10.0 * absmax["x"][2]);
+        let mut sm = m.clone();
+        assert_eq!(smooth(&mut sm, &absmax, 0.5, &opts).unwrap(), 2);
+        assert_eq!(activation_tensors(&sm, &opts), ["x_smoothed", "h_smoothed"]);
+        let ids = [3i64, 29, 12, 5];
+        let (a, b) = (run(&m, &ids), run(&sm, &ids));
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "smoothing changed the output by {worst}");
+        // Largest channel over the median one: what one per-tensor scale has to span.
+        let outlier = |v: &[f32]| {
+            let mut s = v.to_vec();
+            s.sort_by(f32::total_cmp);
+            s[s.len() - 1] / s[s.len() / 2]
+        };
+        let smoothed = channel_absmax(&sm, &["x_smoothed".to_string()], &samples).unwrap();
+        let (before, after) = (outlier(&absmax["x"]), outlier(&smoothed["x_smoothed"]));
+        assert!(before > 10.0 && after * 3.0 < before, "outlier ratio {before} before, {after} after");
+        assert!(smooth(&mut m.clone(), &absmax, 1.5, &opts).is_err());
     }
 
     #[test]
