@@ -126,10 +126,10 @@ fn answers_through_runtime(
     if ck.tokenizer_json.is_none() {
         return Ok(None);
     }
-    let tmp = tempfile::Builder::new().prefix("edgelm-score-").tempdir().map_err(|err| crate::Error::Io {
-        path: std::env::temp_dir(),
-        err,
-    })?;
+    let tmp = tempfile::Builder::new()
+        .prefix("edgelm-score-")
+        .tempdir()
+        .map_err(|err| crate::Error::Io { path: std::env::temp_dir(), err })?;
     let dir = tmp.path().join("bundle");
     crate::export::export(ck, &dir, &crate::export::ExportOptions::default())?;
     let label = ck.dir.display().to_string();
