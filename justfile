@@ -30,15 +30,20 @@ setup-py:
 build:
     cargo build --release --workspace
 
+# Build the host tool alone in the `host` profile (release code without link-time optimisation:
+# it builds in two thirds of the time and trains as fast).
+build-host:
+    cargo build --profile host -p edgelm-distill
+
 # The main job on the built-in default recipe: distil the committed teacher into a student,
 # export it, answer held-out commands through the runtime (streaming), print the size /
 # accuracy / speed table and write out/<name>/report.json + report.svg.
-pipeline recipe=default_recipe *args: setup-ort build
-    target/release/edgelm-distill pipeline --recipe {{recipe}} -o {{out}}/$(basename $(dirname {{recipe}})) {{args}}
+pipeline recipe=default_recipe *args: setup-ort build-host
+    target/host/edgelm-distill pipeline --recipe {{recipe}} -o {{out}}/$(basename $(dirname {{recipe}})) {{args}}
 
 # Re-train a recipe's teacher from scratch (what made the committed models/<name>/teacher).
-teacher recipe=default_recipe *args: build
-    target/release/edgelm-distill pretrain --recipe {{recipe}} -o $(dirname {{recipe}})/teacher --run-dir {{out}}/$(basename $(dirname {{recipe}}))/teacher.run {{args}}
+teacher recipe=default_recipe *args: build-host
+    target/host/edgelm-distill pretrain --recipe {{recipe}} -o $(dirname {{recipe}})/teacher --run-dir {{out}}/$(basename $(dirname {{recipe}}))/teacher.run {{args}}
 
 # Training throughput and achieved GFLOP/s against candle's f32 matmul peak on this machine.
 bench-train recipe=default_recipe:

@@ -8,13 +8,13 @@
 //! `[B, kv_heads, T, head_dim]` per layer.
 
 use std::collections::HashMap;
-
 use std::sync::Arc;
 
-use candle_core::{CustomOp1, DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::checkpoint::{Checkpoint, DecoderWeights, LayerWeights, ModelConfig, Projection};
 use crate::error::Result;
+use crate::train::frozen::{FrozenMatmul, FrozenWeight};
 
 /// A linear layer `y = x W^T + b` with HF's `[out, in]` weight layout.
 #[derive(Clone)]
@@ -24,7 +24,7 @@ struct Linear {
     /// LoRA update `(A [r, in], B [out, r], scale)`: `y += scale * x A^T B^T`.
     lora: Option<(Tensor, Tensor, f64)>,
     /// The weight held packed (QLoRA): `weight` is then a placeholder of its shape.
-    packed: Option<Arc<Box<dyn CustomOp1 + Send + Sync>>>,
+    packed: Option<Arc<crate::quantize::QuantizedMatrix>>,
 }
 
 /// Packed projection weights by module name (QLoRA's base).
@@ -32,10 +32,7 @@ type Packed<'a> = Option<&'a HashMap<String, Arc<crate::quantize::QuantizedMatri
 
 impl Linear {
     fn load(p: &Projection, adapter: Option<&crate::lora::Adapter>, packed: Packed<'_>) -> Result<Self> {
-        let packed = packed.and_then(|m| m.get(&p.name)).map(|m| {
-            let op: Box<dyn CustomOp1 + Send + Sync> = Box::new(crate::train::qlora::PackedMatmul(m.clone()));
-            Arc::new(op)
-        });
+        let packed = packed.and_then(|m| m.get(&p.name)).cloned();
         let (name, (out, inp)) = (&p.name, p.weight.dims2()?);
         let lora = match adapter.and_then(|a| a.modules.get(name).map(|m| (m, a.config.scale()))) {
             Some(((a, b), scale)) => {
@@ -57,7 +54,7 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut y = match &self.packed {
-            Some(op) => x.contiguous()?.apply_op1_arc(op.clone())?,
+            Some(m) => FrozenMatmul::apply(x, FrozenWeight::Packed(m.clone()))?,
             None => times_transposed(x, &self.weight)?,
         };
         if let Some((a, b, scale)) = &self.lora {
@@ -73,7 +70,12 @@ impl Module for Linear {
 /// `x W^T` for `x [..., in]` and `W [out, in]`, as one 2-D matmul over the flattened leading
 /// dimensions. candle's `broadcast_matmul` would copy `W` once per batch entry (and keep those
 /// copies for the backward pass): with batch 32 that was gigabytes and most of a step's time.
+/// A `W` outside the autograd graph (a frozen base under LoRA) goes through [`FrozenMatmul`],
+/// whose backward skips the weight gradient.
 pub(crate) fn times_transposed(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() && !w.track_op() {
+        return FrozenMatmul::apply(x, FrozenWeight::Dense(w.clone()));
+    }
     let dims = x.dims();
     let (inp, lead) = match dims.split_last() {
         Some((&inp, lead)) => (inp, lead),
@@ -435,7 +437,7 @@ impl LlamaModel {
         }
         let picked = x.reshape((b * s, h))?.index_select(rows, 0)?;
         let picked = self.norm.forward(&picked)?;
-        Ok(picked.matmul(&self.lm_head.t()?)?)
+        Ok(times_transposed(&picked, &self.lm_head)?)
     }
 
     /// Adds what every MLP unit and attention head of every layer contributes on

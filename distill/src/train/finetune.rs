@@ -12,6 +12,7 @@ use std::path::Path;
 use candle_core::{Tensor, Var};
 
 use super::batch::{Batch, Encoded, Formatter};
+use super::ewc::FisherWeightedSquare;
 use super::fit::FitData;
 use super::qlora::QuantizedBase;
 use super::stage::{flop_parameters, lm_loss, load_best, train_stage, Stage, StageOptions, TrainLog};
@@ -153,6 +154,10 @@ fn train_adapter(
     let mut trainer = Trainer::new(fresh.to_tensors(), spec.train.train_config(total))?;
     let lora = spec.lora.clone();
     let lambda = spec.ewc_lambda;
+    // In module order: the loss sums the same way in every run.
+    let mut penalties: Vec<(&String, FisherWeightedSquare)> =
+        fisher.iter().map(|(m, f)| Ok((m, FisherWeightedSquare::new(f)?))).collect::<Result<_>>()?;
+    penalties.sort_by(|a, b| a.0.cmp(b.0));
     let adapted = |p: &HashMap<String, Tensor>| -> Result<(LlamaModel, Adapter)> {
         let a = Adapter::from_tensors(lora.clone(), p)?;
         Ok(((base.model)(Some(&a))?, a))
@@ -161,9 +166,9 @@ fn train_adapter(
         let (model, adapter) = adapted(p)?;
         let logits = model.logits_at(&b.input_ids, &b.rows)?;
         let mut loss = candle_nn::loss::cross_entropy(&logits, &b.labels)?;
-        for (m, f) in fisher {
+        for (m, penalty) in &penalties {
             let d = adapter.delta(m)?.expect("adapted module");
-            loss = (loss + ((f * d.sqr()?)?.sum_all()? * (lambda / 2.0))?)?;
+            loss = (loss + (penalty.apply(&d)? * (lambda / 2.0))?)?;
         }
         Ok(loss)
     };

@@ -11,6 +11,7 @@
 //! `best.safetensors` (parameters with the lowest validation loss so far).
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -312,6 +313,13 @@ pub fn fit(
                     report.lr,
                     st.tokens as f64 / st.seconds.max(1e-9)
                 );
+                if bar.is_none() && opts.progress {
+                    // No bar to draw (a log file, CI): one line per validation instead.
+                    eprintln!(
+                        "{} step {}/{}: train loss {:.4}, validation {:.4}, {:.0} s",
+                        opts.label, st.step, total, point.train_loss, val, st.seconds
+                    );
+                }
                 if opts.patience > 0 && st.bad_evals >= opts.patience {
                     stopped_early = true;
                 }
@@ -377,7 +385,7 @@ fn save_state(trainer: &Trainer, st: &RunState, dir: &Path) -> Result<()> {
 }
 
 fn progress_bar(opts: &FitOptions, total: usize, at: usize) -> Option<indicatif::ProgressBar> {
-    if !opts.progress {
+    if !opts.progress || !std::io::stderr().is_terminal() {
         return None;
     }
     let bar = indicatif::ProgressBar::new(total as u64);

@@ -8,8 +8,10 @@
 pub mod adamw;
 pub mod batch;
 pub mod distill;
+pub(crate) mod ewc;
 pub mod finetune;
 pub mod fit;
+pub(crate) mod frozen;
 pub mod kd;
 pub mod pretrain;
 pub mod qlora;

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::checkpoint::{names, ModelConfig, PROJECTIONS};
 use crate::error::{Error, Result};
@@ -55,55 +55,12 @@ impl QuantizedBase {
     }
 }
 
-/// `y = x W^T` with `W` packed: dequantized for the forward matmul and again for the backward
-/// one, never kept. No gradient flows to `W` (the base is frozen).
-pub(crate) struct PackedMatmul(pub Arc<QuantizedMatrix>);
-
-impl PackedMatmul {
-    fn weight(&self) -> candle_core::Result<Tensor> {
-        let m = &self.0;
-        Tensor::from_vec(m.dequantize(), (m.rows, m.cols), &Device::Cpu)
-    }
-}
-
-impl CustomOp1 for PackedMatmul {
-    fn name(&self) -> &'static str {
-        "packed-matmul"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            return Err(candle_core::Error::Msg("packed-matmul: input must be f32".into()));
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            return Err(candle_core::Error::Msg("packed-matmul: input must be contiguous".into()));
-        };
-        let dims = layout.dims();
-        let inp = *dims.last().ok_or_else(|| candle_core::Error::Msg("packed-matmul: scalar input".into()))?;
-        if inp != self.0.cols {
-            return Err(candle_core::Error::Msg(format!(
-                "packed-matmul: input width {inp} does not match the weight's {}",
-                self.0.cols
-            )));
-        }
-        let rows = (end - start) / inp;
-        let x = Tensor::from_slice(&data[start..end], (rows, inp), &Device::Cpu)?;
-        let y = x.matmul(&self.weight()?.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("checked above") = self.0.rows;
-        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
-    }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad_res.broadcast_matmul(&self.weight()?)?))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::checkpoint::preset::{preset_config, random_weights};
     use crate::model::LlamaModel;
+    use crate::train::frozen::{FrozenMatmul, FrozenWeight};
     use candle_core::Var;
 
     /// The packed model computes what an fp32 model over the dequantized weights computes, and
@@ -116,7 +73,7 @@ mod tests {
         let deq = Tensor::from_vec(m.dequantize(), (24, 64), &Device::Cpu).unwrap();
         let xv: Vec<f32> = (0..2 * 3 * 64).map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0).collect();
         let x = Var::from_tensor(&Tensor::from_vec(xv, (2, 3, 64), &Device::Cpu).unwrap()).unwrap();
-        let y = x.as_tensor().apply_op1_arc(Arc::new(Box::new(PackedMatmul(m.clone())))).unwrap();
+        let y = FrozenMatmul::apply(x.as_tensor(), FrozenWeight::Packed(m.clone())).unwrap();
         let reference = x.as_tensor().broadcast_matmul(&deq.t().unwrap()).unwrap();
         assert_eq!(y.dims(), &[2, 3, 24]);
         let diff =
