@@ -78,7 +78,12 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EDGELM_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    if cli.command.trains() {
+        // Before any thread starts: it sets candle's thread count for the process.
+        edgelm_distill::train::workers::use_data_parallel_training();
+    }
+    if let Err(e) = run(cli) {
         // A run stopped where it was asked to stop is not a failure: say how to go on.
         if let Some(halted @ edgelm_distill::Error::Halted { .. }) = e.downcast_ref::<edgelm_distill::Error>() {
             eprintln!("{halted}");
@@ -86,6 +91,20 @@ fn main() {
         }
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+impl Command {
+    /// Commands that run the shared training loop (data-parallel over the cores).
+    fn trains(&self) -> bool {
+        matches!(
+            self,
+            Command::Pretrain(_)
+                | Command::Finetune(_)
+                | Command::Distill(_)
+                | Command::Pipeline(_)
+                | Command::PruneStructured(_)
+        )
     }
 }
 

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Result};
-use crate::eval::{score_bundle, score_checkpoint, Answer, Score};
+use crate::eval::{checkpoint_completion, score_bundle, score_checkpoint, Answer, Score};
 use crate::export::{
     compare_bundles_on, compare_checkpoints_on, export, quantize_bundle, ExportOptions, SequenceComparison,
 };
@@ -249,7 +249,10 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     let splits = recipe.splits()?;
     let n_eval = opts.eval_examples.or(recipe.pipeline.eval_examples).unwrap_or(splits.test.len());
     let test = &splits.test[..n_eval.min(splits.test.len())];
-    let say = |out: &mut dyn Write, msg: String| -> Result<()> { writeln!(out, "{msg}").at("stdout") };
+    // Each line says how long the run has been going, so a slow stage shows as it happens.
+    let say = |out: &mut dyn Write, msg: String| -> Result<()> {
+        writeln!(out, "[{:>4.0} s] {msg}", started.elapsed().as_secs_f64()).at("stdout")
+    };
     let stage = |name: &str| {
         let mut o = StageOptions::new(dir.join(name));
         o.progress = opts.progress;
@@ -303,7 +306,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         };
         let new_test = new_data.as_ref().map(|d| &d.test[..n_eval.min(d.test.len())]);
         let score_new = |ck: &Checkpoint| -> Result<Option<f64>> {
-            new_test.map(|t| score_checkpoint(ck, t, opts.progress).map(|s| s.task_completion)).transpose()
+            new_test.map(|t| checkpoint_completion(ck, t, opts.progress)).transpose()
         };
         let new_before = score_new(&source)?;
         if let Some(b) = new_before {
@@ -322,7 +325,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
                 finetune(&source, (ft_train, ft_validation), &splits.train, &spec(0.0), &stage("adapter-no-ewc"))?;
             merge(&source, &done.adapter, &dir.join("finetuned-no-ewc"))?;
             let merged = Checkpoint::load(dir.join("finetuned-no-ewc"))?;
-            let original = score_checkpoint(&merged, test, opts.progress)?.task_completion;
+            let original = checkpoint_completion(&merged, test, opts.progress)?;
             let new = score_new(&merged)?;
             say(out, format!("fine-tuned without EWC: {}", learned(new, original)))?;
             Some((new, original))

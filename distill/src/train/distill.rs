@@ -90,7 +90,7 @@ pub fn distill(
         None => None,
     };
     let (t, alpha) = (spec.temperature, spec.alpha);
-    let mut loss = |p: &HashMap<String, Tensor>, b: &Batch| -> Result<Tensor> {
+    let loss = |p: &HashMap<String, Tensor>, b: &Batch| -> Result<Tensor> {
         let student = LlamaModel::from_tensors(&config, p)?.logits_at(&b.input_ids, &b.rows)?;
         match &cache {
             Some(c) => {
@@ -104,10 +104,10 @@ pub fn distill(
         }
     };
     // Early stopping watches the student's own cross-entropy on the real answers.
-    let mut val = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
+    let val = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
     let data = FitData { train: &train, validation: &validation, pad: fmt.pad() };
     let stage = Stage { label: "student", settings: &spec.train, data, opts };
-    let report = train_stage(stage, &mut trainer, &mut loss, &mut val)?;
+    let report = train_stage(stage, &mut trainer, &loss, &val)?;
     let out = &opts.output;
     write_checkpoint(out, &config, &load_best(&report)?, WriteOptions::default())?;
     write_generation_config(out, &config)?;

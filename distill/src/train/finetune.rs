@@ -135,7 +135,7 @@ struct Frozen<'a> {
     config: &'a crate::checkpoint::ModelConfig,
     dir: &'a Path,
     /// The base with an adapter on top.
-    model: &'a dyn Fn(Option<&Adapter>) -> Result<LlamaModel>,
+    model: &'a (dyn Fn(Option<&Adapter>) -> Result<LlamaModel> + Sync),
 }
 
 /// Trains `fresh` over the frozen base (with the EWC penalty when `fisher` is not empty).
@@ -162,7 +162,7 @@ fn train_adapter(
         let a = Adapter::from_tensors(lora.clone(), p)?;
         Ok(((base.model)(Some(&a))?, a))
     };
-    let mut loss = |p: &HashMap<String, Tensor>, b: &Batch| -> Result<Tensor> {
+    let loss = |p: &HashMap<String, Tensor>, b: &Batch| -> Result<Tensor> {
         let (model, adapter) = adapted(p)?;
         let logits = model.logits_at(&b.input_ids, &b.rows)?;
         let mut loss = candle_nn::loss::cross_entropy(&logits, &b.labels)?;
@@ -172,14 +172,14 @@ fn train_adapter(
         }
         Ok(loss)
     };
-    let mut val = |p: &HashMap<String, Tensor>, b: &Batch| -> Result<Tensor> {
+    let val = |p: &HashMap<String, Tensor>, b: &Batch| -> Result<Tensor> {
         let (model, _) = adapted(p)?;
         let logits = model.logits_at(&b.input_ids, &b.rows)?;
         Ok(candle_nn::loss::cross_entropy(&logits, &b.labels)?)
     };
     let data = FitData { train: &train, validation: &validation, pad: fmt.pad() };
     let stage = Stage { label: "finetune", settings: &spec.train, data, opts };
-    let report = train_stage(stage, &mut trainer, &mut loss, &mut val)?;
+    let report = train_stage(stage, &mut trainer, &loss, &val)?;
     let adapter = Adapter::from_tensors(spec.lora.clone(), &load_best(&report)?)?;
     adapter.save_peft(&opts.output, &base.dir.display().to_string())?;
     // Forward and backward still run through the frozen base: count its parameters.

@@ -15,10 +15,12 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::batch::{Batch, Encoded};
+use super::workers::{split, training_workers};
 use super::Trainer;
 use crate::error::{Error, IoContext, Result};
 use crate::rng::Rng;
@@ -167,24 +169,96 @@ fn epoch_batches(lengths: &[usize], batch: usize, seed: u64, epoch: usize) -> Ve
 }
 
 /// A loss over the current parameters and a batch: the mean loss of its scored positions.
-pub type LossFn<'a> = dyn FnMut(&HashMap<String, Tensor>, &Batch) -> Result<Tensor> + 'a;
+/// Data-parallel workers call it at the same time on parts of a batch.
+pub type LossFn<'a> = dyn Fn(&HashMap<String, Tensor>, &Batch) -> Result<Tensor> + Sync + 'a;
 
-/// Mean loss per scored token of `loss_fn` over `examples` (no parameter update).
+/// Mean loss per scored token of `loss_fn` over `examples` (no parameter update), the batches
+/// shared among the training workers.
 pub fn evaluate(
     examples: &[Encoded],
     batch_size: usize,
     pad: u32,
-    loss_fn: &mut dyn FnMut(&Batch) -> Result<Tensor>,
+    loss_fn: &(dyn Fn(&Batch) -> Result<Tensor> + Sync),
 ) -> Result<f64> {
+    let chunks: Vec<&[Encoded]> = examples.chunks(batch_size.max(1)).collect();
+    // (sum of losses, scored positions) over some of the batches.
+    let run = |chunks: &[&[Encoded]]| -> Result<(f64, usize)> {
+        let (mut sum, mut count) = (0f64, 0usize);
+        for chunk in chunks {
+            let refs: Vec<&Encoded> = chunk.iter().collect();
+            let batch = Batch::new(&refs, pad)?;
+            let n = batch.targets();
+            sum += loss_fn(&batch)?.to_scalar::<f32>()? as f64 * n as f64;
+            count += n;
+        }
+        Ok((sum, count))
+    };
+    let parts = split(&chunks, training_workers());
+    let totals: Vec<Result<(f64, usize)>> = if parts.len() <= 1 {
+        parts.iter().map(|p| run(p)).collect()
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = parts.iter().map(|p| s.spawn(|| run(p))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(worker_panicked()))).collect()
+        })
+    };
     let (mut sum, mut count) = (0f64, 0usize);
-    for chunk in examples.chunks(batch_size.max(1)) {
-        let refs: Vec<&Encoded> = chunk.iter().collect();
-        let batch = Batch::new(&refs, pad)?;
-        let n = batch.targets();
-        sum += loss_fn(&batch)?.to_scalar::<f32>()? as f64 * n as f64;
-        count += n;
+    for t in totals {
+        let (s, c) = t?;
+        sum += s;
+        count += c;
     }
     Ok(sum / count.max(1) as f64)
+}
+
+fn worker_panicked() -> Error {
+    Error::Training { what: "a training worker thread panicked".into() }
+}
+
+/// One micro-batch's loss and gradients, its examples shared among the training workers: each
+/// share's mean loss is weighted by its part of the batch's scored positions, so the sum is
+/// the whole batch's mean loss and the summed gradients are its gradients.
+fn sharded_gradients(
+    trainer: &Trainer,
+    params: &HashMap<String, Tensor>,
+    examples: &[usize],
+    data: (&[Encoded], u32),
+    loss_fn: &LossFn,
+    parts: usize,
+) -> Result<(f64, usize, Vec<GradStore>)> {
+    let (train, pad) = data;
+    let shares: Vec<Batch> = split(examples, parts)
+        .into_iter()
+        .map(|ids| {
+            let refs: Vec<&Encoded> = ids.iter().map(|&i| &train[i]).collect();
+            let mut b = Batch::new(&refs, pad)?;
+            b.examples = ids.to_vec();
+            Ok(b)
+        })
+        .collect::<Result<_>>()?;
+    let scored: usize = shares.iter().map(Batch::targets).sum();
+    let tokens: usize = shares.iter().map(|b| b.tokens).sum();
+    let run = |b: &Batch| -> Result<(f64, GradStore)> {
+        let weight = b.targets() as f64 / scored.max(1) as f64;
+        let loss = (loss_fn(params, b)? * weight)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        Ok((value, trainer.gradients(&loss)?))
+    };
+    let results: Vec<Result<(f64, GradStore)>> = if shares.len() <= 1 {
+        shares.iter().map(run).collect()
+    } else {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = shares.iter().map(|b| s.spawn(|| run(b))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(worker_panicked()))).collect()
+        })
+    };
+    let (mut value, mut grads) = (0f64, Vec::with_capacity(results.len()));
+    for r in results {
+        let (v, g) = r?;
+        value += v;
+        grads.push(g);
+    }
+    Ok((value, tokens, grads))
 }
 
 fn write_json(path: &Path, state: &RunState) -> Result<()> {
@@ -198,8 +272,8 @@ fn write_json(path: &Path, state: &RunState) -> Result<()> {
 pub fn fit(
     trainer: &mut Trainer,
     data: FitData<'_>,
-    loss_fn: &mut LossFn,
-    val_fn: &mut LossFn,
+    loss_fn: &LossFn,
+    val_fn: &LossFn,
     opts: &FitOptions,
 ) -> Result<FitReport> {
     let FitData { train, validation, pad } = data;
@@ -255,19 +329,17 @@ pub fn fit(
         }
         while st.cursor < usable {
             let started = Instant::now();
-            let refs: Vec<&Encoded> = batches[st.cursor].iter().map(|&i| &train[i]).collect();
-            let mut batch = Batch::new(&refs, pad)?;
-            batch.examples = batches[st.cursor].clone();
-            let loss = loss_fn(&trainer.tensors(), &batch)?;
-            let value = loss.to_scalar::<f32>()? as f64;
+            let params = trainer.tensors();
+            let (value, tokens, grads) =
+                sharded_gradients(trainer, &params, &batches[st.cursor], (train, pad), loss_fn, training_workers())?;
             if !value.is_finite() {
                 return Err(Error::Training {
                     what: format!("{}: loss became {value} at step {}; lower the learning rate", opts.label, st.step),
                 });
             }
-            let report = trainer.backward(&loss)?;
+            let report = trainer.accumulate(grads)?;
             st.cursor += 1;
-            st.tokens += batch.tokens as u64;
+            st.tokens += tokens as u64;
             st.seconds += started.elapsed().as_secs_f64();
             st.window.0 += value;
             st.window.1 += 1;
@@ -292,7 +364,7 @@ pub fn fit(
             let eval_now = at_end || (opts.eval_every > 0 && st.step.is_multiple_of(opts.eval_every));
             if eval_now {
                 let params = trainer.tensors();
-                let val = evaluate(validation, opts.batch_size, pad, &mut |b| val_fn(&params, b))?;
+                let val = evaluate(validation, opts.batch_size, pad, &|b| val_fn(&params, b))?;
                 point.val_loss = Some(val);
                 if st.best_val.is_none_or(|b| val < b) {
                     st.best_val = Some(val);
@@ -397,4 +469,44 @@ fn progress_bar(opts: &FitOptions, total: usize, at: usize) -> Option<indicatif:
     bar.set_prefix(opts.label.clone());
     bar.set_position(at as u64);
     Some(bar)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::preset::{preset_config, random_weights};
+    use crate::train::stage::lm_loss;
+    use crate::train::{CosineSchedule, TrainConfig};
+
+    /// A batch split into shares of different lengths gives the loss and gradients of the
+    /// whole batch.
+    #[test]
+    fn sharded_gradients_sum_to_the_whole_batch() {
+        let config = preset_config("tiny").unwrap();
+        let weights = random_weights(&config, 3).unwrap();
+        let schedule = CosineSchedule { peak: 1e-3, floor: 1e-4, warmup: 0, total: 10 };
+        let tc = TrainConfig { schedule, weight_decay: 0.0, accumulation: 1, clip_norm: 0.0 };
+        let trainer = Trainer::new(weights, tc).unwrap();
+        let vocab = config.vocab_size as u32;
+        let data: Vec<Encoded> = (0..5)
+            .map(|i| Encoded { ids: (0..(6 + 3 * i)).map(|j| (7 * i + 3 * j) as u32 % vocab).collect(), prompt_len: 3 })
+            .collect();
+        let ids: Vec<usize> = (0..5).collect();
+        let loss = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
+        let params = trainer.tensors();
+        let (whole, _, g1) = sharded_gradients(&trainer, &params, &ids, (&data, 0), &loss, 1).unwrap();
+        let (shared, _, g3) = sharded_gradients(&trainer, &params, &ids, (&data, 0), &loss, 3).unwrap();
+        assert_eq!(g3.len(), 3);
+        assert!((whole - shared).abs() < 1e-5, "loss {whole} vs {shared}");
+        for (name, t) in &params {
+            let a = g1[0].get(t).unwrap();
+            let mut b = g3[0].get(t).unwrap().clone();
+            for g in &g3[1..] {
+                b = (b + g.get(t).unwrap()).unwrap();
+            }
+            let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= 1e-4 * scale.max(1e-3), "{name}: gradients differ by {diff} (largest {scale})");
+        }
+    }
 }

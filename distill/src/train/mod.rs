@@ -18,6 +18,7 @@ pub mod qlora;
 pub mod schedule;
 pub mod stage;
 pub mod teacher_cache;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -88,18 +89,35 @@ impl Trainer {
     /// Adds the gradients of `loss` (divided by the accumulation count); after `accumulation`
     /// calls, clips and takes one optimizer step and returns its report.
     pub fn backward(&mut self, loss: &Tensor) -> Result<Option<StepReport>> {
-        let scaled = (loss / self.config.accumulation.max(1) as f64)?;
-        let grads = scaled.backward()?;
-        match self.pending.as_mut() {
-            None => self.pending = Some(grads),
-            Some(acc) => {
-                for (_, v) in &self.params {
-                    if let Some(g) = grads.get(v.as_tensor()) {
-                        let sum = match acc.get(v.as_tensor()) {
-                            Some(a) => (a + g)?,
-                            None => g.clone(),
-                        };
-                        acc.insert(v.as_tensor(), sum);
+        let grads = self.gradients(loss)?;
+        self.accumulate(vec![grads])
+    }
+
+    /// The gradients of `loss` divided by the accumulation count, without touching the
+    /// trainer: data-parallel workers call this on their shares of a batch at the same time.
+    pub fn gradients(&self, loss: &Tensor) -> Result<GradStore> {
+        Ok((loss / self.config.accumulation.max(1) as f64)?.backward()?)
+    }
+
+    /// Adds the gradients of one micro-batch, given as the sum of `shards` (from
+    /// [`Trainer::gradients`] over parts of it); after `accumulation` micro-batches, clips and
+    /// takes one optimizer step and returns its report.
+    pub fn accumulate(&mut self, shards: Vec<GradStore>) -> Result<Option<StepReport>> {
+        if shards.is_empty() {
+            return Err(Error::Training { what: "a micro-batch brought no gradients".into() });
+        }
+        for grads in shards {
+            match self.pending.as_mut() {
+                None => self.pending = Some(grads),
+                Some(acc) => {
+                    for (_, v) in &self.params {
+                        if let Some(g) = grads.get(v.as_tensor()) {
+                            let sum = match acc.get(v.as_tensor()) {
+                                Some(a) => (a + g)?,
+                                None => g.clone(),
+                            };
+                            acc.insert(v.as_tensor(), sum);
+                        }
                     }
                 }
             }

@@ -39,11 +39,11 @@ pub fn pretrain(recipe: &Recipe, opts: &StageOptions) -> Result<TrainLog> {
         config.num_parameters(),
         train.len()
     );
-    let mut loss = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
-    let mut val = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
+    let loss = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
+    let val = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
     let data = FitData { train: &train, validation: &validation, pad: fmt.pad() };
     let stage = Stage { label: "teacher", settings, data, opts };
-    let report = train_stage(stage, &mut trainer, &mut loss, &mut val)?;
+    let report = train_stage(stage, &mut trainer, &loss, &val)?;
     let best = load_best(&report)?;
     write_checkpoint(out, &config, &best, WriteOptions::default())?;
     write_generation_config(out, &config)?;

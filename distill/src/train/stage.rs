@@ -130,12 +130,7 @@ pub struct Stage<'a> {
 
 /// Trains a stage and returns the run's report (weights stay in the run folder); a run halted
 /// on request ends with [`Error::Halted`], which says how to continue it.
-pub fn train_stage(
-    stage: Stage<'_>,
-    trainer: &mut Trainer,
-    loss_fn: &mut LossFn,
-    val_fn: &mut LossFn,
-) -> Result<FitReport> {
+pub fn train_stage(stage: Stage<'_>, trainer: &mut Trainer, loss_fn: &LossFn, val_fn: &LossFn) -> Result<FitReport> {
     let Stage { label, settings, data, opts } = stage;
     let mut fo = settings.fit_options(label);
     fo.halt_after = opts.halt_after;
