@@ -100,6 +100,10 @@ pub struct WeightScheme {
     pub embedding: bool,
     /// Whether the embedding and a tied LM head share one quantized table.
     pub shared_embedding_head: bool,
+    /// Tables read only by `GatherBlockQuantized` (an untied embedding), when they were
+    /// quantized otherwise than `bits` / `block_size` / `symmetric` say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_table: Option<TableScheme>,
     /// Weights kept in fp32, with the reason.
     #[serde(default)]
     pub kept_fp32: Vec<String>,
@@ -110,6 +114,18 @@ pub struct WeightScheme {
     /// Static quantization (`QDQ`): how the activations' fixed ranges were calibrated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activations: Option<ActivationScheme>,
+}
+
+/// Block quantization of an embedding table (`weights.embedding_table` in edgelm.json).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableScheme {
+    /// Bits per value (4 or 8).
+    pub bits: u8,
+    /// Values per block, each block with its own scale.
+    pub block_size: usize,
+    /// Scales only (`true`) or scales and zero points.
+    pub symmetric: bool,
 }
 
 /// Activations quantized with ranges fixed at export (`weights.activations` in edgelm.json).

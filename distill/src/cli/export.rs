@@ -65,6 +65,13 @@ pub struct QuantArgs {
     /// e.g. an encoder's FFN output projections, whose inputs have outliers.
     #[arg(long, value_name = "NAME")]
     blockwise: Vec<String>,
+    /// Bits of embedding tables that no matmul reads (an untied embedding, an encoder's word
+    /// table): 4 or 8 [default: as the matrices, 8 for int8-dynamic and int8-static].
+    #[arg(long, value_name = "BITS")]
+    embedding_bits: Option<u8>,
+    /// Block size of those tables with --embedding-bits [default: 32 at 4 bits, --block-size at 8].
+    #[arg(long, value_name = "N")]
+    embedding_block_size: Option<usize>,
     /// Leave embedding tables in fp32 (a tied LM head is then quantized alone).
     #[arg(long)]
     fp32_embedding: bool,
@@ -116,6 +123,10 @@ impl QuantArgs {
         o.scheme = BlockScheme::new(bits, self.block_size.unwrap_or(o.scheme.block_size), !self.asymmetric)?;
         o.accuracy_level = self.accuracy_level;
         o.embedding = !self.fp32_embedding;
+        if let Some(b) = self.embedding_bits {
+            let block = self.embedding_block_size.unwrap_or(if b == 4 { 32 } else { o.scheme.block_size });
+            o.embedding_scheme = Some(BlockScheme::new(b, block, !self.asymmetric)?);
+        }
         o.keep_fp32 = self.keep_fp32.clone();
         if self.precision == PrecisionArg::Int8Dynamic {
             o.method = edgelm_distill::quantize::graph::Method::DynamicInt8;

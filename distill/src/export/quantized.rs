@@ -5,7 +5,7 @@ use std::path::Path;
 
 use prost::Message;
 
-use edgelm_runtime::bundle::{Bundle, BundleInfo, BundleWriter, Kind, Precision, WeightScheme};
+use edgelm_runtime::bundle::{Bundle, BundleInfo, BundleWriter, Kind, Precision, TableScheme, WeightScheme};
 
 use super::verify::{verify_against_bundle, verify_bundle, VerifyReport};
 use super::ExportReport;
@@ -52,6 +52,7 @@ pub(crate) fn weight_scheme(q: &QuantizeOptions, s: &QuantizeSummary) -> WeightS
             matrices: s.matmuls,
             embedding: false,
             shared_embedding_head: false,
+            embedding_table: None,
             kept_fp32: s.kept.clone(),
             blockwise: vec![],
             activations: None,
@@ -71,11 +72,17 @@ pub(crate) fn weight_scheme(q: &QuantizeOptions, s: &QuantizeSummary) -> WeightS
         bits: if dynamic && !q.full_range_int8 { 7 } else { q.scheme.bits },
         // Per output column when dynamic: one block the height of the matrix, recorded as 0.
         block_size: if dynamic { 0 } else { q.scheme.block_size },
-        symmetric: q.scheme.symmetric,
+        // Per-column int8 weights are always centred on zero.
+        symmetric: dynamic || q.scheme.symmetric,
         accuracy_level: q.accuracy_level,
         matrices: s.matmuls,
         embedding: s.embeddings > 0,
         shared_embedding_head: s.shared_embedding_head,
+        embedding_table: s.embedding_table.map(|e| TableScheme {
+            bits: e.bits,
+            block_size: e.block_size,
+            symmetric: e.symmetric,
+        }),
         kept_fp32: s.kept.clone(),
         blockwise: if q.method == Method::Blockwise { vec![] } else { q.blockwise.clone() },
         activations: s.activations.clone(),
@@ -218,6 +225,7 @@ fn quantize_encoder_static(
     summary.matmuls += tables.matmuls;
     summary.embeddings = tables.embeddings;
     summary.shared_embedding_head = tables.shared_embedding_head;
+    summary.embedding_table = tables.embedding_table;
     summary.kept = tables.kept;
     summary.bytes_after = tables.bytes_after;
     summary.activations = Some(edgelm_runtime::bundle::ActivationScheme {

@@ -51,6 +51,11 @@ pub struct QuantizeOptions {
     pub accuracy_level: u8,
     /// Quantize embedding tables (`Gather` over a weight) too.
     pub embedding: bool,
+    /// Bits, block size and symmetry of tables read only by `Gather` (an untied embedding),
+    /// when not `scheme`'s: e.g. 4-bit word embeddings under 8-bit matrices, the largest
+    /// table of an encoder like MiniLM.
+    #[serde(default)]
+    pub embedding_scheme: Option<BlockScheme>,
     /// Weights to keep in fp32: a node or initializer whose name contains one of these.
     pub keep_fp32: Vec<String>,
     /// With `DynamicInt8` or `StaticInt8`: weights whose name contains one of these use the block-wise scheme
@@ -84,6 +89,7 @@ impl QuantizeOptions {
             scheme: BlockScheme::new(bits, block, true)?,
             accuracy_level: 4,
             embedding: true,
+            embedding_scheme: None,
             keep_fp32: vec![],
             blockwise: vec![],
             range: default_range(),
@@ -102,6 +108,9 @@ pub struct QuantizeSummary {
     pub embeddings: usize,
     /// Whether an embedding and the LM head share one quantized table.
     pub shared_embedding_head: bool,
+    /// The scheme of tables only gathered from, when they took `embedding_scheme`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_table: Option<BlockScheme>,
     /// Weights left in fp32, with the reason.
     pub kept: Vec<String>,
     /// Initializer bytes before and after.
@@ -466,7 +475,8 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
                 summary.embeddings += 1;
                 summary.shared_embedding_head = true;
             } else if !gathers.is_empty() {
-                let tq = quantize(&values, r, c, opts.scheme);
+                let tq = quantize(&values, r, c, opts.embedding_scheme.unwrap_or(opts.scheme));
+                summary.embedding_table = summary.embedding_table.or(opts.embedding_scheme);
                 let stored = store(g, &format!("{name}_table"), &tq);
                 for &i in &gathers {
                     let node = g.node[i].clone();
@@ -481,7 +491,13 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
         }
         // [N, K]: one row per output (or per table entry), quantized along K.
         let (rows, cols, w) = if matmuls.is_empty() { (r, c, values) } else { (c, r, transpose(&values, r, c)) };
-        let q = quantize(&w, rows, cols, opts.scheme);
+        // A table only gathered from may take its own scheme; one a matmul also reads cannot.
+        let table_only = matmuls.is_empty() && gemms.is_empty();
+        let scheme = if table_only { opts.embedding_scheme.unwrap_or(opts.scheme) } else { opts.scheme };
+        if table_only && !gathers.is_empty() {
+            summary.embedding_table = summary.embedding_table.or(opts.embedding_scheme);
+        }
+        let q = quantize(&w, rows, cols, scheme);
         let stored = store(g, &name, &q);
         for &i in matmuls.iter().chain(&gemms) {
             to_matmul_nbits(&mut g.node[i], &stored, &q, opts.accuracy_level);
@@ -589,6 +605,7 @@ mod tests {
                         scheme,
                         accuracy_level: 1,
                         embedding: true,
+                        embedding_scheme: None,
                         keep_fp32: vec![],
                         blockwise: vec![],
                         range: default_range(),
@@ -692,5 +709,43 @@ mod tests {
             let diff = g.iter().zip(e).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(diff < 0.02 * scale, "{diff} vs {scale}: {:?} vs {:?}", &g[..4], &e[..4]);
         }
+    }
+
+    /// A table only gathered from takes `embedding_scheme` (here 4-bit, asymmetric, blocks of
+    /// 16 under 8-bit matrices) and ONNX Runtime reads it as we dequantize it; a table a matmul
+    /// also reads keeps the matrices' scheme.
+    #[test]
+    fn an_untied_table_takes_the_embedding_scheme() {
+        let (w, tied, untied) = (weights(K * N, 1), weights(V * K, 2), weights(V * K, 3));
+        for method in [Method::Blockwise, Method::DynamicInt8] {
+            let mut opts = QuantizeOptions::for_bits(8).unwrap();
+            opts.method = method;
+            opts.accuracy_level = 1;
+            let table = BlockScheme::new(4, 16, false).unwrap();
+            opts.embedding_scheme = Some(table);
+            let mut m = model(&w, &tied, &untied);
+            let s = quantize_model(&mut m, &opts).unwrap();
+            assert_eq!(s.embedding_table, Some(table), "{method:?}");
+            let bits: Vec<(String, i64)> = m
+                .graph
+                .as_ref()
+                .unwrap()
+                .node
+                .iter()
+                .filter(|n| n.op_type == "GatherBlockQuantized")
+                .map(|n| {
+                    (n.input[0].clone(), n.attribute.iter().find(|a| a.name == "bits").and_then(|a| a.i).unwrap_or(4))
+                })
+                .collect();
+            assert!(bits.iter().any(|(t, b)| t.starts_with("untied") && *b == 4), "{method:?}: {bits:?}");
+            let got = run(&m, &weights(2 * K, 4), &[0, 17, 39]);
+            let uq = quantize(&untied, V, K, table).dequantize();
+            let want: Vec<f32> = [0usize, 17, 39].iter().flat_map(|&i| uq[i * K..(i + 1) * K].to_vec()).collect();
+            let diff = got[3].iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-5, "{method:?}: the 4-bit table differs by {diff}");
+        }
+        // Without a separate scheme nothing is recorded.
+        let mut m = model(&w, &tied, &untied);
+        assert_eq!(quantize_model(&mut m, &QuantizeOptions::for_bits(8).unwrap()).unwrap().embedding_table, None);
     }
 }
