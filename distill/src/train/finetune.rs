@@ -58,22 +58,52 @@ pub fn fisher_diagonal(
         tensors.insert(name.clone(), v.as_tensor().clone());
         vars.push((m.clone(), v));
     }
-    let mut sums: HashMap<String, Tensor> = HashMap::new();
-    let mut n = 0;
-    for chunk in data.chunks(batch_size.max(1)).take(batches.max(1)) {
-        let refs: Vec<&Encoded> = chunk.iter().collect();
-        let grads = lm_loss(&base.config, &tensors, &Batch::new(&refs, pad)?)?.backward()?;
-        for (m, v) in &vars {
-            if let Some(g) = grads.get(v.as_tensor()) {
-                let sq = g.sqr()?;
-                let s = match sums.remove(m) {
-                    Some(s) => (s + sq)?,
-                    None => sq,
-                };
-                sums.insert(m.clone(), s);
+    let chunks: Vec<&[Encoded]> = data.chunks(batch_size.max(1)).take(batches.max(1)).collect();
+    // Squared gradients summed over some of the batches; the training workers share them.
+    let partial = |chunks: &[&[Encoded]]| -> Result<HashMap<String, Tensor>> {
+        let mut sums: HashMap<String, Tensor> = HashMap::new();
+        for chunk in chunks {
+            let refs: Vec<&Encoded> = chunk.iter().collect();
+            let grads = lm_loss(&base.config, &tensors, &Batch::new(&refs, pad)?)?.backward()?;
+            for (m, v) in &vars {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    let sq = g.sqr()?;
+                    let s = match sums.remove(m) {
+                        Some(s) => (s + sq)?,
+                        None => sq,
+                    };
+                    sums.insert(m.clone(), s);
+                }
             }
         }
-        n += 1;
+        Ok(sums)
+    };
+    let parts = super::workers::split(&chunks, super::workers::training_workers());
+    let partials: Vec<Result<HashMap<String, Tensor>>> = if parts.len() <= 1 {
+        parts.iter().map(|p| partial(p)).collect()
+    } else {
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = parts.iter().map(|p| sc.spawn(|| partial(p))).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(crate::Error::Training { what: "a Fisher estimate thread panicked".into() })
+                    })
+                })
+                .collect()
+        })
+    };
+    let n = chunks.len();
+    let mut sums: HashMap<String, Tensor> = HashMap::new();
+    for p in partials {
+        for (m, s) in p? {
+            let total = match sums.remove(&m) {
+                Some(t) => (t + s)?,
+                None => s,
+            };
+            sums.insert(m, total);
+        }
     }
     sums.into_iter().map(|(m, s)| Ok((m, (s / n.max(1) as f64)?))).collect()
 }
