@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::data::Example;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::LlamaModel;
 use crate::train::batch::Formatter;
 use crate::train::fit::evaluate;
@@ -197,13 +197,7 @@ fn bundle_answers(
     } else {
         let single = opts.clone().with_threads(1);
         let parts = crate::train::workers::split(examples, sessions);
-        let results: Vec<Result<Vec<Answer>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = parts.iter().map(|p| s.spawn(|| answer(p, &single))).collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Training { what: "a scoring thread panicked".into() })))
-                .collect()
-        });
+        let results = crate::train::workers::map_parts(&parts, "scoring", |p| answer(p, &single));
         let mut all = Vec::with_capacity(examples.len());
         for r in results {
             all.extend(r?.into_iter().map(Ok));

@@ -79,21 +79,7 @@ pub fn fisher_diagonal(
         Ok(sums)
     };
     let parts = super::workers::split(&chunks, super::workers::training_workers());
-    let partials: Vec<Result<HashMap<String, Tensor>>> = if parts.len() <= 1 {
-        parts.iter().map(|p| partial(p)).collect()
-    } else {
-        std::thread::scope(|sc| {
-            let handles: Vec<_> = parts.iter().map(|p| sc.spawn(|| partial(p))).collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(crate::Error::Training { what: "a Fisher estimate thread panicked".into() })
-                    })
-                })
-                .collect()
-        })
-    };
+    let partials = super::workers::map_parts(&parts, "Fisher estimate", |p| partial(p));
     let n = chunks.len();
     let mut sums: HashMap<String, Tensor> = HashMap::new();
     for p in partials {

@@ -20,7 +20,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::batch::{Batch, Encoded};
-use super::workers::{split, training_workers};
+use super::workers::{map_parts, split, training_workers};
 use super::Trainer;
 use crate::error::{Error, IoContext, Result};
 use crate::rng::Rng;
@@ -193,15 +193,7 @@ pub fn evaluate(
         }
         Ok((sum, count))
     };
-    let parts = split(&chunks, training_workers());
-    let totals: Vec<Result<(f64, usize)>> = if parts.len() <= 1 {
-        parts.iter().map(|p| run(p)).collect()
-    } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = parts.iter().map(|p| s.spawn(|| run(p))).collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(worker_panicked()))).collect()
-        })
-    };
+    let totals = map_parts(&split(&chunks, training_workers()), "validation", |p| run(p));
     let (mut sum, mut count) = (0f64, 0usize);
     for t in totals {
         let (s, c) = t?;
@@ -209,10 +201,6 @@ pub fn evaluate(
         count += c;
     }
     Ok(sum / count.max(1) as f64)
-}
-
-fn worker_panicked() -> Error {
-    Error::Training { what: "a training worker thread panicked".into() }
 }
 
 /// One micro-batch's loss and gradients, its examples shared among the training workers: each
@@ -244,14 +232,7 @@ fn sharded_gradients(
         let value = loss.to_scalar::<f32>()? as f64;
         Ok((value, trainer.gradients(&loss)?))
     };
-    let results: Vec<Result<(f64, GradStore)>> = if shares.len() <= 1 {
-        shares.iter().map(run).collect()
-    } else {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = shares.iter().map(|b| s.spawn(|| run(b))).collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(worker_panicked()))).collect()
-        })
-    };
+    let results = map_parts(&shares, "training worker", run);
     let (mut value, mut grads) = (0f64, Vec::with_capacity(results.len()));
     for r in results {
         let (v, g) = r?;

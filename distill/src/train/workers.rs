@@ -11,6 +11,8 @@
 
 use std::sync::OnceLock;
 
+use crate::error::{Error, Result};
+
 static WORKERS: OnceLock<usize> = OnceLock::new();
 
 /// Makes training data-parallel for the rest of the process: one worker per core (or per
@@ -33,6 +35,25 @@ pub fn use_data_parallel_training() -> usize {
 /// [`use_data_parallel_training`], or 1 (candle's own threading).
 pub fn training_workers() -> usize {
     WORKERS.get().copied().unwrap_or(1)
+}
+
+/// Runs `f` on every part, each in its own thread when there is more than one, and returns the
+/// results in the parts' order; a part whose thread panicked gives an error naming `what`.
+pub(crate) fn map_parts<P: Sync, T: Send>(
+    parts: &[P],
+    what: &str,
+    f: impl Fn(&P) -> Result<T> + Sync,
+) -> Vec<Result<T>> {
+    if parts.len() <= 1 {
+        return parts.iter().map(&f).collect();
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = parts.iter().map(|p| s.spawn(|| f(p))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Training { what: format!("a {what} thread panicked") })))
+            .collect()
+    })
 }
 
 /// Splits `items` into at most `parts` contiguous, non-empty runs of nearly equal length.
