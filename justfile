@@ -30,8 +30,8 @@ setup-py:
 build:
     cargo build --release --workspace
 
-# Build the host tool alone in the `host` profile (release code without link-time optimisation:
-# it builds in two thirds of the time and trains as fast).
+# The `host` profile is release without link-time optimisation, for the host tool alone:
+# edgelm-distill alone, built faster than by `build` and training as fast.
 build-host:
     cargo build --profile host -p edgelm-distill
 
