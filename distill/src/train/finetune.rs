@@ -67,12 +67,7 @@ pub fn fisher_diagonal(
             let grads = lm_loss(&base.config, &tensors, &Batch::new(&refs, pad)?)?.backward()?;
             for (m, v) in &vars {
                 if let Some(g) = grads.get(v.as_tensor()) {
-                    let sq = g.sqr()?;
-                    let s = match sums.remove(m) {
-                        Some(s) => (s + sq)?,
-                        None => sq,
-                    };
-                    sums.insert(m.clone(), s);
+                    add_into(&mut sums, m.clone(), g.sqr()?)?;
                 }
             }
         }
@@ -84,14 +79,20 @@ pub fn fisher_diagonal(
     let mut sums: HashMap<String, Tensor> = HashMap::new();
     for p in partials {
         for (m, s) in p? {
-            let total = match sums.remove(&m) {
-                Some(t) => (t + s)?,
-                None => s,
-            };
-            sums.insert(m, total);
+            add_into(&mut sums, m, s)?;
         }
     }
     sums.into_iter().map(|(m, s)| Ok((m, (s / n.max(1) as f64)?))).collect()
+}
+
+/// Adds `t` to the sum held under `key` (the first one starts it).
+fn add_into(sums: &mut HashMap<String, Tensor>, key: String, t: Tensor) -> Result<()> {
+    let total = match sums.remove(&key) {
+        Some(s) => (s + t)?,
+        None => t,
+    };
+    sums.insert(key, total);
+    Ok(())
 }
 
 /// The result of fine-tuning.
