@@ -180,8 +180,13 @@ fn bundle_answers(
     let bar = answer_bar(examples.len(), label, progress);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let sessions = if opts.decoder.threads == 0 { cores.min(examples.len() / 16).max(1) } else { 1 };
-    let answer = |part: &[Example], opts: &edgelm_runtime::EngineOptions| -> Result<Vec<Answer>> {
-        let mut engine = edgelm_runtime::Engine::open(bundle, opts)?;
+    let (parts, per_session) = if sessions > 1 {
+        (crate::train::workers::split(examples, sessions), opts.clone().with_threads(1))
+    } else {
+        (vec![examples], opts.clone())
+    };
+    let answer = |part: &[Example]| -> Result<Vec<Answer>> {
+        let mut engine = edgelm_runtime::Engine::open(bundle, &per_session)?;
         let params = edgelm_runtime::GenerateParams::default().with_max_new_tokens(MAX_ANSWER_TOKENS);
         let mut answers = Vec::with_capacity(part.len());
         for e in part {
@@ -192,18 +197,10 @@ fn bundle_answers(
         }
         Ok(answers)
     };
-    let answers: Vec<Result<Answer>> = if sessions <= 1 {
-        answer(examples, opts)?.into_iter().map(Ok).collect()
-    } else {
-        let single = opts.clone().with_threads(1);
-        let parts = crate::train::workers::split(examples, sessions);
-        let results = crate::train::workers::map_parts(&parts, "scoring", |p| answer(p, &single));
-        let mut all = Vec::with_capacity(examples.len());
-        for r in results {
-            all.extend(r?.into_iter().map(Ok));
-        }
-        all
-    };
+    let mut answers: Vec<Result<Answer>> = Vec::with_capacity(examples.len());
+    for r in crate::train::workers::map_parts(&parts, "scoring", |p| answer(p)) {
+        answers.extend(r?.into_iter().map(Ok));
+    }
     bar.finish_and_clear();
     tally(answers.into_iter())
 }
