@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use candle_core::Tensor;
 
 use super::batch::{Batch, Formatter};
-use super::fit::FitData;
+use super::fit::{FitData, Objective};
 use super::kd::{kd_loss, kd_loss_top_k};
 use super::stage::{flop_parameters, lm_loss, load_best, train_stage, Stage, StageOptions, TrainLog};
 use super::teacher_cache::TeacherCache;
@@ -107,7 +107,7 @@ pub fn distill(
     let val = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
     let data = FitData { train: &train, validation: &validation, pad: fmt.pad() };
     let stage = Stage { label: "student", settings: &spec.train, data, opts };
-    let report = train_stage(stage, &mut trainer, &loss, &val)?;
+    let report = train_stage(stage, &mut trainer, Objective::new(&loss), &val)?;
     let out = &opts.output;
     write_checkpoint(out, &config, &load_best(&report)?, WriteOptions::default())?;
     write_generation_config(out, &config)?;

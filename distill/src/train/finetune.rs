@@ -13,7 +13,7 @@ use candle_core::{Tensor, Var};
 
 use super::batch::{Batch, Encoded, Formatter};
 use super::ewc::FisherWeightedSquare;
-use super::fit::FitData;
+use super::fit::{FitData, Objective};
 use super::qlora::QuantizedBase;
 use super::stage::{flop_parameters, lm_loss, load_best, train_stage, Stage, StageOptions, TrainLog};
 use super::Trainer;
@@ -180,14 +180,23 @@ fn train_adapter(
         Ok(((base.model)(Some(&a))?, a))
     };
     let loss = |p: &HashMap<String, Tensor>, b: &Batch| -> Result<Tensor> {
-        let (model, adapter) = adapted(p)?;
+        let (model, _) = adapted(p)?;
         let logits = model.logits_at(&b.input_ids, &b.rows)?;
-        let mut loss = candle_nn::loss::cross_entropy(&logits, &b.labels)?;
-        for (m, penalty) in &penalties {
+        Ok(candle_nn::loss::cross_entropy(&logits, &b.labels)?)
+    };
+    // EWC: part `i` of `n` holds every n-th module, so the workers share the modules.
+    let ewc = |p: &HashMap<String, Tensor>, i: usize, n: usize| -> Result<Option<Tensor>> {
+        let adapter = Adapter::from_tensors(lora.clone(), p)?;
+        let mut sum: Option<Tensor> = None;
+        for (m, penalty) in penalties.iter().skip(i).step_by(n.max(1)) {
             let d = adapter.delta(m)?.expect("adapted module");
-            loss = (loss + (penalty.apply(&d)? * (lambda / 2.0))?)?;
+            let term = penalty.apply(&d)?;
+            sum = Some(match sum {
+                Some(s) => (s + term)?,
+                None => term,
+            });
         }
-        Ok(loss)
+        Ok(sum.map(|s| s * (lambda / 2.0)).transpose()?)
     };
     let val = |p: &HashMap<String, Tensor>, b: &Batch| -> Result<Tensor> {
         let (model, _) = adapted(p)?;
@@ -196,7 +205,9 @@ fn train_adapter(
     };
     let data = FitData { train: &train, validation: &validation, pad: fmt.pad() };
     let stage = Stage { label: "finetune", settings: &spec.train, data, opts };
-    let report = train_stage(stage, &mut trainer, &loss, &val)?;
+    let objective = Objective::new(&loss);
+    let objective = if penalties.is_empty() { objective } else { objective.with_penalty(&ewc) };
+    let report = train_stage(stage, &mut trainer, objective, &val)?;
     let adapter = Adapter::from_tensors(spec.lora.clone(), &load_best(&report)?)?;
     adapter.save_peft(&opts.output, &base.dir.display().to_string())?;
     // Forward and backward still run through the frozen base: count its parameters.

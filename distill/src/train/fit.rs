@@ -172,6 +172,33 @@ fn epoch_batches(lengths: &[usize], batch: usize, seed: u64, epoch: usize) -> Ve
 /// Data-parallel workers call it at the same time on parts of a batch.
 pub type LossFn<'a> = dyn Fn(&HashMap<String, Tensor>, &Batch) -> Result<Tensor> + Sync + 'a;
 
+/// A term of the training loss on the parameters alone (a regulariser such as EWC's), in
+/// parts: `penalty(params, i, n)` is part `i` of `n` (None when it holds nothing) and the parts
+/// sum to the whole. Each data-parallel worker adds one part to its share of the batch, so the
+/// term is computed once per micro-batch rather than once per share.
+pub type PenaltyFn<'a> = dyn Fn(&HashMap<String, Tensor>, usize, usize) -> Result<Option<Tensor>> + Sync + 'a;
+
+/// What a training step minimises: the batch's loss plus, optionally, a penalty.
+#[derive(Clone, Copy)]
+pub struct Objective<'a> {
+    /// Mean loss of a batch's scored positions.
+    pub loss: &'a LossFn<'a>,
+    /// Added once per micro-batch, not weighted by the batch.
+    pub penalty: Option<&'a PenaltyFn<'a>>,
+}
+
+impl<'a> Objective<'a> {
+    /// The loss alone.
+    pub fn new(loss: &'a LossFn<'a>) -> Self {
+        Objective { loss, penalty: None }
+    }
+
+    /// The loss plus `penalty`.
+    pub fn with_penalty(self, penalty: &'a PenaltyFn<'a>) -> Self {
+        Objective { penalty: Some(penalty), ..self }
+    }
+}
+
 /// Mean loss per scored token of `loss_fn` over `examples` (no parameter update), the batches
 /// shared among the training workers.
 pub fn evaluate(
@@ -205,13 +232,14 @@ pub fn evaluate(
 
 /// One micro-batch's loss and gradients, its examples shared among the training workers: each
 /// share's mean loss is weighted by its part of the batch's scored positions, so the sum is
-/// the whole batch's mean loss and the summed gradients are its gradients.
+/// the whole batch's mean loss and the summed gradients are its gradients; each share also
+/// adds one part of the objective's penalty.
 fn sharded_gradients(
     trainer: &Trainer,
     params: &HashMap<String, Tensor>,
     examples: &[usize],
     data: (&[Encoded], u32),
-    loss_fn: &LossFn,
+    objective: Objective<'_>,
     parts: usize,
 ) -> Result<(f64, usize, Vec<GradStore>)> {
     let (train, pad) = data;
@@ -226,13 +254,17 @@ fn sharded_gradients(
         .collect::<Result<_>>()?;
     let scored: usize = shares.iter().map(Batch::targets).sum();
     let tokens: usize = shares.iter().map(|b| b.tokens).sum();
-    let run = |b: &Batch| -> Result<(f64, GradStore)> {
+    let numbered: Vec<(usize, &Batch)> = shares.iter().enumerate().collect();
+    let run = |&(i, b): &(usize, &Batch)| -> Result<(f64, GradStore)> {
         let weight = b.targets() as f64 / scored.max(1) as f64;
-        let loss = (loss_fn(params, b)? * weight)?;
+        let mut loss = ((objective.loss)(params, b)? * weight)?;
+        if let Some(part) = objective.penalty.map(|p| p(params, i, shares.len())).transpose()?.flatten() {
+            loss = (loss + part)?;
+        }
         let value = loss.to_scalar::<f32>()? as f64;
         Ok((value, trainer.gradients(&loss)?))
     };
-    let results = map_parts(&shares, "training worker", run);
+    let results = map_parts(&numbered, "training worker", run);
     let (mut value, mut grads) = (0f64, Vec::with_capacity(results.len()));
     for r in results {
         let (v, g) = r?;
@@ -247,13 +279,13 @@ fn write_json(path: &Path, state: &RunState) -> Result<()> {
 }
 
 /// Trains until the epochs or steps run out, early stopping fires, or `halt_after` is reached.
-/// `loss_fn` gets the trainer's current parameters and a batch and returns the mean loss of
-/// its scored positions; `val_fn` is used for validation. With `opts.resume`, a previous run's
+/// The objective's loss gets the trainer's current parameters and a batch and returns the mean
+/// loss of its scored positions; `val_fn` is used for validation. With `opts.resume`, a previous run's
 /// `state/` in `opts.run_dir` is continued exactly.
 pub fn fit(
     trainer: &mut Trainer,
     data: FitData<'_>,
-    loss_fn: &LossFn,
+    objective: Objective<'_>,
     val_fn: &LossFn,
     opts: &FitOptions,
 ) -> Result<FitReport> {
@@ -312,7 +344,7 @@ pub fn fit(
             let started = Instant::now();
             let params = trainer.tensors();
             let (value, tokens, grads) =
-                sharded_gradients(trainer, &params, &batches[st.cursor], (train, pad), loss_fn, training_workers())?;
+                sharded_gradients(trainer, &params, &batches[st.cursor], (train, pad), objective, training_workers())?;
             if !value.is_finite() {
                 return Err(Error::Training {
                     what: format!("{}: loss became {value} at step {}; lower the learning rate", opts.label, st.step),
@@ -460,7 +492,7 @@ mod tests {
     use crate::train::{CosineSchedule, TrainConfig};
 
     /// A batch split into shares of different lengths gives the loss and gradients of the
-    /// whole batch.
+    /// whole batch, with and without a penalty whose parts the shares add.
     #[test]
     fn sharded_gradients_sum_to_the_whole_batch() {
         let config = preset_config("tiny").unwrap();
@@ -474,20 +506,44 @@ mod tests {
             .collect();
         let ids: Vec<usize> = (0..5).collect();
         let loss = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
-        let params = trainer.tensors();
-        let (whole, _, g1) = sharded_gradients(&trainer, &params, &ids, (&data, 0), &loss, 1).unwrap();
-        let (shared, _, g3) = sharded_gradients(&trainer, &params, &ids, (&data, 0), &loss, 3).unwrap();
-        assert_eq!(g3.len(), 3);
-        assert!((whole - shared).abs() < 1e-5, "loss {whole} vs {shared}");
-        for (name, t) in &params {
-            let a = g1[0].get(t).unwrap();
-            let mut b = g3[0].get(t).unwrap().clone();
-            for g in &g3[1..] {
-                b = (b + g.get(t).unwrap()).unwrap();
+        // 0.01 * the sum of squares of every parameter, part i holding every n-th by name.
+        let mut names: Vec<String> = trainer.tensors().into_keys().collect();
+        names.sort();
+        let penalty = |p: &HashMap<String, Tensor>, i: usize, n: usize| -> Result<Option<Tensor>> {
+            let mut sum: Option<Tensor> = None;
+            for name in names.iter().skip(i).step_by(n) {
+                let t = (p[name].sqr()?.sum_all()? * 0.01)?;
+                sum = Some(match sum {
+                    Some(s) => (s + t)?,
+                    None => t,
+                });
             }
-            let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff <= 1e-4 * scale.max(1e-3), "{name}: gradients differ by {diff} (largest {scale})");
+            Ok(sum)
+        };
+        let params = trainer.tensors();
+        for objective in [Objective::new(&loss), Objective::new(&loss).with_penalty(&penalty)] {
+            let (whole, _, g1) = sharded_gradients(&trainer, &params, &ids, (&data, 0), objective, 1).unwrap();
+            let (shared, _, g3) = sharded_gradients(&trainer, &params, &ids, (&data, 0), objective, 3).unwrap();
+            assert_eq!(g3.len(), 3);
+            assert!((whole - shared).abs() < 1e-4, "loss {whole} vs {shared}");
+            for (name, t) in &params {
+                let a = g1[0].get(t).unwrap();
+                let mut b = g3[0].get(t).unwrap().clone();
+                for g in &g3[1..] {
+                    b = (b + g.get(t).unwrap()).unwrap();
+                }
+                let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff <= 1e-4 * scale.max(1e-3), "{name}: gradients differ by {diff} (largest {scale})");
+            }
         }
+        // The penalty counts once: the loss with it exceeds the loss alone by the whole term.
+        let term = penalty(&params, 0, 1).unwrap().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let alone = sharded_gradients(&trainer, &params, &ids, (&data, 0), Objective::new(&loss), 3).unwrap().0;
+        let with =
+            sharded_gradients(&trainer, &params, &ids, (&data, 0), Objective::new(&loss).with_penalty(&penalty), 3)
+                .unwrap()
+                .0;
+        assert!((with - alone - term).abs() < 1e-3 * term.max(1.0), "{with} - {alone} vs {term}");
     }
 }

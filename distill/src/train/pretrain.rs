@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 
 use super::batch::{Batch, Formatter};
-use super::fit::FitData;
+use super::fit::{FitData, Objective};
 use super::stage::{flop_parameters, lm_loss, load_best, train_stage, Stage, StageOptions, TrainLog};
 use super::Trainer;
 use crate::checkpoint::preset::{random_weights, train_tokenizer, write_tokenizer, CHATML_TEMPLATE};
@@ -43,7 +43,7 @@ pub fn pretrain(recipe: &Recipe, opts: &StageOptions) -> Result<TrainLog> {
     let val = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
     let data = FitData { train: &train, validation: &validation, pad: fmt.pad() };
     let stage = Stage { label: "teacher", settings, data, opts };
-    let report = train_stage(stage, &mut trainer, &loss, &val)?;
+    let report = train_stage(stage, &mut trainer, Objective::new(&loss), &val)?;
     let best = load_best(&report)?;
     write_checkpoint(out, &config, &best, WriteOptions::default())?;
     write_generation_config(out, &config)?;

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::batch::{Batch, Encoded};
-use super::fit::{fit, FitData, FitReport, LossFn};
+use super::fit::{fit, FitData, FitReport, LossFn, Objective};
 use super::Trainer;
 use crate::checkpoint::ModelConfig;
 use crate::error::{Error, IoContext, Result};
@@ -130,7 +130,12 @@ pub struct Stage<'a> {
 
 /// Trains a stage and returns the run's report (weights stay in the run folder); a run halted
 /// on request ends with [`Error::Halted`], which says how to continue it.
-pub fn train_stage(stage: Stage<'_>, trainer: &mut Trainer, loss_fn: &LossFn, val_fn: &LossFn) -> Result<FitReport> {
+pub fn train_stage(
+    stage: Stage<'_>,
+    trainer: &mut Trainer,
+    objective: Objective<'_>,
+    val_fn: &LossFn,
+) -> Result<FitReport> {
     let Stage { label, settings, data, opts } = stage;
     let mut fo = settings.fit_options(label);
     fo.halt_after = opts.halt_after;
@@ -138,7 +143,7 @@ pub fn train_stage(stage: Stage<'_>, trainer: &mut Trainer, loss_fn: &LossFn, va
     fo.run_dir = opts.run_dir();
     fo.resume = opts.resume;
     let data = FitData { validation: take(data.validation, settings.eval_examples), ..data };
-    let report = fit(trainer, data, loss_fn, val_fn, &fo)?;
+    let report = fit(trainer, data, objective, val_fn, &fo)?;
     if report.halted {
         return Err(Error::Halted { step: report.steps, run_dir: fo.run_dir });
     }
