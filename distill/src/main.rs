@@ -104,6 +104,7 @@ impl Command {
                 | Command::Distill(_)
                 | Command::Pipeline(_)
                 | Command::PruneStructured(_)
+                | Command::DistillEncoder(_)
         )
     }
 }

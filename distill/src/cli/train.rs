@@ -436,6 +436,10 @@ pub struct DistillEncoderArgs {
     /// Longest sentence in tokens.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
+    /// Weight of matching the teacher's hidden states after each kept layer, token by token
+    /// (0: match the sentence embedding alone).
+    #[arg(long, default_value_t = 1.0)]
+    hidden_weight: f64,
     /// Seed of the sentence order and the held-out split.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -453,6 +457,7 @@ pub fn distill_encoder(a: DistillEncoderArgs) -> Result<()> {
         batch_size: a.batch_size,
         lr: a.lr,
         max_tokens: a.max_tokens,
+        hidden_weight: a.hidden_weight,
         seed: a.seed,
     };
     let r = distill_encoder(&teacher, &text, &spec, &a.output).context("distilling the encoder")?;

@@ -190,6 +190,13 @@ impl<'a> BertModel<'a> {
 
     /// Hidden states `[1, S, H]` for one sequence (all positions attended).
     pub fn hidden_states(&self, ids: &[u32], type_ids: &[u32]) -> Result<Tensor> {
+        let mut states = self.layer_states(ids, type_ids)?;
+        Ok(states.pop().expect("layer_states returns the embedding output at least"))
+    }
+
+    /// Hidden states `[1, S, H]` after each layer, first to last (the embeddings' output when
+    /// the model has no layers).
+    pub fn layer_states(&self, ids: &[u32], type_ids: &[u32]) -> Result<Vec<Tensor>> {
         let c = &self.ck.config;
         let (h, s) = (c.hidden_size, ids.len());
         if s == 0 || s > c.max_position_embeddings {
@@ -203,6 +210,7 @@ impl<'a> BertModel<'a> {
         let x = (x + tt.embedding(&Tensor::new(type_ids, &dev)?)?)?;
         let mut x = self.layer_norm(&x.unsqueeze(0)?, "embeddings.LayerNorm")?;
         let (heads, hd) = (c.num_attention_heads, h / c.num_attention_heads);
+        let mut states = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
             let split =
@@ -220,13 +228,23 @@ impl<'a> BertModel<'a> {
             let gelu = inter.gelu_erf()?;
             let out = self.linear(&gelu, &format!("{p}.output.dense"), h, c.intermediate_size)?;
             x = self.layer_norm(&(out + &x)?, &format!("{p}.output.LayerNorm"))?;
+            states.push(x.clone());
         }
-        Ok(x)
+        if states.is_empty() {
+            states.push(x);
+        }
+        Ok(states)
     }
 
     /// The sentence embedding of one sequence `[H]`, differentiable.
     pub fn sentence(&self, ids: &[u32], type_ids: &[u32]) -> Result<Tensor> {
-        let x = self.hidden_states(ids, type_ids)?.squeeze(0)?;
+        self.pool(&self.hidden_states(ids, type_ids)?)
+    }
+
+    /// The sentence embedding `[H]` of final hidden states `[1, S, H]`: pooled, and normalised
+    /// when the model's configuration says so.
+    pub fn pool(&self, hidden: &Tensor) -> Result<Tensor> {
+        let x = hidden.squeeze(0)?;
         let v = match self.ck.config.pooling {
             Pooling::Mean => x.mean(0)?,
             Pooling::Cls => x.get(0)?,
