@@ -3,7 +3,7 @@ the Python packages pinned in scripts/requirements.txt (numpy, onnx, ...), so th
 the same text on every machine. The repository's own docs, which the encoder benchmark scores
 on, are not used.
 
-usage: encoder_text.py OUT.txt [--sentences 3000]
+usage: encoder_text.py OUT.txt [--sentences 3000]   (0: every sentence found)
 """
 import argparse
 import ast
@@ -49,9 +49,10 @@ for path in files:
 
 if len(out) < a.sentences:
     print(f"encoder_text: only {len(out)} sentences found", file=sys.stderr)
-# A spread over all packages rather than the first files only.
-step = max(1, len(out) // a.sentences)
-picked = out[::step][: a.sentences]
+# A spread over all packages rather than the first files only (0: every sentence found).
+n = a.sentences if a.sentences > 0 else len(out)
+step = max(1, len(out) // max(n, 1))
+picked = out[::step][:n]
 with open(a.out, "w") as f:
     f.write("\n".join(picked) + "\n")
 print(f"encoder_text: {len(picked)} sentences -> {a.out}")
