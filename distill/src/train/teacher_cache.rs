@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor, D};
 use sha2::{Digest, Sha256};
 
 use super::batch::{Batch, Encoded};
+use super::workers::{map_parts, split, training_workers};
 use crate::error::{Error, IoContext, Result};
 use crate::model::LlamaModel;
 
@@ -64,18 +65,30 @@ impl TeacherCache {
             }
             tracing::info!("teacher cache: {} is for other data or another teacher; rebuilding", path.display());
         }
-        let (mut values, mut indices, mut offsets) = (Vec::new(), Vec::new(), vec![0u32]);
-        for chunk in data.chunks(batch_size.max(1)) {
-            let refs: Vec<&Encoded> = chunk.iter().collect();
-            let batch = Batch::new(&refs, 0)?;
-            let logits = model.logits_at(&batch.input_ids, &batch.rows)?;
-            let order = logits.arg_sort_last_dim(false)?.narrow(D::Minus1, 0, k)?.contiguous()?;
-            values.push(logits.gather(&order, D::Minus1)?);
-            indices.push(order);
-            for e in chunk {
-                let scored = e.ids.len() - e.prompt_len.max(1);
-                offsets.push(offsets.last().copied().unwrap_or(0) + scored as u32);
+        // The batches shared among the training workers, each part's rows kept in data order.
+        let chunks: Vec<&[Encoded]> = data.chunks(batch_size.max(1)).collect();
+        let top_k = |part: &&[&[Encoded]]| -> Result<Vec<(Tensor, Tensor)>> {
+            let mut out = Vec::with_capacity(part.len());
+            for chunk in *part {
+                let refs: Vec<&Encoded> = chunk.iter().collect();
+                let batch = Batch::new(&refs, 0)?;
+                let logits = model.logits_at(&batch.input_ids, &batch.rows)?;
+                let order = logits.arg_sort_last_dim(false)?.narrow(D::Minus1, 0, k)?.contiguous()?;
+                out.push((logits.gather(&order, D::Minus1)?, order));
             }
+            Ok(out)
+        };
+        let (mut values, mut indices) = (Vec::new(), Vec::new());
+        for part in map_parts(&split(&chunks, training_workers()), "teacher cache", top_k) {
+            for (v, i) in part? {
+                values.push(v);
+                indices.push(i);
+            }
+        }
+        let mut offsets = vec![0u32];
+        for e in data {
+            let scored = e.ids.len() - e.prompt_len.max(1);
+            offsets.push(offsets.last().copied().unwrap_or(0) + scored as u32);
         }
         let mut tensors = HashMap::new();
         tensors.insert("values".to_owned(), Tensor::cat(&values, 0)?);
@@ -107,5 +120,44 @@ impl TeacherCache {
         }
         let rows = Tensor::new(rows.as_slice(), &Device::Cpu)?;
         Ok((self.values.index_select(&rows, 0)?, self.indices.index_select(&rows, 0)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::preset::{preset_config, random_weights};
+    use crate::checkpoint::write::{write_checkpoint, WriteOptions};
+
+    /// The rows a batch reads from the cache are the teacher's top-k logits for that batch,
+    /// whichever examples it holds and in whatever order.
+    #[test]
+    fn cached_rows_are_the_teachers_top_k_for_any_batch() {
+        let config = preset_config("tiny").unwrap();
+        let weights = random_weights(&config, 5).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let teacher_dir = dir.path().join("teacher");
+        write_checkpoint(&teacher_dir, &config, &weights, WriteOptions::default()).unwrap();
+        let model = LlamaModel::from_tensors(&config, &weights).unwrap();
+        let vocab = config.vocab_size as u32;
+        let data: Vec<Encoded> = (0..7)
+            .map(|i| Encoded {
+                ids: (0..(5 + 2 * i)).map(|j| (11 * i + 5 * j) as u32 % vocab).collect(),
+                prompt_len: 2,
+            })
+            .collect();
+        let k = 4;
+        let cache = TeacherCache::open_or_build(&dir.path().join("cache"), &teacher_dir, &model, &data, k, 3).unwrap();
+        for picked in [vec![6usize, 1, 3], vec![0], vec![2, 5, 4, 0]] {
+            let refs: Vec<&Encoded> = picked.iter().map(|&i| &data[i]).collect();
+            let batch = Batch::new(&refs, 0).unwrap();
+            let logits = model.logits_at(&batch.input_ids, &batch.rows).unwrap();
+            let order = logits.arg_sort_last_dim(false).unwrap().narrow(D::Minus1, 0, k).unwrap().contiguous().unwrap();
+            let want = logits.gather(&order, D::Minus1).unwrap();
+            let (values, indices) = cache.rows(&picked).unwrap();
+            assert_eq!(indices.to_vec2::<u32>().unwrap(), order.to_vec2::<u32>().unwrap(), "{picked:?}");
+            let diff = (values - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "{picked:?}: values differ by {diff}");
+        }
     }
 }
