@@ -16,6 +16,7 @@ use ort::value::{DynValue, Tensor};
 
 use crate::error::{Error, Result};
 use crate::genai_config::{layer_name, GenaiConfig};
+use crate::providers::ExecutionProvider;
 
 /// How the KV cache is kept between steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,11 +38,13 @@ pub struct DecoderOptions {
     pub kv_cache: KvCacheMode,
     /// Let idle worker threads spin between operators (lower latency, more CPU burned).
     pub spin: bool,
+    /// Execution providers to try, in order (empty: the CPU; see [`crate::providers`]).
+    pub execution_providers: Vec<ExecutionProvider>,
 }
 
 impl Default for DecoderOptions {
     fn default() -> Self {
-        DecoderOptions { threads: 0, kv_cache: KvCacheMode::Shared, spin: true }
+        DecoderOptions { threads: 0, kv_cache: KvCacheMode::Shared, spin: true, execution_providers: vec![] }
     }
 }
 
@@ -94,7 +97,7 @@ impl DecodeState {
 impl Decoder {
     /// Opens `model_path` with the names and shape in `genai`.
     pub fn load(model_path: &Path, genai: &GenaiConfig, opts: &DecoderOptions) -> Result<Self> {
-        let session = crate::session::open(model_path, opts.threads, opts.spin)?;
+        let session = crate::session::open(model_path, opts)?;
         let d = &genai.model.decoder;
         let names = |t: &str| (0..d.num_hidden_layers).map(|i| layer_name(t, i)).collect::<Vec<_>>();
         let has_input = |n: &str| session.inputs().iter().any(|o| o.name() == n);

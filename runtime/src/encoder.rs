@@ -24,7 +24,7 @@ pub struct EncoderSession {
 impl EncoderSession {
     /// Opens an encoder ONNX file with the decoder's session settings.
     pub fn load(model: &Path, opts: &DecoderOptions) -> Result<Self> {
-        let session = crate::session::open(model, opts.threads, opts.spin)?;
+        let session = crate::session::open(model, opts)?;
         let embedding_dim = session
             .outputs()
             .iter()

@@ -35,6 +35,12 @@ impl EngineOptions {
         self
     }
 
+    /// With these execution providers, tried in order (see [`crate::providers`]).
+    pub fn with_execution_providers(mut self, providers: Vec<crate::ExecutionProvider>) -> Self {
+        self.decoder.execution_providers = providers;
+        self
+    }
+
     /// Loading ONNX Runtime from `path` (the first successful load in a process counts).
     pub fn with_ort_library(mut self, path: impl Into<PathBuf>) -> Self {
         self.ort_lib = Some(path.into());

@@ -19,6 +19,20 @@ pub enum Error {
     /// ONNX Runtime reported an error.
     #[error("ONNX Runtime: {0}")]
     Ort(ort::Error),
+    /// None of the execution providers asked for is in the loaded ONNX Runtime library, and
+    /// the list does not allow the CPU.
+    #[error("none of the execution providers {wanted} is in this ONNX Runtime library\n  fix: load a build that has one (on Jetson, JetPack's ONNX Runtime), or add `cpu` to the list to allow falling back to the CPU")]
+    NoExecutionProvider {
+        /// The providers asked for, in order.
+        wanted: String,
+    },
+    /// The execution providers asked for are in the library but none started, and the list
+    /// does not allow the CPU.
+    #[error("no execution provider started: {reasons}\n  fix: install what the provider needs (CUDA, cuDNN, TensorRT libraries), or add `cpu` to the list to allow falling back to the CPU")]
+    ExecutionProviderFailed {
+        /// Each provider and why it did not start.
+        reasons: String,
+    },
     /// A file could not be read.
     // The OS error is part of the message and deliberately not the `source`, so error reports
     // that print the cause chain do not print it twice.

@@ -6,22 +6,27 @@ use std::path::Path;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 
+use crate::decoder::DecoderOptions;
 use crate::error::{Error, Result};
+use crate::providers::ExecutionProvider;
 
-/// Opens `model` with every graph optimisation, `threads` intra-op threads (0: ONNX Runtime's
-/// choice, one per physical core) and idle threads spinning or not between operators.
-pub(crate) fn open(model: &Path, threads: usize, spin: bool) -> Result<Session> {
+/// Opens `model` with every graph optimisation, `opts.threads` intra-op threads (0: ONNX
+/// Runtime's choice, one per physical core), idle threads spinning or not between operators,
+/// and the first of `opts.execution_providers` that this library offers and that starts.
+pub(crate) fn open(model: &Path, opts: &DecoderOptions) -> Result<Session> {
     let env = crate::ortlib::init(None)?;
+    let plan = crate::providers::plan(&opts.execution_providers, ExecutionProvider::is_available)?;
     // A builder error hands the builder back (`recover()`); there is nothing to retry here, so
     // only its message is kept.
     let setting = |e: ort::Error<ort::session::builder::SessionBuilder>| Error::Ort(e.into());
     let mut builder = Session::builder(env)?
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(setting)?
-        .with_intra_op_spinning(spin)
+        .with_intra_op_spinning(opts.spin)
         .map_err(setting)?;
-    if threads > 0 {
-        builder = builder.with_intra_threads(threads).map_err(setting)?;
+    if opts.threads > 0 {
+        builder = builder.with_intra_threads(opts.threads).map_err(setting)?;
     }
+    let mut builder = crate::providers::register(builder, &plan, opts.threads)?;
     Ok(builder.commit_from_file(model)?)
 }

@@ -291,7 +291,10 @@ fn status_of(e: &Error) -> edgelm_status {
     match e {
         Error::Io { .. } => EDGELM_ERR_IO,
         Error::Bundle { .. } | Error::HashMismatch { .. } | Error::UnexpectedShape { .. } => EDGELM_ERR_BUNDLE,
-        Error::OrtLibrary { .. } | Error::Ort(_) => EDGELM_ERR_RUNTIME,
+        Error::OrtLibrary { .. }
+        | Error::Ort(_)
+        | Error::NoExecutionProvider { .. }
+        | Error::ExecutionProviderFailed { .. } => EDGELM_ERR_RUNTIME,
         Error::Tokenizer(_) | Error::NoTokenizer | Error::Template(_) => EDGELM_ERR_TOKENIZER,
         Error::ContextOverflow { .. } | Error::TokenOutOfRange { .. } | Error::CacheFull { .. } => {
             EDGELM_ERR_CONTEXT_OVERFLOW
