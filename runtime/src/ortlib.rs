@@ -16,6 +16,10 @@ use crate::error::{Error, Result};
 /// The ONNX Runtime version this build is pinned to (from `ort-version.txt`).
 pub const ORT_VERSION: &str = include_str!("../../ort-version.txt").trim_ascii();
 
+/// The ONNX Runtime C API level this build asks the library for (the `api-N` feature of
+/// `ort`): a library offering a lower level cannot be loaded.
+pub const ORT_API: u32 = ort::MINOR_VERSION;
+
 /// The library that loaded and the global environment built on it.
 static LOADED: OnceLock<(PathBuf, ort::environment::Environment)> = OnceLock::new();
 /// Serialises load attempts, so two threads never load two libraries.
@@ -70,6 +74,12 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Enviro
                 .join(", "),
         }),
     }
+}
+
+/// The library that loaded, and ONNX Runtime's own description of its build (version, git
+/// commit); `None` before a successful [`init`].
+pub fn loaded() -> Option<(&'static Path, &'static str)> {
+    LOADED.get().map(|(path, _)| (path.as_path(), ort::info()))
 }
 
 fn load(explicit: Option<&Path>) -> std::result::Result<(PathBuf, ort::environment::Environment), String> {

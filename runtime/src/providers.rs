@@ -17,10 +17,11 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ExecutionProvider {
-    /// ONNX Runtime's CPU kernels, in every build.
-    Cpu,
+    /// ONNX Runtime's CPU kernels, in every build. (Variants without options are written
+    /// with braces so that a stray key under them is refused too.)
+    Cpu {},
     /// XNNPACK's CPU kernels (ARM NEON, x86), in builds made with it.
-    Xnnpack,
+    Xnnpack {},
     /// NVIDIA CUDA, in GPU builds (JetPack's, or onnxruntime-gpu).
     Cuda {
         /// GPU index.
@@ -46,8 +47,8 @@ impl ExecutionProvider {
     /// The name used in profiles and messages (`cpu`, `xnnpack`, `cuda`, `tensorrt`).
     pub fn name(&self) -> &'static str {
         match self {
-            ExecutionProvider::Cpu => "cpu",
-            ExecutionProvider::Xnnpack => "xnnpack",
+            ExecutionProvider::Cpu {} => "cpu",
+            ExecutionProvider::Xnnpack {} => "xnnpack",
             ExecutionProvider::Cuda { .. } => "cuda",
             ExecutionProvider::Tensorrt { .. } => "tensorrt",
         }
@@ -57,8 +58,8 @@ impl ExecutionProvider {
     pub fn is_available(&self) -> Result<bool> {
         crate::ortlib::init(None)?;
         let found = match self {
-            ExecutionProvider::Cpu => Ok(true),
-            ExecutionProvider::Xnnpack => ort::ep::XNNPACK::is_available(),
+            ExecutionProvider::Cpu {} => Ok(true),
+            ExecutionProvider::Xnnpack {} => ort::ep::XNNPACK::is_available(),
             ExecutionProvider::Cuda { .. } => ort::ep::CUDA::is_available(),
             ExecutionProvider::Tensorrt { .. } => ort::ep::TensorRT::is_available(),
         };
@@ -69,8 +70,8 @@ impl ExecutionProvider {
     /// needs no registration.
     fn dispatch(&self, threads: usize) -> Option<ExecutionProviderDispatch> {
         match self {
-            ExecutionProvider::Cpu => None,
-            ExecutionProvider::Xnnpack => {
+            ExecutionProvider::Cpu {} => None,
+            ExecutionProvider::Xnnpack {} => {
                 let ep = ort::ep::XNNPACK::default();
                 let ep = match std::num::NonZeroUsize::new(threads) {
                     Some(n) => ep.with_intra_op_num_threads(n),
@@ -112,7 +113,7 @@ pub fn plan(
     }
     let mut out = ProviderPlan { register: vec![], cpu_fallback: false, missing: vec![] };
     for ep in wanted {
-        if *ep == ExecutionProvider::Cpu {
+        if *ep == (ExecutionProvider::Cpu {}) {
             out.cpu_fallback = true;
             break;
         }
@@ -173,17 +174,17 @@ mod tests {
     #[test]
     fn the_first_available_providers_are_taken_and_cpu_allows_falling_back() {
         let trt = ExecutionProvider::Tensorrt { device_id: 0, fp16: true, engine_cache: None };
-        let list = [trt.clone(), cuda(), ExecutionProvider::Cpu, ExecutionProvider::Xnnpack];
+        let list = [trt.clone(), cuda(), ExecutionProvider::Cpu {}, ExecutionProvider::Xnnpack {}];
         // A GPU build: both GPU providers, in order; nothing after `cpu` is looked at.
         let p = plan(&list, |_| Ok(true)).unwrap();
         assert_eq!(p.register, vec![trt.clone(), cuda()]);
         assert!(p.cpu_fallback && p.missing.is_empty());
         // A CPU build: nothing to register, both named as missing, the CPU allowed.
-        let p = plan(&list, |ep| Ok(*ep == ExecutionProvider::Cpu)).unwrap();
+        let p = plan(&list, |ep| Ok(*ep == ExecutionProvider::Cpu {})).unwrap();
         assert!(p.register.is_empty() && p.cpu_fallback);
         assert_eq!(p.missing, vec!["tensorrt", "cuda"]);
         // Without `cpu` in the list a CPU build is refused, naming what was asked for.
-        let err = plan(&[trt, cuda()], |ep| Ok(*ep == ExecutionProvider::Cpu)).unwrap_err();
+        let err = plan(&[trt, cuda()], |ep| Ok(*ep == ExecutionProvider::Cpu {})).unwrap_err();
         assert!(matches!(err, Error::NoExecutionProvider { .. }), "{err}");
         assert!(err.to_string().contains("tensorrt, cuda"), "{err}");
         // An empty list is the CPU alone.
@@ -209,7 +210,7 @@ mod tests {
             vec![
                 ExecutionProvider::Tensorrt { device_id: 0, fp16: true, engine_cache: Some("/var/cache/trt".into()) },
                 ExecutionProvider::Cuda { device_id: 1 },
-                ExecutionProvider::Cpu
+                ExecutionProvider::Cpu {}
             ]
         );
         let err = toml::from_str::<List>("[[execution_providers]]\nkind = \"cuda\"\nfp16 = true\n").err().unwrap();

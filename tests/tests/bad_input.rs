@@ -100,7 +100,7 @@ fn missing_ort_library_names_where_it_looked() {
 #[test]
 fn board_profiles_apply_and_bad_ones_are_refused() {
     let b = bundle("tiny");
-    let board = edgelm_e2e::root().join("boards/x86_64-generic.toml");
+    let board = edgelm_e2e::root().join("boards/x86_64-linux.toml");
     let out = edgelm(&[
         "--board",
         board.to_str().unwrap(),

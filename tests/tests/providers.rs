@@ -14,14 +14,14 @@ fn greedy(opts: &EngineOptions) -> Vec<u32> {
 
 #[test]
 fn a_missing_gpu_provider_falls_back_to_the_cpu_only_when_the_list_allows_it() {
-    assert!(ExecutionProvider::Cpu.is_available().unwrap());
+    assert!(ExecutionProvider::Cpu {}.is_available().unwrap());
     let cuda = ExecutionProvider::Cuda { device_id: 0 };
     let trt = ExecutionProvider::Tensorrt { device_id: 0, fp16: true, engine_cache: None };
     assert!(!cuda.is_available().unwrap(), "these tests expect ONNX Runtime's CPU build");
     // Allowed: the same tokens as the plain CPU session.
     let cpu = greedy(&EngineOptions::default());
     let fallback =
-        EngineOptions::default().with_execution_providers(vec![trt.clone(), cuda.clone(), ExecutionProvider::Cpu]);
+        EngineOptions::default().with_execution_providers(vec![trt.clone(), cuda.clone(), ExecutionProvider::Cpu {}]);
     assert_eq!(greedy(&fallback), cpu);
     // Not allowed: a typed error naming what was asked for, not a silent CPU run.
     let strict = EngineOptions::default().with_execution_providers(vec![trt, cuda]);

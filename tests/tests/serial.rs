@@ -354,3 +354,25 @@ fn generate_uses_the_chat_template_and_generate_raw_does_not() {
     .unwrap();
     assert_eq!(chat, reference_text(NEW));
 }
+
+#[test]
+fn serve_takes_the_board_profiles_serial_port_when_no_link_is_given() {
+    let pty = open_pty();
+    let profile = std::fs::read_to_string(edgelm_e2e::root().join("boards/x86_64-linux.toml")).unwrap();
+    let board = edgelm_e2e::scratch().join("board-with-serial.toml");
+    std::fs::write(&board, format!("{profile}\n[serial]\ndevice = \"{}\"\nbaud = 115200\n", pty.slave_path)).unwrap();
+    let b = bundle("tiny");
+    let child = Command::new(bin("edgelm"))
+        .args(["--board", board.to_str().unwrap(), "serve", "--bundle", b.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _d = Daemon(child);
+    let mut c = connect(&pty, 3);
+    assert_eq!(c.hello("test").unwrap().model.as_str(), "tiny");
+    // Without a profile port, no --serial and no --tcp is an error that says what to give.
+    let out = edgelm_e2e::edgelm(&["serve", "--bundle", b.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--serial DEVICE or --tcp ADDR"));
+}

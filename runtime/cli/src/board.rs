@@ -10,42 +10,97 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use edgelm_runtime::bundle::Precision;
 use edgelm_runtime::decoder::KvCacheMode;
-use edgelm_runtime::EngineOptions;
+use edgelm_runtime::ortlib::ORT_API;
+use edgelm_runtime::{EngineOptions, ExecutionProvider};
 
-/// One board. Every key is parsed (unknown ones are refused); the deployment keys (`target`,
-/// `ort`, `notes`) are for the tools that build and copy a board image, not for running.
+/// One board. Every key is parsed and used; unknown ones are refused with their name.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
 pub struct BoardProfile {
+    /// The profile's file name without `.toml` (`raspberry-pi-5`): how commands name the board.
+    #[serde(skip)]
+    pub id: String,
     /// Human-readable name.
     pub name: String,
-    /// Rust target triple of the edgelm binary for this board.
+    /// Rust target triple of the edgelm binary for this board (`just build-board`).
     pub target: String,
-    /// The ONNX Runtime build to deploy.
-    pub ort: OrtBuild,
-    /// Execution providers in order of preference (`cpu` always works).
-    pub execution_providers: Vec<String>,
+    /// The ONNX Runtime library the board runs.
+    pub ort: OrtSource,
+    /// Execution providers in order of preference; `cpu` in the list allows falling back.
+    pub execution_providers: Vec<ExecutionProvider>,
     /// Intra-op threads (usually the number of big cores).
     pub threads: usize,
     /// Memory a bundle may use at run time (weights plus KV cache plus arena), in MiB.
     pub memory_budget_mib: u64,
-    /// Free-form notes for whoever flashes the board.
+    /// Precision of the bundles made for this board (`edgelm doctor` warns on another).
+    pub precision: Precision,
+    /// The board's own serial port, the default of `edgelm serve --board` without `--serial`.
+    #[serde(default)]
+    pub serial: Option<SerialPort>,
+    /// Where the deploy tree goes on the board (`bin/`, `lib/`, `share/edgelm/`).
+    pub install_prefix: PathBuf,
+    /// Notes for whoever flashes the board (`edgelm board`).
     #[serde(default)]
     pub notes: String,
 }
 
-/// Where the board's ONNX Runtime library comes from.
-#[derive(Debug, Clone, Deserialize)]
+/// Where the board's ONNX Runtime library comes from (`[ort]`, `source = ...`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "source", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum OrtSource {
+    /// `libonnxruntime.so` out of the onnxruntime wheel on PyPI, at the version pinned in
+    /// ort-version.txt, for a platform tag such as `manylinux_2_27_aarch64`.
+    PypiWheel {
+        /// Wheel platform tag.
+        platform: String,
+        /// ONNX Runtime C API level the library offers.
+        api: u32,
+    },
+    /// A library the board's SDK installs (JetPack's, with CUDA and TensorRT).
+    System {
+        /// Path of `libonnxruntime.so` on the board.
+        path: PathBuf,
+        /// Its ONNX Runtime release, e.g. `1.20.0`.
+        version: String,
+        /// ONNX Runtime C API level the library offers.
+        api: u32,
+    },
+}
+
+impl OrtSource {
+    /// The C API level the board's library offers.
+    pub fn api(&self) -> u32 {
+        match self {
+            OrtSource::PypiWheel { api, .. } | OrtSource::System { api, .. } => *api,
+        }
+    }
+}
+
+/// A serial port (`[serial]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-pub struct OrtBuild {
-    /// Architecture folder `just setup-ort` fills (`x86_64`, `aarch64`).
-    pub arch: String,
-    /// `pypi-wheel` (the CPU build from the onnxruntime wheel) or `vendor` (a build shipped
-    /// with the board's SDK, e.g. with CUDA/TensorRT on Jetson).
-    pub source: String,
+pub struct SerialPort {
+    /// Device path, e.g. `/dev/ttyAMA0`.
+    pub device: String,
+    /// Line speed in bits per second.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+
+/// A precision as bundles and profiles spell it (`int8`).
+pub fn precision_name(p: Precision) -> String {
+    serde_json::to_value(p).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_else(|| format!("{p:?}"))
+}
+
+/// The CPU architecture a target triple or wheel platform tag names.
+fn arch_of(name: &str) -> &str {
+    ["x86_64", "aarch64", "armv7", "riscv64"].into_iter().find(|a| name.contains(a)).unwrap_or("unknown")
 }
 
 impl BoardProfile {
@@ -53,15 +108,73 @@ impl BoardProfile {
     pub fn load(path: &Path) -> Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading board profile {}", path.display()))?;
-        let p: BoardProfile = toml::from_str(&text)
+        let mut p: BoardProfile = toml::from_str(&text)
             .with_context(|| format!("board profile {}: not a valid board profile", path.display()))?;
-        if p.threads == 0 || p.memory_budget_mib == 0 {
-            bail!("board profile {}: threads and memory_budget_mib must be positive", path.display());
-        }
-        if !matches!(p.ort.source.as_str(), "pypi-wheel" | "vendor") {
-            bail!("board profile {}: ort.source `{}` must be `pypi-wheel` or `vendor`", path.display(), p.ort.source);
-        }
+        p.id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        p.check().with_context(|| format!("board profile {}", path.display()))?;
         Ok(p)
+    }
+
+    /// What the file format cannot say: values in range and keys that agree.
+    fn check(&self) -> Result<()> {
+        if self.threads == 0 || self.memory_budget_mib == 0 {
+            bail!("`threads` and `memory_budget_mib` must be positive");
+        }
+        if self.execution_providers.is_empty() {
+            bail!("`execution_providers` is empty; list at least `{{ kind = \"cpu\" }}`");
+        }
+        if self.target.split('-').count() < 3 || arch_of(&self.target) == "unknown" {
+            bail!("`target` `{}` is not a Rust target triple such as aarch64-unknown-linux-gnu", self.target);
+        }
+        let api = self.ort.api();
+        if !(17..=ORT_API).contains(&api) {
+            bail!("`ort.api` {api} is outside the levels edgelm knows (17 to {ORT_API})");
+        }
+        if let OrtSource::PypiWheel { platform, .. } = &self.ort {
+            if arch_of(platform) != arch_of(&self.target) {
+                bail!("`ort.platform` `{platform}` is not for the architecture of `target` `{}`", self.target);
+            }
+        }
+        if self.install_prefix.is_relative() {
+            bail!("`install_prefix` `{}` must be an absolute path on the board", self.install_prefix.display());
+        }
+        Ok(())
+    }
+
+    /// The profile as `key = value` lines (`edgelm board`), every key in it.
+    pub fn describe(&self) -> Vec<(String, String)> {
+        let mut out = vec![
+            ("id".into(), self.id.clone()),
+            ("name".into(), self.name.clone()),
+            ("target".into(), self.target.clone()),
+            ("arch".into(), arch_of(&self.target).to_owned()),
+        ];
+        match &self.ort {
+            OrtSource::PypiWheel { platform, api } => {
+                out.push(("ort.source".into(), "pypi-wheel".into()));
+                out.push(("ort.version".into(), edgelm_runtime::ortlib::ORT_VERSION.into()));
+                out.push(("ort.platform".into(), platform.clone()));
+                out.push(("ort.api".into(), api.to_string()));
+            }
+            OrtSource::System { path, version, api } => {
+                out.push(("ort.source".into(), "system".into()));
+                out.push(("ort.version".into(), version.clone()));
+                out.push(("ort.path".into(), path.display().to_string()));
+                out.push(("ort.api".into(), api.to_string()));
+            }
+        }
+        let eps: Vec<&str> = self.execution_providers.iter().map(ExecutionProvider::name).collect();
+        out.push(("execution_providers".into(), eps.join(",")));
+        out.push(("threads".into(), self.threads.to_string()));
+        out.push(("memory_budget_mib".into(), self.memory_budget_mib.to_string()));
+        out.push(("precision".into(), precision_name(self.precision)));
+        if let Some(s) = &self.serial {
+            out.push(("serial.device".into(), s.device.clone()));
+            out.push(("serial.baud".into(), s.baud.to_string()));
+        }
+        out.push(("install_prefix".into(), self.install_prefix.display().to_string()));
+        out.push(("notes".into(), self.notes.clone()));
+        out
     }
 
     /// Checks that a bundle's weights plus a KV cache of `kv_bytes` fit the memory budget.
@@ -91,18 +204,23 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Engine options for `threads` (0: the board's count, else one per core) and `kv_cache`.
-    /// Warns once on stderr when the board asks for an execution provider this build lacks.
+    /// Engine options for `threads` (0: the board's count, else one per core) and `kv_cache`,
+    /// with the board's execution providers and, for a board whose ONNX Runtime is the
+    /// system's, its library (unless `--ort-lib` names one).
     pub fn engine_options(&self, threads: usize, kv_cache: KvCacheMode) -> EngineOptions {
         let threads = match (threads, &self.board) {
             (0, Some(b)) => b.threads,
             (t, _) => t,
         };
-        if let Some(ep) = self.board.as_ref().and_then(|b| b.execution_providers.first()).filter(|ep| *ep != "cpu") {
-            eprintln!("warning: execution provider `{ep}` is not built into this edgelm; running on the CPU");
+        let mut opts = EngineOptions::default().with_threads(threads).with_kv_cache(kv_cache);
+        if let Some(b) = &self.board {
+            opts = opts.with_execution_providers(b.execution_providers.clone());
         }
-        let opts = EngineOptions::default().with_threads(threads).with_kv_cache(kv_cache);
-        match &self.ort_lib {
+        let system_lib = self.board.as_ref().and_then(|b| match &b.ort {
+            OrtSource::System { path, .. } => Some(path.clone()),
+            OrtSource::PypiWheel { .. } => None,
+        });
+        match self.ort_lib.clone().or(system_lib) {
             Some(p) => opts.with_ort_library(p),
             None => opts,
         }
@@ -121,29 +239,95 @@ impl Placement {
 mod tests {
     use super::*;
 
-    #[test]
-    fn shipped_profiles_parse() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../boards");
-        let mut n = 0;
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.extension().is_some_and(|x| x == "toml") {
-                BoardProfile::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-                n += 1;
-            }
-        }
-        assert!(n >= 3);
+    const GOOD: &str = "name = 'x'\ntarget = 'aarch64-unknown-linux-gnu'\nthreads = 2\nmemory_budget_mib = 100\n\
+        precision = 'int8'\ninstall_prefix = '/opt/edgelm'\n\
+        [ort]\nsource = 'pypi-wheel'\nplatform = 'manylinux_2_27_aarch64'\napi = 31\n\
+        [[execution_providers]]\nkind = 'cpu'\n";
+
+    fn load_text(text: &str) -> Result<BoardProfile> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.toml");
+        std::fs::write(&p, text).unwrap();
+        BoardProfile::load(&p)
+    }
+
+    fn refused(text: &str, needle: &str) {
+        let e = format!("{:#}", load_text(text).expect_err(needle));
+        assert!(e.contains(needle), "expected `{needle}` in: {e}");
     }
 
     #[test]
-    fn unknown_keys_and_budget_overflow_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("b.toml");
-        std::fs::write(&p, "name='x'\ntarget='t'\nthreads=2\nmemory_budget_mib=100\nexecution_providers=['cpu']\nturbo=true\n[ort]\narch='x86_64'\nsource='pypi-wheel'\n").unwrap();
-        assert!(format!("{:#}", BoardProfile::load(&p).unwrap_err()).contains("turbo"));
-        std::fs::write(&p, "name='x'\ntarget='t'\nthreads=2\nmemory_budget_mib=100\nexecution_providers=['cpu']\n[ort]\narch='x86_64'\nsource='pypi-wheel'\n").unwrap();
-        let b = BoardProfile::load(&p).unwrap();
+    fn shipped_profiles_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../boards");
+        let mut names = vec![];
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                BoardProfile::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                names.push(p.file_stem().unwrap().to_string_lossy().into_owned());
+            }
+        }
+        names.sort();
+        let want = [
+            "generic-aarch64-linux",
+            "jetson-agx-orin",
+            "jetson-orin-nano",
+            "raspberry-pi-4",
+            "raspberry-pi-5",
+            "x86_64-linux",
+        ];
+        for w in want {
+            assert!(names.iter().any(|n| n == w), "boards/{w}.toml missing: {names:?}");
+        }
+    }
+
+    #[test]
+    fn bad_profiles_are_refused_with_the_key_named() {
+        assert!(load_text(GOOD).is_ok());
+        refused(&format!("turbo = true\n{GOOD}"), "turbo");
+        refused(&GOOD.replace("api = 31", "api = 31\nversion = '1.2'"), "version");
+        refused(&GOOD.replace("kind = 'cpu'", "kind = 'cpu'\ndevice_id = 1"), "device_id");
+        refused(&GOOD.replace("kind = 'cpu'", "kind = 'npu'"), "npu");
+        refused(&GOOD.replace("source = 'pypi-wheel'", "source = 'conda'"), "conda");
+        refused(&GOOD.replace("precision = 'int8'", "precision = 'int3'"), "int3");
+        refused(&GOOD.replace("precision = 'int8'\n", ""), "precision");
+        refused(&GOOD.replace("threads = 2", "threads = 0"), "threads");
+        refused(&GOOD.replace("manylinux_2_27_aarch64", "manylinux_2_27_x86_64"), "ort.platform");
+        refused(&GOOD.replace("api = 31", "api = 3"), "ort.api");
+        refused(&GOOD.replace("aarch64-unknown-linux-gnu", "pi"), "target");
+        refused(&GOOD.replace("'/opt/edgelm'", "'opt'"), "install_prefix");
+        refused(
+            &GOOD.replace("[[execution_providers]]\nkind = 'cpu'\n", "execution_providers = []\n"),
+            "execution_providers",
+        );
+        refused(&format!("{GOOD}[serial]\nbaud = 9600\n"), "device");
+    }
+
+    #[test]
+    fn the_profile_sets_providers_library_and_budget() {
+        let mut b = load_text(&GOOD.replace(
+            "[[execution_providers]]\nkind = 'cpu'\n",
+            "[[execution_providers]]\nkind = 'cuda'\ndevice_id = 1\n[[execution_providers]]\nkind = 'cpu'\n",
+        ))
+        .unwrap();
+        let place = Placement { board: Some(b.clone()), ort_lib: None };
+        let opts = place.engine_options(0, KvCacheMode::default());
+        assert_eq!(opts.decoder.threads, 2);
+        assert_eq!(
+            opts.decoder.execution_providers,
+            vec![ExecutionProvider::Cuda { device_id: 1 }, ExecutionProvider::Cpu {}]
+        );
+        assert_eq!(opts.ort_lib, None);
+        b.ort = OrtSource::System { path: "/usr/lib/libonnxruntime.so".into(), version: "1.20.0".into(), api: 20 };
+        let place = Placement { board: Some(b.clone()), ort_lib: None };
+        assert_eq!(place.engine_options(3, KvCacheMode::default()).ort_lib, Some("/usr/lib/libonnxruntime.so".into()));
+        let place = Placement { board: Some(b.clone()), ort_lib: Some("/x.so".into()) };
+        assert_eq!(place.engine_options(3, KvCacheMode::default()).ort_lib, Some("/x.so".into()));
         assert!(b.check_fits(50 << 20, 10 << 20).is_ok());
         assert!(b.check_fits(200 << 20, 0).unwrap_err().to_string().contains("budget of 100 MiB"));
+        let keys: Vec<String> = b.describe().into_iter().map(|(k, _)| k).collect();
+        for k in ["target", "ort.path", "ort.api", "execution_providers", "precision", "install_prefix", "notes"] {
+            assert!(keys.iter().any(|x| x == k), "{k} not described: {keys:?}");
+        }
     }
 }

@@ -51,7 +51,7 @@ pub struct ClientArgs {
 }
 
 pub fn client(c: ClientArgs) -> Result<()> {
-    let link = match c.link.addr() {
+    let link = match c.link.addr(None)? {
         LinkAddr::Serial { path, baud } => open_serial(&path, baud)?,
         LinkAddr::Tcp(a) => tcp_link(std::net::TcpStream::connect(&a).with_context(|| format!("connecting to {a}"))?)?,
     };

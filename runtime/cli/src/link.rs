@@ -7,27 +7,36 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::board::SerialPort;
+
 /// `--serial` / `--baud` / `--tcp`, for both ends of a link.
 #[derive(clap::Args)]
 pub struct LinkArgs {
-    /// Serial device (e.g. /dev/ttyUSB0).
-    #[arg(long, conflicts_with = "tcp", required_unless_present = "tcp")]
+    /// Serial device (e.g. /dev/ttyUSB0); serve: the board profile's `[serial]` when absent.
+    #[arg(long, conflicts_with = "tcp")]
     serial: Option<String>,
-    /// Line speed for --serial.
-    #[arg(long, default_value_t = 115_200)]
-    baud: u32,
+    /// Line speed for --serial [default: the board profile's, else 115200].
+    #[arg(long)]
+    baud: Option<u32>,
     /// TCP address instead of a serial port (serve: listen; client: connect).
     #[arg(long)]
     tcp: Option<String>,
 }
 
 impl LinkArgs {
-    /// Where the flags point.
-    pub fn addr(&self) -> LinkAddr {
-        match (&self.serial, &self.tcp) {
-            (Some(path), _) => LinkAddr::Serial { path: path.clone(), baud: self.baud },
-            (None, Some(a)) => LinkAddr::Tcp(a.clone()),
-            (None, None) => unreachable!("clap requires one of --serial and --tcp"),
+    /// Where the flags point; a flag left out takes the board's own port (`board_port`, for
+    /// the side that runs on the board).
+    pub fn addr(&self, board_port: Option<&SerialPort>) -> anyhow::Result<LinkAddr> {
+        let baud = |fallback: u32| self.baud.unwrap_or(fallback);
+        match (&self.serial, &self.tcp, board_port) {
+            (Some(path), _, port) => {
+                Ok(LinkAddr::Serial { path: path.clone(), baud: baud(port.map_or(115_200, |p| p.baud)) })
+            }
+            (None, Some(a), _) => Ok(LinkAddr::Tcp(a.clone())),
+            (None, None, Some(port)) => Ok(LinkAddr::Serial { path: port.device.clone(), baud: baud(port.baud) }),
+            (None, None, None) => {
+                anyhow::bail!("no link: give --serial DEVICE or --tcp ADDR (or a --board profile with a [serial] port)")
+            }
         }
     }
 }

@@ -6,8 +6,10 @@
 
 mod bench;
 mod board;
+mod board_cmd;
 mod chat;
 mod client;
+mod doctor;
 mod embed;
 mod gen_args;
 mod link;
@@ -32,7 +34,8 @@ struct Cli {
     /// executable and in its lib/, the system library path).
     #[arg(long, global = true)]
     ort_lib: Option<PathBuf>,
-    /// Board profile (boards/*.toml): sets the thread count and checks the memory budget.
+    /// Board profile (boards/*.toml): threads, execution providers, ONNX Runtime library,
+    /// memory budget, serial port.
     #[arg(long, global = true)]
     board: Option<PathBuf>,
     #[command(subcommand)]
@@ -53,6 +56,10 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Send a prompt to a board over the serial protocol and print the streamed answer.
     Client(client::ClientArgs),
+    /// Print the settings of the board profile given with --board (--get KEY: one value).
+    Board(board_cmd::BoardArgs),
+    /// Check that this device can run edgelm (and a bundle) as its board profile says.
+    Doctor(doctor::DoctorArgs),
 }
 
 fn main() {
@@ -92,5 +99,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Embed(a) => embed::embed(a, &place),
         Command::Serve(a) => serve::serve(a, &place),
         Command::Client(a) => client::client(a),
+        Command::Board(a) => board_cmd::board(a, &place),
+        Command::Doctor(a) => doctor::doctor(a, &place),
     }
 }

@@ -58,7 +58,7 @@ pub fn serve(a: ServeArgs, place: &Placement) -> Result<()> {
     if let Some(b) = &a.bundle {
         board.load(b).with_context(|| format!("loading {}", b.display()))?;
     }
-    match a.link.addr() {
+    match a.link.addr(place.board.as_ref().and_then(|b| b.serial.as_ref()))? {
         LinkAddr::Serial { path, baud } => loop {
             match open_serial(&path, baud) {
                 Ok(link) => {
