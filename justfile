@@ -30,6 +30,12 @@ setup-py:
 build:
     cargo build --release --workspace
 
+# Cross-build `edgelm` and `libedgelm.so` for a board (boards/BOARD.toml) and lay out its
+# deploy tree in out/boards/BOARD/<install_prefix>; prints the stripped sizes.
+build-board board:
+    cargo build -p edgelm-cli
+    scripts/build-board.sh boards/{{board}}.toml target/debug/edgelm
+
 # The `host` profile is release without link-time optimisation, for the host tool alone:
 # edgelm-distill alone, built faster than by `build` and training as fast.
 build-host:

@@ -124,9 +124,10 @@ typedef struct {
   // value makes edgelm_model_load return EDGELM_ERR_INVALID_ARGUMENT.
   uint32_t kv_cache;
   // Path of libonnxruntime.so to load, or NULL to search: EDGELM_ORT_LIB, ORT_DYLIB_PATH,
-  // next to the executable (and its lib/), then the system library path. The first
-  // successful load in a process holds for its lifetime (later paths are ignored); a failed
-  // load is not remembered, so a later call may try another path or environment.
+  // next to the executable (in its lib/, in ../lib/, then beside it), then the system
+  // library path. The first successful load in a process holds for its lifetime (later paths
+  // are ignored); a failed load is not remembered, so a later call may try another path or
+  // environment.
   const char *ort_library;
 } edgelm_load_options;
 

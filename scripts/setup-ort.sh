@@ -2,7 +2,8 @@
 # Puts libonnxruntime.so.<version> (version from ort-version.txt) into .ort/linux-<arch>/,
 # taken from the onnxruntime wheel on PyPI, and links .ort/host to this machine's folder.
 # Idempotent: downloads nothing when the library is there.
-# Usage: scripts/setup-ort.sh [arch]   (arch: x86_64 (default: this machine) or aarch64)
+# Usage: scripts/setup-ort.sh [arch [platform]]   (arch: x86_64 (default: this machine) or
+# aarch64; platform: the wheel's platform tag, as a board profile's ort.platform names it)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 version="$(tr -d '[:space:]' < "$root/ort-version.txt")"
@@ -21,8 +22,8 @@ if [ -f "$lib" ]; then
   exit 0
 fi
 case "$arch" in
-  x86_64) platform=manylinux_2_27_x86_64 ;;
-  aarch64) platform=manylinux_2_27_aarch64 ;;
+  x86_64) platform="${2:-manylinux_2_27_x86_64}" ;;
+  aarch64) platform="${2:-manylinux_2_27_aarch64}" ;;
   *) echo "setup-ort: no onnxruntime wheel for architecture $arch" >&2; exit 1 ;;
 esac
 tmp="$(mktemp -d)"

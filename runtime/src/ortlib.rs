@@ -41,7 +41,9 @@ pub(crate) fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
         }
     }
     if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
-        for d in [exe_dir.join("lib"), exe_dir] {
+        // `bin/edgelm` with `lib/` beside `bin/` is the layout `just build-board` installs.
+        let prefix_lib = exe_dir.parent().map(|p| p.join("lib"));
+        for d in [Some(exe_dir.join("lib")), prefix_lib, Some(exe_dir)].into_iter().flatten() {
             for n in lib_names() {
                 out.push(d.join(n));
             }

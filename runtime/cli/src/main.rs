@@ -31,7 +31,7 @@ static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 #[command(name = "edgelm", version = VERSION.as_str(), about = "Run edgelm bundles on ONNX Runtime")]
 struct Cli {
     /// ONNX Runtime library to load (otherwise: EDGELM_ORT_LIB, ORT_DYLIB_PATH, next to the
-    /// executable and in its lib/, the system library path).
+    /// executable, in its lib/ or ../lib/, the system library path).
     #[arg(long, global = true)]
     ort_lib: Option<PathBuf>,
     /// Board profile (boards/*.toml): threads, execution providers, ONNX Runtime library,

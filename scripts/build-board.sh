@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Cross-builds the device side of edgelm for a board and lays out its deploy tree.
+# Usage: scripts/build-board.sh boards/NAME.toml [HOST_EDGELM]
+#
+# The profile is read through `edgelm board --get` (one parser for profiles): the Rust target,
+# the ONNX Runtime source and the install prefix. Builds `edgelm` and `libedgelm.so` in release
+# for the target, fetches the board's ONNX Runtime library when it comes from the PyPI wheel,
+# and writes out/boards/NAME/<install_prefix>/{bin,lib,include,share/edgelm}. Prints the
+# stripped sizes.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+profile="$1"
+host_edgelm="${2:-$root/target/debug/edgelm}"
+get() { "$host_edgelm" --board "$profile" board --get "$1"; }
+id="$(get id)"
+target="$(get target)"
+arch="$(get arch)"
+prefix="$(get install_prefix)"
+source="$(get ort.source)"
+
+rustup target list --installed 2>/dev/null | grep -qx "$target" || rustup target add "$target"
+host_target="$(rustc -vV | sed -n 's/^host: //p')"
+strip_tool=strip
+if [ "$target" != "$host_target" ]; then
+  # Debian's cross toolchain (gcc-<arch>-linux-gnu) links and strips for the board.
+  gnu="${arch}-linux-gnu"
+  if ! command -v "$gnu-gcc" >/dev/null 2>&1; then
+    echo "build-board: $gnu-gcc not found; install it (Debian/Ubuntu: apt install gcc-${arch//_/-}-linux-gnu)" >&2
+    exit 1
+  fi
+  var="CARGO_TARGET_$(echo "$target" | tr 'a-z-' 'A-Z_')_LINKER"
+  export "$var=$gnu-gcc"
+  strip_tool="$gnu-strip"
+fi
+cargo build --release --target "$target" -p edgelm-cli -p edgelm-capi
+
+tree="$root/out/boards/$id"
+dest="$tree${prefix}"
+rm -rf "$tree"
+mkdir -p "$dest/bin" "$dest/lib" "$dest/include" "$dest/share/edgelm"
+cp "$root/target/$target/release/edgelm" "$dest/bin/edgelm"
+cp "$root/target/$target/release/libedgelm.so" "$dest/lib/libedgelm.so"
+"$strip_tool" "$dest/bin/edgelm" "$dest/lib/libedgelm.so"
+cp "$root/include/edgelm.h" "$dest/include/"
+cp "$profile" "$dest/share/edgelm/board.toml"
+case "$source" in
+  pypi-wheel)
+    "$root/scripts/setup-ort.sh" "$arch" "$(get ort.platform)"
+    version="$(tr -d '[:space:]' < "$root/ort-version.txt")"
+    cp "$root/.ort/linux-$arch/libonnxruntime.so.$version" "$dest/lib/"
+    ln -sf "libonnxruntime.so.$version" "$dest/lib/libonnxruntime.so"
+    ort_note="lib/libonnxruntime.so.$version (from the onnxruntime $version wheel)"
+    ;;
+  system)
+    ort_note="none: the board's own $(get ort.path)"
+    ;;
+esac
+size() { stat -c %s "$1"; }
+echo "build-board: $id ($target) -> $dest"
+echo "  bin/edgelm       $(size "$dest/bin/edgelm") bytes stripped"
+echo "  lib/libedgelm.so $(size "$dest/lib/libedgelm.so") bytes stripped"
+echo "  ONNX Runtime     $ort_note"
