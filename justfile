@@ -71,6 +71,7 @@ demo preset=default_preset prompt="Set the kitchen heater to 21.5 degrees at 7pm
 # onnxruntime-genai), and the firmware build for thumbv7em.
 test: setup setup-tools lint
     cargo build --workspace
+    just cross-aarch64
     # A hung test fails the run after 40 minutes instead of holding CI to its limit.
     timeout --kill-after=30 2400 cargo test --workspace --no-fail-fast
     just firmware
@@ -107,9 +108,29 @@ setup-tools:
     missing=()
     command -v gcc >/dev/null || missing+=(gcc)
     command -v valgrind >/dev/null || missing+=(valgrind)
+    command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
     if [ ${#missing[@]} -gt 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${missing[@]}"
     fi
+    # qemu-user 10 for the aarch64 tests: Debian 12's own 7.2 crashes in ONNX Runtime's
+    # start-up, so on bookworm it comes from bookworm-backports.
+    qemu_major="$(qemu-aarch64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\).*/\1/p' | head -n1)"
+    if [ "${qemu_major:-0}" -lt 10 ]; then
+        . /etc/os-release
+        if [ "${VERSION_CODENAME:-}" = bookworm ]; then
+            echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/edgelm-backports.list
+            apt-get update -qq && apt-get install -y -qq -t bookworm-backports qemu-user
+        else
+            apt-get update -qq && apt-get install -y -qq qemu-user
+        fi
+    fi
+
+# edgelm and the C library cross-built for aarch64 (debug, for the tests under qemu-aarch64),
+# with the aarch64 ONNX Runtime library.
+cross-aarch64:
+    rustup target add aarch64-unknown-linux-gnu
+    scripts/setup-ort.sh aarch64
+    cargo build --target aarch64-unknown-linux-gnu -p edgelm-cli -p edgelm-capi
 
 # Regenerate include/edgelm.h from runtime/capi (cbindgen) after changing the C API.
 header:
