@@ -3,10 +3,10 @@
 # Usage: scripts/build-board.sh boards/NAME.toml [HOST_EDGELM]
 #
 # The profile is read through `edgelm board --get` (one parser for profiles): the Rust target,
-# the ONNX Runtime source and the install prefix. Builds `edgelm` and `libedgelm.so` in release
-# for the target, fetches the board's ONNX Runtime library when it comes from the PyPI wheel,
-# and writes out/boards/NAME/<install_prefix>/{bin,lib,include,share/edgelm}. Prints the
-# stripped sizes.
+# the ONNX Runtime source and the install prefix. Builds `edgelm` and `libedgelm.so` in the
+# `board` profile (release, optimised for size) for the target, fetches the board's ONNX
+# Runtime library when it comes from the PyPI wheel, and writes
+# out/boards/NAME/<install_prefix>/{bin,lib,include,share/edgelm}. Prints the stripped sizes.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 profile="$1"
@@ -32,14 +32,14 @@ if [ "$target" != "$host_target" ]; then
   export "$var=$gnu-gcc"
   strip_tool="$gnu-strip"
 fi
-cargo build --release --target "$target" -p edgelm-cli -p edgelm-capi
+cargo build --profile board --target "$target" -p edgelm-cli -p edgelm-capi
 
 tree="$root/out/boards/$id"
 dest="$tree${prefix}"
 rm -rf "$tree"
 mkdir -p "$dest/bin" "$dest/lib" "$dest/include" "$dest/share/edgelm"
-cp "$root/target/$target/release/edgelm" "$dest/bin/edgelm"
-cp "$root/target/$target/release/libedgelm.so" "$dest/lib/libedgelm.so"
+cp "$root/target/$target/board/edgelm" "$dest/bin/edgelm"
+cp "$root/target/$target/board/libedgelm.so" "$dest/lib/libedgelm.so"
 "$strip_tool" "$dest/bin/edgelm" "$dest/lib/libedgelm.so"
 cp "$root/include/edgelm.h" "$dest/include/"
 cp "$profile" "$dest/share/edgelm/board.toml"
