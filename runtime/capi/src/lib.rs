@@ -110,9 +110,10 @@ pub struct edgelm_load_options {
     /// value makes edgelm_model_load return EDGELM_ERR_INVALID_ARGUMENT.
     pub kv_cache: u32,
     /// Path of libonnxruntime.so to load, or NULL to search: EDGELM_ORT_LIB, ORT_DYLIB_PATH,
-    /// next to the executable (and its lib/), then the system library path. The first
-    /// successful load in a process holds for its lifetime (later paths are ignored); a failed
-    /// load is not remembered, so a later call may try another path or environment.
+    /// next to the executable (in its lib/, in ../lib/, then beside it), then the system
+    /// library path. The first successful load in a process holds for its lifetime (later paths
+    /// are ignored); a failed load is not remembered, so a later call may try another path or
+    /// environment.
     pub ort_library: *const c_char,
 }
 
