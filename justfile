@@ -72,6 +72,7 @@ demo preset=default_preset prompt="Set the kitchen heater to 21.5 degrees at 7pm
 test: setup setup-tools lint
     cargo build --workspace
     just cross-aarch64
+    just older-ort
     # A hung test fails the run after 40 minutes instead of holding CI to its limit.
     timeout --kill-after=30 2400 cargo test --workspace --no-fail-fast
     just firmware
@@ -124,6 +125,15 @@ setup-tools:
             apt-get update -qq && apt-get install -y -qq qemu-user
         fi
     fi
+
+# edgelm built for the C API level of the oldest ONNX Runtime we test (ort-version-oldest.txt,
+# as a JetPack board may have), in its own target folder, with that library.
+older-ort:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    v="$(tr -d '[:space:]' < ort-version-oldest.txt)"
+    scripts/setup-ort.sh "$(uname -m)" "" "$v"
+    cargo build -p edgelm-cli --no-default-features --features "edgelm-runtime/ort-api-$(echo "$v" | cut -d. -f2)" --target-dir target/ort-api-oldest
 
 # edgelm and the C library cross-built for aarch64 (debug, for the tests under qemu-aarch64),
 # with the aarch64 ONNX Runtime library.

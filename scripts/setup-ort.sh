@@ -2,18 +2,22 @@
 # Puts libonnxruntime.so.<version> (version from ort-version.txt) into .ort/linux-<arch>/,
 # taken from the onnxruntime wheel on PyPI, and links .ort/host to this machine's folder.
 # Idempotent: downloads nothing when the library is there.
-# Usage: scripts/setup-ort.sh [arch [platform]]   (arch: x86_64 (default: this machine) or
-# aarch64; platform: the wheel's platform tag, as a board profile's ort.platform names it)
+# Usage: scripts/setup-ort.sh [arch [platform [version]]]   (arch: x86_64 (default: this
+# machine) or aarch64; platform: the wheel's platform tag, as a board profile's ort.platform
+# names it, "" for the default; version: default the pinned one)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-version="$(tr -d '[:space:]' < "$root/ort-version.txt")"
+pinned="$(tr -d '[:space:]' < "$root/ort-version.txt")"
 arch="${1:-$(uname -m)}"
+# A third argument fetches another release beside the pinned one (the tests' oldest library);
+# only the pinned one gets the unversioned libonnxruntime.so link and .ort/host.
+version="${3:-$pinned}"
 dest="$root/.ort/linux-$arch"
 lib="$dest/libonnxruntime.so.$version"
 # .ort/host points at this machine's folder; .cargo/config.toml and the justfile hand it to
 # the binaries through EDGELM_ORT_LIB.
 link_host() {
-  if [ "$arch" = "$(uname -m)" ]; then
+  if [ "$arch" = "$(uname -m)" ] && [ "$version" = "$pinned" ]; then
     ln -sfn "linux-$arch" "$root/.ort/host"
   fi
 }
@@ -46,6 +50,8 @@ if [ -z "$found" ]; then
   exit 1
 fi
 cp "$found" "$lib.part" && mv "$lib.part" "$lib"
-ln -sf "libonnxruntime.so.$version" "$dest/libonnxruntime.so"
+if [ "$version" = "$pinned" ]; then
+  ln -sf "libonnxruntime.so.$version" "$dest/libonnxruntime.so"
+fi
 link_host
 echo "setup-ort: installed $lib"

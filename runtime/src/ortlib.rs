@@ -16,9 +16,14 @@ use crate::error::{Error, Result};
 /// The ONNX Runtime version this build is pinned to (from `ort-version.txt`).
 pub const ORT_VERSION: &str = include_str!("../../ort-version.txt").trim_ascii();
 
-/// The ONNX Runtime C API level this build asks the library for (the `api-N` feature of
-/// `ort`): a library offering a lower level cannot be loaded.
+/// The ONNX Runtime C API level this build asks the library for (the `ort-api-N` feature): a
+/// library offering a lower level cannot be loaded. ONNX Runtime 1.N offers level N.
 pub const ORT_API: u32 = ort::MINOR_VERSION;
+
+/// The C API level of the pinned version (its minor number), the highest edgelm knows.
+pub fn pinned_api() -> u32 {
+    ORT_VERSION.split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(ORT_API)
+}
 
 /// The library that loaded and the global environment built on it.
 static LOADED: OnceLock<(PathBuf, ort::environment::Environment)> = OnceLock::new();

@@ -12,7 +12,6 @@ use serde::Deserialize;
 
 use edgelm_runtime::bundle::Precision;
 use edgelm_runtime::decoder::KvCacheMode;
-use edgelm_runtime::ortlib::ORT_API;
 use edgelm_runtime::{EngineOptions, ExecutionProvider};
 
 /// One board. Every key is parsed and used; unknown ones are refused with their name.
@@ -127,8 +126,9 @@ impl BoardProfile {
             bail!("`target` `{}` is not a Rust target triple such as aarch64-unknown-linux-gnu", self.target);
         }
         let api = self.ort.api();
-        if !(17..=ORT_API).contains(&api) {
-            bail!("`ort.api` {api} is outside the levels edgelm knows (17 to {ORT_API})");
+        let newest = edgelm_runtime::ortlib::pinned_api();
+        if !(17..=newest).contains(&api) {
+            bail!("`ort.api` {api} is outside the levels edgelm knows (17 to {newest})");
         }
         if let OrtSource::PypiWheel { platform, .. } = &self.ort {
             if arch_of(platform) != arch_of(&self.target) {

@@ -97,7 +97,10 @@ pub fn doctor(a: DoctorArgs, place: &Placement) -> Result<()> {
         if b.ort.api() < ORT_API {
             r.fail(
                 format!("the board's ONNX Runtime offers C API {}, this edgelm asks for {ORT_API}", b.ort.api()),
-                format!("deploy ONNX Runtime {ORT_VERSION} (C API {ORT_API}) to the board, or a build of edgelm for its level"),
+                format!(
+                    "build edgelm for the board's level (just build-board {} does), or deploy ONNX Runtime {ORT_VERSION}",
+                    b.id
+                ),
             );
         }
     }

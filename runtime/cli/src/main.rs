@@ -24,7 +24,11 @@ use board::{BoardProfile, Placement};
 
 /// `edgelm --version`: ours and the ONNX Runtime release the board must provide.
 static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!("{} (needs ONNX Runtime {})", env!("CARGO_PKG_VERSION"), edgelm_runtime::ortlib::ORT_VERSION)
+    use edgelm_runtime::ortlib::{ORT_API, ORT_VERSION};
+    format!(
+        "{} (ONNX Runtime C API {ORT_API}: 1.{ORT_API} or newer; tested with {ORT_VERSION})",
+        env!("CARGO_PKG_VERSION")
+    )
 });
 
 #[derive(Parser)]

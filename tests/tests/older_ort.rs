@@ -1,0 +1,64 @@
+//! edgelm built for an older ONNX Runtime's C API level (`just older-ort`: the release in
+//! ort-version-oldest.txt, as JetPack boards carry) loads that library and answers as the
+//! pinned build does; a bundle using an operator attribute that release lacks is refused
+//! with ONNX Runtime's message, not a crash.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::process::Command;
+
+use edgelm_e2e::{bin, bundle, csv, ids, root, run, scratch};
+use edgelm_runtime::{Engine, EngineOptions, GenerateParams};
+
+const OLDEST: &str = include_str!("../../ort-version-oldest.txt");
+const PROMPT: [u32; 6] = [1, 40, 97, 200, 31, 150];
+
+fn oldest() -> (PathBuf, PathBuf) {
+    let v = OLDEST.trim();
+    let exe = root().join("target/ort-api-oldest/debug/edgelm");
+    let lib = root().join(format!(".ort/linux-{}/libonnxruntime.so.{v}", std::env::consts::ARCH));
+    assert!(exe.exists() && lib.exists(), "build and fetch them first: just older-ort");
+    (exe, lib)
+}
+
+fn pinned_greedy(b: &std::path::Path) -> Vec<u32> {
+    let mut engine = Engine::open(b, &EngineOptions::default()).unwrap();
+    let p = GenerateParams::default().with_max_new_tokens(10).with_ignore_eos(true);
+    engine.generate(&PROMPT, &p, |_| ControlFlow::Continue(())).unwrap().generated_ids
+}
+
+#[test]
+fn a_build_for_the_oldest_api_level_runs_on_that_library() {
+    let (exe, lib) = oldest();
+    let minor = OLDEST.trim().split('.').nth(1).unwrap();
+    let version = run(Command::new(&exe).arg("--version"));
+    assert!(String::from_utf8_lossy(&version.stdout).contains(&format!("C API {minor}")));
+    let fp32 = bundle("tiny");
+    // 4-bit matrices with an fp32 embedding: operators the older release has.
+    let int4 = scratch().join("older-ort/tiny-int4-fp32-embedding");
+    if !int4.join("edgelm.json").exists() {
+        let out = run(Command::new(bin("edgelm-distill"))
+            .args(["quantize", fp32.to_str().unwrap(), "-o", int4.to_str().unwrap(), "--precision", "int4"])
+            .args(["--fp32-embedding", "--max-kl", "10"]));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for b in [&fp32, &int4] {
+        let out = run(Command::new(&exe)
+            .arg("--ort-lib")
+            .arg(&lib)
+            .args(["run", b.to_str().unwrap(), "--prompt-ids", &csv(&PROMPT), "--max-new-tokens", "10"])
+            .args(["--ignore-eos", "--json"]));
+        assert!(out.status.success(), "{}: {}", b.display(), String::from_utf8_lossy(&out.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ids(&json["generated_ids"]), pinned_greedy(b), "{}", b.display());
+    }
+    // The pinned build cannot use the older library: a typed error, no crash.
+    let out = run(Command::new(bin("edgelm")).arg("--ort-lib").arg(&lib).args([
+        "run",
+        fp32.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("could not be loaded"));
+}
