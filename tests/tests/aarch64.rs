@@ -1,7 +1,8 @@
 //! The aarch64 build on an emulated ARM CPU: `edgelm` and the C test program cross-built for
 //! aarch64-unknown-linux-gnu (`just cross-aarch64`) run under qemu-aarch64 (qemu-user 10) with
 //! the aarch64 ONNX Runtime library from its PyPI wheel, and give the x86 build's greedy
-//! tokens. Only correctness: emulated timings say nothing about a board.
+//! tokens (fp32, int8, int4, int8-dynamic). Only correctness: emulated timings say nothing
+//! about a board.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -49,17 +50,22 @@ fn x86_greedy(b: &Path) -> Vec<u32> {
 }
 
 #[test]
-fn the_aarch64_edgelm_gives_the_x86_greedy_tokens_under_qemu() {
+fn the_aarch64_edgelm_gives_the_x86_greedy_tokens_under_qemu_at_every_precision() {
     let exe = cross_dir().join("edgelm");
     let fp32 = bundle("tiny");
-    let int4 = scratch().join("aarch64/tiny-int4");
-    if !int4.join("edgelm.json").exists() {
-        let out = run(Command::new(bin("edgelm-distill"))
-            .args(["quantize", fp32.to_str().unwrap(), "-o", int4.to_str().unwrap(), "--precision", "int4"])
-            .args(["--max-kl", "10"]));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut bundles = vec![fp32.clone()];
+    // The quantized kernels too: 8- and 4-bit MatMulNBits, and int8 with dynamic activations.
+    for precision in ["int8", "int4", "int8-dynamic"] {
+        let q = scratch().join(format!("aarch64/tiny-{precision}"));
+        if !q.join("edgelm.json").exists() {
+            let out = run(Command::new(bin("edgelm-distill"))
+                .args(["quantize", fp32.to_str().unwrap(), "-o", q.to_str().unwrap(), "--precision", precision])
+                .args(["--max-kl", "10"]));
+            assert!(out.status.success(), "{precision}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        bundles.push(q);
     }
-    for b in [&fp32, &int4] {
+    for b in &bundles {
         let want = x86_greedy(b);
         let args = ["run", b.to_str().unwrap(), "--prompt-ids", &csv(&PROMPT), "--max-new-tokens", "12"];
         let out = qemu(&exe, &[&args[..], &["--ignore-eos", "--json"]].concat(), None);
