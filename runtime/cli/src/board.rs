@@ -98,7 +98,7 @@ pub fn precision_name(p: Precision) -> String {
 }
 
 /// The CPU architecture a target triple or wheel platform tag names.
-fn arch_of(name: &str) -> &str {
+pub fn arch_of(name: &str) -> &str {
     ["x86_64", "aarch64", "armv7", "riscv64"].into_iter().find(|a| name.contains(a)).unwrap_or("unknown")
 }
 

@@ -12,7 +12,7 @@ use edgelm_runtime::decoder::KvCacheMode;
 use edgelm_runtime::ortlib::{ORT_API, ORT_VERSION};
 use edgelm_runtime::ExecutionProvider;
 
-use crate::board::{precision_name, OrtSource, Placement};
+use crate::board::{arch_of, precision_name, OrtSource, Placement};
 
 #[derive(Args)]
 pub struct DoctorArgs {
@@ -88,7 +88,7 @@ pub fn doctor(a: DoctorArgs, place: &Placement) -> Result<()> {
         None => r.warn("no board profile given (--board boards/NAME.toml): checking this machine only"),
     }
     if let Some(b) = board {
-        if !b.target.starts_with(arch) {
+        if arch_of(&b.target) != arch {
             r.fail(
                 format!("this edgelm is built for {arch}, the board is {}", b.target),
                 format!("build it for the board: just build-board {}", b.id),
@@ -186,9 +186,7 @@ pub fn doctor(a: DoctorArgs, place: &Placement) -> Result<()> {
                             "quantize the bundle (edgelm-distill quantize) or shorten its context",
                         ),
                     }
-                    let precision = edgelm_runtime::bundle::Bundle::open(dir)
-                        .ok()
-                        .and_then(|bd| bd.manifest.map(|m| m.quantization));
+                    let precision = engine.bundle().manifest.as_ref().map(|m| m.quantization);
                     if let Some(p) = precision.filter(|p| *p != b.precision) {
                         r.warn(format!(
                             "the bundle is {}, the board is meant for {} bundles",
