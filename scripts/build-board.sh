@@ -32,14 +32,10 @@ if [ "$target" != "$host_target" ]; then
   export "$var=$gnu-gcc"
   strip_tool="$gnu-strip"
 fi
-# A board whose ONNX Runtime is older than the pinned one gets a build for its C API level.
+# Built for the C API level of the board's library (`edgelm board` checked it is one we know).
 api="$(get ort.api)"
-pinned_api="$(cut -d. -f2 < "$root/ort-version.txt" | tr -d '[:space:]')"
-level=()
-if [ "$api" != "$pinned_api" ]; then
-  level=(--no-default-features --features "edgelm-runtime/ort-api-$api")
-fi
-cargo build --profile board --target "$target" -p edgelm-cli -p edgelm-capi "${level[@]}"
+cargo build --profile board --target "$target" -p edgelm-cli -p edgelm-capi \
+  --no-default-features --features "edgelm-runtime/ort-api-$api"
 
 tree="$root/out/boards/$id"
 dest="$tree${prefix}"
