@@ -7,10 +7,10 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// No usable ONNX Runtime library was found.
-    #[error("ONNX Runtime {wanted} could not be loaded: {reason}\n  looked in: {looked}\n  fix: set EDGELM_ORT_LIB to the path of libonnxruntime.so.{wanted} (or pass that path when loading), or install it next to the executable or on the system library path")]
+    #[error("ONNX Runtime {wanted} could not be loaded: {reason}\n  looked in: {looked}\n  fix: set EDGELM_ORT_LIB to the path of a libonnxruntime.so of that version (or pass that path when loading), or install it next to the executable, in ../lib beside it, or on the system library path")]
     OrtLibrary {
-        /// Version edgelm is built for.
-        wanted: &'static str,
+        /// The versions this build can load: its C API level's release or newer.
+        wanted: String,
         /// Why the last candidate failed.
         reason: String,
         /// Every place that was tried, in order.
@@ -21,7 +21,7 @@ pub enum Error {
     Ort(ort::Error),
     /// None of the execution providers asked for is in the loaded ONNX Runtime library, and
     /// the list does not allow the CPU.
-    #[error("none of the execution providers {wanted} is in this ONNX Runtime library\n  fix: load a build that has one (on Jetson, JetPack's ONNX Runtime), or add `cpu` to the list to allow falling back to the CPU")]
+    #[error("none of the execution providers {wanted} is in this ONNX Runtime library\n  fix: load a build that has one (on Jetson, the onnxruntime-gpu wheel built for JetPack), or add `cpu` to the list to allow falling back to the CPU")]
     NoExecutionProvider {
         /// The providers asked for, in order.
         wanted: String,

@@ -1,10 +1,10 @@
 //! Finding and loading the ONNX Runtime shared library at run time.
 //!
 //! The search order is fixed and documented, so a board image can rely on it: an explicit path
-//! (the caller's option), `EDGELM_ORT_LIB`, `ORT_DYLIB_PATH`, the executable's folder (and its
-//! `lib/`), then the system's library path. Only run-time places: nothing of the machine that
-//! built edgelm is baked in (a development tree hands its `.ort/` over through
-//! `EDGELM_ORT_LIB`). A missing or too-old library is an [`Error::OrtLibrary`] naming every
+//! (the caller's option), `EDGELM_ORT_LIB`, `ORT_DYLIB_PATH`, the executable's `lib/`, the
+//! `lib/` beside its folder (`bin/../lib`, the deploy layout), the folder itself, then the
+//! system's library path. Only run-time places: nothing of the machine that built edgelm is
+//! baked in (a development tree hands its `.ort/` over through `EDGELM_ORT_LIB`). A missing or too-old library is an [`Error::OrtLibrary`] naming every
 //! place that was tried; a failed attempt is not remembered, so a later call with a better path
 //! or environment can still succeed. The first successful load holds for the process.
 
@@ -71,7 +71,7 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Enviro
     match load(explicit) {
         Ok(loaded) => Ok(&LOADED.get_or_init(|| loaded).1),
         Err(reason) => Err(Error::OrtLibrary {
-            wanted: ORT_VERSION,
+            wanted: format!("1.{ORT_API} or newer (C API level {ORT_API})"),
             reason,
             looked: candidates(explicit)
                 .iter()

@@ -22,13 +22,13 @@ pub enum ExecutionProvider {
     Cpu {},
     /// XNNPACK's CPU kernels (ARM NEON, x86), in builds made with it.
     Xnnpack {},
-    /// NVIDIA CUDA, in GPU builds (JetPack's, or onnxruntime-gpu).
+    /// NVIDIA CUDA, in GPU builds (onnxruntime-gpu, such as the wheel built for JetPack).
     Cuda {
         /// GPU index.
         #[serde(default)]
         device_id: i32,
     },
-    /// NVIDIA TensorRT, in builds made with it (JetPack's).
+    /// NVIDIA TensorRT, in builds made with it (the onnxruntime-gpu wheel built for JetPack).
     Tensorrt {
         /// GPU index.
         #[serde(default)]
