@@ -57,7 +57,7 @@ pub enum OrtSource {
         /// ONNX Runtime C API level the library offers.
         api: u32,
     },
-    /// A library the board's SDK installs (JetPack's, with CUDA and TensorRT).
+    /// A library the board's SDK installs (on Jetson the onnxruntime-gpu wheel built for JetPack, with CUDA and TensorRT).
     System {
         /// Path of `libonnxruntime.so` on the board.
         path: PathBuf,
@@ -130,9 +130,33 @@ impl BoardProfile {
         if !(17..=newest).contains(&api) {
             bail!("`ort.api` {api} is outside the levels edgelm knows (17 to {newest})");
         }
-        if let OrtSource::PypiWheel { platform, .. } = &self.ort {
-            if arch_of(platform) != arch_of(&self.target) {
-                bail!("`ort.platform` `{platform}` is not for the architecture of `target` `{}`", self.target);
+        match &self.ort {
+            OrtSource::PypiWheel { platform, .. } => {
+                if arch_of(platform) != arch_of(&self.target) {
+                    bail!("`ort.platform` `{platform}` is not for the architecture of `target` `{}`", self.target);
+                }
+                // The wheel is the pinned release: a lower level would build a binary that
+                // cannot use what the library it ships with offers, for no reason.
+                if api != newest {
+                    bail!(
+                        "`ort.api` {api} does not match the wheel's ONNX Runtime {} (level {newest}); set `api = {newest}`",
+                        edgelm_runtime::ortlib::ORT_VERSION
+                    );
+                }
+            }
+            OrtSource::System { version, .. } => {
+                // ONNX Runtime 1.N offers C API levels up to N; a build asking for more fails to load.
+                let minor = version.split('.').collect::<Vec<_>>();
+                let offered = match minor.as_slice() {
+                    ["1", m, ..] => m.parse::<u32>().ok(),
+                    _ => None,
+                };
+                let Some(offered) = offered else {
+                    bail!("`ort.version` `{version}` is not an ONNX Runtime version such as 1.20.0");
+                };
+                if api > offered {
+                    bail!("`ort.api` {api} is above what `ort.version` {version} offers ({offered}); set `api` to {offered} or lower");
+                }
             }
         }
         if self.install_prefix.is_relative() {
@@ -165,6 +189,18 @@ impl BoardProfile {
         }
         let eps: Vec<&str> = self.execution_providers.iter().map(ExecutionProvider::name).collect();
         out.push(("execution_providers".into(), eps.join(",")));
+        // Each provider's options, under its position in the list.
+        for (i, ep) in self.execution_providers.iter().enumerate() {
+            let options = match ep {
+                ExecutionProvider::Cpu {} | ExecutionProvider::Xnnpack {} => String::new(),
+                ExecutionProvider::Cuda { device_id } => format!(" device_id={device_id}"),
+                ExecutionProvider::Tensorrt { device_id, fp16, engine_cache } => format!(
+                    " device_id={device_id} fp16={fp16} engine_cache={}",
+                    engine_cache.as_ref().map_or("none".into(), |p| p.display().to_string())
+                ),
+            };
+            out.push((format!("execution_providers.{i}"), format!("{}{options}", ep.name())));
+        }
         out.push(("threads".into(), self.threads.to_string()));
         out.push(("memory_budget_mib".into(), self.memory_budget_mib.to_string()));
         out.push(("precision".into(), precision_name(self.precision)));
@@ -294,6 +330,14 @@ mod tests {
         refused(&GOOD.replace("threads = 2", "threads = 0"), "threads");
         refused(&GOOD.replace("manylinux_2_27_aarch64", "manylinux_2_27_x86_64"), "ort.platform");
         refused(&GOOD.replace("api = 31", "api = 3"), "ort.api");
+        refused(&GOOD.replace("api = 31", "api = 20"), "ort.api");
+        let system = GOOD.replace(
+            "source = 'pypi-wheel'\nplatform = 'manylinux_2_27_aarch64'\napi = 31",
+            "source = 'system'\npath = '/usr/lib/libonnxruntime.so'\nversion = '1.20.0'\napi = 20",
+        );
+        assert!(load_text(&system).is_ok());
+        refused(&system.replace("api = 20", "api = 22"), "ort.api");
+        refused(&system.replace("'1.20.0'", "'twenty'"), "ort.version");
         refused(&GOOD.replace("aarch64-unknown-linux-gnu", "pi"), "target");
         refused(&GOOD.replace("'/opt/edgelm'", "'opt'"), "install_prefix");
         refused(
