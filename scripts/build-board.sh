@@ -9,8 +9,14 @@
 # out/boards/NAME/<install_prefix>/{bin,lib,include,share/edgelm}. Prints the stripped sizes.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-profile="$1"
-host_edgelm="${2:-$root/target/debug/edgelm}"
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then
+  echo "usage: $0 boards/NAME.toml [HOST_EDGELM]" >&2
+  exit 2
+fi
+profile="$(realpath "$1")"
+cd "$root"
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+host_edgelm="${2:-$target_dir/debug/edgelm}"
 get() { "$host_edgelm" --board "$profile" board --get "$1"; }
 id="$(get id)"
 target="$(get target)"
@@ -28,6 +34,7 @@ if [ "$target" != "$host_target" ]; then
     echo "build-board: $gnu-gcc not found; install it (Debian/Ubuntu: apt install gcc-${arch//_/-}-linux-gnu)" >&2
     exit 1
   fi
+  # .cargo/config.toml names the linker for aarch64 already; this covers any other target.
   var="CARGO_TARGET_$(echo "$target" | tr 'a-z-' 'A-Z_')_LINKER"
   export "$var=$gnu-gcc"
   strip_tool="$gnu-strip"
@@ -41,8 +48,8 @@ tree="$root/out/boards/$id"
 dest="$tree${prefix}"
 rm -rf "$tree"
 mkdir -p "$dest/bin" "$dest/lib" "$dest/include" "$dest/share/edgelm"
-cp "$root/target/$target/board/edgelm" "$dest/bin/edgelm"
-cp "$root/target/$target/board/libedgelm.so" "$dest/lib/libedgelm.so"
+cp "$target_dir/$target/board/edgelm" "$dest/bin/edgelm"
+cp "$target_dir/$target/board/libedgelm.so" "$dest/lib/libedgelm.so"
 "$strip_tool" "$dest/bin/edgelm" "$dest/lib/libedgelm.so"
 cp "$root/include/edgelm.h" "$dest/include/"
 cp "$profile" "$dest/share/edgelm/board.toml"
@@ -55,7 +62,14 @@ case "$source" in
     ort_note="lib/libonnxruntime.so.$version (from the onnxruntime $version wheel)"
     ;;
   system)
-    ort_note="none: the board's own $(get ort.path)"
+    # The board's own library, found through lib/ like a shipped one (the link dangles here).
+    ort_path="$(get ort.path)"
+    ln -sfn "$ort_path" "$dest/lib/libonnxruntime.so"
+    ort_note="lib/libonnxruntime.so -> $ort_path (the board's own)"
+    ;;
+  *)
+    echo "build-board: unknown ort.source '$source'" >&2
+    exit 1
     ;;
 esac
 size() { stat -c %s "$1"; }

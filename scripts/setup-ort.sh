@@ -21,15 +21,17 @@ link_host() {
     ln -sfn "linux-$arch" "$root/.ort/host"
   fi
 }
-if [ -f "$lib" ]; then
-  link_host
-  exit 0
-fi
 case "$arch" in
   x86_64) platform="${2:-manylinux_2_27_x86_64}" ;;
   aarch64) platform="${2:-manylinux_2_27_aarch64}" ;;
   *) echo "setup-ort: no onnxruntime wheel for architecture $arch" >&2; exit 1 ;;
 esac
+# The platform tag the library came for sits beside it: a board asking for another tag gets
+# its own wheel's library instead of the cached one.
+if [ -f "$lib" ] && [ "$(cat "$lib.platform" 2>/dev/null || echo "$platform")" = "$platform" ]; then
+  link_host
+  exit 0
+fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
@@ -50,6 +52,7 @@ if [ -z "$found" ]; then
   exit 1
 fi
 cp "$found" "$lib.part" && mv "$lib.part" "$lib"
+echo "$platform" > "$lib.platform"
 if [ "$version" = "$pinned" ]; then
   ln -sf "libonnxruntime.so.$version" "$dest/libonnxruntime.so"
 fi
