@@ -66,6 +66,7 @@ pub struct Encoder {
     tokenizer: tokenizers::Tokenizer,
     manifest: Manifest,
     max_tokens: Option<usize>,
+    dir: PathBuf,
 }
 
 impl Encoder {
@@ -96,12 +97,17 @@ impl Encoder {
             session.embedding_dim = session.run(&[0], &[0])?.len();
         }
         let max_tokens = manifest.encoder.as_ref().map(|e| e.max_tokens);
-        Ok(Encoder { session, tokenizer, manifest, max_tokens })
+        Ok(Encoder { session, tokenizer, manifest, max_tokens, dir: dir.to_path_buf() })
     }
 
     /// The bundle's manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// Bytes of the weights on disk (the ONNX files and their external data).
+    pub fn weight_bytes(&self) -> u64 {
+        crate::bundle::weight_bytes(&self.dir)
     }
 
     /// The most tokens one text may have, when the bundle records it.

@@ -31,12 +31,20 @@ fn board_prints_one_key_for_scripts_and_names_the_keys_it_has() {
 #[test]
 fn doctor_passes_a_bundle_that_fits_and_fails_what_the_device_cannot_run() {
     let b = bundle("tiny");
-    let host = root().join("boards/x86_64-linux.toml");
+    // The shipped x86 profile with a budget any test host has (doctor fails a budget above the
+    // device's memory, checked below).
+    let host = profile_with("small-host", |t| t.replace("memory_budget_mib = 4096", "memory_budget_mib = 256"));
     let out = edgelm(&["--board", host.to_str().unwrap(), "doctor", b.to_str().unwrap()]);
     let text = stdout(&out);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("ok    ONNX Runtime: ") && text.contains("fits the budget of 4096 MiB"), "{text}");
+    assert!(text.contains("ok    ONNX Runtime: ") && text.contains("fits the budget of 256 MiB"), "{text}");
     assert!(!text.contains("FAIL"), "{text}");
+    // An encoder bundle is checked too (its weights alone: it has no KV cache).
+    let enc = edgelm_e2e::minilm_bundle();
+    let out = edgelm(&["--board", host.to_str().unwrap(), "doctor", enc.to_str().unwrap()]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("loads: ") && !text.contains("KV cache") && text.contains("fits the budget"), "{text}");
     // (A bundle over the budget is refused by the same check `run` uses, unit-tested in the CLI.)
     // A GPU-only list on ONNX Runtime's CPU build: doctor says so, and so does `run`.
     let gpu = profile_with("gpu-only", |t| t.replace("kind = \"cpu\"", "kind = \"cuda\""));
@@ -51,4 +59,9 @@ fn doctor_passes_a_bundle_that_fits_and_fails_what_the_device_cannot_run() {
     let out = edgelm(&["--board", arm.to_str().unwrap(), "doctor"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("just build-board generic-aarch64-linux"), "{}", stdout(&out));
+    // A budget larger than any machine's memory.
+    let huge = profile_with("huge", |t| t.replace("memory_budget_mib = 4096", "memory_budget_mib = 1073741824"));
+    let out = edgelm(&["--board", huge.to_str().unwrap(), "doctor"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("exceeds this device's memory"), "{}", stdout(&out));
 }

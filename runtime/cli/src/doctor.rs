@@ -98,7 +98,7 @@ pub fn doctor(a: DoctorArgs, place: &Placement) -> Result<()> {
             r.fail(
                 format!("the board's ONNX Runtime offers C API {}, this edgelm asks for {ORT_API}", b.ort.api()),
                 format!(
-                    "build edgelm for the board's level (just build-board {} does), or deploy ONNX Runtime {ORT_VERSION}",
+                    "build edgelm for the board's level (just build-board {} does), or deploy ONNX Runtime 1.{ORT_API} or newer (edgelm is tested with {ORT_VERSION})",
                     b.id
                 ),
             );
@@ -140,7 +140,10 @@ pub fn doctor(a: DoctorArgs, place: &Placement) -> Result<()> {
                             ));
                         }
                     }
-                    Err(e) => r.fail(format!("the board's providers: {e}"), "see above"),
+                    Err(e) => r.fail(
+                        format!("the board's providers: {e}"),
+                        "point [ort] at a library built with them, or add { kind = \"cpu\" } to execution_providers",
+                    ),
                 }
             }
         }
@@ -173,11 +176,20 @@ pub fn doctor(a: DoctorArgs, place: &Placement) -> Result<()> {
 
     // The bundle.
     if let Some(dir) = a.bundle.as_ref().filter(|_| ort_loaded.is_ok()) {
-        match edgelm_runtime::Engine::open(dir, &opts) {
-            Ok(engine) => {
-                let (weights, kv) = (engine.weight_bytes(), engine.kv_cache_bytes(engine.context_length()));
+        match edgelm_runtime::Model::open(dir, &opts) {
+            Ok(model) => {
+                // An encoder holds no KV cache: its weights are all it needs.
+                let (weights, kv, manifest) = match &model {
+                    edgelm_runtime::Model::CausalLm(engine) => (
+                        engine.weight_bytes(),
+                        engine.kv_cache_bytes(engine.context_length()),
+                        engine.bundle().manifest.as_ref(),
+                    ),
+                    edgelm_runtime::Model::Encoder(enc) => (enc.weight_bytes(), 0, Some(enc.manifest())),
+                };
                 let need = (weights + kv).div_ceil(1 << 20);
-                r.ok(format!("bundle {} loads: {need} MiB with a full KV cache", dir.display()));
+                let what = if kv > 0 { " with a full KV cache" } else { "" };
+                r.ok(format!("bundle {} loads: {need} MiB{what}", dir.display()));
                 if let Some(b) = board {
                     match b.check_fits(weights, kv) {
                         Ok(()) => r.ok(format!("fits the budget of {} MiB", b.memory_budget_mib)),
@@ -186,7 +198,7 @@ pub fn doctor(a: DoctorArgs, place: &Placement) -> Result<()> {
                             "quantize the bundle (edgelm-distill quantize) or shorten its context",
                         ),
                     }
-                    let precision = engine.bundle().manifest.as_ref().map(|m| m.quantization);
+                    let precision = manifest.map(|m| m.quantization);
                     if let Some(p) = precision.filter(|p| *p != b.precision) {
                         r.warn(format!(
                             "the bundle is {}, the board is meant for {} bundles",
