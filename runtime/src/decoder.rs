@@ -36,7 +36,8 @@ pub struct DecoderOptions {
     pub threads: usize,
     /// KV cache strategy.
     pub kv_cache: KvCacheMode,
-    /// Let idle worker threads spin between operators (lower latency, more CPU burned).
+    /// Let idle worker threads spin between operators (lower latency, more CPU burned); off
+    /// whenever XNNPACK runs, whose own thread pool needs the cores.
     pub spin: bool,
     /// Execution providers to try, in order (empty: the CPU; see [`crate::providers`]).
     pub execution_providers: Vec<ExecutionProvider>,

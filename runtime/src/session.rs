@@ -19,10 +19,14 @@ pub(crate) fn open(model: &Path, opts: &DecoderOptions) -> Result<Session> {
     // A builder error hands the builder back (`recover()`); there is nothing to retry here, so
     // only its message is kept.
     let setting = |e: ort::Error<ort::session::builder::SessionBuilder>| Error::Ort(e.into());
+    // XNNPACK runs its own thread pool beside the session's: session threads spinning while it
+    // works would take its cores (ONNX Runtime's advice is to stop them spinning). The session
+    // keeps its threads, since the operators XNNPACK lacks (MatMulNBits, attention) run there.
+    let xnnpack = plan.register.iter().any(|ep| matches!(ep, ExecutionProvider::Xnnpack {}));
     let mut builder = Session::builder(env)?
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(setting)?
-        .with_intra_op_spinning(opts.spin)
+        .with_intra_op_spinning(opts.spin && !xnnpack)
         .map_err(setting)?;
     if opts.threads > 0 {
         builder = builder.with_intra_threads(opts.threads).map_err(setting)?;

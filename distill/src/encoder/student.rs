@@ -154,6 +154,9 @@ pub fn distill_encoder(
     if let Some(l) = spec.layers.iter().find(|&&l| l >= c.num_hidden_layers) {
         return Err(bad(format!("layer {l} does not exist in a {}-layer teacher", c.num_hidden_layers)));
     }
+    if !(spec.hidden_weight.is_finite() && spec.hidden_weight >= 0.0) {
+        return Err(bad(format!("the hidden-state weight must be 0 or more, not {}", spec.hidden_weight)));
+    }
     let tok_path = teacher.tokenizer_json.as_ref().ok_or_else(|| bad("the teacher has no tokenizer.json".into()))?;
     let mut tokenizer = tokenizers::Tokenizer::from_file(tok_path)
         .map_err(|e| Error::Format { path: tok_path.clone(), what: e.to_string() })?;
@@ -173,7 +176,13 @@ pub fn distill_encoder(
             let (ids, type_ids) = (enc.get_ids()[..n].to_vec(), enc.get_type_ids()[..n].to_vec());
             let states = model.layer_states(&ids, &type_ids)?;
             let embedding = model.pool(states.last().expect("at least one layer"))?.detach();
-            let layers = spec.layers.iter().map(|&l| states[l].detach()).collect();
+            // Hidden-state targets cost S x H floats per kept layer and sentence: kept only
+            // when they are trained on.
+            let layers = if spec.hidden_weight > 0.0 {
+                spec.layers.iter().map(|&l| states[l].detach()).collect()
+            } else {
+                Vec::new()
+            };
             out.push(Target { ids, type_ids, embedding, layers });
         }
         Ok(out)

@@ -15,7 +15,8 @@ pub struct LinkArgs {
     /// Serial device (e.g. /dev/ttyUSB0); serve: the board profile's `[serial]` when absent.
     #[arg(long, conflicts_with = "tcp")]
     serial: Option<String>,
-    /// Line speed for --serial [default: the board profile's, else 115200].
+    /// Line speed of the serial port [default: serve: the board profile's `serial.baud`, else
+    /// 115200; client: 115200].
     #[arg(long)]
     baud: Option<u32>,
     /// TCP address instead of a serial port (serve: listen; client: connect).
