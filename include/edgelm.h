@@ -80,6 +80,10 @@ typedef enum {
   EDGELM_ERR_UNSUPPORTED = 10,
   // A bug inside edgelm (a caught panic); the message says where.
   EDGELM_ERR_INTERNAL = 11,
+  // The bundle's signature is missing where one is required, made by a key that is not
+  // trusted, or does not match the bundle (altered after signing); or a trusted key file is
+  // not an ed25519 public key.
+  EDGELM_ERR_SIGNATURE = 12,
 } edgelm_status;
 
 // What a bundle holds (from edgelm_model_kind).
@@ -129,6 +133,16 @@ typedef struct {
   // are ignored); a failed load is not remembered, so a later call may try another path or
   // environment.
   const char *ort_library;
+  // Array of n_trusted_keys NUL-terminated UTF-8 paths, or NULL: PEM ed25519 public key
+  // files (`edgelm-distill keygen` writes them) or folders of `*.pub` files. Borrowed for
+  // the call. With keys, a bundle carrying a signature (edgelm.sig) must verify against one
+  // of them, else EDGELM_ERR_SIGNATURE.
+  const char *const *trusted_keys;
+  // Number of entries in trusted_keys.
+  size_t n_trusted_keys;
+  // Refuse unsigned bundles too (EDGELM_ERR_SIGNATURE); needs at least one trusted key.
+  // Default false.
+  bool require_signature;
 } edgelm_load_options;
 
 // Generation settings. Get defaults from edgelm_gen_params_default.
@@ -223,7 +237,8 @@ edgelm_gen_params edgelm_gen_params_default(void);
 // receives the new handle on EDGELM_OK (left untouched on failure); the caller owns it and
 // must release it with edgelm_model_free. A damaged bundle (a corrupt or incomplete
 // edgelm.json, a file whose hash does not match) is EDGELM_ERR_BUNDLE; a file that cannot be
-// read at all is EDGELM_ERR_IO. Thread-safe; loading is slow (verifies every hash).
+// read at all is EDGELM_ERR_IO; a bundle refused by the signature options is
+// EDGELM_ERR_SIGNATURE. Thread-safe; loading is slow (verifies every hash).
 edgelm_status edgelm_model_load(const char *path,
                                 const edgelm_load_options *options,
                                 edgelm_model **out);

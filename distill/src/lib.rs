@@ -18,6 +18,7 @@ pub mod quantize;
 pub mod recipe;
 pub mod report;
 mod rng;
+pub mod sign;
 pub mod student;
 pub mod train;
 

@@ -8,7 +8,7 @@ mod cli;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use cli::{checkpoint, data, eval, export, train};
+use cli::{checkpoint, data, eval, export, sign, train};
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +55,10 @@ enum Command {
     DistillEncoder(train::DistillEncoderArgs),
     /// Quantize an exported fp32 bundle to INT8/INT4 weights and check it against the source.
     Quantize(export::QuantizeArgs),
+    /// Make an ed25519 signing key pair: KEY (private, PEM, owner-only) and KEY.pub (for boards).
+    Keygen(sign::KeygenArgs),
+    /// Sign a bundle (writes edgelm.sig over its manifest, after checking every file).
+    Sign(sign::SignArgs),
 }
 
 #[derive(Subcommand)]
@@ -117,6 +121,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Finetune(a) => train::finetune(a),
         Command::Merge(a) => checkpoint::merge(a),
         Command::Quantize(a) => export::quantize(a),
+        Command::Keygen(a) => sign::keygen(a),
+        Command::Sign(a) => sign::sign(a),
         Command::Prune(a) => checkpoint::prune(a),
         Command::PruneStructured(a) => train::prune_structured(a),
         Command::DistillEncoder(a) => train::distill_encoder(a),

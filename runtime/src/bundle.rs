@@ -15,7 +15,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::genai_config::GenaiConfig;
 
 /// Name of the manifest file.
-pub(crate) const MANIFEST: &str = "edgelm.json";
+pub const MANIFEST: &str = "edgelm.json";
 /// The `format` value of every manifest.
 const FORMAT: &str = "edgelm-bundle";
 /// Manifest format version this runtime writes and the newest it reads. Version 2 moved the
@@ -471,8 +471,11 @@ impl BundleWriter {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).at(&dir)?;
         let manifest = dir.join(MANIFEST);
-        if manifest.exists() {
-            std::fs::remove_file(&manifest).at(&manifest)?;
+        // A signature over the previous manifest says nothing about the new one.
+        for old in [manifest, dir.join(crate::signature::SIGNATURE_FILE)] {
+            if old.exists() {
+                std::fs::remove_file(&old).at(&old)?;
+            }
         }
         Ok(BundleWriter { dir, kind, files: vec![], model_file: None, tokenizer: None })
     }
@@ -581,6 +584,12 @@ pub(crate) fn verify_manifest(dir: &Path, also_required: &[&str]) -> Result<Mani
         }
     }
     Ok(m)
+}
+
+/// Checks an edgelm bundle's files against its manifest (sizes and sha256) without opening its
+/// model; returns the manifest.
+pub fn verify_files(dir: &Path) -> Result<Manifest> {
+    verify_manifest(dir, &[])
 }
 
 impl Bundle {

@@ -82,6 +82,7 @@ impl Encoder {
         if kind != Kind::Encoder {
             return Err(Error::WrongKind { path: dir.to_path_buf(), found: kind, wanted: Kind::Encoder });
         }
+        opts.trust.check(dir)?;
         let manifest = verify_manifest(dir, &[])?;
         let tok_path: PathBuf = dir.join(
             manifest.tokenizer.as_deref().ok_or_else(|| bundle_err("an encoder bundle needs tokenizer.json".into()))?,

@@ -20,6 +20,8 @@ pub struct EngineOptions {
     pub ort_lib: Option<PathBuf>,
     /// Session settings (threads, KV cache strategy).
     pub decoder: DecoderOptions,
+    /// Public keys bundles may be signed with, and whether unsigned ones are refused.
+    pub trust: crate::signature::TrustedKeys,
 }
 
 impl EngineOptions {
@@ -38,6 +40,12 @@ impl EngineOptions {
     /// With these execution providers, tried in order (see [`crate::providers`]).
     pub fn with_execution_providers(mut self, providers: Vec<crate::ExecutionProvider>) -> Self {
         self.decoder.execution_providers = providers;
+        self
+    }
+
+    /// Checking bundle signatures against `trust` before a bundle opens.
+    pub fn with_trusted_keys(mut self, trust: crate::signature::TrustedKeys) -> Self {
+        self.trust = trust;
         self
     }
 
@@ -116,6 +124,7 @@ impl Engine {
     /// Opens and verifies a bundle folder (edgelm or onnxruntime-genai layout).
     pub fn open(dir: impl AsRef<Path>, opts: &EngineOptions) -> Result<Self> {
         crate::ortlib::init(opts.ort_lib.as_deref())?;
+        opts.trust.check(dir.as_ref())?;
         let bundle = Bundle::open(dir)?;
         let decoder = Decoder::load(&bundle.model_path, &bundle.genai, &opts.decoder)?;
         let g = &bundle.generation;

@@ -16,6 +16,15 @@ pub enum Error {
         /// Every place that was tried, in order.
         looked: String,
     },
+    /// A bundle's signature is missing where one is required, made by a key that is not
+    /// trusted, or does not match the manifest; or a key file is unreadable.
+    #[error("bundle signature refused: {what} ({path})")]
+    Signature {
+        /// The bundle folder or key file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
     /// ONNX Runtime reported an error.
     #[error("ONNX Runtime: {0}")]
     Ort(ort::Error),

@@ -29,6 +29,7 @@ pub mod ortlib;
 pub mod providers;
 pub mod sampling;
 mod session;
+pub mod signature;
 pub(crate) mod stop;
 pub mod tokenizer;
 

@@ -120,6 +120,41 @@ int main(int argc, char **argv) {
     CHECK(model == NULL, "out untouched on failure");
     CHECK(edgelm_model_load("\xff\xfe", NULL, &model) == EDGELM_ERR_INVALID_UTF8, "invalid UTF-8 path");
 
+    /* Signatures (the harness signs a copy of the bundle and names the files in the
+       environment): a signed bundle loads with its key required, an unsigned, altered or
+       foreign-signed one is EDGELM_ERR_SIGNATURE, and inconsistent options are refused. */
+    const char *signed_bundle = getenv("EDGELM_TEST_SIGNED_BUNDLE");
+    const char *altered_bundle = getenv("EDGELM_TEST_ALTERED_BUNDLE");
+    const char *key = getenv("EDGELM_TEST_KEY");
+    const char *other_key = getenv("EDGELM_TEST_OTHER_KEY");
+    CHECK(signed_bundle && altered_bundle && key && other_key, "the harness set the signature files");
+    if (signed_bundle && altered_bundle && key && other_key) {
+        edgelm_load_options sig = edgelm_load_options_default();
+        sig.trusted_keys = &key;
+        sig.n_trusted_keys = 1;
+        sig.require_signature = true;
+        CHECK(edgelm_model_load(signed_bundle, &sig, &model) == EDGELM_OK && model != NULL,
+              "signed bundle loads with its key required: %s", edgelm_last_error());
+        CHECK(edgelm_model_free(model) == EDGELM_OK, "free it");
+        model = NULL;
+        CHECK(edgelm_model_load(argv[1], &sig, &model) == EDGELM_ERR_SIGNATURE && model == NULL,
+              "unsigned bundle refused");
+        CHECK(strstr(edgelm_last_error(), "unsigned") != NULL, "message says unsigned: %s", edgelm_last_error());
+        CHECK(edgelm_model_load(altered_bundle, &sig, &model) == EDGELM_ERR_SIGNATURE && model == NULL,
+              "altered bundle refused");
+        CHECK(strstr(edgelm_last_error(), "altered") != NULL, "message says altered: %s", edgelm_last_error());
+        sig.trusted_keys = &other_key;
+        CHECK(edgelm_model_load(signed_bundle, &sig, &model) == EDGELM_ERR_SIGNATURE && model == NULL,
+              "bundle signed by an untrusted key refused");
+        CHECK(strstr(edgelm_last_error(), "not trusted") != NULL, "message: %s", edgelm_last_error());
+        sig.trusted_keys = NULL;
+        CHECK(edgelm_model_load(signed_bundle, &sig, &model) == EDGELM_ERR_INVALID_ARGUMENT, "NULL key array");
+        sig.n_trusted_keys = 0;
+        CHECK(edgelm_model_load(signed_bundle, &sig, &model) == EDGELM_ERR_INVALID_ARGUMENT,
+              "required with no key");
+        CHECK(model == NULL, "out untouched");
+    }
+
     edgelm_load_options opts = edgelm_load_options_default();
     opts.threads = 1;
     edgelm_status st = edgelm_model_load(argv[1], &opts, &model);

@@ -46,6 +46,33 @@ fn run_c(cmd: &mut Command) {
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
 }
 
+/// A signed copy of `bundle`, a copy altered by one byte of its manifest after signing, the
+/// signing key's public file and another key's: the environment the C test reads them from.
+fn signature_files(bundle: &Path, dir: &Path) -> std::collections::BTreeMap<String, PathBuf> {
+    use edgelm_distill::sign::{keygen, public_key_path, sign_bundle};
+    let keys = dir.join("keys");
+    let _ = std::fs::remove_dir_all(&keys);
+    let (key, other) = (keys.join("release"), keys.join("other"));
+    keygen(&key).unwrap();
+    keygen(&other).unwrap();
+    let signed = dir.join("signed-bundle");
+    let _ = std::fs::remove_dir_all(&signed);
+    edgelm_e2e::copy_dir(bundle, &signed);
+    sign_bundle(&key, &signed).unwrap();
+    let altered = dir.join("altered-bundle");
+    let _ = std::fs::remove_dir_all(&altered);
+    edgelm_e2e::copy_dir(&signed, &altered);
+    let manifest = altered.join("edgelm.json");
+    let text = std::fs::read_to_string(&manifest).unwrap().replacen("\"format_version\": ", "\"format_version\":  ", 1);
+    std::fs::write(&manifest, text).unwrap();
+    std::collections::BTreeMap::from([
+        ("EDGELM_TEST_SIGNED_BUNDLE".into(), signed),
+        ("EDGELM_TEST_ALTERED_BUNDLE".into(), altered),
+        ("EDGELM_TEST_KEY".into(), public_key_path(&key)),
+        ("EDGELM_TEST_OTHER_KEY".into(), public_key_path(&other)),
+    ])
+}
+
 #[test]
 fn c_program_against_shared_and_static_library_and_under_valgrind() {
     let b = bundle("tiny");
@@ -75,9 +102,10 @@ fn c_program_against_shared_and_static_library_and_under_valgrind() {
         .join(",");
     let enc = edgelm_e2e::minilm_bundle();
     let args = [b.to_str().unwrap(), expected.as_str(), &csv(&PROMPT), enc.to_str().unwrap(), &emb];
-    run_c(Command::new(&shared).args(args));
-    run_c(Command::new(&cxx).args(args));
-    run_c(Command::new(&static_).args(args));
+    let signed = signature_files(&b, &dir);
+    run_c(Command::new(&shared).args(args).envs(&signed));
+    run_c(Command::new(&cxx).args(args).envs(&signed));
+    run_c(Command::new(&static_).args(args).envs(&signed));
 
     // valgrind: memory errors anywhere (edgelm, the C program, ONNX Runtime) fail the test.
     if Command::new("valgrind").arg("--version").output().is_err() {
@@ -89,6 +117,7 @@ fn c_program_against_shared_and_static_library_and_under_valgrind() {
         .arg(format!("--suppressions={}", root().join("tests/c/valgrind.supp").display()))
         .arg(format!("--log-file={}", log.display()))
         .arg(&shared)
+        .envs(&signed)
         // The causal-LM part only: with the encoder session, an ONNX Runtime thread reads a
         // static string while exit() destroys it (inside libonnxruntime; an open question).
         .args(&args[..3]));

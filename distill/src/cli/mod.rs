@@ -5,4 +5,5 @@ pub mod checkpoint;
 pub mod data;
 pub mod eval;
 pub mod export;
+pub mod sign;
 pub mod train;

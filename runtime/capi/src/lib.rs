@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use edgelm_runtime::decoder::KvCacheMode;
+use edgelm_runtime::signature::TrustedKeys;
 use edgelm_runtime::{EngineOptions, Error, GenerateParams, Generation, Model, SamplingParams, StopReason};
 
 /// Major version of the library this header belongs to (also in edgelm_version()).
@@ -54,6 +55,10 @@ pub enum edgelm_status {
     EDGELM_ERR_UNSUPPORTED = 10,
     /// A bug inside edgelm (a caught panic); the message says where.
     EDGELM_ERR_INTERNAL = 11,
+    /// The bundle's signature is missing where one is required, made by a key that is not
+    /// trusted, or does not match the bundle (altered after signing); or a trusted key file is
+    /// not an ed25519 public key.
+    EDGELM_ERR_SIGNATURE = 12,
 }
 
 use edgelm_status::*;
@@ -115,6 +120,16 @@ pub struct edgelm_load_options {
     /// are ignored); a failed load is not remembered, so a later call may try another path or
     /// environment.
     pub ort_library: *const c_char,
+    /// Array of n_trusted_keys NUL-terminated UTF-8 paths, or NULL: PEM ed25519 public key
+    /// files (`edgelm-distill keygen` writes them) or folders of `*.pub` files. Borrowed for
+    /// the call. With keys, a bundle carrying a signature (edgelm.sig) must verify against one
+    /// of them, else EDGELM_ERR_SIGNATURE.
+    pub trusted_keys: *const *const c_char,
+    /// Number of entries in trusted_keys.
+    pub n_trusted_keys: usize,
+    /// Refuse unsigned bundles too (EDGELM_ERR_SIGNATURE); needs at least one trusted key.
+    /// Default false.
+    pub require_signature: bool,
 }
 
 /// Generation settings. Get defaults from edgelm_gen_params_default.
@@ -296,6 +311,7 @@ fn status_of(e: &Error) -> edgelm_status {
         | Error::Ort(_)
         | Error::NoExecutionProvider { .. }
         | Error::ExecutionProviderFailed { .. } => EDGELM_ERR_RUNTIME,
+        Error::Signature { .. } => EDGELM_ERR_SIGNATURE,
         Error::Tokenizer(_) | Error::NoTokenizer | Error::Template(_) => EDGELM_ERR_TOKENIZER,
         Error::ContextOverflow { .. } | Error::TokenOutOfRange { .. } | Error::CacheFull { .. } => {
             EDGELM_ERR_CONTEXT_OVERFLOW
@@ -366,6 +382,9 @@ pub extern "C" fn edgelm_load_options_default() -> edgelm_load_options {
         threads: 0,
         kv_cache: edgelm_kv_cache::EDGELM_KV_SHARED as u32,
         ort_library: std::ptr::null(),
+        trusted_keys: std::ptr::null(),
+        n_trusted_keys: 0,
+        require_signature: false,
     }
 }
 
@@ -405,7 +424,8 @@ fn kv_cache_mode(value: u32) -> Result<KvCacheMode, edgelm_status> {
 /// receives the new handle on EDGELM_OK (left untouched on failure); the caller owns it and
 /// must release it with edgelm_model_free. A damaged bundle (a corrupt or incomplete
 /// edgelm.json, a file whose hash does not match) is EDGELM_ERR_BUNDLE; a file that cannot be
-/// read at all is EDGELM_ERR_IO. Thread-safe; loading is slow (verifies every hash).
+/// read at all is EDGELM_ERR_IO; a bundle refused by the signature options is
+/// EDGELM_ERR_SIGNATURE. Thread-safe; loading is slow (verifies every hash).
 #[no_mangle]
 pub unsafe extern "C" fn edgelm_model_load(
     path: *const c_char,
@@ -431,6 +451,23 @@ pub unsafe extern "C" fn edgelm_model_load(
                 Ok(p) => opts = opts.with_ort_library(p),
                 Err(s) => return s,
             }
+        }
+        if o.n_trusted_keys > 0 && o.trusted_keys.is_null() {
+            return fail(EDGELM_ERR_INVALID_ARGUMENT, "options->trusted_keys is NULL but n_trusted_keys is not 0");
+        }
+        let mut key_files = Vec::with_capacity(o.n_trusted_keys);
+        for i in 0..o.n_trusted_keys {
+            match utf8(*o.trusted_keys.add(i), &format!("options->trusted_keys[{i}]")) {
+                Ok(p) => key_files.push(p),
+                Err(s) => return s,
+            }
+        }
+        if o.require_signature && key_files.is_empty() {
+            return fail(EDGELM_ERR_INVALID_ARGUMENT, "options->require_signature needs at least one trusted key");
+        }
+        match TrustedKeys::none().with_key_files(key_files) {
+            Ok(trust) => opts = opts.with_trusted_keys(trust.require(o.require_signature)),
+            Err(e) => return from_error(e),
         }
         match Model::open(path, &opts) {
             Ok(model) => {

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use edgelm_runtime::bundle::Precision;
 use edgelm_runtime::decoder::KvCacheMode;
+use edgelm_runtime::signature::TrustedKeys;
 use edgelm_runtime::{EngineOptions, ExecutionProvider};
 
 /// One board. Every key is parsed and used; unknown ones are refused with their name.
@@ -43,6 +44,26 @@ pub struct BoardProfile {
     /// Notes for whoever flashes the board (`edgelm board`).
     #[serde(default)]
     pub notes: String,
+    /// Which bundle signatures the board trusts, and whether it requires one.
+    #[serde(default)]
+    pub signatures: Signatures,
+    /// The folder the profile was read from (relative key paths start there).
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+/// `[signatures]`: the public keys bundles may be signed with (`edgelm-distill keygen` makes
+/// them) and whether unsigned bundles are refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signatures {
+    /// Refuse bundles that are unsigned (signed by another key or altered ones are refused
+    /// whenever keys are listed).
+    #[serde(default)]
+    pub require: bool,
+    /// PEM public key files, or folders of `*.pub` files; relative to the profile's folder.
+    #[serde(default)]
+    pub keys: Vec<PathBuf>,
 }
 
 /// Where the board's ONNX Runtime library comes from (`[ort]`, `source = ...`).
@@ -110,6 +131,7 @@ impl BoardProfile {
         let mut p: BoardProfile = toml::from_str(&text)
             .with_context(|| format!("board profile {}: not a valid board profile", path.display()))?;
         p.id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        p.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         p.check().with_context(|| format!("board profile {}", path.display()))?;
         Ok(p)
     }
@@ -158,6 +180,9 @@ impl BoardProfile {
                     bail!("`ort.api` {api} is above what `ort.version` {version} offers ({offered}); set `api` to {offered} or lower");
                 }
             }
+        }
+        if self.signatures.require && self.signatures.keys.is_empty() {
+            bail!("`signatures.require` is set but `signatures.keys` names no public key");
         }
         if self.install_prefix.is_relative() {
             bail!("`install_prefix` `{}` must be an absolute path on the board", self.install_prefix.display());
@@ -208,9 +233,22 @@ impl BoardProfile {
             out.push(("serial.device".into(), s.device.clone()));
             out.push(("serial.baud".into(), s.baud.to_string()));
         }
+        out.push(("signatures.require".into(), self.signatures.require.to_string()));
+        let keys: Vec<String> = self.signatures.keys.iter().map(|k| k.display().to_string()).collect();
+        out.push(("signatures.keys".into(), keys.join(",")));
         out.push(("install_prefix".into(), self.install_prefix.display().to_string()));
         out.push(("notes".into(), self.notes.clone()));
         out
+    }
+
+    /// The signature policy: the listed keys, read now (relative paths from the profile's
+    /// folder).
+    pub fn trusted_keys(&self) -> Result<TrustedKeys> {
+        let paths = self.signatures.keys.iter().map(|k| self.dir.join(k));
+        let keys = TrustedKeys::none()
+            .with_key_files(paths)
+            .with_context(|| format!("board `{}`: the public keys in [signatures]", self.id))?;
+        Ok(keys.require(self.signatures.require))
     }
 
     /// Checks that a bundle's weights plus a KV cache of `kv_bytes` fit the memory budget.
@@ -243,23 +281,23 @@ impl Placement {
     /// Engine options for `threads` (0: the board's count, else one per core) and `kv_cache`,
     /// with the board's execution providers and, for a board whose ONNX Runtime is the
     /// system's, its library (unless `--ort-lib` names one).
-    pub fn engine_options(&self, threads: usize, kv_cache: KvCacheMode) -> EngineOptions {
+    pub fn engine_options(&self, threads: usize, kv_cache: KvCacheMode) -> Result<EngineOptions> {
         let threads = match (threads, &self.board) {
             (0, Some(b)) => b.threads,
             (t, _) => t,
         };
         let mut opts = EngineOptions::default().with_threads(threads).with_kv_cache(kv_cache);
         if let Some(b) = &self.board {
-            opts = opts.with_execution_providers(b.execution_providers.clone());
+            opts = opts.with_execution_providers(b.execution_providers.clone()).with_trusted_keys(b.trusted_keys()?);
         }
         let system_lib = self.board.as_ref().and_then(|b| match &b.ort {
             OrtSource::System { path, .. } => Some(path.clone()),
             OrtSource::PypiWheel { .. } => None,
         });
-        match self.ort_lib.clone().or(system_lib) {
+        Ok(match self.ort_lib.clone().or(system_lib) {
             Some(p) => opts.with_ort_library(p),
             None => opts,
-        }
+        })
     }
 
     /// Refuses a request whose weights plus KV cache exceed the board's memory budget.
@@ -345,6 +383,8 @@ mod tests {
             "execution_providers",
         );
         refused(&format!("{GOOD}[serial]\nbaud = 9600\n"), "device");
+        refused(&format!("{GOOD}[signatures]\nrequire = true\n"), "signatures.keys");
+        refused(&format!("{GOOD}[signatures]\nkeys = ['k.pub']\nalgorithm = 'rsa'\n"), "algorithm");
     }
 
     #[test]
@@ -355,7 +395,7 @@ mod tests {
         ))
         .unwrap();
         let place = Placement { board: Some(b.clone()), ort_lib: None };
-        let opts = place.engine_options(0, KvCacheMode::default());
+        let opts = place.engine_options(0, KvCacheMode::default()).unwrap();
         assert_eq!(opts.decoder.threads, 2);
         assert_eq!(
             opts.decoder.execution_providers,
@@ -364,9 +404,12 @@ mod tests {
         assert_eq!(opts.ort_lib, None);
         b.ort = OrtSource::System { path: "/usr/lib/libonnxruntime.so".into(), version: "1.20.0".into(), api: 20 };
         let place = Placement { board: Some(b.clone()), ort_lib: None };
-        assert_eq!(place.engine_options(3, KvCacheMode::default()).ort_lib, Some("/usr/lib/libonnxruntime.so".into()));
+        assert_eq!(
+            place.engine_options(3, KvCacheMode::default()).unwrap().ort_lib,
+            Some("/usr/lib/libonnxruntime.so".into())
+        );
         let place = Placement { board: Some(b.clone()), ort_lib: Some("/x.so".into()) };
-        assert_eq!(place.engine_options(3, KvCacheMode::default()).ort_lib, Some("/x.so".into()));
+        assert_eq!(place.engine_options(3, KvCacheMode::default()).unwrap().ort_lib, Some("/x.so".into()));
         assert!(b.check_fits(50 << 20, 10 << 20).is_ok());
         assert!(b.check_fits(200 << 20, 0).unwrap_err().to_string().contains("budget of 100 MiB"));
         let keys: Vec<String> = b.describe().into_iter().map(|(k, _)| k).collect();

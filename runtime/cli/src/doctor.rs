@@ -106,7 +106,24 @@ pub fn doctor(a: DoctorArgs, place: &Placement) -> Result<()> {
     }
 
     // ONNX Runtime and its providers.
-    let opts = place.engine_options(0, KvCacheMode::default());
+    let opts = match place.engine_options(0, KvCacheMode::default()) {
+        Ok(opts) => {
+            if let Some(b) = board.filter(|b| !b.signatures.keys.is_empty()) {
+                let required = if b.signatures.require { "required" } else { "checked when present" };
+                r.ok(format!("bundle signatures {required}; trusted keys: {}", opts.trust.key_ids().join(", ")));
+            }
+            opts
+        }
+        Err(e) => {
+            r.fail(format!("{e:#}"), "put the public keys the profile's [signatures] names on the device");
+            // The other checks still run, without signature checks.
+            let mut unchecked = place.clone();
+            if let Some(b) = unchecked.board.as_mut() {
+                b.signatures = Default::default();
+            }
+            unchecked.engine_options(0, KvCacheMode::default())?
+        }
+    };
     let ort_loaded = edgelm_runtime::ortlib::init(opts.ort_lib.as_deref());
     match &ort_loaded {
         Ok(_) => {

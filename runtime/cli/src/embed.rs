@@ -26,7 +26,7 @@ pub struct EmbedArgs {
 }
 
 pub fn embed(a: EmbedArgs, place: &Placement) -> Result<()> {
-    let opts = place.engine_options(a.threads, KvCacheMode::default());
+    let opts = place.engine_options(a.threads, KvCacheMode::default())?;
     let mut enc = Encoder::open(&a.bundle, &opts).with_context(|| format!("opening {}", a.bundle.display()))?;
     let v = enc.embed(&a.text)?;
     if a.json {

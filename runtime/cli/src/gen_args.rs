@@ -68,7 +68,7 @@ pub const DEFAULT_MAX_NEW: usize = 128;
 
 /// Opens a causal-LM bundle with the placement's settings.
 pub fn open(bundle: &Path, place: &Placement, threads: usize, kv: KvArg) -> Result<Engine> {
-    Engine::open(bundle, &place.engine_options(threads, kv.into()))
+    Engine::open(bundle, &place.engine_options(threads, kv.into())?)
         .with_context(|| format!("opening {}", bundle.display()))
 }
 

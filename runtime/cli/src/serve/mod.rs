@@ -54,7 +54,7 @@ pub struct ServeArgs {
 /// Runs the daemon until the process is stopped. Bad input never ends it: a broken link is
 /// reopened, a failed request answers an Error frame.
 pub fn serve(a: ServeArgs, place: &Placement) -> Result<()> {
-    let mut board = Board::new(place.engine_options(a.threads, KvCacheMode::from(a.kv_cache)), a.models_dir.clone());
+    let mut board = Board::new(place.engine_options(a.threads, KvCacheMode::from(a.kv_cache))?, a.models_dir.clone());
     if let Some(b) = &a.bundle {
         board.load(b).with_context(|| format!("loading {}", b.display()))?;
     }
