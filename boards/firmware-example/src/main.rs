@@ -9,9 +9,15 @@
 //! a generation has finished, `finished` set), `FAILURES` (failed attempts) and `LAST_ERROR` (see
 //! [`error_code`]). On any error the firmware sends `Cancel`, waits and starts again with
 //! `Hello`.
+//!
+//! With the `qemu` feature it also reports through semihosting (`report.rs`) and ends the
+//! emulator with a status, for QEMU's `netduinoplus2` machine.
 #![no_std]
 #![no_main]
 
+#[cfg(feature = "qemu")]
+mod report;
+mod ticks;
 mod uart;
 mod vectors;
 
@@ -29,17 +35,23 @@ use panic_halt as _;
 
 use crate::uart::Usart2;
 
-/// Core clock, for the timeouts below. 16 MHz is the STM32F4's HSI after reset; set this to
-/// SYSCLK when your clock init raises it.
+/// Core clock, the rate SysTick counts at (`ticks.rs`), for the timeouts below. 16 MHz is the
+/// STM32F4's HSI after reset; set this to SYSCLK when your clock init raises it.
+#[cfg(not(feature = "qemu"))]
 const CORE_HZ: u32 = 16_000_000;
-/// A read that sees no byte for this long fails, so the call is retried (the DWT cycle counter
-/// wraps at 2^32 cycles: keep this below that).
-const READ_TIMEOUT_CYCLES: u32 = 20 * CORE_HZ;
+/// QEMU's `netduinoplus2` runs its core clock at a fixed 168 MHz, and SysTick follows it (in
+/// host time, without `-icount`).
+#[cfg(feature = "qemu")]
+const CORE_HZ: u32 = 168_000_000;
+/// A read that sees no byte for this long fails, so the call is retried (a tick count in a
+/// `u32`: keep it below 2^32 ticks, about 25 s at 168 MHz).
+const READ_TIMEOUT_TICKS: u32 = 20 * CORE_HZ;
 /// Pause before trying again after an error.
-const RETRY_DELAY_CYCLES: u32 = 2 * CORE_HZ;
+const RETRY_DELAY_TICKS: u32 = 2 * CORE_HZ;
 
 const CLIENT_NAME: &str = "stm32f4-example";
 const PROMPT: &str = "turn on the hallway light";
+const MAX_NEW_TOKENS: u16 = 32;
 const ANSWER_CAP: usize = 256;
 
 type Error = ClientError<NbError<ErrorKind>>;
@@ -81,15 +93,17 @@ static LAST_ERROR: AtomicU32 = AtomicU32::new(0);
 
 #[entry]
 fn main() -> ! {
-    // The UART's read timeout counts DWT cycles. `take` only fails if called twice.
+    // The UART's read timeout and the retry delay count SysTick ticks. `take` only fails if
+    // called twice.
     let Some(mut cp) = cortex_m::Peripherals::take() else { halt() };
-    cp.DCB.enable_trace();
-    cp.DWT.enable_cycle_counter();
-    let Some(uart) = Usart2::take(READ_TIMEOUT_CYCLES) else { halt() };
+    ticks::start(&mut cp.SYST);
+    let Some(uart) = Usart2::take(READ_TIMEOUT_TICKS) else { halt() };
 
     // embedded-hal-nb UART -> embedded_io stream -> protocol client.
     let mut client = Client::new(NbSerial(uart));
-    let params = GenParams { max_new_tokens: 32, ..Default::default() };
+    let params = GenParams { max_new_tokens: MAX_NEW_TOKENS, ..Default::default() };
+    #[cfg(feature = "qemu")]
+    report::request(PROMPT, &params);
 
     loop {
         let mut answer = String::new();
@@ -97,23 +111,30 @@ fn main() -> ! {
         match ask(&mut client, &params, &mut answer, &mut truncated) {
             Ok(stats) => {
                 let outcome = Outcome { finished: true, answer, truncated, stats };
+                #[cfg(feature = "qemu")]
+                report::answer(&outcome);
                 cortex_m::interrupt::free(|cs| RESULT.borrow(cs).replace(outcome));
                 break;
             }
             Err(e) => {
-                LAST_ERROR.store(error_code(e), Ordering::Relaxed);
-                FAILURES.fetch_add(1, Ordering::Relaxed);
+                let code = error_code(e);
+                LAST_ERROR.store(code, Ordering::Relaxed);
+                let _failures = FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
+                #[cfg(feature = "qemu")]
+                report::failure(code, _failures);
                 // After a read timeout the board may still be generating: stop it (an idle
                 // board ignores this). The board answers requests in order, so the next
                 // attempt's Hello is answered after that answer's last frames and the client
                 // reads past them (as `get_stats` would). A failed Cancel shows again then.
                 let _ = client.cancel();
-                cortex_m::asm::delay(RETRY_DELAY_CYCLES);
+                ticks::delay(RETRY_DELAY_TICKS);
             }
         }
     }
 
     // Done: a real application would act on the answer here.
+    #[cfg(feature = "qemu")]
+    report::exit(true);
     halt()
 }
 

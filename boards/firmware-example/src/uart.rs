@@ -9,16 +9,17 @@
 //! the baud rate (BRR) are board-specific and omitted. This driver assumes the bootloader or the
 //! clock init left USART2 clocked, wired and set to 115200 8N1; it only sets UE, TE and RE.
 //!
-//! Reads time out: when no byte has arrived for `read_timeout` cycles of the DWT cycle counter
-//! (counted from the first empty poll after the last byte or write), `read` reports
+//! Reads time out: when no byte has arrived for `read_timeout` core clock ticks (SysTick, see
+//! `ticks.rs`; counted from the first empty poll after the last byte or write), `read` reports
 //! `ErrorKind::Other`. The adapter passes that on, so a client call returns
 //! `ClientError::Io` instead of blocking forever on a board that is not answering.
 
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use cortex_m::peripheral::DWT;
 use embedded_hal_nb::serial::{ErrorKind, ErrorType, Read, Write};
+
+use crate::ticks::Stopwatch;
 
 const USART2: usize = 0x4000_4400;
 const SR: usize = 0x00;
@@ -43,20 +44,19 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 /// USART2, owned: at most one value exists.
 pub struct Usart2 {
     read_timeout: u32,
-    /// DWT cycle count at the first empty poll since the last byte or write.
-    idle_since: Option<u32>,
+    /// Running from the first empty poll since the last byte or write.
+    idle: Option<Stopwatch>,
 }
 
 impl Usart2 {
     /// Takes USART2 (once; `None` afterwards) and enables its transmitter and receiver.
     ///
-    /// `read_timeout` is in core clock cycles; the DWT cycle counter must be running
-    /// (`DCB::enable_trace` and `DWT::enable_cycle_counter`).
+    /// `read_timeout` is in core clock ticks; SysTick must be running (`ticks::start`).
     pub fn take(read_timeout: u32) -> Option<Self> {
         if TAKEN.swap(true, Ordering::AcqRel) {
             return None;
         }
-        let uart = Usart2 { read_timeout, idle_since: None };
+        let uart = Usart2 { read_timeout, idle: None };
         uart.set(CR1, uart.get(CR1) | UE | TE | RE);
         Some(uart)
     }
@@ -82,7 +82,7 @@ impl Read<u8> for Usart2 {
         if sr & (PE | FE | NF | ORE) != 0 {
             // Reading SR then DR clears the error flags; the byte is lost either way.
             let _ = self.get(DR);
-            self.idle_since = None;
+            self.idle = None;
             let kind = if sr & ORE != 0 {
                 ErrorKind::Overrun
             } else if sr & FE != 0 {
@@ -95,17 +95,17 @@ impl Read<u8> for Usart2 {
             return Err(nb::Error::Other(kind));
         }
         if sr & RXNE != 0 {
-            self.idle_since = None;
+            self.idle = None;
             return Ok(self.get(DR) as u8);
         }
-        let now = DWT::cycle_count();
-        match self.idle_since {
-            None => self.idle_since = Some(now),
-            Some(since) if now.wrapping_sub(since) >= self.read_timeout => {
-                self.idle_since = None;
-                return Err(nb::Error::Other(ErrorKind::Other));
+        match &mut self.idle {
+            None => self.idle = Some(Stopwatch::start()),
+            Some(watch) => {
+                if watch.elapsed() >= self.read_timeout {
+                    self.idle = None;
+                    return Err(nb::Error::Other(ErrorKind::Other));
+                }
             }
-            Some(_) => {}
         }
         Err(nb::Error::WouldBlock)
     }
@@ -114,7 +114,7 @@ impl Read<u8> for Usart2 {
 impl Write<u8> for Usart2 {
     fn write(&mut self, word: u8) -> nb::Result<(), ErrorKind> {
         // A request is going out: its answer gets a fresh read timeout.
-        self.idle_since = None;
+        self.idle = None;
         if self.get(SR) & TXE == 0 {
             return Err(nb::Error::WouldBlock);
         }
