@@ -79,11 +79,13 @@ test: setup setup-tools lint
     just fuzz-smoke
 
 # The protocol crate and the example firmware for a Cortex-M4F (thumbv7em-none-eabihf), with
-# the firmware's code size checked against its 16 KB budget.
+# the firmware's code size checked against its 16 KB budget, and its `qemu` variant (the one
+# tests/tests/firmware_qemu.rs builds and runs in qemu-system-arm) with its size.
 firmware:
     rustup target add thumbv7em-none-eabihf
     cargo build -p edgelm-protocol --release --target thumbv7em-none-eabihf
     boards/firmware-example/build.sh
+    FEATURES=qemu boards/firmware-example/build.sh
 
 # A short bounded cargo-fuzz run of the frame decoder (needs a nightly toolchain; skipped with
 # a message where none can be installed). Long runs: see docs/protocol.md.
@@ -102,7 +104,7 @@ fuzz-smoke seconds="30":
     cargo +nightly fuzz run frame_decoder -- -max_total_time={{seconds}} -rss_limit_mb=1024
     cargo +nightly fuzz run frame_body -- -max_total_time={{seconds}} -rss_limit_mb=1024
 
-# Host tools the tests use (gcc, valgrind), installed with apt when missing.
+# Host tools the tests use (gcc, valgrind, qemu-system-arm), installed with apt when missing.
 setup-tools:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -110,6 +112,7 @@ setup-tools:
     command -v gcc >/dev/null || missing+=(gcc)
     command -v valgrind >/dev/null || missing+=(valgrind)
     command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+    command -v qemu-system-arm >/dev/null || missing+=(qemu-system-arm)
     if [ ${#missing[@]} -gt 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${missing[@]}"
     fi
