@@ -112,9 +112,13 @@ setup-tools:
     command -v gcc >/dev/null || missing+=(gcc)
     command -v valgrind >/dev/null || missing+=(valgrind)
     command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
-    command -v qemu-system-arm >/dev/null || missing+=(qemu-system-arm)
     if [ ${#missing[@]} -gt 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${missing[@]}"
+    fi
+    # The emulated STM32F405 (netduinoplus2) for the firmware test; without its recommended
+    # GUI, firmware and block-device packages, which the test does not use.
+    if ! command -v qemu-system-arm >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq --no-install-recommends qemu-system-arm
     fi
     # qemu-user 10 for the aarch64 tests: Debian 12's own 7.2 crashes in ONNX Runtime's
     # start-up, so on bookworm it comes from bookworm-backports.

@@ -167,12 +167,8 @@ fn log(path: &Path) -> String {
 
 #[test]
 fn the_example_firmware_in_qemu_gets_the_runtime_greedy_answer_over_the_daemon() {
-    let Some(version) = qemu_version() else {
-        // CI installs it (`just setup-tools`): there a missing QEMU is a failure, not a skip.
-        assert!(std::env::var_os("CI").is_none(), "qemu-system-arm is missing; `just setup-tools` installs it");
-        eprintln!("skipped: qemu-system-arm is not installed (apt-get install qemu-system-arm)");
-        return;
-    };
+    // `just test` installs it (setup-tools), as capi.rs expects valgrind: never a silent skip.
+    let version = qemu_version().expect("qemu-system-arm is missing: `just setup-tools` installs it");
     eprintln!("{version}");
     let elf = firmware_elf();
     let b = bundle("tiny");
