@@ -8,7 +8,9 @@ mod bench;
 mod board;
 mod board_cmd;
 mod chat;
+mod check;
 mod client;
+mod deploy;
 mod doctor;
 mod embed;
 mod gen_args;
@@ -64,6 +66,11 @@ enum Command {
     Board(board_cmd::BoardArgs),
     /// Check that this device can run edgelm (and a bundle) as its board profile says.
     Doctor(doctor::DoctorArgs),
+    /// Health check: open a bundle as the board profile says and run one step of it.
+    Check(check::CheckArgs),
+    /// Install a runtime and a bundle into the inactive A/B slot under the board's prefix,
+    /// switch to it atomically after a health check, and roll back if it fails.
+    Deploy(deploy::DeployArgs),
 }
 
 fn main() {
@@ -105,5 +112,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Client(a) => client::client(a),
         Command::Board(a) => board_cmd::board(a, &place),
         Command::Doctor(a) => doctor::doctor(a, &place),
+        Command::Check(a) => check::check(a, &place),
+        Command::Deploy(a) => deploy::deploy(a, &place),
     }
 }
