@@ -3,8 +3,8 @@
 # Usage: scripts/build-board.sh boards/NAME.toml [HOST_EDGELM]
 #
 # The profile is read through `edgelm board --get` (one parser for profiles): the Rust target,
-# the ONNX Runtime source and the install prefix. Builds `edgelm` and `libedgelm.so` in the
-# `board` profile (release, optimised for size) for the target, fetches the board's ONNX
+# the ONNX Runtime source and the install prefix. Builds `edgelm` (profile `board`) and `libedgelm.so`
+# (`board-lib`), both release optimised for size, for the target, fetches the board's ONNX
 # Runtime library when it comes from the PyPI wheel, and writes
 # out/boards/NAME/<install_prefix>/{bin,lib,include,share/edgelm}. Prints the stripped sizes.
 set -euo pipefail
@@ -41,15 +41,18 @@ if [ "$target" != "$host_target" ]; then
 fi
 # Built for the C API level of the board's library (`edgelm board` checked it is one we know).
 api="$(get ort.api)"
-cargo build --profile board --target "$target" -p edgelm-cli -p edgelm-capi \
-  --no-default-features --features "edgelm-runtime/ort-api-$api"
+# Two profiles: the binary aborts on a panic (smaller), the C library unwinds (its ABI catches
+# panics).
+features=(--no-default-features --features "edgelm-runtime/ort-api-$api")
+cargo build --profile board --target "$target" -p edgelm-cli "${features[@]}"
+cargo build --profile board-lib --target "$target" -p edgelm-capi "${features[@]}"
 
 tree="$root/out/boards/$id"
 dest="$tree${prefix}"
 rm -rf "$tree"
 mkdir -p "$dest/bin" "$dest/lib" "$dest/include" "$dest/share/edgelm"
 cp "$target_dir/$target/board/edgelm" "$dest/bin/edgelm"
-cp "$target_dir/$target/board/libedgelm.so" "$dest/lib/libedgelm.so"
+cp "$target_dir/$target/board-lib/libedgelm.so" "$dest/lib/libedgelm.so"
 "$strip_tool" "$dest/bin/edgelm" "$dest/lib/libedgelm.so"
 cp "$root/include/edgelm.h" "$dest/include/"
 cp "$profile" "$dest/share/edgelm/board.toml"

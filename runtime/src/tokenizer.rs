@@ -81,22 +81,54 @@ impl TextCodec {
             .chat_template
             .as_deref()
             .ok_or_else(|| Error::Template("this bundle has no chat template; give the prompt raw".into()))?;
-        let mut env = minijinja::Environment::new();
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", template).map_err(|e| Error::Template(e.to_string()))?;
-        let msgs: Vec<_> =
-            messages.iter().map(|m| minijinja::context! { role => m.role, content => m.content }).collect();
-        env.get_template("chat")
-            .and_then(|t| {
-                t.render(minijinja::context! {
-                    messages => msgs,
-                    add_generation_prompt => true,
-                    bos_token => self.bos_token.clone().unwrap_or_default(),
-                    eos_token => self.eos_token.clone().unwrap_or_default(),
-                })
+        render_chat_template(
+            template,
+            messages,
+            self.bos_token.as_deref().unwrap_or_default(),
+            self.eos_token.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+/// Renders a Jinja chat template as transformers does: `messages`, `add_generation_prompt`,
+/// `bos_token`, `eos_token` and `raise_exception`, with loop controls (`break`, `continue`).
+pub fn render_chat_template(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template).map_err(|e| Error::Template(e.to_string()))?;
+    let msgs: Vec<_> = messages.iter().map(|m| minijinja::context! { role => m.role, content => m.content }).collect();
+    env.get_template("chat")
+        .and_then(|t| {
+            t.render(minijinja::context! {
+                messages => msgs,
+                add_generation_prompt => true,
+                bos_token => bos,
+                eos_token => eos,
             })
-            .map_err(|e| Error::Template(e.to_string()))
+        })
+        .map_err(|e| Error::Template(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The constructs Hugging Face chat templates use: namespace, loop.first/last, macros,
+    /// loop controls, filters (trim, tojson), raise_exception.
+    #[test]
+    fn templates_with_the_constructs_hugging_face_uses_render() {
+        let msgs = [ChatMessage::new("system", " be brief "), ChatMessage::user("hi"), ChatMessage::assistant("yo")];
+        let t = "{% macro turn(r, c) %}<|{{ r }}|>{{ c | trim }}{% endmacro %}\
+                 {% set ns = namespace(n=0) %}{{ bos_token }}\
+                 {% for m in messages %}{% if m.role == 'assistant' %}{% set ns.n = ns.n + 1 %}{% endif %}\
+                 {{ turn(m.role, m.content) }}{% if not loop.last %};{% endif %}{% endfor %}\
+                 {% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}[{{ m.role | tojson }}]{% endfor %}\
+                 {% if add_generation_prompt %}<|assistant|>{{ ns.n }}{% endif %}";
+        let out = render_chat_template(t, &msgs, "<s>", "</s>").unwrap();
+        assert_eq!(out, "<s><|system|>be brief;<|user|>hi;<|assistant|>yo[\"system\"]<|assistant|>1");
+        let e = render_chat_template("{{ raise_exception('roles must alternate') }}", &msgs, "", "").unwrap_err();
+        assert!(e.to_string().contains("roles must alternate"), "{e}");
     }
 }

@@ -75,9 +75,17 @@ enum Command {
 
 fn main() {
     restore_default_sigpipe();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EDGELM_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
+    // EDGELM_LOG takes `level` or `target=level,...` directives (`warn` by default). Targets
+    // parses them without the regex engine EnvFilter brings into the board binary.
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = std::env::var("EDGELM_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| tracing_subscriber::filter::Targets::new().with_default(tracing::Level::WARN));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
     if let Err(e) = dispatch(Cli::parse()) {
         eprintln!("error: {e:#}");
