@@ -131,3 +131,31 @@ pub fn minilm_bundle() -> PathBuf {
     })
     .clone()
 }
+
+/// For `tests/c/test_capi.c`: a signed copy of `bundle` (in `dir`), a copy altered by one byte
+/// of its manifest after signing, the signing key's public file and another key's, as the
+/// environment the C test reads them from.
+pub fn signature_files(bundle: &Path, dir: &Path) -> std::collections::BTreeMap<String, PathBuf> {
+    use edgelm_distill::sign::{keygen, public_key_path, sign_bundle};
+    let keys = dir.join("keys");
+    let _ = std::fs::remove_dir_all(&keys);
+    let (key, other) = (keys.join("release"), keys.join("other"));
+    keygen(&key).unwrap();
+    keygen(&other).unwrap();
+    let signed = dir.join("signed-bundle");
+    let _ = std::fs::remove_dir_all(&signed);
+    copy_dir(bundle, &signed);
+    sign_bundle(&key, &signed).unwrap();
+    let altered = dir.join("altered-bundle");
+    let _ = std::fs::remove_dir_all(&altered);
+    copy_dir(&signed, &altered);
+    let manifest = altered.join("edgelm.json");
+    let text = std::fs::read_to_string(&manifest).unwrap().replacen("\"format_version\": ", "\"format_version\":  ", 1);
+    std::fs::write(&manifest, text).unwrap();
+    std::collections::BTreeMap::from([
+        ("EDGELM_TEST_SIGNED_BUNDLE".into(), signed),
+        ("EDGELM_TEST_ALTERED_BUNDLE".into(), altered),
+        ("EDGELM_TEST_KEY".into(), public_key_path(&key)),
+        ("EDGELM_TEST_OTHER_KEY".into(), public_key_path(&other)),
+    ])
+}

@@ -36,7 +36,17 @@ fn aarch64_ort() -> PathBuf {
 
 /// `program args` under qemu-aarch64 with Debian's aarch64 system libraries.
 fn qemu(program: &Path, args: &[&str], lib_path: Option<&Path>) -> Output {
+    qemu_with(program, args, lib_path, Default::default())
+}
+
+fn qemu_with(
+    program: &Path,
+    args: &[&str],
+    lib_path: Option<&Path>,
+    env: std::collections::BTreeMap<String, PathBuf>,
+) -> Output {
     let mut cmd = Command::new("qemu-aarch64");
+    cmd.envs(env);
     cmd.args(["-L", "/usr/aarch64-linux-gnu"]).arg(program).args(args).env("EDGELM_ORT_LIB", aarch64_ort());
     if let Some(l) = lib_path {
         cmd.env("LD_LIBRARY_PATH", l);
@@ -100,7 +110,7 @@ fn the_c_test_program_built_for_aarch64_passes_under_qemu() {
     let enc = edgelm_e2e::minilm_bundle();
     let expected = csv(&x86_greedy(&b));
     let args = [b.to_str().unwrap(), expected.as_str(), &csv(&PROMPT), enc.to_str().unwrap(), &emb.join(",")];
-    let out = qemu(&exe, &args, Some(&libs));
+    let out = qemu_with(&exe, &args, Some(&libs), edgelm_e2e::signature_files(&b, &dir));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "C test under qemu failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");

@@ -46,33 +46,6 @@ fn run_c(cmd: &mut Command) {
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
 }
 
-/// A signed copy of `bundle`, a copy altered by one byte of its manifest after signing, the
-/// signing key's public file and another key's: the environment the C test reads them from.
-fn signature_files(bundle: &Path, dir: &Path) -> std::collections::BTreeMap<String, PathBuf> {
-    use edgelm_distill::sign::{keygen, public_key_path, sign_bundle};
-    let keys = dir.join("keys");
-    let _ = std::fs::remove_dir_all(&keys);
-    let (key, other) = (keys.join("release"), keys.join("other"));
-    keygen(&key).unwrap();
-    keygen(&other).unwrap();
-    let signed = dir.join("signed-bundle");
-    let _ = std::fs::remove_dir_all(&signed);
-    edgelm_e2e::copy_dir(bundle, &signed);
-    sign_bundle(&key, &signed).unwrap();
-    let altered = dir.join("altered-bundle");
-    let _ = std::fs::remove_dir_all(&altered);
-    edgelm_e2e::copy_dir(&signed, &altered);
-    let manifest = altered.join("edgelm.json");
-    let text = std::fs::read_to_string(&manifest).unwrap().replacen("\"format_version\": ", "\"format_version\":  ", 1);
-    std::fs::write(&manifest, text).unwrap();
-    std::collections::BTreeMap::from([
-        ("EDGELM_TEST_SIGNED_BUNDLE".into(), signed),
-        ("EDGELM_TEST_ALTERED_BUNDLE".into(), altered),
-        ("EDGELM_TEST_KEY".into(), public_key_path(&key)),
-        ("EDGELM_TEST_OTHER_KEY".into(), public_key_path(&other)),
-    ])
-}
-
 #[test]
 fn c_program_against_shared_and_static_library_and_under_valgrind() {
     let b = bundle("tiny");
@@ -102,7 +75,7 @@ fn c_program_against_shared_and_static_library_and_under_valgrind() {
         .join(",");
     let enc = edgelm_e2e::minilm_bundle();
     let args = [b.to_str().unwrap(), expected.as_str(), &csv(&PROMPT), enc.to_str().unwrap(), &emb];
-    let signed = signature_files(&b, &dir);
+    let signed = edgelm_e2e::signature_files(&b, &dir);
     run_c(Command::new(&shared).args(args).envs(&signed));
     run_c(Command::new(&cxx).args(args).envs(&signed));
     run_c(Command::new(&static_).args(args).envs(&signed));
