@@ -112,6 +112,9 @@ setup-tools:
     command -v gcc >/dev/null || missing+=(gcc)
     command -v valgrind >/dev/null || missing+=(valgrind)
     command -v aarch64-linux-gnu-gcc >/dev/null || missing+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+    # deploy over ssh: the test runs its own sshd on loopback.
+    command -v rsync >/dev/null || missing+=(rsync)
+    { [ -x /usr/sbin/sshd ] && command -v ssh >/dev/null; } || missing+=(openssh-server openssh-client)
     if [ ${#missing[@]} -gt 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${missing[@]}"
     fi

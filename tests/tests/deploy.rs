@@ -221,3 +221,89 @@ fn a_deploy_stopped_at_any_moment_leaves_a_board_that_starts() {
     assert_eq!(f.active().1, vs[next].display().to_string());
     f.assert_boots("the last deploy");
 }
+
+/// An sshd of the test's own on loopback (key login for this user only), and the ssh command
+/// that reaches it.
+struct Sshd {
+    child: std::process::Child,
+    ssh: String,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sshd(dir: &Path) -> Sshd {
+    std::fs::create_dir_all(dir).unwrap();
+    for name in ["host_key", "client_key"] {
+        let _ = std::fs::remove_file(dir.join(name));
+        let out = run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(dir.join(name)));
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PidFile {d}/sshd.pid\nStrictModes no\nUsePAM no\nPasswordAuthentication no\nPermitRootLogin prohibit-password\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    // sshd wants its privilege-separation folder.
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let sshd = ["/usr/sbin/sshd", "/usr/bin/sshd"].into_iter().find(|p| Path::new(p).exists());
+    let sshd = sshd.expect("sshd is missing: `just setup-tools` installs openssh-server");
+    let child = Command::new(sshd)
+        .args(["-D", "-e", "-f"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ssh = format!(
+        "ssh -p {port} -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR",
+        dir.join("client_key").display()
+    );
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed().as_secs() < 30, "sshd did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Sshd { child, ssh }
+}
+
+#[test]
+fn deploy_over_ssh_installs_and_rolls_back_on_the_board() {
+    let f = Fixture::new("ssh");
+    let [v1, v2] = versions(&f);
+    let d = sshd(&f.dir.join("sshd"));
+    let user = String::from_utf8(run(Command::new("id").arg("-un")).stdout).unwrap().trim().to_owned();
+    let to = format!("{user}@127.0.0.1:{}", f.device().display());
+    let deploy = |bundle: Option<&Path>| {
+        let mut c = Command::new(bin("edgelm"));
+        c.arg("--board").arg(&f.profile).arg("deploy");
+        match bundle {
+            Some(b) => c.arg(b).arg("--runtime").arg(&f.runtime),
+            None => c.arg("--rollback"),
+        };
+        run(c.args(["--to", &to, "--ssh", &d.ssh]))
+    };
+    for (v, slot) in [(&v1, "slots/a"), (&v2, "slots/b")] {
+        let out = deploy(Some(v));
+        assert!(out.status.success(), "{}", text(&out));
+        // The board ran the deploy from its staged copy of the bundle.
+        let staged = f.install().join(".incoming/bundle");
+        assert_eq!(f.active(), (slot.into(), staged.display().to_string()));
+        f.assert_boots("a deploy over ssh");
+    }
+    let out = deploy(None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(f.active().0, "slots/a");
+    f.assert_boots("a rollback over ssh");
+}

@@ -56,6 +56,10 @@ pub struct DeployArgs {
     /// Skip the health checks (when the board's binary cannot run on this machine).
     #[arg(long)]
     no_health_check: bool,
+    /// The ssh command for a `--to [user@]host:/root` board (rsync's `-e`), e.g.
+    /// "ssh -p 2222 -i ~/.ssh/board".
+    #[arg(long, default_value = "ssh")]
+    ssh: String,
 }
 
 /// The numbered moments of a deploy, where a test may stop it.
@@ -257,6 +261,9 @@ pub fn deploy(a: DeployArgs, place: &Placement) -> Result<()> {
     let Some(board) = place.board.as_ref() else {
         bail!("deploy needs the board: give --board boards/NAME.toml");
     };
+    if let Some((host, root)) = remote_target(&a.to) {
+        return deploy_remote(&a, board, &host, &root);
+    }
     let install = under(&a.to, &board.install_prefix);
     std::fs::create_dir_all(install.join("slots")).with_context(|| format!("creating {}", install.display()))?;
     let _lock = lock(&install)?;
@@ -269,15 +276,7 @@ pub fn deploy(a: DeployArgs, place: &Placement) -> Result<()> {
     // Refuse what would not run before anything is written: a damaged or unsigned bundle.
     edgelm_runtime::bundle::verify_files(bundle).with_context(|| format!("bundle {}", bundle.display()))?;
     board.trusted_keys()?.check(bundle)?;
-    let runtime =
-        a.runtime.clone().unwrap_or_else(|| under(&Path::new("out/boards").join(&board.id), &board.install_prefix));
-    if !runtime.join("bin/edgelm").is_file() {
-        bail!(
-            "no runtime tree at {} (bin/edgelm missing); build it with `just build-board {}` or name one with --runtime",
-            runtime.display(),
-            board.id
-        );
-    }
+    let runtime = runtime_tree(&a, board)?;
 
     let active = active_slot(&install);
     let slot = active.map_or("a", other);
@@ -354,6 +353,20 @@ pub fn deploy(a: DeployArgs, place: &Placement) -> Result<()> {
     Ok(())
 }
 
+/// The runtime tree to install: `--runtime`, or what `just build-board` wrote for the board.
+fn runtime_tree(a: &DeployArgs, board: &BoardProfile) -> Result<PathBuf> {
+    let runtime =
+        a.runtime.clone().unwrap_or_else(|| under(&Path::new("out/boards").join(&board.id), &board.install_prefix));
+    if !runtime.join("bin/edgelm").is_file() {
+        bail!(
+            "no runtime tree at {} (bin/edgelm missing); build it with `just build-board {}` or name one with --runtime",
+            runtime.display(),
+            board.id
+        );
+    }
+    Ok(runtime)
+}
+
 fn write_unit(root: &Path, board: &BoardProfile, steps: &mut Steps) -> Result<()> {
     if board.serial.is_none() {
         eprintln!("edgelm deploy: board {} has no [serial] port: no systemd unit written", board.id);
@@ -384,4 +397,123 @@ fn rollback(board: &BoardProfile, install: &Path, no_check: bool, steps: &mut St
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `[user@]host:path` (a colon before any slash, as rsync reads it): a board over ssh.
+fn remote_target(to: &Path) -> Option<(String, String)> {
+    let s = to.to_str()?;
+    let (host, path) = s.split_once(':')?;
+    if host.is_empty() || host.contains('/') || !path.starts_with('/') {
+        return None;
+    }
+    Some((host.to_owned(), path.to_owned()))
+}
+
+/// One word for a POSIX shell.
+fn shell_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// Deploys on a board over ssh: stages the runtime, the bundle and the profile (with its keys)
+/// under `<install_prefix>/.incoming` with rsync (only what changed travels), then runs the
+/// staged edgelm's own `deploy` there, so the slots, the switch and the health checks happen
+/// on the board, natively.
+fn deploy_remote(a: &DeployArgs, board: &BoardProfile, host: &str, root: &str) -> Result<()> {
+    let ssh: Vec<String> = a.ssh.split_whitespace().map(str::to_owned).collect();
+    let Some((ssh_prog, ssh_args)) = ssh.split_first() else { bail!("--ssh is empty") };
+    let install = format!(
+        "{}/{}",
+        root.trim_end_matches('/'),
+        board.install_prefix.display().to_string().trim_start_matches('/')
+    );
+    let remote = |command: &str| -> Result<std::process::ExitStatus> {
+        Command::new(ssh_prog)
+            .args(ssh_args)
+            .arg(host)
+            .arg(command)
+            .status()
+            .with_context(|| format!("running {ssh_prog} {host}"))
+    };
+    if a.rollback {
+        let current = format!("{install}/current");
+        let cmd = [
+            format!("{current}/bin/edgelm"),
+            "--board".into(),
+            format!("{current}/share/edgelm/board.toml"),
+            "deploy".into(),
+            "--rollback".into(),
+            "--to".into(),
+            root.to_owned(),
+        ];
+        let status = remote(&cmd.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" "))?;
+        if !status.success() {
+            bail!("the rollback on {host} failed (see above)");
+        }
+        return Ok(());
+    }
+    let bundle = a.bundle.as_ref().expect("clap requires a bundle without --rollback");
+    edgelm_runtime::bundle::verify_files(bundle).with_context(|| format!("bundle {}", bundle.display()))?;
+    board.trusted_keys()?.check(bundle)?;
+    let runtime = runtime_tree(a, board)?;
+    if Command::new("rsync").arg("--version").output().is_err() {
+        bail!("deploying to {host} needs rsync here and on the board (apt install rsync)");
+    }
+    let staging = format!("{install}/.incoming");
+    let status = remote(&format!("mkdir -p {}", shell_quote(&staging)))?;
+    if !status.success() {
+        bail!("cannot create {staging} on {host}");
+    }
+    // The profile and the keys it names by relative path, as one folder.
+    let local = tempfile_dir()?;
+    std::fs::copy(board.dir.join(format!("{}.toml", board.id)), local.join(format!("{}.toml", board.id)))
+        .with_context(|| format!("copying the profile of board {}", board.id))?;
+    for key in board.signatures.keys.iter().filter(|k| k.is_relative()) {
+        let dst = local.join(key);
+        std::fs::create_dir_all(dst.parent().expect("a key file in a folder"))?;
+        let src = board.dir.join(key);
+        let ok = Command::new("cp").arg("-r").arg(&src).arg(&dst).status()?.success();
+        if !ok {
+            bail!("copying key {}", src.display());
+        }
+    }
+    for (from, to) in [(&runtime, "runtime"), (bundle, "bundle"), (&local, "board")] {
+        let status = Command::new("rsync")
+            .args(["-a", "--delete", "-e", &a.ssh])
+            .arg(format!("{}/", from.display()))
+            .arg(format!("{host}:{staging}/{to}/"))
+            .status()
+            .context("running rsync")?;
+        if !status.success() {
+            let _ = std::fs::remove_dir_all(&local);
+            bail!("rsync of {} to {host}:{staging}/{to} failed", from.display());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&local);
+    let mut cmd = vec![
+        format!("{staging}/runtime/bin/edgelm"),
+        "--board".into(),
+        format!("{staging}/board/{}.toml", board.id),
+        "deploy".into(),
+        format!("{staging}/bundle"),
+        "--to".into(),
+        root.to_owned(),
+        "--runtime".into(),
+        format!("{staging}/runtime"),
+    ];
+    if a.no_health_check {
+        cmd.push("--no-health-check".into());
+    }
+    let status = remote(&cmd.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" "))?;
+    if !status.success() {
+        bail!("the deploy on {host} failed (see above)");
+    }
+    Ok(())
+}
+
+/// A fresh private folder for staging.
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("edgelm-deploy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
