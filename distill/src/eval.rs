@@ -186,7 +186,7 @@ fn bundle_answers(
         (vec![examples], opts.clone())
     };
     let answer = |part: &[Example]| -> Result<Vec<Answer>> {
-        let mut engine = edgelm_runtime::Engine::open(bundle, &per_session)?;
+        let engine = edgelm_runtime::Engine::open(bundle, &per_session)?;
         let params = edgelm_runtime::GenerateParams::default().with_max_new_tokens(MAX_ANSWER_TOKENS);
         let mut answers = Vec::with_capacity(part.len());
         for e in part {

@@ -604,7 +604,7 @@ fn speed(
     test: &[crate::data::Example],
     engine_opts: &edgelm_runtime::EngineOptions,
 ) -> Result<(f64, f64)> {
-    let mut engine = edgelm_runtime::Engine::open(bundle, engine_opts)?;
+    let engine = edgelm_runtime::Engine::open(bundle, engine_opts)?;
     let params = edgelm_runtime::GenerateParams::default()
         .with_max_new_tokens(crate::eval::MAX_ANSWER_TOKENS)
         .with_ignore_eos(true);
@@ -630,7 +630,7 @@ fn show(
     if n == 0 {
         return Ok(None);
     }
-    let mut engine = edgelm_runtime::Engine::open(bundle, engine_opts)?;
+    let engine = edgelm_runtime::Engine::open(bundle, engine_opts)?;
     let params = edgelm_runtime::GenerateParams::default().with_max_new_tokens(crate::eval::MAX_ANSWER_TOKENS);
     let (mut ttft, mut decode) = (Vec::new(), Vec::new());
     writeln!(out, "\nheld-out commands through the runtime ({}):", bundle.display()).at("stdout")?;

@@ -3,6 +3,7 @@
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::bundle::Bundle;
@@ -96,23 +97,33 @@ impl EngineBuilder {
     }
 }
 
-/// One sequence on the decoder: what the token loop drives.
+/// One sequence on the decoder: what the token loop drives. The session is held only for the
+/// model step; the sequence's KV cache and logits are its own, so sequences on other threads
+/// interleave step by step.
 struct Sequence<'a> {
-    decoder: &'a mut Decoder,
+    decoder: &'a Mutex<Decoder>,
     state: DecodeState,
 }
 
 impl Forward for Sequence<'_> {
     fn forward(&mut self, ids: &[u32]) -> Result<&mut [f32]> {
-        self.decoder.forward(&mut self.state, ids)
+        // A step that panicked leaves nothing half-written that a later step reads (every
+        // step writes its sequence's cache and logits afresh), so a poisoned lock is taken.
+        let mut decoder = self.decoder.lock().unwrap_or_else(|e| e.into_inner());
+        decoder.forward(&mut self.state, ids)
     }
 }
 
-/// A bundle opened for generation.
+/// A bundle opened for generation. One session serves every sequence: [`Engine::generate`]
+/// takes `&self`, so threads sharing an engine (`Arc<Engine>`) generate at once, each with its
+/// own KV cache, their model steps taking turns on the session.
 pub struct Engine {
     bundle: Bundle,
-    decoder: Decoder,
+    decoder: Mutex<Decoder>,
     codec: Option<TextCodec>,
+    context_length: usize,
+    vocab_size: usize,
+    kv_cache_mode: KvCacheMode,
 }
 
 impl Engine {
@@ -137,7 +148,14 @@ impl Engine {
             )?),
             None => None,
         };
-        Ok(Engine { bundle, decoder, codec })
+        Ok(Engine {
+            bundle,
+            context_length: decoder.context_length(),
+            vocab_size: decoder.vocab_size(),
+            kv_cache_mode: decoder.kv_cache_mode(),
+            decoder: Mutex::new(decoder),
+            codec,
+        })
     }
 
     /// The opened bundle.
@@ -152,17 +170,17 @@ impl Engine {
 
     /// Longest sequence the model supports.
     pub fn context_length(&self) -> usize {
-        self.decoder.context_length()
+        self.context_length
     }
 
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
-        self.decoder.vocab_size()
+        self.vocab_size
     }
 
     /// The KV cache strategy in use.
     pub fn kv_cache_mode(&self) -> KvCacheMode {
-        self.decoder.kv_cache_mode()
+        self.kv_cache_mode
     }
 
     /// Bytes of weights on disk (see [`crate::bundle::weight_bytes`]).
@@ -235,11 +253,11 @@ impl Engine {
         if self.codec.is_none() && params.stop_strings.iter().any(|s| !s.is_empty()) {
             return Err(Error::InvalidRequest("stop strings need a tokenizer, and this bundle has none".into()));
         }
-        let vocab = self.decoder.vocab_size();
+        let vocab = self.vocab_size;
         if let Some(&id) = prompt.iter().find(|&&id| id as usize >= vocab) {
             return Err(Error::TokenOutOfRange { id, vocab });
         }
-        let context = self.decoder.context_length();
+        let context = self.context_length;
         if prompt.len() >= context {
             return Err(Error::ContextOverflow { prompt: prompt.len(), max_new: params.max_new_tokens, context });
         }
@@ -254,7 +272,7 @@ impl Engine {
     /// is None. No event follows a `Break`.
     /// TTFT counts from the call, so it includes setting up the sequence's KV cache.
     pub fn generate(
-        &mut self,
+        &self,
         prompt: &[u32],
         params: &GenerateParams,
         on_token: impl FnMut(TokenEvent<'_>) -> ControlFlow<()>,
@@ -266,7 +284,7 @@ impl Engine {
     /// included) and stops with [`StopReason::Cancelled`] once it says true: how another
     /// thread stops a generation.
     pub fn generate_until(
-        &mut self,
+        &self,
         prompt: &[u32],
         params: &GenerateParams,
         cancelled: impl FnMut() -> bool,
@@ -274,14 +292,14 @@ impl Engine {
     ) -> Result<Generation> {
         let start = Instant::now();
         self.check_request(prompt, params)?;
-        let capacity = (prompt.len() + params.max_new_tokens).min(self.decoder.context_length());
-        let state = self.decoder.start(capacity)?;
+        let capacity = (prompt.len() + params.max_new_tokens).min(self.context_length);
+        let state = self.decoder.lock().unwrap_or_else(|e| e.into_inner()).start(capacity)?;
         let setup = LoopSetup {
             capacity,
             eos: &self.bundle.generation.eos_token_ids,
             tokenizer: self.codec.as_ref().map(TextCodec::tokenizer),
             start,
         };
-        generate::run(&mut Sequence { decoder: &mut self.decoder, state }, setup, prompt, params, cancelled, on_token)
+        generate::run(&mut Sequence { decoder: &self.decoder, state }, setup, prompt, params, cancelled, on_token)
     }
 }

@@ -28,7 +28,7 @@ fn main() {
     let prompt: Vec<u32> = (0..32).map(|i| 3 + (i * 37) % 300).collect();
     let csv = prompt.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     let (new, runs) = (128usize, 9usize);
-    let mut engine = Engine::open(&b, &EngineOptions::default()).unwrap();
+    let engine = Engine::open(&b, &EngineOptions::default()).unwrap();
     let p = GenerateParams::default().with_max_new_tokens(new).with_ignore_eos(true);
     let (mut rust, mut c) = (Vec::new(), Vec::new());
     for _ in 0..5 {

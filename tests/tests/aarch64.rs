@@ -55,7 +55,7 @@ fn qemu_with(
 }
 
 fn x86_greedy(b: &Path) -> Vec<u32> {
-    let mut engine = Engine::open(b, &EngineOptions::default()).unwrap();
+    let engine = Engine::open(b, &EngineOptions::default()).unwrap();
     let p = GenerateParams::default().with_max_new_tokens(NEW).with_ignore_eos(true);
     engine.generate(&PROMPT, &p, |_| ControlFlow::Continue(())).unwrap().generated_ids
 }

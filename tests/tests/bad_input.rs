@@ -75,7 +75,7 @@ fn prompt_errors() {
     fails_with(&["run", b, "--prompt", ""], "prompt is empty");
     fails_with(&["run", b, "--prompt-ids", "1,99999"], "outside the vocabulary");
 
-    let mut engine = Engine::open(b, &EngineOptions::default()).unwrap();
+    let engine = Engine::open(b, &EngineOptions::default()).unwrap();
     let p = GenerateParams::default();
     assert!(matches!(engine.generate(&[], &p, |_| ControlFlow::Continue(())), Err(Error::InvalidRequest(_))));
     assert!(matches!(

@@ -21,7 +21,7 @@ fn lib_dir() -> PathBuf {
 }
 
 fn rust_greedy(b: &Path) -> Vec<u32> {
-    let mut engine = Engine::open(b, &EngineOptions::default()).unwrap();
+    let engine = Engine::open(b, &EngineOptions::default()).unwrap();
     let p = GenerateParams::default().with_max_new_tokens(NEW).with_ignore_eos(true);
     engine.generate(&PROMPT, &p, |_| ControlFlow::Continue(())).unwrap().generated_ids
 }

@@ -173,7 +173,7 @@ fn the_example_firmware_in_qemu_gets_the_runtime_greedy_answer_over_the_daemon()
     let elf = firmware_elf();
     let b = bundle("tiny");
     let reference = {
-        let mut e = Engine::open(&b, &EngineOptions::default()).unwrap();
+        let e = Engine::open(&b, &EngineOptions::default()).unwrap();
         // The daemon renders a Generate's prompt with the chat template; the firmware leaves
         // every parameter but max_new_tokens at its default (greedy, stop at EOS).
         let ids = e.encode_prompt(PROMPT, false).unwrap();

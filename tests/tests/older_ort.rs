@@ -22,7 +22,7 @@ fn oldest() -> (PathBuf, PathBuf) {
 }
 
 fn pinned_greedy(b: &std::path::Path) -> Vec<u32> {
-    let mut engine = Engine::open(b, &EngineOptions::default()).unwrap();
+    let engine = Engine::open(b, &EngineOptions::default()).unwrap();
     let p = GenerateParams::default().with_max_new_tokens(10).with_ignore_eos(true);
     engine.generate(&PROMPT, &p, |_| ControlFlow::Continue(())).unwrap().generated_ids
 }

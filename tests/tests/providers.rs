@@ -7,7 +7,7 @@ use edgelm_e2e::bundle;
 use edgelm_runtime::{Engine, EngineOptions, Error, ExecutionProvider, GenerateParams};
 
 fn greedy(opts: &EngineOptions) -> Vec<u32> {
-    let mut engine = Engine::open(bundle("tiny"), opts).unwrap();
+    let engine = Engine::open(bundle("tiny"), opts).unwrap();
     let params = GenerateParams::default().with_max_new_tokens(6);
     engine.generate(&[1, 2, 3], &params, |_| ControlFlow::Continue(())).unwrap().generated_ids
 }

@@ -55,7 +55,7 @@ fn serve_tcp(extra: &[&str]) -> (Daemon, String) {
 }
 
 fn reference_text(max_new: u16) -> String {
-    let mut e = Engine::open(bundle("tiny"), &EngineOptions::default()).unwrap();
+    let e = Engine::open(bundle("tiny"), &EngineOptions::default()).unwrap();
     // The board renders a Generate's prompt with the chat template, as the runtime does.
     let ids = e.encode_prompt(PROMPT, false).unwrap();
     let p = GenerateParams::default().with_max_new_tokens(max_new as usize).with_ignore_eos(true);
@@ -342,7 +342,7 @@ fn generate_uses_the_chat_template_and_generate_raw_does_not() {
         true
     })
     .unwrap();
-    let mut e = Engine::open(bundle("tiny"), &EngineOptions::default()).unwrap();
+    let e = Engine::open(bundle("tiny"), &EngineOptions::default()).unwrap();
     let ids = e.encode(PROMPT).unwrap();
     let p = GenerateParams::default().with_max_new_tokens(NEW as usize).with_ignore_eos(true);
     assert_eq!(raw, e.generate(&ids, &p, |_| ControlFlow::Continue(())).unwrap().text);

@@ -41,7 +41,7 @@ pub struct BenchArgs {
 
 pub fn bench(b: BenchArgs, place: &Placement) -> Result<()> {
     let load_start = std::time::Instant::now();
-    let mut engine = open(&b.bundle, place, b.threads, b.kv_cache)?;
+    let engine = open(&b.bundle, place, b.threads, b.kv_cache)?;
     place.check_budget(&engine, b.prompt_tokens + b.new_tokens)?;
     let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     if b.runs == 0 || b.prompt_tokens == 0 || b.new_tokens == 0 {

@@ -25,7 +25,7 @@ pub fn check(a: CheckArgs, place: &Placement) -> Result<()> {
     let signed = opts.trust.check(&a.bundle)?;
     let model = Model::open(&a.bundle, &opts).with_context(|| format!("opening {}", a.bundle.display()))?;
     let what = match model {
-        Model::CausalLm(mut engine) => {
+        Model::CausalLm(engine) => {
             let prompt = match engine.codec() {
                 Some(_) => engine.encode_prompt("hello", true)?,
                 None => vec![engine.bundle().generation.bos_token_id.unwrap_or(0)],

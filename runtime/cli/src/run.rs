@@ -30,7 +30,7 @@ pub struct RunArgs {
 }
 
 pub fn run(a: RunArgs, place: &Placement) -> Result<()> {
-    let mut engine = open(&a.bundle, place, a.gen.threads, a.gen.kv_cache)?;
+    let engine = open(&a.bundle, place, a.gen.threads, a.gen.kv_cache)?;
     let prompt = match (&a.prompt, &a.prompt_ids) {
         (Some(text), _) => engine.encode_prompt(text, a.raw)?,
         (None, Some(ids)) => ids.clone(),
