@@ -126,6 +126,12 @@ impl Encoder {
         self.session.embedding_dim
     }
 
+    /// Tokens `text` takes as [`Encoder::embed`] feeds it (special tokens included).
+    pub fn token_count(&self, text: &str) -> Result<usize> {
+        let enc = self.tokenizer.encode(text, true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().len())
+    }
+
     /// Embeds `text` (special tokens added as the tokenizer defines; too long -> error).
     pub fn embed(&mut self, text: &str) -> Result<Vec<f32>> {
         if text.is_empty() {

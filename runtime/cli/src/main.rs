@@ -14,6 +14,8 @@ mod deploy;
 mod doctor;
 mod embed;
 mod gen_args;
+#[cfg(feature = "http")]
+mod http;
 mod link;
 mod run;
 mod serve;

@@ -49,11 +49,20 @@ pub struct ServeArgs {
     /// Pace output to this line rate in bits/s (for PTY/TCP links standing in for a UART).
     #[arg(long)]
     line_rate: Option<u32>,
+    #[cfg(feature = "http")]
+    #[command(flatten)]
+    http: crate::http::HttpArgs,
 }
 
 /// Runs the daemon until the process is stopped. Bad input never ends it: a broken link is
 /// reopened, a failed request answers an Error frame.
 pub fn serve(a: ServeArgs, place: &Placement) -> Result<()> {
+    #[cfg(feature = "http")]
+    if let Some(addr) = &a.http.http {
+        let Some(bundle) = &a.bundle else { anyhow::bail!("serve --http needs --bundle") };
+        let kv = KvCacheMode::from(a.kv_cache);
+        return crate::http::serve_http(addr, &a.http, bundle, a.queue, a.threads, kv, place);
+    }
     let mut board = Board::new(place.engine_options(a.threads, KvCacheMode::from(a.kv_cache))?, a.models_dir.clone());
     if let Some(b) = &a.bundle {
         board.load(b).with_context(|| format!("loading {}", b.display()))?;

@@ -1,0 +1,745 @@
+//! `edgelm serve --http ADDR`: the OpenAI-compatible HTTP API (`/v1/completions`,
+//! `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`, `/healthz`, `/readyz`).
+//!
+//! One engine (one ONNX Runtime session) serves every request; each running request is a
+//! sequence with its own KV cache on a blocking thread, their model steps taking turns on the
+//! session. At most `max_sequences` run at once (from the board's memory budget: what is left
+//! after the weights, divided by one sequence's KV cache at the full context); `queue` more
+//! wait, up to `queue_timeout`; beyond that a request gets 429 with `Retry-After`. A request
+//! whose client goes away stops at its next token and frees its sequence.
+
+mod api;
+
+use std::net::SocketAddr;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use edgelm_runtime::decoder::KvCacheMode;
+use edgelm_runtime::encoder::Encoder;
+use edgelm_runtime::{ChatMessage, Engine, GenerateParams, Generation, Model, StopReason};
+
+use crate::board::{precision_name, Placement};
+use api::{ApiError, ChatRequest, CompletionRequest, Content, EmbeddingRequest, Prompt, Sampling, Usage};
+
+/// The HTTP server's settings (`edgelm serve --http`).
+#[derive(clap::Args)]
+pub struct HttpArgs {
+    /// Serve the OpenAI-compatible HTTP API on this address (e.g. 0.0.0.0:8080) instead of a
+    /// serial or TCP link.
+    #[arg(long, conflicts_with_all = ["serial", "tcp"])]
+    pub http: Option<String>,
+    /// Sequences generated at once [default: as many KV caches at full context as the board's
+    /// memory budget holds beside the weights; 4 without a board].
+    #[arg(long)]
+    pub max_sequences: Option<usize>,
+    /// Most new tokens one request may ask for [default: the model's context].
+    #[arg(long)]
+    pub max_tokens_cap: Option<usize>,
+    /// Seconds a request may run before it is stopped.
+    #[arg(long, default_value_t = 300)]
+    pub request_timeout: u64,
+    /// Seconds a request may wait for a free sequence before it gets 503.
+    #[arg(long, default_value_t = 30)]
+    pub queue_timeout: u64,
+    /// Largest request body in bytes (larger: 413).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+}
+
+/// The loaded model, shareable among requests.
+enum Served {
+    Lm(Arc<Engine>),
+    Encoder(Arc<Mutex<Encoder>>),
+}
+
+struct Server {
+    model: Served,
+    id: String,
+    kind: &'static str,
+    precision: String,
+    sha256: String,
+    created: u64,
+    context: usize,
+    slots: Arc<Semaphore>,
+    max_sequences: usize,
+    queue: usize,
+    waiting: AtomicUsize,
+    active: AtomicUsize,
+    max_tokens_cap: usize,
+    request_timeout: Duration,
+    queue_timeout: Duration,
+    next_id: AtomicU64,
+}
+
+/// Counts a request as waiting for as long as it lives (also when its client leaves mid-wait).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A running sequence: holds its slot and counts as active until dropped.
+struct Running {
+    _permit: OwnedSemaphorePermit,
+    server: Arc<Server>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.server.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Server {
+    /// A slot for one sequence: at once, after waiting in the queue, or an error (429 when the
+    /// queue is full, 503 after `queue_timeout`).
+    async fn admit(self: &Arc<Self>) -> Result<Running, ApiError> {
+        let permit = match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if self.waiting.fetch_add(1, Ordering::SeqCst) >= self.queue {
+                    self.waiting.fetch_sub(1, Ordering::SeqCst);
+                    let mut e = ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limit_error",
+                        format!(
+                            "all {} sequences are busy and {} requests are waiting; try again shortly",
+                            self.max_sequences, self.queue
+                        ),
+                    );
+                    e.retry_after = Some(1);
+                    return Err(e);
+                }
+                let _waiting = Waiting(&self.waiting);
+                match tokio::time::timeout(self.queue_timeout, Arc::clone(&self.slots).acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        let mut e = ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "server_error",
+                            format!("no sequence came free within {} s", self.queue_timeout.as_secs()),
+                        );
+                        e.retry_after = Some(1);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        self.active.fetch_add(1, Ordering::SeqCst);
+        Ok(Running { _permit: permit, server: Arc::clone(self) })
+    }
+
+    fn engine(&self) -> Result<&Arc<Engine>, ApiError> {
+        match &self.model {
+            Served::Lm(e) => Ok(e),
+            Served::Encoder(_) => Err(ApiError::invalid(
+                format!("model `{}` is a sentence encoder: use /v1/embeddings", self.id),
+                Some("model"),
+            )),
+        }
+    }
+
+    fn new_id(&self, prefix: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}-{:x}{n:06x}", self.created)
+    }
+
+    /// Generation settings from a request's fields: the bundle's defaults where it gives none,
+    /// a 400 for what cannot be honoured.
+    fn params(
+        &self,
+        engine: &Engine,
+        s: &Sampling,
+        max_tokens: Option<usize>,
+        prompt_len: usize,
+    ) -> Result<GenerateParams, ApiError> {
+        if s.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
+        }
+        for (v, name) in [(s.presence_penalty, "presence_penalty"), (s.frequency_penalty, "frequency_penalty")] {
+            if v.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::invalid(format!("{name} is not supported (only 0)"), Some(name)));
+            }
+        }
+        if s.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+            return Err(ApiError::invalid("logit_bias is not supported", Some("logit_bias")));
+        }
+        let mut sampling = engine.default_sampling();
+        if let Some(t) = s.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(ApiError::invalid("temperature must be between 0 and 2", Some("temperature")));
+            }
+            sampling = sampling.with_temperature(t);
+        }
+        if let Some(p) = s.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(ApiError::invalid("top_p must be in (0, 1]", Some("top_p")));
+            }
+            sampling = sampling.with_top_p(p);
+        }
+        if let Some(k) = s.top_k {
+            sampling = sampling.with_top_k(k);
+        }
+        if let Some(seed) = s.seed {
+            sampling = sampling.with_seed(seed);
+        }
+        let stops = s.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+        if stops.len() > 4 {
+            return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
+        }
+        if prompt_len >= self.context {
+            return Err(ApiError::invalid(
+                format!("the prompt has {prompt_len} tokens; this model's context is {} tokens", self.context),
+                Some("messages"),
+            ));
+        }
+        let room = self.context - prompt_len;
+        let max_new = match max_tokens {
+            Some(0) => return Err(ApiError::invalid("max_tokens must be at least 1", Some("max_tokens"))),
+            Some(n) if n > self.max_tokens_cap => {
+                return Err(ApiError::invalid(
+                    format!("max_tokens is {n}; this server allows at most {}", self.max_tokens_cap),
+                    Some("max_tokens"),
+                ))
+            }
+            Some(n) if n > room => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "this model's context is {} tokens; the prompt takes {prompt_len} and max_tokens asks for {n}",
+                        self.context
+                    ),
+                    Some("max_tokens"),
+                ))
+            }
+            Some(n) => n,
+            None => room.min(self.max_tokens_cap),
+        };
+        Ok(GenerateParams::default().with_max_new_tokens(max_new).with_sampling(sampling).with_stop_strings(stops))
+    }
+}
+
+fn finish_reason(r: StopReason) -> &'static str {
+    match r {
+        StopReason::Eos | StopReason::StopString | StopReason::Cancelled => "stop",
+        StopReason::MaxTokens | StopReason::ContextFull => "length",
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn runtime_error(e: &edgelm_runtime::Error) -> ApiError {
+    use edgelm_runtime::Error as E;
+    match e {
+        E::InvalidRequest(_) | E::ContextOverflow { .. } | E::TokenOutOfRange { .. } | E::Template(_) => {
+            ApiError::invalid(e.to_string(), None)
+        }
+        _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()),
+    }
+}
+
+/// What the blocking generation sends the request's task.
+enum Step {
+    Piece(String),
+    Done(Result<Generation, ApiError>),
+}
+
+/// Runs one sequence on a blocking thread, sending its text as it comes. It stops when the
+/// receiver is gone (the client left) or the request's time is up.
+fn start_generation(
+    running: Running,
+    engine: Arc<Engine>,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+) -> mpsc::Receiver<Step> {
+    let (tx, rx) = mpsc::channel(64);
+    let deadline = Instant::now() + running.server.request_timeout;
+    tokio::task::spawn_blocking(move || {
+        let _running = running;
+        let mut timed_out = false;
+        let result = engine.generate_until(
+            &prompt,
+            &params,
+            || {
+                timed_out = Instant::now() > deadline;
+                timed_out || tx.is_closed()
+            },
+            |event| {
+                if !event.text.is_empty() && tx.blocking_send(Step::Piece(event.text.to_owned())).is_err() {
+                    return ControlFlow::Break(());
+                }
+                ControlFlow::Continue(())
+            },
+        );
+        let result = match result {
+            Ok(_) if timed_out => Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                "the request ran past the server's request timeout",
+            )),
+            Ok(g) => Ok(g),
+            Err(e) => Err(runtime_error(&e)),
+        };
+        let _ = tx.blocking_send(Step::Done(result));
+    });
+    rx
+}
+
+/// The kind of answer: a completion's text, or a chat message.
+#[derive(Clone, Copy, PartialEq)]
+enum Shape {
+    Completion,
+    Chat,
+}
+
+struct Answer {
+    shape: Shape,
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+}
+
+impl Answer {
+    fn chunk(&self, choice: Value, usage: Option<Usage>) -> Value {
+        let object = if self.shape == Shape::Chat { "chat.completion.chunk" } else { "text_completion" };
+        let mut v = json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "choices": if choice.is_null() { json!([]) } else { json!([choice]) },
+        });
+        if let Some(u) = usage {
+            v["usage"] = json!(u);
+        }
+        v
+    }
+
+    fn piece(&self, text: &str, first: bool) -> Value {
+        match self.shape {
+            Shape::Completion => {
+                json!({"text": text, "index": 0, "logprobs": null, "finish_reason": null})
+            }
+            Shape::Chat if first => {
+                json!({"index": 0, "delta": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": null})
+            }
+            Shape::Chat => json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}),
+        }
+    }
+
+    fn last(&self, reason: &str) -> Value {
+        match self.shape {
+            Shape::Completion => json!({"text": "", "index": 0, "logprobs": null, "finish_reason": reason}),
+            Shape::Chat => json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason}),
+        }
+    }
+
+    fn whole(&self, g: &Generation) -> Value {
+        let reason = finish_reason(g.stop_reason);
+        let usage = Usage::new(g.prompt_ids.len(), g.generated_ids.len());
+        let choice = match self.shape {
+            Shape::Completion => json!({"text": g.text, "index": 0, "logprobs": null, "finish_reason": reason}),
+            Shape::Chat => json!({
+                "index": 0, "message": {"role": "assistant", "content": g.text},
+                "logprobs": null, "finish_reason": reason,
+            }),
+        };
+        let object = if self.shape == Shape::Chat { "chat.completion" } else { "text_completion" };
+        json!({
+            "id": self.id, "object": object, "created": self.created, "model": self.model,
+            "choices": [choice], "usage": usage,
+        })
+    }
+}
+
+/// Runs an admitted request and answers it whole or as server-sent events.
+async fn answer(
+    server: &Arc<Server>,
+    shape: Shape,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+    stream: bool,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    let engine = Arc::clone(server.engine()?);
+    let running = server.admit().await?;
+    let a = Answer {
+        shape,
+        id: server.new_id(if shape == Shape::Chat { "chatcmpl" } else { "cmpl" }),
+        model: server.id.clone(),
+        created: now_secs(),
+        include_usage,
+    };
+    let mut rx = start_generation(running, engine, prompt, params);
+    if !stream {
+        // Dropping `rx` (the client left, so axum drops this future) stops the generation.
+        loop {
+            match rx.recv().await {
+                Some(Step::Piece(_)) => {}
+                Some(Step::Done(Ok(g))) => return Ok(Json(a.whole(&g)).into_response()),
+                Some(Step::Done(Err(e))) => return Err(e),
+                None => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "generation ended")),
+            }
+        }
+    }
+    let events = async_stream(a, rx);
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// The SSE events of a streamed answer: a chunk per piece of text, the last chunk with the
+/// finish reason, the usage chunk when asked for, then `[DONE]`.
+fn async_stream(
+    a: Answer,
+    rx: mpsc::Receiver<Step>,
+) -> impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>> {
+    enum St {
+        Open(Answer, mpsc::Receiver<Step>, bool),
+        Tail(Vec<Event>),
+    }
+    futures_util::stream::unfold(St::Open(a, rx, true), |state| async move {
+        match state {
+            St::Open(a, mut rx, first) => match rx.recv().await {
+                Some(Step::Piece(text)) => {
+                    let ev = Event::default().data(a.chunk(a.piece(&text, first), None).to_string());
+                    Some((Ok(ev), St::Open(a, rx, false)))
+                }
+                Some(Step::Done(result)) => {
+                    let mut tail = Vec::new();
+                    match result {
+                        Ok(g) => {
+                            if first && a.shape == Shape::Chat {
+                                tail.push(Event::default().data(a.chunk(a.piece("", true), None).to_string()));
+                            }
+                            tail.push(
+                                Event::default().data(a.chunk(a.last(finish_reason(g.stop_reason)), None).to_string()),
+                            );
+                            if a.include_usage {
+                                let u = Usage::new(g.prompt_ids.len(), g.generated_ids.len());
+                                tail.push(Event::default().data(a.chunk(Value::Null, Some(u)).to_string()));
+                            }
+                        }
+                        Err(e) => tail.push(Event::default().data(e.body().to_string())),
+                    }
+                    tail.push(Event::default().data("[DONE]"));
+                    tail.reverse();
+                    let ev = tail.pop().expect("at least [DONE]");
+                    Some((Ok(ev), St::Tail(tail)))
+                }
+                None => None,
+            },
+            St::Tail(mut tail) => tail.pop().map(|ev| (Ok(ev), St::Tail(tail))),
+        }
+    })
+}
+
+async fn completions(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body?;
+    let req: CompletionRequest = api::parse(&body)?;
+    let engine = Arc::clone(server.engine()?);
+    for (bad, name) in [
+        (req.echo == Some(true), "echo"),
+        (req.best_of.is_some_and(|b| b != 1), "best_of"),
+        (req.suffix.is_some(), "suffix"),
+        (req.logprobs.as_ref().is_some_and(|l| !l.is_null()), "logprobs"),
+    ] {
+        if bad {
+            return Err(ApiError::invalid(format!("{name} is not supported"), Some(name)));
+        }
+    }
+    let ids = match req.prompt.clone() {
+        Prompt::Text(t) => tokens(&engine, &t)?,
+        Prompt::Ids(ids) => ids,
+        Prompt::Texts(v) if v.len() == 1 => tokens(&engine, &v[0])?,
+        Prompt::IdLists(v) if v.len() == 1 => v[0].clone(),
+        _ => return Err(ApiError::invalid("send one prompt per request", Some("prompt"))),
+    };
+    let s = req.sampling();
+    let params = server.params(&engine, &s, req.max_tokens, ids.len())?;
+    engine.check_request(&ids, &params).map_err(|e| runtime_error(&e))?;
+    let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    answer(&server, Shape::Completion, ids, params, s.stream, usage).await
+}
+
+fn tokens(engine: &Engine, text: &str) -> Result<Vec<u32>, ApiError> {
+    if text.is_empty() {
+        return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
+    }
+    engine.encode(text).map_err(|e| runtime_error(&e))
+}
+
+async fn chat(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body?;
+    let req: ChatRequest = api::parse(&body)?;
+    let engine = Arc::clone(server.engine()?);
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::invalid("tools are not supported", Some("tools")));
+    }
+    if req.logprobs == Some(true) || req.top_logprobs.is_some() {
+        return Err(ApiError::invalid("logprobs are not supported", Some("logprobs")));
+    }
+    if let Some(f) = &req.response_format {
+        if f.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(ApiError::invalid("only the text response format is supported", Some("response_format")));
+        }
+    }
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages is empty", Some("messages")));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}]: role `{other}` is not supported (system, user, assistant)"),
+                    Some("messages"),
+                ))
+            }
+        };
+        let text = match &m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut t = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(s)) => t.push_str(s),
+                        (kind, _) => {
+                            return Err(ApiError::invalid(
+                                format!("messages[{i}]: content parts of type `{kind}` are not supported"),
+                                Some("messages"),
+                            ))
+                        }
+                    }
+                }
+                t
+            }
+        };
+        messages.push(ChatMessage::new(role, text));
+    }
+    let ids = engine.encode_chat(&messages).map_err(|e| match e {
+        edgelm_runtime::Error::Template(_) | edgelm_runtime::Error::NoTokenizer => ApiError::invalid(
+            format!("{e}; this bundle cannot format chats: use /v1/completions"),
+            Some("messages"),
+        ),
+        e => runtime_error(&e),
+    })?;
+    let s = req.sampling();
+    let params = server.params(&engine, &s, req.max_completion_tokens.or(req.max_tokens), ids.len())?;
+    engine.check_request(&ids, &params).map_err(|e| runtime_error(&e))?;
+    let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    answer(&server, Shape::Chat, ids, params, s.stream, usage).await
+}
+
+async fn embeddings(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body?;
+    let req: EmbeddingRequest = api::parse(&body)?;
+    let Served::Encoder(enc) = &server.model else {
+        return Err(ApiError::invalid(format!("model `{}` is not an encoder", server.id), Some("model")));
+    };
+    if req.encoding_format.as_deref().is_some_and(|f| f != "float") {
+        return Err(ApiError::invalid("only the float encoding format is supported", Some("encoding_format")));
+    }
+    if req.dimensions.is_some() {
+        return Err(ApiError::invalid("dimensions is not supported", Some("dimensions")));
+    }
+    let inputs = req.input.into_vec();
+    if inputs.is_empty() {
+        return Err(ApiError::invalid("input is empty", Some("input")));
+    }
+    let running = server.admit().await?;
+    let enc = Arc::clone(enc);
+    let result = tokio::task::spawn_blocking(move || {
+        let _running = running;
+        let mut enc = enc.lock().unwrap_or_else(|e| e.into_inner());
+        let mut data = Vec::with_capacity(inputs.len());
+        let mut tokens = 0;
+        for (i, text) in inputs.iter().enumerate() {
+            tokens += enc.token_count(text).map_err(|e| runtime_error(&e))?;
+            let v = enc.embed(text).map_err(|e| runtime_error(&e))?;
+            data.push(json!({"object": "embedding", "index": i, "embedding": v}));
+        }
+        Ok::<_, ApiError>((data, tokens))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?;
+    let (data, tokens) = result?;
+    Ok(Json(json!({
+        "object": "list", "data": data, "model": server.id,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
+}
+
+async fn models(State(server): State<Arc<Server>>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [model_card(&server)]}))
+}
+
+fn model_card(s: &Server) -> Value {
+    json!({
+        "id": s.id, "object": "model", "created": s.created, "owned_by": "edgelm",
+        "edgelm": {"kind": s.kind, "precision": s.precision, "sha256": s.sha256, "context_length": s.context},
+    })
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(server): State<Arc<Server>>) -> Json<Value> {
+    Json(json!({
+        "ready": true,
+        "model": model_card(&server),
+        "max_sequences": server.max_sequences,
+        "active_sequences": server.active.load(Ordering::SeqCst),
+        "queued": server.waiting.load(Ordering::SeqCst),
+        "queue_limit": server.queue,
+    }))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "no such route")
+}
+
+/// Opens the bundle, works out how many sequences fit, and serves until SIGINT/SIGTERM.
+pub fn serve_http(
+    addr: &str,
+    h: &HttpArgs,
+    bundle: &PathBuf,
+    queue: usize,
+    threads: usize,
+    kv: KvCacheMode,
+    place: &Placement,
+) -> Result<()> {
+    let opts = place.engine_options(threads, kv)?;
+    let model = Model::open(bundle, &opts).with_context(|| format!("opening {}", bundle.display()))?;
+    let id = std::fs::canonicalize(bundle)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into());
+    let manifest = std::fs::read(bundle.join("edgelm.json")).unwrap_or_default();
+    let sha256 = {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(&manifest).iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let (served, kind, precision, context, weights, kv_bytes) = match model {
+        Model::CausalLm(e) => {
+            let precision = e.bundle().manifest.as_ref().map(|m| precision_name(m.quantization));
+            let (w, k, c) = (e.weight_bytes(), e.kv_cache_bytes(e.context_length()), e.context_length());
+            (Served::Lm(Arc::from(e)), "causal-lm", precision, c, w, k)
+        }
+        Model::Encoder(e) => {
+            let precision = Some(precision_name(e.manifest().quantization));
+            let (w, c) = (e.weight_bytes(), e.context_length().unwrap_or(0));
+            (Served::Encoder(Arc::new(Mutex::new(*e))), "encoder", precision, c, w, 0)
+        }
+    };
+    let max_sequences = match (h.max_sequences, &place.board) {
+        (Some(0), _) => bail!("--max-sequences must be at least 1"),
+        (Some(n), _) => n,
+        (None, Some(b)) => {
+            let budget = b.memory_budget_mib << 20;
+            if weights + kv_bytes > budget {
+                bail!(
+                    "one sequence needs {} MiB (weights {} MiB + KV cache {} MiB at {context} tokens), over board `{}`'s budget of {} MiB",
+                    (weights + kv_bytes) >> 20,
+                    weights >> 20,
+                    kv_bytes >> 20,
+                    b.id,
+                    b.memory_budget_mib
+                );
+            }
+            // An encoder holds no KV cache: its count is not memory-bound.
+            (budget - weights).checked_div(kv_bytes).map_or(4, |n| n.clamp(1, 64) as usize)
+        }
+        (None, None) => 4,
+    };
+    let server = Arc::new(Server {
+        model: served,
+        id: id.clone(),
+        kind,
+        precision: precision.unwrap_or_else(|| "unknown".into()),
+        sha256,
+        created: now_secs(),
+        context,
+        slots: Arc::new(Semaphore::new(max_sequences)),
+        max_sequences,
+        queue,
+        waiting: AtomicUsize::new(0),
+        active: AtomicUsize::new(0),
+        max_tokens_cap: h.max_tokens_cap.unwrap_or(context).max(1),
+        request_timeout: Duration::from_secs(h.request_timeout),
+        queue_timeout: Duration::from_secs(h.queue_timeout),
+        next_id: AtomicU64::new(0),
+    });
+    let app = Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(h.max_body_bytes))
+        .with_state(Arc::clone(&server));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    rt.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let local: SocketAddr = listener.local_addr()?;
+        eprintln!(
+            "edgelm serve: model {id} ({kind}, {}), {max_sequences} sequences at once (weights {} MiB, KV cache {} MiB each at {context} tokens), queue {queue}",
+            server.precision,
+            weights >> 20,
+            kv_bytes >> 20,
+        );
+        eprintln!("edgelm serve: listening on http://{local}");
+        axum::serve(listener, app).with_graceful_shutdown(shutdown()).await.context("HTTP server")
+    })
+}
+
+async fn shutdown() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+/// Bodies over the limit and bodies that are not JSON get OpenAI's error shape too.
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
+        let status = r.status();
+        let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { "invalid_request_error" } else { "server_error" };
+        ApiError::new(status, kind, r.body_text())
+    }
+}
