@@ -67,8 +67,10 @@ pub fn sign_bundle(key: &Path, dir: &Path) -> Result<String> {
         path: key.to_path_buf(),
         what: format!("not an ed25519 private key in PEM (`-----BEGIN PRIVATE KEY-----`): {e}"),
     })?;
-    // Sign only what verifies: a signature over a damaged bundle would vouch for the damage.
-    edgelm_runtime::bundle::verify_files(dir)?;
+    // Sign only what verifies: a signature over a damaged bundle would vouch for the damage,
+    // and one over a folder with unhashed files would not cover them.
+    let m = edgelm_runtime::bundle::verify_files(dir)?;
+    edgelm_runtime::bundle::check_coverage(dir, &m)?;
     let manifest_path = dir.join(edgelm_runtime::bundle::MANIFEST);
     let manifest = std::fs::read(&manifest_path).at(&manifest_path)?;
     let signature = signing.sign(&signed_message(&manifest));
@@ -115,7 +117,7 @@ mod tests {
         .unwrap();
         assert_eq!(sign_bundle(&key, &b).unwrap(), id);
         let trust = TrustedKeys::none().with_key_files([public_key_path(&key)]).unwrap().require(true);
-        assert_eq!(trust.check(&b).unwrap(), Some(id));
+        assert_eq!(trust.check(&b).unwrap().key_id, Some(id));
         // A damaged bundle is not signed.
         std::fs::write(b.join("model.onnx"), b"grapH").unwrap();
         assert!(sign_bundle(&key, &b).is_err());

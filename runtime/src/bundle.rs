@@ -372,7 +372,16 @@ fn inside(dir: &Path, rel: &str) -> Result<PathBuf> {
 /// Reads edgelm.json without checking the files it lists (version 1 manifests are brought to
 /// the current shape).
 pub(crate) fn read_manifest(dir: &Path) -> Result<Manifest> {
-    let mut m: Manifest = read_json(&dir.join(MANIFEST))?;
+    let path = dir.join(MANIFEST);
+    parse_manifest(dir, &std::fs::read(&path).at(&path)?)
+}
+
+/// [`read_manifest`] of bytes already read (the bytes a signature was checked over).
+pub(crate) fn parse_manifest(dir: &Path, bytes: &[u8]) -> Result<Manifest> {
+    let mut m: Manifest = serde_json::from_slice(bytes).map_err(|e| Error::Bundle {
+        path: dir.join(MANIFEST),
+        what: format!("is damaged (not valid JSON of this kind: {e}); re-export or re-copy the bundle"),
+    })?;
     if m.format != FORMAT {
         return Err(bundle_err(dir, format!("edgelm.json format is `{}`, not `{FORMAT}`", m.format)));
     }
@@ -405,6 +414,11 @@ pub fn update_manifest(dir: &Path, change: impl FnOnce(&mut Manifest)) -> Result
     change(&mut m);
     m.format_version = FORMAT_VERSION;
     write_manifest(dir, &m)?;
+    // The signature was over the old manifest: the bundle is unsigned now, not "altered".
+    let sig = dir.join(crate::signature::SIGNATURE_FILE);
+    if sig.exists() {
+        std::fs::remove_file(&sig).at(&sig)?;
+    }
     Ok(m)
 }
 
@@ -553,7 +567,14 @@ impl BundleWriter {
 /// Reads edgelm.json and checks it: format and version, then the size and sha256 of every
 /// listed file, and that the model, the tokenizer and `also_required` are among them.
 pub(crate) fn verify_manifest(dir: &Path, also_required: &[&str]) -> Result<Manifest> {
-    let m = read_manifest(dir)?;
+    let path = dir.join(MANIFEST);
+    verify_manifest_bytes(dir, &std::fs::read(&path).at(&path)?, also_required)
+}
+
+/// [`verify_manifest`] of a manifest already read: the one a signature was checked over, so
+/// the files are checked against exactly the signed hashes.
+pub(crate) fn verify_manifest_bytes(dir: &Path, bytes: &[u8], also_required: &[&str]) -> Result<Manifest> {
+    let m = parse_manifest(dir, bytes)?;
     for f in &m.files {
         let path = inside(dir, &f.path)?;
         if !path.exists() {
@@ -586,6 +607,42 @@ pub(crate) fn verify_manifest(dir: &Path, also_required: &[&str]) -> Result<Mani
     Ok(m)
 }
 
+/// Checks that the folder holds nothing the manifest does not hash: no unlisted file (an ONNX
+/// external-data file the graph names, say) and no symlink. What a signature over the
+/// manifest vouches for is then everything the runtime can read from the folder.
+pub fn check_coverage(dir: &Path, m: &Manifest) -> Result<()> {
+    let listed: std::collections::HashSet<PathBuf> = m.files.iter().map(|f| PathBuf::from(&f.path)).collect();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let here = dir.join(&rel);
+        for entry in std::fs::read_dir(&here).at(&here)? {
+            let entry = entry.at(&here)?;
+            let name = rel.join(entry.file_name());
+            let kind = entry.file_type().at(entry.path())?;
+            if kind.is_symlink() {
+                return Err(bundle_err(
+                    dir,
+                    format!("`{}` is a symlink; a signed bundle holds plain files", name.display()),
+                ));
+            }
+            if kind.is_dir() {
+                stack.push(name);
+            } else if !listed.contains(&name)
+                && ![MANIFEST, crate::signature::SIGNATURE_FILE].iter().any(|f| name == Path::new(f))
+            {
+                return Err(bundle_err(
+                    dir,
+                    format!(
+                        "`{}` is not hashed in edgelm.json, so a signature cannot vouch for it; remove it or re-export",
+                        name.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks an edgelm bundle's files against its manifest (sizes and sha256) without opening its
 /// model; returns the manifest.
 pub fn verify_files(dir: &Path) -> Result<Manifest> {
@@ -595,6 +652,12 @@ pub fn verify_files(dir: &Path) -> Result<Manifest> {
 impl Bundle {
     /// Opens and verifies a bundle folder (edgelm or onnxruntime-genai layout).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        Bundle::open_with_manifest(dir, None)
+    }
+
+    /// [`Bundle::open`] with edgelm.json's bytes when they were read already (for a signature
+    /// check): the files are checked against those bytes, not a second read.
+    pub(crate) fn open_with_manifest(dir: impl AsRef<Path>, manifest: Option<&[u8]>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
             return Err(bundle_err(
@@ -610,8 +673,11 @@ impl Bundle {
         if !genai_path.exists() {
             return Err(bundle_err(&dir, "has no genai_config.json; export it with `edgelm-distill export`"));
         }
-        let manifest =
-            if dir.join(MANIFEST).exists() { Some(verify_manifest(&dir, &["genai_config.json"])?) } else { None };
+        let manifest = match manifest {
+            Some(bytes) => Some(verify_manifest_bytes(&dir, bytes, &["genai_config.json"])?),
+            None if dir.join(MANIFEST).exists() => Some(verify_manifest(&dir, &["genai_config.json"])?),
+            None => None,
+        };
         let genai: GenaiConfig = read_json(&genai_path)?;
         let model_path =
             inside(&dir, manifest.as_ref().map(|m| m.model_file.as_str()).unwrap_or(&genai.model.decoder.filename))?;

@@ -82,8 +82,11 @@ impl Encoder {
         if kind != Kind::Encoder {
             return Err(Error::WrongKind { path: dir.to_path_buf(), found: kind, wanted: Kind::Encoder });
         }
-        opts.trust.check(dir)?;
-        let manifest = verify_manifest(dir, &[])?;
+        let checked = opts.trust.check(dir)?;
+        let manifest = match &checked.manifest {
+            Some(bytes) => crate::bundle::verify_manifest_bytes(dir, bytes, &[])?,
+            None => verify_manifest(dir, &[])?,
+        };
         let tok_path: PathBuf = dir.join(
             manifest.tokenizer.as_deref().ok_or_else(|| bundle_err("an encoder bundle needs tokenizer.json".into()))?,
         );

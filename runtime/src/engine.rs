@@ -135,8 +135,8 @@ impl Engine {
     /// Opens and verifies a bundle folder (edgelm or onnxruntime-genai layout).
     pub fn open(dir: impl AsRef<Path>, opts: &EngineOptions) -> Result<Self> {
         crate::ortlib::init(opts.ort_lib.as_deref())?;
-        opts.trust.check(dir.as_ref())?;
-        let bundle = Bundle::open(dir)?;
+        let checked = opts.trust.check(dir.as_ref())?;
+        let bundle = Bundle::open_with_manifest(dir, checked.manifest.as_deref())?;
         let decoder = Decoder::load(&bundle.model_path, &bundle.genai, &opts.decoder)?;
         let g = &bundle.generation;
         let codec = match &bundle.tokenizer_path {

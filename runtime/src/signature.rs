@@ -142,12 +142,13 @@ impl TrustedKeys {
         self.keys.iter().map(key_id).collect()
     }
 
-    /// Checks the bundle in `dir` against this policy: `Ok(Some(key id))` when it is signed by
-    /// a trusted key, `Ok(None)` when nothing needed checking, else [`Error::Signature`].
-    /// The files' hashes are checked when the bundle opens, not here.
-    pub fn check(&self, dir: &Path) -> Result<Option<String>> {
+    /// Checks the bundle in `dir` against this policy, or [`Error::Signature`]. A verified
+    /// signature also means the folder holds nothing the manifest does not hash (see
+    /// [`crate::bundle::check_coverage`]); the files' hashes are checked when the bundle opens,
+    /// against the bytes returned here.
+    pub fn check(&self, dir: &Path) -> Result<Checked> {
         if self.keys.is_empty() && !self.require {
-            return Ok(None);
+            return Ok(Checked::default());
         }
         let refuse = |what: String| Error::Signature { path: dir.to_path_buf(), what };
         if self.require && self.keys.is_empty() {
@@ -157,7 +158,7 @@ impl TrustedKeys {
         let manifest_path = dir.join(MANIFEST);
         if !sig_path.exists() {
             if !self.require {
-                return Ok(None);
+                return Ok(Checked::default());
             }
             let what = if manifest_path.exists() {
                 format!("unsigned (no {SIGNATURE_FILE}); sign it with `edgelm-distill sign --key KEY BUNDLE`")
@@ -189,8 +190,23 @@ impl TrustedKeys {
         key.verify_strict(&signed_message(&manifest), &Signature::from_bytes(&bytes)).map_err(|_| {
             refuse(format!("the signature of key {} does not match {MANIFEST} (altered after signing)", file.key_id))
         })?;
-        Ok(Some(file.key_id))
+        let parsed = crate::bundle::parse_manifest(dir, &manifest)?;
+        crate::bundle::check_coverage(dir, &parsed).map_err(|e| match e {
+            Error::Bundle { what, .. } => refuse(what),
+            other => other,
+        })?;
+        Ok(Checked { key_id: Some(file.key_id), manifest: Some(manifest) })
     }
+}
+
+/// What a signature check found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checked {
+    /// The trusted key that signed the bundle, when a signature was verified.
+    pub key_id: Option<String>,
+    /// The edgelm.json bytes the signature covers, when one was verified: the bundle is opened
+    /// from these, not from a second read of the file.
+    pub manifest: Option<Vec<u8>>,
 }
 
 /// Writes `signature` (made by the key with `id` over [`signed_message`]) into the bundle in
@@ -220,9 +236,23 @@ mod tests {
     }
 
     fn signed_bundle(k: &SigningKey) -> tempfile::TempDir {
+        use crate::bundle::{BundleInfo, BundleWriter, GenerationDefaults, Kind, Precision};
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(MANIFEST), b"{\"files\": []}").unwrap();
-        let sig = k.sign(&signed_message(b"{\"files\": []}"));
+        let mut w = BundleWriter::create(dir.path(), Kind::Encoder).unwrap();
+        w.model("model.onnx", b"graph").unwrap();
+        w.finish(BundleInfo {
+            generation: GenerationDefaults::none(),
+            chat_template: None,
+            precision: Precision::Fp32,
+            weights: None,
+            checkpoint: "ck".into(),
+            checkpoint_sha256: "00".into(),
+            encoder: None,
+            report: serde_json::json!({}),
+        })
+        .unwrap();
+        let manifest = std::fs::read(dir.path().join(MANIFEST)).unwrap();
+        let sig = k.sign(&signed_message(&manifest));
         write_signature(dir.path(), &key_id(&k.verifying_key()), &sig.to_bytes()).unwrap();
         dir
     }
@@ -232,24 +262,39 @@ mod tests {
         let k = key(7);
         let trusted = TrustedKeys::none().with_key(k.verifying_key()).require(true);
         let dir = signed_bundle(&k);
-        assert_eq!(trusted.check(dir.path()).unwrap(), Some(key_id(&k.verifying_key())));
+        let checked = trusted.check(dir.path()).unwrap();
+        assert_eq!(checked.key_id, Some(key_id(&k.verifying_key())));
+        assert_eq!(checked.manifest.unwrap(), std::fs::read(dir.path().join(MANIFEST)).unwrap());
 
         // Another key signed it.
         let other = signed_bundle(&key(8));
         let e = trusted.check(other.path()).unwrap_err().to_string();
         assert!(e.contains("not trusted"), "{e}");
 
-        // One byte of the manifest changed after signing.
-        std::fs::write(dir.path().join(MANIFEST), b"{\"files\": [ ]}").unwrap();
+        // A file the manifest does not hash, or a symlink, is refused beside a good signature.
+        std::fs::write(dir.path().join("model.onnx.data"), b"weights").unwrap();
         let e = trusted.check(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("model.onnx.data") && e.contains("not hashed"), "{e}");
+        std::fs::remove_file(dir.path().join("model.onnx.data")).unwrap();
+        std::os::unix::fs::symlink("model.onnx", dir.path().join("link.onnx")).unwrap();
+        assert!(trusted.check(dir.path()).unwrap_err().to_string().contains("symlink"));
+        std::fs::remove_file(dir.path().join("link.onnx")).unwrap();
+        assert!(trusted.check(dir.path()).is_ok());
+
+        // One byte of the manifest changed after signing, whether signatures are required or not.
+        let text = std::fs::read_to_string(dir.path().join(MANIFEST)).unwrap().replacen(": ", ":  ", 1);
+        std::fs::write(dir.path().join(MANIFEST), text).unwrap();
+        let e = trusted.check(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("altered"), "{e}");
+        let e = trusted.clone().require(false).check(dir.path()).unwrap_err().to_string();
         assert!(e.contains("altered"), "{e}");
 
         // No signature: refused when required, accepted otherwise.
         std::fs::remove_file(dir.path().join(SIGNATURE_FILE)).unwrap();
         assert!(trusted.check(dir.path()).unwrap_err().to_string().contains("unsigned"));
-        assert_eq!(trusted.clone().require(false).check(dir.path()).unwrap(), None);
+        assert_eq!(trusted.clone().require(false).check(dir.path()).unwrap().key_id, None);
         // Nothing configured: nothing checked.
-        assert_eq!(TrustedKeys::none().check(other.path()).unwrap(), None);
+        assert_eq!(TrustedKeys::none().check(other.path()).unwrap().key_id, None);
     }
 
     #[test]

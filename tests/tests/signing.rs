@@ -115,6 +115,26 @@ fn a_board_that_requires_signatures_runs_signed_bundles_only() {
         "3",
     ]));
     assert!(plain.status.success(), "{}", text(&plain));
+    // An encoder bundle goes through the same check: signed it embeds, altered it is refused.
+    let enc = s.dir.join("models/encoder");
+    copy_dir(&edgelm_e2e::minilm_bundle(), &enc);
+    let key = s.dir.join("boards/keys/release");
+    let out = distill(&["sign", "--key", key.to_str().unwrap(), enc.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    let embed = || {
+        run(Command::new(bin("edgelm"))
+            .args(["--board", s.profile.to_str().unwrap(), "embed"])
+            .arg(&enc)
+            .args(["--text", "turn on the light"]))
+    };
+    let out = embed();
+    assert!(out.status.success(), "{}", text(&out));
+    let manifest = enc.join("edgelm.json");
+    let m = std::fs::read_to_string(&manifest).unwrap().replacen("\"format_version\": ", "\"format_version\":  ", 1);
+    std::fs::write(&manifest, m).unwrap();
+    let out = embed();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("altered after signing"), "{}", text(&out));
     // doctor names the policy and its key.
     let out = run(Command::new(bin("edgelm")).args(["--board", s.profile.to_str().unwrap(), "doctor"]));
     assert!(text(&out).contains("bundle signatures required; trusted keys: "), "{}", text(&out));

@@ -22,12 +22,13 @@ pub struct CheckArgs {
 
 pub fn check(a: CheckArgs, place: &Placement) -> Result<()> {
     let opts = place.engine_options(0, KvCacheMode::default())?;
-    let signed = opts.trust.check(&a.bundle)?;
+    let signed = opts.trust.check(&a.bundle)?.key_id;
     let model = Model::open(&a.bundle, &opts).with_context(|| format!("opening {}", a.bundle.display()))?;
     let what = match model {
         Model::CausalLm(engine) => {
             let prompt = match engine.codec() {
-                Some(_) => engine.encode_prompt("hello", true)?,
+                // Through the chat template when there is one, as `serve` renders prompts.
+                Some(_) => engine.encode_prompt("hello", false)?,
                 None => vec![engine.bundle().generation.bos_token_id.unwrap_or(0)],
             };
             let p = GenerateParams::default().with_max_new_tokens(1).with_ignore_eos(true);
