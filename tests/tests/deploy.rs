@@ -59,13 +59,15 @@ impl Fixture {
         run(&mut self.deploy_cmd(bundle))
     }
 
-    /// The active slot's name and the bundle it was deployed from (slot.json).
-    fn active(&self) -> (String, String) {
+    /// The active slot's name and which of `bundles` its model is (by the manifest's bytes).
+    fn active_of(&self, bundles: &[&Path]) -> (String, usize) {
         let link = std::fs::read_link(self.install().join("current")).expect("current exists");
-        let slot = self.install().join(&link);
-        let record: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(slot.join("slot.json")).expect("slot.json")).unwrap();
-        (link.display().to_string(), record["bundle"].as_str().unwrap().to_owned())
+        let installed = std::fs::read(self.install().join(&link).join("model/edgelm.json")).unwrap();
+        let which = bundles
+            .iter()
+            .position(|b| std::fs::read(b.join("edgelm.json")).unwrap() == installed)
+            .expect("the active model is one of the bundles deployed");
+        (link.display().to_string(), which)
     }
 
     /// What the board would do at boot: start the active slot's own edgelm on its own
@@ -83,11 +85,16 @@ impl Fixture {
     }
 }
 
-/// Two bundles to alternate between (the same model; the folder names tell them apart).
+/// Two bundles to alternate between: the same model, manifests that differ (a note in the
+/// report), so which one is installed can be told from the slot's model.
 fn versions(f: &Fixture) -> [PathBuf; 2] {
     let v = [f.dir.join("bundle-v1"), f.dir.join("bundle-v2")];
-    for d in &v {
+    for (i, d) in v.iter().enumerate() {
         copy_dir(&bundle("tiny"), d);
+        let path = d.join("edgelm.json");
+        let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        m["report"]["deploy_test_version"] = (i + 1).into();
+        std::fs::write(&path, serde_json::to_string_pretty(&m).unwrap()).unwrap();
     }
     v
 }
@@ -98,15 +105,19 @@ fn deploy_switches_slots_writes_the_unit_and_rolls_back() {
     let [v1, v2] = versions(&f);
     let out = f.deploy(&v1);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(f.active(), ("slots/a".into(), v1.display().to_string()));
+    assert_eq!(f.active_of(&[&v1, &v2]), ("slots/a".into(), 0));
     f.assert_boots("the first deploy");
     let unit = std::fs::read_to_string(f.device().join("etc/systemd/system/edgelm.service")).unwrap();
     assert!(unit.contains("ExecStart=/opt/edgelm/current/bin/edgelm --board /opt/edgelm/current/share/edgelm/board.toml serve --bundle /opt/edgelm/current/model"), "{unit}");
     assert!(unit.contains("Restart=on-failure"), "{unit}");
+    // Enabled as `systemctl enable` would: a board booted from this root starts it.
+    let wanted = f.device().join("etc/systemd/system/multi-user.target.wants/edgelm.service");
+    assert_eq!(std::fs::read_link(&wanted).unwrap(), Path::new("../edgelm.service"));
+    assert!(wanted.exists());
 
     let out = f.deploy(&v2);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(f.active(), ("slots/b".into(), v2.display().to_string()));
+    assert_eq!(f.active_of(&[&v1, &v2]), ("slots/b".into(), 1));
     // The previous slot is kept whole: rollback returns to it.
     let out = run(Command::new(bin("edgelm"))
         .arg("--board")
@@ -114,7 +125,7 @@ fn deploy_switches_slots_writes_the_unit_and_rolls_back() {
         .args(["deploy", "--rollback", "--to"])
         .arg(f.device()));
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(f.active(), ("slots/a".into(), v1.display().to_string()));
+    assert_eq!(f.active_of(&[&v1, &v2]), ("slots/a".into(), 0));
 
     // A bundle whose files match its manifest but whose model does not load: the check in the
     // new slot fails and nothing is switched.
@@ -134,14 +145,14 @@ fn deploy_switches_slots_writes_the_unit_and_rolls_back() {
     let out = f.deploy(&broken);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("nothing was switched"), "{}", text(&out));
-    assert_eq!(f.active(), ("slots/a".into(), v1.display().to_string()));
+    assert_eq!(f.active_of(&[&v1, &v2]), ("slots/a".into(), 0));
     f.assert_boots("a refused bundle");
 
     // A check that fails once the new slot is live switches back to the previous one.
     let out = run(f.deploy_cmd(&v2).env("EDGELM_DEPLOY_FAIL_LIVE_CHECK", "1"));
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("rolled back to slot a"), "{}", text(&out));
-    assert_eq!(f.active(), ("slots/a".into(), v1.display().to_string()));
+    assert_eq!(f.active_of(&[&v1, &v2]), ("slots/a".into(), 0));
     f.assert_boots("a rollback");
 
     // A damaged bundle is refused before anything is written.
@@ -151,12 +162,60 @@ fn deploy_switches_slots_writes_the_unit_and_rolls_back() {
     let out = f.deploy(&damaged);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("tokenizer.json"), "{}", text(&out));
-    assert_eq!(f.active(), ("slots/a".into(), v1.display().to_string()));
+    assert_eq!(f.active_of(&[&v1, &v2]), ("slots/a".into(), 0));
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn steps_come_in_a_safe_order_and_keys_travel_with_the_profile() {
+    let f = Fixture::new("order");
+    let [v1, _] = versions(&f);
+    // A board that requires signatures, its key beside the profile.
+    let key = f.dir.join("keys/release");
+    let out = run(Command::new(bin("edgelm-distill")).args(["keygen", "-o"]).arg(&key));
+    assert!(out.status.success(), "{}", text(&out));
+    let body = std::fs::read_to_string(&f.profile).unwrap();
+    std::fs::write(&f.profile, format!("{body}\n[signatures]\nrequire = true\nkeys = [\"keys/release.pub\"]\n"))
+        .unwrap();
+    // Unsigned: refused before anything is written.
+    let out = f.deploy(&v1);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("unsigned"), "{}", text(&out));
+    assert!(!f.install().join("slots/a").exists());
+    let out = run(Command::new(bin("edgelm-distill")).args(["sign", "--key"]).arg(&key).arg(&v1));
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = run(f.deploy_cmd(&v1).env("EDGELM_DEPLOY_TRACE", "1"));
+    assert!(out.status.success(), "{}", text(&out));
+    // The key went into the slot with the profile, and the slot's own check used it.
+    assert!(f.install().join("slots/a/share/edgelm/keys/release.pub").is_file());
+    f.assert_boots("a signed deploy");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    let steps: Vec<&str> = log.lines().filter_map(|l| l.split_once(": step ").map(|(_, s)| s)).collect();
+    let at = |needle: &str| {
+        steps.iter().position(|s| s.contains(needle)).unwrap_or_else(|| panic!("no step `{needle}` in\n{log}"))
+    };
+    // Every copied file is synced before anything else happens.
+    for (i, s) in steps.iter().enumerate() {
+        if let Some(file) = s.split_once("copied ").map(|(_, f)| f) {
+            assert!(steps[i + 1].ends_with(&format!("synced {file}")), "{s} then {}", steps[i + 1]);
+        }
+    }
+    // Every folder of the slot is synced before slot.json marks it complete, which comes
+    // after the check and before the switch; the new link is synced before the rename.
+    let slot = f.install().join("slots/a");
+    for d in ["bin", "lib", "model", "share/edgelm/keys", "share/edgelm", "share", ""] {
+        let folder = slot.join(d);
+        let folder = folder.to_str().unwrap().trim_end_matches('/');
+        assert!(at(&format!("synced folder {folder}")) < at("slot.json"), "{folder}");
+    }
+    assert!(at("slot passed its health check") < at("renamed to").max(at("slot.json")));
+    assert!(at("slot.json") < at("switch: new link written"));
+    assert!(at("switch: new link synced, before the rename") < at("switch: renamed"));
 }
 
 #[test]
@@ -205,7 +264,10 @@ fn a_deploy_stopped_at_any_moment_leaves_a_board_that_starts() {
     let runs = 50usize.saturating_sub(stopped_at.len()).max(25);
     for i in 0..runs {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let delay = whole.mul_f64((seed >> 11) as f64 / (1u64 << 53) as f64);
+        // Squared: more kills early, in the copying and syncing, fewer in the health checks
+        // that take most of a deploy's time.
+        let u = (seed >> 11) as f64 / (1u64 << 53) as f64;
+        let delay = whole.mul_f64(u * u);
         let mut child = f.deploy_cmd(&vs[next]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         std::thread::sleep(delay);
         let _ = child.kill();
@@ -218,7 +280,7 @@ fn a_deploy_stopped_at_any_moment_leaves_a_board_that_starts() {
     // And the next deploy goes through.
     let out = f.deploy(&vs[next]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(f.active().1, vs[next].display().to_string());
+    assert_eq!(f.active_of(&[&vs[0], &vs[1]]).1, next);
     f.assert_boots("the last deploy");
 }
 
@@ -294,16 +356,14 @@ fn deploy_over_ssh_installs_and_rolls_back_on_the_board() {
         };
         run(c.args(["--to", &to, "--ssh", &d.ssh]))
     };
-    for (v, slot) in [(&v1, "slots/a"), (&v2, "slots/b")] {
+    for (i, (v, slot)) in [(&v1, "slots/a"), (&v2, "slots/b")].into_iter().enumerate() {
         let out = deploy(Some(v));
         assert!(out.status.success(), "{}", text(&out));
-        // The board ran the deploy from its staged copy of the bundle.
-        let staged = f.install().join(".incoming/bundle");
-        assert_eq!(f.active(), (slot.into(), staged.display().to_string()));
+        assert_eq!(f.active_of(&[&v1, &v2]), (slot.into(), i));
         f.assert_boots("a deploy over ssh");
     }
     let out = deploy(None);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(f.active().0, "slots/a");
+    assert_eq!(f.active_of(&[&v1, &v2]), ("slots/a".into(), 0));
     f.assert_boots("a rollback over ssh");
 }

@@ -50,6 +50,9 @@ pub struct BoardProfile {
     /// The folder the profile was read from (relative key paths start there).
     #[serde(skip)]
     pub dir: PathBuf,
+    /// The profile file itself.
+    #[serde(skip)]
+    pub path: PathBuf,
 }
 
 /// `[signatures]`: the public keys bundles may be signed with (`edgelm-distill keygen` makes
@@ -132,6 +135,7 @@ impl BoardProfile {
             .with_context(|| format!("board profile {}: not a valid board profile", path.display()))?;
         p.id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         p.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        p.path = path.to_path_buf();
         p.check().with_context(|| format!("board profile {}", path.display()))?;
         Ok(p)
     }
@@ -183,6 +187,19 @@ impl BoardProfile {
         }
         if self.signatures.require && self.signatures.keys.is_empty() {
             bail!("`signatures.require` is set but `signatures.keys` names no public key");
+        }
+        // Relative keys travel with the profile (deploy copies them beside it), so they must
+        // stay below its folder.
+        if let Some(k) = self
+            .signatures
+            .keys
+            .iter()
+            .find(|k| k.is_relative() && k.components().any(|c| matches!(c, std::path::Component::ParentDir)))
+        {
+            bail!(
+                "`signatures.keys` entry `{}` leaves the profile's folder; use a path below it or an absolute one",
+                k.display()
+            );
         }
         if self.install_prefix.is_relative() {
             bail!("`install_prefix` `{}` must be an absolute path on the board", self.install_prefix.display());
@@ -384,6 +401,7 @@ mod tests {
         );
         refused(&format!("{GOOD}[serial]\nbaud = 9600\n"), "device");
         refused(&format!("{GOOD}[signatures]\nrequire = true\n"), "signatures.keys");
+        refused(&format!("{GOOD}[signatures]\nkeys = ['../k.pub']\n"), "signatures.keys");
         refused(&format!("{GOOD}[signatures]\nkeys = ['k.pub']\nalgorithm = 'rsa'\n"), "algorithm");
     }
 

@@ -9,15 +9,17 @@
 //!                      (and its keys), model/ (the bundle), slot.json (written last)
 //! current -> slots/a   the active slot: a relative symlink, replaced by one rename
 //! deploy.lock          held (flock) while a deploy runs
-//! etc/systemd/system/edgelm.service (under --to, not the prefix): serves from current/
+//! etc/systemd/system/edgelm.service (under --to, not the prefix), enabled: serves current/
 //! ```
 //!
-//! A deploy writes the inactive slot only, fsyncs every file and folder it wrote, runs the
-//! health check (`edgelm check`, with the slot's own binary and libraries) in that slot, points
-//! `current` at it with a rename of a fresh symlink (fsynced before and after), checks again
-//! through `current`, and renames the old link back if that fails. The active slot is never
-//! touched, so until the rename the old installation is whole, and after it the new one is
-//! (checked before the switch). `--rollback` switches to the other slot when it is complete.
+//! A deploy writes the inactive slot only (moving an old one aside with one rename before
+//! deleting it), fsyncs every file and folder it wrote, runs the health check (`edgelm check`,
+//! with the slot's own binary and libraries) in that slot, writes `slot.json` (the mark of a
+//! complete, checked slot), points `current` at it with a rename of a fresh symlink (fsynced
+//! before and after), checks again through `current`, and renames the old link back if that
+//! fails. The active slot is never touched, so until the rename the old installation is whole,
+//! and after it the new one is (checked before the switch). `--rollback` switches to the
+//! other slot when it has its `slot.json`.
 //!
 //! For tests, `EDGELM_DEPLOY_CRASH_AT=N` ends the process at the N-th step (every write, fsync
 //! and rename is a step), as a kill at that moment would; `EDGELM_DEPLOY_TRACE=1` prints the
@@ -25,30 +27,31 @@
 //! switch), to show the switch back.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::os::unix::fs::symlink;
 use std::os::unix::io::AsRawFd;
 use std::path::{Component, Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::board::{arch_of, BoardProfile, Placement};
+use crate::board::{arch_of, BoardProfile, OrtSource, Placement};
 
 #[derive(Args)]
 pub struct DeployArgs {
     /// Bundle folder to install (not with --rollback).
     #[arg(required_unless_present = "rollback")]
     bundle: Option<PathBuf>,
-    /// Device root (a mounted image or card, or `/` on the board itself) or a staging folder;
-    /// the installation goes to its <install_prefix>.
+    /// Where the board's root is: a mounted card or image, a staging folder, `/` on the board
+    /// itself, or `[user@]host:/` for a board over ssh (rsync on both ends). The installation
+    /// goes to <install_prefix> under it.
     #[arg(long)]
     to: PathBuf,
     /// The board's runtime tree (bin/edgelm, lib/) [default: out/boards/<board><install_prefix>,
     /// what `just build-board <board>` writes].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "rollback")]
     runtime: Option<PathBuf>,
     /// Switch back to the other slot instead of installing (it must be complete).
     #[arg(long, conflicts_with = "bundle")]
@@ -56,8 +59,8 @@ pub struct DeployArgs {
     /// Skip the health checks (when the board's binary cannot run on this machine).
     #[arg(long)]
     no_health_check: bool,
-    /// The ssh command for a `--to [user@]host:/root` board (rsync's `-e`), e.g.
-    /// "ssh -p 2222 -i ~/.ssh/board".
+    /// The ssh command for a `host:/root` target, as rsync's `-e` takes it (split at spaces:
+    /// no quoting), e.g. "ssh -p 2222 -i /home/me/.ssh/board".
     #[arg(long, default_value = "ssh")]
     ssh: String,
 }
@@ -95,10 +98,10 @@ fn fsync(path: &Path) -> Result<()> {
     File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("fsync {}", path.display()))
 }
 
-/// Copies the tree `from` into `to` (created), symlinks as symlinks, fsyncing each file and
-/// then each folder.
+/// Copies the tree `from` into `to` (created), symlinks as symlinks, fsyncing each file.
+/// Folders are synced afterwards, all at once ([`sync_folders`]).
 fn copy_tree(from: &Path, to: &Path, steps: &mut Steps) -> Result<()> {
-    std::fs::create_dir(to).with_context(|| format!("creating {}", to.display()))?;
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     let mut entries: Vec<_> = std::fs::read_dir(from)
         .with_context(|| format!("reading {}", from.display()))?
         .collect::<std::io::Result<_>>()?;
@@ -117,8 +120,20 @@ fn copy_tree(from: &Path, to: &Path, steps: &mut Steps) -> Result<()> {
             steps.at(&format!("synced {}", dst.display()));
         }
     }
-    fsync(to)?;
-    steps.at(&format!("synced folder {}", to.display()));
+    Ok(())
+}
+
+/// Fsyncs every folder under `root`, deepest first, then `root`: each new entry is then on disk
+/// in its parent.
+fn sync_folders(root: &Path, steps: &mut Steps) -> Result<()> {
+    for e in std::fs::read_dir(root).with_context(|| format!("reading {}", root.display()))? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            sync_folders(&e.path(), steps)?;
+        }
+    }
+    fsync(root)?;
+    steps.at(&format!("synced folder {}", root.display()));
     Ok(())
 }
 
@@ -135,20 +150,45 @@ fn write_atomic(path: &Path, text: &str, steps: &mut Steps) -> Result<()> {
     Ok(())
 }
 
+/// Points the symlink `link` at `target`: a fresh link, synced, renamed over the old one.
+fn relink(link: &Path, target: &Path, steps: &mut Steps, what: &str) -> Result<()> {
+    let dir = link.parent().expect("a link in a folder");
+    let tmp = link.with_extension("tmp");
+    if tmp.symlink_metadata().is_ok() {
+        std::fs::remove_file(&tmp)?;
+    }
+    symlink(target, &tmp).with_context(|| format!("linking {}", tmp.display()))?;
+    steps.at(&format!("{what}: new link written"));
+    fsync(dir)?;
+    steps.at(&format!("{what}: new link synced, before the rename"));
+    std::fs::rename(&tmp, link).with_context(|| format!("renaming to {}", link.display()))?;
+    steps.at(&format!("{what}: renamed"));
+    fsync(dir)?;
+    steps.at(&format!("{what}: rename synced"));
+    Ok(())
+}
+
 /// `root` + an absolute `prefix`.
 fn under(root: &Path, prefix: &Path) -> PathBuf {
     let rel: PathBuf = prefix.components().filter(|c| matches!(c, Component::Normal(_))).collect();
     root.join(rel)
 }
 
-/// The slot `current` points at (`a` or `b`), if any.
-fn active_slot(install: &Path) -> Option<&'static str> {
-    let target = std::fs::read_link(install.join("current")).ok()?;
-    match target.to_str()? {
-        "slots/a" => Some("a"),
-        "slots/b" => Some("b"),
-        _ => None,
+/// The slot `current` points at: `None` before the first deploy, an error when `current` is
+/// something a deploy did not make (it must never be mistaken for "no slot").
+fn active_slot(install: &Path) -> Result<Option<&'static str>> {
+    let current = install.join("current");
+    if current.symlink_metadata().is_err() {
+        return Ok(None);
     }
+    let target = std::fs::canonicalize(&current).ok();
+    for slot in ["a", "b"] {
+        let dir = std::fs::canonicalize(install.join("slots").join(slot)).ok();
+        if target.is_some() && target == dir {
+            return Ok(Some(slot));
+        }
+    }
+    bail!("{} is not a link to slots/a or slots/b; fix or remove it by hand (nothing was changed)", current.display())
 }
 
 fn other(slot: &str) -> &'static str {
@@ -157,23 +197,6 @@ fn other(slot: &str) -> &'static str {
     } else {
         "a"
     }
-}
-
-/// Points `current` at `slot`: a new symlink, synced, renamed over the old one, synced.
-fn switch(install: &Path, slot: &str, steps: &mut Steps) -> Result<()> {
-    let tmp = install.join("current.tmp");
-    if tmp.symlink_metadata().is_ok() {
-        std::fs::remove_file(&tmp)?;
-    }
-    symlink(format!("slots/{slot}"), &tmp).with_context(|| format!("linking {}", tmp.display()))?;
-    steps.at("switch: new link written");
-    fsync(install)?;
-    steps.at("switch: new link synced, before the rename");
-    std::fs::rename(&tmp, install.join("current")).context("switching the active slot")?;
-    steps.at("switch: renamed");
-    fsync(install)?;
-    steps.at("switch: rename synced");
-    Ok(())
 }
 
 /// Holds `deploy.lock` (released when the process ends, however it ends).
@@ -195,52 +218,58 @@ fn lock(install: &Path) -> Result<Lock> {
 }
 
 /// Runs `edgelm check` of the installation in `root` (a slot, or `current`) with its own
-/// binary, libraries and profile, through qemu when the board is another architecture.
-fn health_check(board: &BoardProfile, root: &Path) -> Result<String> {
+/// binary, libraries and profile, through qemu when the board is another architecture. Its
+/// output goes to `log` (a file: a pipe nobody reads would stall a chatty check).
+fn health_check(board: &BoardProfile, to: &Path, root: &Path, log: &Path) -> Result<String> {
     let exe = root.join("bin/edgelm");
     let mut cmd = match arch_of(&board.target) {
         a if a == std::env::consts::ARCH => Command::new(&exe),
         a => {
-            let qemu = format!("qemu-{a}");
+            let (qemu, sysroot) = match a {
+                "armv7" => ("qemu-arm".to_owned(), "/usr/arm-linux-gnueabihf".to_owned()),
+                a => (format!("qemu-{a}"), format!("/usr/{a}-linux-gnu")),
+            };
             if Command::new(&qemu).arg("--version").output().is_err() {
                 bail!(
                     "the health check runs the board's {a} binary, and this machine has no {qemu} to run it; install qemu-user or pass --no-health-check"
                 );
             }
             let mut c = Command::new(qemu);
-            c.arg("-L").arg(format!("/usr/{a}-linux-gnu")).arg(&exe);
+            c.arg("-L").arg(sysroot).arg(&exe);
             c
         }
     };
-    cmd.arg("--board").arg(root.join("share/edgelm/board.toml")).arg("check").arg(root.join("model"));
-    // The slot's own ONNX Runtime (lib/ beside bin/) or the board's system one, nothing of this
-    // shell's.
+    cmd.arg("--board").arg(root.join("share/edgelm/board.toml"));
+    // A board's own ONNX Runtime, found under the device root when that is mounted here.
+    if let OrtSource::System { path, .. } = &board.ort {
+        let mounted = under(to, path);
+        if mounted.exists() {
+            cmd.arg("--ort-lib").arg(mounted);
+        }
+    }
+    cmd.arg("check").arg(root.join("model"));
+    // The slot's own ONNX Runtime (lib/ beside bin/) or the board's, nothing of this shell's.
     cmd.env_remove("EDGELM_ORT_LIB").env_remove("ORT_DYLIB_PATH");
-    let out = run_bounded(cmd, Duration::from_secs(300))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if !out.status.success() {
+    let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    cmd.stdout(out.try_clone()?).stderr(out);
+    let mut child = cmd.spawn().with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the health check of {} did not finish within 300 s", root.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    if !status.success() {
         bail!("health check of {} failed: {}", root.display(), text.trim());
     }
     Ok(text.trim().to_owned())
-}
-
-fn run_bounded(mut cmd: Command, limit: Duration) -> Result<std::process::Output> {
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
-    let start = Instant::now();
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(child.wait_with_output()?);
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            bail!("the health check did not finish within {} s", limit.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The systemd unit serving the active slot on the board's serial port.
@@ -257,100 +286,21 @@ fn unit(board: &BoardProfile) -> String {
     )
 }
 
-pub fn deploy(a: DeployArgs, place: &Placement) -> Result<()> {
-    let Some(board) = place.board.as_ref() else {
-        bail!("deploy needs the board: give --board boards/NAME.toml");
-    };
-    if let Some((host, root)) = remote_target(&a.to) {
-        return deploy_remote(&a, board, &host, &root);
+/// Writes the unit and enables it (the link `systemctl enable` makes), so a board booted from
+/// this root starts the daemon.
+fn write_unit(root: &Path, board: &BoardProfile, steps: &mut Steps) -> Result<()> {
+    if board.serial.is_none() {
+        eprintln!("edgelm deploy: board {} has no [serial] port: no systemd unit written", board.id);
+        return Ok(());
     }
-    let install = under(&a.to, &board.install_prefix);
-    std::fs::create_dir_all(install.join("slots")).with_context(|| format!("creating {}", install.display()))?;
-    let _lock = lock(&install)?;
-    let mut steps = Steps::from_env();
-    if a.rollback {
-        return rollback(board, &install, a.no_health_check, &mut steps);
+    let dir = root.join("etc/systemd/system");
+    let wants = dir.join("multi-user.target.wants");
+    std::fs::create_dir_all(&wants).with_context(|| format!("creating {}", wants.display()))?;
+    for d in [root.join("etc"), root.join("etc/systemd"), dir.clone()] {
+        fsync(&d)?;
     }
-    let bundle = a.bundle.as_ref().expect("clap requires a bundle without --rollback");
-
-    // Refuse what would not run before anything is written: a damaged or unsigned bundle.
-    edgelm_runtime::bundle::verify_files(bundle).with_context(|| format!("bundle {}", bundle.display()))?;
-    board.trusted_keys()?.check(bundle)?;
-    let runtime = runtime_tree(&a, board)?;
-
-    let active = active_slot(&install);
-    let slot = active.map_or("a", other);
-    let dir = install.join("slots").join(slot);
-    // The inactive slot holds an older installation or the remains of a stopped deploy.
-    if dir.symlink_metadata().is_ok() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
-        fsync(&install.join("slots"))?;
-        steps.at("cleared the inactive slot");
-    }
-    copy_tree(&runtime, &dir, &mut steps)?;
-    copy_tree(bundle, &dir.join("model"), &mut steps)?;
-    // The profile as given, with the keys it names by relative path.
-    let share = dir.join("share/edgelm");
-    std::fs::create_dir_all(&share)?;
-    let profile_text = std::fs::read_to_string(board.dir.join(format!("{}.toml", board.id)))
-        .with_context(|| format!("reading the profile of board {}", board.id))?;
-    write_atomic(&share.join("board.toml"), &profile_text, &mut steps)?;
-    for key in board.signatures.keys.iter().filter(|k| k.is_relative()) {
-        let (src, dst) = (board.dir.join(key), share.join(key));
-        std::fs::create_dir_all(dst.parent().expect("a key file in a folder"))?;
-        if src.is_dir() {
-            if dst.exists() {
-                std::fs::remove_dir_all(&dst)?;
-            }
-            copy_tree(&src, &dst, &mut steps)?;
-        } else {
-            let text = std::fs::read_to_string(&src).with_context(|| format!("reading {}", src.display()))?;
-            write_atomic(&dst, &text, &mut steps)?;
-        }
-    }
-    let manifest = std::fs::read(bundle.join("edgelm.json")).unwrap_or_default();
-    let record = serde_json::json!({
-        "slot": slot,
-        "board": board.id,
-        "bundle": bundle.display().to_string(),
-        "manifest_sha256": sha256_hex(&manifest),
-        "edgelm": env!("CARGO_PKG_VERSION"),
-    });
-    write_atomic(&dir.join("slot.json"), &format!("{record:#}\n"), &mut steps)?;
-    fsync(&dir)?;
-    fsync(&install.join("slots"))?;
-    steps.at("slot complete and synced");
-
-    if !a.no_health_check {
-        if let Err(e) = health_check(board, &dir) {
-            bail!("{e:#}\nthe active slot is unchanged ({}); nothing was switched", active.unwrap_or("none"));
-        }
-        steps.at("slot passed its health check");
-    }
-    write_unit(&a.to, board, &mut steps)?;
-    switch(&install, slot, &mut steps)?;
-    if !a.no_health_check {
-        let live = match std::env::var_os("EDGELM_DEPLOY_FAIL_LIVE_CHECK") {
-            Some(_) => Err(anyhow::anyhow!("health check of the live slot failed (EDGELM_DEPLOY_FAIL_LIVE_CHECK)")),
-            None => health_check(board, &install.join("current")),
-        };
-        if let Err(e) = live {
-            match active {
-                Some(old) => {
-                    switch(&install, old, &mut steps)?;
-                    bail!("{e:#}\nrolled back to slot {old}");
-                }
-                None => bail!("{e:#}\nno earlier slot to roll back to"),
-            }
-        }
-    }
-    println!(
-        "edgelm deploy: slot {slot} active in {} ({}; previous: {})",
-        install.display(),
-        bundle.display(),
-        active.unwrap_or("none")
-    );
-    Ok(())
+    write_atomic(&dir.join("edgelm.service"), &unit(board), steps)?;
+    relink(&wants.join("edgelm.service"), Path::new("../edgelm.service"), steps, "enable the unit")
 }
 
 /// The runtime tree to install: `--runtime`, or what `just build-board` wrote for the board.
@@ -364,39 +314,161 @@ fn runtime_tree(a: &DeployArgs, board: &BoardProfile) -> Result<PathBuf> {
             board.id
         );
     }
+    // An installed slot is not a runtime tree: its slot.json would mark the new slot complete
+    // before it is.
+    if runtime.join("slot.json").exists() || runtime.join("model").exists() {
+        bail!("{} is an installed slot, not a runtime tree (`just build-board` makes one)", runtime.display());
+    }
     Ok(runtime)
 }
 
-fn write_unit(root: &Path, board: &BoardProfile, steps: &mut Steps) -> Result<()> {
-    if board.serial.is_none() {
-        eprintln!("edgelm deploy: board {} has no [serial] port: no systemd unit written", board.id);
-        return Ok(());
+/// Writes the board's profile into `share` as `name` (`share/edgelm/board.toml` of a slot, or
+/// a staging folder) with the keys it names by relative path beside it.
+fn stage_profile(board: &BoardProfile, share: &Path, name: &str, steps: &mut Steps) -> Result<()> {
+    std::fs::create_dir_all(share).with_context(|| format!("creating {}", share.display()))?;
+    let text = std::fs::read_to_string(&board.path).with_context(|| format!("reading {}", board.path.display()))?;
+    write_atomic(&share.join(name), &text, steps)?;
+    for key in board.signatures.keys.iter().filter(|k| k.is_relative()) {
+        // The profile check keeps relative keys below the profile's folder.
+        let (src, dst) = (board.dir.join(key), share.join(key));
+        if src.is_dir() {
+            copy_tree(&src, &dst, steps)?;
+        } else {
+            std::fs::create_dir_all(dst.parent().expect("a key file in a folder"))?;
+            let text = std::fs::read_to_string(&src).with_context(|| format!("reading {}", src.display()))?;
+            write_atomic(&dst, &text, steps)?;
+        }
     }
-    let dir = root.join("etc/systemd/system");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_atomic(&dir.join("edgelm.service"), &unit(board), steps)
-}
-
-fn rollback(board: &BoardProfile, install: &Path, no_check: bool, steps: &mut Steps) -> Result<()> {
-    let Some(active) = active_slot(install) else {
-        bail!("nothing is deployed in {}", install.display());
-    };
-    let target = other(active);
-    if !install.join("slots").join(target).join("slot.json").is_file() {
-        bail!("slot {target} is not a complete installation; nothing to roll back to");
-    }
-    if !no_check {
-        health_check(board, &install.join("slots").join(target))
-            .with_context(|| format!("slot {target} fails its health check; staying on slot {active}"))?;
-    }
-    switch(install, target, steps)?;
-    println!("edgelm deploy: rolled back to slot {target} in {}", install.display());
     Ok(())
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub fn deploy(a: DeployArgs, place: &Placement) -> Result<()> {
+    let Some(board) = place.board.as_ref() else {
+        bail!("deploy needs the board: give --board boards/NAME.toml");
+    };
+    // Refuse what would not run before anything is written anywhere: a damaged, unsigned or
+    // foreign-signed bundle, a runtime tree that is not one.
+    let install_from = match &a.bundle {
+        Some(bundle) if !a.rollback => {
+            edgelm_runtime::bundle::verify_files(bundle).with_context(|| format!("bundle {}", bundle.display()))?;
+            board.trusted_keys()?.check(bundle)?;
+            Some((bundle.clone(), runtime_tree(&a, board)?))
+        }
+        _ => None,
+    };
+    if let Some((host, root)) = remote_target(&a.to) {
+        return deploy_remote(&a, board, &host, &root, install_from.as_ref());
+    }
+    let install = under(&a.to, &board.install_prefix);
+    std::fs::create_dir_all(install.join("slots")).with_context(|| format!("creating {}", install.display()))?;
+    let _lock = lock(&install)?;
+    let mut steps = Steps::from_env();
+    let active = active_slot(&install)?;
+    let Some((bundle, runtime)) = install_from else {
+        return rollback(board, &a.to, &install, active, a.no_health_check, &mut steps);
+    };
+
+    let slot = active.map_or("a", other);
+    let slots = install.join("slots");
+    let dir = slots.join(slot);
+    // The inactive slot holds an older installation or the remains of a stopped deploy: one
+    // rename takes it (and its slot.json) out of the way before it is deleted.
+    let trash = slots.join(format!(".trash-{slot}"));
+    if trash.symlink_metadata().is_ok() {
+        std::fs::remove_dir_all(&trash).with_context(|| format!("clearing {}", trash.display()))?;
+    }
+    if dir.symlink_metadata().is_ok() {
+        std::fs::rename(&dir, &trash).with_context(|| format!("moving {} aside", dir.display()))?;
+        fsync(&slots)?;
+        steps.at("moved the inactive slot aside");
+        std::fs::remove_dir_all(&trash).with_context(|| format!("clearing {}", trash.display()))?;
+    }
+    copy_tree(&runtime, &dir, &mut steps)?;
+    copy_tree(&bundle, &dir.join("model"), &mut steps)?;
+    stage_profile(board, &dir.join("share/edgelm"), "board.toml", &mut steps)?;
+    sync_folders(&dir, &mut steps)?;
+    fsync(&slots)?;
+
+    let log = install.join("health-check.log");
+    if !a.no_health_check {
+        if let Err(e) = health_check(board, &a.to, &dir, &log) {
+            bail!("{e:#}\nthe active slot is unchanged ({}); nothing was switched", active.unwrap_or("none"));
+        }
+        steps.at("slot passed its health check");
+    }
+    // Written last: the mark of a complete slot (and, unless checks were skipped, a checked one).
+    let manifest = std::fs::read(bundle.join("edgelm.json")).context("reading the bundle's edgelm.json")?;
+    let record = serde_json::json!({
+        "slot": slot,
+        "board": board.id,
+        "bundle": bundle.display().to_string(),
+        "manifest_sha256": edgelm_runtime::bundle::hex(&sha256(&manifest)),
+        "edgelm": env!("CARGO_PKG_VERSION"),
+        "health_checked": !a.no_health_check,
+    });
+    write_atomic(&dir.join("slot.json"), &format!("{record:#}\n"), &mut steps)?;
+    steps.at("slot complete and synced");
+
+    write_unit(&a.to, board, &mut steps)?;
+    let current = install.join("current");
+    relink(&current, &Path::new("slots").join(slot), &mut steps, "switch")?;
+    if !a.no_health_check {
+        let live = match std::env::var_os("EDGELM_DEPLOY_FAIL_LIVE_CHECK") {
+            Some(_) => Err(anyhow::anyhow!("health check of the live slot failed (EDGELM_DEPLOY_FAIL_LIVE_CHECK)")),
+            None => health_check(board, &a.to, &current, &log),
+        };
+        if let Err(e) = live {
+            match active {
+                Some(old) => {
+                    relink(&current, &Path::new("slots").join(old), &mut steps, "switch back")?;
+                    bail!("{e:#}\nrolled back to slot {old}");
+                }
+                None => {
+                    // Nothing to go back to: leave the board as it was before this deploy.
+                    std::fs::remove_file(&current).context("removing current")?;
+                    fsync(&install)?;
+                    bail!("{e:#}\nno earlier slot to roll back to: `current` removed");
+                }
+            }
+        }
+    }
+    println!(
+        "edgelm deploy: slot {slot} active in {} ({}; previous: {})",
+        install.display(),
+        bundle.display(),
+        active.unwrap_or("none")
+    );
+    Ok(())
+}
+
+fn sha256(bytes: &[u8]) -> Vec<u8> {
     use sha2::{Digest, Sha256};
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes).to_vec()
+}
+
+fn rollback(
+    board: &BoardProfile,
+    to: &Path,
+    install: &Path,
+    active: Option<&'static str>,
+    no_check: bool,
+    steps: &mut Steps,
+) -> Result<()> {
+    let Some(active) = active else {
+        bail!("nothing is deployed in {}", install.display());
+    };
+    let target = other(active);
+    let dir = install.join("slots").join(target);
+    if !dir.join("slot.json").is_file() {
+        bail!("slot {target} is not a complete installation; nothing to roll back to");
+    }
+    if !no_check {
+        health_check(board, to, &dir, &install.join("health-check.log"))
+            .with_context(|| format!("slot {target} fails its health check; staying on slot {active}"))?;
+    }
+    relink(&install.join("current"), &Path::new("slots").join(target), steps, "switch")?;
+    println!("edgelm deploy: rolled back to slot {target} in {}", install.display());
+    Ok(())
 }
 
 /// `[user@]host:path` (a colon before any slash, as rsync reads it): a board over ssh.
@@ -409,34 +481,45 @@ fn remote_target(to: &Path) -> Option<(String, String)> {
     Some((host.to_owned(), path.to_owned()))
 }
 
-/// One word for a POSIX shell.
-fn shell_quote(word: &str) -> String {
-    format!("'{}'", word.replace('\'', r"'\''"))
+/// A command line for a POSIX shell on the board, each word quoted.
+fn shell_line<S: AsRef<str>>(words: &[S]) -> String {
+    words.iter().map(|w| format!("'{}'", w.as_ref().replace('\'', r"'\''"))).collect::<Vec<_>>().join(" ")
 }
 
 /// Deploys on a board over ssh: stages the runtime, the bundle and the profile (with its keys)
 /// under `<install_prefix>/.incoming` with rsync (only what changed travels), then runs the
 /// staged edgelm's own `deploy` there, so the slots, the switch and the health checks happen
-/// on the board, natively.
-fn deploy_remote(a: &DeployArgs, board: &BoardProfile, host: &str, root: &str) -> Result<()> {
-    let ssh: Vec<String> = a.ssh.split_whitespace().map(str::to_owned).collect();
+/// on the board, natively. A lock on the board (`.incoming.lock`, held by an ssh session for
+/// the whole exchange) keeps two deploys from staging into each other.
+fn deploy_remote(
+    a: &DeployArgs,
+    board: &BoardProfile,
+    host: &str,
+    root: &str,
+    install_from: Option<&(PathBuf, PathBuf)>,
+) -> Result<()> {
+    let ssh: Vec<&str> = a.ssh.split_whitespace().collect();
     let Some((ssh_prog, ssh_args)) = ssh.split_first() else { bail!("--ssh is empty") };
     let install = format!(
         "{}/{}",
         root.trim_end_matches('/'),
         board.install_prefix.display().to_string().trim_start_matches('/')
     );
-    let remote = |command: &str| -> Result<std::process::ExitStatus> {
-        Command::new(ssh_prog)
+    let remote = |line: &str| -> Result<()> {
+        let status = Command::new(ssh_prog)
             .args(ssh_args)
             .arg(host)
-            .arg(command)
+            .arg(line)
             .status()
-            .with_context(|| format!("running {ssh_prog} {host}"))
+            .with_context(|| format!("running {ssh_prog} {host}"))?;
+        if !status.success() {
+            bail!("on {host}: `{line}` failed (see above)");
+        }
+        Ok(())
     };
-    if a.rollback {
+    let Some((bundle, runtime)) = install_from else {
         let current = format!("{install}/current");
-        let cmd = [
+        let mut words = vec![
             format!("{current}/bin/edgelm"),
             "--board".into(),
             format!("{current}/share/edgelm/board.toml"),
@@ -445,75 +528,71 @@ fn deploy_remote(a: &DeployArgs, board: &BoardProfile, host: &str, root: &str) -
             "--to".into(),
             root.to_owned(),
         ];
-        let status = remote(&cmd.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" "))?;
-        if !status.success() {
-            bail!("the rollback on {host} failed (see above)");
+        if a.no_health_check {
+            words.push("--no-health-check".into());
         }
-        return Ok(());
-    }
-    let bundle = a.bundle.as_ref().expect("clap requires a bundle without --rollback");
-    edgelm_runtime::bundle::verify_files(bundle).with_context(|| format!("bundle {}", bundle.display()))?;
-    board.trusted_keys()?.check(bundle)?;
-    let runtime = runtime_tree(a, board)?;
+        return remote(&shell_line(&words));
+    };
     if Command::new("rsync").arg("--version").output().is_err() {
         bail!("deploying to {host} needs rsync here and on the board (apt install rsync)");
     }
     let staging = format!("{install}/.incoming");
-    let status = remote(&format!("mkdir -p {}", shell_quote(&staging)))?;
-    if !status.success() {
-        bail!("cannot create {staging} on {host}");
+    // The lock: `flock` on the board holds it while this ssh session's stdin stays open.
+    let mut holder = Command::new(ssh_prog)
+        .args(ssh_args)
+        .arg(host)
+        .arg(format!(
+            "mkdir -p {s} && exec flock -n {l} sh -c 'echo locked; cat >/dev/null'",
+            s = shell_line(&[&staging]),
+            l = shell_line(&[format!("{install}/.incoming.lock")]),
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {ssh_prog} {host}"))?;
+    let mut first = String::new();
+    let stdout = holder.stdout.take().expect("piped");
+    std::io::BufReader::new(stdout).read_line(&mut first)?;
+    if first.trim() != "locked" {
+        let _ = holder.kill();
+        let _ = holder.wait();
+        bail!("another deploy to {host} is staging (or flock is missing there)");
     }
-    // The profile and the keys it names by relative path, as one folder.
-    let local = tempfile_dir()?;
-    std::fs::copy(board.dir.join(format!("{}.toml", board.id)), local.join(format!("{}.toml", board.id)))
-        .with_context(|| format!("copying the profile of board {}", board.id))?;
-    for key in board.signatures.keys.iter().filter(|k| k.is_relative()) {
-        let dst = local.join(key);
-        std::fs::create_dir_all(dst.parent().expect("a key file in a folder"))?;
-        let src = board.dir.join(key);
-        let ok = Command::new("cp").arg("-r").arg(&src).arg(&dst).status()?.success();
-        if !ok {
-            bail!("copying key {}", src.display());
+    let result = (|| {
+        let local = tempfile::tempdir().context("creating a staging folder")?;
+        // Under its own name: the board's id is the profile's file name.
+        let name = format!("{}.toml", board.id);
+        stage_profile(board, local.path(), &name, &mut Steps { n: 0, stop_at: None, trace: false })?;
+        for (from, to) in [(runtime, "runtime"), (bundle, "bundle"), (&local.path().to_path_buf(), "board")] {
+            let status = Command::new("rsync")
+                // --checksum: rsync's default size-and-mtime test misses a file rewritten to
+                // the same size within the same second (a re-signed manifest, say).
+                .args(["-a", "--checksum", "--delete", "-e", &a.ssh])
+                .arg(format!("{}/", from.display()))
+                .arg(format!("{host}:{staging}/{to}/"))
+                .status()
+                .context("running rsync")?;
+            if !status.success() {
+                bail!("rsync of {} to {host}:{staging}/{to} failed", from.display());
+            }
         }
-    }
-    for (from, to) in [(&runtime, "runtime"), (bundle, "bundle"), (&local, "board")] {
-        let status = Command::new("rsync")
-            .args(["-a", "--delete", "-e", &a.ssh])
-            .arg(format!("{}/", from.display()))
-            .arg(format!("{host}:{staging}/{to}/"))
-            .status()
-            .context("running rsync")?;
-        if !status.success() {
-            let _ = std::fs::remove_dir_all(&local);
-            bail!("rsync of {} to {host}:{staging}/{to} failed", from.display());
+        let mut words = vec![
+            format!("{staging}/runtime/bin/edgelm"),
+            "--board".into(),
+            format!("{staging}/board/{}.toml", board.id),
+            "deploy".into(),
+            format!("{staging}/bundle"),
+            "--to".into(),
+            root.to_owned(),
+            "--runtime".into(),
+            format!("{staging}/runtime"),
+        ];
+        if a.no_health_check {
+            words.push("--no-health-check".into());
         }
-    }
-    let _ = std::fs::remove_dir_all(&local);
-    let mut cmd = vec![
-        format!("{staging}/runtime/bin/edgelm"),
-        "--board".into(),
-        format!("{staging}/board/{}.toml", board.id),
-        "deploy".into(),
-        format!("{staging}/bundle"),
-        "--to".into(),
-        root.to_owned(),
-        "--runtime".into(),
-        format!("{staging}/runtime"),
-    ];
-    if a.no_health_check {
-        cmd.push("--no-health-check".into());
-    }
-    let status = remote(&cmd.iter().map(|w| shell_quote(w)).collect::<Vec<_>>().join(" "))?;
-    if !status.success() {
-        bail!("the deploy on {host} failed (see above)");
-    }
-    Ok(())
-}
-
-/// A fresh private folder for staging.
-fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("edgelm-deploy-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
+        remote(&shell_line(&words))
+    })();
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    result
 }

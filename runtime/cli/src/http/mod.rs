@@ -394,7 +394,9 @@ async fn answer(
                 Some(Step::Piece(_)) => {}
                 Some(Step::Done(Ok(g))) => return Ok(Json(a.whole(&g)).into_response()),
                 Some(Step::Done(Err(e))) => return Err(e),
-                None => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "generation ended")),
+                None => {
+                    return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "generation ended"))
+                }
             }
         }
     }
@@ -448,7 +450,10 @@ fn async_stream(
     })
 }
 
-async fn completions(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn completions(
+    State(server): State<Arc<Server>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = body?;
     let req: CompletionRequest = api::parse(&body)?;
     let engine = Arc::clone(server.engine()?);
@@ -536,10 +541,9 @@ async fn chat(State(server): State<Arc<Server>>, body: Result<Bytes, BytesReject
         messages.push(ChatMessage::new(role, text));
     }
     let ids = engine.encode_chat(&messages).map_err(|e| match e {
-        edgelm_runtime::Error::Template(_) | edgelm_runtime::Error::NoTokenizer => ApiError::invalid(
-            format!("{e}; this bundle cannot format chats: use /v1/completions"),
-            Some("messages"),
-        ),
+        edgelm_runtime::Error::Template(_) | edgelm_runtime::Error::NoTokenizer => {
+            ApiError::invalid(format!("{e}; this bundle cannot format chats: use /v1/completions"), Some("messages"))
+        }
         e => runtime_error(&e),
     })?;
     let s = req.sampling();
@@ -549,7 +553,10 @@ async fn chat(State(server): State<Arc<Server>>, body: Result<Bytes, BytesReject
     answer(&server, Shape::Chat, ids, params, s.stream, usage).await
 }
 
-async fn embeddings(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn embeddings(
+    State(server): State<Arc<Server>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = body?;
     let req: EmbeddingRequest = api::parse(&body)?;
     let Served::Encoder(enc) = &server.model else {
