@@ -136,7 +136,9 @@ typedef struct {
   // Array of n_trusted_keys NUL-terminated UTF-8 paths, or NULL: PEM ed25519 public key
   // files (`edgelm-distill keygen` writes them) or folders of `*.pub` files. Borrowed for
   // the call. With keys, a bundle carrying a signature (edgelm.sig) must verify against one
-  // of them, else EDGELM_ERR_SIGNATURE.
+  // of them, else EDGELM_ERR_SIGNATURE. A key file that cannot be read is EDGELM_ERR_IO;
+  // one that is not an ed25519 public key in PEM is EDGELM_ERR_SIGNATURE, its message
+  // naming the file.
   const char *const *trusted_keys;
   // Number of entries in trusted_keys.
   size_t n_trusted_keys;

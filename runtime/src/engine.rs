@@ -79,6 +79,12 @@ impl EngineBuilder {
         self
     }
 
+    /// Checking bundle signatures against `trust` (see [`crate::signature`]).
+    pub fn trusted_keys(mut self, trust: crate::signature::TrustedKeys) -> Self {
+        self.options.trust = trust;
+        self
+    }
+
     /// ONNX Runtime library to load instead of searching.
     pub fn ort_library(mut self, path: impl Into<PathBuf>) -> Self {
         self.options = self.options.with_ort_library(path);

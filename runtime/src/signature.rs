@@ -23,7 +23,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::bundle::MANIFEST;
+use crate::bundle::{hex, MANIFEST};
 use crate::error::{Error, IoContext, Result};
 
 /// The signature file in a bundle folder.
@@ -56,10 +56,6 @@ pub fn signed_message(manifest: &[u8]) -> Vec<u8> {
 /// A short, stable name of a public key: the first 8 bytes of its sha256, in hex.
 pub fn key_id(key: &VerifyingKey) -> String {
     hex(&Sha256::digest(key.as_bytes())[..8])
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {

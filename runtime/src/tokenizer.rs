@@ -92,7 +92,7 @@ impl TextCodec {
 
 /// Renders a Jinja chat template as transformers does: `messages`, `add_generation_prompt`,
 /// `bos_token`, `eos_token` and `raise_exception`, with loop controls (`break`, `continue`).
-pub fn render_chat_template(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) -> Result<String> {
+pub(crate) fn render_chat_template(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))

@@ -123,7 +123,9 @@ pub struct edgelm_load_options {
     /// Array of n_trusted_keys NUL-terminated UTF-8 paths, or NULL: PEM ed25519 public key
     /// files (`edgelm-distill keygen` writes them) or folders of `*.pub` files. Borrowed for
     /// the call. With keys, a bundle carrying a signature (edgelm.sig) must verify against one
-    /// of them, else EDGELM_ERR_SIGNATURE.
+    /// of them, else EDGELM_ERR_SIGNATURE. A key file that cannot be read is EDGELM_ERR_IO;
+    /// one that is not an ed25519 public key in PEM is EDGELM_ERR_SIGNATURE, its message
+    /// naming the file.
     pub trusted_keys: *const *const c_char,
     /// Number of entries in trusted_keys.
     pub n_trusted_keys: usize,
@@ -455,7 +457,8 @@ pub unsafe extern "C" fn edgelm_model_load(
         if o.n_trusted_keys > 0 && o.trusted_keys.is_null() {
             return fail(EDGELM_ERR_INVALID_ARGUMENT, "options->trusted_keys is NULL but n_trusted_keys is not 0");
         }
-        let mut key_files = Vec::with_capacity(o.n_trusted_keys);
+        // No preallocation from the count: a garbage count must fail on a key, not abort here.
+        let mut key_files = Vec::new();
         for i in 0..o.n_trusted_keys {
             match utf8(*o.trusted_keys.add(i), &format!("options->trusted_keys[{i}]")) {
                 Ok(p) => key_files.push(p),

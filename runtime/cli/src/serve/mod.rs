@@ -55,7 +55,8 @@ pub struct ServeArgs {
 }
 
 /// Runs the daemon until the process is stopped. Bad input never ends it: a broken link is
-/// reopened, a failed request answers an Error frame.
+/// reopened, a failed request answers an Error frame. (A bug that panics does: board builds
+/// abort on panic, and the systemd unit `deploy` writes restarts the daemon.)
 pub fn serve(a: ServeArgs, place: &Placement) -> Result<()> {
     #[cfg(feature = "http")]
     if let Some(addr) = &a.http.http {
