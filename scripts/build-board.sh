@@ -43,8 +43,11 @@ fi
 api="$(get ort.api)"
 # Two profiles: the binary aborts on a panic (smaller), the C library unwinds (its ABI catches
 # panics).
+# EDGELM_FEATURES adds features of the binary, e.g. EDGELM_FEATURES=http for `serve --http`
+# (left out by default: axum and tokio add about 1 MB).
 features=(--no-default-features --features "edgelm-runtime/ort-api-$api")
-cargo build --profile board --target "$target" -p edgelm-cli "${features[@]}"
+cargo build --profile board --target "$target" -p edgelm-cli --no-default-features \
+  --features "edgelm-runtime/ort-api-$api${EDGELM_FEATURES:+,$EDGELM_FEATURES}"
 cargo build --profile board-lib --target "$target" -p edgelm-capi "${features[@]}"
 
 tree="$root/out/boards/$id"

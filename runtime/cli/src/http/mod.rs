@@ -7,6 +7,9 @@
 //! after the weights, divided by one sequence's KV cache at the full context); `queue` more
 //! wait, up to `queue_timeout`; beyond that a request gets 429 with `Retry-After`. A request
 //! whose client goes away stops at its next token and frees its sequence.
+//!
+//! For tests, `EDGELM_HTTP_STEP_DELAY_MS=N` sleeps N ms after every generated token, so a test
+//! can hold sequences busy on a model that would otherwise answer in a millisecond.
 
 mod api;
 
@@ -84,6 +87,7 @@ struct Server {
     request_timeout: Duration,
     queue_timeout: Duration,
     next_id: AtomicU64,
+    step_delay: Option<Duration>,
 }
 
 /// Counts a request as waiting for as long as it lives (also when its client leaves mid-wait).
@@ -272,6 +276,7 @@ fn start_generation(
 ) -> mpsc::Receiver<Step> {
     let (tx, rx) = mpsc::channel(64);
     let deadline = Instant::now() + running.server.request_timeout;
+    let step_delay = running.server.step_delay;
     tokio::task::spawn_blocking(move || {
         let _running = running;
         let mut timed_out = false;
@@ -283,6 +288,9 @@ fn start_generation(
                 timed_out || tx.is_closed()
             },
             |event| {
+                if let Some(d) = step_delay {
+                    std::thread::sleep(d);
+                }
                 if !event.text.is_empty() && tx.blocking_send(Step::Piece(event.text.to_owned())).is_err() {
                     return ControlFlow::Break(());
                 }
@@ -696,6 +704,10 @@ pub fn serve_http(
         request_timeout: Duration::from_secs(h.request_timeout),
         queue_timeout: Duration::from_secs(h.queue_timeout),
         next_id: AtomicU64::new(0),
+        step_delay: std::env::var("EDGELM_HTTP_STEP_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis),
     });
     let app = Router::new()
         .route("/v1/completions", post(completions))

@@ -1,0 +1,226 @@
+//! `edgelm serve --http` as clients use it: the official `openai` Python client streaming and
+//! not, the bounded queue and its 429, a client that leaves mid-answer, malformed requests,
+//! and embeddings from an encoder bundle.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edgelm_e2e::{bin, bundle, python, root, run};
+use edgelm_runtime::{ChatMessage, Engine, EngineOptions, GenerateParams};
+
+const PROMPT: &str = "Set the kitchen heater to 21.5 degrees";
+const NEW: usize = 20;
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(bundle: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut child = Command::new(bin("edgelm"))
+        .args(["serve", "--http", "127.0.0.1:0", "--bundle"])
+        .arg(bundle)
+        .args(extra)
+        .envs(env.iter().copied())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = lines
+        .find_map(|l| l.ok()?.strip_prefix("edgelm serve: listening on http://").map(str::to_owned))
+        .expect("serve prints its address");
+    std::thread::spawn(move || lines.for_each(drop));
+    Server { child, addr }
+}
+
+/// One HTTP/1.1 exchange on a fresh connection: status, headers (lower-case names), body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, Vec<(String, String)>, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+fn readyz(addr: &str) -> serde_json::Value {
+    json(&http(addr, "GET", "/readyz", "").2)
+}
+
+/// Polls /readyz until `check` holds (bounded: a broken server fails, it does not hang).
+fn wait_ready(addr: &str, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
+    let start = Instant::now();
+    loop {
+        let r = readyz(addr);
+        if check(&r) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "waited 30 s for {what}: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_openai_client_gets_the_runtime_greedy_answers_streamed_and_whole() {
+    let b = bundle("tiny");
+    let server = serve(&b, &[], &[]);
+    let engine = Engine::open(&b, &EngineOptions::default()).unwrap();
+    let params = GenerateParams::default()
+        .with_max_new_tokens(NEW)
+        .with_sampling(engine.default_sampling().with_temperature(0.0));
+    let greedy = |ids: &[u32]| engine.generate(ids, &params, |_| ControlFlow::Continue(())).unwrap();
+    let completion = greedy(&engine.encode(PROMPT).unwrap());
+    let chat_ids = engine.encode_chat(&[ChatMessage::user(PROMPT)]).unwrap();
+    let chat = greedy(&chat_ids);
+
+    let out = run(Command::new(python())
+        .arg(root().join("tests/python/openai_client.py"))
+        .arg(format!("http://{}/v1", server.addr))
+        .arg(PROMPT)
+        .arg(NEW.to_string()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = json(&String::from_utf8_lossy(&out.stdout));
+    let finish = |g: &edgelm_runtime::Generation| match g.stop_reason {
+        edgelm_runtime::StopReason::MaxTokens => "length",
+        _ => "stop",
+    };
+    assert_eq!(r["models"][0], b.file_name().unwrap().to_str().unwrap());
+    for key in ["completion", "completion_stream"] {
+        assert_eq!(r[key], completion.text.as_str(), "{key}: {r}");
+        assert_eq!(r[format!("{key}_finish")], finish(&completion), "{r}");
+    }
+    for key in ["chat", "chat_stream"] {
+        assert_eq!(r[key], chat.text.as_str(), "{key}: {r}");
+        assert_eq!(r[format!("{key}_finish")], finish(&chat), "{r}");
+    }
+    assert_eq!(r["chat_role"], "assistant");
+    for key in ["chat_usage", "chat_stream_usage"] {
+        assert_eq!(r[key]["prompt_tokens"], chat_ids.len(), "{r}");
+        assert_eq!(r[key]["completion_tokens"], chat.generated_ids.len(), "{r}");
+    }
+    assert!(r["n2_error"].as_str().unwrap().contains("only n = 1"), "{r}");
+}
+
+#[test]
+fn the_queue_is_bounded_and_a_client_that_leaves_frees_its_sequence() {
+    let server =
+        serve(&bundle("tiny"), &["--max-sequences", "1", "--queue", "1"], &[("EDGELM_HTTP_STEP_DELAY_MS", "1000")]);
+    let addr = server.addr.clone();
+    let long = format!(r#"{{"prompt": "{PROMPT}", "max_tokens": 100, "stream": true}}"#);
+    // A streams and holds the one sequence.
+    let mut a = TcpStream::connect(&addr).unwrap();
+    write!(
+        a,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{long}",
+        long.len()
+    )
+    .unwrap();
+    let mut reader = BufReader::new(a.try_clone().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    assert_eq!(readyz(&addr)["active_sequences"], 1);
+    // B waits in the queue.
+    let b_addr = addr.clone();
+    let b = std::thread::spawn(move || {
+        http(&b_addr, "POST", "/v1/completions", &format!(r#"{{"prompt": "{PROMPT}", "max_tokens": 2}}"#))
+    });
+    wait_ready(&addr, "B queued", |r| r["queued"] == 1);
+    // C finds the queue full.
+    let (status, headers, body) =
+        http(&addr, "POST", "/v1/completions", &format!(r#"{{"prompt": "{PROMPT}", "max_tokens": 2}}"#));
+    assert_eq!(status, 429, "{body}");
+    assert!(headers.iter().any(|(k, v)| k == "retry-after" && v == "1"), "{headers:?}");
+    assert_eq!(json(&body)["error"]["type"], "rate_limit_error");
+    // A leaves mid-answer with about 98 s of tokens still to come: its sequence must go to B
+    // well within B's 60 s read timeout, so only a stopped A lets B through.
+    drop(reader);
+    drop(a);
+    let (status, _, body) = b.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["usage"]["completion_tokens"], 2);
+    wait_ready(&addr, "an idle server", |r| r["active_sequences"] == 0 && r["queued"] == 0);
+}
+
+#[test]
+fn malformed_requests_get_openai_errors_and_the_server_stays_up() {
+    let server = serve(&bundle("tiny"), &["--max-body-bytes", "2000"], &[]);
+    let addr = &server.addr;
+    let error = |status: u16, path: &str, body: &str, kind: &str| {
+        let (s, _, b) = http(addr, "POST", path, body);
+        assert_eq!(s, status, "{path} {body}: {b}");
+        let e = json(&b);
+        assert_eq!(e["error"]["type"], kind, "{b}");
+        assert!(!e["error"]["message"].as_str().unwrap().is_empty());
+        e
+    };
+    error(400, "/v1/completions", "{not json", "invalid_request_error");
+    let e = error(400, "/v1/completions", r#"{"prompt": "hi", "frobnicate": 1}"#, "invalid_request_error");
+    assert_eq!(e["error"]["param"], "frobnicate");
+    error(400, "/v1/chat/completions", r#"{"messages": []}"#, "invalid_request_error");
+    error(400, "/v1/chat/completions", r#"{"messages": [{"role": "tool", "content": "x"}]}"#, "invalid_request_error");
+    error(400, "/v1/completions", r#"{"prompt": "hi", "temperature": 7}"#, "invalid_request_error");
+    error(400, "/v1/completions", r#"{"prompt": "hi", "max_tokens": 100000}"#, "invalid_request_error");
+    error(400, "/v1/embeddings", r#"{"input": "hi"}"#, "invalid_request_error");
+    let big = format!(r#"{{"prompt": "{}"}}"#, "x".repeat(4000));
+    error(413, "/v1/completions", &big, "invalid_request_error");
+    let (s, _, b) = http(addr, "GET", "/v2/nothing", "");
+    assert_eq!(s, 404, "{b}");
+    assert_eq!(json(&b)["error"]["type"], "invalid_request_error");
+    // Still serving.
+    let (s, _, b) = http(addr, "GET", "/healthz", "");
+    assert_eq!((s, json(&b)["status"].as_str()), (200, Some("ok")));
+    let (s, _, b) = http(addr, "POST", "/v1/completions", r#"{"prompt": "hi", "max_tokens": 3}"#);
+    assert_eq!(s, 200, "{b}");
+}
+
+#[test]
+fn an_encoder_bundle_answers_embeddings() {
+    let enc = edgelm_e2e::minilm_bundle();
+    let server = serve(&enc, &[], &[]);
+    let texts = ["turn on the hallway light", "what is the weather"];
+    let (s, _, b) = http(&server.addr, "POST", "/v1/embeddings", &serde_json::json!({"input": texts}).to_string());
+    assert_eq!(s, 200, "{b}");
+    let r = json(&b);
+    let mut e = edgelm_runtime::encoder::Encoder::open(&enc, &EngineOptions::default()).unwrap();
+    for (i, t) in texts.iter().enumerate() {
+        let want = e.embed(t).unwrap();
+        let got: Vec<f32> =
+            r["data"][i]["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert_eq!(r["data"][i]["index"], i);
+        assert_eq!(got.len(), want.len());
+        assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "embedding {i} differs");
+    }
+    assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    let (s, _, b) = http(&server.addr, "POST", "/v1/completions", r#"{"prompt": "hi"}"#);
+    assert_eq!(s, 400, "{b}");
+}
