@@ -126,6 +126,26 @@ fn the_openai_client_gets_the_runtime_greedy_answers_streamed_and_whole() {
         assert_eq!(r[key]["completion_tokens"], chat.generated_ids.len(), "{r}");
     }
     assert!(r["n2_error"].as_str().unwrap().contains("only n = 1"), "{r}");
+
+    // What Prometheus sees of those requests.
+    let (status, headers, text) = http(&server.addr, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    assert!(headers.iter().any(|(k, v)| k == "content-type" && v.starts_with("text/plain; version=0.0.4")));
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no `{series}` in\n{text}"))
+    };
+    assert_eq!(value(r#"edgelm_requests_total{route="/v1/chat/completions",status="200"}"#), 2.0);
+    assert_eq!(value(r#"edgelm_requests_total{route="/v1/chat/completions",status="400"}"#), 1.0);
+    assert_eq!(value(r#"edgelm_requests_total{route="/v1/completions",status="200"}"#), 2.0);
+    assert_eq!(value("edgelm_ttft_seconds_count"), 4.0);
+    let generated = 2 * (completion.generated_ids.len() + chat.generated_ids.len());
+    assert_eq!(value("edgelm_generated_tokens_total"), generated as f64);
+    assert!(value("edgelm_token_latency_seconds_count") > 0.0);
+    assert_eq!(value("edgelm_active_sequences"), 0.0);
+    assert!(value("edgelm_resident_memory_bytes") > 1e6);
+    assert!(text.contains(&format!("edgelm_model_info{{model=\"{}\"", r["models"][0].as_str().unwrap())), "{text}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! `edgelm serve --http ADDR`: the OpenAI-compatible HTTP API (`/v1/completions`,
-//! `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`, `/healthz`, `/readyz`).
+//! `/v1/chat/completions`, `/v1/embeddings`, `/v1/models`, `/healthz`, `/readyz`, and
+//! `/metrics` for Prometheus).
 //!
 //! One engine (one ONNX Runtime session) serves every request; each running request is a
 //! sequence with its own KV cache on a blocking thread, their model steps taking turns on the
@@ -12,6 +13,7 @@
 //! can hold sequences busy on a model that would otherwise answer in a millisecond.
 
 mod api;
+mod metrics;
 
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
@@ -88,6 +90,7 @@ struct Server {
     queue_timeout: Duration,
     next_id: AtomicU64,
     step_delay: Option<Duration>,
+    metrics: metrics::Metrics,
 }
 
 /// Counts a request as waiting for as long as it lives (also when its client leaves mid-wait).
@@ -277,9 +280,11 @@ fn start_generation(
     let (tx, rx) = mpsc::channel(64);
     let deadline = Instant::now() + running.server.request_timeout;
     let step_delay = running.server.step_delay;
+    let server = Arc::clone(&running.server);
     tokio::task::spawn_blocking(move || {
         let _running = running;
         let mut timed_out = false;
+        let mut last_token: Option<Instant> = None;
         let result = engine.generate_until(
             &prompt,
             &params,
@@ -288,6 +293,12 @@ fn start_generation(
                 timed_out || tx.is_closed()
             },
             |event| {
+                if event.id.is_some() {
+                    let now = Instant::now();
+                    if let Some(t) = last_token.replace(now) {
+                        server.metrics.token_latency.observe((now - t).as_secs_f64());
+                    }
+                }
                 if let Some(d) = step_delay {
                     std::thread::sleep(d);
                 }
@@ -297,6 +308,14 @@ fn start_generation(
                 ControlFlow::Continue(())
             },
         );
+        if let Ok(g) = &result {
+            let m = &server.metrics;
+            m.ttft.observe(g.metrics.ttft_ms / 1e3);
+            m.generated_tokens.inc_by(g.generated_ids.len() as u64);
+            if g.metrics.decode_tokens_per_s > 0.0 {
+                m.decode_tokens_per_s.set(g.metrics.decode_tokens_per_s);
+            }
+        }
         let result = match result {
             Ok(_) if timed_out => Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -630,8 +649,27 @@ async fn readyz(State(server): State<Arc<Server>>) -> Json<Value> {
     }))
 }
 
-async fn not_found() -> ApiError {
+async fn not_found(State(server): State<Arc<Server>>) -> ApiError {
+    server.metrics.request("unmatched", 404);
     ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "no such route")
+}
+
+async fn metrics_text(State(server): State<Arc<Server>>) -> Response {
+    let text = server.metrics.render(server.waiting.load(Ordering::SeqCst), server.active.load(Ordering::SeqCst));
+    ([(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+}
+
+/// Counts every answered request by its route and status.
+async fn count_requests(
+    State(server): State<Arc<Server>>,
+    route: axum::extract::MatchedPath,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = route.as_str().to_owned();
+    let response = next.run(request).await;
+    server.metrics.request(&route, response.status().as_u16());
+    response
 }
 
 /// Opens the bundle, works out how many sequences fit, and serves until SIGINT/SIGTERM.
@@ -687,11 +725,13 @@ pub fn serve_http(
         }
         (None, None) => 4,
     };
+    let precision = precision.unwrap_or_else(|| "unknown".into());
+    let metrics = metrics::Metrics::new(&id, kind, &precision, &sha256);
     let server = Arc::new(Server {
         model: served,
         id: id.clone(),
         kind,
-        precision: precision.unwrap_or_else(|| "unknown".into()),
+        precision,
         sha256,
         created: now_secs(),
         context,
@@ -708,6 +748,7 @@ pub fn serve_http(
             .ok()
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis),
+        metrics,
     });
     let app = Router::new()
         .route("/v1/completions", post(completions))
@@ -716,6 +757,8 @@ pub fn serve_http(
         .route("/v1/models", get(models))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&server), count_requests))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(h.max_body_bytes))
         .with_state(Arc::clone(&server));
