@@ -139,13 +139,47 @@ fn the_openai_client_gets_the_runtime_greedy_answers_streamed_and_whole() {
     assert_eq!(value(r#"edgelm_requests_total{route="/v1/chat/completions",status="200"}"#), 2.0);
     assert_eq!(value(r#"edgelm_requests_total{route="/v1/chat/completions",status="400"}"#), 1.0);
     assert_eq!(value(r#"edgelm_requests_total{route="/v1/completions",status="200"}"#), 2.0);
-    assert_eq!(value("edgelm_ttft_seconds_count"), 4.0);
-    let generated = 2 * (completion.generated_ids.len() + chat.generated_ids.len());
+    // The streamed requests repeat the whole ones (greedy, same prompt and limits): the
+    // response cache answers them, and the model ran twice, not four times.
+    assert_eq!(value("edgelm_cache_hits_total"), 2.0);
+    assert_eq!(value("edgelm_cache_misses_total"), 2.0);
+    assert_eq!(value("edgelm_ttft_seconds_count"), 2.0);
+    let generated = completion.generated_ids.len() + chat.generated_ids.len();
     assert_eq!(value("edgelm_generated_tokens_total"), generated as f64);
     assert!(value("edgelm_token_latency_seconds_count") > 0.0);
     assert_eq!(value("edgelm_active_sequences"), 0.0);
     assert!(value("edgelm_resident_memory_bytes") > 1e6);
     assert!(text.contains(&format!("edgelm_model_info{{model=\"{}\"", r["models"][0].as_str().unwrap())), "{text}");
+}
+
+#[test]
+fn the_cache_answers_repeats_of_greedy_requests_only() {
+    let server = serve(&bundle("tiny"), &[], &[]);
+    let addr = &server.addr;
+    let ask = |body: &str| {
+        let (s, _, b) = http(addr, "POST", "/v1/completions", body);
+        assert_eq!(s, 200, "{b}");
+        json(&b)["choices"][0]["text"].as_str().unwrap().to_owned()
+    };
+    let generated = || {
+        let (_, _, text) = http(addr, "GET", "/metrics", "");
+        let line = text.lines().find(|l| l.starts_with("edgelm_generated_tokens_total")).unwrap().to_owned();
+        line.split(' ').nth(1).unwrap().parse::<f64>().unwrap()
+    };
+    let greedy = format!(r#"{{"prompt": "{PROMPT}", "max_tokens": 12, "temperature": 0}}"#);
+    let first = ask(&greedy);
+    let after_first = generated();
+    assert_eq!(ask(&greedy), first);
+    assert_eq!(generated(), after_first, "a repeat ran the model");
+    // Another limit is another question; sampled answers are never cached.
+    ask(&format!(r#"{{"prompt": "{PROMPT}", "max_tokens": 11, "temperature": 0}}"#));
+    let after_other = generated();
+    assert!(after_other > after_first);
+    let sampled = format!(r#"{{"prompt": "{PROMPT}", "max_tokens": 12, "temperature": 0.8, "seed": 3}}"#);
+    ask(&sampled);
+    let after_sampled = generated();
+    ask(&sampled);
+    assert!(generated() > after_sampled, "a sampled request came from the cache");
 }
 
 #[test]

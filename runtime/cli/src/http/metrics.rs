@@ -1,7 +1,8 @@
 //! `/metrics`: what Prometheus scrapes from `serve --http`, in its text format (0.0.4):
 //! requests by route and status, time to first token and time per token (histograms),
-//! generated tokens, the last request's decode speed, queue depth, active sequences, resident
-//! memory, and the model being served (`edgelm_model_info`, labels only).
+//! generated tokens, the last request's decode speed, queue depth, active sequences, response
+//! cache hits and misses, resident memory, and the model being served (`edgelm_model_info`,
+//! labels only).
 
 use std::sync::atomic::AtomicU64;
 
@@ -36,6 +37,8 @@ pub struct Metrics {
     queued: Gauge,
     active: Gauge,
     rss: Gauge,
+    cache_hits: Counter,
+    cache_misses: Counter,
 }
 
 impl Metrics {
@@ -63,6 +66,10 @@ impl Metrics {
         registry.register("active_sequences", "Sequences generating now", active.clone());
         let rss = Gauge::default();
         registry.register("resident_memory_bytes", "Resident memory of the server process", rss.clone());
+        let cache_hits = Counter::default();
+        registry.register("cache_hits", "Greedy requests answered from the response cache", cache_hits.clone());
+        let cache_misses = Counter::default();
+        registry.register("cache_misses", "Greedy requests the response cache did not hold", cache_misses.clone());
         let info = Family::<ModelLabels, Gauge>::default();
         registry.register("model_info", "The model being served (always 1)", info.clone());
         info.get_or_create(&ModelLabels {
@@ -72,11 +79,32 @@ impl Metrics {
             sha256: sha256.into(),
         })
         .set(1);
-        Metrics { registry, requests, ttft, token_latency, generated_tokens, decode_tokens_per_s, queued, active, rss }
+        Metrics {
+            registry,
+            requests,
+            ttft,
+            token_latency,
+            generated_tokens,
+            decode_tokens_per_s,
+            queued,
+            active,
+            rss,
+            cache_hits,
+            cache_misses,
+        }
     }
 
     pub fn request(&self, route: &str, status: u16) {
         self.requests.get_or_create(&RequestLabels { route: route.into(), status: status.to_string() }).inc();
+    }
+
+    /// A greedy request looked up in the response cache.
+    pub fn cache(&self, hit: bool) {
+        if hit {
+            self.cache_hits.inc();
+        } else {
+            self.cache_misses.inc();
+        }
     }
 
     /// The text a scrape gets, with the gauges read now.

@@ -13,6 +13,7 @@
 //! can hold sequences busy on a model that would otherwise answer in a millisecond.
 
 mod api;
+mod cache;
 mod metrics;
 
 use std::net::SocketAddr;
@@ -64,6 +65,13 @@ pub struct HttpArgs {
     /// Largest request body in bytes (larger: 413).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Bytes of answers to greedy requests kept to answer repeats without the model (0: no
+    /// cache).
+    #[arg(long, default_value_t = 16 << 20)]
+    pub cache_bytes: u64,
+    /// Seconds a cached answer stays.
+    #[arg(long, default_value_t = 600)]
+    pub cache_ttl: u64,
 }
 
 /// The loaded model, shareable among requests.
@@ -91,6 +99,7 @@ struct Server {
     next_id: AtomicU64,
     step_delay: Option<Duration>,
     metrics: metrics::Metrics,
+    cache: cache::ResponseCache,
 }
 
 /// Counts a request as waiting for as long as it lives (also when its client leaves mid-wait).
@@ -276,6 +285,7 @@ fn start_generation(
     engine: Arc<Engine>,
     prompt: Vec<u32>,
     params: GenerateParams,
+    cache_key: Option<cache::Key>,
 ) -> mpsc::Receiver<Step> {
     let (tx, rx) = mpsc::channel(64);
     let deadline = Instant::now() + running.server.request_timeout;
@@ -308,6 +318,9 @@ fn start_generation(
                 ControlFlow::Continue(())
             },
         );
+        if let (Ok(g), Some(key), false) = (&result, cache_key, timed_out) {
+            server.cache.put(key, g);
+        }
         if let Ok(g) = &result {
             let m = &server.metrics;
             m.ttft.observe(g.metrics.ttft_ms / 1e3);
@@ -405,7 +418,6 @@ async fn answer(
     include_usage: bool,
 ) -> Result<Response, ApiError> {
     let engine = Arc::clone(server.engine()?);
-    let running = server.admit().await?;
     let a = Answer {
         shape,
         id: server.new_id(if shape == Shape::Chat { "chatcmpl" } else { "cmpl" }),
@@ -413,7 +425,24 @@ async fn answer(
         created: now_secs(),
         include_usage,
     };
-    let mut rx = start_generation(running, engine, prompt, params);
+    let key = server.cache.key(if shape == Shape::Chat { "chat" } else { "completion" }, &prompt, &params);
+    let cached = key.as_ref().and_then(|k| server.cache.get(k));
+    if key.is_some() {
+        server.metrics.cache(cached.is_some());
+    }
+    let mut rx = match cached {
+        // A repeat: the stored answer, with no sequence and no model step.
+        Some(g) => {
+            let (tx, rx) = mpsc::channel(2);
+            let _ = tx.try_send(Step::Piece(g.text.clone()));
+            let _ = tx.try_send(Step::Done(Ok((*g).clone())));
+            rx
+        }
+        None => {
+            let running = server.admit().await?;
+            start_generation(running, engine, prompt, params, key)
+        }
+    };
     if !stream {
         // Dropping `rx` (the client left, so axum drops this future) stops the generation.
         loop {
@@ -749,6 +778,7 @@ pub fn serve_http(
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis),
         metrics,
+        cache: cache::ResponseCache::new(h.cache_bytes, Duration::from_secs(h.cache_ttl)),
     });
     let app = Router::new()
         .route("/v1/completions", post(completions))
