@@ -27,6 +27,9 @@ pub struct GenerateParams {
     pub stop_strings: Vec<String>,
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Report each chosen token's log-probability ([`TokenEvent::logprob`],
+    /// [`Generation::mean_logprob`]); costs one pass over the vocabulary per token.
+    pub logprobs: bool,
 }
 
 impl Default for GenerateParams {
@@ -37,6 +40,7 @@ impl Default for GenerateParams {
             sampling: SamplingParams::default(),
             stop_strings: vec![],
             ignore_eos: false,
+            logprobs: false,
         }
     }
 }
@@ -65,6 +69,12 @@ impl GenerateParams {
         self.ignore_eos = ignore;
         self
     }
+
+    /// Reporting each chosen token's log-probability (`true`) or not.
+    pub fn with_logprobs(mut self, logprobs: bool) -> Self {
+        self.logprobs = logprobs;
+        self
+    }
 }
 
 /// Why generation ended.
@@ -91,6 +101,9 @@ pub struct TokenEvent<'a> {
     /// Text completed by this token (may be empty: a partial character, or held back while it
     /// might start a stop string).
     pub text: &'a str,
+    /// The token's log-probability under the model's distribution after the repetition
+    /// penalty (before temperature and truncation), when [`GenerateParams::logprobs`] asked.
+    pub logprob: Option<f32>,
 }
 
 /// The result of one generation.
@@ -104,6 +117,9 @@ pub struct Generation {
     pub text: String,
     /// Why generation ended.
     pub stop_reason: StopReason,
+    /// Mean log-probability of the generated tokens (see [`TokenEvent::logprob`]), when
+    /// [`GenerateParams::logprobs`] asked and a token was generated.
+    pub mean_logprob: Option<f64>,
     /// Timing and memory.
     pub metrics: Metrics,
 }
@@ -152,6 +168,7 @@ pub(crate) fn run(
     let mut input: Vec<u32> = prompt.to_vec();
     let mut position = 0;
     let mut caller_stopped = false;
+    let mut logprob_sum = 0.0f64;
     while generated.len() < params.max_new_tokens {
         if cancelled() {
             reason = StopReason::Cancelled;
@@ -164,6 +181,10 @@ pub(crate) fn run(
         let logits = model.forward(&input)?;
         position += input.len();
         let id = sampler.sample(logits, &history);
+        let logprob = params.logprobs.then(|| log_softmax_at(logits, id));
+        if let Some(lp) = logprob {
+            logprob_sum += f64::from(lp);
+        }
         first_token_at.get_or_insert_with(Instant::now);
         generated.push(id);
         history.push(id);
@@ -181,7 +202,7 @@ pub(crate) fn run(
             }
         }
         text.push_str(&piece);
-        let flow = on_token(TokenEvent { id: Some(id), text: &piece });
+        let flow = on_token(TokenEvent { id: Some(id), text: &piece, logprob });
         caller_stopped = flow.is_break();
         if is_eos {
             reason = StopReason::Eos;
@@ -213,7 +234,7 @@ pub(crate) fn run(
             // A caller that stopped or cancelled gets no more callbacks; the text still has
             // the tail.
             if reason != StopReason::Cancelled && !caller_stopped {
-                let _ = on_token(TokenEvent { id: None, text: &tail });
+                let _ = on_token(TokenEvent { id: None, text: &tail, logprob: None });
             }
         }
     }
@@ -227,7 +248,25 @@ pub(crate) fn run(
         if generated.len() > 1 && decode_secs > 0.0 { (generated.len() - 1) as f64 / decode_secs } else { 0.0 };
     metrics.total_ms = (end - start).as_secs_f64() * 1e3;
     metrics.peak_rss_bytes = peak_rss_bytes();
-    Ok(Generation { prompt_ids: prompt.to_vec(), generated_ids: generated, text, stop_reason: reason, metrics })
+    let mean_logprob = (params.logprobs && !generated.is_empty()).then(|| logprob_sum / generated.len() as f64);
+    Ok(Generation {
+        prompt_ids: prompt.to_vec(),
+        generated_ids: generated,
+        text,
+        stop_reason: reason,
+        mean_logprob,
+        metrics,
+    })
+}
+
+/// `log_softmax(logits)[id]`, computed stably.
+fn log_softmax_at(logits: &[f32], id: u32) -> f32 {
+    let max = logits.iter().copied().filter(|v| !v.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return f32::NEG_INFINITY;
+    }
+    let sum: f64 = logits.iter().filter(|v| !v.is_nan()).map(|&v| f64::from(v - max).exp()).sum();
+    logits.get(id as usize).map_or(f32::NEG_INFINITY, |&v| v - max - sum.ln() as f32)
 }
 
 #[cfg(test)]
@@ -312,6 +351,18 @@ mod tests {
 
     fn params(max_new: usize) -> GenerateParams {
         GenerateParams::default().with_max_new_tokens(max_new)
+    }
+
+    #[test]
+    fn logprobs_are_the_chosen_tokens_log_softmax_and_their_mean() {
+        // Logits 5 for the scripted token, 0 for the other 7: p = e^5 / (e^5 + 7).
+        let want = (5.0f64.exp() / (5.0f64.exp() + 7.0)).ln();
+        let mut m = Scripted::new(&[1, 2, 3]);
+        let (out, _) = generate(&mut m, &params(3).with_logprobs(true), 64, None);
+        let mean = out.unwrap().mean_logprob.unwrap();
+        assert!((mean - want).abs() < 1e-5, "{mean} vs {want}");
+        let mut m = Scripted::new(&[1, 2, 3]);
+        assert_eq!(generate(&mut m, &params(3), 64, None).0.unwrap().mean_logprob, None);
     }
 
     #[test]
