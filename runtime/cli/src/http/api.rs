@@ -16,6 +16,8 @@ pub struct ApiError {
     pub param: Option<String>,
     /// Seconds for a `Retry-After` header (429, 503).
     pub retry_after: Option<u64>,
+    /// OpenAI's `code` (e.g. `content_policy_violation`).
+    pub code: Option<&'static str>,
 }
 
 impl ApiError {
@@ -26,15 +28,16 @@ impl ApiError {
             message: message.into(),
             param: param.map(str::to_owned),
             retry_after: None,
+            code: None,
         }
     }
 
     pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, kind, message: message.into(), param: None, retry_after: None }
+        ApiError { status, kind, message: message.into(), param: None, retry_after: None, code: None }
     }
 
     pub fn body(&self) -> Value {
-        json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": Value::Null } })
+        json!({ "error": { "message": self.message, "type": self.kind, "param": self.param, "code": self.code } })
     }
 }
 

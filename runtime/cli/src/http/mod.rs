@@ -14,6 +14,7 @@
 
 mod api;
 mod cache;
+mod guard;
 mod metrics;
 
 use std::net::SocketAddr;
@@ -72,6 +73,10 @@ pub struct HttpArgs {
     /// Seconds a cached answer stays.
     #[arg(long, default_value_t = 600)]
     pub cache_ttl: u64,
+    /// Guard policy (TOML): prompt limits, denied patterns, injection heuristics, answer
+    /// redaction, review threshold (see `http/guard.rs` and the README).
+    #[arg(long)]
+    pub guard: Option<PathBuf>,
 }
 
 /// The loaded model, shareable among requests.
@@ -100,6 +105,7 @@ struct Server {
     step_delay: Option<Duration>,
     metrics: metrics::Metrics,
     cache: cache::ResponseCache,
+    guard: Option<Arc<guard::Guard>>,
 }
 
 /// Counts a request as waiting for as long as it lives (also when its client leaves mid-wait).
@@ -247,7 +253,27 @@ impl Server {
             Some(n) => n,
             None => room.min(self.max_tokens_cap),
         };
-        Ok(GenerateParams::default().with_max_new_tokens(max_new).with_sampling(sampling).with_stop_strings(stops))
+        let logprobs = self.guard.as_ref().is_some_and(|g| g.wants_logprobs());
+        Ok(GenerateParams::default()
+            .with_max_new_tokens(max_new)
+            .with_sampling(sampling)
+            .with_stop_strings(stops)
+            .with_logprobs(logprobs))
+    }
+
+    /// The guard's verdict on a request's texts: a 400 naming the rule (and a log line) when
+    /// one is refused.
+    fn screen<'t>(&self, texts: impl IntoIterator<Item = &'t str>, param: &str) -> Result<(), ApiError> {
+        let Some(g) = &self.guard else { return Ok(()) };
+        for t in texts {
+            if let Some(why) = g.check_prompt(t) {
+                eprintln!("edgelm serve: guard refused a request: {why}");
+                let mut e = ApiError::invalid(format!("refused by the server's policy: {why}"), Some(param));
+                e.code = Some("content_policy_violation");
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -356,6 +382,7 @@ struct Answer {
     model: String,
     created: u64,
     include_usage: bool,
+    guard: Option<Arc<guard::Guard>>,
 }
 
 impl Answer {
@@ -390,21 +417,45 @@ impl Answer {
         }
     }
 
+    fn redacts(&self) -> bool {
+        self.guard.as_ref().is_some_and(|g| g.redacts())
+    }
+
+    /// The answer's text as the client may see it.
+    fn text(&self, raw: &str) -> String {
+        match &self.guard {
+            Some(g) => g.redact(raw),
+            None => raw.to_owned(),
+        }
+    }
+
+    /// Adds the review mark to a response object when the guard asks for one (and logs it).
+    fn mark(&self, v: &mut Value, g: &Generation) {
+        if self.guard.as_ref().is_some_and(|guard| guard.needs_review(g.mean_logprob)) {
+            let m = g.mean_logprob.unwrap_or(f64::NAN);
+            eprintln!("edgelm serve: review: {} has a mean token log-probability of {m:.3}", self.id);
+            v["edgelm"] = json!({"review": true, "mean_logprob": m});
+        }
+    }
+
     fn whole(&self, g: &Generation) -> Value {
         let reason = finish_reason(g.stop_reason);
         let usage = Usage::new(g.prompt_ids.len(), g.generated_ids.len());
+        let text = self.text(&g.text);
         let choice = match self.shape {
-            Shape::Completion => json!({"text": g.text, "index": 0, "logprobs": null, "finish_reason": reason}),
+            Shape::Completion => json!({"text": text, "index": 0, "logprobs": null, "finish_reason": reason}),
             Shape::Chat => json!({
-                "index": 0, "message": {"role": "assistant", "content": g.text},
+                "index": 0, "message": {"role": "assistant", "content": text},
                 "logprobs": null, "finish_reason": reason,
             }),
         };
         let object = if self.shape == Shape::Chat { "chat.completion" } else { "text_completion" };
-        json!({
+        let mut v = json!({
             "id": self.id, "object": object, "created": self.created, "model": self.model,
             "choices": [choice], "usage": usage,
-        })
+        });
+        self.mark(&mut v, g);
+        v
     }
 }
 
@@ -424,6 +475,7 @@ async fn answer(
         model: server.id.clone(),
         created: now_secs(),
         include_usage,
+        guard: server.guard.clone(),
     };
     let key = server.cache.key(if shape == Shape::Chat { "chat" } else { "completion" }, &prompt, &params);
     let cached = key.as_ref().and_then(|k| server.cache.get(k));
@@ -467,39 +519,45 @@ fn async_stream(
     rx: mpsc::Receiver<Step>,
 ) -> impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>> {
     enum St {
-        Open(Answer, mpsc::Receiver<Step>, bool),
+        /// Streaming: the answer, the generation's channel, whether nothing was sent yet, and
+        /// the text held back while the guard redacts (it sees the whole answer first).
+        Open(Answer, mpsc::Receiver<Step>, bool, String),
         Tail(Vec<Event>),
     }
-    futures_util::stream::unfold(St::Open(a, rx, true), |state| async move {
+    futures_util::stream::unfold(St::Open(a, rx, true, String::new()), |state| async move {
         match state {
-            St::Open(a, mut rx, first) => match rx.recv().await {
-                Some(Step::Piece(text)) => {
-                    let ev = Event::default().data(a.chunk(a.piece(&text, first), None).to_string());
-                    Some((Ok(ev), St::Open(a, rx, false)))
-                }
-                Some(Step::Done(result)) => {
-                    let mut tail = Vec::new();
-                    match result {
-                        Ok(g) => {
-                            if first && a.shape == Shape::Chat {
-                                tail.push(Event::default().data(a.chunk(a.piece("", true), None).to_string()));
-                            }
-                            tail.push(
-                                Event::default().data(a.chunk(a.last(finish_reason(g.stop_reason)), None).to_string()),
-                            );
-                            if a.include_usage {
-                                let u = Usage::new(g.prompt_ids.len(), g.generated_ids.len());
-                                tail.push(Event::default().data(a.chunk(Value::Null, Some(u)).to_string()));
-                            }
-                        }
-                        Err(e) => tail.push(Event::default().data(e.body().to_string())),
+            St::Open(a, mut rx, first, mut held) => loop {
+                match rx.recv().await {
+                    Some(Step::Piece(text)) if a.redacts() => held.push_str(&text),
+                    Some(Step::Piece(text)) => {
+                        let ev = Event::default().data(a.chunk(a.piece(&text, first), None).to_string());
+                        break Some((Ok(ev), St::Open(a, rx, false, held)));
                     }
-                    tail.push(Event::default().data("[DONE]"));
-                    tail.reverse();
-                    let ev = tail.pop().expect("at least [DONE]");
-                    Some((Ok(ev), St::Tail(tail)))
+                    Some(Step::Done(result)) => {
+                        let mut tail = Vec::new();
+                        match result {
+                            Ok(g) => {
+                                let text = a.text(&held);
+                                if !text.is_empty() || (first && a.shape == Shape::Chat) {
+                                    tail.push(Event::default().data(a.chunk(a.piece(&text, first), None).to_string()));
+                                }
+                                let mut last = a.chunk(a.last(finish_reason(g.stop_reason)), None);
+                                a.mark(&mut last, &g);
+                                tail.push(Event::default().data(last.to_string()));
+                                if a.include_usage {
+                                    let u = Usage::new(g.prompt_ids.len(), g.generated_ids.len());
+                                    tail.push(Event::default().data(a.chunk(Value::Null, Some(u)).to_string()));
+                                }
+                            }
+                            Err(e) => tail.push(Event::default().data(e.body().to_string())),
+                        }
+                        tail.push(Event::default().data("[DONE]"));
+                        tail.reverse();
+                        let ev = tail.pop().expect("at least [DONE]");
+                        break Some((Ok(ev), St::Tail(tail)));
+                    }
+                    None => break None,
                 }
-                None => None,
             },
             St::Tail(mut tail) => tail.pop().map(|ev| (Ok(ev), St::Tail(tail))),
         }
@@ -524,10 +582,16 @@ async fn completions(
         }
     }
     let ids = match req.prompt.clone() {
-        Prompt::Text(t) => tokens(&engine, &t)?,
-        Prompt::Ids(ids) => ids,
-        Prompt::Texts(v) if v.len() == 1 => tokens(&engine, &v[0])?,
-        Prompt::IdLists(v) if v.len() == 1 => v[0].clone(),
+        Prompt::Text(t) => {
+            server.screen([t.as_str()], "prompt")?;
+            tokens(&engine, &t)?
+        }
+        Prompt::Texts(v) if v.len() == 1 => {
+            server.screen([v[0].as_str()], "prompt")?;
+            tokens(&engine, &v[0])?
+        }
+        Prompt::Ids(ids) => screened_ids(&server, &engine, ids)?,
+        Prompt::IdLists(v) if v.len() == 1 => screened_ids(&server, &engine, v[0].clone())?,
         _ => return Err(ApiError::invalid("send one prompt per request", Some("prompt"))),
     };
     let s = req.sampling();
@@ -535,6 +599,18 @@ async fn completions(
     engine.check_request(&ids, &params).map_err(|e| runtime_error(&e))?;
     let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
     answer(&server, Shape::Completion, ids, params, s.stream, usage).await
+}
+
+/// A prompt given as token ids, screened as the text it decodes to.
+fn screened_ids(server: &Server, engine: &Engine, ids: Vec<u32>) -> Result<Vec<u32>, ApiError> {
+    if server.guard.is_some() {
+        let codec = engine.codec().ok_or_else(|| {
+            ApiError::invalid("this bundle has no tokenizer to check token prompts with", Some("prompt"))
+        })?;
+        let text = codec.decode(&ids).map_err(|e| runtime_error(&e))?;
+        server.screen([text.as_str()], "prompt")?;
+    }
+    Ok(ids)
 }
 
 fn tokens(engine: &Engine, text: &str) -> Result<Vec<u32>, ApiError> {
@@ -596,6 +672,7 @@ async fn chat(State(server): State<Arc<Server>>, body: Result<Bytes, BytesReject
         };
         messages.push(ChatMessage::new(role, text));
     }
+    server.screen(messages.iter().map(|m| m.content.as_str()), "messages")?;
     let ids = engine.encode_chat(&messages).map_err(|e| match e {
         edgelm_runtime::Error::Template(_) | edgelm_runtime::Error::NoTokenizer => {
             ApiError::invalid(format!("{e}; this bundle cannot format chats: use /v1/completions"), Some("messages"))
@@ -755,6 +832,7 @@ pub fn serve_http(
         (None, None) => 4,
     };
     let precision = precision.unwrap_or_else(|| "unknown".into());
+    let guard = h.guard.as_deref().map(guard::Guard::load).transpose()?.map(Arc::new);
     let metrics = metrics::Metrics::new(&id, kind, &precision, &sha256);
     let server = Arc::new(Server {
         model: served,
@@ -779,6 +857,7 @@ pub fn serve_http(
             .map(Duration::from_millis),
         metrics,
         cache: cache::ResponseCache::new(h.cache_bytes, Duration::from_secs(h.cache_ttl)),
+        guard,
     });
     let app = Router::new()
         .route("/v1/completions", post(completions))
