@@ -343,3 +343,83 @@ fn the_guard_blocks_configured_prompts_redacts_answers_and_marks_unsure_ones() {
 fn edgelm_e2e_redact(text: &str, word: &str) -> String {
     text.split(' ').map(|w| if w == word { "[gone]" } else { w }).collect::<Vec<_>>().join(" ")
 }
+
+#[test]
+fn a_reload_swaps_the_bundle_under_load_without_failing_a_request() {
+    let dir = edgelm_e2e::scratch().join("hot-swap");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let versions: Vec<std::path::PathBuf> = (1..=2)
+        .map(|i| {
+            let v = dir.join(format!("v{i}"));
+            edgelm_e2e::copy_dir(&bundle("tiny"), &v);
+            let path = v.join("edgelm.json");
+            let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            m["report"]["hot_swap_version"] = i.into();
+            std::fs::write(&path, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+            v
+        })
+        .collect();
+    let sha = |v: &Path| {
+        use sha2::{Digest, Sha256};
+        edgelm_runtime::bundle::hex(&Sha256::digest(std::fs::read(v.join("edgelm.json")).unwrap()))
+    };
+    // The server is given a link, as a deploy's current/model is.
+    let link = dir.join("current");
+    let point = |to: &Path| {
+        let tmp = dir.join("current.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(to, &tmp).unwrap();
+        std::fs::rename(&tmp, &link).unwrap();
+    };
+    point(&versions[0]);
+    let server = serve(&link, &["--cache-bytes", "0"], &[("EDGELM_HTTP_STEP_DELAY_MS", "5")]);
+    let served = |addr: &str| json(&http(addr, "GET", "/v1/models", "").2)["data"][0]["edgelm"]["sha256"].clone();
+    assert_eq!(served(&server.addr), sha(&versions[0]).as_str());
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..3)
+        .map(|c| {
+            let (addr, stop) = (server.addr.clone(), std::sync::Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut statuses = vec![];
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let stream = c == 0;
+                    let body = serde_json::json!({"prompt": PROMPT, "max_tokens": 20, "stream": stream});
+                    let (s, _, b) = http(&addr, "POST", "/v1/completions", &body.to_string());
+                    let ok = s == 200 && (!stream || b.contains("data: [DONE]")) && !b.contains("\"error\"");
+                    statuses.push((s, ok));
+                }
+                statuses
+            })
+        })
+        .collect();
+    let signal = |sig| unsafe { libc::kill(server.child.id() as i32, sig) };
+    std::thread::sleep(Duration::from_millis(500));
+    point(&versions[1]);
+    assert_eq!(signal(libc::SIGHUP), 0);
+    let start = Instant::now();
+    while served(&server.addr) != sha(&versions[1]).as_str() {
+        assert!(start.elapsed() < Duration::from_secs(30), "the reload never took");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // A bundle that does not load leaves the current one serving, and says why.
+    let broken = dir.join("broken");
+    edgelm_e2e::copy_dir(&versions[1], &broken);
+    std::fs::write(broken.join("model.onnx"), b"not a graph").unwrap();
+    point(&broken);
+    assert_eq!(signal(libc::SIGHUP), 0);
+    wait_ready(&server.addr, "the failed reload reported", |r| !r["last_reload_error"].is_null());
+    assert_eq!(served(&server.addr), sha(&versions[1]).as_str());
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut total = 0;
+    for c in clients {
+        for (status, ok) in c.join().unwrap() {
+            assert!(ok, "a request failed during the swap: {status}");
+            total += 1;
+        }
+    }
+    assert!(total >= 10, "only {total} requests ran");
+}

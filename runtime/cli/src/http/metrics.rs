@@ -39,10 +39,11 @@ pub struct Metrics {
     rss: Gauge,
     cache_hits: Counter,
     cache_misses: Counter,
+    model_info: Family<ModelLabels, Gauge>,
 }
 
 impl Metrics {
-    pub fn new(model: &str, kind: &str, precision: &str, sha256: &str) -> Self {
+    pub fn new() -> Self {
         let mut registry = Registry::with_prefix("edgelm");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register("requests", "HTTP requests by route and status", requests.clone());
@@ -72,13 +73,6 @@ impl Metrics {
         registry.register("cache_misses", "Greedy requests the response cache did not hold", cache_misses.clone());
         let info = Family::<ModelLabels, Gauge>::default();
         registry.register("model_info", "The model being served (always 1)", info.clone());
-        info.get_or_create(&ModelLabels {
-            model: model.into(),
-            kind: kind.into(),
-            precision: precision.into(),
-            sha256: sha256.into(),
-        })
-        .set(1);
         Metrics {
             registry,
             requests,
@@ -91,11 +85,25 @@ impl Metrics {
             rss,
             cache_hits,
             cache_misses,
+            model_info: info,
         }
     }
 
     pub fn request(&self, route: &str, status: u16) {
         self.requests.get_or_create(&RequestLabels { route: route.into(), status: status.to_string() }).inc();
+    }
+
+    /// The model now served (the previous one's series goes).
+    pub fn set_model(&self, model: &str, kind: &str, precision: &str, sha256: &str) {
+        self.model_info.clear();
+        self.model_info
+            .get_or_create(&ModelLabels {
+                model: model.into(),
+                kind: kind.into(),
+                precision: precision.into(),
+                sha256: sha256.into(),
+            })
+            .set(1);
     }
 
     /// A greedy request looked up in the response cache.

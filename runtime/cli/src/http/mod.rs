@@ -19,7 +19,7 @@ mod metrics;
 
 use std::net::SocketAddr;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -85,7 +85,9 @@ enum Served {
     Encoder(Arc<Mutex<Encoder>>),
 }
 
-struct Server {
+/// One loaded bundle and what belongs to it. A reload replaces it whole; a request keeps the
+/// one it started with until it ends, so the old model drains while the new one serves.
+struct Loaded {
     model: Served,
     id: String,
     kind: &'static str,
@@ -93,18 +95,33 @@ struct Server {
     sha256: String,
     created: u64,
     context: usize,
+    max_tokens_cap: usize,
+    weights: u64,
+    kv_bytes: u64,
+    cache: cache::ResponseCache,
+}
+
+struct Server {
+    loaded: std::sync::RwLock<Arc<Loaded>>,
+    /// What a reload opens again (SIGHUP): the bundle path as given (a `current/model` link
+    /// follows a deploy), with the same options and signature policy.
+    bundle: PathBuf,
+    opts: edgelm_runtime::EngineOptions,
+    reload_error: Mutex<Option<String>>,
+    created: u64,
     slots: Arc<Semaphore>,
     max_sequences: usize,
     queue: usize,
     waiting: AtomicUsize,
     active: AtomicUsize,
-    max_tokens_cap: usize,
+    max_tokens_cap: Option<usize>,
+    cache_bytes: u64,
+    cache_ttl: Duration,
     request_timeout: Duration,
     queue_timeout: Duration,
     next_id: AtomicU64,
     step_delay: Option<Duration>,
     metrics: metrics::Metrics,
-    cache: cache::ResponseCache,
     guard: Option<Arc<guard::Guard>>,
 }
 
@@ -168,6 +185,97 @@ impl Server {
         Ok(Running { _permit: permit, server: Arc::clone(self) })
     }
 
+    /// The model serving now.
+    fn loaded(&self) -> Arc<Loaded> {
+        Arc::clone(&self.loaded.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Opens the bundle again and, if it loads (signature checked as at start), serves it from
+    /// the next request on. A bundle that fails leaves the current one serving.
+    fn reload(&self) -> Result<()> {
+        let new = Loaded::open(&self.bundle, &self.opts, self.max_tokens_cap, self.cache_bytes, self.cache_ttl)
+            .with_context(|| format!("reloading {}", self.bundle.display()));
+        let new = match new {
+            Ok(n) => n,
+            Err(e) => {
+                *self.reload_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{e:#}"));
+                return Err(e);
+            }
+        };
+        self.metrics.set_model(&new.id, new.kind, &new.precision, &new.sha256);
+        eprintln!("edgelm serve: now serving {} ({}, sha256 {})", new.id, new.precision, new.sha256);
+        *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        *self.reload_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+
+    fn new_id(&self, prefix: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{prefix}-{:x}{n:06x}", self.created)
+    }
+
+    /// The guard's verdict on a request's texts: a 400 naming the rule (and a log line) when
+    /// one is refused.
+    fn screen<'t>(&self, texts: impl IntoIterator<Item = &'t str>, param: &str) -> Result<(), ApiError> {
+        let Some(g) = &self.guard else { return Ok(()) };
+        for t in texts {
+            if let Some(why) = g.check_prompt(t) {
+                eprintln!("edgelm serve: guard refused a request: {why}");
+                let mut e = ApiError::invalid(format!("refused by the server's policy: {why}"), Some(param));
+                e.code = Some("content_policy_violation");
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Loaded {
+    /// Opens `bundle` and works out what it needs.
+    fn open(
+        bundle: &Path,
+        opts: &edgelm_runtime::EngineOptions,
+        max_tokens_cap: Option<usize>,
+        cache_bytes: u64,
+        cache_ttl: Duration,
+    ) -> Result<Loaded> {
+        let model = Model::open(bundle, opts).with_context(|| format!("opening {}", bundle.display()))?;
+        let id = std::fs::canonicalize(bundle)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "model".into());
+        let manifest = std::fs::read(bundle.join("edgelm.json")).unwrap_or_default();
+        let sha256 = {
+            use sha2::{Digest, Sha256};
+            edgelm_runtime::bundle::hex(&Sha256::digest(&manifest))
+        };
+        let (model, kind, precision, context, weights, kv_bytes) = match model {
+            Model::CausalLm(e) => {
+                let precision = e.bundle().manifest.as_ref().map(|m| precision_name(m.quantization));
+                let (w, k, c) = (e.weight_bytes(), e.kv_cache_bytes(e.context_length()), e.context_length());
+                (Served::Lm(Arc::from(e)), "causal-lm", precision, c, w, k)
+            }
+            Model::Encoder(e) => {
+                let precision = Some(precision_name(e.manifest().quantization));
+                let (w, c) = (e.weight_bytes(), e.context_length().unwrap_or(0));
+                (Served::Encoder(Arc::new(Mutex::new(*e))), "encoder", precision, c, w, 0)
+            }
+        };
+        Ok(Loaded {
+            model,
+            id,
+            kind,
+            precision: precision.unwrap_or_else(|| "unknown".into()),
+            sha256,
+            created: now_secs(),
+            context,
+            max_tokens_cap: max_tokens_cap.unwrap_or(context).max(1),
+            weights,
+            kv_bytes,
+            cache: cache::ResponseCache::new(cache_bytes, cache_ttl),
+        })
+    }
+
     fn engine(&self) -> Result<&Arc<Engine>, ApiError> {
         match &self.model {
             Served::Lm(e) => Ok(e),
@@ -178,15 +286,11 @@ impl Server {
         }
     }
 
-    fn new_id(&self, prefix: &str) -> String {
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        format!("{prefix}-{:x}{n:06x}", self.created)
-    }
-
     /// Generation settings from a request's fields: the bundle's defaults where it gives none,
     /// a 400 for what cannot be honoured.
     fn params(
         &self,
+        guard: Option<&guard::Guard>,
         engine: &Engine,
         s: &Sampling,
         max_tokens: Option<usize>,
@@ -253,27 +357,12 @@ impl Server {
             Some(n) => n,
             None => room.min(self.max_tokens_cap),
         };
-        let logprobs = self.guard.as_ref().is_some_and(|g| g.wants_logprobs());
+        let logprobs = guard.is_some_and(|g| g.wants_logprobs());
         Ok(GenerateParams::default()
             .with_max_new_tokens(max_new)
             .with_sampling(sampling)
             .with_stop_strings(stops)
             .with_logprobs(logprobs))
-    }
-
-    /// The guard's verdict on a request's texts: a 400 naming the rule (and a log line) when
-    /// one is refused.
-    fn screen<'t>(&self, texts: impl IntoIterator<Item = &'t str>, param: &str) -> Result<(), ApiError> {
-        let Some(g) = &self.guard else { return Ok(()) };
-        for t in texts {
-            if let Some(why) = g.check_prompt(t) {
-                eprintln!("edgelm serve: guard refused a request: {why}");
-                let mut e = ApiError::invalid(format!("refused by the server's policy: {why}"), Some(param));
-                e.code = Some("content_policy_violation");
-                return Err(e);
-            }
-        }
-        Ok(())
     }
 }
 
@@ -308,6 +397,7 @@ enum Step {
 /// receiver is gone (the client left) or the request's time is up.
 fn start_generation(
     running: Running,
+    loaded: Arc<Loaded>,
     engine: Arc<Engine>,
     prompt: Vec<u32>,
     params: GenerateParams,
@@ -345,7 +435,7 @@ fn start_generation(
             },
         );
         if let (Ok(g), Some(key), false) = (&result, cache_key, timed_out) {
-            server.cache.put(key, g);
+            loaded.cache.put(key, g);
         }
         if let Ok(g) = &result {
             let m = &server.metrics;
@@ -462,23 +552,24 @@ impl Answer {
 /// Runs an admitted request and answers it whole or as server-sent events.
 async fn answer(
     server: &Arc<Server>,
+    m: &Arc<Loaded>,
     shape: Shape,
     prompt: Vec<u32>,
     params: GenerateParams,
     stream: bool,
     include_usage: bool,
 ) -> Result<Response, ApiError> {
-    let engine = Arc::clone(server.engine()?);
+    let engine = Arc::clone(m.engine()?);
     let a = Answer {
         shape,
         id: server.new_id(if shape == Shape::Chat { "chatcmpl" } else { "cmpl" }),
-        model: server.id.clone(),
+        model: m.id.clone(),
         created: now_secs(),
         include_usage,
         guard: server.guard.clone(),
     };
-    let key = server.cache.key(if shape == Shape::Chat { "chat" } else { "completion" }, &prompt, &params);
-    let cached = key.as_ref().and_then(|k| server.cache.get(k));
+    let key = m.cache.key(if shape == Shape::Chat { "chat" } else { "completion" }, &prompt, &params);
+    let cached = key.as_ref().and_then(|k| m.cache.get(k));
     if key.is_some() {
         server.metrics.cache(cached.is_some());
     }
@@ -492,7 +583,7 @@ async fn answer(
         }
         None => {
             let running = server.admit().await?;
-            start_generation(running, engine, prompt, params, key)
+            start_generation(running, Arc::clone(m), engine, prompt, params, key)
         }
     };
     if !stream {
@@ -570,7 +661,8 @@ async fn completions(
 ) -> Result<Response, ApiError> {
     let body = body?;
     let req: CompletionRequest = api::parse(&body)?;
-    let engine = Arc::clone(server.engine()?);
+    let m = server.loaded();
+    let engine = Arc::clone(m.engine()?);
     for (bad, name) in [
         (req.echo == Some(true), "echo"),
         (req.best_of.is_some_and(|b| b != 1), "best_of"),
@@ -595,10 +687,10 @@ async fn completions(
         _ => return Err(ApiError::invalid("send one prompt per request", Some("prompt"))),
     };
     let s = req.sampling();
-    let params = server.params(&engine, &s, req.max_tokens, ids.len())?;
+    let params = m.params(server.guard.as_deref(), &engine, &s, req.max_tokens, ids.len())?;
     engine.check_request(&ids, &params).map_err(|e| runtime_error(&e))?;
     let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    answer(&server, Shape::Completion, ids, params, s.stream, usage).await
+    answer(&server, &m, Shape::Completion, ids, params, s.stream, usage).await
 }
 
 /// A prompt given as token ids, screened as the text it decodes to.
@@ -623,7 +715,8 @@ fn tokens(engine: &Engine, text: &str) -> Result<Vec<u32>, ApiError> {
 async fn chat(State(server): State<Arc<Server>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body?;
     let req: ChatRequest = api::parse(&body)?;
-    let engine = Arc::clone(server.engine()?);
+    let m = server.loaded();
+    let engine = Arc::clone(m.engine()?);
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::invalid("tools are not supported", Some("tools")));
     }
@@ -680,10 +773,11 @@ async fn chat(State(server): State<Arc<Server>>, body: Result<Bytes, BytesReject
         e => runtime_error(&e),
     })?;
     let s = req.sampling();
-    let params = server.params(&engine, &s, req.max_completion_tokens.or(req.max_tokens), ids.len())?;
+    let params =
+        m.params(server.guard.as_deref(), &engine, &s, req.max_completion_tokens.or(req.max_tokens), ids.len())?;
     engine.check_request(&ids, &params).map_err(|e| runtime_error(&e))?;
     let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    answer(&server, Shape::Chat, ids, params, s.stream, usage).await
+    answer(&server, &m, Shape::Chat, ids, params, s.stream, usage).await
 }
 
 async fn embeddings(
@@ -692,8 +786,9 @@ async fn embeddings(
 ) -> Result<Response, ApiError> {
     let body = body?;
     let req: EmbeddingRequest = api::parse(&body)?;
-    let Served::Encoder(enc) = &server.model else {
-        return Err(ApiError::invalid(format!("model `{}` is not an encoder", server.id), Some("model")));
+    let m = server.loaded();
+    let Served::Encoder(enc) = &m.model else {
+        return Err(ApiError::invalid(format!("model `{}` is not an encoder", m.id), Some("model")));
     };
     if req.encoding_format.as_deref().is_some_and(|f| f != "float") {
         return Err(ApiError::invalid("only the float encoding format is supported", Some("encoding_format")));
@@ -723,17 +818,17 @@ async fn embeddings(
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e.to_string()))?;
     let (data, tokens) = result?;
     Ok(Json(json!({
-        "object": "list", "data": data, "model": server.id,
+        "object": "list", "data": data, "model": m.id,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }))
     .into_response())
 }
 
 async fn models(State(server): State<Arc<Server>>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_card(&server)]}))
+    Json(json!({"object": "list", "data": [model_card(&server.loaded())]}))
 }
 
-fn model_card(s: &Server) -> Value {
+fn model_card(s: &Loaded) -> Value {
     json!({
         "id": s.id, "object": "model", "created": s.created, "owned_by": "edgelm",
         "edgelm": {"kind": s.kind, "precision": s.precision, "sha256": s.sha256, "context_length": s.context},
@@ -747,7 +842,8 @@ async fn healthz() -> Json<Value> {
 async fn readyz(State(server): State<Arc<Server>>) -> Json<Value> {
     Json(json!({
         "ready": true,
-        "model": model_card(&server),
+        "model": model_card(&server.loaded()),
+        "last_reload_error": *server.reload_error.lock().unwrap_or_else(|p| p.into_inner()),
         "max_sequences": server.max_sequences,
         "active_sequences": server.active.load(Ordering::SeqCst),
         "queued": server.waiting.load(Ordering::SeqCst),
@@ -782,35 +878,16 @@ async fn count_requests(
 pub fn serve_http(
     addr: &str,
     h: &HttpArgs,
-    bundle: &PathBuf,
+    bundle: &Path,
     queue: usize,
     threads: usize,
     kv: KvCacheMode,
     place: &Placement,
 ) -> Result<()> {
     let opts = place.engine_options(threads, kv)?;
-    let model = Model::open(bundle, &opts).with_context(|| format!("opening {}", bundle.display()))?;
-    let id = std::fs::canonicalize(bundle)
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "model".into());
-    let manifest = std::fs::read(bundle.join("edgelm.json")).unwrap_or_default();
-    let sha256 = {
-        use sha2::{Digest, Sha256};
-        Sha256::digest(&manifest).iter().map(|b| format!("{b:02x}")).collect::<String>()
-    };
-    let (served, kind, precision, context, weights, kv_bytes) = match model {
-        Model::CausalLm(e) => {
-            let precision = e.bundle().manifest.as_ref().map(|m| precision_name(m.quantization));
-            let (w, k, c) = (e.weight_bytes(), e.kv_cache_bytes(e.context_length()), e.context_length());
-            (Served::Lm(Arc::from(e)), "causal-lm", precision, c, w, k)
-        }
-        Model::Encoder(e) => {
-            let precision = Some(precision_name(e.manifest().quantization));
-            let (w, c) = (e.weight_bytes(), e.context_length().unwrap_or(0));
-            (Served::Encoder(Arc::new(Mutex::new(*e))), "encoder", precision, c, w, 0)
-        }
-    };
+    let cache_ttl = Duration::from_secs(h.cache_ttl);
+    let first = Loaded::open(bundle, &opts, h.max_tokens_cap, h.cache_bytes, cache_ttl)?;
+    let (weights, kv_bytes, context) = (first.weights, first.kv_bytes, first.context);
     let max_sequences = match (h.max_sequences, &place.board) {
         (Some(0), _) => bail!("--max-sequences must be at least 1"),
         (Some(n), _) => n,
@@ -831,23 +908,31 @@ pub fn serve_http(
         }
         (None, None) => 4,
     };
-    let precision = precision.unwrap_or_else(|| "unknown".into());
     let guard = h.guard.as_deref().map(guard::Guard::load).transpose()?.map(Arc::new);
-    let metrics = metrics::Metrics::new(&id, kind, &precision, &sha256);
+    let metrics = metrics::Metrics::new();
+    metrics.set_model(&first.id, first.kind, &first.precision, &first.sha256);
+    let banner = format!(
+        "edgelm serve: model {} ({}, {}), {max_sequences} sequences at once (weights {} MiB, KV cache {} MiB each at {context} tokens), queue {queue}",
+        first.id,
+        first.kind,
+        first.precision,
+        weights >> 20,
+        kv_bytes >> 20,
+    );
     let server = Arc::new(Server {
-        model: served,
-        id: id.clone(),
-        kind,
-        precision,
-        sha256,
+        loaded: std::sync::RwLock::new(Arc::new(first)),
+        bundle: bundle.to_path_buf(),
+        opts,
+        reload_error: Mutex::new(None),
         created: now_secs(),
-        context,
         slots: Arc::new(Semaphore::new(max_sequences)),
         max_sequences,
         queue,
         waiting: AtomicUsize::new(0),
         active: AtomicUsize::new(0),
-        max_tokens_cap: h.max_tokens_cap.unwrap_or(context).max(1),
+        max_tokens_cap: h.max_tokens_cap,
+        cache_bytes: h.cache_bytes,
+        cache_ttl,
         request_timeout: Duration::from_secs(h.request_timeout),
         queue_timeout: Duration::from_secs(h.queue_timeout),
         next_id: AtomicU64::new(0),
@@ -856,7 +941,6 @@ pub fn serve_http(
             .and_then(|v| v.parse().ok())
             .map(Duration::from_millis),
         metrics,
-        cache: cache::ResponseCache::new(h.cache_bytes, Duration::from_secs(h.cache_ttl)),
         guard,
     });
     let app = Router::new()
@@ -877,18 +961,26 @@ pub fn serve_http(
         .build()
         .context("starting the HTTP runtime")?;
     rt.block_on(async move {
-        let listener =
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         let local: SocketAddr = listener.local_addr()?;
-        eprintln!(
-            "edgelm serve: model {id} ({kind}, {}), {max_sequences} sequences at once (weights {} MiB, KV cache {} MiB each at {context} tokens), queue {queue}",
-            server.precision,
-            weights >> 20,
-            kv_bytes >> 20,
-        );
+        eprintln!("{banner}");
+        tokio::spawn(reload_on_sighup(Arc::clone(&server)));
         eprintln!("edgelm serve: listening on http://{local}");
         axum::serve(listener, app).with_graceful_shutdown(shutdown()).await.context("HTTP server")
     })
+}
+
+/// SIGHUP (`systemctl reload`, or after `edgelm deploy` switched slots) reopens the bundle and
+/// swaps it in; requests running on the old one finish on it.
+async fn reload_on_sighup(server: Arc<Server>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        let s = Arc::clone(&server);
+        let done = tokio::task::spawn_blocking(move || s.reload()).await;
+        if let Ok(Err(e)) = done {
+            eprintln!("edgelm serve: reload failed, still serving the previous model: {e:#}");
+        }
+    }
 }
 
 async fn shutdown() {
