@@ -115,6 +115,8 @@ setup-tools:
     # deploy over ssh: the test runs its own sshd on loopback.
     command -v rsync >/dev/null || missing+=(rsync)
     { [ -x /usr/sbin/sshd ] && command -v ssh >/dev/null; } || missing+=(openssh-server openssh-client)
+    # The fleet example's test puts a real nginx in front of two servers.
+    [ -x /usr/sbin/nginx ] || missing+=(nginx)
     if [ ${#missing[@]} -gt 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${missing[@]}"
     fi
