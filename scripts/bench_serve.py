@@ -36,7 +36,10 @@ PROMPTS = [
 
 
 def one_request(host, port, body, disconnect_after_first=False):
-    """Sends one streaming chat request; returns (status, ttft seconds or None, chunks)."""
+    """Sends one streaming chat request; returns (status, ttft seconds or None, tokens).
+
+    TTFT is the time to the first chunk (servers send it with the first token); tokens come
+    from the usage chunk the request asks for."""
     conn = http.client.HTTPConnection(host, port, timeout=600)
     start = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
@@ -45,7 +48,7 @@ def one_request(host, port, body, disconnect_after_first=False):
         resp.read()
         conn.close()
         return resp.status, None, 0
-    ttft, chunks = None, 0
+    ttft, tokens = None, 0
     while True:
         line = resp.readline()
         if not line:
@@ -59,23 +62,23 @@ def one_request(host, port, body, disconnect_after_first=False):
         msg = json.loads(data)
         if msg.get("error"):
             conn.close()
-            return 599, ttft, chunks
-        for c in msg.get("choices", []):
-            if c.get("delta", {}).get("content"):
-                chunks += 1
-                if ttft is None:
-                    ttft = time.perf_counter() - start
-                    if disconnect_after_first:
-                        conn.close()
-                        return 200, ttft, chunks
+            return 599, ttft, tokens
+        if msg.get("usage"):
+            tokens = msg["usage"]["completion_tokens"]
+        if ttft is None and msg.get("choices"):
+            ttft = time.perf_counter() - start
+            if disconnect_after_first:
+                conn.close()
+                return 200, ttft, tokens
     conn.close()
-    return 200, ttft, chunks
+    return 200, ttft, tokens
 
 
 def usage_tokens(host, port, body):
     """Completion tokens of one non-streamed request with the same settings (for tokens/s)."""
     b = dict(body)
     b["stream"] = False
+    b.pop("stream_options", None)
     conn = http.client.HTTPConnection(host, port, timeout=600)
     conn.request("POST", "/v1/chat/completions", body=json.dumps(b), headers={"Content-Type": "application/json"})
     r = json.loads(conn.getresponse().read())
@@ -88,10 +91,13 @@ def body_for(i, args):
         "model": args.model,
         "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
         "max_tokens": args.max_tokens,
-        # Sampled with a seed per request: no response cache hit, every answer generated.
+        # Sampled with a seed per request: no response cache hit, every answer generated, and
+        # all of max_tokens (llama-server and edgelm both take ignore_eos).
         "temperature": 0.7,
         "seed": i,
+        "ignore_eos": True,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
 
 
@@ -119,14 +125,14 @@ def run_level(host, port, clients, requests, args):
     ok = [r for r in results if r[0] == 200 and r[1] is not None]
     ttfts = sorted(r[1] for r in ok)
     pct = lambda q: ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] * 1e3 if ttfts else float("nan")
-    chunks = sum(r[2] for r in ok)
+    tokens = sum(r[2] for r in ok)
     return {
         "clients": clients,
         "requests": len(results),
         "failed": len(results) - len(ok),
         "wall_s": wall,
         "requests_per_s": len(ok) / wall,
-        "chunks_per_s": chunks / wall,
+        "tokens_per_s": tokens / wall,
         "ttft_p50_ms": pct(0.5),
         "ttft_p99_ms": pct(0.99),
         "ttft_mean_ms": statistics.mean(ttfts) * 1e3 if ttfts else float("nan"),
@@ -149,10 +155,20 @@ def soak(host, port, args):
     rng = random.Random(7)
     plan = [rng.random() < args.disconnect for _ in range(args.soak)]
     statuses, lock = {}, threading.Lock()
+    # A warm-up at full concurrency (--warmup requests) so that allocator arenas and thread
+    # pools reach their working size before memory is measured.
+    counter = iter(range(args.warmup))
+
+    def warm():
+        while next(counter, None) is not None:
+            one_request(host, port, body_for(0, args))
+
+    threads = [threading.Thread(target=warm) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     counter = iter(range(args.soak))
-    # A warm-up so the first allocations are not counted as growth.
-    for i in range(clients * 2):
-        one_request(host, port, body_for(i, args))
     before = rss(host, port)
 
     def worker():
@@ -198,6 +214,7 @@ def main():
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--soak", type=int, default=0, help="run a soak of this many requests instead")
     p.add_argument("--disconnect", type=float, default=0.1, help="share of soak requests dropped mid-answer")
+    p.add_argument("--warmup", type=int, default=1000, help="soak requests run before memory is measured")
     args = p.parse_args()
     u = urllib.parse.urlparse(args.base_url)
     host, port = u.hostname, u.port or 80

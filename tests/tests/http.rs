@@ -423,3 +423,35 @@ fn a_reload_swaps_the_bundle_under_load_without_failing_a_request() {
     }
     assert!(total >= 10, "only {total} requests ran");
 }
+
+#[test]
+fn clients_that_drop_streams_mid_answer_never_take_the_server_down() {
+    let server = serve(&bundle("tiny"), &["--cache-bytes", "0"], &[]);
+    let body = format!(r#"{{"prompt": "{PROMPT}", "max_tokens": 60, "stream": true, "temperature": 0.7}}"#);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, body) = (server.addr.clone(), body.clone());
+            std::thread::spawn(move || {
+                for _ in 0..100 {
+                    let mut s = TcpStream::connect(&addr).unwrap();
+                    write!(
+                        s,
+                        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .unwrap();
+                    let mut first = [0u8; 1];
+                    let _ = s.read(&mut first);
+                    // Gone after the first byte, with the answer still coming.
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let (s, _, b) = http(&server.addr, "GET", "/healthz", "");
+    assert_eq!(s, 200, "{b}");
+    wait_ready(&server.addr, "every dropped stream's sequence freed", |r| r["active_sequences"] == 0);
+}

@@ -92,6 +92,9 @@ pub struct Sampling {
     pub top_p: Option<f32>,
     /// Not in OpenAI's API; llama.cpp's servers take it too.
     pub top_k: Option<usize>,
+    /// Not in OpenAI's API: generate past end-of-sequence tokens (llama-server's field, for
+    /// benchmarks that need a fixed answer length).
+    pub ignore_eos: Option<bool>,
     pub seed: Option<u64>,
     pub stop: Option<OneOrMany>,
     pub n: Option<u32>,
@@ -123,6 +126,7 @@ pub struct CompletionRequest {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<usize>,
+    pub ignore_eos: Option<bool>,
     pub seed: Option<u64>,
     pub stop: Option<OneOrMany>,
     pub n: Option<u32>,
@@ -182,6 +186,7 @@ pub struct ChatRequest {
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<usize>,
+    pub ignore_eos: Option<bool>,
     pub seed: Option<u64>,
     pub stop: Option<OneOrMany>,
     pub n: Option<u32>,
@@ -202,6 +207,7 @@ impl CompletionRequest {
             temperature: self.temperature,
             top_p: self.top_p,
             top_k: self.top_k,
+            ignore_eos: self.ignore_eos,
             seed: self.seed,
             stop: self.stop.clone(),
             n: self.n,
@@ -221,6 +227,7 @@ impl ChatRequest {
             temperature: self.temperature,
             top_p: self.top_p,
             top_k: self.top_k,
+            ignore_eos: self.ignore_eos,
             seed: self.seed,
             stop: self.stop.clone(),
             n: self.n,

@@ -360,6 +360,7 @@ impl Loaded {
         let logprobs = guard.is_some_and(|g| g.wants_logprobs());
         Ok(GenerateParams::default()
             .with_max_new_tokens(max_new)
+            .with_ignore_eos(s.ignore_eos.unwrap_or(false))
             .with_sampling(sampling)
             .with_stop_strings(stops)
             .with_logprobs(logprobs))
@@ -411,6 +412,7 @@ fn start_generation(
         let _running = running;
         let mut timed_out = false;
         let mut last_token: Option<Instant> = None;
+        let mut opened = false;
         let result = engine.generate_until(
             &prompt,
             &params,
@@ -428,8 +430,14 @@ fn start_generation(
                 if let Some(d) = step_delay {
                     std::thread::sleep(d);
                 }
-                if !event.text.is_empty() && tx.blocking_send(Step::Piece(event.text.to_owned())).is_err() {
-                    return ControlFlow::Break(());
+                // The first token opens the stream even when its text is held back (a partial
+                // character): a client's time to first token is the model's.
+                let first = !opened && event.id.is_some();
+                if first || !event.text.is_empty() {
+                    opened = true;
+                    if tx.blocking_send(Step::Piece(event.text.to_owned())).is_err() {
+                        return ControlFlow::Break(());
+                    }
                 }
                 ControlFlow::Continue(())
             },
@@ -884,6 +892,21 @@ pub fn serve_http(
     kv: KvCacheMode,
     place: &Placement,
 ) -> Result<()> {
+    // main() restores SIGPIPE's default (a closed stdout ends a CLI quietly). The HTTP stack
+    // writes to sockets with writev, which raises SIGPIPE when the client has left: that would
+    // end the server. Ignored, the write fails with EPIPE and the request ends.
+    // SAFETY: changing a signal's disposition touches no Rust state.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    // glibc gives each thread that allocates its own arena, and requests move between many
+    // threads here: a 10 000-request soak grew the server by 5.1 MiB with the default and by
+    // 3.8 MiB with two arenas, at the same speed (BENCHMARKS.md).
+    #[cfg(target_env = "gnu")]
+    // SAFETY: a malloc tuning call, made before the server's threads start.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let opts = place.engine_options(threads, kv)?;
     let cache_ttl = Duration::from_secs(h.cache_ttl);
     let first = Loaded::open(bundle, &opts, h.max_tokens_cap, h.cache_bytes, cache_ttl)?;
