@@ -117,6 +117,8 @@ setup-tools:
     { [ -x /usr/sbin/sshd ] && command -v ssh >/dev/null; } || missing+=(openssh-server openssh-client)
     # The fleet example's test puts a real nginx in front of two servers.
     [ -x /usr/sbin/nginx ] || missing+=(nginx)
+    # serve --http --cache-redis is tested against a real Redis.
+    command -v redis-server >/dev/null || missing+=(redis-server)
     if [ ${#missing[@]} -gt 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${missing[@]}"
     fi

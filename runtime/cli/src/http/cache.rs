@@ -3,10 +3,18 @@
 //! the model. The key is everything that decides a greedy answer: the endpoint, the prompt's
 //! token ids, the token limit, the stop strings, the repetition penalty and `ignore_eos`. A new
 //! model means new answers: the server holds one cache per loaded model.
+//!
+//! With `--cache-redis URL` a fleet shares answers: a miss in memory asks Redis (keys
+//! `edgelm:v1:<model sha256>:<request key>`, expiring with the TTL), and every new answer is
+//! stored in both. Redis being away never fails a request: the answer is generated, and the
+//! trouble logged once.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use edgelm_runtime::{GenerateParams, Generation, StopReason};
@@ -15,11 +23,48 @@ pub type Key = [u8; 32];
 
 pub struct ResponseCache {
     inner: Option<moka::sync::Cache<Key, Arc<Generation>>>,
+    shared: Option<Shared>,
+}
+
+/// The Redis tier: one connection, the key prefix of this model, and whether a failure was
+/// logged already.
+struct Shared {
+    conn: Mutex<redis::Connection>,
+    prefix: String,
+    ttl: u64,
+    warned: AtomicBool,
+}
+
+/// An answer as Redis holds it.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    text: String,
+    prompt_ids: Vec<u32>,
+    generated_ids: Vec<u32>,
+    stop_reason: String,
+    mean_logprob: Option<f64>,
+}
+
+fn reason_name(r: StopReason) -> &'static str {
+    match r {
+        StopReason::Eos => "eos",
+        StopReason::StopString => "stop_string",
+        StopReason::MaxTokens => "max_tokens",
+        StopReason::ContextFull => "context_full",
+        StopReason::Cancelled => "cancelled",
+    }
+}
+
+fn reason_of(name: &str) -> Option<StopReason> {
+    [StopReason::Eos, StopReason::StopString, StopReason::MaxTokens, StopReason::ContextFull]
+        .into_iter()
+        .find(|r| reason_name(*r) == name)
 }
 
 impl ResponseCache {
-    /// A cache of at most `bytes` (0: no cache) whose answers live `ttl`.
-    pub fn new(bytes: u64, ttl: Duration) -> Self {
+    /// A cache of at most `bytes` in memory (0: none) whose answers live `ttl`, shared through
+    /// Redis at `redis` (answers of the model whose manifest hashes to `model_sha256`).
+    pub fn new(bytes: u64, ttl: Duration, redis: Option<&str>, model_sha256: &str) -> Result<Self> {
         let inner = (bytes > 0).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(bytes)
@@ -27,13 +72,31 @@ impl ResponseCache {
                 .time_to_live(ttl)
                 .build()
         });
-        ResponseCache { inner }
+        let shared = match redis {
+            None => None,
+            Some(url) => {
+                let client = redis::Client::open(url).with_context(|| format!("--cache-redis {url}"))?;
+                let conn = client
+                    .get_connection_with_timeout(Duration::from_secs(5))
+                    .with_context(|| format!("cannot reach Redis at {url}"))?;
+                // A slow Redis must not hold a request for long.
+                conn.set_read_timeout(Some(Duration::from_millis(500))).ok();
+                conn.set_write_timeout(Some(Duration::from_millis(500))).ok();
+                Some(Shared {
+                    conn: Mutex::new(conn),
+                    prefix: format!("edgelm:v1:{model_sha256}:"),
+                    ttl: ttl.as_secs().max(1),
+                    warned: AtomicBool::new(false),
+                })
+            }
+        };
+        Ok(ResponseCache { inner, shared })
     }
 
     /// The key of a request, or `None` when its answer is not deterministic (sampling) or
     /// there is no cache.
     pub fn key(&self, endpoint: &str, prompt: &[u32], p: &GenerateParams) -> Option<Key> {
-        if self.inner.is_none() || !p.sampling.is_greedy() {
+        if (self.inner.is_none() && self.shared.is_none()) || !p.sampling.is_greedy() {
             return None;
         }
         let mut h = Sha256::new();
@@ -53,13 +116,64 @@ impl ResponseCache {
     }
 
     pub fn get(&self, key: &Key) -> Option<Arc<Generation>> {
-        self.inner.as_ref()?.get(key)
+        if let Some(g) = self.inner.as_ref().and_then(|c| c.get(key)) {
+            return Some(g);
+        }
+        let shared = self.shared.as_ref()?;
+        let text: Option<String> = shared.run(|c| redis::Commands::get(c, shared.key(key)))?;
+        let s: Stored = serde_json::from_str(&text?).ok()?;
+        let g = Arc::new(Generation {
+            text: s.text,
+            prompt_ids: s.prompt_ids,
+            generated_ids: s.generated_ids,
+            stop_reason: reason_of(&s.stop_reason)?,
+            mean_logprob: s.mean_logprob,
+            metrics: Default::default(),
+        });
+        if let Some(c) = &self.inner {
+            c.insert(*key, Arc::clone(&g));
+        }
+        Some(g)
     }
 
     /// Keeps a finished answer (one that was cut short by a cancel is not an answer).
     pub fn put(&self, key: Key, g: &Generation) {
-        if let (Some(c), false) = (&self.inner, g.stop_reason == StopReason::Cancelled) {
+        if g.stop_reason == StopReason::Cancelled {
+            return;
+        }
+        if let Some(c) = &self.inner {
             c.insert(key, Arc::new(g.clone()));
+        }
+        if let Some(shared) = &self.shared {
+            let stored = Stored {
+                text: g.text.clone(),
+                prompt_ids: g.prompt_ids.clone(),
+                generated_ids: g.generated_ids.clone(),
+                stop_reason: reason_name(g.stop_reason).into(),
+                mean_logprob: g.mean_logprob,
+            };
+            let json = serde_json::to_string(&stored).expect("an answer serialises");
+            shared.run(|c| redis::Commands::set_ex::<_, _, ()>(c, shared.key(&key), json, shared.ttl));
+        }
+    }
+}
+
+impl Shared {
+    fn key(&self, k: &Key) -> String {
+        format!("{}{}", self.prefix, edgelm_runtime::bundle::hex(k))
+    }
+
+    /// Runs a command; a failure is logged (once) and reads as a miss.
+    fn run<T>(&self, f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>) -> Option<T> {
+        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        match f(&mut conn) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    eprintln!("edgelm serve: the shared cache (Redis) failed, answering without it: {e}");
+                }
+                None
+            }
         }
     }
 }

@@ -73,6 +73,9 @@ pub struct HttpArgs {
     /// Seconds a cached answer stays.
     #[arg(long, default_value_t = 600)]
     pub cache_ttl: u64,
+    /// Share the response cache through Redis (e.g. redis://10.0.0.2:6379/), for a fleet.
+    #[arg(long)]
+    pub cache_redis: Option<String>,
     /// Guard policy (TOML): prompt limits, denied patterns, injection heuristics, answer
     /// redaction, review threshold (see `http/guard.rs` and the README).
     #[arg(long)]
@@ -117,6 +120,7 @@ struct Server {
     max_tokens_cap: Option<usize>,
     cache_bytes: u64,
     cache_ttl: Duration,
+    cache_redis: Option<String>,
     request_timeout: Duration,
     queue_timeout: Duration,
     next_id: AtomicU64,
@@ -193,8 +197,15 @@ impl Server {
     /// Opens the bundle again and, if it loads (signature checked as at start), serves it from
     /// the next request on. A bundle that fails leaves the current one serving.
     fn reload(&self) -> Result<()> {
-        let new = Loaded::open(&self.bundle, &self.opts, self.max_tokens_cap, self.cache_bytes, self.cache_ttl)
-            .with_context(|| format!("reloading {}", self.bundle.display()));
+        let new = Loaded::open(
+            &self.bundle,
+            &self.opts,
+            self.max_tokens_cap,
+            self.cache_bytes,
+            self.cache_ttl,
+            self.cache_redis.as_deref(),
+        )
+        .with_context(|| format!("reloading {}", self.bundle.display()));
         let new = match new {
             Ok(n) => n,
             Err(e) => {
@@ -238,6 +249,7 @@ impl Loaded {
         max_tokens_cap: Option<usize>,
         cache_bytes: u64,
         cache_ttl: Duration,
+        cache_redis: Option<&str>,
     ) -> Result<Loaded> {
         let model = Model::open(bundle, opts).with_context(|| format!("opening {}", bundle.display()))?;
         let id = std::fs::canonicalize(bundle)
@@ -261,6 +273,7 @@ impl Loaded {
                 (Served::Encoder(Arc::new(Mutex::new(*e))), "encoder", precision, c, w, 0)
             }
         };
+        let cache = cache::ResponseCache::new(cache_bytes, cache_ttl, cache_redis, &sha256)?;
         Ok(Loaded {
             model,
             id,
@@ -272,7 +285,7 @@ impl Loaded {
             max_tokens_cap: max_tokens_cap.unwrap_or(context).max(1),
             weights,
             kv_bytes,
-            cache: cache::ResponseCache::new(cache_bytes, cache_ttl),
+            cache,
         })
     }
 
@@ -909,7 +922,7 @@ pub fn serve_http(
     }
     let opts = place.engine_options(threads, kv)?;
     let cache_ttl = Duration::from_secs(h.cache_ttl);
-    let first = Loaded::open(bundle, &opts, h.max_tokens_cap, h.cache_bytes, cache_ttl)?;
+    let first = Loaded::open(bundle, &opts, h.max_tokens_cap, h.cache_bytes, cache_ttl, h.cache_redis.as_deref())?;
     let (weights, kv_bytes, context) = (first.weights, first.kv_bytes, first.context);
     let max_sequences = match (h.max_sequences, &place.board) {
         (Some(0), _) => bail!("--max-sequences must be at least 1"),
@@ -956,6 +969,7 @@ pub fn serve_http(
         max_tokens_cap: h.max_tokens_cap,
         cache_bytes: h.cache_bytes,
         cache_ttl,
+        cache_redis: h.cache_redis.clone(),
         request_timeout: Duration::from_secs(h.request_timeout),
         queue_timeout: Duration::from_secs(h.queue_timeout),
         next_id: AtomicU64::new(0),
