@@ -215,6 +215,19 @@ bench-quant runs="3": setup build
 bench-prune runs="3": setup-ort build
     scripts/bench_prune.sh {{runs}}
 
+# Serving side by side: `edgelm serve --http` (int4) and llama.cpp's llama-server (Q4_0) on the
+# same SmolLM2-135M-shaped weights, throughput and TTFT at 1, 2, 4 and 8 clients
+# (scripts/bench_serve.py; llama.cpp built once from the llama-cpp-python sdist).
+bench-serve requests="16" max_tokens="64": setup build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    ck={{out}}/smollm2-135m/checkpoint
+    b={{out}}/smollm2-135m
+    [ -f "$ck/config.json" ] || target/release/edgelm-distill init --preset smollm2-135m -o "$ck"
+    [ -f "$b/bundle/edgelm.json" ] || target/release/edgelm-distill export "$ck" -o "$b/bundle"
+    [ -f "$b/bundle-int4/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int4" --precision int4 --max-kl 10
+    scripts/bench_serve_llamacpp.sh "$ck" "$b/bundle-int4" {{requests}} {{max_tokens}}
+
 # edgelm against llama.cpp (built once from the llama-cpp-python sdist) on the same
 # SmolLM2-135M-shaped weights: GGUF F32/Q8_0/Q4_0 with llama-bench, bundles fp32/int8/int4 with
 # edgelm bench, side by side.
