@@ -202,7 +202,10 @@ fn the_queue_is_bounded_and_a_client_that_leaves_frees_its_sequence() {
         line.clear();
         reader.read_line(&mut line).unwrap();
     }
-    assert_eq!(readyz(&addr)["active_sequences"], 1);
+    let r = readyz(&addr);
+    assert_eq!(r["active_sequences"], 1);
+    assert_eq!((r["max_sequences"].as_u64(), r["queue_limit"].as_u64()), (Some(1), Some(1)));
+    assert!(r["weights_bytes"].as_u64().unwrap() > 0 && r["kv_cache_bytes_per_sequence"].as_u64().unwrap() > 0);
     // B waits in the queue.
     let b_addr = addr.clone();
     let b = std::thread::spawn(move || {
@@ -489,4 +492,22 @@ fn two_servers_share_answers_through_a_real_redis() {
     assert_eq!(json(&second)["usage"]["completion_tokens"], json(&first)["usage"]["completion_tokens"]);
     assert_eq!(metric(&b.addr, "edgelm_generated_tokens_total"), 0.0, "B ran the model");
     assert_eq!(metric(&b.addr, "edgelm_cache_hits_total"), 1.0);
+}
+
+#[test]
+fn the_number_of_sequences_comes_from_the_boards_memory_budget() {
+    let b = bundle("tiny");
+    let engine = Engine::open(&b, &EngineOptions::default()).unwrap();
+    let (weights, kv) = (engine.weight_bytes(), engine.kv_cache_bytes(engine.context_length()));
+    // A budget for the weights and exactly three KV caches, and a little to spare.
+    let budget_mib = (weights + 3 * kv + (kv / 2)).div_ceil(1 << 20);
+    let want = ((budget_mib << 20) - weights) / kv;
+    let shipped = std::fs::read_to_string(root().join("boards/x86_64-linux.toml")).unwrap();
+    let profile = edgelm_e2e::scratch().join("http-board.toml");
+    std::fs::write(&profile, shipped.replace("memory_budget_mib = 4096", &format!("memory_budget_mib = {budget_mib}")))
+        .unwrap();
+    let server = serve(&b, &["--board", profile.to_str().unwrap()], &[]);
+    let r = readyz(&server.addr);
+    assert_eq!(r["max_sequences"].as_u64().unwrap(), want.clamp(1, 64), "{r}");
+    assert_eq!(r["kv_cache_bytes_per_sequence"].as_u64().unwrap(), kv);
 }

@@ -861,11 +861,17 @@ async fn healthz() -> Json<Value> {
 }
 
 async fn readyz(State(server): State<Arc<Server>>) -> Json<Value> {
+    let loaded = server.loaded();
     Json(json!({
         "ready": true,
-        "model": model_card(&server.loaded()),
+        "model": model_card(&loaded),
         "last_reload_error": *server.reload_error.lock().unwrap_or_else(|p| p.into_inner()),
         "max_sequences": server.max_sequences,
+        // What the count was worked out from (with a board: its budget less the weights,
+        // divided by one sequence's KV cache at the full context).
+        "weights_bytes": loaded.weights,
+        "kv_cache_bytes_per_sequence": loaded.kv_bytes,
+        "context_length": loaded.context,
         "active_sequences": server.active.load(Ordering::SeqCst),
         "queued": server.waiting.load(Ordering::SeqCst),
         "queue_limit": server.queue,
