@@ -85,6 +85,14 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
+/// Names a request body may use: any other is refused with its name ([`parse`]). Listed by
+/// hand because serde's `deny_unknown_fields` does not work beside `flatten`.
+pub trait Fields {
+    const FIELDS: &'static [&'static str];
+    /// Whether the shared sampling fields ([`Sampling`]) belong too.
+    const SAMPLING: bool = true;
+}
+
 /// The sampling and stopping fields both endpoints share.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Sampling {
@@ -107,38 +115,43 @@ pub struct Sampling {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CompletionRequest {
     // Accepted and not used: one model is served, whatever name the client gives (as
     // llama-server does); the response names the real one.
     #[allow(dead_code)]
     pub model: Option<String>,
+}
+
+const SAMPLING_FIELDS: [&str; 14] = [
+    "temperature",
+    "top_p",
+    "top_k",
+    "ignore_eos",
+    "seed",
+    "stop",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "user",
+    "stream",
+    "stream_options",
+    "model",
+];
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
     pub prompt: Prompt,
     pub max_tokens: Option<usize>,
     pub echo: Option<bool>,
     pub logprobs: Option<Value>,
     pub best_of: Option<u32>,
     pub suffix: Option<String>,
-    // Flattening would switch off deny_unknown_fields; the shared fields are listed here.
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<usize>,
-    pub ignore_eos: Option<bool>,
-    pub seed: Option<u64>,
-    pub stop: Option<OneOrMany>,
-    pub n: Option<u32>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub logit_bias: Option<serde_json::Map<String, Value>>,
-    // An end-user id for abuse tracking: accepted, not used.
-    #[allow(dead_code)]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub stream: bool,
-    pub stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+impl Fields for CompletionRequest {
+    const FIELDS: &'static [&'static str] = &["prompt", "max_tokens", "echo", "logprobs", "best_of", "suffix"];
 }
 
 /// Message content: text, or a list of parts of which only text parts are understood.
@@ -167,12 +180,7 @@ pub struct ChatMessageIn {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ChatRequest {
-    // Accepted and not used: one model is served, whatever name the client gives (as
-    // llama-server does); the response names the real one.
-    #[allow(dead_code)]
-    pub model: Option<String>,
     pub messages: Vec<ChatMessageIn>,
     pub max_tokens: Option<usize>,
     pub max_completion_tokens: Option<usize>,
@@ -183,62 +191,26 @@ pub struct ChatRequest {
     // Meaningless without tools, which are refused.
     #[allow(dead_code)]
     pub tool_choice: Option<Value>,
-    pub temperature: Option<f32>,
-    pub top_p: Option<f32>,
-    pub top_k: Option<usize>,
-    pub ignore_eos: Option<bool>,
-    pub seed: Option<u64>,
-    pub stop: Option<OneOrMany>,
-    pub n: Option<u32>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
-    pub logit_bias: Option<serde_json::Map<String, Value>>,
-    // An end-user id for abuse tracking: accepted, not used.
-    #[allow(dead_code)]
-    pub user: Option<String>,
-    #[serde(default)]
-    pub stream: bool,
-    pub stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
 }
 
-impl CompletionRequest {
-    pub fn sampling(&self) -> Sampling {
-        Sampling {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            ignore_eos: self.ignore_eos,
-            seed: self.seed,
-            stop: self.stop.clone(),
-            n: self.n,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            logit_bias: self.logit_bias.clone(),
-            user: self.user.clone(),
-            stream: self.stream,
-            stream_options: self.stream_options.clone(),
-        }
-    }
+impl Fields for ChatRequest {
+    const FIELDS: &'static [&'static str] = &[
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "tools",
+        "tool_choice",
+    ];
 }
 
-impl ChatRequest {
-    pub fn sampling(&self) -> Sampling {
-        Sampling {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            ignore_eos: self.ignore_eos,
-            seed: self.seed,
-            stop: self.stop.clone(),
-            n: self.n,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            logit_bias: self.logit_bias.clone(),
-            user: self.user.clone(),
-            stream: self.stream,
-            stream_options: self.stream_options.clone(),
-        }
-    }
+impl Fields for EmbeddingRequest {
+    const FIELDS: &'static [&'static str] = &["model", "input", "encoding_format", "dimensions", "user"];
+    const SAMPLING: bool = false;
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,14 +242,61 @@ impl Usage {
     }
 }
 
-/// Parses a JSON body into `T`, every failure a 400 in OpenAI's shape naming the field.
-pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
+/// Parses a JSON body into `T`, every failure a 400 in OpenAI's shape naming the field (an
+/// unknown one included).
+pub fn parse<T: serde::de::DeserializeOwned + Fields>(body: &[u8]) -> Result<T, ApiError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))?;
+    if let Some(obj) = value.as_object() {
+        let known = |k: &str| T::FIELDS.contains(&k) || (T::SAMPLING && SAMPLING_FIELDS.contains(&k));
+        if let Some(k) = obj.keys().find(|k| !known(k)) {
+            return Err(ApiError::invalid(format!("invalid request body: unknown field `{k}`"), Some(k)));
+        }
+    }
+    serde_json::from_value(value).map_err(|e| {
         let msg = e.to_string();
-        // serde names the field in "unknown field `x`" and "missing field `x`".
+        // serde names the field in "missing field `x`".
         let param = msg.split('`').nth(1).filter(|_| msg.contains(" field `")).map(str::to_owned);
         let mut err = ApiError::invalid(format!("invalid request body: {msg}"), None);
         err.param = param;
         err
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A value every field takes (`stream` is a plain bool).
+    fn any(f: &str) -> &'static str {
+        if f == "stream" {
+            "false"
+        } else {
+            "null"
+        }
+    }
+
+    /// Every listed name parses (the lists and the structs agree), and an unlisted one is a
+    /// 400 naming it.
+    #[test]
+    fn the_field_lists_match_the_requests() {
+        for f in CompletionRequest::FIELDS.iter().chain(&SAMPLING_FIELDS).filter(|f| **f != "prompt") {
+            let body = format!(r#"{{"prompt": "hi", "{f}": {}}}"#, any(f));
+            assert!(parse::<CompletionRequest>(body.as_bytes()).is_ok(), "{f}");
+        }
+        for f in ChatRequest::FIELDS.iter().chain(&SAMPLING_FIELDS).filter(|f| **f != "messages") {
+            let body = format!(r#"{{"messages": [], "{f}": {}}}"#, any(f));
+            assert!(parse::<ChatRequest>(body.as_bytes()).is_ok(), "{f}");
+        }
+        for f in EmbeddingRequest::FIELDS.iter().filter(|f| **f != "input") {
+            let body = format!(r#"{{"input": "hi", "{f}": null}}"#);
+            assert!(parse::<EmbeddingRequest>(body.as_bytes()).is_ok(), "{f}");
+        }
+        let e = parse::<CompletionRequest>(br#"{"prompt": "hi", "tempurature": 1}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tempurature"));
+        let e = parse::<EmbeddingRequest>(br#"{"input": "hi", "temperature": 1}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("temperature"));
+        let e = parse::<CompletionRequest>(br#"{"max_tokens": 3}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+    }
 }

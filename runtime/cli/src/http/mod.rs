@@ -707,8 +707,8 @@ async fn completions(
         Prompt::IdLists(v) if v.len() == 1 => screened_ids(&server, &engine, v[0].clone())?,
         _ => return Err(ApiError::invalid("send one prompt per request", Some("prompt"))),
     };
-    let s = req.sampling();
-    let params = m.params(server.guard.as_deref(), &engine, &s, req.max_tokens, ids.len())?;
+    let s = &req.sampling;
+    let params = m.params(server.guard.as_deref(), &engine, s, req.max_tokens, ids.len())?;
     engine.check_request(&ids, &params).map_err(|e| runtime_error(&e))?;
     let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
     answer(&server, &m, Shape::Completion, ids, params, s.stream, usage).await
@@ -793,9 +793,9 @@ async fn chat(State(server): State<Arc<Server>>, body: Result<Bytes, BytesReject
         }
         e => runtime_error(&e),
     })?;
-    let s = req.sampling();
+    let s = &req.sampling;
     let params =
-        m.params(server.guard.as_deref(), &engine, &s, req.max_completion_tokens.or(req.max_tokens), ids.len())?;
+        m.params(server.guard.as_deref(), &engine, s, req.max_completion_tokens.or(req.max_tokens), ids.len())?;
     engine.check_request(&ids, &params).map_err(|e| runtime_error(&e))?;
     let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
     answer(&server, &m, Shape::Chat, ids, params, s.stream, usage).await
