@@ -10,27 +10,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 ck=$1 fp32=$2 int8=$3 int4=$4 runs=${5:-3} int8d=${6:-}
-version=0.3.36
-src="$root/.llama.cpp/llama_cpp_python-$version/vendor/llama.cpp"
 bin="$root/.llama.cpp/build/bin"
-if [ ! -x "$bin/llama-bench" ] || [ ! -x "$bin/llama-quantize" ]; then
-  command -v cmake >/dev/null || sudo_apt=1
-  if [ -n "${sudo_apt:-}" ]; then
-    if [ "$(id -u)" = 0 ]; then apt-get install -y cmake >/dev/null; else sudo apt-get install -y cmake >/dev/null; fi
-  fi
-  mkdir -p "$root/.llama.cpp"
-  if [ ! -d "$src" ]; then
-    # The project's JSON lists every release; a mirror may give URLs relative to it.
-    index="https://pypi.org/pypi/llama-cpp-python/json"
-    url=$(curl -fsSL "$index" | python3 -c 'import json, sys, urllib.parse
-d = json.load(sys.stdin)
-print(urllib.parse.urljoin(sys.argv[1], [u["url"] for u in d["releases"][sys.argv[2]] if u["packagetype"] == "sdist"][0]))' "$index" "$version")
-    curl -fsSL "$url" | tar xz -C "$root/.llama.cpp"
-  fi
-  cmake -S "$src" -B "$root/.llama.cpp/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-  cmake --build "$root/.llama.cpp/build" --target llama-bench llama-quantize -j "$(nproc)" >/dev/null
-fi
+src=$("$root/scripts/build-llamacpp.sh" "$root/.llama.cpp/build" llama-bench llama-quantize)
 
 work="$root/out/bench-llamacpp"
 mkdir -p "$work"

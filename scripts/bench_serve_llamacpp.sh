@@ -3,31 +3,15 @@
 # weights (the SmolLM2-135M-shaped checkpoint, edgelm int4 against GGUF Q4_0), one after the
 # other on the same port range, driven by scripts/bench_serve.py at 1, 2, 4 and 8 clients.
 #
-# llama.cpp comes from the vendored tree of the llama-cpp-python sdist on PyPI, as in
-# bench_llamacpp.sh (which fetches it); this adds the llama-server target to that build.
+# llama.cpp comes from the vendored tree of the llama-cpp-python sdist on PyPI
+# (scripts/build-llamacpp.sh), built with its server.
 #
 # usage: bench_serve_llamacpp.sh CHECKPOINT INT4_BUNDLE [REQUESTS] [MAX_TOKENS]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 ck=$1 int4=$2 requests=${3:-16} max_tokens=${4:-64}
-version=0.3.36
-src="$root/.llama.cpp/llama_cpp_python-$version/vendor/llama.cpp"
-build="$root/.llama.cpp/build-server"
-bin="$build/bin"
-if [ ! -x "$bin/llama-server" ] || [ ! -x "$bin/llama-quantize" ]; then
-  command -v cmake >/dev/null || apt-get install -y cmake >/dev/null
-  mkdir -p "$root/.llama.cpp"
-  if [ ! -d "$src" ]; then
-    index="https://pypi.org/pypi/llama-cpp-python/json"
-    url=$(curl -fsSL "$index" | python3 -c 'import json, sys, urllib.parse
-d = json.load(sys.stdin)
-print(urllib.parse.urljoin(sys.argv[1], [u["url"] for u in d["releases"][sys.argv[2]] if u["packagetype"] == "sdist"][0]))' "$index" "$version")
-    curl -fsSL "$url" | tar xz -C "$root/.llama.cpp"
-  fi
-  cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON >/dev/null
-  cmake --build "$build" --target llama-server llama-quantize -j "$(nproc)" >/dev/null
-fi
+bin="$root/.llama.cpp/build-server/bin"
+src=$("$root/scripts/build-llamacpp.sh" "$root/.llama.cpp/build-server" llama-server llama-quantize)
 work="$root/out/bench-llamacpp"
 mkdir -p "$work"
 [ -f "$work/f32.gguf" ] || "$root/.venv/bin/python" "$root/scripts/hf_to_gguf.py" "$ck" "$work/f32.gguf" --gguf-py "$src/gguf-py"

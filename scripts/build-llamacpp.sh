@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds llama.cpp targets from the vendored tree of the llama-cpp-python sdist on PyPI (cmake
+# from Debian), once per build folder, for the side-by-side benchmarks. Prints the source tree.
+# usage: build-llamacpp.sh BUILD_DIR TARGET...   (llama-server among the targets turns the
+# server build on)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+build=$1
+shift
+version=0.3.36
+src="$root/.llama.cpp/llama_cpp_python-$version/vendor/llama.cpp"
+missing=0
+for t in "$@"; do [ -x "$build/bin/$t" ] || missing=1; done
+if [ "$missing" = 1 ]; then
+  if ! command -v cmake >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then apt-get install -y cmake >/dev/null; else sudo apt-get install -y cmake >/dev/null; fi
+  fi
+  mkdir -p "$root/.llama.cpp"
+  if [ ! -d "$src" ]; then
+    # The project's JSON lists every release; a mirror may give URLs relative to it.
+    index="https://pypi.org/pypi/llama-cpp-python/json"
+    url=$(curl -fsSL "$index" | python3 -c 'import json, sys, urllib.parse
+d = json.load(sys.stdin)
+print(urllib.parse.urljoin(sys.argv[1], [u["url"] for u in d["releases"][sys.argv[2]] if u["packagetype"] == "sdist"][0]))' "$index" "$version")
+    curl -fsSL "$url" | tar xz -C "$root/.llama.cpp"
+  fi
+  server=OFF
+  case " $* " in *" llama-server "*) server=ON ;; esac
+  cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=$server >/dev/null
+  cmake --build "$build" --target "$@" -j "$(nproc)" >/dev/null
+fi
+echo "$src"
