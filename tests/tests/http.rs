@@ -280,6 +280,17 @@ fn an_encoder_bundle_answers_embeddings() {
     assert!(r["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
     let (s, _, b) = http(&server.addr, "POST", "/v1/completions", r#"{"prompt": "hi"}"#);
     assert_eq!(s, 400, "{b}");
+    // The openai client, which asks for base64 by default, decodes the same numbers.
+    let out = run(Command::new(python())
+        .arg(root().join("tests/python/openai_embeddings.py"))
+        .arg(format!("http://{}/v1", server.addr))
+        .args(texts));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Vec<Vec<f32>> = serde_json::from_slice(&out.stdout).unwrap();
+    for (i, t) in texts.iter().enumerate() {
+        let want = e.embed(t).unwrap();
+        assert!(got[i].iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "embedding {i} via base64 differs");
+    }
 }
 
 #[test]

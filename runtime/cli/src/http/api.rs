@@ -51,6 +51,18 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `input` of an embedding request: text, or token ids (which LangChain sends).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    Texts(OneOrMany),
+    // Recognised to answer with a clear refusal; the encoder takes text.
+    #[allow(dead_code)]
+    Ids(Vec<u32>),
+    #[allow(dead_code)]
+    IdLists(Vec<Vec<u32>>),
+}
+
 /// A string or a list of strings (`stop`, `prompt`, `input`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -81,8 +93,8 @@ pub enum Prompt {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamOptions {
-    #[serde(default)]
-    pub include_usage: bool,
+    // Some SDKs send null for an unset flag.
+    pub include_usage: Option<bool>,
 }
 
 /// Names a request body may use: any other is refused with its name ([`parse`]). Listed by
@@ -112,8 +124,8 @@ pub struct Sampling {
     // An end-user id for abuse tracking: accepted, not used.
     #[allow(dead_code)]
     pub user: Option<String>,
-    #[serde(default)]
-    pub stream: bool,
+    // Some SDKs send null for an unset flag.
+    pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     // Accepted and not used: one model is served, whatever name the client gives (as
     // llama-server does); the response names the real one.
@@ -220,7 +232,7 @@ pub struct EmbeddingRequest {
     // llama-server does); the response names the real one.
     #[allow(dead_code)]
     pub model: Option<String>,
-    pub input: OneOrMany,
+    pub input: EmbeddingInput,
     pub encoding_format: Option<String>,
     pub dimensions: Option<usize>,
     // An end-user id for abuse tracking: accepted, not used.
@@ -268,12 +280,8 @@ mod tests {
     use super::*;
 
     /// A value every field takes (`stream` is a plain bool).
-    fn any(f: &str) -> &'static str {
-        if f == "stream" {
-            "false"
-        } else {
-            "null"
-        }
+    fn any(_f: &str) -> &'static str {
+        "null"
     }
 
     /// Every listed name parses (the lists and the structs agree), and an unlisted one is a

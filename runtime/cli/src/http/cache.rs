@@ -1,8 +1,8 @@
 //! The response cache: answers to deterministic requests (greedy sampling), kept in memory up
 //! to a byte budget and a time to live, so a repeated question is answered without running
 //! the model. The key is everything that decides a greedy answer: the endpoint, the prompt's
-//! token ids, the token limit, the stop strings, the repetition penalty and `ignore_eos`. A new
-//! model means new answers: the server holds one cache per loaded model.
+//! token ids, the token limit, the stop strings, the repetition penalty, `ignore_eos` and
+//! whether log-probabilities were taken. A new model means new answers: the server holds one cache per loaded model.
 //!
 //! With `--cache-redis URL` a fleet shares answers: a miss in memory asks Redis (keys
 //! `edgelm:v1:<model sha256>:<request key>`, expiring with the TTL), and every new answer is
@@ -107,7 +107,7 @@ impl ResponseCache {
         }
         h.update((p.max_new_tokens as u64).to_le_bytes());
         h.update(p.sampling.repetition_penalty.to_le_bytes());
-        h.update([u8::from(p.ignore_eos)]);
+        h.update([u8::from(p.ignore_eos), u8::from(p.logprobs)]);
         for s in &p.stop_strings {
             h.update((s.len() as u64).to_le_bytes());
             h.update(s.as_bytes());

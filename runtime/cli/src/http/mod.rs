@@ -257,6 +257,11 @@ impl Loaded {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into());
         let manifest = std::fs::read(bundle.join("edgelm.json")).unwrap_or_default();
+        if manifest.is_empty() && cache_redis.is_some() {
+            // Shared answers are keyed by the manifest's hash: without one, two models would
+            // share keys.
+            bail!("--cache-redis needs an edgelm bundle (its edgelm.json names the model's answers)");
+        }
         let sha256 = {
             use sha2::{Digest, Sha256};
             edgelm_runtime::bundle::hex(&Sha256::digest(&manifest))
@@ -336,9 +341,10 @@ impl Loaded {
         if let Some(k) = s.top_k {
             sampling = sampling.with_top_k(k);
         }
-        if let Some(seed) = s.seed {
-            sampling = sampling.with_seed(seed);
-        }
+        // Without a seed each sampled request draws its own, as OpenAI's do (the bundle's
+        // default seed would give every "random" answer to a prompt the same text).
+        let seed = s.seed.unwrap_or_else(fresh_seed);
+        sampling = sampling.with_seed(seed);
         let stops = s.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
         if stops.len() > 4 {
             return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
@@ -387,6 +393,13 @@ fn finish_reason(r: StopReason) -> &'static str {
     }
 }
 
+/// A seed no other request of this process gets.
+fn fresh_seed() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    nanos ^ NEXT.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed).rotate_left(17) ^ u64::from(std::process::id())
+}
+
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -423,15 +436,15 @@ fn start_generation(
     let server = Arc::clone(&running.server);
     tokio::task::spawn_blocking(move || {
         let _running = running;
-        let mut timed_out = false;
+        let timed_out = std::cell::Cell::new(false);
         let mut last_token: Option<Instant> = None;
         let mut opened = false;
         let result = engine.generate_until(
             &prompt,
             &params,
             || {
-                timed_out = Instant::now() > deadline;
-                timed_out || tx.is_closed()
+                timed_out.set(Instant::now() > deadline);
+                timed_out.get() || tx.is_closed()
             },
             |event| {
                 if event.id.is_some() {
@@ -448,13 +461,17 @@ fn start_generation(
                 let first = !opened && event.id.is_some();
                 if first || !event.text.is_empty() {
                     opened = true;
-                    if tx.blocking_send(Step::Piece(event.text.to_owned())).is_err() {
+                    // A client that stops reading fills the channel: the wait for room ends at
+                    // the request's deadline, so it cannot hold a sequence for ever.
+                    if !send_until(&tx, Step::Piece(event.text.to_owned()), deadline) {
+                        timed_out.set(Instant::now() > deadline);
                         return ControlFlow::Break(());
                     }
                 }
                 ControlFlow::Continue(())
             },
         );
+        let timed_out = timed_out.get();
         if let (Ok(g), Some(key), false) = (&result, cache_key, timed_out) {
             loaded.cache.put(key, g);
         }
@@ -475,9 +492,26 @@ fn start_generation(
             Ok(g) => Ok(g),
             Err(e) => Err(runtime_error(&e)),
         };
-        let _ = tx.blocking_send(Step::Done(result));
+        let _ = send_until(&tx, Step::Done(result), deadline.max(Instant::now()) + Duration::from_secs(1));
     });
     rx
+}
+
+/// Sends `step` unless the client has gone or `deadline` passes first; whether it was sent.
+fn send_until(tx: &mpsc::Sender<Step>, mut step: Step, deadline: Instant) -> bool {
+    loop {
+        match tx.try_send(step) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(back)) => {
+                if Instant::now() > deadline {
+                    return false;
+                }
+                step = back;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
 }
 
 /// The kind of answer: a completion's text, or a chat message.
@@ -590,7 +624,14 @@ async fn answer(
         guard: server.guard.clone(),
     };
     let key = m.cache.key(if shape == Shape::Chat { "chat" } else { "completion" }, &prompt, &params);
-    let cached = key.as_ref().and_then(|k| m.cache.get(k));
+    // Off the async workers: a lookup may ask Redis.
+    let cached = match key {
+        Some(k) => {
+            let m = Arc::clone(m);
+            tokio::task::spawn_blocking(move || m.cache.get(&k)).await.ok().flatten()
+        }
+        None => None,
+    };
     if key.is_some() {
         server.metrics.cache(cached.is_some());
     }
@@ -668,7 +709,16 @@ fn async_stream(
                         let ev = tail.pop().expect("at least [DONE]");
                         break Some((Ok(ev), St::Tail(tail)));
                     }
-                    None => break None,
+                    // The generation ended without a word (it panicked): say so, so no client
+                    // takes a cut answer for a whole one.
+                    None => {
+                        let e =
+                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the generation failed");
+                        let tail = vec![Event::default().data("[DONE]"), Event::default().data(e.body().to_string())];
+                        let mut tail = tail;
+                        let ev = tail.pop().expect("two events");
+                        break Some((Ok(ev), St::Tail(tail)));
+                    }
                 }
             },
             St::Tail(mut tail) => tail.pop().map(|ev| (Ok(ev), St::Tail(tail))),
@@ -710,8 +760,8 @@ async fn completions(
     let s = &req.sampling;
     let params = m.params(server.guard.as_deref(), &engine, s, req.max_tokens, ids.len())?;
     engine.check_request(&ids, &params).map_err(|e| runtime_error(&e))?;
-    let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    answer(&server, &m, Shape::Completion, ids, params, s.stream, usage).await
+    let usage = s.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    answer(&server, &m, Shape::Completion, ids, params, s.stream.unwrap_or(false), usage).await
 }
 
 /// A prompt given as token ids, screened as the text it decodes to.
@@ -797,8 +847,8 @@ async fn chat(State(server): State<Arc<Server>>, body: Result<Bytes, BytesReject
     let params =
         m.params(server.guard.as_deref(), &engine, s, req.max_completion_tokens.or(req.max_tokens), ids.len())?;
     engine.check_request(&ids, &params).map_err(|e| runtime_error(&e))?;
-    let usage = s.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    answer(&server, &m, Shape::Chat, ids, params, s.stream, usage).await
+    let usage = s.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    answer(&server, &m, Shape::Chat, ids, params, s.stream.unwrap_or(false), usage).await
 }
 
 async fn embeddings(
@@ -811,16 +861,37 @@ async fn embeddings(
     let Served::Encoder(enc) = &m.model else {
         return Err(ApiError::invalid(format!("model `{}` is not an encoder", m.id), Some("model")));
     };
-    if req.encoding_format.as_deref().is_some_and(|f| f != "float") {
-        return Err(ApiError::invalid("only the float encoding format is supported", Some("encoding_format")));
-    }
+    // The openai client asks for base64 unless told otherwise.
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!("encoding_format `{other}` is not supported (float, base64)"),
+                Some("encoding_format"),
+            ))
+        }
+    };
     if req.dimensions.is_some() {
         return Err(ApiError::invalid("dimensions is not supported", Some("dimensions")));
     }
-    let inputs = req.input.into_vec();
+    let inputs = match req.input {
+        api::EmbeddingInput::Texts(t) => t.into_vec(),
+        _ => {
+            return Err(ApiError::invalid(
+                "token-id inputs are not supported: send text (LangChain: check_embedding_ctx_length=False)",
+                Some("input"),
+            ))
+        }
+    };
     if inputs.is_empty() {
         return Err(ApiError::invalid("input is empty", Some("input")));
     }
+    // OpenAI's own bound: one request cannot hold the encoder (and memory) for minutes.
+    if inputs.len() > 2048 {
+        return Err(ApiError::invalid(format!("{} inputs; at most 2048 per request", inputs.len()), Some("input")));
+    }
+    server.screen(inputs.iter().map(String::as_str), "input")?;
     let running = server.admit().await?;
     let enc = Arc::clone(enc);
     let result = tokio::task::spawn_blocking(move || {
@@ -831,7 +902,8 @@ async fn embeddings(
         for (i, text) in inputs.iter().enumerate() {
             tokens += enc.token_count(text).map_err(|e| runtime_error(&e))?;
             let v = enc.embed(text).map_err(|e| runtime_error(&e))?;
-            data.push(json!({"object": "embedding", "index": i, "embedding": v}));
+            let embedding = if base64 { json!(base64_f32(&v)) } else { json!(v) };
+            data.push(json!({"object": "embedding", "index": i, "embedding": embedding}));
         }
         Ok::<_, ApiError>((data, tokens))
     })
@@ -843,6 +915,25 @@ async fn embeddings(
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }))
     .into_response())
+}
+
+/// Little-endian f32 bytes in standard base64, as OpenAI's `encoding_format: "base64"`.
+fn base64_f32(v: &[f32]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 async fn models(State(server): State<Arc<Server>>) -> Json<Value> {
