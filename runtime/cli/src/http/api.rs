@@ -47,6 +47,11 @@ impl IntoResponse for ApiError {
         if let Some(s) = self.retry_after {
             r.headers_mut().insert(axum::http::header::RETRY_AFTER, s.into());
         }
+        // A request that ran out of time would only run out again: OpenAI's clients honour
+        // this header instead of retrying a 5xx on their own.
+        if self.status == axum::http::StatusCode::GATEWAY_TIMEOUT {
+            r.headers_mut().insert("x-should-retry", axum::http::HeaderValue::from_static("false"));
+        }
         r
     }
 }

@@ -102,6 +102,9 @@ struct Loaded {
     weights: u64,
     kv_bytes: u64,
     cache: cache::ResponseCache,
+    /// The tokenizer's special tokens (`<|im_start|>`, ...): chat content may not carry them,
+    /// or a user could close their turn and open a system one.
+    special_tokens: Vec<String>,
 }
 
 struct Server {
@@ -279,6 +282,17 @@ impl Loaded {
             }
         };
         let cache = cache::ResponseCache::new(cache_bytes, cache_ttl, cache_redis, &sha256)?;
+        let special_tokens = match &model {
+            Served::Lm(e) => e.codec().map_or_else(Vec::new, |c| {
+                c.tokenizer()
+                    .get_added_tokens_decoder()
+                    .values()
+                    .filter(|t| t.special && !t.content.is_empty())
+                    .map(|t| t.content.clone())
+                    .collect()
+            }),
+            Served::Encoder(_) => Vec::new(),
+        };
         Ok(Loaded {
             model,
             id,
@@ -291,6 +305,7 @@ impl Loaded {
             weights,
             kv_bytes,
             cache,
+            special_tokens,
         })
     }
 
@@ -803,6 +818,7 @@ async fn chat(State(server): State<Arc<Server>>, body: Result<Bytes, BytesReject
         return Err(ApiError::invalid("messages is empty", Some("messages")));
     }
     let mut messages = Vec::with_capacity(req.messages.len());
+    let special_tokens = &m.special_tokens;
     for (i, m) in req.messages.iter().enumerate() {
         let role = match m.role.as_str() {
             "system" | "developer" => "system",
@@ -834,6 +850,12 @@ async fn chat(State(server): State<Arc<Server>>, body: Result<Bytes, BytesReject
                 t
             }
         };
+        if let Some(t) = special_tokens.iter().find(|t| text.contains(t.as_str())) {
+            return Err(ApiError::invalid(
+                format!("messages[{i}] contains the special token `{t}`, which only the chat template may write"),
+                Some("messages"),
+            ));
+        }
         messages.push(ChatMessage::new(role, text));
     }
     server.screen(messages.iter().map(|m| m.content.as_str()), "messages")?;
