@@ -397,12 +397,12 @@ pub fn deploy(a: DeployArgs, place: &Placement) -> Result<()> {
         steps.at("slot passed its health check");
     }
     // Written last: the mark of a complete slot (and, unless checks were skipped, a checked one).
-    let manifest = std::fs::read(bundle.join("edgelm.json")).context("reading the bundle's edgelm.json")?;
+    let manifest_sha256 = edgelm_runtime::bundle::sha256_file(&bundle.join("edgelm.json"))?;
     let record = serde_json::json!({
         "slot": slot,
         "board": board.id,
         "bundle": bundle.display().to_string(),
-        "manifest_sha256": edgelm_runtime::bundle::hex(&sha256(&manifest)),
+        "manifest_sha256": manifest_sha256,
         "edgelm": env!("CARGO_PKG_VERSION"),
         "health_checked": !a.no_health_check,
     });
@@ -439,11 +439,6 @@ pub fn deploy(a: DeployArgs, place: &Placement) -> Result<()> {
         active.unwrap_or("none")
     );
     Ok(())
-}
-
-fn sha256(bytes: &[u8]) -> Vec<u8> {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(bytes).to_vec()
 }
 
 fn rollback(
