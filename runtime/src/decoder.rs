@@ -16,6 +16,7 @@ use ort::value::{DynValue, Tensor};
 
 use crate::error::{Error, Result};
 use crate::genai_config::{layer_name, GenaiConfig};
+use crate::kv_arena::KvArena;
 use crate::providers::ExecutionProvider;
 
 /// How the KV cache is kept between steps.
@@ -269,6 +270,94 @@ impl Decoder {
         }
         state.pos = total;
         Ok(&mut state.logits)
+    }
+}
+
+/// One sequence's part in a batched step: positions already in its cache, and tokens to run.
+pub(crate) struct BatchRow<'a> {
+    pub past: usize,
+    pub ids: &'a [u32],
+}
+
+impl Decoder {
+    /// KV caches for `slots` sequences of `capacity` positions each, whose steps
+    /// [`Decoder::forward_batch`] runs together; None unless the cache is shared (the batched
+    /// step appends in place, as a lone sequence's does).
+    pub(crate) fn arena(&self, slots: usize, capacity: usize) -> Option<KvArena> {
+        if self.mode != KvCacheMode::Shared || slots == 0 || capacity == 0 || capacity > self.context {
+            return None;
+        }
+        let names = self
+            .io
+            .past_keys
+            .iter()
+            .zip(&self.io.present_keys)
+            .chain(self.io.past_values.iter().zip(&self.io.present_values))
+            .map(|(a, b)| (a.clone(), b.clone()))
+            .collect();
+        Some(KvArena::new(names, slots, self.kv_heads, capacity, self.head_size))
+    }
+
+    /// Runs `rows` (each the same number of tokens) on slots `first..first + rows.len()` of
+    /// `arena` as one batch, and writes each row's last-position logits to `out` (`vocab`
+    /// floats per row). Rows may have different pasts: the attention mask is padded on the
+    /// right, and the attention operator reads each row's own length from it.
+    pub(crate) fn forward_batch(
+        &mut self,
+        arena: &mut KvArena,
+        first: usize,
+        rows: &[BatchRow<'_>],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (n, vocab) = (rows.len(), self.vocab);
+        let s = rows.first().map_or(0, |r| r.ids.len());
+        if s == 0 || rows.iter().any(|r| r.ids.len() != s) {
+            return Err(Error::InvalidRequest("a batched step needs rows of one, non-zero length".into()));
+        }
+        if out.len() != n * vocab {
+            return Err(Error::InvalidRequest(format!("logits buffer of {} floats for {n} rows", out.len())));
+        }
+        for r in rows {
+            if let Some(&id) = r.ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(Error::TokenOutOfRange { id, vocab });
+            }
+            if r.past + s > arena.capacity() {
+                return Err(Error::CacheFull { position: r.past, adding: s, capacity: arena.capacity() });
+            }
+        }
+        let width = rows.iter().map(|r| r.past + s).max().unwrap_or(0);
+        let ids: Vec<i64> = rows.iter().flat_map(|r| r.ids.iter().map(|&i| i64::from(i))).collect();
+        let mask: Vec<i64> = rows.iter().flat_map(|r| (0..width).map(move |j| i64::from(j < r.past + s))).collect();
+        let positions: Vec<i64> = rows.iter().flat_map(|r| (r.past..r.past + s).map(|p| p as i64)).collect();
+        let input_ids = Tensor::from_array(([n, s], ids))?;
+        let mask = Tensor::from_array(([n, width], mask))?;
+        let positions = Tensor::from_array(([n, s], positions))?;
+        let binding = arena.binding(&self.session, first, n)?;
+        binding.bind_input(self.io.input_ids.as_str(), &input_ids)?;
+        if let Some(name) = &self.io.attention_mask {
+            binding.bind_input(name.as_str(), &mask)?;
+        }
+        if let Some(name) = &self.io.position_ids {
+            binding.bind_input(name.as_str(), &positions)?;
+        }
+        binding.bind_output_to_device(self.io.logits.as_str(), self.session.allocator().memory_info())?;
+        let outputs = self.session.run_binding(binding)?;
+        let logits = &outputs[self.io.logits.as_str()];
+        let (shape, data) = logits.try_extract_tensor::<f32>()?;
+        let dims: Vec<i64> = shape.iter().copied().collect();
+        let steps = dims.get(1).copied().unwrap_or(0) as usize;
+        if dims.len() != 3 || dims[0] as usize != n || dims[2] as usize != vocab || steps == 0 {
+            return Err(Error::UnexpectedShape {
+                name: self.io.logits.clone(),
+                shape: dims,
+                expected: format!("[{n}, seq, {vocab}]"),
+            });
+        }
+        for (b, row) in out.chunks_exact_mut(vocab).enumerate() {
+            let last = (b * steps + steps - 1) * vocab;
+            row.copy_from_slice(&data[last..last + vocab]);
+        }
+        Ok(())
     }
 }
 

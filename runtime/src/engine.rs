@@ -3,9 +3,10 @@
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::batch::Batcher;
 use crate::bundle::Bundle;
 use crate::decoder::{DecodeState, Decoder, DecoderOptions, KvCacheMode};
 use crate::error::{Error, Result};
@@ -122,10 +123,12 @@ impl Forward for Sequence<'_> {
 
 /// A bundle opened for generation. One session serves every sequence: [`Engine::generate`]
 /// takes `&self`, so threads sharing an engine (`Arc<Engine>`) generate at once, each with its
-/// own KV cache, their model steps taking turns on the session.
+/// own KV cache, their model steps taking turns on the session, or, after
+/// [`Engine::enable_batching`], their decode steps running as one batch.
 pub struct Engine {
     bundle: Bundle,
-    decoder: Mutex<Decoder>,
+    decoder: Arc<Mutex<Decoder>>,
+    batcher: Option<Batcher>,
     codec: Option<TextCodec>,
     context_length: usize,
     vocab_size: usize,
@@ -159,9 +162,40 @@ impl Engine {
             context_length: decoder.context_length(),
             vocab_size: decoder.vocab_size(),
             kv_cache_mode: decoder.kv_cache_mode(),
-            decoder: Mutex::new(decoder),
+            decoder: Arc::new(Mutex::new(decoder)),
+            batcher: None,
             codec,
         })
+    }
+
+    /// Runs the decode steps of sequences generated at once (threads sharing this engine) as
+    /// one batch on the session, up to `sequences` of them; more wait for a place. Their KV
+    /// caches live in one arena of `sequences` caches at the full context, allocated as it is
+    /// written. Returns false, changing nothing, when the graph cannot batch in place (its KV
+    /// cache is not shared between past and present, see [`KvCacheMode`]).
+    ///
+    /// Batched rows may differ from a lone run in the last bits of their logits (the matrix
+    /// kernels block a batch differently), as in every batching server.
+    pub fn enable_batching(&mut self, sequences: usize) -> Result<bool> {
+        if sequences == 0 {
+            return Err(Error::InvalidRequest("batching needs at least one sequence".into()));
+        }
+        let arena = self.decoder.lock().unwrap_or_else(|e| e.into_inner()).arena(sequences, self.context_length);
+        let Some(arena) = arena else { return Ok(false) };
+        // The old worker (if any) finishes and stops before the new one starts.
+        self.batcher = None;
+        self.batcher = Some(Batcher::start(Arc::clone(&self.decoder), arena)?);
+        Ok(true)
+    }
+
+    /// Sequences whose decode steps run as one batch (0: batching is off).
+    pub fn batch_sequences(&self) -> usize {
+        self.batcher.as_ref().map_or(0, Batcher::sequences)
+    }
+
+    /// What batching has run so far (all zero when it is off).
+    pub fn batch_stats(&self) -> crate::BatchStats {
+        self.batcher.as_ref().map(Batcher::stats).unwrap_or_default()
     }
 
     /// The opened bundle.
@@ -299,13 +333,17 @@ impl Engine {
         let start = Instant::now();
         self.check_request(prompt, params)?;
         let capacity = (prompt.len() + params.max_new_tokens).min(self.context_length);
-        let state = self.decoder.lock().unwrap_or_else(|e| e.into_inner()).start(capacity)?;
         let setup = LoopSetup {
             capacity,
             eos: &self.bundle.generation.eos_token_ids,
             tokenizer: self.codec.as_ref().map(TextCodec::tokenizer),
             start,
         };
+        if let Some(batcher) = &self.batcher {
+            let mut seq = batcher.sequence(self.vocab_size);
+            return generate::run(&mut seq, setup, prompt, params, cancelled, on_token);
+        }
+        let state = self.decoder.lock().unwrap_or_else(|e| e.into_inner()).start(capacity)?;
         generate::run(&mut Sequence { decoder: &self.decoder, state }, setup, prompt, params, cancelled, on_token)
     }
 }

@@ -15,6 +15,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod bundle;
 pub mod decoder;
 pub(crate) mod detokenize;
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod error;
 pub mod genai_config;
 pub mod generate;
+mod kv_arena;
 pub mod metrics;
 pub mod model;
 pub mod ortlib;
@@ -33,6 +35,7 @@ pub mod signature;
 pub(crate) mod stop;
 pub mod tokenizer;
 
+pub use batch::BatchStats;
 pub use engine::{Engine, EngineBuilder, EngineOptions};
 pub use error::{Error, Result};
 pub use generate::{GenerateParams, Generation, StopReason, TokenEvent};
