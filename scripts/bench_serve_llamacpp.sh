@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Serving side by side: `edgelm serve --http` and llama.cpp's `llama-server` on the same
-# weights (the SmolLM2-135M-shaped checkpoint, edgelm int4 against GGUF Q4_0), one after the
-# other on the same port range, driven by scripts/bench_serve.py at 1, 2, 4 and 8 clients.
+# Serving side by side: `edgelm serve --http` (decode steps batched, and with --no-batch) and
+# llama.cpp's `llama-server` on the same weights (the SmolLM2-135M-shaped checkpoint, edgelm
+# int4 against GGUF Q4_0), one after the other on the same port, driven by
+# scripts/bench_serve.py at 1, 2, 4 and 8 clients.
 #
 # llama.cpp comes from the vendored tree of the llama-cpp-python sdist on PyPI
 # (scripts/build-llamacpp.sh), built with its server.
@@ -27,13 +28,17 @@ wait_up() {
   return 1
 }
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; 2 threads; $requests requests per level, $max_tokens new tokens"
-echo "== edgelm serve --http ($(basename "$int4"))"
-"$root/target/release/edgelm" serve --http "127.0.0.1:$port" --bundle "$int4" --threads 2 \
-  --max-sequences 8 --queue 64 --cache-bytes 0 2>/dev/null &
-pid=$!
-wait_up healthz
-python3 "$root/scripts/bench_serve.py" "http://127.0.0.1:$port" --requests "$requests" --max-tokens "$max_tokens"
-kill "$pid"; wait "$pid" 2>/dev/null || true
+for mode in batched no-batch; do
+  echo "== edgelm serve --http ($(basename "$int4"), $mode)"
+  flag=(); [ "$mode" = no-batch ] && flag=(--no-batch)
+  "$root/target/release/edgelm" serve --http "127.0.0.1:$port" --bundle "$int4" --threads 2 \
+    --max-sequences 8 --queue 64 --cache-bytes 0 "${flag[@]}" 2>/dev/null &
+  pid=$!
+  wait_up healthz
+  python3 "$root/scripts/bench_serve.py" "http://127.0.0.1:$port" --requests "$requests" --max-tokens "$max_tokens"
+  curl -fs "http://127.0.0.1:$port/readyz" | python3 -c 'import json, sys; print("# batching:", json.load(sys.stdin)["batch"])'
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+done
 echo "== llama-server (Q4_0.gguf)"
 # 8 slots as edgelm's 8 sequences; a context of 8 x 1024 shared among them.
 "$bin/llama-server" -m "$work/Q4_0.gguf" --host 127.0.0.1 --port "$port" -t 2 -np 8 -c 8192 \

@@ -76,6 +76,11 @@ pub struct HttpArgs {
     /// Share the response cache through Redis (e.g. redis://10.0.0.2:6379/), for a fleet.
     #[arg(long)]
     pub cache_redis: Option<String>,
+    /// Run concurrent sequences' model steps one after another instead of batching their
+    /// decode steps into one run (batching is faster on every model measured; this is for
+    /// comparing).
+    #[arg(long)]
+    pub no_batch: bool,
     /// Guard policy (TOML): prompt limits, denied patterns, injection heuristics, answer
     /// redaction, review threshold (see `http/guard.rs` and the README).
     #[arg(long)]
@@ -117,6 +122,10 @@ struct Server {
     created: u64,
     slots: Arc<Semaphore>,
     max_sequences: usize,
+    /// Decode steps of concurrent sequences run as one batch of up to `max_sequences`.
+    batch: bool,
+    /// The board's memory budget in bytes and its name, which a reloaded model must fit too.
+    budget: Option<(u64, String)>,
     queue: usize,
     waiting: AtomicUsize,
     active: AtomicUsize,
@@ -209,6 +218,13 @@ impl Server {
             self.cache_redis.as_deref(),
         )
         .with_context(|| format!("reloading {}", self.bundle.display()));
+        let new = new.and_then(|mut n| {
+            self.fit(&n)?;
+            if self.batch {
+                n.enable_batching(self.max_sequences)?;
+            }
+            Ok(n)
+        });
         let new = match new {
             Ok(n) => n,
             Err(e) => {
@@ -220,6 +236,25 @@ impl Server {
         eprintln!("edgelm serve: now serving {} ({}, sha256 {})", new.id, new.precision, new.sha256);
         *self.loaded.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
         *self.reload_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+
+    /// Refuses a model whose weights and `max_sequences` KV caches at full context overflow
+    /// the board's budget (the count was set from the first model's sizes).
+    fn fit(&self, new: &Loaded) -> Result<()> {
+        let Some((budget, board)) = &self.budget else { return Ok(()) };
+        let needs = new.weights + self.max_sequences as u64 * new.kv_bytes;
+        if needs > *budget {
+            bail!(
+                "{} needs {} MiB for {} sequences (weights {} MiB + KV cache {} MiB each), over board `{board}`'s budget of {} MiB; restart the server to size it for this model",
+                new.id,
+                needs >> 20,
+                self.max_sequences,
+                new.weights >> 20,
+                new.kv_bytes >> 20,
+                budget >> 20
+            );
+        }
         Ok(())
     }
 
@@ -245,6 +280,16 @@ impl Server {
 }
 
 impl Loaded {
+    /// Batches the decode steps of up to `sequences` concurrent sequences (a causal LM whose
+    /// graph can; otherwise its steps take turns). Called before the model is shared.
+    fn enable_batching(&mut self, sequences: usize) -> Result<()> {
+        if let Served::Lm(engine) = &mut self.model {
+            let engine = Arc::get_mut(engine).context("batching is set before the model is shared")?;
+            engine.enable_batching(sequences)?;
+        }
+        Ok(())
+    }
+
     /// Opens `bundle` and works out what it needs.
     fn open(
         bundle: &Path,
@@ -980,6 +1025,16 @@ async fn readyz(State(server): State<Arc<Server>>) -> Json<Value> {
         "model": model_card(&loaded),
         "last_reload_error": *server.reload_error.lock().unwrap_or_else(|p| p.into_inner()),
         "max_sequences": server.max_sequences,
+        "batched_decode": server.batch,
+        // Since this model loaded: batched steps, sequences' steps in them, placeholder rows,
+        // prompt tokens found already in a free slot's cache.
+        "batch": match &loaded.model {
+            Served::Lm(e) => {
+                let b = e.batch_stats();
+                json!({"steps": b.steps, "rows": b.rows, "placeholders": b.placeholders, "reused_prompt_tokens": b.reused})
+            }
+            Served::Encoder(_) => Value::Null,
+        },
         // What the count was worked out from (with a board: its budget less the weights,
         // divided by one sequence's KV cache at the full context).
         "weights_bytes": loaded.weights,
@@ -1063,14 +1118,23 @@ pub fn serve_http(
         }
         (None, None) => 4,
     };
+    let mut first = first;
+    if !h.no_batch {
+        first.enable_batching(max_sequences)?;
+    }
+    let batched = match &first.model {
+        Served::Lm(e) => e.batch_sequences() > 0,
+        Served::Encoder(_) => false,
+    };
     let guard = h.guard.as_deref().map(guard::Guard::load).transpose()?.map(Arc::new);
     let metrics = metrics::Metrics::new();
     metrics.set_model(&first.id, first.kind, &first.precision, &first.sha256);
     let banner = format!(
-        "edgelm serve: model {} ({}, {}), {max_sequences} sequences at once (weights {} MiB, KV cache {} MiB each at {context} tokens), queue {queue}",
+        "edgelm serve: model {} ({}, {}), {max_sequences} sequences at once{} (weights {} MiB, KV cache {} MiB each at {context} tokens), queue {queue}",
         first.id,
         first.kind,
         first.precision,
+        if batched { ", decode steps batched" } else { "" },
         weights >> 20,
         kv_bytes >> 20,
     );
@@ -1082,6 +1146,8 @@ pub fn serve_http(
         created: now_secs(),
         slots: Arc::new(Semaphore::new(max_sequences)),
         max_sequences,
+        batch: batched,
+        budget: place.board.as_ref().map(|b| (b.memory_budget_mib << 20, b.id.clone())),
         queue,
         waiting: AtomicUsize::new(0),
         active: AtomicUsize::new(0),
