@@ -15,15 +15,18 @@ fn concurrent_sequences_on_one_engine_match_their_runs_alone() {
 
 #[test]
 fn batched_sequences_match_their_runs_alone() {
-    let mut engine = Engine::open(bundle("tiny"), &EngineOptions::default().with_threads(1)).unwrap();
-    // Fewer places than sequences: the last one waits for a place, and sequences leaving from
-    // lower slots move the others down.
-    assert!(engine.enable_batching(3).unwrap(), "the tiny bundle shares its KV cache");
-    assert_eq!(engine.batch_sequences(), 3);
-    let engine = Arc::new(engine);
-    check_against_alone(Arc::clone(&engine), 4);
-    let stats = engine.batch_stats();
-    assert!(stats.rows > stats.steps, "decode steps were batched: {stats:?}");
+    // Every architecture the exporter writes: GQA and not, biases, one KV head, llama3 rope.
+    for preset in ["tiny", "tiny-tied", "tiny-qwen2", "tiny-llama3", "tiny-mistral"] {
+        let mut engine = Engine::open(bundle(preset), &EngineOptions::default().with_threads(1)).unwrap();
+        // Fewer places than sequences: the last one waits for a place, and sequences leaving
+        // from lower slots move the others down.
+        assert!(engine.enable_batching(3).unwrap(), "{preset}: the bundle shares its KV cache");
+        assert_eq!(engine.batch_sequences(), 3);
+        let engine = Arc::new(engine);
+        check_against_alone(Arc::clone(&engine), 4);
+        let stats = engine.batch_stats();
+        assert!(stats.rows > stats.steps, "{preset}: decode steps were batched: {stats:?}");
+    }
 }
 
 /// Runs `n` sequences of different lengths one by one, then all at once on threads, and

@@ -531,10 +531,69 @@ fn the_number_of_sequences_comes_from_the_boards_memory_budget() {
     let profile = edgelm_e2e::scratch().join("http-board.toml");
     std::fs::write(&profile, shipped.replace("memory_budget_mib = 4096", &format!("memory_budget_mib = {budget_mib}")))
         .unwrap();
-    let server = serve(&b, &["--board", profile.to_str().unwrap()], &[]);
+    // Served through a link, as a deploy's current/model is, so a reload can switch models.
+    let dir = edgelm_e2e::scratch().join("http-budget");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("current");
+    std::os::unix::fs::symlink(&b, &link).unwrap();
+    let server = serve(&link, &["--board", profile.to_str().unwrap()], &[]);
     let r = readyz(&server.addr);
     assert_eq!(r["max_sequences"].as_u64().unwrap(), want.clamp(1, 64), "{r}");
     assert_eq!(r["kv_cache_bytes_per_sequence"].as_u64().unwrap(), kv);
+    // A model whose KV cache is twice as large (4 KV heads instead of 2) would not fit that
+    // many sequences: the reload is refused and the first model goes on serving.
+    let bigger = bundle("tiny-tied");
+    let (w2, kv2) = {
+        let e = Engine::open(&bigger, &EngineOptions::default()).unwrap();
+        (e.weight_bytes(), e.kv_cache_bytes(e.context_length()))
+    };
+    assert!(w2 + want * kv2 > budget_mib << 20, "the test's second model must not fit");
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(&bigger, &link).unwrap();
+    assert_eq!(unsafe { libc::kill(server.child.id() as i32, libc::SIGHUP) }, 0);
+    wait_ready(&server.addr, "the refused reload reported", |r| !r["last_reload_error"].is_null());
+    let r = readyz(&server.addr);
+    assert!(r["last_reload_error"].as_str().unwrap().contains("budget"), "{r}");
+    assert_eq!(r["kv_cache_bytes_per_sequence"].as_u64().unwrap(), kv, "still the first model");
+}
+
+#[test]
+fn concurrent_requests_are_batched_and_answer_as_they_do_alone() {
+    let b = bundle("tiny");
+    let server = serve(&b, &["--cache-bytes", "0", "--max-sequences", "4"], &[]);
+    assert_eq!(readyz(&server.addr)["batched_decode"], true);
+    let engine = Engine::open(&b, &EngineOptions::default()).unwrap();
+    let prompts = ["Turn on the kitchen light", "Is the garage door open?", "Dim the lamp", PROMPT];
+    let want: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let params = GenerateParams::default()
+                .with_max_new_tokens(40)
+                .with_ignore_eos(true)
+                .with_sampling(engine.default_sampling().with_temperature(0.0));
+            engine.generate(&engine.encode(p).unwrap(), &params, |_| ControlFlow::Continue(())).unwrap().text
+        })
+        .collect();
+    for round in 0..3 {
+        let threads: Vec<_> = prompts
+            .iter()
+            .map(|p| {
+                let addr = server.addr.clone();
+                let body = serde_json::json!({"prompt": p, "max_tokens": 40, "temperature": 0, "ignore_eos": true});
+                std::thread::spawn(move || http(&addr, "POST", "/v1/completions", &body.to_string()))
+            })
+            .collect();
+        for (t, want) in threads.into_iter().zip(&want) {
+            let (s, _, body) = t.join().unwrap();
+            assert_eq!(s, 200, "{body}");
+            assert_eq!(json(&body)["choices"][0]["text"], want.as_str(), "round {round}");
+        }
+    }
+    let batch = &readyz(&server.addr)["batch"];
+    assert!(batch["rows"].as_u64().unwrap() > batch["steps"].as_u64().unwrap(), "no step was batched: {batch}");
+    // Rounds after the first find their prompts in the slots the first round left.
+    assert!(batch["reused_prompt_tokens"].as_u64().unwrap() > 0, "{batch}");
 }
 
 #[test]
