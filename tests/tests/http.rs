@@ -487,17 +487,20 @@ fn clients_that_drop_streams_mid_answer_never_take_the_server_down() {
 #[test]
 fn two_servers_share_answers_through_a_real_redis() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let redis = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server is missing: `just setup-tools` installs it");
-    let _redis = Server { child: redis, addr: String::new() };
-    let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(start.elapsed() < Duration::from_secs(20), "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let start_redis = || {
+        let redis = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is missing: `just setup-tools` installs it");
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(20), "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server { child: redis, addr: String::new() }
+    };
+    let redis = start_redis();
     let url = format!("redis://127.0.0.1:{port}/");
     // No memory tier: whatever the second server knows comes from Redis.
     let args = ["--cache-redis", url.as_str(), "--cache-bytes", "0"];
@@ -507,16 +510,36 @@ fn two_servers_share_answers_through_a_real_redis() {
         let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}")).to_owned();
         line.split(' ').nth(1).unwrap().parse().unwrap()
     };
-    let body = format!(r#"{{"prompt": "{PROMPT}", "max_tokens": 12, "temperature": 0}}"#);
-    let (s, _, first) = http(&a.addr, "POST", "/v1/completions", &body);
-    assert_eq!(s, 200, "{first}");
+    let shared_once = |prompt: &str, hits_before: f64| {
+        let body = serde_json::json!({"prompt": prompt, "max_tokens": 12, "temperature": 0}).to_string();
+        let generated = metric(&b.addr, "edgelm_generated_tokens_total");
+        let (s, _, first) = http(&a.addr, "POST", "/v1/completions", &body);
+        assert_eq!(s, 200, "{first}");
+        let (s, _, second) = http(&b.addr, "POST", "/v1/completions", &body);
+        assert_eq!(s, 200, "{second}");
+        assert_eq!(json(&second)["choices"][0]["text"], json(&first)["choices"][0]["text"]);
+        assert_eq!(json(&second)["usage"]["completion_tokens"], json(&first)["usage"]["completion_tokens"]);
+        assert_eq!(metric(&b.addr, "edgelm_generated_tokens_total"), generated, "B ran the model");
+        assert_eq!(metric(&b.addr, "edgelm_cache_hits_total"), hits_before + 1.0);
+    };
+    shared_once(PROMPT, 0.0);
     assert!(metric(&a.addr, "edgelm_generated_tokens_total") > 0.0);
-    let (s, _, second) = http(&b.addr, "POST", "/v1/completions", &body);
-    assert_eq!(s, 200, "{second}");
-    assert_eq!(json(&second)["choices"][0]["text"], json(&first)["choices"][0]["text"]);
-    assert_eq!(json(&second)["usage"]["completion_tokens"], json(&first)["usage"]["completion_tokens"]);
-    assert_eq!(metric(&b.addr, "edgelm_generated_tokens_total"), 0.0, "B ran the model");
-    assert_eq!(metric(&b.addr, "edgelm_cache_hits_total"), 1.0);
+    // Redis goes away: both servers answer without it.
+    drop(redis);
+    let body = r#"{"prompt": "Is the garage door open?", "max_tokens": 12, "temperature": 0}"#;
+    for server in [&a, &b] {
+        let (s, _, text) = http(&server.addr, "POST", "/v1/completions", body);
+        assert_eq!(s, 200, "without Redis: {text}");
+    }
+    // A new Redis on the same address (empty): both servers find it again and share answers.
+    let _redis = start_redis();
+    std::thread::sleep(edgelm_cli_reconnect_every() + Duration::from_millis(300));
+    shared_once("Dim the bedroom lamp", 1.0);
+}
+
+/// `RECONNECT_EVERY` of the HTTP cache (a binary crate's constant, repeated here).
+fn edgelm_cli_reconnect_every() -> Duration {
+    Duration::from_secs(2)
 }
 
 #[test]

@@ -7,11 +7,13 @@
 //! With `--cache-redis URL` a fleet shares answers: a miss in memory asks Redis (keys
 //! `edgelm:v1:<model sha256>:<request key>`, expiring with the TTL), and every new answer is
 //! stored in both. Redis being away never fails a request: the answer is generated, and the
-//! trouble logged once.
+//! trouble logged once per outage. A broken connection is opened again at the next use (at
+//! most once every [`RECONNECT_EVERY`] while Redis stays away), so a restarted Redis is picked
+//! up without restarting the server.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -26,13 +28,23 @@ pub struct ResponseCache {
     shared: Option<Shared>,
 }
 
-/// The Redis tier: one connection, the key prefix of this model, and whether a failure was
-/// logged already.
+/// Least time between attempts to reach a Redis that is away.
+pub const RECONNECT_EVERY: Duration = Duration::from_secs(2);
+
+/// The Redis tier: one connection (None after it broke), the key prefix of this model, and
+/// whether the current outage was logged already.
 struct Shared {
-    conn: Mutex<redis::Connection>,
+    client: redis::Client,
+    conn: Mutex<Link>,
     prefix: String,
     ttl: u64,
     warned: AtomicBool,
+}
+
+struct Link {
+    conn: Option<redis::Connection>,
+    /// When a connection was last tried.
+    tried: Instant,
 }
 
 /// An answer as Redis holds it.
@@ -76,14 +88,11 @@ impl ResponseCache {
             None => None,
             Some(url) => {
                 let client = redis::Client::open(url).with_context(|| format!("--cache-redis {url}"))?;
-                let conn = client
-                    .get_connection_with_timeout(Duration::from_secs(5))
-                    .with_context(|| format!("cannot reach Redis at {url}"))?;
-                // A slow Redis must not hold a request for long.
-                conn.set_read_timeout(Some(Duration::from_millis(500))).ok();
-                conn.set_write_timeout(Some(Duration::from_millis(500))).ok();
+                let conn =
+                    connect(&client, Duration::from_secs(5)).with_context(|| format!("cannot reach Redis at {url}"))?;
                 Some(Shared {
-                    conn: Mutex::new(conn),
+                    client,
+                    conn: Mutex::new(Link { conn: Some(conn), tried: Instant::now() }),
                     prefix: format!("edgelm:v1:{model_sha256}:"),
                     ttl: ttl.as_secs().max(1),
                     warned: AtomicBool::new(false),
@@ -153,7 +162,7 @@ impl ResponseCache {
                 mean_logprob: g.mean_logprob,
             };
             let json = serde_json::to_string(&stored).expect("an answer serialises");
-            shared.run(|c| redis::Commands::set_ex::<_, _, ()>(c, shared.key(&key), json, shared.ttl));
+            shared.run(|c| redis::Commands::set_ex::<_, _, ()>(c, shared.key(&key), &json, shared.ttl));
         }
     }
 }
@@ -163,19 +172,61 @@ impl Shared {
         format!("{}{}", self.prefix, edgelm_runtime::bundle::hex(k))
     }
 
-    /// Runs a command; a failure is logged (once) and reads as a miss.
-    fn run<T>(&self, f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>) -> Option<T> {
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        match f(&mut conn) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                if !self.warned.swap(true, Ordering::Relaxed) {
-                    eprintln!("edgelm serve: the shared cache (Redis) failed, answering without it: {e}");
+    /// Runs a command; a failure is logged (once per outage) and reads as a miss. A broken
+    /// connection is opened again and the command retried once.
+    fn run<T>(&self, f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>) -> Option<T> {
+        let mut link = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failure = None;
+        for _ in 0..2 {
+            if link.conn.is_none() {
+                if link.tried.elapsed() < RECONNECT_EVERY && failure.is_none() {
+                    return None;
                 }
-                None
+                link.tried = Instant::now();
+                match connect(&self.client, Duration::from_millis(500)) {
+                    Ok(c) => link.conn = Some(c),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            let conn = link.conn.as_mut().expect("connected above");
+            match f(conn) {
+                Ok(v) => {
+                    if self.warned.swap(false, Ordering::Relaxed) {
+                        eprintln!("edgelm serve: the shared cache (Redis) is back");
+                    }
+                    return Some(v);
+                }
+                Err(e) => {
+                    // A reply Redis gave (a wrong type, say) leaves the connection usable.
+                    let broken = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
+                    if !broken {
+                        failure = Some(e);
+                        break;
+                    }
+                    link.conn = None;
+                    failure = Some(e);
+                }
             }
         }
+        if let Some(e) = failure {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                eprintln!("edgelm serve: the shared cache (Redis) failed, answering without it: {e}");
+            }
+        }
+        None
     }
+}
+
+/// A connection whose commands give up after half a second: a slow Redis must not hold a
+/// request for long.
+fn connect(client: &redis::Client, timeout: Duration) -> redis::RedisResult<redis::Connection> {
+    let conn = client.get_connection_with_timeout(timeout)?;
+    conn.set_read_timeout(Some(Duration::from_millis(500)))?;
+    conn.set_write_timeout(Some(Duration::from_millis(500)))?;
+    Ok(conn)
 }
 
 /// Bytes an answer takes, roughly: its text and token ids.
