@@ -18,7 +18,7 @@
 //! anyway, and it is served in a later round.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -76,20 +76,42 @@ pub(crate) struct Batcher {
     next_seq: AtomicU64,
     sequences: usize,
     counters: Arc<Counters>,
+    /// False once the worker has stopped (it panicked, or the batcher is closing).
+    running: Arc<AtomicBool>,
+}
+
+/// Clears `running` when the worker thread ends, however it ends.
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Batcher {
     /// Starts the worker over `arena`, running steps on `decoder`.
-    pub(crate) fn start(decoder: Arc<Mutex<Decoder>>, arena: KvArena) -> Result<Self> {
+    pub(crate) fn start(decoder: Arc<Mutex<Decoder>>, arena: KvArena, reuse_prompts: bool) -> Result<Self> {
         let sequences = arena.slots();
         let (tx, rx) = mpsc::channel();
         let counters = Arc::new(Counters::default());
-        let mut worker = Worker::new(decoder, arena, Arc::clone(&counters));
+        let running = Arc::new(AtomicBool::new(true));
+        let mut worker = Worker::new(decoder, arena, Arc::clone(&counters), reuse_prompts);
+        let guard = Running(Arc::clone(&running));
         let worker = std::thread::Builder::new()
             .name("edgelm-batch".into())
-            .spawn(move || worker.run(rx))
+            .spawn(move || {
+                let _guard = guard;
+                worker.run(rx)
+            })
             .map_err(|e| Error::InvalidRequest(format!("cannot start the batching thread: {e}")))?;
-        Ok(Batcher { tx: Some(tx), worker: Some(worker), next_seq: 0.into(), sequences, counters })
+        Ok(Batcher { tx: Some(tx), worker: Some(worker), next_seq: 0.into(), sequences, counters, running })
+    }
+
+    /// Whether the worker is there to run steps. If it ever stops (a panic in a step), the
+    /// engine goes back to sequences taking turns, and steps in flight fail.
+    pub(crate) fn running(&self) -> bool {
+        self.running.load(Ordering::SeqCst)
     }
 
     /// Counts so far.
@@ -178,10 +200,11 @@ struct Worker {
     vocab: usize,
     logits: Vec<f32>,
     counters: Arc<Counters>,
+    reuse_prompts: bool,
 }
 
 impl Worker {
-    fn new(decoder: Arc<Mutex<Decoder>>, arena: KvArena, counters: Arc<Counters>) -> Self {
+    fn new(decoder: Arc<Mutex<Decoder>>, arena: KvArena, counters: Arc<Counters>, reuse_prompts: bool) -> Self {
         let vocab = decoder.lock().unwrap_or_else(|e| e.into_inner()).vocab_size();
         Worker {
             vocab,
@@ -198,6 +221,7 @@ impl Worker {
             last_batch: Duration::ZERO,
             logits: vec![],
             counters,
+            reuse_prompts,
         }
     }
 
@@ -227,6 +251,8 @@ impl Worker {
 
     /// Waits until every sequence served last round has sent its step or left, or a short
     /// while (half the last batch's time) has passed; then takes whatever else has arrived.
+    /// A sequence that missed the wait is not waited for again until it has been served: one
+    /// slow client (a stream nobody reads) must not slow every round.
     fn gather(&mut self, rx: &Receiver<Msg>) {
         let deadline = Instant::now() + (self.last_batch / 2).clamp(GATHER_MIN, GATHER_MAX);
         while !self.expected.is_empty() {
@@ -236,6 +262,7 @@ impl Worker {
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
             }
         }
+        self.expected.clear();
         while let Ok(m) = rx.try_recv() {
             self.take(m);
         }
@@ -349,9 +376,10 @@ impl Worker {
             let step = self.prompts.pop_front().expect("can_admit saw one");
             let n = self.occupants.len();
             let free = n..self.arena.slots();
+            let reuse_prompts = self.reuse_prompts;
             let (similar, shared) = free
                 .clone()
-                .map(|j| (j, common_prefix(&self.contents[j], &step.ids)))
+                .map(|j| (j, if reuse_prompts { common_prefix(&self.contents[j], &step.ids) } else { 0 }))
                 .max_by_key(|&(j, len)| (len, std::cmp::Reverse(j)))
                 .expect("a free slot");
             // A slot sharing at least half the prompt is worth taking over; otherwise the one
@@ -361,7 +389,7 @@ impl Worker {
                 (similar, shared)
             } else {
                 let lru = free.min_by_key(|&j| (self.last_used[j], j)).expect("a free slot");
-                (lru, common_prefix(&self.contents[lru], &step.ids))
+                (lru, if reuse_prompts { common_prefix(&self.contents[lru], &step.ids) } else { 0 })
             };
             self.swap(n, best);
             self.occupants.push(step.seq);

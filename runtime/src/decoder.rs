@@ -281,13 +281,14 @@ pub(crate) struct BatchRow<'a> {
 
 impl Decoder {
     /// KV caches for `slots` sequences of `capacity` positions each, whose steps
-    /// [`Decoder::forward_batch`] runs together; None unless the cache is shared (the batched
-    /// step appends in place, as a lone sequence's does).
-    pub(crate) fn arena(&self, slots: usize, capacity: usize) -> Option<KvArena> {
+    /// [`Decoder::forward_batch`] runs together; None when the cache is not shared (the
+    /// batched step appends in place, as a lone sequence's does), an error when the memory is
+    /// refused.
+    pub(crate) fn arena(&self, slots: usize, capacity: usize) -> Result<Option<KvArena>> {
         if self.mode != KvCacheMode::Shared || slots == 0 || capacity == 0 || capacity > self.context {
-            return None;
+            return Ok(None);
         }
-        let names = self
+        let names: Vec<(String, String)> = self
             .io
             .past_keys
             .iter()
@@ -295,7 +296,13 @@ impl Decoder {
             .chain(self.io.past_values.iter().zip(&self.io.present_values))
             .map(|(a, b)| (a.clone(), b.clone()))
             .collect();
-        Some(KvArena::new(names, slots, self.kv_heads, capacity, self.head_size))
+        let bytes = (names.len() * slots * self.kv_heads * capacity * self.head_size * 4) as u64;
+        KvArena::new(names, slots, self.kv_heads, capacity, self.head_size).map(Some).ok_or_else(|| {
+            Error::InvalidRequest(format!(
+                "the system refused {} MiB of address space for {slots} KV caches of {capacity} positions",
+                bytes >> 20
+            ))
+        })
     }
 
     /// Runs `rows` (each the same number of tokens) on slots `first..first + rows.len()` of

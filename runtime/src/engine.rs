@@ -169,28 +169,35 @@ impl Engine {
     }
 
     /// Runs the decode steps of sequences generated at once (threads sharing this engine) as
-    /// one batch on the session, up to `sequences` of them; more wait for a place. Their KV
-    /// caches live in one arena of `sequences` caches at the full context, allocated as it is
-    /// written. Returns false, changing nothing, when the graph cannot batch in place (its KV
-    /// cache is not shared between past and present, see [`KvCacheMode`]).
+    /// one batch on the session, up to `sequences` of them; more wait for a place (a sequence
+    /// waiting for one is not cancelled until it has it). Their KV caches live in one arena of
+    /// `sequences` caches at the full context, committed as it is written. With
+    /// `reuse_prompts`, a new prompt that starts the way an earlier sequence's did reuses what
+    /// that sequence left in its place (faster first tokens; a client could tell from the
+    /// timing that someone sent a prompt starting like its own, so a server shared by parties
+    /// who must not learn of each other's prompts turns it off).
     ///
-    /// Batched rows may differ from a lone run in the last bits of their logits (the matrix
-    /// kernels block a batch differently), as in every batching server.
-    pub fn enable_batching(&mut self, sequences: usize) -> Result<bool> {
+    /// Returns false, changing nothing, when the graph cannot batch in place (its KV cache is
+    /// not shared between past and present, see [`KvCacheMode`]), and an error when the
+    /// system refuses the arena's memory. Batched rows may differ from a lone run in the last
+    /// bits of their logits (the matrix kernels block a batch differently), as in every
+    /// batching server.
+    pub fn enable_batching(&mut self, sequences: usize, reuse_prompts: bool) -> Result<bool> {
         if sequences == 0 {
             return Err(Error::InvalidRequest("batching needs at least one sequence".into()));
         }
-        let arena = self.decoder.lock().unwrap_or_else(|e| e.into_inner()).arena(sequences, self.context_length);
+        let arena = self.decoder.lock().unwrap_or_else(|e| e.into_inner()).arena(sequences, self.context_length)?;
         let Some(arena) = arena else { return Ok(false) };
         // The old worker (if any) finishes and stops before the new one starts.
         self.batcher = None;
-        self.batcher = Some(Batcher::start(Arc::clone(&self.decoder), arena)?);
+        self.batcher = Some(Batcher::start(Arc::clone(&self.decoder), arena, reuse_prompts)?);
         Ok(true)
     }
 
-    /// Sequences whose decode steps run as one batch (0: batching is off).
+    /// Sequences whose decode steps run as one batch (0: batching is off, or its worker
+    /// stopped and sequences take turns again).
     pub fn batch_sequences(&self) -> usize {
-        self.batcher.as_ref().map_or(0, Batcher::sequences)
+        self.batcher.as_ref().filter(|b| b.running()).map_or(0, Batcher::sequences)
     }
 
     /// What batching has run so far (all zero when it is off).
@@ -339,7 +346,7 @@ impl Engine {
             tokenizer: self.codec.as_ref().map(TextCodec::tokenizer),
             start,
         };
-        if let Some(batcher) = &self.batcher {
+        if let Some(batcher) = self.batcher.as_ref().filter(|b| b.running()) {
             let mut seq = batcher.sequence(self.vocab_size);
             return generate::run(&mut seq, setup, prompt, params, cancelled, on_token);
         }

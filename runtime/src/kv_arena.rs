@@ -7,9 +7,12 @@
 //! past input and the present output, so the attention operator appends in place exactly as it
 //! does for a lone sequence ([`crate::decoder::KvCacheMode::Shared`]).
 //!
-//! The buffers are allocated zeroed, which the allocator serves from untouched pages: memory is
-//! committed only as positions are written, not for every slot at full capacity.
+//! The buffers are allocated zeroed, which the allocator serves from untouched pages for
+//! buffers this large: memory is committed as positions are first written (and then kept for
+//! the arena's life), not for every slot at full capacity up front. An allocation the system
+//! refuses is an error, not an abort.
 
+use std::alloc::Layout;
 use std::collections::HashMap;
 use std::ptr::NonNull;
 
@@ -24,7 +27,7 @@ use crate::error::{Error, Result};
 pub(crate) struct KvArena {
     // Bindings hold tensor views into `buffers`: declared first so they are dropped first.
     bindings: HashMap<(usize, usize), IoBinding>,
-    buffers: Vec<Vec<f32>>,
+    buffers: Vec<Buffer>,
     /// (past input, present output) names, one pair per buffer.
     names: Vec<(String, String)>,
     slots: usize,
@@ -42,10 +45,10 @@ impl KvArena {
         kv_heads: usize,
         capacity: usize,
         head_size: usize,
-    ) -> Self {
-        let len = slots * kv_heads * capacity * head_size;
-        let buffers = names.iter().map(|_| vec![0.0f32; len]).collect();
-        KvArena {
+    ) -> Option<Self> {
+        let len = slots.checked_mul(kv_heads)?.checked_mul(capacity)?.checked_mul(head_size)?;
+        let buffers = names.iter().map(|_| Buffer::zeroed(len)).collect::<Option<Vec<_>>>()?;
+        Some(KvArena {
             bindings: HashMap::new(),
             buffers,
             names,
@@ -54,7 +57,7 @@ impl KvArena {
             kv_heads,
             head_size,
             allocator: Allocator::default(),
-        }
+        })
     }
 
     /// Sequences the arena holds.
@@ -86,7 +89,7 @@ impl KvArena {
             let offset = first * self.slot_len();
             let info = self.allocator.memory_info();
             let mut binding = session.create_binding()?;
-            for (buffer, (past, present)) in self.buffers.iter_mut().zip(&self.names) {
+            for (buffer, (past, present)) in self.buffers.iter().zip(&self.names) {
                 let mut view = view(buffer, offset, shape, info, &self.allocator)?;
                 binding.bind_input(past.as_str(), &view)?;
                 binding.bind_output(present.as_str(), &mut view)?;
@@ -101,38 +104,72 @@ impl KvArena {
     /// contiguous, while what the other slot held stays available.
     pub(crate) fn swap_slots(&mut self, a: usize, b: usize, positions: usize) {
         let (lo, hi) = (a.min(b), a.max(b));
+        assert!(hi < self.slots, "slot {hi} outside the arena");
         if lo == hi {
             return;
         }
         let (slot_len, row, n) = (self.slot_len(), self.capacity * self.head_size, positions * self.head_size);
-        for buffer in &mut self.buffers {
-            let (low, high) = buffer.split_at_mut(hi * slot_len);
+        assert!(n <= row, "more positions than a slot holds");
+        for buffer in &self.buffers {
             for h in 0..self.kv_heads {
-                let at = h * row;
-                low[lo * slot_len + at..][..n].swap_with_slice(&mut high[at..][..n]);
+                let (a, b) = (lo * slot_len + h * row, hi * slot_len + h * row);
+                // SAFETY: both ranges lie inside the buffer (slot and head indices are in
+                // range, n <= row) and do not overlap (different slots); no session runs while
+                // the worker that owns the arena swaps.
+                unsafe {
+                    std::ptr::swap_nonoverlapping(buffer.ptr.as_ptr().add(a), buffer.ptr.as_ptr().add(b), n);
+                }
             }
         }
     }
 }
 
+/// Zeroed floats owned through a raw pointer: ONNX Runtime writes through views of it, so the
+/// arena never makes a Rust reference to the contents that those writes would alias.
+struct Buffer {
+    ptr: NonNull<f32>,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by one arena, which one thread uses at a time.
+unsafe impl Send for Buffer {}
+
+impl Buffer {
+    /// `len` zeroed floats, or None when the system refuses the memory.
+    fn zeroed(len: usize) -> Option<Buffer> {
+        let layout = Layout::array::<f32>(len.max(1)).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        NonNull::new(ptr.cast::<f32>()).map(|ptr| Buffer { ptr, len })
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        let layout = Layout::array::<f32>(self.len.max(1)).expect("made with this layout");
+        // SAFETY: allocated in `zeroed` with the same layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), layout) }
+    }
+}
+
 /// A tensor of `shape` over `buffer[offset..]`, without copying.
 fn view(
-    buffer: &mut [f32],
+    buffer: &Buffer,
     offset: usize,
     shape: [i64; 4],
     info: &MemoryInfo<'_>,
     allocator: &Allocator,
 ) -> Result<DynValue> {
     let len = shape.iter().product::<i64>() as usize;
-    assert!(offset + len <= buffer.len(), "view past the end of its buffer");
+    assert!(offset + len <= buffer.len, "view past the end of its buffer");
     let mut raw: *mut ort::sys::OrtValue = std::ptr::null_mut();
-    // SAFETY: the pointer and length lie inside `buffer`, whose allocation never moves (the
-    // arena never resizes it) and outlives the bindings holding the view (field order above).
+    // SAFETY: the pointer and length lie inside `buffer`, whose allocation never moves and
+    // outlives the bindings holding the view (field order above).
     // ONNX Runtime does not take ownership of the data; releasing the value leaves it alone.
     let status = unsafe {
         (ort::api().CreateTensorWithDataAsOrtValue)(
             info.ptr(),
-            buffer.as_mut_ptr().add(offset).cast(),
+            buffer.ptr.as_ptr().add(offset).cast(),
             len * std::mem::size_of::<f32>(),
             shape.as_ptr(),
             shape.len(),

@@ -20,7 +20,7 @@ fn batched_sequences_match_their_runs_alone() {
         let mut engine = Engine::open(bundle(preset), &EngineOptions::default().with_threads(1)).unwrap();
         // Fewer places than sequences: the last one waits for a place, and sequences leaving
         // from lower slots move the others down.
-        assert!(engine.enable_batching(3).unwrap(), "{preset}: the bundle shares its KV cache");
+        assert!(engine.enable_batching(3, true).unwrap(), "{preset}: the bundle shares its KV cache");
         assert_eq!(engine.batch_sequences(), 3);
         let engine = Arc::new(engine);
         check_against_alone(Arc::clone(&engine), 4);
@@ -80,7 +80,7 @@ fn a_prompt_starting_like_an_earlier_one_reuses_its_cache_and_answers_the_same()
     let opts = EngineOptions::default().with_threads(1);
     let alone = Engine::open(bundle("tiny"), &opts).unwrap();
     let mut batched = Engine::open(bundle("tiny"), &opts).unwrap();
-    assert!(batched.enable_batching(2).unwrap());
+    assert!(batched.enable_batching(2, true).unwrap());
     let first: Vec<u32> = (1..=40).map(|t| (t * 13) % 200 + 1).collect();
     let mut longer = first.clone();
     longer.extend([7, 8, 9, 10]);
@@ -109,4 +109,16 @@ fn a_prompt_starting_like_an_earlier_one_reuses_its_cache_and_answers_the_same()
         }
         reused = now;
     }
+}
+
+#[test]
+fn without_prompt_reuse_a_repeated_prompt_runs_whole() {
+    let mut engine = Engine::open(bundle("tiny"), &EngineOptions::default().with_threads(1)).unwrap();
+    assert!(engine.enable_batching(2, false).unwrap());
+    let prompt: Vec<u32> = (1..=30).map(|t| (t * 11) % 200 + 1).collect();
+    let params = GenerateParams::default().with_max_new_tokens(8).with_ignore_eos(true);
+    let first = engine.generate(&prompt, &params, |_| ControlFlow::Continue(())).unwrap().generated_ids;
+    let again = engine.generate(&prompt, &params, |_| ControlFlow::Continue(())).unwrap().generated_ids;
+    assert_eq!(first, again);
+    assert_eq!(engine.batch_stats().reused, 0);
 }

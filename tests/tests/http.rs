@@ -554,6 +554,15 @@ fn the_number_of_sequences_comes_from_the_boards_memory_budget() {
     let profile = edgelm_e2e::scratch().join("http-board.toml");
     std::fs::write(&profile, shipped.replace("memory_budget_mib = 4096", &format!("memory_budget_mib = {budget_mib}")))
         .unwrap();
+    // An explicit count the budget cannot hold is refused at start.
+    let out = Command::new(bin("edgelm"))
+        .args(["serve", "--http", "127.0.0.1:0", "--bundle"])
+        .arg(&b)
+        .args(["--board", profile.to_str().unwrap(), "--max-sequences", &(want + 1).to_string()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("budget"), "{err}");
     // Served through a link, as a deploy's current/model is, so a reload can switch models.
     let dir = edgelm_e2e::scratch().join("http-budget");
     let _ = std::fs::remove_dir_all(&dir);

@@ -31,13 +31,15 @@ pub struct ResponseCache {
 /// Least time between attempts to reach a Redis that is away.
 pub const RECONNECT_EVERY: Duration = Duration::from_secs(2);
 
-/// The Redis tier: one connection (None after it broke), the key prefix of this model, and
-/// whether the current outage was logged already.
+/// The Redis tier: one connection (None after it broke), the key prefix of this model,
+/// whether Redis is away (an outage, logged when it starts and ends), and whether a command's
+/// failure was logged already.
 struct Shared {
     client: redis::Client,
     conn: Mutex<Link>,
     prefix: String,
     ttl: u64,
+    away: AtomicBool,
     warned: AtomicBool,
 }
 
@@ -76,7 +78,8 @@ fn reason_of(name: &str) -> Option<StopReason> {
 impl ResponseCache {
     /// A cache of at most `bytes` in memory (0: none) whose answers live `ttl`, shared through
     /// Redis at `redis` (answers of the model whose manifest hashes to `model_sha256`).
-    pub fn new(bytes: u64, ttl: Duration, redis: Option<&str>, model_sha256: &str) -> Result<Self> {
+    /// Without `required`, a Redis that cannot be reached now is tried again at first use.
+    pub fn new(bytes: u64, ttl: Duration, redis: Option<&str>, model_sha256: &str, required: bool) -> Result<Self> {
         let inner = (bytes > 0).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(bytes)
@@ -88,13 +91,21 @@ impl ResponseCache {
             None => None,
             Some(url) => {
                 let client = redis::Client::open(url).with_context(|| format!("--cache-redis {url}"))?;
-                let conn =
-                    connect(&client, Duration::from_secs(5)).with_context(|| format!("cannot reach Redis at {url}"))?;
+                let conn = match connect(&client, Duration::from_secs(5)) {
+                    Ok(c) => Some(c),
+                    Err(e) if !required => {
+                        eprintln!("edgelm serve: the shared cache (Redis at {url}) is away, answering without it: {e}");
+                        None
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("cannot reach Redis at {url}")),
+                };
+                let away = conn.is_none();
                 Some(Shared {
                     client,
-                    conn: Mutex::new(Link { conn: Some(conn), tried: Instant::now() }),
+                    conn: Mutex::new(Link { conn, tried: Instant::now() }),
                     prefix: format!("edgelm:v1:{model_sha256}:"),
                     ttl: ttl.as_secs().max(1),
+                    away: AtomicBool::new(away),
                     warned: AtomicBool::new(false),
                 })
             }
@@ -172,51 +183,56 @@ impl Shared {
         format!("{}{}", self.prefix, edgelm_runtime::bundle::hex(k))
     }
 
-    /// Runs a command; a failure is logged (once per outage) and reads as a miss. A broken
-    /// connection is opened again and the command retried once.
+    /// Runs a command; a failure reads as a miss and is logged (once per outage). A connection
+    /// that dropped (Redis restarted) is opened again and the command retried once; one that
+    /// timed out is dropped without a retry, so a slow Redis holds a request for one timeout.
     fn run<T>(&self, f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>) -> Option<T> {
         let mut link = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        let mut failure = None;
-        for _ in 0..2 {
+        for attempt in 0..2 {
             if link.conn.is_none() {
-                if link.tried.elapsed() < RECONNECT_EVERY && failure.is_none() {
+                if attempt == 0 && link.tried.elapsed() < RECONNECT_EVERY {
                     return None;
                 }
                 link.tried = Instant::now();
                 match connect(&self.client, Duration::from_millis(500)) {
                     Ok(c) => link.conn = Some(c),
                     Err(e) => {
-                        failure = Some(e);
-                        break;
+                        self.outage(&e);
+                        return None;
                     }
                 }
             }
             let conn = link.conn.as_mut().expect("connected above");
             match f(conn) {
                 Ok(v) => {
-                    if self.warned.swap(false, Ordering::Relaxed) {
+                    if self.away.swap(false, Ordering::Relaxed) {
                         eprintln!("edgelm serve: the shared cache (Redis) is back");
                     }
                     return Some(v);
                 }
-                Err(e) => {
-                    // A reply Redis gave (a wrong type, say) leaves the connection usable.
-                    let broken = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
-                    if !broken {
-                        failure = Some(e);
-                        break;
-                    }
+                Err(e) if e.is_connection_dropped() || e.is_io_error() || e.is_timeout() => {
                     link.conn = None;
-                    failure = Some(e);
+                    if e.is_timeout() || attempt == 1 {
+                        self.outage(&e);
+                        return None;
+                    }
+                }
+                Err(e) => {
+                    // A reply Redis gave (a wrong type, say): the connection is fine.
+                    if !self.warned.swap(true, Ordering::Relaxed) {
+                        eprintln!("edgelm serve: the shared cache (Redis) refused a command: {e}");
+                    }
+                    return None;
                 }
             }
         }
-        if let Some(e) = failure {
-            if !self.warned.swap(true, Ordering::Relaxed) {
-                eprintln!("edgelm serve: the shared cache (Redis) failed, answering without it: {e}");
-            }
-        }
         None
+    }
+
+    fn outage(&self, e: &redis::RedisError) {
+        if !self.away.swap(true, Ordering::Relaxed) {
+            eprintln!("edgelm serve: the shared cache (Redis) failed, answering without it: {e}");
+        }
     }
 }
 

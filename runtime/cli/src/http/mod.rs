@@ -3,8 +3,8 @@
 //! `/metrics` for Prometheus).
 //!
 //! One engine (one ONNX Runtime session) serves every request; each running request is a
-//! sequence with its own KV cache on a blocking thread, their model steps taking turns on the
-//! session. At most `max_sequences` run at once (from the board's memory budget: what is left
+//! sequence with its own KV cache on a blocking thread, the decode steps of all of them run as
+//! one batch (`edgelm_runtime::batch`; `--no-batch`: their steps take turns). At most `max_sequences` run at once (from the board's memory budget: what is left
 //! after the weights, divided by one sequence's KV cache at the full context); `queue` more
 //! wait, up to `queue_timeout`; beyond that a request gets 429 with `Retry-After`. A request
 //! whose client goes away stops at its next token and frees its sequence.
@@ -81,6 +81,11 @@ pub struct HttpArgs {
     /// comparing).
     #[arg(long)]
     pub no_batch: bool,
+    /// Never let a new prompt reuse the keys and values an earlier request left behind (with
+    /// reuse, a client could tell from the time to its first token that another sent a prompt
+    /// starting like its own).
+    #[arg(long)]
+    pub no_prompt_reuse: bool,
     /// Guard policy (TOML): prompt limits, denied patterns, injection heuristics, answer
     /// redaction, review threshold (see `http/guard.rs` and the README).
     #[arg(long)]
@@ -122,8 +127,10 @@ struct Server {
     created: u64,
     slots: Arc<Semaphore>,
     max_sequences: usize,
-    /// Decode steps of concurrent sequences run as one batch of up to `max_sequences`.
+    /// Decode steps of concurrent sequences run as one batch of up to `max_sequences` (when
+    /// the model's graph can), new prompts reusing free slots' caches or not.
     batch: bool,
+    reuse_prompts: bool,
     /// The board's memory budget in bytes and its name, which a reloaded model must fit too.
     budget: Option<(u64, String)>,
     queue: usize,
@@ -216,12 +223,13 @@ impl Server {
             self.cache_bytes,
             self.cache_ttl,
             self.cache_redis.as_deref(),
+            false,
         )
         .with_context(|| format!("reloading {}", self.bundle.display()));
         let new = new.and_then(|mut n| {
             self.fit(&n)?;
             if self.batch {
-                n.enable_batching(self.max_sequences)?;
+                n.enable_batching(self.max_sequences, self.reuse_prompts);
             }
             Ok(n)
         });
@@ -281,16 +289,28 @@ impl Server {
 
 impl Loaded {
     /// Batches the decode steps of up to `sequences` concurrent sequences (a causal LM whose
-    /// graph can; otherwise its steps take turns). Called before the model is shared.
-    fn enable_batching(&mut self, sequences: usize) -> Result<()> {
+    /// graph can; otherwise, or when the memory is refused, which is logged, its steps take
+    /// turns). Called before the model is shared.
+    fn enable_batching(&mut self, sequences: usize, reuse_prompts: bool) {
         if let Served::Lm(engine) = &mut self.model {
-            let engine = Arc::get_mut(engine).context("batching is set before the model is shared")?;
-            engine.enable_batching(sequences)?;
+            let Some(engine) = Arc::get_mut(engine) else { return };
+            if let Err(e) = engine.enable_batching(sequences, reuse_prompts) {
+                eprintln!("edgelm serve: decode steps not batched: {e}");
+            }
         }
-        Ok(())
     }
 
-    /// Opens `bundle` and works out what it needs.
+    /// Whether its decode steps run batched.
+    fn batched(&self) -> bool {
+        match &self.model {
+            Served::Lm(e) => e.batch_sequences() > 0,
+            Served::Encoder(_) => false,
+        }
+    }
+
+    /// Opens `bundle` and works out what it needs. With `redis_required`, a Redis that cannot
+    /// be reached is an error (at start, where a wrong address should stop the server);
+    /// otherwise the cache starts without it and connects later (a reload).
     fn open(
         bundle: &Path,
         opts: &edgelm_runtime::EngineOptions,
@@ -298,6 +318,7 @@ impl Loaded {
         cache_bytes: u64,
         cache_ttl: Duration,
         cache_redis: Option<&str>,
+        redis_required: bool,
     ) -> Result<Loaded> {
         let model = Model::open(bundle, opts).with_context(|| format!("opening {}", bundle.display()))?;
         let id = std::fs::canonicalize(bundle)
@@ -326,7 +347,7 @@ impl Loaded {
                 (Served::Encoder(Arc::new(Mutex::new(*e))), "encoder", precision, c, w, 0)
             }
         };
-        let cache = cache::ResponseCache::new(cache_bytes, cache_ttl, cache_redis, &sha256)?;
+        let cache = cache::ResponseCache::new(cache_bytes, cache_ttl, cache_redis, &sha256, redis_required)?;
         let special_tokens = match &model {
             Served::Lm(e) => e.codec().map_or_else(Vec::new, |c| {
                 c.tokenizer()
@@ -1025,7 +1046,7 @@ async fn readyz(State(server): State<Arc<Server>>) -> Json<Value> {
         "model": model_card(&loaded),
         "last_reload_error": *server.reload_error.lock().unwrap_or_else(|p| p.into_inner()),
         "max_sequences": server.max_sequences,
-        "batched_decode": server.batch,
+        "batched_decode": loaded.batched(),
         // Since this model loaded: batched steps, sequences' steps in them, placeholder rows,
         // prompt tokens found already in a free slot's cache.
         "batch": match &loaded.model {
@@ -1096,10 +1117,19 @@ pub fn serve_http(
     }
     let opts = place.engine_options(threads, kv)?;
     let cache_ttl = Duration::from_secs(h.cache_ttl);
-    let first = Loaded::open(bundle, &opts, h.max_tokens_cap, h.cache_bytes, cache_ttl, h.cache_redis.as_deref())?;
+    let first =
+        Loaded::open(bundle, &opts, h.max_tokens_cap, h.cache_bytes, cache_ttl, h.cache_redis.as_deref(), true)?;
     let (weights, kv_bytes, context) = (first.weights, first.kv_bytes, first.context);
     let max_sequences = match (h.max_sequences, &place.board) {
         (Some(0), _) => bail!("--max-sequences must be at least 1"),
+        (Some(n), Some(b)) if weights + n as u64 * kv_bytes > b.memory_budget_mib << 20 => bail!(
+            "{n} sequences need {} MiB (weights {} MiB + KV cache {} MiB each at {context} tokens), over board `{}`'s budget of {} MiB",
+            (weights + n as u64 * kv_bytes) >> 20,
+            weights >> 20,
+            kv_bytes >> 20,
+            b.id,
+            b.memory_budget_mib
+        ),
         (Some(n), _) => n,
         (None, Some(b)) => {
             let budget = b.memory_budget_mib << 20;
@@ -1120,12 +1150,9 @@ pub fn serve_http(
     };
     let mut first = first;
     if !h.no_batch {
-        first.enable_batching(max_sequences)?;
+        first.enable_batching(max_sequences, !h.no_prompt_reuse);
     }
-    let batched = match &first.model {
-        Served::Lm(e) => e.batch_sequences() > 0,
-        Served::Encoder(_) => false,
-    };
+    let batched = first.batched();
     let guard = h.guard.as_deref().map(guard::Guard::load).transpose()?.map(Arc::new);
     let metrics = metrics::Metrics::new();
     metrics.set_model(&first.id, first.kind, &first.precision, &first.sha256);
@@ -1146,7 +1173,8 @@ pub fn serve_http(
         created: now_secs(),
         slots: Arc::new(Semaphore::new(max_sequences)),
         max_sequences,
-        batch: batched,
+        batch: !h.no_batch,
+        reuse_prompts: !h.no_prompt_reuse,
         budget: place.board.as_ref().map(|b| (b.memory_budget_mib << 20, b.id.clone())),
         queue,
         waiting: AtomicUsize::new(0),
