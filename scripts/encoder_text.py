@@ -1,9 +1,10 @@
 """Unlabelled English text for distilling a sentence encoder: sentences from the docstrings of
 the Python packages pinned in scripts/requirements.txt (numpy, onnx, ...), so the same pins give
-the same text on every machine. The repository's own docs, which the encoder benchmark scores
-on, are not used.
+the same text on every machine. With --wide, also the pinned openai client (its documented
+fields included) and the Python standard library (the same for one Python version). The
+repository's own docs, which the encoder benchmark scores on, are not used.
 
-usage: encoder_text.py OUT.txt [--sentences 3000]   (0: every sentence found)
+usage: encoder_text.py OUT.txt [--sentences 3000] [--wide]   (0: every sentence found)
 """
 import argparse
 import ast
@@ -15,16 +16,59 @@ import sys
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
 ap.add_argument("--sentences", type=int, default=3000)
+ap.add_argument("--wide", action="store_true")
 a = ap.parse_args()
 
 site = sorted(glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages")))
 if not site:
     sys.exit(f"no site-packages under {sys.prefix}")
 files = []
-for pkg in ["numpy", "onnx", "onnxruntime", "yaml", "onnx_ir"]:
+packages = ["numpy", "onnx", "onnxruntime", "yaml", "onnx_ir"] + (["openai"] if a.wide else [])
+for pkg in packages:
     files += sorted(glob.glob(os.path.join(site[0], pkg, "**", "*.py"), recursive=True))
+if a.wide:
+    stdlib = sorted(glob.glob(os.path.join(sys.base_prefix, "lib", "python3*")))[0]
+    files += [
+        f
+        for f in sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True))
+        if "site-packages" not in f and "/test" not in f
+    ]
+
+
+def docstrings(node):
+    """The node's docstring, and for a class the strings written under its attributes (how
+    generated API clients document their fields)."""
+    doc = ast.get_docstring(node)
+    if doc:
+        yield doc
+    if isinstance(node, ast.ClassDef):
+        for a, b in zip(node.body, node.body[1:]):
+            if (
+                isinstance(a, (ast.AnnAssign, ast.Assign))
+                and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)
+                and isinstance(b.value.value, str)
+            ):
+                yield b.value.value
+
 
 seen, out = set(), []
+
+
+def sentences(doc):
+    """Adds the prose sentences of `doc`: the paragraphs before numpydoc's section headers,
+    without code and markup."""
+    prose = re.split(r"\n\s*(Parameters|Returns|Examples|See Also|Notes|Raises|Yields|Attributes|References)\s*\n\s*-{3,}", doc)[0]
+    prose = re.sub(r"``[^`]*``|`[^`]*`|:[a-z]+:|>>>.*|\.\.\s+\w+::.*", " ", prose)
+    prose = re.sub(r"\s+", " ", prose)
+    for s in re.split(r"(?<=[.!?])\s+", prose):
+        s = s.strip()
+        letters = sum(ch.isalpha() or ch == " " for ch in s)
+        if 40 <= len(s) <= 300 and letters / len(s) > 0.9 and s[0].isupper() and s not in seen:
+            seen.add(s)
+            out.append(s)
+
+
 for path in files:
     try:
         tree = ast.parse(open(path, encoding="utf-8").read())
@@ -33,19 +77,8 @@ for path in files:
     for node in ast.walk(tree):
         if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        doc = ast.get_docstring(node)
-        if not doc:
-            continue
-        # Prose only: the paragraphs before numpydoc's section headers, without code and markup.
-        prose = re.split(r"\n\s*(Parameters|Returns|Examples|See Also|Notes|Raises|Yields|Attributes|References)\s*\n\s*-{3,}", doc)[0]
-        prose = re.sub(r"``[^`]*``|`[^`]*`|:[a-z]+:|>>>.*|\.\.\s+\w+::.*", " ", prose)
-        prose = re.sub(r"\s+", " ", prose)
-        for s in re.split(r"(?<=[.!?])\s+", prose):
-            s = s.strip()
-            letters = sum(ch.isalpha() or ch == " " for ch in s)
-            if 40 <= len(s) <= 300 and letters / len(s) > 0.9 and s[0].isupper() and s not in seen:
-                seen.add(s)
-                out.append(s)
+        for doc in docstrings(node) if a.wide else filter(None, [ast.get_docstring(node)]):
+            sentences(doc)
 
 if len(out) < a.sentences:
     print(f"encoder_text: only {len(out)} sentences found", file=sys.stderr)
