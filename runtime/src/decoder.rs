@@ -230,16 +230,7 @@ impl Decoder {
         let vocab = self.vocab;
         match &mut state.cache {
             Cache::Shared { binding, .. } => {
-                binding.bind_input(self.io.input_ids.as_str(), &input_ids)?;
-                if let Some(n) = &self.io.attention_mask {
-                    binding.bind_input(n.as_str(), &mask)?;
-                }
-                if let Some(n) = &self.io.position_ids {
-                    binding.bind_input(n.as_str(), &positions)?;
-                }
-                // Bound afresh every step: its shape changes from prefill to decode in graphs
-                // that return logits for every position.
-                binding.bind_output_to_device(self.io.logits.as_str(), self.session.allocator().memory_info())?;
+                self.bind_step(binding, &input_ids, &mask, &positions)?;
                 let outputs = self.session.run_binding(binding)?;
                 copy_last_row(&self.io.logits, &outputs[self.io.logits.as_str()], vocab, &mut state.logits)?;
             }
@@ -270,6 +261,30 @@ impl Decoder {
         }
         state.pos = total;
         Ok(&mut state.logits)
+    }
+}
+
+impl Decoder {
+    /// Binds one step's token inputs (those the graph has) and its logits output to `binding`,
+    /// whose KV cache tensors are bound already.
+    fn bind_step(
+        &self,
+        binding: &mut IoBinding,
+        input_ids: &Tensor<i64>,
+        mask: &Tensor<i64>,
+        positions: &Tensor<i64>,
+    ) -> Result<()> {
+        binding.bind_input(self.io.input_ids.as_str(), input_ids)?;
+        if let Some(n) = &self.io.attention_mask {
+            binding.bind_input(n.as_str(), mask)?;
+        }
+        if let Some(n) = &self.io.position_ids {
+            binding.bind_input(n.as_str(), positions)?;
+        }
+        // Bound afresh every step: its shape changes from prefill to decode in graphs that
+        // return logits for every position.
+        binding.bind_output_to_device(self.io.logits.as_str(), self.session.allocator().memory_info())?;
+        Ok(())
     }
 }
 
@@ -340,14 +355,7 @@ impl Decoder {
         let mask = Tensor::from_array(([n, width], mask))?;
         let positions = Tensor::from_array(([n, s], positions))?;
         let binding = arena.binding(&self.session, first, n)?;
-        binding.bind_input(self.io.input_ids.as_str(), &input_ids)?;
-        if let Some(name) = &self.io.attention_mask {
-            binding.bind_input(name.as_str(), &mask)?;
-        }
-        if let Some(name) = &self.io.position_ids {
-            binding.bind_input(name.as_str(), &positions)?;
-        }
-        binding.bind_output_to_device(self.io.logits.as_str(), self.session.allocator().memory_info())?;
+        self.bind_step(binding, &input_ids, &mask, &positions)?;
         let outputs = self.session.run_binding(binding)?;
         let logits = &outputs[self.io.logits.as_str()];
         let (shape, data) = logits.try_extract_tensor::<f32>()?;
