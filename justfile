@@ -129,7 +129,7 @@ setup-tools:
     fi
     # qemu-user 10 for the aarch64 tests: Debian 12's own 7.2 crashes in ONNX Runtime's
     # start-up, so on bookworm it comes from bookworm-backports.
-    qemu_major="$(qemu-aarch64 --version 2>/dev/null | sed -n 's/.*version \([0-9]*\).*/\1/p' | head -n1)"
+    qemu_major="$({ qemu-aarch64 --version 2>/dev/null || true; } | sed -n 's/.*version \([0-9]*\).*/\1/p' | head -n1)"
     if [ "${qemu_major:-0}" -lt 10 ]; then
         . /etc/os-release
         if [ "${VERSION_CODENAME:-}" = bookworm ]; then
