@@ -1,10 +1,13 @@
 """Unlabelled English text for distilling a sentence encoder: sentences from the docstrings of
 the Python packages pinned in scripts/requirements.txt (numpy, onnx, ...), so the same pins give
 the same text on every machine. With --wide, also the pinned openai client (its documented
-fields included) and the Python standard library (the same for one Python version). The
-repository's own docs, which the encoder benchmark scores on, are not used.
+fields included) and the Python standard library (the same for one Python version). With
+--rust, also the prose of the crates this workspace's Cargo.lock pins (their markdown files and
+doc comments, read from cargo's registry cache: run `cargo fetch --locked` first so that every
+pinned crate is there). The repository's own docs, which the encoder benchmark scores on, are
+not used.
 
-usage: encoder_text.py OUT.txt [--sentences 3000] [--wide]   (0: every sentence found)
+usage: encoder_text.py OUT.txt [--sentences 3000] [--wide] [--rust]   (0: every sentence found)
 """
 import argparse
 import ast
@@ -12,11 +15,13 @@ import glob
 import os
 import re
 import sys
+import tomllib
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
 ap.add_argument("--sentences", type=int, default=3000)
 ap.add_argument("--wide", action="store_true")
+ap.add_argument("--rust", action="store_true")
 a = ap.parse_args()
 
 site = sorted(glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages")))
@@ -55,6 +60,15 @@ def docstrings(node):
 seen, out = set(), []
 
 
+def keep(s):
+    """Adds `s` when it reads as a sentence of prose, once."""
+    s = s.strip()
+    letters = sum(ch.isalpha() or ch == " " for ch in s)
+    if 40 <= len(s) <= 300 and letters / len(s) > 0.9 and s[0].isupper() and s not in seen:
+        seen.add(s)
+        out.append(s)
+
+
 def sentences(doc):
     """Adds the prose sentences of `doc`: the paragraphs before numpydoc's section headers,
     without code and markup."""
@@ -62,11 +76,57 @@ def sentences(doc):
     prose = re.sub(r"``[^`]*``|`[^`]*`|:[a-z]+:|>>>.*|\.\.\s+\w+::.*", " ", prose)
     prose = re.sub(r"\s+", " ", prose)
     for s in re.split(r"(?<=[.!?])\s+", prose):
-        s = s.strip()
-        letters = sum(ch.isalpha() or ch == " " for ch in s)
-        if 40 <= len(s) <= 300 and letters / len(s) > 0.9 and s[0].isupper() and s not in seen:
-            seen.add(s)
-            out.append(s)
+        keep(s)
+
+
+def markdown_sentences(text):
+    """Adds the prose sentences of markdown `text`: paragraphs without code blocks, headings,
+    tables, lists and quotes; links keep their words; a sentence with inline code is dropped
+    (taking the code out leaves a sentence with a hole)."""
+    text = re.sub(r"```.*?```", " ", text, flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "\0", text)
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)
+    text = re.sub(r"\[([^\]]*)\](\[[^\]]*\])?", r"\1", text)
+    text = re.sub(r"<[^>]+>", " ", text)
+    for para in re.split(r"\n\s*\n", text):
+        lines = [l.strip() for l in para.split("\n") if not re.match(r"\s*(#|\||[-*+] |\d+\. |>|    )", l)]
+        for s in re.split(r"(?<=[.!?])\s+", " ".join(lines)):
+            if "\0" not in s and s.strip()[-1:] in (".", "!", "?"):
+                keep(s)
+
+
+def rust_crates():
+    """Folders of the crates.io packages Cargo.lock pins, in cargo's registry cache."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    with open(os.path.join(root, "Cargo.lock"), "rb") as f:
+        lock = tomllib.load(f)
+    home = os.environ.get("CARGO_HOME", os.path.expanduser("~/.cargo"))
+    caches = sorted(glob.glob(os.path.join(home, "registry", "src", "*")))
+    pinned = sorted((p["name"], p["version"]) for p in lock["package"] if p.get("source", "").startswith("registry"))
+    found, missing = [], []
+    for name, version in pinned:
+        dirs = [d for d in (os.path.join(c, f"{name}-{version}") for c in caches) if os.path.isdir(d)]
+        (found if dirs else missing).append(dirs[0] if dirs else f"{name}-{version}")
+    if missing:
+        sys.exit(f"{len(missing)} pinned crates are not in cargo's registry cache ({missing[0]}, ...): run cargo fetch --locked")
+    return found
+
+
+def rust_prose(crate):
+    """Adds the sentences of a crate's markdown files (not change logs or licences) and of its
+    doc comments."""
+    for path in sorted(glob.glob(os.path.join(crate, "**", "*.md"), recursive=True)):
+        if not re.search(r"CHANGE|LICEN[CS]E|COPYRIGHT", os.path.basename(path).upper()):
+            markdown_sentences(open(path, encoding="utf-8", errors="replace").read())
+    for path in sorted(glob.glob(os.path.join(crate, "**", "*.rs"), recursive=True)):
+        block = []
+        for line in open(path, encoding="utf-8", errors="replace").read().split("\n") + [""]:
+            m = re.match(r"\s*//[/!]\s?(.*)", line)
+            if m:
+                block.append(m.group(1))
+            elif block:
+                markdown_sentences("\n".join(block))
+                block = []
 
 
 for path in files:
@@ -79,6 +139,10 @@ for path in files:
             continue
         for doc in docstrings(node) if a.wide else filter(None, [ast.get_docstring(node)]):
             sentences(doc)
+
+if a.rust:
+    for crate in rust_crates():
+        rust_prose(crate)
 
 if len(out) < a.sentences:
     print(f"encoder_text: only {len(out)} sentences found", file=sys.stderr)

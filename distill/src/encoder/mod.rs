@@ -160,6 +160,15 @@ impl EncoderCheckpoint {
     }
 }
 
+/// Hidden states of a padded batch: `states[j]` `[B, S, H]` after layer `j`, and `mask`
+/// `[B, S]` (1 where a row has a token, 0 where it was padded).
+pub struct BatchStates {
+    /// Hidden states after each layer, first to last.
+    pub states: Vec<Tensor>,
+    /// Real (1) and padded (0) positions.
+    pub mask: Tensor,
+}
+
 /// The candle reference: runs the encoder and pools.
 pub struct BertModel<'a> {
     ck: &'a EncoderCheckpoint,
@@ -197,30 +206,64 @@ impl<'a> BertModel<'a> {
     /// Hidden states `[1, S, H]` after each layer, first to last (the embeddings' output when
     /// the model has no layers).
     pub fn layer_states(&self, ids: &[u32], type_ids: &[u32]) -> Result<Vec<Tensor>> {
+        Ok(self.batch_layer_states(&[(ids, type_ids)])?.states)
+    }
+
+    /// Hidden states `[B, S, H]` after each layer for several sequences at once, padded at the
+    /// end to the longest (`S`); padded positions are masked out of attention, so each row's
+    /// real positions hold what the sequence gives alone. One run over a batch of similar
+    /// lengths makes matrices large enough to keep a core busy, where one sentence at a time
+    /// spends its time between operations.
+    pub fn batch_layer_states(&self, seqs: &[(&[u32], &[u32])]) -> Result<BatchStates> {
         let c = &self.ck.config;
-        let (h, s) = (c.hidden_size, ids.len());
-        if s == 0 || s > c.max_position_embeddings {
-            return Err(Error::ContextOverflow { positions: s, context: c.max_position_embeddings });
+        let h = c.hidden_size;
+        let (b, s) = (seqs.len(), seqs.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0));
+        for (ids, type_ids) in seqs {
+            if ids.is_empty() || ids.len() > c.max_position_embeddings {
+                return Err(Error::ContextOverflow { positions: ids.len(), context: c.max_position_embeddings });
+            }
+            if type_ids.len() != ids.len() {
+                return Err(Error::InvalidConfig {
+                    what: format!("{} token types for {} tokens", type_ids.len(), ids.len()),
+                });
+            }
+        }
+        if b == 0 {
+            return Err(Error::InvalidConfig { what: "an empty batch".into() });
         }
         let dev = Device::Cpu;
+        let (mut flat_ids, mut flat_types, mut mask) = (vec![0u32; b * s], vec![0u32; b * s], vec![0f32; b * s]);
+        for (row, (ids, type_ids)) in seqs.iter().enumerate() {
+            flat_ids[row * s..row * s + ids.len()].copy_from_slice(ids);
+            flat_types[row * s..row * s + ids.len()].copy_from_slice(type_ids);
+            mask[row * s..row * s + ids.len()].fill(1.0);
+        }
+        let padded = seqs.iter().any(|(ids, _)| ids.len() < s);
+        let mask = Tensor::from_vec(mask, (b, s), &dev)?;
         let word = self.ck.get("embeddings.word_embeddings.weight", &[c.vocab_size, h])?;
         let pos = self.ck.get("embeddings.position_embeddings.weight", &[c.max_position_embeddings, h])?;
         let tt = self.ck.get("embeddings.token_type_embeddings.weight", &[c.type_vocab_size, h])?;
-        let x = (word.embedding(&Tensor::new(ids, &dev)?)? + pos.narrow(0, 0, s)?)?;
-        let x = (x + tt.embedding(&Tensor::new(type_ids, &dev)?)?)?;
-        let mut x = self.layer_norm(&x.unsqueeze(0)?, "embeddings.LayerNorm")?;
+        let x = word.embedding(&Tensor::from_vec(flat_ids, b * s, &dev)?)?.reshape((b, s, h))?;
+        let x = x.broadcast_add(&pos.narrow(0, 0, s)?)?;
+        let x = (x + tt.embedding(&Tensor::from_vec(flat_types, b * s, &dev)?)?.reshape((b, s, h))?)?;
+        let mut x = self.layer_norm(&x, "embeddings.LayerNorm")?;
+        // Padded keys get a large negative score: their softmax weight is exactly zero.
+        let key_bias = if padded { Some(((&mask - 1.0)? * 1e9)?.reshape((b, 1, 1, s))?) } else { None };
         let (heads, hd) = (c.num_attention_heads, h / c.num_attention_heads);
         let mut states = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
             let split =
-                |t: Tensor| -> Result<Tensor> { Ok(t.reshape((1, s, heads, hd))?.transpose(1, 2)?.contiguous()?) };
+                |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, s, heads, hd))?.transpose(1, 2)?.contiguous()?) };
             let q = split(self.linear(&x, &format!("{p}.attention.self.query"), h, h)?)?;
             let k = split(self.linear(&x, &format!("{p}.attention.self.key"), h, h)?)?;
             let v = split(self.linear(&x, &format!("{p}.attention.self.value"), h, h)?)?;
-            let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+            let mut scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+            if let Some(bias) = &key_bias {
+                scores = scores.broadcast_add(bias)?;
+            }
             let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((1, s, h))?;
+            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
             let attn = self.linear(&ctx, &format!("{p}.attention.output.dense"), h, h)?;
             x = self.layer_norm(&(attn + &x)?, &format!("{p}.attention.output.LayerNorm"))?;
             let inter = self.linear(&x, &format!("{p}.intermediate.dense"), c.intermediate_size, h)?;
@@ -233,7 +276,25 @@ impl<'a> BertModel<'a> {
         if states.is_empty() {
             states.push(x);
         }
-        Ok(states)
+        Ok(BatchStates { states, mask })
+    }
+
+    /// Sentence embeddings `[B, H]` of final hidden states `[B, S, H]` under `mask` `[B, S]`
+    /// (1 for real positions): pooled over the real positions, and normalised when the
+    /// model's configuration says so.
+    pub fn pool_batch(&self, hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let v = match self.ck.config.pooling {
+            Pooling::Mean => {
+                let sum = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
+                sum.broadcast_div(&mask.sum_keepdim(1)?.maximum(1.0)?)?
+            }
+            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+        };
+        Ok(if self.ck.config.normalize {
+            v.broadcast_div(&v.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(1e-12)?)?
+        } else {
+            v
+        })
     }
 
     /// The sentence embedding of one sequence `[H]`, differentiable.
@@ -241,19 +302,117 @@ impl<'a> BertModel<'a> {
         self.pool(&self.hidden_states(ids, type_ids)?)
     }
 
-    /// The sentence embedding `[H]` of final hidden states `[1, S, H]`: pooled, and normalised
-    /// when the model's configuration says so.
+    /// The sentence embedding `[H]` of final hidden states `[1, S, H]` (every position real):
+    /// pooled, and normalised when the model's configuration says so.
     pub fn pool(&self, hidden: &Tensor) -> Result<Tensor> {
-        let x = hidden.squeeze(0)?;
-        let v = match self.ck.config.pooling {
-            Pooling::Mean => x.mean(0)?,
-            Pooling::Cls => x.get(0)?,
-        };
-        Ok(if self.ck.config.normalize { v.broadcast_div(&v.sqr()?.sum_all()?.sqrt()?.maximum(1e-12)?)? } else { v })
+        let mask = Tensor::ones((1, hidden.dim(1)?), DType::F32, hidden.device())?;
+        Ok(self.pool_batch(hidden, &mask)?.squeeze(0)?)
     }
 
     /// The sentence embedding of one sequence.
     pub fn embed(&self, ids: &[u32], type_ids: &[u32]) -> Result<Vec<f32>> {
         Ok(self.sentence(ids, type_ids)?.to_dtype(DType::F32)?.to_vec1()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// A random two-layer encoder: 40 words, width 16, four heads.
+    fn tiny(pooling: Pooling) -> EncoderCheckpoint {
+        let config = EncoderConfig {
+            vocab_size: 40,
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            intermediate_size: 32,
+            max_position_embeddings: 12,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            pooling,
+            normalize: true,
+        };
+        let mut rng = Rng::new(7);
+        let mut tensors = HashMap::new();
+        let mut add = |name: String, shape: &[usize]| {
+            let n = shape.iter().product();
+            tensors.insert(name, Tensor::from_vec(rng.normal_vec(n, 0.0, 0.3), shape, &Device::Cpu).unwrap());
+        };
+        add("embeddings.word_embeddings.weight".into(), &[40, 16]);
+        add("embeddings.position_embeddings.weight".into(), &[12, 16]);
+        add("embeddings.token_type_embeddings.weight".into(), &[2, 16]);
+        for norm in ["embeddings.LayerNorm".to_string()].into_iter().chain(
+            (0..2).flat_map(|i| ["attention.output", "output"].map(|m| format!("encoder.layer.{i}.{m}.LayerNorm"))),
+        ) {
+            add(format!("{norm}.weight"), &[16]);
+            add(format!("{norm}.bias"), &[16]);
+        }
+        for i in 0..2 {
+            for (m, out, inp) in [
+                ("attention.self.query", 16, 16),
+                ("attention.self.key", 16, 16),
+                ("attention.self.value", 16, 16),
+                ("attention.output.dense", 16, 16),
+                ("intermediate.dense", 32, 16),
+                ("output.dense", 16, 32),
+            ] {
+                add(format!("encoder.layer.{i}.{m}.weight"), &[out, inp]);
+                add(format!("encoder.layer.{i}.{m}.bias"), &[out]);
+            }
+        }
+        EncoderCheckpoint { dir: PathBuf::new(), config, tensors, tokenizer_json: None, tokenizer_config: None }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn a_padded_batch_gives_each_sentence_what_it_gives_alone() {
+        for pooling in [Pooling::Mean, Pooling::Cls] {
+            let ck = tiny(pooling);
+            let m = BertModel::new(&ck);
+            let seqs: [(&[u32], &[u32]); 3] =
+                [(&[1, 5, 9], &[0, 0, 0]), (&[2, 30, 7, 7, 11, 3], &[0, 0, 0, 1, 1, 1]), (&[39], &[1])];
+            let batch = m.batch_layer_states(&seqs).unwrap();
+            assert_eq!(batch.states.len(), 2);
+            assert_eq!(batch.states[1].dims(), &[3, 6, 16]);
+            assert_eq!(batch.mask.to_vec2::<f32>().unwrap()[0], vec![1.0, 1.0, 1.0, 0.0, 0.0, 0.0]);
+            let pooled = m.pool_batch(&batch.states[1], &batch.mask).unwrap();
+            for (row, (ids, types)) in seqs.iter().enumerate() {
+                let alone = m.layer_states(ids, types).unwrap();
+                for (layer, state) in alone.iter().enumerate() {
+                    let padded = batch.states[layer].get(row).unwrap().narrow(0, 0, ids.len()).unwrap();
+                    assert!(
+                        max_diff(&padded, &state.squeeze(0).unwrap()) < 1e-5,
+                        "{pooling:?} row {row} layer {layer}"
+                    );
+                }
+                let single = m.sentence(ids, types).unwrap();
+                assert!(max_diff(&pooled.get(row).unwrap(), &single) < 1e-5, "{pooling:?} row {row} pooled");
+                let norm = single.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!((norm - 1.0).abs() < 1e-5);
+            }
+            // Padding would change an unmasked sentence: the mask is what makes rows agree.
+            let (ids, types) = seqs[0];
+            let with_pad = m.layer_states(&[ids, &[0, 0, 0]].concat(), &[types, &[0, 0, 0]].concat()).unwrap();
+            let first = with_pad[1].squeeze(0).unwrap().narrow(0, 0, 3).unwrap();
+            assert!(max_diff(&first, &m.layer_states(ids, types).unwrap()[1].squeeze(0).unwrap()) > 1e-3);
+        }
+    }
+
+    #[test]
+    fn empty_or_overlong_sequences_are_refused() {
+        let ck = tiny(Pooling::Mean);
+        let m = BertModel::new(&ck);
+        assert!(matches!(m.batch_layer_states(&[]), Err(Error::InvalidConfig { .. })));
+        let long = vec![1u32; 13];
+        assert!(matches!(
+            m.batch_layer_states(&[(&long, &long)]),
+            Err(Error::ContextOverflow { positions: 13, context: 12 })
+        ));
+        assert!(matches!(m.batch_layer_states(&[(&[1, 2], &[0])]), Err(Error::InvalidConfig { .. })));
     }
 }
