@@ -87,7 +87,10 @@ def markdown_sentences(text):
     text = re.sub(r"`[^`\n]*`", "\0", text)
     text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)
     text = re.sub(r"\[([^\]]*)\](\[[^\]]*\])?", r"\1", text)
-    text = re.sub(r"<[^>]+>", " ", text)
+    text = re.sub(r"<[^<>\n]+>", " ", text)
+    # Emphasis marks: **bold**, __bold__ and *italic* keep their words.
+    text = re.sub(r"\*\*|__", "", text)
+    text = re.sub(r"(?<![\w*])\*(?=\S)([^*\n]*?\S)\*(?![\w*])", r"\1", text)
     for para in re.split(r"\n\s*\n", text):
         lines = [l.strip() for l in para.split("\n") if not re.match(r"\s*(#|\||[-*+] |\d+\. |>|    )", l)]
         for s in re.split(r"(?<=[.!?])\s+", " ".join(lines)):
@@ -105,7 +108,8 @@ def rust_crates():
     pinned = sorted((p["name"], p["version"]) for p in lock["package"] if p.get("source", "").startswith("registry"))
     found, missing = [], []
     for name, version in pinned:
-        dirs = [d for d in (os.path.join(c, f"{name}-{version}") for c in caches) if os.path.isdir(d)]
+        # .cargo-ok marks a crate cargo finished unpacking.
+        dirs = [d for d in (os.path.join(c, f"{name}-{version}") for c in caches) if os.path.isfile(os.path.join(d, ".cargo-ok"))]
         (found if dirs else missing).append(dirs[0] if dirs else f"{name}-{version}")
     if missing:
         sys.exit(f"{len(missing)} pinned crates are not in cargo's registry cache ({missing[0]}, ...): run cargo fetch --locked")
@@ -150,6 +154,6 @@ if len(out) < a.sentences:
 n = a.sentences if a.sentences > 0 else len(out)
 step = max(1, len(out) // max(n, 1))
 picked = out[::step][:n]
-with open(a.out, "w") as f:
+with open(a.out, "w", encoding="utf-8") as f:
     f.write("\n".join(picked) + "\n")
 print(f"encoder_text: {len(picked)} sentences -> {a.out}")

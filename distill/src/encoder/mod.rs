@@ -316,54 +316,55 @@ impl<'a> BertModel<'a> {
 }
 
 #[cfg(test)]
+/// A random two-layer encoder: 40 words, width 16, four heads.
+pub(crate) fn tiny_encoder(pooling: Pooling, seed: u64) -> EncoderCheckpoint {
+    let config = EncoderConfig {
+        vocab_size: 40,
+        hidden_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        intermediate_size: 32,
+        max_position_embeddings: 12,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        pooling,
+        normalize: true,
+    };
+    let mut rng = crate::rng::Rng::new(seed);
+    let mut tensors = HashMap::new();
+    let mut add = |name: String, shape: &[usize]| {
+        let n = shape.iter().product();
+        tensors.insert(name, Tensor::from_vec(rng.normal_vec(n, 0.0, 0.3), shape, &Device::Cpu).unwrap());
+    };
+    add("embeddings.word_embeddings.weight".into(), &[40, 16]);
+    add("embeddings.position_embeddings.weight".into(), &[12, 16]);
+    add("embeddings.token_type_embeddings.weight".into(), &[2, 16]);
+    for norm in ["embeddings.LayerNorm".to_string()]
+        .into_iter()
+        .chain((0..2).flat_map(|i| ["attention.output", "output"].map(|m| format!("encoder.layer.{i}.{m}.LayerNorm"))))
+    {
+        add(format!("{norm}.weight"), &[16]);
+        add(format!("{norm}.bias"), &[16]);
+    }
+    for i in 0..2 {
+        for (m, out, inp) in [
+            ("attention.self.query", 16, 16),
+            ("attention.self.key", 16, 16),
+            ("attention.self.value", 16, 16),
+            ("attention.output.dense", 16, 16),
+            ("intermediate.dense", 32, 16),
+            ("output.dense", 16, 32),
+        ] {
+            add(format!("encoder.layer.{i}.{m}.weight"), &[out, inp]);
+            add(format!("encoder.layer.{i}.{m}.bias"), &[out]);
+        }
+    }
+    EncoderCheckpoint { dir: PathBuf::new(), config, tensors, tokenizer_json: None, tokenizer_config: None }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
-
-    /// A random two-layer encoder: 40 words, width 16, four heads.
-    fn tiny(pooling: Pooling) -> EncoderCheckpoint {
-        let config = EncoderConfig {
-            vocab_size: 40,
-            hidden_size: 16,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            intermediate_size: 32,
-            max_position_embeddings: 12,
-            type_vocab_size: 2,
-            layer_norm_eps: 1e-12,
-            pooling,
-            normalize: true,
-        };
-        let mut rng = Rng::new(7);
-        let mut tensors = HashMap::new();
-        let mut add = |name: String, shape: &[usize]| {
-            let n = shape.iter().product();
-            tensors.insert(name, Tensor::from_vec(rng.normal_vec(n, 0.0, 0.3), shape, &Device::Cpu).unwrap());
-        };
-        add("embeddings.word_embeddings.weight".into(), &[40, 16]);
-        add("embeddings.position_embeddings.weight".into(), &[12, 16]);
-        add("embeddings.token_type_embeddings.weight".into(), &[2, 16]);
-        for norm in ["embeddings.LayerNorm".to_string()].into_iter().chain(
-            (0..2).flat_map(|i| ["attention.output", "output"].map(|m| format!("encoder.layer.{i}.{m}.LayerNorm"))),
-        ) {
-            add(format!("{norm}.weight"), &[16]);
-            add(format!("{norm}.bias"), &[16]);
-        }
-        for i in 0..2 {
-            for (m, out, inp) in [
-                ("attention.self.query", 16, 16),
-                ("attention.self.key", 16, 16),
-                ("attention.self.value", 16, 16),
-                ("attention.output.dense", 16, 16),
-                ("intermediate.dense", 32, 16),
-                ("output.dense", 16, 32),
-            ] {
-                add(format!("encoder.layer.{i}.{m}.weight"), &[out, inp]);
-                add(format!("encoder.layer.{i}.{m}.bias"), &[out]);
-            }
-        }
-        EncoderCheckpoint { dir: PathBuf::new(), config, tensors, tokenizer_json: None, tokenizer_config: None }
-    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
@@ -372,7 +373,7 @@ mod tests {
     #[test]
     fn a_padded_batch_gives_each_sentence_what_it_gives_alone() {
         for pooling in [Pooling::Mean, Pooling::Cls] {
-            let ck = tiny(pooling);
+            let ck = tiny_encoder(pooling, 7);
             let m = BertModel::new(&ck);
             let seqs: [(&[u32], &[u32]); 3] =
                 [(&[1, 5, 9], &[0, 0, 0]), (&[2, 30, 7, 7, 11, 3], &[0, 0, 0, 1, 1, 1]), (&[39], &[1])];
@@ -405,7 +406,7 @@ mod tests {
 
     #[test]
     fn empty_or_overlong_sequences_are_refused() {
-        let ck = tiny(Pooling::Mean);
+        let ck = tiny_encoder(Pooling::Mean, 7);
         let m = BertModel::new(&ck);
         assert!(matches!(m.batch_layer_states(&[]), Err(Error::InvalidConfig { .. })));
         let long = vec![1u32; 13];

@@ -219,14 +219,21 @@ pub fn distill_encoder(
             Ok((enc.get_ids()[..n].to_vec(), enc.get_type_ids()[..n].to_vec()))
         })
         .collect::<Result<Vec<_>>>()?;
-    let tokenized: Vec<_> = tokenized.into_iter().filter(|(ids, _)| !ids.is_empty()).collect();
-    let teach = |part: &&[(Vec<u32>, Vec<u32>)]| -> Result<Vec<Target>> {
+    // Each sentence with its place in the text: targets are put back in text order, so the
+    // held-out split does not depend on how many workers made them.
+    let mut tokenized: Vec<(usize, Vec<u32>, Vec<u32>)> = tokenized
+        .into_iter()
+        .filter(|(ids, _)| !ids.is_empty())
+        .enumerate()
+        .map(|(i, (ids, types))| (i, ids, types))
+        .collect();
+    let teach = |part: &Vec<&(usize, Vec<u32>, Vec<u32>)>| -> Result<Vec<(usize, Target)>> {
         let mut out = Vec::with_capacity(part.len());
         for batch in part.chunks(SCORE_BATCH) {
-            let seqs: Vec<(&[u32], &[u32])> = batch.iter().map(|(i, t)| (&i[..], &t[..])).collect();
+            let seqs: Vec<(&[u32], &[u32])> = batch.iter().map(|(_, i, t)| (&i[..], &t[..])).collect();
             let run = model.batch_layer_states(&seqs)?;
             let pooled = model.pool_batch(run.states.last().expect("at least one layer"), &run.mask)?;
-            for (row, (ids, type_ids)) in batch.iter().enumerate() {
+            for (row, (at, ids, type_ids)) in batch.iter().enumerate() {
                 // Hidden-state targets cost S x H values per kept layer and sentence: kept only
                 // when they are trained on.
                 let layers = if spec.hidden_weight > 0.0 {
@@ -240,24 +247,32 @@ pub fn distill_encoder(
                     Vec::new()
                 };
                 let embedding = pooled.get(row)?.detach();
-                out.push(Target { ids: ids.clone(), type_ids: type_ids.clone(), embedding, layers });
+                out.push((*at, Target { ids: ids.clone(), type_ids: type_ids.clone(), embedding, layers }));
             }
         }
         Ok(out)
     };
-    // Sorted by length so that the teacher's batches carry little padding.
-    let mut tokenized = tokenized;
-    tokenized.sort_by_key(|(ids, _)| ids.len());
-    let mut targets = Vec::with_capacity(tokenized.len());
-    for part in map_parts(&split(&tokenized, training_workers()), "encoder teacher", teach) {
-        targets.extend(part?);
+    // Sorted by length so that the teacher's batches carry little padding, and dealt to the
+    // workers in turn so that each gets as many long sentences as short ones.
+    tokenized.sort_by_key(|(_, ids, _)| ids.len());
+    let workers = training_workers().clamp(1, tokenized.len().max(1));
+    let parts: Vec<Vec<_>> = (0..workers).map(|w| tokenized.iter().skip(w).step_by(workers).collect()).collect();
+    let mut numbered = Vec::with_capacity(tokenized.len());
+    for part in map_parts(&parts, "encoder teacher", teach) {
+        numbered.extend(part?);
     }
+    numbered.sort_by_key(|(at, _)| *at);
+    let mut targets: Vec<Target> = numbered.into_iter().map(|(_, t)| t).collect();
     if targets.len() < 10 {
         return Err(bad(format!("{} sentences are too few to train on", targets.len())));
     }
     let mut rng = Rng::new(spec.seed);
     rng.shuffle(&mut targets);
-    let held = targets.split_off(targets.len() - (targets.len() / 10).max(1));
+    let mut held = targets.split_off(targets.len() - (targets.len() / 10).max(1));
+    // Held-out sentences are scored on their embedding alone.
+    for t in &mut held {
+        t.layers.clear();
+    }
 
     // The student: the teacher's embeddings (frozen) and its kept layers renumbered (trained).
     let mut frozen = HashMap::new();
@@ -348,4 +363,76 @@ pub fn distill_encoder(
 pub fn read_sentences(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).at(path)?;
     Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoder::{tiny_encoder, Pooling};
+
+    /// The teacher's targets for `seqs`, as `distill_encoder` makes them (every layer kept).
+    fn targets(teacher: &EncoderCheckpoint, seqs: &[(&[u32], &[u32])]) -> Vec<Target> {
+        let m = BertModel::new(teacher);
+        seqs.iter()
+            .map(|(ids, types)| {
+                let states = m.layer_states(ids, types).unwrap();
+                Target {
+                    ids: ids.to_vec(),
+                    type_ids: types.to_vec(),
+                    embedding: m.pool(states.last().unwrap()).unwrap(),
+                    layers: states
+                        .iter()
+                        .map(|s| s.squeeze(0).unwrap().to_dtype(candle_core::DType::F16).unwrap())
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_loss_is_the_sum_of_its_sentences_losses() {
+        for pooling in [Pooling::Mean, Pooling::Cls] {
+            let (teacher, student) = (tiny_encoder(pooling, 1), tiny_encoder(pooling, 2));
+            let seqs: [(&[u32], &[u32]); 3] =
+                [(&[1, 5, 9], &[0, 0, 0]), (&[2, 30, 7, 7, 11, 3, 8], &[0; 7]), (&[39, 4], &[1, 1])];
+            let t = targets(&teacher, &seqs);
+            let m = BertModel::new(&student);
+            let refs: Vec<&Target> = t.iter().collect();
+            for w in [0.0, 0.7] {
+                let whole = batch_loss(&m, &refs, w).unwrap().to_scalar::<f32>().unwrap();
+                let alone: f32 =
+                    refs.iter().map(|t| batch_loss(&m, &[*t], w).unwrap().to_scalar::<f32>().unwrap()).sum();
+                assert!(whole > 0.1, "{pooling:?} w {w}: a different student has a loss ({whole})");
+                assert!((whole - alone).abs() < 1e-4 * alone, "{pooling:?} w {w}: batch {whole} against {alone}");
+            }
+            // The hidden-state term counts: a weight changes the loss.
+            let (a, b) = (batch_loss(&m, &refs, 0.0).unwrap(), batch_loss(&m, &refs, 1.0).unwrap());
+            assert!(b.to_scalar::<f32>().unwrap() > a.to_scalar::<f32>().unwrap() + 1e-3);
+        }
+    }
+
+    #[test]
+    fn length_batches_take_every_sentence_once_in_batches_of_similar_length() {
+        let teacher = tiny_encoder(Pooling::Mean, 1);
+        let mut rng = Rng::new(3);
+        let lens: Vec<usize> = (0..70).map(|_| 1 + rng.below(12)).collect();
+        let ids: Vec<Vec<u32>> = lens.iter().map(|&n| vec![1; n]).collect();
+        let seqs: Vec<(&[u32], &[u32])> = ids.iter().map(|i| (&i[..], &i[..])).collect();
+        let t = targets(&teacher, &seqs);
+        let refs: Vec<&Target> = t.iter().collect();
+        let batches = length_batches(&refs, 8);
+        assert_eq!(batches.len(), 70usize.div_ceil(8));
+        assert!(batches.iter().all(|b| !b.is_empty() && b.len() <= 8));
+        let mut seen: Vec<*const Target> = batches.iter().flatten().map(|t| *t as *const Target).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 70);
+        // All 70 fit in one window of 8 x 32: each batch is sorted and holds the next lengths.
+        for b in &batches {
+            assert!(b.windows(2).all(|w| w[0].ids.len() <= w[1].ids.len()));
+        }
+        for pair in batches.windows(2) {
+            assert!(pair[0].last().unwrap().ids.len() <= pair[1][0].ids.len());
+        }
+    }
 }
