@@ -266,7 +266,7 @@ bench-encoder-quant: setup build
     [ -f "$b/bundle-fp16/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-fp16" --precision fp16
     # A 3-layer student (teacher layers 1, 3, 5), on every docstring sentence of the pinned
     # packages and the standard library and the prose of the pinned crates (about 57 000;
-    # 26 minutes on 2 cores).
+    # 27 minutes on 2 cores).
     if [ ! -f "$b/text-rust.txt" ]; then
         cargo fetch --locked
         .venv/bin/python scripts/encoder_text.py "$b/text-rust.txt" --sentences 0 --wide --rust
