@@ -376,10 +376,11 @@ impl Worker {
             let step = self.prompts.pop_front().expect("can_admit saw one");
             let n = self.occupants.len();
             let free = n..self.arena.slots();
-            let reuse_prompts = self.reuse_prompts;
+            // What slot j already holds of the prompt (nothing counts without prompt reuse).
+            let held = |j: usize| if self.reuse_prompts { common_prefix(&self.contents[j], &step.ids) } else { 0 };
             let (similar, shared) = free
                 .clone()
-                .map(|j| (j, if reuse_prompts { common_prefix(&self.contents[j], &step.ids) } else { 0 }))
+                .map(|j| (j, held(j)))
                 .max_by_key(|&(j, len)| (len, std::cmp::Reverse(j)))
                 .expect("a free slot");
             // A slot sharing at least half the prompt is worth taking over; otherwise the one
@@ -389,7 +390,7 @@ impl Worker {
                 (similar, shared)
             } else {
                 let lru = free.min_by_key(|&j| (self.last_used[j], j)).expect("a free slot");
-                (lru, if reuse_prompts { common_prefix(&self.contents[lru], &step.ids) } else { 0 })
+                (lru, held(lru))
             };
             self.swap(n, best);
             self.occupants.push(step.seq);

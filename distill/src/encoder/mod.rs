@@ -279,6 +279,14 @@ impl<'a> BertModel<'a> {
         Ok(BatchStates { states, mask })
     }
 
+    /// [`BertModel::batch_layer_states`] and the sentence embeddings `[B, H]` pooled from the
+    /// last layer's states.
+    pub fn batch_embed(&self, seqs: &[(&[u32], &[u32])]) -> Result<(BatchStates, Tensor)> {
+        let run = self.batch_layer_states(seqs)?;
+        let pooled = self.pool_batch(run.states.last().expect("at least the embeddings' output"), &run.mask)?;
+        Ok((run, pooled))
+    }
+
     /// Sentence embeddings `[B, H]` of final hidden states `[B, S, H]` under `mask` `[B, S]`
     /// (1 for real positions): pooled over the real positions, and normalised when the
     /// model's configuration says so.

@@ -22,7 +22,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::Serialize;
 
-use super::{BertModel, EncoderCheckpoint};
+use super::{BatchStates, BertModel, EncoderCheckpoint};
 use crate::error::{Error, IoContext, Result};
 use crate::rng::Rng;
 use crate::train::workers::{map_parts, split, training_workers};
@@ -122,10 +122,7 @@ fn mean_cosine(ck: &EncoderCheckpoint, targets: &[Target]) -> Result<f64> {
         let refs: Vec<&Target> = part.iter().collect();
         let mut sum = 0.0;
         for batch in length_batches(&refs, SCORE_BATCH) {
-            let seqs: Vec<(&[u32], &[u32])> = batch.iter().map(|t| (&t.ids[..], &t.type_ids[..])).collect();
-            let out = model.batch_layer_states(&seqs)?;
-            let s = model.pool_batch(out.states.last().expect("at least one layer"), &out.mask)?;
-            let t = Tensor::stack(&batch.iter().map(|t| &t.embedding).collect::<Vec<_>>(), 0)?;
+            let (_, s, t) = run_batch(&model, &batch)?;
             sum += row_cosines(&s, &t)?.sum_all()?.to_scalar::<f32>()? as f64;
         }
         Ok(sum)
@@ -137,12 +134,18 @@ fn mean_cosine(ck: &EncoderCheckpoint, targets: &[Target]) -> Result<f64> {
     Ok(sum / targets.len().max(1) as f64)
 }
 
+/// Runs `batch` through `model` as one padded batch: its hidden states, its sentence
+/// embeddings `[B, H]` and the teacher's `[B, H]`.
+fn run_batch(model: &BertModel, batch: &[&Target]) -> Result<(BatchStates, Tensor, Tensor)> {
+    let seqs: Vec<(&[u32], &[u32])> = batch.iter().map(|t| (&t.ids[..], &t.type_ids[..])).collect();
+    let (out, s) = model.batch_embed(&seqs)?;
+    let t = Tensor::stack(&batch.iter().map(|t| &t.embedding).collect::<Vec<_>>(), 0)?;
+    Ok((out, s, t))
+}
+
 /// The summed loss of a batch of sentences (see the module comment), run as one padded batch.
 fn batch_loss(student: &BertModel, batch: &[&Target], hidden_weight: f64) -> Result<Tensor> {
-    let seqs: Vec<(&[u32], &[u32])> = batch.iter().map(|t| (&t.ids[..], &t.type_ids[..])).collect();
-    let out = student.batch_layer_states(&seqs)?;
-    let s = student.pool_batch(out.states.last().expect("at least one layer"), &out.mask)?;
-    let t = Tensor::stack(&batch.iter().map(|t| &t.embedding).collect::<Vec<_>>(), 0)?;
+    let (out, s, t) = run_batch(student, batch)?;
     let n = batch.len() as f64;
     let mut loss = ((n - row_cosines(&s, &t)?.sum_all()?)? + (&s - &t)?.sqr()?.sum_all()?)?;
     if hidden_weight > 0.0 && !batch[0].layers.is_empty() {
@@ -231,8 +234,7 @@ pub fn distill_encoder(
         let mut out = Vec::with_capacity(part.len());
         for batch in part.chunks(SCORE_BATCH) {
             let seqs: Vec<(&[u32], &[u32])> = batch.iter().map(|(_, i, t)| (&i[..], &t[..])).collect();
-            let run = model.batch_layer_states(&seqs)?;
-            let pooled = model.pool_batch(run.states.last().expect("at least one layer"), &run.mask)?;
+            let (run, pooled) = model.batch_embed(&seqs)?;
             for (row, (at, ids, type_ids)) in batch.iter().enumerate() {
                 // Hidden-state targets cost S x H values per kept layer and sentence: kept only
                 // when they are trained on.
