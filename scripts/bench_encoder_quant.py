@@ -1,21 +1,21 @@
 """all-MiniLM-L6-v2 int8: our quantizer against ONNX Runtime's quantize_dynamic, one run, and a
 shallower distilled student (fp32 and int8) when given.
 
-Embeds an English text set (sentences of this repository's prose docs) with the fp32 encoder
+Embeds an English text set (by default `models/minilm/bench-sentences.txt`: 188 sentences of
+this repository's prose docs, frozen so runs of different days score the same text; `--text`
+takes another file, one sentence per line) with the fp32 encoder
 bundle, our `edgelm-distill quantize --precision int8` of it, and
 `onnxruntime.quantization.quantize_dynamic` (int8 weights per channel, MatMulInteger) of the
 same fp32 ONNX, all in ONNX Runtime with 2 threads, and prints per variant: size, mean and
 lowest cosine to the fp32 embeddings, nearest-neighbour agreement (does each sentence's closest
 other sentence stay the same) and sentences per second.
 
-usage: bench_encoder_quant.py FP32_BUNDLE INT8_BUNDLE --work DIR [--sentences 188]
+usage: bench_encoder_quant.py FP32_BUNDLE INT8_BUNDLE --work DIR [--text FILE] [--sentences N]
        [--variant NAME=BUNDLE ...] [--calibration TEXT_FILE]
 """
 import argparse
-import glob
 import json
 import os
-import re
 import time
 
 import numpy as np
@@ -35,14 +35,14 @@ ap.add_argument("--variant", action="append", default=[], metavar="NAME=BUNDLE",
                 help="another bundle to compare (repeatable), e.g. 'edgelm int8-static=out/minilm/bundle-int8-static'")
 ap.add_argument("--calibration", help="text file (one text per line): also run ONNX Runtime's quantize_static "
                 "(QDQ, per channel, min-max) calibrated on its first 256 lines, as our int8-static is")
-ap.add_argument("--sentences", type=int, default=188)
+ap.add_argument("--text", help="sentences to embed, one per line [default: models/minilm/bench-sentences.txt]")
+ap.add_argument("--sentences", type=int, default=0, help="use only the first N sentences (0: all)")
 a = ap.parse_args()
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-text = " ".join(open(p).read() for p in sorted(glob.glob(f"{root}/docs/*.md")) + [f"{root}/README.md", f"{root}/ARCHITECTURE.md"])
-text = re.sub(r"`[^`]*`|\[[^\]]*\]\([^)]*\)|[#|*>_-]+", " ", text)
-sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", text)) if 40 <= len(s.strip()) <= 300]
-sentences = sentences[: a.sentences]
+sentences = [l.strip() for l in open(a.text or f"{root}/models/minilm/bench-sentences.txt") if l.strip()]
+if a.sentences:
+    sentences = sentences[: a.sentences]
 
 os.makedirs(a.work, exist_ok=True)
 theirs = f"{a.work}/minilm-quantize-dynamic.onnx"
