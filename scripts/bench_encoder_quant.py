@@ -37,6 +37,7 @@ ap.add_argument("--calibration", help="text file (one text per line): also run O
                 "(QDQ, per channel, min-max) calibrated on its first 256 lines, as our int8-static is")
 ap.add_argument("--text", help="sentences to embed, one per line [default: models/minilm/bench-sentences.txt]")
 ap.add_argument("--sentences", type=int, default=0, help="use only the first N sentences (0: all)")
+ap.add_argument("--rounds", type=int, default=5, help="passes over the text per variant, taken in turns; the best counts")
 a = ap.parse_args()
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,22 +74,21 @@ if a.calibration and not os.path.exists(theirs_static):
 encoded = [tok.encode(s) for s in sentences]
 
 
-def embed(model, passes=3):
-    """Embeddings of every sentence, and sentences/s: the best of `passes` passes (the machine's
-    speed drifts within a run; the best pass is the least disturbed)."""
+def session(model):
     o = ort.SessionOptions()
     o.intra_op_num_threads = 2
-    s = ort.InferenceSession(model, o)
-    best = 0.0
-    for _ in range(passes):
-        out = []
-        t0 = time.perf_counter()
-        for e in encoded:
-            ids = np.array([e.ids[:max_tokens]], dtype=np.int64)
-            feed = {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "attention_mask": np.ones_like(ids)}
-            out.append(s.run(["sentence_embedding"], feed)[0][0])
-        best = max(best, len(encoded) / (time.perf_counter() - t0))
-    return np.array(out), best
+    return ort.InferenceSession(model, o)
+
+
+def embed(s):
+    """Every sentence's embedding, and the sentences per second of that pass."""
+    out = []
+    t0 = time.perf_counter()
+    for e in encoded:
+        ids = np.array([e.ids[:max_tokens]], dtype=np.int64)
+        feed = {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "attention_mask": np.ones_like(ids)}
+        out.append(s.run(["sentence_embedding"], feed)[0][0])
+    return np.array(out), len(encoded) / (time.perf_counter() - t0)
 
 
 def nearest(e):
@@ -110,15 +110,26 @@ for name, b in [("student", a.student), ("student int8-dynamic", a.student_int8)
     if b:
         layers = json.load(open(f"{b}/genai_config.json")).get("model", {}).get("num_hidden_layers") if os.path.exists(f"{b}/genai_config.json") else None
         variants.append((f"{name}" + (f" ({layers} layers)" if layers else ""), f"{b}/model.onnx"))
-base, _ = embed(variants[0][1], passes=1)
+sessions = [session(path) for _, path in variants]
+base, _ = embed(sessions[0])
 base_nn = nearest(base)
 fp32_size = os.path.getsize(variants[0][1])
-print(f"CPU {next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))}, "
-      f"ONNX Runtime {ort.__version__}, 2 threads; {len(sentences)} sentences")
+# Speed: the variants take turns, pass after pass, and each keeps its best pass: this machine
+# class's speed drifts by 2x within minutes, and turns spread the drift over all of them.
+embeddings = [None] * len(variants)
+speeds = [0.0] * len(variants)
+for _ in range(a.rounds):
+    for i, s in enumerate(sessions):
+        embeddings[i], speed = embed(s)
+        speeds[i] = max(speeds[i], speed)
+cpuinfo = open("/proc/cpuinfo").read().splitlines()
+flags = next((l.split(":", 1)[1].split() for l in cpuinfo if l.startswith("flags")), [])
+simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
+print(f"CPU {next(l.split(':', 1)[1].strip() for l in cpuinfo if l.startswith('model name'))} ({' '.join(simd)}), "
+      f"ONNX Runtime {ort.__version__}, 2 threads; {len(sentences)} sentences; speed: best of {a.rounds} rounds, variants in turn")
 print(f"{'variant':28} {'MiB':>6} {'x fp32':>7} {'cos mean':>9} {'cos min':>8} {'NN agree':>9} {'sent/s':>7}")
 rows = []
-for name, path in variants:
-    e, speed = embed(path)
+for (name, path), e, speed in zip(variants, embeddings, speeds):
     cos = np.sum(e * base, axis=1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(base, axis=1))
     agree = float(np.mean(nearest(e) == base_nn))
     size = os.path.getsize(path)

@@ -126,6 +126,14 @@ pub struct TableScheme {
     pub block_size: usize,
     /// Scales only (`true`) or scales and zero points.
     pub symmetric: bool,
+    /// Rows of the token table kept at the matrices' `bits` / `block_size` (the tokens the
+    /// calibration text used most); the others are quantized as this scheme says. 0: none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hot_rows: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Activations quantized with ranges fixed at export (`weights.activations` in edgelm.json).

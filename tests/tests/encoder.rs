@@ -165,6 +165,7 @@ fn minilm_int8_static_and_fp16_through_the_cli() {
         "percentile",
         "--smooth",
         "0.8",
+        "--qdq",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let m = manifest(&st);
@@ -185,17 +186,51 @@ fn minilm_int8_static_and_fp16_through_the_cli() {
     );
     assert!(!ops_static.iter().any(|o| o == "DynamicQuantizeMatMul" || o == "MatMulNBits"));
 
+    // The default form: ONNX Runtime's integer matmuls with the biases inside, and the token
+    // table in 4 bits but for the rows the calibration text uses most.
+    let it = tmp.path().join("static-integer");
+    let out = distill(&[
+        "quantize",
+        f,
+        "-o",
+        it.to_str().unwrap(),
+        "--precision",
+        "int8-static",
+        "--calibration",
+        calib.to_str().unwrap(),
+        "--smooth",
+        "0.8",
+        "--embedding-bits",
+        "4",
+        "--embedding-hot-rows",
+        "4096",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m = manifest(&it);
+    assert_eq!(m["weights"]["operator"], "MatMulIntegerToFloat");
+    assert_eq!(m["weights"]["embedding_table"]["bits"], 4);
+    assert_eq!(m["weights"]["embedding_table"]["hot_rows"], 4096);
+    let ops_integer = ops(&it);
+    let count = |op: &str| ops_integer.iter().filter(|o| *o == op).count();
+    assert_eq!((count("MatMulIntegerToFloat"), count("DequantizeLinear"), count("QuantizeLinear")), (36, 0, 24));
+    let fp32_adds = ops(&fp32).iter().filter(|o| *o == "Add").count();
+    assert_eq!(fp32_adds - count("Add"), 36, "every projection's bias inside its matmul");
+    assert_eq!((count("GatherBlockQuantized"), count("Where")), (4, 1), "the token table in two parts");
+
     let out = distill(&["quantize", f, "-o", h.to_str().unwrap(), "--precision", "fp16"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(manifest(&h)["quantization"], "fp16");
     let size = |b: &std::path::Path| std::fs::metadata(b.join("model.onnx")).unwrap().len() as f64;
     assert!(size(&h) < 0.52 * size(&fp32) && size(&st) < 0.28 * size(&fp32));
+    assert!(size(&it) < 0.25 * size(&fp32), "{} of {}", size(&it), size(&fp32));
 
     for s in expected()["sentences"].as_array().unwrap() {
         let text = s["text"].as_str().unwrap();
         let reference = embed(&fp32, text);
         let c = cosine(&reference, &embed(&st, text));
         assert!(c > 0.98, "{text}: int8-static cosine {c}");
+        let c = cosine(&reference, &embed(&it, text));
+        assert!(c > 0.98, "{text}: int8-static with hot rows, cosine {c}");
         let c = cosine(&reference, &embed(&h, text));
         assert!(c > 0.9999, "{text}: fp16 cosine {c}");
     }
@@ -203,6 +238,27 @@ fn minilm_int8_static_and_fp16_through_the_cli() {
     let out = distill(&["quantize", f, "-o", tmp.path().join("x").to_str().unwrap(), "--precision", "int8-static"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--calibration"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Hot rows need a table of fewer bits to be hot in.
+    let c = calib.to_str().unwrap();
+    let x = tmp.path().join("x");
+    let out = distill(&[
+        "quantize",
+        f,
+        "-o",
+        x.to_str().unwrap(),
+        "--precision",
+        "int8-dynamic",
+        "--calibration",
+        c,
+        "--embedding-hot-rows",
+        "10",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--embedding-bits"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lm = bundle("tiny");
     let out = distill(&[
         "quantize",

@@ -72,6 +72,11 @@ pub struct QuantArgs {
     /// Block size of those tables with --embedding-bits [default: 32 at 4 bits, --block-size at 8].
     #[arg(long, value_name = "N")]
     embedding_block_size: Option<usize>,
+    /// With --embedding-bits below the matrices' bits: keep this many rows of the token table at
+    /// the matrices' bits, the tokens the --calibration text uses most (common words keep their
+    /// precision, the rarely seen rest of the vocabulary shrinks).
+    #[arg(long, value_name = "N", requires = "calibration")]
+    embedding_hot_rows: Option<usize>,
     /// Leave embedding tables in fp32 (a tied LM head is then quantized alone).
     #[arg(long)]
     fp32_embedding: bool,
@@ -84,11 +89,12 @@ pub struct QuantArgs {
     /// the fp32 one on the check prompt, a guard against a broken graph (the pipeline gates measure the task) [default: 0.1 at int8, 1.0 at int4].
     #[arg(long)]
     max_kl: Option<f64>,
-    /// int8-static: text file with one calibration text per line, run through the fp32 graph to
-    /// fix the activation ranges (a few hundred lines like the texts the model will see).
+    /// Text file with one calibration text per line (a few hundred lines like the texts the
+    /// model will see): int8-static runs them through the fp32 graph to fix the activation
+    /// ranges; --embedding-hot-rows counts their tokens.
     #[arg(long, value_name = "FILE")]
     calibration: Option<PathBuf>,
-    /// int8-static: at most this many calibration lines are used.
+    /// At most this many calibration lines are used.
     #[arg(long, default_value_t = 256)]
     calibration_samples: usize,
     /// int8-static: how each activation range is chosen.
@@ -98,6 +104,11 @@ pub struct QuantArgs {
     /// percent (the rest, on both ends, is clipped).
     #[arg(long, default_value_t = 99.999)]
     percentile: f32,
+    /// int8-static: write the portable QDQ form (DequantizeLinear + MatMul, for runtimes such as
+    /// TensorRT that read QDQ) instead of ONNX Runtime's integer matmul with the bias inside,
+    /// which its CPU kernels run fastest.
+    #[arg(long)]
+    qdq: bool,
     /// int8-static: first move activation outliers into the weights with this strength (0 to
     /// 1, SmoothQuant's alpha; 0.5 is the usual choice). Adds one elementwise Mul per
     /// quantized activation.
@@ -133,13 +144,10 @@ impl QuantArgs {
             o.full_range_int8 = self.full_range;
             o.blockwise = self.blockwise.clone();
         }
-        if self.precision == PrecisionArg::Int8Static {
-            o.method = edgelm_distill::quantize::graph::Method::StaticInt8;
-            o.full_range_int8 = self.full_range;
-            o.blockwise = self.blockwise.clone();
-            let Some(path) = &self.calibration else {
-                anyhow::bail!("--precision int8-static needs --calibration FILE (one text per line)");
-            };
+        if let Some(path) = &self.calibration {
+            if self.precision != PrecisionArg::Int8Static && self.embedding_hot_rows.is_none() {
+                anyhow::bail!("--calibration is for --precision int8-static and --embedding-hot-rows");
+            }
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             o.calibration = text
                 .lines()
@@ -147,15 +155,33 @@ impl QuantArgs {
                 .take(self.calibration_samples)
                 .map(String::from)
                 .collect();
+        }
+        if self.qdq && self.precision != PrecisionArg::Int8Static {
+            anyhow::bail!("--qdq is for --precision int8-static");
+        }
+        if let Some(n) = self.embedding_hot_rows {
+            if self.embedding_bits.is_none_or(|b| b >= bits) {
+                anyhow::bail!(
+                    "--embedding-hot-rows keeps {bits}-bit rows in a table of fewer bits: add --embedding-bits 4"
+                );
+            }
+            o.hot_row_count = n;
+        }
+        if self.precision == PrecisionArg::Int8Static {
+            o.method = edgelm_distill::quantize::graph::Method::StaticInt8;
+            o.full_range_int8 = self.full_range;
+            o.blockwise = self.blockwise.clone();
+            if self.calibration.is_none() {
+                anyhow::bail!("--precision int8-static needs --calibration FILE (one text per line)");
+            }
             o.smooth = self.smooth;
+            o.qdq = self.qdq;
             o.range = match self.range {
                 RangeArg::MinMax => edgelm_distill::quantize::RangeMethod::MinMax,
                 RangeArg::Percentile => {
                     edgelm_distill::quantize::RangeMethod::Percentile { percentile: self.percentile }
                 }
             };
-        } else if self.calibration.is_some() {
-            anyhow::bail!("--calibration is for --precision int8-static");
         }
         Ok(Some(o))
     }
@@ -217,6 +243,18 @@ fn print_quantized(q: &Option<edgelm_distill::export::QuantizedReport>, model_by
             if s.embeddings > 0 { " and the embedding" } else { "" },
             if s.shared_embedding_head { " (one table shared with the LM head)" } else { "" },
         );
+    }
+    if let Some(t) = &s.embedding_table {
+        let sym = if t.symmetric { "" } else { " with zero points" };
+        let (bits, block) = (t.bits, t.block_size);
+        if s.hot_rows > 0 {
+            eprintln!(
+                "token table: {} most used rows at the matrices' bits, the rest {bits}-bit in blocks of {block}{sym}",
+                s.hot_rows
+            );
+        } else {
+            eprintln!("token table: {bits}-bit in blocks of {block}{sym}");
+        }
     }
     if let Some(a) = &s.activations {
         eprintln!(

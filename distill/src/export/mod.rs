@@ -223,6 +223,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
         None => None,
         Some(q) => {
             let mut model = model.take().expect("kept for quantizing");
+            let q = &quantized::with_hot_rows(q, ck.tokenizer_json.as_deref())?;
             let summary = quantize_model(&mut model, q)?;
             w.model("model.onnx", &model.encode_to_vec())?;
             drop(model);

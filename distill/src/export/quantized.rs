@@ -64,7 +64,8 @@ pub(crate) fn weight_scheme(q: &QuantizeOptions, s: &QuantizeSummary) -> WeightS
         operator: match q.method {
             Method::Blockwise => "MatMulNBits",
             Method::DynamicInt8 => "DynamicQuantizeMatMul",
-            Method::StaticInt8 => "QDQ",
+            Method::StaticInt8 if q.qdq => "QDQ",
+            Method::StaticInt8 => "MatMulIntegerToFloat",
             Method::Fp16 => "fp16",
         }
         .into(),
@@ -82,6 +83,7 @@ pub(crate) fn weight_scheme(q: &QuantizeOptions, s: &QuantizeSummary) -> WeightS
             bits: e.bits,
             block_size: e.block_size,
             symmetric: e.symmetric,
+            hot_rows: s.hot_rows,
         }),
         kept_fp32: s.kept.clone(),
         blockwise: if q.method == Method::Blockwise { vec![] } else { q.blockwise.clone() },
@@ -165,6 +167,42 @@ pub fn check_encoder(reference: &Path, candidate: &Path) -> Result<EncoderCheck>
     })
 }
 
+/// `opts` with `hot_rows` filled in when `hot_row_count` asks for them: the token ids the
+/// calibration texts use most, by the bundle's tokenizer at `tokenizer`.
+pub(crate) fn with_hot_rows(opts: &QuantizeOptions, tokenizer: Option<&Path>) -> Result<QuantizeOptions> {
+    let mut opts = opts.clone();
+    if opts.hot_row_count == 0 || !opts.hot_rows.is_empty() {
+        return Ok(opts);
+    }
+    if opts.embedding_scheme.is_none_or(|e| e.bits >= opts.scheme.bits) {
+        return Err(Error::Unsupported {
+            what: format!(
+                "hot rows keep {}-bit rows in a table of fewer bits: give the table fewer bits (e.g. --embedding-bits 4)",
+                opts.scheme.bits
+            ),
+        });
+    }
+    let texts: Vec<&String> = opts.calibration.iter().filter(|t| !t.trim().is_empty()).collect();
+    let Some(path) = tokenizer.filter(|_| !texts.is_empty()) else {
+        return Err(Error::Unsupported {
+            what: "picking hot rows needs calibration texts (`--calibration FILE`) and a tokenizer in the bundle"
+                .into(),
+        });
+    };
+    let tokenizer = tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| Error::Format { path: path.to_path_buf(), what: format!("not a tokenizer: {e}") })?;
+    let mut ids = vec![];
+    for t in texts {
+        let enc = tokenizer.encode(t.as_str(), true).map_err(|e| Error::Format {
+            path: path.to_path_buf(),
+            what: format!("tokenizing a calibration text: {e}"),
+        })?;
+        ids.extend_from_slice(enc.get_ids());
+    }
+    opts.hot_rows = crate::quantize::graph::hot_rows(ids, tokenizer.get_vocab_size(true), opts.hot_row_count);
+    Ok(opts)
+}
+
 /// Static int8 of an encoder graph: activation ranges from running the fp32 graph on the
 /// calibration texts (tokenized by the bundle's tokenizer), matrices in QDQ form, embedding
 /// tables block-quantized as the other schemes do.
@@ -226,6 +264,7 @@ fn quantize_encoder_static(
     summary.embeddings = tables.embeddings;
     summary.shared_embedding_head = tables.shared_embedding_head;
     summary.embedding_table = tables.embedding_table;
+    summary.hot_rows = tables.hot_rows;
     summary.kept = tables.kept;
     summary.bytes_after = tables.bytes_after;
     summary.activations = Some(edgelm_runtime::bundle::ActivationScheme {
@@ -269,6 +308,8 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
             what: format!("{} is already {:?}: quantize from the fp32 bundle", src.display(), manifest.quantization),
         });
     }
+    let tokenizer = manifest.tokenizer.as_ref().map(|t| src.join(t));
+    let opts = &with_hot_rows(opts, tokenizer.as_deref())?;
     let bytes = std::fs::read(&model_path).at(&model_path)?;
     let fp32_bytes = bytes.len() as u64;
     let mut model = ModelProto::decode(bytes.as_slice())

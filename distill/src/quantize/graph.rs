@@ -56,12 +56,27 @@ pub struct QuantizeOptions {
     /// table of an encoder like MiniLM.
     #[serde(default)]
     pub embedding_scheme: Option<BlockScheme>,
+    /// With `embedding_scheme`: token ids whose rows of the token table stay in `scheme` while
+    /// the rest of the table takes `embedding_scheme`. Given the tokens a calibration text uses
+    /// most ([`hot_rows`]), common words keep 8 bits and the long tail of the vocabulary is
+    /// stored in 4. Empty: the whole table takes `embedding_scheme`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hot_rows: Vec<u32>,
+    /// How many `hot_rows` the bundle quantizer picks from `calibration` (the token ids its
+    /// texts use most) when `hot_rows` is empty; 0 picks none.
+    #[serde(default)]
+    pub hot_row_count: usize,
     /// Weights to keep in fp32: a node or initializer whose name contains one of these.
     pub keep_fp32: Vec<String>,
     /// With `DynamicInt8` or `StaticInt8`: weights whose name contains one of these use the block-wise scheme
     /// instead (the few layers whose activations have outliers, e.g. an encoder's FFN output).
     #[serde(default)]
     pub blockwise: Vec<String>,
+    /// With `StaticInt8`: write the portable QDQ form (`DequantizeLinear` before `MatMul`, for
+    /// runtimes such as TensorRT that read QDQ) instead of ONNX Runtime's integer matmul
+    /// (`MatMulIntegerToFloat` with the bias inside), which its CPU kernels run fastest.
+    #[serde(default)]
+    pub qdq: bool,
     /// With `StaticInt8`: how activation ranges are chosen.
     #[serde(default = "default_range")]
     pub range: super::RangeMethod,
@@ -69,7 +84,8 @@ pub struct QuantizeOptions {
     /// (0 to 1; see [`super::qdq::smooth`]).
     #[serde(default)]
     pub smooth: Option<f32>,
-    /// With `StaticInt8`: the texts the fp32 graph is calibrated on.
+    /// With `StaticInt8`: the texts the fp32 graph is calibrated on; with `hot_row_count`, the
+    /// texts whose tokens pick the hot rows.
     #[serde(skip)]
     pub calibration: Vec<String>,
 }
@@ -90,8 +106,11 @@ impl QuantizeOptions {
             accuracy_level: 4,
             embedding: true,
             embedding_scheme: None,
+            hot_rows: vec![],
+            hot_row_count: 0,
             keep_fp32: vec![],
             blockwise: vec![],
+            qdq: false,
             range: default_range(),
             smooth: None,
             calibration: vec![],
@@ -111,6 +130,9 @@ pub struct QuantizeSummary {
     /// The scheme of tables only gathered from, when they took `embedding_scheme`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embedding_table: Option<BlockScheme>,
+    /// Rows of the token table kept in the matrices' scheme (`QuantizeOptions::hot_rows`).
+    #[serde(default)]
+    pub hot_rows: usize,
     /// Weights left in fp32, with the reason.
     pub kept: Vec<String>,
     /// Initializer bytes before and after.
@@ -263,16 +285,17 @@ fn to_gather_block_quantized(
     };
     // Scales: one per block on the new last axis. When the table is shared with MatMulNBits
     // (which wants [rows, blocks]) a Reshape that ONNX Runtime folds at load gives the view.
-    let scales3 = format!("{base}/scales3");
-    if shared {
-        let shape3 = format!("{base}/scales_shape");
+    let scales3 = if shared {
+        let (shape3, scales3) = (format!("{base}/scales_shape"), format!("{base}/scales3"));
         g.initializer.push(TensorProto::from_i64(&shape3, &[3], &[rows, blocks, 1]));
         nodes.push(mk("Reshape", "", vec![stored.scales.clone(), shape3], scales3.clone(), vec![]));
+        scales3
     } else {
+        // Only Gathers read it: stored in the shape they want (every Gather of the table).
         let at = g.initializer.iter().position(|t| t.name == stored.scales).expect("scales were stored");
         g.initializer[at].dims = vec![rows, blocks, 1];
-        g.initializer[at].name = scales3.clone();
-    }
+        stored.scales.clone()
+    };
     let mut inputs = vec![stored.data.clone(), ids.clone(), scales3];
     if let Some(z) = &q.zero_points {
         // One zero point per block, unpacked (GatherBlockQuantized reads the low nibble at 4 bits).
@@ -327,6 +350,175 @@ fn to_gather_block_quantized(
         nodes.push(mk("Slice", "", vec![flat, start, end, axis], out, vec![]));
     }
     nodes
+}
+
+/// `count` token ids of a vocabulary of `vocab`: those used most in `ids` (a tokenized
+/// calibration text), most used first, ties to the lower id; when the text used fewer, the
+/// lowest ids it did not use fill the rest (tokenizers number common tokens first: BPE merges
+/// in the order they were learnt, WordPiece vocabularies by frequency).
+pub fn hot_rows(ids: impl IntoIterator<Item = u32>, vocab: usize, count: usize) -> Vec<u32> {
+    let mut seen: HashMap<u32, usize> = HashMap::new();
+    for id in ids.into_iter().filter(|&id| (id as usize) < vocab) {
+        *seen.entry(id).or_default() += 1;
+    }
+    let mut ranked: Vec<(u32, usize)> = seen.into_iter().collect();
+    ranked.sort_by_key(|&(id, n)| (std::cmp::Reverse(n), id));
+    let mut hot: Vec<u32> = ranked.into_iter().take(count).map(|(id, _)| id).collect();
+    let used: std::collections::HashSet<u32> = hot.iter().copied().collect();
+    let fill = count.min(vocab).saturating_sub(hot.len());
+    hot.extend((0..vocab as u32).filter(|id| !used.contains(id)).take(fill));
+    hot
+}
+
+/// A token table `[rows, cols]` split in two: the `hot` rows quantized with `hot_scheme`, the
+/// others with `cold_scheme`. Each Gather of it becomes: the token's place in its part (an
+/// int32 table), both parts gathered with the place clamped into their range, and `Where` on a
+/// `[rows, 1]` bool table picking the part the token is in. Returns the replacement nodes of
+/// each Gather in `gathers`.
+#[allow(clippy::too_many_arguments)]
+fn split_table(
+    g: &mut GraphProto,
+    name: &str,
+    w: &[f32],
+    (rows, cols): (usize, usize),
+    hot: &[u32],
+    hot_scheme: BlockScheme,
+    cold_scheme: BlockScheme,
+    gathers: &[usize],
+) -> Vec<(usize, Vec<NodeProto>)> {
+    let mut is_hot = vec![false; rows];
+    let mut hot_ids = vec![];
+    for &id in hot {
+        if (id as usize) < rows && !is_hot[id as usize] {
+            is_hot[id as usize] = true;
+            hot_ids.push(id as usize);
+        }
+    }
+    let cold_ids: Vec<usize> = (0..rows).filter(|&r| !is_hot[r]).collect();
+    // Hot rows first, then cold ones: a token's place less the hot count is its cold row.
+    let mut place = vec![0i32; rows];
+    for (i, &r) in hot_ids.iter().chain(&cold_ids).enumerate() {
+        place[r] = i as i32;
+    }
+    let part = |ids: &[usize]| -> Vec<f32> { ids.iter().flat_map(|&r| w[r * cols..(r + 1) * cols].to_vec()).collect() };
+    let q_hot = quantize(&part(&hot_ids), hot_ids.len(), cols, hot_scheme);
+    let q_cold = quantize(&part(&cold_ids), cold_ids.len(), cols, cold_scheme);
+    let stored_hot = store(g, &format!("{name}_hot"), &q_hot);
+    let stored_cold = store(g, &format!("{name}_cold"), &q_cold);
+    let (place_t, hot_t) = (format!("{name}_place"), format!("{name}_is_hot"));
+    g.initializer.push(TensorProto::from_i32(&place_t, &[rows as i64], &place));
+    let mask: Vec<u8> = is_hot.iter().map(|&h| u8::from(h)).collect();
+    g.initializer.push(TensorProto::from_u8(&hot_t, &[rows as i64, 1], DataType::Bool, mask));
+    let (last_hot, n_hot, zero) = (format!("{name}_last_hot"), format!("{name}_hot_count"), format!("{name}_zero"));
+    g.initializer.push(TensorProto::from_i32(&last_hot, &[], &[hot_ids.len() as i32 - 1]));
+    g.initializer.push(TensorProto::from_i32(&n_hot, &[], &[hot_ids.len() as i32]));
+    g.initializer.push(TensorProto::from_i32(&zero, &[], &[0]));
+    let mut out = vec![];
+    for &i in gathers {
+        let node = g.node[i].clone();
+        let base = format!("{}/split", node.name);
+        let ids = node.input[1].clone();
+        let mk = |op: &str, inputs: Vec<String>, output: &str| NodeProto {
+            name: format!("{base}/{op}_{output}"),
+            op_type: op.into(),
+            input: inputs,
+            output: vec![format!("{base}/{output}")],
+            ..Default::default()
+        };
+        let o = |s: &str| format!("{base}/{s}");
+        let mut nodes = vec![
+            NodeProto {
+                attribute: vec![Attr::int("axis", 0)],
+                ..mk("Gather", vec![place_t.clone(), ids.clone()], "place")
+            },
+            mk("Min", vec![o("place"), last_hot.clone()], "hot_place"),
+            mk("Sub", vec![o("place"), n_hot.clone()], "cold_offset"),
+            mk("Max", vec![o("cold_offset"), zero.clone()], "cold_place"),
+            NodeProto { attribute: vec![Attr::int("axis", 0)], ..mk("Gather", vec![hot_t.clone(), ids], "is_hot") },
+        ];
+        for (which, stored, q) in [("hot", &stored_hot, &q_hot), ("cold", &stored_cold, &q_cold)] {
+            let part_node = NodeProto {
+                name: o(which),
+                input: vec![stored.data.clone(), o(&format!("{which}_place"))],
+                output: vec![o(&format!("{which}_rows"))],
+                ..node.clone()
+            };
+            nodes.extend(to_gather_block_quantized(g, &part_node, stored, q, false));
+        }
+        nodes.push(NodeProto {
+            output: vec![node.output[0].clone()],
+            ..mk("Where", vec![o("is_hot"), o("hot_rows"), o("cold_rows")], "rows")
+        });
+        out.push((i, nodes));
+    }
+    out
+}
+
+/// Moves the bias of `Add(matmul, bias)` into the matmul operators that take one
+/// (`MatMulNBits`, `DynamicQuantizeMatMul`, `MatMulIntegerToFloat`): one node less per matrix,
+/// which short inputs (a sentence, one decoded token) feel. The bias must be a 1-D fp32
+/// initializer as long as the matmul's output row, and the Add the matmul's only reader.
+/// Returns how many were folded.
+pub(super) fn fold_biases(g: &mut GraphProto) -> usize {
+    let slot = |n: &NodeProto| match (n.domain.as_str(), n.op_type.as_str()) {
+        (MS_DOMAIN, "MatMulNBits") => Some(5),
+        (MS_DOMAIN, "DynamicQuantizeMatMul") => Some(4),
+        (MS_DOMAIN, "MatMulIntegerToFloat") => Some(6),
+        _ => None,
+    };
+    let init = |name: &str| g.initializer.iter().find(|t| t.name == name);
+    // The output width of each candidate: MatMulNBits says N; the others read B [K, N].
+    let width = |n: &NodeProto| -> Option<i64> {
+        if n.op_type == "MatMulNBits" {
+            return Some(attr_i(n, "N", -1));
+        }
+        init(n.input.get(1)?).filter(|t| t.dims.len() == 2).map(|t| t.dims[1])
+    };
+    let mut readers: HashMap<&str, usize> = HashMap::new();
+    for n in &g.node {
+        for i in &n.input {
+            *readers.entry(i.as_str()).or_default() += 1;
+        }
+    }
+    let outputs: std::collections::HashSet<&str> = g.output.iter().map(|v| v.name.as_str()).collect();
+    let mut folds: Vec<(usize, usize, String)> = vec![]; // (matmul, add, bias)
+    let by_input: HashMap<&str, usize> = g
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.op_type == "Add" && (n.domain.is_empty() || n.domain == "ai.onnx") && n.input.len() == 2)
+        .flat_map(|(i, n)| n.input.iter().map(move |x| (x.as_str(), i)))
+        .collect();
+    for (i, n) in g.node.iter().enumerate() {
+        let (Some(s), Some(width)) = (slot(n), width(n)) else { continue };
+        let out = n.output[0].as_str();
+        if n.input.get(s).is_some_and(|b| !b.is_empty()) || readers.get(out) != Some(&1) || outputs.contains(out) {
+            continue;
+        }
+        let Some(&a) = by_input.get(out) else { continue };
+        let add = &g.node[a];
+        let bias = if add.input[0] == out { &add.input[1] } else { &add.input[0] };
+        let fits = init(bias).is_some_and(|t| t.dims == [width] && t.data_type == Some(DataType::Float as i32));
+        if fits && add.input[0] != add.input[1] {
+            folds.push((i, a, bias.clone()));
+        }
+    }
+    let mut gone = std::collections::HashSet::new();
+    for (i, a, bias) in &folds {
+        let s = slot(&g.node[*i]).expect("a candidate");
+        let sum = g.node[*a].output[0].clone();
+        let n = &mut g.node[*i];
+        n.input.resize(s, String::new());
+        n.input.push(bias.clone());
+        n.output[0] = sum;
+        gone.insert(*a);
+    }
+    let mut at = 0;
+    g.node.retain(|_| {
+        at += 1;
+        !gone.contains(&(at - 1))
+    });
+    folds.len()
 }
 
 /// The rank of graph input `name`, when the graph declares it.
@@ -400,6 +592,14 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
         }
     }
     let graph_inputs: Vec<String> = g.input.iter().map(|v| v.name.clone()).collect();
+    // The token table: what a Gather indexes with the graph's `input_ids`. A graph without one
+    // (another exporter's names) gives every table only Gathers read the embedding scheme.
+    let token_tables: Vec<String> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Gather" && n.input.get(1).is_some_and(|i| i == "input_ids"))
+        .map(|n| n.input[0].clone())
+        .collect();
     let names: Vec<String> = g.initializer.iter().map(|t| t.name.clone()).collect();
     // Replacement nodes for embedding Gathers, spliced in at the end so indices stay valid.
     let mut splices: Vec<(usize, Vec<NodeProto>)> = vec![];
@@ -491,11 +691,24 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
         }
         // [N, K]: one row per output (or per table entry), quantized along K.
         let (rows, cols, w) = if matmuls.is_empty() { (r, c, values) } else { (c, r, transpose(&values, r, c)) };
-        // A table only gathered from may take its own scheme; one a matmul also reads cannot.
-        let table_only = matmuls.is_empty() && gemms.is_empty();
-        let scheme = if table_only { opts.embedding_scheme.unwrap_or(opts.scheme) } else { opts.scheme };
-        if table_only && !gathers.is_empty() {
+        // The token table may take its own scheme when only Gathers read it (one a matmul also
+        // reads cannot).
+        let own_scheme = matmuls.is_empty()
+            && gemms.is_empty()
+            && !gathers.is_empty()
+            && (token_tables.is_empty() || token_tables.contains(&name));
+        let scheme = if own_scheme { opts.embedding_scheme.unwrap_or(opts.scheme) } else { opts.scheme };
+        if own_scheme {
             summary.embedding_table = summary.embedding_table.or(opts.embedding_scheme);
+        }
+        let hot =
+            opts.hot_rows.iter().filter(|&&id| (id as usize) < rows).collect::<std::collections::HashSet<_>>().len();
+        if own_scheme && opts.embedding_scheme.is_some() && 0 < hot && hot < rows {
+            splices.extend(split_table(g, &name, &w, (rows, cols), &opts.hot_rows, opts.scheme, scheme, &gathers));
+            summary.embeddings += 1;
+            summary.hot_rows = hot;
+            removed.push(name);
+            continue;
         }
         let q = quantize(&w, rows, cols, scheme);
         let stored = store(g, &name, &q);
@@ -521,6 +734,7 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
     for (i, nodes) in splices {
         g.node.splice(i..=i, nodes);
     }
+    fold_biases(g);
     if !model.opset_import.iter().any(|o| o.domain == MS_DOMAIN) {
         model.opset_import.push(crate::onnx::proto::OperatorSetIdProto { domain: MS_DOMAIN.into(), version: 1 });
     }
@@ -606,8 +820,11 @@ mod tests {
                         accuracy_level: 1,
                         embedding: true,
                         embedding_scheme: None,
+                        hot_rows: vec![],
+                        hot_row_count: 0,
                         keep_fp32: vec![],
                         blockwise: vec![],
+                        qdq: false,
                         range: default_range(),
                         smooth: None,
                         calibration: vec![],
@@ -747,5 +964,130 @@ mod tests {
         // Without a separate scheme nothing is recorded.
         let mut m = model(&w, &tied, &untied);
         assert_eq!(quantize_model(&mut m, &QuantizeOptions::for_bits(8).unwrap()).unwrap().embedding_table, None);
+    }
+
+    /// A token table (`Gather` by `input_ids`) and a position table, each read only by a Gather.
+    fn tables_model(token: &[f32], position: &[f32]) -> ModelProto {
+        let mut g = GraphBuilder::new("test");
+        let d = |v: usize| Dim::Fixed(v as i64);
+        g.input("input_ids", DataType::Int64, &[d(4)]);
+        g.input("pos", DataType::Int64, &[d(4)]);
+        g.output("e", DataType::Float, &[d(4), d(K)]);
+        g.output("p", DataType::Float, &[d(4), d(K)]);
+        let t = g.init_f32("token", &[V, K], token);
+        let p = g.init_f32("position", &[V, K], position);
+        g.node_named("Gather", "", &[&t, "input_ids"], &["e"], vec![Attr::int("axis", 0)]);
+        g.node_named("Gather", "", &[&p, "pos"], &["p"], vec![Attr::int("axis", 0)]);
+        g.finish(21, None, "test")
+    }
+
+    fn run_tables(m: &ModelProto, ids: &[i64]) -> (Vec<f32>, Vec<f32>) {
+        use prost::Message;
+        let env = edgelm_runtime::ortlib::init(None).expect("ONNX Runtime (EDGELM_ORT_LIB)");
+        let mut s = Session::builder(env).unwrap().commit_from_memory(&m.encode_to_vec()).unwrap();
+        let out = s
+            .run(ort::inputs![
+                "input_ids" => Tensor::from_array(([4usize], ids.to_vec())).unwrap(),
+                "pos" => Tensor::from_array(([4usize], ids.to_vec())).unwrap(),
+            ])
+            .unwrap();
+        let get = |n: &str| out[n].try_extract_tensor::<f32>().unwrap().1.to_vec();
+        (get("e"), get("p"))
+    }
+
+    fn rows(table: &[f32], ids: &[i64]) -> Vec<f32> {
+        ids.iter().flat_map(|&i| table[i as usize * K..(i as usize + 1) * K].to_vec()).collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+    }
+
+    /// With hot rows the token table is stored twice over: the hot rows in the matrices' 8 bits,
+    /// the rest in the table's 4; ONNX Runtime gives each token the row of its part, and the
+    /// position table (not read by `input_ids`) keeps the matrices' scheme.
+    #[test]
+    fn hot_rows_keep_8_bits_and_the_rest_of_the_token_table_takes_4() {
+        let (token, position) = (weights(V * K, 5), weights(V * K, 6));
+        let mut opts = QuantizeOptions::for_bits(8).unwrap();
+        opts.accuracy_level = 1;
+        let table = BlockScheme::new(4, 16, false).unwrap();
+        opts.embedding_scheme = Some(table);
+        // A repeat and an id past the table are ignored.
+        opts.hot_rows = vec![17, 3, 17, 99];
+        let mut m = tables_model(&token, &position);
+        let s = quantize_model(&mut m, &opts).unwrap();
+        assert_eq!((s.embeddings, s.hot_rows, s.embedding_table), (2, 2, Some(table)));
+        let g = m.graph.as_ref().unwrap();
+        assert!(g.initializer.iter().all(|t| t.name != "token" && t.name != "position"));
+        assert_eq!(g.node.iter().filter(|n| n.op_type == "GatherBlockQuantized").count(), 3);
+        let ids = [0i64, 17, 39, 3];
+        let (e, p) = run_tables(&m, &ids);
+        let eight = quantize(&token, V, K, opts.scheme).dequantize();
+        let four = quantize(&token, V, K, table).dequantize();
+        for (i, &id) in ids.iter().enumerate() {
+            let (got, hot) = (&e[i * K..(i + 1) * K], id == 17 || id == 3);
+            let want = rows(if hot { &eight } else { &four }, &[id]);
+            assert!(max_diff(got, &want) < 1e-6, "token {id} (hot {hot}) differs by {}", max_diff(got, &want));
+        }
+        // 4 bits are visibly coarser than 8 here, so the check above tells the parts apart.
+        assert!(max_diff(&rows(&eight, &[0]), &rows(&four, &[0])) > 1e-3);
+        let p8 = quantize(&position, V, K, opts.scheme).dequantize();
+        assert!(max_diff(&p, &rows(&p8, &ids)) < 1e-6, "the position table took the token table's scheme");
+        // All rows hot, or none: one table, no split.
+        for hot in [vec![], (0..V as u32).collect::<Vec<_>>()] {
+            let mut m = tables_model(&token, &position);
+            let s = quantize_model(&mut m, &QuantizeOptions { hot_rows: hot, ..opts.clone() }).unwrap();
+            assert_eq!(s.hot_rows, 0);
+            assert_eq!(m.graph.as_ref().unwrap().node.iter().filter(|n| n.op_type == "Where").count(), 0);
+        }
+    }
+
+    /// Hot rows are the ids a text uses most, ties to the lower id, then the lowest unused ids.
+    #[test]
+    fn hot_rows_rank_by_use_then_fill_from_the_lowest_ids() {
+        let ids = [5u32, 5, 2, 9, 9, 9, 2, 5, 1, 12];
+        assert_eq!(hot_rows(ids, 10, 4), [5, 9, 2, 1]);
+        assert_eq!(hot_rows(ids, 10, 2), [5, 9]);
+        assert_eq!(hot_rows(ids, 10, 6), [5, 9, 2, 1, 0, 3]);
+        assert_eq!(hot_rows(ids, 10, 50).len(), 10);
+        assert_eq!(hot_rows([], 4, 2), [0, 1]);
+    }
+
+    /// `y = x W + b`: the bias moves into the quantized matmul (no Add left) and the sum stays
+    /// right; a matmul whose output has another reader keeps its Add.
+    #[test]
+    fn biases_fold_into_the_quantized_matmuls() {
+        let w = weights(K * N, 7);
+        let b: Vec<f32> = (0..N).map(|j| 4.0 - j as f32 * 0.25).collect();
+        let x = weights(2 * K, 8);
+        let want: Vec<f32> =
+            matmul_t(&x, &transpose(&w, K, N), N).iter().zip(b.iter().cycle()).map(|(v, b)| v + b).collect();
+        for (method, also_read) in [(Method::Blockwise, false), (Method::DynamicInt8, false), (Method::Blockwise, true)]
+        {
+            let mut g = GraphBuilder::new("test");
+            let d = |v: usize| Dim::Fixed(v as i64);
+            g.input("x", DataType::Float, &[d(2), d(K)]);
+            g.output("y", DataType::Float, &[d(2), d(N)]);
+            let wn = g.init_f32("w", &[K, N], &w);
+            let bn = g.init_f32("b", &[N], &b);
+            g.node_named("MatMul", "", &["x", &wn], &["xw"], vec![]);
+            g.node_named("Add", "", &["xw", &bn], &["y"], vec![]);
+            if also_read {
+                g.output("xw", DataType::Float, &[d(2), d(N)]);
+            }
+            let mut m = g.finish(21, None, "test");
+            let mut opts = QuantizeOptions::for_bits(8).unwrap();
+            (opts.method, opts.accuracy_level) = (method, 1);
+            quantize_model(&mut m, &opts).unwrap();
+            let adds = m.graph.as_ref().unwrap().node.iter().filter(|n| n.op_type == "Add").count();
+            assert_eq!(adds, usize::from(also_read), "{method:?}");
+            use prost::Message;
+            let env = edgelm_runtime::ortlib::init(None).expect("ONNX Runtime (EDGELM_ORT_LIB)");
+            let mut s = Session::builder(env).unwrap().commit_from_memory(&m.encode_to_vec()).unwrap();
+            let out = s.run(ort::inputs!["x" => Tensor::from_array(([2usize, K], x.clone())).unwrap()]).unwrap();
+            let got = out["y"].try_extract_tensor::<f32>().unwrap().1.to_vec();
+            assert!(max_diff(&got, &want) < 0.05, "{method:?}: {:?} vs {:?}", &got[..4], &want[..4]);
+        }
     }
 }

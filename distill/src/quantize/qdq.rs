@@ -3,7 +3,10 @@
 //! zero point fixed from calibration ([`super::calibrate`]) and `W` in int8 with one scale per
 //! output column. ONNX Runtime fuses each group into an integer matmul at load; the same file
 //! runs on any runtime that reads QDQ (TensorRT, QNN, XNNPACK), which is why this form and not
-//! `QLinearMatMul` is written.
+//! `QLinearMatMul` is written when asked for (`QuantizeOptions::qdq`). By default the integer
+//! matmul is written directly, `MatMulIntegerToFloat(QuantizeLinear(x), W_int8)` with the
+//! following bias inside: what ONNX Runtime's CPU kernels run, without the bias `Add` its QDQ
+//! fusion leaves behind (a node per matrix, which short sentences feel).
 
 use std::collections::{HashMap, HashSet};
 
@@ -12,7 +15,7 @@ use super::calibrate::ActivationRange;
 use super::graph::{f32_matrix, tensor_bytes, QuantizeOptions, QuantizeSummary};
 use crate::error::{Error, Result};
 use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
-use crate::onnx::{AttributeProto as Attr, DataType, ModelProto};
+use crate::onnx::{AttributeProto as Attr, DataType, ModelProto, MS_DOMAIN};
 
 fn is_std(n: &NodeProto) -> bool {
     n.domain.is_empty() || n.domain == "ai.onnx"
@@ -185,6 +188,7 @@ pub fn quantize_static(
     // Weights: int8 [K, N] with per-column scales, dequantized along axis 1.
     let mut weight_nodes = vec![];
     let mut weight_out: HashMap<String, String> = HashMap::new();
+    let mut weight_scale: HashMap<String, String> = HashMap::new();
     for (_, _, w) in &targets {
         if weight_out.contains_key(w) {
             continue;
@@ -201,15 +205,21 @@ pub fn quantize_static(
             q.iter().map(|v| *v as u8).collect(),
         ));
         g.initializer.push(TensorProto::from_f32(&sn, &[n as i64], &scales));
-        g.initializer.push(TensorProto::from_u8(&zn, &[n as i64], DataType::Int8, vec![0; n]));
-        weight_nodes.push(node(
-            format!("{w}/DequantizeLinear"),
-            "DequantizeLinear",
-            vec![qn, sn, zn],
-            out.clone(),
-            vec![Attr::int("axis", 1)],
-        ));
-        weight_out.insert(w.clone(), out);
+        if opts.qdq {
+            g.initializer.push(TensorProto::from_u8(&zn, &[n as i64], DataType::Int8, vec![0; n]));
+            weight_nodes.push(node(
+                format!("{w}/DequantizeLinear"),
+                "DequantizeLinear",
+                vec![qn, sn, zn],
+                out.clone(),
+                vec![Attr::int("axis", 1)],
+            ));
+            weight_out.insert(w.clone(), out);
+        } else {
+            // Centred on zero: no zero point needed.
+            weight_out.insert(w.clone(), qn);
+            weight_scale.insert(w.clone(), sn);
+        }
     }
     // Activations: one QuantizeLinear per tensor, one DequantizeLinear per consumer (ONNX
     // Runtime fuses a DequantizeLinear into one node only).
@@ -235,6 +245,13 @@ pub fn quantize_static(
             quantized.insert(x.clone(), (qn, sn, zn));
         }
         let (qn, sn, zn) = quantized[x].clone();
+        if !opts.qdq {
+            let n = &mut g.node[*i];
+            n.op_type = "MatMulIntegerToFloat".into();
+            n.domain = MS_DOMAIN.into();
+            n.input = vec![qn, weight_out[w].clone(), sn, weight_scale[w].clone(), zn];
+            continue;
+        }
         let mm = &g.node[*i].name;
         let dq = format!("{mm}/{x}_dequantized");
         at.push(node(format!("{mm}/DequantizeLinear"), "DequantizeLinear", vec![qn, sn, zn], dq.clone(), vec![]));
@@ -250,6 +267,12 @@ pub fn quantize_static(
         g.node.push(n);
     }
     g.initializer.retain(|t| !weight_out.contains_key(&t.name));
+    if !opts.qdq {
+        super::graph::fold_biases(g);
+        if !model.opset_import.iter().any(|o| o.domain == MS_DOMAIN) {
+            model.opset_import.push(crate::onnx::proto::OperatorSetIdProto { domain: MS_DOMAIN.into(), version: 1 });
+        }
+    }
     let g = model.graph.as_ref().expect("checked above");
     Ok(QuantizeSummary {
         matmuls: weight_out.len(),
@@ -290,11 +313,18 @@ mod tests {
         let t = g.init_f32("table", &[V, K], table);
         let w1 = g.init_f32("w1", &[K, N], w1);
         let w2 = g.init_f32("w2", &[N, M], w2);
+        let b1 = g.init_f32("b1", &[N], &bias());
         g.node_named("Gather", "", &[&t, "input_ids"], &["x"], vec![Attr::int("axis", 0)]);
-        g.node_named("MatMul", "", &["x", &w1], &["pre"], vec![]);
+        g.node_named("MatMul", "", &["x", &w1], &["xw"], vec![]);
+        g.node_named("Add", "", &["xw", &b1], &["pre"], vec![]);
         g.node_named("Relu", "", &["pre"], &["h"], vec![]);
         g.node_named("MatMul", "", &["h", &w2], &["y"], vec![]);
         g.finish(21, None, "test")
+    }
+
+    /// The first matrix's bias: large enough that losing it shows.
+    fn bias() -> Vec<f32> {
+        (0..N).map(|j| j as f32 * 0.5 - 3.0).collect()
     }
 
     fn run(m: &ModelProto, ids: &[i64]) -> Vec<f32> {
@@ -345,25 +375,39 @@ mod tests {
         assert_eq!(ranges["x"], ActivationRange { min: lo, max: hi });
         assert!(ranges["h"].min >= 0.0, "h follows a Relu");
 
-        let mut q = m.clone();
-        let s = quantize_static(&mut q, &ranges, &opts).unwrap();
-        assert_eq!(s.matmuls, 2);
-        let ops: Vec<&str> = q.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
-        assert_eq!(ops.iter().filter(|o| **o == "QuantizeLinear").count(), 2);
-        assert_eq!(ops.iter().filter(|o| **o == "DequantizeLinear").count(), 4);
-        assert!(q.graph.as_ref().unwrap().initializer.iter().all(|t| t.name != "w1" && t.name != "w2"));
-
         let ids = [3i64, 29, 12, 5];
         let x: Vec<f32> = ids.iter().flat_map(|&r| table[r as usize * K..(r as usize + 1) * K].to_vec()).collect();
-        let h: Vec<f32> =
-            matmul(&fake_quant(&x, ranges["x"]), &dequantized(&w1, K, N), K, N).iter().map(|v| v.max(0.0)).collect();
+        let h: Vec<f32> = matmul(&fake_quant(&x, ranges["x"]), &dequantized(&w1, K, N), K, N)
+            .iter()
+            .zip(bias().iter().cycle())
+            .map(|(v, b)| (v + b).max(0.0))
+            .collect();
         let want = matmul(&fake_quant(&h, ranges["h"]), &dequantized(&w2, N, M), N, M);
-        let got = run(&q, &ids);
         let fp32 = run(&m, &ids);
-        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(worst < 1e-4, "QDQ graph vs fake quantization: {worst}");
-        let err = got.iter().zip(&fp32).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(err > 0.0 && err < 0.1, "int8 vs fp32: {err}");
+        // Both forms: QDQ, and the integer matmuls with the bias folded in.
+        for qdq in [true, false] {
+            let mut q = m.clone();
+            let s = quantize_static(&mut q, &ranges, &QuantizeOptions { qdq, ..opts.clone() }).unwrap();
+            assert_eq!(s.matmuls, 2);
+            let ops: Vec<&str> = q.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
+            let count = |op: &str| ops.iter().filter(|o| **o == op).count();
+            assert_eq!(count("QuantizeLinear"), 2);
+            if qdq {
+                assert_eq!((count("DequantizeLinear"), count("MatMul"), count("Add")), (4, 2, 1), "{ops:?}");
+            } else {
+                assert_eq!(
+                    (count("MatMulIntegerToFloat"), count("DequantizeLinear"), count("Add")),
+                    (2, 0, 0),
+                    "{ops:?}"
+                );
+            }
+            assert!(q.graph.as_ref().unwrap().initializer.iter().all(|t| t.name != "w1" && t.name != "w2"));
+            let got = run(&q, &ids);
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "qdq {qdq}: graph vs fake quantization: {worst}");
+            let err = got.iter().zip(&fp32).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err > 0.0 && err < 0.1, "qdq {qdq}: int8 vs fp32: {err}");
+        }
     }
 
     /// Smoothing leaves the fp32 function unchanged (a Mul on the activation, the inverse in the
