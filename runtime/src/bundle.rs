@@ -19,8 +19,11 @@ pub const MANIFEST: &str = "edgelm.json";
 /// The `format` value of every manifest.
 const FORMAT: &str = "edgelm-bundle";
 /// Manifest format version this runtime writes and the newest it reads. Version 2 moved the
-/// encoder's settings and the pipeline summary out of the free-form `report` into typed fields.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// encoder's settings and the pipeline summary out of the free-form `report` into typed fields;
+/// version 3 added `weights.embedding_table.hot`. A manifest is written with the oldest version
+/// that holds everything in it ([`Manifest::needed_version`]), so older runtimes keep reading
+/// bundles that use nothing newer.
+pub(crate) const FORMAT_VERSION: u32 = 3;
 
 /// `edgelm.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,7 +85,8 @@ pub enum Precision {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeightScheme {
-    /// What the matrices run on: `MatMulNBits`, `DynamicQuantizeMatMul`, `QDQ` (static int8) or
+    /// What the matrices run on: `MatMulNBits`, `DynamicQuantizeMatMul`, `MatMulIntegerToFloat`
+    /// (static int8 in ONNX Runtime's integer form), `QDQ` (static int8 in the portable form) or
     /// `fp16` (every tensor inside the graph in fp16; `matrices` counts the weights converted).
     pub operator: String,
     /// Bits per weight.
@@ -126,14 +130,24 @@ pub struct TableScheme {
     pub block_size: usize,
     /// Scales only (`true`) or scales and zero points.
     pub symmetric: bool,
-    /// Rows of the token table kept at the matrices' `bits` / `block_size` (the tokens the
-    /// calibration text used most); the others are quantized as this scheme says. 0: none.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub hot_rows: usize,
+    /// Rows of the token table stored apart in more bits (the tokens the calibration text
+    /// used most); the others are quantized as this scheme says. Format version 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot: Option<HotRows>,
 }
 
-fn is_zero(n: &usize) -> bool {
-    *n == 0
+/// The rows of a token table kept in more bits than the rest (`weights.embedding_table.hot`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HotRows {
+    /// How many rows.
+    pub rows: usize,
+    /// Their bits per value.
+    pub bits: u8,
+    /// Their values per block.
+    pub block_size: usize,
+    /// Scales only (`true`) or scales and zero points.
+    pub symmetric: bool,
 }
 
 /// Activations quantized with ranges fixed at export (`weights.activations` in edgelm.json).
@@ -208,6 +222,19 @@ pub enum Kind {
     CausalLm,
     /// A sentence encoder (`encoder`): embeddings.
     Encoder,
+}
+
+impl Manifest {
+    /// The oldest format version that holds everything in this manifest: 3 with hot rows of a
+    /// token table, else 2.
+    pub fn needed_version(&self) -> u32 {
+        let hot = self.weights.as_ref().and_then(|w| w.embedding_table.as_ref()).is_some_and(|t| t.hot.is_some());
+        if hot {
+            3
+        } else {
+            2
+        }
+    }
 }
 
 impl Kind {
@@ -420,7 +447,7 @@ pub(crate) fn parse_manifest(dir: &Path, bytes: &[u8]) -> Result<Manifest> {
 pub fn update_manifest(dir: &Path, change: impl FnOnce(&mut Manifest)) -> Result<Manifest> {
     let mut m = read_manifest(dir)?;
     change(&mut m);
-    m.format_version = FORMAT_VERSION;
+    m.format_version = m.needed_version();
     write_manifest(dir, &m)?;
     // The signature was over the old manifest: the bundle is unsigned now, not "altered".
     let sig = dir.join(crate::signature::SIGNATURE_FILE);
@@ -547,7 +574,7 @@ impl BundleWriter {
                 Ok(FileEntry { path: f.clone(), sha256: sha256_file(&p)?, bytes: std::fs::metadata(&p).at(&p)?.len() })
             })
             .collect::<Result<Vec<_>>>()?;
-        let m = Manifest {
+        let mut m = Manifest {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,
             kind: self.kind,
@@ -567,6 +594,7 @@ impl BundleWriter {
             pipeline: None,
             report: info.report,
         };
+        m.format_version = m.needed_version();
         write_manifest(&self.dir, &m)?;
         Ok(m)
     }
@@ -759,7 +787,8 @@ mod tests {
         assert_eq!(read.files.len(), 2);
         assert_eq!(read.files[0].bytes, 5);
         assert_eq!(read.files[0].sha256, written.files[0].sha256);
-        assert_eq!((read.quantization, read.format_version), (Precision::Int8, FORMAT_VERSION));
+        // Nothing of version 3 in it: written as version 2, which older runtimes read.
+        assert_eq!((read.quantization, read.format_version), (Precision::Int8, 2));
         let text = std::fs::read_to_string(dir.path().join(MANIFEST)).unwrap();
         assert!(text.contains("\"quantization\": \"int8\""), "{text}");
         // A new export into the folder removes the old mark before writing anything.
@@ -769,6 +798,33 @@ mod tests {
         // Files may not leave the folder.
         let mut w = BundleWriter::create(dir.path(), Kind::CausalLm).unwrap();
         assert!(w.write("../outside", b"x").is_err());
+    }
+
+    /// A token table with hot rows needs version 3; the writer says so and the reader takes it.
+    #[test]
+    fn hot_rows_are_written_as_format_version_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = BundleWriter::create(dir.path(), Kind::Encoder).unwrap();
+        w.model("model.onnx", b"graph").unwrap();
+        let hot = HotRows { rows: 16, bits: 8, block_size: 64, symmetric: true };
+        let weights = WeightScheme {
+            operator: "MatMulIntegerToFloat".into(),
+            bits: 7,
+            block_size: 0,
+            symmetric: true,
+            accuracy_level: 4,
+            matrices: 2,
+            embedding: true,
+            shared_embedding_head: false,
+            embedding_table: Some(TableScheme { bits: 4, block_size: 32, symmetric: true, hot: Some(hot) }),
+            kept_fp32: vec![],
+            blockwise: vec![],
+            activations: None,
+        };
+        let m = w.finish(BundleInfo { weights: Some(weights), ..info() }).unwrap();
+        assert_eq!(m.format_version, 3);
+        let read = read_manifest(dir.path()).unwrap();
+        assert_eq!(read.weights.unwrap().embedding_table.unwrap().hot, Some(hot));
     }
 
     #[test]

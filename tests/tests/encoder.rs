@@ -209,7 +209,9 @@ fn minilm_int8_static_and_fp16_through_the_cli() {
     let m = manifest(&it);
     assert_eq!(m["weights"]["operator"], "MatMulIntegerToFloat");
     assert_eq!(m["weights"]["embedding_table"]["bits"], 4);
-    assert_eq!(m["weights"]["embedding_table"]["hot_rows"], 4096);
+    assert_eq!(m["weights"]["embedding_table"]["hot"]["rows"], 4096);
+    assert_eq!(m["weights"]["embedding_table"]["hot"]["bits"], 8);
+    assert_eq!(m["format_version"], 3, "hot rows are a version 3 manifest");
     let ops_integer = ops(&it);
     let count = |op: &str| ops_integer.iter().filter(|o| *o == op).count();
     assert_eq!((count("MatMulIntegerToFloat"), count("DequantizeLinear"), count("QuantizeLinear")), (36, 0, 24));
@@ -259,6 +261,32 @@ fn minilm_int8_static_and_fp16_through_the_cli() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let hot = |b: &std::path::Path, n: &str, o: &std::path::Path| {
+        // A random tiny decoder's 4-bit rows move its logits more than a trained model's.
+        let args = [
+            "--precision",
+            "int8",
+            "--calibration",
+            c,
+            "--embedding-bits",
+            "4",
+            "--embedding-hot-rows",
+            n,
+            "--max-kl",
+            "1",
+        ];
+        distill(&[&["quantize", b.to_str().unwrap(), "-o", o.to_str().unwrap()], &args[..]].concat())
+    };
+    let out = hot(&fp32, "0", &x);
+    assert!(!out.status.success(), "zero hot rows are refused");
+    // A decoder's untied embedding splits the same way and passes the check; a table tied to
+    // the LM head cannot be split, and asking for it is an error, not a silent no-op.
+    let out = hot(&bundle("tiny"), "64", &tmp.path().join("tiny-hot"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(manifest(&tmp.path().join("tiny-hot"))["weights"]["embedding_table"]["hot"]["rows"], 64);
+    let out = hot(&bundle("tiny-tied"), "64", &tmp.path().join("tied-hot"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hot rows need"), "{}", String::from_utf8_lossy(&out.stderr));
     let lm = bundle("tiny");
     let out = distill(&[
         "quantize",

@@ -26,7 +26,8 @@ pub enum PrecisionArg {
     #[value(name = "int8-dynamic")]
     Int8Dynamic,
     /// 8-bit weights per output column and 8-bit activations with ranges fixed by calibration
-    /// (QDQ form; encoders; needs --calibration).
+    /// (ONNX Runtime's integer matmuls, or the QDQ form with --qdq; encoders; needs
+    /// --calibration).
     #[value(name = "int8-static")]
     Int8Static,
 }
@@ -65,18 +66,20 @@ pub struct QuantArgs {
     /// e.g. an encoder's FFN output projections, whose inputs have outliers.
     #[arg(long, value_name = "NAME")]
     blockwise: Vec<String>,
-    /// Bits of embedding tables that no matmul reads (an untied embedding, an encoder's word
-    /// table): 4 or 8 [default: as the matrices, 8 for int8-dynamic and int8-static].
+    /// Bits of the token table when no matmul reads it (an untied embedding, an encoder's word
+    /// table; position tables keep the matrices' scheme): 4 or 8 [default: as the matrices, 8
+    /// for int8-dynamic and int8-static].
     #[arg(long, value_name = "BITS")]
     embedding_bits: Option<u8>,
     /// Block size of those tables with --embedding-bits [default: 32 at 4 bits, --block-size at 8].
     #[arg(long, value_name = "N")]
     embedding_block_size: Option<usize>,
     /// With --embedding-bits below the matrices' bits: keep this many rows of the token table at
-    /// the matrices' bits, the tokens the --calibration text uses most (common words keep their
-    /// precision, the rarely seen rest of the vocabulary shrinks).
-    #[arg(long, value_name = "N", requires = "calibration")]
-    embedding_hot_rows: Option<usize>,
+    /// the matrices' bits, the tokens the --calibration text uses most (counted over the lines
+    /// --calibration-samples takes; the lowest ids it did not use fill the rest): common words
+    /// keep their precision, the rarely seen rest of the vocabulary shrinks.
+    #[arg(long, value_name = "N", requires = "calibration", value_parser = clap::value_parser!(u32).range(1..))]
+    embedding_hot_rows: Option<u32>,
     /// Leave embedding tables in fp32 (a tied LM head is then quantized alone).
     #[arg(long)]
     fp32_embedding: bool,
@@ -119,6 +122,13 @@ pub struct QuantArgs {
 impl QuantArgs {
     /// The quantizer's settings, or `None` for fp32.
     pub fn options(&self) -> Result<Option<QuantizeOptions>> {
+        if self.qdq && self.precision != PrecisionArg::Int8Static {
+            anyhow::bail!("--qdq is for --precision int8-static");
+        }
+        let integer = !matches!(self.precision, PrecisionArg::Fp32 | PrecisionArg::Fp16);
+        if self.embedding_hot_rows.is_some() && !integer {
+            anyhow::bail!("--embedding-hot-rows is for integer precisions (int8, int8-dynamic, int8-static)");
+        }
         let bits = match self.precision {
             PrecisionArg::Fp32 => return Ok(None),
             PrecisionArg::Fp16 => {
@@ -156,16 +166,18 @@ impl QuantArgs {
                 .map(String::from)
                 .collect();
         }
-        if self.qdq && self.precision != PrecisionArg::Int8Static {
-            anyhow::bail!("--qdq is for --precision int8-static");
-        }
         if let Some(n) = self.embedding_hot_rows {
+            if bits < 8 {
+                anyhow::bail!(
+                    "--embedding-hot-rows keeps rows at the matrices' bits, above the table's: it needs 8-bit matrices"
+                );
+            }
             if self.embedding_bits.is_none_or(|b| b >= bits) {
                 anyhow::bail!(
                     "--embedding-hot-rows keeps {bits}-bit rows in a table of fewer bits: add --embedding-bits 4"
                 );
             }
-            o.hot_row_count = n;
+            o.hot_row_count = n as usize;
         }
         if self.precision == PrecisionArg::Int8Static {
             o.method = edgelm_distill::quantize::graph::Method::StaticInt8;

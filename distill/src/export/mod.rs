@@ -225,6 +225,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
             let mut model = model.take().expect("kept for quantizing");
             let q = &quantized::with_hot_rows(q, ck.tokenizer_json.as_deref())?;
             let summary = quantize_model(&mut model, q)?;
+            quantized::hot_rows_used(q, &summary)?;
             w.model("model.onnx", &model.encode_to_vec())?;
             drop(model);
             let check = if opts.verify { Some(check_quantized(ck, out, opts.max_kl)?) } else { None };

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use prost::Message;
 
-use edgelm_runtime::bundle::{Bundle, BundleInfo, BundleWriter, Kind, Precision, TableScheme, WeightScheme};
+use edgelm_runtime::bundle::{Bundle, BundleInfo, BundleWriter, HotRows, Kind, Precision, TableScheme, WeightScheme};
 
 use super::verify::{verify_against_bundle, verify_bundle, VerifyReport};
 use super::ExportReport;
@@ -83,7 +83,13 @@ pub(crate) fn weight_scheme(q: &QuantizeOptions, s: &QuantizeSummary) -> WeightS
             bits: e.bits,
             block_size: e.block_size,
             symmetric: e.symmetric,
-            hot_rows: s.hot_rows,
+            // Hot rows take the block scheme of the matrices (`QuantizeOptions::scheme`).
+            hot: (s.hot_rows > 0).then_some(HotRows {
+                rows: s.hot_rows,
+                bits: q.scheme.bits,
+                block_size: q.scheme.block_size,
+                symmetric: q.scheme.symmetric,
+            }),
         }),
         kept_fp32: s.kept.clone(),
         blockwise: if q.method == Method::Blockwise { vec![] } else { q.blockwise.clone() },
@@ -189,8 +195,10 @@ pub(crate) fn with_hot_rows(opts: &QuantizeOptions, tokenizer: Option<&Path>) ->
                 .into(),
         });
     };
-    let tokenizer = tokenizers::Tokenizer::from_file(path)
+    let mut tokenizer = tokenizers::Tokenizer::from_file(path)
         .map_err(|e| Error::Format { path: path.to_path_buf(), what: format!("not a tokenizer: {e}") })?;
+    // Padding would count the pad token as the most used one.
+    tokenizer.with_padding(None);
     let mut ids = vec![];
     for t in texts {
         let enc = tokenizer.encode(t.as_str(), true).map_err(|e| Error::Format {
@@ -201,6 +209,17 @@ pub(crate) fn with_hot_rows(opts: &QuantizeOptions, tokenizer: Option<&Path>) ->
     }
     opts.hot_rows = crate::quantize::graph::hot_rows(ids, tokenizer.get_vocab_size(true), opts.hot_row_count);
     Ok(opts)
+}
+
+/// Refuses hot rows that went nowhere: no token table only `Gather`s read (a table tied to the
+/// LM head, one kept in fp32), so the table was not split as asked.
+pub(crate) fn hot_rows_used(opts: &QuantizeOptions, summary: &QuantizeSummary) -> Result<()> {
+    if opts.hot_row_count > 0 && summary.hot_rows == 0 {
+        return Err(Error::Unsupported {
+            what: "hot rows need a token table that only Gathers read (the one `input_ids` indexes, not tied to the LM head nor kept in fp32); this graph has none: drop --embedding-hot-rows".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Static int8 of an encoder graph: activation ranges from running the fp32 graph on the
@@ -308,8 +327,8 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
             what: format!("{} is already {:?}: quantize from the fp32 bundle", src.display(), manifest.quantization),
         });
     }
-    let tokenizer = manifest.tokenizer.as_ref().map(|t| src.join(t));
-    let opts = &with_hot_rows(opts, tokenizer.as_deref())?;
+    let tokenizer = src.join(manifest.tokenizer.as_deref().unwrap_or("tokenizer.json"));
+    let opts = &with_hot_rows(opts, tokenizer.exists().then_some(tokenizer.as_path()))?;
     let bytes = std::fs::read(&model_path).at(&model_path)?;
     let fp32_bytes = bytes.len() as u64;
     let mut model = ModelProto::decode(bytes.as_slice())
@@ -328,6 +347,7 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     } else {
         quantize_model(&mut model, opts)?
     };
+    hot_rows_used(opts, &summary)?;
     let mut w = BundleWriter::create(out, kind)?;
     for f in manifest.files.iter().filter(|f| f.path != manifest.model_file) {
         w.copy(&f.path, &src.join(&f.path))?;

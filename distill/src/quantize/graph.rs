@@ -51,9 +51,11 @@ pub struct QuantizeOptions {
     pub accuracy_level: u8,
     /// Quantize embedding tables (`Gather` over a weight) too.
     pub embedding: bool,
-    /// Bits, block size and symmetry of tables read only by `Gather` (an untied embedding),
-    /// when not `scheme`'s: e.g. 4-bit word embeddings under 8-bit matrices, the largest
-    /// table of an encoder like MiniLM.
+    /// Bits, block size and symmetry of the token table when only `Gather`s read it (an untied
+    /// embedding, an encoder's word table: the table the graph input `input_ids` indexes, or
+    /// every table only Gathers read in a graph without one), when not `scheme`'s: e.g. 4-bit
+    /// word embeddings under 8-bit matrices, the largest table of an encoder like MiniLM.
+    /// Position and token-type tables keep `scheme`.
     #[serde(default)]
     pub embedding_scheme: Option<BlockScheme>,
     /// With `embedding_scheme`: token ids whose rows of the token table stay in `scheme` while
@@ -416,7 +418,8 @@ fn split_table(
     let mut out = vec![];
     for &i in gathers {
         let node = g.node[i].clone();
-        let base = format!("{}/split", node.name);
+        // Named after the Gather's output, which is unique where node names need not be.
+        let base = format!("{}/split", node.output[0]);
         let ids = node.input[1].clone();
         let mk = |op: &str, inputs: Vec<String>, output: &str| NodeProto {
             name: format!("{base}/{op}_{output}"),
@@ -454,26 +457,22 @@ fn split_table(
     out
 }
 
-/// Moves the bias of `Add(matmul, bias)` into the matmul operators that take one
-/// (`MatMulNBits`, `DynamicQuantizeMatMul`, `MatMulIntegerToFloat`): one node less per matrix,
-/// which short inputs (a sentence, one decoded token) feel. The bias must be a 1-D fp32
-/// initializer as long as the matmul's output row, and the Add the matmul's only reader.
+/// Moves the bias of `Add(matmul, bias)` into the CPU integer matmuls that take one
+/// (`DynamicQuantizeMatMul`, `MatMulIntegerToFloat`): one node less per matrix, which short
+/// inputs (a sentence) feel. The bias must be a 1-D fp32 initializer as long as the matmul's
+/// output row, and the Add the matmul's only reader. `MatMulNBits` keeps its Add: ONNX
+/// Runtime's CUDA kernel refuses a bias input, and its bundles go to GPU boards too.
 /// Returns how many were folded.
 pub(super) fn fold_biases(g: &mut GraphProto) -> usize {
     let slot = |n: &NodeProto| match (n.domain.as_str(), n.op_type.as_str()) {
-        (MS_DOMAIN, "MatMulNBits") => Some(5),
         (MS_DOMAIN, "DynamicQuantizeMatMul") => Some(4),
         (MS_DOMAIN, "MatMulIntegerToFloat") => Some(6),
         _ => None,
     };
     let init = |name: &str| g.initializer.iter().find(|t| t.name == name);
-    // The output width of each candidate: MatMulNBits says N; the others read B [K, N].
-    let width = |n: &NodeProto| -> Option<i64> {
-        if n.op_type == "MatMulNBits" {
-            return Some(attr_i(n, "N", -1));
-        }
-        init(n.input.get(1)?).filter(|t| t.dims.len() == 2).map(|t| t.dims[1])
-    };
+    // The output width of each candidate: B is [K, N].
+    let width =
+        |n: &NodeProto| -> Option<i64> { init(n.input.get(1)?).filter(|t| t.dims.len() == 2).map(|t| t.dims[1]) };
     let mut readers: HashMap<&str, usize> = HashMap::new();
     for n in &g.node {
         for i in &n.input {
@@ -693,22 +692,29 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
         let (rows, cols, w) = if matmuls.is_empty() { (r, c, values) } else { (c, r, transpose(&values, r, c)) };
         // The token table may take its own scheme when only Gathers read it (one a matmul also
         // reads cannot).
-        let own_scheme = matmuls.is_empty()
-            && gemms.is_empty()
-            && !gathers.is_empty()
-            && (token_tables.is_empty() || token_tables.contains(&name));
+        let only_gathered = matmuls.is_empty() && gemms.is_empty() && !gathers.is_empty();
+        let token_table = token_tables.contains(&name);
+        // Hot rows are token ids: only the token table has them, and when every row is hot the
+        // whole table keeps the matrices' scheme.
+        let hot = if only_gathered && token_table && opts.embedding_scheme.is_some() {
+            opts.hot_rows.iter().filter(|&&id| (id as usize) < rows).collect::<std::collections::HashSet<_>>().len()
+        } else {
+            0
+        };
+        let own_scheme = only_gathered && (token_table || token_tables.is_empty()) && hot < rows;
         let scheme = if own_scheme { opts.embedding_scheme.unwrap_or(opts.scheme) } else { opts.scheme };
         if own_scheme {
             summary.embedding_table = summary.embedding_table.or(opts.embedding_scheme);
         }
-        let hot =
-            opts.hot_rows.iter().filter(|&&id| (id as usize) < rows).collect::<std::collections::HashSet<_>>().len();
-        if own_scheme && opts.embedding_scheme.is_some() && 0 < hot && hot < rows {
+        if own_scheme && hot > 0 {
             splices.extend(split_table(g, &name, &w, (rows, cols), &opts.hot_rows, opts.scheme, scheme, &gathers));
             summary.embeddings += 1;
             summary.hot_rows = hot;
             removed.push(name);
             continue;
+        }
+        if hot == rows {
+            summary.hot_rows = hot;
         }
         let q = quantize(&w, rows, cols, scheme);
         let stored = store(g, &name, &q);
@@ -1034,13 +1040,26 @@ mod tests {
         assert!(max_diff(&rows(&eight, &[0]), &rows(&four, &[0])) > 1e-3);
         let p8 = quantize(&position, V, K, opts.scheme).dequantize();
         assert!(max_diff(&p, &rows(&p8, &ids)) < 1e-6, "the position table took the token table's scheme");
-        // All rows hot, or none: one table, no split.
-        for hot in [vec![], (0..V as u32).collect::<Vec<_>>()] {
+        // No row hot: one 4-bit table. Every row hot: one table in the matrices' 8 bits.
+        for (hot, want) in [(vec![], &four), ((0..V as u32).collect::<Vec<_>>(), &eight)] {
             let mut m = tables_model(&token, &position);
+            let all = !hot.is_empty();
             let s = quantize_model(&mut m, &QuantizeOptions { hot_rows: hot, ..opts.clone() }).unwrap();
-            assert_eq!(s.hot_rows, 0);
+            assert_eq!((s.hot_rows, s.embedding_table.is_some()), (if all { V } else { 0 }, !all));
             assert_eq!(m.graph.as_ref().unwrap().node.iter().filter(|n| n.op_type == "Where").count(), 0);
+            let (e, _) = run_tables(&m, &ids);
+            assert!(max_diff(&e, &rows(want, &ids)) < 1e-6, "all hot {all}: {}", max_diff(&e, &rows(want, &ids)));
         }
+        // Without an `input_ids` Gather every table only Gathers read takes the table's scheme,
+        // and none is split by token ids.
+        let mut g = GraphBuilder::new("test");
+        g.input("ids", DataType::Int64, &[Dim::Fixed(4)]);
+        g.output("e", DataType::Float, &[Dim::Fixed(4), Dim::Fixed(K as i64)]);
+        let t = g.init_f32("table", &[V, K], &token);
+        g.node_named("Gather", "", &[&t, "ids"], &["e"], vec![Attr::int("axis", 0)]);
+        let mut m = g.finish(21, None, "test");
+        let s = quantize_model(&mut m, &opts).unwrap();
+        assert_eq!((s.hot_rows, s.embedding_table), (0, Some(table)));
     }
 
     /// Hot rows are the ids a text uses most, ties to the lower id, then the lowest unused ids.
@@ -1054,8 +1073,9 @@ mod tests {
         assert_eq!(hot_rows([], 4, 2), [0, 1]);
     }
 
-    /// `y = x W + b`: the bias moves into the quantized matmul (no Add left) and the sum stays
-    /// right; a matmul whose output has another reader keeps its Add.
+    /// `y = x W + b`: the bias moves into the integer matmul (no Add left, whichever side of the
+    /// Add it is on) and the sum stays right; a matmul whose output has another reader keeps its
+    /// Add, and so does MatMulNBits.
     #[test]
     fn biases_fold_into_the_quantized_matmuls() {
         let w = weights(K * N, 7);
@@ -1063,8 +1083,15 @@ mod tests {
         let x = weights(2 * K, 8);
         let want: Vec<f32> =
             matmul_t(&x, &transpose(&w, K, N), N).iter().zip(b.iter().cycle()).map(|(v, b)| v + b).collect();
-        for (method, also_read) in [(Method::Blockwise, false), (Method::DynamicInt8, false), (Method::Blockwise, true)]
-        {
+        // (method, the matmul output also a graph output, the bias as the Add's first input, Adds left)
+        let cases = [
+            (Method::DynamicInt8, false, false, 0),
+            (Method::DynamicInt8, false, true, 0),
+            (Method::DynamicInt8, true, false, 1),
+            // MatMulNBits keeps its Add (ONNX Runtime's CUDA kernel takes no bias).
+            (Method::Blockwise, false, false, 1),
+        ];
+        for (method, also_read, bias_first, adds_left) in cases {
             let mut g = GraphBuilder::new("test");
             let d = |v: usize| Dim::Fixed(v as i64);
             g.input("x", DataType::Float, &[d(2), d(K)]);
@@ -1072,7 +1099,8 @@ mod tests {
             let wn = g.init_f32("w", &[K, N], &w);
             let bn = g.init_f32("b", &[N], &b);
             g.node_named("MatMul", "", &["x", &wn], &["xw"], vec![]);
-            g.node_named("Add", "", &["xw", &bn], &["y"], vec![]);
+            let add_inputs = if bias_first { [bn.as_str(), "xw"] } else { ["xw", bn.as_str()] };
+            g.node_named("Add", "", &add_inputs, &["y"], vec![]);
             if also_read {
                 g.output("xw", DataType::Float, &[d(2), d(N)]);
             }
@@ -1081,7 +1109,7 @@ mod tests {
             (opts.method, opts.accuracy_level) = (method, 1);
             quantize_model(&mut m, &opts).unwrap();
             let adds = m.graph.as_ref().unwrap().node.iter().filter(|n| n.op_type == "Add").count();
-            assert_eq!(adds, usize::from(also_read), "{method:?}");
+            assert_eq!(adds, adds_left, "{method:?}, also read {also_read}, bias first {bias_first}");
             use prost::Message;
             let env = edgelm_runtime::ortlib::init(None).expect("ONNX Runtime (EDGELM_ORT_LIB)");
             let mut s = Session::builder(env).unwrap().commit_from_memory(&m.encode_to_vec()).unwrap();
