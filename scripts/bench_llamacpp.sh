@@ -7,9 +7,10 @@
 # Debian), once, into .llama.cpp/.
 #
 # usage: bench_llamacpp.sh CHECKPOINT FP32_BUNDLE INT8_BUNDLE INT4_BUNDLE [RUNS] [INT8_DYNAMIC_BUNDLE]
+#        [INT4_BUNDLE_2]   (a second int4 bundle, e.g. larger blocks, against Q4_0 again)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-ck=$1 fp32=$2 int8=$3 int4=$4 runs=${5:-3} int8d=${6:-}
+ck=$1 fp32=$2 int8=$3 int4=$4 runs=${5:-3} int8d=${6:-} int4b=${7:-}
 bin="$root/.llama.cpp/build/bin"
 src=$("$root/scripts/build-llamacpp.sh" "$root/.llama.cpp/build" llama-bench llama-quantize)
 
@@ -25,6 +26,7 @@ printf '%-22s %8s %9s %9s\n' files MiB "TTFT ms" "decode/s"
 pairs=("f32.gguf:$fp32" "Q8_0.gguf:$int8")
 [ -n "$int8d" ] && pairs+=("Q8_0.gguf:$int8d")
 pairs+=("Q4_0.gguf:$int4")
+[ -n "$int4b" ] && pairs+=("Q4_0.gguf:$int4b")
 for pair in "${pairs[@]}"; do
   gg=${pair%%:*} bundle=${pair#*:}
   # llama-bench: pp128 on an empty context gives the prompt's time (its TTFT); tg128 with 128
