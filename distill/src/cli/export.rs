@@ -129,6 +129,9 @@ impl QuantArgs {
         if self.embedding_hot_rows.is_some() && !integer {
             anyhow::bail!("--embedding-hot-rows is for integer precisions (int8, int8-dynamic, int8-static)");
         }
+        if self.embedding_hot_rows.is_some() && self.fp32_embedding {
+            anyhow::bail!("--embedding-hot-rows splits a quantized token table; --fp32-embedding keeps it in fp32");
+        }
         let bits = match self.precision {
             PrecisionArg::Fp32 => return Ok(None),
             PrecisionArg::Fp16 => {
@@ -267,6 +270,8 @@ fn print_quantized(q: &Option<edgelm_distill::export::QuantizedReport>, model_by
         } else {
             eprintln!("token table: {bits}-bit in blocks of {block}{sym}");
         }
+    } else if s.hot_rows > 0 {
+        eprintln!("token table: all {} rows hot, so all at the matrices' bits", s.hot_rows);
     }
     if let Some(a) = &s.activations {
         eprintln!(

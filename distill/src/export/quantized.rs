@@ -214,9 +214,9 @@ pub(crate) fn with_hot_rows(opts: &QuantizeOptions, tokenizer: Option<&Path>) ->
 /// Refuses hot rows that went nowhere: no token table only `Gather`s read (a table tied to the
 /// LM head, one kept in fp32), so the table was not split as asked.
 pub(crate) fn hot_rows_used(opts: &QuantizeOptions, summary: &QuantizeSummary) -> Result<()> {
-    if opts.hot_row_count > 0 && summary.hot_rows == 0 {
+    if (opts.hot_row_count > 0 || !opts.hot_rows.is_empty()) && summary.hot_rows == 0 {
         return Err(Error::Unsupported {
-            what: "hot rows need a token table that only Gathers read (the one `input_ids` indexes, not tied to the LM head nor kept in fp32); this graph has none: drop --embedding-hot-rows".into(),
+            what: "hot rows need a token table that only Gathers read (the one `input_ids` indexes, not tied to the LM head nor kept in fp32) and a table scheme of fewer bits than the matrices' (--embedding-bits 4); nothing was split: drop --embedding-hot-rows".into(),
         });
     }
     Ok(())
