@@ -173,6 +173,22 @@ pub fn check_encoder(reference: &Path, candidate: &Path) -> Result<EncoderCheck>
     })
 }
 
+/// The bundle's tokenizer at `path` as calibration reads it: without padding (which would add
+/// pad tokens to every text and to the hot-row counts).
+fn calibration_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let mut tokenizer = tokenizers::Tokenizer::from_file(path)
+        .map_err(|e| Error::Format { path: path.to_path_buf(), what: format!("not a tokenizer: {e}") })?;
+    tokenizer.with_padding(None);
+    Ok(tokenizer)
+}
+
+/// One calibration text through `tokenizer` (read from `path`, named in the error).
+fn encode_calibration(tokenizer: &tokenizers::Tokenizer, path: &Path, text: &str) -> Result<tokenizers::Encoding> {
+    tokenizer
+        .encode(text, true)
+        .map_err(|e| Error::Format { path: path.to_path_buf(), what: format!("tokenizing a calibration text: {e}") })
+}
+
 /// `opts` with `hot_rows` filled in when `hot_row_count` asks for them: the token ids the
 /// calibration texts use most, by the bundle's tokenizer at `tokenizer`.
 pub(crate) fn with_hot_rows(opts: &QuantizeOptions, tokenizer: Option<&Path>) -> Result<QuantizeOptions> {
@@ -195,17 +211,10 @@ pub(crate) fn with_hot_rows(opts: &QuantizeOptions, tokenizer: Option<&Path>) ->
                 .into(),
         });
     };
-    let mut tokenizer = tokenizers::Tokenizer::from_file(path)
-        .map_err(|e| Error::Format { path: path.to_path_buf(), what: format!("not a tokenizer: {e}") })?;
-    // Padding would count the pad token as the most used one.
-    tokenizer.with_padding(None);
+    let tokenizer = calibration_tokenizer(path)?;
     let mut ids = vec![];
     for t in texts {
-        let enc = tokenizer.encode(t.as_str(), true).map_err(|e| Error::Format {
-            path: path.to_path_buf(),
-            what: format!("tokenizing a calibration text: {e}"),
-        })?;
-        ids.extend_from_slice(enc.get_ids());
+        ids.extend_from_slice(encode_calibration(&tokenizer, path, t)?.get_ids());
     }
     opts.hot_rows = crate::quantize::graph::hot_rows(ids, tokenizer.get_vocab_size(true), opts.hot_row_count);
     Ok(opts)
@@ -238,18 +247,13 @@ fn quantize_encoder_static(
         });
     }
     let tok_path = src.join(manifest.tokenizer.as_deref().unwrap_or("tokenizer.json"));
-    let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
-        .map_err(|e| Error::Format { path: tok_path.clone(), what: format!("not a tokenizer: {e}") })?;
-    tokenizer.with_padding(None);
+    let tokenizer = calibration_tokenizer(&tok_path)?;
     let max = manifest.encoder.as_ref().map_or(usize::MAX, |e| e.max_tokens);
     let inputs: Vec<String> =
         model.graph.as_ref().map(|g| g.input.iter().map(|v| v.name.clone()).collect()).unwrap_or_default();
     let mut samples = vec![];
     for t in &texts {
-        let enc = tokenizer.encode(t.as_str(), true).map_err(|e| Error::Format {
-            path: tok_path.clone(),
-            what: format!("tokenizing a calibration text: {e}"),
-        })?;
+        let enc = encode_calibration(&tokenizer, &tok_path, t)?;
         let n = enc.get_ids().len().min(max);
         let as_i64 = |v: &[u32]| v[..n].iter().map(|&x| x as i64).collect::<Vec<_>>();
         let mut sample = vec![];

@@ -372,8 +372,8 @@ pub fn hot_rows(ids: impl IntoIterator<Item = u32>, vocab: usize, count: usize) 
     hot
 }
 
-/// A token table `[rows, cols]` split in two: the `hot` rows quantized with `hot_scheme`, the
-/// others with `cold_scheme`. Each Gather of it becomes: the token's place in its part (an
+/// A token table `[rows, cols]` split in two: the `hot_ids` rows (distinct, in range) quantized
+/// with `hot_scheme`, the others with `cold_scheme`. Each Gather of it becomes: the token's place in its part (an
 /// int32 table), both parts gathered with the place clamped into their range, and `Where` on a
 /// `[rows, 1]` bool table picking the part the token is in. Returns the replacement nodes of
 /// each Gather in `gathers`.
@@ -383,19 +383,13 @@ fn split_table(
     name: &str,
     w: &[f32],
     (rows, cols): (usize, usize),
-    hot: &[u32],
+    hot_ids: &[usize],
     hot_scheme: BlockScheme,
     cold_scheme: BlockScheme,
     gathers: &[usize],
 ) -> Vec<(usize, Vec<NodeProto>)> {
     let mut is_hot = vec![false; rows];
-    let mut hot_ids = vec![];
-    for &id in hot {
-        if (id as usize) < rows && !is_hot[id as usize] {
-            is_hot[id as usize] = true;
-            hot_ids.push(id as usize);
-        }
-    }
+    hot_ids.iter().for_each(|&r| is_hot[r] = true);
     let cold_ids: Vec<usize> = (0..rows).filter(|&r| !is_hot[r]).collect();
     // Hot rows first, then cold ones: a token's place less the hot count is its cold row.
     let mut place = vec![0i32; rows];
@@ -403,7 +397,7 @@ fn split_table(
         place[r] = i as i32;
     }
     let part = |ids: &[usize]| -> Vec<f32> { ids.iter().flat_map(|&r| w[r * cols..(r + 1) * cols].to_vec()).collect() };
-    let q_hot = quantize(&part(&hot_ids), hot_ids.len(), cols, hot_scheme);
+    let q_hot = quantize(&part(hot_ids), hot_ids.len(), cols, hot_scheme);
     let q_cold = quantize(&part(&cold_ids), cold_ids.len(), cols, cold_scheme);
     let stored_hot = store(g, &format!("{name}_hot"), &q_hot);
     let stored_cold = store(g, &format!("{name}_cold"), &q_cold);
@@ -518,6 +512,19 @@ pub(super) fn fold_biases(g: &mut GraphProto) -> usize {
         !gone.contains(&(at - 1))
     });
     folds.len()
+}
+
+/// Declares the `com.microsoft` operator set the rewritten nodes come from, once.
+pub(super) fn import_ms_domain(model: &mut ModelProto) {
+    if !model.opset_import.iter().any(|o| o.domain == MS_DOMAIN) {
+        model.opset_import.push(crate::onnx::proto::OperatorSetIdProto { domain: MS_DOMAIN.into(), version: 1 });
+    }
+}
+
+/// The distinct rows of `hot` inside a table of `rows`, in `hot`'s order.
+fn distinct_rows(hot: &[u32], rows: usize) -> Vec<usize> {
+    let mut seen = vec![false; rows];
+    hot.iter().map(|&id| id as usize).filter(|&r| r < rows && !std::mem::replace(&mut seen[r], true)).collect()
 }
 
 /// The rank of graph input `name`, when the graph declares it.
@@ -696,18 +703,19 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
         let token_table = token_tables.contains(&name);
         // Hot rows are token ids: only the token table has them, and when every row is hot the
         // whole table keeps the matrices' scheme.
-        let hot = if only_gathered && token_table && opts.embedding_scheme.is_some() {
-            opts.hot_rows.iter().filter(|&&id| (id as usize) < rows).collect::<std::collections::HashSet<_>>().len()
+        let hot_ids = if only_gathered && token_table && opts.embedding_scheme.is_some() {
+            distinct_rows(&opts.hot_rows, rows)
         } else {
-            0
+            vec![]
         };
+        let hot = hot_ids.len();
         let own_scheme = only_gathered && (token_table || token_tables.is_empty()) && hot < rows;
         let scheme = if own_scheme { opts.embedding_scheme.unwrap_or(opts.scheme) } else { opts.scheme };
         if own_scheme {
             summary.embedding_table = summary.embedding_table.or(opts.embedding_scheme);
         }
         if own_scheme && hot > 0 {
-            splices.extend(split_table(g, &name, &w, (rows, cols), &opts.hot_rows, opts.scheme, scheme, &gathers));
+            splices.extend(split_table(g, &name, &w, (rows, cols), &hot_ids, opts.scheme, scheme, &gathers));
             summary.embeddings += 1;
             summary.hot_rows = hot;
             removed.push(name);
@@ -741,9 +749,7 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
         g.node.splice(i..=i, nodes);
     }
     fold_biases(g);
-    if !model.opset_import.iter().any(|o| o.domain == MS_DOMAIN) {
-        model.opset_import.push(crate::onnx::proto::OperatorSetIdProto { domain: MS_DOMAIN.into(), version: 1 });
-    }
+    import_ms_domain(model);
     let g = model.graph.as_ref().expect("checked above");
     summary.bytes_after = g.initializer.iter().map(tensor_bytes).sum();
     Ok(summary)

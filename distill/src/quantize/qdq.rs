@@ -269,9 +269,7 @@ pub fn quantize_static(
     g.initializer.retain(|t| !weight_out.contains_key(&t.name));
     if !opts.qdq {
         super::graph::fold_biases(g);
-        if !model.opset_import.iter().any(|o| o.domain == MS_DOMAIN) {
-            model.opset_import.push(crate::onnx::proto::OperatorSetIdProto { domain: MS_DOMAIN.into(), version: 1 });
-        }
+        super::graph::import_ms_domain(model);
     }
     let g = model.graph.as_ref().expect("checked above");
     Ok(QuantizeSummary {
