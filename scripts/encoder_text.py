@@ -12,8 +12,10 @@ usage: encoder_text.py OUT.txt [--sentences 3000] [--wide] [--rust]   (0: every 
 import argparse
 import ast
 import glob
+import html.parser
 import os
 import re
+import subprocess
 import sys
 import tomllib
 
@@ -22,6 +24,8 @@ ap.add_argument("out")
 ap.add_argument("--sentences", type=int, default=3000)
 ap.add_argument("--wide", action="store_true")
 ap.add_argument("--rust", action="store_true")
+ap.add_argument("--loose", action="store_true")
+ap.add_argument("--books", action="store_true")
 a = ap.parse_args()
 
 site = sorted(glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages")))
@@ -61,10 +65,18 @@ seen, out = set(), []
 
 
 def keep(s):
-    """Adds `s` when it reads as a sentence of prose, once."""
+    """Adds `s` when it reads as a sentence of prose, once. Strict: letters and spaces only,
+    40 to 300 characters. Loose: also numbers, symbols and code words as written, 20 to 600
+    characters, at least four words and mostly letters."""
     s = s.strip()
+    if not s or s in seen:
+        return
     letters = sum(ch.isalpha() or ch == " " for ch in s)
-    if 40 <= len(s) <= 300 and letters / len(s) > 0.9 and s[0].isupper() and s not in seen:
+    if a.loose:
+        ok = 20 <= len(s) <= 600 and letters / len(s) > 0.6 and len(s.split()) >= 4 and (s[0].isupper() or s[0].isdigit())
+    else:
+        ok = 40 <= len(s) <= 300 and letters / len(s) > 0.9 and s[0].isupper()
+    if ok:
         seen.add(s)
         out.append(s)
 
@@ -73,6 +85,10 @@ def sentences(doc):
     """Adds the prose sentences of `doc`: the paragraphs before numpydoc's section headers,
     without code and markup."""
     prose = re.split(r"\n\s*(Parameters|Returns|Examples|See Also|Notes|Raises|Yields|Attributes|References)\s*\n\s*-{3,}", doc)[0]
+    if a.loose:
+        # Inline code keeps its words (a sentence without them has a hole).
+        prose = re.sub(r":[a-z]+:`([^`]*)`", r"\1", prose)
+        prose = re.sub(r"``([^`]*)``|`([^`]*)`", lambda m: m.group(1) or m.group(2) or "", prose)
     prose = re.sub(r"``[^`]*``|`[^`]*`|:[a-z]+:|>>>.*|\.\.\s+\w+::.*", " ", prose)
     prose = re.sub(r"\s+", " ", prose)
     for s in re.split(r"(?<=[.!?])\s+", prose):
@@ -84,7 +100,7 @@ def markdown_sentences(text):
     tables, lists and quotes; links keep their words; a sentence with inline code is dropped
     (taking the code out leaves a sentence with a hole)."""
     text = re.sub(r"```.*?```", " ", text, flags=re.S)
-    text = re.sub(r"`[^`\n]*`", "\0", text)
+    text = re.sub(r"`([^`\n]*)`", r"\1" if a.loose else "\0", text)
     text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)
     text = re.sub(r"\[([^\]]*)\](\[[^\]]*\])?", r"\1", text)
     text = re.sub(r"<[^<>\n]+>", " ", text)
@@ -133,6 +149,50 @@ def rust_prose(crate):
                 block = []
 
 
+class Paragraphs(html.parser.HTMLParser):
+    """The text of an HTML page's paragraphs and list items, without code blocks, headings,
+    tables and navigation."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth, self.skip, self.buf, self.paras = 0, 0, [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("pre", "script", "style", "nav", "table", "h1", "h2", "h3", "h4", "h5", "h6"):
+            self.skip += 1
+        elif tag in ("p", "li") and not self.skip:
+            self.flush()
+            self.depth += 1
+
+    def handle_endtag(self, tag):
+        if tag in ("pre", "script", "style", "nav", "table", "h1", "h2", "h3", "h4", "h5", "h6"):
+            self.skip = max(0, self.skip - 1)
+        elif tag in ("p", "li") and self.depth:
+            self.flush()
+            self.depth -= 1
+
+    def handle_data(self, data):
+        if self.depth and not self.skip:
+            self.buf.append(data)
+
+    def flush(self):
+        text = re.sub(r"\s+", " ", "".join(self.buf)).strip()
+        if text:
+            self.paras.append(text)
+        self.buf = []
+
+
+def rust_books():
+    """The books of the Rust toolchain in use (rustup's rust-docs component): each book's
+    one-page print.html."""
+    sysroot = subprocess.run(["rustc", "--print", "sysroot"], capture_output=True, text=True, check=True).stdout.strip()
+    html_dir = os.path.join(sysroot, "share", "doc", "rust", "html")
+    books = sorted(glob.glob(os.path.join(html_dir, "*", "print.html")))
+    if not books:
+        sys.exit(f"no books under {html_dir}: rustup component add rust-docs")
+    return books
+
+
 for path in files:
     try:
         tree = ast.parse(open(path, encoding="utf-8").read())
@@ -147,6 +207,15 @@ for path in files:
 if a.rust:
     for crate in rust_crates():
         rust_prose(crate)
+
+if a.books:
+    for book in rust_books():
+        p = Paragraphs()
+        p.feed(open(book, encoding="utf-8", errors="replace").read())
+        for para in p.paras:
+            for s in re.split(r"(?<=[.!?])\s+", para):
+                if s.strip()[-1:] in (".", "!", "?"):
+                    keep(s)
 
 if len(out) < a.sentences:
     print(f"encoder_text: only {len(out)} sentences found", file=sys.stderr)

@@ -420,6 +420,16 @@ impl LlamaModel {
     /// the flat positions `rows` (`b * S + s`) only, `[N, vocab]`; the LM head is applied to
     /// those rows alone.
     pub fn logits_at(&self, input_ids: &Tensor, rows: &Tensor) -> Result<Tensor> {
+        Ok(self.run_at(input_ids, rows, false)?.0)
+    }
+
+    /// [`Self::logits_at`], and the residual stream after every layer at the same rows: one
+    /// `[N, hidden]` per layer.
+    pub fn logits_and_states_at(&self, input_ids: &Tensor, rows: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        self.run_at(input_ids, rows, true)
+    }
+
+    fn run_at(&self, input_ids: &Tensor, rows: &Tensor, keep_states: bool) -> Result<(Tensor, Vec<Tensor>)> {
         let (b, s) = input_ids.dims2()?;
         if s > self.config.max_position_embeddings {
             return Err(crate::Error::ContextOverflow { positions: s, context: self.config.max_position_embeddings });
@@ -427,6 +437,7 @@ impl LlamaModel {
         let h = self.config.hidden_size;
         let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.reshape((b, s, h))?;
         let mask = self.mask(s, 0)?;
+        let mut states = Vec::new();
         for block in &self.layers {
             let mut slot = None;
             let a =
@@ -434,10 +445,13 @@ impl LlamaModel {
             x = (x + a)?;
             let m = block.mlp.forward(&block.post_attention_layernorm.forward(&x)?)?;
             x = (x + m)?;
+            if keep_states {
+                states.push(x.reshape((b * s, h))?.index_select(rows, 0)?);
+            }
         }
         let picked = x.reshape((b * s, h))?.index_select(rows, 0)?;
         let picked = self.norm.forward(&picked)?;
-        Ok(times_transposed(&picked, &self.lm_head)?)
+        Ok((times_transposed(&picked, &self.lm_head)?, states))
     }
 
     /// Adds what every MLP unit and attention head of every layer contributes on

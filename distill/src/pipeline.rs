@@ -375,6 +375,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         alpha: s.alpha,
         train: s.train.clone(),
         teacher_cache: s.teacher_top_k.map(|k| (dir.join("teacher-cache"), k)),
+        hidden_weight: 0.0,
     };
     let log = distill(&source, (&distill_train, &splits.validation), &spec, &stage("student"))?;
     logs.push(log);
@@ -419,6 +420,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
             alpha: p.alpha,
             train: p.train.clone(),
             teacher_cache: None,
+            hidden_weight: p.hidden_weight,
         };
         logs.push(distill(&student, (&distill_train, &splits.validation), &spec, &stage("pruned"))?);
         let pruned_dir = dir.join("pruned");

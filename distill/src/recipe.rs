@@ -343,6 +343,10 @@ pub struct PruneStage {
     /// Weight of the soft-target term of the recovery.
     #[serde(default = "default_alpha")]
     pub alpha: f64,
+    /// Weight of matching the unpruned model's residual stream after every layer during the
+    /// recovery (0: logits only).
+    #[serde(default)]
+    pub hidden_weight: f64,
     /// Largest drop in task completion against the unpruned student, in percentage points.
     pub max_drop: f64,
     /// Largest mean KL divergence (nats) from the unpruned student's next-token distributions

@@ -6,10 +6,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use edgelm_distill::lora::{Adapter, LoraConfig};
+use edgelm_distill::model::LlamaModel;
 use edgelm_distill::recipe::Recipe;
 use edgelm_distill::student::StudentShape;
+use edgelm_distill::train::batch::{Batch, Formatter};
 use edgelm_distill::train::distill::{distill, DistillSpec, StudentInit};
 use edgelm_distill::train::finetune::{finetune, merge, FinetuneSpec};
+use edgelm_distill::train::kd::hidden_state_loss;
 use edgelm_distill::train::pretrain::pretrain;
 use edgelm_distill::train::stage::StageOptions;
 use edgelm_distill::Checkpoint;
@@ -135,6 +138,7 @@ fn distilled_student_is_a_trained_subset_of_the_teacher() {
         alpha: 0.5,
         train: r.student.train.clone(),
         teacher_cache: None,
+        hidden_weight: 0.0,
     };
     let out = tmp.path().join("student");
     let log = distill(&teacher, (&splits.train, &splits.validation), &spec, &quiet(out.clone())).unwrap();
@@ -186,6 +190,7 @@ fn stages_accept_checkpoints_saved_by_transformers() {
             alpha: 0.5,
             train: settings.clone(),
             teacher_cache: None,
+            hidden_weight: 0.0,
         };
         let out = tmp.path().join(name).join("student");
         distill(&merged, data, &spec, &quiet(out.clone())).unwrap();
@@ -206,6 +211,51 @@ fn stages_accept_checkpoints_saved_by_transformers() {
 }
 
 #[test]
+fn matching_hidden_states_brings_the_students_layers_closer_to_the_teachers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let r = recipe();
+    let teacher_dir = tmp.path().join("teacher");
+    pretrain(&r, &quiet(teacher_dir.clone())).unwrap();
+    let teacher = Checkpoint::load(&teacher_dir).unwrap();
+    let splits = r.splits().unwrap();
+    let data = (&splits.train[..], &splits.validation[..]);
+    let layers: Vec<usize> = (0..teacher.config.num_hidden_layers).collect();
+    let mut train = r.student.train.clone();
+    train.max_steps = Some(12);
+    // A narrower MLP and the teacher's width and depth: what a structurally pruned copy is.
+    let spec = |hidden_weight: f64, hidden_size: Option<usize>, cache: Option<(PathBuf, usize)>| DistillSpec {
+        student: StudentInit::Slice(StudentShape { layers: layers.clone(), intermediate_size: Some(16), hidden_size }),
+        temperature: 2.0,
+        alpha: 0.5,
+        train: train.clone(),
+        teacher_cache: cache,
+        hidden_weight,
+    };
+    // Relative distance of the student's residual stream from the teacher's on validation
+    // answers, layer by layer.
+    let fmt = Formatter::for_checkpoint(&teacher).unwrap();
+    let encoded = fmt.encode_within(&splits.validation, teacher.config.max_position_embeddings, "v").unwrap();
+    let batch = Batch::new(&encoded.iter().collect::<Vec<_>>(), fmt.pad()).unwrap();
+    let (_, targets) = LlamaModel::new(&teacher).unwrap().logits_and_states_at(&batch.input_ids, &batch.rows).unwrap();
+    let distance = |dir: &Path| {
+        let student = LlamaModel::new(&Checkpoint::load(dir).unwrap()).unwrap();
+        let (_, states) = student.logits_and_states_at(&batch.input_ids, &batch.rows).unwrap();
+        hidden_state_loss(&states, &targets, &layers).unwrap().to_scalar::<f32>().unwrap()
+    };
+    let (plain, matched) = (tmp.path().join("plain"), tmp.path().join("matched"));
+    distill(&teacher, data, &spec(0.0, None, None), &quiet(plain.clone())).unwrap();
+    distill(&teacher, data, &spec(10.0, None, None), &quiet(matched.clone())).unwrap();
+    let (d_plain, d_matched) = (distance(&plain), distance(&matched));
+    assert!(d_matched < 0.8 * d_plain, "matched {d_matched} against logits only {d_plain}");
+    // Streams of different widths, or a teacher read from a cache, cannot be matched.
+    let narrow = distill(&teacher, data, &spec(1.0, Some(32), None), &quiet(tmp.path().join("narrow")));
+    assert!(narrow.unwrap_err().to_string().contains("residual stream is 32 wide"));
+    let cached = spec(1.0, None, Some((tmp.path().join("cache"), 8)));
+    let cached = distill(&teacher, data, &cached, &quiet(tmp.path().join("cached")));
+    assert!(cached.unwrap_err().to_string().contains("teacher cache"));
+}
+
+#[test]
 fn distilling_from_a_teacher_cache_matches_the_teacher_on_the_fly() {
     let tmp = tempfile::tempdir().unwrap();
     let r = recipe();
@@ -221,6 +271,7 @@ fn distilling_from_a_teacher_cache_matches_the_teacher_on_the_fly() {
         alpha: 0.5,
         train: train.clone(),
         teacher_cache: cache,
+        hidden_weight: 0.0,
     };
     let data = (&splits.train[..], &splits.validation[..]);
     let vocab = teacher.config.vocab_size;

@@ -322,6 +322,7 @@ pub fn distill(a: DistillArgs) -> Result<()> {
         temperature: temperature.or(st.as_ref().map(|s| s.temperature)).unwrap_or(2.0),
         alpha: alpha.or(st.as_ref().map(|s| s.alpha)).unwrap_or(0.5),
         teacher_cache: teacher_cache.map(|d| (d, teacher_top_k)),
+        hidden_weight: 0.0,
         train: train.over(st.map(|s| s.train).unwrap_or_else(|| TrainSettings::default().with_lr(2e-3))),
     };
     let log =
@@ -356,6 +357,10 @@ pub struct PruneStructuredArgs {
     /// Training examples the importance is measured on.
     #[arg(long)]
     calibration: Option<usize>,
+    /// During the recovery, also match the unpruned model's residual stream after every layer,
+    /// with this weight [default: the recipe's [prune], else 0].
+    #[arg(long)]
+    hidden_weight: Option<f64>,
     /// Distil the pruned model from the unpruned one afterwards (settings: the recipe's
     /// [prune.train], then the flags).
     #[arg(long)]
@@ -396,6 +401,7 @@ pub fn prune_structured(a: PruneStructuredArgs) -> Result<()> {
             alpha: stage.as_ref().map(|s| s.alpha).unwrap_or(0.5),
             train: a.train.over(base),
             teacher_cache: None,
+            hidden_weight: a.hidden_weight.or(stage.as_ref().map(|s| s.hidden_weight)).unwrap_or(0.0),
         };
         let log = distill(&ck, (&splits.train, &splits.validation), &spec, &a.run.stage(a.output.clone()))
             .context("recovering")?;
@@ -406,6 +412,15 @@ pub fn prune_structured(a: PruneStructuredArgs) -> Result<()> {
     }
     eprintln!("wrote {}", a.output.display());
     Ok(())
+}
+
+/// Student layers matched to the teacher's hidden states (see `--hidden-states`).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HiddenStatesArg {
+    /// Every kept layer.
+    All,
+    /// The last layer only.
+    Last,
 }
 
 /// Distil a sentence encoder (BERT family, e.g. all-MiniLM-L6-v2) into one with fewer layers on
@@ -440,6 +455,10 @@ pub struct DistillEncoderArgs {
     /// (0: match the sentence embedding alone).
     #[arg(long, default_value_t = 1.0)]
     hidden_weight: f64,
+    /// Which student layers meet the teacher's hidden states: every kept layer, or the last
+    /// one only (the one the sentence embedding is pooled from).
+    #[arg(long, value_enum, default_value_t = HiddenStatesArg::All)]
+    hidden_states: HiddenStatesArg,
     /// Seed of the sentence order and the held-out split.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -447,7 +466,7 @@ pub struct DistillEncoderArgs {
 
 /// Distils an encoder.
 pub fn distill_encoder(a: DistillEncoderArgs) -> Result<()> {
-    use edgelm_distill::encoder::student::{distill_encoder, read_sentences, EncoderDistillSpec};
+    use edgelm_distill::encoder::student::{distill_encoder, read_sentences, EncoderDistillSpec, HiddenStates};
     use edgelm_distill::encoder::EncoderCheckpoint;
     let teacher = EncoderCheckpoint::load(&a.teacher).with_context(|| format!("loading {}", a.teacher.display()))?;
     let text = read_sentences(&a.text)?;
@@ -458,6 +477,10 @@ pub fn distill_encoder(a: DistillEncoderArgs) -> Result<()> {
         lr: a.lr,
         max_tokens: a.max_tokens,
         hidden_weight: a.hidden_weight,
+        hidden_states: match a.hidden_states {
+            HiddenStatesArg::All => HiddenStates::All,
+            HiddenStatesArg::Last => HiddenStates::Last,
+        },
         seed: a.seed,
     };
     let r = distill_encoder(&teacher, &text, &spec, &a.output).context("distilling the encoder")?;

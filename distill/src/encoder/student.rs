@@ -43,8 +43,34 @@ pub struct EncoderDistillSpec {
     pub max_tokens: usize,
     /// Weight of the per-layer hidden-state term (0: the sentence embedding alone).
     pub hidden_weight: f64,
+    /// Which of the student's layers the hidden-state term matches to the teacher's.
+    pub hidden_states: HiddenStates,
     /// Seed of the sentence order and the held-out split.
     pub seed: u64,
+}
+
+/// The student layers whose hidden states are matched, token by token, to those of the teacher
+/// layer each was taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HiddenStates {
+    /// Every kept layer: the student's first layers must do what the teacher's did up to the
+    /// layer they came from.
+    #[default]
+    All,
+    /// The last layer only, the one the sentence embedding is pooled from: the layers below are
+    /// free to share the work differently (and the targets take a third of the memory for a
+    /// 3-layer student).
+    Last,
+}
+
+impl HiddenStates {
+    /// Indices of the student's `n` layers that are matched.
+    fn matched(self, n: usize) -> Vec<usize> {
+        match self {
+            Self::All => (0..n).collect(),
+            Self::Last => n.checked_sub(1).into_iter().collect(),
+        }
+    }
 }
 
 /// What the distillation did.
@@ -65,7 +91,7 @@ pub struct EncoderDistillReport {
 }
 
 /// One tokenized sentence, the teacher's embedding of it `[H]` and the teacher's hidden states
-/// `[S, H]` after each layer the student keeps (in f16: they are the bulk of the memory
+/// `[S, H]` after each layer whose student counterpart is matched (in f16: they are the bulk of the memory
 /// distillation holds, 3 x 384 values per token for MiniLM, and targets need no more digits).
 struct Target {
     ids: Vec<u32>,
@@ -144,7 +170,8 @@ fn run_batch(model: &BertModel, batch: &[&Target]) -> Result<(BatchStates, Tenso
 }
 
 /// The summed loss of a batch of sentences (see the module comment), run as one padded batch.
-fn batch_loss(student: &BertModel, batch: &[&Target], hidden_weight: f64) -> Result<Tensor> {
+/// `matched` are the student layers that `Target::layers` holds targets for, in order.
+fn batch_loss(student: &BertModel, batch: &[&Target], hidden_weight: f64, matched: &[usize]) -> Result<Tensor> {
     let (out, s, t) = run_batch(student, batch)?;
     let n = batch.len() as f64;
     let mut loss = ((n - row_cosines(&s, &t)?.sum_all()?)? + (&s - &t)?.sqr()?.sum_all()?)?;
@@ -155,7 +182,8 @@ fn batch_loss(student: &BertModel, batch: &[&Target], hidden_weight: f64) -> Res
         let per_value = (out.mask.sum_keepdim(1)? * h as f64)?.recip()?; // [B, 1]
         let weights = out.mask.broadcast_mul(&per_value)?.unsqueeze(2)?; // [B, S, 1]
         let mut hidden: Option<Tensor> = None;
-        for (j, state) in out.states.iter().enumerate() {
+        for (j, &layer) in matched.iter().enumerate() {
+            let state = &out.states[layer];
             let rows = batch
                 .iter()
                 .map(|t| {
@@ -171,7 +199,7 @@ fn batch_loss(student: &BertModel, batch: &[&Target], hidden_weight: f64) -> Res
             });
         }
         if let Some(hidden) = hidden {
-            loss = (loss + (hidden * (hidden_weight / out.states.len() as f64))?)?;
+            loss = (loss + (hidden * (hidden_weight / matched.len() as f64))?)?;
         }
     }
     Ok(loss)
@@ -213,6 +241,7 @@ pub fn distill_encoder(
     tokenizer.with_truncation(None).map_err(|e| Error::Format { path: tok_path.clone(), what: e.to_string() })?;
     // Teacher targets, computed once (the sentences shared among the training workers).
     let model = BertModel::new(teacher);
+    let matched = spec.hidden_states.matched(spec.layers.len());
     let sentences: Vec<&str> = text.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
     let tokenized = sentences
         .iter()
@@ -239,9 +268,10 @@ pub fn distill_encoder(
                 // Hidden-state targets cost S x H values per kept layer and sentence: kept only
                 // when they are trained on.
                 let layers = if spec.hidden_weight > 0.0 {
-                    spec.layers
+                    matched
                         .iter()
-                        .map(|&l| {
+                        .map(|&j| spec.layers[j])
+                        .map(|l| {
                             Ok(run.states[l].get(row)?.narrow(0, 0, ids.len())?.to_dtype(candle_core::DType::F16)?)
                         })
                         .collect::<Result<Vec<_>>>()?
@@ -321,7 +351,7 @@ pub fn distill_encoder(
             let m = BertModel::new(&ck);
             // Each worker takes a share of the batch: its part of the batch's mean loss.
             let share = |part: &&[&Target]| -> Result<candle_core::backprop::GradStore> {
-                trainer.gradients(&(batch_loss(&m, part, spec.hidden_weight)? / chunk.len() as f64)?)
+                trainer.gradients(&(batch_loss(&m, part, spec.hidden_weight, &matched)? / chunk.len() as f64)?)
             };
             let grads = map_parts(&split(chunk, training_workers()), "encoder training worker", share);
             trainer.accumulate(grads.into_iter().collect::<Result<_>>()?)?;
@@ -372,8 +402,9 @@ mod tests {
     use super::*;
     use crate::encoder::{tiny_encoder, Pooling};
 
-    /// The teacher's targets for `seqs`, as `distill_encoder` makes them (every layer kept).
-    fn targets(teacher: &EncoderCheckpoint, seqs: &[(&[u32], &[u32])]) -> Vec<Target> {
+    /// The teacher's targets for `seqs`, as `distill_encoder` makes them for a student matched
+    /// at the teacher's layers `matched`.
+    fn targets(teacher: &EncoderCheckpoint, seqs: &[(&[u32], &[u32])], matched: &[usize]) -> Vec<Target> {
         let m = BertModel::new(teacher);
         seqs.iter()
             .map(|(ids, types)| {
@@ -382,9 +413,9 @@ mod tests {
                     ids: ids.to_vec(),
                     type_ids: types.to_vec(),
                     embedding: m.pool(states.last().unwrap()).unwrap(),
-                    layers: states
+                    layers: matched
                         .iter()
-                        .map(|s| s.squeeze(0).unwrap().to_dtype(candle_core::DType::F16).unwrap())
+                        .map(|&l| states[l].squeeze(0).unwrap().to_dtype(candle_core::DType::F16).unwrap())
                         .collect(),
                 }
             })
@@ -397,19 +428,28 @@ mod tests {
             let (teacher, student) = (tiny_encoder(pooling, 1), tiny_encoder(pooling, 2));
             let seqs: [(&[u32], &[u32]); 3] =
                 [(&[1, 5, 9], &[0, 0, 0]), (&[2, 30, 7, 7, 11, 3, 8], &[0; 7]), (&[39, 4], &[1, 1])];
-            let t = targets(&teacher, &seqs);
             let m = BertModel::new(&student);
-            let refs: Vec<&Target> = t.iter().collect();
-            for w in [0.0, 0.7] {
-                let whole = batch_loss(&m, &refs, w).unwrap().to_scalar::<f32>().unwrap();
+            let loss = |matched: &[usize], w: f64| {
+                let t = targets(&teacher, &seqs, matched);
+                let refs: Vec<&Target> = t.iter().collect();
+                let whole = batch_loss(&m, &refs, w, matched).unwrap().to_scalar::<f32>().unwrap();
                 let alone: f32 =
-                    refs.iter().map(|t| batch_loss(&m, &[*t], w).unwrap().to_scalar::<f32>().unwrap()).sum();
+                    refs.iter().map(|t| batch_loss(&m, &[*t], w, matched).unwrap().to_scalar::<f32>().unwrap()).sum();
                 assert!(whole > 0.1, "{pooling:?} w {w}: a different student has a loss ({whole})");
                 assert!((whole - alone).abs() < 1e-4 * alone, "{pooling:?} w {w}: batch {whole} against {alone}");
-            }
+                whole
+            };
+            let all = HiddenStates::All.matched(2);
+            let last = HiddenStates::Last.matched(2);
+            assert_eq!((all.as_slice(), last.as_slice()), (&[0, 1][..], &[1][..]));
             // The hidden-state term counts: a weight changes the loss.
-            let (a, b) = (batch_loss(&m, &refs, 0.0).unwrap(), batch_loss(&m, &refs, 1.0).unwrap());
-            assert!(b.to_scalar::<f32>().unwrap() > a.to_scalar::<f32>().unwrap() + 1e-3);
+            let base = loss(&all, 0.0);
+            assert!(loss(&all, 0.7) > base + 1e-3);
+            // Each matched layer meets its own target: the term over both layers is the mean of
+            // the terms over each alone.
+            let (first, second, both) = (loss(&[0], 1.0) - base, loss(&last, 1.0) - base, loss(&all, 1.0) - base);
+            assert!(first > 1e-3 && second > 1e-3 && (first - second).abs() > 1e-4, "{first} {second}");
+            assert!((both - (first + second) / 2.0).abs() < 1e-4 * both, "{both} against {first} and {second}");
         }
     }
 
@@ -420,7 +460,7 @@ mod tests {
         let lens: Vec<usize> = (0..70).map(|_| 1 + rng.below(12)).collect();
         let ids: Vec<Vec<u32>> = lens.iter().map(|&n| vec![1; n]).collect();
         let seqs: Vec<(&[u32], &[u32])> = ids.iter().map(|i| (&i[..], &i[..])).collect();
-        let t = targets(&teacher, &seqs);
+        let t = targets(&teacher, &seqs, &[0, 1]);
         let refs: Vec<&Target> = t.iter().collect();
         let batches = length_batches(&refs, 8);
         assert_eq!(batches.len(), 70usize.div_ceil(8));

@@ -3,6 +3,12 @@
 //! computed on the fly for the same positions, or read from a top-k cache on disk
 //! ([`TeacherCache`]) for runs that read the data many times. The student keeps the teacher's
 //! tokenizer.
+//!
+//! Optionally (`hidden_weight > 0`) the student's residual stream after each layer also meets
+//! the teacher's after the layer it came from, at the answer positions: `hidden_weight` times
+//! the mean over layers of `||s - t||^2 / ||t||^2` ([`hidden_state_loss`]); relative, so one
+//! weight fits layers whose streams differ in scale. The widths must agree: a pruned copy
+//! recovering, or a sliced student that keeps the teacher's width.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -11,7 +17,7 @@ use candle_core::Tensor;
 
 use super::batch::{Batch, Formatter};
 use super::fit::{FitData, Objective};
-use super::kd::{kd_loss, kd_loss_top_k};
+use super::kd::{hidden_state_loss, kd_loss, kd_loss_top_k};
 use super::stage::{flop_parameters, lm_loss, load_best, train_stage, Stage, StageOptions, TrainLog};
 use super::teacher_cache::TeacherCache;
 use super::Trainer;
@@ -37,6 +43,8 @@ pub struct DistillSpec {
     /// Read the teacher's top-k logits from a cache on disk (built on first use) instead of
     /// running the teacher every step: `(folder, k)`.
     pub teacher_cache: Option<(PathBuf, usize)>,
+    /// Weight of matching the teacher's residual stream layer by layer (0: off).
+    pub hidden_weight: f64,
 }
 
 /// The student before training.
@@ -46,6 +54,37 @@ pub enum StudentInit {
     Slice(StudentShape),
     /// Weights made elsewhere (a structurally pruned copy of the teacher, recovering).
     Weights(ModelConfig, HashMap<String, Tensor>),
+}
+
+/// The teacher layer each student layer's residual stream is matched to (empty when
+/// `spec.hidden_weight` is 0), or why the two cannot be matched.
+fn matched_layers(spec: &DistillSpec, teacher: &ModelConfig, student: &ModelConfig) -> Result<Vec<usize>> {
+    let bad = |what: String| crate::Error::InvalidConfig { what: format!("hidden-state matching: {what}") };
+    if spec.hidden_weight == 0.0 {
+        return Ok(Vec::new());
+    }
+    if !(spec.hidden_weight.is_finite() && spec.hidden_weight > 0.0) {
+        return Err(bad(format!("the weight must be 0 or more, not {}", spec.hidden_weight)));
+    }
+    if spec.teacher_cache.is_some() {
+        return Err(bad("it runs the teacher every step, so it does not combine with a teacher cache".into()));
+    }
+    if student.hidden_size != teacher.hidden_size {
+        return Err(bad(format!(
+            "the student's residual stream is {} wide and the teacher's {}",
+            student.hidden_size, teacher.hidden_size
+        )));
+    }
+    match &spec.student {
+        StudentInit::Slice(shape) => Ok(shape.layers.clone()),
+        StudentInit::Weights(..) if student.num_hidden_layers == teacher.num_hidden_layers => {
+            Ok((0..student.num_hidden_layers).collect())
+        }
+        StudentInit::Weights(..) => Err(bad(format!(
+            "a {}-layer model given as weights cannot be matched to a {}-layer teacher layer by layer",
+            student.num_hidden_layers, teacher.num_hidden_layers
+        ))),
+    }
 }
 
 /// Distills `teacher` into a student written to `opts.output`.
@@ -74,6 +113,7 @@ pub fn distill(
             (c.clone(), w)
         }
     };
+    let matched = matched_layers(spec, &teacher.config, &config)?;
     let total = spec.train.fit_options("student").total_steps(train.len());
     let mut trainer = Trainer::new(weights, spec.train.train_config(total))?;
     let teacher_model = LlamaModel::new(teacher)?;
@@ -91,6 +131,14 @@ pub fn distill(
     };
     let (t, alpha) = (spec.temperature, spec.alpha);
     let loss = |p: &HashMap<String, Tensor>, b: &Batch| -> Result<Tensor> {
+        if spec.hidden_weight > 0.0 {
+            let (student, states) =
+                LlamaModel::from_tensors(&config, p)?.logits_and_states_at(&b.input_ids, &b.rows)?;
+            let (soft, targets) = teacher_model.logits_and_states_at(&b.input_ids, &b.rows)?;
+            let kd = kd_loss(&student, &soft.detach(), &b.labels, t, alpha)?;
+            let hidden = hidden_state_loss(&states, &targets, &matched)?;
+            return Ok((kd + (hidden * spec.hidden_weight)?)?);
+        }
         let student = LlamaModel::from_tensors(&config, p)?.logits_at(&b.input_ids, &b.rows)?;
         match &cache {
             Some(c) => {

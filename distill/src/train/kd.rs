@@ -38,6 +38,26 @@ pub fn kd_loss_top_k(
     combine(student_logits, &log_p_student, top_values, labels, temperature, alpha)
 }
 
+/// Mean over the student's layers of `||s_j - t_m(j)||^2 / ||t_m(j)||^2`: how far each student
+/// layer's residual stream `[N, H]` is from the teacher's after layer `matched[j]`, relative to
+/// the teacher's size. The teacher is a constant target.
+pub fn hidden_state_loss(student: &[Tensor], teacher: &[Tensor], matched: &[usize]) -> Result<Tensor> {
+    let mut sum: Option<Tensor> = None;
+    for (s, &l) in student.iter().zip(matched) {
+        let t = teacher[l].detach();
+        let term = ((s - &t)?.sqr()?.sum_all()? / t.sqr()?.sum_all()?.maximum(1e-12)?)?;
+        sum = Some(match sum {
+            Some(acc) => (acc + term)?,
+            None => term,
+        });
+    }
+    let n = matched.len().min(student.len()).max(1) as f64;
+    match sum {
+        Some(sum) => Ok((sum / n)?),
+        None => Ok(Tensor::zeros((), candle_core::DType::F32, &candle_core::Device::Cpu)?),
+    }
+}
+
 /// `alpha * T^2 * KL + (1 - alpha) * CE`, given the student's tempered log-probabilities of the
 /// tokens the teacher's logits cover (all of them, or its top k), column for column.
 fn combine(
@@ -107,6 +127,20 @@ mod tests {
         let vals2 = te.gather(&idx2, D::Minus1).unwrap();
         let approx = kd_loss_top_k(&s, &vals2, &idx2, &labels, 2.0, 0.6).unwrap().to_scalar::<f32>().unwrap();
         assert!(approx.is_finite() && (approx - full).abs() > 1e-4);
+    }
+
+    #[test]
+    fn hidden_state_loss_is_the_mean_relative_squared_error_of_the_matched_layers() {
+        let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap().reshape((1, v.len())).unwrap();
+        let teacher = [t(&[1.0, 0.0]), t(&[3.0, 4.0]), t(&[0.0, 2.0])];
+        let student = [t(&[3.0, 4.0]), t(&[0.0, 1.0])];
+        // Student layer 0 against teacher layer 1 (exact: 0), layer 1 against teacher layer 2
+        // (||(0, -1)||^2 / ||(0, 2)||^2 = 1/4): mean 1/8.
+        let got = hidden_state_loss(&student, &teacher, &[1, 2]).unwrap().to_scalar::<f32>().unwrap();
+        assert!((got - 0.125).abs() < 1e-7, "{got}");
+        // Matched to the wrong layers it is larger: (||(2, 4)||^2 / 1 + ||(-3, -3)||^2 / 25) / 2.
+        let wrong = hidden_state_loss(&student, &teacher, &[0, 1]).unwrap().to_scalar::<f32>().unwrap();
+        assert!((wrong - (20.0 + 18.0 / 25.0) / 2.0).abs() < 1e-5, "{wrong}");
     }
 
     #[test]
