@@ -4,10 +4,12 @@ the same text on every machine. With --wide, also the pinned openai client (its 
 fields included) and the Python standard library (the same for one Python version). With
 --rust, also the prose of the crates this workspace's Cargo.lock pins (their markdown files and
 doc comments, read from cargo's registry cache: run `cargo fetch --locked` first so that every
-pinned crate is there). The repository's own docs, which the encoder benchmark scores on, are
-not used.
+pinned crate is there). With --books, also the books of the Rust toolchain in use (rustup's
+rust-docs component). Sentences are of letters and spaces only, 40 to 300 characters; with
+--loose, numbers, symbols and inline code stay as written (20 to 600 characters). The
+repository's own docs, which the encoder benchmark scores on, are not used.
 
-usage: encoder_text.py OUT.txt [--sentences 3000] [--wide] [--rust]   (0: every sentence found)
+usage: encoder_text.py OUT.txt [--sentences 3000] [--wide] [--rust] [--books] [--loose]   (0: every sentence found)
 """
 import argparse
 import ast
