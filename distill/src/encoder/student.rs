@@ -91,8 +91,9 @@ pub struct EncoderDistillReport {
 }
 
 /// One tokenized sentence, the teacher's embedding of it `[H]` and the teacher's hidden states
-/// `[S, H]` after each layer whose student counterpart is matched (in f16: they are the bulk of the memory
-/// distillation holds, 3 x 384 values per token for MiniLM, and targets need no more digits).
+/// `[S, H]` after each layer whose student counterpart is matched (in f16: they are the bulk of
+/// the memory distillation holds, 3 x 384 values per token for MiniLM, and targets need no more
+/// digits).
 struct Target {
     ids: Vec<u32>,
     type_ids: Vec<u32>,
@@ -270,9 +271,11 @@ pub fn distill_encoder(
                 let layers = if spec.hidden_weight > 0.0 {
                     matched
                         .iter()
-                        .map(|&j| spec.layers[j])
-                        .map(|l| {
-                            Ok(run.states[l].get(row)?.narrow(0, 0, ids.len())?.to_dtype(candle_core::DType::F16)?)
+                        .map(|&j| {
+                            Ok(run.states[spec.layers[j]]
+                                .get(row)?
+                                .narrow(0, 0, ids.len())?
+                                .to_dtype(candle_core::DType::F16)?)
                         })
                         .collect::<Result<Vec<_>>>()?
                 } else {
