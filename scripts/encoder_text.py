@@ -89,9 +89,9 @@ def sentences(doc):
     prose = re.split(r"\n\s*(Parameters|Returns|Examples|See Also|Notes|Raises|Yields|Attributes|References)\s*\n\s*-{3,}", doc)[0]
     if a.loose:
         # Inline code keeps its words (a sentence without them has a hole).
-        prose = re.sub(r":[a-z]+:`([^`]*)`", r"\1", prose)
+        prose = re.sub(r"(?::[a-z]+)+:`([^`]*)`", r"\1", prose)
         prose = re.sub(r"``([^`]*)``|`([^`]*)`", lambda m: m.group(1) or m.group(2) or "", prose)
-    prose = re.sub(r"``[^`]*``|`[^`]*`|:[a-z]+:|>>>.*|\.\.\s+\w+::.*", " ", prose)
+    prose = re.sub(r"``[^`]*``|`[^`]*`|(?::[a-z]+)+:|>>>.*|\.\.\s+\w+::.*", " ", prose)
     prose = re.sub(r"\s+", " ", prose)
     for s in re.split(r"(?<=[.!?])\s+", prose):
         keep(s)
@@ -100,7 +100,8 @@ def sentences(doc):
 def markdown_sentences(text):
     """Adds the prose sentences of markdown `text`: paragraphs without code blocks, headings,
     tables, lists and quotes; links keep their words; a sentence with inline code is dropped
-    (taking the code out leaves a sentence with a hole)."""
+    (taking the code out leaves a sentence with a hole), or with --loose kept with the code's
+    text in place."""
     text = re.sub(r"```.*?```", " ", text, flags=re.S)
     text = re.sub(r"`([^`\n]*)`", r"\1" if a.loose else "\0", text)
     text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", text)
@@ -169,7 +170,8 @@ class Paragraphs(html.parser.HTMLParser):
     def handle_endtag(self, tag):
         if tag in ("pre", "script", "style", "nav", "table", "h1", "h2", "h3", "h4", "h5", "h6"):
             self.skip = max(0, self.skip - 1)
-        elif tag in ("p", "li") and self.depth:
+        elif tag in ("p", "li") and self.depth and not self.skip:
+            # Only the paragraphs opened outside skipped parts were counted.
             self.flush()
             self.depth -= 1
 

@@ -505,6 +505,22 @@ impl Recipe {
         if !(0.0..=1.0).contains(&self.student.alpha) || self.student.temperature <= 0.0 {
             return Err("student.alpha must be in [0, 1] and temperature above zero".into());
         }
+        if let Some(p) = &self.prune {
+            for (key, share) in [("mlp", p.mlp), ("heads", p.heads), ("query_heads", p.query_heads)] {
+                if !(0.0..1.0).contains(&share) {
+                    return Err(format!("prune.{key} is a share to remove, in [0, 1), not {share}"));
+                }
+            }
+            if !(0.0..=1.0).contains(&p.alpha) || p.temperature <= 0.0 {
+                return Err("prune.alpha must be in [0, 1] and temperature above zero".into());
+            }
+            if !(p.hidden_weight.is_finite() && p.hidden_weight >= 0.0) {
+                return Err(format!("prune.hidden_weight must be 0 or more, not {}", p.hidden_weight));
+            }
+            if p.train.batch_size == 0 || p.train.epochs == 0 || p.train.lr <= 0.0 {
+                return Err("prune.train needs batch_size, epochs and lr above zero".into());
+            }
+        }
         Ok(())
     }
 
@@ -607,6 +623,8 @@ mod tests {
             (good.replace("alpha = 0.5", "alpha = 1.5"), "alpha must be in [0, 1]"),
             (good.replace("num_key_value_heads = 2", "num_key_value_heads = 3"), "multiple of the key/value heads"),
             (good.replace("name = \"tiny\"", ""), "missing field `name`"),
+            (good.replace("mlp = 0.25", "mlp = 0.25\nhidden_weight = -1.0"), "prune.hidden_weight must be 0 or more"),
+            (good.replace("mlp = 0.25", "mlp = 1.0"), "prune.mlp is a share to remove"),
         ];
         for (text, want) in cases {
             let err = Recipe::load(&write(tmp.path(), &text)).unwrap_err().to_string();

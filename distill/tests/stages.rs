@@ -219,17 +219,25 @@ fn matching_hidden_states_brings_the_students_layers_closer_to_the_teachers() {
     let teacher = Checkpoint::load(&teacher_dir).unwrap();
     let splits = r.splits().unwrap();
     let data = (&splits.train[..], &splits.validation[..]);
-    let layers: Vec<usize> = (0..teacher.config.num_hidden_layers).collect();
+    let every: Vec<usize> = (0..teacher.config.num_hidden_layers).collect();
+    let last = vec![teacher.config.num_hidden_layers - 1];
     let mut train = r.student.train.clone();
     train.max_steps = Some(12);
-    // A narrower MLP and the teacher's width and depth: what a structurally pruned copy is.
-    let spec = |hidden_weight: f64, hidden_size: Option<usize>, cache: Option<(PathBuf, usize)>| DistillSpec {
-        student: StudentInit::Slice(StudentShape { layers: layers.clone(), intermediate_size: Some(16), hidden_size }),
-        temperature: 2.0,
-        alpha: 0.5,
-        train: train.clone(),
-        teacher_cache: cache,
-        hidden_weight,
+    // A narrower MLP and the teacher's width and depth: what a structurally pruned copy is
+    // (or, with fewer layers, a sliced student that meets the layers it came from).
+    let spec = |layers: &[usize], hidden_weight: f64, hidden_size: Option<usize>, cache: Option<(PathBuf, usize)>| {
+        DistillSpec {
+            student: StudentInit::Slice(StudentShape {
+                layers: layers.to_vec(),
+                intermediate_size: Some(16),
+                hidden_size,
+            }),
+            temperature: 2.0,
+            alpha: 0.5,
+            train: train.clone(),
+            teacher_cache: cache,
+            hidden_weight,
+        }
     };
     // Relative distance of the student's residual stream from the teacher's on validation
     // answers, layer by layer.
@@ -237,22 +245,33 @@ fn matching_hidden_states_brings_the_students_layers_closer_to_the_teachers() {
     let encoded = fmt.encode_within(&splits.validation, teacher.config.max_position_embeddings, "v").unwrap();
     let batch = Batch::new(&encoded.iter().collect::<Vec<_>>(), fmt.pad()).unwrap();
     let (_, targets) = LlamaModel::new(&teacher).unwrap().logits_and_states_at(&batch.input_ids, &batch.rows).unwrap();
-    let distance = |dir: &Path| {
+    let distance = |dir: &Path, layers: &[usize]| {
         let student = LlamaModel::new(&Checkpoint::load(dir).unwrap()).unwrap();
         let (_, states) = student.logits_and_states_at(&batch.input_ids, &batch.rows).unwrap();
-        hidden_state_loss(&states, &targets, &layers).unwrap().to_scalar::<f32>().unwrap()
+        hidden_state_loss(&states, &targets, layers).unwrap().to_scalar::<f32>().unwrap()
     };
-    let (plain, matched) = (tmp.path().join("plain"), tmp.path().join("matched"));
-    distill(&teacher, data, &spec(0.0, None, None), &quiet(plain.clone())).unwrap();
-    distill(&teacher, data, &spec(10.0, None, None), &quiet(matched.clone())).unwrap();
-    let (d_plain, d_matched) = (distance(&plain), distance(&matched));
-    assert!(d_matched < 0.8 * d_plain, "matched {d_matched} against logits only {d_plain}");
-    // Streams of different widths, or a teacher read from a cache, cannot be matched.
-    let narrow = distill(&teacher, data, &spec(1.0, Some(32), None), &quiet(tmp.path().join("narrow")));
+    for layers in [&every, &last] {
+        let name = format!("{layers:?}");
+        let (plain, matched) = (tmp.path().join(format!("plain{name}")), tmp.path().join(format!("matched{name}")));
+        distill(&teacher, data, &spec(layers, 0.0, None, None), &quiet(plain.clone())).unwrap();
+        distill(&teacher, data, &spec(layers, 10.0, None, None), &quiet(matched.clone())).unwrap();
+        let (d_plain, d_matched) = (distance(&plain, layers), distance(&matched, layers));
+        assert!(d_matched < 0.8 * d_plain, "layers {name}: matched {d_matched} against logits only {d_plain}");
+    }
+    // Streams of different widths, a teacher read from a cache, or a model given as weights
+    // whose depth is not the teacher's cannot be matched.
+    let narrow = distill(&teacher, data, &spec(&every, 1.0, Some(32), None), &quiet(tmp.path().join("narrow")));
     assert!(narrow.unwrap_err().to_string().contains("residual stream is 32 wide"));
-    let cached = spec(1.0, None, Some((tmp.path().join("cache"), 8)));
+    let cached = spec(&every, 1.0, None, Some((tmp.path().join("cache"), 8)));
     let cached = distill(&teacher, data, &cached, &quiet(tmp.path().join("cached")));
     assert!(cached.unwrap_err().to_string().contains("teacher cache"));
+    let shallow = Checkpoint::load(tmp.path().join(format!("plain{last:?}"))).unwrap();
+    let given = DistillSpec {
+        student: StudentInit::Weights(shallow.config.clone(), shallow.tensors.clone()),
+        ..spec(&every, 1.0, None, None)
+    };
+    let given = distill(&teacher, data, &given, &quiet(tmp.path().join("given")));
+    assert!(given.unwrap_err().to_string().contains("layer by layer"));
 }
 
 #[test]

@@ -359,7 +359,7 @@ pub struct PruneStructuredArgs {
     calibration: Option<usize>,
     /// During the recovery, also match the unpruned model's residual stream after every layer,
     /// with this weight [default: the recipe's [prune], else 0].
-    #[arg(long)]
+    #[arg(long, requires = "recover")]
     hidden_weight: Option<f64>,
     /// Distil the pruned model from the unpruned one afterwards (settings: the recipe's
     /// [prune.train], then the flags).

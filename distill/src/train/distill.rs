@@ -6,9 +6,9 @@
 //!
 //! Optionally (`hidden_weight > 0`) the student's residual stream after each layer also meets
 //! the teacher's after the layer it came from, at the answer positions: `hidden_weight` times
-//! the mean over layers of `||s - t||^2 / ||t||^2` ([`hidden_state_loss`]); relative, so one
-//! weight fits layers whose streams differ in scale. The widths must agree: a pruned copy
-//! recovering, or a sliced student that keeps the teacher's width.
+//! the mean over layers and positions of `||s - t||^2 / ||t||^2` ([`hidden_state_loss`]);
+//! relative, so one weight fits layers whose streams differ in scale. The widths must agree: a
+//! pruned copy recovering, or a sliced student that keeps the teacher's width.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

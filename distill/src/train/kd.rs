@@ -7,7 +7,7 @@
 
 use candle_core::{Tensor, D};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Distillation loss of a batch of positions.
 pub fn kd_loss(
@@ -38,22 +38,34 @@ pub fn kd_loss_top_k(
     combine(student_logits, &log_p_student, top_values, labels, temperature, alpha)
 }
 
-/// Mean over the student's layers of `||s_j - t_m(j)||^2 / ||t_m(j)||^2`: how far each student
-/// layer's residual stream `[N, H]` is from the teacher's after layer `matched[j]`, relative to
-/// the teacher's size. The teacher is a constant target.
+/// Mean over the student's layers and the positions of `||s_j - t_m(j)||^2 / ||t_m(j)||^2`: how
+/// far each student layer's residual stream `[N, H]` is from the teacher's after layer
+/// `matched[j]`, relative to the size of the teacher's vector at the same position. Per position,
+/// so a batch shared among workers gives the mean of what its shares give (weighted by their
+/// rows). The teacher is a constant target.
 pub fn hidden_state_loss(student: &[Tensor], teacher: &[Tensor], matched: &[usize]) -> Result<Tensor> {
+    let bad = |what: String| Error::InvalidConfig { what: format!("hidden-state loss: {what}") };
+    if student.len() != matched.len() {
+        return Err(bad(format!("{} student layers but {} matched teacher layers", student.len(), matched.len())));
+    }
+    if let Some(l) = matched.iter().find(|&&l| l >= teacher.len()) {
+        return Err(bad(format!("teacher layer {l} matched, but the teacher has {} layers", teacher.len())));
+    }
     let mut sum: Option<Tensor> = None;
     for (s, &l) in student.iter().zip(matched) {
         let t = teacher[l].detach();
-        let term = ((s - &t)?.sqr()?.sum_all()? / t.sqr()?.sum_all()?.maximum(1e-12)?)?;
+        if s.dims() != t.dims() || s.rank() != 2 {
+            return Err(bad(format!("student states {:?} against the teacher's {:?}", s.dims(), t.dims())));
+        }
+        let per_row = ((s - &t)?.sqr()?.sum(1)? / t.sqr()?.sum(1)?.maximum(1e-12)?)?;
+        let term = per_row.mean_all()?;
         sum = Some(match sum {
             Some(acc) => (acc + term)?,
             None => term,
         });
     }
-    let n = matched.len().min(student.len()).max(1) as f64;
     match sum {
-        Some(sum) => Ok((sum / n)?),
+        Some(sum) => Ok((sum / matched.len() as f64)?),
         None => Ok(Tensor::zeros((), candle_core::DType::F32, &candle_core::Device::Cpu)?),
     }
 }
@@ -131,16 +143,31 @@ mod tests {
 
     #[test]
     fn hidden_state_loss_is_the_mean_relative_squared_error_of_the_matched_layers() {
-        let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap().reshape((1, v.len())).unwrap();
-        let teacher = [t(&[1.0, 0.0]), t(&[3.0, 4.0]), t(&[0.0, 2.0])];
-        let student = [t(&[3.0, 4.0]), t(&[0.0, 1.0])];
-        // Student layer 0 against teacher layer 1 (exact: 0), layer 1 against teacher layer 2
-        // (||(0, -1)||^2 / ||(0, 2)||^2 = 1/4): mean 1/8.
+        let t = |rows: &[[f32; 2]; 2]| Tensor::new(rows, &Device::Cpu).unwrap();
+        let teacher = [t(&[[1.0, 0.0], [1.0, 0.0]]), t(&[[3.0, 4.0], [0.0, 1.0]]), t(&[[0.0, 2.0], [1.0, 0.0]])];
+        let student = [t(&[[3.0, 4.0], [0.0, 1.0]]), t(&[[0.0, 1.0], [1.0, 1.0]])];
+        // Student layer 0 against teacher layer 1 (exact: 0); layer 1 against teacher layer 2:
+        // positions ||(0, -1)||^2 / ||(0, 2)||^2 = 1/4 and ||(0, 1)||^2 / ||(1, 0)||^2 = 1, mean
+        // 5/8 (a ratio of sums would give 2/5). Mean over the layers: 5/16.
         let got = hidden_state_loss(&student, &teacher, &[1, 2]).unwrap().to_scalar::<f32>().unwrap();
-        assert!((got - 0.125).abs() < 1e-7, "{got}");
-        // Matched to the wrong layers it is larger: (||(2, 4)||^2 / 1 + ||(-3, -3)||^2 / 25) / 2.
+        assert!((got - 5.0 / 16.0).abs() < 1e-7, "{got}");
+        // Each position alone, averaged: what two workers holding one position each give.
+        let row = |x: &[Tensor], r: usize| x.iter().map(|x| x.narrow(0, r, 1).unwrap()).collect::<Vec<_>>();
+        let halves: f32 = (0..2)
+            .map(|r| {
+                hidden_state_loss(&row(&student, r), &row(&teacher, r), &[1, 2]).unwrap().to_scalar::<f32>().unwrap()
+            })
+            .sum();
+        assert!((halves / 2.0 - got).abs() < 1e-7, "{halves}");
+        // Matched to the wrong layers it is larger: layer 0 against 0 gives (20 + 2) / 2, layer
+        // 1 against 1 gives (18/25 + 1) / 2.
         let wrong = hidden_state_loss(&student, &teacher, &[0, 1]).unwrap().to_scalar::<f32>().unwrap();
-        assert!((wrong - (20.0 + 18.0 / 25.0) / 2.0).abs() < 1e-5, "{wrong}");
+        assert!((wrong - (11.0 + 0.86) / 2.0).abs() < 1e-5, "{wrong}");
+        // Layers that do not pair up are a typed error, not a silent partial mean.
+        for matched in [&[1][..], &[1, 3], &[1, 2, 0]] {
+            let e = hidden_state_loss(&student, &teacher, matched).unwrap_err();
+            assert!(matches!(e, Error::InvalidConfig { .. }), "{matched:?}: {e}");
+        }
     }
 
     #[test]
