@@ -459,6 +459,10 @@ pub struct DistillEncoderArgs {
     /// one only (the one the sentence embedding is pooled from).
     #[arg(long, value_enum, default_value_t = HiddenStatesArg::All)]
     hidden_states: HiddenStatesArg,
+    /// Weight of matching the teacher's attention distributions at the same layers (KL per
+    /// head and query; 0: none).
+    #[arg(long, default_value_t = 0.0)]
+    attention_weight: f64,
     /// Seed of the sentence order and the held-out split.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -481,6 +485,7 @@ pub fn distill_encoder(a: DistillEncoderArgs) -> Result<()> {
             HiddenStatesArg::All => HiddenStates::All,
             HiddenStatesArg::Last => HiddenStates::Last,
         },
+        attention_weight: a.attention_weight,
         seed: a.seed,
     };
     let r = distill_encoder(&teacher, &text, &spec, &a.output).context("distilling the encoder")?;

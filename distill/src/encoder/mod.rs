@@ -160,11 +160,14 @@ impl EncoderCheckpoint {
     }
 }
 
-/// Hidden states of a padded batch: `states[j]` `[B, S, H]` after layer `j`, and `mask`
-/// `[B, S]` (1 where a row has a token, 0 where it was padded).
+/// Hidden states of a padded batch: `states[j]` `[B, S, H]` after layer `j`, the attention
+/// scores of each layer, and `mask` `[B, S]` (1 where a row has a token, 0 where it was padded).
 pub struct BatchStates {
     /// Hidden states after each layer, first to last.
     pub states: Vec<Tensor>,
+    /// Each layer's attention scores `[B, heads, S, S]` before the softmax (query rows, key
+    /// columns), padded keys at -1e9.
+    pub scores: Vec<Tensor>,
     /// Real (1) and padded (0) positions.
     pub mask: Tensor,
 }
@@ -251,6 +254,7 @@ impl<'a> BertModel<'a> {
         let key_bias = if padded { Some(((&mask - 1.0)? * 1e9)?.reshape((b, 1, 1, s))?) } else { None };
         let (heads, hd) = (c.num_attention_heads, h / c.num_attention_heads);
         let mut states = Vec::with_capacity(c.num_hidden_layers);
+        let mut all_scores = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
             let split =
@@ -263,6 +267,7 @@ impl<'a> BertModel<'a> {
                 scores = scores.broadcast_add(bias)?;
             }
             let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            all_scores.push(scores);
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
             let attn = self.linear(&ctx, &format!("{p}.attention.output.dense"), h, h)?;
             x = self.layer_norm(&(attn + &x)?, &format!("{p}.attention.output.LayerNorm"))?;
@@ -276,7 +281,7 @@ impl<'a> BertModel<'a> {
         if states.is_empty() {
             states.push(x);
         }
-        Ok(BatchStates { states, mask })
+        Ok(BatchStates { states, scores: all_scores, mask })
     }
 
     /// [`BertModel::batch_layer_states`] and the sentence embeddings `[B, H]` pooled from the

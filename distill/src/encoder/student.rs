@@ -1,11 +1,13 @@
 //! A shallower sentence encoder distilled from a deeper one on unlabelled text: the student
 //! keeps some of the teacher's layers (initialised from them) and its embeddings (frozen), and
 //! learns to give each sentence the teacher's embedding. Loss per sentence:
-//! `(1 - cos(s, t)) + ||s - t||^2 + w * mean_j mse(h_j, H_j)`, averaged over a batch, where
-//! `h_j` are the hidden states after the student's layer `j` and `H_j` the teacher's after the
-//! layer it was taken from: one target per token and layer instead of one per sentence, which
-//! is what lets a few thousand sentences teach a 3-layer student (the pooled loss alone
-//! reached a held-out cosine of 0.82).
+//! `(1 - cos(s, t)) + ||s - t||^2 + w * mean_j mse(h_j, H_j) + a * mean_j KL(A_j || a_j)`,
+//! averaged over a batch, where `h_j` are the hidden states after the student's layer `j` and
+//! `H_j` the teacher's after the layer it was taken from: one target per token and layer
+//! instead of one per sentence, which is what lets a few thousand sentences teach a 3-layer
+//! student (the pooled loss alone reached a held-out cosine of 0.82). `A_j` and `a_j` are the
+//! two layers' attention distributions, each query's row over the keys, KL averaged over heads
+//! and queries (MiniLM's self-attention transfer, at every matched layer).
 //!
 //! Sentences run in batches of similar length, padded and masked, so that each operation is
 //! big enough to be worth running: on two cores that trains several times faster than one
@@ -45,6 +47,8 @@ pub struct EncoderDistillSpec {
     pub hidden_weight: f64,
     /// Which of the student's layers the hidden-state term matches to the teacher's.
     pub hidden_states: HiddenStates,
+    /// Weight of the attention term at the same layers (0: none).
+    pub attention_weight: f64,
     /// Seed of the sentence order and the held-out split.
     pub seed: u64,
 }
@@ -90,15 +94,23 @@ pub struct EncoderDistillReport {
     pub seconds: f64,
 }
 
-/// One tokenized sentence, the teacher's embedding of it `[H]` and the teacher's hidden states
-/// `[S, H]` after each layer whose student counterpart is matched (in f16: they are the bulk of
-/// the memory distillation holds, 3 x 384 values per token for MiniLM, and targets need no more
-/// digits).
+/// One tokenized sentence, the teacher's embedding of it `[H]`, the teacher's hidden states
+/// `[S, H]` after each layer whose student counterpart is matched and its attention
+/// distributions `[heads, S, S]` there (in f16: they are the bulk of the memory distillation
+/// holds, 3 x 384 values per token for MiniLM, and targets need no more digits).
 struct Target {
     ids: Vec<u32>,
     type_ids: Vec<u32>,
     embedding: Tensor,
     layers: Vec<Tensor>,
+    attentions: Vec<Tensor>,
+}
+
+/// Weights of the per-layer terms of the loss.
+#[derive(Debug, Clone, Copy)]
+struct TermWeights {
+    hidden: f64,
+    attention: f64,
 }
 
 /// Sentences per run of the model when only scoring or making targets.
@@ -170,19 +182,59 @@ fn run_batch(model: &BertModel, batch: &[&Target]) -> Result<(BatchStates, Tenso
     Ok((out, s, t))
 }
 
+/// Sums `terms`, scaled by `weight / terms.len()` (their mean, weighted); none: nothing.
+fn weighted_mean(terms: Vec<Tensor>, weight: f64) -> Result<Option<Tensor>> {
+    let n = terms.len() as f64;
+    let mut sum: Option<Tensor> = None;
+    for term in terms {
+        sum = Some(match sum {
+            Some(acc) => (acc + term)?,
+            None => term,
+        });
+    }
+    Ok(sum.map(|s| s * (weight / n)).transpose()?)
+}
+
 /// The summed loss of a batch of sentences (see the module comment), run as one padded batch.
-/// `matched` are the student layers that `Target::layers` holds targets for, in order.
-fn batch_loss(student: &BertModel, batch: &[&Target], hidden_weight: f64, matched: &[usize]) -> Result<Tensor> {
+/// `matched` are the student layers that `Target::layers` and `Target::attentions` hold
+/// targets for, in order.
+fn batch_loss(student: &BertModel, batch: &[&Target], weights: TermWeights, matched: &[usize]) -> Result<Tensor> {
     let (out, s, t) = run_batch(student, batch)?;
     let n = batch.len() as f64;
     let mut loss = ((n - row_cosines(&s, &t)?.sum_all()?)? + (&s - &t)?.sqr()?.sum_all()?)?;
-    if hidden_weight > 0.0 && !batch[0].layers.is_empty() {
-        let (b, len) = (batch.len(), out.mask.dim(1)?);
+    let (b, len) = (batch.len(), out.mask.dim(1)?);
+    if weights.attention > 0.0 && !batch[0].attentions.is_empty() {
+        let heads = out.scores[0].dim(1)?;
+        // Each sentence's mean over its heads and real query rows; padded rows and keys have
+        // teacher probability 0 and add nothing.
+        let per_row = (out.mask.sum_keepdim(1)? * heads as f64)?.recip()?.reshape((b, 1, 1))?;
+        let mut terms = Vec::with_capacity(matched.len());
+        for (j, &layer) in matched.iter().enumerate() {
+            let log_student = candle_nn::ops::log_softmax(&out.scores[layer], candle_core::D::Minus1)?;
+            let rows = batch
+                .iter()
+                .map(|t| {
+                    let x = t.attentions[j].to_dtype(candle_core::DType::F32)?;
+                    let pad = len - x.dim(1)?;
+                    Ok(x.pad_with_zeros(1, 0, pad)?.pad_with_zeros(2, 0, pad)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let teacher = Tensor::stack(&rows, 0)?;
+            // KL = sum p (log p - log q); p log p at p = 0 is 0.
+            let entropy = (&teacher * teacher.maximum(1e-30)?.log()?)?;
+            let kl = (entropy - (&teacher * log_student)?)?.sum(candle_core::D::Minus1)?;
+            terms.push(kl.broadcast_mul(&per_row)?.sum_all()?);
+        }
+        if let Some(term) = weighted_mean(terms, weights.attention)? {
+            loss = (loss + term)?;
+        }
+    }
+    if weights.hidden > 0.0 && !batch[0].layers.is_empty() {
         let h = s.dim(1)?;
         // Each sentence's mean squared error over its own tokens, as if it ran alone.
         let per_value = (out.mask.sum_keepdim(1)? * h as f64)?.recip()?; // [B, 1]
-        let weights = out.mask.broadcast_mul(&per_value)?.unsqueeze(2)?; // [B, S, 1]
-        let mut hidden: Option<Tensor> = None;
+        let per_token = out.mask.broadcast_mul(&per_value)?.unsqueeze(2)?; // [B, S, 1]
+        let mut terms = Vec::with_capacity(matched.len());
         for (j, &layer) in matched.iter().enumerate() {
             let state = &out.states[layer];
             let rows = batch
@@ -193,14 +245,10 @@ fn batch_loss(student: &BertModel, batch: &[&Target], hidden_weight: f64, matche
                 })
                 .collect::<Result<Vec<_>>>()?;
             let target = Tensor::stack(&rows, 0)?.reshape((b, len, h))?;
-            let term = (state - target)?.sqr()?.broadcast_mul(&weights)?.sum_all()?;
-            hidden = Some(match hidden {
-                Some(sum) => (sum + term)?,
-                None => term,
-            });
+            terms.push((state - target)?.sqr()?.broadcast_mul(&per_token)?.sum_all()?);
         }
-        if let Some(hidden) = hidden {
-            loss = (loss + (hidden * (hidden_weight / matched.len() as f64))?)?;
+        if let Some(term) = weighted_mean(terms, weights.hidden)? {
+            loss = (loss + term)?;
         }
     }
     Ok(loss)
@@ -229,8 +277,10 @@ pub fn distill_encoder(
     if let Some(l) = spec.layers.iter().find(|&&l| l >= c.num_hidden_layers) {
         return Err(bad(format!("layer {l} does not exist in a {}-layer teacher", c.num_hidden_layers)));
     }
-    if !(spec.hidden_weight.is_finite() && spec.hidden_weight >= 0.0) {
-        return Err(bad(format!("the hidden-state weight must be 0 or more, not {}", spec.hidden_weight)));
+    for (what, w) in [("hidden-state", spec.hidden_weight), ("attention", spec.attention_weight)] {
+        if !(w.is_finite() && w >= 0.0) {
+            return Err(bad(format!("the {what} weight must be 0 or more, not {w}")));
+        }
     }
     let tok_path = teacher.tokenizer_json.as_ref().ok_or_else(|| bad("the teacher has no tokenizer.json".into()))?;
     let mut tokenizer = tokenizers::Tokenizer::from_file(tok_path)
@@ -281,8 +331,22 @@ pub fn distill_encoder(
                 } else {
                     Vec::new()
                 };
+                let attentions = if spec.attention_weight > 0.0 {
+                    let n = ids.len();
+                    matched
+                        .iter()
+                        .map(|&j| {
+                            let scores = run.scores[spec.layers[j]].get(row)?.narrow(1, 0, n)?.narrow(2, 0, n)?;
+                            Ok(candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+                                .to_dtype(candle_core::DType::F16)?)
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                } else {
+                    Vec::new()
+                };
                 let embedding = pooled.get(row)?.detach();
-                out.push((*at, Target { ids: ids.clone(), type_ids: type_ids.clone(), embedding, layers }));
+                let (ids, type_ids) = (ids.clone(), type_ids.clone());
+                out.push((*at, Target { ids, type_ids, embedding, layers, attentions }));
             }
         }
         Ok(out)
@@ -307,6 +371,7 @@ pub fn distill_encoder(
     // Held-out sentences are scored on their embedding alone.
     for t in &mut held {
         t.layers.clear();
+        t.attentions.clear();
     }
 
     // The student: the teacher's embeddings (frozen) and its kept layers renumbered (trained).
@@ -341,6 +406,7 @@ pub fn distill_encoder(
     let schedule = CosineSchedule { peak: spec.lr, floor: spec.lr / 10.0, warmup: (total / 20).max(1), total };
     let mut trainer =
         Trainer::new(trained, TrainConfig { schedule, weight_decay: 0.01, accumulation: 1, clip_norm: 1.0 })?;
+    let term_weights = TermWeights { hidden: spec.hidden_weight, attention: spec.attention_weight };
     let started = Instant::now();
     tracing::info!("encoder student: {} sentences, {total} steps", targets.len());
     let mut after = before;
@@ -354,7 +420,7 @@ pub fn distill_encoder(
             let m = BertModel::new(&ck);
             // Each worker takes a share of the batch: its part of the batch's mean loss.
             let share = |part: &&[&Target]| -> Result<candle_core::backprop::GradStore> {
-                trainer.gradients(&(batch_loss(&m, part, spec.hidden_weight, &matched)? / chunk.len() as f64)?)
+                trainer.gradients(&(batch_loss(&m, part, term_weights, &matched)? / chunk.len() as f64)?)
             };
             let grads = map_parts(&split(chunk, training_workers()), "encoder training worker", share);
             trainer.accumulate(grads.into_iter().collect::<Result<_>>()?)?;
@@ -410,16 +476,16 @@ mod tests {
     fn targets(teacher: &EncoderCheckpoint, seqs: &[(&[u32], &[u32])], matched: &[usize]) -> Vec<Target> {
         let m = BertModel::new(teacher);
         seqs.iter()
-            .map(|(ids, types)| {
-                let states = m.layer_states(ids, types).unwrap();
+            .map(|&(ids, types)| {
+                let run = m.batch_layer_states(&[(ids, types)]).unwrap();
+                let f16 = |t: Tensor| t.squeeze(0).unwrap().to_dtype(candle_core::DType::F16).unwrap();
+                let probs = |l: usize| candle_nn::ops::softmax(&run.scores[l], candle_core::D::Minus1).unwrap();
                 Target {
                     ids: ids.to_vec(),
                     type_ids: types.to_vec(),
-                    embedding: m.pool(states.last().unwrap()).unwrap(),
-                    layers: matched
-                        .iter()
-                        .map(|&l| states[l].squeeze(0).unwrap().to_dtype(candle_core::DType::F16).unwrap())
-                        .collect(),
+                    embedding: m.pool(run.states.last().unwrap()).unwrap(),
+                    layers: matched.iter().map(|&l| f16(run.states[l].clone())).collect(),
+                    attentions: matched.iter().map(|&l| f16(probs(l))).collect(),
                 }
             })
             .collect()
@@ -431,28 +497,43 @@ mod tests {
             let (teacher, student) = (tiny_encoder(pooling, 1), tiny_encoder(pooling, 2));
             let seqs: [(&[u32], &[u32]); 3] =
                 [(&[1, 5, 9], &[0, 0, 0]), (&[2, 30, 7, 7, 11, 3, 8], &[0; 7]), (&[39, 4], &[1, 1])];
-            let m = BertModel::new(&student);
-            let loss = |matched: &[usize], w: f64| {
+            let loss_of = |model: &EncoderCheckpoint, matched: &[usize], hidden: f64, attention: f64| {
+                let m = BertModel::new(model);
+                let w = TermWeights { hidden, attention };
                 let t = targets(&teacher, &seqs, matched);
                 let refs: Vec<&Target> = t.iter().collect();
                 let whole = batch_loss(&m, &refs, w, matched).unwrap().to_scalar::<f32>().unwrap();
                 let alone: f32 =
                     refs.iter().map(|t| batch_loss(&m, &[*t], w, matched).unwrap().to_scalar::<f32>().unwrap()).sum();
-                assert!(whole > 0.1, "{pooling:?} w {w}: a different student has a loss ({whole})");
-                assert!((whole - alone).abs() < 1e-4 * alone, "{pooling:?} w {w}: batch {whole} against {alone}");
+                assert!(
+                    (whole - alone).abs() < 1e-4 * alone.max(1.0),
+                    "{pooling:?} {w:?}: batch {whole} against {alone}"
+                );
+                whole
+            };
+            let loss = |matched: &[usize], hidden: f64, attention: f64| {
+                let whole = loss_of(&student, matched, hidden, attention);
+                assert!(whole > 0.1, "{pooling:?}: a different student has a loss ({whole})");
                 whole
             };
             let all = HiddenStates::All.matched(2);
             let last = HiddenStates::Last.matched(2);
             assert_eq!((all.as_slice(), last.as_slice()), (&[0, 1][..], &[1][..]));
-            // The hidden-state term counts: a weight changes the loss.
-            let base = loss(&all, 0.0);
-            assert!(loss(&all, 0.7) > base + 1e-3);
+            // Each term counts: a weight changes the loss.
+            let base = loss(&all, 0.0, 0.0);
+            assert!(loss(&all, 0.7, 0.0) > base + 1e-3);
+            assert!(loss(&all, 0.0, 0.7) > base + 1e-3);
             // Each matched layer meets its own target: the term over both layers is the mean of
             // the terms over each alone.
-            let (first, second, both) = (loss(&[0], 1.0) - base, loss(&last, 1.0) - base, loss(&all, 1.0) - base);
-            assert!(first > 1e-3 && second > 1e-3 && (first - second).abs() > 1e-4, "{first} {second}");
-            assert!((both - (first + second) / 2.0).abs() < 1e-4 * both, "{both} against {first} and {second}");
+            for (h, a) in [(1.0, 0.0), (0.0, 1.0)] {
+                let (first, second, both) =
+                    (loss(&[0], h, a) - base, loss(&last, h, a) - base, loss(&all, h, a) - base);
+                assert!(first > 5e-4 && second > 5e-4 && (first - second).abs() > 1e-4, "{first} {second}");
+                assert!((both - (first + second) / 2.0).abs() < 1e-4 * both, "{both} against {first} and {second}");
+            }
+            // The teacher against its own attention: KL 0 up to the targets' f16 rounding.
+            let own = loss_of(&teacher, &all, 0.0, 1.0) - loss_of(&teacher, &all, 0.0, 0.0);
+            assert!(own.abs() < 1e-3, "{pooling:?}: the teacher's own attention costs {own}");
         }
     }
 
