@@ -5,11 +5,13 @@ fields included) and the Python standard library (the same for one Python versio
 --rust, also the prose of the crates this workspace's Cargo.lock pins (their markdown files and
 doc comments, read from cargo's registry cache: run `cargo fetch --locked` first so that every
 pinned crate is there). With --books, also the books of the Rust toolchain in use (rustup's
-rust-docs component). Sentences are of letters and spaces only, 40 to 300 characters; with
---loose, numbers, symbols and inline code stay as written (20 to 600 characters). The
-repository's own docs, which the encoder benchmark scores on, are not used.
+rust-docs component). With --html DIR (repeatable), also the paragraphs of every HTML page
+under DIR (the Python documentation of Debian's python3.11-doc, say). Sentences are of
+letters and spaces only, 40 to 300 characters; with --loose, numbers, symbols and inline code
+stay as written (20 to 600 characters). The repository's own docs, which the encoder
+benchmark scores on, are not used.
 
-usage: encoder_text.py OUT.txt [--sentences 3000] [--wide] [--rust] [--books] [--loose]   (0: every sentence found)
+usage: encoder_text.py OUT.txt [--sentences 3000] [--wide] [--rust] [--books] [--html DIR] [--loose]   (0: every sentence found)
 """
 import argparse
 import ast
@@ -28,6 +30,7 @@ ap.add_argument("--wide", action="store_true")
 ap.add_argument("--rust", action="store_true")
 ap.add_argument("--loose", action="store_true")
 ap.add_argument("--books", action="store_true")
+ap.add_argument("--html", action="append", default=[], metavar="DIR")
 a = ap.parse_args()
 
 site = sorted(glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages")))
@@ -212,14 +215,23 @@ if a.rust:
     for crate in rust_crates():
         rust_prose(crate)
 
+def html_sentences(path):
+    """Adds the sentences of the paragraphs and list items of the HTML page at `path`."""
+    p = Paragraphs()
+    p.feed(open(path, encoding="utf-8", errors="replace").read())
+    for para in p.paras:
+        for s in re.split(r"(?<=[.!?])\s+", para):
+            if s.strip()[-1:] in (".", "!", "?"):
+                keep(s)
+
+
 if a.books:
     for book in rust_books():
-        p = Paragraphs()
-        p.feed(open(book, encoding="utf-8", errors="replace").read())
-        for para in p.paras:
-            for s in re.split(r"(?<=[.!?])\s+", para):
-                if s.strip()[-1:] in (".", "!", "?"):
-                    keep(s)
+        html_sentences(book)
+
+for folder in a.html:
+    for page in sorted(glob.glob(os.path.join(folder, "**", "*.html"), recursive=True)):
+        html_sentences(page)
 
 if len(out) < a.sentences:
     print(f"encoder_text: only {len(out)} sentences found", file=sys.stderr)
