@@ -230,7 +230,10 @@ if a.books:
         html_sentences(book)
 
 for folder in a.html:
-    for page in sorted(glob.glob(os.path.join(folder, "**", "*.html"), recursive=True)):
+    pages = sorted(glob.glob(os.path.join(folder, "**", "*.html"), recursive=True))
+    if not pages:
+        sys.exit(f"no HTML pages under {folder}")
+    for page in pages:
         html_sentences(page)
 
 if len(out) < a.sentences:

@@ -356,6 +356,16 @@ pub struct PruneStage {
     pub train: TrainSettings,
 }
 
+/// Finite and above zero (NaN is neither).
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+/// Finite and zero or more.
+fn non_negative(x: f64) -> bool {
+    x.is_finite() && x >= 0.0
+}
+
 fn default_calibration() -> usize {
     256
 }
@@ -498,11 +508,11 @@ impl Recipe {
             return Err(format!("student layer {l} does not exist in a {}-layer teacher", t.num_hidden_layers));
         }
         for (name, s) in [("teacher", &t.train), ("student", &self.student.train)] {
-            if s.batch_size == 0 || s.epochs == 0 || s.lr <= 0.0 {
+            if s.batch_size == 0 || s.epochs == 0 || !positive(s.lr) {
                 return Err(format!("{name}.train needs batch_size, epochs and lr above zero"));
             }
         }
-        if !(0.0..=1.0).contains(&self.student.alpha) || self.student.temperature <= 0.0 {
+        if !(0.0..=1.0).contains(&self.student.alpha) || !positive(self.student.temperature) {
             return Err("student.alpha must be in [0, 1] and temperature above zero".into());
         }
         if let Some(p) = &self.prune {
@@ -511,13 +521,22 @@ impl Recipe {
                     return Err(format!("prune.{key} is a share to remove, in [0, 1), not {share}"));
                 }
             }
-            if !(0.0..=1.0).contains(&p.alpha) || p.temperature <= 0.0 {
+            if p.mlp == 0.0 && p.heads == 0.0 && p.query_heads == 0.0 {
+                return Err("prune removes nothing: set mlp, heads or query_heads above 0".into());
+            }
+            if p.calibration == 0 {
+                return Err("prune.calibration needs at least one example to rank units on".into());
+            }
+            if !(0.0..=1.0).contains(&p.alpha) || !positive(p.temperature) {
                 return Err("prune.alpha must be in [0, 1] and temperature above zero".into());
             }
-            if !(p.hidden_weight.is_finite() && p.hidden_weight >= 0.0) {
+            if !non_negative(p.hidden_weight) {
                 return Err(format!("prune.hidden_weight must be 0 or more, not {}", p.hidden_weight));
             }
-            if p.train.batch_size == 0 || p.train.epochs == 0 || p.train.lr <= 0.0 {
+            if !non_negative(p.max_drop) || p.max_kl.is_some_and(|k| !non_negative(k)) {
+                return Err("prune.max_drop and max_kl must be 0 or more".into());
+            }
+            if p.train.batch_size == 0 || p.train.epochs == 0 || !positive(p.train.lr) {
                 return Err("prune.train needs batch_size, epochs and lr above zero".into());
             }
         }
@@ -625,6 +644,10 @@ mod tests {
             (good.replace("name = \"tiny\"", ""), "missing field `name`"),
             (good.replace("mlp = 0.25", "mlp = 0.25\nhidden_weight = -1.0"), "prune.hidden_weight must be 0 or more"),
             (good.replace("mlp = 0.25", "mlp = 1.0"), "prune.mlp is a share to remove"),
+            (good.replace("mlp = 0.25", "mlp = 0.0").replace("heads = 0.5", "heads = 0.0"), "prune removes nothing"),
+            (good.replace("calibration = 16", "calibration = 0"), "prune.calibration needs"),
+            (good.replace("max_drop = 50.0\n\n[prune.train]", "max_drop = nan\n\n[prune.train]"), "prune.max_drop"),
+            (good.replace("calibration = 16", "calibration = 16\nalpha = 2.0"), "prune.alpha must be"),
         ];
         for (text, want) in cases {
             let err = Recipe::load(&write(tmp.path(), &text)).unwrap_err().to_string();

@@ -161,12 +161,14 @@ impl EncoderCheckpoint {
 }
 
 /// Hidden states of a padded batch: `states[j]` `[B, S, H]` after layer `j`, the attention
-/// scores of each layer, and `mask` `[B, S]` (1 where a row has a token, 0 where it was padded).
+/// scores of each layer when asked for, and `mask` `[B, S]` (1 where a row has a token, 0 where
+/// it was padded).
 pub struct BatchStates {
     /// Hidden states after each layer, first to last.
     pub states: Vec<Tensor>,
     /// Each layer's attention scores `[B, heads, S, S]` before the softmax (query rows, key
-    /// columns), padded keys at -1e9.
+    /// columns; in a padded batch the padded keys at -1e9). Empty unless asked for (they hold
+    /// `heads x S x S` values per sentence and layer) or when the model has no layers.
     pub scores: Vec<Tensor>,
     /// Real (1) and padded (0) positions.
     pub mask: Tensor,
@@ -218,6 +220,12 @@ impl<'a> BertModel<'a> {
     /// lengths makes matrices large enough to keep a core busy, where one sentence at a time
     /// spends its time between operations.
     pub fn batch_layer_states(&self, seqs: &[(&[u32], &[u32])]) -> Result<BatchStates> {
+        self.batch_run(seqs, false)
+    }
+
+    /// [`BertModel::batch_layer_states`], keeping each layer's attention scores too when
+    /// `with_scores`.
+    pub fn batch_run(&self, seqs: &[(&[u32], &[u32])], with_scores: bool) -> Result<BatchStates> {
         let c = &self.ck.config;
         let h = c.hidden_size;
         let (b, s) = (seqs.len(), seqs.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0));
@@ -267,7 +275,9 @@ impl<'a> BertModel<'a> {
                 scores = scores.broadcast_add(bias)?;
             }
             let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-            all_scores.push(scores);
+            if with_scores {
+                all_scores.push(scores);
+            }
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
             let attn = self.linear(&ctx, &format!("{p}.attention.output.dense"), h, h)?;
             x = self.layer_norm(&(attn + &x)?, &format!("{p}.attention.output.LayerNorm"))?;
@@ -284,10 +294,10 @@ impl<'a> BertModel<'a> {
         Ok(BatchStates { states, scores: all_scores, mask })
     }
 
-    /// [`BertModel::batch_layer_states`] and the sentence embeddings `[B, H]` pooled from the
-    /// last layer's states.
-    pub fn batch_embed(&self, seqs: &[(&[u32], &[u32])]) -> Result<(BatchStates, Tensor)> {
-        let run = self.batch_layer_states(seqs)?;
+    /// [`BertModel::batch_run`] and the sentence embeddings `[B, H]` pooled from the last
+    /// layer's states.
+    pub fn batch_embed(&self, seqs: &[(&[u32], &[u32])], with_scores: bool) -> Result<(BatchStates, Tensor)> {
+        let run = self.batch_run(seqs, with_scores)?;
         let pooled = self.pool_batch(run.states.last().expect("at least the embeddings' output"), &run.mask)?;
         Ok((run, pooled))
     }

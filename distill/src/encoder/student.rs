@@ -94,10 +94,11 @@ pub struct EncoderDistillReport {
     pub seconds: f64,
 }
 
-/// One tokenized sentence, the teacher's embedding of it `[H]`, the teacher's hidden states
-/// `[S, H]` after each layer whose student counterpart is matched and its attention
-/// distributions `[heads, S, S]` there (in f16: they are the bulk of the memory distillation
-/// holds, 3 x 384 values per token for MiniLM, and targets need no more digits).
+/// One tokenized sentence, the teacher's embedding of it `[H]`, and at each teacher layer a
+/// matched student layer meets, the teacher's hidden states `[S, H]` and attention
+/// distributions `[heads, S, S]` when those terms are trained (in f16: they are the bulk of the
+/// memory distillation holds, for MiniLM's three matched layers 3 x 384 values per token and
+/// 3 x 12 x S per token, and targets need no more digits).
 struct Target {
     ids: Vec<u32>,
     type_ids: Vec<u32>,
@@ -161,7 +162,7 @@ fn mean_cosine(ck: &EncoderCheckpoint, targets: &[Target]) -> Result<f64> {
         let refs: Vec<&Target> = part.iter().collect();
         let mut sum = 0.0;
         for batch in length_batches(&refs, SCORE_BATCH) {
-            let (_, s, t) = run_batch(&model, &batch)?;
+            let (_, s, t) = run_batch(&model, &batch, false)?;
             sum += row_cosines(&s, &t)?.sum_all()?.to_scalar::<f32>()? as f64;
         }
         Ok(sum)
@@ -175,11 +176,55 @@ fn mean_cosine(ck: &EncoderCheckpoint, targets: &[Target]) -> Result<f64> {
 
 /// Runs `batch` through `model` as one padded batch: its hidden states, its sentence
 /// embeddings `[B, H]` and the teacher's `[B, H]`.
-fn run_batch(model: &BertModel, batch: &[&Target]) -> Result<(BatchStates, Tensor, Tensor)> {
+fn run_batch(model: &BertModel, batch: &[&Target], with_scores: bool) -> Result<(BatchStates, Tensor, Tensor)> {
     let seqs: Vec<(&[u32], &[u32])> = batch.iter().map(|t| (&t.ids[..], &t.type_ids[..])).collect();
-    let (out, s) = model.batch_embed(&seqs)?;
+    let (out, s) = model.batch_embed(&seqs, with_scores)?;
     let t = Tensor::stack(&batch.iter().map(|t| &t.embedding).collect::<Vec<_>>(), 0)?;
     Ok((out, s, t))
+}
+
+/// Which per-layer targets the teacher makes (each kept only when trained on: hidden states
+/// cost `S x H` values per layer and sentence, attention distributions `heads x S x S`).
+#[derive(Debug, Clone, Copy)]
+struct TargetKinds {
+    hidden: bool,
+    attention: bool,
+}
+
+/// The teacher's targets for `batch`, run as one padded batch: each sentence's embedding and,
+/// at the teacher layers `layers` (one per matched student layer, in the student's order), its
+/// own hidden states `[S, H]` and attention distributions `[heads, S, S]` as `kinds` asks.
+fn teacher_targets(
+    model: &BertModel,
+    batch: &[(&[u32], &[u32])],
+    layers: &[usize],
+    kinds: TargetKinds,
+) -> Result<Vec<Target>> {
+    use candle_core::DType::F16;
+    let (run, pooled) = model.batch_embed(batch, kinds.attention)?;
+    let mut out = Vec::with_capacity(batch.len());
+    for (row, &(ids, type_ids)) in batch.iter().enumerate() {
+        let n = ids.len();
+        let mut target = Target {
+            ids: ids.to_vec(),
+            type_ids: type_ids.to_vec(),
+            embedding: pooled.get(row)?.detach(),
+            layers: Vec::new(),
+            attentions: Vec::new(),
+        };
+        for &l in layers {
+            if kinds.hidden {
+                target.layers.push(run.states[l].get(row)?.narrow(0, 0, n)?.to_dtype(F16)?);
+            }
+            if kinds.attention {
+                // The sentence's own keys: the padded ones had weight 0 anyway.
+                let scores = run.scores[l].get(row)?.narrow(1, 0, n)?.narrow(2, 0, n)?;
+                target.attentions.push(candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?.to_dtype(F16)?);
+            }
+        }
+        out.push(target);
+    }
+    Ok(out)
 }
 
 /// Sums `terms`, scaled by `weight / terms.len()` (their mean, weighted); none: nothing.
@@ -199,11 +244,12 @@ fn weighted_mean(terms: Vec<Tensor>, weight: f64) -> Result<Option<Tensor>> {
 /// `matched` are the student layers that `Target::layers` and `Target::attentions` hold
 /// targets for, in order.
 fn batch_loss(student: &BertModel, batch: &[&Target], weights: TermWeights, matched: &[usize]) -> Result<Tensor> {
-    let (out, s, t) = run_batch(student, batch)?;
+    let attention = weights.attention > 0.0 && !batch[0].attentions.is_empty();
+    let (out, s, t) = run_batch(student, batch, attention)?;
     let n = batch.len() as f64;
     let mut loss = ((n - row_cosines(&s, &t)?.sum_all()?)? + (&s - &t)?.sqr()?.sum_all()?)?;
     let (b, len) = (batch.len(), out.mask.dim(1)?);
-    if weights.attention > 0.0 && !batch[0].attentions.is_empty() {
+    if attention {
         let heads = out.scores[0].dim(1)?;
         // Each sentence's mean over its heads and real query rows; padded rows and keys have
         // teacher probability 0 and add nothing.
@@ -302,77 +348,44 @@ pub fn distill_encoder(
             Ok((enc.get_ids()[..n].to_vec(), enc.get_type_ids()[..n].to_vec()))
         })
         .collect::<Result<Vec<_>>>()?;
-    // Each sentence with its place in the text: targets are put back in text order, so the
-    // held-out split does not depend on how many workers made them.
-    let mut tokenized: Vec<(usize, Vec<u32>, Vec<u32>)> = tokenized
-        .into_iter()
-        .filter(|(ids, _)| !ids.is_empty())
-        .enumerate()
-        .map(|(i, (ids, types))| (i, ids, types))
-        .collect();
-    let teach = |part: &Vec<&(usize, Vec<u32>, Vec<u32>)>| -> Result<Vec<(usize, Target)>> {
-        let mut out = Vec::with_capacity(part.len());
-        for batch in part.chunks(SCORE_BATCH) {
-            let seqs: Vec<(&[u32], &[u32])> = batch.iter().map(|(_, i, t)| (&i[..], &t[..])).collect();
-            let (run, pooled) = model.batch_embed(&seqs)?;
-            for (row, (at, ids, type_ids)) in batch.iter().enumerate() {
-                // Hidden-state targets cost S x H values per kept layer and sentence: kept only
-                // when they are trained on.
-                let layers = if spec.hidden_weight > 0.0 {
-                    matched
-                        .iter()
-                        .map(|&j| {
-                            Ok(run.states[spec.layers[j]]
-                                .get(row)?
-                                .narrow(0, 0, ids.len())?
-                                .to_dtype(candle_core::DType::F16)?)
-                        })
-                        .collect::<Result<Vec<_>>>()?
-                } else {
-                    Vec::new()
-                };
-                let attentions = if spec.attention_weight > 0.0 {
-                    let n = ids.len();
-                    matched
-                        .iter()
-                        .map(|&j| {
-                            let scores = run.scores[spec.layers[j]].get(row)?.narrow(1, 0, n)?.narrow(2, 0, n)?;
-                            Ok(candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
-                                .to_dtype(candle_core::DType::F16)?)
-                        })
-                        .collect::<Result<Vec<_>>>()?
-                } else {
-                    Vec::new()
-                };
-                let embedding = pooled.get(row)?.detach();
-                let (ids, type_ids) = (ids.clone(), type_ids.clone());
-                out.push((*at, Target { ids, type_ids, embedding, layers, attentions }));
-            }
-        }
-        Ok(out)
-    };
-    // Sorted by length so that the teacher's batches carry little padding, and dealt to the
-    // workers in turn so that each gets as many long sentences as short ones.
-    tokenized.sort_by_key(|(_, ids, _)| ids.len());
-    let workers = training_workers().clamp(1, tokenized.len().max(1));
-    let parts: Vec<Vec<_>> = (0..workers).map(|w| tokenized.iter().skip(w).step_by(workers).collect()).collect();
-    let mut numbered = Vec::with_capacity(tokenized.len());
-    for part in map_parts(&parts, "encoder teacher", teach) {
-        numbered.extend(part?);
+    let mut tokenized: Vec<(Vec<u32>, Vec<u32>)> = tokenized.into_iter().filter(|(ids, _)| !ids.is_empty()).collect();
+    if tokenized.len() < 10 {
+        return Err(bad(format!("{} sentences are too few to train on", tokenized.len())));
     }
-    numbered.sort_by_key(|(at, _)| *at);
-    let mut targets: Vec<Target> = numbered.into_iter().map(|(_, t)| t).collect();
-    if targets.len() < 10 {
-        return Err(bad(format!("{} sentences are too few to train on", targets.len())));
-    }
+    // The held-out tenth is drawn before the targets are made: it is scored on the embedding
+    // alone and needs no per-layer targets.
     let mut rng = Rng::new(spec.seed);
-    rng.shuffle(&mut targets);
-    let mut held = targets.split_off(targets.len() - (targets.len() / 10).max(1));
-    // Held-out sentences are scored on their embedding alone.
-    for t in &mut held {
-        t.layers.clear();
-        t.attentions.clear();
-    }
+    rng.shuffle(&mut tokenized);
+    let held = tokenized.split_off(tokenized.len() - (tokenized.len() / 10).max(1));
+    let teacher_layers: Vec<usize> = matched.iter().map(|&j| spec.layers[j]).collect();
+    let make = |sentences: &[(Vec<u32>, Vec<u32>)], kinds: TargetKinds| -> Result<Vec<Target>> {
+        // Sorted by length so that the teacher's batches carry little padding, dealt to the
+        // workers in turn so that each gets as many long sentences as short ones, and put back
+        // in order, so the targets do not depend on how many workers made them.
+        let mut order: Vec<usize> = (0..sentences.len()).collect();
+        order.sort_by_key(|&i| sentences[i].0.len());
+        let workers = training_workers().clamp(1, order.len().max(1));
+        let parts: Vec<Vec<usize>> =
+            (0..workers).map(|w| order.iter().skip(w).step_by(workers).copied().collect()).collect();
+        let teach = |part: &Vec<usize>| -> Result<Vec<(usize, Target)>> {
+            let mut out = Vec::with_capacity(part.len());
+            for chunk in part.chunks(SCORE_BATCH) {
+                let seqs: Vec<(&[u32], &[u32])> =
+                    chunk.iter().map(|&i| (&sentences[i].0[..], &sentences[i].1[..])).collect();
+                out.extend(chunk.iter().copied().zip(teacher_targets(&model, &seqs, &teacher_layers, kinds)?));
+            }
+            Ok(out)
+        };
+        let mut numbered = Vec::with_capacity(sentences.len());
+        for part in map_parts(&parts, "encoder teacher", teach) {
+            numbered.extend(part?);
+        }
+        numbered.sort_by_key(|(at, _)| *at);
+        Ok(numbered.into_iter().map(|(_, t)| t).collect())
+    };
+    let kinds = TargetKinds { hidden: spec.hidden_weight > 0.0, attention: spec.attention_weight > 0.0 };
+    let mut targets = make(&tokenized, kinds)?;
+    let held = make(&held, TargetKinds { hidden: false, attention: false })?;
 
     // The student: the teacher's embeddings (frozen) and its kept layers renumbered (trained).
     let mut frozen = HashMap::new();
@@ -471,24 +484,76 @@ mod tests {
     use super::*;
     use crate::encoder::{tiny_encoder, Pooling};
 
-    /// The teacher's targets for `seqs`, as `distill_encoder` makes them for a student matched
-    /// at the teacher's layers `matched`.
+    /// The teacher's targets for `seqs`, one sentence at a time, for a student matched at the
+    /// teacher's layers `matched`.
     fn targets(teacher: &EncoderCheckpoint, seqs: &[(&[u32], &[u32])], matched: &[usize]) -> Vec<Target> {
         let m = BertModel::new(teacher);
-        seqs.iter()
-            .map(|&(ids, types)| {
-                let run = m.batch_layer_states(&[(ids, types)]).unwrap();
-                let f16 = |t: Tensor| t.squeeze(0).unwrap().to_dtype(candle_core::DType::F16).unwrap();
-                let probs = |l: usize| candle_nn::ops::softmax(&run.scores[l], candle_core::D::Minus1).unwrap();
-                Target {
-                    ids: ids.to_vec(),
-                    type_ids: types.to_vec(),
-                    embedding: m.pool(run.states.last().unwrap()).unwrap(),
-                    layers: matched.iter().map(|&l| f16(run.states[l].clone())).collect(),
-                    attentions: matched.iter().map(|&l| f16(probs(l))).collect(),
+        let kinds = TargetKinds { hidden: true, attention: true };
+        seqs.iter().flat_map(|&seq| teacher_targets(&m, &[seq], matched, kinds).unwrap()).collect()
+    }
+
+    #[test]
+    fn teacher_targets_hold_each_sentences_own_states_at_the_named_layers() {
+        let teacher = tiny_encoder(Pooling::Mean, 1);
+        let m = BertModel::new(&teacher);
+        let seqs: [(&[u32], &[u32]); 3] = [(&[1, 5, 9], &[0; 3]), (&[2, 30, 7, 7, 11, 3, 8], &[0; 7]), (&[39], &[1])];
+        let kinds = TargetKinds { hidden: true, attention: true };
+        // Layers in the student's order, not the teacher's: student layer 0 meets teacher layer 1.
+        let batch = teacher_targets(&m, &seqs, &[1, 0], kinds).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| {
+            let d =
+                (a.to_dtype(candle_core::DType::F32).unwrap() - b.to_dtype(candle_core::DType::F32).unwrap()).unwrap();
+            d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        };
+        for (t, &(ids, types)) in batch.iter().zip(&seqs) {
+            let alone = m.batch_run(&[(ids, types)], true).unwrap();
+            let n = ids.len();
+            assert_eq!((t.layers.len(), t.attentions.len()), (2, 2));
+            for (j, l) in [1, 0].into_iter().enumerate() {
+                assert_eq!(t.layers[j].dims(), &[n, 16]);
+                assert_eq!(t.attentions[j].dims(), &[4, n, n]);
+                assert!(diff(&t.layers[j], &alone.states[l].squeeze(0).unwrap()) < 1e-2, "states, layer {l}");
+                let probs =
+                    candle_nn::ops::softmax(&alone.scores[l].squeeze(0).unwrap(), candle_core::D::Minus1).unwrap();
+                assert!(diff(&t.attentions[j], &probs) < 1e-3, "attention, layer {l}");
+            }
+            assert!(diff(&t.layers[0], &t.layers[1]) > 1e-2, "two different layers");
+        }
+        // Without the kinds, no per-layer targets are kept.
+        let none = teacher_targets(&m, &seqs, &[1, 0], TargetKinds { hidden: false, attention: false }).unwrap();
+        assert!(none.iter().all(|t| t.layers.is_empty() && t.attentions.is_empty()));
+    }
+
+    #[test]
+    fn the_attention_term_is_the_mean_kl_over_heads_and_queries() {
+        let (teacher, student) = (tiny_encoder(Pooling::Mean, 1), tiny_encoder(Pooling::Mean, 2));
+        let seq: (&[u32], &[u32]) = (&[2, 30, 7, 11, 3], &[0; 5]);
+        let t = targets(&teacher, &[seq], &[0]);
+        let m = BertModel::new(&student);
+        let loss = |attention: f64| {
+            let w = TermWeights { hidden: 0.0, attention };
+            batch_loss(&m, &[&t[0]], w, &[0]).unwrap().to_scalar::<f32>().unwrap() as f64
+        };
+        let term = loss(1.0) - loss(0.0);
+        // The same KL(teacher || student) written out in f64 over the 4 heads and 5 queries.
+        let p: Vec<Vec<Vec<f32>>> = t[0].attentions[0].to_dtype(candle_core::DType::F32).unwrap().to_vec3().unwrap();
+        let scores: Vec<Vec<Vec<f32>>> =
+            m.batch_run(&[seq], true).unwrap().scores[0].squeeze(0).unwrap().to_vec3().unwrap();
+        let mut kl = 0.0;
+        for (ph, sh) in p.iter().zip(&scores) {
+            for (prow, srow) in ph.iter().zip(sh) {
+                let max = srow.iter().fold(f64::MIN, |a, &b| a.max(b as f64));
+                let log_z = srow.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() + max;
+                for (&pk, &sk) in prow.iter().zip(srow) {
+                    if pk > 0.0 {
+                        kl += pk as f64 * ((pk as f64).ln() - (sk as f64 - log_z));
+                    }
                 }
-            })
-            .collect()
+            }
+        }
+        let expected = kl / (4.0 * 5.0);
+        assert!(expected > 1e-4, "the two models attend differently ({expected})");
+        assert!((term - expected).abs() < 1e-3 * expected + 1e-6, "term {term} against {expected}");
     }
 
     #[test]
