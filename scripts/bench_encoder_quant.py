@@ -30,7 +30,7 @@ ap.add_argument("ours")
 ap.add_argument("--work", required=True)
 ap.add_argument("--ours-dynamic", help="our int8-dynamic bundle, compared too")
 ap.add_argument("--student", help="a shallower student bundle (edgelm-distill distill-encoder), compared too")
-ap.add_argument("--student-int8", help="its int8-dynamic bundle, compared too")
+ap.add_argument("--student-int8", help="its int8 bundle (dynamic or static), compared too")
 ap.add_argument("--variant", action="append", default=[], metavar="NAME=BUNDLE",
                 help="another bundle to compare (repeatable), e.g. 'edgelm int8-static=out/minilm/bundle-int8-static'")
 ap.add_argument("--calibration", help="text file (one text per line): also run ONNX Runtime's quantize_static "
@@ -107,7 +107,16 @@ for v in a.variant:
     variants.insert(len(variants) - 1, (name, f"{b}/model.onnx"))
 if a.calibration:
     variants.append(("ORT quantize_static int8", theirs_static))
-for name, b in [("student", a.student), ("student int8-dynamic", a.student_int8)]:
+def scheme(bundle):
+    """The int8 scheme an edgelm bundle's manifest records: static when activation ranges were
+    calibrated, dynamic when integer matmuls quantize activations as they run."""
+    w = json.load(open(f"{bundle}/edgelm.json")).get("weights") or {}
+    if w.get("activations"):
+        return "int8-static"
+    return "int8-dynamic" if w.get("operator") == "DynamicQuantizeMatMul" else "int8"
+
+
+for name, b in [("student", a.student), (f"student {scheme(a.student_int8)}" if a.student_int8 else "", a.student_int8)]:
     if b:
         layers = json.load(open(f"{b}/genai_config.json")).get("model", {}).get("num_hidden_layers") if os.path.exists(f"{b}/genai_config.json") else None
         variants.append((f"{name}" + (f" ({layers} layers)" if layers else ""), f"{b}/model.onnx"))
