@@ -244,6 +244,10 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     // The export check and the last stages need ONNX Runtime: find it before training for
     // minutes, not after.
     edgelm_runtime::ortlib::init(opts.engine.ort_lib.as_deref())?;
+    // Likewise a pruning stage that cannot run.
+    if let Some(p) = &recipe.prune {
+        p.runnable().map_err(|what| Error::InvalidConfig { what })?;
+    }
     let dir = &opts.output;
     std::fs::create_dir_all(dir).at(dir)?;
     let splits = recipe.splits()?;

@@ -371,6 +371,19 @@ fn default_calibration() -> usize {
 }
 
 impl PruneStage {
+    /// Why this stage cannot run as the pipeline's pruning stage, if it cannot: it must remove
+    /// something and rank on some examples. (`prune-structured` may take the shares and the
+    /// calibration count from flags instead, so loading a recipe does not ask this.)
+    pub fn runnable(&self) -> std::result::Result<(), String> {
+        if self.mlp == 0.0 && self.heads == 0.0 && self.query_heads == 0.0 {
+            return Err("[prune] removes nothing: set mlp, heads or query_heads above 0".into());
+        }
+        if self.calibration == 0 {
+            return Err("[prune] calibration needs at least one example to rank units on".into());
+        }
+        Ok(())
+    }
+
     /// The pruning shares.
     pub fn options(&self) -> crate::prune::structured::StructuredOptions {
         crate::prune::structured::StructuredOptions { mlp: self.mlp, heads: self.heads, query_heads: self.query_heads }
@@ -521,12 +534,6 @@ impl Recipe {
                     return Err(format!("prune.{key} is a share to remove, in [0, 1), not {share}"));
                 }
             }
-            if p.mlp == 0.0 && p.heads == 0.0 && p.query_heads == 0.0 {
-                return Err("prune removes nothing: set mlp, heads or query_heads above 0".into());
-            }
-            if p.calibration == 0 {
-                return Err("prune.calibration needs at least one example to rank units on".into());
-            }
             if !(0.0..=1.0).contains(&p.alpha) || !positive(p.temperature) {
                 return Err("prune.alpha must be in [0, 1] and temperature above zero".into());
             }
@@ -644,11 +651,17 @@ mod tests {
             (good.replace("name = \"tiny\"", ""), "missing field `name`"),
             (good.replace("mlp = 0.25", "mlp = 0.25\nhidden_weight = -1.0"), "prune.hidden_weight must be 0 or more"),
             (good.replace("mlp = 0.25", "mlp = 1.0"), "prune.mlp is a share to remove"),
-            (good.replace("mlp = 0.25", "mlp = 0.0").replace("heads = 0.5", "heads = 0.0"), "prune removes nothing"),
-            (good.replace("calibration = 16", "calibration = 0"), "prune.calibration needs"),
             (good.replace("max_drop = 50.0\n\n[prune.train]", "max_drop = nan\n\n[prune.train]"), "prune.max_drop"),
             (good.replace("calibration = 16", "calibration = 16\nalpha = 2.0"), "prune.alpha must be"),
         ];
+        // Shares and calibration may come from prune-structured's flags: a recipe without them
+        // loads, and only the pipeline refuses to run it.
+        let flags_only = good.replace("mlp = 0.25", "mlp = 0.0").replace("heads = 0.5", "heads = 0.0");
+        let r = Recipe::load(&write(tmp.path(), &flags_only)).unwrap();
+        assert!(r.prune.as_ref().unwrap().runnable().unwrap_err().contains("removes nothing"));
+        let r = Recipe::load(&write(tmp.path(), &good.replace("calibration = 16", "calibration = 0"))).unwrap();
+        assert!(r.prune.as_ref().unwrap().runnable().unwrap_err().contains("calibration"));
+        assert!(Recipe::load(&root.join("tiny/recipe.toml")).unwrap().prune.unwrap().runnable().is_ok());
         for (text, want) in cases {
             let err = Recipe::load(&write(tmp.path(), &text)).unwrap_err().to_string();
             assert!(err.contains(want), "{err}");

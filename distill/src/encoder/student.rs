@@ -67,6 +67,12 @@ pub enum HiddenStates {
     Last,
 }
 
+/// The teacher layer each matched student layer meets: student layer `j` was taken from
+/// teacher layer `kept[j]`.
+fn teacher_layers_of(kept: &[usize], matched: &[usize]) -> Vec<usize> {
+    matched.iter().map(|&j| kept[j]).collect()
+}
+
 impl HiddenStates {
     /// Indices of the student's `n` layers that are matched.
     fn matched(self, n: usize) -> Vec<usize> {
@@ -357,7 +363,7 @@ pub fn distill_encoder(
     let mut rng = Rng::new(spec.seed);
     rng.shuffle(&mut tokenized);
     let held = tokenized.split_off(tokenized.len() - (tokenized.len() / 10).max(1));
-    let teacher_layers: Vec<usize> = matched.iter().map(|&j| spec.layers[j]).collect();
+    let teacher_layers = teacher_layers_of(&spec.layers, &matched);
     let make = |sentences: &[(Vec<u32>, Vec<u32>)], kinds: TargetKinds| -> Result<Vec<Target>> {
         // Sorted by length so that the teacher's batches carry little padding, dealt to the
         // workers in turn so that each gets as many long sentences as short ones, and put back
@@ -584,6 +590,9 @@ mod tests {
             let all = HiddenStates::All.matched(2);
             let last = HiddenStates::Last.matched(2);
             assert_eq!((all.as_slice(), last.as_slice()), (&[0, 1][..], &[1][..]));
+            // A student of teacher layers 0 and 5 meets layers 0 and 5, or 5 alone.
+            assert_eq!(teacher_layers_of(&[0, 5], &all), [0, 5]);
+            assert_eq!(teacher_layers_of(&[0, 5], &last), [5]);
             // Each term counts: a weight changes the loss.
             let base = loss(&all, 0.0, 0.0);
             assert!(loss(&all, 0.7, 0.0) > base + 1e-3);
