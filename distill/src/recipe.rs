@@ -520,13 +520,18 @@ impl Recipe {
         if let Some(&l) = self.student.layers.iter().find(|&&l| l >= t.num_hidden_layers) {
             return Err(format!("student layer {l} does not exist in a {}-layer teacher", t.num_hidden_layers));
         }
-        for (name, s) in [("teacher", &t.train), ("student", &self.student.train)] {
+        let prune_train = self.prune.iter().map(|p| ("prune", &p.train));
+        for (name, s) in [("teacher", &t.train), ("student", &self.student.train)].into_iter().chain(prune_train) {
             if s.batch_size == 0 || s.epochs == 0 || !positive(s.lr) {
                 return Err(format!("{name}.train needs batch_size, epochs and lr above zero"));
             }
         }
-        if !(0.0..=1.0).contains(&self.student.alpha) || !positive(self.student.temperature) {
-            return Err("student.alpha must be in [0, 1] and temperature above zero".into());
+        let prune_soft = self.prune.iter().map(|p| ("prune", p.alpha, p.temperature));
+        let student_soft = ("student", self.student.alpha, self.student.temperature);
+        for (name, alpha, temperature) in std::iter::once(student_soft).chain(prune_soft) {
+            if !(0.0..=1.0).contains(&alpha) || !positive(temperature) {
+                return Err(format!("{name}.alpha must be in [0, 1] and temperature above zero"));
+            }
         }
         if let Some(p) = &self.prune {
             for (key, share) in [("mlp", p.mlp), ("heads", p.heads), ("query_heads", p.query_heads)] {
@@ -534,17 +539,11 @@ impl Recipe {
                     return Err(format!("prune.{key} is a share to remove, in [0, 1), not {share}"));
                 }
             }
-            if !(0.0..=1.0).contains(&p.alpha) || !positive(p.temperature) {
-                return Err("prune.alpha must be in [0, 1] and temperature above zero".into());
-            }
             if !non_negative(p.hidden_weight) {
                 return Err(format!("prune.hidden_weight must be 0 or more, not {}", p.hidden_weight));
             }
             if !non_negative(p.max_drop) || p.max_kl.is_some_and(|k| !non_negative(k)) {
                 return Err("prune.max_drop and max_kl must be 0 or more".into());
-            }
-            if p.train.batch_size == 0 || p.train.epochs == 0 || !positive(p.train.lr) {
-                return Err("prune.train needs batch_size, epochs and lr above zero".into());
             }
         }
         Ok(())

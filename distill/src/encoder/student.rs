@@ -233,17 +233,12 @@ fn teacher_targets(
     Ok(out)
 }
 
-/// Sums `terms`, scaled by `weight / terms.len()` (their mean, weighted); none: nothing.
+/// The mean of the scalar `terms`, times `weight`; none: nothing.
 fn weighted_mean(terms: Vec<Tensor>, weight: f64) -> Result<Option<Tensor>> {
-    let n = terms.len() as f64;
-    let mut sum: Option<Tensor> = None;
-    for term in terms {
-        sum = Some(match sum {
-            Some(acc) => (acc + term)?,
-            None => term,
-        });
+    if terms.is_empty() {
+        return Ok(None);
     }
-    Ok(sum.map(|s| s * (weight / n)).transpose()?)
+    Ok(Some((Tensor::stack(&terms, 0)?.mean_all()? * weight)?))
 }
 
 /// The summed loss of a batch of sentences (see the module comment), run as one padded batch.

@@ -51,23 +51,19 @@ pub fn hidden_state_loss(student: &[Tensor], teacher: &[Tensor], matched: &[usiz
     if let Some(l) = matched.iter().find(|&&l| l >= teacher.len()) {
         return Err(bad(format!("teacher layer {l} matched, but the teacher has {} layers", teacher.len())));
     }
-    let mut sum: Option<Tensor> = None;
+    let mut per_layer = Vec::with_capacity(matched.len());
     for (s, &l) in student.iter().zip(matched) {
         let t = teacher[l].detach();
         if s.dims() != t.dims() || s.rank() != 2 {
             return Err(bad(format!("student states {:?} against the teacher's {:?}", s.dims(), t.dims())));
         }
-        let per_row = ((s - &t)?.sqr()?.sum(1)? / t.sqr()?.sum(1)?.maximum(1e-12)?)?;
-        let term = per_row.mean_all()?;
-        sum = Some(match sum {
-            Some(acc) => (acc + term)?,
-            None => term,
-        });
+        per_layer.push(((s - &t)?.sqr()?.sum(1)? / t.sqr()?.sum(1)?.maximum(1e-12)?)?);
     }
-    match sum {
-        Some(sum) => Ok((sum / matched.len() as f64)?),
-        None => Ok(Tensor::zeros((), candle_core::DType::F32, &candle_core::Device::Cpu)?),
+    if per_layer.is_empty() {
+        return Ok(Tensor::zeros((), candle_core::DType::F32, &candle_core::Device::Cpu)?);
     }
+    // Every layer has the same positions: the mean of `[layers, N]` is the mean of the layer means.
+    Ok(Tensor::stack(&per_layer, 0)?.mean_all()?)
 }
 
 /// `alpha * T^2 * KL + (1 - alpha) * CE`, given the student's tempered log-probabilities of the
