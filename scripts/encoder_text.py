@@ -6,18 +6,24 @@ fields included) and the Python standard library (the same for one Python versio
 doc comments, read from cargo's registry cache: run `cargo fetch --locked` first so that every
 pinned crate is there). With --books, also the books of the Rust toolchain in use (rustup's
 rust-docs component). With --html DIR (repeatable), also the paragraphs of every HTML page
-under DIR (the Python documentation of Debian's python3.11-doc, say). Sentences are of
+under DIR (the Python documentation of Debian's python3.11-doc, say). With --crates DIR
+(repeatable), also the prose of the crates `encoder_crates.py fetch` unpacked into DIR. With
+--exclude FILE, sentences already in FILE are left out (text for a second stage of training);
+with --shuffle SEED, the N sentences kept are a random sample instead of an even spread.
+Sentences are of
 letters and spaces only, 40 to 300 characters; with --loose, numbers, symbols and inline code
 stay as written (20 to 600 characters). The repository's own docs, which the encoder
 benchmark scores on, are not used.
 
-usage: encoder_text.py OUT.txt [--sentences 3000] [--wide] [--rust] [--books] [--html DIR] [--loose]   (0: every sentence found)
+usage: encoder_text.py OUT.txt [--sentences 3000] [--wide] [--rust] [--books] [--html DIR] [--crates DIR]
+                         [--loose] [--exclude FILE] [--shuffle SEED]   (--sentences 0: every sentence found)
 """
 import argparse
 import ast
 import glob
 import html.parser
 import os
+import random
 import re
 import subprocess
 import sys
@@ -31,6 +37,9 @@ ap.add_argument("--rust", action="store_true")
 ap.add_argument("--loose", action="store_true")
 ap.add_argument("--books", action="store_true")
 ap.add_argument("--html", action="append", default=[], metavar="DIR")
+ap.add_argument("--crates", action="append", default=[], metavar="DIR")
+ap.add_argument("--exclude", metavar="FILE")
+ap.add_argument("--shuffle", type=int, metavar="SEED")
 a = ap.parse_args()
 
 site = sorted(glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages")))
@@ -67,6 +76,7 @@ def docstrings(node):
 
 
 seen, out = set(), []
+excluded = set(l.strip() for l in open(a.exclude, encoding="utf-8")) if a.exclude else set()
 
 
 def keep(s):
@@ -74,7 +84,7 @@ def keep(s):
     40 to 300 characters. Loose: also numbers, symbols and code words as written, 20 to 600
     characters, at least four words and mostly letters."""
     s = s.strip()
-    if not s or s in seen:
+    if not s or s in seen or s in excluded:
         return
     letters = sum(ch.isalpha() or ch == " " for ch in s)
     if a.loose:
@@ -236,12 +246,25 @@ for folder in a.html:
     for page in pages:
         html_sentences(page)
 
+for folder in a.crates:
+    # encoder_crates.py marks a crate's folder once it is completely unpacked.
+    crates = sorted(d for d in glob.glob(os.path.join(folder, "*")) if os.path.isfile(os.path.join(d, ".edgelm-unpacked")))
+    if not crates:
+        sys.exit(f"no unpacked crates under {folder}: run scripts/encoder_crates.py fetch first")
+    for crate in crates:
+        rust_prose(crate)
+
 if len(out) < a.sentences:
     print(f"encoder_text: only {len(out)} sentences found", file=sys.stderr)
-# A spread over all packages rather than the first files only (0: every sentence found).
+# A spread over all packages rather than the first files only (0: every sentence found), or
+# a random sample.
 n = a.sentences if a.sentences > 0 else len(out)
-step = max(1, len(out) // max(n, 1))
-picked = out[::step][:n]
+if a.shuffle is not None:
+    random.Random(a.shuffle).shuffle(out)
+    picked = out[:n]
+else:
+    step = max(1, len(out) // max(n, 1))
+    picked = out[::step][:n]
 with open(a.out, "w", encoding="utf-8") as f:
     f.write("\n".join(picked) + "\n")
 print(f"encoder_text: {len(picked)} sentences -> {a.out}")
