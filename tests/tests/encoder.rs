@@ -340,6 +340,33 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
     assert_eq!((report["train_sentences"].as_u64(), report["held_out_sentences"].as_u64()), (Some(54), Some(6)));
     let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(student.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["num_hidden_layers"], 2);
+    // A second stage starts from the student, not from the teacher's layers: its "before" is the
+    // first stage's "after" (same text and seed, so the same held-out sentences).
+    let second = tmp.path().join("second");
+    let distill_from = |layers: &str, out: &std::path::Path| {
+        run(Command::new(edgelm_e2e::bin("edgelm-distill"))
+            .args(["distill-encoder", "--layers", layers, "--epochs", "1", "--batch-size", "6", "--lr", "1e-4"])
+            .arg("--teacher")
+            .arg(edgelm_e2e::minilm_dir())
+            .arg("--text")
+            .arg(&text)
+            .arg("--init")
+            .arg(&student)
+            .arg("-o")
+            .arg(out))
+    };
+    let out = distill_from("0,5", &second);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report2: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(second.join("distill_report.json")).unwrap()).unwrap();
+    let start = report2["held_out_cosine"][0].as_f64().unwrap();
+    assert!((start - after).abs() < 1e-5, "the second stage started at {start}, the first ended at {after}");
+    assert_eq!(report2["init"].as_str(), student.to_str());
+    // A start of another depth is refused, naming both depths.
+    let out = distill_from("0,3,5", &tmp.path().join("third"));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has 2 layers, the student 3"), "{err}");
     assert!(student.join("modules.json").exists() && student.join("tokenizer.json").exists());
     // Exported and run like the teacher.
     let b = tmp.path().join("bundle");

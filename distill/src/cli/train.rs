@@ -466,6 +466,10 @@ pub struct DistillEncoderArgs {
     /// Seed of the sentence order and the held-out split.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Start from this student of the same teacher (a distill-encoder output with as many
+    /// layers as --layers names) instead of the teacher's layers: a second stage on more text.
+    #[arg(long)]
+    init: Option<PathBuf>,
 }
 
 /// Distils an encoder.
@@ -487,6 +491,7 @@ pub fn distill_encoder(a: DistillEncoderArgs) -> Result<()> {
         },
         attention_weight: a.attention_weight,
         seed: a.seed,
+        init: a.init,
     };
     let r = distill_encoder(&teacher, &text, &spec, &a.output).context("distilling the encoder")?;
     eprintln!(

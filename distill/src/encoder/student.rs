@@ -18,7 +18,7 @@
 //! they take the teacher.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -51,6 +51,9 @@ pub struct EncoderDistillSpec {
     pub attention_weight: f64,
     /// Seed of the sentence order and the held-out split.
     pub seed: u64,
+    /// A student of this teacher to start from instead of the teacher's layers (a second stage
+    /// of training, on more text): its layers are trained on, the teacher's embeddings stay.
+    pub init: Option<PathBuf>,
 }
 
 /// The student layers whose hidden states are matched, token by token, to those of the teacher
@@ -98,6 +101,8 @@ pub struct EncoderDistillReport {
     pub held_out_cosine: (f64, f64),
     /// Seconds of training.
     pub seconds: f64,
+    /// The student training started from, when not the teacher's layers.
+    pub init: Option<PathBuf>,
 }
 
 /// One tokenized sentence, the teacher's embedding of it `[H]`, and at each teacher layer a
@@ -385,6 +390,18 @@ pub fn distill_encoder(
         Ok(numbered.into_iter().map(|(_, t)| t).collect())
     };
     let kinds = TargetKinds { hidden: spec.hidden_weight > 0.0, attention: spec.attention_weight > 0.0 };
+    // Refused before the teacher's run rather than killed by the system part way through it.
+    let lens: Vec<usize> = tokenized.iter().map(|(ids, _)| ids.len()).collect();
+    let need = target_bytes(&lens, matched.len(), c.hidden_size, c.num_attention_heads, kinds);
+    if let Some(free) = available_memory().filter(|&free| need > free / 10 * 9) {
+        return Err(bad(format!(
+            "the teacher's targets for {} sentences take about {:.1} GB, more than the {:.1} GB of memory \
+             available: train on part of the text, then go on from that student with --init on the rest",
+            lens.len(),
+            need as f64 / 1e9,
+            free as f64 / 1e9
+        )));
+    }
     let mut targets = make(&tokenized, kinds)?;
     let held = make(&held, TargetKinds { hidden: false, attention: false })?;
 
@@ -401,6 +418,11 @@ pub fn distill_encoder(
                 trained.insert(format!("encoder.layer.{i}.{tail}"), t.copy()?);
             }
         }
+    }
+    if let Some(dir) = &spec.init {
+        let start = EncoderCheckpoint::load(dir)?;
+        start_from(&mut trained, &frozen, &start, spec.layers.len())
+            .map_err(|what| bad(format!("{} cannot be the start: {what}", dir.display())))?;
     }
     let student_config = super::EncoderConfig { num_hidden_layers: spec.layers.len(), ..c.clone() };
     let student_at = |weights: HashMap<String, Tensor>| EncoderCheckpoint {
@@ -468,10 +490,63 @@ pub fn distill_encoder(
         steps: trainer.step(),
         held_out_cosine: (before, after),
         seconds,
+        init: spec.init.clone(),
     };
     let rp = out.join("distill_report.json");
     std::fs::write(&rp, serde_json::to_string_pretty(&report).expect("json")).at(&rp)?;
     Ok(report)
+}
+
+/// Bytes the teacher's targets of sentences of `lens` tokens take in memory (see `Target`): the
+/// f32 embedding, the token and type ids, and per matched layer the f16 hidden states and
+/// attention distributions `kinds` asks for, each tensor with some bookkeeping besides.
+fn target_bytes(lens: &[usize], matched: usize, hidden: usize, heads: usize, kinds: TargetKinds) -> u64 {
+    const TENSOR: u64 = 200;
+    let per_layer = |n: u64| {
+        let states = if kinds.hidden { n * hidden as u64 * 2 + TENSOR } else { 0 };
+        let attention = if kinds.attention { heads as u64 * n * n * 2 + TENSOR } else { 0 };
+        states + attention
+    };
+    lens.iter().map(|&n| hidden as u64 * 4 + TENSOR + 8 * n as u64 + matched as u64 * per_layer(n as u64)).sum()
+}
+
+/// Memory the system could give this process now (`MemAvailable` of /proc/meminfo), in bytes;
+/// none where that is not known.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// Replaces the teacher's layers in `trained` by those of `start`, a student of `depth` layers
+/// distilled from the same teacher: the embeddings it was trained with must be the teacher's
+/// (`frozen`), which the student keeps. The error says what does not fit.
+fn start_from(
+    trained: &mut HashMap<String, Tensor>,
+    frozen: &HashMap<String, Tensor>,
+    start: &EncoderCheckpoint,
+    depth: usize,
+) -> std::result::Result<(), String> {
+    if start.config.num_hidden_layers != depth {
+        return Err(format!("it has {} layers, the student {depth}", start.config.num_hidden_layers));
+    }
+    let same = |a: &Tensor, b: &Tensor| -> candle_core::Result<bool> {
+        Ok(a.dims() == b.dims() && a.ne(b)?.flatten_all()?.max(0)?.to_scalar::<u8>()? == 0)
+    };
+    for (name, t) in frozen {
+        let theirs = start.tensors.get(name).ok_or_else(|| format!("it has no {name}"))?;
+        if !same(t, theirs).map_err(|e| e.to_string())? {
+            return Err(format!("its {name} differs from the teacher's (a student of another teacher?)"));
+        }
+    }
+    for (name, t) in trained.iter_mut() {
+        let theirs = start.tensors.get(name).ok_or_else(|| format!("it has no {name}"))?;
+        if theirs.dims() != t.dims() {
+            return Err(format!("its {name} is {:?}, the student's {:?}", theirs.dims(), t.dims()));
+        }
+        *t = theirs.copy().map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Reads one sentence per line (blank lines skipped).
@@ -604,6 +679,52 @@ mod tests {
             let own = loss_of(&teacher, &all, 0.0, 1.0) - loss_of(&teacher, &all, 0.0, 0.0);
             assert!(own.abs() < 1e-3, "{pooling:?}: the teacher's own attention costs {own}");
         }
+    }
+
+    #[test]
+    fn target_memory_counts_each_kind_of_target() {
+        let none = TargetKinds { hidden: false, attention: false };
+        let hidden = TargetKinds { hidden: true, attention: false };
+        let both = TargetKinds { hidden: true, attention: true };
+        // Sentences of 3 and 5 tokens, 2 matched layers, H 4, 2 heads.
+        // Each: 16 (embedding) + 200 + 8 n (ids).
+        assert_eq!(target_bytes(&[3, 5], 2, 4, 2, none), (16 + 200 + 24) + (16 + 200 + 40));
+        // Hidden states: 2 layers x (n x 4 x 2 + 200).
+        assert_eq!(target_bytes(&[3, 5], 2, 4, 2, hidden), 496 + 2 * (24 + 200) + 2 * (40 + 200));
+        // Attention: 2 layers x (2 x n^2 x 2 + 200) besides.
+        assert_eq!(target_bytes(&[3, 5], 2, 4, 2, both), 496 + 928 + 2 * (36 + 200) + 2 * (100 + 200));
+        assert!(available_memory().is_some_and(|b| b > 1 << 20), "/proc/meminfo is read on Linux");
+    }
+
+    #[test]
+    fn a_second_stage_starts_from_a_student_of_the_same_teacher_only() {
+        let (teacher, other) = (tiny_encoder(Pooling::Mean, 1), tiny_encoder(Pooling::Mean, 2));
+        let split = |ck: &EncoderCheckpoint, embeddings: bool| -> HashMap<String, Tensor> {
+            ck.tensors
+                .iter()
+                .filter(|(k, _)| k.starts_with("embeddings.") == embeddings)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let frozen = split(&teacher, true);
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Another teacher's student: its embeddings are not these.
+        let mut trained = split(&teacher, false);
+        let err = start_from(&mut trained, &frozen, &other, 2).unwrap_err();
+        assert!(err.contains("differs from the teacher's"), "{err}");
+        // A student of this teacher (its embeddings, its own layers) of another depth, then the same depth.
+        let mut start = tiny_encoder(Pooling::Mean, 2);
+        start.tensors.extend(frozen.clone());
+        let err = start_from(&mut trained, &frozen, &start, 1).unwrap_err();
+        assert_eq!(err, "it has 2 layers, the student 1");
+        start_from(&mut trained, &frozen, &start, 2).unwrap();
+        for (name, t) in &trained {
+            assert_eq!(values(t), values(&other.tensors[name]), "{name} is the start's");
+        }
+        // A start that lacks a layer's tensor is named.
+        start.tensors.remove("encoder.layer.1.output.dense.weight");
+        let err = start_from(&mut trained, &frozen, &start, 2).unwrap_err();
+        assert_eq!(err, "it has no encoder.layer.1.output.dense.weight");
     }
 
     #[test]
