@@ -3,20 +3,24 @@
 list trains on the same text.
 
     encoder_crates.py fetch LIST DIR    downloads each listed crate from static.crates.io, checks
-                                        its sha256 and unpacks its .md and .rs files into
-                                        DIR/NAME-VERSION (crates already there are skipped)
+                                        its sha256 and unpacks its .md and .rs files (those under
+                                        1 MB: bigger ones are generated bindings) into
+                                        DIR/NAME-VERSION (crates already there are skipped), and
+                                        writes DIR/crates.txt, the folders of this list
     encoder_crates.py list N > LIST     writes a new list of N crates: the latest release of a set
                                         of well-known seed crates, then of their dependencies,
                                         breadth first, read from the sparse index (index.crates.io)
 
-`encoder_text.py --crates DIR` reads the unpacked crates. The list is a snapshot: `list` gives
+`encoder_text.py --crates DIR` reads the crates DIR/crates.txt names. The list is a snapshot: `list` gives
 other versions on another day, which is why the list is kept in the repository.
 """
 import concurrent.futures
 import hashlib
+import http.client
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
 import time
@@ -52,18 +56,21 @@ serialport rppal linux-embedded-hal i2cdev spidev gpio-cdev
 """.split()
 
 MARK = ".edgelm-unpacked"
+# Files bigger than this are generated code (bindings, tables), not prose.
+LARGEST = 1 << 20
 
 
 def get(url):
     """The body at `url`; None when it does not exist. Retries other failures three times."""
     for attempt in range(3):
         try:
-            return urllib.request.urlopen(url, timeout=60).read()
+            with urllib.request.urlopen(url, timeout=60) as r:
+                return r.read()
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 return None
             err = e
-        except OSError as e:
+        except (OSError, http.client.HTTPException) as e:
             err = e
         time.sleep(1 + attempt)
     raise SystemExit(f"{url}: {err}")
@@ -76,14 +83,13 @@ def index_path(name):
 
 
 def latest(name):
-    """The index entry of `name`'s newest release that is neither yanked nor a pre-release."""
+    """The index entry of `name`'s highest release that is neither yanked nor a pre-release (the
+    index lists releases in the order they were published, which puts a fix to an old branch
+    after newer versions)."""
     body = get(f"https://index.crates.io/{index_path(name)}")
-    best = None
-    for line in (body or b"").decode().splitlines():
-        entry = json.loads(line)
-        if not entry["yanked"] and "-" not in entry["vers"]:
-            best = entry
-    return best
+    releases = [json.loads(line) for line in (body or b"").decode().splitlines()]
+    releases = [e for e in releases if not e["yanked"] and "-" not in e["vers"] and "+" not in e["vers"]]
+    return max(releases, key=lambda e: tuple(int(x) for x in e["vers"].split(".")), default=None)
 
 
 def make_list(n):
@@ -108,20 +114,23 @@ def make_list(n):
 
 def unpack(row, out):
     """Downloads one crate, checks it and unpacks its .md and .rs files; the mark file, written
-    last, says the folder is complete."""
+    last, says the folder is complete. Returns what went wrong, or None."""
     name, version, sha = row
     folder = os.path.join(out, f"{name}-{version}")
     if os.path.isfile(os.path.join(folder, MARK)):
-        return
-    data = get(f"https://static.crates.io/crates/{name}/{name}-{version}.crate")
+        return None
+    try:
+        data = get(f"https://static.crates.io/crates/{name}/{name}-{version}.crate")
+    except SystemExit as e:
+        return str(e)
     if data is None:
-        raise SystemExit(f"{name} {version} is not on crates.io")
+        return f"{name} {version} is not on crates.io"
     if hashlib.sha256(data).hexdigest() != sha:
-        raise SystemExit(f"{name} {version}: sha256 differs from the list's")
+        return f"{name} {version}: sha256 differs from the list's"
     root = os.path.realpath(out)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for member in tar.getmembers():
-            if not (member.isfile() and member.name.endswith((".md", ".rs"))):
+            if not (member.isfile() and member.name.endswith((".md", ".rs")) and member.size <= LARGEST):
                 continue
             path = os.path.realpath(os.path.join(out, member.name))
             # A crate's files live under NAME-VERSION/; anything else is skipped.
@@ -129,9 +138,10 @@ def unpack(row, out):
                 continue
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
-                f.write(tar.extractfile(member).read())
+                shutil.copyfileobj(tar.extractfile(member), f)
     os.makedirs(folder, exist_ok=True)
     open(os.path.join(folder, MARK), "w").close()
+    return None
 
 
 def fetch(list_path, out):
@@ -144,8 +154,18 @@ def fetch(list_path, out):
             raise SystemExit(f"{list_path}:{number}: expected `name version sha256`")
         rows.append(tuple(fields))
     os.makedirs(out, exist_ok=True)
+    failed = []
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda row: unpack(row, out), rows))
+        for done, problem in enumerate(pool.map(lambda row: unpack(row, out), rows), 1):
+            if problem:
+                failed.append(problem)
+            if done % 250 == 0:
+                print(f"encoder_crates: {done} of {len(rows)} crates", file=sys.stderr)
+    if failed:
+        raise SystemExit(f"{len(failed)} crates failed:\n" + "\n".join(failed))
+    # The folders of this list: a folder left from another list is not read.
+    with open(os.path.join(out, "crates.txt"), "w") as f:
+        f.write("".join(f"{name}-{version}\n" for name, version, _ in rows))
     print(f"encoder_crates: {len(rows)} crates in {out}", file=sys.stderr)
 
 

@@ -7,10 +7,10 @@ doc comments, read from cargo's registry cache: run `cargo fetch --locked` first
 pinned crate is there). With --books, also the books of the Rust toolchain in use (rustup's
 rust-docs component). With --html DIR (repeatable), also the paragraphs of every HTML page
 under DIR (the Python documentation of Debian's python3.11-doc, say). With --crates DIR
-(repeatable), also the prose of the crates `encoder_crates.py fetch` unpacked into DIR. With
---exclude FILE, sentences already in FILE are left out (text for a second stage of training);
-with --shuffle SEED, the N sentences kept are a random sample instead of an even spread.
-Sentences are of
+(repeatable), also the prose of the crates `encoder_crates.py fetch` unpacked into DIR (those
+its DIR/crates.txt lists). With --exclude FILE, sentences already in FILE are left out (text
+for a second stage of training); with --shuffle SEED, the N sentences kept are a random
+sample instead of an even spread. Sentences are of
 letters and spaces only, 40 to 300 characters; with --loose, numbers, symbols and inline code
 stay as written (20 to 600 characters). The repository's own docs, which the encoder
 benchmark scores on, are not used.
@@ -247,12 +247,12 @@ for folder in a.html:
         html_sentences(page)
 
 for folder in a.crates:
-    # encoder_crates.py marks a crate's folder once it is completely unpacked.
-    crates = sorted(d for d in glob.glob(os.path.join(folder, "*")) if os.path.isfile(os.path.join(d, ".edgelm-unpacked")))
-    if not crates:
-        sys.exit(f"no unpacked crates under {folder}: run scripts/encoder_crates.py fetch first")
-    for crate in crates:
-        rust_prose(crate)
+    # encoder_crates.py writes crates.txt once every crate of its list is unpacked.
+    listed = os.path.join(folder, "crates.txt")
+    if not os.path.isfile(listed):
+        sys.exit(f"{listed} is missing: run scripts/encoder_crates.py fetch LIST {folder} first")
+    for crate in sorted(l.strip() for l in open(listed) if l.strip()):
+        rust_prose(os.path.join(folder, crate))
 
 if len(out) < a.sentences:
     print(f"encoder_text: only {len(out)} sentences found", file=sys.stderr)

@@ -31,6 +31,32 @@ pub fn rss_bytes() -> u64 {
     status_kib("VmRSS:") * 1024
 }
 
+/// A field of /proc/meminfo (`"MemTotal:"`, `"MemAvailable:"`), in bytes; none where that file
+/// or field is missing.
+pub fn meminfo_bytes(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// Memory this process could still take, in bytes: the system's `MemAvailable`, or less where
+/// the control group it runs in (a container's) has a lower limit left, cgroup v2 or v1; none
+/// where not known.
+pub fn available_memory_bytes() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok()?.trim().parse::<u64>().ok();
+    // "max" (no limit) does not parse and leaves the system figure.
+    let cgroup = [
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ]
+    .into_iter()
+    .find_map(|(limit, used)| Some(read(limit)?.saturating_sub(read(used)?)));
+    match (meminfo_bytes("MemAvailable:"), cgroup) {
+        (Some(system), Some(group)) => Some(system.min(group)),
+        (system, group) => system.or(group),
+    }
+}
+
 fn status_kib(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -219,7 +219,9 @@ fn teacher_targets(
         let mut target = Target {
             ids: ids.to_vec(),
             type_ids: type_ids.to_vec(),
-            embedding: pooled.get(row)?.detach(),
+            // Its own storage: a view (and candle's `copy` of one) would keep the whole batch's
+            // (with CLS pooling and no normalisation, the last layer's states of every token).
+            embedding: pooled.get(row)?.force_contiguous()?.detach(),
             layers: Vec::new(),
             attentions: Vec::new(),
         };
@@ -389,22 +391,6 @@ pub fn distill_encoder(
         numbered.sort_by_key(|(at, _)| *at);
         Ok(numbered.into_iter().map(|(_, t)| t).collect())
     };
-    let kinds = TargetKinds { hidden: spec.hidden_weight > 0.0, attention: spec.attention_weight > 0.0 };
-    // Refused before the teacher's run rather than killed by the system part way through it.
-    let lens: Vec<usize> = tokenized.iter().map(|(ids, _)| ids.len()).collect();
-    let need = target_bytes(&lens, matched.len(), c.hidden_size, c.num_attention_heads, kinds);
-    if let Some(free) = available_memory().filter(|&free| need > free / 10 * 9) {
-        return Err(bad(format!(
-            "the teacher's targets for {} sentences take about {:.1} GB, more than the {:.1} GB of memory \
-             available: train on part of the text, then go on from that student with --init on the rest",
-            lens.len(),
-            need as f64 / 1e9,
-            free as f64 / 1e9
-        )));
-    }
-    let mut targets = make(&tokenized, kinds)?;
-    let held = make(&held, TargetKinds { hidden: false, attention: false })?;
-
     // The student: the teacher's embeddings (frozen) and its kept layers renumbered (trained).
     let mut frozen = HashMap::new();
     let mut trained = HashMap::new();
@@ -420,10 +406,26 @@ pub fn distill_encoder(
         }
     }
     if let Some(dir) = &spec.init {
-        let start = EncoderCheckpoint::load(dir)?;
-        start_from(&mut trained, &frozen, &start, spec.layers.len())
-            .map_err(|what| bad(format!("{} cannot be the start: {what}", dir.display())))?;
+        let cannot = |what: String| bad(format!("--init {}: {what}", dir.display()));
+        let start = EncoderCheckpoint::load(dir).map_err(|e| cannot(e.to_string()))?;
+        // The teacher layers each student layer came from decide the hidden-state targets.
+        if let Some(layers) = recorded_layers(dir).map_err(cannot)?.filter(|l| *l != spec.layers) {
+            return Err(cannot(format!(
+                "it was taken from teacher layers {layers:?} (its distill_report.json), not {:?}: give --layers {}",
+                spec.layers,
+                layers.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(",")
+            )));
+        }
+        start_from(&mut trained, &frozen, &start, spec.layers.len()).map_err(cannot)?;
     }
+    // Checked before the teacher runs over the text rather than found out part way through.
+    let kinds = TargetKinds { hidden: spec.hidden_weight > 0.0, attention: spec.attention_weight > 0.0 };
+    let lens: Vec<usize> = tokenized.iter().map(|(ids, _)| ids.len()).collect();
+    let need = target_bytes(&lens, matched.len(), c.hidden_size, c.num_attention_heads, kinds);
+    let trained_bytes: usize = trained.values().map(|t| t.elem_count() * 4).sum();
+    fits(&lens, need, trained_bytes as u64, edgelm_runtime::metrics::available_memory_bytes()).map_err(bad)?;
+    let mut targets = make(&tokenized, kinds)?;
+    let held = make(&held, TargetKinds { hidden: false, attention: false })?;
     let student_config = super::EncoderConfig { num_hidden_layers: spec.layers.len(), ..c.clone() };
     let student_at = |weights: HashMap<String, Tensor>| EncoderCheckpoint {
         dir: out.to_path_buf(),
@@ -490,32 +492,67 @@ pub fn distill_encoder(
         steps: trainer.step(),
         held_out_cosine: (before, after),
         seconds,
-        init: spec.init.clone(),
+        init: spec.init.as_ref().map(|d| d.canonicalize().unwrap_or_else(|_| d.clone())),
     };
     let rp = out.join("distill_report.json");
     std::fs::write(&rp, serde_json::to_string_pretty(&report).expect("json")).at(&rp)?;
     Ok(report)
 }
 
+/// Bookkeeping of one stored tensor besides its values: candle's tensor record, its shape and
+/// strides, the allocation's header (an estimate).
+const TENSOR_OVERHEAD_BYTES: u64 = 200;
+
 /// Bytes the teacher's targets of sentences of `lens` tokens take in memory (see `Target`): the
 /// f32 embedding, the token and type ids, and per matched layer the f16 hidden states and
-/// attention distributions `kinds` asks for, each tensor with some bookkeeping besides.
+/// attention distributions `kinds` asks for.
 fn target_bytes(lens: &[usize], matched: usize, hidden: usize, heads: usize, kinds: TargetKinds) -> u64 {
-    const TENSOR: u64 = 200;
     let per_layer = |n: u64| {
-        let states = if kinds.hidden { n * hidden as u64 * 2 + TENSOR } else { 0 };
-        let attention = if kinds.attention { heads as u64 * n * n * 2 + TENSOR } else { 0 };
+        let states = if kinds.hidden { n * hidden as u64 * 2 + TENSOR_OVERHEAD_BYTES } else { 0 };
+        let attention = if kinds.attention { heads as u64 * n * n * 2 + TENSOR_OVERHEAD_BYTES } else { 0 };
         states + attention
     };
-    lens.iter().map(|&n| hidden as u64 * 4 + TENSOR + 8 * n as u64 + matched as u64 * per_layer(n as u64)).sum()
+    lens.iter()
+        .map(|&n| hidden as u64 * 4 + TENSOR_OVERHEAD_BYTES + 8 * n as u64 + matched as u64 * per_layer(n as u64))
+        .sum()
 }
 
-/// Memory the system could give this process now (`MemAvailable` of /proc/meminfo), in bytes;
-/// none where that is not known.
-fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+/// Whether targets of `need` bytes for sentences of `lens` tokens fit in `available` bytes
+/// beside training (a fixed 1 GiB for the runs' activations, and eight times the `trained`
+/// weights' bytes for their copies, gradients and the optimizer's moments); the error says how
+/// many sentences would. Unknown memory passes.
+fn fits(lens: &[usize], need: u64, trained: u64, available: Option<u64>) -> std::result::Result<(), String> {
+    let Some(available) = available else { return Ok(()) };
+    let room = available.saturating_sub((1 << 30) + 8 * trained);
+    if need <= room {
+        return Ok(());
+    }
+    let share = room as f64 / need as f64;
+    Err(format!(
+        "the teacher's targets for {} sentences take about {:.1} GB and training about {:.1} GB more, with {:.1} GB \
+         of memory available: train on about {} sentences, then go on from that student with --init on the rest",
+        lens.len(),
+        need as f64 / 1e9,
+        ((1u64 << 30) + 8 * trained) as f64 / 1e9,
+        available as f64 / 1e9,
+        (lens.len() as f64 * share) as usize
+    ))
+}
+
+/// The teacher layers a student was taken from, as its distill_report.json records them; none
+/// for a student without one (made elsewhere).
+fn recorded_layers(dir: &Path) -> std::result::Result<Option<Vec<usize>>, String> {
+    let path = dir.join("distill_report.json");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+    let report: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+    let layers =
+        report.get("layers").and_then(|l| l.as_array()).ok_or_else(|| format!("{} has no layers", path.display()))?;
+    layers
+        .iter()
+        .map(|l| l.as_u64().map(|l| l as usize).ok_or_else(|| format!("{}: layers are not numbers", path.display())))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 /// Replaces the teacher's layers in `trained` by those of `start`, a student of `depth` layers
@@ -528,7 +565,10 @@ fn start_from(
     depth: usize,
 ) -> std::result::Result<(), String> {
     if start.config.num_hidden_layers != depth {
-        return Err(format!("it has {} layers, the student {depth}", start.config.num_hidden_layers));
+        return Err(format!(
+            "it has {} layers, the student {depth} (--layers names the teacher layers the start was taken from)",
+            start.config.num_hidden_layers
+        ));
     }
     let same = |a: &Tensor, b: &Tensor| -> candle_core::Result<bool> {
         Ok(a.dims() == b.dims() && a.ne(b)?.flatten_all()?.max(0)?.to_scalar::<u8>()? == 0)
@@ -539,12 +579,15 @@ fn start_from(
             return Err(format!("its {name} differs from the teacher's (a student of another teacher?)"));
         }
     }
-    for (name, t) in trained.iter_mut() {
+    // Every tensor is checked before any is replaced.
+    for (name, t) in trained.iter() {
         let theirs = start.tensors.get(name).ok_or_else(|| format!("it has no {name}"))?;
         if theirs.dims() != t.dims() {
             return Err(format!("its {name} is {:?}, the student's {:?}", theirs.dims(), t.dims()));
         }
-        *t = theirs.copy().map_err(|e| e.to_string())?;
+    }
+    for (name, t) in trained.iter_mut() {
+        *t = start.tensors[name].copy().map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -693,7 +736,52 @@ mod tests {
         assert_eq!(target_bytes(&[3, 5], 2, 4, 2, hidden), 496 + 2 * (24 + 200) + 2 * (40 + 200));
         // Attention: 2 layers x (2 x n^2 x 2 + 200) besides.
         assert_eq!(target_bytes(&[3, 5], 2, 4, 2, both), 496 + 928 + 2 * (36 + 200) + 2 * (100 + 200));
-        assert!(available_memory().is_some_and(|b| b > 1 << 20), "/proc/meminfo is read on Linux");
+    }
+
+    #[test]
+    fn the_memory_estimate_is_what_the_targets_hold() {
+        for pooling in [Pooling::Mean, Pooling::Cls] {
+            let teacher = tiny_encoder(pooling, 1);
+            let m = BertModel::new(&teacher);
+            let seqs: [(&[u32], &[u32]); 2] = [(&[2, 30, 7, 3], &[0; 4]), (&[2, 5, 6, 8, 9, 3], &[0; 6])];
+            let kinds = TargetKinds { hidden: true, attention: true };
+            let targets = teacher_targets(&m, &seqs, &[0, 1], kinds).unwrap();
+            let mut held = 0u64;
+            for t in &targets {
+                let tensors: Vec<&Tensor> =
+                    std::iter::once(&t.embedding).chain(&t.layers).chain(&t.attentions).collect();
+                for x in &tensors {
+                    // Each tensor's own storage: a view of a batch would hold more than its values.
+                    let values = (x.elem_count() * x.dtype().size_in_bytes()) as u64;
+                    let (storage, layout) = x.storage_and_layout();
+                    assert_eq!(layout.start_offset(), 0, "{pooling:?}: a view into a larger tensor");
+                    let stored = match &*storage {
+                        candle_core::Storage::Cpu(c) => c
+                            .as_slice::<f32>()
+                            .map(|v| v.len() * 4)
+                            .or_else(|_| c.as_slice::<half::f16>().map(|v| v.len() * 2)),
+                        _ => unreachable!("the tests run on the CPU"),
+                    }
+                    .unwrap() as u64;
+                    assert_eq!(stored, values, "{pooling:?}: storage beyond the values");
+                    held += values + TENSOR_OVERHEAD_BYTES;
+                }
+                held += (t.ids.len() + t.type_ids.len()) as u64 * 4;
+            }
+            assert_eq!(target_bytes(&[4, 6], 2, 16, 4, kinds), held, "{pooling:?}");
+        }
+    }
+
+    #[test]
+    fn targets_that_do_not_fit_are_refused_with_the_count_that_would() {
+        let lens = vec![20; 1000];
+        let gib = 1u64 << 30;
+        // 1 GiB for training, 8 x 64 MiB for the trained weights: 1.5 GiB before the targets.
+        assert!(fits(&lens, gib, 64 << 20, Some(3 * gib)).is_ok());
+        assert!(fits(&lens, gib, 64 << 20, None).is_ok(), "unknown memory passes");
+        let err = fits(&lens, 3 * gib, 64 << 20, Some(3 * gib)).unwrap_err();
+        assert!(err.contains("train on about 500 sentences"), "{err}");
+        assert!(fits(&lens, 1, 64 << 20, Some(gib)).unwrap_err().contains("train on about 0 sentences"));
     }
 
     #[test]
@@ -716,7 +804,7 @@ mod tests {
         let mut start = tiny_encoder(Pooling::Mean, 2);
         start.tensors.extend(frozen.clone());
         let err = start_from(&mut trained, &frozen, &start, 1).unwrap_err();
-        assert_eq!(err, "it has 2 layers, the student 1");
+        assert!(err.starts_with("it has 2 layers, the student 1"), "{err}");
         start_from(&mut trained, &frozen, &start, 2).unwrap();
         for (name, t) in &trained {
             assert_eq!(values(t), values(&other.tensors[name]), "{name} is the start's");

@@ -68,14 +68,11 @@ fn cpu_features() -> Vec<(&'static str, bool)> {
     }
 }
 
-/// `MemTotal` and `MemAvailable` from /proc/meminfo, in MiB.
+/// `MemTotal` of /proc/meminfo and the memory available to this process (a container's limit
+/// counts), in MiB.
 fn memory_mib() -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let field = |name: &str| -> Option<u64> {
-        let line = text.lines().find(|l| l.starts_with(name))?;
-        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib / 1024)
-    };
-    Some((field("MemTotal:")?, field("MemAvailable:")?))
+    use edgelm_runtime::metrics::{available_memory_bytes, meminfo_bytes};
+    Some((meminfo_bytes("MemTotal:")? >> 20, available_memory_bytes()? >> 20))
 }
 
 /// Runs every check; fails when one failed.
