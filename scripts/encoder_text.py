@@ -8,8 +8,8 @@ pinned crate is there). With --books, also the books of the Rust toolchain in us
 rust-docs component). With --html DIR (repeatable), also the paragraphs of every HTML page
 under DIR (the Python documentation of Debian's python3.11-doc, say). With --crates DIR
 (repeatable), also the prose of the crates `encoder_crates.py fetch` unpacked into DIR (those
-its DIR/crates.txt lists). With --exclude FILE, sentences already in FILE are left out (text
-for a second stage of training); with --shuffle SEED, the N sentences kept are a random
+its DIR/crates.txt lists). With --exclude FILE (repeatable), sentences already in FILE are
+left out (text for a later stage of training); with --shuffle SEED, the N sentences kept are a random
 sample instead of an even spread. Sentences are of
 letters and spaces only, 40 to 300 characters; with --loose, numbers, symbols and inline code
 stay as written (20 to 600 characters). The repository's own docs, which the encoder
@@ -38,7 +38,7 @@ ap.add_argument("--loose", action="store_true")
 ap.add_argument("--books", action="store_true")
 ap.add_argument("--html", action="append", default=[], metavar="DIR")
 ap.add_argument("--crates", action="append", default=[], metavar="DIR")
-ap.add_argument("--exclude", metavar="FILE")
+ap.add_argument("--exclude", action="append", default=[], metavar="FILE")
 ap.add_argument("--shuffle", type=int, metavar="SEED")
 a = ap.parse_args()
 
@@ -76,7 +76,7 @@ def docstrings(node):
 
 
 seen, out = set(), []
-excluded = set(l.strip() for l in open(a.exclude, encoding="utf-8")) if a.exclude else set()
+excluded = set(l.strip() for path in a.exclude for l in open(path, encoding="utf-8"))
 
 
 def keep(s):
