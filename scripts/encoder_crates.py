@@ -61,7 +61,8 @@ LARGEST = 1 << 20
 
 
 def get(url):
-    """The body at `url`; None when it does not exist. Retries other failures three times."""
+    """The body at `url`; None when it does not exist. Retries other failures three times, then
+    raises OSError."""
     for attempt in range(3):
         try:
             with urllib.request.urlopen(url, timeout=60) as r:
@@ -73,7 +74,7 @@ def get(url):
         except (OSError, http.client.HTTPException) as e:
             err = e
         time.sleep(1 + attempt)
-    raise SystemExit(f"{url}: {err}")
+    raise OSError(f"{url}: {err}")
 
 
 def index_path(name):
@@ -121,7 +122,7 @@ def unpack(row, out):
         return None
     try:
         data = get(f"https://static.crates.io/crates/{name}/{name}-{version}.crate")
-    except SystemExit as e:
+    except OSError as e:
         return str(e)
     if data is None:
         return f"{name} {version} is not on crates.io"
@@ -173,6 +174,9 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "fetch":
         fetch(sys.argv[2], sys.argv[3])
     elif len(sys.argv) == 3 and sys.argv[1] == "list":
-        make_list(int(sys.argv[2]))
+        try:
+            make_list(int(sys.argv[2]))
+        except OSError as e:
+            raise SystemExit(str(e))
     else:
         raise SystemExit(__doc__)

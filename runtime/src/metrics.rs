@@ -34,9 +34,7 @@ pub fn rss_bytes() -> u64 {
 /// A field of /proc/meminfo (`"MemTotal:"`, `"MemAvailable:"`), in bytes; none where that file
 /// or field is missing.
 pub fn meminfo_bytes(field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with(field))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    kib_field("/proc/meminfo", field).map(|kib| kib * 1024)
 }
 
 /// Memory this process could still take, in bytes: the system's `MemAvailable`, or less where
@@ -58,15 +56,13 @@ pub fn available_memory_bytes() -> Option<u64> {
 }
 
 fn status_kib(key: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    kib_field("/proc/self/status", key).unwrap_or(0)
+}
+
+/// The number after `key` in a /proc file of `key value kB` lines.
+fn kib_field(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The median of `v` (the mean of the middle two for an even count; 0 for none), the one

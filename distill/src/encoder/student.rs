@@ -423,7 +423,7 @@ pub fn distill_encoder(
     let lens: Vec<usize> = tokenized.iter().map(|(ids, _)| ids.len()).collect();
     let need = target_bytes(&lens, matched.len(), c.hidden_size, c.num_attention_heads, kinds);
     let trained_bytes: usize = trained.values().map(|t| t.elem_count() * 4).sum();
-    fits(&lens, need, trained_bytes as u64, edgelm_runtime::metrics::available_memory_bytes()).map_err(bad)?;
+    fits(lens.len(), need, trained_bytes as u64, edgelm_runtime::metrics::available_memory_bytes()).map_err(bad)?;
     let mut targets = make(&tokenized, kinds)?;
     let held = make(&held, TargetKinds { hidden: false, attention: false })?;
     let student_config = super::EncoderConfig { num_hidden_layers: spec.layers.len(), ..c.clone() };
@@ -517,13 +517,14 @@ fn target_bytes(lens: &[usize], matched: usize, hidden: usize, heads: usize, kin
         .sum()
 }
 
-/// Whether targets of `need` bytes for sentences of `lens` tokens fit in `available` bytes
+/// Whether targets of `need` bytes for `sentences` fit in `available` bytes
 /// beside training (a fixed 1 GiB for the runs' activations, and eight times the `trained`
 /// weights' bytes for their copies, gradients and the optimizer's moments); the error says how
 /// many sentences would. Unknown memory passes.
-fn fits(lens: &[usize], need: u64, trained: u64, available: Option<u64>) -> std::result::Result<(), String> {
+fn fits(sentences: usize, need: u64, trained: u64, available: Option<u64>) -> std::result::Result<(), String> {
     let Some(available) = available else { return Ok(()) };
-    let room = available.saturating_sub((1 << 30) + 8 * trained);
+    let training = (1 << 30) + 8 * trained;
+    let room = available.saturating_sub(training);
     if need <= room {
         return Ok(());
     }
@@ -531,28 +532,25 @@ fn fits(lens: &[usize], need: u64, trained: u64, available: Option<u64>) -> std:
     Err(format!(
         "the teacher's targets for {} sentences take about {:.1} GB and training about {:.1} GB more, with {:.1} GB \
          of memory available: train on about {} sentences, then go on from that student with --init on the rest",
-        lens.len(),
+        sentences,
         need as f64 / 1e9,
-        ((1u64 << 30) + 8 * trained) as f64 / 1e9,
+        training as f64 / 1e9,
         available as f64 / 1e9,
-        (lens.len() as f64 * share) as usize
+        (sentences as f64 * share) as usize
     ))
 }
 
 /// The teacher layers a student was taken from, as its distill_report.json records them; none
 /// for a student without one (made elsewhere).
 fn recorded_layers(dir: &Path) -> std::result::Result<Option<Vec<usize>>, String> {
+    #[derive(serde::Deserialize)]
+    struct Recorded {
+        layers: Vec<usize>,
+    }
     let path = dir.join("distill_report.json");
     let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
-    let report: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
-    let layers =
-        report.get("layers").and_then(|l| l.as_array()).ok_or_else(|| format!("{} has no layers", path.display()))?;
-    layers
-        .iter()
-        .map(|l| l.as_u64().map(|l| l as usize).ok_or_else(|| format!("{}: layers are not numbers", path.display())))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map(Some)
+    let report: Recorded = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Some(report.layers))
 }
 
 /// Replaces the teacher's layers in `trained` by those of `start`, a student of `depth` layers
@@ -774,14 +772,14 @@ mod tests {
 
     #[test]
     fn targets_that_do_not_fit_are_refused_with_the_count_that_would() {
-        let lens = vec![20; 1000];
+        let sentences = 1000;
         let gib = 1u64 << 30;
         // 1 GiB for training, 8 x 64 MiB for the trained weights: 1.5 GiB before the targets.
-        assert!(fits(&lens, gib, 64 << 20, Some(3 * gib)).is_ok());
-        assert!(fits(&lens, gib, 64 << 20, None).is_ok(), "unknown memory passes");
-        let err = fits(&lens, 3 * gib, 64 << 20, Some(3 * gib)).unwrap_err();
+        assert!(fits(sentences, gib, 64 << 20, Some(3 * gib)).is_ok());
+        assert!(fits(sentences, gib, 64 << 20, None).is_ok(), "unknown memory passes");
+        let err = fits(sentences, 3 * gib, 64 << 20, Some(3 * gib)).unwrap_err();
         assert!(err.contains("train on about 500 sentences"), "{err}");
-        assert!(fits(&lens, 1, 64 << 20, Some(gib)).unwrap_err().contains("train on about 0 sentences"));
+        assert!(fits(sentences, 1, 64 << 20, Some(gib)).unwrap_err().contains("train on about 0 sentences"));
     }
 
     #[test]
