@@ -11,7 +11,7 @@ use edgelm_distill::recipe::Recipe;
 use edgelm_distill::student::StudentShape;
 use edgelm_distill::train::batch::{Batch, Formatter};
 use edgelm_distill::train::distill::{distill, DistillSpec, StudentInit};
-use edgelm_distill::train::finetune::{finetune, merge, FinetuneSpec};
+use edgelm_distill::train::finetune::{finetune, fisher_diagonal, merge, FinetuneSpec};
 use edgelm_distill::train::kd::hidden_state_loss;
 use edgelm_distill::train::pretrain::pretrain;
 use edgelm_distill::train::stage::StageOptions;
@@ -110,6 +110,23 @@ fn lora_finetune_trains_adapters_only_and_ewc_holds_them_back() {
     let (n_free, n_held) = (adapter_norm(&free.adapter), adapter_norm(&held.adapter));
     assert!(n_free > 0.0, "the adapter learned something");
     assert!(n_held < 0.5 * n_free, "EWC keeps the update small: {n_held} vs {n_free}");
+    // The Fisher estimate is made of per-example gradients: the same examples in batches of 1
+    // or of 4 give the same estimate (the square of a batch's mean gradient would not).
+    let fmt = Formatter::for_checkpoint(&base).unwrap();
+    let examples = fmt.encode_within(&splits.train[..8], base.config.max_position_embeddings, "Fisher data").unwrap();
+    let modules = vec!["model.layers.0.self_attn.q_proj".to_string(), "model.layers.1.mlp.down_proj".to_string()];
+    let ones = fisher_diagonal(&base, &modules, &examples, fmt.pad(), 8, 1).unwrap();
+    let fours = fisher_diagonal(&base, &modules, &examples, fmt.pad(), 2, 4).unwrap();
+    for m in &modules {
+        let (a, b) = (
+            ones[m].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            fours[m].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(a.iter().any(|&x| x > 0.0), "{m}: the estimate is not zero");
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-4 * x.abs().max(1e-9), "{m}: {x} vs {y}");
+        }
+    }
     // Per layer: q (A 4x64, B 64x4) and v (A 4x64, B 32x4).
     assert_eq!(free.log.trainable_parameters, base.config.num_hidden_layers * (4 * 64 * 2 + 4 * 64 + 32 * 4));
     // The base checkpoint is untouched; the merged one differs only in adapted projections.

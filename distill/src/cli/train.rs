@@ -161,13 +161,14 @@ pub struct FinetuneArgs {
     /// Projections to adapt.
     #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
     target: Vec<String>,
-    /// EWC penalty strength against forgetting (0 = off).
+    /// EWC penalty strength against forgetting (0 = off; 1 weighs the base task's token loss as
+    /// much as the new one's).
     #[arg(long, default_value_t = 0.0)]
     ewc_lambda: f64,
     /// Data the base should not forget (JSONL; default: the training split).
     #[arg(long)]
     ewc_data: Option<PathBuf>,
-    /// Batches of that data for the Fisher estimate.
+    /// Batches of that data for the Fisher estimate (one gradient per example).
     #[arg(long, default_value_t = 8)]
     fisher_batches: usize,
     /// QLoRA: hold the base's projections as 4-bit blocks, dequantized on the fly (the fp32

@@ -40,8 +40,12 @@ pub struct FinetuneSpec {
     pub train: TrainSettings,
 }
 
-/// Diagonal Fisher estimate of the adapted modules' base weights: mean squared gradient of the
-/// base model's loss over `batches` batches of `data`.
+/// Diagonal Fisher estimate of the adapted modules' base weights, per scored token, over the
+/// first `batches * batch_size` examples of `data`: each example's gradient of its summed token
+/// loss, squared, summed over the examples and divided by their scored tokens. That is the
+/// curvature of the mean token loss the fine-tune trains with, so `lambda = 1` weighs a rise of
+/// the base task's loss as much as the new task's. Per example, not per batch: at the base's
+/// optimum a batch's mean gradient nearly cancels, and its square is no curvature at all.
 pub fn fisher_diagonal(
     base: &Checkpoint,
     modules: &[String],
@@ -59,30 +63,38 @@ pub fn fisher_diagonal(
         vars.push((m.clone(), v));
     }
     let chunks: Vec<&[Encoded]> = data.chunks(batch_size.max(1)).take(batches.max(1)).collect();
-    // Squared gradients summed over some of the batches; the training workers share them.
-    let partial = |chunks: &[&[Encoded]]| -> Result<HashMap<String, Tensor>> {
-        let mut sums: HashMap<String, Tensor> = HashMap::new();
-        for chunk in chunks {
-            let refs: Vec<&Encoded> = chunk.iter().collect();
-            let grads = lm_loss(&base.config, &tensors, &Batch::new(&refs, pad)?)?.backward()?;
+    // Squared per-example gradients summed over some of the batches, with their scored tokens;
+    // the training workers share the batches.
+    let partial = |chunks: &[&[Encoded]]| -> Result<(HashMap<String, Tensor>, usize)> {
+        let (mut sums, mut targets) = (HashMap::new(), 0);
+        for example in chunks.iter().flat_map(|c| c.iter()) {
+            let batch = Batch::new(&[example], pad)?;
+            let n = batch.targets();
+            if n == 0 {
+                continue;
+            }
+            // lm_loss is the mean over the example's tokens; the sum is n times it.
+            let grads = (lm_loss(&base.config, &tensors, &batch)? * n as f64)?.backward()?;
             for (m, v) in &vars {
                 if let Some(g) = grads.get(v.as_tensor()) {
                     add_into(&mut sums, m.clone(), g.sqr()?)?;
                 }
             }
+            targets += n;
         }
-        Ok(sums)
+        Ok((sums, targets))
     };
     let parts = super::workers::split(&chunks, super::workers::training_workers());
     let partials = super::workers::map_parts(&parts, "Fisher estimate", |p| partial(p));
-    let n = chunks.len();
-    let mut sums: HashMap<String, Tensor> = HashMap::new();
+    let (mut sums, mut targets) = (HashMap::new(), 0);
     for p in partials {
-        for (m, s) in p? {
+        let (part, n) = p?;
+        targets += n;
+        for (m, s) in part {
             add_into(&mut sums, m, s)?;
         }
     }
-    sums.into_iter().map(|(m, s)| Ok((m, (s / n.max(1) as f64)?))).collect()
+    sums.into_iter().map(|(m, s)| Ok((m, (s / targets.max(1) as f64)?))).collect()
 }
 
 /// Adds `t` to the sum held under `key` (the first one starts it).
