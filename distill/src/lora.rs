@@ -67,7 +67,8 @@ fn targets(cfg: &ModelConfig, lora: &LoraConfig) -> Result<Vec<(String, usize, u
 }
 
 impl Adapter {
-    /// A fresh adapter as PEFT initialises one: A small random, B zero (so it starts as a no-op).
+    /// A fresh adapter: A random (normal, std `1/sqrt(in)`; PEFT draws Kaiming-uniform, about
+    /// 1.7x narrower), B zero as in PEFT, so it starts as a no-op.
     pub fn init(model: &ModelConfig, config: LoraConfig, seed: u64) -> Result<Self> {
         let mut rng = Rng::new(seed);
         let mut modules = HashMap::new();
@@ -126,11 +127,17 @@ impl Adapter {
             .map_err(|e| Error::Format { path: file.clone(), what: e.to_string() })
     }
 
-    /// Reads an adapter saved by [`Adapter::save_peft`] or by `peft`.
+    /// Reads an adapter saved by [`Adapter::save_peft`] or by `peft`. PEFT's rank-stabilised
+    /// scale (`use_rslora`: `alpha / sqrt(r)`) and per-module ranks and alphas (`rank_pattern`,
+    /// `alpha_pattern`) are folded into each module's B, so [`LoraConfig::scale`] applies to
+    /// every module; what an adapter changes besides A and B (DoRA magnitudes, trained biases,
+    /// `modules_to_save`, embedding adapters, `fan_in_fan_out` layouts) is refused, not dropped.
     pub fn load_peft(dir: &Path) -> Result<Self> {
         let p = dir.join("adapter_config.json");
-        let config: LoraConfig = serde_json::from_str(&std::fs::read_to_string(&p).at(&p)?)
+        let peft: PeftConfig = serde_json::from_str(&std::fs::read_to_string(&p).at(&p)?)
             .map_err(|e| Error::InvalidConfig { what: format!("{}: {e}", p.display()) })?;
+        peft.check().map_err(|what| Error::Unsupported { what: format!("{}: {what}", p.display()) })?;
+        let config = peft.lora();
         let file = dir.join("adapter_model.safetensors");
         let raw = candle_core::safetensors::load(&file, &Device::Cpu)
             .map_err(|e| Error::Tensor { name: file.display().to_string(), what: e.to_string() })?;
@@ -142,12 +149,29 @@ impl Adapter {
                 halves.entry(m.to_owned()).or_default().0 = Some(t);
             } else if let Some(m) = name.strip_suffix(".lora_B.weight") {
                 halves.entry(m.to_owned()).or_default().1 = Some(t);
+            } else {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "{}: tensor `{name}` is not a LoRA A or B matrix (DoRA, trained biases, \
+                         modules_to_save and embedding adapters are not read)",
+                        file.display()
+                    ),
+                });
             }
         }
         let mut modules = HashMap::new();
         for (m, (a, b)) in halves {
             match (a, b) {
                 (Some(a), Some(b)) => {
+                    let (r, alpha) = (peft.rank_of(&m), peft.alpha_of(&m));
+                    if a.dims().first() != Some(&r) || b.dims().get(1) != Some(&r) {
+                        return Err(Error::Tensor {
+                            name: m,
+                            what: format!("A {:?} and B {:?} do not have the configured rank {r}", a.dims(), b.dims()),
+                        });
+                    }
+                    let scale = if peft.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+                    let b = if scale == config.scale() { b } else { (b * (scale / config.scale()))? };
                     modules.insert(m, (a, b));
                 }
                 _ => return Err(Error::Tensor { name: m, what: "has only one of lora_A and lora_B".into() }),
@@ -155,6 +179,97 @@ impl Adapter {
         }
         Ok(Adapter { config, modules })
     }
+}
+
+/// The part of PEFT's `adapter_config.json` that decides what an adapter's tensors mean.
+#[derive(Debug, Deserialize)]
+struct PeftConfig {
+    #[serde(default)]
+    peft_type: Option<String>,
+    r: usize,
+    lora_alpha: f64,
+    target_modules: TargetModules,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    rank_pattern: HashMap<String, usize>,
+    #[serde(default)]
+    alpha_pattern: HashMap<String, f64>,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    modules_to_save: Option<Vec<String>>,
+}
+
+/// PEFT writes a list of names, or one regular expression as a string.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TargetModules {
+    List(Vec<String>),
+    One(String),
+}
+
+impl PeftConfig {
+    /// What this reader cannot apply faithfully, named.
+    fn check(&self) -> std::result::Result<(), String> {
+        if let Some(t) = self.peft_type.as_deref().filter(|t| *t != "LORA") {
+            return Err(format!("peft_type {t}: only LORA adapters are read"));
+        }
+        if self.r == 0 {
+            return Err("rank r is 0".into());
+        }
+        if self.use_dora {
+            return Err("use_dora: DoRA adapters are not read (merge them with peft first)".into());
+        }
+        if self.fan_in_fan_out {
+            return Err("fan_in_fan_out: transposed (Conv1D) layouts are not read".into());
+        }
+        if let Some(b) = self.bias.as_deref().filter(|b| *b != "none") {
+            return Err(format!("bias {b}: adapters with trained biases are not read"));
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return Err("modules_to_save: adapters carrying whole modules are not read".into());
+        }
+        let special = |k: &String| k.chars().any(|c| "*+?[](){}|^$\\".contains(c));
+        if let Some(k) = self.rank_pattern.keys().chain(self.alpha_pattern.keys()).find(|k| special(k)) {
+            return Err(format!("pattern key `{k}`: only plain module names or name endings are read"));
+        }
+        if let Some((k, _)) = self.rank_pattern.iter().find(|(_, r)| **r == 0) {
+            return Err(format!("rank_pattern gives `{k}` rank 0"));
+        }
+        Ok(())
+    }
+
+    /// The adapter-wide settings (the per-module ones are folded into B).
+    fn lora(&self) -> LoraConfig {
+        let target_modules = match &self.target_modules {
+            TargetModules::List(l) => l.clone(),
+            TargetModules::One(s) => vec![s.clone()],
+        };
+        LoraConfig { r: self.r, lora_alpha: self.lora_alpha, target_modules }
+    }
+
+    fn rank_of(&self, module: &str) -> usize {
+        pattern(&self.rank_pattern, module).copied().unwrap_or(self.r)
+    }
+
+    fn alpha_of(&self, module: &str) -> f64 {
+        pattern(&self.alpha_pattern, module).copied().unwrap_or(self.lora_alpha)
+    }
+}
+
+/// The value of the most specific key naming `module` whole or by its ending after a dot
+/// (`q_proj`, `layers.3.self_attn.q_proj`), as PEFT matches them.
+fn pattern<'a, T>(patterns: &'a HashMap<String, T>, module: &str) -> Option<&'a T> {
+    patterns
+        .iter()
+        .filter(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
+        .max_by_key(|(k, _)| k.len())
+        .map(|(_, v)| v)
 }
 
 impl Adapter {

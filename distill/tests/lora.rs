@@ -58,3 +58,65 @@ fn adapter_applied_equals_adapter_merged() {
     assert_eq!(back.config, lcfg);
     assert_eq!(logits(&LlamaModel::with_adapter(&cfg, &base, Some(&back)).unwrap()), applied);
 }
+
+/// Rewrites the adapter_config.json `save_peft` wrote with `edit`.
+fn edit_config(dir: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("adapter_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+#[test]
+fn peft_scales_rslora_and_per_module_alphas_are_applied() {
+    let cfg = preset_config("tiny-qwen2").unwrap();
+    let lcfg = LoraConfig { r: 4, lora_alpha: 16.0, target_modules: vec!["q_proj".into(), "v_proj".into()] };
+    let mut adapter = Adapter::init(&cfg, lcfg, 3).unwrap();
+    for (_, b) in adapter.modules.values_mut() {
+        let vals: Vec<f32> = (0..b.elem_count()).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect();
+        *b = Tensor::from_vec(vals, b.dims(), &Device::Cpu).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    adapter.save_peft(dir.path(), "tiny-qwen2").unwrap();
+    // The raw product B A of a module, without any scale.
+    let raw = |m: &str| {
+        let (a, b) = &adapter.modules[m];
+        b.matmul(a).unwrap()
+    };
+    let diff = |x: &Tensor, y: &Tensor| (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let q0 = "model.layers.0.self_attn.q_proj";
+    let v0 = "model.layers.0.self_attn.v_proj";
+
+    edit_config(dir.path(), |v| {
+        v["use_rslora"] = true.into();
+        v["alpha_pattern"] = serde_json::json!({ "layers.0.self_attn.v_proj": 2.0 });
+    });
+    let back = Adapter::load_peft(dir.path()).unwrap();
+    // rslora: alpha / sqrt(r) = 16 / 2 = 8 (plain LoRA's 16 / 4 would be 4).
+    let want_q = (raw(q0) * 8.0).unwrap();
+    assert!(diff(&back.delta(q0).unwrap().unwrap(), &want_q) < 1e-6);
+    // The pattern's alpha for that one module: 2 / sqrt(4) = 1.
+    assert!(diff(&back.delta(v0).unwrap().unwrap(), &raw(v0)) < 1e-6);
+    // Other layers keep the adapter-wide alpha.
+    let v1 = "model.layers.1.self_attn.v_proj";
+    assert!(diff(&back.delta(v1).unwrap().unwrap(), &(raw(v1) * 8.0).unwrap()) < 1e-6);
+
+    // What the reader cannot apply is refused with the setting named, not dropped.
+    for (key, value) in [
+        ("use_dora", serde_json::json!(true)),
+        ("bias", serde_json::json!("lora_only")),
+        ("modules_to_save", serde_json::json!(["lm_head"])),
+        ("rank_pattern", serde_json::json!({ "q_pr.*": 2 })),
+    ] {
+        edit_config(dir.path(), |v| v[key] = value.clone());
+        let err = Adapter::load_peft(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(key) || (key == "rank_pattern" && err.contains("pattern key")), "{key}: {err}");
+        edit_config(dir.path(), |v| {
+            v.as_object_mut().unwrap().remove(key);
+        });
+    }
+    // A rank the tensors do not have.
+    edit_config(dir.path(), |v| v["rank_pattern"] = serde_json::json!({ "q_proj": 2 }));
+    let err = Adapter::load_peft(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("rank 2"), "{err}");
+}
