@@ -230,10 +230,31 @@ pub fn evaluate(
     Ok(sum / count.max(1) as f64)
 }
 
+/// Positions of an example whose next token is scored (what `Batch::new` marks).
+fn scored_positions(e: &Encoded) -> usize {
+    e.ids.len().saturating_sub(e.prompt_len.max(1))
+}
+
+/// The weight of micro-batch `cursor` in its optimizer step: `accumulation` times its part of
+/// the step's scored positions. The trainer divides each micro-batch by `accumulation`, so the
+/// step's gradient is that of the mean loss over all its tokens, as one batch of the same
+/// examples would give, however the micro-batches' lengths differ.
+fn step_share(batches: &[Vec<usize>], cursor: usize, accumulation: usize, train: &[Encoded]) -> f64 {
+    let acc = accumulation.max(1);
+    let first = cursor - cursor % acc;
+    let scored = |b: &Vec<usize>| b.iter().map(|&i| scored_positions(&train[i])).sum::<usize>();
+    let step: usize = batches[first..(first + acc).min(batches.len())].iter().map(scored).sum();
+    if step == 0 {
+        return 1.0;
+    }
+    acc as f64 * scored(&batches[cursor]) as f64 / step as f64
+}
+
 /// One micro-batch's loss and gradients, its examples shared among the training workers: each
 /// share's mean loss is weighted by its part of the batch's scored positions, so the sum is
 /// the whole batch's mean loss and the summed gradients are its gradients; each share also
-/// adds one part of the objective's penalty.
+/// adds one part of the objective's penalty. `share` scales the loss (not the penalty): the
+/// micro-batch's weight in its optimizer step ([`step_share`]).
 fn sharded_gradients(
     trainer: &Trainer,
     params: &HashMap<String, Tensor>,
@@ -241,6 +262,7 @@ fn sharded_gradients(
     data: (&[Encoded], u32),
     objective: Objective<'_>,
     parts: usize,
+    share: f64,
 ) -> Result<(f64, usize, Vec<GradStore>)> {
     let (train, pad) = data;
     let shares: Vec<Batch> = split(examples, parts)
@@ -256,7 +278,7 @@ fn sharded_gradients(
     let tokens: usize = shares.iter().map(|b| b.tokens).sum();
     let numbered: Vec<(usize, &Batch)> = shares.iter().enumerate().collect();
     let run = |&(i, b): &(usize, &Batch)| -> Result<(f64, GradStore)> {
-        let weight = b.targets() as f64 / scored.max(1) as f64;
+        let weight = share * b.targets() as f64 / scored.max(1) as f64;
         let mut loss = ((objective.loss)(params, b)? * weight)?;
         if let Some(part) = objective.penalty.map(|p| p(params, i, shares.len())).transpose()?.flatten() {
             loss = (loss + part)?;
@@ -343,8 +365,10 @@ pub fn fit(
         while st.cursor < usable {
             let started = Instant::now();
             let params = trainer.tensors();
+            let share = step_share(&batches, st.cursor, opts.accumulation, train);
+            let micro = &batches[st.cursor];
             let (value, tokens, grads) =
-                sharded_gradients(trainer, &params, &batches[st.cursor], (train, pad), objective, training_workers())?;
+                sharded_gradients(trainer, &params, micro, (train, pad), objective, training_workers(), share)?;
             if !value.is_finite() {
                 return Err(Error::Training {
                     what: format!("{}: loss became {value} at step {}; lower the learning rate", opts.label, st.step),
@@ -378,6 +402,14 @@ pub fn fit(
             if eval_now {
                 let params = trainer.tensors();
                 let val = evaluate(validation, opts.batch_size, pad, &|b| val_fn(&params, b))?;
+                if !val.is_finite() {
+                    return Err(Error::Training {
+                        what: format!(
+                            "{}: validation loss became {val} at step {}; lower the learning rate",
+                            opts.label, st.step
+                        ),
+                    });
+                }
                 point.val_loss = Some(val);
                 if st.best_val.is_none_or(|b| val < b) {
                     st.best_val = Some(val);
@@ -522,8 +554,8 @@ mod tests {
         };
         let params = trainer.tensors();
         for objective in [Objective::new(&loss), Objective::new(&loss).with_penalty(&penalty)] {
-            let (whole, _, g1) = sharded_gradients(&trainer, &params, &ids, (&data, 0), objective, 1).unwrap();
-            let (shared, _, g3) = sharded_gradients(&trainer, &params, &ids, (&data, 0), objective, 3).unwrap();
+            let (whole, _, g1) = sharded_gradients(&trainer, &params, &ids, (&data, 0), objective, 1, 1.0).unwrap();
+            let (shared, _, g3) = sharded_gradients(&trainer, &params, &ids, (&data, 0), objective, 3, 1.0).unwrap();
             assert_eq!(g3.len(), 3);
             assert!((whole - shared).abs() < 1e-4, "loss {whole} vs {shared}");
             for (name, t) in &params {
@@ -539,11 +571,60 @@ mod tests {
         }
         // The penalty counts once: the loss with it exceeds the loss alone by the whole term.
         let term = penalty(&params, 0, 1).unwrap().unwrap().to_scalar::<f32>().unwrap() as f64;
-        let alone = sharded_gradients(&trainer, &params, &ids, (&data, 0), Objective::new(&loss), 3).unwrap().0;
-        let with =
-            sharded_gradients(&trainer, &params, &ids, (&data, 0), Objective::new(&loss).with_penalty(&penalty), 3)
-                .unwrap()
-                .0;
+        let alone = sharded_gradients(&trainer, &params, &ids, (&data, 0), Objective::new(&loss), 3, 1.0).unwrap().0;
+        let with = sharded_gradients(
+            &trainer,
+            &params,
+            &ids,
+            (&data, 0),
+            Objective::new(&loss).with_penalty(&penalty),
+            3,
+            1.0,
+        )
+        .unwrap()
+        .0;
         assert!((with - alone - term).abs() < 1e-3 * term.max(1.0), "{with} - {alone} vs {term}");
+    }
+
+    /// Two micro-batches of different lengths accumulated into one step give the gradients of
+    /// the mean loss over all their tokens: those of one batch of the same examples.
+    #[test]
+    fn accumulated_micro_batches_weigh_every_token_alike() {
+        let config = preset_config("tiny").unwrap();
+        let weights = random_weights(&config, 4).unwrap();
+        let schedule = CosineSchedule { peak: 1e-3, floor: 1e-4, warmup: 0, total: 10 };
+        let trainer = |accumulation| {
+            let tc = TrainConfig { schedule, weight_decay: 0.0, accumulation, clip_norm: 0.0 };
+            Trainer::new(weights.clone(), tc).unwrap()
+        };
+        let vocab = config.vocab_size as u32;
+        // Two short examples, then three long ones: 4 + 4 against 13 + 16 + 19 scored positions.
+        let data: Vec<Encoded> = [7, 7, 16, 19, 22]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Encoded { ids: (0..n).map(|j| (5 * i + 3 * j) as u32 % vocab).collect(), prompt_len: 3 })
+            .collect();
+        let loss = |p: &HashMap<String, Tensor>, b: &Batch| lm_loss(&config, p, b);
+        let (one, two) = (trainer(1), trainer(2));
+        let params = one.tensors();
+        let all: Vec<usize> = (0..5).collect();
+        let (_, _, whole) = sharded_gradients(&one, &params, &all, (&data, 0), Objective::new(&loss), 1, 1.0).unwrap();
+        let micro = vec![vec![0, 1], vec![2, 3, 4]];
+        let shares: Vec<f64> = (0..2).map(|c| step_share(&micro, c, 2, &data)).collect();
+        assert!((shares[0] - 2.0 * 8.0 / 56.0).abs() < 1e-12 && (shares.iter().sum::<f64>() - 2.0).abs() < 1e-12);
+        let parts: Vec<GradStore> = micro
+            .iter()
+            .zip(&shares)
+            .flat_map(|(ids, &s)| {
+                sharded_gradients(&two, &params, ids, (&data, 0), Objective::new(&loss), 1, s).unwrap().2
+            })
+            .collect();
+        for (name, t) in &params {
+            let a = whole[0].get(t).unwrap();
+            let b = (parts[0].get(t).unwrap() + parts[1].get(t).unwrap()).unwrap();
+            let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= 1e-4 * scale.max(1e-3), "{name}: gradients differ by {diff} (largest {scale})");
+        }
     }
 }
