@@ -230,8 +230,9 @@ bench-serve requests="16" max_tokens="64": setup build
 
 # edgelm against llama.cpp (built once from the llama-cpp-python sdist) on the same
 # SmolLM2-135M-shaped weights: GGUF F32/Q8_0/Q4_0 with llama-bench, bundles fp32/int8/int4 with
-# edgelm bench, side by side.
-bench-llamacpp runs="3": setup build
+# edgelm bench, side by side. `just bench-llamacpp 3 avx2` runs both on their AVX2 kernels on
+# an AVX-512 host (a board-class x86 CPU's instruction set; needs the cpuid_fault flag).
+bench-llamacpp runs="3" isa="native": setup build
     #!/usr/bin/env bash
     set -euo pipefail
     ck={{out}}/smollm2-135m/checkpoint
@@ -243,7 +244,7 @@ bench-llamacpp runs="3": setup build
     done
     # int4 in blocks of 128: coarser than Q4_0's 32, faster on CPUs with VNNI.
     [ -f "$b/bundle-int4-b128/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int4-b128" --precision int4 --block-size 128 --max-kl 10
-    scripts/bench_llamacpp.sh "$ck" "$b/bundle" "$b/bundle-int8" "$b/bundle-int4" {{runs}} "$b/bundle-int8-dynamic" "$b/bundle-int4-b128"
+    BENCH_ISA={{isa}} scripts/bench_llamacpp.sh "$ck" "$b/bundle" "$b/bundle-int8" "$b/bundle-int4" {{runs}} "$b/bundle-int8-dynamic" "$b/bundle-int4-b128"
 
 # all-MiniLM-L6-v2 int8: ours against ONNX Runtime's quantize_dynamic (cosine to fp32,
 # nearest-neighbour agreement, size, sentences/s on the repository's prose).

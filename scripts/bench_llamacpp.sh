@@ -8,11 +8,27 @@
 #
 # usage: bench_llamacpp.sh CHECKPOINT FP32_BUNDLE INT8_BUNDLE INT4_BUNDLE [RUNS] [INT8_DYNAMIC_BUNDLE]
 #        [INT4_BUNDLE_2]   (a second int4 bundle, e.g. larger blocks, against Q4_0 again)
+# BENCH_ISA=avx2 measures both engines' AVX2 kernels on an AVX-512 host: llama.cpp built for
+# AVX2 (GGML_NATIVE=OFF) and both run with scripts/avx2_only.c preloaded, which hides AVX-512,
+# AVX-VNNI and AMX from CPUID (needs the cpuid_fault CPU flag).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 ck=$1 fp32=$2 int8=$3 int4=$4 runs=${5:-3} int8d=${6:-} int4b=${7:-}
-bin="$root/.llama.cpp/build/bin"
-src=$("$root/scripts/build-llamacpp.sh" "$root/.llama.cpp/build" llama-bench llama-quantize)
+isa=${BENCH_ISA:-native}
+case "$isa" in
+  native) build="$root/.llama.cpp/build" preload="" ;;
+  avx2)
+    build="$root/.llama.cpp/build-avx2" preload="$build/avx2_only.so"
+    grep -qw cpuid_fault /proc/cpuinfo || { echo "BENCH_ISA=avx2 needs the cpuid_fault CPU flag" >&2; exit 1; }
+    export GGML_NATIVE=OFF
+    ;;
+  *) echo "BENCH_ISA is native or avx2, not $isa" >&2; exit 1 ;;
+esac
+bin="$build/bin"
+src=$("$root/scripts/build-llamacpp.sh" "$build" llama-bench llama-quantize)
+if [ -n "$preload" ] && [ ! -f "$preload" ]; then
+  cc -O2 -shared -fPIC -o "$preload" "$root/scripts/avx2_only.c"
+fi
 
 work="$root/out/bench-llamacpp"
 mkdir -p "$work"
@@ -21,7 +37,8 @@ for q in Q8_0 Q4_0; do
   [ -f "$work/$q.gguf" ] || "$bin/llama-quantize" "$work/f32.gguf" "$work/$q.gguf" "$q" >/dev/null 2>&1
 done
 
-echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; prompt 128, 128 new tokens, 2 threads, median of $runs"
+flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|avx512f|avx512_vnni|avx_vnni|amx_int8)$' | xargs)
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $flags; kernels: $isa; prompt 128, 128 new tokens, 2 threads, median of $runs"
 printf '%-22s %8s %9s %9s\n' files MiB "TTFT ms" "decode/s"
 pairs=("f32.gguf:$fp32" "Q8_0.gguf:$int8")
 [ -n "$int8d" ] && pairs+=("Q8_0.gguf:$int8d")
@@ -31,8 +48,8 @@ for pair in "${pairs[@]}"; do
   gg=${pair%%:*} bundle=${pair#*:}
   # llama-bench: pp128 on an empty context gives the prompt's time (its TTFT); tg128 with 128
   # tokens already in the context (-d 128) the decode rate after that prompt, as edgelm measures.
-  lj=$("$bin/llama-bench" -m "$work/$gg" -p 128 -n 128 -d 0,128 -t 2 -r "$runs" -o json 2>/dev/null)
-  ej=$("$root/target/release/edgelm" bench "$bundle" --runs "$runs" --json --threads 2)
+  lj=$(LD_PRELOAD="$preload" "$bin/llama-bench" -m "$work/$gg" -p 128 -n 128 -d 0,128 -t 2 -r "$runs" -o json 2>/dev/null)
+  ej=$(LD_PRELOAD="$preload" "$root/target/release/edgelm" bench "$bundle" --runs "$runs" --json --threads 2)
   python3 - "$lj" "$ej" "$work/$gg" "$bundle" <<'EOF'
 import json, os, sys
 l, e = json.loads(sys.argv[1]), json.loads(sys.argv[2])

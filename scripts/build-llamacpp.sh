@@ -2,7 +2,8 @@
 # Builds llama.cpp targets from the vendored tree of the llama-cpp-python sdist on PyPI (cmake
 # from Debian), once per build folder, for the side-by-side benchmarks. Prints the source tree.
 # usage: build-llamacpp.sh BUILD_DIR TARGET...   (llama-server among the targets turns the
-# server build on)
+# server build on; GGML_NATIVE=OFF in the environment builds for plain AVX2 + FMA + F16C
+# instead of the host's own instruction set)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 build=$1
@@ -26,7 +27,7 @@ print(urllib.parse.urljoin(sys.argv[1], [u["url"] for u in d["releases"][sys.arg
   fi
   server=OFF
   case " $* " in *" llama-server "*) server=ON ;; esac
-  cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+  cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE="${GGML_NATIVE:-ON}" -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=$server >/dev/null
   cmake --build "$build" --target "$@" -j "$(nproc)" >/dev/null
 fi
