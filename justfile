@@ -301,6 +301,23 @@ bench-encoder-quant: setup build
         fi
         s="$next"
     done
+    # Then the long sentences (18 words or more, as most of the benchmark's are; the student
+    # scored 0.96 under 16 tokens and 0.94 over 48), about 136 000 of the text above, shuffled:
+    # a first part matching the hidden states as before (lr 1e-4), then two parts matching the
+    # sentence embedding alone (hidden weight 0, lr 5e-5), which is what the benchmark scores
+    # (0.948 -> 0.9485 -> 0.950 -> 0.951; int8-static 0.947; about 10 minutes each).
+    if [ ! -f "$b/text-long-3.txt" ]; then
+        cat "$b/text-loose.txt" "$b/text-crates-1.txt" "$b/text-crates-2.txt" | awk 'split($0, w, " ") >= 18' | LC_ALL=C sort -u \
+            | .venv/bin/python -c 'import random, sys; l = sys.stdin.read().splitlines(); random.Random(7).shuffle(l); [open(f"{sys.argv[1]}/text-long-{i + 1}.txt", "w").write("".join(x + "\n" for x in p)) for i, p in enumerate([l[:40000], l[40000:80000], l[80000:]])]' "$b"
+    fi
+    for stage in 1 2 3; do
+        next="$b/student-long-$stage"
+        if [ "$stage" = 1 ]; then weights="--lr 1e-4 --hidden-weight 30"; else weights="--lr 5e-5 --hidden-weight 0"; fi
+        if [ ! -f "$next/model.safetensors" ]; then
+            target/release/edgelm-distill distill-encoder --teacher "$ck" --init "$s" --text "$b/text-long-$stage.txt" --layers 1,3,5 --epochs 1 $weights -o "$next"
+        fi
+        s="$next"
+    done
     # Its int8 is static like the 6-layer's best (MatMulNBits int8 loses less but runs at the
     # 6-layer int8-static's speed; int8-dynamic loses more).
     [ -f "$s-bundle/edgelm.json" ] || target/release/edgelm-distill export "$s" -o "$s-bundle"
