@@ -471,14 +471,57 @@ pub struct DistillEncoderArgs {
     /// layers as --layers names) instead of the teacher's layers: a second stage on more text.
     #[arg(long)]
     init: Option<PathBuf>,
+    /// Quantization-aware training for int8-static: train through the rounding the student's
+    /// int8-static bundle will do (give `quantize` the same --calibration, --smooth, --range,
+    /// --percentile and --full-range afterwards). Best as a last, short stage from a trained
+    /// student (--init) at a low learning rate.
+    #[arg(long, requires = "calibration")]
+    qat: bool,
+    /// --qat: calibration text, one per line (the file `quantize --calibration` will read).
+    #[arg(long, value_name = "FILE", requires = "qat")]
+    calibration: Option<PathBuf>,
+    /// --qat: at most this many calibration lines are used.
+    #[arg(long, default_value_t = 256)]
+    calibration_samples: usize,
+    /// --qat: SmoothQuant strength the bundle will be quantized with.
+    #[arg(long, value_name = "ALPHA")]
+    smooth: Option<f32>,
+    /// --qat: how the bundle's activation ranges will be picked.
+    #[arg(long, value_enum, default_value = "min-max")]
+    range: super::export::RangeArg,
+    /// --qat with --range percentile: the share of values kept inside each range, in percent.
+    #[arg(long, default_value_t = 99.999)]
+    percentile: f32,
+    /// --qat: the bundle's weights will use -127..127 (`quantize --full-range`).
+    #[arg(long)]
+    full_range: bool,
 }
 
 /// Distils an encoder.
 pub fn distill_encoder(a: DistillEncoderArgs) -> Result<()> {
-    use edgelm_distill::encoder::student::{distill_encoder, read_sentences, EncoderDistillSpec, HiddenStates};
+    use edgelm_distill::encoder::qat::FakeQuantSpec;
+    use edgelm_distill::encoder::student::{
+        distill_encoder, read_sentences, EncoderDistillSpec, HiddenStates, QatSpec,
+    };
     use edgelm_distill::encoder::EncoderCheckpoint;
+    use edgelm_distill::quantize::RangeMethod;
     let teacher = EncoderCheckpoint::load(&a.teacher).with_context(|| format!("loading {}", a.teacher.display()))?;
     let text = read_sentences(&a.text)?;
+    let qat = match &a.calibration {
+        Some(path) if a.qat => Some(QatSpec {
+            scheme: FakeQuantSpec {
+                smooth: a.smooth,
+                range: match a.range {
+                    super::export::RangeArg::MinMax => RangeMethod::MinMax,
+                    super::export::RangeArg::Percentile => RangeMethod::Percentile { percentile: a.percentile },
+                },
+                full_range: a.full_range,
+            },
+            calibration: read_sentences(path)?.into_iter().take(a.calibration_samples).collect(),
+            recalibrations: 10,
+        }),
+        _ => None,
+    };
     let spec = EncoderDistillSpec {
         layers: a.layers,
         epochs: a.epochs,
@@ -493,6 +536,7 @@ pub fn distill_encoder(a: DistillEncoderArgs) -> Result<()> {
         attention_weight: a.attention_weight,
         seed: a.seed,
         init: a.init,
+        qat,
     };
     let r = distill_encoder(&teacher, &text, &spec, &a.output).context("distilling the encoder")?;
     eprintln!(

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::checkpoint::{load_weights, read_json};
 use crate::error::{Error, IoContext, Result};
 
+pub mod qat;
 pub mod student;
 
 /// How token states become one sentence vector.
@@ -177,17 +178,37 @@ pub struct BatchStates {
 /// The candle reference: runs the encoder and pools.
 pub struct BertModel<'a> {
     ck: &'a EncoderCheckpoint,
+    fake_quant: Option<&'a qat::FakeQuant>,
+    tap: Option<qat::Tap<'a>>,
 }
 
 impl<'a> BertModel<'a> {
     /// A model over a checkpoint's weights.
     pub fn new(ck: &'a EncoderCheckpoint) -> Self {
-        BertModel { ck }
+        BertModel { ck, fake_quant: None, tap: None }
+    }
+
+    /// The model as its int8-static bundle runs it (quantization-aware training).
+    pub fn with_fake_quant(mut self, fake_quant: &'a qat::FakeQuant) -> Self {
+        self.fake_quant = Some(fake_quant);
+        self
+    }
+
+    /// The model with `tap` seeing each linear layer's input (calibration).
+    pub(crate) fn with_tap(mut self, tap: qat::Tap<'a>) -> Self {
+        self.tap = Some(tap);
+        self
     }
 
     fn linear(&self, x: &Tensor, name: &str, out: usize, inp: usize) -> Result<Tensor> {
         let w = self.ck.get(&format!("{name}.weight"), &[out, inp])?;
         let b = self.ck.get(&format!("{name}.bias"), &[out])?;
+        if let Some(tap) = self.tap {
+            tap(name, x)?;
+        }
+        if let Some(y) = self.fake_quant.map(|q| q.linear(name, x, w, b)).transpose()?.flatten() {
+            return Ok(y);
+        }
         Ok(crate::model::times_transposed(x, w)?.broadcast_add(b)?)
     }
 

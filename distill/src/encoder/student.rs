@@ -24,6 +24,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use serde::Serialize;
 
+use super::qat::{FakeQuant, FakeQuantSpec};
 use super::{BatchStates, BertModel, EncoderCheckpoint};
 use crate::error::{Error, IoContext, Result};
 use crate::rng::Rng;
@@ -54,6 +55,21 @@ pub struct EncoderDistillSpec {
     /// A student of this teacher to start from instead of the teacher's layers (a second stage
     /// of training, on more text): its layers are trained on, the teacher's embeddings stay.
     pub init: Option<PathBuf>,
+    /// Train through int8-static's rounding (see [`super::qat`]).
+    pub qat: Option<QatSpec>,
+}
+
+/// Quantization-aware training: the scheme the student's int8-static bundle will be quantized
+/// with and the calibration text its scales are measured on (the same the `quantize` command
+/// will be given).
+#[derive(Debug, Clone)]
+pub struct QatSpec {
+    /// Smoothing, ranges and weight bits.
+    pub scheme: FakeQuantSpec,
+    /// Calibration texts.
+    pub calibration: Vec<String>,
+    /// How many times the scales are measured again as training moves the weights.
+    pub recalibrations: usize,
 }
 
 /// The student layers whose hidden states are matched, token by token, to those of the teacher
@@ -103,6 +119,10 @@ pub struct EncoderDistillReport {
     pub seconds: f64,
     /// The student training started from, when not the teacher's layers.
     pub init: Option<PathBuf>,
+    /// The int8-static scheme trained through, if any (the held-out cosines are then the
+    /// fake-quantized student's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization_aware: Option<String>,
 }
 
 /// One tokenized sentence, the teacher's embedding of it `[H]`, and at each teacher layer a
@@ -167,8 +187,9 @@ fn copy_layout(from: &Path, to: &Path) -> Result<()> {
 
 /// Mean cosine of the student's embeddings to the targets' (the sentences shared among the
 /// training workers).
-fn mean_cosine(ck: &EncoderCheckpoint, targets: &[Target]) -> Result<f64> {
+fn mean_cosine(ck: &EncoderCheckpoint, fake_quant: Option<&FakeQuant>, targets: &[Target]) -> Result<f64> {
     let model = BertModel::new(ck);
+    let model = if let Some(q) = fake_quant { model.with_fake_quant(q) } else { model };
     let sums = map_parts(&split(targets, training_workers()), "encoder scoring", |part| {
         let refs: Vec<&Target> = part.iter().collect();
         let mut sum = 0.0;
@@ -437,7 +458,26 @@ pub fn distill_encoder(
     let with = |trained: HashMap<String, Tensor>| -> HashMap<String, Tensor> {
         frozen.iter().map(|(k, v)| (k.clone(), v.clone())).chain(trained).collect()
     };
-    let before = mean_cosine(&student_at(with(trained.clone())), &held)?;
+    // Quantization-aware training: the calibration text tokenized as the training text is.
+    let calibration = match &spec.qat {
+        Some(q) => q
+            .calibration
+            .iter()
+            .map(|t| t.trim())
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                let enc = tokenizer.encode(t, true).map_err(|e| bad(format!("tokenizing {t:?}: {e}")))?;
+                let n = enc.get_ids().len().min(spec.max_tokens).min(c.max_position_embeddings);
+                Ok((enc.get_ids()[..n].to_vec(), enc.get_type_ids()[..n].to_vec()))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        None => vec![],
+    };
+    let calibrate = |ck: &EncoderCheckpoint| -> Result<Option<FakeQuant>> {
+        spec.qat.as_ref().map(|q| FakeQuant::calibrate(ck, &calibration, &q.scheme)).transpose()
+    };
+    let mut fake_quant = calibrate(&student_at(with(trained.clone())))?;
+    let before = mean_cosine(&student_at(with(trained.clone())), fake_quant.as_ref(), &held)?;
 
     let batch = spec.batch_size.max(1);
     let total = spec.epochs.max(1) * targets.len().div_ceil(batch);
@@ -447,6 +487,8 @@ pub fn distill_encoder(
     let term_weights = TermWeights { hidden: spec.hidden_weight, attention: spec.attention_weight };
     let started = Instant::now();
     tracing::info!("encoder student: {} sentences, {total} steps", targets.len());
+    let recalibrate_every = spec.qat.as_ref().map_or(usize::MAX, |q| (total / (q.recalibrations + 1)).max(1));
+    let mut steps = 0;
     let mut after = before;
     for epoch in 0..spec.epochs.max(1) {
         rng.shuffle(&mut targets);
@@ -455,7 +497,12 @@ pub fn distill_encoder(
         rng.shuffle(&mut batches);
         for chunk in &batches {
             let ck = student_at(with(trainer.tensors()));
+            if steps > 0 && steps % recalibrate_every == 0 {
+                fake_quant = calibrate(&ck)?;
+            }
+            steps += 1;
             let m = BertModel::new(&ck);
+            let m = if let Some(q) = &fake_quant { m.with_fake_quant(q) } else { m };
             // Each worker takes a share of the batch: its part of the batch's mean loss.
             let share = |part: &&[&Target]| -> Result<candle_core::backprop::GradStore> {
                 trainer.gradients(&(batch_loss(&m, part, term_weights, &matched)? / chunk.len() as f64)?)
@@ -463,11 +510,14 @@ pub fn distill_encoder(
             let grads = map_parts(&split(chunk, training_workers()), "encoder training worker", share);
             trainer.accumulate(grads.into_iter().collect::<Result<_>>()?)?;
         }
-        after = mean_cosine(&student_at(with(trainer.tensors())), &held)?;
+        let ck = student_at(with(trainer.tensors()));
+        fake_quant = calibrate(&ck)?;
+        after = mean_cosine(&ck, fake_quant.as_ref(), &held)?;
         eprintln!(
-            "encoder student: epoch {} of {}: held-out cosine to the teacher {after:.4} ({:.0} s)",
+            "encoder student: epoch {} of {}: held-out cosine to the teacher {after:.4}{} ({:.0} s)",
             epoch + 1,
             spec.epochs.max(1),
+            if fake_quant.is_some() { " (fake-quantized)" } else { "" },
             started.elapsed().as_secs_f64()
         );
     }
@@ -493,6 +543,7 @@ pub fn distill_encoder(
         held_out_cosine: (before, after),
         seconds,
         init: spec.init.as_ref().map(|d| d.canonicalize().unwrap_or_else(|_| d.clone())),
+        quantization_aware: spec.qat.as_ref().map(|q| q.scheme.describe()),
     };
     let rp = out.join("distill_report.json");
     std::fs::write(&rp, serde_json::to_string_pretty(&report).expect("json")).at(&rp)?;

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::onnx::{AttributeProto as Attr, DataType, Dim, GraphBuilder, ModelProto};
 
 /// Builds the encoder graph.
-fn build(ck: &EncoderCheckpoint) -> Result<ModelProto> {
+pub(crate) fn build(ck: &EncoderCheckpoint) -> Result<ModelProto> {
     let c = &ck.config;
     let (h, heads) = (c.hidden_size, c.num_attention_heads);
     let hd = h / heads;

@@ -2,7 +2,7 @@
 //! `edgelm.json`), then a numerical check of the ONNX graph in ONNX Runtime against the candle
 //! model on a fixed prompt.
 
-mod encoder;
+pub(crate) mod encoder;
 mod graph;
 mod quantized;
 mod verify;

@@ -1,0 +1,360 @@
+//! Quantization-aware training for `int8-static`: the candle encoder run through the rounding its
+//! int8-static bundle will do, so that a student can be trained to be good *after* quantization
+//! rather than before it.
+//!
+//! Each linear layer reads its input as the bundle's `MatMulIntegerToFloat` will: divided by the
+//! SmoothQuant scales, rounded to uint8 with one scale and zero point per tensor fixed from
+//! calibration text, and its weights multiplied by the same scales and rounded to int8 with one
+//! scale per output channel (7 bits, or 8 with `full_range`). The forward pass sees the rounded
+//! values; the backward pass goes straight through the rounding (the straight-through
+//! estimator), so the fp32 weights keep learning and the rounding only steers them.
+//!
+//! The scales come from the same statistics `edgelm-distill quantize --precision int8-static`
+//! takes from the fp32 ONNX graph (per-channel magnitudes for smoothing, then each smoothed
+//! input's range, min-max or percentile), measured here on the candle model one calibration
+//! sentence at a time as the bundle quantizer runs them. Training moves the weights, so the
+//! trainer measures them again as it goes; the bundle quantizer then finds nearly the ones the
+//! student was last trained under.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use candle_core::Tensor;
+
+use super::{BertModel, EncoderCheckpoint};
+use crate::error::{Error, Result};
+use crate::quantize::calibrate::{RangeCollector, RangeMethod};
+
+/// How the int8-static bundle will be quantized: give the values the `quantize` command will
+/// get.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FakeQuantSpec {
+    /// SmoothQuant strength (`--smooth`), none for no smoothing.
+    pub smooth: Option<f32>,
+    /// How each activation range is picked (`--range`, `--percentile`).
+    pub range: RangeMethod,
+    /// Weights over -127..=127 (`--full-range`) instead of -63..=63.
+    pub full_range: bool,
+}
+
+impl FakeQuantSpec {
+    /// The scheme in words, for reports.
+    pub fn describe(&self) -> String {
+        format!(
+            "int8-static: {} ranges, {}, {}-bit weights",
+            self.range.describe(),
+            self.smooth.map_or("no smoothing".to_string(), |a| format!("smoothing {a}")),
+            if self.full_range { 8 } else { 7 }
+        )
+    }
+
+    fn qmax(&self) -> f64 {
+        if self.full_range {
+            127.0
+        } else {
+            63.0
+        }
+    }
+}
+
+/// One linear layer's quantization: smoothing scales of its input channels and its input's
+/// uint8 scale and zero point.
+#[derive(Debug, Clone)]
+struct LinearQuant {
+    /// `1 / s_j` per input channel `[in]` (ones without smoothing).
+    inv_smooth: Tensor,
+    /// `s_j` per input channel `[in]`.
+    smooth: Tensor,
+    scale: f64,
+    zero_point: f64,
+}
+
+/// The linear layers of an encoder with the scales an int8-static bundle of it would use.
+#[derive(Debug, Clone)]
+pub struct FakeQuant {
+    linears: HashMap<String, LinearQuant>,
+    qmax: f64,
+}
+
+/// The linear layers of layer `i`, grouped by the tensor they read (query, key and value share
+/// the layer's input, and so share its smoothing and range).
+fn groups(layers: usize) -> Vec<Vec<String>> {
+    let mut out = vec![];
+    for i in 0..layers {
+        let p = format!("encoder.layer.{i}");
+        out.push(["query", "key", "value"].iter().map(|n| format!("{p}.attention.self.{n}")).collect());
+        out.push(vec![format!("{p}.attention.output.dense")]);
+        out.push(vec![format!("{p}.intermediate.dense")]);
+        out.push(vec![format!("{p}.output.dense")]);
+    }
+    out
+}
+
+/// Sees each linear layer's name and input (channels last) as the model runs.
+pub(crate) type Tap<'s> = &'s (dyn Fn(&str, &Tensor) -> Result<()> + Sync);
+
+/// Runs every sample alone (as the bundle quantizer does) with `tap` seeing each linear input.
+fn run_samples(model: &BertModel, samples: &[(Vec<u32>, Vec<u32>)]) -> Result<()> {
+    for (ids, types) in samples {
+        model.batch_run(&[(ids, types)], false)?;
+    }
+    Ok(())
+}
+
+/// The largest magnitude in each column of `w` `[out, in]`: `[in]`.
+fn column_absmax(w: &Tensor) -> Result<Vec<f32>> {
+    Ok(w.abs()?.max(0)?.to_vec1()?)
+}
+
+impl FakeQuant {
+    /// Measures `ck` over `samples` (token ids and types, one sentence each) and fixes the scales.
+    pub fn calibrate(ck: &EncoderCheckpoint, samples: &[(Vec<u32>, Vec<u32>)], spec: &FakeQuantSpec) -> Result<Self> {
+        if samples.is_empty() {
+            return Err(Error::InvalidConfig { what: "quantization-aware training needs calibration text".into() });
+        }
+        let c = &ck.config;
+        let groups = groups(c.num_hidden_layers);
+        let width = |name: &str| {
+            if name.ends_with(".output.dense") && !name.contains("attention") {
+                c.intermediate_size
+            } else {
+                c.hidden_size
+            }
+        };
+        // Smoothing scales per group: s_j = a_j^alpha / w_j^(1 - alpha).
+        let mut smooth: HashMap<String, Vec<f32>> = HashMap::new();
+        if let Some(alpha) = spec.smooth {
+            if !(0.0..=1.0).contains(&alpha) {
+                return Err(Error::InvalidConfig { what: format!("smoothing strength {alpha}: choose one in [0, 1]") });
+            }
+            let absmax: Mutex<HashMap<String, Vec<f32>>> = Mutex::new(HashMap::new());
+            let tap = |name: &str, x: &Tensor| -> Result<()> {
+                let m: Vec<f32> = x.abs()?.flatten_to(1)?.max(0)?.to_vec1()?;
+                let mut all = absmax.lock().expect("calibration lock");
+                let a = all.entry(name.to_string()).or_insert_with(|| vec![0.0; m.len()]);
+                a.iter_mut().zip(&m).for_each(|(a, v)| *a = a.max(*v));
+                Ok(())
+            };
+            run_samples(&BertModel::new(ck).with_tap(&tap), samples)?;
+            let absmax = absmax.into_inner().expect("calibration lock");
+            for group in &groups {
+                let a = &absmax[&group[0]];
+                let mut w = vec![0f32; a.len()];
+                for name in group {
+                    let m = column_absmax(ck.get(&format!("{name}.weight"), &[width_out(c, name), width(name)])?)?;
+                    w.iter_mut().zip(&m).for_each(|(w, v)| *w = w.max(*v));
+                }
+                let s: Vec<f32> = a
+                    .iter()
+                    .zip(&w)
+                    .map(|(&a, &w)| {
+                        let s = a.powf(alpha) / w.powf(1.0 - alpha);
+                        if s.is_finite() && s > 1e-5 {
+                            s
+                        } else {
+                            1.0
+                        }
+                    })
+                    .collect();
+                for name in group {
+                    smooth.insert(name.clone(), s.clone());
+                }
+            }
+        }
+        let dev = candle_core::Device::Cpu;
+        let scales = |name: &str| -> Result<(Tensor, Tensor)> {
+            let s = smooth.get(name).cloned().unwrap_or_else(|| vec![1.0; width(name)]);
+            let inv: Vec<f32> = s.iter().map(|s| 1.0 / s).collect();
+            Ok((Tensor::from_vec(inv, s.len(), &dev)?, Tensor::from_vec(s, width(name), &dev)?))
+        };
+        // Ranges of the smoothed inputs: extremes first, then (percentiles) a histogram.
+        let collectors: Mutex<HashMap<String, RangeCollector>> = Mutex::new(HashMap::new());
+        let passes = if matches!(spec.range, RangeMethod::Percentile { .. }) { 2 } else { 1 };
+        let mut inv_by_name = HashMap::new();
+        for group in &groups {
+            inv_by_name.insert(group[0].clone(), scales(&group[0])?.0);
+        }
+        for pass in 0..passes {
+            let tap = |name: &str, x: &Tensor| -> Result<()> {
+                let Some(inv) = inv_by_name.get(name) else { return Ok(()) };
+                let v: Vec<f32> = x.broadcast_mul(inv)?.flatten_all()?.to_vec1()?;
+                let mut all = collectors.lock().expect("calibration lock");
+                let r = all.entry(name.to_string()).or_default();
+                if pass == 0 {
+                    r.observe(&v)
+                } else {
+                    r.count(&v)
+                }
+                Ok(())
+            };
+            run_samples(&BertModel::new(ck).with_tap(&tap), samples)?;
+        }
+        let collectors = collectors.into_inner().expect("calibration lock");
+        let mut linears = HashMap::new();
+        for group in &groups {
+            let range = collectors
+                .get(&group[0])
+                .ok_or_else(|| Error::InvalidConfig { what: format!("`{}` was never run", group[0]) })?
+                .range(spec.range);
+            let (scale, zero_point) = range.uint8_params();
+            for name in group {
+                let (inv_smooth, smooth) = scales(name)?;
+                linears.insert(
+                    name.clone(),
+                    LinearQuant { inv_smooth, smooth, scale: scale as f64, zero_point: zero_point as f64 },
+                );
+            }
+        }
+        Ok(FakeQuant { linears, qmax: spec.qmax() })
+    }
+
+    /// `x W^T + b` as the int8-static bundle computes it, or none when `name` is not one of the
+    /// quantized linears.
+    pub(crate) fn linear(&self, name: &str, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+        let Some(q) = self.linears.get(name) else { return Ok(None) };
+        let xs = x.broadcast_mul(&q.inv_smooth)?;
+        let levels = (((&xs / q.scale)?.round()? + q.zero_point)?.clamp(0f32, 255f32)? - q.zero_point)?;
+        let xq = straight_through(&xs, &(levels * q.scale)?)?;
+        let ws = w.broadcast_mul(&q.smooth)?;
+        let step = (ws.abs()?.max_keepdim(1)? / self.qmax)?.maximum(1e-30)?.detach();
+        let wq = ws.broadcast_div(&step)?.round()?.clamp(-self.qmax as f32, self.qmax as f32)?.broadcast_mul(&step)?;
+        let wq = straight_through(&ws, &wq)?;
+        Ok(Some(crate::model::times_transposed(&xq, &wq)?.broadcast_add(b)?))
+    }
+}
+
+/// Output rows of a linear layer's weight.
+fn width_out(c: &super::EncoderConfig, name: &str) -> usize {
+    if name.ends_with("intermediate.dense") {
+        c.intermediate_size
+    } else {
+        c.hidden_size
+    }
+}
+
+/// `rounded` forward, the identity backward: `x + (rounded - x)` with the difference detached.
+fn straight_through(x: &Tensor, rounded: &Tensor) -> Result<Tensor> {
+    Ok((x + (rounded - x)?.detach())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encoder::{tiny_encoder, Pooling};
+
+    #[test]
+    fn one_linear_by_hand() {
+        // x = [0.51, -1.0, 2.0] with range [-1, 2] -> scale 3/255, zero point 85;
+        // no smoothing; weight row [1.0, 0.52, -0.3], 7 bits: step 1/63.
+        let dev = candle_core::Device::Cpu;
+        let q = LinearQuant {
+            inv_smooth: Tensor::ones(3, candle_core::DType::F32, &dev).unwrap(),
+            smooth: Tensor::ones(3, candle_core::DType::F32, &dev).unwrap(),
+            scale: 3.0 / 255.0,
+            zero_point: 85.0,
+        };
+        let fq = FakeQuant { linears: [("l".to_string(), q)].into(), qmax: 63.0 };
+        let x = Tensor::new(&[[0.51f32, -1.0, 2.0]], &dev).unwrap();
+        let w = Tensor::new(&[[1.0f32, 0.52, -0.3]], &dev).unwrap();
+        let b = Tensor::new(&[0.1f32], &dev).unwrap();
+        let y: Vec<Vec<f32>> = fq.linear("l", &x, &w, &b).unwrap().unwrap().to_vec2().unwrap();
+        // x levels: 0.51 / (3/255) = 43.35 -> 43, + 85 = 128 -> (128-85)*3/255;
+        // -1 -> -85 + 85 = 0 -> -1; 2 -> 170 + 85 = 255 -> 2.
+        let xq = [43.0 * 3.0 / 255.0, -1.0, 2.0];
+        // w: -0.3 * 63 = -18.9 -> -19 / 63; 0.52 * 63 = 32.76 -> 33 / 63.
+        let wq = [1.0, 33.0 / 63.0, -19.0 / 63.0];
+        let expect = xq.iter().zip(wq).map(|(a, b)| a * b).sum::<f64>() + 0.1;
+        assert!((y[0][0] as f64 - expect).abs() < 1e-5, "{} vs {expect}", y[0][0]);
+        assert!(fq.linear("other", &x, &w, &b).unwrap().is_none());
+    }
+
+    fn samples() -> Vec<(Vec<u32>, Vec<u32>)> {
+        (0..12u32)
+            .map(|i| ((0..3 + i % 9).map(|t| (t * 7 + i * 3) % 40).collect(), vec![0; 3 + (i % 9) as usize]))
+            .collect()
+    }
+
+    #[test]
+    fn the_fake_quantized_model_computes_what_the_int8_static_graph_does() {
+        use crate::quantize::graph::{Method, QuantizeOptions};
+        use crate::quantize::{calibrate, qdq};
+        use prost::Message;
+        let ck = tiny_encoder(Pooling::Mean, 5);
+        let samples = samples();
+        for (smooth, range, full_range) in
+            [(Some(0.8), RangeMethod::Percentile { percentile: 99.9 }, false), (None, RangeMethod::MinMax, true)]
+        {
+            let spec = FakeQuantSpec { smooth, range, full_range };
+            let fq = FakeQuant::calibrate(&ck, &samples, &spec).unwrap();
+            // What `quantize --precision int8-static` does to the exported graph, on the same text.
+            let mut model = crate::export::encoder::build(&ck).unwrap();
+            let onnx_samples: Vec<calibrate::Sample> = samples
+                .iter()
+                .map(|(ids, types)| {
+                    let i64s = |v: &[u32]| v.iter().map(|&x| x as i64).collect::<Vec<_>>();
+                    vec![
+                        ("input_ids".to_string(), i64s(ids)),
+                        ("token_type_ids".to_string(), i64s(types)),
+                        ("attention_mask".to_string(), vec![1; ids.len()]),
+                    ]
+                })
+                .collect();
+            let opts = QuantizeOptions {
+                method: Method::StaticInt8,
+                full_range_int8: full_range,
+                range,
+                smooth,
+                ..QuantizeOptions::for_bits(8).unwrap()
+            };
+            let mut tensors = qdq::activation_tensors(&model, &opts);
+            if let Some(alpha) = smooth {
+                let absmax = calibrate::channel_absmax(&model, &tensors, &onnx_samples).unwrap();
+                qdq::smooth(&mut model, &absmax, alpha, &opts).unwrap();
+                tensors = qdq::activation_tensors(&model, &opts);
+            }
+            let ranges = calibrate::calibrate(&model, &tensors, &onnx_samples, range).unwrap();
+            qdq::quantize_static(&mut model, &ranges, &opts).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("model.onnx");
+            std::fs::write(&path, model.encode_to_vec()).unwrap();
+            let mut session = edgelm_runtime::encoder::EncoderSession::load(&path, &Default::default()).unwrap();
+            let (ids, types): (Vec<u32>, Vec<u32>) = ((0..9).map(|t| (t * 5 + 2) % 40).collect(), vec![0; 9]);
+            let int8 = session.run(&ids, &types).unwrap();
+            let fake = BertModel::new(&ck).with_fake_quant(&fq).embed(&ids, &types).unwrap();
+            let fp32 = BertModel::new(&ck).embed(&ids, &types).unwrap();
+            let diff = |a: &[f32]| a.iter().zip(&int8).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(
+                diff(&fake) < diff(&fp32) / 20.0,
+                "{spec:?}: fake quantization is {:.2e} from the int8 graph, fp32 {:.2e}",
+                diff(&fake),
+                diff(&fp32)
+            );
+        }
+    }
+
+    #[test]
+    fn gradients_pass_through_the_rounding() {
+        let ck = tiny_encoder(Pooling::Mean, 3);
+        let samples = samples();
+        let spec = FakeQuantSpec { smooth: Some(0.8), range: RangeMethod::MinMax, full_range: false };
+        let fq = FakeQuant::calibrate(&ck, &samples, &spec).unwrap();
+        // Make one weight a variable and check the loss moves it.
+        let name = "encoder.layer.0.intermediate.dense.weight";
+        let var = candle_core::Var::from_tensor(&ck.tensors[name]).unwrap();
+        let mut tensors = ck.tensors.clone();
+        tensors.insert(name.into(), var.as_tensor().clone());
+        let trained = EncoderCheckpoint {
+            dir: ck.dir.clone(),
+            config: ck.config.clone(),
+            tensors,
+            tokenizer_json: None,
+            tokenizer_config: None,
+        };
+        let model = BertModel::new(&trained).with_fake_quant(&fq);
+        let (ids, types) = &samples[3];
+        let loss = model.sentence(ids, types).unwrap().sqr().unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g: f32 = grads.get(var.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!(g > 0.0, "no gradient reached the weight through the fake quantization");
+    }
+}
