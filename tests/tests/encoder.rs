@@ -362,6 +362,31 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
     let start = report2["held_out_cosine"][0].as_f64().unwrap();
     assert!((start - after).abs() < 1e-5, "the second stage started at {start}, the first ended at {after}");
     assert_eq!(report2["init"].as_str(), student.canonicalize().unwrap().to_str(), "the report names the start");
+    // A quantization-aware stage scores the student through int8-static's rounding from its
+    // first step: its "before" is not the fp32 student's, and its report names the scheme.
+    let qat = |extra: &[&str]| {
+        run(Command::new(edgelm_e2e::bin("edgelm-distill"))
+            .args(["distill-encoder", "--layers", "0,5", "--epochs", "1", "--batch-size", "6", "--lr", "1e-5"])
+            .arg("--teacher")
+            .arg(edgelm_e2e::minilm_dir())
+            .arg("--text")
+            .arg(&text)
+            .arg("--init")
+            .arg(&student)
+            .arg("-o")
+            .arg(tmp.path().join("qat"))
+            .args(extra))
+    };
+    let out = qat(&["--qat"]);
+    assert!(!out.status.success(), "--qat without --calibration was accepted");
+    let out = qat(&["--qat", "--calibration", text.to_str().unwrap(), "--smooth", "0.8"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report3: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("qat/distill_report.json")).unwrap()).unwrap();
+    let quantized_start = report3["held_out_cosine"][0].as_f64().unwrap();
+    assert!((quantized_start - after).abs() > 1e-6, "fake quantization changed nothing: {quantized_start}");
+    assert!((quantized_start - after).abs() < 0.05, "fake quantization is far off: {quantized_start} vs {after}");
+    assert!(report3["quantization_aware"].as_str().unwrap().contains("smoothing 0.8"), "{report3}");
     // Other teacher layers than the start was taken from are refused, naming its own.
     let out = distill_from("0,3,5", &tmp.path().join("third"));
     assert!(!out.status.success());
