@@ -343,7 +343,7 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
     // A second stage starts from the student, not from the teacher's layers: its "before" is the
     // first stage's "after" (same text and seed, so the same held-out sentences).
     let second = tmp.path().join("second");
-    let distill_from = |layers: &str, out: &std::path::Path| {
+    let distill_from = |layers: &str, out: &std::path::Path, extra: &[&str]| {
         run(Command::new(edgelm_e2e::bin("edgelm-distill"))
             .args(["distill-encoder", "--layers", layers, "--epochs", "1", "--batch-size", "6", "--lr", "1e-4"])
             .arg("--teacher")
@@ -353,9 +353,10 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
             .arg("--init")
             .arg(&student)
             .arg("-o")
-            .arg(out))
+            .arg(out)
+            .args(extra))
     };
-    let out = distill_from("0,5", &second);
+    let out = distill_from("0,5", &second, &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report2: serde_json::Value =
         serde_json::from_slice(&std::fs::read(second.join("distill_report.json")).unwrap()).unwrap();
@@ -364,19 +365,7 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
     assert_eq!(report2["init"].as_str(), student.canonicalize().unwrap().to_str(), "the report names the start");
     // A quantization-aware stage scores the student through int8-static's rounding from its
     // first step: its "before" is not the fp32 student's, and its report names the scheme.
-    let qat = |extra: &[&str]| {
-        run(Command::new(edgelm_e2e::bin("edgelm-distill"))
-            .args(["distill-encoder", "--layers", "0,5", "--epochs", "1", "--batch-size", "6", "--lr", "1e-5"])
-            .arg("--teacher")
-            .arg(edgelm_e2e::minilm_dir())
-            .arg("--text")
-            .arg(&text)
-            .arg("--init")
-            .arg(&student)
-            .arg("-o")
-            .arg(tmp.path().join("qat"))
-            .args(extra))
-    };
+    let qat = |extra: &[&str]| distill_from("0,5", &tmp.path().join("qat"), extra);
     let out = qat(&["--qat"]);
     assert!(!out.status.success(), "--qat without --calibration was accepted");
     let out = qat(&["--qat", "--calibration", text.to_str().unwrap(), "--smooth", "0.8"]);
@@ -388,7 +377,7 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
     assert!((quantized_start - after).abs() < 0.05, "fake quantization is far off: {quantized_start} vs {after}");
     assert!(report3["quantization_aware"].as_str().unwrap().contains("smoothing 0.8"), "{report3}");
     // Other teacher layers than the start was taken from are refused, naming its own.
-    let out = distill_from("0,3,5", &tmp.path().join("third"));
+    let out = distill_from("0,3,5", &tmp.path().join("third"), &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("taken from teacher layers [0, 5]") && err.contains("give --layers 0,5"), "{err}");

@@ -144,18 +144,7 @@ impl FakeQuant {
                     let m = column_absmax(ck.get(&format!("{name}.weight"), &[width_out(c, name), width(name)])?)?;
                     w.iter_mut().zip(&m).for_each(|(w, v)| *w = w.max(*v));
                 }
-                let s: Vec<f32> = a
-                    .iter()
-                    .zip(&w)
-                    .map(|(&a, &w)| {
-                        let s = a.powf(alpha) / w.powf(1.0 - alpha);
-                        if s.is_finite() && s > 1e-5 {
-                            s
-                        } else {
-                            1.0
-                        }
-                    })
-                    .collect();
+                let s = crate::quantize::qdq::smoothing_scales(a, &w, alpha);
                 for name in group {
                     smooth.insert(name.clone(), s.clone());
                 }

@@ -110,18 +110,7 @@ pub fn smooth(
                 mats.iter().flat_map(|(_, n, v)| v[j * n..(j + 1) * n].iter().map(|x| x.abs())).fold(0.0, f32::max)
             })
             .collect();
-        let s: Vec<f32> = a
-            .iter()
-            .zip(&w_max)
-            .map(|(&a, &w)| {
-                let s = a.powf(alpha) / w.powf(1.0 - alpha);
-                if s.is_finite() && s > 1e-5 {
-                    s
-                } else {
-                    1.0
-                }
-            })
-            .collect();
+        let s = smoothing_scales(a, &w_max, alpha);
         for ((_, n, v), w) in mats.iter_mut().zip(ws) {
             for (j, row) in v.chunks_exact_mut(*n).enumerate() {
                 row.iter_mut().for_each(|x| *x *= s[j]);
@@ -156,6 +145,22 @@ pub fn smooth(
         g.node.push(n);
     }
     Ok(renamed.len())
+}
+
+/// SmoothQuant's per-channel scales `s_j = a_j^alpha / w_j^(1 - alpha)` for activation channel
+/// magnitudes `a` and weight row magnitudes `w` (1 where that is not a usable number).
+pub(crate) fn smoothing_scales(a: &[f32], w: &[f32], alpha: f32) -> Vec<f32> {
+    a.iter()
+        .zip(w)
+        .map(|(&a, &w)| {
+            let s = a.powf(alpha) / w.powf(1.0 - alpha);
+            if s.is_finite() && s > 1e-5 {
+                s
+            } else {
+                1.0
+            }
+        })
+        .collect()
 }
 
 fn node(name: String, op: &str, input: Vec<String>, output: String, attribute: Vec<Attr>) -> NodeProto {
