@@ -16,7 +16,7 @@
 //! trainer measures them again as it goes; the bundle quantizer then finds nearly the ones the
 //! student was last trained under.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use candle_core::Tensor;
@@ -114,21 +114,18 @@ impl FakeQuant {
         }
         let c = &ck.config;
         let groups = groups(c.num_hidden_layers);
-        let width = |name: &str| {
-            if name.ends_with(".output.dense") && !name.contains("attention") {
-                c.intermediate_size
-            } else {
-                c.hidden_size
-            }
-        };
-        // Smoothing scales per group: s_j = a_j^alpha / w_j^(1 - alpha).
-        let mut smooth: HashMap<String, Vec<f32>> = HashMap::new();
+        // Smoothing scales per group, s_j = a_j^alpha / w_j^(1 - alpha); ones without smoothing.
+        let mut smooth: Vec<Vec<f32>> = groups.iter().map(|g| vec![1.0; weight_shape(c, &g[0]).1]).collect();
         if let Some(alpha) = spec.smooth {
             if !(0.0..=1.0).contains(&alpha) {
                 return Err(Error::InvalidConfig { what: format!("smoothing strength {alpha}: choose one in [0, 1]") });
             }
+            let first: HashSet<&str> = groups.iter().map(|g| g[0].as_str()).collect();
             let absmax: Mutex<HashMap<String, Vec<f32>>> = Mutex::new(HashMap::new());
             let tap = |name: &str, x: &Tensor| -> Result<()> {
+                if !first.contains(name) {
+                    return Ok(());
+                }
                 let m: Vec<f32> = x.abs()?.flatten_to(1)?.max(0)?.to_vec1()?;
                 let mut all = absmax.lock().expect("calibration lock");
                 let a = all.entry(name.to_string()).or_insert_with(|| vec![0.0; m.len()]);
@@ -137,32 +134,31 @@ impl FakeQuant {
             };
             run_samples(&BertModel::new(ck).with_tap(&tap), samples)?;
             let absmax = absmax.into_inner().expect("calibration lock");
-            for group in &groups {
+            for (group, s) in groups.iter().zip(&mut smooth) {
                 let a = &absmax[&group[0]];
                 let mut w = vec![0f32; a.len()];
                 for name in group {
-                    let m = column_absmax(ck.get(&format!("{name}.weight"), &[width_out(c, name), width(name)])?)?;
+                    let (rows, cols) = weight_shape(c, name);
+                    let m = column_absmax(ck.get(&format!("{name}.weight"), &[rows, cols])?)?;
                     w.iter_mut().zip(&m).for_each(|(w, v)| *w = w.max(*v));
                 }
-                let s = crate::quantize::qdq::smoothing_scales(a, &w, alpha);
-                for name in group {
-                    smooth.insert(name.clone(), s.clone());
-                }
+                *s = crate::quantize::qdq::smoothing_scales(a, &w, alpha);
             }
         }
         let dev = candle_core::Device::Cpu;
-        let scales = |name: &str| -> Result<(Tensor, Tensor)> {
-            let s = smooth.get(name).cloned().unwrap_or_else(|| vec![1.0; width(name)]);
-            let inv: Vec<f32> = s.iter().map(|s| 1.0 / s).collect();
-            Ok((Tensor::from_vec(inv, s.len(), &dev)?, Tensor::from_vec(s, width(name), &dev)?))
-        };
+        // (1 / s, s) per group, shared by the group's linears.
+        let scales: Vec<(Tensor, Tensor)> = smooth
+            .into_iter()
+            .map(|s| {
+                let (n, inv) = (s.len(), s.iter().map(|s| 1.0 / s).collect::<Vec<f32>>());
+                Ok((Tensor::from_vec(inv, n, &dev)?, Tensor::from_vec(s, n, &dev)?))
+            })
+            .collect::<Result<_>>()?;
         // Ranges of the smoothed inputs: extremes first, then (percentiles) a histogram.
+        let inv_by_name: HashMap<&str, &Tensor> =
+            groups.iter().zip(&scales).map(|(g, (inv, _))| (g[0].as_str(), inv)).collect();
         let collectors: Mutex<HashMap<String, RangeCollector>> = Mutex::new(HashMap::new());
         let passes = if matches!(spec.range, RangeMethod::Percentile { .. }) { 2 } else { 1 };
-        let mut inv_by_name = HashMap::new();
-        for group in &groups {
-            inv_by_name.insert(group[0].clone(), scales(&group[0])?.0);
-        }
         for pass in 0..passes {
             let tap = |name: &str, x: &Tensor| -> Result<()> {
                 let Some(inv) = inv_by_name.get(name) else { return Ok(()) };
@@ -180,18 +176,20 @@ impl FakeQuant {
         }
         let collectors = collectors.into_inner().expect("calibration lock");
         let mut linears = HashMap::new();
-        for group in &groups {
+        for (group, (inv_smooth, smooth)) in groups.iter().zip(&scales) {
             let range = collectors
                 .get(&group[0])
                 .ok_or_else(|| Error::InvalidConfig { what: format!("`{}` was never run", group[0]) })?
                 .range(spec.range);
             let (scale, zero_point) = range.uint8_params();
             for name in group {
-                let (inv_smooth, smooth) = scales(name)?;
-                linears.insert(
-                    name.clone(),
-                    LinearQuant { inv_smooth, smooth, scale: scale as f64, zero_point: zero_point as f64 },
-                );
+                let q = LinearQuant {
+                    inv_smooth: inv_smooth.clone(),
+                    smooth: smooth.clone(),
+                    scale: scale as f64,
+                    zero_point: zero_point as f64,
+                };
+                linears.insert(name.clone(), q);
             }
         }
         Ok(FakeQuant { linears, qmax: spec.qmax() })
@@ -212,12 +210,15 @@ impl FakeQuant {
     }
 }
 
-/// Output rows of a linear layer's weight.
-fn width_out(c: &super::EncoderConfig, name: &str) -> usize {
+/// `[out, in]` of a linear layer's weight: the FFN widens to `intermediate_size` and its output
+/// projection reads that width; the rest are `hidden_size` square.
+fn weight_shape(c: &super::EncoderConfig, name: &str) -> (usize, usize) {
     if name.ends_with("intermediate.dense") {
-        c.intermediate_size
+        (c.intermediate_size, c.hidden_size)
+    } else if name.ends_with(".output.dense") && !name.contains("attention") {
+        (c.hidden_size, c.intermediate_size)
     } else {
-        c.hidden_size
+        (c.hidden_size, c.hidden_size)
     }
 }
 

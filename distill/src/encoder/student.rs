@@ -369,14 +369,13 @@ pub fn distill_encoder(
     let model = BertModel::new(teacher);
     let matched = spec.hidden_states.matched(spec.layers.len());
     let sentences: Vec<&str> = text.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
-    let tokenized = sentences
-        .iter()
-        .map(|s| {
-            let enc = tokenizer.encode(*s, true).map_err(|e| bad(format!("tokenizing {s:?}: {e}")))?;
-            let n = enc.get_ids().len().min(spec.max_tokens).min(c.max_position_embeddings);
-            Ok((enc.get_ids()[..n].to_vec(), enc.get_type_ids()[..n].to_vec()))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // Token ids and types, cut at the longest sentence trained on.
+    let tokenize = |s: &str| -> Result<(Vec<u32>, Vec<u32>)> {
+        let enc = tokenizer.encode(s, true).map_err(|e| bad(format!("tokenizing {s:?}: {e}")))?;
+        let n = enc.get_ids().len().min(spec.max_tokens).min(c.max_position_embeddings);
+        Ok((enc.get_ids()[..n].to_vec(), enc.get_type_ids()[..n].to_vec()))
+    };
+    let tokenized = sentences.iter().map(|s| tokenize(s)).collect::<Result<Vec<_>>>()?;
     let mut tokenized: Vec<(Vec<u32>, Vec<u32>)> = tokenized.into_iter().filter(|(ids, _)| !ids.is_empty()).collect();
     if tokenized.len() < 10 {
         return Err(bad(format!("{} sentences are too few to train on", tokenized.len())));
@@ -465,19 +464,16 @@ pub fn distill_encoder(
             .iter()
             .map(|t| t.trim())
             .filter(|t| !t.is_empty())
-            .map(|t| {
-                let enc = tokenizer.encode(t, true).map_err(|e| bad(format!("tokenizing {t:?}: {e}")))?;
-                let n = enc.get_ids().len().min(spec.max_tokens).min(c.max_position_embeddings);
-                Ok((enc.get_ids()[..n].to_vec(), enc.get_type_ids()[..n].to_vec()))
-            })
+            .map(tokenize)
             .collect::<Result<Vec<_>>>()?,
         None => vec![],
     };
     let calibrate = |ck: &EncoderCheckpoint| -> Result<Option<FakeQuant>> {
         spec.qat.as_ref().map(|q| FakeQuant::calibrate(ck, &calibration, &q.scheme)).transpose()
     };
-    let mut fake_quant = calibrate(&student_at(with(trained.clone())))?;
-    let before = mean_cosine(&student_at(with(trained.clone())), fake_quant.as_ref(), &held)?;
+    let start = student_at(with(trained.clone()));
+    let mut fake_quant = calibrate(&start)?;
+    let before = mean_cosine(&start, fake_quant.as_ref(), &held)?;
 
     let batch = spec.batch_size.max(1);
     let total = spec.epochs.max(1) * targets.len().div_ceil(batch);
