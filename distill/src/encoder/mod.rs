@@ -28,6 +28,66 @@ pub enum Pooling {
     Cls,
 }
 
+/// The pooling and normalisation a sentence-transformers folder declares: modules.json lists the
+/// modules that run after the transformer, each Pooling module's folder holds its config.json.
+/// A folder without modules.json is a plain BERT checkpoint: mean pooling (or what
+/// `1_Pooling/config.json` says), no normalisation. Modules the export cannot carry (Dense
+/// projections, max or weighted pooling, several pooling modes concatenated) are refused rather
+/// than dropped, since the embeddings would silently differ from sentence-transformers'.
+fn sentence_modules(dir: &Path) -> Result<(Pooling, bool)> {
+    let unsupported = |what: String| Error::InvalidConfig { what };
+    let Some(modules) = read_json(&dir.join("modules.json"))? else {
+        let pooling = read_json(&dir.join("1_Pooling/config.json"))?;
+        return Ok((pooling.as_ref().map(pooling_mode).transpose()?.unwrap_or(Pooling::Mean), false));
+    };
+    let modules = modules.as_array().ok_or_else(|| unsupported("modules.json is not a list of modules".into()))?;
+    let (mut pooling, mut normalize) = (None, false);
+    for m in modules {
+        let kind = m.get("type").and_then(|t| t.as_str()).unwrap_or_default();
+        let short = kind.rsplit('.').next().unwrap_or(kind);
+        match short {
+            "Transformer" => {}
+            "Pooling" if pooling.is_none() && !normalize => {
+                let path = m.get("path").and_then(|p| p.as_str()).unwrap_or("1_Pooling");
+                let cfg = dir.join(path).join("config.json");
+                let cfg_value = read_json(&cfg)?
+                    .ok_or_else(|| unsupported(format!("modules.json names a Pooling module but {} is missing", cfg.display())))?;
+                pooling = Some(pooling_mode(&cfg_value)?);
+            }
+            "Normalize" if pooling.is_some() => normalize = true,
+            _ => {
+                return Err(unsupported(format!(
+                    "modules.json has module `{kind}` (folder `{}`) where edgelm supports a Transformer, one Pooling \
+                     and an optional Normalize after it, in that order",
+                    m.get("path").and_then(|p| p.as_str()).unwrap_or("")
+                )))
+            }
+        }
+    }
+    Ok((pooling.unwrap_or(Pooling::Mean), normalize))
+}
+
+/// The one pooling mode a sentence-transformers Pooling config turns on (mean or cls).
+fn pooling_mode(cfg: &serde_json::Value) -> Result<Pooling> {
+    let on: Vec<&str> = cfg
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| k.starts_with("pooling_mode_") && v.as_bool() == Some(true))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    match on[..] {
+        ["pooling_mode_mean_tokens"] => Ok(Pooling::Mean),
+        ["pooling_mode_cls_token"] => Ok(Pooling::Cls),
+        _ => Err(Error::InvalidConfig {
+            what: format!(
+                "the Pooling config turns on {on:?}; edgelm exports exactly one of pooling_mode_mean_tokens and \
+                 pooling_mode_cls_token"
+            ),
+        }),
+    }
+}
+
 /// Shape and numerics of a BERT encoder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncoderConfig {
@@ -122,14 +182,7 @@ impl EncoderCheckpoint {
         if raw.num_attention_heads == 0 || !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
             return Err(Error::InvalidConfig { what: "hidden_size must be a multiple of num_attention_heads".into() });
         }
-        // sentence-transformers: 1_Pooling/config.json and a Normalize module in modules.json.
-        let pooling = match read_json(&dir.join("1_Pooling/config.json"))? {
-            Some(p) if p.get("pooling_mode_cls_token").and_then(|v| v.as_bool()) == Some(true) => Pooling::Cls,
-            _ => Pooling::Mean,
-        };
-        let normalize = read_json(&dir.join("modules.json"))?.and_then(|m| m.as_array().cloned()).is_some_and(|mods| {
-            mods.iter().any(|m| m.get("type").and_then(|t| t.as_str()).is_some_and(|t| t.ends_with("Normalize")))
-        });
+        let (pooling, normalize) = sentence_modules(&dir)?;
         let config = EncoderConfig {
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
@@ -446,6 +499,57 @@ mod tests {
             let first = with_pad[1].squeeze(0).unwrap().narrow(0, 0, 3).unwrap();
             assert!(max_diff(&first, &m.layer_states(ids, types).unwrap()[1].squeeze(0).unwrap()) > 1e-3);
         }
+    }
+
+    /// Writes a sentence-transformers folder's modules.json and pooling config into a new
+    /// temporary folder.
+    fn st_folder(modules: serde_json::Value, pooling: serde_json::Value) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("modules.json"), modules.to_string()).unwrap();
+        std::fs::create_dir(dir.path().join("1_Pooling")).unwrap();
+        std::fs::write(dir.path().join("1_Pooling/config.json"), pooling.to_string()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn sentence_transformers_modules_give_the_pooling_or_a_clear_refusal() {
+        use serde_json::json;
+        let module = |i: usize, kind: &str, path: &str| {
+            json!({"idx": i, "name": i.to_string(), "path": path, "type": format!("sentence_transformers.models.{kind}")})
+        };
+        let mode = |m: &str| {
+            let mut cfg = json!({"word_embedding_dimension": 16, "pooling_mode_cls_token": false,
+                "pooling_mode_mean_tokens": false, "pooling_mode_max_tokens": false,
+                "pooling_mode_mean_sqrt_len_tokens": false});
+            cfg[m] = json!(true);
+            cfg
+        };
+        let st = json!([module(0, "Transformer", ""), module(1, "Pooling", "1_Pooling"), module(2, "Normalize", "2_Normalize")]);
+        let dir = st_folder(st.clone(), mode("pooling_mode_mean_tokens"));
+        assert_eq!(sentence_modules(dir.path()).unwrap(), (Pooling::Mean, true));
+        let dir = st_folder(st.clone(), mode("pooling_mode_cls_token"));
+        assert_eq!(sentence_modules(dir.path()).unwrap(), (Pooling::Cls, true));
+        let no_norm = json!([module(0, "Transformer", ""), module(1, "Pooling", "1_Pooling")]);
+        let dir = st_folder(no_norm, mode("pooling_mode_mean_tokens"));
+        assert_eq!(sentence_modules(dir.path()).unwrap(), (Pooling::Mean, false));
+
+        // Max pooling, two modes at once, a Dense projection: refused, naming what is there.
+        let dir = st_folder(st.clone(), mode("pooling_mode_max_tokens"));
+        let e = sentence_modules(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("pooling_mode_max_tokens"), "{e}");
+        let mut both = mode("pooling_mode_mean_tokens");
+        both["pooling_mode_cls_token"] = json!(true);
+        let dir = st_folder(st, both);
+        assert!(sentence_modules(dir.path()).unwrap_err().to_string().contains("pooling_mode_cls_token"));
+        let dense = json!([module(0, "Transformer", ""), module(1, "Pooling", "1_Pooling"), module(2, "Dense", "2_Dense"),
+            module(3, "Normalize", "3_Normalize")]);
+        let dir = st_folder(dense, mode("pooling_mode_mean_tokens"));
+        let e = sentence_modules(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("Dense") && e.contains("2_Dense"), "{e}");
+
+        // A plain BERT folder: mean pooling, not normalised.
+        let plain = tempfile::tempdir().unwrap();
+        assert_eq!(sentence_modules(plain.path()).unwrap(), (Pooling::Mean, false));
     }
 
     #[test]
