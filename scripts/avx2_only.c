@@ -40,11 +40,12 @@ static const uint32_t leaf7s1_edx = BIT(4) | BIT(5);
 static void on_segv(int sig, siginfo_t *info, void *ctx) {
     ucontext_t *uc = ctx;
     greg_t *g = uc->uc_mcontext.gregs;
+    // A faulting CPUID arrives as a general-protection fault (SI_KERNEL); a page fault (a bad
+    // jump, say) may have an unreadable instruction pointer, so it is not looked at.
     const unsigned char *ip = (const unsigned char *)g[REG_RIP];
-    if (ip[0] != 0x0f || ip[1] != 0xa2) {
+    if (info->si_code != SI_KERNEL || ip[0] != 0x0f || ip[1] != 0xa2) {
         // A real fault: let it happen again without this handler.
         signal(sig, SIG_DFL);
-        (void)info;
         return;
     }
     uint32_t leaf = (uint32_t)g[REG_RAX], sub = (uint32_t)g[REG_RCX], r[4];
