@@ -50,8 +50,9 @@ fn sentence_modules(dir: &Path) -> Result<(Pooling, bool)> {
             "Pooling" if pooling.is_none() && !normalize => {
                 let path = m.get("path").and_then(|p| p.as_str()).unwrap_or("1_Pooling");
                 let cfg = dir.join(path).join("config.json");
-                let cfg_value = read_json(&cfg)?
-                    .ok_or_else(|| unsupported(format!("modules.json names a Pooling module but {} is missing", cfg.display())))?;
+                let cfg_value = read_json(&cfg)?.ok_or_else(|| {
+                    unsupported(format!("modules.json names a Pooling module but {} is missing", cfg.display()))
+                })?;
                 pooling = Some(pooling_mode(&cfg_value)?);
             }
             "Normalize" if pooling.is_some() => normalize = true,
@@ -514,9 +515,7 @@ mod tests {
     #[test]
     fn sentence_transformers_modules_give_the_pooling_or_a_clear_refusal() {
         use serde_json::json;
-        let module = |i: usize, kind: &str, path: &str| {
-            json!({"idx": i, "name": i.to_string(), "path": path, "type": format!("sentence_transformers.models.{kind}")})
-        };
+        let module = |i: usize, kind: &str, path: &str| json!({"idx": i, "name": i.to_string(), "path": path, "type": format!("sentence_transformers.models.{kind}")});
         let mode = |m: &str| {
             let mut cfg = json!({"word_embedding_dimension": 16, "pooling_mode_cls_token": false,
                 "pooling_mode_mean_tokens": false, "pooling_mode_max_tokens": false,
@@ -524,7 +523,11 @@ mod tests {
             cfg[m] = json!(true);
             cfg
         };
-        let st = json!([module(0, "Transformer", ""), module(1, "Pooling", "1_Pooling"), module(2, "Normalize", "2_Normalize")]);
+        let st = json!([
+            module(0, "Transformer", ""),
+            module(1, "Pooling", "1_Pooling"),
+            module(2, "Normalize", "2_Normalize")
+        ]);
         let dir = st_folder(st.clone(), mode("pooling_mode_mean_tokens"));
         assert_eq!(sentence_modules(dir.path()).unwrap(), (Pooling::Mean, true));
         let dir = st_folder(st.clone(), mode("pooling_mode_cls_token"));
@@ -541,8 +544,12 @@ mod tests {
         both["pooling_mode_cls_token"] = json!(true);
         let dir = st_folder(st, both);
         assert!(sentence_modules(dir.path()).unwrap_err().to_string().contains("pooling_mode_cls_token"));
-        let dense = json!([module(0, "Transformer", ""), module(1, "Pooling", "1_Pooling"), module(2, "Dense", "2_Dense"),
-            module(3, "Normalize", "3_Normalize")]);
+        let dense = json!([
+            module(0, "Transformer", ""),
+            module(1, "Pooling", "1_Pooling"),
+            module(2, "Dense", "2_Dense"),
+            module(3, "Normalize", "3_Normalize")
+        ]);
         let dir = st_folder(dense, mode("pooling_mode_mean_tokens"));
         let e = sentence_modules(dir.path()).unwrap_err().to_string();
         assert!(e.contains("Dense") && e.contains("2_Dense"), "{e}");

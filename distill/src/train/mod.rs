@@ -126,25 +126,22 @@ impl Trainer {
         if self.micro < self.config.accumulation.max(1) {
             return Ok(None);
         }
-        let mut grads = self.pending.take().expect("gradients were accumulated");
+        let grads = self.pending.take().expect("gradients were accumulated");
         self.micro = 0;
         let mut sq = 0f64;
         for (_, v) in &self.params {
             if let Some(g) = grads.get(v.as_tensor()) {
-                sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+                sq += adamw::with_f32_values(g, |x| x.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())?;
             }
         }
         let grad_norm = sq.sqrt();
-        if self.config.clip_norm > 0.0 && grad_norm > self.config.clip_norm {
-            let scale = self.config.clip_norm / grad_norm;
-            for (_, v) in &self.params {
-                if let Some(g) = grads.remove(v.as_tensor()) {
-                    grads.insert(v.as_tensor(), (g * scale)?);
-                }
-            }
-        }
+        let scale = if self.config.clip_norm > 0.0 && grad_norm > self.config.clip_norm {
+            self.config.clip_norm / grad_norm
+        } else {
+            1.0
+        };
         let lr = self.config.schedule.lr(self.step);
-        self.optimizer.step(&self.params, &grads, lr)?;
+        self.optimizer.step_scaled(&self.params, &grads, lr, scale)?;
         let report = StepReport { step: self.step, lr, grad_norm };
         self.step += 1;
         Ok(Some(report))
