@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # edgelm against llama.cpp on the same weights, side by side in one run: the SmolLM2-135M-shaped
 # checkpoint as GGUF F32 / Q8_0 / Q4_0 (llama-bench) and as edgelm bundles fp32 / int8 / int4
-# (edgelm bench), prompt 128, 128 new tokens, 2 threads, the two engines alternating.
+# (edgelm bench), prompt 128, 128 new tokens, 2 threads, the two engines taking turns file by
+# file; each figure is the median of the runs (llama-bench's per-run samples, edgelm's medians).
 #
 # llama.cpp is built from the vendored tree of the llama-cpp-python sdist on PyPI (cmake from
 # Debian), once, into .llama.cpp/.
@@ -32,9 +33,17 @@ fi
 
 work="$root/out/bench-llamacpp"
 mkdir -p "$work"
-[ -f "$work/f32.gguf" ] || "$root/.venv/bin/python" "$root/scripts/hf_to_gguf.py" "$ck" "$work/f32.gguf" --gguf-py "$src/gguf-py"
+# GGUF files are made again when the checkpoint is newer, and written under a temporary name
+# first, so an interrupted conversion is never taken for a finished one.
+if [ ! -f "$work/f32.gguf" ] || [ -n "$(find "$ck" -name '*.safetensors' -newer "$work/f32.gguf")" ]; then
+  "$root/.venv/bin/python" "$root/scripts/hf_to_gguf.py" "$ck" "$work/f32.gguf.tmp" --gguf-py "$src/gguf-py"
+  mv "$work/f32.gguf.tmp" "$work/f32.gguf"
+fi
 for q in Q8_0 Q4_0; do
-  [ -f "$work/$q.gguf" ] || "$bin/llama-quantize" "$work/f32.gguf" "$work/$q.gguf" "$q" >/dev/null 2>&1
+  if [ ! "$work/$q.gguf" -nt "$work/f32.gguf" ]; then
+    "$bin/llama-quantize" "$work/f32.gguf" "$work/$q.gguf.tmp" "$q" >"$work/$q.log" 2>&1 || { cat "$work/$q.log" >&2; exit 1; }
+    mv "$work/$q.gguf.tmp" "$work/$q.gguf"
+  fi
 done
 
 flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|avx512f|avx512_vnni|avx_vnni|amx_int8)$' | xargs)
@@ -48,15 +57,17 @@ for pair in "${pairs[@]}"; do
   gg=${pair%%:*} bundle=${pair#*:}
   # llama-bench: pp128 on an empty context gives the prompt's time (its TTFT); tg128 with 128
   # tokens already in the context (-d 128) the decode rate after that prompt, as edgelm measures.
-  lj=$(LD_PRELOAD="$preload" "$bin/llama-bench" -m "$work/$gg" -p 128 -n 128 -d 0,128 -t 2 -r "$runs" -o json 2>/dev/null)
+  lj=$(LD_PRELOAD="$preload" "$bin/llama-bench" -m "$work/$gg" -p 128 -n 128 -d 0,128 -t 2 -r "$runs" -o json 2>"$work/llama-bench.log") \
+    || { cat "$work/llama-bench.log" >&2; exit 1; }
   ej=$(LD_PRELOAD="$preload" "$root/target/release/edgelm" bench "$bundle" --runs "$runs" --json --threads 2)
   python3 - "$lj" "$ej" "$work/$gg" "$bundle" <<'EOF'
-import json, os, sys
+import json, os, statistics, sys
 l, e = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 pp = next(r for r in l if r["n_prompt"] > 0 and r.get("n_depth", 0) == 0)
 tg = next(r for r in l if r["n_gen"] > 0 and r.get("n_depth", 0) == 128)
 mib = lambda p: os.path.getsize(p) / 2**20
-print(f"{'llama.cpp ' + os.path.basename(sys.argv[3]):22} {mib(sys.argv[3]):8.1f} {128e3 / pp['avg_ts']:9.1f} {tg['avg_ts']:9.1f}")
+rate = lambda r: statistics.median(r.get("samples_ts") or [r["avg_ts"]])
+print(f"{'llama.cpp ' + os.path.basename(sys.argv[3]):22} {mib(sys.argv[3]):8.1f} {128e3 / rate(pp):9.1f} {rate(tg):9.1f}")
 print(f"{'edgelm ' + os.path.basename(sys.argv[4].rstrip('/')):22} {mib(sys.argv[4] + '/model.onnx'):8.1f} {e['ttft_ms']:9.1f} {e['decode_tokens_per_s']:9.1f}")
 EOF
 done

@@ -17,7 +17,8 @@ pruned=$work/pruned
 "$bin/edgelm-distill" prune-structured "$ck" --recipe "$root/models/devcmd/recipe.toml" \
   --mlp 0.3 --heads 0.3 --query-heads 0 --calibration 16 -o "$pruned"
 [ -f "$work/bundle/model.onnx" ] || "$bin/edgelm-distill" export "$ck" -o "$work/bundle"
-rm -rf "$work/bundle-pruned" "$work/bundle-pruned-int8-dynamic"
+# Both int8 bundles from this build's quantizer, so the pair compares like with like.
+rm -rf "$work/bundle-pruned" "$work/bundle-pruned-int8-dynamic" "$work/bundle-int8-dynamic"
 "$bin/edgelm-distill" export "$pruned" -o "$work/bundle-pruned"
 for b in bundle bundle-pruned; do
   [ -f "$work/$b-int8-dynamic/model.onnx" ] ||

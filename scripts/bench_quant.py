@@ -104,7 +104,7 @@ accuracy = build(a.accuracy_bundle, "accuracy")
 runs = {name: [] for name, _, _ in VARIANTS}
 for r in range(a.runs):
     for name, _, _ in VARIANTS:
-        out = subprocess.run([a.edgelm, "bench", speed[name], "--runs", "1", "--json",
+        out = subprocess.run([a.edgelm, "bench", speed[name], "--runs", "1", "--json", "--threads", "2",
                               "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens)],
                              check=True, capture_output=True, text=True)
         runs[name].append(json.loads(out.stdout))
@@ -129,7 +129,7 @@ try:
     cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
 except (OSError, StopIteration):
     pass
-print(f"\nCPU {cpu}, {os.cpu_count()} cores; prompt {a.prompt_tokens}, {a.new_tokens} new tokens, "
+print(f"\nCPU {cpu}, {os.cpu_count()} cores, 2 threads; prompt {a.prompt_tokens}, {a.new_tokens} new tokens, "
       f"median of {a.runs} interleaved runs; accuracy on {rows[0]['examples']} test commands")
 print(f"{'files':28} {'MiB':>7} {'x fp32':>7} {'TTFT ms':>8} {'prefill/s':>10} {'decode/s':>9} {'completion':>11}")
 for r in rows:
