@@ -154,7 +154,7 @@ flags = next((l.split(":", 1)[1].split() for l in cpuinfo if l.startswith("flags
 simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
 print(f"CPU {next((l.split(':', 1)[1].strip() for l in cpuinfo if l.startswith('model name')), platform.machine())} ({' '.join(simd)}), "
       f"ONNX Runtime {ort.__version__}, 2 threads; {len(sentences)} sentences; speed: each sentence's fastest of {a.rounds} passes, variants in turn")
-print(f"{'variant':28} {'MiB':>6} {'x fp32':>7} {'cos mean':>9} {'cos min':>8} {'NN agree':>9} {'sent/s':>7}")
+print(f"{'variant':34} {'MiB':>6} {'x fp32':>7} {'cos mean':>9} {'cos min':>8} {'NN agree':>9} {'sent/s':>7}")
 rows = []
 for (name, path), e, speed in zip(variants, embeddings, speeds):
     cos = np.sum(e * base, axis=1) / (np.linalg.norm(e, axis=1) * np.linalg.norm(base, axis=1))
@@ -162,5 +162,5 @@ for (name, path), e, speed in zip(variants, embeddings, speeds):
     size = os.path.getsize(path)
     rows.append({"variant": name, "mib": size / 2**20, "x_fp32": size / fp32_size, "cos_mean": float(cos.mean()),
                  "cos_min": float(cos.min()), "nn_agreement": agree, "sentences_per_s": speed})
-    print(f"{name:28} {size / 2**20:6.1f} {size / fp32_size:7.3f} {cos.mean():9.4f} {cos.min():8.4f} {100 * agree:8.1f}% {speed:7.1f}")
+    print(f"{name:34} {size / 2**20:6.1f} {size / fp32_size:7.3f} {cos.mean():9.4f} {cos.min():8.4f} {100 * agree:8.1f}% {speed:7.1f}")
 print(json.dumps(rows))
