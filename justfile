@@ -323,15 +323,19 @@ bench-encoder-quant: setup build
     [ -f "$s-bundle/edgelm.json" ] || target/release/edgelm-distill export "$s" -o "$s-bundle"
     [ -f "$s-int8-static/edgelm.json" ] || target/release/edgelm-distill quantize "$s-bundle" -o "$s-int8-static" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8
     # Last, a quantization-aware stage (--qat, the quantize flags below) over the third part again:
-    # on a one-pass student it took back half of what int8-static cost (BENCHMARKS.md); about 20
-    # minutes. The benchmark's student int8 row is this one's.
+    # on shorter students it left int8-static within 0.001 of the fp32 it started from
+    # (BENCHMARKS.md); about 25 minutes. 8-bit weights (--full-range) where the CPU has VNNI,
+    # 7-bit elsewhere (AVX2's integer kernels saturate on 8). The benchmark's student int8 row is
+    # this one's.
+    range=""
+    if grep -qwE 'avx512_vnni|avx_vnni' /proc/cpuinfo || [ "$(uname -m)" = aarch64 ]; then range="--full-range"; fi
     q="$b/student-qat"
     if [ ! -f "$q/model.safetensors" ]; then
         target/release/edgelm-distill distill-encoder --teacher "$ck" --init "$s" --text "$b/text-long-3.txt" --layers 1,3,5 --epochs 1 --lr 5e-5 --hidden-weight 0 \
-            --qat --calibration "$b/text.txt" --smooth 0.8 --range percentile -o "$q"
+            --qat --calibration "$b/text.txt" --smooth 0.8 --range percentile $range -o "$q"
     fi
     [ -f "$q-bundle/edgelm.json" ] || target/release/edgelm-distill export "$q" -o "$q-bundle"
-    [ -f "$q-int8-static/edgelm.json" ] || target/release/edgelm-distill quantize "$q-bundle" -o "$q-int8-static" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8
+    [ -f "$q-int8-static/edgelm.json" ] || target/release/edgelm-distill quantize "$q-bundle" -o "$q-int8-static" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8 $range
     .venv/bin/python scripts/bench_encoder_quant.py "$b/bundle" "$b/bundle-int8" --ours-dynamic "$b/bundle-int8-dynamic" \
         --variant "edgelm int8-static=$b/bundle-int8-static" --variant "edgelm int8-static, hot rows=$b/bundle-int8-static-hot" --variant "edgelm int8-static, QDQ=$b/bundle-int8-static-qdq" --variant "edgelm fp16=$b/bundle-fp16" --calibration "$b/text.txt" \
-        --variant "student int8-static, no QAT=$s-int8-static" --student "$s-bundle" --student-int8 "$q-int8-static" --work "$b/bench" 2>/dev/null
+        --variant "student int8-static, no QAT=$s-int8-static" --student "$s-bundle" --student-int8 "$q-int8-static" --work "$b/bench"
