@@ -47,7 +47,8 @@ fn sentence_modules(dir: &Path) -> Result<(Pooling, bool)> {
         let short = kind.rsplit('.').next().unwrap_or(kind);
         match short {
             "Transformer" => {}
-            "Pooling" if pooling.is_none() && !normalize => {
+            // Normalize is accepted only after a Pooling, so a Pooling after it lands below.
+            "Pooling" if pooling.is_none() => {
                 let path = m.get("path").and_then(|p| p.as_str()).unwrap_or("1_Pooling");
                 let cfg = dir.join(path).join("config.json");
                 let cfg_value = read_json(&cfg)?.ok_or_else(|| {

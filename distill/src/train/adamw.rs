@@ -33,20 +33,11 @@ pub(crate) fn with_f32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Res
 /// Below this many values a tensor is updated on the calling thread.
 const PARALLEL_MIN: usize = 1 << 16;
 
-/// Calls `f(offset, chunk)` on consecutive parts of the index range `0..n`, on as many threads
-/// as the machine has (one when `n` is small).
-fn chunked(n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+/// Values per thread when `n` values are updated: all of them on one thread for small tensors,
+/// an equal part per core for large ones.
+fn part_len(n: usize) -> usize {
     let threads = if n < PARALLEL_MIN { 1 } else { std::thread::available_parallelism().map_or(1, |t| t.get()) };
-    if threads <= 1 {
-        return f(0..n);
-    }
-    let per = n.div_ceil(threads);
-    std::thread::scope(|scope| {
-        for start in (0..n).step_by(per) {
-            let f = &f;
-            scope.spawn(move || f(start..(start + per).min(n)));
-        }
-    });
+    n.div_ceil(threads).max(1)
 }
 
 /// AdamW hyper-parameters besides the learning rate.
@@ -73,19 +64,6 @@ struct Moments {
     m: Vec<f32>,
     v: Vec<f32>,
     shape: Vec<usize>,
-}
-
-/// A raw pointer that threads may share because each writes its own disjoint range.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// The pointer `i` values on (a method, so closures capture the whole `Shared`).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
 }
 
 /// The optimizer: hyper-parameters, step count and moments by parameter name.
@@ -131,29 +109,35 @@ impl AdamW {
                 v: vec![0.0; n],
                 shape: p.dims().to_vec(),
             });
+            if mom.m.len() != n {
+                return Err(crate::Error::Training {
+                    what: format!("the saved moments of {name} hold {} values, the parameter {n}", mom.m.len()),
+                });
+            }
             let keep = if p.rank() >= 2 && weight_decay > 0.0 { (1.0 - lr * weight_decay) as f32 } else { 1.0 };
             let mut out = vec![0f32; n];
-            let (m, v, o) = (Shared(mom.m.as_mut_ptr()), Shared(mom.v.as_mut_ptr()), Shared(out.as_mut_ptr()));
+            let update = |m: &mut [f32], v: &mut [f32], o: &mut [f32], pv: &[f32], gv: &[f32]| {
+                for i in 0..o.len() {
+                    let g = gv[i] * scale;
+                    m[i] = b1 * m[i] + a1 * g;
+                    v[i] = b2 * v[i] + a2 * g * g;
+                    let step = (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
+                    o[i] = pv[i] * keep - lr32 * step;
+                }
+            };
+            let per = part_len(n);
             with_f32_values(p, |pv| {
                 with_f32_values(g, |gv| {
-                    chunked(n, |range| {
-                        // SAFETY: the ranges `chunked` hands out are disjoint and inside the
-                        // three vectors of length n, which outlive the scope.
-                        let len = range.len();
-                        let (m, v, o) = unsafe {
-                            (
-                                std::slice::from_raw_parts_mut(m.at(range.start), len),
-                                std::slice::from_raw_parts_mut(v.at(range.start), len),
-                                std::slice::from_raw_parts_mut(o.at(range.start), len),
-                            )
-                        };
-                        let (pv, gv) = (&pv[range.clone()], &gv[range]);
-                        for i in 0..len {
-                            let g = gv[i] * scale;
-                            m[i] = b1 * m[i] + a1 * g;
-                            v[i] = b2 * v[i] + a2 * g * g;
-                            let update = (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
-                            o[i] = pv[i] * keep - lr32 * update;
+                    std::thread::scope(|scope| {
+                        let parts = (mom.m.chunks_mut(per).zip(mom.v.chunks_mut(per)))
+                            .zip(out.chunks_mut(per))
+                            .zip(pv.chunks(per).zip(gv.chunks(per)));
+                        for (((m, v), o), (pv, gv)) in parts {
+                            if o.len() == n {
+                                update(m, v, o, pv, gv);
+                            } else {
+                                scope.spawn(move || update(m, v, o, pv, gv));
+                            }
                         }
                     })
                 })
