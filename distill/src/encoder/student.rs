@@ -444,8 +444,15 @@ pub fn distill_encoder(
     let need = target_bytes(&lens, matched.len(), c.hidden_size, c.num_attention_heads, kinds);
     let trained_bytes: usize = trained.values().map(|t| t.elem_count() * 4).sum();
     fits(lens.len(), need, trained_bytes as u64, edgelm_runtime::metrics::available_memory_bytes()).map_err(bad)?;
+    let made = Instant::now();
     let mut targets = make(&tokenized, kinds)?;
     let held = make(&held, TargetKinds { hidden: false, attention: false })?;
+    eprintln!(
+        "encoder student: the teacher's targets for {} sentences ({} held out) in {:.0} s",
+        targets.len(),
+        held.len(),
+        made.elapsed().as_secs_f64()
+    );
     let student_config = super::EncoderConfig { num_hidden_layers: spec.layers.len(), ..c.clone() };
     let student_at = |weights: HashMap<String, Tensor>| EncoderCheckpoint {
         dir: out.to_path_buf(),
@@ -486,6 +493,9 @@ pub fn distill_encoder(
     let recalibrate_every = spec.qat.as_ref().map_or(usize::MAX, |q| (total / (q.recalibrations + 1)).max(1));
     let mut steps = 0;
     let mut after = before;
+    // A line every twentieth of the run: a stage over a large text trains for an hour.
+    let report_every = (total / 20).max(1);
+    let mut recent_loss = (0.0, 0usize);
     for epoch in 0..spec.epochs.max(1) {
         rng.shuffle(&mut targets);
         let refs: Vec<&Target> = targets.iter().collect();
@@ -500,11 +510,24 @@ pub fn distill_encoder(
             let m = BertModel::new(&ck);
             let m = if let Some(q) = &fake_quant { m.with_fake_quant(q) } else { m };
             // Each worker takes a share of the batch: its part of the batch's mean loss.
-            let share = |part: &&[&Target]| -> Result<candle_core::backprop::GradStore> {
-                trainer.gradients(&(batch_loss(&m, part, term_weights, &matched)? / chunk.len() as f64)?)
+            let share = |part: &&[&Target]| -> Result<(candle_core::backprop::GradStore, f64)> {
+                let loss = (batch_loss(&m, part, term_weights, &matched)? / chunk.len() as f64)?;
+                Ok((trainer.gradients(&loss)?, loss.to_scalar::<f32>()? as f64))
             };
-            let grads = map_parts(&split(chunk, training_workers()), "encoder training worker", share);
-            trainer.accumulate(grads.into_iter().collect::<Result<_>>()?)?;
+            let shares = map_parts(&split(chunk, training_workers()), "encoder training worker", share);
+            let (grads, losses): (Vec<_>, Vec<f64>) =
+                shares.into_iter().collect::<Result<Vec<_>>>()?.into_iter().unzip();
+            trainer.accumulate(grads)?;
+            recent_loss = (recent_loss.0 + losses.iter().sum::<f64>(), recent_loss.1 + 1);
+            if steps % report_every == 0 || steps == total {
+                let seconds = started.elapsed().as_secs_f64();
+                eprintln!(
+                    "encoder student: step {steps} of {total}, loss {:.5}, {seconds:.0} s, about {:.0} s left",
+                    recent_loss.0 / recent_loss.1.max(1) as f64,
+                    seconds / steps as f64 * (total - steps) as f64
+                );
+                recent_loss = (0.0, 0);
+            }
         }
         let ck = student_at(with(trainer.tensors()));
         fake_quant = calibrate(&ck)?;
