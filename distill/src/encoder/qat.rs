@@ -17,9 +17,9 @@
 //! student was last trained under.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use super::{BertModel, EncoderCheckpoint};
 use crate::error::{Error, Result};
@@ -61,10 +61,10 @@ impl FakeQuantSpec {
 /// uint8 scale and zero point.
 #[derive(Debug, Clone)]
 struct LinearQuant {
-    /// `1 / s_j` per input channel `[in]` (ones without smoothing).
-    inv_smooth: Tensor,
-    /// `s_j` per input channel `[in]`.
-    smooth: Tensor,
+    /// `1 / s_j` per input channel (ones without smoothing).
+    inv_smooth: Arc<Vec<f32>>,
+    /// `s_j` per input channel.
+    smooth: Arc<Vec<f32>>,
     scale: f64,
     zero_point: f64,
 }
@@ -147,16 +147,14 @@ impl FakeQuant {
         }
         let dev = candle_core::Device::Cpu;
         // (1 / s, s) per group, shared by the group's linears.
-        let scales: Vec<(Tensor, Tensor)> = smooth
-            .into_iter()
-            .map(|s| {
-                let (n, inv) = (s.len(), s.iter().map(|s| 1.0 / s).collect::<Vec<f32>>());
-                Ok((Tensor::from_vec(inv, n, &dev)?, Tensor::from_vec(s, n, &dev)?))
-            })
-            .collect::<Result<_>>()?;
+        let scales: Vec<(Arc<Vec<f32>>, Arc<Vec<f32>>)> =
+            smooth.into_iter().map(|s| (Arc::new(s.iter().map(|s| 1.0 / s).collect()), Arc::new(s))).collect();
         // Ranges of the smoothed inputs: extremes first, then (percentiles) a histogram.
-        let inv_by_name: HashMap<&str, &Tensor> =
-            groups.iter().zip(&scales).map(|(g, (inv, _))| (g[0].as_str(), inv)).collect();
+        let inv_by_name: HashMap<&str, Tensor> = groups
+            .iter()
+            .zip(&scales)
+            .map(|(g, (inv, _))| Ok((g[0].as_str(), Tensor::from_slice(&inv[..], inv.len(), &dev)?)))
+            .collect::<Result<_>>()?;
         let collectors: Mutex<HashMap<String, RangeCollector>> = Mutex::new(HashMap::new());
         let passes = if matches!(spec.range, RangeMethod::Percentile { .. }) { 2 } else { 1 };
         for pass in 0..passes {
@@ -199,14 +197,110 @@ impl FakeQuant {
     /// quantized linears.
     pub(crate) fn linear(&self, name: &str, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         let Some(q) = self.linears.get(name) else { return Ok(None) };
-        let xs = x.broadcast_mul(&q.inv_smooth)?;
-        let levels = (((&xs / q.scale)?.round()? + q.zero_point)?.clamp(0f32, 255f32)? - q.zero_point)?;
-        let xq = straight_through(&xs, &(levels * q.scale)?)?;
-        let ws = w.broadcast_mul(&q.smooth)?;
-        let step = (ws.abs()?.max_keepdim(1)? / self.qmax)?.maximum(1e-30)?.detach();
-        let wq = ws.broadcast_div(&step)?.round()?.clamp(-self.qmax as f32, self.qmax as f32)?.broadcast_mul(&step)?;
-        let wq = straight_through(&ws, &wq)?;
+        let xq = x.contiguous()?.apply_op1_arc(Arc::new(Box::new(RoundedInput {
+            inv_smooth: q.inv_smooth.clone(),
+            scale: q.scale as f32,
+            zero_point: q.zero_point as f32,
+        }) as Box<dyn CustomOp1 + Send + Sync>))?;
+        let wq = w
+            .contiguous()?
+            .apply_op1_arc(Arc::new(Box::new(RoundedWeight { smooth: q.smooth.clone(), qmax: self.qmax as f32 })
+                as Box<dyn CustomOp1 + Send + Sync>))?;
         Ok(Some(crate::model::times_transposed(&xq, &wq)?.broadcast_add(b)?))
+    }
+}
+
+/// A linear layer's input as its `MatMulIntegerToFloat` sees it, in one pass: divided by the
+/// smoothing scales, rounded to uint8 levels and back. Backward, the straight-through estimator:
+/// the gradient of the smoothed input passes the rounding unchanged. (Written with candle's
+/// element-wise ops this took eight full-size temporaries per linear and step, most of the
+/// quantization-aware stage's extra time.)
+struct RoundedInput {
+    /// `1 / s_j` per input channel, the last dimension.
+    inv_smooth: Arc<Vec<f32>>,
+    scale: f32,
+    zero_point: f32,
+}
+
+/// A linear layer's weight `[out, in]` as the bundle stores it, in one pass: multiplied by the
+/// smoothing scales of its input channels, rounded to `-qmax..=qmax` with one step per output
+/// row, and back. Backward as [`RoundedInput`].
+struct RoundedWeight {
+    /// `s_j` per input channel.
+    smooth: Arc<Vec<f32>>,
+    qmax: f32,
+}
+
+/// The contiguous f32 values of a custom operator's input whose last dimension is `channels`.
+fn channels_last<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    channels: usize,
+) -> candle_core::Result<&'a [f32]> {
+    let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+        return Err(candle_core::Error::Msg(format!("{op}: contiguous f32 input expected")));
+    };
+    if layout.dims().last() != Some(&channels) {
+        return Err(candle_core::Error::Msg(format!("{op}: {:?} does not end in {channels} channels", layout.dims())));
+    }
+    Ok(&data[start..end])
+}
+
+/// `grad * scales`, the scales running along the last dimension: the straight-through gradient
+/// of a tensor multiplied by per-channel scales before rounding.
+fn scaled_gradient(grad: &Tensor, scales: &[f32]) -> candle_core::Result<Tensor> {
+    let mut g = grad.flatten_all()?.to_vec1::<f32>()?;
+    for row in g.chunks_mut(scales.len()) {
+        row.iter_mut().zip(scales).for_each(|(g, s)| *g *= s);
+    }
+    Tensor::from_vec(g, grad.dims(), grad.device())
+}
+
+impl CustomOp1 for RoundedInput {
+    fn name(&self) -> &'static str {
+        "fake-quant-input"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = channels_last(self.name(), storage, layout, self.inv_smooth.len())?;
+        let (per_level, zp) = (1.0 / self.scale, self.zero_point);
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks(self.inv_smooth.len()) {
+            out.extend(
+                row.iter()
+                    .zip(self.inv_smooth.iter())
+                    .map(|(&x, &inv)| (((x * inv * per_level).round() + zp).clamp(0.0, 255.0) - zp) * self.scale),
+            );
+        }
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        scaled_gradient(grad_res, &self.inv_smooth).map(Some)
+    }
+}
+
+impl CustomOp1 for RoundedWeight {
+    fn name(&self) -> &'static str {
+        "fake-quant-weight"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = channels_last(self.name(), storage, layout, self.smooth.len())?;
+        let mut out: Vec<f32> = Vec::with_capacity(w.len());
+        for row in w.chunks(self.smooth.len()) {
+            let at = out.len();
+            out.extend(row.iter().zip(self.smooth.iter()).map(|(w, s)| w * s));
+            let scaled = &mut out[at..];
+            let step = (scaled.iter().fold(0f32, |m, v| m.max(v.abs())) / self.qmax).max(1e-30);
+            scaled.iter_mut().for_each(|v| *v = (*v / step).round().clamp(-self.qmax, self.qmax) * step);
+        }
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        scaled_gradient(grad_res, &self.smooth).map(Some)
     }
 }
 
@@ -222,11 +316,6 @@ fn weight_shape(c: &super::EncoderConfig, name: &str) -> (usize, usize) {
     }
 }
 
-/// `rounded` forward, the identity backward: `x + (rounded - x)` with the difference detached.
-fn straight_through(x: &Tensor, rounded: &Tensor) -> Result<Tensor> {
-    Ok((x + (rounded - x)?.detach())?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,8 +327,8 @@ mod tests {
         // no smoothing; weight row [1.0, 0.52, -0.3], 7 bits: step 1/63.
         let dev = candle_core::Device::Cpu;
         let q = LinearQuant {
-            inv_smooth: Tensor::ones(3, candle_core::DType::F32, &dev).unwrap(),
-            smooth: Tensor::ones(3, candle_core::DType::F32, &dev).unwrap(),
+            inv_smooth: Arc::new(vec![1.0; 3]),
+            smooth: Arc::new(vec![1.0; 3]),
             scale: 3.0 / 255.0,
             zero_point: 85.0,
         };
@@ -319,6 +408,55 @@ mod tests {
                 diff(&fake),
                 diff(&fp32)
             );
+        }
+    }
+
+    /// The fused operators give what the same rounding written with candle's element-wise ops
+    /// gives, forward and backward (the straight-through estimator on the smoothed tensors).
+    #[test]
+    fn the_fused_rounding_matches_the_composed_one() {
+        let dev = candle_core::Device::Cpu;
+        let (inv, smooth) = ([0.5f32, 2.0, 1.25, 0.8], [2.0f32, 0.5, 0.8, 1.25]);
+        let q = LinearQuant {
+            inv_smooth: Arc::new(inv.to_vec()),
+            smooth: Arc::new(smooth.to_vec()),
+            scale: 0.03,
+            zero_point: 97.0,
+        };
+        let fq = FakeQuant { linears: [("l".to_string(), q.clone())].into(), qmax: 63.0 };
+        let values = |n: usize, k: f32| (0..n).map(|i| ((i as f32 * k).sin() * 3.0)).collect::<Vec<f32>>();
+        let x = candle_core::Var::from_vec(values(2 * 5 * 4, 0.7), (2, 5, 4), &dev).unwrap();
+        let w = candle_core::Var::from_vec(values(3 * 4, 1.3), (3, 4), &dev).unwrap();
+        let b = Tensor::new(&[0.1f32, -0.2, 0.3], &dev).unwrap();
+        let weights = Tensor::from_vec(values(2 * 5 * 3, 0.9), (2, 5, 3), &dev).unwrap();
+        let fused = fq.linear("l", x.as_tensor(), w.as_tensor(), &b).unwrap().unwrap();
+        // The same with candle's ops: x + (rounded - x).detach() passes the gradient unchanged.
+        let through = |x: &Tensor, r: &Tensor| (x + (r - x).unwrap().detach()).unwrap();
+        let xs = x.as_tensor().broadcast_mul(&Tensor::new(&inv, &dev).unwrap()).unwrap();
+        let levels = (((&xs / q.scale).unwrap().round().unwrap() + q.zero_point).unwrap().clamp(0f32, 255f32).unwrap()
+            - q.zero_point)
+            .unwrap();
+        let xq = through(&xs, &(levels * q.scale).unwrap());
+        let ws = w.as_tensor().broadcast_mul(&Tensor::new(&smooth, &dev).unwrap()).unwrap();
+        let step = (ws.abs().unwrap().max_keepdim(1).unwrap() / 63.0).unwrap().detach();
+        let wq = ws.broadcast_div(&step).unwrap().round().unwrap().clamp(-63f32, 63f32).unwrap();
+        let wq = through(&ws, &wq.broadcast_mul(&step).unwrap());
+        let composed = crate::model::times_transposed(&xq, &wq).unwrap().broadcast_add(&b).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let close = |a: Vec<f32>, b: Vec<f32>, what: &str| {
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{what}: {a:?} vs {b:?}");
+            }
+        };
+        close(flat(&fused), flat(&composed), "output");
+        // The rounding moved the output: a test of the rounding, not of a plain matmul.
+        let plain = crate::model::times_transposed(x.as_tensor(), w.as_tensor()).unwrap().broadcast_add(&b).unwrap();
+        assert!(flat(&plain).iter().zip(flat(&fused)).any(|(a, b)| (a - b).abs() > 1e-3));
+        let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
+        let (gf, gc) = (loss(&fused).backward().unwrap(), loss(&composed).backward().unwrap());
+        for (var, what) in [(&x, "input gradient"), (&w, "weight gradient")] {
+            close(flat(gf.get(var.as_tensor()).unwrap()), flat(gc.get(var.as_tensor()).unwrap()), what);
         }
     }
 
