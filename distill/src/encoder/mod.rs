@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::checkpoint::{load_weights, read_json};
 use crate::error::{Error, IoContext, Result};
 
+mod gelu;
 pub mod qat;
 pub mod student;
 
@@ -358,8 +359,7 @@ impl<'a> BertModel<'a> {
             let attn = self.linear(&ctx, &format!("{p}.attention.output.dense"), h, h)?;
             x = self.layer_norm(&(attn + &x)?, &format!("{p}.attention.output.LayerNorm"))?;
             let inter = self.linear(&x, &format!("{p}.intermediate.dense"), c.intermediate_size, h)?;
-            // Exact GELU: 0.5 x (1 + erf(x / sqrt 2)).
-            let gelu = inter.gelu_erf()?;
+            let gelu = gelu::gelu(&inter)?;
             let out = self.linear(&gelu, &format!("{p}.output.dense"), h, c.intermediate_size)?;
             x = self.layer_norm(&(out + &x)?, &format!("{p}.output.LayerNorm"))?;
             states.push(x.clone());
