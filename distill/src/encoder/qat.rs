@@ -57,14 +57,17 @@ impl FakeQuantSpec {
     }
 }
 
+/// One scale per input channel of a linear layer, shared by the layers that read one tensor.
+type ChannelScales = Arc<Vec<f32>>;
+
 /// One linear layer's quantization: smoothing scales of its input channels and its input's
 /// uint8 scale and zero point.
 #[derive(Debug, Clone)]
 struct LinearQuant {
     /// `1 / s_j` per input channel (ones without smoothing).
-    inv_smooth: Arc<Vec<f32>>,
+    inv_smooth: ChannelScales,
     /// `s_j` per input channel.
-    smooth: Arc<Vec<f32>>,
+    smooth: ChannelScales,
     scale: f64,
     zero_point: f64,
 }
@@ -147,7 +150,7 @@ impl FakeQuant {
         }
         let dev = candle_core::Device::Cpu;
         // (1 / s, s) per group, shared by the group's linears.
-        let scales: Vec<(Arc<Vec<f32>>, Arc<Vec<f32>>)> =
+        let scales: Vec<(ChannelScales, ChannelScales)> =
             smooth.into_iter().map(|s| (Arc::new(s.iter().map(|s| 1.0 / s).collect()), Arc::new(s))).collect();
         // Ranges of the smoothed inputs: extremes first, then (percentiles) a histogram.
         let inv_by_name: HashMap<&str, Tensor> = groups
@@ -424,7 +427,7 @@ mod tests {
             zero_point: 97.0,
         };
         let fq = FakeQuant { linears: [("l".to_string(), q.clone())].into(), qmax: 63.0 };
-        let values = |n: usize, k: f32| (0..n).map(|i| ((i as f32 * k).sin() * 3.0)).collect::<Vec<f32>>();
+        let values = |n: usize, k: f32| (0..n).map(|i| (i as f32 * k).sin() * 3.0).collect::<Vec<f32>>();
         let x = candle_core::Var::from_vec(values(2 * 5 * 4, 0.7), (2, 5, 4), &dev).unwrap();
         let w = candle_core::Var::from_vec(values(3 * 4, 1.3), (3, 4), &dev).unwrap();
         let b = Tensor::new(&[0.1f32, -0.2, 0.3], &dev).unwrap();
