@@ -220,7 +220,7 @@ impl FakeQuant {
 /// quantization-aware stage's extra time.)
 struct RoundedInput {
     /// `1 / s_j` per input channel, the last dimension.
-    inv_smooth: Arc<Vec<f32>>,
+    inv_smooth: ChannelScales,
     scale: f32,
     zero_point: f32,
 }
@@ -230,7 +230,7 @@ struct RoundedInput {
 /// row, and back. Backward as [`RoundedInput`].
 struct RoundedWeight {
     /// `s_j` per input channel.
-    smooth: Arc<Vec<f32>>,
+    smooth: ChannelScales,
     qmax: f32,
 }
 
