@@ -67,6 +67,19 @@ impl Module for Linear {
     }
 }
 
+/// The values of a custom operator's input, which must be contiguous f32 (`op` names the
+/// operator in the error).
+pub(crate) fn contiguous_f32<'a>(
+    op: &str,
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (candle_core::CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
+        _ => Err(candle_core::Error::Msg(format!("{op}: contiguous f32 input expected"))),
+    }
+}
+
 /// `x W^T` for `x [..., in]` and `W [out, in]`, as one 2-D matmul over the flattened leading
 /// dimensions. candle's `broadcast_matmul` would copy `W` once per batch entry (and keep those
 /// copies for the backward pass): with batch 32 that was gigabytes and most of a step's time.

@@ -3,15 +3,13 @@
 //! in encoder distillation that was 8-12 % of a training step. Here the forward pass is one
 //! loop, the backward pass another, both with an f32 erf accurate to about 2e-7.
 
-use std::sync::Arc;
-
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use crate::error::Result;
 
 /// `GELU(x)` elementwise, differentiable.
 pub(crate) fn gelu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op1_arc(Arc::new(Box::new(Gelu) as Box<dyn CustomOp1 + Send + Sync>))?)
+    Ok(x.contiguous()?.apply_op1(Gelu)?)
 }
 
 /// `(erf(z), exp(-z²))` by Abramowitz and Stegun's formula 7.1.26 (absolute error under
@@ -32,21 +30,16 @@ const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
 struct Gelu;
 
-fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((start, end))) => Ok(&data[start..end]),
-        _ => Err(candle_core::Error::Msg("gelu: contiguous f32 input expected".into())),
-    }
-}
-
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
         "gelu-erf"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out =
-            values(storage, layout)?.iter().map(|&x| 0.5 * x * (1.0 + erf_and_gauss(x * FRAC_1_SQRT_2).0)).collect();
+        let out = crate::model::contiguous_f32(self.name(), storage, layout)?
+            .iter()
+            .map(|&x| 0.5 * x * (1.0 + erf_and_gauss(x * FRAC_1_SQRT_2).0))
+            .collect();
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 

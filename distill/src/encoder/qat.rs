@@ -200,15 +200,12 @@ impl FakeQuant {
     /// quantized linears.
     pub(crate) fn linear(&self, name: &str, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         let Some(q) = self.linears.get(name) else { return Ok(None) };
-        let xq = x.contiguous()?.apply_op1_arc(Arc::new(Box::new(RoundedInput {
+        let xq = x.contiguous()?.apply_op1(RoundedInput {
             inv_smooth: q.inv_smooth.clone(),
             scale: q.scale as f32,
             zero_point: q.zero_point as f32,
-        }) as Box<dyn CustomOp1 + Send + Sync>))?;
-        let wq = w
-            .contiguous()?
-            .apply_op1_arc(Arc::new(Box::new(RoundedWeight { smooth: q.smooth.clone(), qmax: self.qmax as f32 })
-                as Box<dyn CustomOp1 + Send + Sync>))?;
+        })?;
+        let wq = w.contiguous()?.apply_op1(RoundedWeight { smooth: q.smooth.clone(), qmax: self.qmax as f32 })?;
         Ok(Some(crate::model::times_transposed(&xq, &wq)?.broadcast_add(b)?))
     }
 }
@@ -241,13 +238,11 @@ fn channels_last<'a>(
     layout: &Layout,
     channels: usize,
 ) -> candle_core::Result<&'a [f32]> {
-    let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
-        return Err(candle_core::Error::Msg(format!("{op}: contiguous f32 input expected")));
-    };
+    let values = crate::model::contiguous_f32(op, storage, layout)?;
     if layout.dims().last() != Some(&channels) {
         return Err(candle_core::Error::Msg(format!("{op}: {:?} does not end in {channels} channels", layout.dims())));
     }
-    Ok(&data[start..end])
+    Ok(values)
 }
 
 /// `grad * scales`, the scales running along the last dimension: the straight-through gradient

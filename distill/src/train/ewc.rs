@@ -41,10 +41,7 @@ impl CustomOp1 for FisherWeightedSquare {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
-            return Err(candle_core::Error::Msg("fisher-weighted-square: contiguous f32 input expected".into()));
-        };
-        let d = &data[start..end];
+        let d = crate::model::contiguous_f32(self.name(), storage, layout)?;
         let sum: f64 = d.iter().zip(self.fisher.iter()).map(|(&x, &f)| f as f64 * (x as f64) * (x as f64)).sum();
         Ok((CpuStorage::F32(vec![sum as f32]), Shape::from(())))
     }
