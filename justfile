@@ -271,7 +271,9 @@ bench-encoder-quant: setup build
     [ -f "$b/bundle-int8-static-qdq/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8-static-qdq" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8 --qdq
     [ -f "$b/bundle-fp16/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-fp16" --precision fp16
     # A 3-layer student (teacher layers 1, 3, 5) in nine one-pass stages, each going on from
-    # the one before over text it has not read (BENCHMARKS.md, "A 3-layer student at 0.95"; about
+    # the one before, most over text the earlier ones have not read (the second re-reads a
+    # sample of the first's, the last the long sentences of the eighth's; BENCHMARKS.md, "A
+    # 3-layer student at 0.95"; about
     # three hours of training on 2 cores). Every stage is kept when done, so an interrupted run
     # resumes at the stage it was in. The text: docstring sentences of the pinned packages and
     # the standard library and the prose of the pinned crates, numbers, symbols and code words
