@@ -495,6 +495,11 @@ pub struct DistillEncoderArgs {
     /// --qat: the bundle's weights will use -127..127 (`quantize --full-range`).
     #[arg(long)]
     full_range: bool,
+    /// Narrow every layer's feed-forward block to this many units before training (structured
+    /// pruning: the units that write least into the residual stream on the training text go;
+    /// training then recovers). Later stages (--init) keep the width they start from.
+    #[arg(long, value_name = "UNITS")]
+    ffn_size: Option<usize>,
 }
 
 /// Distils an encoder.
@@ -537,6 +542,7 @@ pub fn distill_encoder(a: DistillEncoderArgs) -> Result<()> {
         seed: a.seed,
         init: a.init,
         qat,
+        ffn_size: a.ffn_size,
     };
     let r = distill_encoder(&teacher, &text, &spec, &a.output).context("distilling the encoder")?;
     eprintln!(

@@ -16,6 +16,7 @@ use crate::checkpoint::{load_weights, read_json};
 use crate::error::{Error, IoContext, Result};
 
 mod gelu;
+pub mod prune;
 pub mod qat;
 pub mod student;
 

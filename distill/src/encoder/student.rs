@@ -57,6 +57,24 @@ pub struct EncoderDistillSpec {
     pub init: Option<PathBuf>,
     /// Train through int8-static's rounding (see [`super::qat`]).
     pub qat: Option<QatSpec>,
+    /// Feed-forward width of the student: when narrower than the one it starts from, each
+    /// layer keeps the units that matter most on the training text ([`super::prune`]) before
+    /// training, which then recovers what the rest carried (none: the start's width).
+    pub ffn_size: Option<usize>,
+}
+
+/// Sentences of the training text the feed-forward units are ranked on.
+const PRUNE_SAMPLES: usize = 512;
+
+/// What narrowing the feed-forward blocks did.
+#[derive(Debug, Clone, Serialize)]
+pub struct FfnPruning {
+    /// Width before and after.
+    pub intermediate_size: (usize, usize),
+    /// Per layer, the share of the units' importance the kept ones carry.
+    pub importance_kept: Vec<f64>,
+    /// Training sentences the units were ranked on.
+    pub sentences: usize,
 }
 
 /// Quantization-aware training: the scheme the student's int8-static bundle will be quantized
@@ -123,6 +141,11 @@ pub struct EncoderDistillReport {
     /// fake-quantized student's).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantization_aware: Option<String>,
+    /// Feed-forward width of the student.
+    pub intermediate_size: usize,
+    /// The feed-forward pruning done before training, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ffn_pruning: Option<FfnPruning>,
 }
 
 /// One tokenized sentence, the teacher's embedding of it `[H]`, and at each teacher layer a
@@ -425,6 +448,7 @@ pub fn distill_encoder(
             }
         }
     }
+    let mut width = c.intermediate_size;
     if let Some(dir) = &spec.init {
         let cannot = |what: String| bad(format!("--init {}: {what}", dir.display()));
         let start = EncoderCheckpoint::load(dir).map_err(|e| cannot(e.to_string()))?;
@@ -437,6 +461,41 @@ pub fn distill_encoder(
             )));
         }
         start_from(&mut trained, &frozen, &start, spec.layers.len()).map_err(cannot)?;
+        width = start.config.intermediate_size;
+    }
+    // Feed-forward pruning, ranked by the student as it starts (on a sample of the training
+    // text; the held-out sentences stay unseen).
+    let mut ffn_pruning = None;
+    match spec.ffn_size {
+        Some(w) if w > width => {
+            return Err(bad(format!("--ffn-size {w} is wider than the {width} units the student starts with")))
+        }
+        Some(0) => return Err(bad("--ffn-size must keep at least one unit".into())),
+        Some(w) if w < width => {
+            let ck = EncoderCheckpoint {
+                dir: out.to_path_buf(),
+                config: super::EncoderConfig {
+                    num_hidden_layers: spec.layers.len(),
+                    intermediate_size: width,
+                    ..c.clone()
+                },
+                tensors: frozen.iter().chain(trained.iter()).map(|(k, v)| (k.clone(), v.clone())).collect(),
+                tokenizer_json: None,
+                tokenizer_config: None,
+            };
+            let samples = &tokenized[..tokenized.len().min(PRUNE_SAMPLES)];
+            let importance = super::prune::ffn_importance(&ck, samples)?;
+            let kept = super::prune::prune_ffn(&mut trained, &importance, w)?;
+            eprintln!(
+                "encoder student: feed-forward {width} -> {w} units per layer, keeping {} of the importance measured on {} sentences",
+                kept.iter().map(|k| format!("{:.1}%", k * 100.0)).collect::<Vec<_>>().join(" / "),
+                samples.len()
+            );
+            ffn_pruning =
+                Some(FfnPruning { intermediate_size: (width, w), importance_kept: kept, sentences: samples.len() });
+            width = w;
+        }
+        _ => {}
     }
     // Checked before the teacher runs over the text rather than found out part way through.
     let kinds = TargetKinds { hidden: spec.hidden_weight > 0.0, attention: spec.attention_weight > 0.0 };
@@ -453,7 +512,8 @@ pub fn distill_encoder(
         held.len(),
         made.elapsed().as_secs_f64()
     );
-    let student_config = super::EncoderConfig { num_hidden_layers: spec.layers.len(), ..c.clone() };
+    let student_config =
+        super::EncoderConfig { num_hidden_layers: spec.layers.len(), intermediate_size: width, ..c.clone() };
     let student_at = |weights: HashMap<String, Tensor>| EncoderCheckpoint {
         dir: out.to_path_buf(),
         config: student_config.clone(),
@@ -548,6 +608,7 @@ pub fn distill_encoder(
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).at(&cfg_path)?)
         .map_err(|e| Error::Format { path: cfg_path.clone(), what: e.to_string() })?;
     cfg["num_hidden_layers"] = spec.layers.len().into();
+    cfg["intermediate_size"] = width.into();
     std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).expect("json")).at(&cfg_path)?;
     let weights: HashMap<String, Tensor> =
         weights.into_iter().map(|(k, v)| Ok((k, v.contiguous()?))).collect::<Result<_>>()?;
@@ -563,6 +624,8 @@ pub fn distill_encoder(
         seconds,
         init: spec.init.as_ref().map(|d| d.canonicalize().unwrap_or_else(|_| d.clone())),
         quantization_aware: spec.qat.as_ref().map(|q| q.scheme.describe()),
+        intermediate_size: width,
+        ffn_pruning,
     };
     let rp = out.join("distill_report.json");
     std::fs::write(&rp, serde_json::to_string_pretty(&report).expect("json")).at(&rp)?;
@@ -647,11 +710,17 @@ fn start_from(
             return Err(format!("its {name} differs from the teacher's (a student of another teacher?)"));
         }
     }
-    // Every tensor is checked before any is replaced.
+    // Every tensor is checked before any is replaced. The start may have narrower feed-forward
+    // blocks than the teacher (an earlier stage pruned them): those tensors take its width.
+    let width = start.config.intermediate_size;
     for (name, t) in trained.iter() {
         let theirs = start.tensors.get(name).ok_or_else(|| format!("it has no {name}"))?;
-        if theirs.dims() != t.dims() {
-            return Err(format!("its {name} is {:?}, the student's {:?}", theirs.dims(), t.dims()));
+        let mut want = t.dims().to_vec();
+        if let Some(axis) = super::prune::unit_axis(name) {
+            want[axis] = width;
+        }
+        if theirs.dims() != want {
+            return Err(format!("its {name} is {:?}, the student's {want:?}", theirs.dims()));
         }
     }
     for (name, t) in trained.iter_mut() {
@@ -877,6 +946,25 @@ mod tests {
         for (name, t) in &trained {
             assert_eq!(values(t), values(&other.tensors[name]), "{name} is the start's");
         }
+        // A start whose feed-forward blocks an earlier stage narrowed: taken at its width, as
+        // long as its config says that width.
+        let mut narrow = start.tensors.clone();
+        let importance = vec![(0..32).map(|j| j as f64).collect::<Vec<f64>>(); 2];
+        crate::encoder::prune::prune_ffn(&mut narrow, &importance, 20).unwrap();
+        let mut narrow = EncoderCheckpoint {
+            config: crate::encoder::EncoderConfig { intermediate_size: 20, ..start.config.clone() },
+            tensors: narrow,
+            ..tiny_encoder(Pooling::Mean, 2)
+        };
+        let mut trained = split(&teacher, false);
+        start_from(&mut trained, &frozen, &narrow, 2).unwrap();
+        assert_eq!(trained["encoder.layer.0.intermediate.dense.weight"].dims(), &[20, 16]);
+        assert_eq!(trained["encoder.layer.1.output.dense.weight"].dims(), &[16, 20]);
+        narrow.config.intermediate_size = 24;
+        let mut trained = split(&teacher, false);
+        let err = start_from(&mut trained, &frozen, &narrow, 2).unwrap_err();
+        // (Whichever of the narrowed tensors is checked first is named.)
+        assert!(err.contains("20") && err.contains("the student's [") && err.contains("24"), "{err}");
         // A start that lacks a layer's tensor is named.
         start.tensors.remove("encoder.layer.1.output.dense.weight");
         let err = start_from(&mut trained, &frozen, &start, 2).unwrap_err();

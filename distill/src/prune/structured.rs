@@ -81,7 +81,7 @@ pub fn measure_importance(
 }
 
 /// Indices of the `k` largest scores, in ascending index order (ties: the lower index).
-fn keep_top(scores: &[f64], k: usize) -> Vec<usize> {
+pub(crate) fn keep_top(scores: &[f64], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..scores.len()).collect();
     idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
     idx.truncate(k);
