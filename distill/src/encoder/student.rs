@@ -716,8 +716,19 @@ fn start_from(
     for (name, t) in trained.iter() {
         let theirs = start.tensors.get(name).ok_or_else(|| format!("it has no {name}"))?;
         let mut want = t.dims().to_vec();
-        if let Some(axis) = super::prune::unit_axis(name) {
-            want[axis] = width;
+        if let Some(units) = super::prune::unit_axis(name).and_then(|axis| want.get_mut(axis)) {
+            if width > *units {
+                return Err(format!(
+                    "its config.json says {width} feed-forward units, more than the teacher's {units}"
+                ));
+            }
+            *units = width;
+            if theirs.dims() != want {
+                return Err(format!(
+                    "its config.json says {width} feed-forward units, but its {name} is {:?}",
+                    theirs.dims()
+                ));
+            }
         }
         if theirs.dims() != want {
             return Err(format!("its {name} is {:?}, the student's {want:?}", theirs.dims()));
@@ -963,8 +974,10 @@ mod tests {
         narrow.config.intermediate_size = 24;
         let mut trained = split(&teacher, false);
         let err = start_from(&mut trained, &frozen, &narrow, 2).unwrap_err();
-        // (Whichever of the narrowed tensors is checked first is named.)
-        assert!(err.contains("20") && err.contains("the student's [") && err.contains("24"), "{err}");
+        assert!(err.starts_with("its config.json says 24 feed-forward units, but its encoder.layer."), "{err}");
+        narrow.config.intermediate_size = 40;
+        let err = start_from(&mut trained, &frozen, &narrow, 2).unwrap_err();
+        assert_eq!(err, "its config.json says 40 feed-forward units, more than the teacher's 32");
         // A start that lacks a layer's tensor is named.
         start.tensors.remove("encoder.layer.1.output.dense.weight");
         let err = start_from(&mut trained, &frozen, &start, 2).unwrap_err();
