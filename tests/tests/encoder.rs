@@ -376,6 +376,71 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
     assert!((quantized_start - after).abs() > 1e-6, "fake quantization changed nothing: {quantized_start}");
     assert!((quantized_start - after).abs() < 0.05, "fake quantization is far off: {quantized_start} vs {after}");
     assert!(report3["quantization_aware"].as_str().unwrap().contains("smoothing 0.8"), "{report3}");
+    // Structured pruning: a stage narrows the feed-forward blocks before it trains. The pruned
+    // start scores below where the first stage ended, training recovers some of it, and the
+    // narrower student is what is written, exported and run.
+    let pruned = tmp.path().join("pruned");
+    let out = distill_from("0,5", &pruned, &["--ffn-size", "1024"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report4: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pruned.join("distill_report.json")).unwrap()).unwrap();
+    let (cut, recovered) =
+        (report4["held_out_cosine"][0].as_f64().unwrap(), report4["held_out_cosine"][1].as_f64().unwrap());
+    assert!(cut < after - 1e-4, "dropping a third of the units cost nothing: {after} -> {cut}");
+    assert!(recovered > cut, "training did not recover: {cut} -> {recovered}");
+    assert_eq!(report4["intermediate_size"], 1024);
+    assert_eq!(report4["ffn_pruning"]["intermediate_size"], serde_json::json!([1536, 1024]));
+    let kept = report4["ffn_pruning"]["importance_kept"].as_array().unwrap();
+    assert_eq!(kept.len(), 2);
+    assert!(kept.iter().all(|k| (0.667..1.0).contains(&k.as_f64().unwrap())), "{kept:?}");
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(pruned.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["intermediate_size"], 1024);
+    // A later stage from it keeps its width and starts where it ended; it cannot widen it.
+    let distill_pruned = |out: &std::path::Path, extra: &[&str]| {
+        run(Command::new(edgelm_e2e::bin("edgelm-distill"))
+            .args(["distill-encoder", "--layers", "0,5", "--epochs", "1", "--batch-size", "6", "--lr", "1e-4"])
+            .arg("--teacher")
+            .arg(edgelm_e2e::minilm_dir())
+            .arg("--text")
+            .arg(&text)
+            .arg("--init")
+            .arg(&pruned)
+            .arg("-o")
+            .arg(out)
+            .args(extra))
+    };
+    // (A quantization-aware stage: its calibration and rounding run at the narrower width too.)
+    let out = distill_pruned(&tmp.path().join("pruned-2"), &["--qat", "--calibration", text.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report5: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("pruned-2/distill_report.json")).unwrap()).unwrap();
+    assert_eq!(report5["intermediate_size"], 1024);
+    assert!(report5.get("ffn_pruning").is_none(), "{report5}");
+    let start5 = report5["held_out_cosine"][0].as_f64().unwrap();
+    assert!((start5 - recovered).abs() < 0.05, "the stage after pruning started at {start5}, not near {recovered}");
+    let out = distill_pruned(&tmp.path().join("widened"), &["--ffn-size", "1200"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wider than the 1024 units"), "{err}");
+    let pb = tmp.path().join("pruned-bundle");
+    let out = run(Command::new(edgelm_e2e::bin("edgelm-distill")).arg("export").arg(&pruned).arg("-o").arg(&pb));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pruned_mean = sentences[..8]
+        .iter()
+        .map(|s| {
+            let got = json_ok(&edgelm(&["embed", pb.to_str().unwrap(), "--text", s, "--json"]));
+            let got: Vec<f64> = got["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            let want = json_ok(&edgelm(&["embed", minilm_bundle().to_str().unwrap(), "--text", s, "--json"]));
+            let want = want["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap());
+            assert_eq!(got.len(), 384);
+            got.iter().zip(want).map(|(a, b)| a * b).sum::<f64>()
+        })
+        .sum::<f64>()
+        / 8.0;
+    assert!(
+        pruned_mean > recovered - 0.1,
+        "the pruned bundle's cosine {pruned_mean} against the training's {recovered}"
+    );
     // Other teacher layers than the start was taken from are refused, naming its own.
     let out = distill_from("0,3,5", &tmp.path().join("third"), &[]);
     assert!(!out.status.success());
