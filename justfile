@@ -273,8 +273,8 @@ bench-encoder-quant: setup build
     # A 3-layer student (teacher layers 1, 3, 5) in nine one-pass stages, each going on from
     # the one before, most over text the earlier ones have not read (the second re-reads a
     # sample of the first's, the last the long sentences of the eighth's; BENCHMARKS.md, "A
-    # 3-layer student at 0.95"; about
-    # three hours of training on 2 cores). Every stage is kept when done, so an interrupted run
+    # 3-layer student at 0.95"; about three hours of training on 2 cores), and a narrower one
+    # in three more (another hour). Every stage is kept when done, so an interrupted run
     # resumes at the stage it was in. The text: docstring sentences of the pinned packages and
     # the standard library and the prose of the pinned crates, numbers, symbols and code words
     # kept (about 114 000) ...
@@ -305,6 +305,8 @@ bench-encoder-quant: setup build
     fi
     [ -f "$b/text-loose-30k.txt" ] || .venv/bin/python -c 'import random, sys; l = open(sys.argv[1]).read().splitlines(); sys.stdout.write("".join(x + "\n" for x in random.Random(7).sample(l, 30000)))' "$b/text-loose.txt" > "$b/text-loose-30k.txt"
     [ -f "$b/text-crates-1-120k.txt" ] || head -n 120000 "$b/text-crates-1.txt" > "$b/text-crates-1-120k.txt"
+    [ -f "$b/text-long-3-more.txt" ] || cat "$b/text-long-3.txt" "$b/text-more-long.txt" > "$b/text-long-3-more.txt"
+    [ -f "$b/text-long-12.txt" ] || cat "$b/text-long-1.txt" "$b/text-long-2.txt" > "$b/text-long-12.txt"
     # The quantization-aware stages train through the rounding of the int8-static bundle: 8-bit
     # weights (--full-range) where the CPU has VNNI (or is ARM), 7-bit elsewhere (AVX2's integer
     # kernels saturate on 8). With 8-bit weights, int8-static lands within 0.001 of the fp32 it
@@ -338,9 +340,20 @@ bench-encoder-quant: setup build
     # Last, a quantization-aware pass over the new long sentences: the benchmark's student rows.
     stage student-qat "$b/text-more-long.txt" --lr 5e-5 --hidden-weight 0 $qat
     q="$s"
+    # Then a narrower one from it: each feed-forward block pruned from 1 536 to its 1 344 most
+    # important units, recovered over the crates' new prose, and two quantization-aware passes
+    # over long sentences (BENCHMARKS.md, "A narrower 3-layer student"): its layers cost less
+    # than half the 6-layer's, where the full-width student's cost exactly half.
+    stage student-ffn "$b/text-more.txt" --lr 1e-4 --hidden-weight 0 --ffn-size 1344
+    stage student-ffn-qat "$b/text-long-3-more.txt" --lr 5e-5 --hidden-weight 0 $qat
+    stage student-ffn-qat-2 "$b/text-long-12.txt" --lr 5e-5 --hidden-weight 0 $qat
+    n="$s"
     s="$plain"
-    [ -f "$q-bundle/edgelm.json" ] || target/release/edgelm-distill export "$q" -o "$q-bundle"
-    [ -f "$q-int8-static/edgelm.json" ] || target/release/edgelm-distill quantize "$q-bundle" -o "$q-int8-static" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8 $range
+    for m in "$q" "$n"; do
+        [ -f "$m-bundle/edgelm.json" ] || target/release/edgelm-distill export "$m" -o "$m-bundle"
+        [ -f "$m-int8-static/edgelm.json" ] || target/release/edgelm-distill quantize "$m-bundle" -o "$m-int8-static" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8 $range
+    done
     .venv/bin/python scripts/bench_encoder_quant.py "$b/bundle" "$b/bundle-int8" --ours-dynamic "$b/bundle-int8-dynamic" \
         --variant "edgelm int8-static=$b/bundle-int8-static" --variant "edgelm int8-static, hot rows=$b/bundle-int8-static-hot" --variant "edgelm int8-static, QDQ=$b/bundle-int8-static-qdq" --variant "edgelm fp16=$b/bundle-fp16" --calibration "$b/text.txt" \
-        --variant "student int8-static, no QAT=$s-int8-static" --student "$s-bundle" --student-int8 "$q-int8-static" --work "$b/bench"
+        --variant "student int8-static, no QAT=$s-int8-static" --variant "student int8-static, FFN 1344=$n-int8-static" \
+        --student "$q-bundle" --student-int8 "$q-int8-static" --work "$b/bench"
