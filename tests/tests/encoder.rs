@@ -343,7 +343,7 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
     // A second stage starts from the student, not from the teacher's layers: its "before" is the
     // first stage's "after" (same text and seed, so the same held-out sentences).
     let second = tmp.path().join("second");
-    let distill_from = |layers: &str, out: &std::path::Path, extra: &[&str]| {
+    let stage = |init: &std::path::Path, layers: &str, out: &std::path::Path, extra: &[&str]| {
         run(Command::new(edgelm_e2e::bin("edgelm-distill"))
             .args(["distill-encoder", "--layers", layers, "--epochs", "1", "--batch-size", "6", "--lr", "1e-4"])
             .arg("--teacher")
@@ -351,11 +351,12 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
             .arg("--text")
             .arg(&text)
             .arg("--init")
-            .arg(&student)
+            .arg(init)
             .arg("-o")
             .arg(out)
             .args(extra))
     };
+    let distill_from = |layers: &str, out: &std::path::Path, extra: &[&str]| stage(&student, layers, out, extra);
     let out = distill_from("0,5", &second, &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report2: serde_json::Value =
@@ -376,6 +377,22 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
     assert!((quantized_start - after).abs() > 1e-6, "fake quantization changed nothing: {quantized_start}");
     assert!((quantized_start - after).abs() < 0.05, "fake quantization is far off: {quantized_start} vs {after}");
     assert!(report3["quantization_aware"].as_str().unwrap().contains("smoothing 0.8"), "{report3}");
+    // A bundle's mean cosine to the teacher bundle on the first eight training sentences
+    // (inputs are not padded).
+    let mean_cosine_to_teacher = |bundle: &std::path::Path| -> f64 {
+        let embed = |bundle: &std::path::Path, text: &str| -> Vec<f64> {
+            let got = json_ok(&edgelm(&["embed", bundle.to_str().unwrap(), "--text", text, "--json"]));
+            got["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+        };
+        let teacher = minilm_bundle();
+        let mut total = 0.0;
+        for s in &sentences[..8] {
+            let (a, b) = (embed(&teacher, s), embed(bundle, s));
+            assert_eq!(b.len(), 384);
+            total += a.iter().zip(&b).map(|(x, y)| x * y).sum::<f64>();
+        }
+        total / 8.0
+    };
     // Structured pruning: a stage narrows the feed-forward blocks before it trains. The pruned
     // start scores below where the first stage ended, training recovers some of it, and the
     // narrower student is what is written, exported and run.
@@ -396,19 +413,7 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
     let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(pruned.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["intermediate_size"], 1024);
     // A later stage from it keeps its width and starts where it ended; it cannot widen it.
-    let distill_pruned = |out: &std::path::Path, extra: &[&str]| {
-        run(Command::new(edgelm_e2e::bin("edgelm-distill"))
-            .args(["distill-encoder", "--layers", "0,5", "--epochs", "1", "--batch-size", "6", "--lr", "1e-4"])
-            .arg("--teacher")
-            .arg(edgelm_e2e::minilm_dir())
-            .arg("--text")
-            .arg(&text)
-            .arg("--init")
-            .arg(&pruned)
-            .arg("-o")
-            .arg(out)
-            .args(extra))
-    };
+    let distill_pruned = |out: &std::path::Path, extra: &[&str]| stage(&pruned, "0,5", out, extra);
     // (A quantization-aware stage: its calibration and rounding run at the narrower width too.)
     let out = distill_pruned(&tmp.path().join("pruned-2"), &["--qat", "--calibration", text.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -425,18 +430,7 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
     let pb = tmp.path().join("pruned-bundle");
     let out = run(Command::new(edgelm_e2e::bin("edgelm-distill")).arg("export").arg(&pruned).arg("-o").arg(&pb));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let pruned_mean = sentences[..8]
-        .iter()
-        .map(|s| {
-            let got = json_ok(&edgelm(&["embed", pb.to_str().unwrap(), "--text", s, "--json"]));
-            let got: Vec<f64> = got["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-            let want = json_ok(&edgelm(&["embed", minilm_bundle().to_str().unwrap(), "--text", s, "--json"]));
-            let want = want["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap());
-            assert_eq!(got.len(), 384);
-            got.iter().zip(want).map(|(a, b)| a * b).sum::<f64>()
-        })
-        .sum::<f64>()
-        / 8.0;
+    let pruned_mean = mean_cosine_to_teacher(&pb);
     assert!(
         pruned_mean > recovered - 0.1,
         "the pruned bundle's cosine {pruned_mean} against the training's {recovered}"
@@ -453,17 +447,6 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The bundle gives what training measured: its cosine to the teacher's bundle on training
     // sentences is near the held-out cosine the report states (inputs are not padded).
-    let embed = |bundle: &std::path::Path, text: &str| -> Vec<f64> {
-        let got = json_ok(&edgelm(&["embed", bundle.to_str().unwrap(), "--text", text, "--json"]));
-        got["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
-    };
-    let teacher = minilm_bundle();
-    let mut total = 0.0;
-    for s in &sentences[..8] {
-        let (a, b) = (embed(&teacher, s), embed(&b, s));
-        assert_eq!(b.len(), 384);
-        total += a.iter().zip(&b).map(|(x, y)| x * y).sum::<f64>();
-    }
-    let mean = total / 8.0;
+    let mean = mean_cosine_to_teacher(&b);
     assert!(mean > after - 0.1, "bundle cosine {mean} against the training's {after}");
 }

@@ -9,7 +9,7 @@
 //! Pruning alone costs accuracy; the encoder student (`super::student`) prunes before it
 //! distils, so training recovers what the dropped units carried.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use candle_core::Tensor;
@@ -45,8 +45,9 @@ pub fn ffn_importance(ck: &EncoderCheckpoint, samples: &[(Vec<u32>, Vec<u32>)]) 
     let width = c.intermediate_size;
     // Sum of |unit| over tokens, and the token count, per layer.
     let sums: Mutex<HashMap<String, (Vec<f64>, usize)>> = Mutex::new(HashMap::new());
+    let outputs: HashSet<String> = (0..c.num_hidden_layers).map(ffn_output).collect();
     let tap = |name: &str, x: &Tensor| -> Result<()> {
-        if !(name.starts_with("encoder.layer.") && name.ends_with(".output.dense") && !name.contains("attention")) {
+        if !outputs.contains(name) {
             return Ok(());
         }
         let rows = x.elem_count() / width;

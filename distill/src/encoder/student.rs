@@ -448,6 +448,10 @@ pub fn distill_encoder(
             }
         }
     }
+    // The whole student: the frozen embeddings and the given layers.
+    let with = |trained: HashMap<String, Tensor>| -> HashMap<String, Tensor> {
+        frozen.iter().map(|(k, v)| (k.clone(), v.clone())).chain(trained).collect()
+    };
     let mut width = c.intermediate_size;
     if let Some(dir) = &spec.init {
         let cannot = |what: String| bad(format!("--init {}: {what}", dir.display()));
@@ -479,7 +483,7 @@ pub fn distill_encoder(
                     intermediate_size: width,
                     ..c.clone()
                 },
-                tensors: frozen.iter().chain(trained.iter()).map(|(k, v)| (k.clone(), v.clone())).collect(),
+                tensors: with(trained.clone()),
                 tokenizer_json: None,
                 tokenizer_config: None,
             };
@@ -520,9 +524,6 @@ pub fn distill_encoder(
         tensors: weights,
         tokenizer_json: teacher.tokenizer_json.clone(),
         tokenizer_config: teacher.tokenizer_config.clone(),
-    };
-    let with = |trained: HashMap<String, Tensor>| -> HashMap<String, Tensor> {
-        frozen.iter().map(|(k, v)| (k.clone(), v.clone())).chain(trained).collect()
     };
     // Quantization-aware training: the calibration text tokenized as the training text is.
     let calibration = match &spec.qat {
@@ -716,22 +717,22 @@ fn start_from(
     for (name, t) in trained.iter() {
         let theirs = start.tensors.get(name).ok_or_else(|| format!("it has no {name}"))?;
         let mut want = t.dims().to_vec();
-        if let Some(units) = super::prune::unit_axis(name).and_then(|axis| want.get_mut(axis)) {
+        let units = super::prune::unit_axis(name).and_then(|axis| want.get_mut(axis));
+        let feed_forward = units.is_some();
+        if let Some(units) = units {
             if width > *units {
                 return Err(format!(
                     "its config.json says {width} feed-forward units, more than the teacher's {units}"
                 ));
             }
             *units = width;
-            if theirs.dims() != want {
-                return Err(format!(
-                    "its config.json says {width} feed-forward units, but its {name} is {:?}",
-                    theirs.dims()
-                ));
-            }
         }
         if theirs.dims() != want {
-            return Err(format!("its {name} is {:?}, the student's {want:?}", theirs.dims()));
+            return Err(if feed_forward {
+                format!("its config.json says {width} feed-forward units, but its {name} is {:?}", theirs.dims())
+            } else {
+                format!("its {name} is {:?}, the student's {want:?}", theirs.dims())
+            });
         }
     }
     for (name, t) in trained.iter_mut() {
