@@ -333,9 +333,7 @@ bench-encoder-quant: setup build
     stage student-6 "$b/text-long-3.txt" --lr 5e-5 --hidden-weight 0 $qat
     stage student-7 "$b/text-crates-2.txt" --lr 5e-5 --hidden-weight 0
     stage student-8 "$b/text-more.txt" --lr 5e-5 --hidden-weight 0
-    # The plain student's int8-static, for the benchmark's "no QAT" row.
-    [ -f "$s-bundle/edgelm.json" ] || target/release/edgelm-distill export "$s" -o "$s-bundle"
-    [ -f "$s-int8-static/edgelm.json" ] || target/release/edgelm-distill quantize "$s-bundle" -o "$s-int8-static" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8 $range
+    # The plain student, for the benchmark's "no QAT" row.
     plain="$s"
     # Last, a quantization-aware pass over the new long sentences: the benchmark's student rows.
     stage student-qat "$b/text-more-long.txt" --lr 5e-5 --hidden-weight 0 $qat
@@ -349,7 +347,8 @@ bench-encoder-quant: setup build
     stage student-ffn-qat-2 "$b/text-long-12.txt" --lr 5e-5 --hidden-weight 0 $qat
     n="$s"
     s="$plain"
-    for m in "$q" "$n"; do
+    # Each student's bundle and its int8-static.
+    for m in "$s" "$q" "$n"; do
         [ -f "$m-bundle/edgelm.json" ] || target/release/edgelm-distill export "$m" -o "$m-bundle"
         [ -f "$m-int8-static/edgelm.json" ] || target/release/edgelm-distill quantize "$m-bundle" -o "$m-int8-static" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8 $range
     done
