@@ -128,10 +128,22 @@ def scheme(bundle):
     return "int8-dynamic" if w.get("operator") == "DynamicQuantizeMatMul" else "int8"
 
 
+def depth(model):
+    """How many encoder layers an ONNX file holds (None when its weights are not named so)."""
+    graph = onnx.load(model, load_external_data=False).graph
+    return len({i.name.split(".")[2] for i in graph.initializer if i.name.startswith("encoder.layer.")}) or None
+
+
+def quantization(model):
+    """The precision an edgelm bundle's manifest records for the bundle holding `model`; None
+    for files of other tools."""
+    manifest = os.path.join(os.path.dirname(model), "edgelm.json")
+    return json.load(open(manifest)).get("quantization") if os.path.exists(manifest) else None
+
+
 for name, b in [("student", a.student), (f"student {scheme(a.student_int8)}" if a.student_int8 else "", a.student_int8)]:
     if b:
-        graph = onnx.load(f"{b}/model.onnx", load_external_data=False).graph
-        layers = len({i.name.split(".")[2] for i in graph.initializer if i.name.startswith("encoder.layer.")}) or None
+        layers = depth(f"{b}/model.onnx")
         variants.append((f"{name}" + (f" ({layers} layers)" if layers else ""), f"{b}/model.onnx"))
 sessions = [session(path) for _, path in variants]
 base, _ = embed(sessions[0])
@@ -163,4 +175,14 @@ for (name, path), e, speed in zip(variants, embeddings, speeds):
     rows.append({"variant": name, "mib": size / 2**20, "x_fp32": size / fp32_size, "cos_mean": float(cos.mean()),
                  "cos_min": float(cos.min()), "nn_agreement": agree, "sentences_per_s": speed})
     print(f"{name:34} {size / 2**20:6.1f} {size / fp32_size:7.3f} {cos.mean():9.4f} {cos.min():8.4f} {100 * agree:8.1f}% {speed:7.1f}")
+# The shallow students' goal is a speed ratio to the teacher-depth int8 bundles: each shallower
+# edgelm int8 row against each of ours at the teacher's depth, from this run's figures.
+teacher_depth = depth(variants[0][1])
+deep_int8 = [(name, speed) for (name, path), speed in zip(variants, speeds)
+             if quantization(path) == "int8" and depth(path) == teacher_depth]
+for (name, path), speed in zip(variants, speeds):
+    layers = depth(path)
+    if deep_int8 and quantization(path) == "int8" and layers and teacher_depth and layers < teacher_depth:
+        ratios = ", ".join(f"{speed / s:.2f}x {n}" for n, s in deep_int8)
+        print(f"{name}: sentences/s against the {teacher_depth}-layer int8 bundles: {ratios}")
 print(json.dumps(rows))
