@@ -183,6 +183,6 @@ deep_int8 = [(name, speed) for (name, path), speed in zip(variants, speeds)
 for (name, path), speed in zip(variants, speeds):
     layers = depth(path)
     if deep_int8 and quantization(path) == "int8" and layers and teacher_depth and layers < teacher_depth:
-        ratios = ", ".join(f"{speed / s:.2f}x {n}" for n, s in deep_int8)
+        ratios = "; ".join(f"{speed / s:.2f}x {n}" for n, s in deep_int8)
         print(f"{name}: sentences/s against the {teacher_depth}-layer int8 bundles: {ratios}")
 print(json.dumps(rows))
