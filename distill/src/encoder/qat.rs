@@ -386,7 +386,11 @@ mod tests {
             let mut tensors = qdq::activation_tensors(&model, &opts);
             if let Some(alpha) = smooth {
                 let absmax = calibrate::channel_absmax(&model, &tensors, &onnx_samples).unwrap();
-                qdq::smooth(&mut model, &absmax, alpha, &opts).unwrap();
+                let smoothed = qdq::smooth(&mut model, &absmax, alpha, &opts).unwrap();
+                // Each layer's attention output reads the heads joined back: its smoothing goes
+                // into the value projection, the others' into a Mul each.
+                let muls = model.graph.as_ref().unwrap().node.iter().filter(|n| n.name.ends_with("/Smooth")).count();
+                assert_eq!(smoothed - muls, ck.config.num_hidden_layers, "smoothings folded");
                 tensors = qdq::activation_tensors(&model, &opts);
             }
             let ranges = calibrate::calibrate(&model, &tensors, &onnx_samples, range).unwrap();

@@ -187,16 +187,24 @@ fn classify(n: &NodeProto, idx: usize, slot: usize) -> Use {
 
 /// An fp32 initializer's values, when it is a plain fp32 matrix held in the file.
 pub(super) fn f32_matrix(t: &TensorProto) -> Option<(usize, usize, Vec<f32>)> {
-    if t.data_type != Some(DataType::Float as i32) || t.dims.len() != 2 || !t.external_data.is_empty() {
+    if t.dims.len() != 2 {
         return None;
     }
     let (r, c) = (usize::try_from(t.dims[0]).ok()?, usize::try_from(t.dims[1]).ok()?);
-    let values: Vec<f32> = if !t.raw_data.is_empty() {
-        t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-    } else {
-        t.float_data.clone()
-    };
+    let values = f32_values(t)?;
     (values.len() == r * c && r > 0 && c > 0).then_some((r, c, values))
+}
+
+/// An fp32 initializer's values, when they are in the file (not external data).
+pub(super) fn f32_values(t: &TensorProto) -> Option<Vec<f32>> {
+    if t.data_type != Some(DataType::Float as i32) || !t.external_data.is_empty() {
+        return None;
+    }
+    Some(if t.raw_data.is_empty() {
+        t.float_data.clone()
+    } else {
+        t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    })
 }
 
 fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::block::quantize_per_column;
 use super::calibrate::ActivationRange;
-use super::graph::{f32_matrix, tensor_bytes, QuantizeOptions, QuantizeSummary};
+use super::graph::{f32_matrix, f32_values, tensor_bytes, QuantizeOptions, QuantizeSummary};
 use crate::error::{Error, Result};
 use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
 use crate::onnx::{AttributeProto as Attr, DataType, ModelProto, MS_DOMAIN};
@@ -64,8 +64,10 @@ pub fn activation_tensors(model: &ModelProto, opts: &QuantizeOptions) -> Vec<Str
 /// reaches `w_j`, `x` is divided by `s_j = a_j^alpha / w_j^(1 - alpha)` (a `Mul` node) and row `j`
 /// of every weight it feeds multiplied by `s_j`. The product is unchanged; the activation's range
 /// flattens, so one uint8 scale fits it better. `absmax` holds the `a_j` of each tensor
-/// [`activation_tensors`] names ([`super::calibrate::channel_absmax`]). Returns the activations
-/// smoothed; call [`activation_tensors`] again for the names to calibrate.
+/// [`activation_tensors`] names ([`super::calibrate::channel_absmax`]). Where `x` is attention
+/// heads joined back, the division goes into the value projection's columns instead of a `Mul`
+/// ([`head_merge_source`]). Returns the activations smoothed; call [`activation_tensors`] again
+/// for the names to calibrate.
 pub fn smooth(
     model: &mut ModelProto,
     absmax: &HashMap<String, Vec<f32>>,
@@ -88,14 +90,17 @@ pub fn smooth(
         }
         readers.entry(w.clone()).or_default().insert(x.clone());
     }
-    let mut inserted: HashMap<usize, Vec<NodeProto>> = HashMap::new();
-    let mut renamed: HashMap<String, String> = HashMap::new();
+    // Every activation's scales first, from the weights as they came: folding one scale into a
+    // value projection changes that matrix's rows' magnitudes, which another activation's
+    // scales must not see (the quantization-aware training computes them from the unchanged
+    // checkpoint).
+    let mut plans: Vec<(String, Vec<String>, Vec<f32>)> = vec![];
     for (x, ws) in &feeds {
         let Some(a) = absmax.get(x) else { continue };
         if ws.iter().any(|w| readers[w].len() > 1) {
             continue;
         }
-        let mut mats: Vec<(usize, usize, Vec<f32>)> = ws
+        let mats: Vec<(usize, usize, Vec<f32>)> = ws
             .iter()
             .map(|w| {
                 f32_matrix(g.initializer.iter().find(|t| &t.name == w).expect("a target's weight")).expect("checked")
@@ -110,17 +115,30 @@ pub fn smooth(
                 mats.iter().flat_map(|(_, n, v)| v[j * n..(j + 1) * n].iter().map(|x| x.abs())).fold(0.0, f32::max)
             })
             .collect();
-        let s = smoothing_scales(a, &w_max, alpha);
-        for ((_, n, v), w) in mats.iter_mut().zip(ws) {
-            for (j, row) in v.chunks_exact_mut(*n).enumerate() {
-                row.iter_mut().for_each(|x| *x *= s[j]);
+        plans.push((x.clone(), ws.clone(), smoothing_scales(a, &w_max, alpha)));
+    }
+    let mut inserted: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    let mut renamed: HashMap<String, String> = HashMap::new();
+    let mut folded = 0;
+    for (x, ws, s) in &plans {
+        let k = s.len();
+        for w in ws {
+            scale_matrix(g, w, |j, _| s[j]);
+        }
+        let inv_s: Vec<f32> = s.iter().map(|s| 1.0 / s).collect();
+        if let Some((w, b)) = head_merge_source(g, x, k) {
+            // x / s made by the value projection itself: no node added.
+            scale_matrix(g, &w, |_, j| inv_s[j]);
+            if let Some(b) = b {
+                let t = g.initializer.iter_mut().find(|t| t.name == b).expect("checked");
+                let v: Vec<f32> = f32_values(t).expect("checked").iter().zip(&inv_s).map(|(v, i)| v * i).collect();
+                t.float_data.clear();
+                t.raw_data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
             }
-            let t = g.initializer.iter_mut().find(|t| &t.name == w).expect("a target's weight");
-            t.float_data.clear();
-            t.raw_data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            folded += 1;
+            continue;
         }
         let (inv, out) = (format!("{x}_smooth_scale"), format!("{x}_smoothed"));
-        let inv_s: Vec<f32> = s.iter().map(|s| 1.0 / s).collect();
         g.initializer.push(TensorProto::from_f32(&inv, &[k as i64], &inv_s));
         let first = targets.iter().filter(|(_, t, _)| t == x).map(|(i, _, _)| *i).min().expect("x has a target");
         inserted.entry(first).or_default().push(node(
@@ -144,7 +162,82 @@ pub fn smooth(
         }
         g.node.push(n);
     }
-    Ok(renamed.len())
+    Ok(renamed.len() + folded)
+}
+
+/// Multiplies element (row, column) of the fp32 matrix initializer `name` by `f(row, column)`.
+fn scale_matrix(g: &mut GraphProto, name: &str, f: impl Fn(usize, usize) -> f32) {
+    let t = g.initializer.iter_mut().find(|t| t.name == name).expect("a checked weight");
+    let (_, n, mut v) = f32_matrix(t).expect("a checked weight");
+    for (i, x) in v.iter_mut().enumerate() {
+        *x *= f(i / n, i % n);
+    }
+    t.float_data.clear();
+    t.raw_data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+}
+
+/// An int64 initializer's values (a `Reshape`'s shape).
+fn i64_values(t: &TensorProto) -> Option<Vec<i64>> {
+    if t.data_type != Some(DataType::Int64 as i32) || !t.external_data.is_empty() {
+        return None;
+    }
+    Some(if t.raw_data.is_empty() {
+        t.int64_data.clone()
+    } else {
+        t.raw_data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect()
+    })
+}
+
+/// The value projection (weight, and bias if any) whose output channels are the channels of
+/// `x`, when `x` is attention heads merged back:
+/// `x = Reshape(Transpose(MatMul(P, Transpose(Reshape(h W + b)))))`, the reshapes splitting the
+/// `k` channels into heads and joining them again and both transposes swapping heads with
+/// tokens. `P` mixes tokens only, so channel `j` of `x` is linear in column `j` of `W` and `b_j`
+/// alone: scaling those scales it, and a smoothing `Mul` on `x` (one more node per layer, which
+/// short sentences feel) is not needed. None unless every tensor on the way has no other reader.
+fn head_merge_source(g: &GraphProto, x: &str, k: usize) -> Option<(String, Option<String>)> {
+    let producer = |t: &str| g.node.iter().find(|n| n.output.iter().any(|o| o == t));
+    let reads = |t: &str| g.node.iter().flat_map(|n| &n.input).filter(|i| *i == t).count();
+    let only = |t: &str| reads(t) == 1 && !g.output.iter().any(|o| o.name == t);
+    let init = |t: &str| g.initializer.iter().find(|i| i.name == t);
+    let swaps_heads = |n: &NodeProto| {
+        n.op_type == "Transpose" && is_std(n) && n.attribute.iter().any(|a| a.name == "perm" && a.ints == [0, 2, 1, 3])
+    };
+    let reshape_to = |n: &NodeProto| -> Option<Vec<i64>> {
+        (n.op_type == "Reshape" && is_std(n) && n.input.len() == 2).then_some(())?;
+        i64_values(init(&n.input[1])?)
+    };
+    let k = k as i64;
+    // The join: [batch, tokens, k] (k, or -1 for all that is left).
+    let join = producer(x)?;
+    let shape = reshape_to(join)?;
+    (shape.len() == 3 && (shape[2] == k || shape[2] == -1)).then_some(())?;
+    let back = producer(&join.input[0]).filter(|n| swaps_heads(n) && only(&join.input[0]))?;
+    let mix = producer(&back.input[0])
+        .filter(|n| n.op_type == "MatMul" && is_std(n) && n.input.len() == 2 && only(&back.input[0]))?;
+    (mix.input[0] != mix.input[1] && only(&mix.input[1])).then_some(())?;
+    let heads = producer(&mix.input[1]).filter(|n| swaps_heads(n))?;
+    // The split: [batch, tokens, heads, k / heads].
+    let split = producer(&heads.input[0]).filter(|_| only(&heads.input[0]))?;
+    let shape = reshape_to(split)?;
+    let (h, d) = (*shape.get(2)?, *shape.get(3)?);
+    (shape.len() == 4 && d > 0 && (h * d == k || (h == -1 && k % d == 0))).then_some(())?;
+    (only(&split.input[0])).then_some(())?;
+    let made = producer(&split.input[0])?;
+    let (projection, bias) = if made.op_type == "Add" && is_std(made) && made.input.len() == 2 {
+        let b_slot = (0..2).find(|&i| init(&made.input[i]).is_some())?;
+        let (lin, b) = (&made.input[1 - b_slot], &made.input[b_slot]);
+        let bias = f32_values(init(b)?)?;
+        (bias.len() as i64 == k && init(b)?.dims.len() == 1 && reads(b) == 1 && only(lin)).then_some(())?;
+        (producer(lin)?, Some(b.clone()))
+    } else {
+        (made, None)
+    };
+    (projection.op_type == "MatMul" && is_std(projection) && projection.input.len() == 2).then_some(())?;
+    let w = &projection.input[1];
+    let (_, cols, _) = f32_matrix(init(w)?)?;
+    (cols as i64 == k && reads(w) == 1 && !g.input.iter().any(|i| &i.name == w)).then_some(())?;
+    Some((w.clone(), bias))
 }
 
 /// SmoothQuant's per-channel scales `s_j = a_j^alpha / w_j^(1 - alpha)` for activation channel
@@ -448,6 +541,66 @@ mod tests {
         let (before, after) = (outlier(&absmax["x"]), outlier(&smoothed["x_smoothed"]));
         assert!(before > 10.0 && after * 3.0 < before, "outlier ratio {before} before, {after} after");
         assert!(smooth(&mut m.clone(), &absmax, 1.5, &opts).is_err());
+    }
+
+    /// On an exported encoder, smoothing the joined attention heads goes into the value
+    /// projection (no `Mul`) and the function stays; when the projection's output has another
+    /// reader, scaling it would change that reader, so the `Mul` stays instead.
+    #[test]
+    fn smoothing_of_joined_heads_goes_into_the_value_projection() {
+        use crate::encoder::{tiny_encoder, Pooling};
+        use crate::quantize::calibrate::channel_absmax;
+        let ck = tiny_encoder(Pooling::Mean, 3);
+        let layers = ck.config.num_hidden_layers;
+        let embed = |m: &ModelProto| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("model.onnx");
+            std::fs::write(&path, m.encode_to_vec()).unwrap();
+            let mut s = edgelm_runtime::encoder::EncoderSession::load(&path, &Default::default()).unwrap();
+            s.run(&[3, 17, 5, 29, 8], &[0; 5]).unwrap()
+        };
+        let samples: Vec<_> = [vec![1i64, 5, 7, 20], vec![29, 0, 3]]
+            .into_iter()
+            .map(|ids| {
+                let n = ids.len();
+                vec![
+                    ("input_ids".to_string(), ids),
+                    ("token_type_ids".into(), vec![0; n]),
+                    ("attention_mask".into(), vec![1; n]),
+                ]
+            })
+            .collect();
+        let opts = QuantizeOptions::for_bits(8).unwrap();
+        let smooth_muls =
+            |m: &ModelProto| m.graph.as_ref().unwrap().node.iter().filter(|n| n.name.ends_with("/Smooth")).count();
+        let m = crate::export::encoder::build(&ck).unwrap();
+        let absmax = channel_absmax(&m, &activation_tensors(&m, &opts), &samples).unwrap();
+        let want = embed(&m);
+        let mut sm = m.clone();
+        let smoothed = smooth(&mut sm, &absmax, 0.8, &opts).unwrap();
+        assert_eq!(smoothed - smooth_muls(&sm), layers, "one smoothing per layer folded");
+        let worst = embed(&sm).iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "folding changed the embedding by {worst}");
+        // A second reader of each value projection's output (the Add before the head split).
+        let mut shared = m.clone();
+        let g = shared.graph.as_mut().unwrap();
+        let values: Vec<String> = g
+            .node
+            .iter()
+            .filter(|n| n.op_type == "Reshape" && n.input[1].contains("split_heads"))
+            .map(|n| n.input[0].clone())
+            .collect();
+        assert_eq!(values.len(), 3 * layers, "query, key and value split per layer");
+        for (i, v) in values.iter().enumerate() {
+            g.node.push(node(format!("extra{i}"), "Identity", vec![v.clone()], format!("extra{i}_out"), vec![]));
+            let dims = [Dim::Fixed(1), Dim::Symbolic("s".into()), Dim::Fixed(ck.config.hidden_size as i64)];
+            g.output.push(crate::onnx::proto::ValueInfoProto::tensor(format!("extra{i}_out"), DataType::Float, &dims));
+        }
+        let mut sm = shared.clone();
+        let smoothed = smooth(&mut sm, &absmax, 0.8, &opts).unwrap();
+        assert_eq!(smooth_muls(&sm), smoothed, "nothing folded where the projection is read twice");
+        let worst = embed(&sm).iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "smoothing changed the embedding by {worst}");
     }
 
     #[test]
