@@ -126,7 +126,8 @@ pub fn smooth(
             scale_matrix(g, w, |j, _| s[j]);
         }
         let inv_s: Vec<f32> = s.iter().map(|s| 1.0 / s).collect();
-        if let Some((w, b)) = head_merge_source(g, x, k) {
+        let matmuls = targets.iter().filter(|(_, t, _)| t == x).count();
+        if let Some((w, b)) = head_merge_source(g, x, k, matmuls) {
             // x / s made by the value projection itself: no node added.
             scale_matrix(g, &w, |_, j| inv_s[j]);
             if let Some(b) = b {
@@ -194,12 +195,18 @@ fn i64_values(t: &TensorProto) -> Option<Vec<i64>> {
 /// `k` channels into heads and joining them again and both transposes swapping heads with
 /// tokens. `P` mixes tokens only, so channel `j` of `x` is linear in column `j` of `W` and `b_j`
 /// alone: scaling those scales it, and a smoothing `Mul` on `x` (one more node per layer, which
-/// short sentences feel) is not needed. None unless every tensor on the way has no other reader.
-fn head_merge_source(g: &GraphProto, x: &str, k: usize) -> Option<(String, Option<String>)> {
+/// short sentences feel) is not needed. None unless `x` is read by its `matmuls` quantized
+/// MatMuls alone and every tensor on the way, the weight and the bias have no other reader (and
+/// no subgraph, which could read any of them unseen).
+fn head_merge_source(g: &GraphProto, x: &str, k: usize, matmuls: usize) -> Option<(String, Option<String>)> {
+    if g.node.iter().flat_map(|n| &n.attribute).any(|a| a.g.is_some() || !a.graphs.is_empty()) {
+        return None;
+    }
     let producer = |t: &str| g.node.iter().find(|n| n.output.iter().any(|o| o == t));
     let reads = |t: &str| g.node.iter().flat_map(|n| &n.input).filter(|i| *i == t).count();
     let only = |t: &str| reads(t) == 1 && !g.output.iter().any(|o| o.name == t);
     let init = |t: &str| g.initializer.iter().find(|i| i.name == t);
+    let fed = |t: &str| g.input.iter().any(|i| i.name == t);
     let swaps_heads = |n: &NodeProto| {
         n.op_type == "Transpose" && is_std(n) && n.attribute.iter().any(|a| a.name == "perm" && a.ints == [0, 2, 1, 3])
     };
@@ -207,28 +214,31 @@ fn head_merge_source(g: &GraphProto, x: &str, k: usize) -> Option<(String, Optio
         (n.op_type == "Reshape" && is_std(n) && n.input.len() == 2).then_some(())?;
         i64_values(init(&n.input[1])?)
     };
+    (reads(x) == matmuls && !g.output.iter().any(|o| o.name == x)).then_some(())?;
     let k = k as i64;
-    // The join: [batch, tokens, k] (k, or -1 for all that is left).
+    // The join: [batch, tokens, k] (or -1 after batch and tokens copied).
     let join = producer(x)?;
     let shape = reshape_to(join)?;
-    (shape.len() == 3 && (shape[2] == k || shape[2] == -1)).then_some(())?;
+    (shape.len() == 3 && (shape[2] == k || shape[..] == [0, 0, -1])).then_some(())?;
     let back = producer(&join.input[0]).filter(|n| swaps_heads(n) && only(&join.input[0]))?;
     let mix = producer(&back.input[0])
         .filter(|n| n.op_type == "MatMul" && is_std(n) && n.input.len() == 2 && only(&back.input[0]))?;
     (mix.input[0] != mix.input[1] && only(&mix.input[1])).then_some(())?;
     let heads = producer(&mix.input[1]).filter(|n| swaps_heads(n))?;
-    // The split: [batch, tokens, heads, k / heads].
+    // The split: [batch, tokens, heads, k / heads] (heads -1 after batch and tokens copied).
     let split = producer(&heads.input[0]).filter(|_| only(&heads.input[0]))?;
     let shape = reshape_to(split)?;
     let (h, d) = (*shape.get(2)?, *shape.get(3)?);
-    (shape.len() == 4 && d > 0 && (h * d == k || (h == -1 && k % d == 0))).then_some(())?;
+    let copies_rows = shape[0] == 0 && shape[1] == 0;
+    (shape.len() == 4 && d > 0 && (h.checked_mul(d) == Some(k) || (h == -1 && copies_rows && k % d == 0)))
+        .then_some(())?;
     (only(&split.input[0])).then_some(())?;
     let made = producer(&split.input[0])?;
     let (projection, bias) = if made.op_type == "Add" && is_std(made) && made.input.len() == 2 {
         let b_slot = (0..2).find(|&i| init(&made.input[i]).is_some())?;
         let (lin, b) = (&made.input[1 - b_slot], &made.input[b_slot]);
         let bias = f32_values(init(b)?)?;
-        (bias.len() as i64 == k && init(b)?.dims.len() == 1 && reads(b) == 1 && only(lin)).then_some(())?;
+        (bias.len() as i64 == k && init(b)?.dims.len() == 1 && reads(b) == 1 && !fed(b) && only(lin)).then_some(())?;
         (producer(lin)?, Some(b.clone()))
     } else {
         (made, None)
@@ -236,7 +246,7 @@ fn head_merge_source(g: &GraphProto, x: &str, k: usize) -> Option<(String, Optio
     (projection.op_type == "MatMul" && is_std(projection) && projection.input.len() == 2).then_some(())?;
     let w = &projection.input[1];
     let (_, cols, _) = f32_matrix(init(w)?)?;
-    (cols as i64 == k && reads(w) == 1 && !g.input.iter().any(|i| &i.name == w)).then_some(())?;
+    (cols as i64 == k && reads(w) == 1 && !fed(w)).then_some(())?;
     Some((w.clone(), bias))
 }
 
@@ -544,8 +554,8 @@ mod tests {
     }
 
     /// On an exported encoder, smoothing the joined attention heads goes into the value
-    /// projection (no `Mul`) and the function stays; when the projection's output has another
-    /// reader, scaling it would change that reader, so the `Mul` stays instead.
+    /// projection (no `Mul`) and the function stays; when the projection's output or the joined
+    /// heads have another reader, scaling them would change that reader, so the `Mul` stays.
     #[test]
     fn smoothing_of_joined_heads_goes_into_the_value_projection() {
         use crate::encoder::{tiny_encoder, Pooling};
@@ -581,26 +591,33 @@ mod tests {
         assert_eq!(smoothed - smooth_muls(&sm), layers, "one smoothing per layer folded");
         let worst = embed(&sm).iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-5, "folding changed the embedding by {worst}");
-        // A second reader of each value projection's output (the Add before the head split).
-        let mut shared = m.clone();
-        let g = shared.graph.as_mut().unwrap();
-        let values: Vec<String> = g
-            .node
-            .iter()
-            .filter(|n| n.op_type == "Reshape" && n.input[1].contains("split_heads"))
-            .map(|n| n.input[0].clone())
-            .collect();
-        assert_eq!(values.len(), 3 * layers, "query, key and value split per layer");
-        for (i, v) in values.iter().enumerate() {
-            g.node.push(node(format!("extra{i}"), "Identity", vec![v.clone()], format!("extra{i}_out"), vec![]));
-            let dims = [Dim::Fixed(1), Dim::Symbolic("s".into()), Dim::Fixed(ck.config.hidden_size as i64)];
-            g.output.push(crate::onnx::proto::ValueInfoProto::tensor(format!("extra{i}_out"), DataType::Float, &dims));
+        // A second reader of each projection's output (the Add before the head split), then of
+        // each joined-heads tensor (the attention output projection's input).
+        for (reshape, per_layer) in [("split_heads", 3), ("merge_heads", 1)] {
+            let mut shared = m.clone();
+            let g = shared.graph.as_mut().unwrap();
+            let read: Vec<String> = g
+                .node
+                .iter()
+                .filter(|n| n.op_type == "Reshape" && n.input[1].contains(reshape))
+                .map(|n| if reshape == "split_heads" { n.input[0].clone() } else { n.output[0].clone() })
+                .collect();
+            assert_eq!(read.len(), per_layer * layers, "{reshape}");
+            for (i, v) in read.iter().enumerate() {
+                g.node.push(node(format!("extra{i}"), "Identity", vec![v.clone()], format!("extra{i}_out"), vec![]));
+                let dims = [Dim::Fixed(1), Dim::Symbolic("s".into()), Dim::Fixed(ck.config.hidden_size as i64)];
+                g.output.push(crate::onnx::proto::ValueInfoProto::tensor(
+                    format!("extra{i}_out"),
+                    DataType::Float,
+                    &dims,
+                ));
+            }
+            let mut sm = shared.clone();
+            let smoothed = smooth(&mut sm, &absmax, 0.8, &opts).unwrap();
+            assert_eq!(smooth_muls(&sm), smoothed, "{reshape}: nothing folded where a tensor on the way is read twice");
+            let worst = embed(&sm).iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{reshape}: smoothing changed the embedding by {worst}");
         }
-        let mut sm = shared.clone();
-        let smoothed = smooth(&mut sm, &absmax, 0.8, &opts).unwrap();
-        assert_eq!(smooth_muls(&sm), smoothed, "nothing folded where the projection is read twice");
-        let worst = embed(&sm).iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(worst < 1e-5, "smoothing changed the embedding by {worst}");
     }
 
     #[test]
