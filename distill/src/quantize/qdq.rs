@@ -93,8 +93,8 @@ pub fn smooth(
     // Every activation's scales first, from the weights as they came: folding one scale into a
     // value projection changes that matrix's rows' magnitudes, which another activation's
     // scales must not see (the quantization-aware training computes them from the unchanged
-    // checkpoint).
-    let mut plans: Vec<(String, Vec<String>, Vec<f32>)> = vec![];
+    // checkpoint). Each plan: the activation, its weights with their column counts, its scales.
+    let mut plans = vec![];
     for (x, ws) in &feeds {
         let Some(a) = absmax.get(x) else { continue };
         if ws.iter().any(|w| readers[w].len() > 1) {
@@ -115,26 +115,23 @@ pub fn smooth(
                 mats.iter().flat_map(|(_, n, v)| v[j * n..(j + 1) * n].iter().map(|x| x.abs())).fold(0.0, f32::max)
             })
             .collect();
-        plans.push((x.clone(), ws.clone(), smoothing_scales(a, &w_max, alpha)));
+        let ws: Vec<(String, usize)> = ws.iter().zip(&mats).map(|(w, (_, n, _))| (w.clone(), *n)).collect();
+        plans.push((x.clone(), ws, smoothing_scales(a, &w_max, alpha)));
     }
     let mut inserted: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     let mut renamed: HashMap<String, String> = HashMap::new();
     let mut folded = 0;
     for (x, ws, s) in &plans {
         let k = s.len();
-        for w in ws {
-            scale_matrix(g, w, |j, _| s[j]);
+        for (w, n) in ws {
+            scale_values(g, w, |i| s[i / n]);
         }
         let inv_s: Vec<f32> = s.iter().map(|s| 1.0 / s).collect();
         let matmuls = targets.iter().filter(|(_, t, _)| t == x).count();
         if let Some((w, b)) = head_merge_source(g, x, k, matmuls) {
-            // x / s made by the value projection itself: no node added.
-            scale_matrix(g, &w, |_, j| inv_s[j]);
-            if let Some(b) = b {
-                let t = g.initializer.iter_mut().find(|t| t.name == b).expect("checked");
-                let v: Vec<f32> = f32_values(t).expect("checked").iter().zip(&inv_s).map(|(v, i)| v * i).collect();
-                t.float_data.clear();
-                t.raw_data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            // x / s made by the value projection itself (its k columns and its bias): no node added.
+            for t in std::iter::once(&w).chain(&b) {
+                scale_values(g, t, |i| inv_s[i % k]);
             }
             folded += 1;
             continue;
@@ -166,15 +163,12 @@ pub fn smooth(
     Ok(renamed.len() + folded)
 }
 
-/// Multiplies element (row, column) of the fp32 matrix initializer `name` by `f(row, column)`.
-fn scale_matrix(g: &mut GraphProto, name: &str, f: impl Fn(usize, usize) -> f32) {
-    let t = g.initializer.iter_mut().find(|t| t.name == name).expect("a checked weight");
-    let (_, n, mut v) = f32_matrix(t).expect("a checked weight");
-    for (i, x) in v.iter_mut().enumerate() {
-        *x *= f(i / n, i % n);
-    }
+/// Multiplies value `i` (row-major) of the fp32 initializer `name` by `f(i)`.
+fn scale_values(g: &mut GraphProto, name: &str, f: impl Fn(usize) -> f32) {
+    let t = g.initializer.iter_mut().find(|t| t.name == name).expect("a checked fp32 initializer");
+    let v = f32_values(t).expect("a checked fp32 initializer");
     t.float_data.clear();
-    t.raw_data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    t.raw_data = v.iter().enumerate().flat_map(|(i, x)| (x * f(i)).to_le_bytes()).collect();
 }
 
 /// An int64 initializer's values (a `Reshape`'s shape).
