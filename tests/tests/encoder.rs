@@ -381,15 +381,16 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
     assert!(report3["quantization_aware"].as_str().unwrap().contains("smoothing 0.8"), "{report3}");
     // A bundle's mean cosine to the teacher bundle on the first eight training sentences
     // (inputs are not padded).
+    let embed = |bundle: &std::path::Path, text: &str| -> Vec<f64> {
+        let got = json_ok(&edgelm(&["embed", bundle.to_str().unwrap(), "--text", text, "--json"]));
+        got["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    };
+    let teacher_bundle = minilm_bundle();
+    let teacher: Vec<Vec<f64>> = sentences[..8].iter().map(|s| embed(&teacher_bundle, s)).collect();
     let mean_cosine_to_teacher = |bundle: &std::path::Path| -> f64 {
-        let embed = |bundle: &std::path::Path, text: &str| -> Vec<f64> {
-            let got = json_ok(&edgelm(&["embed", bundle.to_str().unwrap(), "--text", text, "--json"]));
-            got["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
-        };
-        let teacher = minilm_bundle();
         let mut total = 0.0;
-        for s in &sentences[..8] {
-            let (a, b) = (embed(&teacher, s), embed(bundle, s));
+        for (s, a) in sentences[..8].iter().zip(&teacher) {
+            let b = embed(bundle, s);
             assert_eq!(b.len(), 384);
             total += a.iter().zip(&b).map(|(x, y)| x * y).sum::<f64>();
         }
