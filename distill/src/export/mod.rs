@@ -177,11 +177,12 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
             what: "int8-static is for encoder bundles; a causal LM exports as int8, int4 or int8-dynamic".into(),
         });
     }
+    // Built first: a checkpoint the graph cannot express leaves no folder behind.
+    let model = build_decoder(ck, opts.logits)?;
     // The manifest is the mark of a checked bundle: the writer removes a stale one, and writes
     // the new one only after the numerical check passed.
     let mut w = BundleWriter::create(out, bundle::Kind::CausalLm)?;
     let mut warnings = Vec::new();
-    let model = build_decoder(ck, opts.logits)?;
     let model_path = w.model("model.onnx", &model.encode_to_vec())?;
     let fp32_bytes = std::fs::metadata(&model_path).at(&model_path)?.len();
     // Kept for quantizing after the fp32 check, else freed before it.
