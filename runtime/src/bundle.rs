@@ -413,19 +413,28 @@ pub(crate) fn read_manifest(dir: &Path) -> Result<Manifest> {
 
 /// [`read_manifest`] of bytes already read (the bytes a signature was checked over).
 pub(crate) fn parse_manifest(dir: &Path, bytes: &[u8]) -> Result<Manifest> {
-    let mut m: Manifest = serde_json::from_slice(bytes).map_err(|e| Error::Bundle {
+    let damaged = |e: serde_json::Error| Error::Bundle {
         path: dir.join(MANIFEST),
         what: format!("is damaged (not valid JSON of this kind: {e}); re-export or re-copy the bundle"),
-    })?;
-    if m.format != FORMAT {
-        return Err(bundle_err(dir, format!("edgelm.json format is `{}`, not `{FORMAT}`", m.format)));
+    };
+    // Format and version first: a newer manifest may carry fields this runtime does not know,
+    // and its reader should hear "update edgelm", not "damaged".
+    #[derive(Deserialize)]
+    struct Header {
+        format: String,
+        format_version: u32,
     }
-    if m.format_version > FORMAT_VERSION {
+    let h: Header = serde_json::from_slice(bytes).map_err(damaged)?;
+    if h.format != FORMAT {
+        return Err(bundle_err(dir, format!("edgelm.json format is `{}`, not `{FORMAT}`", h.format)));
+    }
+    if h.format_version > FORMAT_VERSION {
         return Err(bundle_err(
             dir,
-            format!("format version {} is newer than this runtime's {FORMAT_VERSION}; update edgelm", m.format_version),
+            format!("format version {} is newer than this runtime's {FORMAT_VERSION}; update edgelm", h.format_version),
         ));
     }
+    let mut m: Manifest = serde_json::from_slice(bytes).map_err(damaged)?;
     if m.format_version < 2 && m.kind == Kind::Encoder && m.encoder.is_none() {
         // Version 1 kept an encoder's settings among the report's notes.
         let r = &m.report;
@@ -840,9 +849,17 @@ mod tests {
         let e = read.encoder.unwrap();
         assert_eq!((e.max_tokens, e.hidden_size, e.pooling.as_str(), e.normalize), (512, 384, "mean", true));
         m.format_version = FORMAT_VERSION + 1;
-        std::fs::write(dir.path().join(MANIFEST), serde_json::to_string(&m).unwrap()).unwrap();
+        // A newer manifest may also carry fields this runtime does not know.
+        let mut newer = serde_json::to_value(&m).unwrap();
+        newer["added_later"] = serde_json::json!({"x": 1});
+        std::fs::write(dir.path().join(MANIFEST), newer.to_string()).unwrap();
         let err = read_manifest(dir.path()).unwrap_err().to_string();
         assert!(err.contains("newer than this runtime"), "{err}");
+        // The same field at this version is damage.
+        newer["format_version"] = FORMAT_VERSION.into();
+        std::fs::write(dir.path().join(MANIFEST), newer.to_string()).unwrap();
+        let err = read_manifest(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("damaged") && err.contains("added_later"), "{err}");
     }
 
     #[test]
