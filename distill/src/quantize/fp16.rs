@@ -144,15 +144,14 @@ fn to_f16_bytes(values: impl Iterator<Item = f32>) -> Vec<u8> {
 }
 
 /// An fp32 tensor's values in fp16, in place.
-fn tensor_to_f16(t: &mut TensorProto) {
-    let values: Vec<f32> = if !t.raw_data.is_empty() {
-        t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-    } else {
-        std::mem::take(&mut t.float_data)
-    };
+fn tensor_to_f16(t: &mut TensorProto) -> Result<()> {
+    let values = super::graph::f32_values(t).ok_or_else(|| Error::Unsupported {
+        what: format!("fp16 of tensor `{}` stored outside the model file", t.name),
+    })?;
     t.raw_data = to_f16_bytes(values.into_iter());
     t.float_data.clear();
     t.data_type = Some(HALF);
+    Ok(())
 }
 
 fn cast(name: String, input: String, output: String, to: i32) -> NodeProto {
@@ -215,7 +214,7 @@ pub fn to_fp16(model: &mut ModelProto, keep: &[String]) -> Result<Fp16Summary> {
     // Tensors now held in fp16.
     let mut half: HashSet<String> = HashSet::new();
     for t in g.initializer.iter_mut().filter(|t| t.data_type == Some(FLOAT) && converted_reader.contains(&t.name)) {
-        tensor_to_f16(t);
+        tensor_to_f16(t)?;
         half.insert(t.name.clone());
         summary.initializers += 1;
     }
@@ -262,7 +261,7 @@ pub fn to_fp16(model: &mut ModelProto, keep: &[String]) -> Result<Fp16Summary> {
             }
             "Constant" | "ConstantOfShape" => {
                 for t in n.attribute.iter_mut().filter_map(|a| a.t.as_mut()).filter(|t| t.data_type == Some(FLOAT)) {
-                    tensor_to_f16(t);
+                    tensor_to_f16(t)?;
                 }
             }
             _ => {}
