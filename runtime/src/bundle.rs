@@ -511,34 +511,73 @@ impl GenerationDefaults {
     }
 }
 
-/// Writes a bundle folder: the files first, each recorded with its size and sha256, and the
-/// manifest last. Creating a writer removes a stale manifest, so a folder holds an
-/// `edgelm.json` only once every file is written and the exporter's checks have passed.
+/// Writes a bundle folder: the files first, each recorded with its size and sha256, then the
+/// manifest. Everything is written into a hidden sibling folder (`.NAME.partial-PID`) and moved
+/// to its place only when finished (and, with [`BundleWriter::finish_checked`], checked): a
+/// writer dropped on an error or a failed check removes its files and leaves whatever was at the
+/// destination as it was, so a failed export never replaces a working bundle nor leaves a folder
+/// that opens as one.
 #[derive(Debug)]
 pub struct BundleWriter {
+    /// Where the finished bundle goes.
+    target: PathBuf,
+    /// Where its files are written until then.
     dir: PathBuf,
     kind: Kind,
     files: Vec<String>,
     model_file: Option<String>,
     tokenizer: Option<String>,
+    published: bool,
 }
 
 impl BundleWriter {
-    /// Starts a bundle of `kind` in `dir` (created when missing).
+    /// Starts a bundle of `kind` that will be the folder `dir`. An existing `dir` is replaced
+    /// when the bundle is finished; one that holds files but no bundle (neither edgelm.json nor
+    /// genai_config.json) is refused, so a mistyped path cannot take a user's folder.
     pub fn create(dir: impl Into<PathBuf>, kind: Kind) -> Result<Self> {
-        let dir = dir.into();
-        std::fs::create_dir_all(&dir).at(&dir)?;
-        let manifest = dir.join(MANIFEST);
-        // A signature over the previous manifest says nothing about the new one.
-        for old in [manifest, dir.join(crate::signature::SIGNATURE_FILE)] {
-            if old.exists() {
-                std::fs::remove_file(&old).at(&old)?;
+        let mut target: PathBuf = dir.into();
+        // Through a symlink to the folder it names (moving the link would leave the folder).
+        if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+            target = std::fs::canonicalize(&target).at(&target)?;
+        }
+        if target.exists() {
+            if !target.is_dir() {
+                return Err(bundle_err(&target, "exists and is not a folder; name a new or empty folder"));
+            }
+            let empty = std::fs::read_dir(&target).at(&target)?.next().is_none();
+            if !empty && !target.join(MANIFEST).exists() && !target.join("genai_config.json").exists() {
+                return Err(bundle_err(
+                    &target,
+                    "holds files but no bundle (no edgelm.json or genai_config.json); write the bundle to a new or empty folder (nothing was changed)",
+                ));
             }
         }
-        Ok(BundleWriter { dir, kind, files: vec![], model_file: None, tokenizer: None })
+        let name = target
+            .file_name()
+            .ok_or_else(|| bundle_err(&target, "is not a folder name a bundle can be written to"))?
+            .to_string_lossy()
+            .into_owned();
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).at(&parent)?;
+        remove_stale_partials(&parent, &name);
+        let dir = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).at(&dir)?;
+        }
+        std::fs::create_dir(&dir).at(&dir)?;
+        Ok(BundleWriter { target, dir, kind, files: vec![], model_file: None, tokenizer: None, published: false })
     }
 
-    /// Writes a file of the bundle; returns its path.
+    /// The folder the files are being written to (not the destination): what a check of the
+    /// bundle before [`BundleWriter::finish`] opens.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes a file of the bundle; returns its path (inside [`BundleWriter::dir`]).
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> Result<PathBuf> {
         let path = inside(&self.dir, name)?;
         std::fs::write(&path, bytes).at(&path)?;
@@ -546,7 +585,7 @@ impl BundleWriter {
         Ok(path)
     }
 
-    /// Copies `from` into the bundle as `name`; returns its path.
+    /// Copies `from` into the bundle as `name`; returns its path (inside [`BundleWriter::dir`]).
     pub fn copy(&mut self, name: &str, from: &Path) -> Result<PathBuf> {
         let path = inside(&self.dir, name)?;
         std::fs::copy(from, &path).at(from)?;
@@ -572,9 +611,21 @@ impl BundleWriter {
         }
     }
 
-    /// Hashes every file and writes the manifest, which completes the bundle.
+    /// Hashes every file, writes the manifest and moves the bundle to its destination.
     pub fn finish(self, info: BundleInfo) -> Result<Manifest> {
-        let model_file = self.model_file.ok_or_else(|| bundle_err(&self.dir, "the writer was given no model file"))?;
+        self.finish_checked(info, |_| Ok::<_, Error>(())).map(|(m, ())| m)
+    }
+
+    /// [`BundleWriter::finish`], but `check` runs on the complete bundle (manifest included, in
+    /// the folder `check` is given) before it is moved to its destination; a failed check
+    /// leaves the destination as it was.
+    pub fn finish_checked<T, E: From<Error>>(
+        mut self,
+        info: BundleInfo,
+        check: impl FnOnce(&Path) -> std::result::Result<T, E>,
+    ) -> std::result::Result<(Manifest, T), E> {
+        let model_file =
+            self.model_file.clone().ok_or_else(|| bundle_err(&self.target, "the writer was given no model file"))?;
         let files = self
             .files
             .iter()
@@ -589,7 +640,7 @@ impl BundleWriter {
             kind: self.kind,
             model_file,
             files,
-            tokenizer: self.tokenizer,
+            tokenizer: self.tokenizer.clone(),
             generation: info.generation,
             chat_template: info.chat_template,
             quantization: info.precision,
@@ -605,7 +656,59 @@ impl BundleWriter {
         };
         m.format_version = m.needed_version();
         write_manifest(&self.dir, &m)?;
-        Ok(m)
+        let checked = check(&self.dir)?;
+        self.publish()?;
+        Ok((m, checked))
+    }
+
+    /// Moves the finished folder to the destination, the bundle there before kept until the
+    /// new one is in place (and put back if the move fails).
+    fn publish(&mut self) -> Result<()> {
+        let old = self.dir.with_file_name(format!(
+            ".{}.old-{}",
+            self.target.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        let had_old = self.target.exists();
+        if had_old {
+            std::fs::rename(&self.target, &old).at(&self.target)?;
+        }
+        if let Err(e) = std::fs::rename(&self.dir, &self.target) {
+            if had_old {
+                let _ = std::fs::rename(&old, &self.target);
+            }
+            return Err(Error::Io { path: self.target.clone(), err: e });
+        }
+        self.published = true;
+        if had_old {
+            std::fs::remove_dir_all(&old).at(&old)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BundleWriter {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Removes `.NAME.partial-PID` folders in `parent` left by writers that were killed (their
+/// process is gone); only where running processes can be listed (`/proc`).
+fn remove_stale_partials(parent: &Path, name: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!(".{name}.partial-");
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else { continue };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 
@@ -800,13 +903,84 @@ mod tests {
         assert_eq!((read.quantization, read.format_version), (Precision::Int8, 2));
         let text = std::fs::read_to_string(dir.path().join(MANIFEST)).unwrap();
         assert!(text.contains("\"quantization\": \"int8\""), "{text}");
-        // A new export into the folder removes the old mark before writing anything.
+        // A new export into the folder leaves the old bundle alone until it is finished.
         let w = BundleWriter::create(dir.path(), Kind::CausalLm).unwrap();
-        assert!(!dir.path().join(MANIFEST).exists());
         assert!(w.finish(info()).is_err(), "a bundle needs a model file");
+        verify_manifest(dir.path(), &["genai_config.json"]).unwrap();
         // Files may not leave the folder.
         let mut w = BundleWriter::create(dir.path(), Kind::CausalLm).unwrap();
         assert!(w.write("../outside", b"x").is_err());
+    }
+
+    /// Names in `parent` other than `keep`.
+    fn others(parent: &Path, keep: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != keep)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_bundle_replaces_the_old_one_only_when_finished_and_checked() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("b");
+        let write = |graph: &[u8], extra: Option<&str>| {
+            let mut w = BundleWriter::create(&dir, Kind::CausalLm).unwrap();
+            w.model("model.onnx", graph).unwrap();
+            if let Some(name) = extra {
+                w.write(name, b"x").unwrap();
+            }
+            w
+        };
+        write(b"first", Some("notes.txt")).finish(info()).unwrap();
+        std::fs::write(dir.join(crate::signature::SIGNATURE_FILE), "{}").unwrap();
+        // Dropped on an error: the first bundle as it was, nothing left beside it.
+        drop(write(b"second", None));
+        assert_eq!(std::fs::read(dir.join("model.onnx")).unwrap(), b"first");
+        assert!(verify_files(&dir).is_ok());
+        assert!(others(parent.path(), "b").is_empty(), "{:?}", others(parent.path(), "b"));
+        // A failed check: the same, and the check saw the whole new bundle.
+        let err = write(b"second", None)
+            .finish_checked(info(), |d| {
+                assert_eq!(std::fs::read(d.join("model.onnx")).unwrap(), b"second");
+                verify_files(d)?;
+                Err::<(), _>(Error::Bundle { path: d.into(), what: "check failed".into() })
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("check failed"), "{err}");
+        assert_eq!(std::fs::read(dir.join("model.onnx")).unwrap(), b"first");
+        assert!(others(parent.path(), "b").is_empty(), "{:?}", others(parent.path(), "b"));
+        // Finished: the new bundle in place, the old one's other files and signature gone.
+        let (_, seen) = write(b"second", None).finish_checked(info(), |_| Ok::<_, Error>(7)).unwrap();
+        assert_eq!(seen, 7);
+        assert_eq!(std::fs::read(dir.join("model.onnx")).unwrap(), b"second");
+        assert!(verify_files(&dir).is_ok());
+        assert_eq!(others(&dir, ""), vec!["edgelm.json".to_string(), "model.onnx".to_string()]);
+        assert!(others(parent.path(), "b").is_empty(), "{:?}", others(parent.path(), "b"));
+    }
+
+    #[test]
+    fn a_folder_of_other_files_is_not_taken_for_a_bundle() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("photos");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("a.jpg"), b"mine").unwrap();
+        let err = BundleWriter::create(&dir, Kind::CausalLm).unwrap_err().to_string();
+        assert!(err.contains("holds files but no bundle"), "{err}");
+        assert_eq!(others(&dir, ""), vec!["a.jpg".to_string()]);
+        assert!(others(parent.path(), "photos").is_empty());
+        // A file where the folder should be is refused too; an empty folder is taken.
+        std::fs::write(parent.path().join("file"), b"x").unwrap();
+        assert!(BundleWriter::create(parent.path().join("file"), Kind::CausalLm).is_err());
+        let empty = parent.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let mut w = BundleWriter::create(&empty, Kind::CausalLm).unwrap();
+        w.model("model.onnx", b"g").unwrap();
+        w.finish(info()).unwrap();
+        assert!(verify_files(&empty).is_ok());
     }
 
     /// A token table with hot rows needs version 3; the writer says so and the reader takes it.

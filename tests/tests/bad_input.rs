@@ -191,3 +191,32 @@ fn a_checkpoint_the_graph_cannot_express_is_refused_before_anything_is_written()
     assert!(err.contains("head_dim 8 is not a multiple of 16"), "{err}");
     assert!(!out.exists(), "a refused export left {} behind", out.display());
 }
+
+#[test]
+fn a_failed_quantization_leaves_the_bundle_it_would_have_replaced() {
+    use edgelm_e2e::{bin, run};
+    use std::process::Command;
+    let fp32 = bundle("tiny");
+    let parent = scratch().join("bad/replace");
+    let out = parent.join("tiny-int8");
+    let quantize = |precision: &str, max_kl: &str| {
+        run(Command::new(bin("edgelm-distill"))
+            .args(["quantize", fp32.to_str().unwrap(), "-o", out.to_str().unwrap(), "--precision", precision])
+            .args(["--max-kl", max_kl]))
+    };
+    let first = quantize("int8", "10");
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let model = std::fs::read(out.join("model.onnx")).unwrap();
+    // int4 cannot come within 1e-9 nats of fp32: the check fails after the whole bundle was written.
+    let failed = quantize("int4", "1e-9");
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(1), "{err}");
+    assert!(err.contains("too far from the fp32 model"), "{err}");
+    assert_eq!(std::fs::read(out.join("model.onnx")).unwrap(), model, "the int8 bundle was overwritten");
+    let m = edgelm_runtime::bundle::verify_files(&out).unwrap();
+    assert_eq!(m.quantization, edgelm_runtime::bundle::Precision::Int8);
+    let left: Vec<_> = std::fs::read_dir(&parent).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("tiny-int8")], "files left beside the bundle");
+    let ran = edgelm(&["run", out.to_str().unwrap(), "--prompt-ids", "1,2", "--max-new-tokens", "2"]);
+    assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
+}

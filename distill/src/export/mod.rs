@@ -170,6 +170,11 @@ fn generation_defaults(ck: &Checkpoint) -> GenerationDefaults {
     }
 }
 
+/// Size of a finished bundle's model file, as its manifest records it.
+pub(crate) fn model_bytes(m: &bundle::Manifest) -> u64 {
+    m.files.iter().find(|f| f.path == m.model_file).map_or(0, |f| f.bytes)
+}
+
 /// Exports a loaded checkpoint into `out` and (by default) checks it numerically.
 pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
     if opts.quantize.as_ref().is_some_and(|q| q.method == crate::quantize::graph::Method::StaticInt8) {
@@ -179,8 +184,8 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
     }
     // Built first: a checkpoint the graph cannot express leaves no folder behind.
     let model = build_decoder(ck, opts.logits)?;
-    // The manifest is the mark of a checked bundle: the writer removes a stale one, and writes
-    // the new one only after the numerical check passed.
+    // The writer fills a hidden folder beside `out`; the checks below open that folder
+    // (`w.dir()`), and only a bundle that passed them takes `out`'s place.
     let mut w = BundleWriter::create(out, bundle::Kind::CausalLm)?;
     let mut warnings = Vec::new();
     let model_path = w.model("model.onnx", &model.encode_to_vec())?;
@@ -207,7 +212,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
     }
 
     let verify = if opts.verify {
-        let r = verify_bundle(ck, out, opts.tolerance)?;
+        let r = verify_bundle(ck, w.dir(), opts.tolerance)?;
         if !r.passed {
             return Err(Error::ExportMismatch {
                 what: format!(
@@ -229,7 +234,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
             quantized::hot_rows_used(q, &summary)?;
             w.model("model.onnx", &model.encode_to_vec())?;
             drop(model);
-            let check = if opts.verify { Some(check_quantized(ck, out, opts.max_kl)?) } else { None };
+            let check = if opts.verify { Some(check_quantized(ck, w.dir(), opts.max_kl)?) } else { None };
             Some(QuantizedReport {
                 precision: precision_of(Some(q)),
                 summary,
@@ -240,7 +245,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
         }
     };
     let weights = opts.quantize.as_ref().zip(quantized.as_ref()).map(|(q, r)| weight_scheme(q, &r.summary));
-    w.finish(BundleInfo {
+    let manifest = w.finish(BundleInfo {
         generation: GenerationDefaults { single_turn: opts.single_turn, ..generation_defaults(ck) },
         chat_template: ck.chat_template(),
         precision: precision_of(opts.quantize.as_ref()),
@@ -252,7 +257,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
     })?;
     Ok(ExportReport {
         bundle: out.to_path_buf(),
-        model_bytes: std::fs::metadata(&model_path).at(&model_path)?.len(),
+        model_bytes: model_bytes(&manifest),
         parameters: ck.config.num_parameters(),
         verify,
         quantized,

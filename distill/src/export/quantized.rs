@@ -359,11 +359,11 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     if let Some(t) = &manifest.tokenizer {
         w.tokenizer(&src.join(t))?;
     }
-    let model_path = w.model(&manifest.model_file, &model.encode_to_vec())?;
+    w.model(&manifest.model_file, &model.encode_to_vec())?;
     drop(model);
     let verify = match max_kl {
         Some(limit) if kind == Kind::CausalLm => {
-            Some(within_kl(verify_against_bundle(src, out, f32::INFINITY)?, limit)?)
+            Some(within_kl(verify_against_bundle(src, w.dir(), f32::INFINITY)?, limit)?)
         }
         _ => None,
     };
@@ -372,7 +372,9 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     if let Some(obj) = report.as_object_mut() {
         obj.insert("quantized_from".into(), serde_json::Value::from(src.display().to_string()));
     }
-    w.finish(BundleInfo {
+    // The check runs on the finished bundle (an encoder's goes through the runtime's own
+    // loader, which needs the manifest) before it takes the place of whatever `out` held.
+    let info = BundleInfo {
         generation: manifest.generation.clone(),
         chat_template: manifest.chat_template.clone(),
         precision: precision_of(Some(opts)),
@@ -381,28 +383,25 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
         checkpoint_sha256: manifest.source.sha256.clone(),
         encoder: manifest.encoder.clone(),
         report,
-    })?;
-    // An encoder is checked through the runtime's own loader, which needs the manifest: a
-    // failed check takes the manifest away again, so the folder is not a usable bundle.
-    let encoder_check = match max_kl {
-        Some(_) if kind == Kind::Encoder => {
-            let c = check_encoder(src, out)?;
-            if c.mean_cosine.is_nan() || c.mean_cosine < ENCODER_MIN_COSINE {
-                let _ = std::fs::remove_file(out.join("edgelm.json"));
-                return Err(Error::ExportMismatch {
-                    what: format!(
-                        "the quantized encoder's embeddings are too far from fp32: mean cosine {:.4} (at least {ENCODER_MIN_COSINE}), lowest {:.4}",
-                        c.mean_cosine, c.min_cosine
-                    ),
-                });
-            }
-            Some(c)
-        }
-        _ => None,
     };
+    let (written, encoder_check) = w.finish_checked(info, |dir| -> Result<Option<EncoderCheck>> {
+        if max_kl.is_none() || kind != Kind::Encoder {
+            return Ok(None);
+        }
+        let c = check_encoder(src, dir)?;
+        if c.mean_cosine.is_nan() || c.mean_cosine < ENCODER_MIN_COSINE {
+            return Err(Error::ExportMismatch {
+                what: format!(
+                    "the quantized encoder's embeddings are too far from fp32: mean cosine {:.4} (at least {ENCODER_MIN_COSINE}), lowest {:.4}",
+                    c.mean_cosine, c.min_cosine
+                ),
+            });
+        }
+        Ok(Some(c))
+    })?;
     Ok(ExportReport {
         bundle: out.to_path_buf(),
-        model_bytes: std::fs::metadata(&model_path).at(&model_path)?.len(),
+        model_bytes: super::model_bytes(&written),
         parameters,
         verify: None,
         quantized: Some(QuantizedReport {
