@@ -523,6 +523,8 @@ pub struct BundleWriter {
     target: PathBuf,
     /// Where its files are written until then.
     dir: PathBuf,
+    /// What names this writer's hidden folders (process id and a clock reading).
+    tag: String,
     kind: Kind,
     files: Vec<String>,
     model_file: Option<String>,
@@ -535,10 +537,14 @@ impl BundleWriter {
     /// when the bundle is finished; one that holds files but no bundle (neither edgelm.json nor
     /// genai_config.json) is refused, so a mistyped path cannot take a user's folder.
     pub fn create(dir: impl Into<PathBuf>, kind: Kind) -> Result<Self> {
-        let mut target: PathBuf = dir.into();
+        // Rebuilt from parent and name: `out/`, `out/.` and `link/` name the folders `out` and
+        // `link`, but rename (and the symlink test) take only the plain form.
+        let (mut parent, mut name) = split_destination(&dir.into())?;
+        let mut target = parent.join(&name);
         // Through a symlink to the folder it names (moving the link would leave the folder).
         if std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
-            target = std::fs::canonicalize(&target).at(&target)?;
+            (parent, name) = split_destination(&std::fs::canonicalize(&target).at(&target)?)?;
+            target = parent.join(&name);
         }
         if target.exists() {
             if !target.is_dir() {
@@ -551,24 +557,33 @@ impl BundleWriter {
                     "holds files but no bundle (no edgelm.json or genai_config.json); write the bundle to a new or empty folder (nothing was changed)",
                 ));
             }
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::MetadataExt;
+                let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).at(p);
+                if dev(&target)? != dev(&parent)? {
+                    return Err(bundle_err(
+                        &target,
+                        "is a mount point, and a bundle replaces its folder as a whole; write it to a folder inside",
+                    ));
+                }
+            }
         }
-        let name = target
-            .file_name()
-            .ok_or_else(|| bundle_err(&target, "is not a folder name a bundle can be written to"))?
-            .to_string_lossy()
-            .into_owned();
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
         std::fs::create_dir_all(&parent).at(&parent)?;
-        remove_stale_partials(&parent, &name);
-        let dir = parent.join(format!(".{name}.partial-{}", std::process::id()));
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).at(&dir)?;
-        }
-        std::fs::create_dir(&dir).at(&dir)?;
-        Ok(BundleWriter { target, dir, kind, files: vec![], model_file: None, tokenizer: None, published: false })
+        recover_leftovers(&parent, &name, &target);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let tag = format!("{}-{nanos}", std::process::id());
+        let dir = parent.join(format!(".{name}.partial-{tag}"));
+        std::fs::create_dir(&dir).map_err(|e| {
+            bundle_err(
+                &target,
+                format!(
+                    "cannot be written: the bundle is made in a folder beside it first, and {} could not be created ({e})",
+                    dir.display()
+                ),
+            )
+        })?;
+        Ok(BundleWriter { target, dir, tag, kind, files: vec![], model_file: None, tokenizer: None, published: false })
     }
 
     /// The folder the files are being written to (not the destination): what a check of the
@@ -664,24 +679,29 @@ impl BundleWriter {
     /// Moves the finished folder to the destination, the bundle there before kept until the
     /// new one is in place (and put back if the move fails).
     fn publish(&mut self) -> Result<()> {
-        let old = self.dir.with_file_name(format!(
-            ".{}.old-{}",
-            self.target.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id()
-        ));
+        let name = self.target.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let old = self.dir.with_file_name(format!(".{name}.old-{}", self.tag));
         let had_old = self.target.exists();
         if had_old {
             std::fs::rename(&self.target, &old).at(&self.target)?;
         }
         if let Err(e) = std::fs::rename(&self.dir, &self.target) {
-            if had_old {
-                let _ = std::fs::rename(&old, &self.target);
+            if had_old && std::fs::rename(&old, &self.target).is_err() {
+                return Err(bundle_err(
+                    &self.target,
+                    format!(
+                        "the new bundle could not be moved into place ({e}), nor the old one back: it is in {}",
+                        old.display()
+                    ),
+                ));
             }
             return Err(Error::Io { path: self.target.clone(), err: e });
         }
         self.published = true;
         if had_old {
-            std::fs::remove_dir_all(&old).at(&old)?;
+            if let Err(e) = std::fs::remove_dir_all(&old) {
+                tracing::warn!("the new bundle is in place; the one it replaced is left in {} ({e})", old.display());
+            }
         }
         Ok(())
     }
@@ -695,18 +715,47 @@ impl Drop for BundleWriter {
     }
 }
 
-/// Removes `.NAME.partial-PID` folders in `parent` left by writers that were killed (their
-/// process is gone); only where running processes can be listed (`/proc`).
-fn remove_stale_partials(parent: &Path, name: &str) {
+/// `dir` as the parent folder and the name a writer works with.
+fn split_destination(dir: &Path) -> Result<(PathBuf, String)> {
+    let name = dir
+        .file_name()
+        .ok_or_else(|| bundle_err(dir, "is not a folder name a bundle can be written to"))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok((parent, name))
+}
+
+/// Cleans up after writers to `target` that were killed (their process is gone): a half-written
+/// `.NAME.partial-*` is removed, and a `.NAME.old-*` (killed between moving the old bundle
+/// aside and the new one in) is put back when nothing took its place, else removed. Only
+/// where running processes can be listed (`/proc`); a writer in another PID namespace sharing
+/// the folder is not seen, which is why each writer's folders carry a clock reading too.
+fn recover_leftovers(parent: &Path, name: &str, target: &Path) {
     if !Path::new("/proc/self").exists() {
         return;
     }
-    let prefix = format!(".{name}.partial-");
     let Ok(entries) = std::fs::read_dir(parent) else { return };
     for e in entries.flatten() {
         let file = e.file_name();
-        let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else { continue };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix('.')).and_then(|f| f.strip_prefix(name)) else {
+            continue;
+        };
+        let (old, tag) = match (rest.strip_prefix(".partial-"), rest.strip_prefix(".old-")) {
+            (Some(tag), _) => (false, tag),
+            (_, Some(tag)) => (true, tag),
+            _ => continue,
+        };
+        let pid = tag.split('-').next().unwrap_or_default();
+        if pid.parse::<u32>().is_err() || Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        if old && !target.exists() {
+            let _ = std::fs::rename(e.path(), target);
+        } else {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -960,6 +1009,39 @@ mod tests {
         assert!(verify_files(&dir).is_ok());
         assert_eq!(others(&dir, ""), vec!["edgelm.json".to_string(), "model.onnx".to_string()]);
         assert!(others(parent.path(), "b").is_empty(), "{:?}", others(parent.path(), "b"));
+    }
+
+    #[test]
+    fn trailing_slashes_symlinks_and_killed_writers() {
+        let parent = tempfile::tempdir().unwrap();
+        let p = parent.path();
+        let finish = |dest: PathBuf, graph: &[u8]| {
+            let mut w = BundleWriter::create(dest, Kind::CausalLm).unwrap();
+            w.model("model.onnx", graph).unwrap();
+            w.finish(info()).unwrap();
+        };
+        // `b/` and `b/.` are the folder `b`.
+        finish(PathBuf::from(format!("{}/b/", p.display())), b"one");
+        finish(p.join("b").join("."), b"two");
+        assert_eq!(std::fs::read(p.join("b/model.onnx")).unwrap(), b"two");
+        // Through a symlink, written with a slash as shells complete it: the folder it names
+        // gets the bundle and the link stays a link.
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(p.join("b"), p.join("link")).unwrap();
+            finish(PathBuf::from(format!("{}/link/", p.display())), b"three");
+            assert!(std::fs::symlink_metadata(p.join("link")).unwrap().file_type().is_symlink());
+            assert_eq!(std::fs::read(p.join("b/model.onnx")).unwrap(), b"three");
+            std::fs::remove_file(p.join("link")).unwrap();
+        }
+        // A writer killed mid-write, and one killed after moving the old bundle aside (no such
+        // process id can run): the next writer removes the first and puts the bundle back.
+        std::fs::create_dir(p.join(".c.partial-99999999-1")).unwrap();
+        std::fs::rename(p.join("b"), p.join(".c.old-99999999-1")).unwrap();
+        let w = BundleWriter::create(p.join("c"), Kind::CausalLm).unwrap();
+        assert_eq!(std::fs::read(p.join("c/model.onnx")).unwrap(), b"three");
+        drop(w);
+        assert_eq!(others(p, "c"), Vec::<String>::new());
     }
 
     #[test]
