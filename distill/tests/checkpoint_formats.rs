@@ -90,3 +90,31 @@ fn missing_and_misshapen_tensors_are_named() {
     let e = LlamaModel::new(&ck).err().expect("missing tensor must fail").to_string();
     assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"), "{e}");
 }
+
+#[test]
+fn a_checkpoint_written_over_another_replaces_it_whole() {
+    use edgelm_distill::checkpoint::write::copy_tokenizer_files;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = preset_config("tiny").unwrap();
+    let dir = tmp.path().join("ck");
+    let old = random_weights(&cfg, 1).unwrap();
+    write_checkpoint(&dir, &cfg, &old, WriteOptions { dtype: DType::F32, max_shard_bytes: Some(100_000) }).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), "{\"x\": 1}").unwrap();
+    // A stage that writes into the folder it read from (prune ck -o ck): one file now, the old
+    // shards and their index gone (a loader would read them instead), the tokenizer files kept.
+    let new = random_weights(&cfg, 2).unwrap();
+    write_checkpoint(&dir, &cfg, &new, WriteOptions::default()).unwrap();
+    copy_tokenizer_files(&dir, &dir).unwrap();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["config.json", "model.safetensors", "tokenizer_config.json"]);
+    assert_eq!(std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(), "{\"x\": 1}");
+    let expect = write_and_load(&tmp.path().join("fresh"), &cfg, &new);
+    assert_eq!(logits(&Checkpoint::load(&dir).unwrap()), logits(&expect));
+}
+
+fn write_and_load(dir: &std::path::Path, cfg: &edgelm_distill::ModelConfig, w: &HashMap<String, Tensor>) -> Checkpoint {
+    write_checkpoint(dir, cfg, w, WriteOptions::default()).unwrap();
+    Checkpoint::load(dir).unwrap()
+}

@@ -50,14 +50,19 @@ pub fn write_checkpoint(
         bytes += size;
         shards.last_mut().expect("non-empty").push(name);
     }
+    // Each file written beside its place and renamed into it: a failed write leaves the old
+    // file, and a checkpoint read from this folder is never read half-overwritten.
     let save = |names: &[&String], file: &Path| -> Result<()> {
         let part: HashMap<String, Tensor> =
             names.iter().map(|n| Ok(((*n).clone(), tensors[*n].to_dtype(opts.dtype)?))).collect::<Result<_>>()?;
-        candle_core::safetensors::save(&part, file)
-            .map_err(|e| Error::Format { path: file.to_path_buf(), what: e.to_string() })
+        let tmp = file.with_extension("safetensors.tmp");
+        candle_core::safetensors::save(&part, &tmp)
+            .map_err(|e| Error::Format { path: file.to_path_buf(), what: e.to_string() })?;
+        std::fs::rename(&tmp, file).at(file)
     };
     if shards.len() == 1 {
-        return save(&shards[0], &dir.join("model.safetensors"));
+        save(&shards[0], &dir.join("model.safetensors"))?;
+        return remove_other_weights(dir, &["model.safetensors".into()]);
     }
     let mut weight_map = serde_json::Map::new();
     let total: usize = tensors.values().map(|t| t.elem_count() * opts.dtype.size_in_bytes()).sum();
@@ -70,7 +75,28 @@ pub fn write_checkpoint(
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     let path = dir.join("model.safetensors.index.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&index).expect("json")).at(&path)
+    std::fs::write(&path, serde_json::to_string_pretty(&index).expect("json")).at(&path)?;
+    let mut kept: Vec<String> =
+        (1..=shards.len()).map(|i| format!("model-{i:05}-of-{:05}.safetensors", shards.len())).collect();
+    kept.push("model.safetensors.index.json".into());
+    remove_other_weights(dir, &kept)
+}
+
+/// Removes safetensors weights (and a shard index) in `dir` other than `keep`: those of a
+/// checkpoint this one replaced, which a loader would otherwise read instead (an index left
+/// beside a new single file) or with it.
+fn remove_other_weights(dir: &Path, keep: &[String]) -> Result<()> {
+    for e in std::fs::read_dir(dir).at(dir)? {
+        let e = e.at(dir)?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let weights = name == "model.safetensors"
+            || name == "model.safetensors.index.json"
+            || (name.starts_with("model-") && name.ends_with(".safetensors"));
+        if weights && !keep.contains(&name) {
+            std::fs::remove_file(e.path()).at(e.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes `generation_config.json` with the model's special ids and greedy decoding.
@@ -101,8 +127,18 @@ pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
     for f in TOKENIZER_FILES {
         let src = from.join(f);
         if src.exists() {
-            std::fs::copy(&src, to.join(f)).at(&src)?;
+            copy_file(&src, &to.join(f))?;
         }
     }
+    Ok(())
+}
+
+/// Copies `from` to `to`, or does nothing when they are the same file (a stage writing into
+/// the folder it read from: a copy onto itself would empty the file).
+pub(crate) fn copy_file(from: &Path, to: &Path) -> Result<()> {
+    if to.exists() && std::fs::canonicalize(from).at(from)? == std::fs::canonicalize(to).at(to)? {
+        return Ok(());
+    }
+    std::fs::copy(from, to).at(from)?;
     Ok(())
 }

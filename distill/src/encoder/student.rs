@@ -202,7 +202,7 @@ fn copy_layout(from: &Path, to: &Path) -> Result<()> {
                 copy_layout(&path, &to.join(&name))?;
             }
         } else if !is_weight_file(&name) {
-            std::fs::copy(&path, to.join(&name)).at(&path)?;
+            crate::checkpoint::write::copy_file(&path, &to.join(&name))?;
         }
     }
     Ok(())
