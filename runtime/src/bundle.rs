@@ -5,6 +5,7 @@
 //! corrupt copy is reported as such instead of as a confusing graph error. The format is
 //! written here too ([`BundleWriter`]), next to the code that reads it.
 
+use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -512,19 +513,26 @@ impl GenerationDefaults {
 }
 
 /// Writes a bundle folder: the files first, each recorded with its size and sha256, then the
-/// manifest. Everything is written into a hidden sibling folder (`.NAME.partial-PID`) and moved
-/// to its place only when finished (and, with [`BundleWriter::finish_checked`], checked): a
-/// writer dropped on an error or a failed check removes its files and leaves whatever was at the
-/// destination as it was, so a failed export never replaces a working bundle nor leaves a folder
-/// that opens as one.
+/// manifest. Everything is written into a hidden sibling folder (`.NAME.partial-TAG`, TAG the
+/// process id and a clock reading) and moved to its place only when finished (and, with
+/// [`BundleWriter::finish_checked`], checked): a writer dropped on an error or a failed check
+/// removes its files and leaves whatever was at the destination as it was, so a failed export
+/// never replaces a working bundle nor leaves a folder that opens as one. While it works, the
+/// writer holds a lock on `.NAME.lock-TAG`, by which the next writer to the same destination
+/// tells a killed writer's leftovers from a running one's.
 #[derive(Debug)]
 pub struct BundleWriter {
     /// Where the finished bundle goes.
     target: PathBuf,
     /// Where its files are written until then.
     dir: PathBuf,
-    /// What names this writer's hidden folders (process id and a clock reading).
+    /// The destination's parent folder and name, for the hidden siblings.
+    parent: PathBuf,
+    name: OsString,
+    /// What names this writer's hidden siblings.
     tag: String,
+    /// The lock file, held until the writer is dropped.
+    lock: Option<(PathBuf, std::fs::File)>,
     kind: Kind,
     files: Vec<String>,
     model_file: Option<String>,
@@ -546,6 +554,8 @@ impl BundleWriter {
             (parent, name) = split_destination(&std::fs::canonicalize(&target).at(&target)?)?;
             target = parent.join(&name);
         }
+        // First, so the checks below see what a killed writer may have to put back.
+        recover_leftovers(&parent, &name, &target);
         if target.exists() {
             if !target.is_dir() {
                 return Err(bundle_err(&target, "exists and is not a folder; name a new or empty folder"));
@@ -570,20 +580,39 @@ impl BundleWriter {
             }
         }
         std::fs::create_dir_all(&parent).at(&parent)?;
-        recover_leftovers(&parent, &name, &target);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let tag = format!("{}-{nanos}", std::process::id());
-        let dir = parent.join(format!(".{name}.partial-{tag}"));
-        std::fs::create_dir(&dir).map_err(|e| {
+        let lock_path = hidden(&parent, &name, "lock", &tag);
+        let cannot = |path: &Path, e: std::io::Error| {
             bundle_err(
                 &target,
                 format!(
-                    "cannot be written: the bundle is made in a folder beside it first, and {} could not be created ({e})",
-                    dir.display()
+                    "cannot be written: the bundle is made beside it first, and {} could not be created ({e})",
+                    path.display()
                 ),
             )
-        })?;
-        Ok(BundleWriter { target, dir, tag, kind, files: vec![], model_file: None, tokenizer: None, published: false })
+        };
+        let lock = std::fs::File::create(&lock_path).map_err(|e| cannot(&lock_path, e))?;
+        // Only this writer knows the name, so the lock is free.
+        let _ = lock.try_lock();
+        let dir = hidden(&parent, &name, "partial", &tag);
+        if let Err(e) = std::fs::create_dir(&dir) {
+            let _ = std::fs::remove_file(&lock_path);
+            return Err(cannot(&dir, e));
+        }
+        Ok(BundleWriter {
+            target,
+            dir,
+            parent,
+            name,
+            tag,
+            lock: Some((lock_path, lock)),
+            kind,
+            files: vec![],
+            model_file: None,
+            tokenizer: None,
+            published: false,
+        })
     }
 
     /// The folder the files are being written to (not the destination): what a check of the
@@ -679,8 +708,7 @@ impl BundleWriter {
     /// Moves the finished folder to the destination, the bundle there before kept until the
     /// new one is in place (and put back if the move fails).
     fn publish(&mut self) -> Result<()> {
-        let name = self.target.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let old = self.dir.with_file_name(format!(".{name}.old-{}", self.tag));
+        let old = hidden(&self.parent, &self.name, "old", &self.tag);
         let had_old = self.target.exists();
         if had_old {
             std::fs::rename(&self.target, &old).at(&self.target)?;
@@ -699,8 +727,12 @@ impl BundleWriter {
         }
         self.published = true;
         if had_old {
-            if let Err(e) = std::fs::remove_dir_all(&old) {
-                tracing::warn!("the new bundle is in place; the one it replaced is left in {} ({e})", old.display());
+            // Renamed first, so a removal cut short never leaves a half-deleted `.old` that a
+            // later writer would take for a bundle to put back.
+            let trash = hidden(&self.parent, &self.name, "trash", &self.tag);
+            let gone = std::fs::rename(&old, &trash).and_then(|()| std::fs::remove_dir_all(&trash));
+            if let Err(e) = gone {
+                tracing::warn!("the new bundle is in place; the one it replaced is left beside it ({e})");
             }
         }
         Ok(())
@@ -712,16 +744,25 @@ impl Drop for BundleWriter {
         if !self.published {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+        if let Some((path, file)) = self.lock.take() {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
+/// `.NAME.KIND-TAG` in `parent`: a writer's hidden sibling of the destination NAME.
+fn hidden(parent: &Path, name: &OsStr, kind: &str, tag: &str) -> PathBuf {
+    let mut file = OsString::from(".");
+    file.push(name);
+    file.push(format!(".{kind}-{tag}"));
+    parent.join(file)
+}
+
 /// `dir` as the parent folder and the name a writer works with.
-fn split_destination(dir: &Path) -> Result<(PathBuf, String)> {
-    let name = dir
-        .file_name()
-        .ok_or_else(|| bundle_err(dir, "is not a folder name a bundle can be written to"))?
-        .to_string_lossy()
-        .into_owned();
+fn split_destination(dir: &Path) -> Result<(PathBuf, OsString)> {
+    let name =
+        dir.file_name().ok_or_else(|| bundle_err(dir, "is not a folder name a bundle can be written to"))?.to_owned();
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -729,34 +770,47 @@ fn split_destination(dir: &Path) -> Result<(PathBuf, String)> {
     Ok((parent, name))
 }
 
-/// Cleans up after writers to `target` that were killed (their process is gone): a half-written
-/// `.NAME.partial-*` is removed, and a `.NAME.old-*` (killed between moving the old bundle
-/// aside and the new one in) is put back when nothing took its place, else removed. Only
-/// where running processes can be listed (`/proc`); a writer in another PID namespace sharing
-/// the folder is not seen, which is why each writer's folders carry a clock reading too.
-fn recover_leftovers(parent: &Path, name: &str, target: &Path) {
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
+/// Cleans up after writers to `target` that are gone (killed, or their removal failed): their
+/// lock file is missing or no longer held. A half-written `.partial-*` is removed, and of the
+/// `.old-*` bundles (a writer killed between moving the old bundle aside and the new one in)
+/// the newest is put back when nothing took the destination's place; the rest are removed.
+fn recover_leftovers(parent: &Path, name: &OsStr, target: &Path) {
+    let Some(name) = name.to_str() else { return };
     let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let prefix = format!(".{name}.");
+    // (kind, clock, path) of every leftover of a writer that is gone.
+    let mut gone: Vec<(String, u128, PathBuf)> = Vec::new();
     for e in entries.flatten() {
         let file = e.file_name();
-        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix('.')).and_then(|f| f.strip_prefix(name)) else {
-            continue;
-        };
-        let (old, tag) = match (rest.strip_prefix(".partial-"), rest.strip_prefix(".old-")) {
-            (Some(tag), _) => (false, tag),
-            (_, Some(tag)) => (true, tag),
-            _ => continue,
-        };
-        let pid = tag.split('-').next().unwrap_or_default();
-        if pid.parse::<u32>().is_err() || Path::new("/proc").join(pid).exists() {
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else { continue };
+        let Some((kind, tag)) = rest.split_once('-') else { continue };
+        if !["partial", "old", "trash", "lock"].contains(&kind) {
             continue;
         }
-        if old && !target.exists() {
-            let _ = std::fs::rename(e.path(), target);
-        } else {
-            let _ = std::fs::remove_dir_all(e.path());
+        // The tag is exactly PID-CLOCK, so another destination's folders never match.
+        let Some((pid, clock)) = tag.split_once('-') else { continue };
+        let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        let Some(clock) = (digits(pid) && digits(clock)).then(|| clock.parse::<u128>().ok()).flatten() else {
+            continue;
+        };
+        let lock = std::fs::File::open(hidden(parent, OsStr::new(name), "lock", tag));
+        let held = lock.is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)));
+        if !held {
+            gone.push((kind.to_owned(), clock, e.path()));
+        }
+    }
+    let newest_old = gone.iter().filter(|(k, ..)| k == "old").max_by_key(|(_, c, _)| *c).map(|(.., p)| p.clone());
+    for (kind, _, path) in &gone {
+        match kind.as_str() {
+            "lock" => {
+                let _ = std::fs::remove_file(path);
+            }
+            "old" if !target.exists() && newest_old.as_ref() == Some(path) => {
+                let _ = std::fs::rename(path, target);
+            }
+            _ => {
+                let _ = std::fs::remove_dir_all(path);
+            }
         }
     }
 }
@@ -1042,6 +1096,21 @@ mod tests {
         assert_eq!(std::fs::read(p.join("c/model.onnx")).unwrap(), b"three");
         drop(w);
         assert_eq!(others(p, "c"), Vec::<String>::new());
+        // Of two such old bundles the newer goes back; another destination's folders whose
+        // names start alike, and a running writer's folder, are left alone.
+        for (clock, graph) in [("1", b"v0"), ("5", b"v1")] {
+            let old = p.join(format!(".e.old-99999999-{clock}"));
+            std::fs::create_dir(&old).unwrap();
+            std::fs::write(old.join("model.onnx"), graph).unwrap();
+            std::fs::write(old.join(MANIFEST), "{}").unwrap();
+        }
+        std::fs::create_dir(p.join(".e.partial-5-x.partial-1-2")).unwrap();
+        let running = BundleWriter::create(p.join("e"), Kind::CausalLm).unwrap();
+        assert_eq!(std::fs::read(p.join("e/model.onnx")).unwrap(), b"v1");
+        let second = BundleWriter::create(p.join("e"), Kind::CausalLm).unwrap();
+        assert!(running.dir().exists(), "a running writer's folder was taken");
+        drop((running, second));
+        assert_eq!(others(p, "e"), vec![".e.partial-5-x.partial-1-2".to_string(), "c".to_string()]);
     }
 
     #[test]
