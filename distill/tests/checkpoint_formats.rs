@@ -100,6 +100,8 @@ fn a_checkpoint_written_over_another_replaces_it_whole() {
     let old = random_weights(&cfg, 1).unwrap();
     write_checkpoint(&dir, &cfg, &old, WriteOptions { dtype: DType::F32, max_shard_bytes: Some(100_000) }).unwrap();
     std::fs::write(dir.join("tokenizer_config.json"), "{\"x\": 1}").unwrap();
+    // Someone's own file that only looks like weights.
+    std::fs::write(dir.join("model-step-500.safetensors"), "mine").unwrap();
     // A stage that writes into the folder it read from (prune ck -o ck): one file now, the old
     // shards and their index gone (a loader would read them instead), the tokenizer files kept.
     let new = random_weights(&cfg, 2).unwrap();
@@ -108,7 +110,7 @@ fn a_checkpoint_written_over_another_replaces_it_whole() {
     let mut names: Vec<String> =
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
-    assert_eq!(names, ["config.json", "model.safetensors", "tokenizer_config.json"]);
+    assert_eq!(names, ["config.json", "model-step-500.safetensors", "model.safetensors", "tokenizer_config.json"]);
     assert_eq!(std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(), "{\"x\": 1}");
     let expect = write_and_load(&tmp.path().join("fresh"), &cfg, &new);
     assert_eq!(logits(&Checkpoint::load(&dir).unwrap()), logits(&expect));

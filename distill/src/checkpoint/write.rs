@@ -56,9 +56,13 @@ pub fn write_checkpoint(
         let part: HashMap<String, Tensor> =
             names.iter().map(|n| Ok(((*n).clone(), tensors[*n].to_dtype(opts.dtype)?))).collect::<Result<_>>()?;
         let tmp = file.with_extension("safetensors.tmp");
-        candle_core::safetensors::save(&part, &tmp)
-            .map_err(|e| Error::Format { path: file.to_path_buf(), what: e.to_string() })?;
-        std::fs::rename(&tmp, file).at(file)
+        let saved = candle_core::safetensors::save(&part, &tmp)
+            .map_err(|e| Error::Format { path: file.to_path_buf(), what: e.to_string() })
+            .and_then(|()| std::fs::rename(&tmp, file).at(file));
+        if saved.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        saved
     };
     if shards.len() == 1 {
         save(&shards[0], &dir.join("model.safetensors"))?;
@@ -75,11 +79,22 @@ pub fn write_checkpoint(
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     let path = dir.join("model.safetensors.index.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&index).expect("json")).at(&path)?;
+    let tmp = dir.join("model.safetensors.index.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&index).expect("json")).at(&tmp)?;
+    std::fs::rename(&tmp, &path).at(&path)?;
     let mut kept: Vec<String> =
         (1..=shards.len()).map(|i| format!("model-{i:05}-of-{:05}.safetensors", shards.len())).collect();
     kept.push("model.safetensors.index.json".into());
     remove_other_weights(dir, &kept)
+}
+
+/// Whether `name` is a shard as transformers names them: `model-00001-of-00003.safetensors`.
+fn is_shard_name(name: &str) -> bool {
+    let five_digits = |t: &str| t.len() == 5 && t.bytes().all(|b| b.is_ascii_digit());
+    name.strip_prefix("model-")
+        .and_then(|r| r.strip_suffix(".safetensors"))
+        .and_then(|r| r.split_once("-of-"))
+        .is_some_and(|(i, n)| five_digits(i) && five_digits(n))
 }
 
 /// Removes safetensors weights (and a shard index) in `dir` other than `keep`: those of a
@@ -89,9 +104,7 @@ fn remove_other_weights(dir: &Path, keep: &[String]) -> Result<()> {
     for e in std::fs::read_dir(dir).at(dir)? {
         let e = e.at(dir)?;
         let name = e.file_name().to_string_lossy().into_owned();
-        let weights = name == "model.safetensors"
-            || name == "model.safetensors.index.json"
-            || (name.starts_with("model-") && name.ends_with(".safetensors"));
+        let weights = name == "model.safetensors" || name == "model.safetensors.index.json" || is_shard_name(&name);
         if weights && !keep.contains(&name) {
             std::fs::remove_file(e.path()).at(e.path())?;
         }
@@ -136,9 +149,23 @@ pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
 /// Copies `from` to `to`, or does nothing when they are the same file (a stage writing into
 /// the folder it read from: a copy onto itself would empty the file).
 pub(crate) fn copy_file(from: &Path, to: &Path) -> Result<()> {
-    if to.exists() && std::fs::canonicalize(from).at(from)? == std::fs::canonicalize(to).at(to)? {
+    if to.exists() && same_file(from, to)? {
         return Ok(());
     }
     std::fs::copy(from, to).at(from)?;
     Ok(())
+}
+
+/// Whether two paths name one file (through links, hard ones included where the OS says so).
+fn same_file(a: &Path, b: &Path) -> Result<bool> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let (x, y) = (std::fs::metadata(a).at(a)?, std::fs::metadata(b).at(b)?);
+        Ok((x.dev(), x.ino()) == (y.dev(), y.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(std::fs::canonicalize(a).at(a)? == std::fs::canonicalize(b).at(b)?)
+    }
 }
