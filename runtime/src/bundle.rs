@@ -592,9 +592,18 @@ impl BundleWriter {
                 ),
             )
         };
-        let lock = std::fs::File::create(&lock_path).map_err(|e| cannot(&lock_path, e))?;
-        // Only this writer knows the name, so the lock is free.
-        let _ = lock.try_lock();
+        // Made and locked under a name recovery ignores, then renamed (the lock goes with it):
+        // another writer never sees this writer's lock file unlocked.
+        let locking = hidden(&parent, &name, "locking", &tag);
+        let lock = std::fs::File::create_new(&locking).map_err(|e| cannot(&locking, e))?;
+        let locked = lock
+            .try_lock()
+            .map_err(|e| bundle_err(&target, format!("cannot lock {} ({e})", locking.display())))
+            .and_then(|()| std::fs::rename(&locking, &lock_path).at(&lock_path));
+        if let Err(e) = locked {
+            let _ = std::fs::remove_file(&locking);
+            return Err(e);
+        }
         let dir = hidden(&parent, &name, "partial", &tag);
         if let Err(e) = std::fs::create_dir(&dir) {
             let _ = std::fs::remove_file(&lock_path);
@@ -780,6 +789,7 @@ fn recover_leftovers(parent: &Path, name: &OsStr, target: &Path) {
     let prefix = format!(".{name}.");
     // (kind, clock, path) of every leftover of a writer that is gone.
     let mut gone: Vec<(String, u128, PathBuf)> = Vec::new();
+    let mut someone_writing = false;
     for e in entries.flatten() {
         let file = e.file_name();
         let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else { continue };
@@ -795,7 +805,9 @@ fn recover_leftovers(parent: &Path, name: &OsStr, target: &Path) {
         };
         let lock = std::fs::File::open(hidden(parent, OsStr::new(name), "lock", tag));
         let held = lock.is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)));
-        if !held {
+        if held {
+            someone_writing = true;
+        } else {
             gone.push((kind.to_owned(), clock, e.path()));
         }
     }
@@ -805,6 +817,8 @@ fn recover_leftovers(parent: &Path, name: &OsStr, target: &Path) {
             "lock" => {
                 let _ = std::fs::remove_file(path);
             }
+            // Not while another writer works: the destination is missing during its swap.
+            "old" if someone_writing => {}
             "old" if !target.exists() && newest_old.as_ref() == Some(path) => {
                 let _ = std::fs::rename(path, target);
             }
@@ -1111,6 +1125,21 @@ mod tests {
         assert!(running.dir().exists(), "a running writer's folder was taken");
         drop((running, second));
         assert_eq!(others(p, "e"), vec![".e.partial-5-x.partial-1-2".to_string(), "c".to_string()]);
+        // While a writer works (its swap leaves the destination missing for a moment), no old
+        // bundle is put back; once it is gone, the next writer does.
+        let old = p.join(".f.old-99999999-1");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::write(old.join(MANIFEST), "{}").unwrap();
+        let running = BundleWriter::create(p.join("g"), Kind::CausalLm).unwrap();
+        let mut lock_name = OsString::from(".f.lock-");
+        lock_name.push(running.tag.as_str());
+        std::fs::rename(running.lock.as_ref().unwrap().0.clone(), p.join(&lock_name)).unwrap();
+        drop(BundleWriter::create(p.join("f"), Kind::CausalLm).unwrap());
+        assert!(!p.join("f").exists() && old.exists(), "restored during another writer's swap");
+        std::fs::rename(p.join(&lock_name), running.lock.as_ref().unwrap().0.clone()).unwrap();
+        drop(running);
+        drop(BundleWriter::create(p.join("f"), Kind::CausalLm).unwrap());
+        assert!(p.join("f").join(MANIFEST).exists() && !old.exists());
     }
 
     #[test]

@@ -80,8 +80,13 @@ pub fn write_checkpoint(
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     let path = dir.join("model.safetensors.index.json");
     let tmp = dir.join("model.safetensors.index.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&index).expect("json")).at(&tmp)?;
-    std::fs::rename(&tmp, &path).at(&path)?;
+    let written = std::fs::write(&tmp, serde_json::to_string_pretty(&index).expect("json"))
+        .at(&tmp)
+        .and_then(|()| std::fs::rename(&tmp, &path).at(&path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     let mut kept: Vec<String> =
         (1..=shards.len()).map(|i| format!("model-{i:05}-of-{:05}.safetensors", shards.len())).collect();
     kept.push("model.safetensors.index.json".into());
