@@ -596,10 +596,12 @@ impl BundleWriter {
         // another writer never sees this writer's lock file unlocked.
         let locking = hidden(&parent, &name, "locking", &tag);
         let lock = std::fs::File::create_new(&locking).map_err(|e| cannot(&locking, e))?;
-        let locked = lock
-            .try_lock()
-            .map_err(|e| bundle_err(&target, format!("cannot lock {} ({e})", locking.display())))
-            .and_then(|()| std::fs::rename(&locking, &lock_path).at(&lock_path));
+        // A file system without locks still gets bundles written, only without that guard.
+        let locked = match lock.try_lock() {
+            Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => Ok(()),
+            other => other.map_err(|e| bundle_err(&target, format!("cannot lock {} ({e})", locking.display()))),
+        }
+        .and_then(|()| std::fs::rename(&locking, &lock_path).at(&lock_path));
         if let Err(e) = locked {
             let _ = std::fs::remove_file(&locking);
             return Err(e);
