@@ -79,6 +79,29 @@ fn all_position_logits_export_decodes_the_same() {
     assert_eq!(edgelm_greedy_in(&dir, "shared"), candle_greedy("tiny-qwen2"));
 }
 
+/// Weights in `model.onnx.data` beside the graph (ONNX external data, what models past
+/// protobuf's 2 GiB limit need): the bundle hashes the data file, decodes as candle does, and a
+/// bundle quantized from it is one file again, without the fp32 data copied along.
+#[test]
+fn weights_kept_beside_the_graph_decode_the_same_and_quantize() {
+    use edgelm_distill::export::{export, quantize_bundle, ExportOptions};
+    let ck = Checkpoint::load(checkpoint("tiny-llama3")).unwrap();
+    let dir = edgelm_e2e::scratch().join("bundle-external-data");
+    export(&ck, &dir, &ExportOptions { external_data: true, ..ExportOptions::default() }).unwrap();
+    let m = edgelm_runtime::bundle::verify_files(&dir).unwrap();
+    let data = m.files.iter().find(|f| f.path == "model.onnx.data").expect("the data file is hashed");
+    let graph = m.files.iter().find(|f| f.path == "model.onnx").unwrap();
+    assert!(data.bytes > 10 * graph.bytes, "weights {} vs graph {} bytes", data.bytes, graph.bytes);
+    assert_eq!(edgelm_greedy_in(&dir, "shared"), candle_greedy("tiny-llama3"));
+    let int8 = edgelm_e2e::scratch().join("bundle-external-data-int8");
+    let opts = edgelm_distill::quantize::QuantizeOptions::for_bits(8).unwrap();
+    quantize_bundle(&dir, &int8, &opts, Some(0.5)).unwrap();
+    assert!(!int8.join("model.onnx.data").exists());
+    let m = edgelm_runtime::bundle::verify_files(&int8).unwrap();
+    assert!(m.files.iter().all(|f| f.path != "model.onnx.data"));
+    assert_eq!(edgelm_greedy_in(&int8, "shared").len(), NEW);
+}
+
 /// fp16 bundles (every internal tensor fp16, inputs and outputs fp32) of every preset load in
 /// the runtime unchanged, hold half the bytes, and decode like the fp32 graph: the export's own
 /// check bounds the KL of next-token distributions, and greedy decoding agrees with candle on

@@ -324,6 +324,11 @@ pub struct ExportArgs {
     /// Largest allowed max-abs logit difference in the check.
     #[arg(long, default_value_t = 1e-4)]
     tolerance: f32,
+    /// Keep the weights in model.onnx.data beside the graph (ONNX external data) even when one
+    /// file would do; models whose model.onnx would pass protobuf's 2 GiB limit (about 500
+    /// million fp32 parameters) get it anyway.
+    #[arg(long)]
+    external_data: bool,
     #[command(flatten)]
     quant: QuantArgs,
     /// Record that the model answers single requests, so `edgelm chat` sends each line
@@ -337,7 +342,7 @@ pub struct ExportArgs {
 
 /// Exports and checks a bundle.
 pub fn export(a: ExportArgs) -> Result<()> {
-    let ExportArgs { checkpoint, output, logits, no_verify, tolerance, quant, single_turn, json } = a;
+    let ExportArgs { checkpoint, output, logits, no_verify, tolerance, external_data, quant, single_turn, json } = a;
     if edgelm_distill::encoder::EncoderCheckpoint::is_encoder(&checkpoint) {
         if quant.precision != PrecisionArg::Fp32 {
             anyhow::bail!(
@@ -366,6 +371,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
         single_turn,
         quantize: quant.options()?,
         max_kl: quant.max_kl(),
+        external_data,
     };
     let report = run_export(&ck, &output, &opts).with_context(|| format!("exporting to {}", output.display()))?;
     if json {

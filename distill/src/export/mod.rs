@@ -28,6 +28,7 @@ pub use verify::{
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Result};
+use crate::onnx::ModelProto;
 use crate::quantize::{quantize_model, QuantizeOptions};
 use quantized::{check_quantized, precision_of, weight_scheme};
 
@@ -48,6 +49,9 @@ pub struct ExportOptions {
     /// Largest mean KL divergence (nats) of the quantized bundle's next-token distribution from
     /// the fp32 source's, on the check prompt.
     pub max_kl: f64,
+    /// Keep the weights in `model.onnx.data` beside the graph even when one file would do
+    /// (they go there anyway when `model.onnx` would pass protobuf's 2 GiB limit).
+    pub external_data: bool,
 }
 
 impl Default for ExportOptions {
@@ -59,6 +63,7 @@ impl Default for ExportOptions {
             single_turn: false,
             quantize: None,
             max_kl: 0.05,
+            external_data: false,
         }
     }
 }
@@ -170,9 +175,33 @@ fn generation_defaults(ck: &Checkpoint) -> GenerationDefaults {
     }
 }
 
-/// Size of a finished bundle's model file, as its manifest records it.
+/// Writes `model` into the bundle as `name`, its weights in `name.data` beside it when one
+/// file would pass protobuf's 2 GiB limit or `external` asks for it. The model is left whole.
+/// Returns the bytes written (graph and data file).
+pub(crate) fn write_model(w: &mut BundleWriter, name: &str, model: &mut ModelProto, external: bool) -> Result<u64> {
+    use crate::onnx::external::{externalize, internalize, SINGLE_FILE_LIMIT};
+    if !external && model.encoded_len() <= SINGLE_FILE_LIMIT {
+        let bytes = model.encode_to_vec();
+        w.model(name, &bytes)?;
+        return Ok(bytes.len() as u64);
+    }
+    let data = format!("{name}.data");
+    let blob = externalize(model, &data);
+    w.write(&data, &blob)?;
+    let mut written = blob.len() as u64;
+    drop(blob);
+    let bytes = model.encode_to_vec();
+    w.model(name, &bytes)?;
+    written += bytes.len() as u64;
+    internalize(model, w.dir())?;
+    Ok(written)
+}
+
+/// Size of a finished bundle's model, as its manifest records it: the graph file and, when its
+/// weights are kept apart, their data file.
 pub(crate) fn model_bytes(m: &bundle::Manifest) -> u64 {
-    m.files.iter().find(|f| f.path == m.model_file).map_or(0, |f| f.bytes)
+    let data = format!("{}.data", m.model_file);
+    m.files.iter().filter(|f| f.path == m.model_file || f.path == data).map(|f| f.bytes).sum()
 }
 
 /// Exports a loaded checkpoint into `out` and (by default) checks it numerically.
@@ -188,8 +217,8 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
     // (`w.dir()`), and only a bundle that passed them takes `out`'s place.
     let mut w = BundleWriter::create(out, bundle::Kind::CausalLm)?;
     let mut warnings = Vec::new();
-    let model_path = w.model("model.onnx", &model.encode_to_vec())?;
-    let fp32_bytes = std::fs::metadata(&model_path).at(&model_path)?.len();
+    let mut model = model;
+    let fp32_bytes = write_model(&mut w, "model.onnx", &mut model, opts.external_data)?;
     // Kept for quantizing after the fp32 check, else freed before it.
     let mut model = opts.quantize.is_some().then_some(model);
     let genai = genai_config(ck);
@@ -232,7 +261,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
             let q = &quantized::with_hot_rows(q, ck.tokenizer_json.as_deref())?;
             let summary = quantize_model(&mut model, q)?;
             quantized::hot_rows_used(q, &summary)?;
-            w.model("model.onnx", &model.encode_to_vec())?;
+            write_model(&mut w, "model.onnx", &mut model, opts.external_data)?;
             drop(model);
             let check = if opts.verify { Some(check_quantized(ck, w.dir(), opts.max_kl)?) } else { None };
             Some(QuantizedReport {

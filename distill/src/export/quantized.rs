@@ -334,10 +334,14 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     let tokenizer = src.join(manifest.tokenizer.as_deref().unwrap_or("tokenizer.json"));
     let opts = &with_hot_rows(opts, tokenizer.exists().then_some(tokenizer.as_path()))?;
     let bytes = std::fs::read(&model_path).at(&model_path)?;
-    let fp32_bytes = bytes.len() as u64;
     let mut model = ModelProto::decode(bytes.as_slice())
         .map_err(|e| Error::Format { path: model_path.clone(), what: format!("not an ONNX model: {e}") })?;
     drop(bytes);
+    let fp32_bytes = super::model_bytes(&manifest);
+    // Weights kept beside the graph are read in, and those files are not copied to the output:
+    // it is written whole again (apart only if it has to be).
+    let data_files: Vec<String> = crate::onnx::external::data_files(&model);
+    crate::onnx::external::internalize(&mut model, model_path.parent().unwrap_or(src))?;
     let summary = if opts.method == Method::StaticInt8 {
         if kind != Kind::Encoder {
             return Err(Error::Unsupported {
@@ -353,13 +357,13 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     };
     hot_rows_used(opts, &summary)?;
     let mut w = BundleWriter::create(out, kind)?;
-    for f in manifest.files.iter().filter(|f| f.path != manifest.model_file) {
+    for f in manifest.files.iter().filter(|f| f.path != manifest.model_file && !data_files.contains(&f.path)) {
         w.copy(&f.path, &src.join(&f.path))?;
     }
     if let Some(t) = &manifest.tokenizer {
         w.tokenizer(&src.join(t))?;
     }
-    w.model(&manifest.model_file, &model.encode_to_vec())?;
+    super::write_model(&mut w, &manifest.model_file, &mut model, false)?;
     drop(model);
     let verify = match max_kl {
         Some(limit) if kind == Kind::CausalLm => {

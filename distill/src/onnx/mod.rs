@@ -1,5 +1,6 @@
 //! ONNX writing: a hand-written subset of the protobuf schema and a graph builder.
 
+pub mod external;
 pub mod graph;
 pub mod proto;
 

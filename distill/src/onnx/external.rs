@@ -1,0 +1,138 @@
+//! Weights outside the graph file (ONNX external data). A protobuf message cannot pass 2 GiB,
+//! and ONNX Runtime refuses to parse a model file that does, so a model of more than about 500
+//! million fp32 parameters keeps its weights in one data file beside the graph, each tensor
+//! named by the file, an offset and a length.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::proto::{DataLocation, StringStringEntryProto, TensorProto};
+use super::ModelProto;
+use crate::error::{Error, IoContext, Result};
+
+/// Largest graph file written in one piece: a margin under protobuf's 2 GiB.
+pub const SINGLE_FILE_LIMIT: usize = 2_000_000_000;
+
+/// Tensors smaller than this stay in the graph file (shapes, scales, small constants).
+const MIN_EXTERNAL_BYTES: usize = 1024;
+
+/// Offsets are multiples of this, so a tensor can be mapped and read aligned.
+const ALIGN: usize = 64;
+
+/// The data files `model`'s tensors name, relative to its folder.
+pub fn data_files(model: &ModelProto) -> Vec<String> {
+    let mut files: Vec<String> = model
+        .graph
+        .iter()
+        .flat_map(|g| &g.initializer)
+        .filter(|t| is_external(t))
+        .filter_map(|t| t.external_data.iter().find(|e| e.key == "location").map(|e| e.value.clone()))
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
+fn is_external(t: &TensorProto) -> bool {
+    t.data_location == Some(DataLocation::External as i32) || !t.external_data.is_empty()
+}
+
+/// Moves the bytes of every initializer of at least [`MIN_EXTERNAL_BYTES`] into one blob, to be
+/// written as the file `location` beside the graph; returns the blob.
+pub fn externalize(model: &mut ModelProto, location: &str) -> Vec<u8> {
+    let mut blob = Vec::new();
+    for t in model.graph.iter_mut().flat_map(|g| &mut g.initializer) {
+        if t.raw_data.len() < MIN_EXTERNAL_BYTES || is_external(t) {
+            continue;
+        }
+        blob.resize(blob.len().next_multiple_of(ALIGN), 0);
+        let offset = blob.len();
+        blob.extend_from_slice(&std::mem::take(&mut t.raw_data));
+        let entry = |key: &str, value: String| StringStringEntryProto { key: key.into(), value };
+        t.external_data = vec![
+            entry("location", location.into()),
+            entry("offset", offset.to_string()),
+            entry("length", (blob.len() - offset).to_string()),
+        ];
+        t.data_location = Some(DataLocation::External as i32);
+    }
+    blob
+}
+
+/// Reads every externally stored initializer of `model` (files relative to `dir`) back into the
+/// model, so it can be rewritten as a whole.
+pub fn internalize(model: &mut ModelProto, dir: &Path) -> Result<()> {
+    let mut files: HashMap<String, Vec<u8>> = HashMap::new();
+    for t in model.graph.iter_mut().flat_map(|g| &mut g.initializer).filter(|t| is_external(t)) {
+        let field = |key: &str| t.external_data.iter().find(|e| e.key == key).map(|e| e.value.clone());
+        let bad = |what: String| Error::Format { path: dir.to_path_buf(), what };
+        let location =
+            field("location").ok_or_else(|| bad(format!("tensor `{}` is external without a location", t.name)))?;
+        let rel = Path::new(&location);
+        if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            return Err(bad(format!("tensor `{}` names data file `{location}` outside the model's folder", t.name)));
+        }
+        let number = |key: &str| -> Result<Option<usize>> {
+            field(key)
+                .map(|v| v.parse::<usize>().map_err(|e| bad(format!("tensor `{}`: {key} `{v}`: {e}", t.name))))
+                .transpose()
+        };
+        let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?);
+        if !files.contains_key(&location) {
+            let path = dir.join(rel);
+            files.insert(location.clone(), std::fs::read(&path).at(&path)?);
+        }
+        let data = &files[&location];
+        let end =
+            length.map_or(Some(data.len()), |l| offset.checked_add(l)).filter(|&e| e <= data.len() && offset <= e);
+        let end = end.ok_or_else(|| {
+            bad(format!("tensor `{}` lies past the end of `{location}` ({} bytes)", t.name, data.len()))
+        })?;
+        t.raw_data = data[offset..end].to_vec();
+        t.external_data.clear();
+        t.data_location = None;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::proto::GraphProto;
+
+    fn tensor(name: &str, bytes: usize) -> TensorProto {
+        TensorProto { name: name.into(), raw_data: (0..bytes).map(|i| (i % 251) as u8).collect(), ..Default::default() }
+    }
+
+    #[test]
+    fn weights_go_out_aligned_and_come_back_the_same() {
+        let graph = GraphProto {
+            initializer: vec![tensor("big", 3000), tensor("small", 10), tensor("big2", 1500)],
+            ..Default::default()
+        };
+        let original = ModelProto { graph: Some(graph), ..Default::default() };
+        let mut m = original.clone();
+        let blob = externalize(&mut m, "model.onnx.data");
+        let g = m.graph.as_ref().unwrap();
+        assert_eq!(data_files(&m), ["model.onnx.data"]);
+        assert!(g.initializer[0].raw_data.is_empty() && g.initializer[2].raw_data.is_empty());
+        assert_eq!(g.initializer[1].raw_data.len(), 10, "small tensors stay inside");
+        let offset = &g.initializer[2].external_data.iter().find(|e| e.key == "offset").unwrap().value;
+        assert_eq!(offset.parse::<usize>().unwrap() % ALIGN, 0);
+        assert_eq!(blob.len(), 3008 + 1500);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.onnx.data"), &blob).unwrap();
+        internalize(&mut m, dir.path()).unwrap();
+        assert_eq!(m, original);
+        // A data file cut short, and one outside the folder, are errors that name the tensor.
+        let mut m2 = original.clone();
+        let blob = externalize(&mut m2, "model.onnx.data");
+        std::fs::write(dir.path().join("model.onnx.data"), &blob[..2000]).unwrap();
+        let err = internalize(&mut m2.clone(), dir.path()).unwrap_err().to_string();
+        assert!(err.contains("`big`") && err.contains("past the end"), "{err}");
+        let mut m3 = original;
+        externalize(&mut m3, "../elsewhere.data");
+        let err = internalize(&mut m3, dir.path()).unwrap_err().to_string();
+        assert!(err.contains("outside the model's folder"), "{err}");
+    }
+}
