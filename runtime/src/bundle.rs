@@ -648,6 +648,16 @@ impl BundleWriter {
         Ok(path)
     }
 
+    /// Takes a file written earlier out of the bundle (nothing when there is none).
+    pub fn remove(&mut self, name: &str) -> Result<()> {
+        let path = inside(&self.dir, name)?;
+        if path.exists() {
+            std::fs::remove_file(&path).at(&path)?;
+        }
+        self.files.retain(|f| f != name);
+        Ok(())
+    }
+
     /// Writes the ONNX graph.
     pub fn model(&mut self, name: &str, bytes: &[u8]) -> Result<PathBuf> {
         self.model_file = Some(name.to_owned());

@@ -100,6 +100,17 @@ fn weights_kept_beside_the_graph_decode_the_same_and_quantize() {
     let m = edgelm_runtime::bundle::verify_files(&int8).unwrap();
     assert!(m.files.iter().all(|f| f.path != "model.onnx.data"));
     assert_eq!(edgelm_greedy_in(&int8, "shared").len(), NEW);
+    // Exported straight to int8: with the flag the int8 weights are apart too, without it the
+    // bundle is one file.
+    let direct = edgelm_e2e::scratch().join("bundle-external-data-direct-int8");
+    let opts = ExportOptions { external_data: false, quantize: Some(opts), max_kl: 0.5, ..ExportOptions::default() };
+    let mut first = opts.clone();
+    first.external_data = true;
+    export(&ck, &direct, &first).unwrap();
+    assert!(direct.join("model.onnx.data").exists(), "asked for, the quantized weights go apart too");
+    export(&ck, &direct, &opts).unwrap();
+    assert!(!direct.join("model.onnx.data").exists());
+    assert!(edgelm_runtime::bundle::verify_files(&direct).unwrap().files.iter().all(|f| f.path != "model.onnx.data"));
 }
 
 /// fp16 bundles (every internal tensor fp16, inputs and outputs fp32) of every preset load in

@@ -344,6 +344,9 @@ pub struct ExportArgs {
 pub fn export(a: ExportArgs) -> Result<()> {
     let ExportArgs { checkpoint, output, logits, no_verify, tolerance, external_data, quant, single_turn, json } = a;
     if edgelm_distill::encoder::EncoderCheckpoint::is_encoder(&checkpoint) {
+        if external_data {
+            anyhow::bail!("{}: --external-data is for causal LMs (encoders fit one file)", checkpoint.display());
+        }
         if quant.precision != PrecisionArg::Fp32 {
             anyhow::bail!(
                 "{} is an encoder: export it in fp32, then `edgelm-distill quantize` the bundle",

@@ -177,15 +177,25 @@ fn generation_defaults(ck: &Checkpoint) -> GenerationDefaults {
 
 /// Writes `model` into the bundle as `name`, its weights in `name.data` beside it when one
 /// file would pass protobuf's 2 GiB limit or `external` asks for it. The model is left whole.
-/// Returns the bytes written (graph and data file).
-pub(crate) fn write_model(w: &mut BundleWriter, name: &str, model: &mut ModelProto, external: bool) -> Result<u64> {
+/// Returns the bytes written (graph and data file). With `keep`, the model is whole again
+/// afterwards (its weights read back); without, a model written apart is left without them.
+pub(crate) fn write_model(
+    w: &mut BundleWriter,
+    name: &str,
+    model: &mut ModelProto,
+    external: bool,
+    keep: bool,
+) -> Result<u64> {
     use crate::onnx::external::{externalize, internalize, SINGLE_FILE_LIMIT};
+    let data = format!("{name}.data");
     if !external && model.encoded_len() <= SINGLE_FILE_LIMIT {
+        // A graph that fits replaces one written apart before it (the fp32 graph of an export
+        // that then quantizes), data file included.
+        w.remove(&data)?;
         let bytes = model.encode_to_vec();
         w.model(name, &bytes)?;
         return Ok(bytes.len() as u64);
     }
-    let data = format!("{name}.data");
     let blob = externalize(model, &data);
     w.write(&data, &blob)?;
     let mut written = blob.len() as u64;
@@ -193,7 +203,9 @@ pub(crate) fn write_model(w: &mut BundleWriter, name: &str, model: &mut ModelPro
     let bytes = model.encode_to_vec();
     w.model(name, &bytes)?;
     written += bytes.len() as u64;
-    internalize(model, w.dir())?;
+    if keep {
+        internalize(model, w.dir())?;
+    }
     Ok(written)
 }
 
@@ -218,7 +230,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
     let mut w = BundleWriter::create(out, bundle::Kind::CausalLm)?;
     let mut warnings = Vec::new();
     let mut model = model;
-    let fp32_bytes = write_model(&mut w, "model.onnx", &mut model, opts.external_data)?;
+    let fp32_bytes = write_model(&mut w, "model.onnx", &mut model, opts.external_data, opts.quantize.is_some())?;
     // Kept for quantizing after the fp32 check, else freed before it.
     let mut model = opts.quantize.is_some().then_some(model);
     let genai = genai_config(ck);
@@ -261,7 +273,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
             let q = &quantized::with_hot_rows(q, ck.tokenizer_json.as_deref())?;
             let summary = quantize_model(&mut model, q)?;
             quantized::hot_rows_used(q, &summary)?;
-            write_model(&mut w, "model.onnx", &mut model, opts.external_data)?;
+            write_model(&mut w, "model.onnx", &mut model, opts.external_data, false)?;
             drop(model);
             let check = if opts.verify { Some(check_quantized(ck, w.dir(), opts.max_kl)?) } else { None };
             Some(QuantizedReport {

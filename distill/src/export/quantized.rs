@@ -363,7 +363,7 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     if let Some(t) = &manifest.tokenizer {
         w.tokenizer(&src.join(t))?;
     }
-    super::write_model(&mut w, &manifest.model_file, &mut model, false)?;
+    super::write_model(&mut w, &manifest.model_file, &mut model, false, false)?;
     drop(model);
     let verify = match max_kl {
         Some(limit) if kind == Kind::CausalLm => {
