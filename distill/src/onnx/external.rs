@@ -62,7 +62,9 @@ pub fn externalize(model: &mut ModelProto, location: &str) -> Vec<u8> {
 /// Reads every externally stored initializer of `model` (files relative to `dir`) back into the
 /// model, so it can be rewritten as a whole.
 pub fn internalize(model: &mut ModelProto, dir: &Path) -> Result<()> {
-    let mut files: HashMap<String, Vec<u8>> = HashMap::new();
+    use std::io::{Read, Seek, SeekFrom};
+    // Each tensor read on its own: the data file is never held whole beside the weights.
+    let mut files: HashMap<String, (std::fs::File, usize)> = HashMap::new();
     for t in model.graph.iter_mut().flat_map(|g| &mut g.initializer).filter(|t| is_external(t)) {
         let field = |key: &str| t.external_data.iter().find(|e| e.key == key).map(|e| e.value.clone());
         let bad = |what: String| Error::Format { path: dir.to_path_buf(), what };
@@ -78,17 +80,20 @@ pub fn internalize(model: &mut ModelProto, dir: &Path) -> Result<()> {
                 .transpose()
         };
         let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?);
+        let path = dir.join(rel);
         if !files.contains_key(&location) {
-            let path = dir.join(rel);
-            files.insert(location.clone(), std::fs::read(&path).at(&path)?);
+            let f = std::fs::File::open(&path).at(&path)?;
+            let len = f.metadata().at(&path)?.len() as usize;
+            files.insert(location.clone(), (f, len));
         }
-        let data = &files[&location];
+        let (file, size) = files.get_mut(&location).expect("just opened");
+        let end = length.map_or(Some(*size), |l| offset.checked_add(l)).filter(|&e| e <= *size && offset <= e);
         let end =
-            length.map_or(Some(data.len()), |l| offset.checked_add(l)).filter(|&e| e <= data.len() && offset <= e);
-        let end = end.ok_or_else(|| {
-            bad(format!("tensor `{}` lies past the end of `{location}` ({} bytes)", t.name, data.len()))
-        })?;
-        t.raw_data = data[offset..end].to_vec();
+            end.ok_or_else(|| bad(format!("tensor `{}` lies past the end of `{location}` ({} bytes)", t.name, *size)))?;
+        let mut bytes = vec![0u8; end - offset];
+        file.seek(SeekFrom::Start(offset as u64)).at(&path)?;
+        file.read_exact(&mut bytes).at(&path)?;
+        t.raw_data = bytes;
         t.external_data.clear();
         t.data_location = None;
     }
