@@ -50,19 +50,15 @@ pub fn write_checkpoint(
         bytes += size;
         shards.last_mut().expect("non-empty").push(name);
     }
-    // Each file written beside its place and renamed into it: a failed write leaves the old
-    // file, and a checkpoint read from this folder is never read half-overwritten.
+    // Each file through `replace_file`: a checkpoint read from this folder is never read
+    // half-overwritten.
     let save = |names: &[&String], file: &Path| -> Result<()> {
         let part: HashMap<String, Tensor> =
             names.iter().map(|n| Ok(((*n).clone(), tensors[*n].to_dtype(opts.dtype)?))).collect::<Result<_>>()?;
-        let tmp = file.with_extension("safetensors.tmp");
-        let saved = candle_core::safetensors::save(&part, &tmp)
-            .map_err(|e| Error::Format { path: file.to_path_buf(), what: e.to_string() })
-            .and_then(|()| std::fs::rename(&tmp, file).at(file));
-        if saved.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        saved
+        replace_file(file, |tmp| {
+            candle_core::safetensors::save(&part, tmp)
+                .map_err(|e| Error::Format { path: file.to_path_buf(), what: e.to_string() })
+        })
     };
     if shards.len() == 1 {
         save(&shards[0], &dir.join("model.safetensors"))?;
@@ -79,18 +75,24 @@ pub fn write_checkpoint(
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     let path = dir.join("model.safetensors.index.json");
-    let tmp = dir.join("model.safetensors.index.json.tmp");
-    let written = std::fs::write(&tmp, serde_json::to_string_pretty(&index).expect("json"))
-        .at(&tmp)
-        .and_then(|()| std::fs::rename(&tmp, &path).at(&path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
+    replace_file(&path, |tmp| std::fs::write(tmp, serde_json::to_string_pretty(&index).expect("json")).at(tmp))?;
     let mut kept: Vec<String> =
         (1..=shards.len()).map(|i| format!("model-{i:05}-of-{:05}.safetensors", shards.len())).collect();
     kept.push("model.safetensors.index.json".into());
     remove_other_weights(dir, &kept)
+}
+
+/// Writes `path` through `write` into `path.tmp`, then renames it into place: a failed write
+/// leaves the old file (and no temporary one), and no reader sees it half-written.
+fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = Path::new(&tmp);
+    let written = write(tmp).and_then(|()| std::fs::rename(tmp, path).at(path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    written
 }
 
 /// Whether `name` is a shard as transformers names them: `model-00001-of-00003.safetensors`.

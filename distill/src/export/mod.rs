@@ -176,9 +176,9 @@ fn generation_defaults(ck: &Checkpoint) -> GenerationDefaults {
 }
 
 /// Writes `model` into the bundle as `name`, its weights in `name.data` beside it when one
-/// file would pass protobuf's 2 GiB limit or `external` asks for it. The model is left whole.
-/// Returns the bytes written (graph and data file). With `keep`, the model is whole again
-/// afterwards (its weights read back); without, a model written apart is left without them.
+/// file would pass protobuf's 2 GiB limit or `external` asks for it. Returns the bytes written
+/// (graph and data file). With `keep`, the model is whole again afterwards (its weights read
+/// back); without, a model written apart is left without them.
 pub(crate) fn write_model(
     w: &mut BundleWriter,
     name: &str,
@@ -224,12 +224,11 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
         });
     }
     // Built first: a checkpoint the graph cannot express leaves no folder behind.
-    let model = build_decoder(ck, opts.logits)?;
+    let mut model = build_decoder(ck, opts.logits)?;
     // The writer fills a hidden folder beside `out`; the checks below open that folder
     // (`w.dir()`), and only a bundle that passed them takes `out`'s place.
     let mut w = BundleWriter::create(out, bundle::Kind::CausalLm)?;
     let mut warnings = Vec::new();
-    let mut model = model;
     let fp32_bytes = write_model(&mut w, "model.onnx", &mut model, opts.external_data, opts.quantize.is_some())?;
     // Kept for quantizing after the fp32 check, else freed before it.
     let mut model = opts.quantize.is_some().then_some(model);
