@@ -177,18 +177,16 @@ fn a_checkpoint_the_graph_cannot_express_is_refused_before_anything_is_written()
     use edgelm_distill::checkpoint::preset::{preset_config, random_weights};
     use edgelm_distill::checkpoint::write::{write_checkpoint, WriteOptions};
     use edgelm_distill::export::{export, ExportOptions};
-    // Eight heads of 8: the same matrix shapes as the tiny preset, but ONNX Runtime's rotary
-    // attention needs heads of a multiple of 16.
-    let mut cfg = preset_config("tiny").unwrap();
-    cfg.num_attention_heads = 8;
-    cfg.num_key_value_heads = 4;
-    cfg.head_dim = 8;
-    let ck_dir = scratch().join("bad/head-dim-8");
+    // Mistral with a sliding window the graph's attention does not apply.
+    let mut cfg = preset_config("tiny-mistral").unwrap();
+    cfg.sliding_window = Some(8);
+    let ck_dir = scratch().join("bad/sliding-window");
     write_checkpoint(&ck_dir, &cfg, &random_weights(&cfg, 0).unwrap(), WriteOptions::default()).unwrap();
     let ck = edgelm_distill::Checkpoint::load(&ck_dir).unwrap();
-    let out = scratch().join("bad/head-dim-8-bundle");
+    assert_eq!(ck.config.sliding_window, Some(8));
+    let out = scratch().join("bad/sliding-window-bundle");
     let err = export(&ck, &out, &ExportOptions::default()).unwrap_err().to_string();
-    assert!(err.contains("head_dim 8 is not a multiple of 16"), "{err}");
+    assert!(err.contains("sliding-window attention"), "{err}");
     assert!(!out.exists(), "a refused export left {} behind", out.display());
 }
 

@@ -17,7 +17,11 @@ fn prompt() -> Vec<u32> {
 }
 
 fn candle_greedy(preset: &str) -> Vec<u32> {
-    let ck = Checkpoint::load(checkpoint(preset)).unwrap();
+    candle_greedy_in(&checkpoint(preset))
+}
+
+fn candle_greedy_in(dir: &std::path::Path) -> Vec<u32> {
+    let ck = Checkpoint::load(dir).unwrap();
     let _ = Device::Cpu;
     LlamaModel::new(&ck).unwrap().greedy(&prompt(), NEW, &[]).unwrap()
 }
@@ -111,6 +115,53 @@ fn weights_kept_beside_the_graph_decode_the_same_and_quantize() {
     export(&ck, &direct, &opts).unwrap();
     assert!(!direct.join("model.onnx.data").exists());
     assert!(edgelm_runtime::bundle::verify_files(&direct).unwrap().files.iter().all(|f| f.path != "model.onnx.data"));
+}
+
+/// Heads whose size ONNX Runtime's rotary attention does not take (4 as in transformers' tiny
+/// test llamas, 8, 24, 72; it rotates multiples of 16) are padded inside the graph: the bundle
+/// decodes as candle does in both cache modes and in onnxruntime-genai, and quantizes.
+#[test]
+fn heads_of_any_even_size_export_decode_and_quantize() {
+    use edgelm_distill::checkpoint::preset::{preset_config, random_weights};
+    use edgelm_distill::checkpoint::write::{write_checkpoint, WriteOptions};
+    use edgelm_distill::export::{export, quantize_bundle, ExportOptions};
+    // (hidden, heads, kv heads, head_dim, tied)
+    for (hidden, heads, kv_heads, head_dim, tied) in [(16, 4, 2, 4, true), (64, 8, 4, 8, false), (144, 2, 1, 72, false)]
+    {
+        let mut cfg = preset_config("tiny").unwrap();
+        (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) = (hidden, heads, kv_heads);
+        (cfg.head_dim, cfg.tie_word_embeddings) = (head_dim, tied);
+        let name = format!("head-dim-{head_dim}");
+        let ck_dir = edgelm_e2e::scratch().join("ck").join(&name);
+        write_checkpoint(&ck_dir, &cfg, &random_weights(&cfg, 3).unwrap(), WriteOptions::default()).unwrap();
+        let ck = Checkpoint::load(&ck_dir).unwrap();
+        assert_eq!(ck.config.head_dim, head_dim);
+        let dir = edgelm_e2e::scratch().join("bundle").join(&name);
+        // The export's own check compares ORT's logits with candle's over prefill and decode.
+        export(&ck, &dir, &ExportOptions::default()).unwrap();
+        let genai_cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("genai_config.json")).unwrap()).unwrap();
+        assert_eq!(genai_cfg["model"]["decoder"]["head_size"], head_dim.div_ceil(16) * 16, "{name}");
+        let reference = candle_greedy_in(&ck_dir);
+        for kv in ["shared", "growing"] {
+            assert_eq!(edgelm_greedy_in(&dir, kv), reference, "{name} with the {kv} KV cache");
+        }
+        let out = run(Command::new(python()).arg(root().join("tests/python/genai_generate.py")).arg(&dir).args([
+            "--ids",
+            &csv(&prompt()),
+            "--max-new-tokens",
+            &NEW.to_string(),
+            "--ignore-eos",
+        ]));
+        assert!(out.status.success(), "genai failed on {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let genai: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(genai, reference, "{name}: genai vs candle");
+        let int4 = edgelm_e2e::scratch().join("bundle").join(format!("{name}-int4"));
+        let mut opts = edgelm_distill::quantize::QuantizeOptions::for_bits(4).unwrap();
+        opts.scheme.block_size = 16;
+        quantize_bundle(&dir, &int4, &opts, Some(0.5)).unwrap();
+        assert_eq!(edgelm_greedy_in(&int4, "shared").len(), NEW);
+    }
 }
 
 /// fp16 bundles (every internal tensor fp16, inputs and outputs fp32) of every preset load in

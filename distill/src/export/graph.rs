@@ -9,7 +9,8 @@
 //! `past_key_values.N.key|value [batch, kv_heads, past, head_dim]` ->
 //! `logits [batch, seq|1, vocab]`, `present.N.key|value [batch, kv_heads, total, head_dim]`.
 //! When past and present are bound to one buffer (genai's `past_present_share_buffer`), that
-//! buffer's length is the sequence capacity and present has the same shape as past.
+//! buffer's length is the sequence capacity and present has the same shape as past. The cache's
+//! `head_dim` is the checkpoint's rounded up to a multiple of 16 (`cache_head_size`).
 
 use candle_core::Tensor;
 
@@ -43,12 +44,9 @@ pub(crate) fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<Model
                     .into(),
         });
     }
-    if !c.head_dim.is_multiple_of(16) {
+    if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
         return Err(Error::InvalidConfig {
-            what: format!(
-                "head_dim {} is not a multiple of 16, which ONNX Runtime's rotary attention needs",
-                c.head_dim
-            ),
+            what: format!("head_dim {} is not a positive even number, which rotary embedding needs", c.head_dim),
         });
     }
     let w = DecoderWeights::from_map(&ck.tensors, c)?;
@@ -105,7 +103,7 @@ fn declare_io(g: &mut GraphBuilder, c: &ModelConfig, logits: LogitsMode) {
     g.input("input_ids", DataType::Int64, &[sym("batch_size"), sym("sequence_length")]);
     g.input("attention_mask", DataType::Int64, &[sym("batch_size"), sym("total_sequence_length")]);
     let kv = |len: &str| {
-        [sym("batch_size"), Dim::Fixed(c.num_key_value_heads as i64), sym(len), Dim::Fixed(c.head_dim as i64)]
+        [sym("batch_size"), Dim::Fixed(c.num_key_value_heads as i64), sym(len), Dim::Fixed(cache_head_size(c) as i64)]
     };
     for i in 0..c.num_hidden_layers {
         for kind in ["key", "value"] {
@@ -150,9 +148,34 @@ fn attention_inputs(g: &mut GraphBuilder, c: &ModelConfig) -> AttentionInputs {
     let total = g.op("Gather", &[&shape, &one], vec![Attr::int("axis", 0)]);
     let total = g.op("Cast", &[&total], vec![Attr::int("to", DataType::Int32 as i64)]);
     let (cos, sin) = c.rope.cos_sin(c.head_dim, c.max_position_embeddings);
-    let cos = g.init_f32("cos_cache", &[c.max_position_embeddings, c.head_dim / 2], &cos);
-    let sin = g.init_f32("sin_cache", &[c.max_position_embeddings, c.head_dim / 2], &sin);
+    let (cos, sin) = (padded_rotary_table(c, &cos, 1.0), padded_rotary_table(c, &sin, 0.0));
+    let half = cache_head_size(c) / 2;
+    let cos = g.init_f32("cos_cache", &[c.max_position_embeddings, half], &cos);
+    let sin = g.init_f32("sin_cache", &[c.max_position_embeddings, half], &sin);
     AttentionInputs { seqlens_k, total, cos, sin, axis1 }
+}
+
+/// The head size of the graph's attention and KV cache: the checkpoint's `head_dim` rounded up
+/// to a multiple of 16, the only sizes ONNX Runtime's GroupQueryAttention rotates. Heads of
+/// other sizes (4 in transformers' tiny test models, 72, 24) are padded with zeros in the
+/// graph; the weights keep their shapes.
+pub(crate) fn cache_head_size(c: &ModelConfig) -> usize {
+    c.head_dim.div_ceil(16) * 16
+}
+
+/// A rotary table `[positions, head_dim / 2]` widened to `[positions, cache_head_size / 2]`:
+/// the padded columns rotate zeros, so any value does; `fill` (cos 1, sin 0) leaves them alone.
+fn padded_rotary_table(c: &ModelConfig, table: &[f32], fill: f32) -> Vec<f32> {
+    let (half, padded) = (c.head_dim / 2, cache_head_size(c) / 2);
+    if half == padded {
+        return table.to_vec();
+    }
+    let mut out = Vec::with_capacity(table.len() / half * padded);
+    for row in table.chunks_exact(half) {
+        out.extend_from_slice(row);
+        out.resize(out.len() + padded - half, fill);
+    }
+    out
 }
 
 /// The first RMSNorm, which has no residual to add: plain ops in the pattern ORT fuses into one
@@ -194,15 +217,17 @@ fn attention(
         let b = g.init_f32(&format!("{p}.self_attn.qkv_proj.bias"), &[qkv_dim], &flat(&Tensor::cat(&bias, 0)?)?);
         packed = g.op("Add", &[&packed, &b], vec![]);
     }
+    let padded = cache_head_size(c) != c.head_dim;
     let attn_out = format!("/model/layers.{i}/attn/GroupQueryAttention/output_0");
+    let (q, k, v) = if padded { pad_heads(g, c, i, &packed) } else { (packed, String::new(), String::new()) };
     let AttentionInputs { seqlens_k, total, cos, sin, .. } = shared;
     g.node_named(
         "GroupQueryAttention",
         MS_DOMAIN,
         &[
-            &packed,
-            "",
-            "",
+            &q,
+            &k,
+            &v,
             &format!("past_key_values.{i}.key"),
             &format!("past_key_values.{i}.value"),
             seqlens_k,
@@ -219,7 +244,47 @@ fn attention(
             Attr::int("rotary_interleaved", 0),
         ],
     );
-    projection(g, &format!("{p}.self_attn.o_proj"), &layer.o, &attn_out)
+    let heads_out = if padded { unpad_heads(g, c, i, &attn_out) } else { attn_out };
+    projection(g, &format!("{p}.self_attn.o_proj"), &layer.o, &heads_out)
+}
+
+/// Splits the packed q/k/v projection and pads every head from `head_dim` to
+/// `cache_head_size` with zeros. Query and key heads are padded half by half, since rotary
+/// embedding pairs element `j` with `j + size / 2`; value heads at their end. Zeros change no
+/// attention score, and the padded columns of the output are dropped by `unpad_heads`.
+fn pad_heads(g: &mut GraphBuilder, c: &ModelConfig, i: usize, packed: &str) -> (String, String, String) {
+    let (d, size) = (c.head_dim as i64, cache_head_size(c) as i64);
+    let (heads, kv_heads) = (c.num_attention_heads as i64, c.num_key_value_heads as i64);
+    let scope = format!("/model/layers.{i}/attn/pad_heads");
+    let sizes = g.init_i64(&format!("{scope}/split_sizes"), &[3], &[heads * d, kv_heads * d, kv_heads * d]);
+    let parts = g.node("Split", "", &[packed, &sizes], 3, vec![Attr::int("axis", -1)]);
+    let mut pad = |x: &str, n: i64, halves: i64, what: &str| {
+        let split = g.init_i64(&format!("{scope}/{what}_split_shape"), &[5], &[0, 0, n, halves, d / halves]);
+        let pads =
+            g.init_i64(&format!("{scope}/{what}_pads"), &[10], &[0, 0, 0, 0, 0, 0, 0, 0, 0, (size - d) / halves]);
+        let joined = g.init_i64(&format!("{scope}/{what}_joined_shape"), &[3], &[0, 0, n * size]);
+        let x = g.op("Reshape", &[x, &split], vec![]);
+        let x = g.op("Pad", &[&x, &pads], vec![]);
+        g.op("Reshape", &[&x, &joined], vec![])
+    };
+    let q = pad(&parts[0], heads, 2, "query");
+    let k = pad(&parts[1], kv_heads, 2, "key");
+    let v = pad(&parts[2], kv_heads, 1, "value");
+    (q, k, v)
+}
+
+/// Drops the padded columns of every head of the attention output (`pad_heads`).
+fn unpad_heads(g: &mut GraphBuilder, c: &ModelConfig, i: usize, attn: &str) -> String {
+    let (d, size, heads) = (c.head_dim as i64, cache_head_size(c) as i64, c.num_attention_heads as i64);
+    let scope = format!("/model/layers.{i}/attn/unpad_heads");
+    let split = g.init_i64(&format!("{scope}/heads_shape"), &[4], &[0, 0, heads, size]);
+    let zero = g.init_i64(&format!("{scope}/start"), &[1], &[0]);
+    let end = g.init_i64(&format!("{scope}/end"), &[1], &[d]);
+    let last = g.init_i64(&format!("{scope}/axis"), &[1], &[-1]);
+    let joined = g.init_i64(&format!("{scope}/joined_shape"), &[3], &[0, 0, heads * d]);
+    let x = g.op("Reshape", &[attn, &split], vec![]);
+    let x = g.op("Slice", &[&x, &zero, &end, &last], vec![]);
+    g.op("Reshape", &[&x, &joined], vec![])
 }
 
 /// Residual add + RMSNorm in one SkipSimplifiedLayerNormalization under `scope` with the weight

@@ -124,7 +124,7 @@ fn genai_config(ck: &Checkpoint) -> GenaiConfig {
             context_length: c.max_position_embeddings,
             decoder: DecoderSection {
                 filename: "model.onnx".into(),
-                head_size: c.head_dim,
+                head_size: graph::cache_head_size(c),
                 hidden_size: c.hidden_size,
                 inputs: DecoderInputs {
                     input_ids: "input_ids".into(),
