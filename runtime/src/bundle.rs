@@ -640,6 +640,21 @@ impl BundleWriter {
         Ok(path)
     }
 
+    /// Writes a file of the bundle through `fill`, which streams its bytes into it (a file too
+    /// large to build in memory first, such as a model's external weights); returns its path.
+    pub fn write_with(
+        &mut self,
+        name: &str,
+        fill: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<PathBuf> {
+        use std::io::Write;
+        let path = inside(&self.dir, name)?;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&path).at(&path)?);
+        fill(&mut out).and_then(|()| out.flush()).at(&path)?;
+        self.record(name);
+        Ok(path)
+    }
+
     /// Copies `from` into the bundle as `name`; returns its path (inside [`BundleWriter::dir`]).
     pub fn copy(&mut self, name: &str, from: &Path) -> Result<PathBuf> {
         let path = inside(&self.dir, name)?;

@@ -321,7 +321,9 @@ pub struct ExportArgs {
     /// Skip the ONNX-vs-candle check.
     #[arg(long)]
     no_verify: bool,
-    /// Largest allowed max-abs logit difference in the check.
+    /// Largest allowed max-abs logit difference in the check, per unit of the largest logit
+    /// (logits under 1 in magnitude count as 1): fp32 sums in another order differ more on
+    /// larger values.
     #[arg(long, default_value_t = 1e-4)]
     tolerance: f32,
     /// Keep the weights in model.onnx.data beside the graph (ONNX external data) even when one
@@ -384,15 +386,15 @@ pub fn export(a: ExportArgs) -> Result<()> {
             eprintln!("warning: {w}");
         }
         eprintln!(
-            "exported {} parameters to {} (model.onnx {:.1} MiB)",
+            "exported {} parameters to {} (model {:.1} MiB)",
             report.parameters,
             report.bundle.display(),
             report.model_bytes as f64 / (1 << 20) as f64
         );
         if let Some(v) = &report.verify {
             eprintln!(
-                "check: ONNX Runtime vs candle, {} prompt tokens + {} decode steps, max abs logit diff {:.2e}",
-                v.prompt_tokens, v.decode_steps, v.max_abs_diff
+                "check: ONNX Runtime vs candle, {} prompt tokens + {} decode steps, max abs logit diff {:.2e} (logits up to {:.3})",
+                v.prompt_tokens, v.decode_steps, v.max_abs_diff, v.logit_scale
             );
         }
         print_quantized(&report.quantized, report.model_bytes);

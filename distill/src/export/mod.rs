@@ -22,8 +22,8 @@ use graph::build_decoder;
 pub use graph::LogitsMode;
 pub use quantized::{check_encoder, quantize_bundle, EncoderCheck, QuantizedReport, ENCODER_MIN_COSINE};
 pub use verify::{
-    compare_bundles_on, compare_checkpoints_on, kl_divergence, max_abs_diff, verify_against_bundle, verify_bundle,
-    SequenceComparison, VerifyReport,
+    allowed_diff, compare_bundles_on, compare_checkpoints_on, kl_divergence, magnitude, max_abs_diff,
+    verify_against_bundle, verify_bundle, SequenceComparison, VerifyReport,
 };
 
 use crate::checkpoint::Checkpoint;
@@ -39,7 +39,8 @@ pub struct ExportOptions {
     pub logits: LogitsMode,
     /// Run the ORT-vs-candle check after writing (on by default).
     pub verify: bool,
-    /// Largest allowed max-abs logit difference in the check.
+    /// Largest allowed max-abs logit difference in the check, for logits up to 1 in magnitude;
+    /// proportionally more for larger logits ([`allowed_diff`]).
     pub tolerance: f32,
     /// Record in the bundle that the model answers single requests (trained on single-turn
     /// data), so chat front ends do not feed it a conversation.
@@ -196,10 +197,11 @@ pub(crate) fn write_model(
         w.model(name, &bytes)?;
         return Ok(bytes.len() as u64);
     }
-    let blob = externalize(model, &data);
-    w.write(&data, &blob)?;
-    let mut written = blob.len() as u64;
-    drop(blob);
+    let mut written = 0;
+    w.write_with(&data, |out| {
+        written = externalize(model, &data, out)?;
+        Ok(())
+    })?;
     let bytes = model.encode_to_vec();
     w.model(name, &bytes)?;
     written += bytes.len() as u64;
@@ -256,8 +258,12 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
         if !r.passed {
             return Err(Error::ExportMismatch {
                 what: format!(
-                    "ONNX and candle logits differ by {:.3e} (max abs) at step {}, tolerance {:.1e}",
-                    r.max_abs_diff, r.worst_step, opts.tolerance
+                    "ONNX and candle logits differ by {:.3e} (max abs) at step {}; logits reach {:.3}, which allows {:.3e} (tolerance {:.1e} per unit of logit)",
+                    r.max_abs_diff,
+                    r.worst_step,
+                    r.logit_scale,
+                    allowed_diff(opts.tolerance, r.logit_scale),
+                    opts.tolerance
                 ),
             });
         }

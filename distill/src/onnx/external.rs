@@ -4,6 +4,7 @@
 //! named by the file, an offset and a length.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
 
 use super::proto::{DataLocation, StringStringEntryProto, TensorProto};
@@ -37,26 +38,29 @@ fn is_external(t: &TensorProto) -> bool {
     t.data_location == Some(DataLocation::External as i32) || !t.external_data.is_empty()
 }
 
-/// Moves the bytes of every initializer of at least [`MIN_EXTERNAL_BYTES`] into one blob, to be
-/// written as the file `location` beside the graph; returns the blob.
-pub fn externalize(model: &mut ModelProto, location: &str) -> Vec<u8> {
-    let mut blob = Vec::new();
+/// Moves the bytes of every initializer of at least [`MIN_EXTERNAL_BYTES`] into `out`, the
+/// file `location` beside the graph, and points the initializers at them; returns the bytes
+/// written. Each tensor's bytes are freed once written, so the weights are never held twice.
+pub fn externalize(model: &mut ModelProto, location: &str, out: &mut dyn Write) -> std::io::Result<u64> {
+    let mut written = 0usize;
     for t in model.graph.iter_mut().flat_map(|g| &mut g.initializer) {
         if t.raw_data.len() < MIN_EXTERNAL_BYTES || is_external(t) {
             continue;
         }
-        blob.resize(blob.len().next_multiple_of(ALIGN), 0);
-        let offset = blob.len();
-        blob.extend_from_slice(&std::mem::take(&mut t.raw_data));
+        let offset = written.next_multiple_of(ALIGN);
+        out.write_all(&[0u8; ALIGN][..offset - written])?;
+        let bytes = std::mem::take(&mut t.raw_data);
+        out.write_all(&bytes)?;
+        written = offset + bytes.len();
         let entry = |key: &str, value: String| StringStringEntryProto { key: key.into(), value };
         t.external_data = vec![
             entry("location", location.into()),
             entry("offset", offset.to_string()),
-            entry("length", (blob.len() - offset).to_string()),
+            entry("length", bytes.len().to_string()),
         ];
         t.data_location = Some(DataLocation::External as i32);
     }
-    blob
+    Ok(written as u64)
 }
 
 /// Reads every externally stored initializer of `model` (files relative to `dir`) back into the
@@ -109,6 +113,13 @@ mod tests {
         TensorProto { name: name.into(), raw_data: (0..bytes).map(|i| (i % 251) as u8).collect(), ..Default::default() }
     }
 
+    fn external_blob(m: &mut ModelProto, location: &str) -> Vec<u8> {
+        let mut blob = Vec::new();
+        let written = externalize(m, location, &mut blob).unwrap();
+        assert_eq!(written as usize, blob.len());
+        blob
+    }
+
     #[test]
     fn weights_go_out_aligned_and_come_back_the_same() {
         let graph = GraphProto {
@@ -117,7 +128,7 @@ mod tests {
         };
         let original = ModelProto { graph: Some(graph), ..Default::default() };
         let mut m = original.clone();
-        let blob = externalize(&mut m, "model.onnx.data");
+        let blob = external_blob(&mut m, "model.onnx.data");
         let g = m.graph.as_ref().unwrap();
         assert_eq!(data_files(&m), ["model.onnx.data"]);
         assert!(g.initializer[0].raw_data.is_empty() && g.initializer[2].raw_data.is_empty());
@@ -131,12 +142,12 @@ mod tests {
         assert_eq!(m, original);
         // A data file cut short, and one outside the folder, are errors that name the tensor.
         let mut m2 = original.clone();
-        let blob = externalize(&mut m2, "model.onnx.data");
+        let blob = external_blob(&mut m2, "model.onnx.data");
         std::fs::write(dir.path().join("model.onnx.data"), &blob[..2000]).unwrap();
         let err = internalize(&mut m2.clone(), dir.path()).unwrap_err().to_string();
         assert!(err.contains("`big`") && err.contains("past the end"), "{err}");
         let mut m3 = original;
-        externalize(&mut m3, "../elsewhere.data");
+        external_blob(&mut m3, "../elsewhere.data");
         let err = internalize(&mut m3, dir.path()).unwrap_err().to_string();
         assert!(err.contains("outside the model's folder"), "{err}");
     }

@@ -112,11 +112,6 @@ impl GraphBuilder {
         }
     }
 
-    /// Total bytes of initializer data.
-    pub fn initializer_bytes(&self) -> usize {
-        self.initializers.iter().map(|t| t.raw_data.len()).sum()
-    }
-
     /// The finished model with the given operator set versions.
     pub fn finish(self, onnx_opset: i64, ms_opset: Option<i64>, producer_version: &str) -> ModelProto {
         let mut opset_import = vec![OperatorSetIdProto { domain: String::new(), version: onnx_opset }];
