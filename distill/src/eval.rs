@@ -4,7 +4,7 @@
 //! Bundles are scored through the edgelm runtime (ONNX Runtime), so an export error shows up as
 //! a lower score rather than hiding behind the reference model. Checkpoints are answered the
 //! same way from a temporary export that first passes the export check (logits within 1e-4 of
-//! candle's): greedy decoding one request at a time is about 20x faster in ONNX Runtime than in
+//! candle's per unit of the largest logit): greedy decoding one request at a time is about 20x faster in ONNX Runtime than in
 //! candle. Where the export or the runtime is not available they are answered in candle.
 //! Perplexity is always computed in candle.
 

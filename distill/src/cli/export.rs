@@ -321,9 +321,9 @@ pub struct ExportArgs {
     /// Skip the ONNX-vs-candle check.
     #[arg(long)]
     no_verify: bool,
-    /// Largest allowed max-abs logit difference in the check, per unit of the largest logit
-    /// (logits under 1 in magnitude count as 1): fp32 sums in another order differ more on
-    /// larger values.
+    /// Largest allowed max-abs difference in the check, per unit of the largest value compared
+    /// (each decode step's logits, or an encoder's embedding; values under 1 in magnitude count
+    /// as 1): fp32 sums taken in another order differ more on larger values.
     #[arg(long, default_value_t = 1e-4)]
     tolerance: f32,
     /// Keep the weights in model.onnx.data beside the graph (ONNX external data) even when one

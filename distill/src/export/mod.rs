@@ -258,7 +258,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
         if !r.passed {
             return Err(Error::ExportMismatch {
                 what: format!(
-                    "ONNX and candle logits differ by {:.3e} (max abs) at step {}; logits reach {:.3}, which allows {:.3e} (tolerance {:.1e} per unit of logit)",
+                    "ONNX and candle logits differ by up to {:.3e} (max abs); at step {} (logits up to {:.3}) the difference passes the {:.3e} allowed (tolerance {:.1e} per unit of logit)",
                     r.max_abs_diff,
                     r.worst_step,
                     r.logit_scale,

@@ -21,10 +21,10 @@ pub const DECODE_STEPS: usize = 8;
 pub struct VerifyReport {
     /// Largest absolute logit difference over all checked positions.
     pub max_abs_diff: f32,
-    /// Largest absolute reference logit over all checked positions: the tolerance is relative
-    /// to it (see [`allowed_diff`]).
+    /// Largest absolute reference logit at `worst_step`: the tolerance is relative to each
+    /// step's own (see [`allowed_diff`]).
     pub logit_scale: f32,
-    /// Step with the largest difference (0 = prefill).
+    /// Step with the largest difference against what its logits allow (0 = prefill).
     pub worst_step: usize,
     /// Whether every step was within tolerance.
     pub passed: bool,
@@ -239,33 +239,60 @@ fn compare(
     let prompt = check_prompt(vocab, check_prompt_len(context));
     let mut state = decoder.start(prompt.len() + DECODE_STEPS)?;
     let mut input = prompt.clone();
-    let (mut worst, mut worst_step, mut scale) = (0f32, 0usize, 0f32);
+    let mut steps = StepTolerance::new(tolerance);
     let (mut kl, mut agree) = (0f64, 0usize);
     for step in 0..=DECODE_STEPS {
         let reference = reference(&input)?;
-        scale = scale.max(magnitude(&reference));
         let onnx = decoder.forward(&mut state, &input)?;
-        let diff = max_abs_diff(&reference, onnx);
+        steps.add(step, &reference, onnx);
         kl += kl_divergence(&reference, onnx);
         // Follow the reference's greedy choice so both sides see the same tokens.
         let next = edgelm_runtime::sampling::argmax(&reference);
         agree += usize::from(edgelm_runtime::sampling::argmax(onnx) == next);
-        if diff > worst {
-            worst = diff;
-            worst_step = step;
-        }
         input = vec![next];
     }
     Ok(VerifyReport {
-        max_abs_diff: worst,
-        logit_scale: scale,
-        worst_step,
-        passed: worst <= allowed_diff(tolerance, scale),
+        max_abs_diff: steps.max_abs_diff,
+        logit_scale: steps.worst_scale,
+        worst_step: steps.worst_step,
+        passed: steps.passed(),
         prompt_tokens: prompt.len(),
         decode_steps: DECODE_STEPS,
         mean_kl: kl / (DECODE_STEPS + 1) as f64,
         top1_agreement: agree as f64 / (DECODE_STEPS + 1) as f64,
     })
+}
+
+/// Steps of a check, each held to the tolerance its own logits allow: large logits at one step
+/// allow nothing at another.
+struct StepTolerance {
+    tolerance: f32,
+    max_abs_diff: f32,
+    /// The largest difference over what its step allows, its step and that step's logit scale.
+    worst_share: f32,
+    worst_step: usize,
+    worst_scale: f32,
+}
+
+impl StepTolerance {
+    fn new(tolerance: f32) -> Self {
+        StepTolerance { tolerance, max_abs_diff: 0.0, worst_share: 0.0, worst_step: 0, worst_scale: 0.0 }
+    }
+
+    fn add(&mut self, step: usize, reference: &[f32], candidate: &[f32]) {
+        let (diff, scale) = (max_abs_diff(reference, candidate), magnitude(reference));
+        // A NaN share (non-finite values) counts as the worst.
+        let share = if diff == 0.0 { 0.0 } else { diff / allowed_diff(self.tolerance, scale) };
+        let share = if share.is_nan() { f32::INFINITY } else { share };
+        if share > self.worst_share {
+            (self.worst_share, self.worst_step, self.worst_scale) = (share, step, scale);
+        }
+        self.max_abs_diff = self.max_abs_diff.max(diff);
+    }
+
+    fn passed(&self) -> bool {
+        self.worst_share <= 1.0
+    }
 }
 
 #[cfg(test)]
@@ -285,5 +312,18 @@ mod tests {
         assert_eq!(magnitude(&[0.5, -30.0, f32::NAN, f32::INFINITY, 2.0]), 30.0);
         assert_eq!(allowed_diff(1e-4, 0.2), 1e-4);
         assert!((allowed_diff(1e-4, 30.0) - 3e-3).abs() < 1e-9);
+        // Step 0's logits of 100 allow 1e-2; step 1's of 0.5 allow only 1e-4, which 5e-3 passes.
+        let mut steps = StepTolerance::new(1e-4);
+        steps.add(0, &[100.0, -3.0], &[100.005, -3.0]);
+        assert!(steps.passed());
+        steps.add(1, &[0.5, 0.1], &[0.505, 0.1]);
+        assert!(!steps.passed());
+        assert_eq!((steps.worst_step, steps.worst_scale), (1, 0.5));
+        assert!((steps.max_abs_diff - 5e-3).abs() < 1e-4);
+        let mut exact = StepTolerance::new(0.0);
+        exact.add(0, &[1.0], &[1.0]);
+        assert!(exact.passed());
+        exact.add(1, &[1.0], &[f32::NAN]);
+        assert!(!exact.passed());
     }
 }

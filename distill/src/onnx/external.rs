@@ -49,8 +49,10 @@ pub fn externalize(model: &mut ModelProto, location: &str, out: &mut dyn Write) 
         }
         let offset = written.next_multiple_of(ALIGN);
         out.write_all(&[0u8; ALIGN][..offset - written])?;
+        // Freed only once written: after an error the model still holds this tensor (earlier
+        // ones point into a data file cut short, which the caller discards).
+        out.write_all(&t.raw_data)?;
         let bytes = std::mem::take(&mut t.raw_data);
-        out.write_all(&bytes)?;
         written = offset + bytes.len();
         let entry = |key: &str, value: String| StringStringEntryProto { key: key.into(), value };
         t.external_data = vec![
