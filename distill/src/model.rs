@@ -176,6 +176,8 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// Norms over each query and key head before rotary embedding (Qwen3).
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
 }
 
 impl Attention {
@@ -193,6 +195,10 @@ impl Attention {
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
+            qk_norm: w.qk_norm.as_ref().map(|(q, k)| {
+                let norm = |weight: &Tensor| RmsNorm { weight: weight.clone(), eps: c.rms_norm_eps };
+                (norm(q), norm(k))
+            }),
         })
     }
 
@@ -207,8 +213,13 @@ impl Attention {
         let (b, s, _) = x.dims3()?;
         let start = cache.as_ref().map(|(k, _)| k.dims()[2]).unwrap_or(0);
         let split = |t: Tensor, n: usize| t.reshape((b, s, n, self.head_dim))?.transpose(1, 2);
-        let q = split(self.q_proj.forward(x)?, self.heads)?;
-        let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
+        let (mut q, mut k) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?);
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            q = q_norm.forward(&q.reshape((b, s, self.heads, self.head_dim))?)?;
+            k = k_norm.forward(&k.reshape((b, s, self.kv_heads, self.head_dim))?)?;
+        }
+        let q = split(q, self.heads)?;
+        let k = split(k, self.kv_heads)?;
         let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
         let q = rotary.apply(&q.contiguous()?, start)?;
         let k = rotary.apply(&k.contiguous()?, start)?;

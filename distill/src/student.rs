@@ -82,6 +82,11 @@ pub fn init_student(
         for n in [names::INPUT_NORM, names::POST_ATTENTION_NORM] {
             out.insert(names::in_layer(i, n), rows(get(&names::in_layer(l, n))?)?);
         }
+        if t.qk_norm() {
+            for n in [names::Q_NORM, names::K_NORM] {
+                out.insert(names::in_layer(i, n), get(&names::in_layer(l, n))?.clone());
+            }
+        }
         for p in ["q_proj", "k_proj", "v_proj"] {
             out.insert(dst(p, "weight"), cols(get(&src(p, "weight"))?)?);
             if t.qkv_bias {
@@ -136,6 +141,21 @@ mod tests {
         let b = LlamaModel::from_tensors(&scfg, &sw).unwrap().forward(&ids, &mut Default::default()).unwrap();
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(diff, 0.0);
+    }
+
+    #[test]
+    fn a_qwen3_student_keeps_the_head_norms_of_its_layers() {
+        let cfg = preset_config("tiny-qwen3").unwrap();
+        let w = random_weights(&cfg, 4).unwrap();
+        let shape = StudentShape { layers: vec![1], intermediate_size: Some(64), hidden_size: Some(48) };
+        let (scfg, sw) = init_student(&cfg, &w, &shape).unwrap();
+        let m = LlamaModel::from_tensors(&scfg, &sw).unwrap();
+        let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+        assert_eq!(m.forward(&ids, &mut Default::default()).unwrap().dims(), &[1, 3, cfg.vocab_size]);
+        for n in [names::Q_NORM, names::K_NORM] {
+            let norm = |m: &HashMap<String, Tensor>, l: usize| m[&names::in_layer(l, n)].to_vec1::<f32>().unwrap();
+            assert_eq!(norm(&sw, 0), norm(&w, 1), "{n}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use edgelm_distill::LlamaModel;
 
 #[test]
 fn every_weight_gets_a_nonzero_gradient() {
-    for preset in ["tiny", "tiny-tied", "tiny-qwen2", "tiny-llama3"] {
+    for preset in ["tiny", "tiny-tied", "tiny-qwen2", "tiny-llama3", "tiny-qwen3"] {
         let cfg = preset_config(preset).unwrap();
         let vars: HashMap<String, Var> =
             random_weights(&cfg, 5).unwrap().into_iter().map(|(k, t)| (k, Var::from_tensor(&t).unwrap())).collect();

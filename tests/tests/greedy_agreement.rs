@@ -1,5 +1,5 @@
 //! Conformance: for every tiny preset (GQA, tied embeddings, Qwen2 bias, llama3 rope scaling,
-//! a wide-head Mistral), the exported bundle run by `edgelm` gives the same greedy tokens as the
+//! a wide-head Mistral, Qwen3 head norms), the exported bundle run by `edgelm` gives the same greedy tokens as the
 //! candle reference, in both KV cache modes, and as onnxruntime-genai; the graph passes
 //! onnx.checker.
 
@@ -9,7 +9,7 @@ use candle_core::Device;
 use edgelm_distill::{Checkpoint, LlamaModel};
 use edgelm_e2e::{bundle, checkpoint, csv, edgelm, ids, json_ok, python, root, run};
 
-const PRESETS: [&str; 5] = ["tiny", "tiny-tied", "tiny-qwen2", "tiny-llama3", "tiny-mistral"];
+const PRESETS: [&str; 6] = ["tiny", "tiny-tied", "tiny-qwen2", "tiny-llama3", "tiny-mistral", "tiny-qwen3"];
 const NEW: usize = 24;
 
 fn prompt() -> Vec<u32> {
@@ -125,13 +125,18 @@ fn heads_of_any_even_size_export_decode_and_quantize() {
     use edgelm_distill::checkpoint::preset::{preset_config, random_weights};
     use edgelm_distill::checkpoint::write::{write_checkpoint, WriteOptions};
     use edgelm_distill::export::{export, quantize_bundle, ExportOptions};
-    // (hidden, heads, kv heads, head_dim, tied)
-    for (hidden, heads, kv_heads, head_dim, tied) in [(16, 4, 2, 4, true), (64, 8, 4, 8, false), (144, 2, 1, 72, false)]
-    {
-        let mut cfg = preset_config("tiny").unwrap();
+    // (preset, hidden, heads, kv heads, head_dim, tied); Qwen3 normalises each head before it
+    // is padded.
+    for (preset, hidden, heads, kv_heads, head_dim, tied) in [
+        ("tiny", 16, 4, 2, 4, true),
+        ("tiny", 64, 8, 4, 8, false),
+        ("tiny", 144, 2, 1, 72, false),
+        ("tiny-qwen3", 48, 4, 2, 24, true),
+    ] {
+        let mut cfg = preset_config(preset).unwrap();
         (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) = (hidden, heads, kv_heads);
         (cfg.head_dim, cfg.tie_word_embeddings) = (head_dim, tied);
-        let name = format!("head-dim-{head_dim}");
+        let name = format!("{preset}-head-dim-{head_dim}");
         let ck_dir = edgelm_e2e::scratch().join("ck").join(&name);
         write_checkpoint(&ck_dir, &cfg, &random_weights(&cfg, 3).unwrap(), WriteOptions::default()).unwrap();
         let ck = Checkpoint::load(&ck_dir).unwrap();

@@ -21,6 +21,9 @@ pub enum Architecture {
     Mistral,
     /// `Qwen2ForCausalLM`: bias on the q/k/v projections.
     Qwen2,
+    /// `Qwen3ForCausalLM`: an RMSNorm over each query and key head before rotary embedding
+    /// (`q_norm`, `k_norm`), no projection bias unless `attention_bias`.
+    Qwen3,
 }
 
 impl Architecture {
@@ -30,6 +33,7 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
         }
     }
 
@@ -39,6 +43,7 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 
@@ -47,12 +52,14 @@ impl Architecture {
             Some("llama") => Some(Architecture::Llama),
             Some("mistral") => Some(Architecture::Mistral),
             Some("qwen2") => Some(Architecture::Qwen2),
+            Some("qwen3") => Some(Architecture::Qwen3),
             _ => None,
         };
         let by_class = architectures.iter().find_map(|a| match a.as_str() {
             "LlamaForCausalLM" => Some(Architecture::Llama),
             "MistralForCausalLM" => Some(Architecture::Mistral),
             "Qwen2ForCausalLM" => Some(Architecture::Qwen2),
+            "Qwen3ForCausalLM" => Some(Architecture::Qwen3),
             _ => None,
         });
         by_type.or(by_class).ok_or_else(|| Error::UnsupportedArchitecture {
@@ -316,7 +323,7 @@ impl ModelConfig {
         let rope = parse_rope(raw.rope_theta, raw.rope_scaling.as_ref(), raw.rope_parameters.as_ref())?;
         let sliding_window = match architecture {
             Architecture::Mistral => raw.sliding_window,
-            Architecture::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
+            Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window == Some(true) => raw.sliding_window,
             _ => None,
         }
         .filter(|w| *w < raw.max_position_embeddings);
@@ -394,6 +401,11 @@ impl ModelConfig {
                 obj.insert("use_sliding_window".into(), Value::from(self.sliding_window.is_some()));
                 obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
             }
+            Architecture::Qwen3 => {
+                obj.insert("use_sliding_window".into(), Value::from(self.sliding_window.is_some()));
+                obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
+                obj.insert("attention_bias".into(), Value::from(self.qkv_bias));
+            }
             Architecture::Mistral => {
                 obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
             }
@@ -410,6 +422,12 @@ impl ModelConfig {
         self.num_attention_heads * self.head_dim
     }
 
+    /// Whether each query and key head is RMS-normalised (weights `[head_dim]`) before rotary
+    /// embedding, as Qwen3 does.
+    pub fn qk_norm(&self) -> bool {
+        self.architecture == Architecture::Qwen3
+    }
+
     /// Key/value projection width (`num_key_value_heads * head_dim`).
     pub fn kv_dim(&self) -> usize {
         self.num_key_value_heads * self.head_dim
@@ -424,7 +442,7 @@ impl ModelConfig {
             + if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 }
             + if self.o_bias { h } else { 0 };
         let mlp = 3 * h * self.intermediate_size + if self.mlp_bias { 2 * self.intermediate_size + h } else { 0 };
-        let per_layer = attn + mlp + 2 * h;
+        let per_layer = attn + mlp + 2 * h + if self.qk_norm() { 2 * self.head_dim } else { 0 };
         let emb = self.vocab_size * h;
         emb + if self.tie_word_embeddings { 0 } else { emb } + self.num_hidden_layers * per_layer + h
     }
@@ -489,5 +507,23 @@ mod tests {
         let back = ModelConfig::from_hf_json(&c.to_hf_json().to_string()).unwrap();
         assert_eq!(c, back);
         assert_eq!(back.eos_token_ids, vec![1, 2]);
+    }
+
+    #[test]
+    fn qwen3_normalises_its_heads_and_round_trips() {
+        // As Qwen3-0.6B's config.json states it: head_dim apart from hidden / heads, a sliding
+        // window that is off.
+        let text = r#"{"architectures":["Qwen3ForCausalLM"],"model_type":"qwen3","vocab_size":100,"hidden_size":64,
+            "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+            "head_dim":32,"max_position_embeddings":256,"rms_norm_eps":1e-6,"rope_theta":1000000,
+            "attention_bias":false,"use_sliding_window":false,"sliding_window":null,"max_window_layers":28,
+            "tie_word_embeddings":true,"hidden_act":"silu"}"#;
+        let c = ModelConfig::from_hf_json(text).unwrap();
+        assert_eq!(c.architecture, Architecture::Qwen3);
+        assert!(c.qk_norm() && !c.qkv_bias && !c.o_bias && c.sliding_window.is_none());
+        assert_eq!((c.head_dim, c.q_dim()), (32, 128));
+        assert!(!parse("").unwrap().qk_norm());
+        let back = ModelConfig::from_hf_json(&c.to_hf_json().to_string()).unwrap();
+        assert_eq!(c, back);
     }
 }

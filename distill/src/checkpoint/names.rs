@@ -12,6 +12,11 @@ pub const INPUT_NORM: &str = "input_layernorm.weight";
 /// Layer norm before the MLP, inside a layer.
 pub const POST_ATTENTION_NORM: &str = "post_attention_layernorm.weight";
 
+/// RMSNorm over each query head `[head_dim]` (Qwen3), inside a layer.
+pub const Q_NORM: &str = "self_attn.q_norm.weight";
+/// RMSNorm over each key head `[head_dim]` (Qwen3), inside a layer.
+pub const K_NORM: &str = "self_attn.k_norm.weight";
+
 /// Prefix of layer `i`'s tensors: `model.layers.{i}`.
 pub fn layer(i: usize) -> String {
     format!("model.layers.{i}")

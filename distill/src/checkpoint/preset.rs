@@ -28,12 +28,13 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>
 const CORPUS: &str = include_str!("preset_corpus.txt");
 
 /// The names `init --preset` accepts, with a one-line description each.
-pub const PRESETS: [(&str, &str); 6] = [
+pub const PRESETS: [(&str, &str); 7] = [
     ("tiny", "llama, 2 layers, GQA 4/2 heads, untied embeddings"),
     ("tiny-tied", "llama, 2 layers, 4 heads without GQA, tied embeddings"),
     ("tiny-qwen2", "qwen2, 2 layers, GQA 4/2, q/k/v bias, tied embeddings"),
     ("tiny-llama3", "llama, 3 layers, GQA 8/2, llama3 rope scaling, rope_theta 500000"),
     ("tiny-mistral", "mistral, 2 layers, GQA 4/1, head_dim 32 wider than hidden/heads"),
+    ("tiny-qwen3", "qwen3, 2 layers, GQA 4/2, q/k head norms, head_dim 32, tied"),
     ("smollm2-135m", "the shape of SmolLM2-135M: 30 layers, 576 wide, GQA 9/3, vocab 49152"),
 ];
 
@@ -90,6 +91,9 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
         "tiny-mistral" => {
             ModelConfig { architecture: Architecture::Mistral, num_key_value_heads: 1, head_dim: 32, ..tiny }
         }
+        "tiny-qwen3" => {
+            ModelConfig { architecture: Architecture::Qwen3, head_dim: 32, tie_word_embeddings: true, ..tiny }
+        }
         "smollm2-135m" => ModelConfig {
             vocab_size: 49152,
             hidden_size: 576,
@@ -129,6 +133,10 @@ pub fn random_weights(config: &ModelConfig, seed: u64) -> Result<HashMap<String,
     for i in 0..c.num_hidden_layers {
         put(names::in_layer(i, names::INPUT_NORM), &[h], 1.0, 0.1)?;
         put(names::in_layer(i, names::POST_ATTENTION_NORM), &[h], 1.0, 0.1)?;
+        if c.qk_norm() {
+            put(names::in_layer(i, names::Q_NORM), &[c.head_dim], 1.0, 0.1)?;
+            put(names::in_layer(i, names::K_NORM), &[c.head_dim], 1.0, 0.1)?;
+        }
         for (proj, out_dim) in [("q_proj", c.q_dim()), ("k_proj", c.kv_dim()), ("v_proj", c.kv_dim())] {
             put(format!("{}.weight", names::projection(i, proj)), &[out_dim, h], 0.0, lin(h))?;
             if c.qkv_bias {

@@ -30,6 +30,9 @@ pub struct LayerWeights {
     pub input_norm: Tensor,
     /// RMSNorm before the MLP `[hidden]`.
     pub post_attention_norm: Tensor,
+    /// RMSNorm weights over each query and key head `[head_dim]`, applied before rotary
+    /// embedding (Qwen3); `None` in the other families.
+    pub qk_norm: Option<(Tensor, Tensor)>,
     /// Query projection `[heads * head_dim, hidden]`.
     pub q: Projection,
     /// Key projection `[kv_heads * head_dim, hidden]`.
@@ -95,6 +98,12 @@ impl DecoderWeights {
             layers.push(LayerWeights {
                 input_norm: get(&names::in_layer(i, names::INPUT_NORM), &[h])?,
                 post_attention_norm: get(&names::in_layer(i, names::POST_ATTENTION_NORM), &[h])?,
+                qk_norm: if c.qk_norm() {
+                    let d = &[c.head_dim];
+                    Some((get(&names::in_layer(i, names::Q_NORM), d)?, get(&names::in_layer(i, names::K_NORM), d)?))
+                } else {
+                    None
+                },
                 q: proj(i, "q_proj", c.q_dim(), h, c.qkv_bias)?,
                 k: proj(i, "k_proj", c.kv_dim(), h, c.qkv_bias)?,
                 v: proj(i, "v_proj", c.kv_dim(), h, c.qkv_bias)?,

@@ -58,7 +58,7 @@ pub(crate) fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<Model
     g.set_scope("/model/embed_tokens");
     let embed_name = g.init_f32(names::EMBED, &[c.vocab_size, h], &flat(&w.embed)?);
     let mut residual = g.op("Gather", &[&embed_name, "input_ids"], vec![Attr::int("axis", 0)]);
-    let mut x = first_norm(&mut g, c, &w.layers[0].input_norm, &residual)?;
+    let mut x = first_norm(&mut g, c, &shared.norm, &w.layers[0].input_norm, &residual)?;
 
     let layers = c.num_hidden_layers;
     for (i, layer) in w.layers.iter().enumerate() {
@@ -128,6 +128,15 @@ struct AttentionInputs {
     sin: String,
     /// The constant `[1]` (axis 1), also used by the LM head's slice.
     axis1: String,
+    /// Constants of the RMSNorms written as plain operators.
+    norm: NormConstants,
+}
+
+/// The constants an RMSNorm in plain operators reads: the exponent 2, epsilon, the last axis.
+struct NormConstants {
+    two: String,
+    eps: String,
+    axis_last: String,
 }
 
 /// The mask bookkeeping shared by every layer, computed as genai's models do, and the rotary
@@ -147,7 +156,12 @@ fn attention_inputs(g: &mut GraphBuilder, c: &ModelConfig) -> AttentionInputs {
     let half = cache_head_size(c) / 2;
     let cos = g.init_f32("cos_cache", &[c.max_position_embeddings, half], &cos);
     let sin = g.init_f32("sin_cache", &[c.max_position_embeddings, half], &sin);
-    AttentionInputs { seqlens_k, total, cos, sin, axis1 }
+    let norm = NormConstants {
+        two: g.init_f32("/model/constants/two", &[], &[2.0]),
+        eps: g.init_f32("/model/constants/rms_eps", &[], &[c.rms_norm_eps as f32]),
+        axis_last: g.init_i64("/model/constants/axes_last", &[1], &[-1]),
+    };
+    AttentionInputs { seqlens_k, total, cos, sin, axis1, norm }
 }
 
 /// The head size of the graph's attention and KV cache: the checkpoint's `head_dim` rounded up
@@ -173,21 +187,29 @@ fn padded_rotary_table(c: &ModelConfig, table: &[f32], fill: f32) -> Vec<f32> {
     out
 }
 
-/// The first RMSNorm, which has no residual to add: plain ops in the pattern ORT fuses into one
-/// SimplifiedLayerNormalization (kept standard so onnx.checker accepts the file).
-fn first_norm(g: &mut GraphBuilder, c: &ModelConfig, weight: &Tensor, input: &str) -> Result<String> {
-    let h = c.hidden_size;
+/// The first RMSNorm, which has no residual to add (kept standard so onnx.checker accepts the
+/// file).
+fn first_norm(
+    g: &mut GraphBuilder,
+    c: &ModelConfig,
+    k: &NormConstants,
+    weight: &Tensor,
+    input: &str,
+) -> Result<String> {
     g.set_scope("/model/layers.0/input_layernorm");
-    let w0 = g.init_f32(&names::in_layer(0, names::INPUT_NORM), &[h], &flat(weight)?);
-    let two = g.init_f32("/model/constants/two", &[], &[2.0]);
-    let eps = g.init_f32("/model/constants/rms_eps", &[], &[c.rms_norm_eps as f32]);
-    let axis_last = g.init_i64("/model/constants/axes_last", &[1], &[-1]);
-    let sq = g.op("Pow", &[input, &two], vec![]);
-    let mean = g.op("ReduceMean", &[&sq, &axis_last], vec![Attr::int("keepdims", 1)]);
-    let plus = g.op("Add", &[&mean, &eps], vec![]);
+    let w0 = g.init_f32(&names::in_layer(0, names::INPUT_NORM), &[c.hidden_size], &flat(weight)?);
+    Ok(rms_norm(g, k, &w0, input))
+}
+
+/// RMSNorm over the last axis of `input` in plain operators, the pattern ONNX Runtime fuses
+/// into one SimplifiedLayerNormalization kernel.
+fn rms_norm(g: &mut GraphBuilder, k: &NormConstants, weight: &str, input: &str) -> String {
+    let sq = g.op("Pow", &[input, &k.two], vec![]);
+    let mean = g.op("ReduceMean", &[&sq, &k.axis_last], vec![Attr::int("keepdims", 1)]);
+    let plus = g.op("Add", &[&mean, &k.eps], vec![]);
     let root = g.op("Sqrt", &[&plus], vec![]);
     let normed = g.op("Div", &[input, &root], vec![]);
-    Ok(g.op("Mul", &[&normed, &w0], vec![]))
+    g.op("Mul", &[&normed, weight], vec![])
 }
 
 /// Layer `i`'s attention: packed q/k/v projection, GroupQueryAttention (rotary and the KV cache
@@ -214,7 +236,28 @@ fn attention(
     }
     let padded = cache_head_size(c) != c.head_dim;
     let attn_out = format!("/model/layers.{i}/attn/GroupQueryAttention/output_0");
-    let (q, k, v) = if padded { pad_heads(g, c, i, &packed) } else { (packed, String::new(), String::new()) };
+    // GroupQueryAttention takes q/k/v packed unless something happens to them between the
+    // projection and the rotary embedding it applies.
+    let (q, k, v) = if padded || layer.qk_norm.is_some() {
+        let sizes = g.init_i64(
+            &format!("/model/layers.{i}/attn/qkv_split_sizes"),
+            &[3],
+            &[c.q_dim() as i64, c.kv_dim() as i64, c.kv_dim() as i64],
+        );
+        let parts = g.node("Split", "", &[&packed, &sizes], 3, vec![Attr::int("axis", -1)]);
+        let (mut q, mut k, v) = (parts[0].clone(), parts[1].clone(), parts[2].clone());
+        if let Some((q_norm, k_norm)) = &layer.qk_norm {
+            q = head_norm(g, c, i, names::Q_NORM, q_norm, &q, c.num_attention_heads, &shared.norm)?;
+            k = head_norm(g, c, i, names::K_NORM, k_norm, &k, c.num_key_value_heads, &shared.norm)?;
+        }
+        if padded {
+            pad_heads(g, c, i, [q, k, v])
+        } else {
+            (q, k, v)
+        }
+    } else {
+        (packed, String::new(), String::new())
+    };
     let AttentionInputs { seqlens_k, total, cos, sin, .. } = shared;
     g.node_named(
         "GroupQueryAttention",
@@ -243,16 +286,37 @@ fn attention(
     projection(g, &format!("{p}.self_attn.o_proj"), &layer.o, &heads_out)
 }
 
-/// Splits the packed q/k/v projection and pads every head from `head_dim` to
-/// `cache_head_size` with zeros. Query and key heads are padded half by half, since rotary
-/// embedding pairs element `j` with `j + size / 2`; value heads at their end. Zeros change no
-/// attention score, and the padded columns of the output are dropped by `unpad_heads`.
-fn pad_heads(g: &mut GraphBuilder, c: &ModelConfig, i: usize, packed: &str) -> (String, String, String) {
+/// RMSNorm over each of the `heads` heads of `x` `[batch, seq, heads * head_dim]` with the
+/// layer's weight `[head_dim]` named `name` (Qwen3's q_norm and k_norm).
+#[allow(clippy::too_many_arguments)]
+fn head_norm(
+    g: &mut GraphBuilder,
+    c: &ModelConfig,
+    i: usize,
+    name: &str,
+    weight: &Tensor,
+    x: &str,
+    heads: usize,
+    k: &NormConstants,
+) -> Result<String> {
+    let d = c.head_dim as i64;
+    let full = names::in_layer(i, name);
+    let w = g.init_f32(&full, &[c.head_dim], &flat(weight)?);
+    let split = g.init_i64(&format!("{full}/heads_shape"), &[4], &[0, 0, heads as i64, d]);
+    let joined = g.init_i64(&format!("{full}/joined_shape"), &[3], &[0, 0, heads as i64 * d]);
+    let x = g.op("Reshape", &[x, &split], vec![]);
+    let x = rms_norm(g, k, &w, &x);
+    Ok(g.op("Reshape", &[&x, &joined], vec![]))
+}
+
+/// Pads every head of the split q, k and v from `head_dim` to `cache_head_size` with zeros.
+/// Query and key heads are padded half by half, since rotary embedding pairs element `j` with
+/// `j + size / 2`; value heads at their end. Zeros change no attention score, and the padded
+/// columns of the output are dropped by `unpad_heads`.
+fn pad_heads(g: &mut GraphBuilder, c: &ModelConfig, i: usize, [q, k, v]: [String; 3]) -> (String, String, String) {
     let (d, size) = (c.head_dim as i64, cache_head_size(c) as i64);
     let (heads, kv_heads) = (c.num_attention_heads as i64, c.num_key_value_heads as i64);
     let scope = format!("/model/layers.{i}/attn/pad_heads");
-    let sizes = g.init_i64(&format!("{scope}/split_sizes"), &[3], &[heads * d, kv_heads * d, kv_heads * d]);
-    let parts = g.node("Split", "", &[packed, &sizes], 3, vec![Attr::int("axis", -1)]);
     let mut pad = |x: &str, n: i64, halves: i64, what: &str| {
         let split = g.init_i64(&format!("{scope}/{what}_split_shape"), &[5], &[0, 0, n, halves, d / halves]);
         let pads =
@@ -262,10 +326,7 @@ fn pad_heads(g: &mut GraphBuilder, c: &ModelConfig, i: usize, packed: &str) -> (
         let x = g.op("Pad", &[&x, &pads], vec![]);
         g.op("Reshape", &[&x, &joined], vec![])
     };
-    let q = pad(&parts[0], heads, 2, "query");
-    let k = pad(&parts[1], kv_heads, 2, "key");
-    let v = pad(&parts[2], kv_heads, 1, "value");
-    (q, k, v)
+    (pad(&q, heads, 2, "query"), pad(&k, kv_heads, 2, "key"), pad(&v, kv_heads, 1, "value"))
 }
 
 /// Drops the padded columns of every head of the attention output (`pad_heads`).
