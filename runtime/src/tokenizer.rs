@@ -90,12 +90,30 @@ impl TextCodec {
     }
 }
 
-/// Renders a Jinja chat template as transformers does: `messages`, `add_generation_prompt`,
-/// `bos_token`, `eos_token` and `raise_exception`, with loop controls (`break`, `continue`).
-pub(crate) fn render_chat_template(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) -> Result<String> {
+/// Renders a Jinja chat template as transformers' `apply_chat_template` does: blocks trimmed
+/// (`trim_blocks`, `lstrip_blocks`: the newline after a tag and the indentation before one are
+/// not output), loop controls, Python's string methods (`startswith`, `split`, `strip`, ...,
+/// which Qwen's templates call), the functions `raise_exception` and `strftime_now` (UTC), and
+/// the variables `messages`, `add_generation_prompt` (true), `tools` and `documents` (none),
+/// `bos_token` and `eos_token`.
+pub fn render_chat_template(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) -> Result<String> {
     let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_filter("tojson", |value: minijinja::Value, kwargs: minijinja::value::Kwargs| {
+        let indent: Option<usize> = kwargs.get("indent")?;
+        kwargs.assert_all_used()?;
+        let mut out = String::new();
+        python_json(&value, indent, 0, &mut out);
+        Ok(minijinja::Value::from_safe_string(out))
+    });
+    env.add_function("strftime_now", |format: String| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        strftime(&format, now)
     });
     env.add_template("chat", template).map_err(|e| Error::Template(e.to_string()))?;
     let msgs: Vec<_> = messages.iter().map(|m| minijinja::context! { role => m.role, content => m.content }).collect();
@@ -104,11 +122,167 @@ pub(crate) fn render_chat_template(template: &str, messages: &[ChatMessage], bos
             t.render(minijinja::context! {
                 messages => msgs,
                 add_generation_prompt => true,
+                tools => (),
+                documents => (),
                 bos_token => bos,
                 eos_token => eos,
             })
         })
         .map_err(|e| Error::Template(e.to_string()))
+}
+
+/// `value` as Python's `json.dumps(value, ensure_ascii=False, indent=indent)` writes it, which
+/// is transformers' `tojson`: `", "` and `": "` between items (`","` at line ends when
+/// indented), non-ASCII kept, nothing escaped for HTML, keys in their order.
+fn python_json(value: &minijinja::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    use minijinja::value::ValueKind;
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    let separator = if indent.is_some() { "," } else { ", " };
+    let string = |s: &str| serde_json::to_string(s).expect("a string serializes");
+    match value.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
+        ValueKind::Number => match (value.is_integer(), f64::try_from(value.clone())) {
+            (false, Ok(f)) => out.push_str(&python_float(f)),
+            _ => out.push_str(&value.to_string()),
+        },
+        ValueKind::Seq | ValueKind::Iterable | ValueKind::Map => {
+            let is_map = value.kind() == ValueKind::Map;
+            let items: Vec<minijinja::Value> = value.try_iter().map(|it| it.collect()).unwrap_or_default();
+            let (open, close) = if is_map { ('{', '}') } else { ('[', ']') };
+            out.push(open);
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(separator);
+                }
+                newline(out, depth + 1);
+                if is_map {
+                    out.push_str(&string(&item.to_string()));
+                    out.push_str(": ");
+                    python_json(&value.get_item(item).unwrap_or_default(), indent, depth + 1, out);
+                } else {
+                    python_json(item, indent, depth + 1, out);
+                }
+            }
+            if !items.is_empty() {
+                newline(out, depth);
+            }
+            out.push(close);
+        }
+        _ => out.push_str(&string(value.as_str().map_or(value.to_string(), str::to_owned).as_str())),
+    }
+}
+
+/// A float as Python's `repr` writes it (`1.0`, `0.5`, `1e-05`, `1e+16`).
+fn python_float(f: f64) -> String {
+    if !f.is_finite() {
+        return if f.is_nan() {
+            "NaN".into()
+        } else if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
+    }
+    let exponent = if f == 0.0 { 0 } else { f.abs().log10().floor() as i32 };
+    if (-4..16).contains(&exponent) {
+        // Shortest round-trip digits; Rust's Debug keeps the `.0` Python writes.
+        return format!("{f:?}");
+    }
+    let sci = format!("{f:e}"); // shortest digits: "1e-5", "1.5e16"
+    let (mantissa, exp) = sci.split_once('e').expect("`e` format has an exponent");
+    let exp: i32 = exp.parse().expect("an integer exponent");
+    format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+}
+
+/// `secs` after the Unix epoch (UTC) in a C `strftime` format; the conversions templates use
+/// for dates (`%d %b %Y`, `%B`, `%m`, `%y`, `%H:%M:%S`, `%A`, `%a`, `%j`, `%%`). Others are an
+/// error naming them.
+fn strftime(format: &str, secs: u64) -> std::result::Result<String, minijinja::Error> {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    let days = (secs / 86_400) as i64;
+    let (year, month, day) = civil_from_days(days);
+    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday.
+    let day_of_year = days - days_from_civil(year, 1, 1) + 1;
+    let (h, m, s) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let spec = chars.next().unwrap_or('%');
+        let part = match spec {
+            'd' => format!("{day:02}"),
+            'e' => format!("{day:2}"),
+            'm' => format!("{month:02}"),
+            'Y' => year.to_string(),
+            'y' => format!("{:02}", year.rem_euclid(100)),
+            'B' => MONTHS[month as usize - 1].to_owned(),
+            'b' | 'h' => MONTHS[month as usize - 1][..3].to_owned(),
+            'A' => DAYS[weekday].to_owned(),
+            'a' => DAYS[weekday][..3].to_owned(),
+            'j' => format!("{day_of_year:03}"),
+            'H' => format!("{h:02}"),
+            'M' => format!("{m:02}"),
+            'S' => format!("{s:02}"),
+            '%' => "%".to_owned(),
+            other => {
+                return Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    format!("strftime_now: the conversion %{other} is not supported"),
+                ))
+            }
+        };
+        out.push_str(&part);
+    }
+    Ok(out)
+}
+
+/// (year, month 1-12, day 1-31) of `days` since 1970-01-01 in the proleptic Gregorian calendar.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    // Counted from 0000-03-01 in 400-year eras, so the leap day ends each year.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (the inverse of `civil_from_days`).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let year_of_era = y.rem_euclid(400);
+    let m = i64::from(month);
+    let day_of_year = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
 }
 
 #[cfg(test)]
@@ -130,5 +304,39 @@ mod tests {
         assert_eq!(out, "<s><|system|>be brief;<|user|>hi;<|assistant|>yo[\"system\"]<|assistant|>1");
         let e = render_chat_template("{{ raise_exception('roles must alternate') }}", &msgs, "", "").unwrap_err();
         assert!(e.to_string().contains("roles must alternate"), "{e}");
+    }
+
+    #[test]
+    fn tojson_writes_what_python_json_dumps_writes() {
+        let render = |t: &str| render_chat_template(t, &[], "", "").unwrap();
+        let dict = "{'b': [1, 2.5, '<é>', true], 'a': {}, 'c': none, 'd': []}";
+        assert_eq!(
+            render(&format!("{{{{ {dict} | tojson }}}}")),
+            r#"{"b": [1, 2.5, "<é>", true], "a": {}, "c": null, "d": []}"#
+        );
+        assert_eq!(
+            render(&format!("{{{{ {dict} | tojson(indent=2) }}}}")),
+            "{\n  \"b\": [\n    1,\n    2.5,\n    \"<é>\",\n    true\n  ],\n  \"a\": {},\n  \"c\": null,\n  \"d\": []\n}"
+        );
+        let floats: Vec<String> = [1.0, 0.1, 1e-5, 1e16, 1.5e16, 0.0001, 123456789.0, -2e-7].map(python_float).into();
+        assert_eq!(floats, ["1.0", "0.1", "1e-05", "1e+16", "1.5e+16", "0.0001", "123456789.0", "-2e-07"]);
+    }
+
+    #[test]
+    fn dates_format_as_strftime_does() {
+        // 2024-02-29 13:05:09 UTC, a Thursday, day 60 of a leap year.
+        let t = 1_709_211_909;
+        assert_eq!(
+            strftime("%d %b %Y|%B %e|%m/%y|%H:%M:%S|%A %a|%j|%%", t).unwrap(),
+            "29 Feb 2024|February 29|02/24|13:05:09|Thursday Thu|060|%"
+        );
+        assert_eq!(strftime("%d %b %Y", 0).unwrap(), "01 Jan 1970");
+        assert_eq!(strftime("%Y-%m-%d", 951_782_400).unwrap(), "2000-02-29");
+        assert_eq!(strftime("%Y-%m-%d %j", 4_102_358_400).unwrap(), "2099-12-31 365");
+        for days in [-1000, 0, 59, 60, 11_016, 47_482, 100_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+        assert!(strftime("%Q", 0).unwrap_err().to_string().contains("%Q"));
     }
 }
