@@ -120,3 +120,24 @@ fn write_and_load(dir: &std::path::Path, cfg: &edgelm_distill::ModelConfig, w: &
     write_checkpoint(dir, cfg, w, WriteOptions::default()).unwrap();
     Checkpoint::load(dir).unwrap()
 }
+
+#[test]
+fn the_chat_template_is_found_in_each_place_transformers_keeps_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = preset_config("tiny").unwrap();
+    let dir = tmp.path().join("ck");
+    write_checkpoint(&dir, &cfg, &random_weights(&cfg, 1).unwrap(), WriteOptions::default()).unwrap();
+    let template = |config: &str| {
+        std::fs::write(dir.join("tokenizer_config.json"), config).unwrap();
+        Checkpoint::load(&dir).unwrap().chat_template()
+    };
+    assert_eq!(template(r#"{"chat_template": "plain"}"#).as_deref(), Some("plain"));
+    // Named templates: the default one.
+    let named =
+        r#"{"chat_template": [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "chat"}]}"#;
+    assert_eq!(template(named).as_deref(), Some("chat"));
+    assert_eq!(template(r#"{"chat_template": [{"name": "tool_use", "template": "tools"}]}"#), None);
+    // A chat_template.jinja file beside it wins, as in checkpoints saved by recent transformers.
+    std::fs::write(dir.join("chat_template.jinja"), "from the file").unwrap();
+    assert_eq!(template(named).as_deref(), Some("from the file"));
+}
