@@ -141,3 +141,16 @@ fn the_chat_template_is_found_in_each_place_transformers_keeps_it() {
     std::fs::write(dir.join("chat_template.jinja"), "from the file").unwrap();
     assert_eq!(template(named).as_deref(), Some("from the file"));
 }
+
+#[test]
+fn a_checkpoint_without_safetensors_says_what_it_has() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = preset_config("tiny").unwrap();
+    let dir = tmp.path().join("ck");
+    write_checkpoint(&dir, &cfg, &random_weights(&cfg, 1).unwrap(), WriteOptions::default()).unwrap();
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let err = |dir: &std::path::Path| Checkpoint::load(dir).err().expect("no weights to load").to_string();
+    assert!(err(&dir).contains("neither model.safetensors"), "{}", err(&dir));
+    std::fs::write(dir.join("pytorch_model.bin"), b"PK").unwrap();
+    assert!(err(&dir).contains("PyTorch pickle weights") && err(&dir).contains("safetensors"), "{}", err(&dir));
+}

@@ -72,8 +72,16 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if single.exists() {
         return Ok(vec![single]);
     }
+    let pickled = ["pytorch_model.bin", "pytorch_model.bin.index.json"].iter().any(|f| dir.join(f).exists());
     Err(Error::InvalidConfig {
-        what: format!("{} has neither model.safetensors nor model.safetensors.index.json", dir.display()),
+        what: if pickled {
+            format!(
+                "{} has PyTorch pickle weights (pytorch_model.bin), which edgelm does not read; save the model as safetensors (transformers: save_pretrained(dir, safe_serialization=True))",
+                dir.display()
+            )
+        } else {
+            format!("{} has neither model.safetensors nor model.safetensors.index.json", dir.display())
+        },
     })
 }
 
