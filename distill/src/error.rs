@@ -17,7 +17,9 @@ pub enum Error {
         err: std::io::Error,
     },
     /// config.json names an architecture edgelm does not implement.
-    #[error("unsupported architecture `{found}`: edgelm loads llama, mistral and qwen2 decoders and BERT encoders")]
+    #[error(
+        "unsupported architecture `{found}`: edgelm loads llama, mistral, qwen2 and qwen3 decoders and BERT encoders"
+    )]
     UnsupportedArchitecture {
         /// The `model_type` or class found.
         found: String,

@@ -133,8 +133,8 @@ fn the_chat_template_is_found_in_each_place_transformers_keeps_it() {
     };
     assert_eq!(template(r#"{"chat_template": "plain"}"#).as_deref(), Some("plain"));
     // Named templates: the default one.
-    let named =
-        r#"{"chat_template": [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "chat"}]}"#;
+    let named = r#"{"chat_template": [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "old"},
+        {"name": "default", "template": "chat"}]}"#;
     assert_eq!(template(named).as_deref(), Some("chat"));
     assert_eq!(template(r#"{"chat_template": [{"name": "tool_use", "template": "tools"}]}"#), None);
     // A chat_template.jinja file beside it wins, as in checkpoints saved by recent transformers.

@@ -991,7 +991,7 @@ impl Bundle {
             Some(m) => m.chat_template.clone(),
             None => std::fs::read_to_string(dir.join("chat_template.jinja"))
                 .ok()
-                .or_else(|| tok_cfg.as_ref()?.get("chat_template")?.as_str().map(str::to_owned)),
+                .or_else(|| crate::tokenizer::chat_template_in(tok_cfg.as_ref()?)),
         };
         let generation = match &manifest {
             Some(m) => m.generation.clone(),

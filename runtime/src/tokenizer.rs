@@ -90,12 +90,38 @@ impl TextCodec {
     }
 }
 
+/// The chat template a `tokenizer_config.json` holds: its `chat_template` string, or from a
+/// list of named templates (`[{name, template}]`) the one named `default`, as transformers
+/// picks when no other is asked for (the last of that name). A list without one has no
+/// template edgelm can choose: warned about, and prompts go to the model as they are.
+pub fn chat_template_in(tokenizer_config: &serde_json::Value) -> Option<String> {
+    match tokenizer_config.get("chat_template")? {
+        serde_json::Value::String(t) => Some(t.clone()),
+        serde_json::Value::Array(named) => {
+            let default = named
+                .iter()
+                .rev()
+                .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|e| e.get("template")?.as_str().map(str::to_owned));
+            if default.is_none() {
+                let names: Vec<&str> = named.iter().filter_map(|e| e.get("name")?.as_str()).collect();
+                tracing::warn!(
+                    "tokenizer_config.json has chat templates named {names:?} but none named `default`; prompts are used without a template"
+                );
+            }
+            default
+        }
+        _ => None,
+    }
+}
+
 /// Renders a Jinja chat template as transformers' `apply_chat_template` does: blocks trimmed
 /// (`trim_blocks`, `lstrip_blocks`: the newline after a tag and the indentation before one are
-/// not output), loop controls, Python's string methods (`startswith`, `split`, `strip`, ...,
-/// which Qwen's templates call), the functions `raise_exception` and `strftime_now` (UTC), and
-/// the variables `messages`, `add_generation_prompt` (true), `tools` and `documents` (none),
-/// `bos_token` and `eos_token`.
+/// not output), loop controls, `{% generation %}` blocks (output as they are), Python's string
+/// methods (`startswith`, `split`, `strip`, ..., which Qwen's templates call), transformers'
+/// `tojson` (Python's `json.dumps`), the functions `raise_exception` and `strftime_now` (in UTC:
+/// transformers uses the host's local time), and the variables `messages`,
+/// `add_generation_prompt` (true), `tools` and `documents` (none), `bos_token` and `eos_token`.
 pub fn render_chat_template(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_trim_blocks(true);
@@ -105,17 +131,18 @@ pub fn render_chat_template(template: &str, messages: &[ChatMessage], bos: &str,
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
     });
     env.add_filter("tojson", |value: minijinja::Value, kwargs: minijinja::value::Kwargs| {
-        let indent: Option<usize> = kwargs.get("indent")?;
+        let style = JsonStyle::from_kwargs(&kwargs)?;
         kwargs.assert_all_used()?;
         let mut out = String::new();
-        python_json(&value, indent, 0, &mut out);
+        python_json(&value, &style, 0, &mut out)?;
         Ok(minijinja::Value::from_safe_string(out))
     });
     env.add_function("strftime_now", |format: String| {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         strftime(&format, now)
     });
-    env.add_template("chat", template).map_err(|e| Error::Template(e.to_string()))?;
+    let template = generation_blocks_as_plain(template);
+    env.add_template("chat", &template).map_err(|e| Error::Template(e.to_string()))?;
     let msgs: Vec<_> = messages.iter().map(|m| minijinja::context! { role => m.role, content => m.content }).collect();
     env.get_template("chat")
         .and_then(|t| {
@@ -131,42 +158,139 @@ pub fn render_chat_template(template: &str, messages: &[ChatMessage], bos: &str,
         .map_err(|e| Error::Template(e.to_string()))
 }
 
-/// `value` as Python's `json.dumps(value, ensure_ascii=False, indent=indent)` writes it, which
-/// is transformers' `tojson`: `", "` and `": "` between items (`","` at line ends when
-/// indented), non-ASCII kept, nothing escaped for HTML, keys in their order.
-fn python_json(value: &minijinja::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+/// transformers marks the assistant's part of a template with `{% generation %}` ...
+/// `{% endgeneration %}` (to find the answer's tokens when training) and outputs the inside
+/// unchanged. minijinja has no such tag: each becomes an `if true` / `endif` with the same
+/// whitespace control, which outputs the same text.
+fn generation_blocks_as_plain(template: &str) -> std::borrow::Cow<'_, str> {
+    if !template.contains("generation") {
+        return template.into();
+    }
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("{%") {
+        out.push_str(&rest[..start]);
+        let tag = &rest[start..];
+        let Some(end) = tag.find("%}") else {
+            break;
+        };
+        let inner = &tag[2..end];
+        let (open, body, close) = {
+            let open = if inner.starts_with(['-', '+']) { &inner[..1] } else { "" };
+            let close = if inner[open.len()..].ends_with(['-', '+']) { &inner[inner.len() - 1..] } else { "" };
+            (open, inner[open.len()..inner.len() - close.len()].trim(), close)
+        };
+        match body {
+            "generation" => out.push_str(&format!("{{%{open} if true {close}%}}")),
+            "endgeneration" => out.push_str(&format!("{{%{open} endif {close}%}}")),
+            _ => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out.into()
+}
+
+/// How transformers' `tojson(x, ensure_ascii=False, indent=None, separators=None,
+/// sort_keys=False)` writes JSON: Python's `json.dumps` with those arguments.
+struct JsonStyle {
+    /// Text per level of indentation; `None` writes everything on one line.
+    indent: Option<String>,
+    item_separator: String,
+    key_separator: String,
+    sort_keys: bool,
+    ensure_ascii: bool,
+}
+
+impl JsonStyle {
+    fn from_kwargs(kwargs: &minijinja::value::Kwargs) -> std::result::Result<Self, minijinja::Error> {
+        let bad = |what: &str| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, format!("tojson: {what}"));
+        let indent = match kwargs.get::<Option<minijinja::Value>>("indent")? {
+            None => None,
+            Some(v) if v.is_none() => None,
+            Some(v) => match (v.as_str(), i64::try_from(v.clone())) {
+                (Some(text), _) => Some(text.to_owned()),
+                (None, Ok(n)) => Some(" ".repeat(n.max(0) as usize)),
+                _ => return Err(bad("indent is a number or a string")),
+            },
+        };
+        let (item_separator, key_separator) = match kwargs.get::<Option<Vec<String>>>("separators")? {
+            Some(pair) => match <[String; 2]>::try_from(pair) {
+                Ok([item, key]) => (item, key),
+                Err(_) => return Err(bad("separators is a pair (item separator, key separator)")),
+            },
+            None => ((if indent.is_some() { "," } else { ", " }).to_owned(), ": ".to_owned()),
+        };
+        Ok(JsonStyle {
+            indent,
+            item_separator,
+            key_separator,
+            sort_keys: kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false),
+            ensure_ascii: kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+        })
+    }
+
+    fn string(&self, s: &str) -> String {
+        let quoted = serde_json::to_string(s).expect("a string serializes");
+        if !self.ensure_ascii || s.is_ascii() {
+            return quoted;
+        }
+        let mut out = String::with_capacity(quoted.len() + 8);
+        for c in quoted.chars() {
+            if c.is_ascii() {
+                out.push(c);
+            } else {
+                for unit in c.encode_utf16(&mut [0u16; 2]) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `value` as Python's `json.dumps` writes it in `style` (transformers' `tojson`): keys in
+/// their order unless sorted, keys that are numbers, booleans or none written as Python writes
+/// them, undefined values refused as Python refuses them.
+fn python_json(
+    value: &minijinja::Value,
+    style: &JsonStyle,
+    depth: usize,
+    out: &mut String,
+) -> std::result::Result<(), minijinja::Error> {
     use minijinja::value::ValueKind;
     let newline = |out: &mut String, depth: usize| {
-        if let Some(n) = indent {
+        if let Some(unit) = &style.indent {
             out.push('\n');
-            out.push_str(&" ".repeat(n * depth));
+            out.push_str(&unit.repeat(depth));
         }
     };
-    let separator = if indent.is_some() { "," } else { ", " };
-    let string = |s: &str| serde_json::to_string(s).expect("a string serializes");
     match value.kind() {
-        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
-        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
-        ValueKind::Number => match (value.is_integer(), f64::try_from(value.clone())) {
-            (false, Ok(f)) => out.push_str(&python_float(f)),
-            _ => out.push_str(&value.to_string()),
-        },
+        ValueKind::Undefined => {
+            return Err(minijinja::Error::new(
+                minijinja::ErrorKind::UndefinedError,
+                "tojson: an undefined value is not JSON serializable",
+            ))
+        }
         ValueKind::Seq | ValueKind::Iterable | ValueKind::Map => {
             let is_map = value.kind() == ValueKind::Map;
-            let items: Vec<minijinja::Value> = value.try_iter().map(|it| it.collect()).unwrap_or_default();
+            let mut items: Vec<minijinja::Value> = value.try_iter().map(|it| it.collect()).unwrap_or_default();
+            if is_map && style.sort_keys {
+                items.sort();
+            }
             let (open, close) = if is_map { ('{', '}') } else { ('[', ']') };
             out.push(open);
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push_str(separator);
+                    out.push_str(&style.item_separator);
                 }
                 newline(out, depth + 1);
                 if is_map {
-                    out.push_str(&string(&item.to_string()));
-                    out.push_str(": ");
-                    python_json(&value.get_item(item).unwrap_or_default(), indent, depth + 1, out);
+                    out.push_str(&json_key(item, style)?);
+                    out.push_str(&style.key_separator);
+                    python_json(&value.get_item(item)?, style, depth + 1, out)?;
                 } else {
-                    python_json(item, indent, depth + 1, out);
+                    python_json(item, style, depth + 1, out)?;
                 }
             }
             if !items.is_empty() {
@@ -174,11 +298,43 @@ fn python_json(value: &minijinja::Value, indent: Option<usize>, depth: usize, ou
             }
             out.push(close);
         }
-        _ => out.push_str(&string(value.as_str().map_or(value.to_string(), str::to_owned).as_str())),
+        _ => out.push_str(&json_scalar(value, style)),
+    }
+    Ok(())
+}
+
+/// A scalar as JSON: none, booleans, numbers (floats as Python's `repr`), strings; anything
+/// else as its string form.
+fn json_scalar(value: &minijinja::Value, style: &JsonStyle) -> String {
+    use minijinja::value::ValueKind;
+    match value.kind() {
+        ValueKind::None => "null".into(),
+        ValueKind::Bool => (if value.is_true() { "true" } else { "false" }).into(),
+        ValueKind::Number => match (value.is_integer(), f64::try_from(value.clone())) {
+            (false, Ok(f)) => python_float(f),
+            _ => value.to_string(),
+        },
+        _ => style.string(&value.as_str().map_or_else(|| value.to_string(), str::to_owned)),
     }
 }
 
-/// A float as Python's `repr` writes it (`1.0`, `0.5`, `1e-05`, `1e+16`).
+/// A map key as `json.dumps` writes it: strings as they are, numbers, booleans and none as
+/// their JSON text in quotes; other keys are refused.
+fn json_key(key: &minijinja::Value, style: &JsonStyle) -> std::result::Result<String, minijinja::Error> {
+    use minijinja::value::ValueKind;
+    match key.kind() {
+        ValueKind::String => Ok(style.string(key.as_str().unwrap_or_default())),
+        ValueKind::None | ValueKind::Bool | ValueKind::Number => Ok(style.string(&json_scalar(key, style))),
+        _ => Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("tojson: keys must be strings, numbers, booleans or none, not {}", key.kind()),
+        )),
+    }
+}
+
+/// A float as Python's `repr` writes it: the shortest digits that read back the same, in
+/// positional notation when the decimal exponent is from -4 to 15 (`1.0`, `0.0001`,
+/// `9999999999999998.0`), in scientific notation otherwise (`1e-05`, `1e+16`).
 fn python_float(f: f64) -> String {
     if !f.is_finite() {
         return if f.is_nan() {
@@ -189,15 +345,25 @@ fn python_float(f: f64) -> String {
             "-Infinity".into()
         };
     }
-    let exponent = if f == 0.0 { 0 } else { f.abs().log10().floor() as i32 };
-    if (-4..16).contains(&exponent) {
-        // Shortest round-trip digits; Rust's Debug keeps the `.0` Python writes.
-        return format!("{f:?}");
-    }
-    let sci = format!("{f:e}"); // shortest digits: "1e-5", "1.5e16"
+    let sci = format!("{f:e}"); // shortest round-trip digits: "-1.5e16", "1e-5", "0e0"
     let (mantissa, exp) = sci.split_once('e').expect("`e` format has an exponent");
     let exp: i32 = exp.parse().expect("an integer exponent");
-    format!("{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+    let (sign, mantissa) = mantissa.strip_prefix('-').map_or(("", mantissa), |m| ("-", m));
+    if !(-4..16).contains(&exp) {
+        return format!("{sign}{mantissa}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    }
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let body = if exp < 0 {
+        format!("0.{}{digits}", "0".repeat((-exp - 1) as usize))
+    } else {
+        let whole = exp as usize + 1;
+        if digits.len() <= whole {
+            format!("{digits}{}.0", "0".repeat(whole - digits.len()))
+        } else {
+            format!("{}.{}", &digits[..whole], &digits[whole..])
+        }
+    };
+    format!("{sign}{body}")
 }
 
 /// `secs` after the Unix epoch (UTC) in a C `strftime` format; the conversions templates use
@@ -308,18 +474,57 @@ mod tests {
 
     #[test]
     fn tojson_writes_what_python_json_dumps_writes() {
-        let render = |t: &str| render_chat_template(t, &[], "", "").unwrap();
+        let render = |t: &str| render_chat_template(t, &[], "", "");
         let dict = "{'b': [1, 2.5, '<é>', true], 'a': {}, 'c': none, 'd': []}";
         assert_eq!(
-            render(&format!("{{{{ {dict} | tojson }}}}")),
+            render(&format!("{{{{ {dict} | tojson }}}}")).unwrap(),
             r#"{"b": [1, 2.5, "<é>", true], "a": {}, "c": null, "d": []}"#
         );
         assert_eq!(
-            render(&format!("{{{{ {dict} | tojson(indent=2) }}}}")),
+            render(&format!("{{{{ {dict} | tojson(indent=2) }}}}")).unwrap(),
             "{\n  \"b\": [\n    1,\n    2.5,\n    \"<é>\",\n    true\n  ],\n  \"a\": {},\n  \"c\": null,\n  \"d\": []\n}"
         );
-        let floats: Vec<String> = [1.0, 0.1, 1e-5, 1e16, 1.5e16, 0.0001, 123456789.0, -2e-7].map(python_float).into();
-        assert_eq!(floats, ["1.0", "0.1", "1e-05", "1e+16", "1.5e+16", "0.0001", "123456789.0", "-2e-07"]);
+        let args = "tojson(ensure_ascii=True, sort_keys=True, separators=(',', ':'))";
+        assert_eq!(
+            render(&format!("{{{{ {dict} | {args} }}}}")).unwrap(),
+            r#"{"a":{},"b":[1,2.5,"<\u00e9>",true],"c":null,"d":[]}"#
+        );
+        assert_eq!(
+            render("{{ {1: 'x', true: 'y', none: 'z', 0.5: 'w'} | tojson }}").unwrap(),
+            r#"{"1": "x", "true": "y", "null": "z", "0.5": "w"}"#
+        );
+        assert!(render("{{ [nothing] | tojson }}").unwrap_err().to_string().contains("undefined"));
+        let floats: Vec<String> =
+            [1.0, 0.1, 1e-5, 1e16, 1.5e16, 0.0001, 123456789.0, -2e-7, 9999999999999998.0, 0.0, -0.0, 0.00012345]
+                .map(python_float)
+                .into();
+        assert_eq!(
+            floats,
+            [
+                "1.0",
+                "0.1",
+                "1e-05",
+                "1e+16",
+                "1.5e+16",
+                "0.0001",
+                "123456789.0",
+                "-2e-07",
+                "9999999999999998.0",
+                "0.0",
+                "-0.0",
+                "0.00012345"
+            ]
+        );
+    }
+
+    #[test]
+    fn generation_blocks_output_what_they_hold() {
+        let t = "{%- for m in messages %}{% generation -%}\n[{{ m.content }}]{%- endgeneration +%}\n{% endfor %}";
+        let plain = generation_blocks_as_plain(t);
+        assert_eq!(plain, "{%- for m in messages %}{% if true -%}\n[{{ m.content }}]{%- endif +%}\n{% endfor %}");
+        let msgs = [ChatMessage::user("a"), ChatMessage::assistant("b")];
+        assert_eq!(render_chat_template(t, &msgs, "", "").unwrap(), "[a]\n[b]\n");
+        assert!(matches!(generation_blocks_as_plain("{{ x }}"), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

@@ -56,12 +56,13 @@ const THINKING: &str = "{%- set ns = namespace(multi_step_tool=true, last_query_
     {%- endif %}
 {%- endif %}";
 
-/// A system message taken off the front, a date from `strftime_now` when it is defined, and a
-/// filter binding tighter than `+`.
+/// A system message taken off the front, a date from `strftime_now` when it is defined (the
+/// year only, so both renderers agree however close to midnight they run), and a filter
+/// binding tighter than `+`.
 const DATED: &str = "{{- bos_token }}
 {%- if not date_string is defined %}
     {%- if strftime_now is defined %}
-        {%- set date_string = strftime_now('%d %b %Y') %}
+        {%- set date_string = strftime_now('%Y') %}
     {%- else %}
         {%- set date_string = '01 Jan 2000' %}
     {%- endif %}
@@ -99,7 +100,23 @@ const JSON_AND_FILTERS: &str = "<messages>
 {{ messages | map(attribute='role') | join(',') | upper }}
 {{ (messages | length) ~ ' ' ~ messages[-1].content.title() ~ ' ' ~ messages[0].content.replace('.', '!') }}
 {{ {'n': messages | length, 'x': 0.25, 'roles': messages | map(attribute='role') | list, 'none': none} | tojson(indent=2) }}
+{{ {'z': messages[0], 'a': [1.5e-7, 1e16, true], 1: none} | tojson(ensure_ascii=True, sort_keys=False, separators=(',', ':')) }}
+{{ messages[1] | tojson(indent='\t', sort_keys=True) }}
 ";
+
+/// The assistant's part marked for training (`{% generation %}`), with whitespace control on
+/// its tags.
+const GENERATION: &str = "{% for message in messages %}
+{% if message.role == 'assistant' %}
+{{ '<|assistant|>' }}
+{%- generation %}
+{{ message.content }}
+{%- endgeneration +%}
+
+{% else %}
+{{ '<|' + message.role + '|>' + message.content }}
+{% endif %}
+{% endfor %}";
 
 fn conversation(turns: &[(&str, &str)]) -> Vec<ChatMessage> {
     turns.iter().map(|(r, c)| ChatMessage::new(*r, *c)).collect()
@@ -117,7 +134,7 @@ fn templates_render_as_transformers_renders_them() {
     ]);
     let alternating = conversation(&[("user", "hi"), ("assistant", "hello"), ("user", "bye")]);
     let mut cases = Vec::new();
-    for template in [BLOCKS_ON_LINES, THINKING, DATED, ALTERNATING, JSON_AND_FILTERS] {
+    for template in [BLOCKS_ON_LINES, THINKING, DATED, ALTERNATING, JSON_AND_FILTERS, GENERATION] {
         for messages in [&chat, &alternating] {
             cases.push((template, messages.clone()));
         }

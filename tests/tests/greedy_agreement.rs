@@ -191,6 +191,10 @@ fn fp16_bundles_decode_like_fp32() {
             qr.fp32_bytes
         );
         assert!(qr.verify.unwrap().mean_kl < 0.01);
+        // Qwen3's head norms compute in fp32 (their squares overflow fp16); nothing else does.
+        let kept_norms = qr.summary.kept.iter().filter(|k| k.contains("_norm/")).count();
+        assert_eq!(kept_norms > 0, preset == "tiny-qwen3", "{preset}: {:?}", qr.summary.kept);
+        assert_eq!(kept_norms, qr.summary.kept.len(), "{preset}: {:?}", qr.summary.kept);
         let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("edgelm.json")).unwrap()).unwrap();
         assert_eq!(m["quantization"], "fp16");
         let reference = candle_greedy(preset);

@@ -222,10 +222,38 @@ struct HfConfig {
     mlp_bias: bool,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    /// Qwen2/Qwen3: layers below this index attend to everything even with the window on.
+    max_window_layers: Option<usize>,
+    /// transformers 4.53+: `full_attention` or `sliding_attention` per layer.
+    layer_types: Option<Vec<String>>,
     hidden_act: Option<String>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
     pad_token_id: Option<Value>,
+}
+
+/// The window every layer of a Qwen2/Qwen3 model slides with `use_sliding_window` on: the
+/// layers `layer_types` marks `sliding_attention`, else those from `max_window_layers` (28 by
+/// default) on. None when no layer slides; a window on some layers only is refused, as the
+/// candle model and the graph apply one attention to every layer.
+fn qwen_window(raw: &HfConfig) -> Result<Option<usize>> {
+    let Some(window) = raw.sliding_window else {
+        return Ok(None);
+    };
+    let layers = raw.num_hidden_layers;
+    let sliding = match &raw.layer_types {
+        Some(types) => types.iter().filter(|t| t.as_str() == "sliding_attention").count(),
+        None => layers.saturating_sub(raw.max_window_layers.unwrap_or(28)),
+    };
+    match sliding {
+        0 => Ok(None),
+        n if n == layers => Ok(Some(window)),
+        n => Err(Error::Unsupported {
+            what: format!(
+                "a sliding attention window ({window}) on {n} of {layers} layers; set use_sliding_window to false if prompts stay within the window"
+            ),
+        }),
+    }
 }
 
 fn default_max_pos() -> usize {
@@ -299,7 +327,13 @@ impl ModelConfig {
                 ),
             });
         }
-        if raw.head_dim.is_none() && !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
+        // Qwen3's config class has its own default head size instead of hidden / heads.
+        let default_head_dim = match architecture {
+            Architecture::Qwen3 => Some(128),
+            _ => None,
+        };
+        let given_head_dim = raw.head_dim.or(default_head_dim);
+        if given_head_dim.is_none() && !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
             return Err(Error::InvalidConfig {
                 what: format!(
                     "hidden_size {} is not divisible by num_attention_heads {} and head_dim is not given",
@@ -316,14 +350,14 @@ impl ModelConfig {
                 ),
             });
         }
-        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        let head_dim = given_head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::InvalidConfig { what: format!("head_dim {head_dim} must be even and positive") });
         }
         let rope = parse_rope(raw.rope_theta, raw.rope_scaling.as_ref(), raw.rope_parameters.as_ref())?;
         let sliding_window = match architecture {
             Architecture::Mistral => raw.sliding_window,
-            Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window == Some(true) => raw.sliding_window,
+            Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window == Some(true) => qwen_window(&raw)?,
             _ => None,
         }
         .filter(|w| *w < raw.max_position_embeddings);
@@ -397,14 +431,14 @@ impl ModelConfig {
         });
         let obj = v.as_object_mut().expect("literal object");
         match self.architecture {
-            Architecture::Qwen2 => {
+            Architecture::Qwen2 | Architecture::Qwen3 => {
+                // A window here is on every layer.
                 obj.insert("use_sliding_window".into(), Value::from(self.sliding_window.is_some()));
                 obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
-            }
-            Architecture::Qwen3 => {
-                obj.insert("use_sliding_window".into(), Value::from(self.sliding_window.is_some()));
-                obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
-                obj.insert("attention_bias".into(), Value::from(self.qkv_bias));
+                obj.insert("max_window_layers".into(), Value::from(0));
+                if self.architecture == Architecture::Qwen3 {
+                    obj.insert("attention_bias".into(), Value::from(self.qkv_bias));
+                }
             }
             Architecture::Mistral => {
                 obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
@@ -525,5 +559,27 @@ mod tests {
         assert!(!parse("").unwrap().qk_norm());
         let back = ModelConfig::from_hf_json(&c.to_hf_json().to_string()).unwrap();
         assert_eq!(c, back);
+        // Qwen3's own default head size when the config leaves it out.
+        let no_head_dim = text.replace(r#""head_dim":32,"#, "");
+        assert_eq!(ModelConfig::from_hf_json(&no_head_dim).unwrap().head_dim, 128);
+        // The window slides from layer max_window_layers on: on none of these 2 layers, on
+        // both, or on one (refused).
+        let window = |extra: &str| {
+            ModelConfig::from_hf_json(
+                &text.replace(r#""use_sliding_window":false,"sliding_window":null,"max_window_layers":28"#, extra),
+            )
+        };
+        assert_eq!(
+            window(r#""use_sliding_window":true,"sliding_window":64,"max_window_layers":28"#).unwrap().sliding_window,
+            None
+        );
+        let all = window(r#""use_sliding_window":true,"sliding_window":64,"max_window_layers":0"#).unwrap();
+        assert_eq!(all.sliding_window, Some(64));
+        assert_eq!(ModelConfig::from_hf_json(&all.to_hf_json().to_string()).unwrap(), all);
+        let err = window(r#""use_sliding_window":true,"sliding_window":64,"max_window_layers":1"#).unwrap_err();
+        assert!(err.to_string().contains("on 1 of 2 layers"), "{err}");
+        let typed =
+            r#""use_sliding_window":true,"sliding_window":64,"layer_types":["full_attention","full_attention"]"#;
+        assert_eq!(window(typed).unwrap().sliding_window, None);
     }
 }

@@ -175,15 +175,6 @@ impl Checkpoint {
         if let Ok(t) = std::fs::read_to_string(file) {
             return Some(t);
         }
-        match self.tokenizer_config.as_ref()?.get("chat_template")? {
-            serde_json::Value::String(t) => Some(t.clone()),
-            // Named templates (`[{name, template}]`): the one named "default", as transformers
-            // uses when no other is asked for.
-            serde_json::Value::Array(named) => named
-                .iter()
-                .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
-                .and_then(|e| e.get("template")?.as_str().map(str::to_owned)),
-            _ => None,
-        }
+        edgelm_runtime::tokenizer::chat_template_in(self.tokenizer_config.as_ref()?)
     }
 }

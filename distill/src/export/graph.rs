@@ -305,9 +305,17 @@ fn head_norm(
     let split = g.init_i64(&format!("{full}/heads_shape"), &[4], &[0, 0, heads as i64, d]);
     let joined = g.init_i64(&format!("{full}/joined_shape"), &[3], &[0, 0, heads as i64 * d]);
     let x = g.op("Reshape", &[x, &split], vec![]);
+    // The norm's own scope names it for the fp16 conversion, which keeps it in fp32
+    // (`HEAD_NORM_SCOPES`): squares of unnormalised heads overflow fp16.
+    let short = if name == names::Q_NORM { "q_norm" } else { "k_norm" };
+    g.set_scope(format!("/model/layers.{i}/attn/{short}"));
     let x = rms_norm(g, k, &w, &x);
+    g.set_scope(format!("/model/layers.{i}/attn"));
     Ok(g.op("Reshape", &[&x, &joined], vec![]))
 }
+
+/// Name parts of the nodes of Qwen3's head norms, which fp16 bundles compute in fp32.
+pub(crate) const HEAD_NORM_SCOPES: [&str; 2] = ["/attn/q_norm/", "/attn/k_norm/"];
 
 /// Pads every head of the split q, k and v from `head_dim` to `cache_head_size` with zeros.
 /// Query and key heads are padded half by half, since rotary embedding pairs element `j` with

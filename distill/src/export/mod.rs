@@ -20,6 +20,7 @@ use edgelm_runtime::genai_config::{
 pub use encoder::export_encoder;
 use graph::build_decoder;
 pub use graph::LogitsMode;
+pub(crate) use graph::HEAD_NORM_SCOPES;
 pub use quantized::{check_encoder, quantize_bundle, EncoderCheck, QuantizedReport, ENCODER_MIN_COSINE};
 pub use verify::{
     allowed_diff, compare_bundles_on, compare_checkpoints_on, kl_divergence, magnitude, max_abs_diff,

@@ -239,6 +239,8 @@ pub fn to_fp16(model: &mut ModelProto, keep: &[String]) -> Result<Fp16Summary> {
                 let f = format!("{o}/fp32");
                 after.push(cast(format!("{o}/CastToFp16"), f.clone(), o.clone(), HALF));
                 half.insert(o.clone());
+                // A kept node after this one reads the fp32 output itself, not a cast of a cast.
+                as_float.insert(o.clone(), f.clone());
                 *o = f;
             }
             nodes.push(n);

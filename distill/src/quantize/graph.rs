@@ -584,7 +584,10 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
     let mut summary =
         QuantizeSummary { bytes_before: g.initializer.iter().map(tensor_bytes).sum(), ..Default::default() };
     if opts.method == Method::Fp16 {
-        let s = super::fp16::to_fp16(model, &opts.keep_fp32)?;
+        // Norms over attention heads (Qwen3) square values an fp16 holds only up to 256.
+        let mut keep = opts.keep_fp32.clone();
+        keep.extend(crate::export::HEAD_NORM_SCOPES.iter().map(|s| s.to_string()));
+        let s = super::fp16::to_fp16(model, &keep)?;
         let g = model.graph.as_ref().expect("checked above");
         return Ok(QuantizeSummary {
             matmuls: s.initializers,
