@@ -941,8 +941,29 @@ pub fn verify_files(dir: &Path) -> Result<Manifest> {
     verify_manifest(dir, &[])
 }
 
+/// The genai description of a folder exported by Hugging Face Optimum: its graph (`model.onnx`;
+/// the older split layout with `decoder_model_merged.onnx` is refused by name) and
+/// transformers' `config.json` and `generation_config.json`.
+fn optimum_config(dir: &Path) -> Result<GenaiConfig> {
+    if !dir.join("model.onnx").exists() {
+        let what = if dir.join("decoder_model_merged.onnx").exists()
+            || dir.join("decoder_with_past_model.onnx").exists()
+        {
+            "is an ONNX export by an older Optimum (decoder_model_merged.onnx / decoder_with_past_model.onnx), which edgelm does not run; export again with a current optimum (one model.onnx with past inputs)"
+        } else {
+            "has config.json but no model.onnx (expected an ONNX export by Hugging Face Optimum)"
+        };
+        return Err(bundle_err(dir, what));
+    }
+    let config: serde_json::Value = read_json(&dir.join("config.json"))?;
+    let gen_path = dir.join("generation_config.json");
+    let generation: Option<serde_json::Value> = if gen_path.exists() { Some(read_json(&gen_path)?) } else { None };
+    GenaiConfig::from_transformers(&config, generation.as_ref(), "model.onnx").map_err(|what| bundle_err(dir, what))
+}
+
 impl Bundle {
-    /// Opens and verifies a bundle folder (edgelm or onnxruntime-genai layout).
+    /// Opens and verifies a bundle folder (edgelm or onnxruntime-genai layout, or a decoder
+    /// exported by Hugging Face Optimum).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         Bundle::open_with_manifest(dir, None)
     }
@@ -962,15 +983,23 @@ impl Bundle {
         if kind != Kind::CausalLm {
             return Err(Error::WrongKind { path: dir, found: kind, wanted: Kind::CausalLm });
         }
-        if !genai_path.exists() {
-            return Err(bundle_err(&dir, "has no genai_config.json; export it with `edgelm-distill export`"));
+        // No genai description and no manifest, but transformers' config: an Optimum export.
+        let optimum = !genai_path.exists()
+            && manifest.is_none()
+            && !dir.join(MANIFEST).exists()
+            && dir.join("config.json").exists();
+        if !genai_path.exists() && !optimum {
+            return Err(bundle_err(
+                &dir,
+                "has no genai_config.json (nor, for an ONNX export by Hugging Face Optimum, config.json); export it with `edgelm-distill export`",
+            ));
         }
         let manifest = match manifest {
             Some(bytes) => Some(verify_manifest_bytes(&dir, bytes, &["genai_config.json"])?),
             None if dir.join(MANIFEST).exists() => Some(verify_manifest(&dir, &["genai_config.json"])?),
             None => None,
         };
-        let genai: GenaiConfig = read_json(&genai_path)?;
+        let genai: GenaiConfig = if optimum { optimum_config(&dir)? } else { read_json(&genai_path)? };
         let model_path =
             inside(&dir, manifest.as_ref().map(|m| m.model_file.as_str()).unwrap_or(&genai.model.decoder.filename))?;
         if !model_path.exists() {

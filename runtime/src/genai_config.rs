@@ -140,6 +140,74 @@ impl Default for SearchSection {
     }
 }
 
+impl GenaiConfig {
+    /// The description of a decoder exported by Hugging Face Optimum (`optimum-cli export onnx`),
+    /// whose folder carries transformers' `config.json` instead of a `genai_config.json`: the
+    /// graph `filename` with inputs `input_ids`, `attention_mask`, `position_ids` and
+    /// `past_key_values.N.key|value`, outputs `logits` and `present.N.key|value`, each step's
+    /// keys appended by the graph (no shared buffer). `generation` is `generation_config.json`,
+    /// whose token ids win over config.json's. Returns what config.json lacks.
+    pub fn from_transformers(
+        config: &serde_json::Value,
+        generation: Option<&serde_json::Value>,
+        filename: &str,
+    ) -> Result<GenaiConfig, String> {
+        let count = |key: &str| config.get(key).and_then(|v| v.as_u64()).map(|v| v as usize);
+        let need = |key: &str| count(key).filter(|&v| v > 0).ok_or_else(|| format!("config.json has no `{key}`"));
+        let heads = need("num_attention_heads")?;
+        let hidden = need("hidden_size")?;
+        let head_size = match count("head_dim") {
+            Some(d) => d,
+            None if hidden % heads == 0 => hidden / heads,
+            None => {
+                return Err(format!(
+                    "config.json: hidden_size {hidden} is not a multiple of {heads} heads and head_dim is not given"
+                ))
+            }
+        };
+        let ids = |key: &str| -> Vec<u32> {
+            let v = generation.and_then(|g| g.get(key)).filter(|v| !v.is_null()).or_else(|| config.get(key));
+            match v {
+                Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                _ => vec![],
+            }
+        };
+        Ok(GenaiConfig {
+            model: ModelSection {
+                bos_token_id: ids("bos_token_id").first().copied(),
+                context_length: count("max_position_embeddings").unwrap_or(2048),
+                decoder: DecoderSection {
+                    filename: filename.to_owned(),
+                    head_size,
+                    hidden_size: hidden,
+                    inputs: DecoderInputs {
+                        input_ids: "input_ids".into(),
+                        attention_mask: Some("attention_mask".into()),
+                        position_ids: Some("position_ids".into()),
+                        past_key_names: "past_key_values.%d.key".into(),
+                        past_value_names: "past_key_values.%d.value".into(),
+                    },
+                    outputs: DecoderOutputs {
+                        logits: "logits".into(),
+                        present_key_names: "present.%d.key".into(),
+                        present_value_names: "present.%d.value".into(),
+                    },
+                    num_attention_heads: heads,
+                    num_hidden_layers: need("num_hidden_layers")?,
+                    num_key_value_heads: count("num_key_value_heads").unwrap_or(heads),
+                    session_options: None,
+                },
+                eos_token_id: ids("eos_token_id"),
+                pad_token_id: ids("pad_token_id").first().copied(),
+                model_type: config.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama").to_owned(),
+                vocab_size: need("vocab_size")?,
+            },
+            search: SearchSection::default(),
+        })
+    }
+}
+
 /// Expands a `%d` name template for layer `i`.
 pub(crate) fn layer_name(template: &str, i: usize) -> String {
     template.replacen("%d", &i.to_string(), 1)

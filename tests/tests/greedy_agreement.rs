@@ -117,6 +117,36 @@ fn weights_kept_beside_the_graph_decode_the_same_and_quantize() {
     assert!(edgelm_runtime::bundle::verify_files(&direct).unwrap().files.iter().all(|f| f.path != "model.onnx.data"));
 }
 
+/// A decoder in the layout Hugging Face Optimum's ONNX export writes (standard operators,
+/// position_ids input, transformers' config.json and no genai_config.json; built by
+/// tests/python/optimum_layout_export.py) runs in edgelm as the checkpoint runs in candle.
+#[test]
+fn optimum_layout_folders_run() {
+    for preset in ["tiny", "tiny-mistral"] {
+        let dir = edgelm_e2e::scratch().join("optimum").join(preset);
+        let out = run(Command::new(python())
+            .arg(root().join("tests/python/optimum_layout_export.py"))
+            .arg(checkpoint(preset))
+            .arg(&dir));
+        assert!(out.status.success(), "{preset}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(!dir.join("genai_config.json").exists());
+        let reference = candle_greedy(preset);
+        for kv in ["shared", "growing"] {
+            assert_eq!(edgelm_greedy_in(&dir, kv), reference, "{preset} with the {kv} KV cache");
+        }
+        let text = edgelm(&["run", dir.to_str().unwrap(), "--prompt", "turn on the lamp", "--max-new-tokens", "4"]);
+        assert!(text.status.success(), "{preset}: {}", String::from_utf8_lossy(&text.stderr));
+    }
+    // The older split layout is named, not misread.
+    let old = edgelm_e2e::scratch().join("optimum").join("old-layout");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::copy(checkpoint("tiny").join("config.json"), old.join("config.json")).unwrap();
+    std::fs::write(old.join("decoder_model_merged.onnx"), b"x").unwrap();
+    let out = edgelm(&["run", old.to_str().unwrap(), "--prompt-ids", "1,2", "--max-new-tokens", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("older Optimum"), "{err}");
+}
+
 /// Heads whose size ONNX Runtime's rotary attention does not take (4 as in transformers' tiny
 /// test llamas, 8, 24, 72; it rotates multiples of 16) are padded inside the graph: the bundle
 /// decodes as candle does in both cache modes and in onnxruntime-genai, and quantizes.
