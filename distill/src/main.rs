@@ -53,7 +53,7 @@ enum Command {
     PruneStructured(train::PruneStructuredArgs),
     /// Distil a sentence encoder into one with fewer layers on unlabelled text.
     DistillEncoder(train::DistillEncoderArgs),
-    /// Quantize an exported fp32 bundle to INT8/INT4 weights and check it against the source.
+    /// Quantize an fp32 bundle (edgelm's, an onnxruntime-genai folder or an Optimum export) to INT8/INT4 weights and check it against the source.
     Quantize(export::QuantizeArgs),
     /// Make an ed25519 signing key pair: KEY (private, PEM, owner-only) and KEY.pub (for boards).
     Keygen(sign::KeygenArgs),

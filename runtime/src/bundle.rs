@@ -350,7 +350,10 @@ pub struct Bundle {
 /// Bytes of model weights in a folder: ONNX graphs with their external data, and safetensors
 /// files. The one measure of model size, for bundles and checkpoints alike.
 pub fn weight_bytes(dir: &Path) -> u64 {
-    let is_weights = |n: &str| n.ends_with(".safetensors") || n.ends_with(".onnx") || n.ends_with(".onnx.data");
+    // Optimum names external data `model.onnx_data`.
+    let is_weights = |n: &str| {
+        n.ends_with(".safetensors") || n.ends_with(".onnx") || n.ends_with(".onnx.data") || n.ends_with(".onnx_data")
+    };
     std::fs::read_dir(dir)
         .map(|it| {
             it.flatten()
@@ -945,20 +948,39 @@ pub fn verify_files(dir: &Path) -> Result<Manifest> {
 /// the older split layout with `decoder_model_merged.onnx` is refused by name) and
 /// transformers' `config.json` and `generation_config.json`.
 fn optimum_config(dir: &Path) -> Result<GenaiConfig> {
-    if !dir.join("model.onnx").exists() {
-        let what = if dir.join("decoder_model_merged.onnx").exists()
-            || dir.join("decoder_with_past_model.onnx").exists()
-        {
-            "is an ONNX export by an older Optimum (decoder_model_merged.onnx / decoder_with_past_model.onnx), which edgelm does not run; export again with a current optimum (one model.onnx with past inputs)"
-        } else {
-            "has config.json but no model.onnx (expected an ONNX export by Hugging Face Optimum)"
-        };
-        return Err(bundle_err(dir, what));
-    }
+    let graphs: Vec<String> = std::fs::read_dir(dir)
+        .at(dir)?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|n| n.ends_with(".onnx"))
+        .collect();
+    // `model.onnx`, or the one graph there is (Optimum's quantizer writes `model_quantized.onnx`).
+    let graph = match graphs.as_slice() {
+        _ if graphs.iter().any(|g| g == "model.onnx") => "model.onnx".to_owned(),
+        _ if graphs.iter().any(|g| g.starts_with("decoder_")) => {
+            return Err(bundle_err(
+                dir,
+                "is an ONNX export by an older Optimum (decoder_model_merged.onnx / decoder_with_past_model.onnx), which edgelm does not run; export again with a current optimum (one model.onnx with past inputs)",
+            ))
+        }
+        [one] => one.clone(),
+        [] => {
+            let checkpoint = std::fs::read_dir(dir).at(dir)?.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"));
+            return Err(bundle_err(
+                dir,
+                if checkpoint {
+                    "is a Hugging Face checkpoint, not a bundle: export it with `edgelm-distill export CHECKPOINT -o BUNDLE`"
+                } else {
+                    "has config.json but no ONNX graph (expected an ONNX export by Hugging Face Optimum)"
+                },
+            ));
+        }
+        many => return Err(bundle_err(dir, format!("has several ONNX graphs ({}) and no model.onnx: which one to run is unclear", many.join(", ")))),
+    };
     let config: serde_json::Value = read_json(&dir.join("config.json"))?;
     let gen_path = dir.join("generation_config.json");
     let generation: Option<serde_json::Value> = if gen_path.exists() { Some(read_json(&gen_path)?) } else { None };
-    GenaiConfig::from_transformers(&config, generation.as_ref(), "model.onnx").map_err(|what| bundle_err(dir, what))
+    GenaiConfig::from_transformers(&config, generation.as_ref(), &graph).map_err(|what| bundle_err(dir, what))
 }
 
 impl Bundle {

@@ -122,7 +122,23 @@ impl Decoder {
             if !has_input(n) {
                 return Err(Error::Bundle {
                     path: model_path.to_path_buf(),
-                    what: format!("the graph has no input `{n}` that genai_config.json names"),
+                    what: format!(
+                        "the graph has no input `{n}` that the bundle's description names (genai_config.json, or config.json for an Optimum export, which needs past inputs: --task text-generation-with-past)"
+                    ),
+                });
+            }
+        }
+        // The cache is fed as fp32; a graph whose cache is fp16 (an fp16 export) is named here
+        // rather than failing at its first step.
+        let cache_type = io.past_keys.first().and_then(|n| session.inputs().iter().find(|o| o.name() == n.as_str()));
+        if let Some(t) = cache_type.and_then(|o| o.dtype().tensor_type()) {
+            if t != ort::value::TensorElementType::Float32 {
+                return Err(Error::Bundle {
+                    path: model_path.to_path_buf(),
+                    what: format!(
+                        "the graph's KV cache `{}` is {t:?}; edgelm feeds fp32 caches (an fp16 edgelm bundle keeps them fp32 outside the graph): export in fp32",
+                        io.past_keys[0]
+                    ),
                 });
             }
         }

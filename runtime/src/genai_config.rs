@@ -203,8 +203,23 @@ impl GenaiConfig {
                 model_type: config.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama").to_owned(),
                 vocab_size: need("vocab_size")?,
             },
-            search: SearchSection::default(),
+            search: search_of(generation),
         })
+    }
+}
+
+/// Sampling defaults from transformers' `generation_config.json` (its own defaults where a key
+/// is missing: greedy, temperature 1, top-k 50, top-p 1, no repetition penalty).
+fn search_of(generation: Option<&serde_json::Value>) -> SearchSection {
+    let get = |key: &str| generation.and_then(|g| g.get(key)).filter(|v| !v.is_null());
+    let float = |key: &str, default: f32| get(key).and_then(|v| v.as_f64()).map_or(default, |v| v as f32);
+    SearchSection {
+        do_sample: get("do_sample").and_then(|v| v.as_bool()).unwrap_or(false),
+        temperature: float("temperature", 1.0),
+        top_k: get("top_k").and_then(|v| v.as_u64()).map_or(50, |v| v as usize),
+        top_p: float("top_p", 1.0),
+        repetition_penalty: float("repetition_penalty", 1.0),
+        ..SearchSection::default()
     }
 }
 
@@ -236,5 +251,31 @@ mod one_or_many {
             [one] => one.serialize(s),
             many => many.serialize(s),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_optimum_folder_is_described_from_transformers_files() {
+        let config = serde_json::json!({"model_type": "mistral", "vocab_size": 300, "hidden_size": 64,
+            "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32, "num_hidden_layers": 2,
+            "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2});
+        let generation =
+            serde_json::json!({"eos_token_id": [2, 7], "do_sample": true, "temperature": 0.6, "top_p": 0.9});
+        let g = GenaiConfig::from_transformers(&config, Some(&generation), "model.onnx").unwrap();
+        let d = &g.model.decoder;
+        assert_eq!((d.head_size, d.num_key_value_heads, d.num_hidden_layers), (32, 1, 2));
+        assert_eq!((g.model.bos_token_id, g.model.eos_token_id.as_slice()), (Some(1), &[2, 7][..]));
+        assert_eq!((g.model.context_length, g.model.model_type.as_str()), (512, "mistral"));
+        assert_eq!(d.inputs.position_ids.as_deref(), Some("position_ids"));
+        assert!(g.search.do_sample && !g.search.past_present_share_buffer);
+        assert_eq!((g.search.temperature, g.search.top_k, g.search.top_p), (0.6, 50, 0.9));
+        let greedy = GenaiConfig::from_transformers(&config, None, "model.onnx").unwrap();
+        assert!(!greedy.search.do_sample);
+        let err = GenaiConfig::from_transformers(&serde_json::json!({"vocab_size": 3}), None, "m.onnx").unwrap_err();
+        assert!(err.contains("num_attention_heads"), "{err}");
     }
 }

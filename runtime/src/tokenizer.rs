@@ -161,34 +161,74 @@ pub fn render_chat_template(template: &str, messages: &[ChatMessage], bos: &str,
 /// transformers marks the assistant's part of a template with `{% generation %}` ...
 /// `{% endgeneration %}` (to find the answer's tokens when training) and outputs the inside
 /// unchanged. minijinja has no such tag: each becomes an `if true` / `endif` with the same
-/// whitespace control, which outputs the same text.
+/// whitespace control, which outputs the same text. The template is read tag by tag, so text
+/// in strings, comments and raw blocks is left as it is.
 fn generation_blocks_as_plain(template: &str) -> std::borrow::Cow<'_, str> {
-    if !template.contains("generation") {
+    // Every block has an end tag; most templates mention `add_generation_prompt` and nothing more.
+    if !template.contains("endgeneration") {
         return template.into();
     }
     let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(start) = rest.find("{%") {
-        out.push_str(&rest[..start]);
-        let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+    let mut i = 0;
+    while i < template.len() {
+        let rest = &template[i..];
+        let Some(open) = rest.find('{') else {
+            out.push_str(rest);
             break;
         };
-        let inner = &tag[2..end];
-        let (open, body, close) = {
-            let open = if inner.starts_with(['-', '+']) { &inner[..1] } else { "" };
-            let close = if inner[open.len()..].ends_with(['-', '+']) { &inner[inner.len() - 1..] } else { "" };
-            (open, inner[open.len()..inner.len() - close.len()].trim(), close)
+        out.push_str(&rest[..open]);
+        let tag = &rest[open..];
+        let end = if tag.starts_with("{#") {
+            tag.find("#}").map(|e| e + 2)
+        } else if tag.starts_with("{{") {
+            tag_end(tag, "}}")
+        } else if tag.starts_with("{%") {
+            tag_end(tag, "%}")
+        } else {
+            Some(1)
         };
-        match body {
-            "generation" => out.push_str(&format!("{{%{open} if true {close}%}}")),
-            "endgeneration" => out.push_str(&format!("{{%{open} endif {close}%}}")),
-            _ => out.push_str(&tag[..end + 2]),
+        let Some(end) = end else {
+            out.push_str(tag);
+            break;
+        };
+        let mut len = end;
+        if tag.starts_with("{%") {
+            let inner = &tag[2..end - 2];
+            let open_ws = if inner.starts_with(['-', '+']) { &inner[..1] } else { "" };
+            let close_ws = if inner[open_ws.len()..].ends_with(['-', '+']) { &inner[inner.len() - 1..] } else { "" };
+            match inner[open_ws.len()..inner.len() - close_ws.len()].trim() {
+                "generation" => out.push_str(&format!("{{%{open_ws} if true {close_ws}%}}")),
+                "endgeneration" => out.push_str(&format!("{{%{open_ws} endif {close_ws}%}}")),
+                "raw" => {
+                    // Up to and with the `endraw` tag, untouched.
+                    len = tag.find("endraw").and_then(|r| tag[r..].find("%}").map(|e| r + e + 2)).unwrap_or(tag.len());
+                    out.push_str(&tag[..len]);
+                }
+                _ => out.push_str(&tag[..end]),
+            }
+        } else {
+            out.push_str(&tag[..end]);
         }
-        rest = &tag[end + 2..];
+        i += open + len;
     }
-    out.push_str(rest);
     out.into()
+}
+
+/// Where the `{{` or `{%` tag at the start of `tag` ends (after `close`), skipping strings.
+fn tag_end(tag: &str, close: &str) -> Option<usize> {
+    let bytes = tag.as_bytes();
+    let (mut k, mut quote) = (2, None::<u8>);
+    while k < bytes.len() {
+        match (quote, bytes[k]) {
+            (Some(_), b'\\') => k += 1,
+            (Some(q), c) if c == q => quote = None,
+            (None, c @ (b'\'' | b'"')) => quote = Some(c),
+            (None, _) if tag[k..].starts_with(close) => return Some(k + 2),
+            _ => {}
+        }
+        k += 1;
+    }
+    None
 }
 
 /// How transformers' `tojson(x, ensure_ascii=False, indent=None, separators=None,
@@ -525,6 +565,18 @@ mod tests {
         let msgs = [ChatMessage::user("a"), ChatMessage::assistant("b")];
         assert_eq!(render_chat_template(t, &msgs, "", "").unwrap(), "[a]\n[b]\n");
         assert!(matches!(generation_blocks_as_plain("{{ x }}"), std::borrow::Cow::Borrowed(_)));
+        // Text that only looks like tags is kept as it is, whole: in strings, comments, raw
+        // blocks, and an unclosed tag at the end.
+        let odd = "{{ '{%}' ~ \"%}{% generation %}\" }}{% generation %}a{% endgeneration %}{# {% generation %} #}\
+                   {% raw %}{% generation %}{% endraw %}{%- if true -%}x{% endif %}";
+        let plain = generation_blocks_as_plain(odd);
+        assert_eq!(
+            plain,
+            "{{ '{%}' ~ \"%}{% generation %}\" }}{% if true %}a{% endif %}{# {% generation %} #}\
+             {% raw %}{% generation %}{% endraw %}{%- if true -%}x{% endif %}"
+        );
+        assert_eq!(render_chat_template(odd, &msgs, "", "").unwrap(), "{%}%}{% generation %}a{% generation %}x");
+        assert_eq!(generation_blocks_as_plain("{% endgeneration %}{{ 'open"), "{% endif %}{{ 'open");
     }
 
     #[test]

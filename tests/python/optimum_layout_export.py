@@ -9,7 +9,8 @@ files beside it; no genai_config.json.
 The graph is built here from the llama equations (RMSNorm, rotary embedding on the given
 positions, grouped-query attention with a causal and padding mask, SwiGLU), not by Optimum.
 
-usage: optimum_layout_export.py CHECKPOINT OUT
+usage: optimum_layout_export.py CHECKPOINT OUT [--fp16-cache]  (the cache inputs and outputs in
+fp16, as an fp16 export has them)
 """
 import json
 import os
@@ -56,6 +57,7 @@ class Graph:
 
 def main():
     ck, out = sys.argv[1], sys.argv[2]
+    fp16_cache = "--fp16-cache" in sys.argv[3:]
     cfg = json.load(open(os.path.join(ck, "config.json")))
     w = read_safetensors(os.path.join(ck, "model.safetensors"))
     hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
@@ -120,8 +122,16 @@ def main():
         k = g.op("Transpose", [g.op("Reshape", [linear(h, p + "self_attn.k_proj.weight"), split(kv)])], perm=[0, 2, 1, 3])
         v = g.op("Transpose", [g.op("Reshape", [linear(h, p + "self_attn.v_proj.weight"), split(kv)])], perm=[0, 2, 1, 3])
         q, k = rotate(q), rotate(k)
-        k = g.op("Concat", [f"past_key_values.{i}.key", k], [f"present.{i}.key"], axis=2)
-        v = g.op("Concat", [f"past_key_values.{i}.value", v], [f"present.{i}.value"], axis=2)
+        if fp16_cache:
+            past_k = g.op("Cast", [f"past_key_values.{i}.key"], to=TensorProto.FLOAT)
+            past_v = g.op("Cast", [f"past_key_values.{i}.value"], to=TensorProto.FLOAT)
+            k = g.op("Concat", [past_k, k], axis=2)
+            v = g.op("Concat", [past_v, v], axis=2)
+            g.op("Cast", [k], [f"present.{i}.key"], to=TensorProto.FLOAT16)
+            g.op("Cast", [v], [f"present.{i}.value"], to=TensorProto.FLOAT16)
+        else:
+            k = g.op("Concat", [f"past_key_values.{i}.key", k], [f"present.{i}.key"], axis=2)
+            v = g.op("Concat", [f"past_key_values.{i}.value", v], [f"present.{i}.value"], axis=2)
         if group > 1:  # each kv head serves `group` query heads
             expand = g.const(f"expand_{i}", np.array([1, 1, group, 1, 1], np.int64))
             merged = g.const(f"merged_{i}", np.array([0, heads, -1, d], np.int64))
@@ -142,6 +152,7 @@ def main():
     g.op("MatMul", [x, g.const("lm_head.T", np.ascontiguousarray(w[head].T))], ["logits"])
 
     kv_shape = lambda n: ["batch_size", kv, n, d]
+    cache_type = TensorProto.FLOAT16 if fp16_cache else TensorProto.FLOAT
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "past_sequence_length + 1"]),
@@ -150,8 +161,8 @@ def main():
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab])]
     for i in range(layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape("past_sequence_length")))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv_shape("past_sequence_length + 1")))
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", cache_type, kv_shape("past_sequence_length")))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", cache_type, kv_shape("past_sequence_length + 1")))
     graph = helper.make_graph(g.nodes, "optimum-layout-decoder", inputs, outputs, g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)

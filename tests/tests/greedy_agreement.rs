@@ -130,13 +130,43 @@ fn optimum_layout_folders_run() {
             .arg(&dir));
         assert!(out.status.success(), "{preset}: {}", String::from_utf8_lossy(&out.stderr));
         assert!(!dir.join("genai_config.json").exists());
+        // Its graph appends to the cache itself: the growing cache, whatever is asked for.
         let reference = candle_greedy(preset);
-        for kv in ["shared", "growing"] {
-            assert_eq!(edgelm_greedy_in(&dir, kv), reference, "{preset} with the {kv} KV cache");
-        }
+        assert_eq!(edgelm_greedy_in(&dir, "shared"), reference, "{preset}");
         let text = edgelm(&["run", dir.to_str().unwrap(), "--prompt", "turn on the lamp", "--max-new-tokens", "4"]);
         assert!(text.status.success(), "{preset}: {}", String::from_utf8_lossy(&text.stderr));
+        // Quantized into an edgelm bundle (a genai_config.json written for it), checked against it.
+        let int8 = edgelm_e2e::scratch().join("optimum").join(format!("{preset}-int8"));
+        let opts = edgelm_distill::quantize::QuantizeOptions::for_bits(8).unwrap();
+        let r = edgelm_distill::export::quantize_bundle(&dir, &int8, &opts, Some(0.1)).unwrap();
+        assert!(r.quantized.unwrap().verify.unwrap().mean_kl < 0.1);
+        assert!(edgelm_runtime::bundle::verify_files(&int8)
+            .unwrap()
+            .files
+            .iter()
+            .any(|f| f.path == "genai_config.json"));
+        assert_eq!(edgelm_greedy_in(&int8, "shared").len(), NEW);
     }
+    // The one graph of a folder, whatever its name (Optimum's quantizer writes model_quantized.onnx).
+    let renamed = edgelm_e2e::scratch().join("optimum").join("renamed");
+    edgelm_e2e::copy_dir(&edgelm_e2e::scratch().join("optimum").join("tiny"), &renamed);
+    std::fs::rename(renamed.join("model.onnx"), renamed.join("model_quantized.onnx")).unwrap();
+    assert_eq!(edgelm_greedy_in(&renamed, "growing"), candle_greedy("tiny"));
+    // A cache kept in fp16 is named when the model is opened.
+    let half = edgelm_e2e::scratch().join("optimum").join("fp16-cache");
+    let out = run(Command::new(python())
+        .arg(root().join("tests/python/optimum_layout_export.py"))
+        .arg(checkpoint("tiny"))
+        .arg(&half)
+        .arg("--fp16-cache"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = edgelm(&["run", half.to_str().unwrap(), "--prompt-ids", "1,2", "--max-new-tokens", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("Float16") && err.contains("fp32"), "{err}");
+    // A checkpoint is not a bundle, and is told how to become one.
+    let out = edgelm(&["run", checkpoint("tiny").to_str().unwrap(), "--prompt-ids", "1,2", "--max-new-tokens", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("edgelm-distill export"), "{err}");
     // The older split layout is named, not misread.
     let old = edgelm_e2e::scratch().join("optimum").join("old-layout");
     std::fs::create_dir_all(&old).unwrap();

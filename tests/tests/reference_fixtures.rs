@@ -124,3 +124,31 @@ fn add_bos_token_from_tokenizer_config_is_honoured() {
     assert_eq!(&with[1..], without.as_slice());
     assert_ne!(without[0], 1);
 }
+
+/// A folder built by genai's model builder in fp32 quantizes into an edgelm bundle (its files
+/// copied, the result checked against it); one genai quantized already is refused.
+#[test]
+fn genai_fp32_folders_quantize_and_quantized_ones_are_refused() {
+    use edgelm_distill::export::quantize_bundle;
+    use edgelm_distill::quantize::QuantizeOptions;
+    let src = fixtures().join("genai/llama-gqa-fp32");
+    let out = scratch().join("genai-quantized-int4");
+    let r = quantize_bundle(&src, &out, &QuantizeOptions::for_bits(4).unwrap(), Some(1.0)).unwrap();
+    let q = r.quantized.unwrap();
+    assert!(q.verify.unwrap().mean_kl < 1.0);
+    assert!(r.model_bytes < q.fp32_bytes / 3, "{} of {}", r.model_bytes, q.fp32_bytes);
+    let m = edgelm_runtime::bundle::verify_files(&out).unwrap();
+    for f in ["genai_config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(m.files.iter().any(|e| e.path == f), "{f} is carried over");
+    }
+    assert_eq!(m.quantization, edgelm_runtime::bundle::Precision::Int4);
+    let e = expected();
+    assert_eq!(edgelm_greedy(&out, &ids(&e["prompt_ids"]), 4, "shared").len(), 4);
+    let again = scratch().join("genai-quantized-twice");
+    let err =
+        quantize_bundle(&fixtures().join("genai/llama-gqa-int4"), &again, &QuantizeOptions::for_bits(8).unwrap(), None)
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("quantized already") && err.contains("MatMulNBits"), "{err}");
+    assert!(!again.exists());
+}

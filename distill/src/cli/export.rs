@@ -207,7 +207,8 @@ impl QuantArgs {
     }
 }
 
-/// Quantize an exported fp32 bundle (MatMulNBits weights, quantized embedding) and check it
+/// Quantize an fp32 bundle (edgelm's, or a causal LM folder built by onnxruntime-genai or
+/// exported by Optimum) (MatMulNBits weights, quantized embedding) and check it
 /// against the source bundle.
 #[derive(clap::Args)]
 pub struct QuantizeArgs {

@@ -300,44 +300,172 @@ fn quantize_encoder_static(
     Ok(summary)
 }
 
+/// What a quantized bundle takes from the bundle it is made from.
+struct SourceFiles {
+    /// Files copied as they are (not the graph, its data files or the tokenizer).
+    copy: Vec<String>,
+    model_file: String,
+    tokenizer: Option<String>,
+    /// A genai_config.json to write (for a source that describes itself another way).
+    genai_config: Option<String>,
+    quantization: Precision,
+    generation: edgelm_runtime::bundle::GenerationDefaults,
+    chat_template: Option<String>,
+    checkpoint: std::path::PathBuf,
+    checkpoint_sha256: String,
+    encoder: Option<edgelm_runtime::bundle::EncoderInfo>,
+    report: serde_json::Value,
+    /// The fp32 model's bytes (graph and data files).
+    model_bytes: u64,
+}
+
+impl SourceFiles {
+    fn of_manifest(m: &edgelm_runtime::bundle::Manifest) -> Self {
+        SourceFiles {
+            copy: m
+                .files
+                .iter()
+                .map(|f| f.path.clone())
+                .filter(|p| *p != m.model_file && Some(p) != m.tokenizer.as_ref())
+                .collect(),
+            model_file: m.model_file.clone(),
+            tokenizer: m.tokenizer.clone(),
+            genai_config: None,
+            quantization: m.quantization,
+            generation: m.generation.clone(),
+            chat_template: m.chat_template.clone(),
+            checkpoint: m.source.checkpoint.clone().into(),
+            checkpoint_sha256: m.source.sha256.clone(),
+            encoder: m.encoder.clone(),
+            report: m.report.clone(),
+            model_bytes: super::model_bytes(m),
+        }
+    }
+}
+
+/// A causal LM folder without edgelm.json: one built by onnxruntime-genai's model builder, or a
+/// decoder exported by Hugging Face Optimum. Its files are copied (a genai_config.json is
+/// written for an Optimum folder), the source is named by the graph's hash.
+struct ForeignSource {
+    files: SourceFiles,
+}
+
+impl ForeignSource {
+    fn of(b: &Bundle) -> Result<Self> {
+        let model_file =
+            b.model_path.strip_prefix(&b.dir).ok().and_then(|p| p.to_str()).map(str::to_owned).ok_or_else(|| {
+                Error::Unsupported { what: format!("{}: a model outside its folder", b.dir.display()) }
+            })?;
+        let tokenizer = b.tokenizer_path.as_ref().and_then(|p| p.file_name()?.to_str().map(str::to_owned));
+        let has_genai = b.dir.join("genai_config.json").exists();
+        let mut copy = Vec::new();
+        let mut model_bytes = 0;
+        for e in std::fs::read_dir(&b.dir).at(&b.dir)? {
+            let e = e.at(&b.dir)?;
+            let Some(name) = e.file_name().to_str().map(str::to_owned) else { continue };
+            let meta = e.metadata().at(e.path())?;
+            if name.starts_with(model_file.as_str()) && meta.is_file() {
+                // The graph and its external data (`model.onnx.data`, `model.onnx_data`).
+                model_bytes += meta.len();
+                continue;
+            }
+            if meta.is_file() && !name.starts_with('.') && Some(&name) != tokenizer.as_ref() {
+                copy.push(name);
+            }
+        }
+        copy.sort();
+        let genai_config =
+            if has_genai { None } else { Some(serde_json::to_string_pretty(&b.genai).expect("the config serializes")) };
+        let origin = if has_genai { "onnxruntime-genai folder" } else { "Hugging Face Optimum export" };
+        Ok(ForeignSource {
+            files: SourceFiles {
+                copy,
+                model_file: model_file.clone(),
+                tokenizer,
+                genai_config,
+                quantization: Precision::Fp32,
+                generation: b.generation.clone(),
+                chat_template: b.chat_template.clone(),
+                checkpoint: b.dir.clone(),
+                checkpoint_sha256: edgelm_runtime::bundle::sha256_file(&b.model_path)?,
+                encoder: None,
+                report: serde_json::json!({"source": origin}),
+                model_bytes,
+            },
+        })
+    }
+}
+
+/// Refuses a graph some other tool quantized already: its matrices are packed, in fp16 or
+/// integer, and quantizing again would compound the rounding (only fp32 sources are taken).
+fn refuse_quantized_graph(model: &ModelProto, src: &Path) -> Result<()> {
+    const QUANTIZED: [&str; 7] = [
+        "MatMulNBits",
+        "GatherBlockQuantized",
+        "DynamicQuantizeMatMul",
+        "MatMulInteger",
+        "MatMulIntegerToFloat",
+        "QLinearMatMul",
+        "DequantizeLinear",
+    ];
+    let g = model.graph.as_ref();
+    let op = g.and_then(|g| g.node.iter().find(|n| QUANTIZED.contains(&n.op_type.as_str())));
+    let half =
+        g.is_some_and(|g| g.initializer.iter().any(|t| t.data_type == Some(crate::onnx::DataType::Float16 as i32)));
+    match (op, half) {
+        (Some(n), _) => Err(Error::Unsupported {
+            what: format!(
+                "{} is quantized already (operator {}): quantize from an fp32 model",
+                src.display(),
+                n.op_type
+            ),
+        }),
+        (None, true) => Err(Error::Unsupported {
+            what: format!("{} holds fp16 weights: quantize from an fp32 model", src.display()),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Quantizes the fp32 bundle in `src` (causal LM or encoder) into `out` and, with `max_kl`,
 /// checks the result against `src` in ONNX Runtime: for a causal LM the mean KL and top-1
 /// agreement of next-token distributions, for an encoder the cosine of sentence embeddings
 /// (at least [`ENCODER_MIN_COSINE`] on average).
 pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: Option<f64>) -> Result<ExportReport> {
     let kind = Kind::of(src)?;
-    let (manifest, model_path) = match kind {
+    let (manifest, model_path, foreign) = match kind {
         Kind::Encoder => {
             let e = edgelm_runtime::encoder::Encoder::open(src, &edgelm_runtime::EngineOptions::default())?;
             let m = e.manifest().clone();
             let p = src.join(&m.model_file);
-            (Some(m), p)
+            (Some(m), p, None)
         }
         _ => {
             let b = Bundle::open(src)?;
-            (b.manifest, b.model_path)
+            let foreign = if b.manifest.is_none() { Some(ForeignSource::of(&b)?) } else { None };
+            (b.manifest, b.model_path, foreign)
         }
     };
-    let Some(manifest) = manifest else {
-        return Err(Error::Unsupported {
-            what: format!(
-                "{} has no edgelm.json (an onnxruntime-genai folder?): export the checkpoint with `edgelm-distill export --precision ...`",
-                src.display()
-            ),
-        });
+    let source = match (&manifest, foreign) {
+        (Some(m), _) => SourceFiles::of_manifest(m),
+        (None, Some(f)) => f.files,
+        (None, None) => unreachable!("an encoder always has a manifest"),
     };
-    if manifest.quantization != Precision::Fp32 {
+    if source.quantization != Precision::Fp32 {
         return Err(Error::Unsupported {
-            what: format!("{} is already {:?}: quantize from the fp32 bundle", src.display(), manifest.quantization),
+            what: format!("{} is already {:?}: quantize from the fp32 bundle", src.display(), source.quantization),
         });
     }
-    let tokenizer = src.join(manifest.tokenizer.as_deref().unwrap_or("tokenizer.json"));
+    let tokenizer = src.join(source.tokenizer.as_deref().unwrap_or("tokenizer.json"));
     let opts = &with_hot_rows(opts, tokenizer.exists().then_some(tokenizer.as_path()))?;
     let bytes = std::fs::read(&model_path).at(&model_path)?;
     let mut model = ModelProto::decode(bytes.as_slice())
         .map_err(|e| Error::Format { path: model_path.clone(), what: format!("not an ONNX model: {e}") })?;
     drop(bytes);
-    let fp32_bytes = super::model_bytes(&manifest);
+    if manifest.is_none() {
+        refuse_quantized_graph(&model, src)?;
+    }
+    let fp32_bytes = source.model_bytes;
     // Weights kept beside the graph are read in, and those files are not copied to the output:
     // it is written whole again (apart only if it has to be).
     let data_files: Vec<String> = crate::onnx::external::data_files(&model);
@@ -351,19 +479,22 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
                 ),
             });
         }
-        quantize_encoder_static(&mut model, src, &manifest, opts)?
+        quantize_encoder_static(&mut model, src, manifest.as_ref().expect("encoders have one"), opts)?
     } else {
         quantize_model(&mut model, opts)?
     };
     hot_rows_used(opts, &summary)?;
     let mut w = BundleWriter::create(out, kind)?;
-    for f in manifest.files.iter().filter(|f| f.path != manifest.model_file && !data_files.contains(&f.path)) {
-        w.copy(&f.path, &src.join(&f.path))?;
+    for f in source.copy.iter().filter(|f| !data_files.contains(f)) {
+        w.copy(f, &src.join(f))?;
     }
-    if let Some(t) = &manifest.tokenizer {
+    if let Some(t) = &source.tokenizer {
         w.tokenizer(&src.join(t))?;
     }
-    super::write_model(&mut w, &manifest.model_file, &mut model, false, false)?;
+    if let Some(genai) = &source.genai_config {
+        w.write("genai_config.json", genai.as_bytes())?;
+    }
+    super::write_model(&mut w, &source.model_file, &mut model, false, false)?;
     drop(model);
     let verify = match max_kl {
         Some(limit) if kind == Kind::CausalLm => {
@@ -371,21 +502,21 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
         }
         _ => None,
     };
-    let parameters = manifest.report.get("parameters").and_then(|p| p.as_u64()).unwrap_or(0) as usize;
-    let mut report = manifest.report.clone();
+    let parameters = source.report.get("parameters").and_then(|p| p.as_u64()).unwrap_or(0) as usize;
+    let mut report = source.report.clone();
     if let Some(obj) = report.as_object_mut() {
         obj.insert("quantized_from".into(), serde_json::Value::from(src.display().to_string()));
     }
     // The check runs on the finished bundle (an encoder's goes through the runtime's own
     // loader, which needs the manifest) before it takes the place of whatever `out` held.
     let info = BundleInfo {
-        generation: manifest.generation.clone(),
-        chat_template: manifest.chat_template.clone(),
+        generation: source.generation,
+        chat_template: source.chat_template,
         precision: precision_of(Some(opts)),
         weights: Some(weight_scheme(opts, &summary)),
-        checkpoint: manifest.source.checkpoint.clone().into(),
-        checkpoint_sha256: manifest.source.sha256.clone(),
-        encoder: manifest.encoder.clone(),
+        checkpoint: source.checkpoint,
+        checkpoint_sha256: source.checkpoint_sha256,
+        encoder: source.encoder,
         report,
     };
     let (written, encoder_check) = w.finish_checked(info, |dir| -> Result<Option<EncoderCheck>> {
