@@ -54,10 +54,23 @@ pub fn json_ok(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("stdout is JSON")
 }
 
-/// A fixture folder shared by the tests of one process.
+/// A fixture folder shared by the tests of one process: `target/<profile>/e2e-scratch/<test
+/// binary>`, emptied when the process first asks for it. (A temporary folder held in a static
+/// is never dropped, so each run used to leave its fixtures, gigabytes in all, in /tmp.)
 pub fn scratch() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir")).path()
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let name = exe.file_stem().expect("a file name").to_owned();
+        // target/<profile>/deps/<binary> -> target/<profile>/e2e-scratch/<binary>
+        let profile = exe.parent().and_then(Path::parent).expect("the binary sits in target/<profile>/deps");
+        let dir = profile.join("e2e-scratch").join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).expect("empty the scratch folder of the last run");
+        }
+        std::fs::create_dir_all(&dir).expect("create the scratch folder");
+        dir
+    })
 }
 
 /// A random checkpoint of `preset` (seed 0), created once.
