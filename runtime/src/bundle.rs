@@ -243,7 +243,7 @@ impl Kind {
     /// `kind`, or a causal LM for a folder made by onnxruntime-genai (which has no manifest).
     pub fn of(dir: &Path) -> Result<Kind> {
         if !dir.join(MANIFEST).exists() {
-            return Ok(Kind::CausalLm);
+            return Ok(if foreign_encoder(dir) { Kind::Encoder } else { Kind::CausalLm });
         }
         #[derive(Deserialize)]
         struct KindOnly {
@@ -944,39 +944,82 @@ pub fn verify_files(dir: &Path) -> Result<Manifest> {
     verify_manifest(dir, &[])
 }
 
-/// The genai description of a folder exported by Hugging Face Optimum: its graph (`model.onnx`;
-/// the older split layout with `decoder_model_merged.onnx` is refused by name) and
-/// transformers' `config.json` and `generation_config.json`.
-fn optimum_config(dir: &Path) -> Result<GenaiConfig> {
+/// Whether a folder without edgelm.json is an encoder exported by Hugging Face Optimum: no
+/// genai_config.json, and a config.json naming an encoder family (BERT and its kin) or an
+/// encoder class (`...Model`, not `...ForCausalLM`).
+fn foreign_encoder(dir: &Path) -> bool {
+    const ENCODERS: [&str; 10] = [
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+        "mpnet",
+        "camembert",
+        "electra",
+        "albert",
+        "nomic_bert",
+        "modernbert",
+    ];
+    if dir.join("genai_config.json").exists() {
+        return false;
+    }
+    let Ok(config) = read_json::<serde_json::Value>(&dir.join("config.json")) else {
+        return false;
+    };
+    let classes: Vec<&str> = config
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .map_or(vec![], |a| a.iter().filter_map(|c| c.as_str()).collect());
+    if classes.iter().any(|c| c.contains("CausalLM")) {
+        return false;
+    }
+    let model_type = config.get("model_type").and_then(|t| t.as_str()).unwrap_or("");
+    ENCODERS.contains(&model_type) || classes.iter().any(|c| c.ends_with("Model"))
+}
+
+/// The graph of a folder without edgelm.json or genai_config.json (an Optimum export):
+/// `model.onnx`, or the one `.onnx` file there is (Optimum's quantizer writes
+/// `model_quantized.onnx`).
+pub(crate) fn foreign_graph(dir: &Path) -> Result<String> {
     let graphs: Vec<String> = std::fs::read_dir(dir)
         .at(dir)?
         .flatten()
         .filter_map(|e| e.file_name().to_str().map(str::to_owned))
         .filter(|n| n.ends_with(".onnx"))
         .collect();
-    // `model.onnx`, or the one graph there is (Optimum's quantizer writes `model_quantized.onnx`).
-    let graph = match graphs.as_slice() {
-        _ if graphs.iter().any(|g| g == "model.onnx") => "model.onnx".to_owned(),
-        _ if graphs.iter().any(|g| g.starts_with("decoder_")) => {
-            return Err(bundle_err(
-                dir,
-                "is an ONNX export by an older Optimum (decoder_model_merged.onnx / decoder_with_past_model.onnx), which edgelm does not run; export again with a current optimum (one model.onnx with past inputs)",
-            ))
-        }
-        [one] => one.clone(),
+    match graphs.as_slice() {
+        _ if graphs.iter().any(|g| g == "model.onnx") => Ok("model.onnx".to_owned()),
+        _ if graphs.iter().any(|g| g.starts_with("decoder_")) => Err(bundle_err(
+            dir,
+            "is an ONNX export by an older Optimum (decoder_model_merged.onnx / decoder_with_past_model.onnx), which edgelm does not run; export again with a current optimum (one model.onnx with past inputs)",
+        )),
+        [one] => Ok(one.clone()),
         [] => {
-            let checkpoint = std::fs::read_dir(dir).at(dir)?.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"));
-            return Err(bundle_err(
+            let checkpoint = std::fs::read_dir(dir)
+                .at(dir)?
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"));
+            Err(bundle_err(
                 dir,
                 if checkpoint {
                     "is a Hugging Face checkpoint, not a bundle: export it with `edgelm-distill export CHECKPOINT -o BUNDLE`"
                 } else {
                     "has config.json but no ONNX graph (expected an ONNX export by Hugging Face Optimum)"
                 },
-            ));
+            ))
         }
-        many => return Err(bundle_err(dir, format!("has several ONNX graphs ({}) and no model.onnx: which one to run is unclear", many.join(", ")))),
-    };
+        many => Err(bundle_err(
+            dir,
+            format!("has several ONNX graphs ({}) and no model.onnx: which one to run is unclear", many.join(", ")),
+        )),
+    }
+}
+
+/// The genai description of a folder exported by Hugging Face Optimum: its graph (`model.onnx`;
+/// the older split layout with `decoder_model_merged.onnx` is refused by name) and
+/// transformers' `config.json` and `generation_config.json`.
+fn optimum_config(dir: &Path) -> Result<GenaiConfig> {
+    let graph = foreign_graph(dir)?;
     let config: serde_json::Value = read_json(&dir.join("config.json"))?;
     let gen_path = dir.join("generation_config.json");
     let generation: Option<serde_json::Value> = if gen_path.exists() { Some(read_json(&gen_path)?) } else { None };

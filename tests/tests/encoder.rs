@@ -453,3 +453,58 @@ fn a_shallower_minilm_is_distilled_exported_and_runs() {
     let mean = mean_cosine_to_teacher(&b);
     assert!(mean > after - 0.1, "bundle cosine {mean} against the training's {after}");
 }
+
+/// An encoder exported by Hugging Face Optimum (a sentence-transformers folder's files beside one
+/// graph, no edgelm.json) embeds as transformers does, whether the graph ends in
+/// `sentence_embedding` or gives only token states that edgelm pools as modules.json says.
+#[test]
+fn an_encoder_exported_by_optimum_embeds_as_transformers_does() {
+    use edgelm_e2e::{minilm_dir, python, scratch};
+    let (src, b) = (minilm_dir(), minilm_bundle());
+    let folder = |name: &str, tokens_only: bool| {
+        let dir = scratch().join("optimum-encoder").join(name);
+        std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+        for f in ["config.json", "modules.json", "tokenizer.json", "tokenizer_config.json", "1_Pooling/config.json"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        let graph = dir.join("model.onnx");
+        if tokens_only {
+            let script = "import onnx, sys\n\
+                          m = onnx.load(sys.argv[1])\n\
+                          keep = [o for o in m.graph.output if o.name != 'sentence_embedding']\n\
+                          del m.graph.output[:]\n\
+                          m.graph.output.extend(keep)\n\
+                          onnx.save(m, sys.argv[2])";
+            let out = run(Command::new(python()).args(["-c", script]).arg(b.join("model.onnx")).arg(&graph));
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        } else {
+            std::fs::copy(b.join("model.onnx"), &graph).unwrap();
+        }
+        dir
+    };
+    let embed = |dir: &std::path::Path, text: &str| -> Vec<f32> {
+        let got = json_ok(&edgelm(&["embed", dir.to_str().unwrap(), "--text", text, "--json"]));
+        got["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    let sentences = expected()["sentences"].as_array().unwrap().clone();
+    let want = |s: &serde_json::Value| -> Vec<f32> {
+        s["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    for dir in [folder("whole", false), folder("tokens", true)] {
+        for s in &sentences {
+            let diff = max_abs_diff(&embed(&dir, s["text"].as_str().unwrap()), &want(s));
+            assert!(diff < 1e-4, "{}: edgelm vs transformers differ by {diff}", dir.display());
+        }
+    }
+    // Without modules.json the token states are mean-pooled and left as they are: the same
+    // direction, another length.
+    let bare = folder("bare", true);
+    std::fs::remove_file(bare.join("modules.json")).unwrap();
+    let (got, want) = (embed(&bare, sentences[0]["text"].as_str().unwrap()), want(&sentences[0]));
+    let norm = got.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let cosine = got.iter().zip(&want).map(|(a, b)| a * b).sum::<f32>() / norm;
+    assert!((norm - 1.0).abs() > 0.01 && cosine > 0.9999, "norm {norm}, cosine {cosine}");
+    // It is an encoder: `run` says so.
+    let out = edgelm(&["run", bare.to_str().unwrap(), "--prompt", "hi"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("encoder"), "{}", String::from_utf8_lossy(&out.stderr));
+}

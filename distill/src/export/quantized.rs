@@ -436,7 +436,12 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     let (manifest, model_path, foreign) = match kind {
         Kind::Encoder => {
             let e = edgelm_runtime::encoder::Encoder::open(src, &edgelm_runtime::EngineOptions::default())?;
-            let m = e.manifest().clone();
+            let m = e.manifest().cloned().ok_or_else(|| Error::Unsupported {
+                what: format!(
+                    "{} is an encoder exported by Optimum: export the checkpoint with `edgelm-distill export`, then quantize that bundle",
+                    src.display()
+                ),
+            })?;
             let p = src.join(&m.model_file);
             (Some(m), p, None)
         }

@@ -199,7 +199,7 @@ pub fn doctor(a: DoctorArgs, place: &Placement) -> Result<()> {
                         engine.kv_cache_bytes(engine.context_length()),
                         engine.bundle().manifest.as_ref(),
                     ),
-                    edgelm_runtime::Model::Encoder(enc) => (enc.weight_bytes(), 0, Some(enc.manifest())),
+                    edgelm_runtime::Model::Encoder(enc) => (enc.weight_bytes(), 0, enc.manifest()),
                 };
                 let need = (weights + kv).div_ceil(1 << 20);
                 let what = if kv > 0 { " with a full KV cache" } else { "" };

@@ -342,7 +342,7 @@ impl Loaded {
                 (Served::Lm(Arc::from(e)), "causal-lm", precision, c, w, k)
             }
             Model::Encoder(e) => {
-                let precision = Some(precision_name(e.manifest().quantization));
+                let precision = e.manifest().map(|m| precision_name(m.quantization));
                 let (w, c) = (e.weight_bytes(), e.context_length().unwrap_or(0));
                 (Served::Encoder(Arc::new(Mutex::new(*e))), "encoder", precision, c, w, 0)
             }
