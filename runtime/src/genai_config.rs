@@ -152,7 +152,18 @@ impl GenaiConfig {
         generation: Option<&serde_json::Value>,
         filename: &str,
     ) -> Result<GenaiConfig, String> {
-        let count = |key: &str| config.get(key).and_then(|v| v.as_u64()).map(|v| v as usize);
+        // GPT-2-style configs spell the shape their own way.
+        fn alias(key: &str) -> &str {
+            match key {
+                "num_attention_heads" => "n_head",
+                "hidden_size" => "n_embd",
+                "num_hidden_layers" => "n_layer",
+                "max_position_embeddings" => "n_positions",
+                other => other,
+            }
+        }
+        let count =
+            |key: &str| config.get(key).or_else(|| config.get(alias(key))).and_then(|v| v.as_u64()).map(|v| v as usize);
         let need = |key: &str| count(key).filter(|&v| v > 0).ok_or_else(|| format!("config.json has no `{key}`"));
         let heads = need("num_attention_heads")?;
         let hidden = need("hidden_size")?;
@@ -275,6 +286,11 @@ mod tests {
         assert_eq!((g.search.temperature, g.search.top_k, g.search.top_p), (0.6, 50, 0.9));
         let greedy = GenaiConfig::from_transformers(&config, None, "model.onnx").unwrap();
         assert!(!greedy.search.do_sample);
+        let gpt2 = serde_json::json!({"model_type": "gpt2", "vocab_size": 300, "n_embd": 64, "n_head": 4,
+            "n_layer": 3, "n_positions": 128});
+        let g = GenaiConfig::from_transformers(&gpt2, None, "model.onnx").unwrap();
+        let d = &g.model.decoder;
+        assert_eq!((d.head_size, d.num_key_value_heads, d.num_hidden_layers, g.model.context_length), (16, 4, 3, 128));
         let err = GenaiConfig::from_transformers(&serde_json::json!({"vocab_size": 3}), None, "m.onnx").unwrap_err();
         assert!(err.contains("num_attention_heads"), "{err}");
     }
