@@ -960,8 +960,13 @@ fn foreign_encoder(dir: &Path) -> bool {
         "nomic_bert",
         "modernbert",
     ];
-    if dir.join("genai_config.json").exists() {
+    if dir.join("genai_config.json").exists() || !dir.join("config.json").exists() {
         return false;
+    }
+    // sentence-transformers' own files: an embedding model, even one whose class is a causal LM
+    // (Qwen3-Embedding, gte-Qwen2).
+    if dir.join("modules.json").exists() || dir.join("config_sentence_transformers.json").exists() {
+        return true;
     }
     let Ok(config) = read_json::<serde_json::Value>(&dir.join("config.json")) else {
         return false;
@@ -970,7 +975,9 @@ fn foreign_encoder(dir: &Path) -> bool {
         .get("architectures")
         .and_then(|a| a.as_array())
         .map_or(vec![], |a| a.iter().filter_map(|c| c.as_str()).collect());
-    if classes.iter().any(|c| c.contains("CausalLM")) {
+    // `GPT2LMHeadModel` ends in Model too.
+    if classes.iter().any(|c| c.contains("CausalLM") || c.contains("LMHead") || c.contains("ForConditionalGeneration"))
+    {
         return false;
     }
     let model_type = config.get("model_type").and_then(|t| t.as_str()).unwrap_or("");
@@ -1112,6 +1119,41 @@ impl Bundle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folders_without_a_manifest_are_told_apart_by_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let kind = |config: Option<&str>, extra: &[&str]| {
+            let d = dir.path().join(format!("case-{}", rand_name()));
+            std::fs::create_dir_all(&d).unwrap();
+            if let Some(c) = config {
+                std::fs::write(d.join("config.json"), c).unwrap();
+            }
+            for f in extra {
+                std::fs::write(d.join(f), "{}").unwrap();
+            }
+            Kind::of(&d).unwrap()
+        };
+        let bert = r#"{"architectures": ["BertModel"], "model_type": "bert"}"#;
+        assert_eq!(kind(Some(bert), &[]), Kind::Encoder);
+        assert_eq!(kind(Some(r#"{"model_type": "xlm-roberta"}"#), &[]), Kind::Encoder);
+        assert_eq!(kind(Some(r#"{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}"#), &[]), Kind::CausalLm);
+        assert_eq!(
+            kind(Some(r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}"#), &[]),
+            Kind::CausalLm
+        );
+        // An embedding model whose class is a causal LM, told by sentence-transformers' files.
+        let qwen = r#"{"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}"#;
+        assert_eq!(kind(Some(qwen), &["modules.json"]), Kind::Encoder);
+        assert_eq!(kind(Some(bert), &["genai_config.json"]), Kind::CausalLm);
+        assert_eq!(kind(None, &["genai_config.json"]), Kind::CausalLm);
+    }
+
+    fn rand_name() -> String {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        N.fetch_add(1, Ordering::Relaxed).to_string()
+    }
 
     fn info() -> BundleInfo {
         BundleInfo {

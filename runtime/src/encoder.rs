@@ -49,20 +49,15 @@ pub struct EncoderSession {
 }
 
 impl EncoderSession {
-    /// Opens an encoder ONNX file with the decoder's session settings; a graph without
-    /// `sentence_embedding` is pooled with `pooling` (mean, not normalised, when `None`).
+    /// Opens an encoder ONNX file with the decoder's session settings; the token states of a
+    /// graph without `sentence_embedding` are mean-pooled and not normalised.
     pub fn load(model: &Path, opts: &DecoderOptions) -> Result<Self> {
-        Self::load_pooled(model, opts, None)
-    }
-
-    fn load_pooled(model: &Path, opts: &DecoderOptions, pooling: Option<(Pooling, bool)>) -> Result<Self> {
         let session = crate::session::open(model, opts)?;
         let find = |name: &str| session.outputs().iter().find(|o| o.name() == name);
         let output = if find("sentence_embedding").is_some() {
             Output::Sentence
         } else if let Some(o) = find("token_embeddings").or_else(|| find("last_hidden_state")) {
-            let (pooling, normalize) = pooling.unwrap_or((Pooling::Mean, false));
-            Output::Tokens { name: o.name().to_owned(), pooling, normalize }
+            Output::Tokens { name: o.name().to_owned(), pooling: Pooling::Mean, normalize: false }
         } else {
             return Err(Error::Bundle {
                 path: model.to_path_buf(),
@@ -157,24 +152,45 @@ fn sentence_transformers_pooling(dir: &Path) -> Result<Option<(Pooling, bool)>> 
     }
     let modules = read(&modules_path)?;
     let modules = modules.as_array().map(Vec::as_slice).unwrap_or_default();
-    let of_type =
-        |t: &str| modules.iter().find(|m| m.get("type").and_then(|v| v.as_str()).is_some_and(|v| v.ends_with(t)));
-    let normalize = of_type("models.Normalize").is_some();
-    let Some(path) = of_type("models.Pooling").and_then(|m| m.get("path")?.as_str()) else {
+    let kind = |m: &serde_json::Value| m.get("type").and_then(|v| v.as_str()).unwrap_or("").to_owned();
+    // Modules this runtime applies after the graph's token states; others (Dense, ...) would
+    // change the embedding, so they are refused rather than skipped.
+    let known = ["models.Transformer", "models.Pooling", "models.Normalize"];
+    if let Some(other) = modules.iter().map(kind).find(|t| !known.iter().any(|k| t.ends_with(k))) {
+        return Err(Error::Bundle {
+            path: modules_path,
+            what: format!(
+                "lists the module `{other}`, which edgelm does not apply (it applies Transformer, Pooling, Normalize)"
+            ),
+        });
+    }
+    let normalize = modules.iter().any(|m| kind(m).ends_with("models.Normalize"));
+    let Some(path) = modules.iter().find(|m| kind(m).ends_with("models.Pooling")).and_then(|m| m.get("path")?.as_str())
+    else {
         return Ok(Some((Pooling::Mean, normalize)));
     };
-    let config = read(&dir.join(path).join("config.json"))?;
-    let on = |key: &str| config.get(key).and_then(|v| v.as_bool()).unwrap_or(false);
-    let pooling = match () {
-        _ if on("pooling_mode_cls_token") => Pooling::Cls,
-        _ if on("pooling_mode_max_tokens") => Pooling::Max,
-        _ if on("pooling_mode_lasttoken") => Pooling::LastToken,
-        _ if on("pooling_mode_mean_tokens") => Pooling::Mean,
-        _ => {
+    let config_path = dir.join(path).join("config.json");
+    let config = read(&config_path)?;
+    let modes: Vec<&str> = config
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter(|(k, v)| k.starts_with("pooling_mode_") && v.as_bool() == Some(true))
+                .map(|(k, _)| k.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    let pooling = match modes.as_slice() {
+        ["pooling_mode_mean_tokens"] => Pooling::Mean,
+        ["pooling_mode_cls_token"] => Pooling::Cls,
+        ["pooling_mode_max_tokens"] => Pooling::Max,
+        ["pooling_mode_lasttoken"] => Pooling::LastToken,
+        other => {
             return Err(Error::Bundle {
-                path: dir.join(path),
-                what: "the Pooling module uses a mode edgelm does not apply (it applies mean, cls, max, lasttoken)"
-                    .into(),
+                path: config_path,
+                what: format!(
+                    "pools with {other:?}; edgelm applies exactly one of mean, cls, max, lasttoken (several at once are joined end to end by sentence-transformers)"
+                ),
             })
         }
     };
@@ -222,27 +238,54 @@ impl Encoder {
         let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
         // One sequence at a time: padding (which sentence-transformers files often configure)
-        // would only add masked positions. Truncation, if configured, is kept.
+        // would only add masked positions. Truncation is off: a text past the encoder's limit
+        // is refused rather than cut short without a word (sentence-transformers folders also
+        // carry a tokenizer truncation shorter than the length the model is used at).
         tokenizer.with_padding(None);
-        let (model_file, pooling, max_tokens) = match &manifest {
-            Some(m) => (m.model_file.clone(), None, m.encoder.as_ref().map(|e| e.max_tokens)),
+        let truncation = tokenizer.get_truncation().map(|t| t.max_length);
+        let _ = tokenizer.with_truncation(None);
+        let (model_file, max_tokens) = match &manifest {
+            Some(m) => (m.model_file.clone(), m.encoder.as_ref().map(|e| e.max_tokens)),
             None => {
-                let config: serde_json::Value = std::fs::read_to_string(dir.join("config.json"))
-                    .ok()
-                    .and_then(|t| serde_json::from_str(&t).ok())
-                    .unwrap_or_default();
+                let json = |name: &str| -> serde_json::Value {
+                    std::fs::read_to_string(dir.join(name))
+                        .ok()
+                        .and_then(|t| serde_json::from_str(&t).ok())
+                        .unwrap_or_default()
+                };
+                let config = json("config.json");
                 // RoBERTa-style position tables keep two rows for the padding offset.
                 let offset = match config.get("model_type").and_then(|t| t.as_str()) {
-                    Some("roberta" | "xlm-roberta" | "camembert") => 2,
+                    Some("roberta" | "xlm-roberta" | "camembert" | "mpnet") => 2,
                     _ => 0,
                 };
-                let positions =
-                    config.get("max_position_embeddings").and_then(|v| v.as_u64()).map(|p| p as usize - offset);
-                let truncation = tokenizer.get_truncation().map(|t| t.max_length);
-                (crate::bundle::foreign_graph(dir)?, sentence_transformers_pooling(dir)?, truncation.or(positions))
+                let positions = config
+                    .get("max_position_embeddings")
+                    .and_then(|v| v.as_u64())
+                    .map(|p| (p as usize).saturating_sub(offset))
+                    .filter(|&p| p > 0);
+                // sentence-transformers' limit, else the tokenizer's truncation, never past the
+                // position table. Longer texts are refused, not cut short: edgelm's rule for
+                // every input, and a cut the tokenizer made on its own would not say so.
+                let st = json("sentence_bert_config.json")
+                    .get("max_seq_length")
+                    .and_then(|v| v.as_u64())
+                    .map(|v| v as usize);
+                let limit = st.or(truncation);
+                let max = match (limit, positions) {
+                    (Some(l), Some(p)) => Some(l.min(p)),
+                    (l, p) => l.or(p),
+                };
+                (crate::bundle::foreign_graph(dir)?, max)
             }
         };
-        let mut session = EncoderSession::load_pooled(&dir.join(&model_file), &opts.decoder, pooling)?;
+        let mut session = EncoderSession::load(&dir.join(&model_file), &opts.decoder)?;
+        // Token states are pooled here as the sentence-transformers files say (read only then).
+        if let (None, Output::Tokens { pooling, normalize, .. }) = (&manifest, &mut session.output) {
+            if let Some((p, n)) = sentence_transformers_pooling(dir)? {
+                (*pooling, *normalize) = (p, n);
+            }
+        }
         if session.embedding_dim == 0 {
             // The graph leaves the width open: measure it once on a one-token input.
             session.embedding_dim = session.run(&[0], &[0])?.len();
@@ -291,5 +334,61 @@ impl Encoder {
             return Err(Error::ContextOverflow { prompt: enc.get_ids().len(), max_new: 0, context: max });
         }
         self.session.run(enc.get_ids(), enc.get_type_ids())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sentence-transformers folder with `modules` (type suffixes) and a Pooling config.
+    fn folder(modules: &[&str], pooling: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let list: Vec<serde_json::Value> = modules
+            .iter()
+            .enumerate()
+            .map(|(i, m)| serde_json::json!({"idx": i, "name": i.to_string(), "path": if *m == "Pooling" { "1_Pooling" } else { "" }, "type": format!("sentence_transformers.models.{m}")}))
+            .collect();
+        std::fs::write(dir.path().join("modules.json"), serde_json::to_string(&list).unwrap()).unwrap();
+        std::fs::create_dir_all(dir.path().join("1_Pooling")).unwrap();
+        std::fs::write(dir.path().join("1_Pooling/config.json"), pooling).unwrap();
+        dir
+    }
+
+    #[test]
+    fn sentence_transformers_pooling_is_applied_exactly_or_refused() {
+        let mode = |m: &str| {
+            format!(
+                r#"{{"word_embedding_dimension": 4, "{m}": true, "pooling_mode_mean_tokens": false, "include_prompt": true}}"#
+            )
+        };
+        let read = |modules: &[&str], pooling: &str| sentence_transformers_pooling(folder(modules, pooling).path());
+        let chain = ["Transformer", "Pooling", "Normalize"];
+        assert_eq!(read(&chain, &mode("pooling_mode_cls_token")).unwrap(), Some((Pooling::Cls, true)));
+        assert_eq!(read(&chain[..2], &mode("pooling_mode_lasttoken")).unwrap(), Some((Pooling::LastToken, false)));
+        assert_eq!(read(&chain[..2], &mode("pooling_mode_max_tokens")).unwrap(), Some((Pooling::Max, false)));
+        assert_eq!(read(&chain, r#"{"pooling_mode_mean_tokens": true}"#).unwrap(), Some((Pooling::Mean, true)));
+        // What edgelm does not apply is refused by name: a Dense layer, two modes joined, a
+        // weighted mean.
+        let e = read(&["Transformer", "Pooling", "Dense", "Normalize"], r#"{"pooling_mode_mean_tokens": true}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("models.Dense"), "{e}");
+        let e = read(&chain, r#"{"pooling_mode_mean_tokens": true, "pooling_mode_max_tokens": true}"#).unwrap_err();
+        assert!(e.to_string().contains("pooling_mode_max_tokens"), "{e}");
+        let e = read(&chain, &mode("pooling_mode_weightedmean_tokens")).unwrap_err();
+        assert!(e.to_string().contains("weightedmean"), "{e}");
+        assert_eq!(sentence_transformers_pooling(tempfile::tempdir().unwrap().path()).unwrap(), None);
+    }
+
+    #[test]
+    fn pooling_by_hand() {
+        // Two tokens of three features.
+        let states = [1.0, -2.0, 3.0, 3.0, 4.0, -1.0];
+        assert_eq!(pool(&states, 2, Pooling::Mean, false), [2.0, 1.0, 1.0]);
+        assert_eq!(pool(&states, 2, Pooling::Max, false), [3.0, 4.0, 3.0]);
+        assert_eq!(pool(&states, 2, Pooling::Cls, false), [1.0, -2.0, 3.0]);
+        assert_eq!(pool(&states, 2, Pooling::LastToken, false), [3.0, 4.0, -1.0]);
+        let n = pool(&states, 2, Pooling::Mean, true);
+        assert!((n.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-6 && (n[0] / n[1] - 2.0).abs() < 1e-6);
     }
 }

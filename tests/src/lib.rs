@@ -54,9 +54,10 @@ pub fn json_ok(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("stdout is JSON")
 }
 
-/// A fixture folder shared by the tests of one process: `target/<profile>/e2e-scratch/<test
-/// binary>`, emptied when the process first asks for it. (A temporary folder held in a static
-/// is never dropped, so each run used to leave its fixtures, gigabytes in all, in /tmp.)
+/// A fixture folder shared by the tests of one process:
+/// `target/<profile>/e2e-scratch/<test binary>/<process id>`. The folders of processes that
+/// have ended are removed first. (A temporary folder held in a static is never dropped, so each
+/// run used to leave its fixtures, gigabytes in all, in /tmp.)
 pub fn scratch() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -64,10 +65,15 @@ pub fn scratch() -> &'static Path {
         let name = exe.file_stem().expect("a file name").to_owned();
         // target/<profile>/deps/<binary> -> target/<profile>/e2e-scratch/<binary>
         let profile = exe.parent().and_then(Path::parent).expect("the binary sits in target/<profile>/deps");
-        let dir = profile.join("e2e-scratch").join(name);
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).expect("empty the scratch folder of the last run");
+        let base = profile.join("e2e-scratch").join(name);
+        for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let pid = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok());
+            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
         }
+        let dir = base.join(std::process::id().to_string());
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the scratch folder");
         dir
     })

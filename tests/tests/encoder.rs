@@ -464,7 +464,9 @@ fn an_encoder_exported_by_optimum_embeds_as_transformers_does() {
     let folder = |name: &str, tokens_only: bool| {
         let dir = scratch().join("optimum-encoder").join(name);
         std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
-        for f in ["config.json", "modules.json", "tokenizer.json", "tokenizer_config.json", "1_Pooling/config.json"] {
+        let files =
+            ["config.json", "modules.json", "sentence_bert_config.json", "tokenizer.json", "tokenizer_config.json"];
+        for f in files.iter().chain(&["1_Pooling/config.json"]) {
             std::fs::copy(src.join(f), dir.join(f)).unwrap();
         }
         let graph = dir.join("model.onnx");
@@ -495,6 +497,19 @@ fn an_encoder_exported_by_optimum_embeds_as_transformers_does() {
             let diff = max_abs_diff(&embed(&dir, s["text"].as_str().unwrap()), &want(s));
             assert!(diff < 1e-4, "{}: edgelm vs transformers differ by {diff}", dir.display());
         }
+    }
+    // Texts are embedded whole up to sentence-transformers' max_seq_length (256 here, over the
+    // tokenizer's own truncation at 128) in the Optimum folder and the edgelm bundle alike, and
+    // refused past it.
+    let text = |words: usize| vec!["edge"; words].join(" ");
+    let tokens = folder("long", false);
+    let (a, bb) = (embed(&tokens, &text(200)), embed(&b, &text(200)));
+    assert!(max_abs_diff(&a, &bb) < 1e-5);
+    assert!(max_abs_diff(&a, &embed(&b, &text(126))) > 1e-4, "200 words were cut to 128 tokens");
+    for dir in [&tokens, &b] {
+        let out = edgelm(&["embed", dir.to_str().unwrap(), "--text", &text(300), "--json"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("256"), "{}: {err}", dir.display());
     }
     // Without modules.json the token states are mean-pooled and left as they are: the same
     // direction, another length.

@@ -172,6 +172,14 @@ pub fn export_encoder(ck: &EncoderCheckpoint, out: &Path, tolerance: f32) -> Res
     }
 
     let c = &ck.config;
+    // sentence-transformers embeds at most `max_seq_length` tokens (sentence_bert_config.json,
+    // over the tokenizer's own truncation); longer texts are refused at that length.
+    let st_limit = std::fs::read_to_string(ck.dir.join("sentence_bert_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("max_seq_length")?.as_u64())
+        .map(|v| v as usize);
+    let max_tokens = st_limit.map_or(c.max_position_embeddings, |l| l.min(c.max_position_embeddings));
     w.finish(BundleInfo {
         generation: GenerationDefaults::none(),
         chat_template: None,
@@ -180,7 +188,7 @@ pub fn export_encoder(ck: &EncoderCheckpoint, out: &Path, tolerance: f32) -> Res
         checkpoint: ck.dir.clone(),
         checkpoint_sha256: super::checkpoint_hash(&ck.dir)?,
         encoder: Some(EncoderInfo {
-            max_tokens: c.max_position_embeddings,
+            max_tokens,
             hidden_size: c.hidden_size,
             pooling: match c.pooling {
                 Pooling::Mean => "mean",

@@ -360,20 +360,34 @@ impl ForeignSource {
         let has_genai = b.dir.join("genai_config.json").exists();
         let mut copy = Vec::new();
         let mut model_bytes = 0;
+        // The graph and its external data (`model.onnx.data`, `model.onnx_data`), hashed
+        // together to name the source.
+        let mut weights = Vec::new();
         for e in std::fs::read_dir(&b.dir).at(&b.dir)? {
             let e = e.at(&b.dir)?;
             let Some(name) = e.file_name().to_str().map(str::to_owned) else { continue };
-            let meta = e.metadata().at(e.path())?;
-            if name.starts_with(model_file.as_str()) && meta.is_file() {
-                // The graph and its external data (`model.onnx.data`, `model.onnx_data`).
-                model_bytes += meta.len();
+            // Followed: a Hugging Face cache snapshot is a folder of symlinks.
+            let meta = std::fs::metadata(e.path()).at(e.path())?;
+            if !meta.is_file() || name.starts_with('.') {
                 continue;
             }
-            if meta.is_file() && !name.starts_with('.') && Some(&name) != tokenizer.as_ref() {
+            if name.starts_with(model_file.as_str()) {
+                model_bytes += meta.len();
+                weights.push(name);
+            } else if !name.ends_with(".onnx") && !name.ends_with(".onnx_data") && Some(&name) != tokenizer.as_ref() {
+                // Other graphs (an Optimum folder's model_quantized.onnx) are not this bundle's.
                 copy.push(name);
             }
         }
         copy.sort();
+        weights.sort();
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for w in &weights {
+            h.update(w.as_bytes());
+            h.update(edgelm_runtime::bundle::sha256_file(&b.dir.join(w))?.as_bytes());
+        }
+        let source_sha256 = edgelm_runtime::bundle::hex(&h.finalize());
         let genai_config =
             if has_genai { None } else { Some(serde_json::to_string_pretty(&b.genai).expect("the config serializes")) };
         let origin = if has_genai { "onnxruntime-genai folder" } else { "Hugging Face Optimum export" };
@@ -387,7 +401,7 @@ impl ForeignSource {
                 generation: b.generation.clone(),
                 chat_template: b.chat_template.clone(),
                 checkpoint: b.dir.clone(),
-                checkpoint_sha256: edgelm_runtime::bundle::sha256_file(&b.model_path)?,
+                checkpoint_sha256: source_sha256,
                 encoder: None,
                 report: serde_json::json!({"source": origin}),
                 model_bytes,
@@ -410,8 +424,10 @@ fn refuse_quantized_graph(model: &ModelProto, src: &Path) -> Result<()> {
     ];
     let g = model.graph.as_ref();
     let op = g.and_then(|g| g.node.iter().find(|n| QUANTIZED.contains(&n.op_type.as_str())));
-    let half =
-        g.is_some_and(|g| g.initializer.iter().any(|t| t.data_type == Some(crate::onnx::DataType::Float16 as i32)));
+    let half = g.is_some_and(|g| {
+        let reduced = [crate::onnx::DataType::Float16 as i32, crate::onnx::DataType::Bfloat16 as i32];
+        g.initializer.iter().any(|t| t.data_type.is_some_and(|d| reduced.contains(&d)))
+    });
     match (op, half) {
         (Some(n), _) => Err(Error::Unsupported {
             what: format!(
@@ -421,7 +437,7 @@ fn refuse_quantized_graph(model: &ModelProto, src: &Path) -> Result<()> {
             ),
         }),
         (None, true) => Err(Error::Unsupported {
-            what: format!("{} holds fp16 weights: quantize from an fp32 model", src.display()),
+            what: format!("{} holds fp16 or bf16 weights: quantize from an fp32 model", src.display()),
         }),
         _ => Ok(()),
     }
