@@ -81,6 +81,32 @@ pub struct DecoderInputs {
     pub past_value_names: String,
 }
 
+impl DecoderInputs {
+    /// The names onnxruntime-genai's builder, edgelm's export and Optimum give a decoder's
+    /// inputs (`position_ids` only when the graph takes positions).
+    pub fn standard(position_ids: bool) -> Self {
+        DecoderInputs {
+            input_ids: "input_ids".into(),
+            attention_mask: Some("attention_mask".into()),
+            position_ids: position_ids.then(|| "position_ids".into()),
+            past_key_names: "past_key_values.%d.key".into(),
+            past_value_names: "past_key_values.%d.value".into(),
+        }
+    }
+}
+
+impl DecoderOutputs {
+    /// The names onnxruntime-genai's builder, edgelm's export and Optimum give a decoder's
+    /// outputs.
+    pub fn standard() -> Self {
+        DecoderOutputs {
+            logits: "logits".into(),
+            present_key_names: "present.%d.key".into(),
+            present_value_names: "present.%d.value".into(),
+        }
+    }
+}
+
 /// Graph output names; `%d` stands for the layer index.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DecoderOutputs {
@@ -192,18 +218,8 @@ impl GenaiConfig {
                     filename: filename.to_owned(),
                     head_size,
                     hidden_size: hidden,
-                    inputs: DecoderInputs {
-                        input_ids: "input_ids".into(),
-                        attention_mask: Some("attention_mask".into()),
-                        position_ids: Some("position_ids".into()),
-                        past_key_names: "past_key_values.%d.key".into(),
-                        past_value_names: "past_key_values.%d.value".into(),
-                    },
-                    outputs: DecoderOutputs {
-                        logits: "logits".into(),
-                        present_key_names: "present.%d.key".into(),
-                        present_value_names: "present.%d.value".into(),
-                    },
+                    inputs: DecoderInputs::standard(true),
+                    outputs: DecoderOutputs::standard(),
                     num_attention_heads: heads,
                     num_hidden_layers: need("num_hidden_layers")?,
                     num_key_value_heads: count("num_key_value_heads").unwrap_or(heads),

@@ -50,20 +50,23 @@ fn edgelm_matches_candle_in_both_cache_modes() {
     }
 }
 
+/// Greedy tokens of onnxruntime-genai on the bundle in `dir`.
+fn genai_greedy_in(dir: &std::path::Path) -> Vec<u32> {
+    let out = run(Command::new(python()).arg(root().join("tests/python/genai_generate.py")).arg(dir).args([
+        "--ids",
+        &csv(&prompt()),
+        "--max-new-tokens",
+        &NEW.to_string(),
+        "--ignore-eos",
+    ]));
+    assert!(out.status.success(), "genai failed on {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn onnxruntime_genai_matches_edgelm() {
     for preset in PRESETS {
-        let b = bundle(preset);
-        let out = run(Command::new(python()).arg(root().join("tests/python/genai_generate.py")).arg(&b).args([
-            "--ids",
-            &csv(&prompt()),
-            "--max-new-tokens",
-            &NEW.to_string(),
-            "--ignore-eos",
-        ]));
-        assert!(out.status.success(), "genai failed on {preset}: {}", String::from_utf8_lossy(&out.stderr));
-        let genai: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(genai, edgelm_greedy(preset, "shared"), "{preset}: genai vs edgelm");
+        assert_eq!(genai_greedy_in(&bundle(preset)), edgelm_greedy(preset, "shared"), "{preset}: genai vs edgelm");
     }
 }
 
@@ -211,16 +214,7 @@ fn heads_of_any_even_size_export_decode_and_quantize() {
         for kv in ["shared", "growing"] {
             assert_eq!(edgelm_greedy_in(&dir, kv), reference, "{name} with the {kv} KV cache");
         }
-        let out = run(Command::new(python()).arg(root().join("tests/python/genai_generate.py")).arg(&dir).args([
-            "--ids",
-            &csv(&prompt()),
-            "--max-new-tokens",
-            &NEW.to_string(),
-            "--ignore-eos",
-        ]));
-        assert!(out.status.success(), "genai failed on {name}: {}", String::from_utf8_lossy(&out.stderr));
-        let genai: Vec<u32> = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(genai, reference, "{name}: genai vs candle");
+        assert_eq!(genai_greedy_in(&dir), reference, "{name}: genai vs candle");
         let int4 = edgelm_e2e::scratch().join("bundle").join(format!("{name}-int4"));
         let mut opts = edgelm_distill::quantize::QuantizeOptions::for_bits(4).unwrap();
         opts.scheme.block_size = 16;

@@ -128,18 +128,9 @@ fn genai_config(ck: &Checkpoint) -> GenaiConfig {
                 filename: "model.onnx".into(),
                 head_size: graph::cache_head_size(c),
                 hidden_size: c.hidden_size,
-                inputs: DecoderInputs {
-                    input_ids: "input_ids".into(),
-                    attention_mask: Some("attention_mask".into()),
-                    position_ids: None,
-                    past_key_names: "past_key_values.%d.key".into(),
-                    past_value_names: "past_key_values.%d.value".into(),
-                },
-                outputs: DecoderOutputs {
-                    logits: "logits".into(),
-                    present_key_names: "present.%d.key".into(),
-                    present_value_names: "present.%d.value".into(),
-                },
+                // Positions come from the mask inside GroupQueryAttention.
+                inputs: DecoderInputs::standard(false),
+                outputs: DecoderOutputs::standard(),
                 num_attention_heads: c.num_attention_heads,
                 num_hidden_layers: c.num_hidden_layers,
                 num_key_value_heads: c.num_key_value_heads,
