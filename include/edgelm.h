@@ -27,7 +27,8 @@
    is 0 every minor release may change the ABI: rebuild against its header.
 
    Models. edgelm_model_load opens a causal LM (edgelm_generate, edgelm_generate_ids) or a
-   sentence encoder (edgelm_embed), an edgelm bundle or an onnxruntime-genai model folder.
+   sentence encoder (edgelm_embed): an edgelm bundle, an onnxruntime-genai model folder or an
+   ONNX export by Hugging Face Optimum (see docs/bundle.md).
    ONNX Runtime is loaded at run time: see edgelm_load_options.ort_library. */
 
 #ifndef EDGELM_H
@@ -233,7 +234,7 @@ edgelm_load_options edgelm_load_options_default(void);
 edgelm_gen_params edgelm_gen_params_default(void);
 
 // Opens and verifies a bundle folder of either kind (a causal LM or a sentence encoder; an
-// edgelm bundle or an onnxruntime-genai model folder).
+// edgelm bundle, an onnxruntime-genai model folder or an ONNX export by Hugging Face Optimum).
 //
 // `path`: NUL-terminated UTF-8, borrowed. `options`: NULL for defaults, borrowed. `out`:
 // receives the new handle on EDGELM_OK (left untouched on failure); the caller owns it and

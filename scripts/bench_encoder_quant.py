@@ -64,6 +64,7 @@ if stale(theirs, f"{a.fp32}/model.onnx"):
 
 tok = Tokenizer.from_file(f"{a.fp32}/tokenizer.json")
 tok.no_padding()
+tok.no_truncation()  # as the runtime reads it: texts past max_tokens are cut below
 max_tokens = json.load(open(f"{a.fp32}/edgelm.json"))["encoder"]["max_tokens"]
 
 theirs_static = f"{a.work}/minilm-quantize-static.onnx"

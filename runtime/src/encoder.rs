@@ -46,6 +46,9 @@ pub struct EncoderSession {
     output: Output,
     /// Whether the graph takes `token_type_ids` (BERT does; RoBERTa and DistilBERT do not).
     token_types: bool,
+    /// Whether the graph takes `position_ids` (an embedding model built on a decoder, as
+    /// Optimum exports Qwen3-Embedding).
+    positions: bool,
 }
 
 impl EncoderSession {
@@ -72,8 +75,18 @@ impl EncoderSession {
         };
         let embedding_dim =
             find(name).and_then(|o| o.dtype().tensor_shape()?.last().copied()).filter(|&d| d > 0).unwrap_or(0) as usize;
-        let token_types = session.inputs().iter().any(|i| i.name() == "token_type_ids");
-        Ok(EncoderSession { session, embedding_dim, output, token_types })
+        let takes = |name: &str| session.inputs().iter().any(|i| i.name() == name);
+        if let Some(past) = session.inputs().iter().find(|i| i.name().starts_with("past_key_values")) {
+            return Err(Error::Bundle {
+                path: model.to_path_buf(),
+                what: format!(
+                    "the encoder graph takes a KV cache (`{}`): export the embedding model without past inputs (Optimum's feature-extraction task)",
+                    past.name()
+                ),
+            });
+        }
+        let (token_types, positions) = (takes("token_type_ids"), takes("position_ids"));
+        Ok(EncoderSession { session, embedding_dim, output, token_types, positions })
     }
 
     /// The sentence embedding of one sequence of ids and token types.
@@ -90,6 +103,9 @@ impl EncoderSession {
         if self.token_types {
             inputs.push(("token_type_ids", Tensor::from_array(([1usize, s], to_i64(type_ids)))?.into()));
         }
+        if self.positions {
+            inputs.push(("position_ids", Tensor::from_array(([1usize, s], (0..s as i64).collect::<Vec<_>>()))?.into()));
+        }
         let out = self.session.run(inputs)?;
         let (name, expected) = match &self.output {
             Output::Sentence => ("sentence_embedding", "[1, hidden]"),
@@ -103,7 +119,9 @@ impl EncoderSession {
         };
         match &self.output {
             Output::Sentence if shape.len() == 2 && shape[0] == 1 => Ok(data.to_vec()),
-            Output::Tokens { pooling, normalize, .. } if shape.len() == 3 && shape[0] == 1 && shape[1] == s as i64 => {
+            Output::Tokens { pooling, normalize, .. }
+                if shape.len() == 3 && shape[0] == 1 && shape[1] == s as i64 && shape[2] > 0 =>
+            {
                 Ok(pool(data, s, *pooling, *normalize))
             }
             _ => Err(bad_shape()),

@@ -193,7 +193,9 @@ impl GenaiConfig {
         let need = |key: &str| count(key).filter(|&v| v > 0).ok_or_else(|| format!("config.json has no `{key}`"));
         let heads = need("num_attention_heads")?;
         let hidden = need("hidden_size")?;
-        let head_size = match count("head_dim") {
+        // Qwen3's config class has its own default head size instead of hidden / heads.
+        let qwen3 = config.get("model_type").and_then(|t| t.as_str()) == Some("qwen3");
+        let head_size = match count("head_dim").or(qwen3.then_some(128)) {
             Some(d) => d,
             None if hidden % heads == 0 => hidden / heads,
             None => {
@@ -307,6 +309,9 @@ mod tests {
         let g = GenaiConfig::from_transformers(&gpt2, None, "model.onnx").unwrap();
         let d = &g.model.decoder;
         assert_eq!((d.head_size, d.num_key_value_heads, d.num_hidden_layers, g.model.context_length), (16, 4, 3, 128));
+        let qwen3 = serde_json::json!({"model_type": "qwen3", "vocab_size": 300, "hidden_size": 64,
+            "num_attention_heads": 4, "num_hidden_layers": 1});
+        assert_eq!(GenaiConfig::from_transformers(&qwen3, None, "model.onnx").unwrap().model.decoder.head_size, 128);
         let err = GenaiConfig::from_transformers(&serde_json::json!({"vocab_size": 3}), None, "m.onnx").unwrap_err();
         assert!(err.contains("num_attention_heads"), "{err}");
     }

@@ -223,7 +223,7 @@ fn tag_end(tag: &str, close: &str) -> Option<usize> {
             (Some(_), b'\\') => k += 1,
             (Some(q), c) if c == q => quote = None,
             (None, c @ (b'\'' | b'"')) => quote = Some(c),
-            (None, _) if tag[k..].starts_with(close) => return Some(k + 2),
+            (None, _) if bytes[k..].starts_with(close.as_bytes()) => return Some(k + 2),
             _ => {}
         }
         k += 1;
@@ -577,6 +577,9 @@ mod tests {
         );
         assert_eq!(render_chat_template(odd, &msgs, "", "").unwrap(), "{%}%}{% generation %}a{% generation %}x");
         assert_eq!(generation_blocks_as_plain("{% endgeneration %}{{ 'open"), "{% endif %}{{ 'open");
+        // Characters of more than one byte inside a tag, closed or not.
+        assert_eq!(generation_blocks_as_plain("{% endgeneration %}{{ naïve }}é"), "{% endif %}{{ naïve }}é");
+        assert_eq!(generation_blocks_as_plain("{% endgeneration %}{{ naïve"), "{% endif %}{{ naïve");
     }
 
     #[test]

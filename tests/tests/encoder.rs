@@ -519,6 +519,25 @@ fn an_encoder_exported_by_optimum_embeds_as_transformers_does() {
     let norm = got.iter().map(|x| x * x).sum::<f32>().sqrt();
     let cosine = got.iter().zip(&want).map(|(a, b)| a * b).sum::<f32>() / norm;
     assert!((norm - 1.0).abs() > 0.01 && cosine > 0.9999, "norm {norm}, cosine {cosine}");
+    // A graph that also takes positions (an embedding model built on a decoder) gets them; one
+    // that takes a KV cache is refused by name.
+    let with_input = |name: &str, input: &str| {
+        let dir = folder(name, true);
+        let script = "import onnx, sys\n\
+                      from onnx import helper, TensorProto\n\
+                      m = onnx.load(sys.argv[1])\n\
+                      m.graph.input.append(helper.make_tensor_value_info(sys.argv[2], TensorProto.INT64, [1, 'sequence']))\n\
+                      onnx.save(m, sys.argv[1])";
+        let out = run(Command::new(python()).args(["-c", script]).arg(dir.join("model.onnx")).arg(input));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        dir
+    };
+    let positions = with_input("positions", "position_ids");
+    assert!(max_abs_diff(&embed(&positions, "hi there"), &embed(&b, "hi there")) < 1e-5);
+    let cached = with_input("cached", "past_key_values.0.key");
+    let out = edgelm(&["embed", cached.to_str().unwrap(), "--text", "hi"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("past_key_values.0.key"), "{err}");
     // It is an encoder: `run` says so.
     let out = edgelm(&["run", bare.to_str().unwrap(), "--prompt", "hi"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("encoder"), "{}", String::from_utf8_lossy(&out.stderr));

@@ -174,11 +174,13 @@ pub fn check_encoder(reference: &Path, candidate: &Path) -> Result<EncoderCheck>
 }
 
 /// The bundle's tokenizer at `path` as calibration reads it: without padding (which would add
-/// pad tokens to every text and to the hot-row counts).
+/// pad tokens to every text and to the hot-row counts) and, as the runtime reads it, without
+/// truncation (texts are cut at the bundle's `max_tokens` after).
 fn calibration_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
     let mut tokenizer = tokenizers::Tokenizer::from_file(path)
         .map_err(|e| Error::Format { path: path.to_path_buf(), what: format!("not a tokenizer: {e}") })?;
     tokenizer.with_padding(None);
+    let _ = tokenizer.with_truncation(None);
     Ok(tokenizer)
 }
 

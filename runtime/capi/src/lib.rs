@@ -420,7 +420,7 @@ fn kv_cache_mode(value: u32) -> Result<KvCacheMode, edgelm_status> {
 }
 
 /// Opens and verifies a bundle folder of either kind (a causal LM or a sentence encoder; an
-/// edgelm bundle or an onnxruntime-genai model folder).
+/// edgelm bundle, an onnxruntime-genai model folder or an ONNX export by Hugging Face Optimum).
 ///
 /// `path`: NUL-terminated UTF-8, borrowed. `options`: NULL for defaults, borrowed. `out`:
 /// receives the new handle on EDGELM_OK (left untouched on failure); the caller owns it and
