@@ -144,6 +144,18 @@ fn genai_fp32_folders_quantize_and_quantized_ones_are_refused() {
     assert_eq!(m.quantization, edgelm_runtime::bundle::Precision::Int4);
     let e = expected();
     assert_eq!(edgelm_greedy(&out, &ids(&e["prompt_ids"]), 4, "shared").len(), 4);
+    // A folder of symlinks (how a Hugging Face cache snapshot holds its files) quantizes alike.
+    let linked = scratch().join("genai-linked");
+    std::fs::create_dir_all(&linked).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::os::unix::fs::symlink(e.path().canonicalize().unwrap(), linked.join(e.file_name())).unwrap();
+    }
+    let out_linked = scratch().join("genai-linked-int4");
+    quantize_bundle(&linked, &out_linked, &QuantizeOptions::for_bits(4).unwrap(), Some(1.0)).unwrap();
+    let copied: Vec<String> =
+        edgelm_runtime::bundle::verify_files(&out_linked).unwrap().files.into_iter().map(|f| f.path).collect();
+    assert_eq!(copied, m.files.iter().map(|f| f.path.clone()).collect::<Vec<_>>());
     let again = scratch().join("genai-quantized-twice");
     let err =
         quantize_bundle(&fixtures().join("genai/llama-gqa-int4"), &again, &QuantizeOptions::for_bits(8).unwrap(), None)
