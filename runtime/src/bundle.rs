@@ -390,7 +390,7 @@ fn bundle_err(dir: &Path, what: impl Into<String>) -> Error {
 
 /// Reads a JSON file of the bundle. Bytes that are not UTF-8 or not the expected JSON are a
 /// damaged bundle ([`Error::Bundle`]), not an I/O failure: the file was read fine.
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let bytes = std::fs::read(path).at(path)?;
     serde_json::from_slice(&bytes).map_err(|e| Error::Bundle {
         path: path.to_path_buf(),
@@ -988,12 +988,9 @@ fn foreign_encoder(dir: &Path) -> bool {
 /// `model.onnx`, or the one `.onnx` file there is (Optimum's quantizer writes
 /// `model_quantized.onnx`).
 pub(crate) fn foreign_graph(dir: &Path) -> Result<String> {
-    let graphs: Vec<String> = std::fs::read_dir(dir)
-        .at(dir)?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
-        .filter(|n| n.ends_with(".onnx"))
-        .collect();
+    let names: Vec<String> =
+        std::fs::read_dir(dir).at(dir)?.flatten().filter_map(|e| e.file_name().to_str().map(str::to_owned)).collect();
+    let graphs: Vec<String> = names.iter().filter(|n| n.ends_with(".onnx")).cloned().collect();
     match graphs.as_slice() {
         _ if graphs.iter().any(|g| g == "model.onnx") => Ok("model.onnx".to_owned()),
         _ if graphs.iter().any(|g| g.starts_with("decoder_")) => Err(bundle_err(
@@ -1002,10 +999,7 @@ pub(crate) fn foreign_graph(dir: &Path) -> Result<String> {
         )),
         [one] => Ok(one.clone()),
         [] => {
-            let checkpoint = std::fs::read_dir(dir)
-                .at(dir)?
-                .flatten()
-                .any(|e| e.file_name().to_string_lossy().ends_with(".safetensors"));
+            let checkpoint = names.iter().any(|n| n.ends_with(".safetensors"));
             Err(bundle_err(
                 dir,
                 if checkpoint {

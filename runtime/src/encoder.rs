@@ -158,12 +158,7 @@ fn pool(states: &[f32], seq: usize, pooling: Pooling, normalize: bool) -> Vec<f3
 /// The pooling a sentence-transformers folder declares: the Pooling module's mode and whether a
 /// Normalize module follows (`modules.json`). `None` without modules.json.
 fn sentence_transformers_pooling(dir: &Path) -> Result<Option<(Pooling, bool)>> {
-    let read = |path: &Path| -> Result<serde_json::Value> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Bundle { path: path.to_path_buf(), what: e.to_string() })?;
-        serde_json::from_str(&text)
-            .map_err(|e| Error::Bundle { path: path.to_path_buf(), what: format!("is not JSON: {e}") })
-    };
+    let read = crate::bundle::read_json::<serde_json::Value>;
     let modules_path = dir.join("modules.json");
     if !modules_path.exists() {
         return Ok(None);

@@ -99,19 +99,22 @@ pub(crate) fn flat(t: &candle_core::Tensor) -> Result<Vec<f32>> {
 
 /// sha256 over the checkpoint's config.json and weight files, in name order.
 pub(crate) fn checkpoint_hash(dir: &Path) -> Result<String> {
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+    let names: Vec<String> = std::fs::read_dir(dir)
         .at(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            n == "config.json" || n.ends_with(".safetensors") || n == "model.safetensors.index.json"
-        })
+        .filter_map(|e| e.ok()?.file_name().to_str().map(str::to_owned))
+        .filter(|n| n == "config.json" || n.ends_with(".safetensors") || n == "model.safetensors.index.json")
         .collect();
+    files_hash(dir, names)
+}
+
+/// sha256 over the files `names` of `dir`, each name and its sha256 in name order: what names a
+/// model's source in a manifest.
+pub(crate) fn files_hash(dir: &Path, mut names: Vec<String>) -> Result<String> {
     names.sort();
     let mut h = Sha256::new();
-    for p in names {
-        h.update(p.file_name().and_then(|n| n.to_str()).unwrap_or("").as_bytes());
-        h.update(bundle::sha256_file(&p)?.as_bytes());
+    for n in names {
+        h.update(n.as_bytes());
+        h.update(bundle::sha256_file(&dir.join(&n))?.as_bytes());
     }
     Ok(bundle::hex(&h.finalize()))
 }

@@ -343,17 +343,11 @@ impl SourceFiles {
             model_bytes: super::model_bytes(m),
         }
     }
-}
 
-/// A causal LM folder without edgelm.json: one built by onnxruntime-genai's model builder, or a
-/// decoder exported by Hugging Face Optimum. Its files are copied (a genai_config.json is
-/// written for an Optimum folder), the source is named by the graph's hash.
-struct ForeignSource {
-    files: SourceFiles,
-}
-
-impl ForeignSource {
-    fn of(b: &Bundle) -> Result<Self> {
+    /// A causal LM folder without edgelm.json: one built by onnxruntime-genai's model builder,
+    /// or a decoder exported by Hugging Face Optimum. Its files are copied (a genai_config.json
+    /// is written for an Optimum folder), the source is named by the hash of its graph and data.
+    fn of_foreign(b: &Bundle) -> Result<Self> {
         let model_file =
             b.model_path.strip_prefix(&b.dir).ok().and_then(|p| p.to_str()).map(str::to_owned).ok_or_else(|| {
                 Error::Unsupported { what: format!("{}: a model outside its folder", b.dir.display()) }
@@ -382,32 +376,22 @@ impl ForeignSource {
             }
         }
         copy.sort();
-        weights.sort();
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        for w in &weights {
-            h.update(w.as_bytes());
-            h.update(edgelm_runtime::bundle::sha256_file(&b.dir.join(w))?.as_bytes());
-        }
-        let source_sha256 = edgelm_runtime::bundle::hex(&h.finalize());
         let genai_config =
             if has_genai { None } else { Some(serde_json::to_string_pretty(&b.genai).expect("the config serializes")) };
         let origin = if has_genai { "onnxruntime-genai folder" } else { "Hugging Face Optimum export" };
-        Ok(ForeignSource {
-            files: SourceFiles {
-                copy,
-                model_file: model_file.clone(),
-                tokenizer,
-                genai_config,
-                quantization: Precision::Fp32,
-                generation: b.generation.clone(),
-                chat_template: b.chat_template.clone(),
-                checkpoint: b.dir.clone(),
-                checkpoint_sha256: source_sha256,
-                encoder: None,
-                report: serde_json::json!({"source": origin}),
-                model_bytes,
-            },
+        Ok(SourceFiles {
+            copy,
+            model_file: model_file.clone(),
+            tokenizer,
+            genai_config,
+            quantization: Precision::Fp32,
+            generation: b.generation.clone(),
+            chat_template: b.chat_template.clone(),
+            checkpoint: b.dir.clone(),
+            checkpoint_sha256: super::files_hash(&b.dir, weights)?,
+            encoder: None,
+            report: serde_json::json!({"source": origin}),
+            model_bytes,
         })
     }
 }
@@ -451,7 +435,7 @@ fn refuse_quantized_graph(model: &ModelProto, src: &Path) -> Result<()> {
 /// (at least [`ENCODER_MIN_COSINE`] on average).
 pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: Option<f64>) -> Result<ExportReport> {
     let kind = Kind::of(src)?;
-    let (manifest, model_path, foreign) = match kind {
+    let (source, manifest, model_path) = match kind {
         Kind::Encoder => {
             let e = edgelm_runtime::encoder::Encoder::open(src, &edgelm_runtime::EngineOptions::default())?;
             let m = e.manifest().cloned().ok_or_else(|| Error::Unsupported {
@@ -461,18 +445,16 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
                 ),
             })?;
             let p = src.join(&m.model_file);
-            (Some(m), p, None)
+            (SourceFiles::of_manifest(&m), Some(m), p)
         }
         _ => {
             let b = Bundle::open(src)?;
-            let foreign = if b.manifest.is_none() { Some(ForeignSource::of(&b)?) } else { None };
-            (b.manifest, b.model_path, foreign)
+            let source = match &b.manifest {
+                Some(m) => SourceFiles::of_manifest(m),
+                None => SourceFiles::of_foreign(&b)?,
+            };
+            (source, b.manifest, b.model_path)
         }
-    };
-    let source = match (&manifest, foreign) {
-        (Some(m), _) => SourceFiles::of_manifest(m),
-        (None, Some(f)) => f.files,
-        (None, None) => unreachable!("an encoder always has a manifest"),
     };
     if source.quantization != Precision::Fp32 {
         return Err(Error::Unsupported {
