@@ -241,7 +241,10 @@ edgelm_gen_params edgelm_gen_params_default(void);
 // must release it with edgelm_model_free. A damaged bundle (a corrupt or incomplete
 // edgelm.json, a file whose hash does not match) is EDGELM_ERR_BUNDLE; a file that cannot be
 // read at all is EDGELM_ERR_IO; a bundle refused by the signature options is
-// EDGELM_ERR_SIGNATURE. Thread-safe; loading is slow (verifies every hash).
+// EDGELM_ERR_SIGNATURE. Thread-safe. Loading is slow: every file is hashed, except files
+// unchanged since an earlier load found them right (recorded in the user's cache folder;
+// set the environment variable EDGELM_VERIFY=full to hash every file every time, and
+// EDGELM_CACHE_DIR to choose the folder; docs/bundle.md, "What opening a bundle checks").
 edgelm_status edgelm_model_load(const char *path,
                                 const edgelm_load_options *options,
                                 edgelm_model **out);

@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, IoContext, Result};
 use crate::genai_config::GenaiConfig;
+use crate::verified::VerifiedFiles;
 
 /// Name of the manifest file.
 pub const MANIFEST: &str = "edgelm.json";
@@ -861,6 +862,8 @@ fn recover_leftovers(parent: &Path, name: &OsStr, target: &Path) {
 
 /// Reads edgelm.json and checks it: format and version, then the size and sha256 of every
 /// listed file, and that the model, the tokenizer and `also_required` are among them.
+/// Files unchanged since an earlier open found their hashes right are not read again
+/// ([`crate::verified`]).
 pub(crate) fn verify_manifest(dir: &Path, also_required: &[&str]) -> Result<Manifest> {
     let path = dir.join(MANIFEST);
     verify_manifest_bytes(dir, &std::fs::read(&path).at(&path)?, also_required)
@@ -869,6 +872,13 @@ pub(crate) fn verify_manifest(dir: &Path, also_required: &[&str]) -> Result<Mani
 /// [`verify_manifest`] of a manifest already read: the one a signature was checked over, so
 /// the files are checked against exactly the signed hashes.
 pub(crate) fn verify_manifest_bytes(dir: &Path, bytes: &[u8], also_required: &[&str]) -> Result<Manifest> {
+    let mut verified = VerifiedFiles::from_env();
+    let m = check_manifest(dir, bytes, also_required, &mut verified)?;
+    verified.save();
+    Ok(m)
+}
+
+fn check_manifest(dir: &Path, bytes: &[u8], also_required: &[&str], verified: &mut VerifiedFiles) -> Result<Manifest> {
     let m = parse_manifest(dir, bytes)?;
     for f in &m.files {
         let path = inside(dir, &f.path)?;
@@ -885,10 +895,7 @@ pub(crate) fn verify_manifest_bytes(dir: &Path, bytes: &[u8], also_required: &[&
                 ),
             ));
         }
-        let actual = sha256_file(&path)?;
-        if actual != f.sha256 {
-            return Err(Error::HashMismatch { path, expected: f.sha256.clone(), actual });
-        }
+        verified.check(&path, &f.sha256)?;
     }
     let required = [Some(m.model_file.as_str()), m.tokenizer.as_deref()]
         .into_iter()
@@ -939,9 +946,10 @@ pub fn check_coverage(dir: &Path, m: &Manifest) -> Result<()> {
 }
 
 /// Checks an edgelm bundle's files against its manifest (sizes and sha256) without opening its
-/// model; returns the manifest.
+/// model; returns the manifest. Every file is read and hashed, whatever earlier opens found.
 pub fn verify_files(dir: &Path) -> Result<Manifest> {
-    verify_manifest(dir, &[])
+    let path = dir.join(MANIFEST);
+    check_manifest(dir, &std::fs::read(&path).at(&path)?, &[], &mut VerifiedFiles::full())
 }
 
 /// Whether a folder without edgelm.json is an encoder exported by Hugging Face Optimum: no

@@ -34,6 +34,7 @@ mod session;
 pub mod signature;
 pub(crate) mod stop;
 pub mod tokenizer;
+mod verified;
 
 pub use batch::BatchStats;
 pub use engine::{Engine, EngineBuilder, EngineOptions};

@@ -29,6 +29,36 @@ fn changed_byte_is_a_hash_mismatch() {
 }
 
 #[test]
+fn a_file_changed_after_its_hash_was_recorded_is_hashed_again() {
+    let dir = scratch().join("bad/recorded");
+    copy_dir(&bundle("tiny"), &dir);
+    let cache = scratch().join("bad/recorded-cache");
+    let run = || {
+        let mut cmd = std::process::Command::new(edgelm_e2e::bin("edgelm"));
+        cmd.args(["run", dir.to_str().unwrap(), "--prompt-ids", "1,2", "--max-new-tokens", "2"]);
+        edgelm_e2e::run(cmd.env("EDGELM_CACHE_DIR", &cache).env_remove("EDGELM_VERIFY"))
+    };
+    // Files changed in the last two seconds are not recorded; let the copy settle.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(run().status.success());
+    let record = std::fs::read_to_string(cache.join("verified-files.json")).expect("checked files recorded");
+    let model = dir.join("model.onnx").canonicalize().unwrap();
+    assert!(record.contains(model.to_str().unwrap()), "{record}");
+    assert!(run().status.success(), "opens again from the record");
+    // One byte changed, size and modification time put back: the change time still moved.
+    let modified = std::fs::metadata(&model).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&model).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&model, bytes).unwrap();
+    std::fs::File::options().write(true).open(&model).unwrap().set_modified(modified).unwrap();
+    let out = run();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("is corrupt"), "{err}");
+}
+
+#[test]
 fn truncated_model_is_refused_with_or_without_manifest() {
     let dir = scratch().join("bad/truncated");
     copy_dir(&bundle("tiny"), &dir);
