@@ -169,7 +169,10 @@ impl VerifiedFiles {
 fn write_record(path: &Path, record: &Record) -> std::io::Result<()> {
     let folder = path.parent().unwrap_or(Path::new("."));
     create_private_dir(folder)?;
-    let temp = folder.join(format!(".{RECORD_FILE}.{}", std::process::id()));
+    // Unique per save: threads of one process may save at once.
+    static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temp = folder.join(format!(".{RECORD_FILE}.{}.{n}", std::process::id()));
     std::fs::write(&temp, serde_json::to_vec(record).expect("record serializes"))?;
     std::fs::rename(&temp, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&temp);
