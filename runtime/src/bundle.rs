@@ -952,6 +952,18 @@ pub fn verify_files(dir: &Path) -> Result<Manifest> {
     check_manifest(dir, &std::fs::read(&path).at(&path)?, &[], &mut VerifiedFiles::full())
 }
 
+/// Whether `dir` is a folder the runtime opens (an edgelm bundle, an onnxruntime-genai folder,
+/// or an ONNX graph exported by Hugging Face Optimum beside transformers' config.json) rather
+/// than a checkpoint to export. Nothing is verified.
+pub fn is_model_folder(dir: &Path) -> bool {
+    let has_graph = || {
+        std::fs::read_dir(dir).is_ok_and(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".onnx")))
+    };
+    dir.join(MANIFEST).exists()
+        || dir.join("genai_config.json").exists()
+        || (dir.join("config.json").exists() && has_graph())
+}
+
 /// Whether a folder without edgelm.json is an encoder exported by Hugging Face Optimum: no
 /// genai_config.json, and a config.json naming an encoder family (BERT and its kin) or an
 /// encoder class (`...Model`, not `...ForCausalLM`).

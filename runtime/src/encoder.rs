@@ -155,59 +155,64 @@ fn pool(states: &[f32], seq: usize, pooling: Pooling, normalize: bool) -> Vec<f3
     v
 }
 
-/// The pooling a sentence-transformers folder declares: the Pooling module's mode and whether a
-/// Normalize module follows (`modules.json`). `None` without modules.json.
-fn sentence_transformers_pooling(dir: &Path) -> Result<Option<(Pooling, bool)>> {
-    let read = crate::bundle::read_json::<serde_json::Value>;
+/// The pooling a sentence-transformers folder declares and whether a Normalize module follows
+/// it: `modules.json` lists the modules run after the transformer, in order, and the Pooling
+/// module's folder holds its config.json. `None` without modules.json. Only a Transformer, one
+/// Pooling and an optional Normalize after it are accepted: any other module (a Dense
+/// projection, ...) would change the embedding, so it is refused by name rather than skipped.
+/// The one reader of these files, for the runtime and for export.
+pub fn sentence_transformers_pooling(dir: &Path) -> Result<Option<(Pooling, bool)>> {
     let modules_path = dir.join("modules.json");
     if !modules_path.exists() {
         return Ok(None);
     }
-    let modules = read(&modules_path)?;
-    let modules = modules.as_array().map(Vec::as_slice).unwrap_or_default();
-    let kind = |m: &serde_json::Value| m.get("type").and_then(|v| v.as_str()).unwrap_or("").to_owned();
-    // Modules this runtime applies after the graph's token states; others (Dense, ...) would
-    // change the embedding, so they are refused rather than skipped.
-    let known = ["models.Transformer", "models.Pooling", "models.Normalize"];
-    if let Some(other) = modules.iter().map(kind).find(|t| !known.iter().any(|k| t.ends_with(k))) {
-        return Err(Error::Bundle {
-            path: modules_path,
-            what: format!(
-                "lists the module `{other}`, which edgelm does not apply (it applies Transformer, Pooling, Normalize)"
-            ),
-        });
+    let refuse = |what: String| Error::Bundle { path: modules_path.clone(), what };
+    let modules = crate::bundle::read_json::<serde_json::Value>(&modules_path)?;
+    let modules = modules.as_array().ok_or_else(|| refuse("is not a list of modules".into()))?;
+    let (mut pooling, mut normalize) = (None, false);
+    for m in modules {
+        let kind = m.get("type").and_then(|t| t.as_str()).unwrap_or_default();
+        let folder = m.get("path").and_then(|p| p.as_str());
+        match kind.rsplit('.').next().unwrap_or(kind) {
+            "Transformer" if pooling.is_none() => {}
+            // A Normalize counts only after the Pooling, so a Pooling after it is refused below.
+            "Pooling" if pooling.is_none() && !normalize => {
+                pooling = Some(pooling_mode(&dir.join(folder.unwrap_or("1_Pooling")).join("config.json"))?);
+            }
+            "Normalize" if pooling.is_some() && !normalize => normalize = true,
+            _ => {
+                return Err(refuse(format!(
+                    "lists the module `{kind}` (folder `{}`) where edgelm applies a Transformer, one Pooling and an optional Normalize after it, in that order",
+                    folder.unwrap_or("")
+                )))
+            }
+        }
     }
-    let normalize = modules.iter().any(|m| kind(m).ends_with("models.Normalize"));
-    let Some(path) = modules.iter().find(|m| kind(m).ends_with("models.Pooling")).and_then(|m| m.get("path")?.as_str())
-    else {
-        return Ok(Some((Pooling::Mean, normalize)));
-    };
-    let config_path = dir.join(path).join("config.json");
-    let config = read(&config_path)?;
+    Ok(Some((pooling.unwrap_or(Pooling::Mean), normalize)))
+}
+
+/// The one pooling mode a sentence-transformers Pooling `config.json` turns on.
+pub fn pooling_mode(config_path: &Path) -> Result<Pooling> {
+    let config = crate::bundle::read_json::<serde_json::Value>(config_path)?;
     let modes: Vec<&str> = config
         .as_object()
-        .map(|o| {
-            o.iter()
-                .filter(|(k, v)| k.starts_with("pooling_mode_") && v.as_bool() == Some(true))
-                .map(|(k, _)| k.as_str())
-                .collect()
-        })
-        .unwrap_or_default();
-    let pooling = match modes.as_slice() {
-        ["pooling_mode_mean_tokens"] => Pooling::Mean,
-        ["pooling_mode_cls_token"] => Pooling::Cls,
-        ["pooling_mode_max_tokens"] => Pooling::Max,
-        ["pooling_mode_lasttoken"] => Pooling::LastToken,
-        other => {
-            return Err(Error::Bundle {
-                path: config_path,
-                what: format!(
-                    "pools with {other:?}; edgelm applies exactly one of mean, cls, max, lasttoken (several at once are joined end to end by sentence-transformers)"
-                ),
-            })
-        }
-    };
-    Ok(Some((pooling, normalize)))
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| k.starts_with("pooling_mode_") && v.as_bool() == Some(true))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    match modes[..] {
+        ["pooling_mode_mean_tokens"] => Ok(Pooling::Mean),
+        ["pooling_mode_cls_token"] => Ok(Pooling::Cls),
+        ["pooling_mode_max_tokens"] => Ok(Pooling::Max),
+        ["pooling_mode_lasttoken"] => Ok(Pooling::LastToken),
+        _ => Err(Error::Bundle {
+            path: config_path.to_path_buf(),
+            what: format!(
+                "pools with {modes:?}; edgelm applies exactly one of mean, cls, max, lasttoken (several at once are joined end to end by sentence-transformers)"
+            ),
+        }),
+    }
 }
 
 /// An encoder bundle opened for embedding text.
@@ -390,6 +395,11 @@ mod tests {
         assert!(e.to_string().contains("pooling_mode_max_tokens"), "{e}");
         let e = read(&chain, &mode("pooling_mode_weightedmean_tokens")).unwrap_err();
         assert!(e.to_string().contains("weightedmean"), "{e}");
+        // Out of order, or twice: sentence-transformers would run something else.
+        let e = read(&["Transformer", "Normalize", "Pooling"], &mode("pooling_mode_cls_token")).unwrap_err();
+        assert!(e.to_string().contains("models.Normalize") && e.to_string().contains("in that order"), "{e}");
+        let e = read(&["Transformer", "Pooling", "Pooling"], &mode("pooling_mode_cls_token")).unwrap_err();
+        assert!(e.to_string().contains("models.Pooling"), "{e}");
         assert_eq!(sentence_transformers_pooling(tempfile::tempdir().unwrap().path()).unwrap(), None);
     }
 

@@ -33,11 +33,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let test = &splits.test[..examples.unwrap_or(splits.test.len()).min(splits.test.len())];
     let mut all = Vec::new();
     for m in &models {
-        // A bundle: edgelm's, genai's, or an Optimum export (config.json beside an ONNX graph).
-        let optimum = m.join("config.json").exists()
-            && std::fs::read_dir(m)
-                .is_ok_and(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".onnx")));
-        let score = if m.join("edgelm.json").exists() || m.join("genai_config.json").exists() || optimum {
+        // A bundle (edgelm's, genai's or an Optimum export), else a checkpoint.
+        let score = if edgelm_runtime::bundle::is_model_folder(m) {
             score_bundle(m, test, &Default::default(), !json)
         } else {
             Checkpoint::load(m).and_then(|ck| score_checkpoint(&ck, test, !json))

@@ -30,63 +30,28 @@ pub enum Pooling {
     Cls,
 }
 
-/// The pooling and normalisation a sentence-transformers folder declares: modules.json lists the
-/// modules that run after the transformer, each Pooling module's folder holds its config.json.
-/// A folder without modules.json is a plain BERT checkpoint: mean pooling (or what
-/// `1_Pooling/config.json` says), no normalisation. Modules the export cannot carry (Dense
-/// projections, max or weighted pooling, several pooling modes concatenated) are refused rather
-/// than dropped, since the embeddings would silently differ from sentence-transformers'.
+/// The pooling and normalisation a sentence-transformers folder declares, read by the runtime's
+/// reader ([`edgelm_runtime::encoder::sentence_transformers_pooling`]) so export and runtime
+/// accept the same folders. A folder without modules.json is a plain BERT checkpoint: mean
+/// pooling (or what `1_Pooling/config.json` says), no normalisation. The graph carries mean and
+/// cls pooling; max and last-token pooling are refused rather than exported as something else.
 fn sentence_modules(dir: &Path) -> Result<(Pooling, bool)> {
-    let unsupported = |what: String| Error::InvalidConfig { what };
-    let Some(modules) = read_json(&dir.join("modules.json"))? else {
-        let pooling = read_json(&dir.join("1_Pooling/config.json"))?;
-        return Ok((pooling.as_ref().map(pooling_mode).transpose()?.unwrap_or(Pooling::Mean), false));
-    };
-    let modules = modules.as_array().ok_or_else(|| unsupported("modules.json is not a list of modules".into()))?;
-    let (mut pooling, mut normalize) = (None, false);
-    for m in modules {
-        let kind = m.get("type").and_then(|t| t.as_str()).unwrap_or_default();
-        let short = kind.rsplit('.').next().unwrap_or(kind);
-        match short {
-            "Transformer" => {}
-            // Normalize is accepted only after a Pooling, so a Pooling after it lands below.
-            "Pooling" if pooling.is_none() => {
-                let path = m.get("path").and_then(|p| p.as_str()).unwrap_or("1_Pooling");
-                let cfg = dir.join(path).join("config.json");
-                let cfg_value = read_json(&cfg)?.ok_or_else(|| {
-                    unsupported(format!("modules.json names a Pooling module but {} is missing", cfg.display()))
-                })?;
-                pooling = Some(pooling_mode(&cfg_value)?);
-            }
-            "Normalize" if pooling.is_some() => normalize = true,
-            _ => {
-                return Err(unsupported(format!(
-                    "modules.json has module `{kind}` (folder `{}`) where edgelm supports a Transformer, one Pooling \
-                     and an optional Normalize after it, in that order",
-                    m.get("path").and_then(|p| p.as_str()).unwrap_or("")
-                )))
-            }
+    use edgelm_runtime::encoder::{pooling_mode, sentence_transformers_pooling, Pooling as Declared};
+    let (declared, normalize) = match sentence_transformers_pooling(dir)? {
+        Some(d) => d,
+        None => {
+            let cfg = dir.join("1_Pooling/config.json");
+            (if cfg.exists() { pooling_mode(&cfg)? } else { Declared::Mean }, false)
         }
-    }
-    Ok((pooling.unwrap_or(Pooling::Mean), normalize))
-}
-
-/// The one pooling mode a sentence-transformers Pooling config turns on (mean or cls).
-fn pooling_mode(cfg: &serde_json::Value) -> Result<Pooling> {
-    let on: Vec<&str> = cfg
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(k, v)| k.starts_with("pooling_mode_") && v.as_bool() == Some(true))
-        .map(|(k, _)| k.as_str())
-        .collect();
-    match on[..] {
-        ["pooling_mode_mean_tokens"] => Ok(Pooling::Mean),
-        ["pooling_mode_cls_token"] => Ok(Pooling::Cls),
-        _ => Err(Error::InvalidConfig {
+    };
+    match declared {
+        Declared::Mean => Ok((Pooling::Mean, normalize)),
+        Declared::Cls => Ok((Pooling::Cls, normalize)),
+        Declared::Max | Declared::LastToken => Err(Error::Unsupported {
             what: format!(
-                "the Pooling config turns on {on:?}; edgelm exports exactly one of pooling_mode_mean_tokens and \
-                 pooling_mode_cls_token"
+                "{}: the Pooling config turns on {}; an export's graph pools with pooling_mode_mean_tokens or pooling_mode_cls_token (the runtime applies other modes to an Optimum export's token states)",
+                dir.display(),
+                if declared == Declared::Max { "pooling_mode_max_tokens" } else { "pooling_mode_lasttoken" }
             ),
         }),
     }

@@ -437,13 +437,16 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     let kind = Kind::of(src)?;
     let (source, manifest, model_path) = match kind {
         Kind::Encoder => {
-            let e = edgelm_runtime::encoder::Encoder::open(src, &edgelm_runtime::EngineOptions::default())?;
-            let m = e.manifest().cloned().ok_or_else(|| Error::Unsupported {
-                what: format!(
-                    "{} is an encoder exported by Optimum: export the checkpoint with `edgelm-distill export`, then quantize that bundle",
-                    src.display()
-                ),
-            })?;
+            if !src.join(edgelm_runtime::bundle::MANIFEST).exists() {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "{} is an encoder exported by Optimum: export the checkpoint with `edgelm-distill export`, then quantize that bundle",
+                        src.display()
+                    ),
+                });
+            }
+            // Its files checked against the manifest; the graph is read and checked below.
+            let m = edgelm_runtime::bundle::verify_files(src)?;
             let p = src.join(&m.model_file);
             (SourceFiles::of_manifest(&m), Some(m), p)
         }
