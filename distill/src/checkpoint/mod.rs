@@ -18,7 +18,9 @@ pub use write::write_checkpoint;
 
 use crate::error::{Error, IoContext, Result};
 
-/// A loaded checkpoint: its configuration and every weight as an f32 tensor on the CPU.
+/// A loaded checkpoint: its configuration and every weight as an f32 tensor on the CPU. A clone
+/// shares the weights (candle tensors are reference-counted), it does not copy them.
+#[derive(Clone)]
 pub struct Checkpoint {
     /// Folder the checkpoint was read from.
     pub dir: PathBuf,
@@ -90,23 +92,80 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn load_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let mut tensors = HashMap::new();
     for file in weight_files(dir)? {
-        let loaded = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| Error::Tensor {
-            name: file.display().to_string(),
-            what: format!("cannot read safetensors: {e}"),
-        })?;
-        for (name, t) in loaded {
-            let t = match t.dtype() {
-                DType::F32 => t,
-                DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
-                other => {
-                    tracing::debug!("skipping {name}: {other:?} is not a weight dtype");
-                    continue;
-                }
-            };
+        read_safetensors(&file, |name, t| {
             tensors.insert(name, t);
-        }
+        })?;
     }
     Ok(tensors)
+}
+
+/// Reads the float tensors of one safetensors file, each widened to f32, one at a time: the file
+/// is never held whole beside the tensors made from it (a checkpoint's peak is its f32 weights,
+/// not those plus its file).
+fn read_safetensors(file: &Path, mut each: impl FnMut(String, Tensor)) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let bad = |what: String| Error::Tensor {
+        name: file.display().to_string(),
+        what: format!("cannot read safetensors: {what}"),
+    };
+    let mut f = std::fs::File::open(file).at(file)?;
+    let size = f.metadata().at(file)?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| bad(format!("no header ({e})")))?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > 100_000_000 || 8 + header_len > size {
+        return Err(bad(format!("header of {header_len} bytes in a file of {size}")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header).at(file)?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let data_start = 8 + header_len;
+    // In file order, so reading goes forward.
+    let mut entries: Vec<(&String, &serde_json::Value)> = header.iter().filter(|(k, _)| *k != "__metadata__").collect();
+    let offsets = |v: &serde_json::Value| -> Option<(u64, u64)> {
+        let o = v.get("data_offsets")?.as_array()?;
+        Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?))
+    };
+    entries.sort_by_key(|(_, v)| offsets(v).map_or(0, |o| o.0));
+    for (name, v) in entries {
+        let (begin, end) = offsets(v).ok_or_else(|| bad(format!("tensor `{name}` has no data_offsets")))?;
+        if begin > end || data_start + end > size {
+            return Err(bad(format!(
+                "tensor `{name}` spans bytes {begin}..{end} of a data section of {} (the file is cut short or damaged)",
+                size - data_start
+            )));
+        }
+        let dtype = match v.get("dtype").and_then(|d| d.as_str()).unwrap_or("") {
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            "F64" => DType::F64,
+            other => {
+                tracing::debug!("skipping {name}: {other} is not a weight dtype");
+                continue;
+            }
+        };
+        let shape: Vec<usize> = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|s| s.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .ok_or_else(|| bad(format!("tensor `{name}` has no shape")))?;
+        let expected = shape.iter().product::<usize>() * dtype.size_in_bytes();
+        if (end - begin) as usize != expected {
+            return Err(bad(format!(
+                "tensor `{name}` ({dtype:?} {shape:?}) has {} bytes, not {expected}",
+                end - begin
+            )));
+        }
+        let mut bytes = vec![0u8; expected];
+        f.seek(SeekFrom::Start(data_start + begin)).at(file)?;
+        f.read_exact(&mut bytes).at(file)?;
+        let t = Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu)?;
+        drop(bytes);
+        each(name.clone(), if dtype == DType::F32 { t } else { t.to_dtype(DType::F32)? });
+    }
+    Ok(())
 }
 
 impl Checkpoint {
@@ -176,5 +235,49 @@ impl Checkpoint {
             return Some(t);
         }
         edgelm_runtime::tokenizer::chat_template_in(self.tokenizer_config.as_ref()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safetensors_read_tensor_by_tensor_as_candle_reads_them_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.safetensors");
+        let dev = Device::Cpu;
+        let values: Vec<f32> = (0..60).map(|i| (i as f32 - 30.0) / 7.0).collect();
+        let f32_t = Tensor::from_vec(values.clone(), (6, 10), &dev).unwrap();
+        let mut saved = HashMap::new();
+        saved.insert("a.weight".to_owned(), f32_t.clone());
+        saved.insert("b.weight".to_owned(), f32_t.to_dtype(DType::BF16).unwrap());
+        saved.insert("c.weight".to_owned(), f32_t.narrow(0, 0, 2).unwrap().to_dtype(DType::F16).unwrap());
+        saved.insert("position_ids".to_owned(), Tensor::arange(0i64, 5, &dev).unwrap());
+        candle_core::safetensors::save(&saved, &file).unwrap();
+
+        let mut read = HashMap::new();
+        read_safetensors(&file, |n, t| {
+            read.insert(n, t);
+        })
+        .unwrap();
+        let whole = candle_core::safetensors::load(&file, &dev).unwrap();
+        assert_eq!(read.len(), 3, "the integer buffer is skipped");
+        for (name, t) in &read {
+            assert_eq!(t.dtype(), DType::F32);
+            let expected = whole[name].to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(t.dims(), whole[name].dims(), "{name}");
+            assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected, "{name}");
+        }
+        assert_eq!(read["a.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap(), values);
+
+        // Cut short: an error naming the file, not a panic or a short tensor.
+        let bytes = std::fs::read(&file).unwrap();
+        std::fs::write(&file, &bytes[..bytes.len() - 10]).unwrap();
+        let err = read_safetensors(&file, |_, _| {}).unwrap_err().to_string();
+        assert!(err.contains("cut short") && err.contains("model.safetensors"), "{err}");
+        std::fs::write(&file, &bytes[..4]).unwrap();
+        let err = read_safetensors(&file, |_, _| {}).unwrap_err().to_string();
+        assert!(err.contains("cannot read safetensors"), "{err}");
     }
 }

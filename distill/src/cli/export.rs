@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 
-use edgelm_distill::export::{export as run_export, quantize_bundle, ExportOptions, LogitsMode};
+use edgelm_distill::export::{export_owned, quantize_bundle, ExportOptions, LogitsMode};
 use edgelm_distill::quantize::{BlockScheme, QuantizeOptions};
 use edgelm_distill::Checkpoint;
 
@@ -379,7 +379,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
         max_kl: quant.max_kl(),
         external_data,
     };
-    let report = run_export(&ck, &output, &opts).with_context(|| format!("exporting to {}", output.display()))?;
+    let report = export_owned(ck, &output, &opts).with_context(|| format!("exporting to {}", output.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

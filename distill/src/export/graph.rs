@@ -12,10 +12,12 @@
 //! buffer's length is the sequence capacity and present has the same shape as past. The cache's
 //! `head_dim` is the checkpoint's rounded up to a multiple of 16 (`cache_head_size`).
 
+use std::collections::HashMap;
+
 use candle_core::Tensor;
 
 use super::{flat, transposed};
-use crate::checkpoint::{names, Checkpoint, DecoderWeights, LayerWeights, ModelConfig, Projection};
+use crate::checkpoint::{names, DecoderWeights, LayerWeights, ModelConfig, Projection};
 use crate::error::{Error, Result};
 use crate::onnx::{AttributeProto as Attr, DataType, Dim, GraphBuilder, ModelProto, MS_DOMAIN};
 
@@ -33,10 +35,15 @@ fn sym(s: &str) -> Dim {
     Dim::Symbolic(s.into())
 }
 
-/// Builds the graph for a checkpoint: inputs and outputs, the mask bookkeeping, the embedding,
-/// then per layer attention, skip-norm, MLP, skip-norm, and the LM head.
-pub(crate) fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<ModelProto> {
-    let c = &ck.config;
+/// Builds the graph for a checkpoint's configuration and weights: inputs and outputs, the mask
+/// bookkeeping, the embedding, then per layer attention, skip-norm, MLP, skip-norm, and the LM
+/// head. Each layer's weights are let go once copied into the graph, so where the caller gave
+/// up its own references the weights are held about once, not twice.
+pub(crate) fn build_decoder(
+    c: &ModelConfig,
+    tensors: HashMap<String, Tensor>,
+    logits: LogitsMode,
+) -> Result<ModelProto> {
     if c.sliding_window.is_some() {
         return Err(Error::Unsupported {
             what:
@@ -49,19 +56,24 @@ pub(crate) fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<Model
             what: format!("head_dim {} is not a positive even number, which rotary embedding needs", c.head_dim),
         });
     }
-    let w = DecoderWeights::from_map(&ck.tensors, c)?;
+    let DecoderWeights { embed, layers: layer_weights, final_norm, lm_head: head } =
+        DecoderWeights::from_map(&tensors, c)?;
+    drop(tensors);
     let mut g = GraphBuilder::new("edgelm-decoder");
     declare_io(&mut g, c, logits);
     let shared = attention_inputs(&mut g, c);
     let h = c.hidden_size;
 
     g.set_scope("/model/embed_tokens");
-    let embed_name = g.init_f32(names::EMBED, &[c.vocab_size, h], &flat(&w.embed)?);
+    let embed_name = g.init_f32(names::EMBED, &[c.vocab_size, h], &flat(&embed)?);
+    drop(embed);
     let mut residual = g.op("Gather", &[&embed_name, "input_ids"], vec![Attr::int("axis", 0)]);
-    let mut x = first_norm(&mut g, c, &shared.norm, &w.layers[0].input_norm, &residual)?;
+    let mut x = first_norm(&mut g, c, &shared.norm, &layer_weights[0].input_norm, &residual)?;
 
     let layers = c.num_hidden_layers;
-    for (i, layer) in w.layers.iter().enumerate() {
+    let input_norms: Vec<Tensor> = layer_weights.iter().map(|l| l.input_norm.clone()).collect();
+    for (i, layer) in layer_weights.into_iter().enumerate() {
+        let layer = &layer;
         let attn = attention(&mut g, c, i, layer, &x, &shared)?;
         let (normed, r) = skip_norm(
             &mut g,
@@ -77,17 +89,17 @@ pub(crate) fn build_decoder(ck: &Checkpoint, logits: LogitsMode) -> Result<Model
         let (scope, norm, unused): (String, (String, &Tensor), &[usize]) = if i + 1 < layers {
             (
                 format!("/model/layers.{}/input_layernorm", i + 1),
-                (names::in_layer(i + 1, names::INPUT_NORM), &w.layers[i + 1].input_norm),
+                (names::in_layer(i + 1, names::INPUT_NORM), &input_norms[i + 1]),
                 &[1, 2],
             )
         } else {
-            ("/model/norm".to_owned(), (names::FINAL_NORM.to_owned(), &w.final_norm), &[1, 2, 3])
+            ("/model/norm".to_owned(), (names::FINAL_NORM.to_owned(), &final_norm), &[1, 2, 3])
         };
         let (next, r) = skip_norm(&mut g, c, &scope, (&norm.0, norm.1), (&down, &residual), unused)?;
         x = next;
         residual = r;
     }
-    lm_head(&mut g, c, &w, &x, &embed_name, logits, &shared.axis1)?;
+    lm_head(&mut g, c, head.as_ref(), &x, &embed_name, logits, &shared.axis1)?;
 
     // Past protobuf's 2 GiB the weights go to a data file beside the graph (`write_model`).
     Ok(g.finish(21, Some(1), env!("CARGO_PKG_VERSION")))
@@ -414,7 +426,7 @@ fn projection(g: &mut GraphBuilder, prefix: &str, proj: &Projection, input: &str
 fn lm_head(
     g: &mut GraphBuilder,
     c: &ModelConfig,
-    w: &DecoderWeights,
+    head: Option<&Tensor>,
     x: &str,
     embed_name: &str,
     logits: LogitsMode,
@@ -428,7 +440,7 @@ fn lm_head(
         let end = g.init_i64("/model/constants/int64_max", &[1], &[i64::MAX]);
         x = g.op("Slice", &[&x, &start, &end, axis1], vec![]);
     }
-    let head_name = match &w.lm_head {
+    let head_name = match head {
         None => embed_name.to_owned(),
         Some(head) => g.init_f32(names::LM_HEAD, &[c.vocab_size, h], &flat(head)?),
     };

@@ -7,9 +7,8 @@ use prost::Message;
 
 use edgelm_runtime::bundle::{Bundle, BundleInfo, BundleWriter, HotRows, Kind, Precision, TableScheme, WeightScheme};
 
-use super::verify::{verify_against_bundle, verify_bundle, VerifyReport};
+use super::verify::{verify_against_bundle, verify_against_reference, ReferenceLogits, VerifyReport};
 use super::ExportReport;
-use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Result};
 use crate::onnx::ModelProto;
 use crate::quantize::graph::Method;
@@ -100,8 +99,8 @@ pub(crate) fn weight_scheme(q: &QuantizeOptions, s: &QuantizeSummary) -> WeightS
 /// Checks a quantized bundle against the fp32 candle model: every logit finite and the mean KL
 /// of next-token distributions within `max_kl`. (The byte layout itself is checked against a
 /// dequantized matmul in the quantizer's tests; this measures what quantizing cost.)
-pub(crate) fn check_quantized(ck: &Checkpoint, dir: &Path, max_kl: f64) -> Result<VerifyReport> {
-    within_kl(verify_bundle(ck, dir, f32::INFINITY)?, max_kl)
+pub(crate) fn check_quantized(reference: &ReferenceLogits, dir: &Path, max_kl: f64) -> Result<VerifyReport> {
+    within_kl(verify_against_reference(reference, dir, f32::INFINITY)?, max_kl)
 }
 
 /// Fails a check whose logits are not finite or whose mean KL is past `max_kl`.

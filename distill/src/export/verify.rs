@@ -81,16 +81,46 @@ pub fn magnitude(values: &[f32]) -> f32 {
     values.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs()))
 }
 
-/// Runs the bundle in `dir` and the candle model side by side.
+/// Runs the bundle in `dir` against the candle model.
 pub fn verify_bundle(ck: &Checkpoint, dir: &Path, tolerance: f32) -> Result<VerifyReport> {
-    let model = LlamaModel::new(ck)?;
-    let mut cache = model.new_cache();
-    let mut reference = |input: &[u32]| -> Result<Vec<f32>> {
-        let logits = model.forward(&Tensor::new(input, &Device::Cpu)?.unsqueeze(0)?, &mut cache)?;
-        Ok(logits.squeeze(0)?.get(input.len() - 1)?.to_vec1()?)
-    };
-    let (vocab, context) = (ck.config.vocab_size, ck.config.max_position_embeddings);
-    compare(&mut reference, dir, vocab, context, tolerance)
+    verify_against_reference(&ReferenceLogits::of(ck)?, dir, tolerance)
+}
+
+/// The candle model's logits over the check: the prompt, then its own greedy tokens one at a
+/// time. Taken once, before the graph is built, so the checkpoint's weights can be let go while
+/// ONNX Runtime holds the graph's (an export then needs about the weights once, not twice), and
+/// one set serves the fp32 and the quantized check.
+#[derive(Debug, Clone)]
+pub struct ReferenceLogits {
+    vocab: usize,
+    context: usize,
+    /// Last-position logits of the prefill, then of each decode step.
+    steps: Vec<Vec<f32>>,
+}
+
+impl ReferenceLogits {
+    /// Runs the check through the candle model of `ck`.
+    pub fn of(ck: &Checkpoint) -> Result<Self> {
+        let model = LlamaModel::new(ck)?;
+        let mut cache = model.new_cache();
+        let (vocab, context) = (ck.config.vocab_size, ck.config.max_position_embeddings);
+        let mut input = check_prompt(vocab, check_prompt_len(context));
+        let mut steps = Vec::with_capacity(DECODE_STEPS + 1);
+        for _ in 0..=DECODE_STEPS {
+            let logits = model.forward(&Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?, &mut cache)?;
+            let last: Vec<f32> = logits.squeeze(0)?.get(input.len() - 1)?.to_vec1()?;
+            input = vec![edgelm_runtime::sampling::argmax(&last)];
+            steps.push(last);
+        }
+        Ok(ReferenceLogits { vocab, context, steps })
+    }
+}
+
+/// Runs the bundle in `dir` against logits taken from the candle model earlier.
+pub fn verify_against_reference(reference: &ReferenceLogits, dir: &Path, tolerance: f32) -> Result<VerifyReport> {
+    let mut steps = reference.steps.iter();
+    let mut next = |_: &[u32]| -> Result<Vec<f32>> { Ok(steps.next().expect("one set of logits per step").clone()) };
+    compare(&mut next, dir, reference.vocab, reference.context, tolerance)
 }
 
 /// Runs the bundle in `dir` against the bundle in `reference_dir`, both in ONNX Runtime (a

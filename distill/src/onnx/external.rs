@@ -34,7 +34,8 @@ pub fn data_files(model: &ModelProto) -> Vec<String> {
     files
 }
 
-fn is_external(t: &TensorProto) -> bool {
+/// Whether `t`'s bytes are in a data file rather than in the graph.
+pub fn is_external(t: &TensorProto) -> bool {
     t.data_location == Some(DataLocation::External as i32) || !t.external_data.is_empty()
 }
 
@@ -68,10 +69,32 @@ pub fn externalize(model: &mut ModelProto, location: &str, out: &mut dyn Write) 
 /// Reads every externally stored initializer of `model` (files relative to `dir`) back into the
 /// model, so it can be rewritten as a whole.
 pub fn internalize(model: &mut ModelProto, dir: &Path) -> Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
     // Each tensor read on its own: the data file is never held whole beside the weights.
-    let mut files: HashMap<String, (std::fs::File, usize)> = HashMap::new();
+    let mut files = DataFiles::default();
     for t in model.graph.iter_mut().flat_map(|g| &mut g.initializer).filter(|t| is_external(t)) {
+        t.raw_data = files.read(t, dir)?;
+        t.external_data.clear();
+        t.data_location = None;
+    }
+    Ok(())
+}
+
+/// A copy of the externally stored tensor `t` with its bytes read in from its data file
+/// (relative to `dir`); `t` itself stays as it is.
+pub fn read_external(t: &TensorProto, dir: &Path) -> Result<TensorProto> {
+    let raw_data = DataFiles::default().read(t, dir)?;
+    Ok(TensorProto { raw_data, external_data: vec![], data_location: None, ..t.clone() })
+}
+
+/// Data files opened while reading tensors, by location.
+#[derive(Default)]
+struct DataFiles(HashMap<String, (std::fs::File, usize)>);
+
+impl DataFiles {
+    /// The bytes of the externally stored tensor `t`, its location checked to stay inside `dir`
+    /// and its span to lie inside the file.
+    fn read(&mut self, t: &TensorProto, dir: &Path) -> Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
         let field = |key: &str| t.external_data.iter().find(|e| e.key == key).map(|e| e.value.clone());
         let bad = |what: String| Error::Format { path: dir.to_path_buf(), what };
         let location =
@@ -87,23 +110,32 @@ pub fn internalize(model: &mut ModelProto, dir: &Path) -> Result<()> {
         };
         let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?);
         let path = dir.join(rel);
-        if !files.contains_key(&location) {
+        if !self.0.contains_key(&location) {
             let f = std::fs::File::open(&path).at(&path)?;
             let len = f.metadata().at(&path)?.len() as usize;
-            files.insert(location.clone(), (f, len));
+            self.0.insert(location.clone(), (f, len));
         }
-        let (file, size) = files.get_mut(&location).expect("just opened");
+        let (file, size) = self.0.get_mut(&location).expect("just opened");
         let end = length.map_or(Some(*size), |l| offset.checked_add(l)).filter(|&e| e <= *size && offset <= e);
         let end =
             end.ok_or_else(|| bad(format!("tensor `{}` lies past the end of `{location}` ({} bytes)", t.name, *size)))?;
         let mut bytes = vec![0u8; end - offset];
         file.seek(SeekFrom::Start(offset as u64)).at(&path)?;
         file.read_exact(&mut bytes).at(&path)?;
-        t.raw_data = bytes;
-        t.external_data.clear();
-        t.data_location = None;
+        Ok(bytes)
     }
-    Ok(())
+}
+
+/// Bytes of `t`'s values, wherever they are kept (in the graph or, by its recorded length, in a
+/// data file).
+pub fn stored_bytes(t: &TensorProto) -> usize {
+    let external = t
+        .external_data
+        .iter()
+        .find(|e| e.key == "length")
+        .and_then(|e| e.value.parse::<usize>().ok())
+        .filter(|_| is_external(t));
+    external.unwrap_or(0) + t.raw_data.len()
 }
 
 #[cfg(test)]

@@ -218,7 +218,7 @@ fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 pub(super) fn tensor_bytes(t: &TensorProto) -> usize {
-    t.raw_data.len() + 4 * t.float_data.len() + 8 * t.int64_data.len() + 4 * t.int32_data.len()
+    crate::onnx::external::stored_bytes(t) + 4 * t.float_data.len() + 8 * t.int64_data.len() + 4 * t.int32_data.len()
 }
 
 /// The initializers a quantized matrix adds, named after the weight it replaces.
@@ -574,6 +574,39 @@ fn to_gather_columns(node: &NodeProto, q: &str, scales: &str, rank: usize) -> Ve
 
 /// Quantizes the weights of `model` in place.
 pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<QuantizeSummary> {
+    quantize_model_in(model, opts, None)
+}
+
+/// [`quantize_model`] of a model whose weights may be in data files in `weights_dir` (external
+/// data): each is read when its turn comes, so the fp32 weights are never all in memory; those
+/// left in fp32 are read in at the end, and the model comes back whole.
+pub fn quantize_model_in(
+    model: &mut ModelProto,
+    opts: &QuantizeOptions,
+    weights_dir: Option<&std::path::Path>,
+) -> Result<QuantizeSummary> {
+    use crate::onnx::external::{internalize, is_external, read_external};
+    let external = model.graph.iter().flat_map(|g| &g.initializer).any(is_external);
+    if external && weights_dir.is_none() {
+        return Err(Error::Unsupported { what: "quantizing a model whose weights are not read in".into() });
+    }
+    let summary = quantize_loaded(model, opts, &|t: &TensorProto| match weights_dir {
+        Some(dir) if is_external(t) => read_external(t, dir).map(Some),
+        _ => Ok(None),
+    })?;
+    if let Some(dir) = weights_dir.filter(|_| external) {
+        internalize(model, dir)?;
+    }
+    Ok(summary)
+}
+
+/// The quantization itself; `load` gives an externally stored tensor with its bytes read in
+/// (`None`: the tensor holds its bytes).
+fn quantize_loaded(
+    model: &mut ModelProto,
+    opts: &QuantizeOptions,
+    load: &dyn Fn(&TensorProto) -> Result<Option<TensorProto>>,
+) -> Result<QuantizeSummary> {
     let g =
         model.graph.as_mut().ok_or_else(|| Error::Unsupported { what: "quantizing a model without a graph".into() })?;
     if opts.method == Method::StaticInt8 {
@@ -587,6 +620,12 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
         // Norms over attention heads (Qwen3) square values an fp16 holds only up to 256.
         let mut keep = opts.keep_fp32.clone();
         keep.extend(crate::export::HEAD_NORM_SCOPES.iter().map(|s| s.to_string()));
+        // fp16 rewrites every float initializer: all read in first.
+        for t in model.graph.iter_mut().flat_map(|g| &mut g.initializer) {
+            if let Some(loaded) = load(t)? {
+                *t = loaded;
+            }
+        }
         let s = super::fp16::to_fp16(model, &keep)?;
         let g = model.graph.as_ref().expect("checked above");
         return Ok(QuantizeSummary {
@@ -637,7 +676,12 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
             continue; // read both ways round: leave it.
         }
         let t = g.initializer.iter().find(|t| t.name == name).expect("listed above");
-        let Some((r, c, values)) = f32_matrix(t) else { continue };
+        let Some((r, c, values)) = (match load(t)? {
+            Some(loaded) => f32_matrix(&loaded),
+            None => f32_matrix(t),
+        }) else {
+            continue;
+        };
         let node_names: Vec<&str> = u
             .iter()
             .filter_map(|x| match x {
@@ -885,6 +929,29 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn weights_read_from_a_data_file_one_at_a_time_quantize_as_weights_in_memory() {
+        let (w, tied, untied) = (weights(K * N, 1), weights(V * K, 2), weights(V * K, 3));
+        let dir = tempfile::tempdir().unwrap();
+        for (bits, embedding, keep) in [(4, true, vec![]), (8, false, vec!["untied".to_owned()])] {
+            let mut opts = QuantizeOptions::for_bits(bits).unwrap();
+            opts.embedding = embedding;
+            opts.keep_fp32 = keep;
+            let mut in_memory = model(&w, &tied, &untied);
+            let expected = quantize_model(&mut in_memory, &opts).unwrap();
+            let mut apart = model(&w, &tied, &untied);
+            let mut data = Vec::new();
+            crate::onnx::external::externalize(&mut apart, "model.onnx.data", &mut data).unwrap();
+            std::fs::write(dir.path().join("model.onnx.data"), data).unwrap();
+            // Without the folder the weights cannot be read: refused, not skipped.
+            assert!(quantize_model(&mut apart.clone(), &opts).is_err());
+            let got = quantize_model_in(&mut apart, &opts, Some(dir.path())).unwrap();
+            assert_eq!(apart, in_memory, "{bits} bits: the same graph and weights, all read in");
+            assert_eq!((got.bytes_before, got.bytes_after), (expected.bytes_before, expected.bytes_after));
+            assert_eq!(got.kept, expected.kept);
         }
     }
 

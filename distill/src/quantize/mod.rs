@@ -11,4 +11,4 @@ pub mod qdq;
 
 pub use block::{quantize, BlockScheme, QuantizedMatrix};
 pub use calibrate::{ActivationRange, RangeMethod};
-pub use graph::{quantize_model, QuantizeOptions, QuantizeSummary};
+pub use graph::{quantize_model, quantize_model_in, QuantizeOptions, QuantizeSummary};
