@@ -12,7 +12,7 @@ use super::ExportReport;
 use crate::error::{Error, IoContext, Result};
 use crate::onnx::ModelProto;
 use crate::quantize::graph::Method;
-use crate::quantize::{quantize_model, QuantizeOptions, QuantizeSummary};
+use crate::quantize::{quantize_model, quantize_model_in, QuantizeOptions, QuantizeSummary};
 
 /// What quantizing an export did and cost.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -476,8 +476,9 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     // Weights kept beside the graph are read in, and those files are not copied to the output:
     // it is written whole again (apart only if it has to be).
     let data_files: Vec<String> = crate::onnx::external::data_files(&model);
-    crate::onnx::external::internalize(&mut model, model_path.parent().unwrap_or(src))?;
+    let weights_dir = model_path.parent().unwrap_or(src);
     let summary = if opts.method == Method::StaticInt8 {
+        crate::onnx::external::internalize(&mut model, weights_dir)?;
         if kind != Kind::Encoder {
             return Err(Error::Unsupported {
                 what: format!(
@@ -488,7 +489,8 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
         }
         quantize_encoder_static(&mut model, src, manifest.as_ref().expect("encoders have one"), opts)?
     } else {
-        quantize_model(&mut model, opts)?
+        // Weights written apart are read one at a time as they are quantized.
+        quantize_model_in(&mut model, opts, Some(weights_dir))?
     };
     hot_rows_used(opts, &summary)?;
     let mut w = BundleWriter::create(out, kind)?;
