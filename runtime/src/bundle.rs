@@ -866,16 +866,17 @@ fn recover_leftovers(parent: &Path, name: &OsStr, target: &Path) {
 /// ([`crate::verified`]).
 pub(crate) fn verify_manifest(dir: &Path, also_required: &[&str]) -> Result<Manifest> {
     let path = dir.join(MANIFEST);
-    verify_manifest_bytes(dir, &std::fs::read(&path).at(&path)?, also_required)
+    let mut verified = VerifiedFiles::from_env();
+    let m = check_manifest(dir, &std::fs::read(&path).at(&path)?, also_required, &mut verified)?;
+    verified.save();
+    Ok(m)
 }
 
 /// [`verify_manifest`] of a manifest already read: the one a signature was checked over, so
-/// the files are checked against exactly the signed hashes.
+/// the files are checked against exactly the signed hashes. Every file is hashed: the record of
+/// earlier checks is not signed.
 pub(crate) fn verify_manifest_bytes(dir: &Path, bytes: &[u8], also_required: &[&str]) -> Result<Manifest> {
-    let mut verified = VerifiedFiles::from_env();
-    let m = check_manifest(dir, bytes, also_required, &mut verified)?;
-    verified.save();
-    Ok(m)
+    check_manifest(dir, bytes, also_required, &mut VerifiedFiles::full())
 }
 
 fn check_manifest(dir: &Path, bytes: &[u8], also_required: &[&str], verified: &mut VerifiedFiles) -> Result<Manifest> {

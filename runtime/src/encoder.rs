@@ -157,14 +157,16 @@ fn pool(states: &[f32], seq: usize, pooling: Pooling, normalize: bool) -> Vec<f3
 
 /// The pooling a sentence-transformers folder declares and whether a Normalize module follows
 /// it: `modules.json` lists the modules run after the transformer, in order, and the Pooling
-/// module's folder holds its config.json. `None` without modules.json. Only a Transformer, one
+/// module's folder holds its config.json. Without modules.json, what `1_Pooling/config.json`
+/// says (not normalised), and `None` without either. Only a Transformer, one
 /// Pooling and an optional Normalize after it are accepted: any other module (a Dense
 /// projection, ...) would change the embedding, so it is refused by name rather than skipped.
 /// The one reader of these files, for the runtime and for export.
 pub fn sentence_transformers_pooling(dir: &Path) -> Result<Option<(Pooling, bool)>> {
     let modules_path = dir.join("modules.json");
     if !modules_path.exists() {
-        return Ok(None);
+        let pooling = dir.join("1_Pooling").join("config.json");
+        return Ok(if pooling.exists() { Some((pooling_mode(&pooling)?, false)) } else { None });
     }
     let refuse = |what: String| Error::Bundle { path: modules_path.clone(), what };
     let modules = crate::bundle::read_json::<serde_json::Value>(&modules_path)?;
@@ -401,6 +403,10 @@ mod tests {
         let e = read(&["Transformer", "Pooling", "Pooling"], &mode("pooling_mode_cls_token")).unwrap_err();
         assert!(e.to_string().contains("models.Pooling"), "{e}");
         assert_eq!(sentence_transformers_pooling(tempfile::tempdir().unwrap().path()).unwrap(), None);
+        // No modules.json: what the Pooling folder says, not normalised.
+        let plain = folder(&[], &mode("pooling_mode_cls_token"));
+        std::fs::remove_file(plain.path().join("modules.json")).unwrap();
+        assert_eq!(sentence_transformers_pooling(plain.path()).unwrap(), Some((Pooling::Cls, false)));
     }
 
     #[test]

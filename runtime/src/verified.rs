@@ -11,9 +11,11 @@
 //!
 //! The record lives in the user's cache folder (`EDGELM_CACHE_DIR`, else
 //! `$XDG_CACHE_HOME/edgelm`, else `~/.cache/edgelm`), never inside a bundle, so whoever can write
-//! a bundle cannot vouch for it. `EDGELM_VERIFY=full` turns it off: every file is hashed at
-//! every open. Where the folder cannot be written (a read-only board image) files are hashed
-//! every time, as before.
+//! a bundle cannot vouch for it; a folder or record others can write is not used. Signed
+//! bundles are hashed in full at every open: the record is not signed, and a signature is
+//! meant to hold against anyone who can write files. `EDGELM_VERIFY=full` turns the record off
+//! for every bundle. Where the folder cannot be written (a read-only board image) files are
+//! hashed every time, as before.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -111,6 +113,20 @@ impl VerifiedFiles {
     }
 
     fn at(record_path: Option<PathBuf>, now: SystemTime) -> Self {
+        // A record others could write would vouch for files nobody checked: a cache folder or
+        // record not private to this user is not used at all.
+        let record_path = record_path.filter(|p| {
+            let private = [p.parent().unwrap_or(Path::new("/")), p.as_path()]
+                .iter()
+                .all(|q| !q.exists() || private_to_this_user(q));
+            if !private {
+                tracing::warn!(
+                    "not using {}: it or its folder can be written by others; every bundle file is hashed",
+                    p.display()
+                );
+            }
+            private
+        });
         // An unreadable or damaged record is only a cache: start afresh.
         let record = record_path
             .as_deref()
@@ -124,7 +140,9 @@ impl VerifiedFiles {
     /// Checks that `path`'s bytes hash to `expected` (lower-case hex sha256): from the record
     /// when the file is unchanged since a check that found `expected`, else by hashing it.
     pub(crate) fn check(&mut self, path: &Path, expected: &str) -> Result<()> {
-        let key = self.record_path.as_ref().and_then(|_| std::fs::canonicalize(path).ok());
+        // The record is JSON: paths that are not UTF-8 are hashed every time.
+        let key =
+            self.record_path.as_ref().and_then(|_| std::fs::canonicalize(path).ok()).filter(|k| k.to_str().is_some());
         let stamp = key.as_ref().and_then(|_| Stamp::of(path));
         if let (Some(key), Some(stamp)) = (&key, &stamp) {
             let known = self.record.entries.iter().any(|e| &e.path == key && &e.stamp == stamp && e.sha256 == expected);
@@ -173,21 +191,62 @@ fn write_record(path: &Path, record: &Record) -> std::io::Result<()> {
     static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let temp = folder.join(format!(".{RECORD_FILE}.{}.{n}", std::process::id()));
-    std::fs::write(&temp, serde_json::to_vec(record).expect("record serializes"))?;
-    std::fs::rename(&temp, path).inspect_err(|_| {
+    let bytes = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    let written = (|| {
+        use std::io::Write;
+        // A new file of its own, never one planted there (or a symlink to one).
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options.open(&temp)?.write_all(&bytes)?;
+        std::fs::rename(&temp, path)
+    })();
+    if written.is_err() {
         let _ = std::fs::remove_file(&temp);
-    })
+    }
+    written
 }
 
 #[cfg(unix)]
 fn create_private_dir(folder: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(folder)
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(folder)?;
+    if private_to_this_user(folder) {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("the folder can be written by others"))
+    }
 }
 
 #[cfg(not(unix))]
 fn create_private_dir(folder: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(folder)
+}
+
+/// Whether `path` (not followed if a symlink) belongs to this process's effective user and no
+/// one else may write it.
+#[cfg(unix)]
+fn private_to_this_user(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(uid) = effective_uid() else {
+        return false;
+    };
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|m| !m.file_type().is_symlink() && m.uid() == uid && m.mode() & 0o022 == 0)
+}
+
+#[cfg(not(unix))]
+fn private_to_this_user(_path: &Path) -> bool {
+    false
+}
+
+/// The effective user id, from `/proc/self/status` (`Uid:` real, effective, saved, fs); none
+/// where that file is missing, and then nothing is recorded.
+#[cfg(unix)]
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// `EDGELM_CACHE_DIR`, else `$XDG_CACHE_HOME/edgelm`, else `$HOME/.cache/edgelm` (absolute
@@ -235,6 +294,27 @@ mod tests {
         let err = v.check(&file, &good).unwrap_err();
         assert!(matches!(err, Error::HashMismatch { .. }), "{err}");
         assert_eq!(v.hashed_bytes, 11);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_record_others_can_write_is_not_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("cache");
+        let file = dir.path().join("model.onnx");
+        std::fs::write(&file, b"weights").unwrap();
+        let good = sha(b"weights");
+        let later = SystemTime::now() + Duration::from_secs(60);
+        let mut v = VerifiedFiles::at(Some(folder.join(RECORD_FILE)), later);
+        v.check(&file, &good).unwrap();
+        v.save();
+        assert!(folder.join(RECORD_FILE).exists());
+        // Group-writable: another user could plant entries.
+        std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o770)).unwrap();
+        let mut v = VerifiedFiles::at(Some(folder.join(RECORD_FILE)), later);
+        v.check(&file, &good).unwrap();
+        assert_eq!(v.hashed_bytes, 7, "the record is not trusted");
     }
 
     #[test]

@@ -130,7 +130,7 @@ fn read_safetensors(file: &Path, mut each: impl FnMut(String, Tensor)) -> Result
     entries.sort_by_key(|(_, v)| offsets(v).map_or(0, |o| o.0));
     for (name, v) in entries {
         let (begin, end) = offsets(v).ok_or_else(|| bad(format!("tensor `{name}` has no data_offsets")))?;
-        if begin > end || data_start + end > size {
+        if begin > end || end > size - data_start {
             return Err(bad(format!(
                 "tensor `{name}` spans bytes {begin}..{end} of a data section of {} (the file is cut short or damaged)",
                 size - data_start
@@ -146,18 +146,16 @@ fn read_safetensors(file: &Path, mut each: impl FnMut(String, Tensor)) -> Result
                 continue;
             }
         };
-        let shape: Vec<usize> = v
+        let shape: Option<Vec<usize>> = v
             .get("shape")
             .and_then(|s| s.as_array())
-            .map(|s| s.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
-            .ok_or_else(|| bad(format!("tensor `{name}` has no shape")))?;
-        let expected = shape.iter().product::<usize>() * dtype.size_in_bytes();
-        if (end - begin) as usize != expected {
-            return Err(bad(format!(
-                "tensor `{name}` ({dtype:?} {shape:?}) has {} bytes, not {expected}",
-                end - begin
-            )));
+            .and_then(|s| s.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect());
+        let shape = shape.ok_or_else(|| bad(format!("tensor `{name}` has no shape of whole numbers")))?;
+        let expected = shape.iter().try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d));
+        if expected != usize::try_from(end - begin).ok() {
+            return Err(bad(format!("tensor `{name}` ({dtype:?} {shape:?}) does not take its {} bytes", end - begin)));
         }
+        let expected = (end - begin) as usize;
         let mut bytes = vec![0u8; expected];
         f.seek(SeekFrom::Start(data_start + begin)).at(file)?;
         f.read_exact(&mut bytes).at(file)?;
@@ -279,5 +277,21 @@ mod tests {
         std::fs::write(&file, &bytes[..4]).unwrap();
         let err = read_safetensors(&file, |_, _| {}).unwrap_err().to_string();
         assert!(err.contains("cannot read safetensors"), "{err}");
+        // Hostile headers: offsets that would wrap, a shape that is not whole numbers, a shape
+        // whose size overflows.
+        let with_header = |header: &str| {
+            let mut b = (header.len() as u64).to_le_bytes().to_vec();
+            b.extend_from_slice(header.as_bytes());
+            b.extend_from_slice(&[0u8; 16]);
+            std::fs::write(&file, b).unwrap();
+            read_safetensors(&file, |_, _| {}).unwrap_err().to_string()
+        };
+        let wrap =
+            format!(r#"{{"w": {{"dtype": "F32", "shape": [4], "data_offsets": [{}, {}]}}}}"#, u64::MAX - 8, u64::MAX);
+        assert!(with_header(&wrap).contains("cut short"));
+        let float = r#"{"w": {"dtype": "F32", "shape": [2, 2.0], "data_offsets": [0, 16]}}"#;
+        assert!(with_header(float).contains("whole numbers"));
+        let huge = format!(r#"{{"w": {{"dtype": "F32", "shape": [{}, 4], "data_offsets": [0, 16]}}}}"#, u64::MAX / 2);
+        assert!(with_header(&huge).contains("does not take"));
     }
 }

@@ -32,18 +32,12 @@ pub enum Pooling {
 
 /// The pooling and normalisation a sentence-transformers folder declares, read by the runtime's
 /// reader ([`edgelm_runtime::encoder::sentence_transformers_pooling`]) so export and runtime
-/// accept the same folders. A folder without modules.json is a plain BERT checkpoint: mean
-/// pooling (or what `1_Pooling/config.json` says), no normalisation. The graph carries mean and
+/// accept the same folders. A folder with neither modules.json nor `1_Pooling` is a plain BERT
+/// checkpoint: mean pooling, no normalisation. The graph carries mean and
 /// cls pooling; max and last-token pooling are refused rather than exported as something else.
 fn sentence_modules(dir: &Path) -> Result<(Pooling, bool)> {
-    use edgelm_runtime::encoder::{pooling_mode, sentence_transformers_pooling, Pooling as Declared};
-    let (declared, normalize) = match sentence_transformers_pooling(dir)? {
-        Some(d) => d,
-        None => {
-            let cfg = dir.join("1_Pooling/config.json");
-            (if cfg.exists() { pooling_mode(&cfg)? } else { Declared::Mean }, false)
-        }
-    };
+    use edgelm_runtime::encoder::{sentence_transformers_pooling, Pooling as Declared};
+    let (declared, normalize) = sentence_transformers_pooling(dir)?.unwrap_or((Declared::Mean, false));
     match declared {
         Declared::Mean => Ok((Pooling::Mean, normalize)),
         Declared::Cls => Ok((Pooling::Cls, normalize)),

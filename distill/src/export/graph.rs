@@ -44,18 +44,7 @@ pub(crate) fn build_decoder(
     tensors: HashMap<String, Tensor>,
     logits: LogitsMode,
 ) -> Result<ModelProto> {
-    if c.sliding_window.is_some() {
-        return Err(Error::Unsupported {
-            what:
-                "sliding-window attention in export; set sliding_window to null if the model never exceeds its window"
-                    .into(),
-        });
-    }
-    if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
-        return Err(Error::InvalidConfig {
-            what: format!("head_dim {} is not a positive even number, which rotary embedding needs", c.head_dim),
-        });
-    }
+    check_expressible(c)?;
     let DecoderWeights { embed, layers: layer_weights, final_norm, lm_head: head } =
         DecoderWeights::from_map(&tensors, c)?;
     drop(tensors);
@@ -103,6 +92,23 @@ pub(crate) fn build_decoder(
 
     // Past protobuf's 2 GiB the weights go to a data file beside the graph (`write_model`).
     Ok(g.finish(21, Some(1), env!("CARGO_PKG_VERSION")))
+}
+
+/// Refuses a configuration the graph cannot express, before any work is done on its weights.
+pub(crate) fn check_expressible(c: &ModelConfig) -> Result<()> {
+    if c.sliding_window.is_some() {
+        return Err(Error::Unsupported {
+            what:
+                "sliding-window attention in export; set sliding_window to null if the model never exceeds its window"
+                    .into(),
+        });
+    }
+    if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
+        return Err(Error::InvalidConfig {
+            what: format!("head_dim {} is not a positive even number, which rotary embedding needs", c.head_dim),
+        });
+    }
+    Ok(())
 }
 
 /// Graph inputs and outputs with onnxruntime-genai's names and shapes.

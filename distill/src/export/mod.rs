@@ -230,6 +230,7 @@ pub fn export_owned(mut ck: Checkpoint, out: &Path, opts: &ExportOptions) -> Res
             what: "int8-static is for encoder bundles; a causal LM exports as int8, int4 or int8-dynamic".into(),
         });
     }
+    graph::check_expressible(&ck.config)?;
     let reference = if opts.verify { Some(ReferenceLogits::of(&ck)?) } else { None };
     // Built first: a checkpoint the graph cannot express leaves no folder behind.
     let mut model = build_decoder(&ck.config, std::mem::take(&mut ck.tensors), opts.logits)?;

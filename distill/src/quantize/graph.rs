@@ -578,8 +578,9 @@ pub fn quantize_model(model: &mut ModelProto, opts: &QuantizeOptions) -> Result<
 }
 
 /// [`quantize_model`] of a model whose weights may be in data files in `weights_dir` (external
-/// data): each is read when its turn comes, so the fp32 weights are never all in memory; those
-/// left in fp32 are read in at the end, and the model comes back whole.
+/// data): each is read when its turn comes, so the fp32 weights are never all in memory (but
+/// for fp16, which reads them all in first); those left in fp32 are read in at the end, and
+/// the model comes back whole.
 pub fn quantize_model_in(
     model: &mut ModelProto,
     opts: &QuantizeOptions,
