@@ -86,15 +86,16 @@ fn all_position_logits_export_decodes_the_same() {
     assert_eq!(edgelm_greedy_in(&dir, "shared"), candle_greedy("tiny-qwen2"));
 }
 
-/// Weights in `model.onnx.data` beside the graph (ONNX external data, what models past
-/// protobuf's 2 GiB limit need): the bundle hashes the data file, decodes as candle does, and a
-/// bundle quantized from it is one file again, without the fp32 data copied along.
+/// Weights in `model.onnx.data` beside the graph (ONNX external data, the default, and what
+/// models past protobuf's 2 GiB limit need): the bundle hashes the data file, decodes as candle
+/// does, and a bundle quantized from it keeps its weights apart too, without the fp32 data
+/// copied along.
 #[test]
 fn weights_kept_beside_the_graph_decode_the_same_and_quantize() {
     use edgelm_distill::export::{export, quantize_bundle, ExportOptions};
     let ck = Checkpoint::load(checkpoint("tiny-llama3")).unwrap();
     let dir = edgelm_e2e::scratch().join("bundle-external-data");
-    export(&ck, &dir, &ExportOptions { external_data: true, ..ExportOptions::default() }).unwrap();
+    export(&ck, &dir, &ExportOptions::default()).unwrap();
     let m = edgelm_runtime::bundle::verify_files(&dir).unwrap();
     let data = m.files.iter().find(|f| f.path == "model.onnx.data").expect("the data file is hashed");
     let graph = m.files.iter().find(|f| f.path == "model.onnx").unwrap();
@@ -103,10 +104,17 @@ fn weights_kept_beside_the_graph_decode_the_same_and_quantize() {
     let int8 = edgelm_e2e::scratch().join("bundle-external-data-int8");
     let opts = edgelm_distill::quantize::QuantizeOptions::for_bits(8).unwrap();
     quantize_bundle(&dir, &int8, &opts, Some(0.5)).unwrap();
-    assert!(!int8.join("model.onnx.data").exists());
     let m = edgelm_runtime::bundle::verify_files(&int8).unwrap();
-    assert!(m.files.iter().all(|f| f.path != "model.onnx.data"));
+    let int8_data = m.files.iter().find(|f| f.path == "model.onnx.data").expect("apart, as its source");
+    assert!(int8_data.bytes < data.bytes / 2, "int8 weights {} vs fp32 {} bytes", int8_data.bytes, data.bytes);
     assert_eq!(edgelm_greedy_in(&int8, "shared").len(), NEW);
+    // From a bundle written as one file, one file again.
+    let one = edgelm_e2e::scratch().join("bundle-one-file");
+    export(&ck, &one, &ExportOptions { external_data: false, ..ExportOptions::default() }).unwrap();
+    assert!(!one.join("model.onnx.data").exists());
+    let one_int8 = edgelm_e2e::scratch().join("bundle-one-file-int8");
+    quantize_bundle(&one, &one_int8, &opts, Some(0.5)).unwrap();
+    assert!(!one_int8.join("model.onnx.data").exists());
     // Exported straight to int8: with the flag the int8 weights are apart too, without it the
     // bundle is one file.
     let direct = edgelm_e2e::scratch().join("bundle-external-data-direct-int8");

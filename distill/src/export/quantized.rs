@@ -473,8 +473,8 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
         refuse_quantized_graph(&model, src)?;
     }
     let fp32_bytes = source.model_bytes;
-    // Weights kept beside the graph are read in, and those files are not copied to the output:
-    // it is written whole again (apart only if it has to be).
+    // Weights kept beside the graph are read in as they are quantized, and those files are not
+    // copied to the output: it gets its own.
     let data_files: Vec<String> = crate::onnx::external::data_files(&model);
     let weights_dir = model_path.parent().unwrap_or(src);
     let summary = if opts.method == Method::StaticInt8 {
@@ -503,7 +503,10 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     if let Some(genai) = &source.genai_config {
         w.write("genai_config.json", genai.as_bytes())?;
     }
-    super::write_model(&mut w, &source.model_file, &mut model, false, false)?;
+    // A causal LM keeps its source's layout: weights apart when they were (an encoder's graph
+    // is written whole).
+    let apart = kind == Kind::CausalLm && !data_files.is_empty();
+    super::write_model(&mut w, &source.model_file, &mut model, apart, false)?;
     drop(model);
     let verify = match max_kl {
         Some(limit) if kind == Kind::CausalLm => {
