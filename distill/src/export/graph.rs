@@ -54,7 +54,8 @@ pub(crate) fn build_decoder(
     let h = c.hidden_size;
 
     g.set_scope("/model/embed_tokens");
-    let embed_name = g.init_f32(names::EMBED, &[c.vocab_size, h], &flat(&embed)?);
+    // The table is the largest tensor: copied once into the graph, not through a Vec first.
+    let embed_name = with_values(&embed, |v| g.init_f32(names::EMBED, &[c.vocab_size, h], v))?;
     drop(embed);
     let mut residual = g.op("Gather", &[&embed_name, "input_ids"], vec![Attr::int("axis", 0)]);
     let mut x = first_norm(&mut g, c, &shared.norm, &layer_weights[0].input_norm, &residual)?;
@@ -92,6 +93,19 @@ pub(crate) fn build_decoder(
 
     // Past protobuf's 2 GiB the weights go to a data file beside the graph (`write_model`).
     Ok(g.finish(21, Some(1), env!("CARGO_PKG_VERSION")))
+}
+
+/// Calls `f` with a tensor's values in row-major order: in place where they lie that way in
+/// memory, else from a copy.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    {
+        return Ok(f(&v[start..end]));
+    }
+    drop(storage);
+    Ok(f(&flat(t)?))
 }
 
 /// Refuses a configuration the graph cannot express, before any work is done on its weights.
@@ -448,7 +462,7 @@ fn lm_head(
     }
     let head_name = match head {
         None => embed_name.to_owned(),
-        Some(head) => g.init_f32(names::LM_HEAD, &[c.vocab_size, h], &flat(head)?),
+        Some(head) => with_values(head, |v| g.init_f32(names::LM_HEAD, &[c.vocab_size, h], v))?,
     };
     let shape_2d = g.init_i64("/model/constants/shape_rows_hidden", &[2], &[-1, h as i64]);
     let rows = g.op("Reshape", &[&x, &shape_2d], vec![]);
