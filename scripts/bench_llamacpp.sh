@@ -66,8 +66,10 @@ l, e = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 pp = next(r for r in l if r["n_prompt"] > 0 and r.get("n_depth", 0) == 0)
 tg = next(r for r in l if r["n_gen"] > 0 and r.get("n_depth", 0) == 128)
 mib = lambda p: os.path.getsize(p) / 2**20
+# A bundle's graph and, where the weights are kept beside it, their data file.
+bundle_mib = lambda d: sum(mib(f"{d}/{f}") for f in ("model.onnx", "model.onnx.data") if os.path.exists(f"{d}/{f}"))
 rate = lambda r: statistics.median(r.get("samples_ts") or [r["avg_ts"]])
 print(f"{'llama.cpp ' + os.path.basename(sys.argv[3]):22} {mib(sys.argv[3]):8.1f} {128e3 / rate(pp):9.1f} {rate(tg):9.1f}")
-print(f"{'edgelm ' + os.path.basename(sys.argv[4].rstrip('/')):22} {mib(sys.argv[4] + '/model.onnx'):8.1f} {e['ttft_ms']:9.1f} {e['decode_tokens_per_s']:9.1f}")
+print(f"{'edgelm ' + os.path.basename(sys.argv[4].rstrip('/')):22} {bundle_mib(sys.argv[4]):8.1f} {e['ttft_ms']:9.1f} {e['decode_tokens_per_s']:9.1f}")
 EOF
 done

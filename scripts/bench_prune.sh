@@ -31,6 +31,7 @@ for b in bundle bundle-pruned bundle-int8-dynamic bundle-pruned-int8-dynamic; do
   python3 - "$j" "$work/$b" <<'PY'
 import json, os, sys
 e, d = json.loads(sys.argv[1]), sys.argv[2]
-print(f"{os.path.basename(d):26} {os.path.getsize(d + '/model.onnx') / 2**20:8.1f} {e['ttft_ms']:9.1f} {e['decode_tokens_per_s']:9.1f}")
+size = sum(os.path.getsize(f"{d}/{f}") for f in ("model.onnx", "model.onnx.data") if os.path.exists(f"{d}/{f}"))
+print(f"{os.path.basename(d):26} {size / 2**20:8.1f} {e['ttft_ms']:9.1f} {e['decode_tokens_per_s']:9.1f}")
 PY
 done

@@ -43,10 +43,16 @@ def copy_without_manifest(src, dst):
     """A bundle folder whose model.onnx will be replaced: without edgelm.json the runtime reads
     it as a plain genai folder, so no recorded hash refuses the new file."""
     shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx", "edgelm.json"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx", "model.onnx.data", "edgelm.json"))
     template = json.load(open(f"{src}/edgelm.json")).get("chat_template")
     if template:
         open(f"{dst}/chat_template.jinja", "w").write(template)
+
+
+def model_bytes(folder):
+    """The graph and, where the weights are kept beside it, their data file."""
+    return sum(os.path.getsize(f"{folder}/{f}") for f in ("model.onnx", "model.onnx.data")
+               if os.path.exists(f"{folder}/{f}"))
 
 
 def ours(src, dst, precision):
@@ -111,9 +117,9 @@ for r in range(a.runs):
         print(f"round {r + 1}/{a.runs}: {name} done", file=sys.stderr, flush=True)
 
 rows = []
-fp32_bytes = os.path.getsize(f"{speed['edgelm fp32']}/model.onnx")
+fp32_bytes = model_bytes(speed['edgelm fp32'])
 for name, _, _ in VARIANTS:
-    size = os.path.getsize(f"{speed[name]}/model.onnx")
+    size = model_bytes(speed[name])
     med = lambda k: statistics.median(x[k] for x in runs[name])
     ev = subprocess.run([a.distill, "eval", accuracy[name], "--json", "--recipe", a.recipe,
                          "--examples", str(a.examples)], check=True, capture_output=True, text=True)

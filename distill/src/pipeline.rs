@@ -52,7 +52,7 @@ pub struct StageRow {
     pub stage: String,
     /// Parameters.
     pub parameters: usize,
-    /// Weight bytes on disk (fp32 safetensors, or model.onnx for the bundle).
+    /// Weight bytes on disk (fp32 safetensors, or model.onnx with model.onnx.data for the bundle).
     pub bytes: u64,
     /// Exact-match rate on the held-out examples.
     pub task_completion: f64,
@@ -136,7 +136,7 @@ pub struct RuntimeFigures {
     pub ttft_ms: f64,
     /// Median decode speed.
     pub decode_tokens_per_s: f64,
-    /// Weights the runtime maps (model.onnx).
+    /// Weights the runtime reads (model.onnx and model.onnx.data).
     pub weights_mib: f64,
     /// KV cache at the model's full context.
     pub kv_cache_mib: f64,
