@@ -207,16 +207,18 @@ fn a_checkpoint_the_graph_cannot_express_is_refused_before_anything_is_written()
     use edgelm_distill::checkpoint::preset::{preset_config, random_weights};
     use edgelm_distill::checkpoint::write::{write_checkpoint, WriteOptions};
     use edgelm_distill::export::{export, ExportOptions};
-    // Mistral with a sliding window the graph's attention does not apply.
-    let mut cfg = preset_config("tiny-mistral").unwrap();
-    cfg.sliding_window = Some(8);
-    let ck_dir = scratch().join("bad/sliding-window");
+    // A config.json that does not describe its weights (an MLP wider than the tensors).
+    let cfg = preset_config("tiny-mistral").unwrap();
+    let ck_dir = scratch().join("bad/misdescribed");
     write_checkpoint(&ck_dir, &cfg, &random_weights(&cfg, 0).unwrap(), WriteOptions::default()).unwrap();
+    let config_path = ck_dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["intermediate_size"] = serde_json::json!(cfg.intermediate_size + 8);
+    std::fs::write(&config_path, config.to_string()).unwrap();
     let ck = edgelm_distill::Checkpoint::load(&ck_dir).unwrap();
-    assert_eq!(ck.config.sliding_window, Some(8));
-    let out = scratch().join("bad/sliding-window-bundle");
+    let out = scratch().join("bad/misdescribed-bundle");
     let err = export(&ck, &out, &ExportOptions::default()).unwrap_err().to_string();
-    assert!(err.contains("sliding-window attention"), "{err}");
+    assert!(err.contains("mlp.gate_proj.weight") && err.contains("expected"), "{err}");
     assert!(!out.exists(), "a refused export left {} behind", out.display());
 }
 

@@ -28,12 +28,13 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>
 const CORPUS: &str = include_str!("preset_corpus.txt");
 
 /// The names `init --preset` accepts, with a one-line description each.
-pub const PRESETS: [(&str, &str); 7] = [
+pub const PRESETS: [(&str, &str); 8] = [
     ("tiny", "llama, 2 layers, GQA 4/2 heads, untied embeddings"),
     ("tiny-tied", "llama, 2 layers, 4 heads without GQA, tied embeddings"),
     ("tiny-qwen2", "qwen2, 2 layers, GQA 4/2, q/k/v bias, tied embeddings"),
     ("tiny-llama3", "llama, 3 layers, GQA 8/2, llama3 rope scaling, rope_theta 500000"),
     ("tiny-mistral", "mistral, 2 layers, GQA 4/1, head_dim 32 wider than hidden/heads"),
+    ("tiny-mistral-window", "mistral with a sliding attention window of 8 positions"),
     ("tiny-qwen3", "qwen3, 2 layers, GQA 4/2, q/k head norms, head_dim 32, tied"),
     ("smollm2-135m", "the shape of SmolLM2-135M: 30 layers, 576 wide, GQA 9/3, vocab 49152"),
 ];
@@ -91,6 +92,7 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
         "tiny-mistral" => {
             ModelConfig { architecture: Architecture::Mistral, num_key_value_heads: 1, head_dim: 32, ..tiny }
         }
+        "tiny-mistral-window" => ModelConfig { sliding_window: Some(8), ..preset_config("tiny-mistral")? },
         "tiny-qwen3" => {
             ModelConfig { architecture: Architecture::Qwen3, head_dim: 32, tie_word_embeddings: true, ..tiny }
         }

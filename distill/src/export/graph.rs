@@ -108,15 +108,15 @@ fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     Ok(f(&flat(t)?))
 }
 
+/// GroupQueryAttention's `local_window_size` for the model's sliding window (-1: none). Each
+/// position then attends to the window's last `sliding_window` positions, itself included, as
+/// transformers masks them (checked against the candle model step by step at every export).
+fn gqa_window(c: &ModelConfig) -> i64 {
+    c.sliding_window.map_or(-1, |w| w as i64)
+}
+
 /// Refuses a configuration the graph cannot express, before any work is done on its weights.
 pub(crate) fn check_expressible(c: &ModelConfig) -> Result<()> {
-    if c.sliding_window.is_some() {
-        return Err(Error::Unsupported {
-            what:
-                "sliding-window attention in export; set sliding_window to null if the model never exceeds its window"
-                    .into(),
-        });
-    }
     if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
         return Err(Error::InvalidConfig {
             what: format!("head_dim {} is not a positive even number, which rotary embedding needs", c.head_dim),
@@ -312,6 +312,7 @@ fn attention(
             Attr::float("scale", 1.0 / (c.head_dim as f32).sqrt()),
             Attr::int("do_rotary", 1),
             Attr::int("rotary_interleaved", 0),
+            Attr::int("local_window_size", gqa_window(c)),
         ],
     );
     let heads_out = if padded { unpad_heads(g, c, i, &attn_out) } else { attn_out };
