@@ -83,6 +83,58 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Enviro
     }
 }
 
+/// The loaded library's version as it states it (`OrtGetApiBase()->GetVersionString`, e.g.
+/// "1.24.1"); `None` before a successful [`init`] or where it cannot be read.
+pub fn loaded_version() -> Option<&'static str> {
+    static VERSION: OnceLock<Option<String>> = OnceLock::new();
+    VERSION.get_or_init(|| version_of(&LOADED.get()?.0)).as_deref()
+}
+
+fn version_of(path: &Path) -> Option<String> {
+    // SAFETY: the library is loaded in this process already (this takes one more reference to
+    // it, dropped at the end); OrtGetApiBase takes nothing and returns a pointer to a static
+    // table whose GetVersionString returns a static NUL-terminated string.
+    unsafe {
+        let lib = libloading::Library::new(path).ok()?;
+        let get: libloading::Symbol<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase> =
+            lib.get(b"OrtGetApiBase").ok()?;
+        let base = get();
+        if base.is_null() {
+            return None;
+        }
+        let s = ((*base).GetVersionString)();
+        if s.is_null() {
+            return None;
+        }
+        Some(std::ffi::CStr::from_ptr(s).to_str().ok()?.to_owned())
+    }
+}
+
+/// First ONNX Runtime release whose `GroupQueryAttention` lets a position attend to exactly
+/// `local_window_size` positions, itself included; earlier ones take one more.
+const WINDOW_FIXED: (u32, u32) = (1, 24);
+
+/// Refuses a bundle whose attention slides over `window` positions on a library that would
+/// apply one position more (and so answer differently without a word). A library whose version
+/// cannot be read is let through with a warning.
+pub(crate) fn check_window(window: u64, bundle: &Path) -> crate::Result<()> {
+    let Some(version) = loaded_version() else {
+        tracing::warn!("cannot read the ONNX Runtime version; a sliding window of {window} needs 1.24 or newer");
+        return Ok(());
+    };
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) < WINDOW_FIXED {
+        return Err(crate::Error::Bundle {
+            path: bundle.to_path_buf(),
+            what: format!(
+                "attends over a sliding window of {window} positions, which ONNX Runtime {version} applies one position wider (ONNX Runtime 1.24 fixed it); load ONNX Runtime 1.24 or newer"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The library that loaded, and ONNX Runtime's own description of its build (version, git
 /// commit); `None` before a successful [`init`].
 pub fn loaded() -> Option<(&'static Path, &'static str)> {

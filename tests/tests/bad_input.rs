@@ -15,17 +15,20 @@ fn fails_with(args: &[&str], needle: &str) {
 #[test]
 fn changed_byte_is_a_hash_mismatch() {
     let dir = scratch().join("bad/changed");
-    copy_dir(&bundle("tiny"), &dir);
-    let model = dir.join("model.onnx");
-    let mut bytes = std::fs::read(&model).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x40;
-    std::fs::write(&model, bytes).unwrap();
-    match Engine::open(&dir, &EngineOptions::default()) {
-        Err(Error::HashMismatch { path, .. }) => assert!(path.ends_with("model.onnx")),
-        other => panic!("expected HashMismatch, got {:?}", other.err()),
+    // In the graph, and in the weights beside it.
+    for file in ["model.onnx", "model.onnx.data"] {
+        copy_dir(&bundle("tiny"), &dir);
+        let model = dir.join(file);
+        let mut bytes = std::fs::read(&model).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        std::fs::write(&model, bytes).unwrap();
+        match Engine::open(&dir, &EngineOptions::default()) {
+            Err(Error::HashMismatch { path, .. }) => assert!(path.ends_with(file)),
+            other => panic!("expected HashMismatch in {file}, got {:?}", other.err()),
+        }
+        fails_with(&["run", dir.to_str().unwrap(), "--prompt-ids", "1,2"], "is corrupt");
     }
-    fails_with(&["run", dir.to_str().unwrap(), "--prompt-ids", "1,2"], "is corrupt");
 }
 
 #[test]

@@ -52,6 +52,21 @@ fn a_build_for_the_oldest_api_level_runs_on_that_library() {
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(ids(&json["generated_ids"]), pinned_greedy(b), "{}", b.display());
     }
+    // A sliding attention window: that release's GroupQueryAttention takes one position more
+    // than the model's window, so the bundle is refused by name rather than answering otherwise.
+    let windowed = bundle("tiny-mistral-window");
+    let out = run(Command::new(&exe).arg("--ort-lib").arg(&lib).args([
+        "run",
+        windowed.to_str().unwrap(),
+        "--prompt-ids",
+        &csv(&PROMPT),
+        "--max-new-tokens",
+        "4",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("sliding window of 8") && err.contains("1.24 or newer"), "{err}");
+    assert_eq!(pinned_greedy(&windowed).len(), 10, "the pinned release runs it");
     // The pinned build cannot use the older library: a typed error, no crash.
     let out = run(Command::new(bin("edgelm")).arg("--ort-lib").arg(&lib).args([
         "run",

@@ -57,7 +57,7 @@ impl Setup {
         let m =
             std::fs::read_to_string(&manifest).unwrap().replacen("\"format_version\": ", "\"format_version\":  ", 1);
         std::fs::write(&manifest, m).unwrap();
-        let model = models.join("weights-altered/model.onnx");
+        let model = models.join("weights-altered/model.onnx.data");
         let mut bytes = std::fs::read(&model).unwrap();
         let mid = bytes.len() / 2;
         bytes[mid] ^= 1;

@@ -251,10 +251,10 @@ fn print_quantized(q: &Option<edgelm_distill::export::QuantizedReport>, model_by
     let ratio = model_bytes as f64 / q.fp32_bytes as f64;
     let mib = model_bytes as f64 / (1 << 20) as f64;
     if q.precision == edgelm_runtime::bundle::Precision::Fp16 {
-        eprintln!("stored {} weights in fp16: model.onnx {mib:.1} MiB, {ratio:.2}x of fp32", s.matmuls);
+        eprintln!("stored {} weights in fp16: model {mib:.1} MiB, {ratio:.2}x of fp32", s.matmuls);
     } else {
         eprintln!(
-            "quantized {} matrices{}{}: model.onnx {mib:.1} MiB, {ratio:.2}x of fp32",
+            "quantized {} matrices{}{}: model {mib:.1} MiB, {ratio:.2}x of fp32",
             s.matmuls,
             if s.embeddings > 0 { " and the embedding" } else { "" },
             if s.shared_embedding_head { " (one table shared with the LM head)" } else { "" },

@@ -76,7 +76,8 @@ impl Default for ExportOptions {
 pub struct ExportReport {
     /// Bundle folder.
     pub bundle: PathBuf,
-    /// Size of model.onnx in bytes.
+    /// Size of the model in bytes: model.onnx and, where the weights are kept beside it,
+    /// model.onnx.data.
     pub model_bytes: u64,
     /// Number of parameters.
     pub parameters: usize,
@@ -308,7 +309,8 @@ pub fn export_owned(mut ck: Checkpoint, out: &Path, opts: &ExportOptions) -> Res
         checkpoint: ck.dir.clone(),
         checkpoint_sha256: checkpoint_hash(&ck.dir)?,
         encoder: None,
-        report: serde_json::json!({"architecture": ck.config.architecture, "parameters": ck.config.num_parameters(), "logits": opts.logits}),
+        // The window is named so a runtime can refuse an ONNX Runtime that applies it otherwise.
+        report: serde_json::json!({"architecture": ck.config.architecture, "parameters": ck.config.num_parameters(), "logits": opts.logits, "sliding_window": ck.config.sliding_window}),
     })?;
     Ok(ExportReport {
         bundle: out.to_path_buf(),
