@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod names;
+pub mod phi3;
 pub mod preset;
 pub mod weights;
 pub mod write;
@@ -171,9 +172,17 @@ impl Checkpoint {
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
+        let mut text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
+        let phi3 = serde_json::from_str::<serde_json::Value>(&text).ok().filter(phi3::is_phi3);
+        if let Some(config) = phi3.clone() {
+            tracing::info!("{} is Phi-3: read as the Mistral model it stores (q/k/v and gate/up split)", dir.display());
+            text = phi3::as_mistral_config(config)?;
+        }
         let config = ModelConfig::from_hf_json(&text)?;
-        let tensors = load_weights(&dir)?;
+        let mut tensors = load_weights(&dir)?;
+        if phi3.is_some() {
+            phi3::split_fused(&mut tensors, &config)?;
+        }
         let tokenizer_json = Some(dir.join("tokenizer.json")).filter(|p| p.exists());
         let mut config = config;
         if !config.tie_word_embeddings && !tensors.contains_key(names::LM_HEAD) {

@@ -1,0 +1,156 @@
+//! Phi-3 checkpoints (`Phi3ForCausalLM`, Phi-3-mini-4k and its fine-tunes) read as the Mistral
+//! computation they are. transformers builds Phi-3's decoder from Mistral's: RMSNorm, rotary
+//! attention with grouped heads and an optional sliding window, a SwiGLU MLP. Only the storage
+//! differs: q, k and v are one `qkv_proj` matrix (rows in that order) and gate and up one
+//! `gate_up_proj` (gate rows first). So the config is read as Mistral's and the fused matrices
+//! are split into the names the rest of edgelm reads; checkpoints written afterwards are
+//! `MistralForCausalLM` folders, which transformers loads as the same model.
+//!
+//! Phi-3 variants that compute something else are refused by name: partial rotary embedding
+//! (Phi-4-mini) here, long-context rope (`longrope`, Phi-3-mini-128k, Phi-3.5) by the rope
+//! parser.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use serde_json::Value;
+
+use super::{names, ModelConfig};
+use crate::error::{Error, Result};
+
+/// Whether a parsed config.json describes a Phi-3 model.
+pub fn is_phi3(config: &Value) -> bool {
+    let class = |c: &Value| c.as_str() == Some("Phi3ForCausalLM");
+    config.get("model_type").and_then(Value::as_str) == Some("phi3")
+        || config.get("architectures").and_then(Value::as_array).is_some_and(|a| a.iter().any(class))
+}
+
+/// The config.json text of a Phi-3 model rewritten as Mistral's, after refusing what Mistral's
+/// computation does not cover.
+pub fn as_mistral_config(mut config: Value) -> Result<String> {
+    let partial = config.get("partial_rotary_factor").and_then(Value::as_f64).unwrap_or(1.0);
+    if partial != 1.0 {
+        return Err(Error::Unsupported {
+            what: format!(
+                "Phi-3 with partial_rotary_factor {partial} (rotary embedding over part of each head, as in Phi-4-mini)"
+            ),
+        });
+    }
+    let obj = config
+        .as_object_mut()
+        .ok_or_else(|| Error::InvalidConfig { what: "config.json is not a JSON object".into() })?;
+    obj.insert("model_type".into(), Value::from("mistral"));
+    obj.insert("architectures".into(), Value::from(vec!["MistralForCausalLM"]));
+    Ok(config.to_string())
+}
+
+/// Splits each layer's `qkv_proj` and `gate_up_proj` into the separate projections, checking
+/// their shapes against `c`. Checkpoints that already have separate projections pass unchanged.
+pub fn split_fused(tensors: &mut HashMap<String, Tensor>, c: &ModelConfig) -> Result<()> {
+    let h = c.hidden_size;
+    for i in 0..c.num_hidden_layers {
+        let parts = [
+            (
+                "self_attn.qkv_proj.weight",
+                [
+                    ("self_attn.q_proj.weight", c.q_dim()),
+                    ("self_attn.k_proj.weight", c.kv_dim()),
+                    ("self_attn.v_proj.weight", c.kv_dim()),
+                ]
+                .to_vec(),
+            ),
+            (
+                "mlp.gate_up_proj.weight",
+                [("mlp.gate_proj.weight", c.intermediate_size), ("mlp.up_proj.weight", c.intermediate_size)].to_vec(),
+            ),
+        ];
+        for (fused, split) in parts {
+            let name = names::in_layer(i, fused);
+            let Some(t) = tensors.remove(&name) else { continue };
+            let rows: usize = split.iter().map(|(_, r)| r).sum();
+            if t.dims() != [rows, h] {
+                return Err(Error::Tensor {
+                    name,
+                    what: format!("shape {:?}, expected [{rows}, {h}] (the projections it joins)", t.dims()),
+                });
+            }
+            let mut start = 0;
+            for (part, n) in split {
+                tensors.insert(names::in_layer(i, part), t.narrow(0, start, n)?.contiguous()?);
+                start += n;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::{preset, Checkpoint};
+    use crate::model::LlamaModel;
+    use candle_core::Device;
+
+    /// A Phi-3 folder holding a Mistral preset's weights in Phi-3's storage (fused q/k/v and
+    /// gate/up), with Phi-3's config keys.
+    fn phi3_folder(dir: &std::path::Path, mistral: &std::path::Path) {
+        let ck = Checkpoint::load(mistral).unwrap();
+        let c = &ck.config;
+        let mut fused: HashMap<String, Tensor> = ck.tensors.clone();
+        for i in 0..c.num_hidden_layers {
+            let mut take = |n: &str| fused.remove(&names::in_layer(i, n)).unwrap();
+            let qkv = Tensor::cat(
+                &[take("self_attn.q_proj.weight"), take("self_attn.k_proj.weight"), take("self_attn.v_proj.weight")],
+                0,
+            )
+            .unwrap();
+            let gate_up = Tensor::cat(&[take("mlp.gate_proj.weight"), take("mlp.up_proj.weight")], 0).unwrap();
+            fused.insert(names::in_layer(i, "self_attn.qkv_proj.weight"), qkv);
+            fused.insert(names::in_layer(i, "mlp.gate_up_proj.weight"), gate_up);
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        candle_core::safetensors::save(&fused, dir.join("model.safetensors")).unwrap();
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(mistral.join("config.json")).unwrap()).unwrap();
+        config["model_type"] = Value::from("phi3");
+        config["architectures"] = Value::from(vec!["Phi3ForCausalLM"]);
+        config["original_max_position_embeddings"] = config["max_position_embeddings"].clone();
+        config["embd_pdrop"] = Value::from(0.0);
+        config["resid_pdrop"] = Value::from(0.0);
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    }
+
+    #[test]
+    fn a_phi3_checkpoint_reads_as_the_mistral_model_it_stores() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mistral = tmp.path().join("mistral");
+        preset::write_preset("tiny-mistral-window", &mistral, 3, Default::default()).unwrap();
+        let phi3 = tmp.path().join("phi3");
+        phi3_folder(&phi3, &mistral);
+        let (a, b) = (Checkpoint::load(&mistral).unwrap(), Checkpoint::load(&phi3).unwrap());
+        assert_eq!(b.config, a.config, "the same configuration, window included");
+        let ids = Tensor::new(&[1u32, 40, 97, 200, 31, 150, 77, 12, 255, 300, 5][..], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = |ck: &Checkpoint| {
+            let m = LlamaModel::new(ck).unwrap();
+            m.forward(&ids, &mut m.new_cache()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(logits(&a), logits(&b));
+
+        // Rotary over part of each head (Phi-4-mini) is refused by name.
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(phi3.join("config.json")).unwrap()).unwrap();
+        config["partial_rotary_factor"] = Value::from(0.75);
+        std::fs::write(phi3.join("config.json"), config.to_string()).unwrap();
+        let err = Checkpoint::load(&phi3).err().unwrap().to_string();
+        assert!(err.contains("partial_rotary_factor 0.75"), "{err}");
+        // A fused matrix of the wrong size names itself.
+        config["partial_rotary_factor"] = Value::from(1.0);
+        config["intermediate_size"] = Value::from(a.config.intermediate_size + 4);
+        std::fs::write(phi3.join("config.json"), config.to_string()).unwrap();
+        let err = Checkpoint::load(&phi3).err().unwrap().to_string();
+        assert!(err.contains("gate_up_proj"), "{err}");
+    }
+}
