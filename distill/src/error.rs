@@ -18,7 +18,7 @@ pub enum Error {
     },
     /// config.json names an architecture edgelm does not implement.
     #[error(
-        "unsupported architecture `{found}`: edgelm loads llama, mistral, qwen2 and qwen3 decoders and BERT encoders"
+        "unsupported architecture `{found}`: edgelm loads llama, mistral, qwen2, qwen3 and phi3 decoders and BERT encoders"
     )]
     UnsupportedArchitecture {
         /// The `model_type` or class found.
