@@ -87,17 +87,21 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Enviro
 /// "1.24.1"); `None` before a successful [`init`] or where it cannot be read.
 pub fn loaded_version() -> Option<&'static str> {
     static VERSION: OnceLock<Option<String>> = OnceLock::new();
-    VERSION.get_or_init(|| version_of(&LOADED.get()?.0)).as_deref()
+    // Nothing is kept before a library loaded: a later call reads it then.
+    let path = &LOADED.get()?.0;
+    VERSION.get_or_init(|| version_of(path)).as_deref()
 }
 
+#[cfg(unix)]
 fn version_of(path: &Path) -> Option<String> {
-    // SAFETY: the library is loaded in this process already (this takes one more reference to
-    // it, dropped at the end); OrtGetApiBase takes nothing and returns a pointer to a static
-    // table whose GetVersionString returns a static NUL-terminated string.
+    use libloading::os::unix::{Library, Symbol, RTLD_LAZY};
+    // SAFETY: RTLD_NOLOAD only finds the library this process loaded already (never a second
+    // copy from another path), taking one more reference dropped at the end; OrtGetApiBase
+    // takes nothing and returns a pointer to a static table whose GetVersionString returns a
+    // static NUL-terminated string.
     unsafe {
-        let lib = libloading::Library::new(path).ok()?;
-        let get: libloading::Symbol<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase> =
-            lib.get(b"OrtGetApiBase").ok()?;
+        let lib = Library::open(Some(path), libc::RTLD_NOLOAD | RTLD_LAZY).ok()?;
+        let get: Symbol<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase> = lib.get(b"OrtGetApiBase").ok()?;
         let base = get();
         if base.is_null() {
             return None;
@@ -108,6 +112,11 @@ fn version_of(path: &Path) -> Option<String> {
         }
         Some(std::ffi::CStr::from_ptr(s).to_str().ok()?.to_owned())
     }
+}
+
+#[cfg(not(unix))]
+fn version_of(_path: &Path) -> Option<String> {
+    None
 }
 
 /// First ONNX Runtime release whose `GroupQueryAttention` lets a position attend to exactly

@@ -28,7 +28,12 @@ pub fn is_phi3(config: &Value) -> bool {
 /// The config.json text of a Phi-3 model rewritten as Mistral's, after refusing what Mistral's
 /// computation does not cover.
 pub fn as_mistral_config(mut config: Value) -> Result<String> {
-    let partial = config.get("partial_rotary_factor").and_then(Value::as_f64).unwrap_or(1.0);
+    // transformers 5 keeps it among the rope parameters.
+    let partial = config
+        .get("partial_rotary_factor")
+        .or_else(|| config.get("rope_parameters")?.get("partial_rotary_factor"))
+        .and_then(Value::as_f64)
+        .unwrap_or(1.0);
     if partial != 1.0 {
         return Err(Error::Unsupported {
             what: format!(
@@ -39,6 +44,19 @@ pub fn as_mistral_config(mut config: Value) -> Result<String> {
     let obj = config
         .as_object_mut()
         .ok_or_else(|| Error::InvalidConfig { what: "config.json is not a JSON object".into() })?;
+    // Phi3Config's defaults where the file leaves a key out (Mistral's differ).
+    let defaults = [
+        ("rms_norm_eps", Value::from(1e-5)),
+        ("max_position_embeddings", Value::from(4096)),
+        ("rope_theta", Value::from(10000.0)),
+        ("bos_token_id", Value::from(1)),
+        ("eos_token_id", Value::from(32000)),
+        ("pad_token_id", Value::from(32000)),
+        ("tie_word_embeddings", Value::from(false)),
+    ];
+    for (key, value) in defaults {
+        obj.entry(key).or_insert(value);
+    }
     obj.insert("model_type".into(), Value::from("mistral"));
     obj.insert("architectures".into(), Value::from(vec!["MistralForCausalLM"]));
     Ok(config.to_string())
@@ -139,7 +157,13 @@ mod tests {
         };
         assert_eq!(logits(&a), logits(&b));
 
-        // Rotary over part of each head (Phi-4-mini) is refused by name.
+        // Keys left out take Phi3Config's defaults, not Mistral's.
+        let sparse: Value =
+            serde_json::from_str(&as_mistral_config(serde_json::json!({"model_type": "phi3"})).unwrap()).unwrap();
+        assert_eq!((sparse["rms_norm_eps"].as_f64(), sparse["eos_token_id"].as_u64()), (Some(1e-5), Some(32000)));
+        // Rotary over part of each head (Phi-4-mini) is refused by name, in either spelling.
+        let nested = serde_json::json!({"model_type": "phi3", "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}});
+        assert!(as_mistral_config(nested).unwrap_err().to_string().contains("partial_rotary_factor 0.5"));
         let mut config: Value =
             serde_json::from_str(&std::fs::read_to_string(phi3.join("config.json")).unwrap()).unwrap();
         config["partial_rotary_factor"] = Value::from(0.75);
