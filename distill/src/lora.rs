@@ -66,6 +66,19 @@ fn targets(cfg: &ModelConfig, lora: &LoraConfig) -> Result<Vec<(String, usize, u
     Ok(out)
 }
 
+/// The projections a Phi-3 fused module joins, in row order (`...qkv_proj` -> q, k, v;
+/// `...gate_up_proj` -> gate, up); `None` for any other module.
+fn fused_parts(module: &str) -> Option<Vec<String>> {
+    let (prefix, parts): (&str, &[&str]) = if let Some(p) = module.strip_suffix("self_attn.qkv_proj") {
+        (p, &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
+    } else if let Some(p) = module.strip_suffix("mlp.gate_up_proj") {
+        (p, &["mlp.gate_proj", "mlp.up_proj"])
+    } else {
+        return None;
+    };
+    Some(parts.iter().map(|part| format!("{prefix}{part}")).collect())
+}
+
 impl Adapter {
     /// A fresh adapter: A random (normal, std `1/sqrt(in)`; PEFT draws Kaiming-uniform, about
     /// 1.7x narrower), B zero as in PEFT, so it starts as a no-op.
@@ -92,16 +105,40 @@ impl Adapter {
         }
     }
 
-    /// Base weights with every update folded in (for export): `W + scale * B A`.
+    /// Base weights with every update folded in (for export): `W + scale * B A`. An adapter
+    /// trained on Phi-3's fused `qkv_proj` or `gate_up_proj` updates the separate projections
+    /// edgelm reads them as ([`crate::checkpoint::phi3`]): the update's rows split the same way.
     pub fn merge(&self, base: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
         let mut out = base.clone();
         for module in self.modules.keys() {
+            let delta = self.delta(module)?.expect("module exists");
             let name = format!("{module}.weight");
-            let w = out
-                .get(&name)
-                .ok_or_else(|| Error::Tensor { name: name.clone(), what: "missing from the base".into() })?;
-            let merged = (w + self.delta(module)?.expect("module exists"))?;
-            out.insert(name, merged);
+            let parts: Vec<String> = match fused_parts(module) {
+                Some(parts) if !out.contains_key(&name) => parts.iter().map(|p| format!("{p}.weight")).collect(),
+                _ => vec![name],
+            };
+            let mut start = 0;
+            for part in parts {
+                let w = out
+                    .get(&part)
+                    .ok_or_else(|| Error::Tensor { name: part.clone(), what: "missing from the base".into() })?;
+                let rows = w.dims()[0];
+                if start + rows > delta.dims()[0] {
+                    return Err(Error::Tensor {
+                        name: module.clone(),
+                        what: format!("an update of {} rows does not cover the base's {part}", delta.dims()[0]),
+                    });
+                }
+                let merged = (w + delta.narrow(0, start, rows)?)?;
+                out.insert(part, merged);
+                start += rows;
+            }
+            if start != delta.dims()[0] {
+                return Err(Error::Tensor {
+                    name: module.clone(),
+                    what: format!("an update of {} rows for base weights of {start}", delta.dims()[0]),
+                });
+            }
         }
         Ok(out)
     }

@@ -120,3 +120,54 @@ fn peft_scales_rslora_and_per_module_alphas_are_applied() {
     let err = Adapter::load_peft(dir.path()).unwrap_err().to_string();
     assert!(err.contains("rank 2"), "{err}");
 }
+
+/// An adapter trained on Phi-3's fused projections (PEFT names `qkv_proj`, `gate_up_proj`)
+/// merges into the separate projections edgelm reads Phi-3 as, exactly as the same update
+/// given to each projection (A shared, B's rows split).
+#[test]
+fn an_adapter_on_fused_phi3_projections_merges_into_the_split_ones() {
+    use std::collections::HashMap;
+    let cfg = preset_config("tiny-mistral").unwrap();
+    let base = random_weights(&cfg, 4).unwrap();
+    let lcfg = LoraConfig { r: 4, lora_alpha: 8.0, target_modules: vec!["qkv_proj".into(), "gate_up_proj".into()] };
+    let h = cfg.hidden_size;
+    let values = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n).map(|i| (((i * 7919 + seed * 104_729) % 2001) as f32 / 1000.0 - 1.0) * 0.05).collect()
+    };
+    let (mut fused, mut split) = (HashMap::new(), HashMap::new());
+    let groups = [
+        ("self_attn.qkv_proj", vec![("q_proj", cfg.q_dim()), ("k_proj", cfg.kv_dim()), ("v_proj", cfg.kv_dim())]),
+        ("mlp.gate_up_proj", vec![("gate_proj", cfg.intermediate_size), ("up_proj", cfg.intermediate_size)]),
+    ];
+    for layer in 0..cfg.num_hidden_layers {
+        for (g, (module, parts)) in groups.iter().enumerate() {
+            let rows: usize = parts.iter().map(|(_, n)| n).sum();
+            let a = Tensor::from_vec(values(4 * h, layer * 10 + g), (4, h), &Device::Cpu).unwrap();
+            let b = Tensor::from_vec(values(rows * 4, layer * 10 + g + 5), (rows, 4), &Device::Cpu).unwrap();
+            let mut start = 0;
+            for (part, n) in parts {
+                let name = edgelm_distill::checkpoint::names::projection(layer, part);
+                split.insert(name, (a.clone(), b.narrow(0, start, *n).unwrap()));
+                start += n;
+            }
+            fused.insert(format!("model.layers.{layer}.{module}"), (a, b));
+        }
+    }
+    let fused = Adapter { config: lcfg.clone(), modules: fused }.merge(&base).unwrap();
+    let split = Adapter { config: lcfg, modules: split }.merge(&base).unwrap();
+    assert_eq!(fused.len(), base.len(), "no fused tensor added");
+    for (name, t) in &split {
+        let diff = max_diff(
+            &t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &fused[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(diff, 0.0, "{name}");
+        if name.contains("q_proj") || name.contains("up_proj") {
+            assert_ne!(
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                base[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{name} changed"
+            );
+        }
+    }
+}
