@@ -1049,6 +1049,12 @@ fn optimum_config(dir: &Path) -> Result<GenaiConfig> {
 }
 
 impl Bundle {
+    /// The attention window the exporter recorded (`report.sliding_window` in edgelm.json), for
+    /// a model whose attention slides over one.
+    pub fn sliding_window(&self) -> Option<u64> {
+        self.manifest.as_ref()?.report.get("sliding_window")?.as_u64()
+    }
+
     /// Opens and verifies a bundle folder (edgelm or onnxruntime-genai layout, or a decoder
     /// exported by Hugging Face Optimum).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {

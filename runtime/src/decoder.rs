@@ -97,6 +97,16 @@ impl DecodeState {
 }
 
 impl Decoder {
+    /// Opens a bundle's decoder. A bundle whose attention slides over a window is refused on an
+    /// ONNX Runtime that applies the window otherwise ([`crate::ortlib`], before 1.24).
+    pub fn of_bundle(bundle: &crate::bundle::Bundle, opts: &DecoderOptions) -> Result<Self> {
+        crate::ortlib::init(None)?;
+        if let Some(w) = bundle.sliding_window() {
+            crate::ortlib::check_window(w, &bundle.dir)?;
+        }
+        Decoder::load(&bundle.model_path, &bundle.genai, opts)
+    }
+
     /// Opens `model_path` with the names and shape in `genai`.
     pub fn load(model_path: &Path, genai: &GenaiConfig, opts: &DecoderOptions) -> Result<Self> {
         let session = crate::session::open(model_path, opts)?;

@@ -146,11 +146,7 @@ impl Engine {
         crate::ortlib::init(opts.ort_lib.as_deref())?;
         let checked = opts.trust.check(dir.as_ref())?;
         let bundle = Bundle::open_with_manifest(dir, checked.manifest.as_deref())?;
-        let window = bundle.manifest.as_ref().and_then(|m| m.report.get("sliding_window")?.as_u64());
-        if let Some(w) = window {
-            crate::ortlib::check_window(w, &bundle.dir)?;
-        }
-        let decoder = Decoder::load(&bundle.model_path, &bundle.genai, &opts.decoder)?;
+        let decoder = Decoder::of_bundle(&bundle, &opts.decoder)?;
         let g = &bundle.generation;
         let codec = match &bundle.tokenizer_path {
             Some(p) => Some(TextCodec::load(

@@ -127,7 +127,7 @@ pub fn verify_against_reference(reference: &ReferenceLogits, dir: &Path, toleran
 /// quantized bundle against the fp32 one it came from).
 pub fn verify_against_bundle(reference_dir: &Path, dir: &Path, tolerance: f32) -> Result<VerifyReport> {
     let bundle = Bundle::open(reference_dir)?;
-    let mut decoder = Decoder::load(&bundle.model_path, &bundle.genai, &DecoderOptions::default())?;
+    let mut decoder = Decoder::of_bundle(&bundle, &DecoderOptions::default())?;
     let m = &bundle.genai.model;
     let (vocab, context) = (m.vocab_size, m.context_length);
     let mut state = decoder.start(check_prompt_len(context) + DECODE_STEPS)?;
@@ -215,7 +215,7 @@ fn target_after(seq: &Encoded, i: usize) -> Option<u32> {
 pub fn compare_bundles_on(reference_dir: &Path, dir: &Path, sequences: &[Encoded]) -> Result<SequenceComparison> {
     let open = |d: &Path| -> Result<Decoder> {
         let b = Bundle::open(d)?;
-        Ok(Decoder::load(&b.model_path, &b.genai, &DecoderOptions::default())?)
+        Ok(Decoder::of_bundle(&b, &DecoderOptions::default())?)
     };
     let (mut reference, mut candidate) = (open(reference_dir)?, open(dir)?);
     let mut sum = ComparisonSum::default();
@@ -265,7 +265,7 @@ fn compare(
     tolerance: f32,
 ) -> Result<VerifyReport> {
     let bundle = Bundle::open(dir)?;
-    let mut decoder = Decoder::load(&bundle.model_path, &bundle.genai, &DecoderOptions::default())?;
+    let mut decoder = Decoder::of_bundle(&bundle, &DecoderOptions::default())?;
     let prompt = check_prompt(vocab, check_prompt_len(context));
     let mut state = decoder.start(prompt.len() + DECODE_STEPS)?;
     let mut input = prompt.clone();
