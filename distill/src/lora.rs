@@ -66,19 +66,6 @@ fn targets(cfg: &ModelConfig, lora: &LoraConfig) -> Result<Vec<(String, usize, u
     Ok(out)
 }
 
-/// The projections a Phi-3 fused module joins, in row order (`...qkv_proj` -> q, k, v;
-/// `...gate_up_proj` -> gate, up); `None` for any other module.
-fn fused_parts(module: &str) -> Option<Vec<String>> {
-    let (prefix, parts): (&str, &[&str]) = if let Some(p) = module.strip_suffix("self_attn.qkv_proj") {
-        (p, &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
-    } else if let Some(p) = module.strip_suffix("mlp.gate_up_proj") {
-        (p, &["mlp.gate_proj", "mlp.up_proj"])
-    } else {
-        return None;
-    };
-    Some(parts.iter().map(|part| format!("{prefix}{part}")).collect())
-}
-
 impl Adapter {
     /// A fresh adapter: A random (normal, std `1/sqrt(in)`; PEFT draws Kaiming-uniform, about
     /// 1.7x narrower), B zero as in PEFT, so it starts as a no-op.
@@ -113,7 +100,7 @@ impl Adapter {
         for module in self.modules.keys() {
             let delta = self.delta(module)?.expect("module exists");
             let name = format!("{module}.weight");
-            let parts: Vec<String> = match fused_parts(module) {
+            let parts: Vec<String> = match crate::checkpoint::phi3::fused_parts(module) {
                 Some(parts) if !out.contains_key(&name) => parts.iter().map(|p| format!("{p}.weight")).collect(),
                 _ => vec![name],
             };

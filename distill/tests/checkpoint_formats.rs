@@ -124,9 +124,7 @@ fn write_and_load(dir: &std::path::Path, cfg: &edgelm_distill::ModelConfig, w: &
 #[test]
 fn the_chat_template_is_found_in_each_place_transformers_keeps_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = preset_config("tiny").unwrap();
-    let dir = tmp.path().join("ck");
-    write_checkpoint(&dir, &cfg, &random_weights(&cfg, 1).unwrap(), WriteOptions::default()).unwrap();
+    let dir = tiny_checkpoint(tmp.path());
     let template = |config: &str| {
         std::fs::write(dir.join("tokenizer_config.json"), config).unwrap();
         Checkpoint::load(&dir).unwrap().chat_template()
@@ -145,12 +143,18 @@ fn the_chat_template_is_found_in_each_place_transformers_keeps_it() {
 #[test]
 fn a_checkpoint_without_safetensors_says_what_it_has() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = preset_config("tiny").unwrap();
-    let dir = tmp.path().join("ck");
-    write_checkpoint(&dir, &cfg, &random_weights(&cfg, 1).unwrap(), WriteOptions::default()).unwrap();
+    let dir = tiny_checkpoint(tmp.path());
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     let err = |dir: &std::path::Path| Checkpoint::load(dir).err().expect("no weights to load").to_string();
     assert!(err(&dir).contains("neither model.safetensors"), "{}", err(&dir));
     std::fs::write(dir.join("pytorch_model.bin"), b"PK").unwrap();
     assert!(err(&dir).contains("PyTorch pickle weights") && err(&dir).contains("safetensors"), "{}", err(&dir));
+}
+
+/// The tiny preset's checkpoint written into `parent/ck`.
+fn tiny_checkpoint(parent: &std::path::Path) -> std::path::PathBuf {
+    let cfg = preset_config("tiny").unwrap();
+    let dir = parent.join("ck");
+    write_checkpoint(&dir, &cfg, &random_weights(&cfg, 1).unwrap(), WriteOptions::default()).unwrap();
+    dir
 }

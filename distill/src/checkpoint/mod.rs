@@ -174,13 +174,14 @@ impl Checkpoint {
         let cfg_path = dir.join("config.json");
         let mut text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
         let phi3 = serde_json::from_str::<serde_json::Value>(&text).ok().filter(phi3::is_phi3);
-        if let Some(config) = phi3.clone() {
+        let is_phi3 = phi3.is_some();
+        if let Some(config) = phi3 {
             tracing::info!("{} is Phi-3: read as the Mistral model it stores (q/k/v and gate/up split)", dir.display());
             text = phi3::as_mistral_config(config)?;
         }
         let config = ModelConfig::from_hf_json(&text)?;
         let mut tensors = load_weights(&dir)?;
-        if phi3.is_some() {
+        if is_phi3 {
             phi3::split_fused(&mut tensors, &config)?;
         }
         let tokenizer_json = Some(dir.join("tokenizer.json")).filter(|p| p.exists());

@@ -62,30 +62,39 @@ pub fn as_mistral_config(mut config: Value) -> Result<String> {
     Ok(config.to_string())
 }
 
+/// Phi-3's fused projections and the separate ones each joins, in row order (within a layer).
+pub const FUSED: [(&str, &[&str]); 2] = [
+    ("self_attn.qkv_proj", &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+    ("mlp.gate_up_proj", &["mlp.gate_proj", "mlp.up_proj"]),
+];
+
+/// The separate projections a fused module joins (`model.layers.3.self_attn.qkv_proj` ->
+/// `model.layers.3.self_attn.q_proj`, ...), in row order; `None` for any other module.
+pub fn fused_parts(module: &str) -> Option<Vec<String>> {
+    FUSED.iter().find_map(|(fused, parts)| {
+        let prefix = module.strip_suffix(fused)?;
+        Some(parts.iter().map(|part| format!("{prefix}{part}")).collect())
+    })
+}
+
+/// Output rows of one of the projections in [`FUSED`] under `c`.
+fn rows_of(c: &ModelConfig, part: &str) -> usize {
+    match part {
+        "self_attn.q_proj" => c.q_dim(),
+        "self_attn.k_proj" | "self_attn.v_proj" => c.kv_dim(),
+        _ => c.intermediate_size,
+    }
+}
+
 /// Splits each layer's `qkv_proj` and `gate_up_proj` into the separate projections, checking
 /// their shapes against `c`. Checkpoints that already have separate projections pass unchanged.
 pub fn split_fused(tensors: &mut HashMap<String, Tensor>, c: &ModelConfig) -> Result<()> {
     let h = c.hidden_size;
     for i in 0..c.num_hidden_layers {
-        let parts = [
-            (
-                "self_attn.qkv_proj.weight",
-                [
-                    ("self_attn.q_proj.weight", c.q_dim()),
-                    ("self_attn.k_proj.weight", c.kv_dim()),
-                    ("self_attn.v_proj.weight", c.kv_dim()),
-                ]
-                .to_vec(),
-            ),
-            (
-                "mlp.gate_up_proj.weight",
-                [("mlp.gate_proj.weight", c.intermediate_size), ("mlp.up_proj.weight", c.intermediate_size)].to_vec(),
-            ),
-        ];
-        for (fused, split) in parts {
-            let name = names::in_layer(i, fused);
+        for (fused, parts) in FUSED {
+            let name = names::in_layer(i, &format!("{fused}.weight"));
             let Some(t) = tensors.remove(&name) else { continue };
-            let rows: usize = split.iter().map(|(_, r)| r).sum();
+            let rows: usize = parts.iter().map(|p| rows_of(c, p)).sum();
             if t.dims() != [rows, h] {
                 return Err(Error::Tensor {
                     name,
@@ -93,8 +102,9 @@ pub fn split_fused(tensors: &mut HashMap<String, Tensor>, c: &ModelConfig) -> Re
                 });
             }
             let mut start = 0;
-            for (part, n) in split {
-                tensors.insert(names::in_layer(i, part), t.narrow(0, start, n)?.contiguous()?);
+            for part in parts {
+                let n = rows_of(c, part);
+                tensors.insert(names::in_layer(i, &format!("{part}.weight")), t.narrow(0, start, n)?.contiguous()?);
                 start += n;
             }
         }
