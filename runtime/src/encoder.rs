@@ -193,6 +193,13 @@ pub fn sentence_transformers_pooling(dir: &Path) -> Result<Option<(Pooling, bool
     Ok(Some((pooling.unwrap_or(Pooling::Mean), normalize)))
 }
 
+/// The most tokens sentence-transformers embeds for the folder (`max_seq_length` in
+/// sentence_bert_config.json); `None` where the file or the key is missing or unreadable.
+pub fn sentence_transformers_max_tokens(dir: &Path) -> Option<usize> {
+    let config: serde_json::Value = crate::bundle::read_json(&dir.join("sentence_bert_config.json")).ok()?;
+    config.get("max_seq_length")?.as_u64().map(|v| v as usize)
+}
+
 /// The one pooling mode a sentence-transformers Pooling `config.json` turns on.
 pub fn pooling_mode(config_path: &Path) -> Result<Pooling> {
     let config = crate::bundle::read_json::<serde_json::Value>(config_path)?;
@@ -267,13 +274,7 @@ impl Encoder {
         let (model_file, max_tokens) = match &manifest {
             Some(m) => (m.model_file.clone(), m.encoder.as_ref().map(|e| e.max_tokens)),
             None => {
-                let json = |name: &str| -> serde_json::Value {
-                    std::fs::read_to_string(dir.join(name))
-                        .ok()
-                        .and_then(|t| serde_json::from_str(&t).ok())
-                        .unwrap_or_default()
-                };
-                let config = json("config.json");
+                let config: serde_json::Value = crate::bundle::read_json(&dir.join("config.json")).unwrap_or_default();
                 // RoBERTa-style position tables keep two rows for the padding offset.
                 let offset = match config.get("model_type").and_then(|t| t.as_str()) {
                     Some("roberta" | "xlm-roberta" | "camembert" | "mpnet") => 2,
@@ -287,11 +288,7 @@ impl Encoder {
                 // sentence-transformers' limit, else the tokenizer's truncation, never past the
                 // position table. Longer texts are refused, not cut short: edgelm's rule for
                 // every input, and a cut the tokenizer made on its own would not say so.
-                let st = json("sentence_bert_config.json")
-                    .get("max_seq_length")
-                    .and_then(|v| v.as_u64())
-                    .map(|v| v as usize);
-                let limit = st.or(truncation);
+                let limit = sentence_transformers_max_tokens(dir).or(truncation);
                 let max = match (limit, positions) {
                     (Some(l), Some(p)) => Some(l.min(p)),
                     (l, p) => l.or(p),

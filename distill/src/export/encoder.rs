@@ -174,11 +174,7 @@ pub fn export_encoder(ck: &EncoderCheckpoint, out: &Path, tolerance: f32) -> Res
     let c = &ck.config;
     // sentence-transformers embeds at most `max_seq_length` tokens (sentence_bert_config.json,
     // over the tokenizer's own truncation); longer texts are refused at that length.
-    let st_limit = std::fs::read_to_string(ck.dir.join("sentence_bert_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("max_seq_length")?.as_u64())
-        .map(|v| v as usize);
+    let st_limit = edgelm_runtime::encoder::sentence_transformers_max_tokens(&ck.dir);
     let max_tokens = st_limit.map_or(c.max_position_embeddings, |l| l.min(c.max_position_embeddings));
     w.finish(BundleInfo {
         generation: GenerationDefaults::none(),

@@ -38,13 +38,13 @@ fn sym(s: &str) -> Dim {
 /// Builds the graph for a checkpoint's configuration and weights: inputs and outputs, the mask
 /// bookkeeping, the embedding, then per layer attention, skip-norm, MLP, skip-norm, and the LM
 /// head. Each layer's weights are let go once copied into the graph, so where the caller gave
-/// up its own references the weights are held about once, not twice.
+/// up its own references the weights are held about once, not twice. The caller has refused
+/// what the graph cannot express ([`check_expressible`]).
 pub(crate) fn build_decoder(
     c: &ModelConfig,
     tensors: HashMap<String, Tensor>,
     logits: LogitsMode,
 ) -> Result<ModelProto> {
-    check_expressible(c)?;
     let DecoderWeights { embed, layers: layer_weights, final_norm, lm_head: head } =
         DecoderWeights::from_map(&tensors, c)?;
     drop(tensors);

@@ -175,16 +175,10 @@ fn generation_defaults(ck: &Checkpoint) -> GenerationDefaults {
 
 /// Writes `model` into the bundle as `name`, its weights in `name.data` beside it when one
 /// file would pass protobuf's 2 GiB limit or `external` asks for it. Returns the bytes written
-/// (graph and data file). With `keep`, the model is whole again afterwards (its weights read
-/// back); without, a model written apart is left without them.
-pub(crate) fn write_model(
-    w: &mut BundleWriter,
-    name: &str,
-    model: &mut ModelProto,
-    external: bool,
-    keep: bool,
-) -> Result<u64> {
-    use crate::onnx::external::{externalize, internalize, SINGLE_FILE_LIMIT};
+/// (graph and data file). A model written apart is left without its weights, which point into
+/// the data file.
+pub(crate) fn write_model(w: &mut BundleWriter, name: &str, model: &mut ModelProto, external: bool) -> Result<u64> {
+    use crate::onnx::external::{externalize, SINGLE_FILE_LIMIT};
     let data = format!("{name}.data");
     if !external && model.encoded_len() <= SINGLE_FILE_LIMIT {
         // A graph that fits replaces one written apart before it (the fp32 graph of an export
@@ -202,9 +196,6 @@ pub(crate) fn write_model(
     let bytes = model.encode_to_vec();
     w.model(name, &bytes)?;
     written += bytes.len() as u64;
-    if keep {
-        internalize(model, w.dir())?;
-    }
     Ok(written)
 }
 
@@ -241,7 +232,7 @@ pub fn export_owned(mut ck: Checkpoint, out: &Path, opts: &ExportOptions) -> Res
     let mut w = BundleWriter::create(out, bundle::Kind::CausalLm)?;
     let mut warnings = Vec::new();
     // Written apart, the model keeps no weights: quantizing reads them back one at a time.
-    let fp32_bytes = write_model(&mut w, "model.onnx", &mut model, opts.external_data, false)?;
+    let fp32_bytes = write_model(&mut w, "model.onnx", &mut model, opts.external_data)?;
     // Kept for quantizing after the fp32 check, else freed before it.
     let mut model = opts.quantize.is_some().then_some(model);
     let genai = genai_config(&ck);
@@ -288,7 +279,7 @@ pub fn export_owned(mut ck: Checkpoint, out: &Path, opts: &ExportOptions) -> Res
             let q = &quantized::with_hot_rows(q, ck.tokenizer_json.as_deref())?;
             let summary = quantize_model_in(&mut model, q, Some(w.dir()))?;
             quantized::hot_rows_used(q, &summary)?;
-            write_model(&mut w, "model.onnx", &mut model, opts.external_data, false)?;
+            write_model(&mut w, "model.onnx", &mut model, opts.external_data)?;
             drop(model);
             let check = reference.as_ref().map(|r| check_quantized(r, w.dir(), opts.max_kl)).transpose()?;
             Some(QuantizedReport {

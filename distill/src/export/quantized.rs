@@ -506,7 +506,7 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     // A causal LM keeps its source's layout: weights apart when they were (an encoder's graph
     // is written whole).
     let apart = kind == Kind::CausalLm && !data_files.is_empty();
-    super::write_model(&mut w, &source.model_file, &mut model, apart, false)?;
+    super::write_model(&mut w, &source.model_file, &mut model, apart)?;
     drop(model);
     let verify = match max_kl {
         Some(limit) if kind == Kind::CausalLm => {

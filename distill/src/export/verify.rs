@@ -103,12 +103,19 @@ impl ReferenceLogits {
     pub fn of(ck: &Checkpoint) -> Result<Self> {
         let model = LlamaModel::new(ck)?;
         let mut cache = model.new_cache();
-        let (vocab, context) = (ck.config.vocab_size, ck.config.max_position_embeddings);
+        Self::record(ck.config.vocab_size, ck.config.max_position_embeddings, |input| {
+            let logits = model.forward(&Tensor::new(input, &Device::Cpu)?.unsqueeze(0)?, &mut cache)?;
+            Ok(logits.squeeze(0)?.get(input.len() - 1)?.to_vec1()?)
+        })
+    }
+
+    /// Feeds the check prompt, then the model's own greedy tokens one at a time, to `step`
+    /// (which keeps its own cache and returns the last position's logits), and keeps them.
+    fn record(vocab: usize, context: usize, mut step: impl FnMut(&[u32]) -> Result<Vec<f32>>) -> Result<Self> {
         let mut input = check_prompt(vocab, check_prompt_len(context));
         let mut steps = Vec::with_capacity(DECODE_STEPS + 1);
         for _ in 0..=DECODE_STEPS {
-            let logits = model.forward(&Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?, &mut cache)?;
-            let last: Vec<f32> = logits.squeeze(0)?.get(input.len() - 1)?.to_vec1()?;
+            let last = step(&input)?;
             input = vec![edgelm_runtime::sampling::argmax(&last)];
             steps.push(last);
         }
@@ -116,23 +123,51 @@ impl ReferenceLogits {
     }
 }
 
-/// Runs the bundle in `dir` against logits taken from the candle model earlier.
+/// Runs the bundle in `dir` over the tokens the reference read (the check prompt, then the
+/// reference's greedy choices, so both sides see the same tokens) and compares its logits with
+/// the reference's at every step.
 pub fn verify_against_reference(reference: &ReferenceLogits, dir: &Path, tolerance: f32) -> Result<VerifyReport> {
-    let mut steps = reference.steps.iter();
-    let mut next = |_: &[u32]| -> Result<Vec<f32>> { Ok(steps.next().expect("one set of logits per step").clone()) };
-    compare(&mut next, dir, reference.vocab, reference.context, tolerance)
+    let bundle = Bundle::open(dir)?;
+    let mut decoder = Decoder::of_bundle(&bundle, &DecoderOptions::default())?;
+    let prompt = check_prompt(reference.vocab, check_prompt_len(reference.context));
+    let mut state = decoder.start(prompt.len() + DECODE_STEPS)?;
+    let mut input = prompt.clone();
+    let mut steps = StepTolerance::new(tolerance);
+    let (mut kl, mut agree) = (0f64, 0usize);
+    for (step, reference) in reference.steps.iter().enumerate() {
+        let onnx = decoder.forward(&mut state, &input)?;
+        steps.add(step, reference, onnx);
+        kl += kl_divergence(reference, onnx);
+        let next = edgelm_runtime::sampling::argmax(reference);
+        agree += usize::from(edgelm_runtime::sampling::argmax(onnx) == next);
+        input = vec![next];
+    }
+    Ok(VerifyReport {
+        max_abs_diff: steps.max_abs_diff,
+        logit_scale: steps.worst_scale,
+        worst_step: steps.worst_step,
+        passed: steps.passed(),
+        prompt_tokens: prompt.len(),
+        decode_steps: DECODE_STEPS,
+        mean_kl: kl / (DECODE_STEPS + 1) as f64,
+        top1_agreement: agree as f64 / (DECODE_STEPS + 1) as f64,
+    })
 }
 
 /// Runs the bundle in `dir` against the bundle in `reference_dir`, both in ONNX Runtime (a
-/// quantized bundle against the fp32 one it came from).
+/// quantized bundle against the fp32 one it came from). The reference runs first and is closed
+/// before the bundle opens.
 pub fn verify_against_bundle(reference_dir: &Path, dir: &Path, tolerance: f32) -> Result<VerifyReport> {
-    let bundle = Bundle::open(reference_dir)?;
-    let mut decoder = Decoder::of_bundle(&bundle, &DecoderOptions::default())?;
-    let m = &bundle.genai.model;
-    let (vocab, context) = (m.vocab_size, m.context_length);
-    let mut state = decoder.start(check_prompt_len(context) + DECODE_STEPS)?;
-    let mut reference = |input: &[u32]| -> Result<Vec<f32>> { Ok(decoder.forward(&mut state, input)?.to_vec()) };
-    compare(&mut reference, dir, vocab, context, tolerance)
+    let reference = {
+        let bundle = Bundle::open(reference_dir)?;
+        let mut decoder = Decoder::of_bundle(&bundle, &DecoderOptions::default())?;
+        let m = &bundle.genai.model;
+        let mut state = decoder.start(check_prompt_len(m.context_length) + DECODE_STEPS)?;
+        ReferenceLogits::record(m.vocab_size, m.context_length, |input| {
+            Ok(decoder.forward(&mut state, input)?.to_vec())
+        })?
+    };
+    verify_against_reference(&reference, dir, tolerance)
 }
 
 /// Two models read the same token sequences teacher-forced: how far apart their next-token
@@ -253,44 +288,6 @@ pub fn compare_checkpoints_on(
 
 fn check_prompt_len(context: usize) -> usize {
     12.min(context - DECODE_STEPS)
-}
-
-/// Feeds the check prompt, then the reference's greedy tokens one at a time, to `reference`
-/// (which keeps its own cache and returns the last position's logits) and to the bundle.
-fn compare(
-    reference: &mut dyn FnMut(&[u32]) -> Result<Vec<f32>>,
-    dir: &Path,
-    vocab: usize,
-    context: usize,
-    tolerance: f32,
-) -> Result<VerifyReport> {
-    let bundle = Bundle::open(dir)?;
-    let mut decoder = Decoder::of_bundle(&bundle, &DecoderOptions::default())?;
-    let prompt = check_prompt(vocab, check_prompt_len(context));
-    let mut state = decoder.start(prompt.len() + DECODE_STEPS)?;
-    let mut input = prompt.clone();
-    let mut steps = StepTolerance::new(tolerance);
-    let (mut kl, mut agree) = (0f64, 0usize);
-    for step in 0..=DECODE_STEPS {
-        let reference = reference(&input)?;
-        let onnx = decoder.forward(&mut state, &input)?;
-        steps.add(step, &reference, onnx);
-        kl += kl_divergence(&reference, onnx);
-        // Follow the reference's greedy choice so both sides see the same tokens.
-        let next = edgelm_runtime::sampling::argmax(&reference);
-        agree += usize::from(edgelm_runtime::sampling::argmax(onnx) == next);
-        input = vec![next];
-    }
-    Ok(VerifyReport {
-        max_abs_diff: steps.max_abs_diff,
-        logit_scale: steps.worst_scale,
-        worst_step: steps.worst_step,
-        passed: steps.passed(),
-        prompt_tokens: prompt.len(),
-        decode_steps: DECODE_STEPS,
-        mean_kl: kl / (DECODE_STEPS + 1) as f64,
-        top1_agreement: agree as f64 / (DECODE_STEPS + 1) as f64,
-    })
 }
 
 /// Steps of a check, each held to the tolerance its own logits allow: large logits at one step

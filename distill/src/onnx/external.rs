@@ -79,18 +79,19 @@ pub fn internalize(model: &mut ModelProto, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A copy of the externally stored tensor `t` with its bytes read in from its data file
-/// (relative to `dir`); `t` itself stays as it is.
-pub fn read_external(t: &TensorProto, dir: &Path) -> Result<TensorProto> {
-    let raw_data = DataFiles::default().read(t, dir)?;
-    Ok(TensorProto { raw_data, external_data: vec![], data_location: None, ..t.clone() })
-}
-
-/// Data files opened while reading tensors, by location.
+/// Data files opened while reading tensors, by location: each is opened once however many
+/// tensors are read from it.
 #[derive(Default)]
-struct DataFiles(HashMap<String, (std::fs::File, usize)>);
+pub struct DataFiles(HashMap<String, (std::fs::File, usize)>);
 
 impl DataFiles {
+    /// A copy of the externally stored tensor `t` with its bytes read in from its data file
+    /// (relative to `dir`); `t` itself stays as it is.
+    pub fn loaded(&mut self, t: &TensorProto, dir: &Path) -> Result<TensorProto> {
+        let raw_data = self.read(t, dir)?;
+        Ok(TensorProto { raw_data, external_data: vec![], data_location: None, ..t.clone() })
+    }
+
     /// The bytes of the externally stored tensor `t`, its location checked to stay inside `dir`
     /// and its span to lie inside the file.
     fn read(&mut self, t: &TensorProto, dir: &Path) -> Result<Vec<u8>> {

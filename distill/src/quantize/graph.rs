@@ -586,16 +586,26 @@ pub fn quantize_model_in(
     opts: &QuantizeOptions,
     weights_dir: Option<&std::path::Path>,
 ) -> Result<QuantizeSummary> {
-    use crate::onnx::external::{internalize, is_external, read_external};
+    use crate::onnx::external::{internalize, is_external, DataFiles};
     let external = model.graph.iter().flat_map(|g| &g.initializer).any(is_external);
-    if external && weights_dir.is_none() {
-        return Err(Error::Unsupported { what: "quantizing a model whose weights are not read in".into() });
+    let weights = match weights_dir {
+        Some(dir) if external => Some(dir),
+        None if external => {
+            return Err(Error::Unsupported { what: "quantizing a model whose weights are not read in".into() })
+        }
+        _ => None,
+    };
+    // fp16 rewrites every float initializer: all read in first.
+    if let (Some(dir), Method::Fp16) = (weights, opts.method) {
+        internalize(model, dir)?;
     }
-    let summary = quantize_loaded(model, opts, &|t: &TensorProto| match weights_dir {
-        Some(dir) if is_external(t) => read_external(t, dir).map(Some),
+    let mut files = DataFiles::default();
+    let summary = quantize_loaded(model, opts, &mut |t: &TensorProto| match weights {
+        Some(dir) if is_external(t) => files.loaded(t, dir).map(Some),
         _ => Ok(None),
     })?;
-    if let Some(dir) = weights_dir.filter(|_| external) {
+    // What stayed in fp32 comes back into the model (nothing, where no tensor is apart).
+    if let Some(dir) = weights {
         internalize(model, dir)?;
     }
     Ok(summary)
@@ -606,7 +616,7 @@ pub fn quantize_model_in(
 fn quantize_loaded(
     model: &mut ModelProto,
     opts: &QuantizeOptions,
-    load: &dyn Fn(&TensorProto) -> Result<Option<TensorProto>>,
+    load: &mut dyn FnMut(&TensorProto) -> Result<Option<TensorProto>>,
 ) -> Result<QuantizeSummary> {
     let g =
         model.graph.as_mut().ok_or_else(|| Error::Unsupported { what: "quantizing a model without a graph".into() })?;
@@ -621,12 +631,6 @@ fn quantize_loaded(
         // Norms over attention heads (Qwen3) square values an fp16 holds only up to 256.
         let mut keep = opts.keep_fp32.clone();
         keep.extend(crate::export::HEAD_NORM_SCOPES.iter().map(|s| s.to_string()));
-        // fp16 rewrites every float initializer: all read in first.
-        for t in model.graph.iter_mut().flat_map(|g| &mut g.initializer) {
-            if let Some(loaded) = load(t)? {
-                *t = loaded;
-            }
-        }
         let s = super::fp16::to_fp16(model, &keep)?;
         let g = model.graph.as_ref().expect("checked above");
         return Ok(QuantizeSummary {
