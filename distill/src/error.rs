@@ -25,7 +25,9 @@ pub enum Error {
         found: String,
     },
     /// config.json asks for a rotary scaling edgelm does not implement.
-    #[error("unsupported rope type `{rope_type}`: edgelm implements default, linear and llama3")]
+    #[error(
+        "unsupported rope type `{rope_type}`: edgelm implements default, linear, llama3, dynamic, yarn and longrope"
+    )]
     UnsupportedRope {
         /// The rope type found.
         rope_type: String,

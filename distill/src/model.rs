@@ -115,27 +115,40 @@ impl Module for RmsNorm {
     }
 }
 
-/// Rotary tables `[positions, head_dim / 2]`.
+/// Rotary tables `[positions, head_dim / 2]`, and the LongRoPE table that replaces them for
+/// forward passes reaching past the original context.
 struct Rotary {
     cos: Tensor,
     sin: Tensor,
+    long: Option<(usize, Tensor, Tensor)>,
 }
 
 impl Rotary {
     fn new(cfg: &ModelConfig, device: &Device) -> Result<Self> {
-        let half = cfg.head_dim / 2;
-        let (cos, sin) = cfg.rope.cos_sin(cfg.head_dim, cfg.max_position_embeddings);
-        Ok(Rotary {
-            cos: Tensor::from_vec(cos, (cfg.max_position_embeddings, half), device)?,
-            sin: Tensor::from_vec(sin, (cfg.max_position_embeddings, half), device)?,
-        })
+        let shape = (cfg.max_position_embeddings, cfg.head_dim / 2);
+        let tensors = |t: crate::checkpoint::rope::RotaryTable| -> Result<(Tensor, Tensor)> {
+            Ok((Tensor::from_vec(t.cos, shape, device)?, Tensor::from_vec(t.sin, shape, device)?))
+        };
+        let (cos, sin) = tensors(cfg.rope.table(cfg.head_dim, cfg.max_position_embeddings))?;
+        let long = match cfg.rope.long_table(cfg.head_dim, cfg.max_position_embeddings) {
+            Some(l) => {
+                let (cos, sin) = tensors(l.table)?;
+                Some((l.after, cos, sin))
+            }
+            None => None,
+        };
+        Ok(Rotary { cos, sin, long })
     }
 
     /// Rotates `x [B, H, S, D]` for positions `start..start + S` (non-interleaved halves).
     fn apply(&self, x: &Tensor, start: usize) -> candle_core::Result<Tensor> {
         let (_, _, s, d) = x.dims4()?;
-        let cos = self.cos.narrow(0, start, s)?;
-        let sin = self.sin.narrow(0, start, s)?;
+        let (cos, sin) = match &self.long {
+            Some((after, cos, sin)) if start + s > *after => (cos, sin),
+            _ => (&self.cos, &self.sin),
+        };
+        let cos = cos.narrow(0, start, s)?;
+        let sin = sin.narrow(0, start, s)?;
         let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?;
         let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?;
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;

@@ -1,5 +1,6 @@
 //! Checkpoint storage variants load to the same model: sharded with an index, f16 and bf16
-//! weights, and transformers 5's `rope_parameters` spelling.
+//! weights, and transformers 5's `rope_parameters` spelling; LongRoPE switches as transformers
+//! does.
 
 use std::collections::HashMap;
 
@@ -77,6 +78,48 @@ fn rope_parameters_spelling_gives_the_same_model() {
     let new = Checkpoint::load(&dir).unwrap();
     assert_eq!(old.config, new.config);
     assert_eq!(logits(&old), logits(&new));
+}
+
+/// Logits of position 8 after one forward pass over `len` tokens.
+fn logits_at_8(ck: &Checkpoint, len: usize) -> Vec<f32> {
+    let model = LlamaModel::new(ck).unwrap();
+    let ids: Vec<u32> = (0..len as u32).map(|i| 3 + i * 7).collect();
+    let ids = Tensor::new(ids.as_slice(), &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let logits = model.forward(&ids, &mut model.new_cache()).unwrap();
+    logits.squeeze(0).unwrap().get(8).unwrap().to_vec1().unwrap()
+}
+
+/// LongRoPE's long factors apply to a whole forward pass once its sequence is longer than the
+/// original context (16 positions in the preset), as transformers switches them; shorter passes
+/// keep the short factors. A model whose long factors equal its short ones never changes.
+#[test]
+fn longrope_switches_to_its_long_factors_past_the_original_context() {
+    use edgelm_distill::checkpoint::{RopeConfig, RopeScaling};
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = preset_config("tiny-longrope").unwrap();
+    let w = random_weights(&cfg, 5).unwrap();
+    let ck = write_and_load(&tmp.path().join("longrope"), &cfg, &w);
+    assert_eq!(ck.config, cfg, "LongRoPE round-trips through config.json");
+    let RopeScaling::LongRope { short_factor, original_max_position_embeddings, attention_factor, .. } =
+        cfg.rope.scaling.clone()
+    else {
+        panic!("the preset uses LongRoPE")
+    };
+    let same = RopeScaling::LongRope {
+        long_factor: short_factor.clone(),
+        short_factor,
+        original_max_position_embeddings,
+        attention_factor,
+    };
+    let flat_cfg = edgelm_distill::ModelConfig { rope: RopeConfig { scaling: same, ..cfg.rope.clone() }, ..cfg };
+    let flat = write_and_load(&tmp.path().join("flat"), &flat_cfg, &w);
+    let (within, past) = (original_max_position_embeddings, original_max_position_embeddings + 4);
+    let gap = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    // A longer pass only changes summation order where the tables agree.
+    assert!(gap(logits_at_8(&ck, within), logits_at_8(&flat, within)) < 1e-4);
+    assert!(gap(logits_at_8(&flat, within), logits_at_8(&flat, past)) < 1e-4);
+    let switched = gap(logits_at_8(&ck, within), logits_at_8(&ck, past));
+    assert!(switched > 0.1, "long factors past 16 moved logits by only {switched}");
 }
 
 #[test]

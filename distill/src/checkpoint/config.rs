@@ -8,6 +8,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::rope::{parse_rope, RopeSource};
+pub use super::rope::{RopeConfig, RopeScaling};
 use crate::error::{Error, Result};
 
 /// The architecture families edgelm can load; all are decoder-only transformers with RMSNorm,
@@ -68,85 +70,6 @@ impl Architecture {
                 .or_else(|| architectures.first().cloned())
                 .unwrap_or_else(|| "<none>".into()),
         })
-    }
-}
-
-/// How rotary frequencies are adjusted for contexts longer than the model was trained on.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "rope_type", rename_all = "lowercase")]
-pub enum RopeScaling {
-    /// Plain RoPE: `inv_freq[i] = theta^(-2i/d)`.
-    Default,
-    /// Position interpolation: every frequency divided by `factor`.
-    Linear {
-        /// Divisor applied to every frequency.
-        factor: f64,
-    },
-    /// Llama 3.1's band-wise scaling: low frequencies divided by `factor`, high ones kept,
-    /// a smooth blend in between.
-    Llama3 {
-        /// Divisor for the low-frequency band.
-        factor: f64,
-        /// Wavelengths longer than `original_max_position_embeddings / low_freq_factor` are scaled.
-        low_freq_factor: f64,
-        /// Wavelengths shorter than `original_max_position_embeddings / high_freq_factor` are kept.
-        high_freq_factor: f64,
-        /// The context length the base model was trained with.
-        original_max_position_embeddings: usize,
-    },
-}
-
-/// Rotary position embedding settings.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct RopeConfig {
-    /// Base of the frequency ladder.
-    pub theta: f64,
-    /// Frequency adjustment.
-    pub scaling: RopeScaling,
-}
-
-impl RopeConfig {
-    /// Inverse frequencies for a rotary dimension `dim` (even), after scaling: `dim / 2` values.
-    pub fn inv_freq(&self, dim: usize) -> Vec<f64> {
-        let base: Vec<f64> = (0..dim / 2).map(|i| 1.0 / self.theta.powf(2.0 * i as f64 / dim as f64)).collect();
-        match self.scaling {
-            RopeScaling::Default => base,
-            RopeScaling::Linear { factor } => base.into_iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                let old = original_max_position_embeddings as f64;
-                let low_wavelen = old / low_freq_factor;
-                let high_wavelen = old / high_freq_factor;
-                base.into_iter()
-                    .map(|f| {
-                        let wavelen = 2.0 * std::f64::consts::PI / f;
-                        if wavelen < high_wavelen {
-                            f
-                        } else if wavelen > low_wavelen {
-                            f / factor
-                        } else {
-                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                            (1.0 - smooth) * f / factor + smooth * f
-                        }
-                    })
-                    .collect()
-            }
-        }
-    }
-
-    /// `(cos, sin)` tables of shape `[positions, dim / 2]`, row-major, in f32: the layout both
-    /// ONNX Runtime's rotary attention and the candle model use.
-    pub fn cos_sin(&self, dim: usize, positions: usize) -> (Vec<f32>, Vec<f32>) {
-        let inv = self.inv_freq(dim);
-        let mut cos = Vec::with_capacity(positions * inv.len());
-        let mut sin = Vec::with_capacity(positions * inv.len());
-        for p in 0..positions {
-            for f in &inv {
-                let angle = p as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-        (cos, sin)
     }
 }
 
@@ -214,6 +137,8 @@ struct HfConfig {
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
     rope_parameters: Option<Value>,
+    /// Phi-3 states LongRoPE's original context here, beside the rope parameters.
+    original_max_position_embeddings: Option<usize>,
     #[serde(default)]
     tie_word_embeddings: Option<bool>,
     #[serde(default)]
@@ -272,36 +197,6 @@ pub(crate) fn token_ids(v: &Option<Value>) -> Vec<u32> {
     }
 }
 
-fn parse_rope(theta: Option<f64>, scaling: Option<&Value>, params: Option<&Value>) -> Result<RopeConfig> {
-    // transformers 5 folds theta and scaling into one `rope_parameters` object.
-    let (theta, scaling) = match params {
-        Some(p @ Value::Object(_)) => (p.get("rope_theta").and_then(Value::as_f64).or(theta), Some(p)),
-        _ => (theta, scaling),
-    };
-    let theta = theta.unwrap_or(10_000.0);
-    let Some(s) = scaling.filter(|s| !s.is_null()) else {
-        return Ok(RopeConfig { theta, scaling: RopeScaling::Default });
-    };
-    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
-    let num = |key: &str| -> Result<f64> {
-        s.get(key)
-            .and_then(Value::as_f64)
-            .ok_or_else(|| Error::InvalidConfig { what: format!("rope type `{kind}` needs a numeric `{key}`") })
-    };
-    let scaling = match kind {
-        "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear { factor: num("factor")? },
-        "llama3" => RopeScaling::Llama3 {
-            factor: num("factor")?,
-            low_freq_factor: num("low_freq_factor")?,
-            high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
-        },
-        other => return Err(Error::UnsupportedRope { rope_type: other.to_owned() }),
-    };
-    Ok(RopeConfig { theta, scaling })
-}
-
 impl ModelConfig {
     /// Parses the text of a transformers `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
@@ -354,7 +249,14 @@ impl ModelConfig {
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Error::InvalidConfig { what: format!("head_dim {head_dim} must be even and positive") });
         }
-        let rope = parse_rope(raw.rope_theta, raw.rope_scaling.as_ref(), raw.rope_parameters.as_ref())?;
+        let rope = parse_rope(RopeSource {
+            theta: raw.rope_theta,
+            scaling: raw.rope_scaling.as_ref(),
+            parameters: raw.rope_parameters.as_ref(),
+            original_context: raw.original_max_position_embeddings,
+            context: raw.max_position_embeddings,
+            head_dim,
+        })?;
         let sliding_window = match architecture {
             Architecture::Mistral => raw.sliding_window,
             Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window == Some(true) => qwen_window(&raw)?,
@@ -392,17 +294,6 @@ impl ModelConfig {
 
     /// Writes a transformers-style config.json (transformers 4 spelling, which both 4 and 5 read).
     pub fn to_hf_json(&self) -> Value {
-        let rope_scaling = match self.rope.scaling {
-            RopeScaling::Default => Value::Null,
-            RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                serde_json::json!({
-                    "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
-                    "high_freq_factor": high_freq_factor,
-                    "original_max_position_embeddings": original_max_position_embeddings
-                })
-            }
-        };
         let eos = match self.eos_token_ids.as_slice() {
             [] => Value::Null,
             [one] => Value::from(*one),
@@ -421,7 +312,7 @@ impl ModelConfig {
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope.theta,
-            "rope_scaling": rope_scaling,
+            "rope_scaling": self.rope.scaling_json(),
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
@@ -430,6 +321,9 @@ impl ModelConfig {
             "torch_dtype": "float32",
         });
         let obj = v.as_object_mut().expect("literal object");
+        if let Some(original) = self.rope.top_level_original_context() {
+            obj.insert("original_max_position_embeddings".into(), Value::from(original));
+        }
         match self.architecture {
             Architecture::Qwen2 | Architecture::Qwen3 => {
                 // A window here is on every layer.
@@ -506,8 +400,8 @@ mod tests {
 
     #[test]
     fn unknown_rope_and_architecture_are_refused() {
-        let e = parse(r#","rope_scaling":{"rope_type":"yarn","factor":4.0}"#).unwrap_err();
-        assert!(matches!(e, Error::UnsupportedRope { ref rope_type } if rope_type == "yarn"), "{e}");
+        let e = parse(r#","rope_scaling":{"rope_type":"mrope","factor":4.0}"#).unwrap_err();
+        assert!(matches!(e, Error::UnsupportedRope { ref rope_type } if rope_type == "mrope"), "{e}");
         let e = ModelConfig::from_hf_json(
             &BASE
                 .replace("llama", "gpt2")
@@ -517,22 +411,29 @@ mod tests {
         assert!(matches!(e, Error::UnsupportedArchitecture { .. }), "{e}");
     }
 
+    /// Phi-3.5-mini's config.json shape: LongRoPE without `factor` or `attention_factor`, the
+    /// original context at the top level, a window longer than the context.
     #[test]
-    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
-        let r = RopeConfig {
-            theta: 500_000.0,
-            scaling: RopeScaling::Llama3 {
-                factor: 8.0,
-                low_freq_factor: 1.0,
-                high_freq_factor: 4.0,
-                original_max_position_embeddings: 8192,
-            },
+    fn phi35_longrope_reads_its_original_context_from_the_top_level() {
+        let half = 8;
+        let factors: Vec<f64> = (0..half).map(|i| 1.0 + i as f64).collect();
+        let text = serde_json::json!({
+            "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "max_position_embeddings": 1024, "original_max_position_embeddings": 64, "sliding_window": 2047,
+            "rope_theta": 10000.0,
+            "rope_scaling": {"type": "longrope", "short_factor": factors, "long_factor": factors},
+        });
+        let c = ModelConfig::from_hf_json(&crate::checkpoint::phi3::as_mistral_config(text).unwrap()).unwrap();
+        let RopeScaling::LongRope { original_max_position_embeddings, attention_factor, .. } = c.rope.scaling else {
+            panic!("{:?}", c.rope)
         };
-        let plain = RopeConfig { theta: 500_000.0, scaling: RopeScaling::Default }.inv_freq(128);
-        let scaled = r.inv_freq(128);
-        assert_eq!(scaled[0], plain[0]);
-        assert!((scaled[63] - plain[63] / 8.0).abs() < 1e-15);
-        assert!(scaled.iter().zip(&plain).any(|(s, p)| s < p && *s > p / 8.0), "a blended band exists");
+        assert_eq!(original_max_position_embeddings, 64);
+        // Context grown 16x: sqrt(1 + ln 16 / ln 64) = sqrt(5 / 3).
+        assert!((attention_factor - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert_eq!(c.sliding_window, None);
+        let back = ModelConfig::from_hf_json(&c.to_hf_json().to_string()).unwrap();
+        assert_eq!(c, back);
     }
 
     #[test]

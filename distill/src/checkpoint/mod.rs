@@ -5,6 +5,7 @@ pub mod config;
 pub mod names;
 pub mod phi3;
 pub mod preset;
+pub mod rope;
 pub mod weights;
 pub mod write;
 

@@ -6,9 +6,9 @@
 //! are split into the names the rest of edgelm reads; checkpoints written afterwards are
 //! `MistralForCausalLM` folders, which transformers loads as the same model.
 //!
-//! Phi-3 variants that compute something else are refused by name: partial rotary embedding
-//! (Phi-4-mini) here, long-context rope (`longrope`, Phi-3-mini-128k, Phi-3.5) by the rope
-//! parser.
+//! Long-context Phi-3 models (Phi-3-mini-128k, Phi-3.5-mini) use LongRoPE, which the rope
+//! parser reads with the original context Phi-3 states at the top level. Partial rotary
+//! embedding (Phi-4-mini) computes something else and is refused by name.
 
 use std::collections::HashMap;
 

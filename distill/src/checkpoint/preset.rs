@@ -28,13 +28,14 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>
 const CORPUS: &str = include_str!("preset_corpus.txt");
 
 /// The names `init --preset` accepts, with a one-line description each.
-pub const PRESETS: [(&str, &str); 8] = [
+pub const PRESETS: [(&str, &str); 9] = [
     ("tiny", "llama, 2 layers, GQA 4/2 heads, untied embeddings"),
     ("tiny-tied", "llama, 2 layers, 4 heads without GQA, tied embeddings"),
     ("tiny-qwen2", "qwen2, 2 layers, GQA 4/2, q/k/v bias, tied embeddings"),
     ("tiny-llama3", "llama, 3 layers, GQA 8/2, llama3 rope scaling, rope_theta 500000"),
     ("tiny-mistral", "mistral, 2 layers, GQA 4/1, head_dim 32 wider than hidden/heads"),
     ("tiny-mistral-window", "mistral with a sliding attention window of 8 positions"),
+    ("tiny-longrope", "mistral with Phi-3.5's LongRoPE: short and long factors, original context 16"),
     ("tiny-qwen3", "qwen3, 2 layers, GQA 4/2, q/k head norms, head_dim 32, tied"),
     ("smollm2-135m", "the shape of SmolLM2-135M: 30 layers, 576 wide, GQA 9/3, vocab 49152"),
 ];
@@ -93,6 +94,21 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
             ModelConfig { architecture: Architecture::Mistral, num_key_value_heads: 1, head_dim: 32, ..tiny }
         }
         "tiny-mistral-window" => ModelConfig { sliding_window: Some(8), ..preset_config("tiny-mistral")? },
+        "tiny-longrope" => {
+            let base = preset_config("tiny-mistral")?;
+            // Factors shaped like Phi-3.5's: near 1 within the original context, growing to
+            // many times the context growth for the slowest frequencies past it.
+            let half = base.head_dim / 2;
+            let ramp = |i: usize| i as f64 / (half - 1) as f64;
+            let scaling = RopeScaling::LongRope {
+                short_factor: (0..half).map(|i| 1.0 + 0.5 * ramp(i)).collect(),
+                long_factor: (0..half).map(|i| 1.0 + 30.0 * ramp(i).powi(2)).collect(),
+                original_max_position_embeddings: 16,
+                // As transformers derives it: sqrt(1 + ln(256 / 16) / ln 16).
+                attention_factor: std::f64::consts::SQRT_2,
+            };
+            ModelConfig { rope: RopeConfig { theta: 10_000.0, scaling }, ..base }
+        }
         "tiny-qwen3" => {
             ModelConfig { architecture: Architecture::Qwen3, head_dim: 32, tie_word_embeddings: true, ..tiny }
         }

@@ -183,17 +183,45 @@ fn attention_inputs(g: &mut GraphBuilder, c: &ModelConfig) -> AttentionInputs {
     let shape = g.op("Shape", &["attention_mask"], vec![]);
     let total = g.op("Gather", &[&shape, &one], vec![Attr::int("axis", 0)]);
     let total = g.op("Cast", &[&total], vec![Attr::int("to", DataType::Int32 as i64)]);
-    let (cos, sin) = c.rope.cos_sin(c.head_dim, c.max_position_embeddings);
-    let (cos, sin) = (padded_rotary_table(c, &cos, 1.0), padded_rotary_table(c, &sin, 0.0));
-    let half = cache_head_size(c) / 2;
-    let cos = g.init_f32("cos_cache", &[c.max_position_embeddings, half], &cos);
-    let sin = g.init_f32("sin_cache", &[c.max_position_embeddings, half], &sin);
+    let (cos, sin) = rotary_tables(g, c, &seqlens_k, &one);
     let norm = NormConstants {
         two: g.init_f32("/model/constants/two", &[], &[2.0]),
         eps: g.init_f32("/model/constants/rms_eps", &[], &[c.rms_norm_eps as f32]),
         axis_last: g.init_i64("/model/constants/axes_last", &[1], &[-1]),
     };
     AttentionInputs { seqlens_k, total, cos, sin, axis1, norm }
+}
+
+/// The rotary tables GroupQueryAttention reads, `[positions, cache_head_size / 2]` each.
+/// LongRoPE stacks its short and long tables and picks one per run: the long one when the
+/// longest sequence (largest `seqlens_k`, plus one) is past the original context, as
+/// transformers picks on the largest position id.
+fn rotary_tables(g: &mut GraphBuilder, c: &ModelConfig, seqlens_k: &str, one: &str) -> (String, String) {
+    let positions = c.max_position_embeddings;
+    let half = cache_head_size(c) / 2;
+    let short = c.rope.table(c.head_dim, positions);
+    let (cos, sin) = (padded_rotary_table(c, &short.cos, 1.0), padded_rotary_table(c, &short.sin, 0.0));
+    let Some(long) = c.rope.long_table(c.head_dim, positions) else {
+        let cos = g.init_f32("cos_cache", &[positions, half], &cos);
+        let sin = g.init_f32("sin_cache", &[positions, half], &sin);
+        return (cos, sin);
+    };
+    let stacked = |first: Vec<f32>, second: Vec<f32>| [first, second].concat();
+    let cos = stacked(cos, padded_rotary_table(c, &long.table.cos, 1.0));
+    let sin = stacked(sin, padded_rotary_table(c, &long.table.sin, 0.0));
+    let cos = g.init_f32("cos_cache_short_long", &[2, positions, half], &cos);
+    let sin = g.init_f32("sin_cache_short_long", &[2, positions, half], &sin);
+    g.set_scope("/model/rotary_switch");
+    let longest = g.op("ReduceMax", &[seqlens_k], vec![Attr::int("keepdims", 0)]);
+    let longest = g.op("Cast", &[&longest], vec![Attr::int("to", DataType::Int64 as i64)]);
+    let longest = g.op("Add", &[&longest, one], vec![]);
+    let after = g.init_i64("/model/constants/rope_original_context", &[], &[long.after as i64]);
+    let past = g.op("Greater", &[&longest, &after], vec![]);
+    let which = g.op("Cast", &[&past], vec![Attr::int("to", DataType::Int64 as i64)]);
+    let cos = g.op("Gather", &[&cos, &which], vec![Attr::int("axis", 0)]);
+    let sin = g.op("Gather", &[&sin, &which], vec![Attr::int("axis", 0)]);
+    g.set_scope("/model/attn_mask_reformat");
+    (cos, sin)
 }
 
 /// The head size of the graph's attention and KV cache: the checkpoint's `head_dim` rounded up
