@@ -45,6 +45,9 @@ enum Command {
     Data(DataCommand),
     /// Export a checkpoint to an edgelm bundle (ONNX with KV cache, fp32 or INT8/INT4) and check it.
     Export(export::ExportArgs),
+    /// Check a causal LM bundle (edgelm's, an onnxruntime-genai folder or an Optimum export)
+    /// against the checkpoint it was made from, on the export's check.
+    Check(export::CheckArgs),
     /// Zero the smallest weights of a checkpoint's projections (magnitude pruning, global or per
     /// layer; embeddings and norms left alone by default).
     Prune(checkpoint::PruneArgs),
@@ -121,6 +124,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Finetune(a) => train::finetune(a),
         Command::Merge(a) => checkpoint::merge(a),
         Command::Quantize(a) => export::quantize(a),
+        Command::Check(a) => export::check(a),
         Command::Keygen(a) => sign::keygen(a),
         Command::Sign(a) => sign::sign(a),
         Command::Prune(a) => checkpoint::prune(a),

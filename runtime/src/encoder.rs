@@ -57,10 +57,10 @@ impl EncoderSession {
     pub fn load(model: &Path, opts: &DecoderOptions) -> Result<Self> {
         let session = crate::session::open(model, opts)?;
         let find = |name: &str| session.outputs().iter().find(|o| o.name() == name);
-        let output = if find("sentence_embedding").is_some() {
-            Output::Sentence
+        let (output, declared) = if let Some(o) = find("sentence_embedding") {
+            (Output::Sentence, o)
         } else if let Some(o) = find("token_embeddings").or_else(|| find("last_hidden_state")) {
-            Output::Tokens { name: o.name().to_owned(), pooling: Pooling::Mean, normalize: false }
+            (Output::Tokens { name: o.name().to_owned(), pooling: Pooling::Mean, normalize: false }, o)
         } else {
             return Err(Error::Bundle {
                 path: model.to_path_buf(),
@@ -69,12 +69,8 @@ impl EncoderSession {
                         .into(),
             });
         };
-        let name = match &output {
-            Output::Sentence => "sentence_embedding",
-            Output::Tokens { name, .. } => name.as_str(),
-        };
         let embedding_dim =
-            find(name).and_then(|o| o.dtype().tensor_shape()?.last().copied()).filter(|&d| d > 0).unwrap_or(0) as usize;
+            declared.dtype().tensor_shape().and_then(|s| s.last().copied()).filter(|&d| d > 0).unwrap_or(0) as usize;
         let takes = |name: &str| session.inputs().iter().any(|i| i.name() == name);
         if let Some(past) = session.inputs().iter().find(|i| i.name().starts_with("past_key_values")) {
             return Err(Error::Bundle {

@@ -25,8 +25,15 @@ pub fn pinned_api() -> u32 {
     ORT_VERSION.split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(ORT_API)
 }
 
-/// The library that loaded and the global environment built on it.
-static LOADED: OnceLock<(PathBuf, ort::environment::Environment)> = OnceLock::new();
+/// The library that loaded, the global environment built on it, and its version as it states
+/// it (read once, when it loads).
+struct Loaded {
+    path: PathBuf,
+    env: ort::environment::Environment,
+    version: Option<String>,
+}
+
+static LOADED: OnceLock<Loaded> = OnceLock::new();
 /// Serialises load attempts, so two threads never load two libraries.
 static LOADING: Mutex<()> = Mutex::new(());
 
@@ -61,15 +68,18 @@ pub(crate) fn candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
 /// success every call returns that environment (a process can hold only one ONNX Runtime, so a
 /// later `explicit` path is ignored). A failure is returned and forgotten.
 pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Environment> {
-    if let Some((_, env)) = LOADED.get() {
-        return Ok(env);
+    if let Some(loaded) = LOADED.get() {
+        return Ok(&loaded.env);
     }
     let _one_at_a_time = LOADING.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, env)) = LOADED.get() {
-        return Ok(env);
+    if let Some(loaded) = LOADED.get() {
+        return Ok(&loaded.env);
     }
     match load(explicit) {
-        Ok(loaded) => Ok(&LOADED.get_or_init(|| loaded).1),
+        Ok((path, env)) => {
+            let version = version_of(&path);
+            Ok(&LOADED.get_or_init(|| Loaded { path, env, version }).env)
+        }
         Err(reason) => Err(Error::OrtLibrary {
             wanted: format!("1.{ORT_API} or newer (C API level {ORT_API})"),
             reason,
@@ -86,10 +96,7 @@ pub fn init(explicit: Option<&Path>) -> Result<&'static ort::environment::Enviro
 /// The loaded library's version as it states it (`OrtGetApiBase()->GetVersionString`, e.g.
 /// "1.24.1"); `None` before a successful [`init`] or where it cannot be read.
 pub fn loaded_version() -> Option<&'static str> {
-    static VERSION: OnceLock<Option<String>> = OnceLock::new();
-    // Nothing is kept before a library loaded: a later call reads it then.
-    let path = &LOADED.get()?.0;
-    VERSION.get_or_init(|| version_of(path)).as_deref()
+    LOADED.get()?.version.as_deref()
 }
 
 #[cfg(unix)]
@@ -147,7 +154,7 @@ pub(crate) fn check_window(window: u64, bundle: &Path) -> crate::Result<()> {
 /// The library that loaded, and ONNX Runtime's own description of its build (version, git
 /// commit); `None` before a successful [`init`].
 pub fn loaded() -> Option<(&'static Path, &'static str)> {
-    LOADED.get().map(|(path, _)| (path.as_path(), ort::info()))
+    LOADED.get().map(|l| (l.path.as_path(), ort::info()))
 }
 
 fn load(explicit: Option<&Path>) -> std::result::Result<(PathBuf, ort::environment::Environment), String> {

@@ -50,6 +50,8 @@ impl TextCodec {
         // to the model as if they were text.
         tokenizer.with_padding(None);
         let name = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
+        // Rewritten once here rather than on every request.
+        let chat_template = chat_template.map(|t| generation_blocks_as_plain(&t).into_owned());
         Ok(TextCodec { bos_token: name(bos), eos_token: name(eos), tokenizer, chat_template })
     }
 
@@ -81,7 +83,7 @@ impl TextCodec {
             .chat_template
             .as_deref()
             .ok_or_else(|| Error::Template("this bundle has no chat template; give the prompt raw".into()))?;
-        render_chat_template(
+        render_plain_template(
             template,
             messages,
             self.bos_token.as_deref().unwrap_or_default(),
@@ -123,6 +125,11 @@ pub fn chat_template_in(tokenizer_config: &serde_json::Value) -> Option<String> 
 /// transformers uses the host's local time), and the variables `messages`,
 /// `add_generation_prompt` (true), `tools` and `documents` (none), `bos_token` and `eos_token`.
 pub fn render_chat_template(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) -> Result<String> {
+    render_plain_template(&generation_blocks_as_plain(template), messages, bos, eos)
+}
+
+/// [`render_chat_template`] of a template whose `{% generation %}` blocks are rewritten already.
+fn render_plain_template(template: &str, messages: &[ChatMessage], bos: &str, eos: &str) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
@@ -141,8 +148,7 @@ pub fn render_chat_template(template: &str, messages: &[ChatMessage], bos: &str,
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         strftime(&format, now)
     });
-    let template = generation_blocks_as_plain(template);
-    env.add_template("chat", &template).map_err(|e| Error::Template(e.to_string()))?;
+    env.add_template("chat", template).map_err(|e| Error::Template(e.to_string()))?;
     let msgs: Vec<_> = messages.iter().map(|m| minijinja::context! { role => m.role, content => m.content }).collect();
     env.get_template("chat")
         .and_then(|t| {

@@ -123,6 +123,29 @@ fn onnxruntime_genai_matches_edgelm() {
     }
 }
 
+/// `edgelm-distill check` holds any bundle to a checkpoint: the LongRoPE bundle passes against
+/// its own checkpoint and fails against the same weights with plain RoPE (the presets share a
+/// seed and shapes, so only the rotary tables differ).
+#[test]
+fn check_command_tells_the_source_checkpoint_apart() {
+    let check = |preset: &str| {
+        run(Command::new(edgelm_e2e::bin("edgelm-distill"))
+            .arg("check")
+            .arg(checkpoint(preset))
+            .arg(bundle("tiny-longrope"))
+            .arg("--json"))
+    };
+    let own = check("tiny-longrope");
+    assert!(own.status.success(), "{}", String::from_utf8_lossy(&own.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&own.stdout).unwrap();
+    assert_eq!(report["passed"], true);
+    assert!(report["check"]["max_abs_diff"].as_f64().unwrap() < 1e-3);
+    let other = check("tiny-mistral");
+    assert!(!other.status.success());
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(err.contains("check failed: logits differ"), "{err}");
+}
+
 #[test]
 fn exported_graphs_pass_onnx_checker() {
     let models: Vec<_> = PRESETS.iter().map(|p| bundle(p).join("model.onnx")).collect();

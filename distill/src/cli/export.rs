@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 
-use edgelm_distill::export::{export_owned, quantize_bundle, ExportOptions, LogitsMode};
+use edgelm_distill::export::{export_owned, quantize_bundle, verify_bundle, ExportOptions, LogitsMode};
 use edgelm_distill::quantize::{BlockScheme, QuantizeOptions};
 use edgelm_distill::Checkpoint;
 
@@ -414,6 +414,65 @@ pub fn export(a: ExportArgs) -> Result<()> {
             );
         }
         print_quantized(&report.quantized, report.model_bytes);
+    }
+    Ok(())
+}
+
+/// Check a causal LM bundle (edgelm's, an onnxruntime-genai folder or an Optimum export) against
+/// the checkpoint it was made from: the export's own check, on any bundle.
+#[derive(clap::Args)]
+pub struct CheckArgs {
+    /// Checkpoint folder (config.json, safetensors).
+    checkpoint: PathBuf,
+    /// Bundle or model folder to check.
+    bundle: PathBuf,
+    /// Largest allowed max-abs logit difference per unit of each step's largest logit.
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f32,
+    /// Pass instead when the mean KL divergence of next-token distributions is at most this
+    /// (nats): the measure for quantized bundles, whose logits differ by more than rounding.
+    #[arg(long)]
+    max_kl: Option<f64>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Checks a bundle against a checkpoint; fails when it is out of bounds.
+pub fn check(a: CheckArgs) -> Result<()> {
+    let ck = Checkpoint::load(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let v = verify_bundle(&ck, &a.bundle, a.tolerance)
+        .with_context(|| format!("checking {} against {}", a.bundle.display(), a.checkpoint.display()))?;
+    let passed = match a.max_kl {
+        Some(max_kl) => v.mean_kl <= max_kl,
+        None => v.passed,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"passed": passed, "check": v}))?);
+    } else {
+        eprintln!(
+            "{} vs candle, {} prompt tokens + {} decode steps: max abs logit diff {:.2e} (worst at step {}, logits up to {:.3}), mean KL {:.2e}, top-1 agreement {:.0}%",
+            a.bundle.display(),
+            v.prompt_tokens,
+            v.decode_steps,
+            v.max_abs_diff,
+            v.worst_step,
+            v.logit_scale,
+            v.mean_kl,
+            v.top1_agreement * 100.0
+        );
+    }
+    if !passed {
+        match a.max_kl {
+            Some(max_kl) => anyhow::bail!("check failed: mean KL {:.3e} is over --max-kl {max_kl}", v.mean_kl),
+            None => anyhow::bail!(
+                "check failed: logits differ by up to {:.3e} at step {} (logits up to {:.3}), over --tolerance {} per unit of logit",
+                v.max_abs_diff,
+                v.worst_step,
+                v.logit_scale,
+                a.tolerance
+            ),
+        }
     }
     Ok(())
 }
