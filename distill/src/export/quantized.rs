@@ -309,13 +309,8 @@ struct SourceFiles {
     tokenizer: Option<String>,
     /// A genai_config.json to write (for a source that describes itself another way).
     genai_config: Option<String>,
-    quantization: Precision,
-    generation: edgelm_runtime::bundle::GenerationDefaults,
-    chat_template: Option<String>,
-    checkpoint: std::path::PathBuf,
-    checkpoint_sha256: String,
-    encoder: Option<edgelm_runtime::bundle::EncoderInfo>,
-    report: serde_json::Value,
+    /// What the source's manifest says (or would say) about it; the output's starts from it.
+    info: BundleInfo,
     /// The fp32 model's bytes (graph and data files).
     model_bytes: u64,
 }
@@ -332,13 +327,16 @@ impl SourceFiles {
             model_file: m.model_file.clone(),
             tokenizer: m.tokenizer.clone(),
             genai_config: None,
-            quantization: m.quantization,
-            generation: m.generation.clone(),
-            chat_template: m.chat_template.clone(),
-            checkpoint: m.source.checkpoint.clone().into(),
-            checkpoint_sha256: m.source.sha256.clone(),
-            encoder: m.encoder.clone(),
-            report: m.report.clone(),
+            info: BundleInfo {
+                generation: m.generation.clone(),
+                chat_template: m.chat_template.clone(),
+                precision: m.quantization,
+                weights: m.weights.clone(),
+                checkpoint: m.source.checkpoint.clone().into(),
+                checkpoint_sha256: m.source.sha256.clone(),
+                encoder: m.encoder.clone(),
+                report: m.report.clone(),
+            },
             model_bytes: super::model_bytes(m),
         }
     }
@@ -383,13 +381,16 @@ impl SourceFiles {
             model_file: model_file.clone(),
             tokenizer,
             genai_config,
-            quantization: Precision::Fp32,
-            generation: b.generation.clone(),
-            chat_template: b.chat_template.clone(),
-            checkpoint: b.dir.clone(),
-            checkpoint_sha256: super::files_hash(&b.dir, weights)?,
-            encoder: None,
-            report: serde_json::json!({"source": origin}),
+            info: BundleInfo {
+                generation: b.generation.clone(),
+                chat_template: b.chat_template.clone(),
+                precision: Precision::Fp32,
+                weights: None,
+                checkpoint: b.dir.clone(),
+                checkpoint_sha256: super::files_hash(&b.dir, weights)?,
+                encoder: None,
+                report: serde_json::json!({"source": origin}),
+            },
             model_bytes,
         })
     }
@@ -458,9 +459,9 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
             (source, b.manifest, b.model_path)
         }
     };
-    if source.quantization != Precision::Fp32 {
+    if source.info.precision != Precision::Fp32 {
         return Err(Error::Unsupported {
-            what: format!("{} is already {:?}: quantize from the fp32 bundle", src.display(), source.quantization),
+            what: format!("{} is already {:?}: quantize from the fp32 bundle", src.display(), source.info.precision),
         });
     }
     let tokenizer = src.join(source.tokenizer.as_deref().unwrap_or("tokenizer.json"));
@@ -514,22 +515,18 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
         }
         _ => None,
     };
-    let parameters = source.report.get("parameters").and_then(|p| p.as_u64()).unwrap_or(0) as usize;
-    let mut report = source.report.clone();
+    let parameters = source.info.report.get("parameters").and_then(|p| p.as_u64()).unwrap_or(0) as usize;
+    let mut report = source.info.report.clone();
     if let Some(obj) = report.as_object_mut() {
         obj.insert("quantized_from".into(), serde_json::Value::from(src.display().to_string()));
     }
     // The check runs on the finished bundle (an encoder's goes through the runtime's own
     // loader, which needs the manifest) before it takes the place of whatever `out` held.
     let info = BundleInfo {
-        generation: source.generation,
-        chat_template: source.chat_template,
         precision: precision_of(Some(opts)),
         weights: Some(weight_scheme(opts, &summary)),
-        checkpoint: source.checkpoint,
-        checkpoint_sha256: source.checkpoint_sha256,
-        encoder: source.encoder,
         report,
+        ..source.info
     };
     let (written, encoder_check) = w.finish_checked(info, |dir| -> Result<Option<EncoderCheck>> {
         if max_kl.is_none() || kind != Kind::Encoder {
