@@ -2,6 +2,7 @@
 //! with `model.safetensors.index.json`), and the optional tokenizer and generation config.
 
 pub mod config;
+pub mod index;
 pub mod names;
 pub mod phi3;
 pub mod preset;
@@ -12,7 +13,7 @@ pub mod write;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 
 pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 pub use weights::{DecoderWeights, LayerWeights, Projection, PROJECTIONS};
@@ -105,65 +106,9 @@ pub fn load_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
 /// is never held whole beside the tensors made from it (a checkpoint's peak is its f32 weights,
 /// not those plus its file).
 fn read_safetensors(file: &Path, mut each: impl FnMut(String, Tensor)) -> Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
-    let bad = |what: String| Error::Tensor {
-        name: file.display().to_string(),
-        what: format!("cannot read safetensors: {what}"),
-    };
     let mut f = std::fs::File::open(file).at(file)?;
-    let size = f.metadata().at(file)?.len();
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| bad(format!("no header ({e})")))?;
-    let header_len = u64::from_le_bytes(len);
-    if header_len > 100_000_000 || 8 + header_len > size {
-        return Err(bad(format!("header of {header_len} bytes in a file of {size}")));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    f.read_exact(&mut header).at(file)?;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
-    let data_start = 8 + header_len;
-    // In file order, so reading goes forward.
-    let mut entries: Vec<(&String, &serde_json::Value)> = header.iter().filter(|(k, _)| *k != "__metadata__").collect();
-    let offsets = |v: &serde_json::Value| -> Option<(u64, u64)> {
-        let o = v.get("data_offsets")?.as_array()?;
-        Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?))
-    };
-    entries.sort_by_key(|(_, v)| offsets(v).map_or(0, |o| o.0));
-    for (name, v) in entries {
-        let (begin, end) = offsets(v).ok_or_else(|| bad(format!("tensor `{name}` has no data_offsets")))?;
-        if begin > end || end > size - data_start {
-            return Err(bad(format!(
-                "tensor `{name}` spans bytes {begin}..{end} of a data section of {} (the file is cut short or damaged)",
-                size - data_start
-            )));
-        }
-        let dtype = match v.get("dtype").and_then(|d| d.as_str()).unwrap_or("") {
-            "F32" => DType::F32,
-            "F16" => DType::F16,
-            "BF16" => DType::BF16,
-            "F64" => DType::F64,
-            other => {
-                tracing::debug!("skipping {name}: {other} is not a weight dtype");
-                continue;
-            }
-        };
-        let shape: Option<Vec<usize>> = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|s| s.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect());
-        let shape = shape.ok_or_else(|| bad(format!("tensor `{name}` has no shape of whole numbers")))?;
-        let expected = shape.iter().try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d));
-        if expected != usize::try_from(end - begin).ok() {
-            return Err(bad(format!("tensor `{name}` ({dtype:?} {shape:?}) does not take its {} bytes", end - begin)));
-        }
-        let expected = (end - begin) as usize;
-        let mut bytes = vec![0u8; expected];
-        f.seek(SeekFrom::Start(data_start + begin)).at(file)?;
-        f.read_exact(&mut bytes).at(file)?;
-        let t = Tensor::from_raw_buffer(&bytes, dtype, &shape, &Device::Cpu)?;
-        drop(bytes);
-        each(name.clone(), if dtype == DType::F32 { t } else { t.to_dtype(DType::F32)? });
+    for (name, span) in index::spans(file)? {
+        each(name, span.read_from(&mut f)?);
     }
     Ok(())
 }
@@ -171,7 +116,27 @@ fn read_safetensors(file: &Path, mut each: impl FnMut(String, Tensor)) -> Result
 impl Checkpoint {
     /// Reads a checkpoint folder. Weights stored as f16 or bf16 are widened to f32.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
+        let (mut ck, is_phi3) = Self::describe(dir.as_ref())?;
+        ck.tensors = load_weights(&ck.dir)?;
+        if is_phi3 {
+            phi3::split_fused(&mut ck.tensors, &ck.config)?;
+        }
+        let has_head = ck.tensors.contains_key(names::LM_HEAD);
+        Ok(ck.tied_without_head(has_head))
+    }
+
+    /// Reads a checkpoint folder's configuration and files but no weights (`tensors` is empty):
+    /// the index reads each weight when asked, for models larger than memory.
+    pub fn load_deferred(dir: impl AsRef<Path>) -> Result<(Self, index::WeightIndex)> {
+        let (ck, is_phi3) = Self::describe(dir.as_ref())?;
+        let index = index::WeightIndex::open(&ck.dir, &ck.config, is_phi3)?;
+        let has_head = index.contains(names::LM_HEAD);
+        Ok((ck.tied_without_head(has_head), index))
+    }
+
+    /// Everything but the weights, and whether the folder stores Phi-3's fused projections.
+    fn describe(dir: &Path) -> Result<(Self, bool)> {
+        let dir = dir.to_path_buf();
         let cfg_path = dir.join("config.json");
         let mut text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
         let phi3 = serde_json::from_str::<serde_json::Value>(&text).ok().filter(phi3::is_phi3);
@@ -181,25 +146,25 @@ impl Checkpoint {
             text = phi3::as_mistral_config(config)?;
         }
         let config = ModelConfig::from_hf_json(&text)?;
-        let mut tensors = load_weights(&dir)?;
-        if is_phi3 {
-            phi3::split_fused(&mut tensors, &config)?;
-        }
-        let tokenizer_json = Some(dir.join("tokenizer.json")).filter(|p| p.exists());
-        let mut config = config;
-        if !config.tie_word_embeddings && !tensors.contains_key(names::LM_HEAD) {
-            // Saved tied (transformers drops the shared head): the embedding is the head.
-            tracing::info!("no lm_head.weight in {}: using tied embeddings", dir.display());
-            config.tie_word_embeddings = true;
-        }
-        Ok(Checkpoint {
+        let ck = Checkpoint {
             generation_config: read_json(&dir.join("generation_config.json"))?,
             tokenizer_config: read_json(&dir.join("tokenizer_config.json"))?,
+            tokenizer_json: Some(dir.join("tokenizer.json")).filter(|p| p.exists()),
             dir,
             config,
-            tensors,
-            tokenizer_json,
-        })
+            tensors: HashMap::new(),
+        };
+        Ok((ck, is_phi3))
+    }
+
+    /// Saved tied (transformers drops the shared head): without `lm_head.weight` the embedding
+    /// is the head, whatever the config says.
+    fn tied_without_head(mut self, has_head: bool) -> Self {
+        if !self.config.tie_word_embeddings && !has_head {
+            tracing::info!("no lm_head.weight in {}: using tied embeddings", self.dir.display());
+            self.config.tie_word_embeddings = true;
+        }
+        self
     }
 
     /// A weight by name, checked against the expected shape.
@@ -250,6 +215,7 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
 
     #[test]
     fn safetensors_read_tensor_by_tensor_as_candle_reads_them_whole() {

@@ -78,7 +78,7 @@ pub fn fused_parts(module: &str) -> Option<Vec<String>> {
 }
 
 /// Output rows of one of the projections in [`FUSED`] under `c`.
-fn rows_of(c: &ModelConfig, part: &str) -> usize {
+pub(crate) fn rows_of(c: &ModelConfig, part: &str) -> usize {
     match part {
         "self_attn.q_proj" => c.q_dim(),
         "self_attn.k_proj" | "self_attn.v_proj" => c.kv_dim(),

@@ -49,7 +49,51 @@ pub struct LayerWeights {
     pub down: Projection,
 }
 
+/// Gives a weight by transformers name, checked against the shape it must have.
+pub type WeightGetter<'a> = dyn FnMut(&str, &[usize]) -> Result<Tensor> + 'a;
+
 impl LayerWeights {
+    /// Layer `i`'s tensors as `get` gives them.
+    pub fn read(c: &ModelConfig, i: usize, get: &mut WeightGetter<'_>) -> Result<Self> {
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let mut proj = |short: &str, out: usize, inp: usize, bias: bool| -> Result<Projection> {
+            let name = names::projection(i, short);
+            Ok(Projection {
+                weight: get(&format!("{name}.weight"), &[out, inp])?,
+                bias: if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None },
+                name,
+            })
+        };
+        let (q, k, v, o) = (
+            proj("q_proj", c.q_dim(), h, c.qkv_bias)?,
+            proj("k_proj", c.kv_dim(), h, c.qkv_bias)?,
+            proj("v_proj", c.kv_dim(), h, c.qkv_bias)?,
+            proj("o_proj", h, c.q_dim(), c.o_bias)?,
+        );
+        let (gate, up, down) = (
+            proj("gate_proj", inter, h, c.mlp_bias)?,
+            proj("up_proj", inter, h, c.mlp_bias)?,
+            proj("down_proj", h, inter, c.mlp_bias)?,
+        );
+        Ok(LayerWeights {
+            input_norm: get(&names::in_layer(i, names::INPUT_NORM), &[h])?,
+            post_attention_norm: get(&names::in_layer(i, names::POST_ATTENTION_NORM), &[h])?,
+            qk_norm: if c.qk_norm() {
+                let d = &[c.head_dim];
+                Some((get(&names::in_layer(i, names::Q_NORM), d)?, get(&names::in_layer(i, names::K_NORM), d)?))
+            } else {
+                None
+            },
+            q,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
+        })
+    }
+
     /// The seven projections with their short names (`q_proj`, ...), in [`PROJECTIONS`] order.
     pub fn projections(&self) -> [(&'static str, &Projection); 7] {
         let p = PROJECTIONS;
@@ -82,39 +126,16 @@ impl DecoderWeights {
     /// Picks the decoder's tensors out of a transformers-named map, checking each shape against
     /// `config`. Tensors are shared, not copied.
     pub fn from_map(tensors: &HashMap<String, Tensor>, c: &ModelConfig) -> Result<Self> {
-        let get = |name: &str, shape: &[usize]| weight(tensors, name, shape).cloned();
+        Self::read(c, &mut |name, shape| weight(tensors, name, shape).cloned())
+    }
+
+    /// The decoder's tensors as `get` gives them by transformers name and expected shape.
+    pub fn read(c: &ModelConfig, get: &mut WeightGetter<'_>) -> Result<Self> {
         let h = c.hidden_size;
-        let proj = |layer: usize, short: &str, out: usize, inp: usize, bias: bool| -> Result<Projection> {
-            let name = names::projection(layer, short);
-            Ok(Projection {
-                weight: get(&format!("{name}.weight"), &[out, inp])?,
-                bias: if bias { Some(get(&format!("{name}.bias"), &[out])?) } else { None },
-                name,
-            })
-        };
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for i in 0..c.num_hidden_layers {
-            let inter = c.intermediate_size;
-            layers.push(LayerWeights {
-                input_norm: get(&names::in_layer(i, names::INPUT_NORM), &[h])?,
-                post_attention_norm: get(&names::in_layer(i, names::POST_ATTENTION_NORM), &[h])?,
-                qk_norm: if c.qk_norm() {
-                    let d = &[c.head_dim];
-                    Some((get(&names::in_layer(i, names::Q_NORM), d)?, get(&names::in_layer(i, names::K_NORM), d)?))
-                } else {
-                    None
-                },
-                q: proj(i, "q_proj", c.q_dim(), h, c.qkv_bias)?,
-                k: proj(i, "k_proj", c.kv_dim(), h, c.qkv_bias)?,
-                v: proj(i, "v_proj", c.kv_dim(), h, c.qkv_bias)?,
-                o: proj(i, "o_proj", h, c.q_dim(), c.o_bias)?,
-                gate: proj(i, "gate_proj", inter, h, c.mlp_bias)?,
-                up: proj(i, "up_proj", inter, h, c.mlp_bias)?,
-                down: proj(i, "down_proj", h, inter, c.mlp_bias)?,
-            });
-        }
+        let embed = get(names::EMBED, &[c.vocab_size, h])?;
+        let layers = (0..c.num_hidden_layers).map(|i| LayerWeights::read(c, i, get)).collect::<Result<Vec<_>>>()?;
         Ok(DecoderWeights {
-            embed: get(names::EMBED, &[c.vocab_size, h])?,
+            embed,
             layers,
             final_norm: get(names::FINAL_NORM, &[h])?,
             lm_head: if c.tie_word_embeddings { None } else { Some(get(names::LM_HEAD, &[c.vocab_size, h])?) },
