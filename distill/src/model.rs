@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
-use crate::checkpoint::{Checkpoint, DecoderWeights, LayerWeights, ModelConfig, Projection};
+use crate::checkpoint::weights::WeightGetter;
+use crate::checkpoint::{names, Checkpoint, DecoderWeights, LayerWeights, ModelConfig, Projection};
 use crate::error::Result;
 use crate::train::frozen::{FrozenMatmul, FrozenWeight};
 
@@ -349,6 +350,37 @@ struct Block {
     mlp: Mlp,
 }
 
+impl Block {
+    fn load(
+        l: &LayerWeights,
+        adapter: Option<&crate::lora::Adapter>,
+        c: &ModelConfig,
+        packed: Packed<'_>,
+    ) -> Result<Self> {
+        let norm = |weight: &Tensor| RmsNorm { weight: weight.clone(), eps: c.rms_norm_eps };
+        Ok(Block {
+            input_layernorm: norm(&l.input_norm),
+            self_attn: Attention::load(l, adapter, c, packed)?,
+            post_attention_layernorm: norm(&l.post_attention_norm),
+            mlp: Mlp::load(l, adapter, packed)?,
+        })
+    }
+
+    /// The residual stream after this block.
+    fn forward(
+        &self,
+        x: Tensor,
+        rotary: &Rotary,
+        mask: Option<&Tensor>,
+        slot: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let a = self.self_attn.forward(&self.input_layernorm.forward(&x)?, rotary, mask, slot)?;
+        let x = (x + a)?;
+        let m = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        x + m
+    }
+}
+
 /// A llama-family causal language model.
 pub struct LlamaModel {
     config: ModelConfig,
@@ -394,15 +426,7 @@ impl LlamaModel {
         let c = config;
         let w = DecoderWeights::from_map(tensors, c)?;
         let norm = |weight: &Tensor| RmsNorm { weight: weight.clone(), eps: c.rms_norm_eps };
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for l in &w.layers {
-            layers.push(Block {
-                input_layernorm: norm(&l.input_norm),
-                self_attn: Attention::load(l, adapter, c, packed)?,
-                post_attention_layernorm: norm(&l.post_attention_norm),
-                mlp: Mlp::load(l, adapter, packed)?,
-            });
-        }
+        let layers = w.layers.iter().map(|l| Block::load(l, adapter, c, packed)).collect::<Result<Vec<_>>>()?;
         Ok(LlamaModel {
             rotary: Rotary::new(c, &Device::Cpu)?,
             config: c.clone(),
@@ -442,12 +466,9 @@ impl LlamaModel {
             s,
             self.config.hidden_size,
         ))?;
-        let mask = self.mask(s, start)?;
+        let mask = causal_mask(self.config.sliding_window, s, start)?;
         for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            let a = block.self_attn.forward(&block.input_layernorm.forward(&x)?, &self.rotary, mask.as_ref(), slot)?;
-            x = (x + a)?;
-            let m = block.mlp.forward(&block.post_attention_layernorm.forward(&x)?)?;
-            x = (x + m)?;
+            x = block.forward(x, &self.rotary, mask.as_ref(), slot)?;
         }
         let x = self.norm.forward(&x)?;
         Ok(times_transposed(&x, &self.lm_head)?)
@@ -473,15 +494,10 @@ impl LlamaModel {
         }
         let h = self.config.hidden_size;
         let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.reshape((b, s, h))?;
-        let mask = self.mask(s, 0)?;
+        let mask = causal_mask(self.config.sliding_window, s, 0)?;
         let mut states = Vec::new();
         for block in &self.layers {
-            let mut slot = None;
-            let a =
-                block.self_attn.forward(&block.input_layernorm.forward(&x)?, &self.rotary, mask.as_ref(), &mut slot)?;
-            x = (x + a)?;
-            let m = block.mlp.forward(&block.post_attention_layernorm.forward(&x)?)?;
-            x = (x + m)?;
+            x = block.forward(x, &self.rotary, mask.as_ref(), &mut None)?;
             if keep_states {
                 states.push(x.reshape((b * s, h))?.index_select(rows, 0)?);
             }
@@ -504,7 +520,7 @@ impl LlamaModel {
         }
         let h = self.config.hidden_size;
         let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.reshape((b, s, h))?;
-        let mask = self.mask(s, 0)?;
+        let mask = causal_mask(self.config.sliding_window, s, 0)?;
         for (l, block) in self.layers.iter().enumerate() {
             let attn = &block.self_attn;
             let heads_out =
@@ -523,27 +539,55 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// Additive mask `[S, start + S]`: causal, and limited to the sliding window when the
-    /// model has one. None when no position needs masking (single-token steps without a window).
-    fn mask(&self, s: usize, start: usize) -> Result<Option<Tensor>> {
-        let window = self.config.sliding_window;
-        if s == 1 && window.is_none_or(|w| start < w) {
-            return Ok(None);
+    /// Logits `[S, vocab]` at every position of one sequence run from position 0, with each
+    /// layer's weights read by `get` when its turn comes and let go after it: the model is never
+    /// whole in memory (the check of an export larger than memory).
+    pub fn streamed_logits(c: &ModelConfig, ids: &[u32], get: &mut WeightGetter<'_>) -> Result<Tensor> {
+        let s = ids.len();
+        if s > c.max_position_embeddings {
+            return Err(crate::Error::ContextOverflow { positions: s, context: c.max_position_embeddings });
         }
-        let t = start + s;
-        let mut m = vec![0f32; s * t];
-        for i in 0..s {
-            let pos = start + i;
-            for j in 0..t {
-                let too_far = window.is_some_and(|w| pos >= j + w);
-                if j > pos || too_far {
-                    m[i * t + j] = f32::NEG_INFINITY;
-                }
+        let h = c.hidden_size;
+        let embed = get(names::EMBED, &[c.vocab_size, h])?;
+        let mut x = embed.embedding(&Tensor::new(ids, &Device::Cpu)?)?.unsqueeze(0)?;
+        // A tied head is the table; an untied one is read at the end.
+        let table = c.tie_word_embeddings.then_some(embed);
+        let rotary = Rotary::new(c, &Device::Cpu)?;
+        let mask = causal_mask(c.sliding_window, s, 0)?;
+        for i in 0..c.num_hidden_layers {
+            let block = Block::load(&LayerWeights::read(c, i, get)?, None, c, None)?;
+            x = block.forward(x, &rotary, mask.as_ref(), &mut None)?;
+        }
+        let x = RmsNorm { weight: get(names::FINAL_NORM, &[h])?, eps: c.rms_norm_eps }.forward(&x)?;
+        let head = match table {
+            Some(t) => t,
+            None => get(names::LM_HEAD, &[c.vocab_size, h])?,
+        };
+        Ok(times_transposed(&x, &head)?.squeeze(0)?)
+    }
+}
+
+/// Additive mask `[S, start + S]`: causal, and limited to the sliding window when the model has
+/// one. None when no position needs masking (single-token steps without a window).
+fn causal_mask(window: Option<usize>, s: usize, start: usize) -> Result<Option<Tensor>> {
+    if s == 1 && window.is_none_or(|w| start < w) {
+        return Ok(None);
+    }
+    let t = start + s;
+    let mut m = vec![0f32; s * t];
+    for i in 0..s {
+        let pos = start + i;
+        for j in 0..t {
+            let too_far = window.is_some_and(|w| pos >= j + w);
+            if j > pos || too_far {
+                m[i * t + j] = f32::NEG_INFINITY;
             }
         }
-        Ok(Some(Tensor::from_vec(m, (s, t), &Device::Cpu)?))
     }
+    Ok(Some(Tensor::from_vec(m, (s, t), &Device::Cpu)?))
+}
 
+impl LlamaModel {
     /// Greedy continuation of `prompt` for `n` tokens using the KV cache (reference decoding).
     pub fn greedy(&self, prompt: &[u32], n: usize, stop: &[u32]) -> Result<Vec<u32>> {
         let mut cache = self.new_cache();

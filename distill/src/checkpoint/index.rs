@@ -148,7 +148,9 @@ impl WeightIndex {
                 }
                 t.narrow(0, start, rows)?.contiguous()?
             }
-            (None, None) => return Err(Error::Tensor { name: name.into(), what: "missing from the checkpoint".into() }),
+            (None, None) => {
+                return Err(Error::Tensor { name: name.into(), what: "missing from the checkpoint".into() })
+            }
         };
         let map = HashMap::from([(name.to_owned(), t)]);
         Ok(super::weight(&map, name, shape)?.clone())

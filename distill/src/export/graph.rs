@@ -17,8 +17,9 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 
 use super::{flat, transposed};
-use crate::checkpoint::{names, DecoderWeights, LayerWeights, ModelConfig, Projection};
-use crate::error::{Error, Result};
+use crate::checkpoint::index::WeightIndex;
+use crate::checkpoint::{names, weight, DecoderWeights, LayerWeights, ModelConfig, Projection};
+use crate::error::{Error, IoContext, Result};
 use crate::onnx::{AttributeProto as Attr, DataType, Dim, GraphBuilder, ModelProto, MS_DOMAIN};
 
 /// Which positions get logits.
@@ -35,35 +36,73 @@ fn sym(s: &str) -> Dim {
     Dim::Symbolic(s.into())
 }
 
+/// Where the graph's weights come from.
+pub(crate) enum Weights<'a> {
+    /// A checkpoint's weights in memory, each layer's let go once the graph has it.
+    Loaded(HashMap<String, Tensor>),
+    /// A checkpoint's index: each weight read when the graph needs it (for models larger than
+    /// memory, with the graph's weights spilling to disk).
+    Indexed(&'a WeightIndex),
+}
+
+impl Weights<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        match self {
+            Weights::Loaded(map) => weight(map, name, shape).cloned(),
+            Weights::Indexed(index) => index.read(name, shape),
+        }
+    }
+
+    fn layer(&self, c: &ModelConfig, i: usize) -> Result<LayerWeights> {
+        LayerWeights::read(c, i, &mut |name, shape| self.get(name, shape))
+    }
+
+    /// Lets go of weights the graph holds now (those loaded whose names start with `prefix`).
+    fn let_go(&mut self, prefix: &str) {
+        if let Weights::Loaded(map) = self {
+            map.retain(|name, _| !name.starts_with(prefix));
+        }
+    }
+}
+
 /// Builds the graph for a checkpoint's configuration and weights: inputs and outputs, the mask
 /// bookkeeping, the embedding, then per layer attention, skip-norm, MLP, skip-norm, and the LM
 /// head. Each layer's weights are let go once copied into the graph, so where the caller gave
-/// up its own references the weights are held about once, not twice. The caller has refused
-/// what the graph cannot express ([`check_expressible`]).
+/// up its own references the weights are held about once, not twice; read from an index into a
+/// builder that spills, one layer's at a time. The caller has refused what the graph cannot
+/// express ([`check_expressible`]).
 pub(crate) fn build_decoder(
     c: &ModelConfig,
-    tensors: HashMap<String, Tensor>,
+    mut weights: Weights<'_>,
     logits: LogitsMode,
+    spill: Option<(&std::path::Path, DataType)>,
 ) -> Result<ModelProto> {
-    let DecoderWeights { embed, layers: layer_weights, final_norm, lm_head: head } =
-        DecoderWeights::from_map(&tensors, c)?;
-    drop(tensors);
+    if let Weights::Loaded(map) = &weights {
+        // Every weight checked before any work is done.
+        DecoderWeights::from_map(map, c)?;
+    }
     let mut g = GraphBuilder::new("edgelm-decoder");
+    if let Some((path, elem)) = spill {
+        let location = path.file_name().and_then(|n| n.to_str()).unwrap_or("weights.spill");
+        g.spill_weights(path, location, elem).at(path)?;
+    }
     declare_io(&mut g, c, logits);
     let shared = attention_inputs(&mut g, c);
     let h = c.hidden_size;
 
     g.set_scope("/model/embed_tokens");
     // The table is the largest tensor: copied once into the graph, not through a Vec first.
-    let embed_name = with_values(&embed, |v| g.init_f32(names::EMBED, &[c.vocab_size, h], v))?;
+    let embed = weights.get(names::EMBED, &[c.vocab_size, h])?;
+    let embed_name = with_values(&embed, |v| g.init_weight(names::EMBED, &[c.vocab_size, h], v))?;
     drop(embed);
+    weights.let_go(names::EMBED);
     let mut residual = g.op("Gather", &[&embed_name, "input_ids"], vec![Attr::int("axis", 0)]);
-    let mut x = first_norm(&mut g, c, &shared.norm, &layer_weights[0].input_norm, &residual)?;
+    let first_input_norm = weights.get(&names::in_layer(0, names::INPUT_NORM), &[h])?;
+    let mut x = first_norm(&mut g, c, &shared.norm, &first_input_norm, &residual)?;
 
     let layers = c.num_hidden_layers;
-    let input_norms: Vec<Tensor> = layer_weights.iter().map(|l| l.input_norm.clone()).collect();
-    for (i, layer) in layer_weights.into_iter().enumerate() {
-        let layer = &layer;
+    for i in 0..layers {
+        let layer = &weights.layer(c, i)?;
         let attn = attention(&mut g, c, i, layer, &x, &shared)?;
         let (normed, r) = skip_norm(
             &mut g,
@@ -76,20 +115,24 @@ pub(crate) fn build_decoder(
         residual = r;
         let down = mlp(&mut g, i, layer, &normed)?;
         // The next layer's input norm, or the final norm (whose residual output is unused).
-        let (scope, norm, unused): (String, (String, &Tensor), &[usize]) = if i + 1 < layers {
-            (
-                format!("/model/layers.{}/input_layernorm", i + 1),
-                (names::in_layer(i + 1, names::INPUT_NORM), &input_norms[i + 1]),
-                &[1, 2],
-            )
+        let (scope, norm_name, unused): (String, String, &[usize]) = if i + 1 < layers {
+            (format!("/model/layers.{}/input_layernorm", i + 1), names::in_layer(i + 1, names::INPUT_NORM), &[1, 2])
         } else {
-            ("/model/norm".to_owned(), (names::FINAL_NORM.to_owned(), &final_norm), &[1, 2, 3])
+            ("/model/norm".to_owned(), names::FINAL_NORM.to_owned(), &[1, 2, 3])
         };
-        let (next, r) = skip_norm(&mut g, c, &scope, (&norm.0, norm.1), (&down, &residual), unused)?;
+        let norm = weights.get(&norm_name, &[h])?;
+        let (next, r) = skip_norm(&mut g, c, &scope, (&norm_name, &norm), (&down, &residual), unused)?;
         x = next;
         residual = r;
+        weights.let_go(&format!("model.layers.{i}."));
     }
+    let head = if c.tie_word_embeddings { None } else { Some(weights.get(names::LM_HEAD, &[c.vocab_size, h])?) };
+    drop(weights);
     lm_head(&mut g, c, head.as_ref(), &x, &embed_name, logits, &shared.axis1)?;
+    drop(head);
+    if let Some((path, _)) = spill {
+        g.finish_spill().at(path)?;
+    }
 
     // Past protobuf's 2 GiB the weights go to a data file beside the graph (`write_model`).
     Ok(g.finish(21, Some(1), env!("CARGO_PKG_VERSION")))
@@ -287,7 +330,7 @@ fn attention(
     g.set_scope(format!("/model/layers.{i}/attn"));
     let qkv_dim = c.q_dim() + 2 * c.kv_dim();
     let qkv = Tensor::cat(&[&layer.q.weight, &layer.k.weight, &layer.v.weight], 0)?;
-    let wqkv = g.init_f32(&format!("{p}.self_attn.qkv_proj.MatMul.weight"), &[h, qkv_dim], &transposed(&qkv)?);
+    let wqkv = g.init_weight(&format!("{p}.self_attn.qkv_proj.MatMul.weight"), &[h, qkv_dim], &transposed(&qkv)?);
     let mut packed = g.op("MatMul", &[x, &wqkv], vec![]);
     if let (Some(bq), Some(bk), Some(bv)) = (&layer.q.bias, &layer.k.bias, &layer.v.bias) {
         let bias = [bq, bk, bv];
@@ -461,7 +504,7 @@ fn mlp(g: &mut GraphBuilder, i: usize, layer: &LayerWeights, normed: &str) -> Re
 /// bias when it has one; initializers are named `{prefix}.MatMul.weight` and `{prefix}.bias`.
 fn projection(g: &mut GraphBuilder, prefix: &str, proj: &Projection, input: &str) -> Result<String> {
     let (out_dim, in_dim) = proj.weight.dims2()?;
-    let w = g.init_f32(&format!("{prefix}.MatMul.weight"), &[in_dim, out_dim], &transposed(&proj.weight)?);
+    let w = g.init_weight(&format!("{prefix}.MatMul.weight"), &[in_dim, out_dim], &transposed(&proj.weight)?);
     let mut y = g.op("MatMul", &[input, &w], vec![]);
     if let Some(bias) = &proj.bias {
         let b = g.init_f32(&format!("{prefix}.bias"), &[out_dim], &flat(bias)?);
@@ -491,7 +534,7 @@ fn lm_head(
     }
     let head_name = match head {
         None => embed_name.to_owned(),
-        Some(head) => with_values(head, |v| g.init_f32(names::LM_HEAD, &[c.vocab_size, h], v))?,
+        Some(head) => with_values(head, |v| g.init_weight(names::LM_HEAD, &[c.vocab_size, h], v))?,
     };
     let shape_2d = g.init_i64("/model/constants/shape_rows_hidden", &[2], &[-1, h as i64]);
     let rows = g.op("Reshape", &[&x, &shape_2d], vec![]);

@@ -18,9 +18,9 @@ use edgelm_runtime::genai_config::{
 };
 
 pub use encoder::export_encoder;
-use graph::build_decoder;
 pub use graph::LogitsMode;
 pub(crate) use graph::HEAD_NORM_SCOPES;
+use graph::{build_decoder, Weights};
 pub use quantized::{check_encoder, quantize_bundle, EncoderCheck, QuantizedReport, ENCODER_MIN_COSINE};
 pub use verify::{
     allowed_diff, compare_bundles_on, compare_checkpoints_on, kl_divergence, magnitude, max_abs_diff,
@@ -226,7 +226,7 @@ pub fn export_owned(mut ck: Checkpoint, out: &Path, opts: &ExportOptions) -> Res
     graph::check_expressible(&ck.config)?;
     let reference = if opts.verify { Some(ReferenceLogits::of(&ck)?) } else { None };
     // Built first: a checkpoint the graph cannot express leaves no folder behind.
-    let mut model = build_decoder(&ck.config, std::mem::take(&mut ck.tensors), opts.logits)?;
+    let mut model = build_decoder(&ck.config, Weights::Loaded(std::mem::take(&mut ck.tensors)), opts.logits, None)?;
     // The writer fills a hidden folder beside `out`; the checks below open that folder
     // (`w.dir()`), and only a bundle that passed them takes `out`'s place.
     let mut w = BundleWriter::create(out, bundle::Kind::CausalLm)?;

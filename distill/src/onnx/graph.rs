@@ -2,7 +2,8 @@
 //! produces a [`ModelProto`]. It knows nothing about language models.
 
 use super::proto::{
-    AttributeProto, DataType, Dim, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto,
+    AttributeProto, DataLocation, DataType, Dim, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    StringStringEntryProto, TensorProto, ValueInfoProto,
 };
 
 /// Domain of ONNX Runtime's contrib operators.
@@ -17,6 +18,48 @@ pub struct GraphBuilder {
     outputs: Vec<ValueInfoProto>,
     counter: usize,
     scope: String,
+    spill: Option<Spill>,
+}
+
+/// Where weights go as they are added, instead of memory: a data file beside the graph,
+/// written in the element type the weights came in (so nothing is rounded).
+struct Spill {
+    out: std::io::BufWriter<std::fs::File>,
+    location: String,
+    elem: DataType,
+    written: usize,
+    error: Option<std::io::Error>,
+}
+
+impl Spill {
+    fn write(&mut self, name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
+        use std::io::Write;
+        let bytes: Vec<u8> = match self.elem {
+            DataType::Bfloat16 => data.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+            DataType::Float16 => data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+            _ => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        };
+        if self.error.is_none() {
+            if let Err(e) = self.out.write_all(&bytes) {
+                self.error = Some(e);
+            }
+        }
+        let entry = |key: &str, value: String| StringStringEntryProto { key: key.into(), value };
+        let t = TensorProto {
+            dims: dims.to_vec(),
+            data_type: Some(self.elem as i32),
+            name: name.to_owned(),
+            external_data: vec![
+                entry("location", self.location.clone()),
+                entry("offset", self.written.to_string()),
+                entry("length", bytes.len().to_string()),
+            ],
+            data_location: Some(DataLocation::External as i32),
+            ..Default::default()
+        };
+        self.written += bytes.len();
+        t
+    }
 }
 
 impl GraphBuilder {
@@ -30,6 +73,40 @@ impl GraphBuilder {
             outputs: vec![],
             counter: 0,
             scope: String::new(),
+            spill: None,
+        }
+    }
+
+    /// Writes the weights added with [`GraphBuilder::init_weight`] to `path` (the file
+    /// `location` beside the graph) as `elem` (float, float16 or bfloat16) rather than keeping
+    /// them: the graph's initializers name their bytes there.
+    pub fn spill_weights(&mut self, path: &std::path::Path, location: &str, elem: DataType) -> std::io::Result<()> {
+        let out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        self.spill = Some(Spill { out, location: location.into(), elem, written: 0, error: None });
+        Ok(())
+    }
+
+    /// Adds a weight: an f32 initializer, or one whose bytes go to the spill file when weights
+    /// spill.
+    pub fn init_weight(&mut self, name: &str, dims: &[usize], data: &[f32]) -> String {
+        let Some(spill) = &mut self.spill else {
+            return self.init_f32(name, dims, data);
+        };
+        let dims: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+        let t = spill.write(name, &dims, data);
+        self.initializers.push(t);
+        name.to_owned()
+    }
+
+    /// Flushes the spill file; the first write error, if any.
+    pub fn finish_spill(&mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        match self.spill.take() {
+            Some(mut s) => match s.error.take() {
+                Some(e) => Err(e),
+                None => s.out.flush(),
+            },
+            None => Ok(()),
         }
     }
 
