@@ -539,31 +539,46 @@ impl LlamaModel {
         Ok(())
     }
 
-    /// Logits `[S, vocab]` at every position of one sequence run from position 0, with each
+    /// The last position's logits after each of `steps`, run one after another from position
+    /// 0 as cached decoding runs them (each step a forward pass over its tokens), with each
     /// layer's weights read by `get` when its turn comes and let go after it: the model is never
-    /// whole in memory (the check of an export larger than memory).
-    pub fn streamed_logits(c: &ModelConfig, ids: &[u32], get: &mut WeightGetter<'_>) -> Result<Tensor> {
-        let s = ids.len();
-        if s > c.max_position_embeddings {
-            return Err(crate::Error::ContextOverflow { positions: s, context: c.max_position_embeddings });
+    /// whole in memory (the check of an export larger than memory). Every step passes through a
+    /// layer before the next layer is read.
+    pub fn streamed_logits(c: &ModelConfig, steps: &[Vec<u32>], get: &mut WeightGetter<'_>) -> Result<Vec<Vec<f32>>> {
+        let total: usize = steps.iter().map(Vec::len).sum();
+        if total > c.max_position_embeddings {
+            return Err(crate::Error::ContextOverflow { positions: total, context: c.max_position_embeddings });
         }
         let h = c.hidden_size;
         let embed = get(names::EMBED, &[c.vocab_size, h])?;
-        let mut x = embed.embedding(&Tensor::new(ids, &Device::Cpu)?)?.unsqueeze(0)?;
+        let mut xs = steps
+            .iter()
+            .map(|ids| Ok(embed.embedding(&Tensor::new(ids.as_slice(), &Device::Cpu)?)?.unsqueeze(0)?))
+            .collect::<Result<Vec<Tensor>>>()?;
         // A tied head is the table; an untied one is read at the end.
         let table = c.tie_word_embeddings.then_some(embed);
         let rotary = Rotary::new(c, &Device::Cpu)?;
-        let mask = causal_mask(c.sliding_window, s, 0)?;
         for i in 0..c.num_hidden_layers {
             let block = Block::load(&LayerWeights::read(c, i, get)?, None, c, None)?;
-            x = block.forward(x, &rotary, mask.as_ref(), &mut None)?;
+            let (mut slot, mut start) = (None, 0);
+            for x in &mut xs {
+                let s = x.dims()[1];
+                let mask = causal_mask(c.sliding_window, s, start)?;
+                *x = block.forward(x.clone(), &rotary, mask.as_ref(), &mut slot)?;
+                start += s;
+            }
         }
-        let x = RmsNorm { weight: get(names::FINAL_NORM, &[h])?, eps: c.rms_norm_eps }.forward(&x)?;
+        let norm = RmsNorm { weight: get(names::FINAL_NORM, &[h])?, eps: c.rms_norm_eps };
         let head = match table {
             Some(t) => t,
             None => get(names::LM_HEAD, &[c.vocab_size, h])?,
         };
-        Ok(times_transposed(&x, &head)?.squeeze(0)?)
+        xs.iter()
+            .map(|x| {
+                let last = x.narrow(1, x.dims()[1] - 1, 1)?;
+                Ok(times_transposed(&norm.forward(&last)?, &head)?.flatten_all()?.to_vec1::<f32>()?)
+            })
+            .collect()
     }
 }
 

@@ -342,9 +342,23 @@ pub struct ExportArgs {
     /// alone (models trained on single-turn {instruction, input, output} data).
     #[arg(long)]
     single_turn: bool,
+    /// Never hold the model whole (int8, int4, int8-dynamic): each weight is read from the
+    /// checkpoint when the graph needs it, spilled to disk and quantized from there, and the
+    /// check takes the reference one layer at a time, with no fp32 graph check. Chosen by
+    /// itself when the checkpoint's f32 weights would not fit the memory available.
+    #[arg(long)]
+    low_memory: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// Bytes of memory available now (`MemAvailable`), where the system says.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Exports and checks a bundle.
@@ -359,6 +373,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
         external_data,
         quant,
         single_turn,
+        low_memory,
         json,
     } = a;
     if edgelm_distill::encoder::EncoderCheckpoint::is_encoder(&checkpoint) {
@@ -381,7 +396,6 @@ pub fn export(a: ExportArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let ck = Checkpoint::load(&checkpoint).with_context(|| format!("loading {}", checkpoint.display()))?;
     let opts = ExportOptions {
         logits: match logits {
             LogitsArg::Last => LogitsMode::Last,
@@ -394,7 +408,33 @@ pub fn export(a: ExportArgs) -> Result<()> {
         max_kl: quant.max_kl(),
         external_data: !single_file,
     };
-    let report = export_owned(ck, &output, &opts).with_context(|| format!("exporting to {}", output.display()))?;
+    let (ck, index) =
+        Checkpoint::load_deferred(&checkpoint).with_context(|| format!("reading {}", checkpoint.display()))?;
+    // An export holds the f32 weights about 1.1 times at its peak.
+    let need = (ck.config.num_parameters() as f64 * 4.0 * 1.1) as u64;
+    let short = available_memory().filter(|&a| a < need);
+    let report = if low_memory || (short.is_some() && opts.quantize.is_some()) {
+        if !low_memory {
+            eprintln!(
+                "the f32 weights need about {:.1} GB and {:.1} GB are available: exporting without loading them whole (--low-memory)",
+                need as f64 / 1e9,
+                short.unwrap_or(0) as f64 / 1e9
+            );
+        }
+        edgelm_distill::export::export_deferred(&ck, &index, &output, &opts)
+    } else {
+        if let Some(a) = short {
+            eprintln!(
+                "warning: the f32 weights need about {:.1} GB and {:.1} GB are available; an int8 or int4 export (--precision) reads them a layer at a time",
+                need as f64 / 1e9,
+                a as f64 / 1e9
+            );
+        }
+        drop(index);
+        let ck = Checkpoint::load(&checkpoint).with_context(|| format!("loading {}", checkpoint.display()))?;
+        export_owned(ck, &output, &opts)
+    }
+    .with_context(|| format!("exporting to {}", output.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

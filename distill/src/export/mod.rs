@@ -27,9 +27,10 @@ pub use verify::{
     verify_against_bundle, verify_against_reference, verify_bundle, ReferenceLogits, SequenceComparison, VerifyReport,
 };
 
+use crate::checkpoint::index::WeightIndex;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, IoContext, Result};
-use crate::onnx::ModelProto;
+use crate::onnx::{DataType, ModelProto};
 use crate::quantize::{quantize_model_in, QuantizeOptions};
 use quantized::{check_quantized, precision_of, weight_scheme};
 
@@ -235,24 +236,7 @@ pub fn export_owned(mut ck: Checkpoint, out: &Path, opts: &ExportOptions) -> Res
     let fp32_bytes = write_model(&mut w, "model.onnx", &mut model, opts.external_data)?;
     // Kept for quantizing after the fp32 check, else freed before it.
     let mut model = opts.quantize.is_some().then_some(model);
-    let genai = genai_config(&ck);
-    w.write("genai_config.json", serde_json::to_string_pretty(&genai).expect("json").as_bytes())?;
-    match &ck.tokenizer_json {
-        Some(src) => {
-            w.tokenizer(src)?;
-            // genai's tokenizer loader needs tokenizer_config.json next to tokenizer.json.
-            let cfg = ck
-                .tokenizer_config
-                .clone()
-                .unwrap_or_else(|| serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast"}));
-            w.write("tokenizer_config.json", serde_json::to_string_pretty(&cfg).expect("json").as_bytes())?;
-        }
-        None => {
-            let w = format!("{} has no tokenizer.json: the bundle takes token ids only", ck.dir.display());
-            tracing::warn!("{w}");
-            warnings.push(w);
-        }
-    }
+    write_side_files(&mut w, &ck, &mut warnings)?;
 
     let verify = if let Some(reference) = &reference {
         let r = verify_against_reference(reference, w.dir(), opts.tolerance)?;
@@ -291,18 +275,7 @@ pub fn export_owned(mut ck: Checkpoint, out: &Path, opts: &ExportOptions) -> Res
             })
         }
     };
-    let weights = opts.quantize.as_ref().zip(quantized.as_ref()).map(|(q, r)| weight_scheme(q, &r.summary));
-    let manifest = w.finish(BundleInfo {
-        generation: GenerationDefaults { single_turn: opts.single_turn, ..generation_defaults(&ck) },
-        chat_template: ck.chat_template(),
-        precision: precision_of(opts.quantize.as_ref()),
-        weights,
-        checkpoint: ck.dir.clone(),
-        checkpoint_sha256: checkpoint_hash(&ck.dir)?,
-        encoder: None,
-        // The window is named so a runtime can refuse an ONNX Runtime that applies it otherwise.
-        report: serde_json::json!({"architecture": ck.config.architecture, "parameters": ck.config.num_parameters(), "logits": opts.logits, "sliding_window": ck.config.sliding_window}),
-    })?;
+    let manifest = w.finish(bundle_info(&ck, opts, quantized.as_ref())?)?;
     Ok(ExportReport {
         bundle: out.to_path_buf(),
         model_bytes: model_bytes(&manifest),
@@ -312,3 +285,100 @@ pub fn export_owned(mut ck: Checkpoint, out: &Path, opts: &ExportOptions) -> Res
         warnings,
     })
 }
+
+/// genai_config.json, the tokenizer and tokenizer_config.json of an exported causal LM.
+fn write_side_files(w: &mut BundleWriter, ck: &Checkpoint, warnings: &mut Vec<String>) -> Result<()> {
+    let genai = genai_config(ck);
+    w.write("genai_config.json", serde_json::to_string_pretty(&genai).expect("json").as_bytes())?;
+    match &ck.tokenizer_json {
+        Some(src) => {
+            w.tokenizer(src)?;
+            // genai's tokenizer loader needs tokenizer_config.json next to tokenizer.json.
+            let cfg = ck
+                .tokenizer_config
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({"tokenizer_class": "PreTrainedTokenizerFast"}));
+            w.write("tokenizer_config.json", serde_json::to_string_pretty(&cfg).expect("json").as_bytes())?;
+        }
+        None => {
+            let w = format!("{} has no tokenizer.json: the bundle takes token ids only", ck.dir.display());
+            tracing::warn!("{w}");
+            warnings.push(w);
+        }
+    }
+    Ok(())
+}
+
+/// The manifest's description of an exported causal LM.
+fn bundle_info(ck: &Checkpoint, opts: &ExportOptions, quantized: Option<&QuantizedReport>) -> Result<BundleInfo> {
+    Ok(BundleInfo {
+        generation: GenerationDefaults { single_turn: opts.single_turn, ..generation_defaults(ck) },
+        chat_template: ck.chat_template(),
+        precision: precision_of(opts.quantize.as_ref()),
+        weights: opts.quantize.as_ref().zip(quantized).map(|(q, r)| weight_scheme(q, &r.summary)),
+        checkpoint: ck.dir.clone(),
+        checkpoint_sha256: checkpoint_hash(&ck.dir)?,
+        encoder: None,
+        // The window is named so a runtime can refuse an ONNX Runtime that applies it otherwise.
+        report: serde_json::json!({"architecture": ck.config.architecture, "parameters": ck.config.num_parameters(), "logits": opts.logits, "sliding_window": ck.config.sliding_window}),
+    })
+}
+
+/// Exports a checkpoint opened without its weights ([`Checkpoint::load_deferred`]), quantized,
+/// for models larger than memory: each weight is read from the checkpoint when the graph needs
+/// it and written to a spill file beside the graph in its stored element type, the graph is
+/// quantized from there one matrix at a time, and the check runs the quantized bundle against
+/// candle logits taken one layer at a time. So memory holds about the quantized model, never
+/// the fp32 one; the disk holds the spill (the checkpoint's size) until the bundle is written.
+/// There is no fp32 graph to check, so the quantized check (its KL gate) is the only one.
+pub fn export_deferred(ck: &Checkpoint, index: &WeightIndex, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
+    use crate::quantize::graph::Method;
+    let q = match &opts.quantize {
+        Some(q) if matches!(q.method, Method::Blockwise | Method::DynamicInt8) => q,
+        _ => {
+            return Err(Error::Unsupported {
+                what: "exporting a model without loading it whole needs --precision int8, int4 or int8-dynamic (fp32 and fp16 graphs are as large as the model)".into(),
+            })
+        }
+    };
+    graph::check_expressible(&ck.config)?;
+    let reference = if opts.verify { Some(ReferenceLogits::streamed(&ck.config, index)?) } else { None };
+    let mut w = BundleWriter::create(out, bundle::Kind::CausalLm)?;
+    let spill = w.dir().join(SPILL_FILE);
+    let elem = match index.storage_dtype() {
+        candle_core::DType::BF16 => DataType::Bfloat16,
+        candle_core::DType::F16 => DataType::Float16,
+        _ => DataType::Float,
+    };
+    let mut model = build_decoder(&ck.config, Weights::Indexed(index), opts.logits, Some((&spill, elem)))?;
+    let q = &quantized::with_hot_rows(q, ck.tokenizer_json.as_deref())?;
+    let summary = quantize_model_in(&mut model, q, Some(w.dir()))?;
+    quantized::hot_rows_used(q, &summary)?;
+    crate::onnx::external::widen_to_f32(&mut model);
+    write_model(&mut w, "model.onnx", &mut model, opts.external_data)?;
+    drop(model);
+    std::fs::remove_file(&spill).at(&spill)?;
+    let mut warnings = Vec::new();
+    write_side_files(&mut w, ck, &mut warnings)?;
+    let check = reference.as_ref().map(|r| check_quantized(r, w.dir(), opts.max_kl)).transpose()?;
+    let quantized = QuantizedReport {
+        precision: precision_of(Some(q)),
+        summary,
+        verify: check,
+        encoder: None,
+        // What the fp32 graph would take: no such graph is written.
+        fp32_bytes: 4 * ck.config.num_parameters() as u64,
+    };
+    let manifest = w.finish(bundle_info(ck, opts, Some(&quantized))?)?;
+    Ok(ExportReport {
+        bundle: out.to_path_buf(),
+        model_bytes: model_bytes(&manifest),
+        parameters: ck.config.num_parameters(),
+        verify: None,
+        quantized: Some(quantized),
+        warnings,
+    })
+}
+
+/// The data file the graph's weights spill to while a deferred export quantizes them.
+const SPILL_FILE: &str = "weights.spill";

@@ -8,7 +8,8 @@ use candle_core::{Device, Tensor};
 use edgelm_runtime::bundle::Bundle;
 use edgelm_runtime::decoder::{Decoder, DecoderOptions};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::index::WeightIndex;
+use crate::checkpoint::{Checkpoint, ModelConfig};
 use crate::error::Result;
 use crate::model::LlamaModel;
 use crate::train::batch::Encoded;
@@ -92,8 +93,8 @@ pub fn verify_bundle(ck: &Checkpoint, dir: &Path, tolerance: f32) -> Result<Veri
 /// one set serves the fp32 and the quantized check.
 #[derive(Debug, Clone)]
 pub struct ReferenceLogits {
-    vocab: usize,
-    context: usize,
+    /// What each step fed: the check prompt, then one token per decode step.
+    inputs: Vec<Vec<u32>>,
     /// Last-position logits of the prefill, then of each decode step.
     steps: Vec<Vec<f32>>,
 }
@@ -113,13 +114,25 @@ impl ReferenceLogits {
     /// (which keeps its own cache and returns the last position's logits), and keeps them.
     fn record(vocab: usize, context: usize, mut step: impl FnMut(&[u32]) -> Result<Vec<f32>>) -> Result<Self> {
         let mut input = check_prompt(vocab, check_prompt_len(context));
-        let mut steps = Vec::with_capacity(DECODE_STEPS + 1);
+        let (mut inputs, mut steps) = (Vec::with_capacity(DECODE_STEPS + 1), Vec::with_capacity(DECODE_STEPS + 1));
         for _ in 0..=DECODE_STEPS {
             let last = step(&input)?;
-            input = vec![edgelm_runtime::sampling::argmax(&last)];
+            inputs.push(std::mem::replace(&mut input, vec![edgelm_runtime::sampling::argmax(&last)]));
             steps.push(last);
         }
-        Ok(ReferenceLogits { vocab, context, steps })
+        Ok(ReferenceLogits { inputs, steps })
+    }
+
+    /// The check of a model read one layer at a time from `index` (never whole in memory): the
+    /// check prompt, then fixed tokens one at a time rather than the model's own greedy ones
+    /// (knowing those would take a pass over every weight per token).
+    pub fn streamed(c: &ModelConfig, index: &WeightIndex) -> Result<Self> {
+        let n = check_prompt_len(c.max_position_embeddings);
+        let seq = check_prompt(c.vocab_size, n + DECODE_STEPS);
+        let inputs: Vec<Vec<u32>> =
+            std::iter::once(seq[..n].to_vec()).chain(seq[n..n + DECODE_STEPS].iter().map(|&t| vec![t])).collect();
+        let steps = LlamaModel::streamed_logits(c, &inputs, &mut |name, shape| index.read(name, shape))?;
+        Ok(ReferenceLogits { inputs, steps })
     }
 }
 
@@ -129,19 +142,16 @@ impl ReferenceLogits {
 pub fn verify_against_reference(reference: &ReferenceLogits, dir: &Path, tolerance: f32) -> Result<VerifyReport> {
     let bundle = Bundle::open(dir)?;
     let mut decoder = Decoder::of_bundle(&bundle, &DecoderOptions::default())?;
-    let prompt = check_prompt(reference.vocab, check_prompt_len(reference.context));
-    let mut state = decoder.start(prompt.len() + DECODE_STEPS)?;
-    let mut input = prompt.clone();
+    let mut state = decoder.start(reference.inputs.iter().map(Vec::len).sum())?;
     let mut steps = StepTolerance::new(tolerance);
     let (mut kl, mut agree) = (0f64, 0usize);
-    for (step, reference) in reference.steps.iter().enumerate() {
-        let onnx = decoder.forward(&mut state, &input)?;
+    for (step, (reference, input)) in reference.steps.iter().zip(&reference.inputs).enumerate() {
+        let onnx = decoder.forward(&mut state, input)?;
         steps.add(step, reference, onnx);
         kl += kl_divergence(reference, onnx);
-        let next = edgelm_runtime::sampling::argmax(reference);
-        agree += usize::from(edgelm_runtime::sampling::argmax(onnx) == next);
-        input = vec![next];
+        agree += usize::from(edgelm_runtime::sampling::argmax(onnx) == edgelm_runtime::sampling::argmax(reference));
     }
+    let prompt = &reference.inputs[0];
     Ok(VerifyReport {
         max_abs_diff: steps.max_abs_diff,
         logit_scale: steps.worst_scale,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
-use super::proto::{DataLocation, StringStringEntryProto, TensorProto};
+use super::proto::{DataLocation, DataType, StringStringEntryProto, TensorProto};
 use super::ModelProto;
 use crate::error::{Error, IoContext, Result};
 
@@ -77,6 +77,33 @@ pub fn internalize(model: &mut ModelProto, dir: &Path) -> Result<()> {
         t.data_location = None;
     }
     Ok(())
+}
+
+/// `t` with 16-bit float values (bfloat16 or float16, as weights spill from a checkpoint stored
+/// that way) turned into float32; others as they are.
+pub fn widened(mut t: TensorProto) -> TensorProto {
+    let elem = t.data_type.and_then(|d| DataType::try_from(d).ok());
+    let widen: fn([u8; 2]) -> f32 = match elem {
+        Some(DataType::Bfloat16) => |b| half::bf16::from_le_bytes(b).to_f32(),
+        Some(DataType::Float16) => |b| half::f16::from_le_bytes(b).to_f32(),
+        _ => return t,
+    };
+    if is_external(&t) {
+        return t;
+    }
+    let raw = std::mem::take(&mut t.raw_data);
+    t.raw_data = raw.chunks_exact(2).flat_map(|b| widen([b[0], b[1]]).to_le_bytes()).collect();
+    t.data_type = Some(DataType::Float as i32);
+    t
+}
+
+/// Every 16-bit float initializer of `model` held in the graph turned into float32: what a
+/// deferred export's quantizer left of the spilled weights (norms kept, matrices kept in fp32)
+/// takes the graph's type again.
+pub fn widen_to_f32(model: &mut ModelProto) {
+    for t in model.graph.iter_mut().flat_map(|g| &mut g.initializer) {
+        *t = widened(std::mem::take(t));
+    }
 }
 
 /// Data files opened while reading tensors, by location: each is opened once however many

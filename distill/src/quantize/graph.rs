@@ -600,8 +600,9 @@ pub fn quantize_model_in(
         internalize(model, dir)?;
     }
     let mut files = DataFiles::default();
+    // Weights spilled in 16 bits by a deferred export are read as the f32 they stand for.
     let summary = quantize_loaded(model, opts, &mut |t: &TensorProto| match weights {
-        Some(dir) if is_external(t) => files.loaded(t, dir).map(Some),
+        Some(dir) if is_external(t) => files.loaded(t, dir).map(|t| Some(crate::onnx::external::widened(t))),
         _ => Ok(None),
     })?;
     // What stayed in fp32 comes back into the model (nothing, where no tensor is apart).
