@@ -146,6 +146,45 @@ fn check_command_tells_the_source_checkpoint_apart() {
     assert!(err.contains("check failed: logits differ"), "{err}");
 }
 
+/// A low-memory export (weights read from the checkpoint as the graph needs them, spilled in
+/// their stored type and quantized from there; the reference taken one layer at a time) writes
+/// the same bundle as the export that loads the checkpoint: from bf16 storage, with a tied
+/// table and head norms (Qwen3), and through LongRoPE's switch, whose check must see the
+/// decode steps as decoding runs them.
+#[test]
+fn low_memory_export_writes_the_same_bundle() {
+    use edgelm_distill::checkpoint::write::{write_checkpoint, WriteOptions};
+    use edgelm_distill::export::{export, export_deferred, ExportOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    for preset in ["tiny-qwen3", "tiny-longrope"] {
+        // The layer-at-a-time reference is the fp32 graph's numbers, step by step.
+        let (ck, index) = Checkpoint::load_deferred(checkpoint(preset)).unwrap();
+        let streamed = edgelm_distill::export::ReferenceLogits::streamed(&ck.config, &index).unwrap();
+        let fp32 = edgelm_distill::export::verify_against_reference(&streamed, &bundle(preset), 1e-4).unwrap();
+        assert!(fp32.passed, "{preset}: {fp32:?}");
+        let f32_ck = Checkpoint::load(checkpoint(preset)).unwrap();
+        let bf16 = tmp.path().join(format!("{preset}-bf16"));
+        let opts = WriteOptions { dtype: candle_core::DType::BF16, max_shard_bytes: None };
+        write_checkpoint(&bf16, &f32_ck.config, &f32_ck.tensors, opts).unwrap();
+        for bits in [8, 4] {
+            let q = edgelm_distill::quantize::QuantizeOptions::for_bits(bits).unwrap();
+            let opts = ExportOptions { quantize: Some(q), max_kl: 5.0, ..Default::default() };
+            let loaded = tmp.path().join(format!("{preset}-{bits}"));
+            export(&Checkpoint::load(&bf16).unwrap(), &loaded, &opts).unwrap();
+            let (ck, index) = Checkpoint::load_deferred(&bf16).unwrap();
+            let deferred = tmp.path().join(format!("{preset}-{bits}-deferred"));
+            let report = export_deferred(&ck, &index, &deferred, &opts).unwrap();
+            let check = report.quantized.unwrap().verify.unwrap();
+            assert!(check.mean_kl < 5.0 && check.top1_agreement > 0.0, "{preset} int{bits}: {check:?}");
+            for file in ["model.onnx", "model.onnx.data"] {
+                let (a, b) = (std::fs::read(loaded.join(file)).unwrap(), std::fs::read(deferred.join(file)).unwrap());
+                assert!(a == b, "{preset} int{bits}: {file} differs");
+            }
+            assert!(!deferred.join("weights.spill").exists(), "the spill file is removed");
+        }
+    }
+}
+
 #[test]
 fn exported_graphs_pass_onnx_checker() {
     let models: Vec<_> = PRESETS.iter().map(|p| bundle(p).join("model.onnx")).collect();

@@ -166,6 +166,16 @@ mod tests {
             m.forward(&ids, &mut m.new_cache()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
         };
         assert_eq!(logits(&a), logits(&b));
+        // Opened without its weights, the index reads each split projection out of its fused
+        // matrix, the same as loading splits them.
+        let (deferred, index) = Checkpoint::load_deferred(&phi3).unwrap();
+        assert_eq!(deferred.config, b.config);
+        assert!(deferred.tensors.is_empty());
+        for (name, t) in &b.tensors {
+            let read = index.read(name, t.dims()).unwrap();
+            let diff = (read - t).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "{name}");
+        }
 
         // Keys left out take Phi3Config's defaults, not Mistral's.
         let sparse: Value =
