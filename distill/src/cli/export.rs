@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 
-use edgelm_distill::export::{export_owned, quantize_bundle, verify_bundle, ExportOptions, LogitsMode};
+use edgelm_distill::export::{
+    export_owned, quantize_bundle, verify_against_reference, verify_bundle, ExportOptions, LogitsMode, ReferenceLogits,
+};
 use edgelm_distill::quantize::{BlockScheme, QuantizeOptions};
 use edgelm_distill::Checkpoint;
 
@@ -353,6 +355,20 @@ pub struct ExportArgs {
     json: bool,
 }
 
+/// Whether the f32 weights of `ck` (opened without them) fit the memory available now, at the
+/// about 1.1 times an export holds at its peak; else what they need and what there is.
+fn f32_weights_fit(ck: &Checkpoint) -> std::result::Result<(), String> {
+    let need = (ck.config.num_parameters() as f64 * 4.0 * 1.1) as u64;
+    match available_memory() {
+        Some(a) if a < need => Err(format!(
+            "the f32 weights need about {:.1} GB and {:.1} GB are available",
+            need as f64 / 1e9,
+            a as f64 / 1e9
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Bytes of memory available now (`MemAvailable`), where the system says.
 fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -410,25 +426,15 @@ pub fn export(a: ExportArgs) -> Result<()> {
     };
     let (ck, index) =
         Checkpoint::load_deferred(&checkpoint).with_context(|| format!("reading {}", checkpoint.display()))?;
-    // An export holds the f32 weights about 1.1 times at its peak.
-    let need = (ck.config.num_parameters() as f64 * 4.0 * 1.1) as u64;
-    let short = available_memory().filter(|&a| a < need);
-    let report = if low_memory || (short.is_some() && opts.quantize.is_some()) {
-        if !low_memory {
-            eprintln!(
-                "the f32 weights need about {:.1} GB and {:.1} GB are available: exporting without loading them whole (--low-memory)",
-                need as f64 / 1e9,
-                short.unwrap_or(0) as f64 / 1e9
-            );
+    let fits = f32_weights_fit(&ck);
+    let report = if low_memory || (fits.is_err() && opts.quantize.is_some()) {
+        if let (false, Err(short)) = (low_memory, &fits) {
+            eprintln!("{short}: exporting without loading them whole (--low-memory)");
         }
         edgelm_distill::export::export_deferred(&ck, &index, &output, &opts)
     } else {
-        if let Some(a) = short {
-            eprintln!(
-                "warning: the f32 weights need about {:.1} GB and {:.1} GB are available; an int8 or int4 export (--precision) reads them a layer at a time",
-                need as f64 / 1e9,
-                a as f64 / 1e9
-            );
+        if let Err(short) = &fits {
+            eprintln!("warning: {short}; an int8 or int4 export (--precision) reads them a layer at a time");
         }
         drop(index);
         let ck = Checkpoint::load(&checkpoint).with_context(|| format!("loading {}", checkpoint.display()))?;
@@ -480,9 +486,18 @@ pub struct CheckArgs {
 
 /// Checks a bundle against a checkpoint; fails when it is out of bounds.
 pub fn check(a: CheckArgs) -> Result<()> {
-    let ck = Checkpoint::load(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
-    let v = verify_bundle(&ck, &a.bundle, a.tolerance)
-        .with_context(|| format!("checking {} against {}", a.bundle.display(), a.checkpoint.display()))?;
+    let (ck, index) =
+        Checkpoint::load_deferred(&a.checkpoint).with_context(|| format!("reading {}", a.checkpoint.display()))?;
+    let v = if f32_weights_fit(&ck).is_ok() {
+        drop(index);
+        let ck = Checkpoint::load(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
+        verify_bundle(&ck, &a.bundle, a.tolerance)
+    } else {
+        eprintln!("the f32 weights would not fit in memory: the reference runs one layer at a time");
+        ReferenceLogits::streamed(&ck.config, &index)
+            .and_then(|r| verify_against_reference(&r, &a.bundle, a.tolerance))
+    }
+    .with_context(|| format!("checking {} against {}", a.bundle.display(), a.checkpoint.display()))?;
     let passed = match a.max_kl {
         Some(max_kl) => v.mean_kl <= max_kl,
         None => v.passed,
