@@ -30,10 +30,21 @@ impl Span {
 
     /// Reads the tensor from `f` (its file, open), widened to f32.
     pub(crate) fn read_from(&self, f: &mut std::fs::File) -> Result<Tensor> {
-        let mut bytes = vec![0u8; self.bytes()];
-        f.seek(SeekFrom::Start(self.start)).at(&self.file)?;
+        self.read_rows(f, 0, self.shape.first().copied().unwrap_or(1))
+    }
+
+    /// Reads `rows` rows from row `first` on (the first dimension), widened to f32: a part of
+    /// a matrix without the rest.
+    fn read_rows(&self, f: &mut std::fs::File, first: usize, rows: usize) -> Result<Tensor> {
+        let row_bytes = if self.shape.is_empty() { self.bytes() } else { self.bytes() / self.shape[0].max(1) };
+        let mut bytes = vec![0u8; rows * row_bytes];
+        f.seek(SeekFrom::Start(self.start + (first * row_bytes) as u64)).at(&self.file)?;
         f.read_exact(&mut bytes).at(&self.file)?;
-        let t = Tensor::from_raw_buffer(&bytes, self.dtype, &self.shape, &Device::Cpu)?;
+        let mut shape = self.shape.clone();
+        if let Some(r) = shape.first_mut() {
+            *r = rows;
+        }
+        let t = Tensor::from_raw_buffer(&bytes, self.dtype, &shape, &Device::Cpu)?;
         drop(bytes);
         Ok(if self.dtype == DType::F32 { t } else { t.to_dtype(DType::F32)? })
     }
@@ -124,29 +135,31 @@ impl WeightIndex {
         self.spans.contains_key(name) || self.fused_part(name).is_some()
     }
 
-    /// The element type most of the weights are stored in (bf16 for most releases).
-    pub fn storage_dtype(&self) -> DType {
-        let mut bytes: HashMap<DType, usize> = HashMap::new();
-        for s in self.spans.values() {
-            *bytes.entry(s.dtype).or_default() += s.bytes();
+    /// An element type every matrix is stored in exactly: bf16 or f16 when all are, else f32
+    /// (which holds either). What a deferred export spills the graph's weights in.
+    pub fn matrix_dtype(&self) -> DType {
+        let mut types = self.spans.values().filter(|s| s.shape.len() == 2).map(|s| s.dtype);
+        match types.next() {
+            Some(first @ (DType::BF16 | DType::F16)) if types.all(|d| d == first) => first,
+            _ => DType::F32,
         }
-        bytes.into_iter().max_by_key(|(_, n)| *n).map_or(DType::F32, |(d, _)| d)
     }
 
     /// The weight `name` as f32, checked against `shape`.
     pub fn read(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = match (self.spans.get(name), self.fused_part(name)) {
             (Some(span), _) => span.read_from(&mut std::fs::File::open(&span.file).at(&span.file)?)?,
-            (None, Some((fused, start, rows))) => {
+            (None, Some((fused, start, rows, all_rows))) => {
                 let span = &self.spans[&fused];
-                let t = span.read_from(&mut std::fs::File::open(&span.file).at(&span.file)?)?;
-                if t.dims().first().is_none_or(|&r| r < start + rows) {
+                let h = self.config.hidden_size;
+                if span.shape != [all_rows, h] {
                     return Err(Error::Tensor {
                         name: fused,
-                        what: format!("shape {:?} is too short to hold the projections it joins", t.dims()),
+                        what: format!("shape {:?}, expected [{all_rows}, {h}] (the projections it joins)", span.shape),
                     });
                 }
-                t.narrow(0, start, rows)?.contiguous()?
+                // Only this part's rows: the others are read when they are asked for.
+                span.read_rows(&mut std::fs::File::open(&span.file).at(&span.file)?, start, rows)?
             }
             (None, None) => {
                 return Err(Error::Tensor { name: name.into(), what: "missing from the checkpoint".into() })
@@ -156,8 +169,9 @@ impl WeightIndex {
         Ok(super::weight(&map, name, shape)?.clone())
     }
 
-    /// For Phi-3 storage: the fused matrix `name` is part of, its first row and its rows.
-    fn fused_part(&self, name: &str) -> Option<(String, usize, usize)> {
+    /// For Phi-3 storage: the fused matrix `name` is part of, its first row, its rows, and the
+    /// fused matrix's rows.
+    fn fused_part(&self, name: &str) -> Option<(String, usize, usize, usize)> {
         if !self.fused {
             return None;
         }
@@ -166,11 +180,12 @@ impl WeightIndex {
             let (layer_prefix, part) = parts.iter().find_map(|p| Some((module.strip_suffix(p)?, *p)))?;
             let fused_name = format!("{layer_prefix}{fused}.weight");
             self.spans.contains_key(&fused_name).then_some(())?;
+            let all_rows: usize = parts.iter().map(|p| phi3::rows_of(&self.config, p)).sum();
             let mut start = 0;
             for p in *parts {
                 let rows = phi3::rows_of(&self.config, p);
                 if *p == part {
-                    return Some((fused_name.clone(), start, rows));
+                    return Some((fused_name.clone(), start, rows, all_rows));
                 }
                 start += rows;
             }

@@ -48,6 +48,8 @@ pub fn as_mistral_config(mut config: Value) -> Result<String> {
     let defaults = [
         ("rms_norm_eps", Value::from(1e-5)),
         ("max_position_embeddings", Value::from(4096)),
+        // What LongRoPE's switch is measured against when the file leaves it out.
+        ("original_max_position_embeddings", Value::from(4096)),
         ("rope_theta", Value::from(10000.0)),
         ("bos_token_id", Value::from(1)),
         ("eos_token_id", Value::from(32000)),

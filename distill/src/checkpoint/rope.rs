@@ -5,14 +5,16 @@
 //! whole context. LongRoPE has two: the short one while a sequence fits the length the base
 //! model was trained on, the long one once it is longer, switched per forward pass on the
 //! longest sequence as transformers and onnxruntime-genai switch. Dynamic NTK scaling changes
-//! nothing inside `max_position_embeddings`, the longest context edgelm runs, so it is plain
-//! RoPE here; a dynamic config that starts scaling earlier is refused.
+//! nothing inside `max_position_embeddings` (transformers grows it only past that length), the
+//! longest context edgelm runs, so it is plain RoPE here.
 //!
-//! The formulas follow current transformers (`modeling_rope_utils`): YaRN's correction range
-//! comes from `original_max_position_embeddings` when the rope parameters give it, its attention
-//! factor from `mscale` / `mscale_all_dim` when both are set. Attention factors are resolved at
-//! load and written back explicitly, so a checkpoint edgelm writes means the same to any
-//! transformers version that reads the key.
+//! The formulas follow current transformers (`modeling_rope_utils`): the original context of
+//! llama3, YaRN and LongRoPE is config.json's top-level `original_max_position_embeddings`
+//! (Phi-3 states it there), else the rope parameters', else `max_position_embeddings`; YaRN's
+//! attention factor comes from `mscale` / `mscale_all_dim` when both are set. Attention factors
+//! are resolved at load and written back explicitly; YaRN's original context is written back
+//! only where the source stated it, as transformers 4.48-4.55 read a stated one as a reason to
+//! replace `factor`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -43,7 +45,8 @@ pub enum RopeScaling {
         original_max_position_embeddings: usize,
     },
     /// Dynamic NTK scaling: the base grows only for sequences past `max_position_embeddings`,
-    /// which edgelm never runs, so the frequencies are plain RoPE's. Kept to be written back.
+    /// which edgelm never runs, so the frequencies are plain RoPE's. Kept to be written back
+    /// (any `original_max_position_embeddings` it had is not: transformers does not read it).
     Dynamic {
         /// Growth of the base past the context.
         factor: f64,
@@ -55,6 +58,10 @@ pub enum RopeScaling {
         factor: f64,
         /// The context length the base model was trained with; places the ramp.
         original_max_position_embeddings: usize,
+        /// Whether config.json stated the original context (else it is `max_position_embeddings`
+        /// and is not written back).
+        #[serde(skip)]
+        original_stated: bool,
         /// Rotations over the original context above which a frequency is kept.
         beta_fast: f64,
         /// Rotations below which a frequency is fully interpolated.
@@ -202,12 +209,14 @@ impl RopeConfig {
 
     /// The `rope_scaling` object transformers reads back (null for plain RoPE).
     pub(crate) fn scaling_json(&self) -> Value {
-        match &self.scaling {
-            RopeScaling::Default => Value::Null,
-            RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
-            RopeScaling::Dynamic { factor } => serde_json::json!({"rope_type": "dynamic", "factor": factor}),
+        let mut v = match &self.scaling {
+            RopeScaling::Default => return Value::Null,
             other => serde_json::to_value(other).expect("rope scaling serializes"),
+        };
+        if let (RopeScaling::Yarn { original_stated: false, .. }, Some(obj)) = (&self.scaling, v.as_object_mut()) {
+            obj.remove("original_max_position_embeddings");
         }
+        v
     }
 
     /// The original context a LongRoPE config also states at the top level of config.json,
@@ -306,9 +315,13 @@ pub(crate) fn parse_rope(src: RopeSource<'_>) -> Result<RopeConfig> {
             Err(invalid(format!("`{key}` must be positive, got {v}")))
         }
     };
-    let original = |fallback: Option<usize>| -> Result<usize> {
-        let given = opt_num("original_max_position_embeddings")?.map(|v| v as usize).or(fallback);
-        match given.unwrap_or(src.context) {
+    // The top-level key wins over the rope parameters' (transformers' `standardize_rope_params`).
+    let stated = match src.original_context {
+        Some(top) => Some(top),
+        None => opt_num("original_max_position_embeddings")?.map(|v| v as usize),
+    };
+    let original = || -> Result<usize> {
+        match stated.unwrap_or(src.context) {
             0 => Err(invalid("`original_max_position_embeddings` must be positive".into())),
             n => Ok(n),
         }
@@ -320,23 +333,11 @@ pub(crate) fn parse_rope(src: RopeSource<'_>) -> Result<RopeConfig> {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+            original_max_position_embeddings: original()?,
         },
-        "dynamic" => {
-            let factor = positive("factor", num("factor")?)?;
-            let from = original(None)?;
-            if from < src.context {
-                return Err(Error::Unsupported {
-                    what: format!(
-                        "dynamic NTK rope scaling from {from} positions within a {}-position context: its frequencies change at every step past {from}; set max_position_embeddings to {from}",
-                        src.context
-                    ),
-                });
-            }
-            RopeScaling::Dynamic { factor }
-        }
+        "dynamic" => RopeScaling::Dynamic { factor: positive("factor", num("factor")?)? },
         "yarn" => {
-            let original_max_position_embeddings = original(src.original_context)?;
+            let original_max_position_embeddings = original()?;
             let factor = match opt_num("factor")? {
                 Some(f) => f,
                 None => src.context as f64 / original_max_position_embeddings as f64,
@@ -361,6 +362,7 @@ pub(crate) fn parse_rope(src: RopeSource<'_>) -> Result<RopeConfig> {
             RopeScaling::Yarn {
                 factor,
                 original_max_position_embeddings,
+                original_stated: stated.is_some(),
                 beta_fast: positive("beta_fast", beta("beta_fast", 32.0)?)?,
                 beta_slow: positive("beta_slow", beta("beta_slow", 1.0)?)?,
                 truncate,
@@ -368,7 +370,7 @@ pub(crate) fn parse_rope(src: RopeSource<'_>) -> Result<RopeConfig> {
             }
         }
         "longrope" => {
-            let original_max_position_embeddings = original(src.original_context)?;
+            let original_max_position_embeddings = original()?;
             let factors = |key: &str| -> Result<Vec<f64>> {
                 let list =
                     opt(key).and_then(Value::as_array).ok_or_else(|| invalid(format!("needs a `{key}` list")))?;
@@ -507,15 +509,42 @@ mod tests {
     }
 
     #[test]
-    fn dynamic_is_plain_inside_the_context_and_refused_when_it_starts_earlier() {
-        let r = parse(serde_json::json!({"type": "dynamic", "factor": 2.0}), 256, 16).unwrap();
-        assert_eq!(r.inv_freq(16), RopeConfig::plain(10_000.0).inv_freq(16));
-        let e = parse(
+    fn dynamic_is_plain_inside_the_context() {
+        // transformers grows the base only past max_position_embeddings, whatever
+        // original_max_position_embeddings says.
+        for s in [
+            serde_json::json!({"type": "dynamic", "factor": 2.0}),
             serde_json::json!({"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 128}),
-            256,
-            16,
-        )
-        .unwrap_err();
-        assert!(matches!(e, Error::Unsupported { .. }) && e.to_string().contains("from 128"), "{e}");
+        ] {
+            let r = parse(s, 256, 16).unwrap();
+            assert_eq!(r.inv_freq(16), RopeConfig::plain(10_000.0).inv_freq(16));
+            assert_eq!(r.scaling_json(), serde_json::json!({"rope_type": "dynamic", "factor": 2.0}));
+        }
+    }
+
+    #[test]
+    fn the_top_level_original_context_wins_and_yarn_writes_back_only_a_stated_one() {
+        let inner = serde_json::json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64});
+        let top = parse_rope(RopeSource {
+            theta: Some(10_000.0),
+            scaling: Some(&inner),
+            parameters: None,
+            original_context: Some(32),
+            context: 256,
+            head_dim: 16,
+        })
+        .unwrap();
+        assert!(matches!(top.scaling, RopeScaling::Yarn { original_max_position_embeddings: 32, .. }));
+        assert_eq!(top.scaling_json()["original_max_position_embeddings"], 32);
+        let unstated = parse(serde_json::json!({"rope_type": "yarn", "factor": 4.0}), 256, 16).unwrap();
+        assert!(matches!(unstated.scaling, RopeScaling::Yarn { original_max_position_embeddings: 256, .. }));
+        assert!(unstated.scaling_json().get("original_max_position_embeddings").is_none());
+        // llama3 falls back to the context too.
+        let l3 =
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0});
+        assert!(matches!(
+            parse(l3, 256, 16).unwrap().scaling,
+            RopeScaling::Llama3 { original_max_position_embeddings: 256, .. }
+        ));
     }
 }

@@ -494,8 +494,7 @@ pub fn check(a: CheckArgs) -> Result<()> {
         verify_bundle(&ck, &a.bundle, a.tolerance)
     } else {
         eprintln!("the f32 weights would not fit in memory: the reference runs one layer at a time");
-        ReferenceLogits::streamed(&ck.config, &index)
-            .and_then(|r| verify_against_reference(&r, &a.bundle, a.tolerance))
+        ReferenceLogits::streamed(&ck.config, &index).and_then(|r| verify_against_reference(&r, &a.bundle, a.tolerance))
     }
     .with_context(|| format!("checking {} against {}", a.bundle.display(), a.checkpoint.display()))?;
     let passed = match a.max_kl {

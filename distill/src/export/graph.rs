@@ -77,9 +77,16 @@ pub(crate) fn build_decoder(
     logits: LogitsMode,
     spill: Option<(&std::path::Path, DataType)>,
 ) -> Result<ModelProto> {
-    if let Weights::Loaded(map) = &weights {
-        // Every weight checked before any work is done.
-        DecoderWeights::from_map(map, c)?;
+    if let Weights::Loaded(map) = &mut weights {
+        // Every weight checked before any work is done, and what the decoder does not read let
+        // go now.
+        let mut used = std::collections::HashSet::new();
+        let all = &*map;
+        DecoderWeights::read(c, &mut |name, shape| {
+            used.insert(name.to_owned());
+            weight(all, name, shape).cloned()
+        })?;
+        map.retain(|name, _| used.contains(name));
     }
     let mut g = GraphBuilder::new("edgelm-decoder");
     if let Some((path, elem)) = spill {

@@ -345,14 +345,14 @@ pub fn export_deferred(ck: &Checkpoint, index: &WeightIndex, out: &Path, opts: &
     let reference = if opts.verify { Some(ReferenceLogits::streamed(&ck.config, index)?) } else { None };
     let mut w = BundleWriter::create(out, bundle::Kind::CausalLm)?;
     let spill = w.dir().join(SPILL_FILE);
-    let elem = match index.storage_dtype() {
+    let elem = match index.matrix_dtype() {
         candle_core::DType::BF16 => DataType::Bfloat16,
         candle_core::DType::F16 => DataType::Float16,
         _ => DataType::Float,
     };
     let mut model = build_decoder(&ck.config, Weights::Indexed(index), opts.logits, Some((&spill, elem)))?;
     let q = &quantized::with_hot_rows(q, ck.tokenizer_json.as_deref())?;
-    let summary = quantize_model_in(&mut model, q, Some(w.dir()))?;
+    let summary = crate::quantize::graph::quantize_spilled(&mut model, q, w.dir())?;
     quantized::hot_rows_used(q, &summary)?;
     crate::onnx::external::widen_to_f32(&mut model);
     write_model(&mut w, "model.onnx", &mut model, opts.external_data)?;

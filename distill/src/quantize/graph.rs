@@ -586,7 +586,40 @@ pub fn quantize_model_in(
     opts: &QuantizeOptions,
     weights_dir: Option<&std::path::Path>,
 ) -> Result<QuantizeSummary> {
-    use crate::onnx::external::{internalize, is_external, DataFiles};
+    quantize_external(model, opts, weights_dir, false)
+}
+
+/// [`quantize_model_in`] of a graph whose weights a deferred export spilled to `dir` in the
+/// 16-bit type they were stored in: each is read as the f32 it stands for, and counted so in
+/// the summary. What is not quantized stays 16-bit; [`crate::onnx::external::widen_to_f32`]
+/// makes it f32.
+pub fn quantize_spilled(
+    model: &mut ModelProto,
+    opts: &QuantizeOptions,
+    dir: &std::path::Path,
+) -> Result<QuantizeSummary> {
+    use crate::onnx::external::{is_external, stored_bytes};
+    let half = [DataType::Float16 as i32, DataType::Bfloat16 as i32];
+    let spilled_half: usize = model
+        .graph
+        .iter()
+        .flat_map(|g| &g.initializer)
+        .filter(|t| is_external(t) && t.data_type.is_some_and(|d| half.contains(&d)))
+        .map(stored_bytes)
+        .sum();
+    let mut summary = quantize_external(model, opts, Some(dir), true)?;
+    // Two bytes a value on disk, four in the fp32 model they stand for.
+    summary.bytes_before += spilled_half;
+    Ok(summary)
+}
+
+fn quantize_external(
+    model: &mut ModelProto,
+    opts: &QuantizeOptions,
+    weights_dir: Option<&std::path::Path>,
+    spilled: bool,
+) -> Result<QuantizeSummary> {
+    use crate::onnx::external::{internalize, is_external, widened, DataFiles};
     let external = model.graph.iter().flat_map(|g| &g.initializer).any(is_external);
     let weights = match weights_dir {
         Some(dir) if external => Some(dir),
@@ -600,9 +633,8 @@ pub fn quantize_model_in(
         internalize(model, dir)?;
     }
     let mut files = DataFiles::default();
-    // Weights spilled in 16 bits by a deferred export are read as the f32 they stand for.
     let summary = quantize_loaded(model, opts, &mut |t: &TensorProto| match weights {
-        Some(dir) if is_external(t) => files.loaded(t, dir).map(|t| Some(crate::onnx::external::widened(t))),
+        Some(dir) if is_external(t) => files.loaded(t, dir).map(|t| Some(if spilled { widened(t) } else { t })),
         _ => Ok(None),
     })?;
     // What stayed in fp32 comes back into the model (nothing, where no tensor is apart).
