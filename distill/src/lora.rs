@@ -130,25 +130,88 @@ impl Adapter {
         Ok(out)
     }
 
-    /// Writes `adapter_config.json` and `adapter_model.safetensors` in PEFT's layout.
-    pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` in PEFT's layout. For a base
+    /// that stores Phi-3's fused projections (`fused`: its config; see
+    /// [`crate::checkpoint::phi3`]) the adapter is written on those, so PEFT loads it onto the Phi-3 model: see
+    /// [`Adapter::on_fused_projections`].
+    pub fn save_peft(&self, dir: &Path, base_model: &str, fused: Option<&ModelConfig>) -> Result<()> {
         std::fs::create_dir_all(dir).at(dir)?;
+        let (modules, targets, ranks) = if let Some(c) = fused {
+            self.on_fused_projections(c)?
+        } else {
+            (self.modules.clone(), self.config.target_modules.clone(), HashMap::new())
+        };
+        // A fused module's rank is r per adapted part; its alpha grows with it, so every module
+        // keeps the scale alpha / r.
+        let alphas: HashMap<&String, f64> =
+            ranks.iter().map(|(k, r)| (k, self.config.lora_alpha * (*r / self.config.r) as f64)).collect();
         let cfg = serde_json::json!({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-            "r": self.config.r, "lora_alpha": self.config.lora_alpha, "target_modules": self.config.target_modules,
+            "r": self.config.r, "lora_alpha": self.config.lora_alpha, "target_modules": targets,
+            "rank_pattern": ranks, "alpha_pattern": alphas,
             "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": false, "inference_mode": true,
             "use_rslora": false, "init_lora_weights": true,
         });
         let p = dir.join("adapter_config.json");
         std::fs::write(&p, serde_json::to_string_pretty(&cfg).expect("json")).at(&p)?;
         let mut tensors = HashMap::new();
-        for (m, (a, b)) in &self.modules {
+        for (m, (a, b)) in &modules {
             tensors.insert(format!("{PEFT_PREFIX}{m}.lora_A.weight"), a.clone());
             tensors.insert(format!("{PEFT_PREFIX}{m}.lora_B.weight"), b.clone());
         }
         let file = dir.join("adapter_model.safetensors");
         candle_core::safetensors::save(&tensors, &file)
             .map_err(|e| Error::Format { path: file.clone(), what: e.to_string() })
+    }
+
+    /// The adapter on Phi-3's fused `qkv_proj` / `gate_up_proj` (of a model shaped `c`) instead
+    /// of the separate projections it was trained on: a fused module's A stacks its adapted
+    /// parts' A, and its B holds each adapted part's B in that part's rows and rank columns
+    /// (zeros elsewhere, and in the rows of parts left unadapted), so its B A is the parts'
+    /// updates stacked, exactly. Returns the modules, the target names, and the rank of each
+    /// fused target (r per adapted part).
+    #[allow(clippy::type_complexity)]
+    pub fn on_fused_projections(
+        &self,
+        c: &ModelConfig,
+    ) -> Result<(HashMap<String, (Tensor, Tensor)>, Vec<String>, HashMap<String, usize>)> {
+        use crate::checkpoint::{names, phi3};
+        let mut modules = self.modules.clone();
+        let mut ranks = HashMap::new();
+        for layer in 0..c.num_hidden_layers {
+            for (fused, parts) in phi3::FUSED {
+                let rows: Vec<usize> = parts.iter().map(|p| phi3::rows_of(c, p)).collect();
+                let total: usize = rows.iter().sum();
+                let (mut a_parts, mut b_cols) = (Vec::new(), Vec::new());
+                let mut start = 0;
+                for (part, n) in parts.iter().zip(&rows) {
+                    if let Some((a, b)) = modules.remove(&names::in_layer(layer, part)) {
+                        let r = a.dims()[0];
+                        let mut col = Vec::new();
+                        if start > 0 {
+                            col.push(Tensor::zeros((start, r), b.dtype(), b.device())?);
+                        }
+                        col.push(b);
+                        if start + n < total {
+                            col.push(Tensor::zeros((total - start - n, r), a.dtype(), a.device())?);
+                        }
+                        b_cols.push(Tensor::cat(&col, 0)?);
+                        a_parts.push(a);
+                    }
+                    start += n;
+                }
+                if a_parts.is_empty() {
+                    continue;
+                }
+                let rank = a_parts.iter().map(|a| a.dims()[0]).sum();
+                ranks.insert(fused.rsplit('.').next().expect("a name").to_owned(), rank);
+                modules.insert(names::in_layer(layer, fused), (Tensor::cat(&a_parts, 0)?, Tensor::cat(&b_cols, 1)?));
+            }
+        }
+        let mut targets: Vec<String> = modules.keys().filter_map(|m| m.rsplit('.').next().map(str::to_owned)).collect();
+        targets.sort();
+        targets.dedup();
+        Ok((modules, targets, ranks))
     }
 
     /// Reads an adapter saved by [`Adapter::save_peft`] or by `peft`. PEFT's rank-stabilised

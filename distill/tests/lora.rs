@@ -47,7 +47,7 @@ fn adapter_applied_equals_adapter_merged() {
 
     // PEFT layout round trip.
     let dir = tempfile::tempdir().unwrap();
-    trained.save_peft(dir.path(), "tiny-qwen2").unwrap();
+    trained.save_peft(dir.path(), "tiny-qwen2", None).unwrap();
     let cfg_json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg_json["peft_type"], "LORA");
@@ -77,7 +77,7 @@ fn peft_scales_rslora_and_per_module_alphas_are_applied() {
         *b = Tensor::from_vec(vals, b.dims(), &Device::Cpu).unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
-    adapter.save_peft(dir.path(), "tiny-qwen2").unwrap();
+    adapter.save_peft(dir.path(), "tiny-qwen2", None).unwrap();
     // The raw product B A of a module, without any scale.
     let raw = |m: &str| {
         let (a, b) = &adapter.modules[m];
@@ -169,5 +169,42 @@ fn an_adapter_on_fused_phi3_projections_merges_into_the_split_ones() {
                 "{name} changed"
             );
         }
+    }
+}
+
+/// For a Phi-3 base the adapter is saved on the fused `qkv_proj` / `gate_up_proj` PEFT applies
+/// to Phi-3 (ranks and alphas per fused module, zero rows for a part left unadapted), and what
+/// it saves merges exactly as the adapter trained on the split projections does.
+#[test]
+fn an_adapter_for_a_phi3_base_is_saved_on_the_fused_projections() {
+    let cfg = preset_config("tiny-mistral").unwrap();
+    let base = random_weights(&cfg, 4).unwrap();
+    // q and v (k left out), up (gate left out) and down.
+    let lcfg = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        target_modules: vec!["q_proj".into(), "v_proj".into(), "up_proj".into(), "down_proj".into()],
+    };
+    let mut adapter = Adapter::init(&cfg, lcfg, 9).unwrap();
+    for (i, (_, b)) in adapter.modules.values_mut().enumerate() {
+        *b = (Tensor::randn(0f32, 0.05, b.dims(), &Device::Cpu).unwrap() + i as f64 * 1e-3).unwrap();
+    }
+    let split = adapter.merge(&base).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    adapter.save_peft(dir.path(), "phi3", Some(&cfg)).unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["target_modules"], serde_json::json!(["down_proj", "gate_up_proj", "qkv_proj"]));
+    assert_eq!(saved["rank_pattern"], serde_json::json!({"qkv_proj": 8, "gate_up_proj": 4}));
+    assert_eq!(saved["alpha_pattern"], serde_json::json!({"qkv_proj": 16.0, "gate_up_proj": 8.0}));
+    let back = Adapter::load_peft(dir.path()).unwrap();
+    assert!(back.modules.keys().all(|m| [".q_proj", ".v_proj", ".up_proj"].iter().all(|s| !m.ends_with(s))));
+    let fused = back.merge(&base).unwrap();
+    for (name, t) in &split {
+        let diff = max_diff(
+            &t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &fused[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(diff < 1e-6, "{name}: {diff}");
     }
 }

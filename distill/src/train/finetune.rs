@@ -221,7 +221,9 @@ fn train_adapter(
     let objective = if penalties.is_empty() { objective } else { objective.with_penalty(&ewc) };
     let report = train_stage(stage, &mut trainer, objective, &val)?;
     let adapter = Adapter::from_tensors(spec.lora.clone(), &load_best(&report)?)?;
-    adapter.save_peft(&opts.output, &base.dir.display().to_string())?;
+    // On a Phi-3 base, written on its fused projections so PEFT loads it there.
+    let fused = crate::checkpoint::phi3::is_phi3_folder(base.dir).then_some(base.config);
+    adapter.save_peft(&opts.output, &base.dir.display().to_string(), fused)?;
     // Forward and backward still run through the frozen base: count its parameters.
     let flop = flop_parameters(base.config);
     let log = TrainLog::new("finetune", trainer.num_parameters(), flop, &report);
