@@ -136,15 +136,22 @@ impl Adapter {
     /// [`Adapter::on_fused_projections`].
     pub fn save_peft(&self, dir: &Path, base_model: &str, fused: Option<&ModelConfig>) -> Result<()> {
         std::fs::create_dir_all(dir).at(dir)?;
-        let (modules, targets, ranks) = if let Some(c) = fused {
+        let (modules, targets, mut ranks) = if let Some(c) = fused {
             self.on_fused_projections(c)?
         } else {
             (self.modules.clone(), self.config.target_modules.clone(), HashMap::new())
         };
-        // A fused module's rank is r per adapted part; its alpha grows with it, so every module
+        // Any other module of its own rank (one read from PEFT with a rank pattern) is named.
+        for (m, (a, _)) in &modules {
+            let rank = a.dims()[0];
+            if pattern(&ranks, m).copied().unwrap_or(self.config.r) != rank {
+                ranks.insert(m.clone(), rank);
+            }
+        }
+        // A fused module's rank is r per adapted part; alphas grow with ranks, so every module
         // keeps the scale alpha / r.
         let alphas: HashMap<&String, f64> =
-            ranks.iter().map(|(k, r)| (k, self.config.lora_alpha * (*r / self.config.r) as f64)).collect();
+            ranks.iter().map(|(k, r)| (k, self.config.lora_alpha * *r as f64 / self.config.r as f64)).collect();
         let cfg = serde_json::json!({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
             "r": self.config.r, "lora_alpha": self.config.lora_alpha, "target_modules": targets,

@@ -189,14 +189,40 @@ fn an_adapter_for_a_phi3_base_is_saved_on_the_fused_projections() {
     for (i, (_, b)) in adapter.modules.values_mut().enumerate() {
         *b = (Tensor::randn(0f32, 0.05, b.dims(), &Device::Cpu).unwrap() + i as f64 * 1e-3).unwrap();
     }
+    // One module of its own rank (as PEFT's rank_pattern gives): 6 where the rest have 4.
+    let q0 = "model.layers.0.self_attn.q_proj".to_owned();
+    let (a0, b0) = &adapter.modules[&q0];
+    let (a6, b6) = (
+        Tensor::randn(0f32, 0.2, (6, a0.dims()[1]), &Device::Cpu).unwrap(),
+        Tensor::randn(0f32, 0.05, (b0.dims()[0], 6), &Device::Cpu).unwrap(),
+    );
+    adapter.modules.insert(q0, (a6, b6));
     let split = adapter.merge(&base).unwrap();
+    // Saved as it is, the odd rank is named; read back, it merges the same.
+    let plain = tempfile::tempdir().unwrap();
+    adapter.save_peft(plain.path(), "mistral", None).unwrap();
+    let again = Adapter::load_peft(plain.path()).unwrap().merge(&base).unwrap();
+    for (name, t) in &split {
+        let d = max_diff(
+            &t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &again[name].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(d < 1e-6, "{name}: {d}");
+    }
     let dir = tempfile::tempdir().unwrap();
     adapter.save_peft(dir.path(), "phi3", Some(&cfg)).unwrap();
     let saved: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(saved["target_modules"], serde_json::json!(["down_proj", "gate_up_proj", "qkv_proj"]));
-    assert_eq!(saved["rank_pattern"], serde_json::json!({"qkv_proj": 8, "gate_up_proj": 4}));
-    assert_eq!(saved["alpha_pattern"], serde_json::json!({"qkv_proj": 16.0, "gate_up_proj": 8.0}));
+    // Layer 0's qkv_proj is 6 + 4, the other layers' 4 + 4.
+    assert_eq!(
+        saved["rank_pattern"],
+        serde_json::json!({"qkv_proj": 8, "gate_up_proj": 4, "model.layers.0.self_attn.qkv_proj": 10})
+    );
+    assert_eq!(
+        saved["alpha_pattern"],
+        serde_json::json!({"qkv_proj": 16.0, "gate_up_proj": 8.0, "model.layers.0.self_attn.qkv_proj": 20.0})
+    );
     let back = Adapter::load_peft(dir.path()).unwrap();
     assert!(back.modules.keys().all(|m| [".q_proj", ".v_proj", ".up_proj"].iter().all(|s| !m.ends_with(s))));
     let fused = back.merge(&base).unwrap();

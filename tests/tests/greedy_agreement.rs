@@ -166,15 +166,20 @@ fn low_memory_export_writes_the_same_bundle() {
         let bf16 = tmp.path().join(format!("{preset}-bf16"));
         let opts = WriteOptions { dtype: candle_core::DType::BF16, max_shard_bytes: None };
         write_checkpoint(&bf16, &f32_ck.config, &f32_ck.tensors, opts).unwrap();
-        for bits in [8, 4] {
-            let q = edgelm_distill::quantize::QuantizeOptions::for_bits(bits).unwrap();
+        // int8 also with its embedding left in fp32: a spilled weight that stays unquantized.
+        for (bits, embedding) in [(8, true), (4, true), (8, false)] {
+            let mut q = edgelm_distill::quantize::QuantizeOptions::for_bits(bits).unwrap();
+            q.embedding = embedding;
             let opts = ExportOptions { quantize: Some(q), max_kl: 5.0, ..Default::default() };
-            let loaded = tmp.path().join(format!("{preset}-{bits}"));
-            export(&Checkpoint::load(&bf16).unwrap(), &loaded, &opts).unwrap();
+            let loaded = tmp.path().join(format!("{preset}-{bits}-{embedding}"));
+            let by_loading = export(&Checkpoint::load(&bf16).unwrap(), &loaded, &opts).unwrap();
             let (ck, index) = Checkpoint::load_deferred(&bf16).unwrap();
-            let deferred = tmp.path().join(format!("{preset}-{bits}-deferred"));
+            let deferred = tmp.path().join(format!("{preset}-{bits}-{embedding}-deferred"));
             let report = export_deferred(&ck, &index, &deferred, &opts).unwrap();
-            let check = report.quantized.unwrap().verify.unwrap();
+            let quantized = report.quantized.unwrap();
+            let (a, b) = (&by_loading.quantized.unwrap().summary, &quantized.summary);
+            assert_eq!((a.bytes_before, a.bytes_after), (b.bytes_before, b.bytes_after), "{preset} int{bits}");
+            let check = quantized.verify.unwrap();
             assert!(check.mean_kl < 5.0 && check.top1_agreement > 0.0, "{preset} int{bits}: {check:?}");
             for file in ["model.onnx", "model.onnx.data"] {
                 let (a, b) = (std::fs::read(loaded.join(file)).unwrap(), std::fs::read(deferred.join(file)).unwrap());

@@ -608,8 +608,16 @@ pub fn quantize_spilled(
         .map(stored_bytes)
         .sum();
     let mut summary = quantize_external(model, opts, Some(dir), true)?;
-    // Two bytes a value on disk, four in the fp32 model they stand for.
+    // Two bytes a value on disk, four in the fp32 model they stand for: before, and after for
+    // what stays unquantized (read back in, still 16-bit until widened).
     summary.bytes_before += spilled_half;
+    summary.bytes_after += model
+        .graph
+        .iter()
+        .flat_map(|g| &g.initializer)
+        .filter(|t| t.data_type.is_some_and(|d| half.contains(&d)))
+        .map(stored_bytes)
+        .sum::<usize>();
     Ok(summary)
 }
 
