@@ -97,14 +97,37 @@ impl DecodeState {
 }
 
 impl Decoder {
-    /// Opens a bundle's decoder. A bundle whose attention slides over a window is refused on an
-    /// ONNX Runtime that applies the window otherwise ([`crate::ortlib`], before 1.24).
+    /// Opens a bundle's decoder. On an ONNX Runtime that applies a sliding attention window one
+    /// position wider ([`crate::ortlib`], before 1.24), a model with a window runs with its
+    /// context capped at the window, where the answers are the same (a warning says so).
     pub fn of_bundle(bundle: &crate::bundle::Bundle, opts: &DecoderOptions) -> Result<Self> {
         crate::ortlib::init(None)?;
-        if let Some(w) = bundle.sliding_window() {
-            crate::ortlib::check_window(w, &bundle.dir)?;
+        let mut decoder = Decoder::load(&bundle.model_path, &bundle.genai, opts)?;
+        if crate::ortlib::widens_windows() {
+            // edgelm's manifest names the window; another builder's graph is read for it.
+            let window = match &bundle.manifest {
+                Some(_) => bundle.sliding_window(),
+                None => crate::graph_scan::gqa_window(&bundle.model_path).unwrap_or_else(|e| {
+                    tracing::warn!(
+                        "{}: cannot look for a sliding window in the graph: {e}",
+                        bundle.model_path.display()
+                    );
+                    None
+                }),
+            };
+            // Up to the window every position sees all before it, however wide the window is
+            // taken: the answers are the model's.
+            if let Some(w) = window.map(|w| w as usize).filter(|&w| w < decoder.context) {
+                tracing::warn!(
+                    "{}: ONNX Runtime {} applies the sliding attention window ({w} positions) one position wider than the model was trained with (1.24 fixed it); the context is capped at the window, {w} positions instead of {}, where the answers do not change",
+                    bundle.dir.display(),
+                    crate::ortlib::loaded_version().unwrap_or("?"),
+                    decoder.context
+                );
+                decoder.context = w;
+            }
         }
-        Decoder::load(&bundle.model_path, &bundle.genai, opts)
+        Ok(decoder)
     }
 
     /// Opens `model_path` with the names and shape in `genai`.

@@ -24,6 +24,7 @@ pub mod engine;
 pub mod error;
 pub mod genai_config;
 pub mod generate;
+mod graph_scan;
 mod kv_arena;
 pub mod metrics;
 pub mod model;

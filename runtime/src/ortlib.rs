@@ -130,25 +130,16 @@ fn version_of(_path: &Path) -> Option<String> {
 /// `local_window_size` positions, itself included; earlier ones take one more.
 const WINDOW_FIXED: (u32, u32) = (1, 24);
 
-/// Refuses a bundle whose attention slides over `window` positions on a library that would
-/// apply one position more (and so answer differently without a word). A library whose version
-/// cannot be read is let through with a warning.
-pub(crate) fn check_window(window: u64, bundle: &Path) -> crate::Result<()> {
+/// Whether the loaded library applies a sliding window of `local_window_size` one position
+/// wider than the model was trained with (releases before 1.24). A library whose version cannot
+/// be read is taken to be right, with a warning.
+pub(crate) fn widens_windows() -> bool {
     let Some(version) = loaded_version() else {
-        tracing::warn!("cannot read the ONNX Runtime version; a sliding window of {window} needs 1.24 or newer");
-        return Ok(());
+        tracing::warn!("cannot read the ONNX Runtime version; sliding attention windows need 1.24 or newer");
+        return false;
     };
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if (major, minor) < WINDOW_FIXED {
-        return Err(crate::Error::Bundle {
-            path: bundle.to_path_buf(),
-            what: format!(
-                "attends over a sliding window of {window} positions, which ONNX Runtime {version} applies one position wider (ONNX Runtime 1.24 fixed it); load ONNX Runtime 1.24 or newer"
-            ),
-        });
-    }
-    Ok(())
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < WINDOW_FIXED
 }
 
 /// The library that loaded, and ONNX Runtime's own description of its build (version, git
