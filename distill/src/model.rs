@@ -466,8 +466,8 @@ impl LlamaModel {
             s,
             self.config.hidden_size,
         ))?;
-        let mask = causal_mask(self.config.sliding_window, s, start)?;
-        for (block, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let masks = layer_masks(&self.config, s, start)?;
+        for ((block, slot), mask) in self.layers.iter().zip(cache.layers.iter_mut()).zip(&masks) {
             x = block.forward(x, &self.rotary, mask.as_ref(), slot)?;
         }
         let x = self.norm.forward(&x)?;
@@ -494,9 +494,9 @@ impl LlamaModel {
         }
         let h = self.config.hidden_size;
         let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.reshape((b, s, h))?;
-        let mask = causal_mask(self.config.sliding_window, s, 0)?;
+        let masks = layer_masks(&self.config, s, 0)?;
         let mut states = Vec::new();
-        for block in &self.layers {
+        for (block, mask) in self.layers.iter().zip(&masks) {
             x = block.forward(x, &self.rotary, mask.as_ref(), &mut None)?;
             if keep_states {
                 states.push(x.reshape((b * s, h))?.index_select(rows, 0)?);
@@ -520,11 +520,11 @@ impl LlamaModel {
         }
         let h = self.config.hidden_size;
         let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.reshape((b, s, h))?;
-        let mask = causal_mask(self.config.sliding_window, s, 0)?;
+        let masks = layer_masks(&self.config, s, 0)?;
         for (l, block) in self.layers.iter().enumerate() {
             let attn = &block.self_attn;
             let heads_out =
-                attn.heads_out(&block.input_layernorm.forward(&x)?, &self.rotary, mask.as_ref(), &mut None)?;
+                attn.heads_out(&block.input_layernorm.forward(&x)?, &self.rotary, masks[l].as_ref(), &mut None)?;
             for (a, c) in acc.heads[l].iter_mut().zip(attn.head_contributions(&heads_out)?) {
                 *a += c;
             }
@@ -563,7 +563,7 @@ impl LlamaModel {
             let (mut slot, mut start) = (None, 0);
             for x in &mut xs {
                 let s = x.dims()[1];
-                let mask = causal_mask(c.sliding_window, s, start)?;
+                let mask = causal_mask(c.layer_window(i), s, start)?;
                 *x = block.forward(x.clone(), &rotary, mask.as_ref(), &mut slot)?;
                 start += s;
             }
@@ -580,6 +580,19 @@ impl LlamaModel {
             })
             .collect()
     }
+}
+
+/// Each layer's mask for a pass over `s` positions after `start`: at most two tensors (windowed
+/// and full), shared.
+fn layer_masks(c: &ModelConfig, s: usize, start: usize) -> Result<Vec<Option<Tensor>>> {
+    let every = causal_mask(c.sliding_window, s, start)?;
+    if c.full_attention_layers.is_empty() {
+        return Ok(vec![every; c.num_hidden_layers]);
+    }
+    let full = causal_mask(None, s, start)?;
+    Ok((0..c.num_hidden_layers)
+        .map(|i| if c.layer_window(i).is_some() { every.clone() } else { full.clone() })
+        .collect())
 }
 
 /// Additive mask `[S, start + S]`: causal, and limited to the sliding window when the model has

@@ -419,7 +419,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
         let (config, weights, cut) = prune_structured(&student.config, &student.tensors, &importance, &p.options())?;
         say(out, format!("pruning: {}; recovering", cut.summary()))?;
         let spec = DistillSpec {
-            student: StudentInit::Weights(config, weights),
+            student: StudentInit::Weights(Box::new(config), weights),
             temperature: p.temperature,
             alpha: p.alpha,
             train: p.train.clone(),

@@ -606,6 +606,7 @@ impl Recipe {
             o_bias: false,
             mlp_bias: false,
             sliding_window: None,
+            full_attention_layers: vec![],
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
             pad_token_id: Some(0),

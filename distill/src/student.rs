@@ -111,10 +111,25 @@ pub fn init_student(
             out.insert(dst("down_proj", "bias"), rows(get(&src("down_proj", "bias"))?)?);
         }
     }
+    // The student's layers keep their teacher layer's attention (full or windowed); a window
+    // no layer keeps is dropped.
+    let full_attention_layers: Vec<usize> = shape
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| t.full_attention_layers.contains(&l))
+        .map(|(i, _)| i)
+        .collect();
+    let (sliding_window, full_attention_layers) = match full_attention_layers.len() == shape.layers.len() {
+        true => (None, vec![]),
+        false => (t.sliding_window, full_attention_layers),
+    };
     let config = ModelConfig {
         num_hidden_layers: shape.layers.len(),
         intermediate_size: inter,
         hidden_size: hidden,
+        sliding_window,
+        full_attention_layers,
         ..t.clone()
     };
     // Copies, so training the student never writes into the teacher's storage.

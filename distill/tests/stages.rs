@@ -284,7 +284,7 @@ fn matching_hidden_states_brings_the_students_layers_closer_to_the_teachers() {
     assert!(cached.unwrap_err().to_string().contains("teacher cache"));
     let shallow = Checkpoint::load(tmp.path().join(format!("plain{last:?}"))).unwrap();
     let given = DistillSpec {
-        student: StudentInit::Weights(shallow.config.clone(), shallow.tensors.clone()),
+        student: StudentInit::Weights(Box::new(shallow.config.clone()), shallow.tensors.clone()),
         ..spec(&every, 1.0, None, None)
     };
     let given = distill(&teacher, data, &given, &quiet(tmp.path().join("given")));

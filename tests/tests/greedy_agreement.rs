@@ -1,6 +1,6 @@
 //! Conformance: for every tiny preset (GQA, tied embeddings, Qwen2 bias, llama3 rope scaling,
-//! a wide-head Mistral, a sliding window, LongRoPE switching tables mid-generation, Qwen3 head
-//! norms), the exported bundle run by `edgelm` gives the same greedy tokens as the
+//! a wide-head Mistral, a sliding window on every layer and on one, LongRoPE switching tables
+//! mid-generation, Qwen3 head norms), the exported bundle run by `edgelm` gives the same greedy tokens as the
 //! candle reference, in both KV cache modes, and as onnxruntime-genai; the graph passes
 //! onnx.checker.
 
@@ -10,13 +10,14 @@ use candle_core::Device;
 use edgelm_distill::{Checkpoint, LlamaModel};
 use edgelm_e2e::{bundle, checkpoint, csv, edgelm, ids, json_ok, python, root, run};
 
-const PRESETS: [&str; 8] = [
+const PRESETS: [&str; 9] = [
     "tiny",
     "tiny-tied",
     "tiny-qwen2",
     "tiny-llama3",
     "tiny-mistral",
     "tiny-mistral-window",
+    "tiny-qwen2-window",
     "tiny-longrope",
     "tiny-qwen3",
 ];

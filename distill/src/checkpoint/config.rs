@@ -108,6 +108,10 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// Attention window in tokens, when the model uses sliding-window attention.
     pub sliding_window: Option<usize>,
+    /// Layers that attend to everything although the model has a window (Qwen2/Qwen3 below
+    /// `max_window_layers`, or marked `full_attention`); empty: every layer slides.
+    #[serde(default)]
+    pub full_attention_layers: Vec<usize>,
     /// Beginning-of-sequence token.
     pub bos_token_id: Option<u32>,
     /// End-of-sequence tokens: generation stops at any of them.
@@ -157,27 +161,22 @@ struct HfConfig {
     pad_token_id: Option<Value>,
 }
 
-/// The window every layer of a Qwen2/Qwen3 model slides with `use_sliding_window` on: the
-/// layers `layer_types` marks `sliding_attention`, else those from `max_window_layers` (28 by
-/// default) on. None when no layer slides; a window on some layers only is refused, as the
-/// candle model and the graph apply one attention to every layer.
-fn qwen_window(raw: &HfConfig) -> Result<Option<usize>> {
+/// The window of a Qwen2/Qwen3 model with `use_sliding_window` on, and the layers that do not
+/// slide: those `layer_types` marks `full_attention`, else those below `max_window_layers` (28
+/// by default). No window when no layer slides.
+fn qwen_window(raw: &HfConfig) -> (Option<usize>, Vec<usize>) {
     let Some(window) = raw.sliding_window else {
-        return Ok(None);
+        return (None, vec![]);
     };
     let layers = raw.num_hidden_layers;
-    let sliding = match &raw.layer_types {
-        Some(types) => types.iter().filter(|t| t.as_str() == "sliding_attention").count(),
-        None => layers.saturating_sub(raw.max_window_layers.unwrap_or(28)),
+    let full: Vec<usize> = match &raw.layer_types {
+        Some(types) => (0..layers).filter(|&i| types.get(i).map(String::as_str) != Some("sliding_attention")).collect(),
+        None => (0..layers.min(raw.max_window_layers.unwrap_or(28))).collect(),
     };
-    match sliding {
-        0 => Ok(None),
-        n if n == layers => Ok(Some(window)),
-        n => Err(Error::Unsupported {
-            what: format!(
-                "a sliding attention window ({window}) on {n} of {layers} layers; set use_sliding_window to false if prompts stay within the window"
-            ),
-        }),
+    if full.len() == layers {
+        (None, vec![])
+    } else {
+        (Some(window), full)
     }
 }
 
@@ -257,12 +256,16 @@ impl ModelConfig {
             context: raw.max_position_embeddings,
             head_dim,
         })?;
-        let sliding_window = match architecture {
-            Architecture::Mistral => raw.sliding_window,
-            Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window == Some(true) => qwen_window(&raw)?,
-            _ => None,
-        }
-        .filter(|w| *w < raw.max_position_embeddings);
+        let (sliding_window, full_attention_layers) = match architecture {
+            Architecture::Mistral => (raw.sliding_window, vec![]),
+            Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window == Some(true) => qwen_window(&raw),
+            _ => (None, vec![]),
+        };
+        // A window as long as the context changes nothing.
+        let (sliding_window, full_attention_layers) = match sliding_window {
+            Some(w) if w < raw.max_position_embeddings => (Some(w), full_attention_layers),
+            _ => (None, vec![]),
+        };
         let (qkv_bias, o_bias) = match architecture {
             Architecture::Qwen2 => (true, false),
             _ => (raw.attention_bias, raw.attention_bias),
@@ -286,6 +289,7 @@ impl ModelConfig {
             o_bias,
             mlp_bias: raw.mlp_bias,
             sliding_window,
+            full_attention_layers,
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
             pad_token_id: token_ids(&raw.pad_token_id).first().copied(),
@@ -326,10 +330,19 @@ impl ModelConfig {
         }
         match self.architecture {
             Architecture::Qwen2 | Architecture::Qwen3 => {
-                // A window here is on every layer.
                 obj.insert("use_sliding_window".into(), Value::from(self.sliding_window.is_some()));
                 obj.insert("sliding_window".into(), serde_json::json!(self.sliding_window));
-                obj.insert("max_window_layers".into(), Value::from(0));
+                // Layers that do not slide lead (max_window_layers, which every transformers
+                // version reads), or are named one by one (layer_types, transformers 4.53+).
+                let full = &self.full_attention_layers;
+                let leading = full.iter().enumerate().take_while(|(i, l)| i == *l).count();
+                obj.insert("max_window_layers".into(), Value::from(leading));
+                if leading < full.len() {
+                    let types: Vec<&str> = (0..self.num_hidden_layers)
+                        .map(|i| if full.contains(&i) { "full_attention" } else { "sliding_attention" })
+                        .collect();
+                    obj.insert("layer_types".into(), serde_json::json!(types));
+                }
                 if self.architecture == Architecture::Qwen3 {
                     obj.insert("attention_bias".into(), Value::from(self.qkv_bias));
                 }
@@ -343,6 +356,11 @@ impl ModelConfig {
             }
         }
         v
+    }
+
+    /// The attention window of layer `i`, when it slides.
+    pub fn layer_window(&self, i: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| !self.full_attention_layers.contains(&i))
     }
 
     /// Query projection width (`num_attention_heads * head_dim`).
@@ -477,8 +495,21 @@ mod tests {
         let all = window(r#""use_sliding_window":true,"sliding_window":64,"max_window_layers":0"#).unwrap();
         assert_eq!(all.sliding_window, Some(64));
         assert_eq!(ModelConfig::from_hf_json(&all.to_hf_json().to_string()).unwrap(), all);
-        let err = window(r#""use_sliding_window":true,"sliding_window":64,"max_window_layers":1"#).unwrap_err();
-        assert!(err.to_string().contains("on 1 of 2 layers"), "{err}");
+        // Layer 0 attends to everything, layer 1 slides; written back and read again the same.
+        let one = window(r#""use_sliding_window":true,"sliding_window":64,"max_window_layers":1"#).unwrap();
+        assert_eq!((one.layer_window(0), one.layer_window(1)), (None, Some(64)));
+        assert_eq!(ModelConfig::from_hf_json(&one.to_hf_json().to_string()).unwrap(), one);
+        // Layer types in any order name the full layers one by one.
+        let typed =
+            r#""use_sliding_window":true,"sliding_window":64,"layer_types":["sliding_attention","full_attention"]"#;
+        let last_full = window(typed).unwrap();
+        assert_eq!((last_full.layer_window(0), last_full.layer_window(1)), (Some(64), None));
+        let json = last_full.to_hf_json();
+        assert_eq!(
+            (json["max_window_layers"].as_u64(), json["layer_types"][1].as_str()),
+            (Some(0), Some("full_attention"))
+        );
+        assert_eq!(ModelConfig::from_hf_json(&json.to_string()).unwrap(), last_full);
         let typed =
             r#""use_sliding_window":true,"sliding_window":64,"layer_types":["full_attention","full_attention"]"#;
         assert_eq!(window(typed).unwrap().sliding_window, None);

@@ -28,13 +28,14 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>
 const CORPUS: &str = include_str!("preset_corpus.txt");
 
 /// The names `init --preset` accepts, with a one-line description each.
-pub const PRESETS: [(&str, &str); 9] = [
+pub const PRESETS: [(&str, &str); 10] = [
     ("tiny", "llama, 2 layers, GQA 4/2 heads, untied embeddings"),
     ("tiny-tied", "llama, 2 layers, 4 heads without GQA, tied embeddings"),
     ("tiny-qwen2", "qwen2, 2 layers, GQA 4/2, q/k/v bias, tied embeddings"),
     ("tiny-llama3", "llama, 3 layers, GQA 8/2, llama3 rope scaling, rope_theta 500000"),
     ("tiny-mistral", "mistral, 2 layers, GQA 4/1, head_dim 32 wider than hidden/heads"),
     ("tiny-mistral-window", "mistral with a sliding attention window of 8 positions"),
+    ("tiny-qwen2-window", "qwen2 with a window of 8 on layer 1 and full attention on layer 0 (max_window_layers 1)"),
     ("tiny-longrope", "mistral with Phi-3.5's LongRoPE: short and long factors, original context 16"),
     ("tiny-qwen3", "qwen3, 2 layers, GQA 4/2, q/k head norms, head_dim 32, tied"),
     ("smollm2-135m", "the shape of SmolLM2-135M: 30 layers, 576 wide, GQA 9/3, vocab 49152"),
@@ -59,6 +60,7 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
         o_bias: false,
         mlp_bias: false,
         sliding_window: None,
+        full_attention_layers: vec![],
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
         pad_token_id: Some(0),
@@ -94,6 +96,9 @@ pub fn preset_config(name: &str) -> Result<ModelConfig> {
             ModelConfig { architecture: Architecture::Mistral, num_key_value_heads: 1, head_dim: 32, ..tiny }
         }
         "tiny-mistral-window" => ModelConfig { sliding_window: Some(8), ..preset_config("tiny-mistral")? },
+        "tiny-qwen2-window" => {
+            ModelConfig { sliding_window: Some(8), full_attention_layers: vec![0], ..preset_config("tiny-qwen2")? }
+        }
         "tiny-longrope" => {
             let base = preset_config("tiny-mistral")?;
             // Factors shaped like Phi-3.5's: near 1 within the original context, growing to

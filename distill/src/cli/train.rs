@@ -397,7 +397,7 @@ pub fn prune_structured(a: PruneStructuredArgs) -> Result<()> {
     if a.recover {
         let base = stage.as_ref().map(|s| s.train.clone()).unwrap_or_else(|| TrainSettings::default().with_lr(1e-3));
         let spec = DistillSpec {
-            student: StudentInit::Weights(config, weights),
+            student: StudentInit::Weights(Box::new(config), weights),
             temperature: stage.as_ref().map(|s| s.temperature).unwrap_or(2.0),
             alpha: stage.as_ref().map(|s| s.alpha).unwrap_or(0.5),
             train: a.train.over(base),

@@ -161,8 +161,8 @@ fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 /// GroupQueryAttention's `local_window_size` for the model's sliding window (-1: none). Each
 /// position then attends to the window's last `sliding_window` positions, itself included, as
 /// transformers masks them (checked against the candle model step by step at every export).
-fn gqa_window(c: &ModelConfig) -> i64 {
-    c.sliding_window.map_or(-1, |w| w as i64)
+fn gqa_window(c: &ModelConfig, layer: usize) -> i64 {
+    c.layer_window(layer).map_or(-1, |w| w as i64)
 }
 
 /// Refuses a configuration the graph cannot express, before any work is done on its weights.
@@ -390,7 +390,7 @@ fn attention(
             Attr::float("scale", 1.0 / (c.head_dim as f32).sqrt()),
             Attr::int("do_rotary", 1),
             Attr::int("rotary_interleaved", 0),
-            Attr::int("local_window_size", gqa_window(c)),
+            Attr::int("local_window_size", gqa_window(c, i)),
         ],
     );
     let heads_out = if padded { unpad_heads(g, c, i, &attn_out) } else { attn_out };

@@ -53,7 +53,7 @@ pub enum StudentInit {
     /// Layers and units sliced from the teacher.
     Slice(StudentShape),
     /// Weights made elsewhere (a structurally pruned copy of the teacher, recovering).
-    Weights(ModelConfig, HashMap<String, Tensor>),
+    Weights(Box<ModelConfig>, HashMap<String, Tensor>),
 }
 
 /// The teacher layer each student layer's residual stream is matched to (empty when
@@ -110,7 +110,7 @@ pub fn distill(
             }
             // Copies, so training never writes into storage the caller still holds.
             let w = w.iter().map(|(k, v)| Ok((k.clone(), v.copy()?))).collect::<Result<_>>()?;
-            (c.clone(), w)
+            ((**c).clone(), w)
         }
     };
     let matched = matched_layers(spec, &teacher.config, &config)?;
