@@ -103,18 +103,27 @@ impl Decoder {
     pub fn of_bundle(bundle: &crate::bundle::Bundle, opts: &DecoderOptions) -> Result<Self> {
         crate::ortlib::init(None)?;
         let mut decoder = Decoder::load(&bundle.model_path, &bundle.genai, opts)?;
-        if crate::ortlib::widens_windows() {
-            // edgelm's manifest names the window; another builder's graph is read for it.
-            let window = match &bundle.manifest {
-                Some(_) => bundle.sliding_window(),
-                None => crate::graph_scan::gqa_window(&bundle.model_path).unwrap_or_else(|e| {
+        let support = crate::ortlib::window_support();
+        if support != crate::ortlib::WindowSupport::Exact {
+            // edgelm's export names the window in the manifest; another builder's graph (or a
+            // bundle quantized from one) is read for it.
+            let window = bundle.sliding_window().or_else(|| {
+                crate::graph_scan::gqa_window(&bundle.model_path).unwrap_or_else(|e| {
                     tracing::warn!(
                         "{}: cannot look for a sliding window in the graph: {e}",
                         bundle.model_path.display()
                     );
                     None
-                }),
-            };
+                })
+            });
+            if support == crate::ortlib::WindowSupport::Unknown {
+                if let Some(w) = window {
+                    tracing::warn!(
+                        "cannot read the ONNX Runtime version; a sliding window ({w} positions) needs 1.24 or newer"
+                    );
+                }
+                return Ok(decoder);
+            }
             // Up to the window every position sees all before it, however wide the window is
             // taken: the answers are the model's.
             if let Some(w) = window.map(|w| w as usize).filter(|&w| w < decoder.context) {

@@ -10,8 +10,8 @@ use std::path::Path;
 /// Largest node read whole: attention nodes are tiny, a node this large holds a constant.
 const MAX_NODE_BYTES: u64 = 1 << 20;
 
-/// The largest positive `local_window_size` of the `GroupQueryAttention` nodes of the graph in
-/// `model` (top level), or `None` when none slides.
+/// The smallest positive `local_window_size` of the `GroupQueryAttention` nodes of the graph in
+/// `model` (top level), or `None` when none slides: up to it no layer's window matters.
 pub(crate) fn gqa_window(model: &Path) -> std::io::Result<Option<u64>> {
     let file = std::fs::File::open(model)?;
     let size = file.metadata()?.len();
@@ -23,12 +23,13 @@ pub(crate) fn gqa_window(model: &Path) -> std::io::Result<Option<u64>> {
         let (field, wire) = key(&mut r, &mut pos)?;
         if field == 7 && wire == 2 {
             let len = varint(&mut r, &mut pos)?;
-            let end = pos + len;
+            let end = within(pos, len, size)?;
             // GraphProto: nodes are field 1.
             while pos < end {
                 let (field, wire) = key(&mut r, &mut pos)?;
                 if field == 1 && wire == 2 {
                     let len = varint(&mut r, &mut pos)?;
+                    within(pos, len, end)?;
                     if len > MAX_NODE_BYTES {
                         skip_bytes(&mut r, &mut pos, len)?;
                         continue;
@@ -37,17 +38,22 @@ pub(crate) fn gqa_window(model: &Path) -> std::io::Result<Option<u64>> {
                     r.read_exact(&mut node)?;
                     pos += len;
                     if let Some(w) = node_window(&node)? {
-                        window = window.max(Some(w));
+                        window = Some(window.map_or(w, |v: u64| v.min(w)));
                     }
                 } else {
-                    skip(&mut r, &mut pos, wire)?;
+                    skip(&mut r, &mut pos, wire, end)?;
                 }
             }
         } else {
-            skip(&mut r, &mut pos, wire)?;
+            skip(&mut r, &mut pos, wire, size)?;
         }
     }
     Ok(window)
+}
+
+/// The end of a field of `len` bytes at `pos`, checked to lie within `limit`.
+fn within(pos: u64, len: u64, limit: u64) -> std::io::Result<u64> {
+    pos.checked_add(len).filter(|&e| e <= limit).ok_or_else(|| bad("a field runs past its message or the file"))
 }
 
 /// A NodeProto's `local_window_size`, when it is a `GroupQueryAttention` with a positive one.
@@ -67,7 +73,7 @@ fn node_window(node: &[u8]) -> std::io::Result<Option<u64>> {
                     window = Some(w);
                 }
             }
-            _ => skip(&mut r, &mut pos, wire)?,
+            _ => skip(&mut r, &mut pos, wire, node.len() as u64)?,
         }
     }
     Ok(match (op.as_deref(), window) {
@@ -86,7 +92,7 @@ fn attribute_int(attr: &[u8], name: &[u8]) -> std::io::Result<Option<i64>> {
         match (field, wire) {
             (1, 2) => found = bytes(&mut r, &mut pos)? == name,
             (3, 0) => value = Some(varint(&mut r, &mut pos)? as i64),
-            _ => skip(&mut r, &mut pos, wire)?,
+            _ => skip(&mut r, &mut pos, wire, attr.len() as u64)?,
         }
     }
     Ok(value.filter(|_| found))
@@ -132,17 +138,17 @@ fn skip_bytes(r: &mut impl Seek, pos: &mut u64, len: u64) -> std::io::Result<()>
     Ok(())
 }
 
-fn skip<R: Read + Seek>(r: &mut R, pos: &mut u64, wire: u8) -> std::io::Result<()> {
-    match wire {
-        0 => varint(r, pos).map(drop),
-        1 => skip_bytes(r, pos, 8),
-        2 => {
-            let len = varint(r, pos)?;
-            skip_bytes(r, pos, len)
-        }
-        5 => skip_bytes(r, pos, 4),
-        other => Err(bad(&format!("wire type {other}"))),
-    }
+/// Skips one field's value, which must end by `limit`.
+fn skip<R: Read + Seek>(r: &mut R, pos: &mut u64, wire: u8, limit: u64) -> std::io::Result<()> {
+    let len = match wire {
+        0 => return varint(r, pos).map(drop),
+        1 => 8,
+        2 => varint(r, pos)?,
+        5 => 4,
+        other => return Err(bad(&format!("wire type {other}"))),
+    };
+    within(*pos, len, limit)?;
+    skip_bytes(r, pos, len)
 }
 
 #[cfg(test)]
@@ -190,14 +196,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.onnx");
         std::fs::write(&path, &model).unwrap();
-        assert_eq!(gqa_window(&path).unwrap(), Some(8));
+        assert_eq!(gqa_window(&path).unwrap(), Some(6), "the smallest window");
         let plain =
             [vec![1 << 3, 10], field(7, &field(1, &node("GroupQueryAttention", &[int_attribute("num_heads", 4)])))]
                 .concat();
         std::fs::write(&path, &plain).unwrap();
         assert_eq!(gqa_window(&path).unwrap(), None);
-        // A file cut short is an error, not a guess.
+        // A file cut short is an error, not a guess; so is a length past the file.
         std::fs::write(&path, &model[..model.len() / 2]).unwrap();
+        assert!(gqa_window(&path).is_err());
+        let huge = [vec![7 << 3 | 2], vec![0xff; 9], vec![0x01]].concat();
+        std::fs::write(&path, &huge).unwrap();
         assert!(gqa_window(&path).is_err());
     }
 }

@@ -130,16 +130,28 @@ fn version_of(_path: &Path) -> Option<String> {
 /// `local_window_size` positions, itself included; earlier ones take one more.
 const WINDOW_FIXED: (u32, u32) = (1, 24);
 
-/// Whether the loaded library applies a sliding window of `local_window_size` one position
-/// wider than the model was trained with (releases before 1.24). A library whose version cannot
-/// be read is taken to be right, with a warning.
-pub(crate) fn widens_windows() -> bool {
+/// How the loaded library applies `GroupQueryAttention`'s `local_window_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WindowSupport {
+    /// As transformers does (1.24 and newer).
+    Exact,
+    /// One position wider (releases before 1.24).
+    Wider,
+    /// The version cannot be read.
+    Unknown,
+}
+
+/// How the loaded library applies sliding attention windows.
+pub(crate) fn window_support() -> WindowSupport {
     let Some(version) = loaded_version() else {
-        tracing::warn!("cannot read the ONNX Runtime version; sliding attention windows need 1.24 or newer");
-        return false;
+        return WindowSupport::Unknown;
     };
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < WINDOW_FIXED
+    if (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < WINDOW_FIXED {
+        WindowSupport::Wider
+    } else {
+        WindowSupport::Exact
+    }
 }
 
 /// The library that loaded, and ONNX Runtime's own description of its build (version, git

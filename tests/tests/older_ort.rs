@@ -61,9 +61,18 @@ fn a_build_for_the_oldest_api_level_runs_on_that_library() {
     let foreign = scratch().join("older-ort/window-without-manifest");
     edgelm_e2e::copy_dir(&windowed, &foreign);
     std::fs::remove_file(foreign.join("edgelm.json")).unwrap();
+    // Quantized from such a folder, the bundle's manifest does not name the window either.
+    let quantized = scratch().join("older-ort/window-quantized-from-foreign");
+    if !quantized.join("edgelm.json").exists() {
+        let out = run(Command::new(bin("edgelm-distill"))
+            .args(["quantize", foreign.to_str().unwrap(), "-o", quantized.to_str().unwrap(), "--precision", "int4"])
+            .args(["--fp32-embedding", "--max-kl", "10"]));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
     let pinned = pinned_greedy(&windowed);
     assert_eq!(pinned.len(), 10, "the pinned release runs the whole context");
-    for b in [&windowed, &foreign] {
+    let pinned_quantized = pinned_greedy(&quantized);
+    for (b, pinned) in [(&windowed, &pinned), (&foreign, &pinned), (&quantized, &pinned_quantized)] {
         let out = run(Command::new(&exe).arg("--ort-lib").arg(&lib).args([
             "run",
             b.to_str().unwrap(),

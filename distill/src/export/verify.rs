@@ -142,7 +142,9 @@ impl ReferenceLogits {
 pub fn verify_against_reference(reference: &ReferenceLogits, dir: &Path, tolerance: f32) -> Result<VerifyReport> {
     let bundle = Bundle::open(dir)?;
     let mut decoder = Decoder::of_bundle(&bundle, &DecoderOptions::default())?;
-    let mut state = decoder.start(reference.inputs.iter().map(Vec::len).sum())?;
+    let positions = reference.inputs.iter().map(Vec::len).sum();
+    fits_check(&decoder, positions, dir)?;
+    let mut state = decoder.start(positions)?;
     let mut steps = StepTolerance::new(tolerance);
     let (mut kl, mut agree) = (0f64, 0usize);
     for (step, (reference, input)) in reference.steps.iter().zip(&reference.inputs).enumerate() {
@@ -171,11 +173,10 @@ pub fn verify_against_bundle(reference_dir: &Path, dir: &Path, tolerance: f32) -
     let reference = {
         let bundle = Bundle::open(reference_dir)?;
         let mut decoder = Decoder::of_bundle(&bundle, &DecoderOptions::default())?;
-        let m = &bundle.genai.model;
-        let mut state = decoder.start(check_prompt_len(m.context_length) + DECODE_STEPS)?;
-        ReferenceLogits::record(m.vocab_size, m.context_length, |input| {
-            Ok(decoder.forward(&mut state, input)?.to_vec())
-        })?
+        let (vocab, context) = (bundle.genai.model.vocab_size, decoder.context_length());
+        fits_check(&decoder, check_prompt_len(context) + DECODE_STEPS, reference_dir)?;
+        let mut state = decoder.start(check_prompt_len(context) + DECODE_STEPS)?;
+        ReferenceLogits::record(vocab, context, |input| Ok(decoder.forward(&mut state, input)?.to_vec()))?
     };
     verify_against_reference(&reference, dir, tolerance)
 }
@@ -297,7 +298,21 @@ pub fn compare_checkpoints_on(
 }
 
 fn check_prompt_len(context: usize) -> usize {
-    12.min(context - DECODE_STEPS)
+    12.min(context.saturating_sub(DECODE_STEPS)).max(1)
+}
+
+/// Refuses a check the decoder cannot hold, saying why, rather than failing inside it.
+fn fits_check(decoder: &Decoder, positions: usize, dir: &Path) -> Result<()> {
+    if positions <= decoder.context_length() {
+        return Ok(());
+    }
+    Err(crate::Error::Unsupported {
+        what: format!(
+            "{}: the check runs {positions} positions and the decoder holds {} here (a sliding window on ONNX Runtime before 1.24 caps the context at the window); check it with ONNX Runtime 1.24 or newer",
+            dir.display(),
+            decoder.context_length()
+        ),
+    })
 }
 
 /// Steps of a check, each held to the tolerance its own logits allow: large logits at one step
