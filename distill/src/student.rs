@@ -174,6 +174,26 @@ mod tests {
     }
 
     #[test]
+    fn a_student_layer_keeps_its_teacher_layers_attention() {
+        // Teacher layer 0 attends to everything, layer 1 slides over 8 positions.
+        let cfg = preset_config("tiny-qwen2-window").unwrap();
+        let w = random_weights(&cfg, 4).unwrap();
+        let student = |layers: Vec<usize>| {
+            let shape = StudentShape { layers, intermediate_size: None, hidden_size: None };
+            init_student(&cfg, &w, &shape).unwrap().0
+        };
+        let swapped = student(vec![1, 0]);
+        assert_eq!((swapped.layer_window(0), swapped.layer_window(1)), (Some(8), None));
+        assert_eq!(swapped.full_attention_layers, vec![1]);
+        // Only the sliding layer kept: every layer slides.
+        let sliding = student(vec![1]);
+        assert_eq!((sliding.sliding_window, sliding.layer_window(0)), (Some(8), Some(8)));
+        // Only full layers kept: no window left to write.
+        let full = student(vec![0]);
+        assert_eq!((full.sliding_window, full.full_attention_layers.clone()), (None, vec![]));
+    }
+
+    #[test]
     fn sliced_student_has_the_asked_shape_and_the_teachers_kept_units() {
         let cfg = preset_config("tiny-qwen2").unwrap();
         let w = random_weights(&cfg, 4).unwrap();

@@ -1049,10 +1049,12 @@ fn optimum_config(dir: &Path) -> Result<GenaiConfig> {
 }
 
 impl Bundle {
-    /// The attention window the exporter recorded (`report.sliding_window` in edgelm.json), for
-    /// a model whose attention slides over one.
-    pub fn sliding_window(&self) -> Option<u64> {
-        self.manifest.as_ref()?.report.get("sliding_window")?.as_u64()
+    /// The attention window the exporter recorded (`report.sliding_window` in edgelm.json):
+    /// `Some(Some(w))` for a model whose attention slides over `w` positions, `Some(None)` when
+    /// the manifest says none does (null), `None` when it does not say.
+    pub fn sliding_window(&self) -> Option<Option<u64>> {
+        let value = self.manifest.as_ref()?.report.get("sliding_window")?;
+        Some(value.as_u64())
     }
 
     /// Opens and verifies a bundle folder (edgelm or onnxruntime-genai layout, or a decoder

@@ -107,7 +107,7 @@ impl Decoder {
         if support != crate::ortlib::WindowSupport::Exact {
             // edgelm's export names the window in the manifest; another builder's graph (or a
             // bundle quantized from one) is read for it.
-            let window = bundle.sliding_window().or_else(|| {
+            let window = bundle.sliding_window().unwrap_or_else(|| {
                 crate::graph_scan::gqa_window(&bundle.model_path).unwrap_or_else(|e| {
                     tracing::warn!(
                         "{}: cannot look for a sliding window in the graph: {e}",

@@ -20,13 +20,13 @@ pub(crate) fn gqa_window(model: &Path) -> std::io::Result<Option<u64>> {
     // ModelProto: the graph is field 7.
     let mut pos = 0;
     while pos < size {
-        let (field, wire) = key(&mut r, &mut pos)?;
+        let (field, wire) = key(&mut r, &mut pos, size)?;
         if field == 7 && wire == 2 {
             let len = varint(&mut r, &mut pos)?;
             let end = within(pos, len, size)?;
             // GraphProto: nodes are field 1.
             while pos < end {
-                let (field, wire) = key(&mut r, &mut pos)?;
+                let (field, wire) = key(&mut r, &mut pos, end)?;
                 if field == 1 && wire == 2 {
                     let len = varint(&mut r, &mut pos)?;
                     within(pos, len, end)?;
@@ -62,7 +62,7 @@ fn node_window(node: &[u8]) -> std::io::Result<Option<u64>> {
     let mut r = std::io::Cursor::new(node);
     let mut pos = 0;
     while pos < node.len() as u64 {
-        let (field, wire) = key(&mut r, &mut pos)?;
+        let (field, wire) = key(&mut r, &mut pos, node.len() as u64)?;
         match (field, wire) {
             // op_type
             (4, 2) => op = Some(bytes(&mut r, &mut pos)?),
@@ -88,7 +88,7 @@ fn attribute_int(attr: &[u8], name: &[u8]) -> std::io::Result<Option<i64>> {
     let mut r = std::io::Cursor::new(attr);
     let mut pos = 0;
     while pos < attr.len() as u64 {
-        let (field, wire) = key(&mut r, &mut pos)?;
+        let (field, wire) = key(&mut r, &mut pos, attr.len() as u64)?;
         match (field, wire) {
             (1, 2) => found = bytes(&mut r, &mut pos)? == name,
             (3, 0) => value = Some(varint(&mut r, &mut pos)? as i64),
@@ -108,6 +108,10 @@ fn varint(r: &mut impl Read, pos: &mut u64) -> std::io::Result<u64> {
         let mut b = [0u8];
         r.read_exact(&mut b)?;
         *pos += 1;
+        // The tenth byte carries the 64th bit only.
+        if shift == 63 && b[0] > 1 {
+            return Err(bad("a varint past 64 bits"));
+        }
         v |= u64::from(b[0] & 0x7f) << shift;
         if b[0] & 0x80 == 0 {
             return Ok(v);
@@ -116,8 +120,10 @@ fn varint(r: &mut impl Read, pos: &mut u64) -> std::io::Result<u64> {
     Err(bad("a varint longer than 10 bytes"))
 }
 
-fn key(r: &mut impl Read, pos: &mut u64) -> std::io::Result<(u64, u8)> {
+/// A field's number and wire type; the key must end by `limit`.
+fn key(r: &mut impl Read, pos: &mut u64, limit: u64) -> std::io::Result<(u64, u8)> {
     let k = varint(r, pos)?;
+    within(*pos, 0, limit)?;
     Ok((k >> 3, (k & 7) as u8))
 }
 
@@ -141,7 +147,10 @@ fn skip_bytes(r: &mut impl Seek, pos: &mut u64, len: u64) -> std::io::Result<()>
 /// Skips one field's value, which must end by `limit`.
 fn skip<R: Read + Seek>(r: &mut R, pos: &mut u64, wire: u8, limit: u64) -> std::io::Result<()> {
     let len = match wire {
-        0 => return varint(r, pos).map(drop),
+        0 => {
+            varint(r, pos)?;
+            return within(*pos, 0, limit).map(drop);
+        }
         1 => 8,
         2 => varint(r, pos)?,
         5 => 4,
@@ -208,5 +217,13 @@ mod tests {
         let huge = [vec![7 << 3 | 2], vec![0xff; 9], vec![0x01]].concat();
         std::fs::write(&path, &huge).unwrap();
         assert!(gqa_window(&path).is_err());
+        // A varint whose tenth byte holds more than the 64th bit.
+        let wide = [vec![1 << 3], vec![0xff; 9], vec![0x02]].concat();
+        std::fs::write(&path, &wide).unwrap();
+        assert!(gqa_window(&path).unwrap_err().to_string().contains("64 bits"));
+        // A graph of 2 bytes whose integer field runs on into the next field: out of step, refused.
+        let overrun = [vec![7 << 3 | 2, 2], vec![2 << 3, 0x80, 0x80, 0x01], field(8, b"opset")].concat();
+        std::fs::write(&path, &overrun).unwrap();
+        assert!(gqa_window(&path).unwrap_err().to_string().contains("past its message"));
     }
 }

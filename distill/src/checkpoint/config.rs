@@ -164,20 +164,30 @@ struct HfConfig {
 /// The window of a Qwen2/Qwen3 model with `use_sliding_window` on, and the layers that do not
 /// slide: those `layer_types` marks `full_attention`, else those below `max_window_layers` (28
 /// by default). No window when no layer slides.
-fn qwen_window(raw: &HfConfig) -> (Option<usize>, Vec<usize>) {
-    let Some(window) = raw.sliding_window else {
-        return (None, vec![]);
-    };
+fn qwen_window(raw: &HfConfig) -> Result<(Option<usize>, Vec<usize>)> {
     let layers = raw.num_hidden_layers;
+    // transformers refuses a list of another length or with other names; so do we, rather than
+    // give the layers it does not name full attention.
+    if let Some(types) = &raw.layer_types {
+        if types.len() != layers {
+            return Err(Error::InvalidConfig {
+                what: format!("layer_types names {} layers, the model has {layers}", types.len()),
+            });
+        }
+        if let Some(t) = types.iter().find(|t| !matches!(t.as_str(), "full_attention" | "sliding_attention")) {
+            return Err(Error::InvalidConfig {
+                what: format!("layer_types holds {t:?}; only full_attention and sliding_attention are known"),
+            });
+        }
+    }
+    let Some(window) = raw.sliding_window else {
+        return Ok((None, vec![]));
+    };
     let full: Vec<usize> = match &raw.layer_types {
-        Some(types) => (0..layers).filter(|&i| types.get(i).map(String::as_str) != Some("sliding_attention")).collect(),
+        Some(types) => (0..layers).filter(|&i| types[i] == "full_attention").collect(),
         None => (0..layers.min(raw.max_window_layers.unwrap_or(28))).collect(),
     };
-    if full.len() == layers {
-        (None, vec![])
-    } else {
-        (Some(window), full)
-    }
+    Ok(if full.len() == layers { (None, vec![]) } else { (Some(window), full) })
 }
 
 fn default_max_pos() -> usize {
@@ -258,7 +268,7 @@ impl ModelConfig {
         })?;
         let (sliding_window, full_attention_layers) = match architecture {
             Architecture::Mistral => (raw.sliding_window, vec![]),
-            Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window == Some(true) => qwen_window(&raw),
+            Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window == Some(true) => qwen_window(&raw)?,
             _ => (None, vec![]),
         };
         // A window as long as the context changes nothing.
@@ -482,7 +492,7 @@ mod tests {
         let no_head_dim = text.replace(r#""head_dim":32,"#, "");
         assert_eq!(ModelConfig::from_hf_json(&no_head_dim).unwrap().head_dim, 128);
         // The window slides from layer max_window_layers on: on none of these 2 layers, on
-        // both, or on one (refused).
+        // both, or on one.
         let window = |extra: &str| {
             ModelConfig::from_hf_json(
                 &text.replace(r#""use_sliding_window":false,"sliding_window":null,"max_window_layers":28"#, extra),
@@ -513,5 +523,11 @@ mod tests {
         let typed =
             r#""use_sliding_window":true,"sliding_window":64,"layer_types":["full_attention","full_attention"]"#;
         assert_eq!(window(typed).unwrap().sliding_window, None);
+        // A list of the wrong length or with an unknown name is refused, not read as full layers.
+        for bad in [r#"["sliding_attention"]"#, r#"["sliding_attention","chunked_attention"]"#] {
+            let typed = format!(r#""use_sliding_window":true,"sliding_window":64,"layer_types":{bad}"#);
+            let e = window(&typed).unwrap_err();
+            assert!(matches!(e, Error::InvalidConfig { ref what } if what.contains("layer_types")), "{e}");
+        }
     }
 }

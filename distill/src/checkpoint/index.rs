@@ -192,9 +192,4 @@ impl WeightIndex {
             None
         })
     }
-
-    /// Names of every stored tensor.
-    pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.spans.keys()
-    }
 }
