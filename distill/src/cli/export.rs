@@ -157,6 +157,7 @@ impl QuantArgs {
         if self.precision == PrecisionArg::Int8Dynamic {
             o.method = edgelm_distill::quantize::graph::Method::DynamicInt8;
             o.full_range_int8 = self.full_range;
+            warn_full_range_here(self.full_range);
             o.blockwise = self.blockwise.clone();
         }
         if let Some(path) = &self.calibration {
@@ -187,6 +188,7 @@ impl QuantArgs {
         if self.precision == PrecisionArg::Int8Static {
             o.method = edgelm_distill::quantize::graph::Method::StaticInt8;
             o.full_range_int8 = self.full_range;
+            warn_full_range_here(self.full_range);
             o.blockwise = self.blockwise.clone();
             if self.calibration.is_none() {
                 anyhow::bail!("--precision int8-static needs --calibration FILE (one text per line)");
@@ -529,4 +531,16 @@ pub fn check(a: CheckArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--full-range` is for VNNI and ARM boards; on this host's AVX2 kernels a check measures
+/// saturated sums, so say so before the numbers look wrong.
+pub(crate) fn warn_full_range_here(full_range: bool) {
+    if full_range && !edgelm_distill::quantize::graph::host_sums_full_range_exactly() {
+        eprintln!(
+            "warning: --full-range: this CPU has no VNNI, so ONNX Runtime's integer kernels saturate on \
+             8-bit weights and a check run on this machine measures that loss; the bundle runs exactly \
+             on VNNI and ARM boards"
+        );
+    }
 }

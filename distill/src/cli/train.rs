@@ -512,6 +512,7 @@ pub fn distill_encoder(a: DistillEncoderArgs) -> Result<()> {
     use edgelm_distill::quantize::RangeMethod;
     let teacher = EncoderCheckpoint::load(&a.teacher).with_context(|| format!("loading {}", a.teacher.display()))?;
     let text = read_sentences(&a.text)?;
+    super::export::warn_full_range_here(a.qat && a.full_range);
     let qat = match &a.calibration {
         Some(path) if a.qat => Some(QatSpec {
             scheme: FakeQuantSpec {

@@ -361,6 +361,12 @@ mod tests {
         for (smooth, range, full_range) in
             [(Some(0.8), RangeMethod::Percentile { percentile: 99.9 }, false), (None, RangeMethod::MinMax, true)]
         {
+            if full_range && !crate::quantize::graph::host_sums_full_range_exactly() {
+                // AVX2 without VNNI saturates on 8-bit weights: the graph is not the exact
+                // arithmetic the fake quantization models, by design (7 bits there).
+                eprintln!("full-range case skipped: this CPU's integer kernels saturate on 8-bit weights");
+                continue;
+            }
             let spec = FakeQuantSpec { smooth, range, full_range };
             let fq = FakeQuant::calibrate(&ck, &samples, &spec).unwrap();
             // What `quantize --precision int8-static` does to the exported graph, on the same text.

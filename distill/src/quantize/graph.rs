@@ -33,6 +33,21 @@ pub enum Method {
     Fp16,
 }
 
+/// Whether ONNX Runtime on this machine sums uint8 activations times full-range (8-bit) int8
+/// weights exactly. On x86 that takes VNNI (AVX-512 VNNI or AVX-VNNI), whose dot products add
+/// into 32 bits; plain AVX2 adds each pair of products in 16 bits, saturating. ARM widens too.
+/// A bundle for another board may still want the full range; this says what a check here sees.
+pub fn host_sums_full_range_exactly() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512vnni") || std::arch::is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
+    }
+}
+
 /// What to quantize and how.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct QuantizeOptions {
