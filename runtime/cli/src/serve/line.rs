@@ -124,7 +124,9 @@ impl Write for PacedWriter {
 /// Reads frames until the link closes.
 pub fn read_loop(mut reader: Box<dyn Read + Send>, req_tx: Sender<Message>, out_tx: Sender<Outgoing>, shared: &Shared) {
     let mut decoder = FrameDecoder::new();
-    let mut buf = [0u8; 256];
+    // Room for a burst of frames in one read: requests that arrive together are admitted
+    // together, before the running answer can end between two short reads and free a place.
+    let mut buf = [0u8; 8 * MAX_FRAME];
     'link: while !shared.closed.load(Ordering::SeqCst) {
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
