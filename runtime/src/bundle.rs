@@ -1054,7 +1054,12 @@ impl Bundle {
     /// the manifest says none does (null), `None` when it does not say.
     pub fn sliding_window(&self) -> Option<Option<u64>> {
         let value = self.manifest.as_ref()?.report.get("sliding_window")?;
-        Some(value.as_u64())
+        // Anything but null or a whole number says nothing: the graph is read instead.
+        if value.is_null() {
+            Some(None)
+        } else {
+            value.as_u64().map(Some)
+        }
     }
 
     /// Opens and verifies a bundle folder (edgelm or onnxruntime-genai layout, or a decoder

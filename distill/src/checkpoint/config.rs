@@ -166,8 +166,8 @@ struct HfConfig {
 /// by default). No window when no layer slides.
 fn qwen_window(raw: &HfConfig) -> Result<(Option<usize>, Vec<usize>)> {
     let layers = raw.num_hidden_layers;
-    // transformers refuses a list of another length or with other names; so do we, rather than
-    // give the layers it does not name full attention.
+    // Qwen2/Qwen3 layers run only these two kinds, one per layer: another list is refused
+    // rather than read as full attention on the layers it does not name.
     if let Some(types) = &raw.layer_types {
         if types.len() != layers {
             return Err(Error::InvalidConfig {

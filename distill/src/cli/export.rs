@@ -60,8 +60,8 @@ pub struct QuantArgs {
     /// fp32, 2 fp16, 3 bf16, 0 leaves it to ONNX Runtime.
     #[arg(long, default_value_t = 4)]
     accuracy_level: u8,
-    /// int8-dynamic: weights over the full -127..127 instead of 7 bits (for ARM boards and x86
-    /// CPUs with VNNI; without VNNI the full range saturates and gives wrong sums).
+    /// int8-dynamic / int8-static: weights over the full -127..127 instead of 7 bits (for ARM
+    /// boards and x86 CPUs with VNNI; without VNNI the full range saturates and gives wrong sums).
     #[arg(long)]
     full_range: bool,
     /// int8-dynamic / int8-static: weights whose name contains this run block-wise 8-bit instead (repeatable),
