@@ -1051,7 +1051,8 @@ fn optimum_config(dir: &Path) -> Result<GenaiConfig> {
 impl Bundle {
     /// The attention window the exporter recorded (`report.sliding_window` in edgelm.json):
     /// `Some(Some(w))` for a model whose attention slides over `w` positions, `Some(None)` when
-    /// the manifest says none does (null), `None` when it does not say.
+    /// the manifest says none does (null), `None` when it does not say (no manifest, no key, or
+    /// a value that is not a whole number).
     pub fn sliding_window(&self) -> Option<Option<u64>> {
         let value = self.manifest.as_ref()?.report.get("sliding_window")?;
         // Anything but null or a whole number says nothing: the graph is read instead.

@@ -3,8 +3,9 @@
 //!
 //! The reader answers undecodable frames with an Error frame (the decoder resynchronises at
 //! the next delimiter), handles Cancel and Resend at once, and admits requests to the worker:
-//! at most `queue` may wait while one runs, counted by the reader alone, so a burst gets the
-//! same number of Busy replies however the threads are scheduled. The writer sends generated
+//! at most `queue` may wait while one runs, counted by the reader as it decodes each frame and
+//! released by the worker before an answer's last frame is sent, so a client that keeps at most
+//! `queue + 1` requests without their last frame read is never refused. The writer sends generated
 //! text as Token frames whenever the line is free, so a slow line gets fewer, fuller frames and
 //! a fast one a frame per token; blocking writes pace the frames and nothing is dropped.
 
