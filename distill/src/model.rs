@@ -109,6 +109,12 @@ struct RmsNorm {
     eps: f64,
 }
 
+impl RmsNorm {
+    fn new(weight: &Tensor, c: &ModelConfig) -> Self {
+        RmsNorm { weight: weight.clone(), eps: c.rms_norm_eps }
+    }
+}
+
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -209,10 +215,7 @@ impl Attention {
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
-            qk_norm: w.qk_norm.as_ref().map(|(q, k)| {
-                let norm = |weight: &Tensor| RmsNorm { weight: weight.clone(), eps: c.rms_norm_eps };
-                (norm(q), norm(k))
-            }),
+            qk_norm: w.qk_norm.as_ref().map(|(q, k)| (RmsNorm::new(q, c), RmsNorm::new(k, c))),
         })
     }
 
@@ -357,11 +360,10 @@ impl Block {
         c: &ModelConfig,
         packed: Packed<'_>,
     ) -> Result<Self> {
-        let norm = |weight: &Tensor| RmsNorm { weight: weight.clone(), eps: c.rms_norm_eps };
         Ok(Block {
-            input_layernorm: norm(&l.input_norm),
+            input_layernorm: RmsNorm::new(&l.input_norm, c),
             self_attn: Attention::load(l, adapter, c, packed)?,
-            post_attention_layernorm: norm(&l.post_attention_norm),
+            post_attention_layernorm: RmsNorm::new(&l.post_attention_norm, c),
             mlp: Mlp::load(l, adapter, packed)?,
         })
     }
@@ -425,13 +427,12 @@ impl LlamaModel {
     ) -> Result<Self> {
         let c = config;
         let w = DecoderWeights::from_map(tensors, c)?;
-        let norm = |weight: &Tensor| RmsNorm { weight: weight.clone(), eps: c.rms_norm_eps };
         let layers = w.layers.iter().map(|l| Block::load(l, adapter, c, packed)).collect::<Result<Vec<_>>>()?;
         Ok(LlamaModel {
             rotary: Rotary::new(c, &Device::Cpu)?,
             config: c.clone(),
             lm_head: w.head().clone(),
-            norm: norm(&w.final_norm),
+            norm: RmsNorm::new(&w.final_norm, c),
             embed_tokens: w.embed,
             layers,
         })
@@ -558,17 +559,24 @@ impl LlamaModel {
         // A tied head is the table; an untied one is read at the end.
         let table = c.tie_word_embeddings.then_some(embed);
         let rotary = Rotary::new(c, &Device::Cpu)?;
+        // Each step's masks, per layer, made once for all layers.
+        let mut start = 0;
+        let masks = steps
+            .iter()
+            .map(|ids| {
+                let m = layer_masks(c, ids.len(), start);
+                start += ids.len();
+                m
+            })
+            .collect::<Result<Vec<_>>>()?;
         for i in 0..c.num_hidden_layers {
             let block = Block::load(&LayerWeights::read(c, i, get)?, None, c, None)?;
-            let (mut slot, mut start) = (None, 0);
-            for x in &mut xs {
-                let s = x.dims()[1];
-                let mask = causal_mask(c.layer_window(i), s, start)?;
-                *x = block.forward(x.clone(), &rotary, mask.as_ref(), &mut slot)?;
-                start += s;
+            let mut slot = None;
+            for (x, step_masks) in xs.iter_mut().zip(&masks) {
+                *x = block.forward(x.clone(), &rotary, step_masks[i].as_ref(), &mut slot)?;
             }
         }
-        let norm = RmsNorm { weight: get(names::FINAL_NORM, &[h])?, eps: c.rms_norm_eps };
+        let norm = RmsNorm::new(&get(names::FINAL_NORM, &[h])?, c);
         let head = match table {
             Some(t) => t,
             None => get(names::LM_HEAD, &[c.vocab_size, h])?,

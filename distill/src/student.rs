@@ -120,10 +120,8 @@ pub fn init_student(
         .filter(|(_, &l)| t.full_attention_layers.contains(&l))
         .map(|(i, _)| i)
         .collect();
-    let (sliding_window, full_attention_layers) = match full_attention_layers.len() == shape.layers.len() {
-        true => (None, vec![]),
-        false => (t.sliding_window, full_attention_layers),
-    };
+    let (sliding_window, full_attention_layers) =
+        crate::checkpoint::config::layer_windows(t.sliding_window, full_attention_layers, shape.layers.len());
     let config = ModelConfig {
         num_hidden_layers: shape.layers.len(),
         intermediate_size: inter,

@@ -187,7 +187,16 @@ fn qwen_window(raw: &HfConfig) -> Result<(Option<usize>, Vec<usize>)> {
         Some(types) => (0..layers).filter(|&i| types[i] == "full_attention").collect(),
         None => (0..layers.min(raw.max_window_layers.unwrap_or(28))).collect(),
     };
-    Ok(if full.len() == layers { (None, vec![]) } else { (Some(window), full) })
+    Ok(layer_windows(Some(window), full, layers))
+}
+
+/// A model's window and the layers that attend to everything, with no window at all when no
+/// layer slides (every layer is full, or there is no window).
+pub(crate) fn layer_windows(window: Option<usize>, full: Vec<usize>, layers: usize) -> (Option<usize>, Vec<usize>) {
+    match window {
+        Some(w) if full.len() < layers => (Some(w), full),
+        _ => (None, vec![]),
+    }
 }
 
 fn default_max_pos() -> usize {
