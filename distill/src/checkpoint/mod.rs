@@ -37,6 +37,9 @@ pub struct Checkpoint {
     pub generation_config: Option<serde_json::Value>,
     /// `tokenizer_config.json`, when present (carries the chat template).
     pub tokenizer_config: Option<serde_json::Value>,
+    /// The folder is a Phi-3 model's, its q/k/v and gate/up projections fused on disk (split in
+    /// `tensors`; adapters for it are saved on the fused modules).
+    pub stored_fused: bool,
 }
 
 /// A weight by name from a weight map, checked against the expected shape.
@@ -116,9 +119,9 @@ fn read_safetensors(file: &Path, mut each: impl FnMut(String, Tensor)) -> Result
 impl Checkpoint {
     /// Reads a checkpoint folder. Weights stored as f16 or bf16 are widened to f32.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
-        let (mut ck, is_phi3) = Self::describe(dir.as_ref())?;
+        let mut ck = Self::describe(dir.as_ref())?;
         ck.tensors = load_weights(&ck.dir)?;
-        if is_phi3 {
+        if ck.stored_fused {
             phi3::split_fused(&mut ck.tensors, &ck.config)?;
         }
         let has_head = ck.tensors.contains_key(names::LM_HEAD);
@@ -128,19 +131,19 @@ impl Checkpoint {
     /// Reads a checkpoint folder's configuration and files but no weights (`tensors` is empty):
     /// the index reads each weight when asked, for models larger than memory.
     pub fn load_deferred(dir: impl AsRef<Path>) -> Result<(Self, index::WeightIndex)> {
-        let (ck, is_phi3) = Self::describe(dir.as_ref())?;
-        let index = index::WeightIndex::open(&ck.dir, &ck.config, is_phi3)?;
+        let ck = Self::describe(dir.as_ref())?;
+        let index = index::WeightIndex::open(&ck.dir, &ck.config, ck.stored_fused)?;
         let has_head = index.contains(names::LM_HEAD);
         Ok((ck.tied_without_head(has_head), index))
     }
 
-    /// Everything but the weights, and whether the folder stores Phi-3's fused projections.
-    fn describe(dir: &Path) -> Result<(Self, bool)> {
+    /// Everything but the weights.
+    fn describe(dir: &Path) -> Result<Self> {
         let dir = dir.to_path_buf();
         let cfg_path = dir.join("config.json");
         let mut text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
         let phi3 = serde_json::from_str::<serde_json::Value>(&text).ok().filter(phi3::is_phi3);
-        let is_phi3 = phi3.is_some();
+        let stored_fused = phi3.is_some();
         if let Some(config) = phi3 {
             tracing::info!("{} is Phi-3: read as the Mistral model it stores (q/k/v and gate/up split)", dir.display());
             text = phi3::as_mistral_config(config)?;
@@ -153,8 +156,9 @@ impl Checkpoint {
             dir,
             config,
             tensors: HashMap::new(),
+            stored_fused,
         };
-        Ok((ck, is_phi3))
+        Ok(ck)
     }
 
     /// Saved tied (transformers drops the shared head): without `lm_head.weight` the embedding

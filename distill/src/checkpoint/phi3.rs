@@ -25,14 +25,6 @@ pub fn is_phi3(config: &Value) -> bool {
         || config.get("architectures").and_then(Value::as_array).is_some_and(|a| a.iter().any(class))
 }
 
-/// Whether the checkpoint folder `dir` holds a Phi-3 model (its projections fused on disk).
-pub fn is_phi3_folder(dir: &std::path::Path) -> bool {
-    std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .is_some_and(|v| is_phi3(&v))
-}
-
 /// The config.json text of a Phi-3 model rewritten as Mistral's, after refusing what Mistral's
 /// computation does not cover.
 pub fn as_mistral_config(mut config: Value) -> Result<String> {

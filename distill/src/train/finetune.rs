@@ -134,7 +134,7 @@ pub fn finetune(
         HashMap::new()
     };
     let model = |a: Option<&Adapter>| LlamaModel::with_adapter(&base.config, &base.tensors, a);
-    let frozen = Frozen { config: &base.config, dir: &base.dir, model: &model };
+    let frozen = Frozen { config: &base.config, dir: &base.dir, stored_fused: base.stored_fused, model: &model };
     train_adapter(frozen, &fmt, data, fresh, &fisher, spec, opts)
 }
 
@@ -154,7 +154,7 @@ pub fn finetune_qlora(
     }
     let fmt = Formatter::for_checkpoint(source)?;
     let model = |a: Option<&Adapter>| LlamaModel::qlora(base, a);
-    let frozen = Frozen { config: &base.config, dir: &source.dir, model: &model };
+    let frozen = Frozen { config: &base.config, dir: &source.dir, stored_fused: source.stored_fused, model: &model };
     let fresh = Adapter::init(&base.config, spec.lora.clone(), spec.seed)?;
     train_adapter(frozen, &fmt, data, fresh, &HashMap::new(), spec, opts)
 }
@@ -163,6 +163,8 @@ pub fn finetune_qlora(
 struct Frozen<'a> {
     config: &'a crate::checkpoint::ModelConfig,
     dir: &'a Path,
+    /// Its folder stores fused projections (Phi-3): the adapter is saved on them.
+    stored_fused: bool,
     /// The base with an adapter on top.
     model: &'a (dyn Fn(Option<&Adapter>) -> Result<LlamaModel> + Sync),
 }
@@ -222,7 +224,7 @@ fn train_adapter(
     let report = train_stage(stage, &mut trainer, objective, &val)?;
     let adapter = Adapter::from_tensors(spec.lora.clone(), &load_best(&report)?)?;
     // On a Phi-3 base, written on its fused projections so PEFT loads it there.
-    let fused = crate::checkpoint::phi3::is_phi3_folder(base.dir).then_some(base.config);
+    let fused = base.stored_fused.then_some(base.config);
     adapter.save_peft(&opts.output, &base.dir.display().to_string(), fused)?;
     // Forward and backward still run through the frozen base: count its parameters.
     let flop = flop_parameters(base.config);
