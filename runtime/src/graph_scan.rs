@@ -4,7 +4,7 @@
 //! wider. The protobuf is walked field by field and everything but the graph's nodes (the
 //! weights, when they are inside) is skipped with a seek, so a 2 GB graph costs a few reads.
 
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, Read, Seek};
 use std::path::Path;
 
 /// Largest node read whole: attention nodes are tiny, a node this large holds a constant.
@@ -139,7 +139,8 @@ fn bytes(r: &mut impl Read, pos: &mut u64) -> std::io::Result<Vec<u8>> {
 }
 
 fn skip_bytes(r: &mut impl Seek, pos: &mut u64, len: u64) -> std::io::Result<()> {
-    r.seek(SeekFrom::Current(i64::try_from(len).map_err(|_| bad("a field past 2^63 bytes"))?))?;
+    // Relative, so a BufReader keeps its buffer when the field ends inside it.
+    r.seek_relative(i64::try_from(len).map_err(|_| bad("a field past 2^63 bytes"))?)?;
     *pos += len;
     Ok(())
 }

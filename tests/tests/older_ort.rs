@@ -22,6 +22,17 @@ fn oldest() -> (PathBuf, PathBuf) {
     (exe, lib)
 }
 
+/// `src` quantized to `out` with 4-bit matrices and an fp32 embedding (operators the older
+/// release has), unless an earlier run made it.
+fn int4_fp32_embedding(src: &std::path::Path, out: &std::path::Path) {
+    if !out.join("edgelm.json").exists() {
+        let done = run(Command::new(bin("edgelm-distill"))
+            .args(["quantize", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--precision", "int4"])
+            .args(["--fp32-embedding", "--max-kl", "10"]));
+        assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    }
+}
+
 fn pinned_greedy(b: &std::path::Path) -> Vec<u32> {
     let engine = Engine::open(b, &EngineOptions::default()).unwrap();
     let p = GenerateParams::default().with_max_new_tokens(10).with_ignore_eos(true);
@@ -37,12 +48,7 @@ fn a_build_for_the_oldest_api_level_runs_on_that_library() {
     let fp32 = bundle("tiny");
     // 4-bit matrices with an fp32 embedding: operators the older release has.
     let int4 = scratch().join("older-ort/tiny-int4-fp32-embedding");
-    if !int4.join("edgelm.json").exists() {
-        let out = run(Command::new(bin("edgelm-distill"))
-            .args(["quantize", fp32.to_str().unwrap(), "-o", int4.to_str().unwrap(), "--precision", "int4"])
-            .args(["--fp32-embedding", "--max-kl", "10"]));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
+    int4_fp32_embedding(&fp32, &int4);
     for b in [&fp32, &int4] {
         let out = run(Command::new(&exe)
             .arg("--ort-lib")
@@ -63,12 +69,7 @@ fn a_build_for_the_oldest_api_level_runs_on_that_library() {
     std::fs::remove_file(foreign.join("edgelm.json")).unwrap();
     // Quantized from such a folder, the bundle's manifest does not name the window either.
     let quantized = scratch().join("older-ort/window-quantized-from-foreign");
-    if !quantized.join("edgelm.json").exists() {
-        let out = run(Command::new(bin("edgelm-distill"))
-            .args(["quantize", foreign.to_str().unwrap(), "-o", quantized.to_str().unwrap(), "--precision", "int4"])
-            .args(["--fp32-embedding", "--max-kl", "10"]));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
+    int4_fp32_embedding(&foreign, &quantized);
     let pinned = pinned_greedy(&windowed);
     assert_eq!(pinned.len(), 10, "the pinned release runs the whole context");
     let pinned_quantized = pinned_greedy(&quantized);

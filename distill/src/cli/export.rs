@@ -361,7 +361,7 @@ pub struct ExportArgs {
 /// about 1.1 times an export holds at its peak; else what they need and what there is.
 fn f32_weights_fit(ck: &Checkpoint) -> std::result::Result<(), String> {
     let need = (ck.config.num_parameters() as f64 * 4.0 * 1.1) as u64;
-    match available_memory() {
+    match edgelm_runtime::metrics::meminfo_bytes("MemAvailable:") {
         Some(a) if a < need => Err(format!(
             "the f32 weights need about {:.1} GB and {:.1} GB are available",
             need as f64 / 1e9,
@@ -369,14 +369,6 @@ fn f32_weights_fit(ck: &Checkpoint) -> std::result::Result<(), String> {
         )),
         _ => Ok(()),
     }
-}
-
-/// Bytes of memory available now (`MemAvailable`), where the system says.
-fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Exports and checks a bundle.
