@@ -119,13 +119,18 @@ fn read_safetensors(file: &Path, mut each: impl FnMut(String, Tensor)) -> Result
 impl Checkpoint {
     /// Reads a checkpoint folder. Weights stored as f16 or bf16 are widened to f32.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
-        let mut ck = Self::describe(dir.as_ref())?;
-        ck.tensors = load_weights(&ck.dir)?;
-        if ck.stored_fused {
-            phi3::split_fused(&mut ck.tensors, &ck.config)?;
+        Self::describe(dir.as_ref())?.with_weights()
+    }
+
+    /// Reads the weights of a checkpoint opened without them ([`Self::load_deferred`]), so a
+    /// caller that finds they fit in memory need not read the folder's files again.
+    pub fn with_weights(mut self) -> Result<Self> {
+        self.tensors = load_weights(&self.dir)?;
+        if self.stored_fused {
+            phi3::split_fused(&mut self.tensors, &self.config)?;
         }
-        let has_head = ck.tensors.contains_key(names::LM_HEAD);
-        Ok(ck.tied_without_head(has_head))
+        let has_head = self.tensors.contains_key(names::LM_HEAD);
+        Ok(self.tied_without_head(has_head))
     }
 
     /// Reads a checkpoint folder's configuration and files but no weights (`tensors` is empty):

@@ -431,7 +431,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
             eprintln!("warning: {short}; an int8 or int4 export (--precision) reads them a layer at a time");
         }
         drop(index);
-        let ck = Checkpoint::load(&checkpoint).with_context(|| format!("loading {}", checkpoint.display()))?;
+        let ck = ck.with_weights().with_context(|| format!("loading {}", checkpoint.display()))?;
         export_owned(ck, &output, &opts)
     }
     .with_context(|| format!("exporting to {}", output.display()))?;
@@ -484,7 +484,7 @@ pub fn check(a: CheckArgs) -> Result<()> {
         Checkpoint::load_deferred(&a.checkpoint).with_context(|| format!("reading {}", a.checkpoint.display()))?;
     let v = if f32_weights_fit(&ck).is_ok() {
         drop(index);
-        let ck = Checkpoint::load(&a.checkpoint).with_context(|| format!("loading {}", a.checkpoint.display()))?;
+        let ck = ck.with_weights().with_context(|| format!("loading {}", a.checkpoint.display()))?;
         verify_bundle(&ck, &a.bundle, a.tolerance)
     } else {
         eprintln!("the f32 weights would not fit in memory: the reference runs one layer at a time");
