@@ -187,11 +187,10 @@ impl Adapter {
         let mut ranks = HashMap::new();
         for layer in 0..c.num_hidden_layers {
             for (fused, parts) in phi3::FUSED {
-                let rows: Vec<usize> = parts.iter().map(|p| phi3::rows_of(c, p)).collect();
-                let total: usize = rows.iter().sum();
+                let spans = phi3::part_rows(c, parts);
+                let total: usize = spans.iter().map(|&(_, _, rows)| rows).sum();
                 let (mut a_parts, mut b_cols) = (Vec::new(), Vec::new());
-                let mut start = 0;
-                for (part, n) in parts.iter().zip(&rows) {
+                for (part, start, n) in spans {
                     if let Some((a, b)) = modules.remove(&names::in_layer(layer, part)) {
                         let r = a.dims()[0];
                         let mut col = Vec::new();
@@ -205,7 +204,6 @@ impl Adapter {
                         b_cols.push(Tensor::cat(&col, 0)?);
                         a_parts.push(a);
                     }
-                    start += n;
                 }
                 if a_parts.is_empty() {
                     continue;

@@ -180,16 +180,10 @@ impl WeightIndex {
             let (layer_prefix, part) = parts.iter().find_map(|p| Some((module.strip_suffix(p)?, *p)))?;
             let fused_name = format!("{layer_prefix}{fused}.weight");
             self.spans.contains_key(&fused_name).then_some(())?;
-            let all_rows: usize = parts.iter().map(|p| phi3::rows_of(&self.config, p)).sum();
-            let mut start = 0;
-            for p in *parts {
-                let rows = phi3::rows_of(&self.config, p);
-                if *p == part {
-                    return Some((fused_name.clone(), start, rows, all_rows));
-                }
-                start += rows;
-            }
-            None
+            let spans = phi3::part_rows(&self.config, parts);
+            let all_rows: usize = spans.iter().map(|&(_, _, rows)| rows).sum();
+            let (_, start, rows) = spans.into_iter().find(|&(p, _, _)| p == part)?;
+            Some((fused_name, start, rows, all_rows))
         })
     }
 }

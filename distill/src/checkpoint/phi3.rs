@@ -88,6 +88,19 @@ pub(crate) fn rows_of(c: &ModelConfig, part: &str) -> usize {
     }
 }
 
+/// Where each of `parts` lies in its fused matrix: `(part, first row, rows)`, in row order.
+pub(crate) fn part_rows(c: &ModelConfig, parts: &[&'static str]) -> Vec<(&'static str, usize, usize)> {
+    let mut start = 0;
+    parts
+        .iter()
+        .map(|&p| {
+            let rows = rows_of(c, p);
+            start += rows;
+            (p, start - rows, rows)
+        })
+        .collect()
+}
+
 /// Splits each layer's `qkv_proj` and `gate_up_proj` into the separate projections, checking
 /// their shapes against `c`. Checkpoints that already have separate projections pass unchanged.
 pub fn split_fused(tensors: &mut HashMap<String, Tensor>, c: &ModelConfig) -> Result<()> {
@@ -103,11 +116,8 @@ pub fn split_fused(tensors: &mut HashMap<String, Tensor>, c: &ModelConfig) -> Re
                     what: format!("shape {:?}, expected [{rows}, {h}] (the projections it joins)", t.dims()),
                 });
             }
-            let mut start = 0;
-            for part in parts {
-                let n = rows_of(c, part);
+            for (part, start, n) in part_rows(c, parts) {
                 tensors.insert(names::in_layer(i, &format!("{part}.weight")), t.narrow(0, start, n)?.contiguous()?);
-                start += n;
             }
         }
     }
