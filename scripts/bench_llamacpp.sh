@@ -8,14 +8,19 @@
 # Debian), once, into .llama.cpp/.
 #
 # usage: bench_llamacpp.sh CHECKPOINT FP32_BUNDLE INT8_BUNDLE INT4_BUNDLE [RUNS] [INT8_DYNAMIC_BUNDLE]
-#        [INT4_BUNDLE_2]   (a second int4 bundle, e.g. larger blocks, against Q4_0 again)
+#        [INT4_BUNDLE_2...]   (more int4 bundles, e.g. larger blocks, each against Q4_0 again)
+# BENCH_ROUNDS=N (default 1) goes over the files N times, the engines still taking turns, and
+# ends with each pair's median ratio over the rounds: on a shared machine whose speed drifts from
+# minute to minute, the ratio of two figures taken seconds apart is steadier than either figure.
 # BENCH_ISA=avx2 measures both engines' AVX2 kernels on an AVX-512 host: llama.cpp built for
 # AVX2 (GGML_NATIVE=OFF) and both run with scripts/avx2_only.c preloaded, which hides AVX-512,
 # AVX-VNNI and AMX from CPUID (needs the cpuid_fault CPU flag).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-ck=$1 fp32=$2 int8=$3 int4=$4 runs=${5:-3} int8d=${6:-} int4b=${7:-}
+ck=$1 fp32=$2 int8=$3 int4=$4 runs=${5:-3} int8d=${6:-}
+more_int4=("${@:7}")
 isa=${BENCH_ISA:-native}
+rounds=${BENCH_ROUNDS:-1}
 case "$isa" in
   native) build="$root/.llama.cpp/build" preload="" ;;
   avx2)
@@ -52,7 +57,11 @@ printf '%-22s %8s %9s %9s\n' files MiB "TTFT ms" "decode/s"
 pairs=("f32.gguf:$fp32" "Q8_0.gguf:$int8")
 [ -n "$int8d" ] && pairs+=("Q8_0.gguf:$int8d")
 pairs+=("Q4_0.gguf:$int4")
-[ -n "$int4b" ] && pairs+=("Q4_0.gguf:$int4b")
+for b in "${more_int4[@]}"; do pairs+=("Q4_0.gguf:$b"); done
+ratios=$(mktemp)
+trap 'rm -f "$ratios"' EXIT
+for round in $(seq "$rounds"); do
+[ "$rounds" -gt 1 ] && echo "round $round of $rounds"
 for pair in "${pairs[@]}"; do
   gg=${pair%%:*} bundle=${pair#*:}
   # llama-bench: pp128 on an empty context gives the prompt's time (its TTFT); tg128 with 128
@@ -60,7 +69,7 @@ for pair in "${pairs[@]}"; do
   lj=$(LD_PRELOAD="$preload" "$bin/llama-bench" -m "$work/$gg" -p 128 -n 128 -d 0,128 -t 2 -r "$runs" -o json 2>"$work/llama-bench.log") \
     || { cat "$work/llama-bench.log" >&2; exit 1; }
   ej=$(LD_PRELOAD="$preload" "$root/target/release/edgelm" bench "$bundle" --runs "$runs" --json --threads 2)
-  python3 - "$lj" "$ej" "$work/$gg" "$bundle" <<'EOF'
+  python3 - "$lj" "$ej" "$work/$gg" "$bundle" "$ratios" <<'EOF'
 import json, os, statistics, sys
 l, e = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 pp = next(r for r in l if r["n_prompt"] > 0 and r.get("n_depth", 0) == 0)
@@ -71,5 +80,24 @@ bundle_mib = lambda d: sum(mib(f"{d}/{f}") for f in ("model.onnx", "model.onnx.d
 rate = lambda r: statistics.median(r.get("samples_ts") or [r["avg_ts"]])
 print(f"{'llama.cpp ' + os.path.basename(sys.argv[3]):22} {mib(sys.argv[3]):8.1f} {128e3 / rate(pp):9.1f} {rate(tg):9.1f}")
 print(f"{'edgelm ' + os.path.basename(sys.argv[4].rstrip('/')):22} {bundle_mib(sys.argv[4]):8.1f} {e['ttft_ms']:9.1f} {e['decode_tokens_per_s']:9.1f}")
+# edgelm / llama.cpp for this pair and round: first token (below 1 is faster), decode (above 1).
+with open(sys.argv[5], "a") as f:
+    pair = os.path.basename(sys.argv[4].rstrip('/')) + " / " + os.path.basename(sys.argv[3])
+    f.write(f"{pair}\t{e['ttft_ms'] / (128e3 / rate(pp))}\t{e['decode_tokens_per_s'] / rate(tg)}\n")
 EOF
 done
+done
+if [ "$rounds" -gt 1 ]; then
+  python3 - "$ratios" "$rounds" <<'EOF'
+import statistics, sys
+pairs = {}
+for line in open(sys.argv[1]):
+    pair, ttft, decode = line.rstrip("\n").split("\t")
+    pairs.setdefault(pair, []).append((float(ttft), float(decode)))
+print(f"\nedgelm / llama.cpp over {sys.argv[2]} rounds: median (lowest to highest)")
+print(f"{'pair':32} {'first token':>22} {'decode':>22}")
+for pair, r in pairs.items():
+    cell = lambda v: f"{statistics.median(v):.2f}x ({min(v):.2f}-{max(v):.2f})"
+    print(f"{pair:32} {cell([t for t, _ in r]):>22} {cell([d for _, d in r]):>22}")
+EOF
+fi
