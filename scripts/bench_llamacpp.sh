@@ -21,6 +21,9 @@ ck=$1 fp32=$2 int8=$3 int4=$4 runs=${5:-3} int8d=${6:-}
 more_int4=("${@:7}")
 isa=${BENCH_ISA:-native}
 rounds=${BENCH_ROUNDS:-1}
+case "$rounds" in
+  '' | *[!0-9]* | 0) echo "BENCH_ROUNDS must be a positive whole number, not '$rounds'" >&2; exit 1 ;;
+esac
 case "$isa" in
   native) build="$root/.llama.cpp/build" preload="" ;;
   avx2)
@@ -62,14 +65,15 @@ ratios=$(mktemp)
 trap 'rm -f "$ratios"' EXIT
 for round in $(seq "$rounds"); do
 [ "$rounds" -gt 1 ] && echo "round $round of $rounds"
-for pair in "${pairs[@]}"; do
+for i in "${!pairs[@]}"; do
+  pair=${pairs[$i]}
   gg=${pair%%:*} bundle=${pair#*:}
   # llama-bench: pp128 on an empty context gives the prompt's time (its TTFT); tg128 with 128
   # tokens already in the context (-d 128) the decode rate after that prompt, as edgelm measures.
   lj=$(LD_PRELOAD="$preload" "$bin/llama-bench" -m "$work/$gg" -p 128 -n 128 -d 0,128 -t 2 -r "$runs" -o json 2>"$work/llama-bench.log") \
     || { cat "$work/llama-bench.log" >&2; exit 1; }
   ej=$(LD_PRELOAD="$preload" "$root/target/release/edgelm" bench "$bundle" --runs "$runs" --json --threads 2)
-  python3 - "$lj" "$ej" "$work/$gg" "$bundle" "$ratios" <<'EOF'
+  python3 - "$lj" "$ej" "$work/$gg" "$bundle" "$ratios" "$i" <<'EOF'
 import json, os, statistics, sys
 l, e = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 pp = next(r for r in l if r["n_prompt"] > 0 and r.get("n_depth", 0) == 0)
@@ -81,23 +85,23 @@ rate = lambda r: statistics.median(r.get("samples_ts") or [r["avg_ts"]])
 print(f"{'llama.cpp ' + os.path.basename(sys.argv[3]):22} {mib(sys.argv[3]):8.1f} {128e3 / rate(pp):9.1f} {rate(tg):9.1f}")
 print(f"{'edgelm ' + os.path.basename(sys.argv[4].rstrip('/')):22} {bundle_mib(sys.argv[4]):8.1f} {e['ttft_ms']:9.1f} {e['decode_tokens_per_s']:9.1f}")
 # edgelm / llama.cpp for this pair and round: first token (below 1 is faster), decode (above 1).
+# Keyed by the pair's place in the list: two bundles may share a folder name.
 with open(sys.argv[5], "a") as f:
     pair = os.path.basename(sys.argv[4].rstrip('/')) + " / " + os.path.basename(sys.argv[3])
-    f.write(f"{pair}\t{e['ttft_ms'] / (128e3 / rate(pp))}\t{e['decode_tokens_per_s'] / rate(tg)}\n")
+    f.write(f"{sys.argv[6]}\t{pair}\t{e['ttft_ms'] / (128e3 / rate(pp))}\t{e['decode_tokens_per_s'] / rate(tg)}\n")
 EOF
 done
 done
-if [ "$rounds" -gt 1 ]; then
-  python3 - "$ratios" "$rounds" <<'EOF'
+python3 - "$ratios" "$rounds" <<'EOF'
 import statistics, sys
 pairs = {}
 for line in open(sys.argv[1]):
-    pair, ttft, decode = line.rstrip("\n").split("\t")
-    pairs.setdefault(pair, []).append((float(ttft), float(decode)))
-print(f"\nedgelm / llama.cpp over {sys.argv[2]} rounds: median (lowest to highest)")
+    i, pair, ttft, decode = line.rstrip("\n").split("\t")
+    pairs.setdefault((int(i), pair), []).append((float(ttft), float(decode)))
+print(f"\nedgelm / llama.cpp, median over {sys.argv[2]} round(s) (lowest to highest);")
+print("first token: under 1x is edgelm faster; decode: over 1x is edgelm faster")
 print(f"{'pair':32} {'first token':>22} {'decode':>22}")
-for pair, r in pairs.items():
+for (_, pair), r in sorted(pairs.items()):
     cell = lambda v: f"{statistics.median(v):.2f}x ({min(v):.2f}-{max(v):.2f})"
     print(f"{pair:32} {cell([t for t, _ in r]):>22} {cell([d for _, d in r]):>22}")
 EOF
-fi
