@@ -5,28 +5,88 @@
 
 mod cli;
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use mimalloc::MiMalloc;
 
 use cli::{checkpoint, data, eval, export, sign, train};
 
-// Each training step frees and allocates many activation-sized buffers on two worker threads.
-// glibc's malloc returns them to the kernel and faults them in again, so a LoRA step spent a
-// quarter of its time in page faults and TLB flushes. mimalloc, told never to return freed
-// pages (`keep_freed_memory`), reuses them: distillation is about 10% faster and the LoRA
-// fine-tune 20 to 25% (BENCHMARKS.md). The peak is what it was; it is just not given back.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: Allocator = Allocator;
+
+/// The process's allocator: mimalloc, keeping freed pages, once a training command has asked
+/// for it ([`Allocator::train`]); the system's before that and for every other command.
+///
+/// Each training step frees and allocates many activation-sized buffers on two worker
+/// threads. glibc's malloc returns them to the kernel and faults them in again, so a LoRA step
+/// spent a quarter of its time in page faults and TLB flushes; mimalloc told never to return
+/// freed pages reuses them, and a LoRA fine-tune trains 25 to 30% faster (BENCHMARKS.md). The
+/// other commands keep glibc: an export frees each weight's buffers before reading the next,
+/// different-sized ones, and under mimalloc its peak was a third higher (or, returning pages
+/// at once, its time 10 to 30% longer).
+struct Allocator;
+
+/// Set once, before any thread starts, by [`Allocator::train`].
+static TRAINING: AtomicBool = AtomicBool::new(false);
 
 /// mimalloc's `purge_delay` option (its index in `mi_option_e`, mimalloc.h, the same in v2.1
 /// and v3; libmimalloc-sys does not name it).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Tells the allocator never to return freed pages to the kernel. Call before any thread starts.
-fn keep_freed_memory() {
-    // SAFETY: a plain option write, made while the process has one thread (mimalloc's options
-    // are not synchronised).
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+impl Allocator {
+    /// Switches new allocations to mimalloc with freed pages kept. Call before any thread
+    /// starts; what the system allocator handed out before is still freed by it.
+    fn train() {
+        // SAFETY: a plain option write while the process has one thread (mimalloc's options
+        // are not synchronised).
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+        TRAINING.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether mimalloc handed out `ptr` (never, before [`Allocator::train`]).
+    fn from_mimalloc(ptr: *mut u8) -> bool {
+        // SAFETY: a lookup in mimalloc's own page map; any address may be asked.
+        TRAINING.load(Ordering::Relaxed) && unsafe { libmimalloc_sys::mi_is_in_heap_region(ptr.cast()) }
+    }
+}
+
+// SAFETY: every block is freed or resized by the allocator that made it (`from_mimalloc`), and
+// both allocators uphold `GlobalAlloc`'s contract themselves.
+unsafe impl GlobalAlloc for Allocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if TRAINING.load(Ordering::Relaxed) {
+            MiMalloc.alloc(layout)
+        } else {
+            System.alloc(layout)
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if TRAINING.load(Ordering::Relaxed) {
+            MiMalloc.alloc_zeroed(layout)
+        } else {
+            System.alloc_zeroed(layout)
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if Self::from_mimalloc(ptr) {
+            MiMalloc.dealloc(ptr, layout)
+        } else {
+            System.dealloc(ptr, layout)
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if Self::from_mimalloc(ptr) {
+            MiMalloc.realloc(ptr, layout, new_size)
+        } else {
+            System.realloc(ptr, layout, new_size)
+        }
+    }
 }
 
 #[derive(Parser)]
@@ -94,7 +154,6 @@ enum DataCommand {
 }
 
 fn main() {
-    keep_freed_memory();
     // Rust ignores SIGPIPE, so printing to a closed pipe (`edgelm-distill eval ... | head`)
     // would panic; the default action ends the process quietly, as Unix tools do.
     // SAFETY: setting a signal's disposition touches no Rust state.
@@ -107,7 +166,8 @@ fn main() {
         .init();
     let cli = Cli::parse();
     if cli.command.trains() {
-        // Before any thread starts: it sets candle's thread count for the process.
+        // Before any thread starts: both change process-wide settings.
+        Allocator::train();
         edgelm_distill::train::workers::use_data_parallel_training();
     }
     if let Err(e) = run(cli) {
