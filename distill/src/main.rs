@@ -24,17 +24,23 @@ static ALLOCATOR: Allocator = Allocator;
 /// threads. glibc's malloc returns them to the kernel and faults them in again, so a LoRA step
 /// spent a quarter of its time in page faults and TLB flushes; mimalloc told never to return
 /// freed pages reuses them, and a LoRA fine-tune trains 25 to 30% faster (BENCHMARKS.md). The
-/// other commands keep glibc: an export frees each weight's buffers before reading the next,
-/// different-sized ones, and under mimalloc its peak was a third higher (or, returning pages
-/// at once, its time 10 to 30% longer).
+/// commands that do not train keep glibc: an export frees each weight's buffers before reading
+/// the next, different-sized ones, and under mimalloc its peak doubled with freed pages kept (a
+/// third higher with mimalloc's default delay; returning them at once cost 7 to 29% of its
+/// time). `pipeline` trains, so its exports run under mimalloc too (its models are small).
 struct Allocator;
 
 /// Set once, before any thread starts, by [`Allocator::train`].
 static TRAINING: AtomicBool = AtomicBool::new(false);
 
-/// mimalloc's `purge_delay` option (its index in `mi_option_e`, mimalloc.h, the same in v2.1
-/// and v3; libmimalloc-sys does not name it).
+/// mimalloc's `purge_delay` option: its index in `mi_option_e` (mimalloc.h, the same in v2 and
+/// v3), which libmimalloc-sys does not name.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Alignments above this go to the system allocator: mimalloc serves them straight from the OS
+/// with the page header before the block, and its page map then covers a slice past the
+/// mapping, where a later system block would be taken for its own.
+const MIMALLOC_MAX_ALIGN: usize = 64 * 1024;
 
 impl Allocator {
     /// Switches new allocations to mimalloc with freed pages kept. Call before any thread
@@ -46,45 +52,52 @@ impl Allocator {
         TRAINING.store(true, Ordering::SeqCst);
     }
 
-    /// Whether mimalloc handed out `ptr` (never, before [`Allocator::train`]).
-    fn from_mimalloc(ptr: *mut u8) -> bool {
+    /// Whether a new block of `layout` comes from mimalloc.
+    fn mimalloc_for(layout: Layout) -> bool {
+        TRAINING.load(Ordering::Relaxed) && layout.align() <= MIMALLOC_MAX_ALIGN
+    }
+
+    /// Whether mimalloc handed out `ptr`, a block of `layout` (never before
+    /// [`Allocator::train`], nor for alignments it is not given).
+    fn from_mimalloc(ptr: *mut u8, layout: Layout) -> bool {
         // SAFETY: a lookup in mimalloc's own page map; any address may be asked.
-        TRAINING.load(Ordering::Relaxed) && unsafe { libmimalloc_sys::mi_is_in_heap_region(ptr.cast()) }
+        Self::mimalloc_for(layout) && unsafe { libmimalloc_sys::mi_is_in_heap_region(ptr.cast()) }
     }
 }
 
 // SAFETY: every block is freed or resized by the allocator that made it (`from_mimalloc`), and
-// both allocators uphold `GlobalAlloc`'s contract themselves.
+// both allocators uphold `GlobalAlloc`'s contract themselves; the callers' obligations pass
+// through unchanged.
 unsafe impl GlobalAlloc for Allocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if TRAINING.load(Ordering::Relaxed) {
-            MiMalloc.alloc(layout)
+        if Self::mimalloc_for(layout) {
+            unsafe { MiMalloc.alloc(layout) }
         } else {
-            System.alloc(layout)
+            unsafe { System.alloc(layout) }
         }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if TRAINING.load(Ordering::Relaxed) {
-            MiMalloc.alloc_zeroed(layout)
+        if Self::mimalloc_for(layout) {
+            unsafe { MiMalloc.alloc_zeroed(layout) }
         } else {
-            System.alloc_zeroed(layout)
+            unsafe { System.alloc_zeroed(layout) }
         }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if Self::from_mimalloc(ptr) {
-            MiMalloc.dealloc(ptr, layout)
+        if Self::from_mimalloc(ptr, layout) {
+            unsafe { MiMalloc.dealloc(ptr, layout) }
         } else {
-            System.dealloc(ptr, layout)
+            unsafe { System.dealloc(ptr, layout) }
         }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if Self::from_mimalloc(ptr) {
-            MiMalloc.realloc(ptr, layout, new_size)
+        if Self::from_mimalloc(ptr, layout) {
+            unsafe { MiMalloc.realloc(ptr, layout, new_size) }
         } else {
-            System.realloc(ptr, layout, new_size)
+            unsafe { System.realloc(ptr, layout, new_size) }
         }
     }
 }
