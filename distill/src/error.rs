@@ -142,6 +142,12 @@ pub enum Error {
     },
 }
 
+impl From<edgelm_kernels::Error> for Error {
+    fn from(e: edgelm_kernels::Error) -> Self {
+        Error::Unsupported { what: e.to_string() }
+    }
+}
+
 // Not `#[from]`: the candle message is already in ours; as the `source` too it would print twice.
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {

@@ -37,7 +37,7 @@ impl Spill {
         let bytes: Vec<u8> = match self.elem {
             DataType::Bfloat16 => data.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
             DataType::Float16 => data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-            _ => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            _ => edgelm_kernels::bytes::f32_to_le_bytes(data),
         };
         if self.error.is_none() {
             if let Err(e) = self.out.write_all(&bytes) {

@@ -360,8 +360,7 @@ impl TensorProto {
     /// If `data.len()` is not the product of `dims`, or a dim is negative.
     pub fn from_f32(name: impl Into<String>, dims: &[i64], data: &[f32]) -> Self {
         check_len(dims, data.len());
-        let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-        Self::from_u8(name, dims, DataType::Float, raw)
+        Self::from_u8(name, dims, DataType::Float, edgelm_kernels::bytes::f32_to_le_bytes(data))
     }
 
     /// An int64 tensor with its values in `raw_data` (little-endian).

@@ -14,6 +14,7 @@ use super::block::{quantize, quantize_per_column, BlockScheme, QuantizedMatrix};
 use crate::error::{Error, Result};
 use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
 use crate::onnx::{AttributeProto as Attr, DataType, ModelProto, MS_DOMAIN};
+use edgelm_kernels::bytes::transpose;
 
 /// Which operators the matrices run on.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -218,18 +219,8 @@ pub(super) fn f32_values(t: &TensorProto) -> Option<Vec<f32>> {
     Some(if t.raw_data.is_empty() {
         t.float_data.clone()
     } else {
-        t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        edgelm_kernels::bytes::f32_from_le_bytes(&t.raw_data)
     })
-}
-
-fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = v[r * cols + c];
-        }
-    }
-    out
 }
 
 pub(super) fn tensor_bytes(t: &TensorProto) -> usize {

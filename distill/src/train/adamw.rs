@@ -14,6 +14,7 @@ use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Storage, Tensor, Var};
+use edgelm_kernels::adamw::AdamWStep;
 
 use crate::error::Result;
 
@@ -92,9 +93,15 @@ impl AdamW {
         let c1 = 1.0 - beta1.powi(self.t as i32);
         let c2 = 1.0 - beta2.powi(self.t as i32);
         // 1 - beta taken in f64: in f32, 1 - 0.999 is 1e-5 off.
-        let (b1, b2, eps, scale) = (beta1 as f32, beta2 as f32, eps as f32, grad_scale as f32);
-        let (a1, a2) = ((1.0 - beta1) as f32, (1.0 - beta2) as f32);
-        let (c1, c2, lr32) = (c1 as f32, c2 as f32, lr as f32);
+        let step = AdamWStep {
+            beta1: (beta1 as f32, (1.0 - beta1) as f32),
+            beta2: (beta2 as f32, (1.0 - beta2) as f32),
+            corrections: (c1 as f32, c2 as f32),
+            eps: eps as f32,
+            lr: lr as f32,
+            keep: 1.0,
+            grad_scale: grad_scale as f32,
+        };
         for (name, var) in vars {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
             let p = var.as_tensor();
@@ -115,16 +122,8 @@ impl AdamW {
                 });
             }
             let keep = if p.rank() >= 2 && weight_decay > 0.0 { (1.0 - lr * weight_decay) as f32 } else { 1.0 };
+            let step = AdamWStep { keep, ..step };
             let mut out = vec![0f32; n];
-            let update = |m: &mut [f32], v: &mut [f32], o: &mut [f32], pv: &[f32], gv: &[f32]| {
-                for i in 0..o.len() {
-                    let g = gv[i] * scale;
-                    m[i] = b1 * m[i] + a1 * g;
-                    v[i] = b2 * v[i] + a2 * g * g;
-                    let step = (m[i] / c1) / ((v[i] / c2).sqrt() + eps);
-                    o[i] = pv[i] * keep - lr32 * step;
-                }
-            };
             let per = part_len(n);
             with_f32_values(p, |pv| {
                 with_f32_values(g, |gv| {
@@ -134,9 +133,9 @@ impl AdamW {
                             .zip(pv.chunks(per).zip(gv.chunks(per)));
                         for (((m, v), o), (pv, gv)) in parts {
                             if o.len() == n {
-                                update(m, v, o, pv, gv);
+                                step.apply(m, v, o, pv, gv);
                             } else {
-                                scope.spawn(move || update(m, v, o, pv, gv));
+                                scope.spawn(move || step.apply(m, v, o, pv, gv));
                             }
                         }
                     })

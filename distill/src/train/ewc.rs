@@ -42,14 +42,13 @@ impl CustomOp1 for FisherWeightedSquare {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = crate::model::contiguous_f32(self.name(), storage, layout)?;
-        let sum: f64 = d.iter().zip(self.fisher.iter()).map(|(&x, &f)| f as f64 * (x as f64) * (x as f64)).sum();
+        let sum = edgelm_kernels::ewc::weighted_square_sum(d, &self.fisher);
         Ok((CpuStorage::F32(vec![sum as f32]), Shape::from(())))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let g = grad_res.to_scalar::<f32>()? * 2.0;
         let d = arg.flatten_all()?.to_vec1::<f32>()?;
-        let grad: Vec<f32> = d.iter().zip(self.fisher.iter()).map(|(&x, &f)| g * f * x).collect();
+        let grad = edgelm_kernels::ewc::weighted_square_gradient(&d, &self.fisher, grad_res.to_scalar::<f32>()?);
         Ok(Some(Tensor::from_vec(grad, arg.dims(), arg.device())?))
     }
 }

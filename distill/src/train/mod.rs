@@ -131,7 +131,7 @@ impl Trainer {
         let mut sq = 0f64;
         for (_, v) in &self.params {
             if let Some(g) = grads.get(v.as_tensor()) {
-                sq += adamw::with_f32_values(g, |x| x.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())?;
+                sq += adamw::with_f32_values(g, edgelm_kernels::adamw::sum_of_squares)?;
             }
         }
         let grad_norm = sq.sqrt();
