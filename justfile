@@ -36,8 +36,9 @@ build-board board:
     cargo build -p edgelm-cli
     scripts/build-board.sh boards/{{board}}.toml target/debug/edgelm
 
-# The `host` profile is release without link-time optimisation, for the host tool alone:
-# edgelm-distill alone, built faster than by `build` and training as fast.
+# The `host` profile is release without link-time optimisation, with edgelm-distill's own
+# code (not edgelm-kernels) and a few parsers unoptimised (Cargo.toml says why): the host tool
+# alone, built faster than by `build` and training as fast.
 build-host:
     cargo build --profile host -p edgelm-distill
 
