@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
+use edgelm_kernels::bytes::{widen_to_f32_le_bytes, Half};
+
 use super::proto::{DataLocation, DataType, StringStringEntryProto, TensorProto};
 use super::ModelProto;
 use crate::error::{Error, IoContext, Result};
@@ -83,16 +85,16 @@ pub fn internalize(model: &mut ModelProto, dir: &Path) -> Result<()> {
 /// that way) turned into float32; others as they are.
 pub fn widened(mut t: TensorProto) -> TensorProto {
     let elem = t.data_type.and_then(|d| DataType::try_from(d).ok());
-    let widen: fn([u8; 2]) -> f32 = match elem {
-        Some(DataType::Bfloat16) => |b| half::bf16::from_le_bytes(b).to_f32(),
-        Some(DataType::Float16) => |b| half::f16::from_le_bytes(b).to_f32(),
+    let from = match elem {
+        Some(DataType::Bfloat16) => Half::Bf16,
+        Some(DataType::Float16) => Half::F16,
         _ => return t,
     };
     if is_external(&t) {
         return t;
     }
     let raw = std::mem::take(&mut t.raw_data);
-    t.raw_data = raw.chunks_exact(2).flat_map(|b| widen([b[0], b[1]]).to_le_bytes()).collect();
+    t.raw_data = widen_to_f32_le_bytes(&raw, from);
     t.data_type = Some(DataType::Float as i32);
     t
 }

@@ -35,8 +35,8 @@ impl Spill {
     fn write(&mut self, name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
         use std::io::Write;
         let bytes: Vec<u8> = match self.elem {
-            DataType::Bfloat16 => data.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
-            DataType::Float16 => data.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+            DataType::Bfloat16 => edgelm_kernels::bytes::f32_to_bf16_le_bytes(data),
+            DataType::Float16 => edgelm_kernels::bytes::f32_to_f16_le_bytes(data, false),
             _ => edgelm_kernels::bytes::f32_to_le_bytes(data),
         };
         if self.error.is_none() {

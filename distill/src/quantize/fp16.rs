@@ -10,8 +10,6 @@
 
 use std::collections::{HashMap, HashSet};
 
-use half::f16;
-
 use crate::error::{Error, Result};
 use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
 use crate::onnx::{AttributeProto as Attr, DataType, ModelProto};
@@ -136,19 +134,13 @@ fn output_types(n: &NodeProto, types: &HashMap<String, i32>) -> Option<Vec<i32>>
     })
 }
 
-fn to_f16_bytes(values: impl Iterator<Item = f32>) -> Vec<u8> {
-    // Finite values beyond fp16's range saturate (a -1e9 mask stays a large negative, not -inf).
-    values
-        .flat_map(|v| f16::from_f32(if v.is_finite() { v.clamp(-65504.0, 65504.0) } else { v }).to_le_bytes())
-        .collect()
-}
-
 /// An fp32 tensor's values in fp16, in place.
 fn tensor_to_f16(t: &mut TensorProto) -> Result<()> {
     let values = super::graph::f32_values(t).ok_or_else(|| Error::Unsupported {
         what: format!("fp16 of tensor `{}` stored outside the model file", t.name),
     })?;
-    t.raw_data = to_f16_bytes(values.into_iter());
+    // Finite values beyond fp16's range saturate (a -1e9 mask stays a large negative, not -inf).
+    t.raw_data = edgelm_kernels::bytes::f32_to_f16_le_bytes(&values, true);
     t.float_data.clear();
     t.data_type = Some(HALF);
     Ok(())
@@ -289,6 +281,7 @@ pub fn to_fp16(model: &mut ModelProto, keep: &[String]) -> Result<Fp16Summary> {
 
 #[cfg(test)]
 mod tests {
+    use half::f16;
     use ort::session::Session;
     use ort::value::Tensor;
     use prost::Message;
