@@ -535,9 +535,17 @@ mod tests {
             render(&format!("{{{{ {dict} | {args} }}}}")).unwrap(),
             r#"{"a":{},"b":[1,2.5,"<\u00e9>",true],"c":null,"d":[]}"#
         );
+        // Keys that are not strings are written the way json.dumps writes them. They sit in
+        // two dicts because Python treats `1` and `True` as one key while minijinja's map
+        // hashes them apart and only sometimes merges them: a template holding both gets
+        // engine-defined output, so no test can pin it.
         assert_eq!(
-            render("{{ {1: 'x', true: 'y', none: 'z', 0.5: 'w'} | tojson }}").unwrap(),
-            r#"{"1": "x", "true": "y", "null": "z", "0.5": "w"}"#
+            render("{{ {1: 'x', none: 'z', 0.5: 'w'} | tojson }}").unwrap(),
+            r#"{"1": "x", "null": "z", "0.5": "w"}"#
+        );
+        assert_eq!(
+            render("{{ {true: 'y', false: 'n'} | tojson(sort_keys=True) }}").unwrap(),
+            r#"{"false": "n", "true": "y"}"#
         );
         assert!(render("{{ [nothing] | tojson }}").unwrap_err().to_string().contains("undefined"));
         let floats: Vec<String> =
