@@ -187,7 +187,8 @@ pub fn to_fp16(model: &mut ModelProto, keep: &[String]) -> Result<Fp16Summary> {
                 n.op_type, n.name
             ),
         })?;
-        for (o, t) in n.output.iter().zip(out) {
+        // A blank name is an optional output left unused: no tensor, no type.
+        for (o, t) in n.output.iter().zip(out).filter(|(o, _)| !o.is_empty()) {
             types.insert(o.clone(), t);
         }
     }
@@ -287,6 +288,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
+    use crate::onnx::graph::MS_DOMAIN;
     use crate::onnx::{Dim, GraphBuilder};
 
     /// `y = Softmax(x W + b) * mask`, with `Cast(mask_ids -> float)`, and `n = Pow(x, 2)`.
@@ -356,6 +358,46 @@ mod tests {
         assert_eq!((s.initializers, s.kept.len()), (3, 0));
         let pow = all.graph.as_ref().unwrap().node.iter().find(|n| n.op_type == "Pow").unwrap();
         assert_eq!(pow.input[0], "x/fp16");
+    }
+
+    /// Norms kept in fp32 whose optional outputs are blank (as the exporter writes its residual
+    /// norms) still make one graph ONNX Runtime loads: a blank name is no tensor, so it gets no
+    /// fp32 copy and no cast, and two such nodes do not both define `/fp32`.
+    #[test]
+    fn kept_nodes_with_blank_optional_outputs_convert_to_a_loadable_graph() {
+        let mut g = GraphBuilder::new("test");
+        g.input("x", DataType::Float, &[Dim::Fixed(2), Dim::Fixed(4)]);
+        g.input("r", DataType::Float, &[Dim::Fixed(2), Dim::Fixed(4)]);
+        g.output("y", DataType::Float, &[Dim::Fixed(2), Dim::Fixed(4)]);
+        let gamma = g.init_f32("gamma", &[4], &[1.0, 0.5, 2.0, 1.5]);
+        let eps = || vec![Attr::float("epsilon", 1e-5)];
+        for i in 0..2 {
+            g.set_scope(format!("/layers.{i}/norm"));
+            let (x, r, y) = if i == 0 { ("x", "r", "h") } else { ("h", "s0", "y") };
+            let sum = format!("s{i}");
+            g.node_named("SkipSimplifiedLayerNormalization", MS_DOMAIN, &[x, r, &gamma], &[y, "", "", &sum], eps());
+        }
+        let m = g.finish(21, Some(1), "test");
+        let x: Vec<f32> = (0..8).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let r: Vec<f32> = (0..8).map(|i| 0.5 - i as f32 * 0.125).collect();
+        let run = |m: &ModelProto| {
+            let env = edgelm_runtime::ortlib::init(None).expect("ONNX Runtime (EDGELM_ORT_LIB)");
+            let mut s = Session::builder(env).unwrap().commit_from_memory(&m.encode_to_vec()).unwrap();
+            let out = s
+                .run(ort::inputs![
+                    "x" => Tensor::from_array(([2usize, 4], x.clone())).unwrap(),
+                    "r" => Tensor::from_array(([2usize, 4], r.clone())).unwrap(),
+                ])
+                .unwrap();
+            out["y"].try_extract_tensor::<f32>().unwrap().1.to_vec()
+        };
+        let want = run(&m);
+        let mut h = m.clone();
+        let s = to_fp16(&mut h, &["SkipSimplifiedLayerNormalization".into()]).unwrap();
+        assert_eq!(s.kept.len(), 2, "{:?}", s.kept);
+        let g = h.graph.as_ref().unwrap();
+        assert!(g.node.iter().all(|n| n.output.iter().all(|o| o != "/fp32")), "a blank output was renamed");
+        assert_eq!(run(&h), want, "both norms computed in fp32 between fp16 casts of exact values");
     }
 
     #[test]
