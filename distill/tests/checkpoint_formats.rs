@@ -159,6 +159,26 @@ fn a_checkpoint_written_over_another_replaces_it_whole() {
     assert_eq!(logits(&Checkpoint::load(&dir).unwrap()), logits(&expect));
 }
 
+/// Pruning a checkpoint into its own folder (prune ck -o ck) keeps its decoding defaults, as a
+/// copy elsewhere does: the sampling settings and every end-of-sequence id.
+#[test]
+fn pruning_in_place_keeps_the_sources_decoding_defaults() {
+    use edgelm_distill::prune::magnitude::{prune_checkpoint, PruneAmount, PruneOptions, PruneScope};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let cfg = preset_config("tiny").unwrap();
+    write_checkpoint(&dir, &cfg, &random_weights(&cfg, 1).unwrap(), WriteOptions::default()).unwrap();
+    let theirs = r#"{"do_sample": true, "temperature": 0.7, "top_p": 0.9, "eos_token_id": [2, 7]}"#;
+    std::fs::write(dir.join("generation_config.json"), theirs).unwrap();
+    let ck = Checkpoint::load(&dir).unwrap();
+    let opts = PruneOptions { amount: PruneAmount::Sparsity(0.5), scope: PruneScope::Global, embeddings: false };
+    for out in [tmp.path().join("pruned"), dir.clone()] {
+        prune_checkpoint(&ck, &out, &opts).unwrap();
+        assert_eq!(std::fs::read_to_string(out.join("generation_config.json")).unwrap(), theirs, "{}", out.display());
+    }
+    assert_eq!(logits(&Checkpoint::load(&dir).unwrap()), logits(&Checkpoint::load(tmp.path().join("pruned")).unwrap()));
+}
+
 fn write_and_load(dir: &std::path::Path, cfg: &edgelm_distill::ModelConfig, w: &HashMap<String, Tensor>) -> Checkpoint {
     write_checkpoint(dir, cfg, w, WriteOptions::default()).unwrap();
     Checkpoint::load(dir).unwrap()

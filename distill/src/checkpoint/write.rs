@@ -131,6 +131,19 @@ pub fn write_generation_config(dir: &Path, config: &ModelConfig) -> Result<()> {
     std::fs::write(&p, serde_json::to_string_pretty(&gen).expect("json")).at(&p)
 }
 
+/// Gives a checkpoint derived from the one in `source` (pruned, distilled, merged) its decoding
+/// defaults: the source's `generation_config.json` when it has one (its sampling settings and
+/// every end-of-sequence id hold for a model with the same tokenizer; left as it is when `dir`
+/// is `source`), else the greedy one [`write_generation_config`] writes.
+pub fn derive_generation_config(source: &Path, dir: &Path, config: &ModelConfig) -> Result<()> {
+    let theirs = source.join("generation_config.json");
+    if theirs.exists() {
+        std::fs::create_dir_all(dir).at(dir)?;
+        return copy_file(&theirs, &dir.join("generation_config.json"));
+    }
+    write_generation_config(dir, config)
+}
+
 /// Files that make up a checkpoint's tokenizer, chat formatting and decoding defaults.
 const TOKENIZER_FILES: [&str; 5] = [
     "tokenizer.json",

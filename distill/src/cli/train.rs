@@ -386,6 +386,7 @@ pub fn prune_structured(a: PruneStructuredArgs) -> Result<()> {
         heads: a.heads.or(stage.as_ref().map(|s| s.heads)).unwrap_or(0.0),
         query_heads: a.query_heads.or(stage.as_ref().map(|s| s.query_heads)).unwrap_or(0.0),
     };
+    opts.check(&ck.config)?;
     if opts.mlp == 0.0 && opts.heads == 0.0 && opts.query_heads == 0.0 {
         anyhow::bail!("nothing to prune: give --mlp, --heads or --query-heads (or a --recipe with [prune])");
     }

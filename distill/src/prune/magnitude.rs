@@ -170,7 +170,7 @@ pub fn prune(ck: &Checkpoint, opts: &PruneOptions) -> Result<(HashMap<String, Te
 pub fn prune_checkpoint(ck: &Checkpoint, out: &Path, opts: &PruneOptions) -> Result<PruneReport> {
     let (tensors, report) = prune(ck, opts)?;
     write_checkpoint(out, &ck.config, &tensors, WriteOptions::default())?;
-    crate::checkpoint::write::write_generation_config(out, &ck.config)?;
+    crate::checkpoint::write::derive_generation_config(&ck.dir, out, &ck.config)?;
     crate::checkpoint::write::copy_tokenizer_files(&ck.dir, out)?;
     let p = out.join("prune_report.json");
     std::fs::write(&p, serde_json::to_string_pretty(&report).expect("json"))

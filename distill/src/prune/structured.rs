@@ -14,7 +14,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::checkpoint::write::{copy_tokenizer_files, write_checkpoint, write_generation_config, WriteOptions};
+use crate::checkpoint::write::{copy_tokenizer_files, derive_generation_config, write_checkpoint, WriteOptions};
 use crate::checkpoint::{names, Checkpoint, ModelConfig};
 use crate::error::{Error, IoContext, Result};
 use crate::model::{LlamaModel, UnitImportance};
@@ -32,6 +32,14 @@ pub struct StructuredOptions {
     /// each group; keys and values stay. At least one query head per group stays.
     #[serde(default)]
     pub query_heads: f64,
+}
+
+impl StructuredOptions {
+    /// Fails on a share outside [0, 1) or a model these shares cannot be cut from: checked
+    /// before the importance is measured, which takes a pass over the calibration data.
+    pub fn check(&self, config: &ModelConfig) -> Result<()> {
+        kept_counts(config, self).map(|_| ())
+    }
 }
 
 /// What structured pruning did.
@@ -236,7 +244,7 @@ pub fn write_pruned(
     report: &StructuredReport,
 ) -> Result<()> {
     write_checkpoint(out, config, tensors, WriteOptions::default())?;
-    write_generation_config(out, config)?;
+    derive_generation_config(source, out, config)?;
     copy_tokenizer_files(source, out)?;
     report.write(out)
 }
@@ -249,6 +257,7 @@ pub fn prune_checkpoint_structured(
     out: &Path,
     opts: &StructuredOptions,
 ) -> Result<StructuredReport> {
+    opts.check(&ck.config)?;
     let importance = measure_importance(&ck.config, &ck.tensors, calibration)?;
     let (config, tensors, report) = prune_structured(&ck.config, &ck.tensors, &importance, opts)?;
     write_pruned(&ck.dir, out, (&config, &tensors), &report)?;

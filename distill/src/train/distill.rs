@@ -21,7 +21,7 @@ use super::kd::{hidden_state_loss, kd_loss, kd_loss_top_k};
 use super::stage::{flop_parameters, lm_loss, load_best, train_stage, Stage, StageOptions, TrainLog};
 use super::teacher_cache::TeacherCache;
 use super::Trainer;
-use crate::checkpoint::write::{copy_tokenizer_files, write_checkpoint, write_generation_config, WriteOptions};
+use crate::checkpoint::write::{copy_tokenizer_files, derive_generation_config, write_checkpoint, WriteOptions};
 use crate::checkpoint::{Checkpoint, ModelConfig};
 use crate::data::Example;
 use crate::error::Result;
@@ -158,7 +158,7 @@ pub fn distill(
     let report = train_stage(stage, &mut trainer, Objective::new(&loss), &val)?;
     let out = &opts.output;
     write_checkpoint(out, &config, &load_best(&report)?, WriteOptions::default())?;
-    write_generation_config(out, &config)?;
+    derive_generation_config(&teacher.dir, out, &config)?;
     copy_tokenizer_files(&teacher.dir, out)?;
     // Each step also runs the teacher forward: 2 x teacher parameters per token on top of the
     // student's 6 x; the log counts the student's share only.

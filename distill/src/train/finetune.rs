@@ -17,7 +17,7 @@ use super::fit::{FitData, Objective};
 use super::qlora::QuantizedBase;
 use super::stage::{flop_parameters, lm_loss, load_best, train_stage, Stage, StageOptions, TrainLog};
 use super::Trainer;
-use crate::checkpoint::write::{copy_tokenizer_files, write_checkpoint, write_generation_config, WriteOptions};
+use crate::checkpoint::write::{copy_tokenizer_files, derive_generation_config, write_checkpoint, WriteOptions};
 use crate::checkpoint::Checkpoint;
 use crate::data::Example;
 use crate::error::Result;
@@ -238,6 +238,6 @@ fn train_adapter(
 pub fn merge(base: &Checkpoint, adapter: &Adapter, output: &Path) -> Result<()> {
     let merged = adapter.merge(&base.tensors)?;
     write_checkpoint(output, &base.config, &merged, WriteOptions::default())?;
-    write_generation_config(output, &base.config)?;
+    derive_generation_config(&base.dir, output, &base.config)?;
     copy_tokenizer_files(&base.dir, output)
 }
