@@ -22,10 +22,10 @@ pub const MANIFEST: &str = "edgelm.json";
 const FORMAT: &str = "edgelm-bundle";
 /// Manifest format version this runtime writes and the newest it reads. Version 2 moved the
 /// encoder's settings and the pipeline summary out of the free-form `report` into typed fields;
-/// version 3 added `weights.embedding_table.hot`. A manifest is written with the oldest version
+/// version 3 added `weights.embedding_table.hot`, version 4 `weights.blockwise_scheme`. A manifest is written with the oldest version
 /// that holds everything in it ([`Manifest::needed_version`]), so older runtimes keep reading
 /// bundles that use nothing newer.
-pub(crate) const FORMAT_VERSION: u32 = 3;
+pub(crate) const FORMAT_VERSION: u32 = 4;
 
 /// `edgelm.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,8 +106,10 @@ pub struct WeightScheme {
     pub embedding: bool,
     /// Whether the embedding and a tied LM head share one quantized table.
     pub shared_embedding_head: bool,
-    /// Tables read only by `GatherBlockQuantized` (an untied embedding), when they were
-    /// quantized otherwise than `bits` / `block_size` / `symmetric` say.
+    /// Tables stored in blocks (`GatherBlockQuantized`), when they were quantized otherwise than
+    /// `bits` / `block_size` / `symmetric` say: an untied table given its own scheme, and every
+    /// such table under `DynamicQuantizeMatMul`, `MatMulIntegerToFloat` and `QDQ`, whose
+    /// matrices have one scale per column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embedding_table: Option<TableScheme>,
     /// Weights kept in fp32, with the reason.
@@ -117,6 +119,9 @@ pub struct WeightScheme {
     /// (`MatMulNBits`) instead.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blockwise: Vec<String>,
+    /// With `blockwise`: how those weights are stored. Format version 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blockwise_scheme: Option<BlockwiseScheme>,
     /// Static quantization (`QDQ`): how the activations' fixed ranges were calibrated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activations: Option<ActivationScheme>,
@@ -147,6 +152,18 @@ pub struct HotRows {
     /// Their bits per value.
     pub bits: u8,
     /// Their values per block.
+    pub block_size: usize,
+    /// Scales only (`true`) or scales and zero points.
+    pub symmetric: bool,
+}
+
+/// The block quantization of the weights `weights.blockwise` names (`MatMulNBits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockwiseScheme {
+    /// Bits per weight.
+    pub bits: u8,
+    /// Weights per block, each block with its own scale.
     pub block_size: usize,
     /// Scales only (`true`) or scales and zero points.
     pub symmetric: bool,
@@ -230,8 +247,11 @@ impl Manifest {
     /// The oldest format version that holds everything in this manifest: 3 with hot rows of a
     /// token table, else 2.
     pub fn needed_version(&self) -> u32 {
-        let hot = self.weights.as_ref().and_then(|w| w.embedding_table.as_ref()).is_some_and(|t| t.hot.is_some());
-        if hot {
+        let w = self.weights.as_ref();
+        let hot = w.and_then(|w| w.embedding_table.as_ref()).is_some_and(|t| t.hot.is_some());
+        if w.is_some_and(|w| w.blockwise_scheme.is_some()) {
+            4
+        } else if hot {
             3
         } else {
             2
@@ -1355,9 +1375,10 @@ mod tests {
         assert!(verify_files(&empty).is_ok());
     }
 
-    /// A token table with hot rows needs version 3; the writer says so and the reader takes it.
+    /// A token table with hot rows needs version 3, the scheme of block-wise matrices version 4;
+    /// the writer says so and the reader takes it.
     #[test]
-    fn hot_rows_are_written_as_format_version_3() {
+    fn hot_rows_are_written_as_format_version_3_and_blockwise_schemes_as_4() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = BundleWriter::create(dir.path(), Kind::Encoder).unwrap();
         w.model("model.onnx", b"graph").unwrap();
@@ -1374,12 +1395,23 @@ mod tests {
             embedding_table: Some(TableScheme { bits: 4, block_size: 32, symmetric: true, hot: Some(hot) }),
             kept_fp32: vec![],
             blockwise: vec![],
+            blockwise_scheme: None,
             activations: None,
         };
-        let m = w.finish(BundleInfo { weights: Some(weights), ..info() }).unwrap();
+        let m = w.finish(BundleInfo { weights: Some(weights.clone()), ..info() }).unwrap();
         assert_eq!(m.format_version, 3);
         let read = read_manifest(dir.path()).unwrap();
         assert_eq!(read.weights.unwrap().embedding_table.unwrap().hot, Some(hot));
+
+        // The scheme of block-wise matrices needs version 4.
+        let mut w = BundleWriter::create(dir.path(), Kind::Encoder).unwrap();
+        w.model("model.onnx", b"graph").unwrap();
+        let blocks = BlockwiseScheme { bits: 8, block_size: 128, symmetric: false };
+        let weights =
+            WeightScheme { blockwise: vec!["output.dense".into()], blockwise_scheme: Some(blocks), ..weights };
+        let m = w.finish(BundleInfo { weights: Some(weights), ..info() }).unwrap();
+        assert_eq!(m.format_version, 4);
+        assert_eq!(read_manifest(dir.path()).unwrap().weights.unwrap().blockwise_scheme, Some(blocks));
     }
 
     #[test]

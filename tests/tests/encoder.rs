@@ -174,6 +174,8 @@ fn minilm_int8_static_and_fp16_through_the_cli() {
     assert_eq!(m["weights"]["activations"]["calibration"], "percentile 99.999");
     assert_eq!(m["weights"]["activations"]["samples"], 64);
     assert_eq!(m["weights"]["activations"]["smoothing"].as_f64(), Some(0.8));
+    // The tables are in blocks while the matrices have a scale per column: recorded apart.
+    assert_eq!(m["weights"]["embedding_table"], serde_json::json!({"bits": 8, "block_size": 64, "symmetric": true}));
     let ops_static = ops(&st);
     // Six layers of four distinct projection inputs (q/k/v share one), and a DequantizeLinear
     // for each of the 36 weights and each of the 36 activation reads.

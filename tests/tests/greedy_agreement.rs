@@ -387,3 +387,32 @@ fn fp16_bundles_decode_like_fp32() {
         assert!(same >= NEW / 2, "{preset}: fp16 {got:?} vs {reference:?}");
     }
 }
+
+/// int8-dynamic with some matrices block-wise (`--blockwise`), asymmetric blocks of 32: the
+/// manifest records every scheme in the bundle (the per-column matrices, the block-wise ones
+/// and the untied token table, both in the asked blocks), as format version 4, and the bundle
+/// decodes every token.
+#[test]
+fn int8_dynamic_records_the_scheme_of_every_weight() {
+    let fp32 = bundle("tiny");
+    let out = edgelm_e2e::scratch().join("bundle-int8-dynamic-blockwise");
+    let r = run(Command::new(edgelm_e2e::bin("edgelm-distill"))
+        .args(["quantize", fp32.to_str().unwrap(), "-o", out.to_str().unwrap(), "--precision", "int8-dynamic"])
+        .args(["--blockwise", "down_proj", "--block-size", "32", "--asymmetric", "--max-kl", "1"]));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("edgelm.json")).unwrap()).unwrap();
+    let w = &m["weights"];
+    assert_eq!(
+        (w["operator"].as_str(), w["bits"].as_u64(), w["block_size"].as_u64()),
+        (Some("DynamicQuantizeMatMul"), Some(7), Some(0))
+    );
+    let blocks = serde_json::json!({"bits": 8, "block_size": 32, "symmetric": false});
+    assert_eq!(w["blockwise"], serde_json::json!(["down_proj"]));
+    assert_eq!(w["blockwise_scheme"], blocks);
+    assert_eq!(w["embedding_table"], blocks);
+    assert_eq!(m["format_version"], 4);
+    let graph = std::fs::read(out.join("model.onnx")).unwrap();
+    let count = |op: &str| graph.windows(op.len()).filter(|w| *w == op.as_bytes()).count();
+    assert!(count("MatMulNBits") > 0 && count("GatherBlockQuantized") > 0, "the blocks are in the graph");
+    assert_eq!(edgelm_greedy_in(&out, "shared").len(), NEW);
+}

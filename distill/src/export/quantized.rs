@@ -5,7 +5,9 @@ use std::path::Path;
 
 use prost::Message;
 
-use edgelm_runtime::bundle::{Bundle, BundleInfo, BundleWriter, HotRows, Kind, Precision, TableScheme, WeightScheme};
+use edgelm_runtime::bundle::{
+    BlockwiseScheme, Bundle, BundleInfo, BundleWriter, HotRows, Kind, Precision, TableScheme, WeightScheme,
+};
 
 use super::verify::{verify_against_bundle, verify_against_reference, ReferenceLogits, VerifyReport};
 use super::ExportReport;
@@ -54,6 +56,7 @@ pub(crate) fn weight_scheme(q: &QuantizeOptions, s: &QuantizeSummary) -> WeightS
             embedding_table: None,
             kept_fp32: s.kept.clone(),
             blockwise: vec![],
+            blockwise_scheme: None,
             activations: None,
         };
     }
@@ -78,20 +81,28 @@ pub(crate) fn weight_scheme(q: &QuantizeOptions, s: &QuantizeSummary) -> WeightS
         matrices: s.matmuls,
         embedding: s.embeddings > 0,
         shared_embedding_head: s.shared_embedding_head,
-        embedding_table: s.embedding_table.map(|e| TableScheme {
-            bits: e.bits,
-            block_size: e.block_size,
-            symmetric: e.symmetric,
-            // Hot rows take the block scheme of the matrices (`QuantizeOptions::scheme`).
-            hot: (s.hot_rows > 0).then_some(HotRows {
-                rows: s.hot_rows,
-                bits: q.scheme.bits,
-                block_size: q.scheme.block_size,
-                symmetric: q.scheme.symmetric,
-            }),
+        // Under the per-column methods a table in blocks always has a scheme of its own.
+        embedding_table: s.embedding_table.or((dynamic && s.block_tables > 0).then_some(q.scheme)).map(|e| {
+            TableScheme {
+                bits: e.bits,
+                block_size: e.block_size,
+                symmetric: e.symmetric,
+                // Hot rows take the block scheme of the matrices (`QuantizeOptions::scheme`).
+                hot: (s.hot_rows > 0).then_some(HotRows {
+                    rows: s.hot_rows,
+                    bits: q.scheme.bits,
+                    block_size: q.scheme.block_size,
+                    symmetric: q.scheme.symmetric,
+                }),
+            }
         }),
         kept_fp32: s.kept.clone(),
-        blockwise: if q.method == Method::Blockwise { vec![] } else { q.blockwise.clone() },
+        blockwise: if dynamic { q.blockwise.clone() } else { vec![] },
+        blockwise_scheme: (dynamic && !q.blockwise.is_empty()).then_some(BlockwiseScheme {
+            bits: q.scheme.bits,
+            block_size: q.scheme.block_size,
+            symmetric: q.scheme.symmetric,
+        }),
         activations: s.activations.clone(),
     }
 }
@@ -286,6 +297,7 @@ fn quantize_encoder_static(
     let tables = quantize_model(model, &rest)?;
     summary.matmuls += tables.matmuls;
     summary.embeddings = tables.embeddings;
+    summary.block_tables = tables.block_tables;
     summary.shared_embedding_head = tables.shared_embedding_head;
     summary.embedding_table = tables.embedding_table;
     summary.hot_rows = tables.hot_rows;

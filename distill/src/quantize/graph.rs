@@ -145,6 +145,10 @@ pub struct QuantizeSummary {
     pub embeddings: usize,
     /// Whether an embedding and the LM head share one quantized table.
     pub shared_embedding_head: bool,
+    /// Of `embeddings`, the tables stored in blocks (`GatherBlockQuantized`); the others are
+    /// read from a tied head's per-column int8 weights.
+    #[serde(default)]
+    pub block_tables: usize,
     /// The scheme of tables only gathered from, when they took `embedding_scheme`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embedding_table: Option<BlockScheme>,
@@ -796,6 +800,7 @@ fn quantize_loaded(
                     splices.push((i, to_gather_block_quantized(g, &node, &stored, &tq, false)));
                 }
                 summary.embeddings += 1;
+                summary.block_tables += 1;
             }
             if !fp32_reader {
                 removed.push(name);
@@ -824,6 +829,7 @@ fn quantize_loaded(
         if own_scheme && hot > 0 {
             splices.extend(split_table(g, &name, &w, (rows, cols), &hot_ids, opts.scheme, scheme, &gathers));
             summary.embeddings += 1;
+            summary.block_tables += 1;
             summary.hot_rows = hot;
             removed.push(name);
             continue;
@@ -844,6 +850,7 @@ fn quantize_loaded(
         }
         if !gathers.is_empty() {
             summary.embeddings += 1;
+            summary.block_tables += 1;
             summary.shared_embedding_head |= shared;
         }
         if !fp32_reader {
