@@ -134,6 +134,14 @@ pub enum Error {
         /// The model's context.
         context: usize,
     },
+    /// An output folder that would replace what the command reads from.
+    #[error("{path}: {what}")]
+    Destination {
+        /// The output folder.
+        path: PathBuf,
+        /// Why it cannot be written there.
+        what: String,
+    },
     /// A model feature or size the exporter does not handle yet.
     #[error("not supported yet: {what}")]
     Unsupported {

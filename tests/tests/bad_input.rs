@@ -253,3 +253,69 @@ fn a_failed_quantization_leaves_the_bundle_it_would_have_replaced() {
     let ran = edgelm(&["run", out.to_str().unwrap(), "--prompt-ids", "1,2", "--max-new-tokens", "2"]);
     assert!(ran.status.success(), "{}", String::from_utf8_lossy(&ran.stderr));
 }
+
+/// A bundle quantized into its own folder, or into a folder that holds it, would replace the
+/// fp32 source the quantization reads (and any other precision needs again): refused before
+/// anything is written, the source intact and still running.
+#[test]
+fn quantizing_a_bundle_over_itself_is_refused_and_the_source_kept() {
+    use edgelm_e2e::{bin, run};
+    use std::process::Command;
+    let parent = scratch().join("bad/in-place");
+    let _ = std::fs::remove_dir_all(&parent);
+    let fp32 = parent.join("tiny");
+    copy_dir(&bundle("tiny"), &fp32);
+    let before = std::fs::read(fp32.join("model.onnx")).unwrap();
+    for out in [fp32.clone(), fp32.join("."), parent.clone()] {
+        let r = run(Command::new(bin("edgelm-distill")).args([
+            "quantize",
+            fp32.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--precision",
+            "int4",
+        ]));
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{}: {err}", out.display());
+        assert!(err.contains("the bundle is made from") && err.contains("nothing was changed"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert_eq!(std::fs::read(fp32.join("model.onnx")).unwrap(), before);
+    let left: Vec<_> = std::fs::read_dir(&parent).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("tiny")], "files left beside the bundle");
+    let m = edgelm_runtime::bundle::verify_files(&fp32).unwrap();
+    assert_eq!(m.quantization, edgelm_runtime::bundle::Precision::Fp32);
+}
+
+/// A quantization flag the chosen precision would ignore is refused by name, before any
+/// work: the bundle would not be what the command line asked for.
+#[test]
+fn a_flag_the_precision_ignores_is_refused() {
+    use edgelm_e2e::{bin, run};
+    use std::process::Command;
+    let fp32 = bundle("tiny");
+    let out = scratch().join("bad/unused-flag");
+    for (flags, needle) in [
+        (&["--precision", "fp16", "--block-size", "32"][..], "--block-size does nothing with --precision fp16"),
+        (&["--precision", "int4", "--full-range"][..], "--full-range does nothing with --precision int4"),
+        (&["--precision", "int8", "--smooth", "0.5"][..], "--smooth does nothing with --precision int8"),
+        (&["--precision", "int8-dynamic", "--accuracy-level", "1"][..], "--accuracy-level does nothing"),
+        (&["--precision", "int4", "--embedding-block-size", "64"][..], "--embedding-bits"),
+        (&["--precision", "fp32"][..], "leaves nothing to quantize"),
+    ] {
+        let r = run(Command::new(bin("edgelm-distill"))
+            .args(["quantize", fp32.to_str().unwrap(), "-o", out.to_str().unwrap()])
+            .args(flags));
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success(), "{flags:?} was accepted");
+        assert!(err.contains(needle), "{flags:?}: {err}");
+        assert!(!out.exists(), "{flags:?} wrote {}", out.display());
+    }
+    // The same flag where it does something is taken.
+    let r = run(Command::new(bin("edgelm-distill"))
+        .args(["quantize", fp32.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args(["--precision", "int4", "--block-size", "64", "--max-kl", "10"]));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let m = edgelm_runtime::bundle::verify_files(&out).unwrap();
+    assert_eq!(m.weights.map(|w| (w.bits, w.block_size)), Some((4, 64)));
+}

@@ -57,9 +57,9 @@ pub struct QuantArgs {
     #[arg(long)]
     asymmetric: bool,
     /// MatMulNBits accuracy_level: 4 computes with int8 activations (fastest on CPUs), 1 in
-    /// fp32, 2 fp16, 3 bf16, 0 leaves it to ONNX Runtime.
-    #[arg(long, default_value_t = 4)]
-    accuracy_level: u8,
+    /// fp32, 2 fp16, 3 bf16, 0 leaves it to ONNX Runtime [default: 4].
+    #[arg(long)]
+    accuracy_level: Option<u8>,
     /// int8-dynamic / int8-static: weights over the full -127..127 instead of 7 bits (for ARM
     /// boards and x86 CPUs with VNNI; without VNNI the full range saturates and gives wrong sums).
     #[arg(long)]
@@ -74,7 +74,7 @@ pub struct QuantArgs {
     #[arg(long, value_name = "BITS")]
     embedding_bits: Option<u8>,
     /// Block size of those tables with --embedding-bits [default: 32 at 4 bits, --block-size at 8].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", requires = "embedding_bits")]
     embedding_block_size: Option<usize>,
     /// With --embedding-bits below the matrices' bits: keep this many rows of the token table at
     /// the matrices' bits, the tokens the --calibration text uses most (counted over the lines
@@ -83,7 +83,7 @@ pub struct QuantArgs {
     #[arg(long, value_name = "N", requires = "calibration", value_parser = clap::value_parser!(u32).range(1..))]
     embedding_hot_rows: Option<u32>,
     /// Leave embedding tables in fp32 (a tied LM head is then quantized alone).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "embedding_bits")]
     fp32_embedding: bool,
     /// Keep in fp32 every weight whose initializer or node name contains this (repeatable),
     /// e.g. `lm_head` or `layers.0.`; with fp16, every node whose name contains this or whose
@@ -102,13 +102,13 @@ pub struct QuantArgs {
     /// At most this many calibration lines are used.
     #[arg(long, default_value_t = 256)]
     calibration_samples: usize,
-    /// int8-static: how each activation range is chosen.
-    #[arg(long, value_enum, default_value = "min-max")]
-    range: RangeArg,
+    /// int8-static: how each activation range is chosen [default: min-max].
+    #[arg(long, value_enum)]
+    range: Option<RangeArg>,
     /// int8-static with --range percentile: the share of values kept inside the range, in
-    /// percent (the rest, on both ends, is clipped).
-    #[arg(long, default_value_t = 99.999)]
-    percentile: f32,
+    /// percent (the rest, on both ends, is clipped) [default: 99.999].
+    #[arg(long)]
+    percentile: Option<f32>,
     /// int8-static: write the portable QDQ form (DequantizeLinear + MatMul, for runtimes such as
     /// TensorRT that read QDQ) instead of ONNX Runtime's integer matmul with the bias inside,
     /// which its CPU kernels run fastest.
@@ -122,11 +122,59 @@ pub struct QuantArgs {
 }
 
 impl QuantArgs {
+    /// Refuses a flag the chosen precision would ignore: the bundle would not be what the
+    /// command line asked for, and a flag that does nothing is usually a typo or a wrong
+    /// precision.
+    fn refuse_unused_flags(&self) -> Result<()> {
+        use PrecisionArg::*;
+        let p = self.precision;
+        let integer = !matches!(p, Fp32 | Fp16);
+        let per_column = matches!(p, Int8Dynamic | Int8Static);
+        // MatMulNBits runs int8 and int4, and the matrices --blockwise names under the others.
+        let matmul_nbits = matches!(p, Int8 | Int4) || (per_column && !self.blockwise.is_empty());
+        let percentile_range = self.range == Some(RangeArg::Percentile);
+        let uses: [(&str, bool, bool, &str); 13] = [
+            ("--block-size", self.block_size.is_some(), integer, "int8, int4, int8-dynamic and int8-static"),
+            ("--asymmetric", self.asymmetric, integer, "int8, int4, int8-dynamic and int8-static"),
+            (
+                "--accuracy-level",
+                self.accuracy_level.is_some(),
+                matmul_nbits,
+                "int8 and int4 (MatMulNBits), and the matrices --blockwise names",
+            ),
+            ("--full-range", self.full_range, per_column, "int8-dynamic and int8-static"),
+            ("--blockwise", !self.blockwise.is_empty(), per_column, "int8-dynamic and int8-static"),
+            ("--embedding-bits", self.embedding_bits.is_some(), integer, "int8, int4, int8-dynamic and int8-static"),
+            ("--fp32-embedding", self.fp32_embedding, integer, "int8, int4, int8-dynamic and int8-static"),
+            ("--keep-fp32", !self.keep_fp32.is_empty(), p != Fp32, "every precision but fp32"),
+            (
+                "--max-kl",
+                self.max_kl.is_some(),
+                p != Fp32,
+                "every precision but fp32 (an fp32 export is checked by --tolerance)",
+            ),
+            ("--range", self.range.is_some(), p == Int8Static, "int8-static"),
+            (
+                "--percentile",
+                self.percentile.is_some(),
+                p == Int8Static && percentile_range,
+                "int8-static with --range percentile",
+            ),
+            ("--smooth", self.smooth.is_some(), p == Int8Static, "int8-static"),
+            ("--qdq", self.qdq, p == Int8Static, "int8-static"),
+        ];
+        for (flag, given, used, users) in uses {
+            if given && !used {
+                let name = p.to_possible_value().map_or(String::new(), |v| v.get_name().to_owned());
+                anyhow::bail!("{flag} does nothing with --precision {name}: it is for {users}");
+            }
+        }
+        Ok(())
+    }
+
     /// The quantizer's settings, or `None` for fp32.
     pub fn options(&self) -> Result<Option<QuantizeOptions>> {
-        if self.qdq && self.precision != PrecisionArg::Int8Static {
-            anyhow::bail!("--qdq is for --precision int8-static");
-        }
+        self.refuse_unused_flags()?;
         let integer = !matches!(self.precision, PrecisionArg::Fp32 | PrecisionArg::Fp16);
         if self.embedding_hot_rows.is_some() && !integer {
             anyhow::bail!("--embedding-hot-rows is for integer precisions (int8, int8-dynamic, int8-static)");
@@ -147,7 +195,7 @@ impl QuantArgs {
         };
         let mut o = QuantizeOptions::for_bits(bits)?;
         o.scheme = BlockScheme::new(bits, self.block_size.unwrap_or(o.scheme.block_size), !self.asymmetric)?;
-        o.accuracy_level = self.accuracy_level;
+        o.accuracy_level = self.accuracy_level.unwrap_or(o.accuracy_level);
         o.embedding = !self.fp32_embedding;
         if let Some(b) = self.embedding_bits {
             let block = self.embedding_block_size.unwrap_or(if b == 4 { 32 } else { o.scheme.block_size });
@@ -195,10 +243,10 @@ impl QuantArgs {
             }
             o.smooth = self.smooth;
             o.qdq = self.qdq;
-            o.range = match self.range {
+            o.range = match self.range.unwrap_or(RangeArg::MinMax) {
                 RangeArg::MinMax => edgelm_distill::quantize::RangeMethod::MinMax,
                 RangeArg::Percentile => {
-                    edgelm_distill::quantize::RangeMethod::Percentile { percentile: self.percentile }
+                    edgelm_distill::quantize::RangeMethod::Percentile { percentile: self.percentile.unwrap_or(99.999) }
                 }
             };
         }
@@ -234,8 +282,17 @@ pub struct QuantizeArgs {
 /// Quantizes a bundle.
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let Some(opts) = a.quant.options()? else {
-        anyhow::bail!("--precision fp32 leaves nothing to quantize: choose int8 or int4");
+        anyhow::bail!(
+            "--precision fp32 leaves nothing to quantize: choose int8, int4, int8-dynamic, int8-static or fp16"
+        );
     };
+    if a.quant.max_kl.is_some() && edgelm_runtime::bundle::Kind::of(&a.bundle)? == edgelm_runtime::bundle::Kind::Encoder
+    {
+        anyhow::bail!(
+            "--max-kl checks a causal LM's next-token distributions; {} is an encoder, checked by the cosine of its sentence embeddings",
+            a.bundle.display()
+        );
+    }
     let max_kl = (!a.no_verify).then(|| a.quant.max_kl());
     let report = quantize_bundle(&a.bundle, &a.output, &opts, max_kl)
         .with_context(|| format!("quantizing {} into {}", a.bundle.display(), a.output.display()))?;
@@ -421,14 +478,18 @@ pub fn export(a: ExportArgs) -> Result<()> {
     let (ck, index) =
         Checkpoint::load_deferred(&checkpoint).with_context(|| format!("reading {}", checkpoint.display()))?;
     let fits = f32_weights_fit(&ck);
-    let report = if low_memory || (fits.is_err() && opts.quantize.is_some()) {
+    // Only weight-only int8 and int4 graphs can be made one weight at a time.
+    let streamable = matches!(quant.precision, PrecisionArg::Int8 | PrecisionArg::Int4 | PrecisionArg::Int8Dynamic);
+    let report = if low_memory || (fits.is_err() && streamable) {
         if let (false, Err(short)) = (low_memory, &fits) {
             eprintln!("{short}: exporting without loading them whole (--low-memory)");
         }
         edgelm_distill::export::export_deferred(&ck, &index, &output, &opts)
     } else {
         if let Err(short) = &fits {
-            eprintln!("warning: {short}; an int8 or int4 export (--precision) reads them a layer at a time");
+            eprintln!(
+                "warning: {short}; an int8, int4 or int8-dynamic export (--precision) reads them a layer at a time"
+            );
         }
         drop(index);
         let ck = ck.with_weights().with_context(|| format!("loading {}", checkpoint.display()))?;

@@ -148,6 +148,7 @@ fn check_ids(vocab: usize) -> Vec<u32> {
 /// Exports an encoder checkpoint into `out` (model.onnx, tokenizer files, edgelm.json with
 /// kind `encoder`) after checking ONNX Runtime's embedding against candle's.
 pub fn export_encoder(ck: &EncoderCheckpoint, out: &Path, tolerance: f32) -> Result<f32> {
+    super::refuse_replacing_source(&ck.dir, out)?;
     let graph = build(ck)?;
     let mut w = BundleWriter::create(out, Kind::Encoder)?;
     let model_path = w.model("model.onnx", &graph.encode_to_vec())?;

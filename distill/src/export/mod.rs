@@ -200,6 +200,31 @@ pub(crate) fn write_model(w: &mut BundleWriter, name: &str, model: &mut ModelPro
     Ok(written)
 }
 
+/// Refuses an output folder that is `source` or holds it: a finished bundle replaces its folder
+/// as a whole, so writing it there would delete what it was made from (the fp32 bundle a
+/// quantization needs again for any other precision, or the checkpoint). Checked before any
+/// work is done; an `out` that does not exist yet cannot be either.
+pub(crate) fn refuse_replacing_source(source: &Path, out: &Path) -> Result<()> {
+    let (Ok(source), Ok(target)) = (std::fs::canonicalize(source), std::fs::canonicalize(out)) else {
+        return Ok(());
+    };
+    if source.starts_with(&target) {
+        let what = if source == target {
+            "is the folder the bundle is made from"
+        } else {
+            "holds the folder the bundle is made from"
+        };
+        return Err(Error::Destination {
+            path: out.to_path_buf(),
+            what: format!(
+                "{what} ({}), and a bundle replaces its folder whole: write it to another folder (nothing was changed)",
+                source.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Size of a finished bundle's model, as its manifest records it: the graph file and, when its
 /// weights are kept apart, their data file.
 pub(crate) fn model_bytes(m: &bundle::Manifest) -> u64 {
@@ -219,6 +244,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
 /// the checkpoint beforehand. So the fp32 weights are in memory about once at any time: a
 /// 3B-parameter model exports in about 13 GB rather than 26.
 pub fn export_owned(mut ck: Checkpoint, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
+    refuse_replacing_source(&ck.dir, out)?;
     if opts.quantize.as_ref().is_some_and(|q| q.method == crate::quantize::graph::Method::StaticInt8) {
         return Err(Error::Unsupported {
             what: "int8-static is for encoder bundles; a causal LM exports as int8, int4 or int8-dynamic".into(),
@@ -333,6 +359,7 @@ fn bundle_info(ck: &Checkpoint, opts: &ExportOptions, quantized: Option<&Quantiz
 /// There is no fp32 graph to check, so the quantized check (its KL gate) is the only one.
 pub fn export_deferred(ck: &Checkpoint, index: &WeightIndex, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
     use crate::quantize::graph::Method;
+    refuse_replacing_source(&ck.dir, out)?;
     let q = match &opts.quantize {
         Some(q) if matches!(q.method, Method::Blockwise | Method::DynamicInt8) => q,
         _ => {

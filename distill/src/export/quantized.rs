@@ -446,7 +446,16 @@ fn refuse_quantized_graph(model: &ModelProto, src: &Path) -> Result<()> {
 /// agreement of next-token distributions, for an encoder the cosine of sentence embeddings
 /// (at least [`ENCODER_MIN_COSINE`] on average).
 pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: Option<f64>) -> Result<ExportReport> {
+    super::refuse_replacing_source(src, out)?;
     let kind = Kind::of(src)?;
+    if opts.method == Method::StaticInt8 && kind != Kind::Encoder {
+        return Err(Error::Unsupported {
+            what: format!(
+                "{} is a {kind:?} bundle: int8-static is for encoders (a causal LM decodes one token at a time, where int8 or int8-dynamic is faster)",
+                src.display()
+            ),
+        });
+    }
     let (source, manifest, model_path) = match kind {
         Kind::Encoder => {
             if !src.join(edgelm_runtime::bundle::MANIFEST).exists() {
@@ -492,14 +501,6 @@ pub fn quantize_bundle(src: &Path, out: &Path, opts: &QuantizeOptions, max_kl: O
     let weights_dir = model_path.parent().unwrap_or(src);
     let summary = if opts.method == Method::StaticInt8 {
         crate::onnx::external::internalize(&mut model, weights_dir)?;
-        if kind != Kind::Encoder {
-            return Err(Error::Unsupported {
-                what: format!(
-                    "{} is a {kind:?} bundle: int8-static is for encoders (a causal LM decodes one token at a time, where int8 or int8-dynamic is faster)",
-                    src.display()
-                ),
-            });
-        }
         quantize_encoder_static(&mut model, src, manifest.as_ref().expect("encoders have one"), opts)?
     } else {
         // Weights written apart are read one at a time as they are quantized.
