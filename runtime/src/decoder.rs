@@ -102,7 +102,8 @@ impl Decoder {
     /// context capped at the window, where the answers are the same (a warning says so).
     pub fn of_bundle(bundle: &crate::bundle::Bundle, opts: &DecoderOptions) -> Result<Self> {
         crate::ortlib::init(None)?;
-        let mut decoder = Decoder::load(&bundle.model_path, &bundle.genai, opts)?;
+        let mut decoder = Decoder::load(&bundle.model_path, &bundle.genai, opts)
+            .map_err(|e| crate::session::explain_refusal(e, &bundle.dir))?;
         let support = crate::ortlib::window_support();
         if support != crate::ortlib::WindowSupport::Exact {
             // edgelm's export names the window in the manifest; another builder's graph (or a

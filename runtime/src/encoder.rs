@@ -292,7 +292,8 @@ impl Encoder {
                 (crate::bundle::foreign_graph(dir)?, max)
             }
         };
-        let mut session = EncoderSession::load(&dir.join(&model_file), &opts.decoder)?;
+        let mut session = EncoderSession::load(&dir.join(&model_file), &opts.decoder)
+            .map_err(|e| crate::session::explain_refusal(e, dir))?;
         // Token states are pooled here as the sentence-transformers files say (read only then).
         if let (None, Output::Tokens { pooling, normalize, .. }) = (&manifest, &mut session.output) {
             if let Some((p, n)) = sentence_transformers_pooling(dir)? {

@@ -28,6 +28,17 @@ pub enum Error {
     /// ONNX Runtime reported an error.
     #[error("ONNX Runtime: {0}")]
     Ort(ort::Error),
+    /// The bundle's token table is quantized (`GatherBlockQuantized` with `bits`), which
+    /// ONNX Runtime releases before 1.23 cannot load.
+    #[error("{path}: its token table is quantized (GatherBlockQuantized with `bits`), which ONNX Runtime {version} cannot load (1.23 and newer can)\n  fix: quantize the fp32 bundle again with --fp32-embedding (the matrices stay quantized), or load a newer ONNX Runtime\n  ({detail})")]
+    QuantizedTableNeedsNewerOrt {
+        /// The bundle folder.
+        path: PathBuf,
+        /// The loaded release.
+        version: String,
+        /// ONNX Runtime's own message.
+        detail: String,
+    },
     /// None of the execution providers asked for is in the loaded ONNX Runtime library, and
     /// the list does not allow the CPU.
     #[error("none of the execution providers {wanted} is in this ONNX Runtime library\n  fix: load a build that has one (on Jetson, the onnxruntime-gpu wheel built for JetPack), or add `cpu` to the list to allow falling back to the CPU")]

@@ -143,15 +143,18 @@ pub(crate) enum WindowSupport {
 
 /// How the loaded library applies sliding attention windows.
 pub(crate) fn window_support() -> WindowSupport {
-    let Some(version) = loaded_version() else {
-        return WindowSupport::Unknown;
-    };
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    if (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) < WINDOW_FIXED {
-        WindowSupport::Wider
-    } else {
-        WindowSupport::Exact
+    match loaded_release() {
+        None => WindowSupport::Unknown,
+        Some(r) if r < WINDOW_FIXED => WindowSupport::Wider,
+        Some(_) => WindowSupport::Exact,
     }
+}
+
+/// The loaded library's (major, minor) release; `None` before a successful [`init`] or where
+/// the version cannot be read.
+pub(crate) fn loaded_release() -> Option<(u32, u32)> {
+    let mut parts = loaded_version()?.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    Some((parts.next().unwrap_or(0), parts.next().unwrap_or(0)))
 }
 
 /// The library that loaded, and ONNX Runtime's own description of its build (version, git

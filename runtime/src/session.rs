@@ -34,3 +34,24 @@ pub(crate) fn open(model: &Path, opts: &DecoderOptions) -> Result<Session> {
     let mut builder = crate::providers::register(builder, &plan, opts.threads)?;
     Ok(builder.commit_from_file(model)?)
 }
+
+/// First ONNX Runtime release whose `GatherBlockQuantized` takes the `bits` attribute (8-bit
+/// tables, and 4-bit ones packed in bytes), the form of edgelm's quantized token tables.
+const QUANTIZED_TABLES_SINCE: (u32, u32) = (1, 23);
+
+/// Turns a graph the loaded library refused into an error that says what to do, when the cause
+/// is known: a quantized token table (ONNX Runtime's message names `GatherBlockQuantized`) on a
+/// release older than [`QUANTIZED_TABLES_SINCE`]. Any other error is returned as it is.
+pub(crate) fn explain_refusal(e: Error, dir: &Path) -> Error {
+    let old = crate::ortlib::loaded_release().is_some_and(|r| r < QUANTIZED_TABLES_SINCE);
+    match e {
+        Error::Ort(ref ort) if old && ort.to_string().contains("GatherBlockQuantized") => {
+            Error::QuantizedTableNeedsNewerOrt {
+                path: dir.to_path_buf(),
+                version: crate::ortlib::loaded_version().unwrap_or("?").to_owned(),
+                detail: ort.to_string(),
+            }
+        }
+        e => e,
+    }
+}

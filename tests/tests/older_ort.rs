@@ -1,8 +1,8 @@
 //! edgelm built for an older ONNX Runtime's C API level (`just older-ort`: the release in
 //! ort-version-oldest.txt, as JetPack boards carry) loads that library and answers as the
-//! pinned build does; a bundle using an operator attribute that release lacks is refused
-//! with ONNX Runtime's message, not a crash; a sliding window runs with the context capped at
-//! the window.
+//! pinned build does; a bundle whose quantized token table that release cannot read is
+//! refused with a typed error saying how to make one it can (ONNX Runtime's message kept), not
+//! a crash; a sliding window runs with the context capped at the window.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -59,6 +59,24 @@ fn a_build_for_the_oldest_api_level_runs_on_that_library() {
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(ids(&json["generated_ids"]), pinned_greedy(b), "{}", b.display());
     }
+    // A quantized token table (GatherBlockQuantized with `bits`): refused with the way out.
+    let table = scratch().join("older-ort/tiny-int4-quantized-table");
+    if !table.join("edgelm.json").exists() {
+        let done = run(Command::new(bin("edgelm-distill"))
+            .args(["quantize", fp32.to_str().unwrap(), "-o", table.to_str().unwrap(), "--precision", "int4"])
+            .args(["--max-kl", "10"]));
+        assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    }
+    let out = run(Command::new(&exe).arg("--ort-lib").arg(&lib).args([
+        "run",
+        table.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--fp32-embedding") && err.contains("GatherBlockQuantized"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
     // A sliding attention window: that release's GroupQueryAttention lets each position see
     // one more than the model's window of 8, so the context is capped at the window, where
     // nothing changes. An edgelm bundle names its window; a folder without edgelm.json (as

@@ -311,6 +311,7 @@ fn status_of(e: &Error) -> edgelm_status {
         Error::Bundle { .. } | Error::HashMismatch { .. } | Error::UnexpectedShape { .. } => EDGELM_ERR_BUNDLE,
         Error::OrtLibrary { .. }
         | Error::Ort(_)
+        | Error::QuantizedTableNeedsNewerOrt { .. }
         | Error::NoExecutionProvider { .. }
         | Error::ExecutionProviderFailed { .. } => EDGELM_ERR_RUNTIME,
         Error::Signature { .. } => EDGELM_ERR_SIGNATURE,
