@@ -160,7 +160,8 @@ fn a_checkpoint_written_over_another_replaces_it_whole() {
 }
 
 /// Pruning a checkpoint into its own folder (prune ck -o ck) keeps its decoding defaults, as a
-/// copy elsewhere does: the sampling settings and every end-of-sequence id.
+/// copy elsewhere does: the sampling settings and every end-of-sequence id. Written over
+/// another checkpoint, it leaves none of that one's tokenizer files.
 #[test]
 fn pruning_in_place_keeps_the_sources_decoding_defaults() {
     use edgelm_distill::prune::magnitude::{prune_checkpoint, PruneAmount, PruneOptions, PruneScope};
@@ -172,10 +173,14 @@ fn pruning_in_place_keeps_the_sources_decoding_defaults() {
     std::fs::write(dir.join("generation_config.json"), theirs).unwrap();
     let ck = Checkpoint::load(&dir).unwrap();
     let opts = PruneOptions { amount: PruneAmount::Sparsity(0.5), scope: PruneScope::Global, embeddings: false };
+    let stale = tmp.path().join("pruned/chat_template.jinja");
+    std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    std::fs::write(&stale, "{{ another model's template }}").unwrap();
     for out in [tmp.path().join("pruned"), dir.clone()] {
         prune_checkpoint(&ck, &out, &opts).unwrap();
         assert_eq!(std::fs::read_to_string(out.join("generation_config.json")).unwrap(), theirs, "{}", out.display());
     }
+    assert!(!stale.exists(), "a template the source does not have was left");
     assert_eq!(logits(&Checkpoint::load(&dir).unwrap()), logits(&Checkpoint::load(tmp.path().join("pruned")).unwrap()));
 }
 

@@ -144,23 +144,23 @@ pub fn derive_generation_config(source: &Path, dir: &Path, config: &ModelConfig)
     write_generation_config(dir, config)
 }
 
-/// Files that make up a checkpoint's tokenizer, chat formatting and decoding defaults.
-const TOKENIZER_FILES: [&str; 5] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-];
+/// Files that make up a checkpoint's tokenizer and chat formatting (its decoding defaults are
+/// [`derive_generation_config`]'s).
+const TOKENIZER_FILES: [&str; 4] =
+    ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
 
-/// Copies the tokenizer files and generation config of checkpoint `from` into `to` (a student
-/// keeps its teacher's).
+/// Copies the tokenizer files of checkpoint `from` into `to` (a student keeps its teacher's),
+/// and removes those `to` holds that `from` has not.
 pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to).at(to)?;
     for f in TOKENIZER_FILES {
-        let src = from.join(f);
+        let (src, dst) = (from.join(f), to.join(f));
         if src.exists() {
-            copy_file(&src, &to.join(f))?;
+            copy_file(&src, &dst)?;
+        } else if dst.exists() && !same_file(from, to)? {
+            // Left by a checkpoint this one replaces (a chat template, say): a loader would
+            // take it for this model's.
+            std::fs::remove_file(&dst).at(&dst)?;
         }
     }
     Ok(())
