@@ -42,12 +42,34 @@ pub struct Adapter {
     pub modules: HashMap<String, (Tensor, Tensor)>,
 }
 
+/// The projections a target name selects: itself, or for the fused names Phi-3 checkpoints
+/// (and PEFT configs written for them) use, the projections they fuse, each with an adapter of
+/// its own (the fused matrix's update then has up to three times the rank).
+fn split_target(t: &str) -> Vec<&str> {
+    match t {
+        "qkv_proj" => vec!["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj" => vec!["gate_proj", "up_proj"],
+        _ => vec![t],
+    }
+}
+
+/// The separate projections `targets` select, each once, in order.
+fn split_targets(targets: &[String]) -> Vec<&str> {
+    let mut split: Vec<&str> = Vec::new();
+    for t in targets.iter().flat_map(|t| split_target(t)) {
+        if !split.contains(&t) {
+            split.push(t);
+        }
+    }
+    split
+}
+
 /// `(module name, out, in)` of every projection a target name selects.
 fn targets(cfg: &ModelConfig, lora: &LoraConfig) -> Result<Vec<(String, usize, usize)>> {
     let h = cfg.hidden_size;
     let mut out = Vec::new();
-    for t in &lora.target_modules {
-        let (out_dim, in_dim) = match t.as_str() {
+    for t in split_targets(&lora.target_modules) {
+        let (out_dim, in_dim) = match t {
             "q_proj" => (cfg.q_dim(), h),
             "k_proj" | "v_proj" => (cfg.kv_dim(), h),
             "o_proj" => (h, cfg.q_dim()),
@@ -139,7 +161,9 @@ impl Adapter {
         let (modules, targets, mut ranks) = if let Some(c) = fused {
             self.on_fused_projections(c)?
         } else {
-            (self.modules.clone(), self.config.target_modules.clone(), HashMap::new())
+            // The modules trained: a fused name given as a target was split.
+            let split = split_targets(&self.config.target_modules).into_iter().map(String::from).collect();
+            (self.modules.clone(), split, HashMap::new())
         };
         // Any other module of its own rank (one read from PEFT with a rank pattern) is named.
         for (m, (a, _)) in &modules {

@@ -234,3 +234,23 @@ fn an_adapter_for_a_phi3_base_is_saved_on_the_fused_projections() {
         assert!(diff < 1e-6, "{name}: {diff}");
     }
 }
+
+/// The fused names Phi-3 recipes give as targets (`qkv_proj`, `gate_up_proj`) select the
+/// projections they fuse, each once (also when named again alone), and a base without fused
+/// projections gets the adapter saved on those it trained.
+#[test]
+fn fused_target_names_select_the_projections_they_fuse() {
+    let cfg = preset_config("tiny-mistral").unwrap();
+    let targets = vec!["qkv_proj".into(), "gate_up_proj".into(), "q_proj".into()];
+    let adapter = Adapter::init(&cfg, LoraConfig { r: 2, lora_alpha: 4.0, target_modules: targets }, 3).unwrap();
+    let kinds: std::collections::BTreeSet<&str> =
+        adapter.modules.keys().map(|m| m.rsplit('.').next().unwrap()).collect();
+    assert_eq!(kinds.into_iter().collect::<Vec<_>>(), ["gate_proj", "k_proj", "q_proj", "up_proj", "v_proj"]);
+    assert_eq!(adapter.modules.len(), 5 * cfg.num_hidden_layers);
+    let dir = tempfile::tempdir().unwrap();
+    adapter.save_peft(dir.path(), "mistral", None).unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(saved["target_modules"], serde_json::json!(["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]));
+    assert_eq!(Adapter::load_peft(dir.path()).unwrap().modules.len(), adapter.modules.len());
+}
