@@ -253,6 +253,11 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     let splits = recipe.splits()?;
     let n_eval = opts.eval_examples.or(recipe.pipeline.eval_examples).unwrap_or(splits.test.len());
     let test = &splits.test[..n_eval.min(splits.test.len())];
+    if test.is_empty() {
+        return Err(Error::InvalidConfig {
+            what: "the pipeline scores every stage on test examples and there are none to score (eval_examples 0, or an empty test split)".into(),
+        });
+    }
     // Each line says how long the run has been going, so a slow stage shows as it happens.
     let say = |out: &mut dyn Write, msg: String| -> Result<()> {
         writeln!(out, "[{:>4.0} s] {msg}", started.elapsed().as_secs_f64()).at("stdout")
@@ -267,19 +272,38 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
 
     // 1. Teacher.
     let t = Instant::now();
-    let committed = recipe.pipeline.teacher.as_ref().map(|p| recipe.path(p)).filter(|p| p.join("config.json").exists());
-    let teacher_dir = match committed {
-        Some(p) => {
+    let named = recipe.pipeline.teacher.as_ref().map(|p| recipe.path(p));
+    let teacher_dir = match named {
+        Some(p) if p.join("config.json").exists() => {
             say(out, format!("teacher: {} (committed)", p.display()))?;
             p
         }
-        None => {
-            say(out, "teacher: not committed, pre-training it from the recipe".into())?;
+        _ => {
+            let why = match &named {
+                Some(p) => format!("{} holds no checkpoint (config.json)", p.display()),
+                None => "the recipe names no committed teacher ([pipeline] teacher)".into(),
+            };
+            say(
+                out,
+                format!("teacher: {why}; pre-training one from the recipe into {}", dir.join("teacher").display()),
+            )?;
             pretrain(recipe, &stage("teacher"))?;
             dir.join("teacher")
         }
     };
     let teacher = Checkpoint::load(&teacher_dir)?;
+    // What the later stages cut from this teacher, checked now rather than after training.
+    let shape = StudentShape {
+        layers: recipe.student.layers.clone(),
+        intermediate_size: recipe.student.intermediate_size,
+        hidden_size: recipe.student.hidden_size,
+    };
+    crate::student::check_shape(&teacher.config, &shape)?;
+    if let Some(p) = &recipe.prune {
+        let mut student = teacher.config.clone();
+        student.intermediate_size = shape.intermediate_size.unwrap_or(student.intermediate_size);
+        p.options().check(&student)?;
+    }
     logs.extend(read_log(&teacher_dir)?);
     let score = score_checkpoint(&teacher, test, opts.progress)?;
     say(
@@ -370,11 +394,7 @@ pub fn run(recipe: &Recipe, opts: &PipelineOptions, out: &mut dyn Write) -> Resu
     let t = Instant::now();
     let s = &recipe.student;
     let spec = DistillSpec {
-        student: StudentInit::Slice(StudentShape {
-            layers: s.layers.clone(),
-            intermediate_size: s.intermediate_size,
-            hidden_size: s.hidden_size,
-        }),
+        student: StudentInit::Slice(shape),
         temperature: s.temperature,
         alpha: s.alpha,
         train: s.train.clone(),
@@ -568,6 +588,11 @@ fn stop_at_failed_gate(dir: &Path, recipe: &Recipe, rows: &[StageRow], gates: &[
             let partial =
                 serde_json::json!({"recipe": recipe.name, "stages": rows, "gates": gates, "error": failed.to_string()});
             std::fs::write(&p, serde_json::to_string_pretty(&partial).expect("json")).at(&p)?;
+            // An earlier run's picture would sit beside this run's report as if it were its.
+            let svg = dir.join("report.svg");
+            if svg.exists() {
+                std::fs::remove_file(&svg).at(&svg)?;
+            }
             Err(failed)
         }
         _ => Ok(()),

@@ -179,6 +179,30 @@ pub enum BuiltinTask {
     Home,
 }
 
+impl FinetuneRecipe {
+    /// Why this fine-tune cannot run as written, if it cannot.
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.r == 0 || !positive(self.alpha) || self.targets.is_empty() {
+            return Err("finetune needs r of 1 or more, alpha above zero and at least one target".into());
+        }
+        if !non_negative(self.ewc_lambda) {
+            return Err(format!("finetune.ewc_lambda must be 0 or more, not {}", self.ewc_lambda));
+        }
+        match &self.data {
+            Some(d) if d.task.is_some() == d.dir.is_some() => {
+                Err("[finetune.data] needs exactly one of task and dir".into())
+            }
+            Some(_) if self.examples.is_some() => Err(
+                "finetune.examples takes part of the recipe's own data; with [finetune.data] the new data is used whole".into(),
+            ),
+            None if self.replay > 0 => {
+                Err("finetune.replay mixes original examples into new data: it needs [finetune.data]".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 fn default_fisher_batches() -> usize {
     8
 }
@@ -230,8 +254,8 @@ impl StudentSpec {
 pub struct TrainSettings {
     /// Peak learning rate.
     pub lr: f64,
-    /// Learning rate at the end of the cosine decay.
-    pub min_lr: f64,
+    /// Learning rate at the end of the cosine decay [default: a tenth of `lr`].
+    pub min_lr: Option<f64>,
     /// Warm-up optimizer steps.
     pub warmup: usize,
     /// Passes over the training data (upper bound).
@@ -252,7 +276,7 @@ pub struct TrainSettings {
     pub patience: usize,
     /// Checkpoint every this many steps (0 = only at the end).
     pub checkpoint_every: usize,
-    /// Validation examples used per validation (all when absent).
+    /// Validation examples used per validation (`None`, which only the API can ask for: all).
     pub eval_examples: Option<usize>,
     /// Seed of the data order.
     pub seed: u64,
@@ -265,7 +289,7 @@ impl Default for TrainSettings {
     fn default() -> Self {
         TrainSettings {
             lr: 1e-3,
-            min_lr: 1e-4,
+            min_lr: None,
             warmup: 50,
             epochs: 1,
             max_steps: None,
@@ -285,7 +309,33 @@ impl Default for TrainSettings {
 impl TrainSettings {
     /// With peak learning rate `lr`, decaying to a tenth of it.
     pub fn with_lr(self, lr: f64) -> Self {
-        TrainSettings { lr, min_lr: lr / 10.0, ..self }
+        TrainSettings { lr, min_lr: None, ..self }
+    }
+
+    /// The learning rate the cosine decay ends at: `min_lr`, else a tenth of `lr`.
+    pub fn floor(&self) -> f64 {
+        self.min_lr.unwrap_or(self.lr / 10.0)
+    }
+
+    /// Why these settings cannot train, if they cannot.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.batch_size == 0 || self.epochs == 0 || self.accumulation == 0 {
+            return Err("batch_size, epochs and accumulation must be at least 1".into());
+        }
+        if !positive(self.lr) {
+            return Err(format!("lr must be above zero, not {}", self.lr));
+        }
+        let floor = self.floor();
+        if !non_negative(floor) || floor > self.lr {
+            return Err(format!("min_lr ({floor}) must be between 0 and lr ({})", self.lr));
+        }
+        if !non_negative(self.weight_decay) || !non_negative(self.clip_norm) {
+            return Err("weight_decay and clip_norm must be 0 or more".into());
+        }
+        if self.eval_examples == Some(0) {
+            return Err("eval_examples must be at least 1 (validation decides early stopping and the kept step)".into());
+        }
+        Ok(())
     }
 }
 
@@ -311,7 +361,7 @@ impl TrainSettings {
     /// Optimizer settings for a run of `total` optimizer steps.
     pub fn train_config(&self, total: usize) -> TrainConfig {
         TrainConfig {
-            schedule: CosineSchedule { peak: self.lr, floor: self.min_lr, warmup: self.warmup, total },
+            schedule: CosineSchedule { peak: self.lr, floor: self.floor(), warmup: self.warmup, total },
             weight_decay: self.weight_decay,
             accumulation: self.accumulation,
             clip_norm: self.clip_norm,
@@ -521,10 +571,23 @@ impl Recipe {
             return Err(format!("student layer {l} does not exist in a {}-layer teacher", t.num_hidden_layers));
         }
         let prune_train = self.prune.iter().map(|p| ("prune", &p.train));
-        for (name, s) in [("teacher", &t.train), ("student", &self.student.train)].into_iter().chain(prune_train) {
-            if s.batch_size == 0 || s.epochs == 0 || !positive(s.lr) {
-                return Err(format!("{name}.train needs batch_size, epochs and lr above zero"));
+        let finetune_train = self.finetune.iter().map(|f| ("finetune", &f.train));
+        let tables = [("teacher", &t.train), ("student", &self.student.train)].into_iter();
+        for (name, s) in tables.chain(finetune_train).chain(prune_train) {
+            s.check().map_err(|e| format!("{name}.train: {e}"))?;
+        }
+        if let Some(f) = &self.finetune {
+            f.check()?;
+        }
+        for (i, q) in self.quantize.iter().enumerate() {
+            let at = format!("[[quantize]] number {}", i + 1);
+            q.options().map_err(|e| format!("{at}: {e}"))?;
+            if !non_negative(q.max_drop) || !non_negative(q.max_kl) {
+                return Err(format!("{at}: max_drop and max_kl must be 0 or more"));
             }
+        }
+        if self.pipeline.eval_examples == Some(0) {
+            return Err("pipeline.eval_examples must be at least 1: the gates compare scores on them".into());
         }
         let prune_soft = self.prune.iter().map(|p| ("prune", p.alpha, p.temperature));
         let student_soft = ("student", self.student.alpha, self.student.temperature);
@@ -625,7 +688,10 @@ mod tests {
         assert_eq!((t.lr, t.batch_size), (0.5, 8));
         assert_eq!((t.clip_norm, t.patience, t.checkpoint_every), (d.clip_norm, d.patience, d.checkpoint_every));
         assert_eq!((d.clip_norm, d.patience), (1.0, 3), "the documented defaults");
-        assert_eq!(TrainSettings::default().with_lr(2e-3).min_lr, 2e-4);
+        assert_eq!(TrainSettings::default().with_lr(2e-3).floor(), 2e-4);
+        assert_eq!(TrainSettings::default().floor(), 1e-4, "lr 1e-3 decaying to a tenth");
+        let t: TrainSettings = toml::from_str("lr = 5e-5").unwrap();
+        assert_eq!(t.floor(), 5e-6, "min_lr follows lr when left out");
     }
 
     fn write(dir: &Path, text: &str) -> PathBuf {
@@ -653,6 +719,25 @@ mod tests {
             (good.replace("mlp = 0.25", "mlp = 1.0"), "prune.mlp is a share to remove"),
             (good.replace("max_drop = 50.0\n\n[prune.train]", "max_drop = nan\n\n[prune.train]"), "prune.max_drop"),
             (good.replace("calibration = 16", "calibration = 16\nalpha = 2.0"), "prune.alpha must be"),
+            // Each of these would otherwise show only after minutes of training, or never.
+            (good.replace("bits = 4\n", "bits = 3\n"), "[[quantize]] number 2"),
+            (good.replace("bits = 4\n", "bits = 4\nblock_size = 48\n"), "[[quantize]] number 2"),
+            (good.replace("max_kl = 2.0", "max_kl = -1.0"), "max_drop and max_kl must be 0 or more"),
+            (
+                good.replace(
+                    "lr = 2e-3\nmin_lr = 2e-4\nwarmup = 2\nepochs = 1\nbatch_size = 16",
+                    "lr = 2e-3\nmin_lr = 2e-4\nwarmup = 2\nepochs = 1\nbatch_size = 0",
+                ),
+                "finetune.train: batch_size",
+            ),
+            (
+                good.replace("lr = 3e-3\nmin_lr = 3e-4\nwarmup = 3", "lr = 3e-3\nmin_lr = 3e-2\nwarmup = 3"),
+                "student.train: min_lr",
+            ),
+            (good.replace("task = \"home\"", "task = \"home\"\ndir = \"data\""), "exactly one of task and dir"),
+            (good.replace("replay = 32", "replay = 32\nexamples = 10"), "finetune.examples"),
+            (good.replace("ewc_lambda = 10.0", "ewc_lambda = -1.0"), "finetune.ewc_lambda"),
+            (good.replace("show = 2\neval_examples = 16", "show = 2\neval_examples = 0"), "pipeline.eval_examples"),
         ];
         // Shares and calibration may come from prune-structured's flags: a recipe without them
         // loads, and only the pipeline refuses to run it.

@@ -37,12 +37,9 @@ fn norms(t: &Tensor, over: usize) -> Result<Vec<f32>> {
     Ok(t.sqr()?.sum(over)?.sqrt()?.to_vec1::<f32>()?)
 }
 
-/// The student's configuration and weights.
-pub fn init_student(
-    teacher: &ModelConfig,
-    tensors: &HashMap<String, Tensor>,
-    shape: &StudentShape,
-) -> Result<(ModelConfig, HashMap<String, Tensor>)> {
+/// Fails when `shape` cannot be cut from `teacher`: no layers, a layer it lacks, or a width
+/// of 0 or above the teacher's.
+pub fn check_shape(teacher: &ModelConfig, shape: &StudentShape) -> Result<()> {
     let t = teacher;
     let bad = |what: String| Error::InvalidConfig { what: format!("student: {what}") };
     if shape.layers.is_empty() {
@@ -59,6 +56,19 @@ pub fn init_student(
             hidden, t.hidden_size, inter, t.intermediate_size
         )));
     }
+    Ok(())
+}
+
+/// The student's configuration and weights.
+pub fn init_student(
+    teacher: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    shape: &StudentShape,
+) -> Result<(ModelConfig, HashMap<String, Tensor>)> {
+    check_shape(teacher, shape)?;
+    let t = teacher;
+    let inter = shape.intermediate_size.unwrap_or(t.intermediate_size);
+    let hidden = shape.hidden_size.unwrap_or(t.hidden_size);
     let get = |name: &str| -> Result<&Tensor> {
         tensors.get(name).ok_or_else(|| Error::Tensor { name: name.into(), what: "missing from the teacher".into() })
     };

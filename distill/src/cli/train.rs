@@ -17,7 +17,8 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long)]
     lr: Option<f64>,
-    /// Learning rate at the end of the cosine decay.
+    /// Learning rate at the end of the cosine decay [default: the recipe's, else a tenth of the
+    /// learning rate].
     #[arg(long)]
     min_lr: Option<f64>,
     /// Linear warm-up steps.
@@ -59,7 +60,7 @@ impl TrainArgs {
     fn over(&self, base: TrainSettings) -> TrainSettings {
         TrainSettings {
             lr: self.lr.unwrap_or(base.lr),
-            min_lr: self.min_lr.unwrap_or(base.min_lr),
+            min_lr: self.min_lr.or(base.min_lr),
             warmup: self.warmup.unwrap_or(base.warmup),
             epochs: self.epochs.unwrap_or(base.epochs),
             max_steps: self.max_steps.or(base.max_steps),
@@ -386,10 +387,10 @@ pub fn prune_structured(a: PruneStructuredArgs) -> Result<()> {
         heads: a.heads.or(stage.as_ref().map(|s| s.heads)).unwrap_or(0.0),
         query_heads: a.query_heads.or(stage.as_ref().map(|s| s.query_heads)).unwrap_or(0.0),
     };
-    opts.check(&ck.config)?;
     if opts.mlp == 0.0 && opts.heads == 0.0 && opts.query_heads == 0.0 {
         anyhow::bail!("nothing to prune: give --mlp, --heads or --query-heads (or a --recipe with [prune])");
     }
+    opts.check(&ck.config)?;
     let n = a.calibration.or(stage.as_ref().map(|s| s.calibration)).unwrap_or(256);
     let calibration = calibration_sequences(&ck, &splits.train, n)?;
     let importance = measure_importance(&ck.config, &ck.tensors, &calibration).context("measuring importance")?;

@@ -35,10 +35,22 @@ pub struct StructuredOptions {
 }
 
 impl StructuredOptions {
-    /// Fails on a share outside [0, 1) or a model these shares cannot be cut from: checked
-    /// before the importance is measured, which takes a pass over the calibration data.
+    /// Fails on a share outside [0, 1), or shares that remove nothing from `config` (each
+    /// rounds to whole units per layer, and whole KV groups): checked before the importance is
+    /// measured, which takes a pass over the calibration data.
     pub fn check(&self, config: &ModelConfig) -> Result<()> {
-        kept_counts(config, self).map(|_| ())
+        let kept = kept_counts(config, self)?;
+        let per_group = config.num_attention_heads / config.num_key_value_heads;
+        let whole = (config.intermediate_size, config.num_key_value_heads, per_group);
+        if kept == whole {
+            return Err(Error::InvalidConfig {
+                what: format!(
+                    "structured pruning: shares mlp {}, heads {}, query_heads {} remove nothing from a model of {} MLP units, {} KV groups and {} query heads per group (each rounds to whole units)",
+                    self.mlp, self.heads, self.query_heads, whole.0, whole.1, whole.2
+                ),
+            });
+        }
+        Ok(())
     }
 }
 

@@ -137,6 +137,7 @@ pub fn train_stage(
     val_fn: &LossFn,
 ) -> Result<FitReport> {
     let Stage { label, settings, data, opts } = stage;
+    settings.check().map_err(|what| Error::Training { what: format!("{label}: {what}") })?;
     let mut fo = settings.fit_options(label);
     fo.halt_after = opts.halt_after;
     fo.progress = opts.progress;
