@@ -168,6 +168,13 @@ fn distilled_student_is_a_trained_subset_of_the_teacher() {
     // The student keeps the teacher's tokenizer and template.
     let tok = |d: &Path| std::fs::read(d.join("tokenizer.json")).unwrap();
     assert_eq!(tok(&out), tok(&teacher_dir));
+    // Written over its teacher, a student is refused before training and the teacher kept.
+    let config = std::fs::read(teacher_dir.join("config.json")).unwrap();
+    let err = distill(&teacher, (&splits.train, &splits.validation), &spec, &quiet(teacher_dir.clone()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is the teacher's folder"), "{err}");
+    assert_eq!(std::fs::read(teacher_dir.join("config.json")).unwrap(), config);
 }
 
 #[test]

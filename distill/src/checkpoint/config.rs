@@ -218,6 +218,17 @@ pub(crate) fn token_ids(v: &Option<Value>) -> Vec<u32> {
 impl ModelConfig {
     /// Parses the text of a transformers `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
+        // The family first: a config of another one (DistilBERT, T5) is refused as that, not
+        // for the first llama field it lacks.
+        #[derive(Deserialize)]
+        struct Family {
+            model_type: Option<String>,
+            #[serde(default)]
+            architectures: Vec<String>,
+        }
+        if let Ok(f) = serde_json::from_str::<Family>(text) {
+            Architecture::from_hf(f.model_type.as_deref(), &f.architectures)?;
+        }
         let raw: HfConfig = serde_json::from_str(text)
             .map_err(|e| Error::InvalidConfig { what: format!("config.json is not a llama-family config: {e}") })?;
         let architecture = Architecture::from_hf(raw.model_type.as_deref(), &raw.architectures)?;
@@ -446,6 +457,10 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, Error::UnsupportedArchitecture { .. }), "{e}");
+        // Another family's config is refused as that family, not for a llama field it lacks.
+        let distilbert = r#"{"model_type":"distilbert","architectures":["DistilBertModel"],"dim":768,"n_layers":6}"#;
+        let e = ModelConfig::from_hf_json(distilbert).unwrap_err();
+        assert!(matches!(e, Error::UnsupportedArchitecture { .. }) && e.to_string().contains("distilbert"), "{e}");
     }
 
     /// Phi-3.5-mini's config.json shape: LongRoPE without `factor` or `attention_factor`, the

@@ -114,6 +114,20 @@ pub struct EncoderCheckpoint {
     pub tokenizer_config: Option<serde_json::Value>,
 }
 
+/// A tensor's name as transformers names it once loaded: without the `bert.` prefix, and a
+/// layer norm's `gamma` / `beta` (the original TensorFlow port's names, which the
+/// bert-base-uncased files still use) as `weight` / `bias`.
+fn loaded_name(stored: &str) -> String {
+    let k = stored.strip_prefix("bert.").unwrap_or(stored);
+    if let Some(p) = k.strip_suffix("LayerNorm.gamma") {
+        format!("{p}LayerNorm.weight")
+    } else if let Some(p) = k.strip_suffix("LayerNorm.beta") {
+        format!("{p}LayerNorm.bias")
+    } else {
+        k.to_owned()
+    }
+}
+
 impl EncoderCheckpoint {
     /// Whether `dir` holds a BERT-family checkpoint (by config.json's model_type).
     pub fn is_encoder(dir: &Path) -> bool {
@@ -158,10 +172,7 @@ impl EncoderCheckpoint {
             pooling,
             normalize,
         };
-        let tensors = load_weights(&dir)?
-            .into_iter()
-            .map(|(k, v)| (k.strip_prefix("bert.").map(str::to_owned).unwrap_or(k), v))
-            .collect();
+        let tensors = load_weights(&dir)?.into_iter().map(|(k, v)| (loaded_name(&k), v)).collect();
         Ok(EncoderCheckpoint {
             tokenizer_json: Some(dir.join("tokenizer.json")).filter(|p| p.exists()),
             tokenizer_config: read_json(&dir.join("tokenizer_config.json"))?,
@@ -424,6 +435,17 @@ pub(crate) fn tiny_encoder(pooling: Pooling, seed: u64) -> EncoderCheckpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_names_read_as_transformers_loads_them() {
+        assert_eq!(loaded_name("bert.embeddings.LayerNorm.gamma"), "embeddings.LayerNorm.weight");
+        assert_eq!(loaded_name("encoder.layer.3.output.LayerNorm.beta"), "encoder.layer.3.output.LayerNorm.bias");
+        assert_eq!(
+            loaded_name("bert.encoder.layer.0.attention.self.query.weight"),
+            "encoder.layer.0.attention.self.query.weight"
+        );
+        assert_eq!(loaded_name("embeddings.word_embeddings.weight"), "embeddings.word_embeddings.weight");
+    }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()

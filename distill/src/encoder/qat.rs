@@ -38,6 +38,19 @@ pub struct FakeQuantSpec {
 }
 
 impl FakeQuantSpec {
+    /// Why this scheme cannot be trained through, if it cannot.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if let Some(alpha) = self.smooth.filter(|a| !(0.0..=1.0).contains(a)) {
+            return Err(format!("smoothing strength {alpha}: choose one in [0, 1]"));
+        }
+        if let RangeMethod::Percentile { percentile } = self.range {
+            if !(percentile > 50.0 && percentile <= 100.0) {
+                return Err(format!("percentile {percentile}: choose one in (50, 100]"));
+            }
+        }
+        Ok(())
+    }
+
     /// The scheme in words, for reports.
     pub fn describe(&self) -> String {
         format!(

@@ -201,7 +201,8 @@ fn copy_layout(from: &Path, to: &Path) -> Result<()> {
             if name.chars().next().is_some_and(|c| c.is_ascii_digit()) && name.contains('_') {
                 copy_layout(&path, &to.join(&name))?;
             }
-        } else if !is_weight_file(&name) {
+        } else if !is_weight_file(&name) && !name.ends_with(".index.json") {
+            // (A shard index would name the teacher's weight files, which are not copied.)
             crate::checkpoint::write::copy_file(&path, &to.join(&name))?;
         }
     }
@@ -375,6 +376,26 @@ pub fn distill_encoder(
     if let Some(l) = spec.layers.iter().find(|&&l| l >= c.num_hidden_layers) {
         return Err(bad(format!("layer {l} does not exist in a {}-layer teacher", c.num_hidden_layers)));
     }
+    if let Some((i, l)) = spec.layers.iter().enumerate().find(|(i, l)| spec.layers[..*i].contains(l)) {
+        return Err(bad(format!(
+            "teacher layer {l} is named twice (student layer {i}); each student layer starts from its own"
+        )));
+    }
+    if let Some(q) = &spec.qat {
+        q.scheme.check().map_err(bad)?;
+        if !q.calibration.iter().any(|t| !t.trim().is_empty()) {
+            return Err(bad("quantization-aware training needs calibration text (the file has none)".into()));
+        }
+    }
+    // The student replaces what its folder held: not the teacher it is made from.
+    if let (Ok(a), Ok(b)) = (std::fs::canonicalize(&teacher.dir), std::fs::canonicalize(out)) {
+        if a == b {
+            return Err(Error::Destination {
+                path: out.to_path_buf(),
+                what: "is the teacher's folder, and the student would replace it: write it to another folder (nothing was changed)".into(),
+            });
+        }
+    }
     for (what, w) in [("hidden-state", spec.hidden_weight), ("attention", spec.attention_weight)] {
         if !(w.is_finite() && w >= 0.0) {
             return Err(bad(format!("the {what} weight must be 0 or more, not {w}")));
@@ -393,10 +414,21 @@ pub fn distill_encoder(
     let matched = spec.hidden_states.matched(spec.layers.len());
     let sentences: Vec<&str> = text.iter().map(|s| s.trim()).filter(|s| !s.is_empty()).collect();
     // Token ids and types, cut at the longest sentence trained on.
+    // A longer sentence keeps its closing special token ([SEP]) after the cut, as a
+    // tokenizer's own truncation does: the model never sees a sentence without one.
     let tokenize = |s: &str| -> Result<(Vec<u32>, Vec<u32>)> {
         let enc = tokenizer.encode(s, true).map_err(|e| bad(format!("tokenizing {s:?}: {e}")))?;
-        let n = enc.get_ids().len().min(spec.max_tokens).min(c.max_position_embeddings);
-        Ok((enc.get_ids()[..n].to_vec(), enc.get_type_ids()[..n].to_vec()))
+        let (ids, types) = (enc.get_ids(), enc.get_type_ids());
+        let n = ids.len().min(spec.max_tokens).min(c.max_position_embeddings);
+        let cut = |v: &[u32]| -> Vec<u32> {
+            let mut kept = v[..n].to_vec();
+            let closes = enc.get_special_tokens_mask().last() == Some(&1);
+            if n < v.len() && n >= 2 && closes {
+                kept[n - 1] = v[v.len() - 1];
+            }
+            kept
+        };
+        Ok((cut(ids), cut(types)))
     };
     let tokenized = sentences.iter().map(|s| tokenize(s)).collect::<Result<Vec<_>>>()?;
     let mut tokenized: Vec<(Vec<u32>, Vec<u32>)> = tokenized.into_iter().filter(|(ids, _)| !ids.is_empty()).collect();
@@ -751,6 +783,7 @@ pub fn read_sentences(path: &Path) -> Result<Vec<String>> {
 mod tests {
     use super::*;
     use crate::encoder::{tiny_encoder, Pooling};
+    use crate::quantize::RangeMethod;
 
     /// The teacher's targets for `seqs`, one sentence at a time, for a student matched at the
     /// teacher's layers `matched`.
@@ -758,6 +791,49 @@ mod tests {
         let m = BertModel::new(teacher);
         let kinds = TargetKinds { hidden: true, attention: true };
         seqs.iter().flat_map(|&seq| teacher_targets(&m, &[seq], matched, kinds).unwrap()).collect()
+    }
+
+    /// Input that would only fail after the teacher's pass over the text, or would lose the
+    /// teacher, is refused first, and nothing is written.
+    #[test]
+    fn bad_students_are_refused_before_the_teacher_runs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut teacher = tiny_encoder(Pooling::Mean, 1);
+        teacher.dir = tmp.path().join("teacher");
+        std::fs::create_dir_all(&teacher.dir).unwrap();
+        let spec = EncoderDistillSpec {
+            layers: vec![0],
+            epochs: 1,
+            batch_size: 4,
+            lr: 1e-3,
+            max_tokens: 12,
+            hidden_weight: 0.0,
+            hidden_states: HiddenStates::All,
+            attention_weight: 0.0,
+            seed: 0,
+            init: None,
+            qat: None,
+            ffn_size: None,
+        };
+        let text = vec!["a sentence".to_string(); 20];
+        let out = tmp.path().join("student");
+        let refused = |spec: &EncoderDistillSpec, out: &Path| {
+            distill_encoder(&teacher, &text, spec, out).unwrap_err().to_string()
+        };
+        let twice = EncoderDistillSpec { layers: vec![1, 1], ..spec.clone() };
+        assert!(refused(&twice, &out).contains("teacher layer 1 is named twice"));
+        let qat = |smooth: f32, calibration: &str| QatSpec {
+            scheme: FakeQuantSpec { smooth: Some(smooth), range: RangeMethod::MinMax, full_range: false },
+            calibration: vec![calibration.into()],
+            recalibrations: 0,
+        };
+        let err = refused(&EncoderDistillSpec { qat: Some(qat(1.5, "text")), ..spec.clone() }, &out);
+        assert!(err.contains("smoothing strength 1.5"), "{err}");
+        let err = refused(&EncoderDistillSpec { qat: Some(qat(0.5, "  ")), ..spec.clone() }, &out);
+        assert!(err.contains("needs calibration text"), "{err}");
+        assert!(!out.exists());
+        let err = refused(&spec, &teacher.dir.join("."));
+        assert!(err.contains("is the teacher's folder"), "{err}");
     }
 
     #[test]
