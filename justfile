@@ -189,24 +189,27 @@ bench bundle *args: setup-ort build
 bench-genai runs="5": setup build
     #!/usr/bin/env bash
     set -euo pipefail
+    source scripts/fresh.sh
     ck={{out}}/smollm2-135m/checkpoint
     bundle={{out}}/smollm2-135m/bundle
     [ -f "$ck/config.json" ] || target/release/edgelm-distill init --preset smollm2-135m -o "$ck"
-    [ -f "$bundle/edgelm.json" ] || target/release/edgelm-distill export "$ck" -o "$bundle"
+    fresh "$bundle" "$ck" || target/release/edgelm-distill export "$ck" -o "$bundle"
     .venv/bin/python scripts/bench_genai.py "$bundle" --edgelm target/release/edgelm --runs {{runs}}
 
-# Our INT8/INT4 quantizer against ONNX Runtime's (MatMulNBitsQuantizer, quantize_dynamic) on the
-# same fp32 ONNX: size, TTFT, decode speed on the SmolLM2-135M-shaped export, task completion on
-# the committed teacher's export.
+# Our INT8/INT4 quantizer against ONNX Runtime's MatMulNBitsQuantizer on the same fp32 ONNX:
+# size, TTFT, decode speed on the SmolLM2-135M-shaped export, task completion on the committed
+# teacher's export. (quantize_dynamic's rewrite of a decoder with ONNX Runtime's fused attention
+# does not load; it is compared on the encoder, in bench-encoder-quant.)
 bench-quant runs="3": setup build
     #!/usr/bin/env bash
     set -euo pipefail
+    source scripts/fresh.sh
     ck={{out}}/smollm2-135m/checkpoint
     bundle={{out}}/smollm2-135m/bundle
     [ -f "$ck/config.json" ] || target/release/edgelm-distill init --preset smollm2-135m -o "$ck"
-    [ -f "$bundle/edgelm.json" ] || target/release/edgelm-distill export "$ck" -o "$bundle"
+    fresh "$bundle" "$ck" || target/release/edgelm-distill export "$ck" -o "$bundle"
     teacher={{out}}/devcmd-teacher/bundle
-    [ -f "$teacher/edgelm.json" ] || target/release/edgelm-distill export models/devcmd/teacher -o "$teacher"
+    fresh "$teacher" models/devcmd/teacher || target/release/edgelm-distill export models/devcmd/teacher -o "$teacher"
     .venv/bin/python scripts/bench_quant.py "$bundle" "$teacher" --edgelm target/release/edgelm \
         --distill target/release/edgelm-distill --runs {{runs}}
 
@@ -222,11 +225,12 @@ bench-prune runs="3": setup-ort build
 bench-serve requests="16" max_tokens="64": setup build
     #!/usr/bin/env bash
     set -euo pipefail
+    source scripts/fresh.sh
     ck={{out}}/smollm2-135m/checkpoint
     b={{out}}/smollm2-135m
     [ -f "$ck/config.json" ] || target/release/edgelm-distill init --preset smollm2-135m -o "$ck"
-    [ -f "$b/bundle/edgelm.json" ] || target/release/edgelm-distill export "$ck" -o "$b/bundle"
-    [ -f "$b/bundle-int4/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int4" --precision int4 --max-kl 10
+    fresh "$b/bundle" "$ck" || target/release/edgelm-distill export "$ck" -o "$b/bundle"
+    fresh "$b/bundle-int4" "$b/bundle" || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int4" --precision int4 --max-kl 10
     scripts/bench_serve_llamacpp.sh "$ck" "$b/bundle-int4" {{requests}} {{max_tokens}}
 
 # edgelm against llama.cpp (built once from the llama-cpp-python sdist) on the same
@@ -238,17 +242,18 @@ bench-serve requests="16" max_tokens="64": setup build
 bench-llamacpp runs="3" isa="native" rounds="1": setup build
     #!/usr/bin/env bash
     set -euo pipefail
+    source scripts/fresh.sh
     ck={{out}}/smollm2-135m/checkpoint
     b={{out}}/smollm2-135m
     [ -f "$ck/config.json" ] || target/release/edgelm-distill init --preset smollm2-135m -o "$ck"
-    [ -f "$b/bundle/edgelm.json" ] || target/release/edgelm-distill export "$ck" -o "$b/bundle"
+    fresh "$b/bundle" "$ck" || target/release/edgelm-distill export "$ck" -o "$b/bundle"
     for p in int8 int4 int8-dynamic; do
-        [ -f "$b/bundle-$p/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-$p" --precision $p --max-kl 10
+        fresh "$b/bundle-$p" "$b/bundle" || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-$p" --precision $p --max-kl 10
     done
     # int4 in blocks of 64 and 128: coarser than Q4_0's 32; 64 has the same prompt work as 32 on
     # AVX2 with half the scales, 128 is faster on CPUs with VNNI.
     for n in 64 128; do
-        [ -f "$b/bundle-int4-b$n/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int4-b$n" --precision int4 --block-size $n --max-kl 10
+        fresh "$b/bundle-int4-b$n" "$b/bundle" || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int4-b$n" --precision int4 --block-size $n --max-kl 10
     done
     BENCH_ISA={{isa}} BENCH_ROUNDS={{rounds}} scripts/bench_llamacpp.sh "$ck" "$b/bundle" "$b/bundle-int8" "$b/bundle-int4" {{runs}} "$b/bundle-int8-dynamic" "$b/bundle-int4-b64" "$b/bundle-int4-b128"
 
@@ -257,25 +262,26 @@ bench-llamacpp runs="3" isa="native" rounds="1": setup build
 bench-encoder-quant: setup build
     #!/usr/bin/env bash
     set -euo pipefail
+    source scripts/fresh.sh
     ck={{out}}/minilm/checkpoint
     b={{out}}/minilm
     if [ ! -f "$ck/config.json" ]; then
         mkdir -p "$ck"
         .venv/bin/python -c "import importlib.util, os, sys, zipfile; s = importlib.util.find_spec('all_minilm_l6_v2'); zipfile.ZipFile(os.path.join(s.submodule_search_locations[0], 'model.zip')).extractall(sys.argv[1])" "$ck"
     fi
-    [ -f "$b/bundle/edgelm.json" ] || target/release/edgelm-distill export "$ck" -o "$b/bundle"
-    [ -f "$b/bundle-int8/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8" --precision int8
-    [ -f "$b/bundle-int8-dynamic/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8-dynamic" --precision int8-dynamic
+    fresh "$b/bundle" "$ck" || target/release/edgelm-distill export "$ck" -o "$b/bundle"
+    fresh "$b/bundle-int8" "$b/bundle" || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8" --precision int8
+    fresh "$b/bundle-int8-dynamic" "$b/bundle" || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8-dynamic" --precision int8-dynamic
     # Unlabelled text: docstring sentences of the pinned Python packages (not the benchmark's
     # sentences), for static int8's calibration and the student's distillation.
     [ -f "$b/text.txt" ] || .venv/bin/python scripts/encoder_text.py "$b/text.txt" --sentences 1500
-    [ -f "$b/bundle-int8-static/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8-static" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8
+    fresh "$b/bundle-int8-static" "$b/bundle" "$b/text.txt" || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8-static" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8
     # The same with the word table in 4 bits (blocks of 32) but for its 16 384 rows the
     # calibration text uses most (and the lowest ids after them), kept at 8: under a quarter of
     # the size. And the portable QDQ form of int8-static, for comparison.
-    [ -f "$b/bundle-int8-static-hot/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8-static-hot" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8 --embedding-bits 4 --embedding-hot-rows 16384
-    [ -f "$b/bundle-int8-static-qdq/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8-static-qdq" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8 --qdq
-    [ -f "$b/bundle-fp16/edgelm.json" ] || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-fp16" --precision fp16
+    fresh "$b/bundle-int8-static-hot" "$b/bundle" "$b/text.txt" || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8-static-hot" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8 --embedding-bits 4 --embedding-hot-rows 16384
+    fresh "$b/bundle-int8-static-qdq" "$b/bundle" "$b/text.txt" || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-int8-static-qdq" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8 --qdq
+    fresh "$b/bundle-fp16" "$b/bundle" || target/release/edgelm-distill quantize "$b/bundle" -o "$b/bundle-fp16" --precision fp16
     # A 3-layer student (teacher layers 1, 3, 5) in nine one-pass stages, each going on from
     # the one before, most over text the earlier ones have not read (the second re-reads a
     # sample of the first's, the last the long sentences of the eighth's; BENCHMARKS.md, "A
@@ -356,8 +362,8 @@ bench-encoder-quant: setup build
     s="$plain"
     # Each student's bundle and its int8-static.
     for m in "$s" "$q" "$n"; do
-        [ -f "$m-bundle/edgelm.json" ] || target/release/edgelm-distill export "$m" -o "$m-bundle"
-        [ -f "$m-int8-static/edgelm.json" ] || target/release/edgelm-distill quantize "$m-bundle" -o "$m-int8-static" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8 $range
+        fresh "$m-bundle" "$m" || target/release/edgelm-distill export "$m" -o "$m-bundle"
+        fresh "$m-int8-static" "$m-bundle" "$b/text.txt" || target/release/edgelm-distill quantize "$m-bundle" -o "$m-int8-static" --precision int8-static --calibration "$b/text.txt" --range percentile --smooth 0.8 $range
     done
     .venv/bin/python scripts/bench_encoder_quant.py "$b/bundle" "$b/bundle-int8" --ours-dynamic "$b/bundle-int8-dynamic" \
         --variant "edgelm int8-static=$b/bundle-int8-static" --variant "edgelm int8-static, hot rows=$b/bundle-int8-static-hot" --variant "edgelm int8-static, QDQ=$b/bundle-int8-static-qdq" --variant "edgelm fp16=$b/bundle-fp16" --calibration "$b/text.txt" \

@@ -10,11 +10,19 @@ build=$1
 shift
 version=0.3.36
 src="$root/.llama.cpp/llama_cpp_python-$version/vendor/llama.cpp"
+# What the build folder was made from: another release, instruction set choice or (for a
+# native build) another CPU means building again, not measuring the old binaries.
+stamp="$version native=${GGML_NATIVE:-ON} $(uname -m) $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs)"
 missing=0
 for t in "$@"; do [ -x "$build/bin/$t" ] || missing=1; done
+[ "$(cat "$build/.edgelm-stamp" 2>/dev/null)" = "$stamp" ] || missing=1
 if [ "$missing" = 1 ]; then
   if ! command -v cmake >/dev/null; then
-    if [ "$(id -u)" = 0 ]; then apt-get install -y cmake >/dev/null; else sudo apt-get install -y cmake >/dev/null; fi
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && apt-get install -y -qq cmake >/dev/null
+    else
+      sudo apt-get update -qq && sudo apt-get install -y -qq cmake >/dev/null
+    fi
   fi
   mkdir -p "$root/.llama.cpp"
   if [ ! -d "$src" ]; then
@@ -30,5 +38,6 @@ print(urllib.parse.urljoin(sys.argv[1], [u["url"] for u in d["releases"][sys.arg
   cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE="${GGML_NATIVE:-ON}" -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=$server >/dev/null
   cmake --build "$build" --target "$@" -j "$(nproc)" >/dev/null
+  echo "$stamp" > "$build/.edgelm-stamp"
 fi
 echo "$src"
