@@ -12,10 +12,16 @@ version=0.3.36
 src="$root/.llama.cpp/llama_cpp_python-$version/vendor/llama.cpp"
 # What the build folder was made from: another release, instruction set choice or (for a
 # native build) another CPU means building again, not measuring the old binaries.
-stamp="$version native=${GGML_NATIVE:-ON} $(uname -m) $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs)"
+# (ARM kernels print no `model name`; their CPU flags say what a native build uses.)
+cpu=$(grep -m1 -E '^(model name|Features|flags)' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs || true)
+stamp="$version native=${GGML_NATIVE:-ON} $(uname -m) $cpu"
 missing=0
 for t in "$@"; do [ -x "$build/bin/$t" ] || missing=1; done
-[ "$(cat "$build/.edgelm-stamp" 2>/dev/null)" = "$stamp" ] || missing=1
+if [ -d "$build" ] && [ "$(cat "$build/.edgelm-stamp" 2>/dev/null || true)" != "$stamp" ]; then
+  # CMake keeps the source and flags it was configured with: start the folder again.
+  rm -rf "$build"
+  missing=1
+fi
 if [ "$missing" = 1 ]; then
   if ! command -v cmake >/dev/null; then
     if [ "$(id -u)" = 0 ]; then

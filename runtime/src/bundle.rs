@@ -244,8 +244,8 @@ pub enum Kind {
 }
 
 impl Manifest {
-    /// The oldest format version that holds everything in this manifest: 3 with hot rows of a
-    /// token table, else 2.
+    /// The oldest format version that holds everything in this manifest: 4 with the scheme of
+    /// block-wise matrices (`weights.blockwise_scheme`), 3 with hot rows of a token table, else 2.
     pub fn needed_version(&self) -> u32 {
         let w = self.weights.as_ref();
         let hot = w.and_then(|w| w.embedding_table.as_ref()).is_some_and(|t| t.hot.is_some());

@@ -285,6 +285,17 @@ fn quantizing_a_bundle_over_itself_is_refused_and_the_source_kept() {
     assert_eq!(left, vec![std::ffi::OsString::from("tiny")], "files left beside the bundle");
     let m = edgelm_runtime::bundle::verify_files(&fp32).unwrap();
     assert_eq!(m.quantization, edgelm_runtime::bundle::Precision::Fp32);
+    // A checkpoint exported into its own folder (one that also holds a bundle, so the folder
+    // would otherwise be taken as one to replace): refused, the checkpoint kept.
+    let ck = parent.join("ck");
+    copy_dir(&checkpoint("tiny"), &ck);
+    std::fs::copy(fp32.join("edgelm.json"), ck.join("edgelm.json")).unwrap();
+    let config = std::fs::read(ck.join("config.json")).unwrap();
+    let r = run(Command::new(bin("edgelm-distill")).args(["export", ck.to_str().unwrap(), "-o", ck.to_str().unwrap()]));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("the bundle is made from"), "{err}");
+    assert_eq!(std::fs::read(ck.join("config.json")).unwrap(), config);
 }
 
 /// A quantization flag the chosen precision would ignore is refused by name, before any
@@ -302,6 +313,7 @@ fn a_flag_the_precision_ignores_is_refused() {
         (&["--precision", "int8-dynamic", "--accuracy-level", "1"][..], "--accuracy-level does nothing"),
         (&["--precision", "int4", "--embedding-block-size", "64"][..], "--embedding-bits"),
         (&["--precision", "fp32"][..], "leaves nothing to quantize"),
+        (&["--precision", "int4", "--max-kl", "1", "--no-verify"][..], "--no-verify skips the check"),
     ] {
         let r = run(Command::new(bin("edgelm-distill"))
             .args(["quantize", fp32.to_str().unwrap(), "-o", out.to_str().unwrap()])

@@ -241,6 +241,19 @@ fn minilm_int8_static_and_fp16_through_the_cli() {
         assert!(c > 0.9999, "{text}: fp16 cosine {c}");
     }
 
+    // The KL limit is a causal LM's check; an encoder's is the embeddings' cosine.
+    let out = distill(&[
+        "quantize",
+        f,
+        "-o",
+        tmp.path().join("x").to_str().unwrap(),
+        "--precision",
+        "int8-dynamic",
+        "--max-kl",
+        "1",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is an encoder"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && !tmp.path().join("x").exists());
     let out = distill(&["quantize", f, "-o", tmp.path().join("x").to_str().unwrap(), "--precision", "int8-static"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--calibration"), "{}", String::from_utf8_lossy(&out.stderr));

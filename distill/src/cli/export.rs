@@ -286,6 +286,9 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             "--precision fp32 leaves nothing to quantize: choose int8, int4, int8-dynamic, int8-static or fp16"
         );
     };
+    if a.quant.max_kl.is_some() && a.no_verify {
+        anyhow::bail!("--max-kl is the check's limit and --no-verify skips the check: give one of them");
+    }
     if a.quant.max_kl.is_some() && edgelm_runtime::bundle::Kind::of(&a.bundle)? == edgelm_runtime::bundle::Kind::Encoder
     {
         anyhow::bail!(
@@ -462,6 +465,9 @@ pub fn export(a: ExportArgs) -> Result<()> {
             output.display()
         );
         return Ok(());
+    }
+    if quant.max_kl.is_some() && no_verify {
+        anyhow::bail!("--max-kl is the check's limit and --no-verify skips the check: give one of them");
     }
     let opts = ExportOptions {
         logits: match logits {

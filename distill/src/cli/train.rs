@@ -17,8 +17,8 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long)]
     lr: Option<f64>,
-    /// Learning rate at the end of the cosine decay [default: the recipe's, else a tenth of the
-    /// learning rate].
+    /// Learning rate at the end of the cosine decay [default: the recipe's when --lr is not
+    /// given, else a tenth of the learning rate].
     #[arg(long)]
     min_lr: Option<f64>,
     /// Linear warm-up steps.
@@ -60,7 +60,9 @@ impl TrainArgs {
     fn over(&self, base: TrainSettings) -> TrainSettings {
         TrainSettings {
             lr: self.lr.unwrap_or(base.lr),
-            min_lr: self.min_lr.or(base.min_lr),
+            // A recipe's min_lr belongs to the recipe's lr: with another --lr it decays to a tenth
+            // of that unless --min-lr says otherwise.
+            min_lr: self.min_lr.or(if self.lr.is_some() { None } else { base.min_lr }),
             warmup: self.warmup.unwrap_or(base.warmup),
             epochs: self.epochs.unwrap_or(base.epochs),
             max_steps: self.max_steps.or(base.max_steps),

@@ -35,20 +35,31 @@ pub struct StructuredOptions {
 }
 
 impl StructuredOptions {
-    /// Fails on a share outside [0, 1), or shares that remove nothing from `config` (each
-    /// rounds to whole units per layer, and whole KV groups): checked before the importance is
-    /// measured, which takes a pass over the calibration data.
+    /// Fails on a share outside [0, 1), or a share above 0 that removes nothing from `config`
+    /// (each rounds to whole units per layer: MLP units, KV groups, query heads per group):
+    /// checked before the importance is measured, which takes a pass over the calibration data.
     pub fn check(&self, config: &ModelConfig) -> Result<()> {
-        let kept = kept_counts(config, self)?;
+        let (mlp, groups, queries) = kept_counts(config, self)?;
         let per_group = config.num_attention_heads / config.num_key_value_heads;
-        let whole = (config.intermediate_size, config.num_key_value_heads, per_group);
-        if kept == whole {
-            return Err(Error::InvalidConfig {
-                what: format!(
-                    "structured pruning: shares mlp {}, heads {}, query_heads {} remove nothing from a model of {} MLP units, {} KV groups and {} query heads per group (each rounds to whole units)",
-                    self.mlp, self.heads, self.query_heads, whole.0, whole.1, whole.2
-                ),
-            });
+        let shares = [
+            ("mlp", self.mlp, mlp, config.intermediate_size, "MLP units"),
+            ("heads", self.heads, groups, config.num_key_value_heads, "KV groups"),
+            ("query_heads", self.query_heads, queries, per_group, "query heads per KV group"),
+        ];
+        for (name, share, kept, whole, what) in shares {
+            if share > 0.0 && kept == whole {
+                let why = if whole == 1 {
+                    "one must stay".to_string()
+                } else {
+                    format!(
+                        "each layer keeps a whole number; a share of at least {:.3} removes one",
+                        0.5 / whole as f64
+                    )
+                };
+                return Err(Error::InvalidConfig {
+                    what: format!("structured pruning: {name} {share} removes none of the {whole} {what} ({why})"),
+                });
+            }
         }
         Ok(())
     }
@@ -283,6 +294,21 @@ mod tests {
 
     fn ids(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
         (0..n as u32).map(|i| (i * 7919 + seed * 104_729) % vocab as u32).collect()
+    }
+
+    /// A share above 0 that rounds to no unit is refused by name; one that removes some passes.
+    #[test]
+    fn a_share_that_removes_nothing_is_refused() {
+        let cfg = preset_config("tiny").unwrap();
+        let opts = |mlp, heads| StructuredOptions { mlp, heads, query_heads: 0.0 };
+        assert!(opts(0.25, 0.5).check(&cfg).is_ok());
+        let groups = cfg.num_key_value_heads;
+        let tiny_share = 0.4 / groups as f64;
+        let e = opts(0.25, tiny_share).check(&cfg).unwrap_err().to_string();
+        assert!(e.contains("heads") && e.contains(&format!("none of the {groups} KV groups")), "{e}");
+        let e = opts(0.1 / cfg.intermediate_size as f64, 0.0).check(&cfg).unwrap_err().to_string();
+        assert!(e.contains("mlp") && e.contains("MLP units"), "{e}");
+        assert!(opts(1.0, 0.0).check(&cfg).unwrap_err().to_string().contains("not in [0, 1)"));
     }
 
     #[test]
