@@ -185,6 +185,16 @@ fn length_batches<'t>(items: &[&'t Target], n: usize) -> Vec<Vec<&'t Target>> {
     out
 }
 
+/// The first `n` of a sentence's `values` (ids or type ids); when that cuts the sentence and it
+/// `closes` with a special token, that token ends the cut one too.
+fn cut_keeping_close(values: &[u32], n: usize, closes: bool) -> Vec<u32> {
+    let mut kept = values[..n.min(values.len())].to_vec();
+    if n < values.len() && n >= 2 && closes {
+        kept[n - 1] = values[values.len() - 1];
+    }
+    kept
+}
+
 fn is_weight_file(name: &str) -> bool {
     [".safetensors", ".bin", ".onnx", ".h5", ".msgpack", ".ot", ".pt"].iter().any(|s| name.ends_with(s))
 }
@@ -418,17 +428,9 @@ pub fn distill_encoder(
     // tokenizer's own truncation does: the model never sees a sentence without one.
     let tokenize = |s: &str| -> Result<(Vec<u32>, Vec<u32>)> {
         let enc = tokenizer.encode(s, true).map_err(|e| bad(format!("tokenizing {s:?}: {e}")))?;
-        let (ids, types) = (enc.get_ids(), enc.get_type_ids());
-        let n = ids.len().min(spec.max_tokens).min(c.max_position_embeddings);
-        let cut = |v: &[u32]| -> Vec<u32> {
-            let mut kept = v[..n].to_vec();
-            let closes = enc.get_special_tokens_mask().last() == Some(&1);
-            if n < v.len() && n >= 2 && closes {
-                kept[n - 1] = v[v.len() - 1];
-            }
-            kept
-        };
-        Ok((cut(ids), cut(types)))
+        let n = spec.max_tokens.min(c.max_position_embeddings);
+        let closes = enc.get_special_tokens_mask().last() == Some(&1);
+        Ok((cut_keeping_close(enc.get_ids(), n, closes), cut_keeping_close(enc.get_type_ids(), n, closes)))
     };
     let tokenized = sentences.iter().map(|s| tokenize(s)).collect::<Result<Vec<_>>>()?;
     let mut tokenized: Vec<(Vec<u32>, Vec<u32>)> = tokenized.into_iter().filter(|(ids, _)| !ids.is_empty()).collect();
@@ -791,6 +793,37 @@ mod tests {
         let m = BertModel::new(teacher);
         let kinds = TargetKinds { hidden: true, attention: true };
         seqs.iter().flat_map(|&seq| teacher_targets(&m, &[seq], matched, kinds).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_cut_sentence_keeps_its_closing_token() {
+        // [CLS] a b c d [SEP] cut to 4: [CLS] a b [SEP].
+        assert_eq!(cut_keeping_close(&[101, 1, 2, 3, 4, 102], 4, true), [101, 1, 2, 102]);
+        assert_eq!(cut_keeping_close(&[101, 1, 2, 3, 4, 102], 4, false), [101, 1, 2, 3]);
+        assert_eq!(cut_keeping_close(&[101, 1, 102], 4, true), [101, 1, 102], "short enough: as it is");
+    }
+
+    /// A student's folder takes the teacher's files but its weights, and no shard index that
+    /// would name the teacher's weight files.
+    #[test]
+    fn the_copied_layout_leaves_out_weights_and_their_index() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (from, to) = (tmp.path().join("teacher"), tmp.path().join("student"));
+        std::fs::create_dir_all(from.join("1_Pooling")).unwrap();
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "model.safetensors.index.json",
+            "model-00001-of-00002.safetensors",
+            "1_Pooling/config.json",
+        ] {
+            std::fs::write(from.join(f), "x").unwrap();
+        }
+        copy_layout(&from, &to).unwrap();
+        let mut names: Vec<String> =
+            std::fs::read_dir(&to).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, ["1_Pooling", "config.json", "tokenizer.json"]);
     }
 
     /// Input that would only fail after the teacher's pass over the text, or would lose the
