@@ -314,6 +314,8 @@ fn a_flag_the_precision_ignores_is_refused() {
         (&["--precision", "int4", "--embedding-block-size", "64"][..], "--embedding-bits"),
         (&["--precision", "fp32"][..], "leaves nothing to quantize"),
         (&["--precision", "int4", "--max-kl", "1", "--no-verify"][..], "--no-verify skips the check"),
+        (&["--precision", "int4", "--calibration", "Cargo.toml"][..], "--calibration does nothing"),
+        (&["--precision", "int8-dynamic", "--fp32-embedding", "--block-size", "64"][..], "--block-size does nothing"),
     ] {
         let r = run(Command::new(bin("edgelm-distill"))
             .args(["quantize", fp32.to_str().unwrap(), "-o", out.to_str().unwrap()])

@@ -241,6 +241,20 @@ fn minilm_int8_static_and_fp16_through_the_cli() {
         assert!(c > 0.9999, "{text}: fp16 cosine {c}");
     }
 
+    // Flags that do nothing for an encoder's export are refused by name, before anything is
+    // written.
+    let ck = edgelm_e2e::minilm_dir();
+    let x = tmp.path().join("x");
+    for (flags, needle) in [
+        (&["--logits", "all"][..], "--logits is for causal LMs"),
+        (&["--no-verify"][..], "always checked"),
+        (&["--block-size", "32"][..], "--block-size does nothing with --precision fp32"),
+    ] {
+        let out = distill(&[&["export", ck.to_str().unwrap(), "-o", x.to_str().unwrap()], flags].concat());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(needle), "{flags:?}: {err}");
+        assert!(!x.exists());
+    }
     // The KL limit is a causal LM's check; an encoder's is the embeddings' cosine.
     let out = distill(&[
         "quantize",

@@ -133,9 +133,13 @@ impl QuantArgs {
         // MatMulNBits runs int8 and int4, and the matrices --blockwise names under the others.
         let matmul_nbits = matches!(p, Int8 | Int4) || (per_column && !self.blockwise.is_empty());
         let percentile_range = self.range == Some(RangeArg::Percentile);
-        let uses: [(&str, bool, bool, &str); 13] = [
-            ("--block-size", self.block_size.is_some(), integer, "int8, int4, int8-dynamic and int8-static"),
-            ("--asymmetric", self.asymmetric, integer, "int8, int4, int8-dynamic and int8-static"),
+        // Blocks: every weight at int8 and int4; under the per-column methods only the token
+        // table (unless it stays fp32) and the matrices --blockwise names.
+        let blocks = matches!(p, Int8 | Int4) || (per_column && (!self.fp32_embedding || !self.blockwise.is_empty()));
+        let blocks_for = "int8 and int4, and the token table or --blockwise matrices of int8-dynamic and int8-static";
+        let uses: [(&str, bool, bool, &str); 14] = [
+            ("--block-size", self.block_size.is_some(), blocks, blocks_for),
+            ("--asymmetric", self.asymmetric, blocks, blocks_for),
             (
                 "--accuracy-level",
                 self.accuracy_level.is_some(),
@@ -162,6 +166,12 @@ impl QuantArgs {
             ),
             ("--smooth", self.smooth.is_some(), p == Int8Static, "int8-static"),
             ("--qdq", self.qdq, p == Int8Static, "int8-static"),
+            (
+                "--calibration",
+                self.calibration.is_some(),
+                p == Int8Static || self.embedding_hot_rows.is_some(),
+                "int8-static and --embedding-hot-rows",
+            ),
         ];
         for (flag, given, used, users) in uses {
             if given && !used {
@@ -380,9 +390,9 @@ pub struct ExportArgs {
     /// Bundle folder to write.
     #[arg(short, long)]
     output: PathBuf,
-    /// Logits for the last position only (fast prefill) or for every position.
-    #[arg(long, value_enum, default_value = "last")]
-    logits: LogitsArg,
+    /// Logits for the last position only (fast prefill) or for every position [default: last].
+    #[arg(long, value_enum)]
+    logits: Option<LogitsArg>,
     /// Skip the ONNX-vs-candle check.
     #[arg(long)]
     no_verify: bool,
@@ -447,8 +457,21 @@ pub fn export(a: ExportArgs) -> Result<()> {
         json,
     } = a;
     if edgelm_distill::encoder::EncoderCheckpoint::is_encoder(&checkpoint) {
-        if external_data {
-            anyhow::bail!("{}: --external-data is for causal LMs (encoders fit one file)", checkpoint.display());
+        let causal_only = [
+            ("--external-data", external_data),
+            ("--single-file", single_file),
+            ("--single-turn", single_turn),
+            ("--low-memory", low_memory),
+            ("--logits", logits.is_some()),
+        ];
+        if let Some((flag, _)) = causal_only.iter().find(|(_, given)| *given) {
+            anyhow::bail!("{}: {flag} is for causal LMs (an encoder's graph is one file)", checkpoint.display());
+        }
+        if no_verify {
+            anyhow::bail!(
+                "{}: an encoder export is always checked against candle (it takes seconds); leave out --no-verify",
+                checkpoint.display()
+            );
         }
         if quant.precision != PrecisionArg::Fp32 {
             anyhow::bail!(
@@ -456,6 +479,8 @@ pub fn export(a: ExportArgs) -> Result<()> {
                 checkpoint.display()
             );
         }
+        // Refuses any quantization flag: an encoder export is fp32.
+        quant.options()?;
         let ck = edgelm_distill::encoder::EncoderCheckpoint::load(&checkpoint)
             .with_context(|| format!("loading {}", checkpoint.display()))?;
         let diff = edgelm_distill::export::export_encoder(&ck, &output, tolerance)
@@ -469,8 +494,11 @@ pub fn export(a: ExportArgs) -> Result<()> {
     if quant.max_kl.is_some() && no_verify {
         anyhow::bail!("--max-kl is the check's limit and --no-verify skips the check: give one of them");
     }
+    if quant.precision == PrecisionArg::Int8Static {
+        anyhow::bail!("int8-static is for encoder bundles; a causal LM exports as int8, int4 or int8-dynamic");
+    }
     let opts = ExportOptions {
-        logits: match logits {
+        logits: match logits.unwrap_or(LogitsArg::Last) {
             LogitsArg::Last => LogitsMode::Last,
             LogitsArg::All => LogitsMode::All,
         },

@@ -45,6 +45,9 @@ pub struct TrainArgs {
     /// Validate every N steps.
     #[arg(long)]
     eval_every: Option<usize>,
+    /// Validation examples per validation [default: the recipe's, else 256].
+    #[arg(long)]
+    eval_examples: Option<usize>,
     /// Stop after N validations without improvement (0 = off).
     #[arg(long)]
     patience: Option<usize>,
@@ -73,7 +76,7 @@ impl TrainArgs {
             eval_every: self.eval_every.unwrap_or(base.eval_every),
             patience: self.patience.unwrap_or(base.patience),
             checkpoint_every: self.checkpoint_every.unwrap_or(base.checkpoint_every),
-            eval_examples: base.eval_examples,
+            eval_examples: self.eval_examples.or(base.eval_examples),
             seed: self.seed.unwrap_or(base.seed),
         }
     }
@@ -274,12 +277,14 @@ pub struct DistillArgs {
     #[arg(long)]
     alpha: Option<f64>,
     /// Cache the teacher's top-k logits in this folder (built on first use, reused while
-    /// teacher and data are unchanged) instead of running the teacher every step.
+    /// teacher and data are unchanged) instead of running the teacher every step [default:
+    /// <output>.teacher-cache when the recipe's [student] sets teacher_top_k, else none].
     #[arg(long)]
     teacher_cache: Option<PathBuf>,
-    /// Logits kept per position in the teacher cache.
-    #[arg(long, default_value_t = 64)]
-    teacher_top_k: usize,
+    /// Logits kept per position in the teacher cache [default: the recipe's
+    /// student.teacher_top_k, else 64].
+    #[arg(long)]
+    teacher_top_k: Option<usize>,
     #[command(flatten)]
     train: TrainArgs,
     #[command(flatten)]
@@ -325,7 +330,12 @@ pub fn distill(a: DistillArgs) -> Result<()> {
         }),
         temperature: temperature.or(st.as_ref().map(|s| s.temperature)).unwrap_or(2.0),
         alpha: alpha.or(st.as_ref().map(|s| s.alpha)).unwrap_or(0.5),
-        teacher_cache: teacher_cache.map(|d| (d, teacher_top_k)),
+        teacher_cache: {
+            // The recipe's top-k turns the cache on, as in the pipeline; the flags win.
+            let recipe_k = st.as_ref().and_then(|s| s.teacher_top_k);
+            let k = teacher_top_k.or(recipe_k).unwrap_or(64);
+            teacher_cache.or_else(|| recipe_k.map(|_| output.with_extension("teacher-cache"))).map(|d| (d, k))
+        },
         hidden_weight: 0.0,
         train: train.over(st.map(|s| s.train).unwrap_or_else(|| TrainSettings::default().with_lr(2e-3))),
     };

@@ -361,6 +361,11 @@ pub fn export_deferred(ck: &Checkpoint, index: &WeightIndex, out: &Path, opts: &
     use crate::quantize::graph::Method;
     refuse_replacing_source(&ck.dir, out)?;
     let q = match &opts.quantize {
+        Some(q) if q.method == Method::StaticInt8 => {
+            return Err(Error::Unsupported {
+                what: "int8-static is for encoder bundles; a causal LM exports as int8, int4 or int8-dynamic".into(),
+            })
+        }
         Some(q) if matches!(q.method, Method::Blockwise | Method::DynamicInt8) => q,
         _ => {
             return Err(Error::Unsupported {
