@@ -72,7 +72,8 @@ for i in "${!pairs[@]}"; do
   # tokens already in the context (-d 128) the decode rate after that prompt, as edgelm measures.
   lj=$(LD_PRELOAD="$preload" "$bin/llama-bench" -m "$work/$gg" -p 128 -n 128 -d 0,128 -t 2 -r "$runs" -o json 2>"$work/llama-bench.log") \
     || { cat "$work/llama-bench.log" >&2; exit 1; }
-  ej=$(LD_PRELOAD="$preload" "$root/target/release/edgelm" bench "$bundle" --runs "$runs" --json --threads 2)
+  ej=$(LD_PRELOAD="$preload" "$root/target/release/edgelm" bench "$bundle" --runs "$runs" --json --threads 2 \
+    --prompt-tokens 128 --new-tokens 128)
   python3 - "$lj" "$ej" "$work/$gg" "$bundle" "$ratios" "$i" <<'EOF'
 import json, os, statistics, sys
 l, e = json.loads(sys.argv[1]), json.loads(sys.argv[2])

@@ -122,6 +122,43 @@ impl Checkpoint {
         Self::describe(dir.as_ref())?.with_weights()
     }
 
+    /// Reads the folder's weights one tensor at a time through `keep`, which returns what to
+    /// hold for each (the tensor, or something smaller made from it): a caller that packs the
+    /// projections never holds them all in f32 at once. Phi-3's fused projections reach `keep`
+    /// only after they are split, so they are held whole until then.
+    pub fn load_with(dir: impl AsRef<Path>, mut keep: impl FnMut(&str, Tensor) -> Result<Tensor>) -> Result<Self> {
+        let mut ck = Self::describe(dir.as_ref())?;
+        let is_fused = |name: &str| name.strip_suffix(".weight").and_then(phi3::fused_parts).is_some();
+        let mut tensors = HashMap::new();
+        let mut failed = None;
+        for file in weight_files(&ck.dir)? {
+            read_safetensors(&file, |name, t| {
+                if failed.is_some() {
+                    return;
+                }
+                // Split first: `keep` sees the names the model reads.
+                let fused = ck.stored_fused && is_fused(&name);
+                match if fused { Ok(t) } else { keep(&name, t) } {
+                    Ok(t) => drop(tensors.insert(name, t)),
+                    Err(e) => failed = Some(e),
+                }
+            })?;
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if ck.stored_fused {
+            let mut fused: HashMap<String, Tensor> = tensors.extract_if(|k, _| is_fused(k)).collect();
+            phi3::split_fused(&mut fused, &ck.config)?;
+            for (name, t) in fused {
+                tensors.insert(name.clone(), keep(&name, t)?);
+            }
+        }
+        ck.tensors = tensors;
+        let has_head = ck.tensors.contains_key(names::LM_HEAD);
+        Ok(ck.tied_without_head(has_head))
+    }
+
     /// Reads the weights of a checkpoint opened without them ([`Self::load_deferred`]), so a
     /// caller that finds they fit in memory need not read the folder's files again.
     pub fn with_weights(mut self) -> Result<Self> {

@@ -125,7 +125,7 @@ pub fn split_fused(tensors: &mut HashMap<String, Tensor>, c: &ModelConfig) -> Re
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::checkpoint::{preset, Checkpoint};
     use crate::model::LlamaModel;
@@ -133,7 +133,7 @@ mod tests {
 
     /// A Phi-3 folder holding a Mistral preset's weights in Phi-3's storage (fused q/k/v and
     /// gate/up), with Phi-3's config keys.
-    fn phi3_folder(dir: &std::path::Path, mistral: &std::path::Path) {
+    pub(crate) fn phi3_folder(dir: &std::path::Path, mistral: &std::path::Path) {
         let ck = Checkpoint::load(mistral).unwrap();
         let c = &ck.config;
         let mut fused: HashMap<String, Tensor> = ck.tensors.clone();

@@ -179,7 +179,7 @@ pub struct FinetuneArgs {
     fisher_batches: usize,
     /// QLoRA: hold the base's projections as 4-bit blocks, dequantized on the fly (the fp32
     /// projections are freed after packing).
-    #[arg(long, conflicts_with = "ewc_lambda")]
+    #[arg(long, conflicts_with_all = ["ewc_lambda", "ewc_data", "fisher_batches"])]
     qlora: bool,
     /// Weights per 4-bit block for --qlora.
     #[arg(long, default_value_t = 64, requires = "qlora")]
@@ -208,8 +208,18 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         run,
     } = a;
     use edgelm_distill::lora::LoraConfig;
+    use edgelm_distill::quantize::BlockScheme;
     use edgelm_distill::train::finetune::{finetune, finetune_qlora, FinetuneSpec};
-    let mut ck = Checkpoint::load(&base).with_context(|| format!("loading {}", base.display()))?;
+    use edgelm_distill::train::qlora::QuantizedBase;
+    // With --qlora each projection is packed as it is read: the fp32 projections are never all
+    // in memory.
+    let (ck, packed) = if qlora {
+        let scheme = BlockScheme::new(4, qlora_block_size, true)?;
+        let (ck, packed) = QuantizedBase::load(&base, scheme).with_context(|| format!("loading {}", base.display()))?;
+        (ck, Some(packed))
+    } else {
+        (Checkpoint::load(&base).with_context(|| format!("loading {}", base.display()))?, None)
+    };
     let splits = data.splits()?;
     let base_settings = match data.recipe()?.and_then(|r| r.finetune) {
         Some(f) => f.train,
@@ -218,7 +228,8 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     let settings = train.over(base_settings);
     let ewc = match &ewc_data {
         Some(p) => edgelm_distill::data::prepare::read_any(p)?,
-        None => splits.train.clone(),
+        None if ewc_lambda > 0.0 => splits.train.clone(),
+        None => vec![],
     };
     let spec = FinetuneSpec {
         lora: LoraConfig { r: lora_r, lora_alpha, target_modules: target },
@@ -228,16 +239,12 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         train: settings,
     };
     let data = (&splits.train[..], &splits.validation[..]);
-    let done = if qlora {
-        use edgelm_distill::quantize::BlockScheme;
-        use edgelm_distill::train::qlora::QuantizedBase;
-        let tensors = std::mem::take(&mut ck.tensors);
-        let packed = QuantizedBase::quantize(&ck.config, tensors, BlockScheme::new(4, qlora_block_size, true)?)?;
+    let done = if let Some(packed) = &packed {
         eprintln!(
             "QLoRA: projections held as 4-bit blocks of {qlora_block_size}: {:.1} MiB",
             packed.packed_bytes() as f64 / (1 << 20) as f64
         );
-        finetune_qlora(&ck, &packed, data, &spec, &run.stage(output.clone())).context("fine-tuning (QLoRA)")?
+        finetune_qlora(&ck, packed, data, &spec, &run.stage(output.clone())).context("fine-tuning (QLoRA)")?
     } else {
         finetune(&ck, data, &ewc, &spec, &run.stage(output.clone())).context("fine-tuning")?
     };

@@ -1,18 +1,31 @@
 //! QLoRA: LoRA over a base whose projection weights are held as 4-bit blocks (the same block
-//! quantizer the INT4 export uses) and dequantized on the fly, one projection at a time, inside
-//! the forward and backward passes. The fp32 projections are never resident: the autograd graph
-//! keeps the packed matrix, and each dequantized copy lives only while one matmul runs.
+//! quantizer the INT4 export uses: symmetric absmax blocks, not QLoRA's NF4) and dequantized
+//! on the fly, one projection at a time, inside the forward and backward passes. The fp32
+//! projections are never resident together: [`QuantizedBase::load`] packs each as it is read
+//! from the checkpoint (Phi-3's fused ones once split), the autograd graph keeps the packed
+//! matrix, and each dequantized copy lives only while one matmul runs.
 //!
-//! Embeddings, norms and biases stay fp32 (as in QLoRA, which quantizes the linear layers).
+//! Embeddings, an untied LM head, norms and biases stay fp32 (as in QLoRA, which quantizes the
+//! layers' linear projections). The adapter is an ordinary LoRA adapter: merged, it is added to
+//! the original fp32 weights, as PEFT users merge one.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use crate::checkpoint::{names, ModelConfig, PROJECTIONS};
+use crate::checkpoint::{names, Checkpoint, ModelConfig, PROJECTIONS};
 use crate::error::{Error, Result};
 use crate::quantize::{quantize, BlockScheme, QuantizedMatrix};
+
+/// Whether `module` is one of a layer's projections (`model.layers.3.mlp.down_proj`).
+fn is_projection(module: &str) -> bool {
+    let layer = module.strip_prefix("model.layers.").and_then(|rest| rest.split_once('.')).map(|(l, _)| l);
+    layer
+        .and_then(|l| l.parse::<usize>().ok())
+        .is_some_and(|l| PROJECTIONS.iter().any(|p| names::projection(l, p) == module))
+}
 
 /// A base model for QLoRA: packed projections and the fp32 rest.
 pub struct QuantizedBase {
@@ -23,6 +36,16 @@ pub struct QuantizedBase {
     pub tensors: HashMap<String, Tensor>,
     /// Packed projection weights by module name (`model.layers.0.self_attn.q_proj`).
     pub packed: HashMap<String, Arc<QuantizedMatrix>>,
+}
+
+/// Packs one projection weight `[rows, cols]`; returns the packed matrix and the placeholder
+/// that takes its place among the tensors.
+fn pack(w: Tensor, scheme: BlockScheme) -> Result<(QuantizedMatrix, Tensor)> {
+    let (rows, cols) = w.dims2()?;
+    let values = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    drop(w);
+    let placeholder = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu)?.broadcast_as((rows, cols))?;
+    Ok((quantize(&values, rows, cols, scheme), placeholder))
 }
 
 impl QuantizedBase {
@@ -37,16 +60,41 @@ impl QuantizedBase {
                 let w = tensors
                     .remove(&key)
                     .ok_or_else(|| Error::Tensor { name: key.clone(), what: "missing from the checkpoint".into() })?;
-                let (rows, cols) = w.dims2()?;
-                let values = w.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                drop(w);
-                packed.insert(module, Arc::new(quantize(&values, rows, cols, scheme)));
-                let placeholder =
-                    Tensor::zeros((), candle_core::DType::F32, &Device::Cpu)?.broadcast_as((rows, cols))?;
+                let (m, placeholder) = pack(w, scheme)?;
+                packed.insert(module, Arc::new(m));
                 tensors.insert(key, placeholder);
             }
         }
         Ok(QuantizedBase { config: config.clone(), tensors, packed })
+    }
+
+    /// Reads the checkpoint in `dir` packing each projection as it is read, so its fp32
+    /// projections are never all in memory (only its other weights are held in f32). Returns
+    /// the checkpoint (its folder, configuration and tokenizer; no tensors) and the base.
+    pub fn load(dir: &Path, scheme: BlockScheme) -> Result<(Checkpoint, Self)> {
+        let mut packed = HashMap::new();
+        let mut ck = Checkpoint::load_with(dir, |name, t| {
+            let Some(module) = name.strip_suffix(".weight").filter(|m| is_projection(m)) else {
+                return Ok(t);
+            };
+            let (m, placeholder) = pack(t, scheme)?;
+            packed.insert(module.to_owned(), Arc::new(m));
+            Ok(placeholder)
+        })?;
+        let config = ck.config.clone();
+        for l in 0..config.num_hidden_layers {
+            for p in PROJECTIONS {
+                let module = names::projection(l, p);
+                if !packed.contains_key(&module) {
+                    return Err(Error::Tensor {
+                        name: format!("{module}.weight"),
+                        what: "missing from the checkpoint".into(),
+                    });
+                }
+            }
+        }
+        let tensors = std::mem::take(&mut ck.tensors);
+        Ok((ck, QuantizedBase { config, tensors, packed }))
     }
 
     /// Bytes the packed projections take (data, scales, zero points).
@@ -65,6 +113,38 @@ mod tests {
 
     /// The packed model computes what an fp32 model over the dequantized weights computes, and
     /// its gradient with respect to the input matches that model's.
+    /// Packed as it is read, the base is the one packed after a whole load: the same packed
+    /// matrices and the same other tensors, Phi-3's fused storage included.
+    #[test]
+    fn packing_while_reading_gives_the_base_packing_after_loading_gives() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mistral = tmp.path().join("mistral");
+        crate::checkpoint::preset::write_preset("tiny-mistral-window", &mistral, 3, Default::default()).unwrap();
+        let phi3 = tmp.path().join("phi3");
+        crate::checkpoint::phi3::tests::phi3_folder(&phi3, &mistral);
+        let scheme = BlockScheme::new(4, 32, true).unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for dir in [&mistral, &phi3] {
+            let whole = Checkpoint::load(dir).unwrap();
+            let a = QuantizedBase::quantize(&whole.config, whole.tensors.clone(), scheme).unwrap();
+            let (ck, b) = QuantizedBase::load(dir, scheme).unwrap();
+            assert!(ck.tensors.is_empty() && ck.config == whole.config);
+            assert_eq!(a.packed.len(), 7 * whole.config.num_hidden_layers);
+            for (m, q) in &a.packed {
+                assert_eq!(q.dequantize(), b.packed[m].dequantize(), "{}: {m}", dir.display());
+            }
+            let keys = |t: &HashMap<String, Tensor>| {
+                let mut k: Vec<String> = t.keys().cloned().collect();
+                k.sort();
+                k
+            };
+            assert_eq!(keys(&a.tensors), keys(&b.tensors));
+            for (k, t) in &a.tensors {
+                assert_eq!(values(t), values(&b.tensors[k]), "{}: {k}", dir.display());
+            }
+        }
+    }
+
     #[test]
     fn packed_matmul_matches_the_dequantized_matrix_forward_and_backward() {
         let scheme = BlockScheme::new(4, 32, true).unwrap();
