@@ -122,12 +122,16 @@ impl Checkpoint {
         Self::describe(dir.as_ref())?.with_weights()
     }
 
-    /// Reads the folder's weights one tensor at a time through `keep`, which returns what to
-    /// hold for each (the tensor, or something smaller made from it): a caller that packs the
-    /// projections never holds them all in f32 at once. Phi-3's fused projections reach `keep`
-    /// only after they are split, so they are held whole until then.
-    pub fn load_with(dir: impl AsRef<Path>, mut keep: impl FnMut(&str, Tensor) -> Result<Tensor>) -> Result<Self> {
+    /// Reads the folder's weights one tensor at a time through `keep`, which is given the
+    /// configuration and returns what to hold for each tensor (the tensor, or something smaller
+    /// made from it): a caller that packs the projections never holds them all in f32 at once.
+    /// Phi-3's fused projections are split as they are read, and `keep` sees their parts.
+    pub fn load_with(
+        dir: impl AsRef<Path>,
+        mut keep: impl FnMut(&ModelConfig, &str, Tensor) -> Result<Tensor>,
+    ) -> Result<Self> {
         let mut ck = Self::describe(dir.as_ref())?;
+        let (config, stored_fused) = (ck.config.clone(), ck.stored_fused);
         let is_fused = |name: &str| name.strip_suffix(".weight").and_then(phi3::fused_parts).is_some();
         let mut tensors = HashMap::new();
         let mut failed = None;
@@ -136,23 +140,24 @@ impl Checkpoint {
                 if failed.is_some() {
                     return;
                 }
-                // Split first: `keep` sees the names the model reads.
-                let fused = ck.stored_fused && is_fused(&name);
-                match if fused { Ok(t) } else { keep(&name, t) } {
-                    Ok(t) => drop(tensors.insert(name, t)),
+                // `keep` sees the names the model reads: a fused tensor's parts.
+                let parts = if stored_fused && is_fused(&name) {
+                    let mut one = HashMap::from([(name, t)]);
+                    phi3::split_fused(&mut one, &config).map(|()| one.into_iter().collect())
+                } else {
+                    Ok(vec![(name, t)])
+                };
+                let kept = parts.and_then(|parts| {
+                    parts.into_iter().map(|(n, t)| keep(&config, &n, t).map(|t| (n, t))).collect::<Result<Vec<_>>>()
+                });
+                match kept {
+                    Ok(kept) => tensors.extend(kept),
                     Err(e) => failed = Some(e),
                 }
             })?;
         }
         if let Some(e) = failed {
             return Err(e);
-        }
-        if ck.stored_fused {
-            let mut fused: HashMap<String, Tensor> = tensors.extract_if(|k, _| is_fused(k)).collect();
-            phi3::split_fused(&mut fused, &ck.config)?;
-            for (name, t) in fused {
-                tensors.insert(name.clone(), keep(&name, t)?);
-            }
         }
         ck.tensors = tensors;
         let has_head = ck.tensors.contains_key(names::LM_HEAD);

@@ -465,7 +465,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
             ("--logits", logits.is_some()),
         ];
         if let Some((flag, _)) = causal_only.iter().find(|(_, given)| *given) {
-            anyhow::bail!("{}: {flag} is for causal LMs (an encoder's graph is one file)", checkpoint.display());
+            anyhow::bail!("{flag} is for causal LMs; {} is an encoder", checkpoint.display());
         }
         if no_verify {
             anyhow::bail!(
@@ -485,10 +485,15 @@ pub fn export(a: ExportArgs) -> Result<()> {
             .with_context(|| format!("loading {}", checkpoint.display()))?;
         let diff = edgelm_distill::export::export_encoder(&ck, &output, tolerance)
             .with_context(|| format!("exporting to {}", output.display()))?;
-        eprintln!(
-            "exported encoder to {} (check: ONNX Runtime vs candle embedding, max abs diff {diff:.2e})",
-            output.display()
-        );
+        if json {
+            let report = serde_json::json!({"bundle": output, "kind": "encoder", "check_max_abs_diff": diff});
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            eprintln!(
+                "exported encoder to {} (check: ONNX Runtime vs candle embedding, max abs diff {diff:.2e})",
+                output.display()
+            );
+        }
         return Ok(());
     }
     if quant.max_kl.is_some() && no_verify {

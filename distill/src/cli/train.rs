@@ -285,11 +285,12 @@ pub struct DistillArgs {
     alpha: Option<f64>,
     /// Cache the teacher's top-k logits in this folder (built on first use, reused while
     /// teacher and data are unchanged) instead of running the teacher every step [default:
-    /// <output>.teacher-cache when the recipe's [student] sets teacher_top_k, else none].
+    /// <output>.teacher-cache when the [student] settings (--student-config, else the
+    /// recipe's) set teacher_top_k, else none].
     #[arg(long)]
     teacher_cache: Option<PathBuf>,
-    /// Logits kept per position in the teacher cache [default: the recipe's
-    /// student.teacher_top_k, else 64].
+    /// Logits kept per position in the teacher cache [default: the [student] settings'
+    /// teacher_top_k, else 64].
     #[arg(long)]
     teacher_top_k: Option<usize>,
     #[command(flatten)]
@@ -341,7 +342,12 @@ pub fn distill(a: DistillArgs) -> Result<()> {
             // The recipe's top-k turns the cache on, as in the pipeline; the flags win.
             let recipe_k = st.as_ref().and_then(|s| s.teacher_top_k);
             let k = teacher_top_k.or(recipe_k).unwrap_or(64);
-            teacher_cache.or_else(|| recipe_k.map(|_| output.with_extension("teacher-cache"))).map(|d| (d, k))
+            let beside = || {
+                let mut d = output.clone().into_os_string();
+                d.push(".teacher-cache");
+                PathBuf::from(d)
+            };
+            teacher_cache.or_else(|| recipe_k.map(|_| beside())).map(|d| (d, k))
         },
         hidden_weight: 0.0,
         train: train.over(st.map(|s| s.train).unwrap_or_else(|| TrainSettings::default().with_lr(2e-3))),

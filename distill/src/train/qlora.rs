@@ -2,8 +2,8 @@
 //! quantizer the INT4 export uses: symmetric absmax blocks, not QLoRA's NF4) and dequantized
 //! on the fly, one projection at a time, inside the forward and backward passes. The fp32
 //! projections are never resident together: [`QuantizedBase::load`] packs each as it is read
-//! from the checkpoint (Phi-3's fused ones once split), the autograd graph keeps the packed
-//! matrix, and each dequantized copy lives only while one matmul runs.
+//! from the checkpoint (Phi-3's fused ones split as they are read), the autograd graph keeps the
+//! packed matrix, and each dequantized copy lives only while one matmul runs.
 //!
 //! Embeddings, an untied LM head, norms and biases stay fp32 (as in QLoRA, which quantizes the
 //! layers' linear projections). The adapter is an ordinary LoRA adapter: merged, it is added to
@@ -19,11 +19,13 @@ use crate::checkpoint::{names, Checkpoint, ModelConfig, PROJECTIONS};
 use crate::error::{Error, Result};
 use crate::quantize::{quantize, BlockScheme, QuantizedMatrix};
 
-/// Whether `module` is one of a layer's projections (`model.layers.3.mlp.down_proj`).
-fn is_projection(module: &str) -> bool {
+/// Whether `module` is one of the projections of a layer `config` has
+/// (`model.layers.3.mlp.down_proj`).
+fn is_projection(config: &ModelConfig, module: &str) -> bool {
     let layer = module.strip_prefix("model.layers.").and_then(|rest| rest.split_once('.')).map(|(l, _)| l);
     layer
         .and_then(|l| l.parse::<usize>().ok())
+        .filter(|&l| l < config.num_hidden_layers)
         .is_some_and(|l| PROJECTIONS.iter().any(|p| names::projection(l, p) == module))
 }
 
@@ -73,8 +75,8 @@ impl QuantizedBase {
     /// the checkpoint (its folder, configuration and tokenizer; no tensors) and the base.
     pub fn load(dir: &Path, scheme: BlockScheme) -> Result<(Checkpoint, Self)> {
         let mut packed = HashMap::new();
-        let mut ck = Checkpoint::load_with(dir, |name, t| {
-            let Some(module) = name.strip_suffix(".weight").filter(|m| is_projection(m)) else {
+        let mut ck = Checkpoint::load_with(dir, |config, name, t| {
+            let Some(module) = name.strip_suffix(".weight").filter(|m| is_projection(config, m)) else {
                 return Ok(t);
             };
             let (m, placeholder) = pack(t, scheme)?;
@@ -111,8 +113,6 @@ mod tests {
     use crate::train::frozen::{FrozenMatmul, FrozenWeight};
     use candle_core::Var;
 
-    /// The packed model computes what an fp32 model over the dequantized weights computes, and
-    /// its gradient with respect to the input matches that model's.
     /// Packed as it is read, the base is the one packed after a whole load: the same packed
     /// matrices and the same other tensors, Phi-3's fused storage included.
     #[test]
@@ -145,6 +145,8 @@ mod tests {
         }
     }
 
+    /// The packed model computes what an fp32 model over the dequantized weights computes, and
+    /// its gradient with respect to the input matches that model's.
     #[test]
     fn packed_matmul_matches_the_dequantized_matrix_forward_and_backward() {
         let scheme = BlockScheme::new(4, 32, true).unwrap();
