@@ -69,7 +69,9 @@ typedef enum {
   EDGELM_ERR_IO = 4,
   // The bundle is malformed, incomplete or corrupt (hash mismatch).
   EDGELM_ERR_BUNDLE = 5,
-  // ONNX Runtime could not be loaded or failed while running the model.
+  // ONNX Runtime could not be loaded, refused the bundle's graph (an operator or attribute the
+  // loaded release lacks; the message says which and how to make a bundle it runs), or failed
+  // while running the model.
   EDGELM_ERR_RUNTIME = 6,
   // The tokenizer failed, or the bundle has none and text was given.
   EDGELM_ERR_TOKENIZER = 7,
@@ -187,7 +189,8 @@ typedef struct {
 // Return true to continue, false to stop generation: the call then returns EDGELM_OK with
 // stop reason EDGELM_STOP_CANCELLED, except on a token that ends generation anyway (an
 // end-of-sequence token, or the one completing a stop string), whose own reason
-// (EDGELM_STOP_EOS, EDGELM_STOP_STRING) is kept. No call follows a false.
+// (EDGELM_STOP_EOS, EDGELM_STOP_STRING) is kept. No call follows a false, nor a cancel
+// (edgelm_cancel, edgelm_model_free): held-back text is then dropped.
 typedef bool (*edgelm_token_callback)(const char *piece,
                                       size_t piece_len,
                                       int32_t token_id,
@@ -241,10 +244,15 @@ edgelm_gen_params edgelm_gen_params_default(void);
 // must release it with edgelm_model_free. A damaged bundle (a corrupt or incomplete
 // edgelm.json, a file whose hash does not match) is EDGELM_ERR_BUNDLE; a file that cannot be
 // read at all is EDGELM_ERR_IO; a bundle refused by the signature options is
-// EDGELM_ERR_SIGNATURE. Thread-safe. Loading is slow: every file is hashed, except files
-// unchanged since an earlier load found them right (recorded in the user's cache folder;
-// set the environment variable EDGELM_VERIFY=full to hash every file every time, and
-// EDGELM_CACHE_DIR to choose the folder; docs/bundle.md, "What opening a bundle checks").
+// EDGELM_ERR_SIGNATURE; ONNX Runtime that cannot be loaded or that refuses the bundle's graph
+// is EDGELM_ERR_RUNTIME; a tokenizer.json that cannot be read is EDGELM_ERR_TOKENIZER; a
+// `path` (or `ort_library`, or a `trusted_keys` entry) that is not UTF-8 is
+// EDGELM_ERR_INVALID_UTF8; NULL `path` or `out`, or options that cannot hold (require_signature
+// without trusted_keys) are EDGELM_ERR_INVALID_ARGUMENT. Thread-safe. Loading is slow: every
+// file is hashed, except files unchanged since an earlier load found them right (recorded in
+// the user's cache folder; set the environment variable EDGELM_VERIFY=full to hash every file
+// every time, and EDGELM_CACHE_DIR to choose the folder; docs/bundle.md, "What opening a
+// bundle checks").
 edgelm_status edgelm_model_load(const char *path,
                                 const edgelm_load_options *options,
                                 edgelm_model **out);
@@ -291,6 +299,10 @@ edgelm_status edgelm_model_embedding_dim(const edgelm_model *model, uint32_t *ou
 // NULL, or filled on EDGELM_OK and left as it was on failure. Blocks until generation ends.
 // One generation per model at a time: a concurrent call on the same model returns
 // EDGELM_ERR_BUSY; different models may generate in parallel on different threads.
+// A NULL or dead `model` is EDGELM_ERR_INVALID_HANDLE (checked before the other arguments);
+// an encoder bundle is EDGELM_ERR_UNSUPPORTED; a chat template that fails to render is
+// EDGELM_ERR_TOKENIZER; ONNX Runtime failing during the generation is EDGELM_ERR_RUNTIME, and
+// a graph returning tensors of an unexpected shape EDGELM_ERR_BUNDLE.
 edgelm_status edgelm_generate(edgelm_model *model,
                               const char *prompt,
                               const edgelm_gen_params *params,
@@ -300,7 +312,8 @@ edgelm_status edgelm_generate(edgelm_model *model,
 
 // Like edgelm_generate, with the prompt given as `n_ids` token ids (borrowed), used as they
 // are (no chat template; `n_ids` 0 is EDGELM_ERR_INVALID_ARGUMENT). Works for bundles
-// without a tokenizer (the callback's pieces are then empty).
+// without a tokenizer (the callback's pieces are then empty, and stop_strings must be empty:
+// they are matched on text, so any is EDGELM_ERR_INVALID_ARGUMENT there).
 edgelm_status edgelm_generate_ids(edgelm_model *model,
                                   const uint32_t *ids,
                                   size_t n_ids,
@@ -314,8 +327,11 @@ edgelm_status edgelm_generate_ids(edgelm_model *model,
 // and its length into `out_len`. For encoder bundles
 // only: a causal LM answers EDGELM_ERR_UNSUPPORTED. When `out_capacity` is too small the call
 // returns EDGELM_ERR_INVALID_ARGUMENT with `*out_len` set to the length needed (pass
-// `out` NULL and capacity 0 to ask). Thread-safe; one call per model at a time
-// (EDGELM_ERR_BUSY otherwise).
+// `out` NULL and capacity 0 to ask; when the graph declares its length this does not run the
+// model). Every other failure leaves `*out_len` untouched: a NULL `text` or `out_len`, or an
+// empty text, is EDGELM_ERR_INVALID_ARGUMENT; a text longer than the encoder reads is
+// EDGELM_ERR_CONTEXT_OVERFLOW; a text the tokenizer fails on is EDGELM_ERR_TOKENIZER.
+// Thread-safe; one call per model at a time (EDGELM_ERR_BUSY otherwise).
 edgelm_status edgelm_embed(edgelm_model *model,
                            const char *text,
                            float *out,

@@ -218,6 +218,10 @@ int main(int argc, char **argv) {
           "invalid UTF-8 prompt");
     CHECK(edgelm_generate(model, NULL, &params, on_token, &t, NULL) == EDGELM_ERR_INVALID_ARGUMENT, "NULL prompt");
     CHECK(edgelm_generate(NULL, "hi", &params, on_token, &t, NULL) == EDGELM_ERR_INVALID_HANDLE, "NULL model");
+    CHECK(edgelm_generate(NULL, NULL, &params, on_token, &t, NULL) == EDGELM_ERR_INVALID_HANDLE,
+          "the handle is checked before the prompt");
+    CHECK(edgelm_generate_ids(NULL, NULL, 1, &params, NULL, NULL, NULL) == EDGELM_ERR_INVALID_HANDLE,
+          "the handle is checked before the ids");
     int not_a_model = 42;
     CHECK(edgelm_generate((edgelm_model *)&not_a_model, "hi", &params, NULL, NULL, NULL) == EDGELM_ERR_INVALID_HANDLE,
           "foreign handle");

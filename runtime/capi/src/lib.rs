@@ -43,7 +43,9 @@ pub enum edgelm_status {
     EDGELM_ERR_IO = 4,
     /// The bundle is malformed, incomplete or corrupt (hash mismatch).
     EDGELM_ERR_BUNDLE = 5,
-    /// ONNX Runtime could not be loaded or failed while running the model.
+    /// ONNX Runtime could not be loaded, refused the bundle's graph (an operator or attribute the
+    /// loaded release lacks; the message says which and how to make a bundle it runs), or failed
+    /// while running the model.
     EDGELM_ERR_RUNTIME = 6,
     /// The tokenizer failed, or the bundle has none and text was given.
     EDGELM_ERR_TOKENIZER = 7,
@@ -196,7 +198,8 @@ pub struct edgelm_stats {
 /// Return true to continue, false to stop generation: the call then returns EDGELM_OK with
 /// stop reason EDGELM_STOP_CANCELLED, except on a token that ends generation anyway (an
 /// end-of-sequence token, or the one completing a stop string), whose own reason
-/// (EDGELM_STOP_EOS, EDGELM_STOP_STRING) is kept. No call follows a false.
+/// (EDGELM_STOP_EOS, EDGELM_STOP_STRING) is kept. No call follows a false, nor a cancel
+/// (edgelm_cancel, edgelm_model_free): held-back text is then dropped.
 pub type edgelm_token_callback =
     Option<unsafe extern "C" fn(piece: *const c_char, piece_len: usize, token_id: i32, user_data: *mut c_void) -> bool>;
 
@@ -260,15 +263,9 @@ impl ModelSlot {
     }
 }
 
-/// Marks one generate call in progress from its entry to its return (drop).
+/// One generate call in progress, from its entry ([`enter_slot`] counts it) to its return
+/// (drop).
 struct InProgress<'a>(&'a ModelSlot);
-
-impl<'a> InProgress<'a> {
-    fn enter(slot: &'a ModelSlot) -> Self {
-        slot.cancel_state().in_progress += 1;
-        InProgress(slot)
-    }
-}
 
 impl Drop for InProgress<'_> {
     fn drop(&mut self) {
@@ -428,10 +425,15 @@ fn kv_cache_mode(value: u32) -> Result<KvCacheMode, edgelm_status> {
 /// must release it with edgelm_model_free. A damaged bundle (a corrupt or incomplete
 /// edgelm.json, a file whose hash does not match) is EDGELM_ERR_BUNDLE; a file that cannot be
 /// read at all is EDGELM_ERR_IO; a bundle refused by the signature options is
-/// EDGELM_ERR_SIGNATURE. Thread-safe. Loading is slow: every file is hashed, except files
-/// unchanged since an earlier load found them right (recorded in the user's cache folder;
-/// set the environment variable EDGELM_VERIFY=full to hash every file every time, and
-/// EDGELM_CACHE_DIR to choose the folder; docs/bundle.md, "What opening a bundle checks").
+/// EDGELM_ERR_SIGNATURE; ONNX Runtime that cannot be loaded or that refuses the bundle's graph
+/// is EDGELM_ERR_RUNTIME; a tokenizer.json that cannot be read is EDGELM_ERR_TOKENIZER; a
+/// `path` (or `ort_library`, or a `trusted_keys` entry) that is not UTF-8 is
+/// EDGELM_ERR_INVALID_UTF8; NULL `path` or `out`, or options that cannot hold (require_signature
+/// without trusted_keys) are EDGELM_ERR_INVALID_ARGUMENT. Thread-safe. Loading is slow: every
+/// file is hashed, except files unchanged since an earlier load found them right (recorded in
+/// the user's cache folder; set the environment variable EDGELM_VERIFY=full to hash every file
+/// every time, and EDGELM_CACHE_DIR to choose the folder; docs/bundle.md, "What opening a
+/// bundle checks").
 #[no_mangle]
 pub unsafe extern "C" fn edgelm_model_load(
     path: *const c_char,
@@ -589,21 +591,41 @@ enum Prompt<'a> {
     Ids(&'a [u32]),
 }
 
-unsafe fn generate(
+/// The live slot of `model`, marked in progress under the registry's lock: a cancel or free
+/// that finds the handle after this call did sees the call in progress.
+fn enter_slot(model: *const edgelm_model) -> Result<Arc<ModelSlot>, edgelm_status> {
+    if model.is_null() {
+        return Err(fail(EDGELM_ERR_INVALID_HANDLE, "model handle is NULL"));
+    }
+    let map = registry().lock().unwrap_or_else(|e| e.into_inner());
+    let slot = map.get(&(model as usize)).cloned().ok_or_else(|| {
+        fail(EDGELM_ERR_INVALID_HANDLE, "model handle is not live (freed, or not from edgelm_model_load)")
+    })?;
+    slot.cancel_state().in_progress += 1;
+    Ok(slot)
+}
+
+/// Runs a generation; the handle is checked (and the call marked in progress) before the
+/// prompt, which `prompt` reads from the caller's pointers.
+unsafe fn generate<'a>(
     model: *mut edgelm_model,
-    prompt: Prompt<'_>,
+    prompt: impl FnOnce() -> Result<Prompt<'a>, edgelm_status>,
     params: *const edgelm_gen_params,
     callback: edgelm_token_callback,
     user_data: *mut c_void,
     stats: *mut edgelm_stats,
 ) -> edgelm_status {
-    let slot = match slot(model) {
+    let slot = match enter_slot(model) {
         Ok(s) => s,
         Err(st) => return st,
     };
-    let _in_progress = InProgress::enter(&slot);
+    let _in_progress = InProgress(&slot);
     #[cfg(test)]
     tests::entered_hook();
+    let prompt = match prompt() {
+        Ok(p) => p,
+        Err(st) => return st,
+    };
     let p = if params.is_null() { edgelm_gen_params_default() } else { *params };
     if p.n_stop_strings > 0 && p.stop_strings.is_null() {
         return fail(EDGELM_ERR_INVALID_ARGUMENT, "stop_strings is NULL but n_stop_strings > 0");
@@ -707,6 +729,10 @@ impl From<&Generation> for edgelm_stats {
 /// NULL, or filled on EDGELM_OK and left as it was on failure. Blocks until generation ends.
 /// One generation per model at a time: a concurrent call on the same model returns
 /// EDGELM_ERR_BUSY; different models may generate in parallel on different threads.
+/// A NULL or dead `model` is EDGELM_ERR_INVALID_HANDLE (checked before the other arguments);
+/// an encoder bundle is EDGELM_ERR_UNSUPPORTED; a chat template that fails to render is
+/// EDGELM_ERR_TOKENIZER; ONNX Runtime failing during the generation is EDGELM_ERR_RUNTIME, and
+/// a graph returning tensors of an unexpected shape EDGELM_ERR_BUNDLE.
 #[no_mangle]
 pub unsafe extern "C" fn edgelm_generate(
     model: *mut edgelm_model,
@@ -716,18 +742,13 @@ pub unsafe extern "C" fn edgelm_generate(
     user_data: *mut c_void,
     stats: *mut edgelm_stats,
 ) -> edgelm_status {
-    guard(|| {
-        let prompt = match utf8(prompt, "prompt") {
-            Ok(p) => p,
-            Err(s) => return s,
-        };
-        generate(model, Prompt::Text(prompt), params, callback, user_data, stats)
-    })
+    guard(|| generate(model, || utf8(prompt, "prompt").map(Prompt::Text), params, callback, user_data, stats))
 }
 
 /// Like edgelm_generate, with the prompt given as `n_ids` token ids (borrowed), used as they
 /// are (no chat template; `n_ids` 0 is EDGELM_ERR_INVALID_ARGUMENT). Works for bundles
-/// without a tokenizer (the callback's pieces are then empty).
+/// without a tokenizer (the callback's pieces are then empty, and stop_strings must be empty:
+/// they are matched on text, so any is EDGELM_ERR_INVALID_ARGUMENT there).
 #[no_mangle]
 pub unsafe extern "C" fn edgelm_generate_ids(
     model: *mut edgelm_model,
@@ -739,11 +760,13 @@ pub unsafe extern "C" fn edgelm_generate_ids(
     stats: *mut edgelm_stats,
 ) -> edgelm_status {
     guard(|| {
-        if ids.is_null() && n_ids > 0 {
-            return fail(EDGELM_ERR_INVALID_ARGUMENT, "ids is NULL but n_ids > 0");
-        }
-        let ids: &[u32] = if n_ids == 0 { &[] } else { std::slice::from_raw_parts(ids, n_ids) };
-        generate(model, Prompt::Ids(ids), params, callback, user_data, stats)
+        let prompt = || {
+            if ids.is_null() && n_ids > 0 {
+                return Err(fail(EDGELM_ERR_INVALID_ARGUMENT, "ids is NULL but n_ids > 0"));
+            }
+            Ok(Prompt::Ids(if n_ids == 0 { &[] } else { std::slice::from_raw_parts(ids, n_ids) }))
+        };
+        generate(model, prompt, params, callback, user_data, stats)
     })
 }
 
@@ -752,8 +775,11 @@ pub unsafe extern "C" fn edgelm_generate_ids(
 /// and its length into `out_len`. For encoder bundles
 /// only: a causal LM answers EDGELM_ERR_UNSUPPORTED. When `out_capacity` is too small the call
 /// returns EDGELM_ERR_INVALID_ARGUMENT with `*out_len` set to the length needed (pass
-/// `out` NULL and capacity 0 to ask). Thread-safe; one call per model at a time
-/// (EDGELM_ERR_BUSY otherwise).
+/// `out` NULL and capacity 0 to ask; when the graph declares its length this does not run the
+/// model). Every other failure leaves `*out_len` untouched: a NULL `text` or `out_len`, or an
+/// empty text, is EDGELM_ERR_INVALID_ARGUMENT; a text longer than the encoder reads is
+/// EDGELM_ERR_CONTEXT_OVERFLOW; a text the tokenizer fails on is EDGELM_ERR_TOKENIZER.
+/// Thread-safe; one call per model at a time (EDGELM_ERR_BUSY otherwise).
 #[no_mangle]
 pub unsafe extern "C" fn edgelm_embed(
     model: *mut edgelm_model,
@@ -773,6 +799,14 @@ pub unsafe extern "C" fn edgelm_embed(
         };
         if (out.is_null() && out_capacity > 0) || out_len.is_null() {
             return fail(EDGELM_ERR_INVALID_ARGUMENT, "out or out_len is NULL");
+        }
+        // A length the graph declares is answered without running the model.
+        if let Some(dim) = slot.info.embedding_dim.map(|d| d as usize).filter(|&d| d > out_capacity) {
+            *out_len = dim;
+            return fail(
+                EDGELM_ERR_INVALID_ARGUMENT,
+                format!("out holds {out_capacity} floats; the embedding has {dim}"),
+            );
         }
         let Ok(mut loaded) = slot.model.try_lock() else {
             return fail(EDGELM_ERR_BUSY, "another thread is using this model");
