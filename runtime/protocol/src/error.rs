@@ -17,11 +17,13 @@ pub enum FrameError {
     /// The CRC-16 over the body does not match the two bytes that close it, or the frame is too
     /// short to hold one.
     Crc,
-    /// The CRC matched but the body is not a header and a message (empty body, kind above 13,
-    /// bad varint, invalid UTF-8, a string or vector over its limit, or bytes left over).
+    /// The CRC matched but the body is not a header and a message (empty body, a kind above the
+    /// last of the frame's version, bad varint, invalid UTF-8, a string or vector over its
+    /// limit, or bytes left over).
     Malformed,
     /// The CRC matched but the protocol version (the top three bits of the body's first byte)
-    /// is not [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION); the value is the version received.
+    /// is 0 or above [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION); the value is the version
+    /// received.
     /// From [`encode_frame`](crate::encode_frame): the header's version is not in `1..=7`, so
     /// it does not fit those three bits.
     Version(u8),

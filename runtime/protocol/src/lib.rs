@@ -1,4 +1,4 @@
-//! # edgelm serial protocol, version 1
+//! # edgelm serial protocol, version 2
 //!
 //! The wire format between a microcontroller (the *client*) and an edge board running edgelm
 //! (the *board*) over a UART, shared by both sides as one `no_std` crate without an allocator.
@@ -22,7 +22,8 @@
 //!   [`FrameError::TooLong`] at the next delimiter, and carries on.
 //! * The top three bits of the first body byte are always the protocol version, in every
 //!   version to come. A frame with a good CRC and another version is reported as
-//!   [`FrameError::Version`]; a kind above 13 as [`FrameError::Malformed`].
+//!   [`FrameError::Version`]; a kind above the last of the frame's version (13 in version 1,
+//!   14 in version 2) as [`FrameError::Malformed`].
 //! * A `Token` with `seq` and `index` below 128 and 1 to 127 bytes of text costs 8 bytes on
 //!   the line beyond its text.
 //! * `seq` counts the frames each side sends (wrapping at 65536); it is informational.
@@ -48,7 +49,7 @@
 //!
 //! ## Stability
 //!
-//! Within protocol version 1 the encoding of every message above is frozen. Kinds and error
+//! Within a protocol version the encoding of every message it has is frozen. Kinds and error
 //! codes are append-only: a number is never reused or reordered. Any change to what goes on the
 //! wire (a new kind, a new field, a new error code) increments [`PROTOCOL_VERSION`].
 //!

@@ -28,6 +28,8 @@ pub enum Outgoing {
     Frame(Box<Message>),
     /// Send what is pending, then Done with the piece count.
     Done(Stats),
+    /// Send what is pending, then this Error, which ends the answer in place of Done.
+    Failed(Box<Message>),
     /// Send the pieces of the current answer again, from this index.
     Resend(u16),
     /// A new answer starts: forget the old pieces, send its Ack, then tell the worker. Through
@@ -46,6 +48,8 @@ pub struct AnswerBuf {
     started: bool,
     /// The Done stats once the answer finished.
     finished: Option<Stats>,
+    /// The Error that ended the answer in place of Done, if one did.
+    failed: Option<Message>,
 }
 
 /// State the three threads of a link share.
@@ -197,6 +201,11 @@ pub fn write_loop(mut writer: Box<dyn Write + Send>, out_rx: Receiver<Outgoing>,
                 };
                 ok && frames.send(w, &Message::Done { pieces, stats })
             }
+            Outgoing::Failed(m) => {
+                let ok = frames.drain(w, shared);
+                shared.answer().failed = Some((*m).clone());
+                ok && frames.send(w, &m)
+            }
             Outgoing::Resend(from) => frames.resend(w, shared, from),
             Outgoing::NewAnswer(started) => {
                 *shared.answer() = AnswerBuf { started: true, ..AnswerBuf::default() };
@@ -254,22 +263,65 @@ impl FrameWriter {
         }
     }
 
-    /// The pieces from `from` on, then Done again (finished) or Ack (still running), so the
-    /// client sees its request was served.
+    /// The pieces from `from` on, then Done again (finished), the Error again (failed) or Ack
+    /// (still running), so the client sees its request was served.
     fn resend(&mut self, w: Line<'_>, shared: &Shared, from: u16) -> bool {
-        let (started, again, finished, total) = {
+        let (started, again, finished, failed, total) = {
             let a = shared.answer();
             let again: Vec<(usize, String)> =
                 a.pieces.iter().enumerate().skip(from as usize).map(|(i, p)| (i, p.clone())).collect();
-            (a.started, again, a.finished, a.pieces.len() as u16)
+            (a.started, again, a.finished, a.failed.clone(), a.pieces.len() as u16)
         };
         if !started {
             return self.send(w, &error_frame(ErrorCode::InvalidRequest, "no answer to resend"));
         }
         again.iter().all(|(i, p)| self.send(w, &Message::Token { index: *i as u16, text: bounded(p) }))
-            && match finished {
-                Some(stats) => self.send(w, &Message::Done { pieces: total, stats }),
-                None => self.send(w, &Message::Ack),
+            && match (finished, failed) {
+                (Some(stats), _) => self.send(w, &Message::Done { pieces: total, stats }),
+                (None, Some(error)) => self.send(w, &error),
+                (None, None) => self.send(w, &Message::Ack),
             }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgelm_protocol::decode_frame;
+
+    /// The messages `run` writes through the writer thread, decoded.
+    fn written(run: impl FnOnce(&Sender<Outgoing>)) -> Vec<Message> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = Shared::new(4);
+        let bytes = std::sync::Arc::new(Mutex::new(Vec::new()));
+        struct Sink(std::sync::Arc<Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        run(&tx);
+        drop(tx);
+        write_loop(Box::new(Sink(bytes.clone())), rx, &shared);
+        let mut all = bytes.lock().unwrap().clone();
+        all.split_mut(|&b| b == 0).filter(|f| !f.is_empty()).map(|f| decode_frame(f).unwrap().1).collect()
+    }
+
+    /// An answer that ended with an Error is resent with that Error in place of Done, never
+    /// with the Ack that means "still running" (a client would wait for ever).
+    #[test]
+    fn a_failed_answer_is_resent_with_its_error() {
+        let error = error_frame(ErrorCode::Runtime, "the model failed");
+        let out = written(|tx| {
+            let (started, _started_rx) = std::sync::mpsc::sync_channel(1);
+            tx.send(Outgoing::NewAnswer(started)).unwrap();
+            tx.send(Outgoing::Failed(Box::new(error.clone()))).unwrap();
+            tx.send(Outgoing::Resend(0)).unwrap();
+        });
+        assert_eq!(out, [Message::Ack, error.clone(), error]);
     }
 }

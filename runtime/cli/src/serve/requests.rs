@@ -166,8 +166,10 @@ fn generate(
             board.last_stats = stats;
             Outgoing::Done(stats)
         }
-        // After pending text, like any frame: the Error ends the answer in place of Done.
-        Err(e) => frame(runtime_error(&e)),
+        // After pending text: the Error ends the answer in place of Done. After the Ack every
+        // failure is the model failing while generating (a piece the tokenizer cannot decode
+        // included): Runtime, as the protocol says.
+        Err(e) => Outgoing::Failed(Box::new(error_frame(ErrorCode::Runtime, &e.to_string()))),
     }
 }
 
