@@ -300,7 +300,8 @@ edgelm_status edgelm_model_embedding_dim(const edgelm_model *model, uint32_t *ou
 // One generation per model at a time: a concurrent call on the same model returns
 // EDGELM_ERR_BUSY; different models may generate in parallel on different threads.
 // A NULL or dead `model` is EDGELM_ERR_INVALID_HANDLE (checked before the other arguments);
-// an encoder bundle is EDGELM_ERR_UNSUPPORTED; a chat template that fails to render is
+// a prompt or stop string that is not UTF-8 is EDGELM_ERR_INVALID_UTF8; an encoder bundle is
+// EDGELM_ERR_UNSUPPORTED; a chat template that fails to render is
 // EDGELM_ERR_TOKENIZER; ONNX Runtime failing during the generation is EDGELM_ERR_RUNTIME, and
 // a graph returning tensors of an unexpected shape EDGELM_ERR_BUNDLE.
 edgelm_status edgelm_generate(edgelm_model *model,
@@ -326,10 +327,10 @@ edgelm_status edgelm_generate_ids(edgelm_model *model,
 // (caller-owned, `out_capacity` floats; edgelm_model_embedding_dim says how many are needed)
 // and its length into `out_len`. For encoder bundles
 // only: a causal LM answers EDGELM_ERR_UNSUPPORTED. When `out_capacity` is too small the call
-// returns EDGELM_ERR_INVALID_ARGUMENT with `*out_len` set to the length needed (pass
-// `out` NULL and capacity 0 to ask; when the graph declares its length this does not run the
-// model). Every other failure leaves `*out_len` untouched: a NULL `text` or `out_len`, or an
-// empty text, is EDGELM_ERR_INVALID_ARGUMENT; a text longer than the encoder reads is
+// returns EDGELM_ERR_INVALID_ARGUMENT with `*out_len` set to the length needed, before the
+// text is looked at and without running the model (pass `out` NULL and capacity 0 to ask).
+// Every other failure leaves `*out_len` untouched: a NULL `text` or `out_len`, or an empty
+// text, is EDGELM_ERR_INVALID_ARGUMENT; a text longer than the encoder reads is
 // EDGELM_ERR_CONTEXT_OVERFLOW; a text the tokenizer fails on is EDGELM_ERR_TOKENIZER.
 // Thread-safe; one call per model at a time (EDGELM_ERR_BUSY otherwise).
 edgelm_status edgelm_embed(edgelm_model *model,

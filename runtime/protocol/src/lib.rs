@@ -39,7 +39,7 @@
 //! | 4 | [`Token`](Message::Token) | board -> client | |
 //! | 5 | [`Done`](Message::Done) | board -> client | |
 //! | 6 | [`Cancel`](Message::Cancel) | client -> board | the running answer ends with `Done` |
-//! | 7 | [`Resend`](Message::Resend) | client -> board | `Token`s from `from` on, then `Done` (finished) or `Ack` (running) |
+//! | 7 | [`Resend`](Message::Resend) | client -> board | `Token`s from `from` on, then `Done` (finished), its `Error` (failed) or `Ack` (running) |
 //! | 8 | [`Embed`](Message::Embed) | client -> board | `Embedding`+ or `Error` |
 //! | 9 | [`Embedding`](Message::Embedding) | board -> client | |
 //! | 10 | [`GetStats`](Message::GetStats) | client -> board | `StatsReply` |

@@ -118,8 +118,10 @@ pub enum Message {
     Cancel,
     /// Kind 7, client -> board: send the pieces of the current (or last) answer again, from
     /// index `from` up to the last one produced, then its [`Message::Done`] again if that answer
-    /// has finished, or [`Message::Ack`] if it is still being generated (it then goes on). With
-    /// no answer to resend the board answers [`Message::Error`] (`InvalidRequest`).
+    /// has finished (its [`Message::Error`] again if it ended with one), or [`Message::Ack`] if
+    /// it is still being generated (it then goes on). The answer is the last one the board
+    /// started: a request refused before its `Ack` starts none. With no answer to resend the
+    /// board answers [`Message::Error`] (`InvalidRequest`).
     Resend {
         /// First piece index to send again.
         from: u16,
@@ -303,7 +305,8 @@ pub enum ErrorCode {
     Runtime = 8,
     /// The board does not implement this request (e.g. `Embed` on a decoder-only model).
     Unsupported = 9,
-    /// The request was cancelled.
+    /// Reserved: a board never sends it (a cancelled generation ends with its `Done`, stop
+    /// reason `Cancelled`).
     Cancelled = 10,
 }
 
