@@ -176,6 +176,18 @@ pub(crate) fn copy_file(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses `out` when it is the folder `teacher` (a student written there would replace the
+/// model the next student is cut from); a folder that does not exist yet cannot be.
+pub fn refuse_writing_over_teacher(teacher: &Path, out: &Path) -> Result<()> {
+    if out.exists() && teacher.exists() && same_file(teacher, out)? {
+        return Err(Error::Destination {
+            path: out.to_path_buf(),
+            what: "is the teacher's folder, and the student would replace it: write it to another folder (nothing was changed)".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Whether two paths name one file (through links, hard ones included where the OS says so).
 fn same_file(a: &Path, b: &Path) -> Result<bool> {
     #[cfg(unix)]

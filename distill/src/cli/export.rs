@@ -263,6 +263,14 @@ impl QuantArgs {
         Ok(Some(o))
     }
 
+    /// Refuses `--max-kl` (the check's limit) with `--no-verify` (no check).
+    fn refuse_max_kl_without_check(&self, no_verify: bool) -> Result<()> {
+        if self.max_kl.is_some() && no_verify {
+            anyhow::bail!("--max-kl is the check's limit and --no-verify skips the check: give one of them");
+        }
+        Ok(())
+    }
+
     /// The KL limit of the check.
     pub fn max_kl(&self) -> f64 {
         self.max_kl.unwrap_or(if self.precision == PrecisionArg::Int4 { 1.0 } else { 0.1 })
@@ -296,9 +304,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             "--precision fp32 leaves nothing to quantize: choose int8, int4, int8-dynamic, int8-static or fp16"
         );
     };
-    if a.quant.max_kl.is_some() && a.no_verify {
-        anyhow::bail!("--max-kl is the check's limit and --no-verify skips the check: give one of them");
-    }
+    a.quant.refuse_max_kl_without_check(a.no_verify)?;
     if a.quant.max_kl.is_some() && edgelm_runtime::bundle::Kind::of(&a.bundle)? == edgelm_runtime::bundle::Kind::Encoder
     {
         anyhow::bail!(
@@ -496,11 +502,10 @@ pub fn export(a: ExportArgs) -> Result<()> {
         }
         return Ok(());
     }
-    if quant.max_kl.is_some() && no_verify {
-        anyhow::bail!("--max-kl is the check's limit and --no-verify skips the check: give one of them");
-    }
+    quant.refuse_max_kl_without_check(no_verify)?;
+    // Before options(), which would ask int8-static for its calibration text first.
     if quant.precision == PrecisionArg::Int8Static {
-        anyhow::bail!("int8-static is for encoder bundles; a causal LM exports as int8, int4 or int8-dynamic");
+        anyhow::bail!(edgelm_distill::export::STATIC_INT8_IS_FOR_ENCODERS);
     }
     let opts = ExportOptions {
         logits: match logits.unwrap_or(LogitsArg::Last) {

@@ -398,14 +398,7 @@ pub fn distill_encoder(
         }
     }
     // The student replaces what its folder held: not the teacher it is made from.
-    if let (Ok(a), Ok(b)) = (std::fs::canonicalize(&teacher.dir), std::fs::canonicalize(out)) {
-        if a == b {
-            return Err(Error::Destination {
-                path: out.to_path_buf(),
-                what: "is the teacher's folder, and the student would replace it: write it to another folder (nothing was changed)".into(),
-            });
-        }
-    }
+    crate::checkpoint::write::refuse_writing_over_teacher(&teacher.dir, out)?;
     for (what, w) in [("hidden-state", spec.hidden_weight), ("attention", spec.attention_weight)] {
         if !(w.is_finite() && w >= 0.0) {
             return Err(bad(format!("the {what} weight must be 0 or more, not {w}")));

@@ -200,6 +200,21 @@ pub(crate) fn write_model(w: &mut BundleWriter, name: &str, model: &mut ModelPro
     Ok(written)
 }
 
+/// Why a causal LM is not exported as int8-static.
+pub const STATIC_INT8_IS_FOR_ENCODERS: &str =
+    "int8-static is for encoder bundles; a causal LM exports as int8, int4 or int8-dynamic";
+
+impl ExportOptions {
+    /// Fails on options no causal-LM export takes (int8-static is for encoders): checked before
+    /// a checkpoint's weights are read.
+    pub fn check(&self) -> Result<()> {
+        if self.quantize.as_ref().is_some_and(|q| q.method == crate::quantize::graph::Method::StaticInt8) {
+            return Err(Error::Unsupported { what: STATIC_INT8_IS_FOR_ENCODERS.into() });
+        }
+        Ok(())
+    }
+}
+
 /// Refuses an output folder that is `source` or holds it: a finished bundle replaces its folder
 /// as a whole, so writing it there would delete what it was made from (the fp32 bundle a
 /// quantization needs again for any other precision, or the checkpoint). Checked before any
@@ -245,11 +260,7 @@ pub fn export(ck: &Checkpoint, out: &Path, opts: &ExportOptions) -> Result<Expor
 /// 3B-parameter model exports in about 13 GB rather than 26.
 pub fn export_owned(mut ck: Checkpoint, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
     refuse_replacing_source(&ck.dir, out)?;
-    if opts.quantize.as_ref().is_some_and(|q| q.method == crate::quantize::graph::Method::StaticInt8) {
-        return Err(Error::Unsupported {
-            what: "int8-static is for encoder bundles; a causal LM exports as int8, int4 or int8-dynamic".into(),
-        });
-    }
+    opts.check()?;
     graph::check_expressible(&ck.config)?;
     let reference = if opts.verify { Some(ReferenceLogits::of(&ck)?) } else { None };
     // Built first: a checkpoint the graph cannot express leaves no folder behind.
@@ -360,12 +371,8 @@ fn bundle_info(ck: &Checkpoint, opts: &ExportOptions, quantized: Option<&Quantiz
 pub fn export_deferred(ck: &Checkpoint, index: &WeightIndex, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
     use crate::quantize::graph::Method;
     refuse_replacing_source(&ck.dir, out)?;
+    opts.check()?;
     let q = match &opts.quantize {
-        Some(q) if q.method == Method::StaticInt8 => {
-            return Err(Error::Unsupported {
-                what: "int8-static is for encoder bundles; a causal LM exports as int8, int4 or int8-dynamic".into(),
-            })
-        }
         Some(q) if matches!(q.method, Method::Blockwise | Method::DynamicInt8) => q,
         _ => {
             return Err(Error::Unsupported {

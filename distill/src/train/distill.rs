@@ -97,15 +97,8 @@ pub fn distill(
     // A student cut from the teacher's layers is another model: written over the teacher it
     // would take the folder the next student is cut from. (A recovery writes a pruned model
     // where its unpruned one was, as `prune ck -o ck` does.)
-    let into_teacher = || -> bool {
-        let (a, b) = (std::fs::canonicalize(&teacher.dir), std::fs::canonicalize(&opts.output));
-        matches!((a, b), (Ok(a), Ok(b)) if a == b)
-    };
-    if matches!(spec.student, StudentInit::Slice(_)) && into_teacher() {
-        return Err(crate::Error::Destination {
-            path: opts.output.clone(),
-            what: "is the teacher's folder, and the student would replace it: write it to another folder (nothing was changed)".into(),
-        });
+    if matches!(spec.student, StudentInit::Slice(_)) {
+        crate::checkpoint::write::refuse_writing_over_teacher(&teacher.dir, &opts.output)?;
     }
     let fmt = Formatter::for_checkpoint(teacher)?;
     let train = fmt.encode_within(data.0, teacher.config.max_position_embeddings, "training set")?;
