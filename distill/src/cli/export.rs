@@ -137,7 +137,7 @@ impl QuantArgs {
         // table (unless it stays fp32) and the matrices --blockwise names.
         let blocks = matches!(p, Int8 | Int4) || (per_column && (!self.fp32_embedding || !self.blockwise.is_empty()));
         let blocks_for = "int8 and int4, and the token table or --blockwise matrices of int8-dynamic and int8-static";
-        let uses: [(&str, bool, bool, &str); 14] = [
+        let uses: [(&str, bool, bool, &str); 15] = [
             ("--block-size", self.block_size.is_some(), blocks, blocks_for),
             ("--asymmetric", self.asymmetric, blocks, blocks_for),
             (
@@ -172,6 +172,7 @@ impl QuantArgs {
                 p == Int8Static || self.embedding_hot_rows.is_some(),
                 "int8-static and --embedding-hot-rows",
             ),
+            ("--embedding-hot-rows", self.embedding_hot_rows.is_some(), integer, "int8, int8-dynamic and int8-static"),
         ];
         for (flag, given, used, users) in uses {
             if given && !used {
@@ -185,10 +186,6 @@ impl QuantArgs {
     /// The quantizer's settings, or `None` for fp32.
     pub fn options(&self) -> Result<Option<QuantizeOptions>> {
         self.refuse_unused_flags()?;
-        let integer = !matches!(self.precision, PrecisionArg::Fp32 | PrecisionArg::Fp16);
-        if self.embedding_hot_rows.is_some() && !integer {
-            anyhow::bail!("--embedding-hot-rows is for integer precisions (int8, int8-dynamic, int8-static)");
-        }
         if self.embedding_hot_rows.is_some() && self.fp32_embedding {
             anyhow::bail!("--embedding-hot-rows splits a quantized token table; --fp32-embedding keeps it in fp32");
         }
@@ -219,9 +216,6 @@ impl QuantArgs {
             o.blockwise = self.blockwise.clone();
         }
         if let Some(path) = &self.calibration {
-            if self.precision != PrecisionArg::Int8Static && self.embedding_hot_rows.is_none() {
-                anyhow::bail!("--calibration is for --precision int8-static and --embedding-hot-rows");
-            }
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             o.calibration = text
                 .lines()
