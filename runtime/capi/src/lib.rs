@@ -342,13 +342,20 @@ fn guard(f: impl FnOnce() -> edgelm_status) -> edgelm_status {
 }
 
 fn slot(model: *const edgelm_model) -> Result<Arc<ModelSlot>, edgelm_status> {
+    live_slot(model, |_| {})
+}
+
+/// The live slot of `model`, with `under_lock` run on it while the registry is still locked.
+fn live_slot(model: *const edgelm_model, under_lock: impl FnOnce(&ModelSlot)) -> Result<Arc<ModelSlot>, edgelm_status> {
     if model.is_null() {
         return Err(fail(EDGELM_ERR_INVALID_HANDLE, "model handle is NULL"));
     }
     let map = registry().lock().unwrap_or_else(|e| e.into_inner());
-    map.get(&(model as usize)).cloned().ok_or_else(|| {
+    let slot = map.get(&(model as usize)).cloned().ok_or_else(|| {
         fail(EDGELM_ERR_INVALID_HANDLE, "model handle is not live (freed, or not from edgelm_model_load)")
-    })
+    })?;
+    under_lock(&slot);
+    Ok(slot)
 }
 
 unsafe fn utf8<'a>(s: *const c_char, what: &str) -> Result<&'a str, edgelm_status> {
@@ -594,15 +601,7 @@ enum Prompt<'a> {
 /// The live slot of `model`, marked in progress under the registry's lock: a cancel or free
 /// that finds the handle after this call did sees the call in progress.
 fn enter_slot(model: *const edgelm_model) -> Result<Arc<ModelSlot>, edgelm_status> {
-    if model.is_null() {
-        return Err(fail(EDGELM_ERR_INVALID_HANDLE, "model handle is NULL"));
-    }
-    let map = registry().lock().unwrap_or_else(|e| e.into_inner());
-    let slot = map.get(&(model as usize)).cloned().ok_or_else(|| {
-        fail(EDGELM_ERR_INVALID_HANDLE, "model handle is not live (freed, or not from edgelm_model_load)")
-    })?;
-    slot.cancel_state().in_progress += 1;
-    Ok(slot)
+    live_slot(model, |s| s.cancel_state().in_progress += 1)
 }
 
 /// Runs a generation; the handle is checked (and the call marked in progress) before the
